@@ -1,0 +1,1 @@
+"""Understudy for Blender's Video Sequence Editor (filled in by the extension issue)."""

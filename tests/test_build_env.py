@@ -1,0 +1,102 @@
+"""build.py's environment logic: fresh, reused, refreshed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+
+def load_build_module():
+    spec = importlib.util.spec_from_file_location("understudy_build", REPO_ROOT / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build = load_build_module()
+
+PYPROJECT = """
+[project]
+name = "x"
+dependencies = ["numpy>=1"]
+[project.optional-dependencies]
+test = ["pytest"]
+[tool.ruff]
+line-length = 100
+"""
+
+
+def fake_venv(tmp_path: Path) -> Path:
+    venv = tmp_path / "venv"
+    python = build.venv_python(venv)
+    python.parent.mkdir(parents=True)
+    python.write_text("")
+    return venv
+
+
+def test_missing_venv_is_created(tmp_path):
+    wanted = build.wanted_stamp(PYPROJECT, "torch==2.13.0", (3, 11))
+    assert build.venv_state(tmp_path / "nothing", wanted) == "missing"
+
+
+def test_unchanged_dependencies_reuse_the_venv(tmp_path):
+    venv = fake_venv(tmp_path)
+    wanted = build.wanted_stamp(PYPROJECT, "torch==2.13.0", (3, 11))
+    (venv / build.STAMP_NAME).write_text(json.dumps(wanted))
+    assert build.venv_state(venv, wanted) == "fresh"
+    # Tool settings are not dependencies: editing them keeps the venv.
+    edited = PYPROJECT.replace("line-length = 100", "line-length = 120")
+    assert build.venv_state(venv, build.wanted_stamp(edited, "torch==2.13.0", (3, 11))) == "fresh"
+
+
+def test_changed_dependencies_refresh_the_venv(tmp_path):
+    venv = fake_venv(tmp_path)
+    old = build.wanted_stamp(PYPROJECT, "torch==2.13.0", (3, 11))
+    (venv / build.STAMP_NAME).write_text(json.dumps(old))
+    added = PYPROJECT.replace('["numpy>=1"]', '["numpy>=1", "rich"]')
+    assert build.venv_state(venv, build.wanted_stamp(added, "torch==2.13.0", (3, 11))) == "stale"
+    assert build.venv_state(venv, build.wanted_stamp(PYPROJECT, "none", (3, 11))) == "stale"
+
+
+def test_interrupted_install_is_redone(tmp_path):
+    venv = fake_venv(tmp_path)  # interpreter present, no stamp: the install never finished
+    assert build.venv_state(venv, build.wanted_stamp(PYPROJECT, "t", (3, 11))) == "stale"
+
+
+def test_other_python_recreates_the_venv(tmp_path):
+    venv = fake_venv(tmp_path)
+    (venv / build.STAMP_NAME).write_text(json.dumps(build.wanted_stamp(PYPROJECT, "t", (3, 10))))
+    assert build.venv_state(venv, build.wanted_stamp(PYPROJECT, "t", (3, 11))) == "missing"
+
+
+def test_wrong_python_is_one_sentence(monkeypatch):
+    monkeypatch.setattr(build.sys, "version_info", (3, 9, 0))
+    monkeypatch.setattr(build.sys, "version", "3.9.0 (fake)")
+    monkeypatch.setattr(build.shutil, "which", lambda name: None)
+    with pytest.raises(build.BuildError, match="needs Python 3.11.*python3.11 build.py test"):
+        build.find_python311()
+
+
+def test_this_checkout_venv_is_up_to_date():
+    """The environment running these tests is the one build.py would reuse."""
+    venv = Path(sys.prefix)
+    if venv.resolve() != (REPO_ROOT / ".venv").resolve():
+        pytest.fail(f"tests should run inside the project's .venv, not {venv}; use build.py test")
+    wanted = build.wanted_stamp((REPO_ROOT / "pyproject.toml").read_text(),
+                                json.loads((venv / build.STAMP_NAME).read_text())["torch"],
+                                build.REQUIRED_PYTHON)
+    assert build.venv_state(venv, wanted) == "fresh"
+
+
+def test_unknown_command_fails_with_a_message():
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "build.py"), "frobnicate"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "Unknown command 'frobnicate'" in result.stderr
