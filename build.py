@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Set-up, packaging, tests and demo for Understudy.
 
-    python build.py            build the Blender extension zip(s) into dist/
+    python build.py            build the Blender extension zips (one per platform) into dist/
+    python build.py package [--output-dir DIR]   the same, into DIR
     python build.py test [ARGS] set up .venv if needed, then run pytest (ARGS go to pytest)
     python build.py demo       run the main job on the bundled example
     python build.py env        only create or refresh .venv
@@ -146,6 +147,154 @@ def ensure_venv(venv: Path = VENV, root: Path = ROOT) -> Path:
     return python
 
 
+# --------------------------------------------------------------------------- extension package
+
+ADDON_DIR = ROOT / "blender_addon"
+SHARED_DIR = ROOT / "shared"
+WHEEL_CACHE = ROOT / "build" / "wheels"
+WHEEL_INDEX_NAME = "index.json"
+MANIFEST_NAME = "blender_manifest.toml"
+MANIFEST_WHEELS_LINE = "wheels = []"
+BUNDLED_DISTRIBUTION = "pyzmq"
+PIP_TIMEOUT_S = 300
+# Blender's platform names and the pip platform tags whose cp311 wheels run there.  pip
+# picks the newest compatible file; both macOS entries resolve to pyzmq's universal2 wheel.
+WHEEL_PLATFORMS = {
+    "linux-x64": ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"],
+    "windows-x64": ["win_amd64"],
+    "macos-arm64": ["macosx_11_0_arm64"],
+    "macos-x64": ["macosx_10_15_x86_64"],
+}
+
+
+def helper_output(python: str, code: str) -> str:
+    """Run a short Python snippet with the given interpreter and return its stdout."""
+    result = subprocess.run([python, "-c", code], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise BuildError(f"{python} could not run a build step ({result.stderr.strip()[-300:]}); "
+                         f"run `python build.py env` and try again.")
+    return result.stdout.strip()
+
+
+def installed_version(python: str, distribution: str) -> str:
+    """The version of a distribution installed for `python` (the venv's pyzmq, say)."""
+    return helper_output(
+        python, f"import importlib.metadata as m; print(m.version({distribution!r}))")
+
+
+def blender_extension_cli(python: str) -> Path:
+    """Blender's own extension tool (blender_ext.py) inside the bpy wheel, found without importing bpy."""
+    bpy_dir = helper_output(
+        python, "import importlib.util as u; print(u.find_spec('bpy').submodule_search_locations[0])")
+    found = sorted(Path(bpy_dir).glob("*/scripts/addons_core/bl_pkg/cli/blender_ext.py"))
+    if not found:
+        raise BuildError(f"The bpy wheel in {bpy_dir} has no blender_ext.py; reinstall bpy "
+                         f"with `python build.py env`.")
+    return found[-1]
+
+
+def cached_wheels(python: str, version: str, cache: Path = WHEEL_CACHE) -> dict[str, Path]:
+    """One pyzmq wheel per Blender platform, downloaded from PyPI once and then reused.
+
+    `cache/index.json` remembers which file serves which platform, so a warm cache
+    needs no network at all.
+    """
+    cache.mkdir(parents=True, exist_ok=True)
+    index_path = cache / WHEEL_INDEX_NAME
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    wheels = {}
+    for platform, pip_tags in WHEEL_PLATFORMS.items():
+        key = f"{BUNDLED_DISTRIBUTION}=={version} {platform}"
+        known = index.get(key)
+        if not (known and (cache / known).is_file()):
+            index[key] = download_wheel(python, version, pip_tags, platform, cache)
+            index_path.write_text(json.dumps(index, indent=2, sort_keys=True))
+        wheels[platform] = cache / index[key]
+    return wheels
+
+
+def download_wheel(python: str, version: str, pip_tags: list[str], platform: str,
+                   cache: Path) -> str:
+    """Download one cp311 wheel into `cache` and return its file name."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=cache) as scratch:
+        command = [python, "-m", "pip", "download", "--disable-pip-version-check", "--no-deps",
+                   "--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
+                   "--timeout", "20", "--retries", "1", "-d", scratch]
+        for tag in pip_tags:
+            command += ["--platform", tag]
+        command.append(f"{BUNDLED_DISTRIBUTION}=={version}")
+        print("+", " ".join(shlex.quote(part) for part in command), flush=True)
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+            failed = result.returncode != 0
+        except subprocess.TimeoutExpired:
+            failed = True
+        downloaded = sorted(Path(scratch).glob("*.whl"))
+        if failed or len(downloaded) != 1:
+            raise BuildError(
+                f"Could not download the {BUNDLED_DISTRIBUTION} {version} wheel for {platform} "
+                f"from PyPI; check the network connection (or copy the wheel into {cache}) "
+                f"and run `python build.py` again.")
+        target = cache / downloaded[0].name
+        shutil.move(str(downloaded[0]), target)
+        return target.name
+
+
+def manifest_with_wheels(manifest_text: str, wheel_names: list[str]) -> str:
+    """The manifest text with its empty `wheels = []` line listing ./wheels/NAME entries."""
+    if MANIFEST_WHEELS_LINE not in manifest_text.splitlines():
+        raise BuildError(f"blender_addon/{MANIFEST_NAME} lost its `{MANIFEST_WHEELS_LINE}` "
+                         f"line; put it back so the build can list the wheels.")
+    listed = ", ".join(json.dumps(f"./wheels/{name}") for name in wheel_names)
+    return manifest_text.replace(MANIFEST_WHEELS_LINE, f"wheels = [{listed}]", 1)
+
+
+def stage_extension(stage: Path, wheels: list[Path]) -> None:
+    """Lay out the extension's source: the add-on, the vendored `shared/` package, the wheels."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    if stage.exists():
+        shutil.rmtree(stage)
+    shutil.copytree(ADDON_DIR, stage, ignore=ignore)
+    shutil.copytree(SHARED_DIR, stage / "shared", ignore=ignore)
+    (stage / "wheels").mkdir()
+    for wheel in wheels:
+        shutil.copy2(wheel, stage / "wheels" / wheel.name)
+    manifest = stage / MANIFEST_NAME
+    names = sorted({wheel.name for wheel in wheels})
+    manifest.write_text(manifest_with_wheels(manifest.read_text(), names))
+
+
+def package_extension(output_dir: Path, python: str, cache: Path = WHEEL_CACHE) -> list[Path]:
+    """Build and validate one extension zip per platform in `output_dir`; return their paths."""
+    import tempfile
+
+    cli = blender_extension_cli(python)
+    version = installed_version(python, BUNDLED_DISTRIBUTION)
+    wheels = cached_wheels(python, version, cache)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        stage = Path(scratch) / "understudy"
+        stage_extension(stage, list(wheels.values()))
+        for old in output_dir.glob("understudy-*.zip"):
+            old.unlink()
+        run_checked([python, str(cli), "build", "--source-dir", str(stage),
+                     "--output-dir", str(output_dir), "--split-platforms"],
+                    "Blender's extension build failed (its message is above).")
+    zips = sorted(output_dir.glob("understudy-*.zip"))
+    if len(zips) != len(WHEEL_PLATFORMS):
+        raise BuildError(f"Expected {len(WHEEL_PLATFORMS)} extension zips in {output_dir} but "
+                         f"found {len(zips)}; see Blender's build output above.")
+    for path in zips:
+        run_checked([python, str(cli), "validate", str(path)],
+                    f"Blender's extension validation rejected {path.name} (its message is above).")
+    return zips
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -165,10 +314,18 @@ def command_demo(args: list[str]) -> int:
     return subprocess.call([str(python), "-m", "backend", "demo", *args], cwd=ROOT)
 
 
-def command_package(_: list[str]) -> int:
-    print("Packaging the Blender extension is not built yet (see the extension issue); "
-          "nothing was written to dist/.", file=sys.stderr)
-    return 1
+def command_package(args: list[str]) -> int:
+    """`python build.py [package] [--output-dir DIR]`: the extension zips, one per platform."""
+    output_dir = ROOT / "dist"
+    if args[:1] == ["--output-dir"] and len(args) == 2:
+        output_dir = Path(args[1]).resolve()
+    elif args:
+        raise BuildError("The package command takes only `--output-dir DIR`.")
+    python = ensure_venv()
+    zips = package_extension(output_dir, python=str(python))
+    for path in zips:
+        print(f"Built {path}")
+    return 0
 
 
 def command_env(_: list[str]) -> int:
@@ -176,7 +333,8 @@ def command_env(_: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"test": command_test, "demo": command_demo, "env": command_env}
+COMMANDS = {"test": command_test, "demo": command_demo, "env": command_env,
+            "package": command_package}
 
 
 def main(argv: list[str]) -> int:

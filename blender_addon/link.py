@@ -1,0 +1,113 @@
+"""The connection to the backend: the shared client, CURVE keys, one-sentence errors.
+
+The client lives in the project's `shared/` package. The built extension carries a
+copy of it inside (`<extension>/shared/`); a development checkout imports the
+project's own. Either way every failure leaves here as a plan.UserError whose text
+is the one sentence Blender shows.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+
+from .plan import UserError
+
+
+def client_api():
+    """The `shared.client` module: the vendored copy, else the project's checkout."""
+    vendored = f"{__package__}.shared"
+    if importlib.util.find_spec(vendored) is not None:
+        return importlib.import_module(f"{vendored}.client")
+    return importlib.import_module("shared.client")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Where the server is and how to prove who we are (the add-on's preferences)."""
+
+    address: str
+    server_key_file: str = ""
+    client_key_file: str = ""
+    timeout_s: float = 10.0
+
+
+def load_keys(config: ServerConfig) -> dict:
+    """CURVE keys for the client: none for loopback, all three for a remote server.
+
+    The server public key file is the server's `*.key`; the client key file is the
+    client's `*.key_secret` (it holds the client's public and secret key).
+    """
+    server_file, client_file = config.server_key_file.strip(), config.client_key_file.strip()
+    if not server_file and not client_file:
+        return {}
+    if not (server_file and client_file):
+        raise UserError("Set both the server public key file and the client secret key file "
+                        "in the Understudy preferences, or neither for a local server.")
+    import zmq.auth
+
+    try:
+        server_public, _ = zmq.auth.load_certificate(server_file)
+        client_public, client_secret = zmq.auth.load_certificate(client_file)
+    except (OSError, ValueError) as error:
+        raise UserError(f"Could not read the CURVE key files ({error}); check the key paths in "
+                        f"the Understudy preferences.") from error
+    if client_secret is None:
+        raise UserError(f"{client_file} holds no secret key; choose the client's "
+                        f".key_secret file in the Understudy preferences.")
+    return {"server_public_key": server_public, "client_public_key": client_public,
+            "client_secret_key": client_secret}
+
+
+_clients: dict[ServerConfig, object] = {}
+
+
+def client_for(config: ServerConfig):
+    """A connected client for this configuration, reused between calls."""
+    if not config.address.strip():
+        raise UserError("The server address is empty; set it in the Understudy preferences "
+                        "(for example tcp://127.0.0.1:5555).")
+    if config not in _clients:
+        api = client_api()
+        keys = load_keys(config)
+        _clients[config] = guarded(lambda: api.Client(config.address.strip(),
+                                                      timeout_s=config.timeout_s, **keys))
+    return _clients[config]
+
+
+def forget(config: ServerConfig) -> None:
+    """Close and drop a client (after an error, so the next call reconnects)."""
+    client = _clients.pop(config, None)
+    if client is not None:
+        try:
+            client.close()
+        except Exception:  # noqa: BLE001 - closing a broken socket must not raise further
+            pass
+
+
+def close_all() -> None:
+    for config in list(_clients):
+        forget(config)
+
+
+def guarded(action):
+    """Run a client call; turn its errors into plan.UserError with one sentence."""
+    import zmq
+
+    api = client_api()
+    try:
+        return action()
+    except api.ClientError as error:
+        raise UserError(str(error)) from error
+    except (OSError, zmq.ZMQError) as error:
+        raise UserError(f"Talking to the Understudy server failed ({error}); check that it is "
+                        f"running and the address in the preferences.") from error
+
+
+def describe_server(hello: dict) -> str:
+    """One line about the server for the "Test connection" report."""
+    model = hello.get("model", "unknown model")
+    device = hello.get("device", "unknown device")
+    version = hello.get("protocol", hello.get("protocol_version", "?"))
+    return f"Connected: model {model} on {device}, protocol {version}."

@@ -1,0 +1,149 @@
+"""Operators: transfer, cancel, collect, test connection.
+
+Each one turns plan.UserError into a single-sentence report, so a failure shows up in
+Blender's interface (or as the RuntimeError of `bpy.ops…` in a script) and nothing
+else happens.
+"""
+
+import bpy
+from bpy.props import BoolProperty, StringProperty
+
+from . import compat, jobs, link, plan, props
+
+
+def has_sequencer(context) -> bool:
+    scene = compat.sequencer_scene(context)
+    return scene is not None and scene.sequence_editor is not None
+
+
+class UNDERSTUDY_OT_transfer(bpy.types.Operator):
+    """Render the active strip, send it to the Understudy server and add the result above it"""
+
+    bl_idname = "understudy.transfer"
+    bl_label = "Transfer Motion"
+    bl_options = {"REGISTER"}
+
+    prompt: StringProperty(name="Prompt", default="",
+                           description="What the subject should become (default: the panel's)")
+    wait: BoolProperty(name="Wait in background mode", default=True,
+                       description="Background mode only: block until the result is in the "
+                                   "timeline (the interface never blocks)")
+
+    def execute(self, context):
+        try:
+            job = jobs.start(context, self.prompt)
+        except plan.UserError as error:
+            self.report({"ERROR"}, str(error))
+            return {"CANCELLED"}
+        job_id = job.job_id
+        if not bpy.app.background:
+            jobs.follow()
+            self.report({"INFO"}, f"Submitted {job_id}; the result lands above the source.")
+            return {"FINISHED"}
+        if not self.wait:
+            return {"FINISHED"}
+        scene, job = jobs.find_job(job_id)
+        try:
+            jobs.wait_and_collect(scene, job, props.preferences(context).job_timeout_s)
+        except plan.UserError as error:
+            self.report({"ERROR"}, str(error))
+            return {"CANCELLED"}
+        self.report({"INFO"}, f"Added strip {job.result_strip!r} (seed {job.seed}).")
+        return {"FINISHED"}
+
+
+def chosen_job(context, job_id: str):
+    """The named job, else the newest unfinished job of the sequencer's scene."""
+    if job_id:
+        scene, job = jobs.find_job(job_id)
+        if job is None:
+            raise plan.UserError(f"There is no job {job_id!r} in this file.")
+        return scene, job
+    scene = compat.sequencer_scene(context)
+    for job in reversed(scene.understudy_jobs):
+        if job.active:
+            return scene, job
+    raise plan.UserError("No Understudy job is running in this scene.")
+
+
+class UNDERSTUDY_OT_cancel(bpy.types.Operator):
+    """Cancel an Understudy job (the newest running one unless a job id is given)"""
+
+    bl_idname = "understudy.cancel"
+    bl_label = "Cancel"
+
+    job_id: StringProperty(name="Job", default="")
+
+    def execute(self, context):
+        try:
+            scene, job = chosen_job(context, self.job_id)
+            jobs.cancel(scene, job)
+        except plan.UserError as error:
+            self.report({"ERROR"}, str(error))
+            return {"CANCELLED"}
+        self.report({"INFO"}, f"Cancelled {job.job_id}.")
+        return {"FINISHED"}
+
+
+class UNDERSTUDY_OT_collect(bpy.types.Operator):
+    """Ask the server about this file's unfinished jobs and add the results that are ready"""
+
+    bl_idname = "understudy.collect"
+    bl_label = "Collect Results"
+
+    wait: BoolProperty(name="Wait in background mode", default=True,
+                       description="Background mode only: block until every job has ended")
+
+    def execute(self, context):
+        pending = jobs.active_jobs()
+        if not bpy.app.background:
+            jobs.follow([job.job_id for _, job in pending], resync_first=True)
+            return {"FINISHED"}
+        timeout = props.preferences(context).job_timeout_s
+        for job_id in [job.job_id for _, job in pending]:
+            scene, job = jobs.find_job(job_id)
+            try:
+                client, _ = jobs.client_for_job(job)
+                jobs.resync(scene, job, client)
+                if job.active and self.wait:
+                    jobs.wait_and_collect(scene, job, timeout)
+            except plan.UserError as error:
+                self.report({"ERROR"}, str(error))
+                return {"CANCELLED"}
+        return {"FINISHED"}
+
+
+class UNDERSTUDY_OT_test_connection(bpy.types.Operator):
+    """Ask the server for its model, device and protocol version"""
+
+    bl_idname = "understudy.test_connection"
+    bl_label = "Test Connection"
+
+    def execute(self, context):
+        prefs = props.preferences(context)
+        config = prefs.server_config()
+        try:
+            client = link.client_for(config)
+            report = link.describe_server(link.guarded(client.hello))
+        except plan.UserError as error:
+            link.forget(config)
+            prefs.connection_report = str(error)
+            self.report({"ERROR"}, str(error))
+            return {"CANCELLED"}
+        prefs.connection_report = report
+        self.report({"INFO"}, report)
+        return {"FINISHED"}
+
+
+CLASSES = (UNDERSTUDY_OT_transfer, UNDERSTUDY_OT_cancel, UNDERSTUDY_OT_collect,
+           UNDERSTUDY_OT_test_connection)
+
+
+def register() -> None:
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+
+
+def unregister() -> None:
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)

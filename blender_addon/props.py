@@ -1,0 +1,167 @@
+"""Blender data: the add-on preferences, the panel's settings, the job records.
+
+Settings and job records live on the scene, so they are saved in the .blend: reopening
+a file shows its jobs and collects the results that finished meanwhile.
+(No `from __future__ import annotations` here: Blender reads these annotations.)
+"""
+
+import bpy
+from bpy.props import (
+    BoolProperty,
+    CollectionProperty,
+    FloatProperty,
+    IntProperty,
+    PointerProperty,
+    StringProperty,
+)
+
+from . import link, plan
+
+ADDON_ID = __package__
+ACTIVE_STATES = ("submitted", "running")
+
+
+class UnderstudyPreferences(bpy.types.AddonPreferences):
+    bl_idname = ADDON_ID
+
+    server_address: StringProperty(
+        name="Server address", default="tcp://127.0.0.1:5555",
+        description="Where the Understudy backend listens (python -m backend serve)")
+    server_key_file: StringProperty(
+        name="Server public key file", subtype="FILE_PATH", default="",
+        description="The server's CURVE public key (.key); only for a remote server")
+    client_key_file: StringProperty(
+        name="Client secret key file", subtype="FILE_PATH", default="",
+        description="This client's CURVE key pair (.key_secret); only for a remote server")
+    timeout_s: FloatProperty(
+        name="Reply timeout (s)", default=10.0, min=0.5, max=600.0,
+        description="How long to wait for the server to answer one request")
+    job_timeout_s: FloatProperty(
+        name="Job timeout (s)", default=0.0, min=0.0,
+        description="Background mode only: give up waiting for a result after this long "
+                    "(0 waits as long as the job runs)")
+    max_render_size: IntProperty(
+        name="Render size limit (px)", default=plan.DEFAULT_MAX_RENDER_SIZE, min=64, max=4096,
+        description="Long side of the frames sent to the server")
+    max_frames: IntProperty(
+        name="Frames sent at most", default=plan.DEFAULT_MAX_FRAMES, min=2, max=10000,
+        description="Longer strips are sampled evenly down to this many frames")
+    connection_report: StringProperty(name="Last connection test", default="")
+
+    def server_config(self) -> link.ServerConfig:
+        return link.ServerConfig(
+            address=self.server_address,
+            server_key_file=bpy.path.abspath(self.server_key_file) if self.server_key_file else "",
+            client_key_file=bpy.path.abspath(self.client_key_file) if self.client_key_file else "",
+            timeout_s=float(self.timeout_s))
+
+    def draw(self, context):
+        layout = self.layout
+        layout.prop(self, "server_address")
+        layout.prop(self, "server_key_file")
+        layout.prop(self, "client_key_file")
+        row = layout.row()
+        row.prop(self, "timeout_s")
+        row.prop(self, "job_timeout_s")
+        row = layout.row()
+        row.prop(self, "max_render_size")
+        row.prop(self, "max_frames")
+        row = layout.row()
+        row.operator("understudy.test_connection", icon="PLUGIN")
+        if self.connection_report:
+            row.label(text=self.connection_report)
+
+
+def preferences(context=None):
+    """This add-on's preferences."""
+    context = context or bpy.context
+    return context.preferences.addons[ADDON_ID].preferences
+
+
+class UnderstudySettings(bpy.types.PropertyGroup):
+    """What the panel edits; one set per scene."""
+
+    prompt: StringProperty(name="Prompt", default="",
+                           description="What the subject should become")
+    source_prompt: StringProperty(name="Source prompt", default="",
+                                  description="Optional: what the clip shows now")
+    use_random_seed: BoolProperty(name="Random seed", default=True,
+                                  description="Pick a new seed for every run")
+    seed: IntProperty(name="Seed", default=0, min=0)
+    last_seed: StringProperty(name="Last seed", default="",
+                              description="The seed of the last finished run")
+    show_advanced: BoolProperty(name="Advanced", default=False)
+    steps: IntProperty(name="Steps", default=plan.PANEL_DEFAULTS["steps"], min=1, max=1000)
+    guided_steps: IntProperty(name="Guided steps", default=plan.PANEL_DEFAULTS["guided_steps"],
+                              min=0, max=1000)
+    guidance_iterations: IntProperty(
+        name="Iterations", default=plan.PANEL_DEFAULTS["guidance_iterations"], min=0, max=1000,
+        description="Optimisation iterations per guided step")
+    num_frames: IntProperty(name="Frames", default=plan.PANEL_DEFAULTS["num_frames"],
+                            min=2, max=256, description="Frames the model generates")
+    inversion_steps: IntProperty(name="Inversion steps",
+                                 default=plan.PANEL_DEFAULTS["inversion_steps"], min=1, max=1000)
+    width: IntProperty(name="Width", default=plan.PANEL_DEFAULTS["width"], min=64, max=2048,
+                       step=8)
+    height: IntProperty(name="Height", default=plan.PANEL_DEFAULTS["height"], min=64, max=2048,
+                        step=8)
+    negative_prompt: StringProperty(name="Negative prompt",
+                                    default=plan.PANEL_DEFAULTS["negative_prompt"])
+
+    def values(self, prompt: str = "") -> dict:
+        """The settings to send, as plain values (prompt from the operator if given)."""
+        return {
+            "prompt": prompt or self.prompt,
+            "source_prompt": self.source_prompt,
+            "negative_prompt": self.negative_prompt,
+            "seed": None if self.use_random_seed else int(self.seed),
+            **{name: int(getattr(self, name)) for name in (
+                "num_frames", "width", "height", "inversion_steps", "steps", "guided_steps",
+                "guidance_iterations")},
+        }
+
+
+class UnderstudyJob(bpy.types.PropertyGroup):
+    """One submitted job, saved with the .blend."""
+
+    job_id: StringProperty(name="Job")
+    prompt: StringProperty(name="Prompt")
+    status: StringProperty(name="Status", default="submitted",
+                           description="submitted, running, done, failed or cancelled")
+    phase: StringProperty(name="Phase", default="")
+    percent: FloatProperty(name="Progress", default=0.0, min=0.0, max=100.0, subtype="PERCENTAGE")
+    message: StringProperty(name="Message", default="")
+    seed: StringProperty(name="Seed", default="")
+    server_address: StringProperty(name="Server")
+    source_name: StringProperty(name="Source strip")
+    channel: IntProperty(name="Source channel")
+    frame_start: IntProperty(name="Start frame")
+    length: IntProperty(name="Length")
+    result_strip: StringProperty(name="Result strip", default="")
+    frames_dir: StringProperty(name="Frames folder", default="", subtype="DIR_PATH")
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE_STATES
+
+    def span(self) -> plan.Span:
+        return plan.Span(self.channel, self.frame_start, self.frame_start + self.length)
+
+
+CLASSES = (UnderstudyPreferences, UnderstudySettings, UnderstudyJob)
+
+
+def register() -> None:
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+    bpy.types.Scene.understudy = PointerProperty(type=UnderstudySettings)
+    bpy.types.Scene.understudy_jobs = CollectionProperty(type=UnderstudyJob)
+    bpy.types.Scene.understudy_job_index = IntProperty(default=0)
+
+
+def unregister() -> None:
+    del bpy.types.Scene.understudy_job_index
+    del bpy.types.Scene.understudy_jobs
+    del bpy.types.Scene.understudy
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)

@@ -1,0 +1,87 @@
+"""The sequencer sidebar tab "Understudy": settings, the button, progress, this file's jobs."""
+
+import bpy
+
+from . import compat, plan
+
+
+class UNDERSTUDY_UL_jobs(bpy.types.UIList):
+    """One row per job: prompt and status."""
+
+    def draw_item(self, context, layout, data, job, icon, active_data, active_property, index=0):
+        row = layout.row(align=True)
+        row.label(text=job.prompt or job.job_id, icon="SEQUENCE")
+        row.label(text=plan.progress_text(job.status, job.phase, job.percent))
+
+
+class UNDERSTUDY_PT_panel(bpy.types.Panel):
+    bl_label = "Understudy"
+    bl_idname = "UNDERSTUDY_PT_panel"
+    bl_space_type = "SEQUENCE_EDITOR"
+    bl_region_type = "UI"
+    bl_category = "Understudy"
+
+    @classmethod
+    def poll(cls, context):
+        return compat.sequencer_scene(context) is not None
+
+    def draw(self, context):
+        layout = self.layout
+        scene = compat.sequencer_scene(context)
+        settings = scene.understudy
+        layout.prop(settings, "prompt")
+        layout.prop(settings, "source_prompt")
+        row = layout.row(align=True)
+        row.prop(settings, "use_random_seed")
+        sub = row.row()
+        sub.enabled = not settings.use_random_seed
+        sub.prop(settings, "seed")
+        if settings.last_seed:
+            layout.label(text=f"Last seed: {settings.last_seed}")
+
+        layout.prop(settings, "show_advanced", icon="PREFERENCES")
+        if settings.show_advanced:
+            box = layout.box()
+            for name in ("steps", "guided_steps", "guidance_iterations", "num_frames",
+                         "inversion_steps", "width", "height", "negative_prompt"):
+                box.prop(settings, name)
+
+        layout.operator("understudy.transfer", icon="PLAY")
+        self.draw_jobs(layout, scene)
+
+    def draw_jobs(self, layout, scene) -> None:
+        jobs = scene.understudy_jobs
+        running = [job for job in jobs if job.active]
+        for job in running:
+            row = layout.row(align=True)
+            row.progress(factor=job.percent / 100.0, type="BAR",
+                         text=plan.progress_text(job.status, job.phase, job.percent))
+            cancel = row.operator("understudy.cancel", text="", icon="CANCEL")
+            cancel.job_id = job.job_id
+        if not jobs:
+            return
+        layout.label(text="Jobs in this file")
+        layout.template_list("UNDERSTUDY_UL_jobs", "", scene, "understudy_jobs",
+                             scene, "understudy_job_index", rows=3)
+        if 0 <= scene.understudy_job_index < len(jobs):
+            job = jobs[scene.understudy_job_index]
+            col = layout.column(align=True)
+            col.label(text=f"{job.job_id}: {job.status}")
+            if job.seed:
+                col.label(text=f"Seed {job.seed}")
+            if job.message:
+                col.label(text=job.message, icon="INFO")
+        layout.operator("understudy.collect", icon="FILE_REFRESH")
+
+
+CLASSES = (UNDERSTUDY_UL_jobs, UNDERSTUDY_PT_panel)
+
+
+def register() -> None:
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+
+
+def unregister() -> None:
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)
