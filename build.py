@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -254,13 +255,36 @@ def manifest_with_wheels(manifest_text: str, wheel_names: list[str]) -> str:
     return manifest_text.replace(MANIFEST_WHEELS_LINE, f"wheels = [{listed}]", 1)
 
 
+def vendored_source(text: str, package: str = "shared") -> str:
+    """A module's source with absolute imports of its own package made relative.
+
+    Inside the extension the package is `bl_ext.<repo>.understudy.shared`, so
+    `from shared import protocol` would not find it; `from . import protocol` does.
+    """
+    text = re.sub(rf"^(\s*)from {package}\.(\w+) import ", r"\1from .\2 import ", text,
+                  flags=re.MULTILINE)
+    return re.sub(rf"^(\s*)from {package} import ", r"\1from . import ", text, flags=re.MULTILINE)
+
+
+def vendor_package(source: Path, target: Path) -> None:
+    """Copy a flat package's modules into the extension, imports made relative."""
+    target.mkdir(parents=True)
+    for module in sorted(source.glob("*.py")):
+        (target / module.name).write_text(vendored_source(module.read_text()))
+    leftover = [module.name for module in target.glob("*.py")
+                if re.search(r"^\s*import shared\b", module.read_text(), flags=re.MULTILINE)]
+    if leftover:
+        raise BuildError(f"shared/{leftover[0]} uses `import shared...`, which cannot work inside "
+                         f"the extension; write `from . import NAME` instead.")
+
+
 def stage_extension(stage: Path, wheels: list[Path]) -> None:
     """Lay out the extension's source: the add-on, the vendored `shared/` package, the wheels."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     if stage.exists():
         shutil.rmtree(stage)
     shutil.copytree(ADDON_DIR, stage, ignore=ignore)
-    shutil.copytree(SHARED_DIR, stage / "shared", ignore=ignore)
+    vendor_package(SHARED_DIR, stage / "shared")
     (stage / "wheels").mkdir()
     for wheel in wheels:
         shutil.copy2(wheel, stage / "wheels" / wheel.name)

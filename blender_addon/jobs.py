@@ -129,12 +129,16 @@ def wait_and_collect(scene, job, timeout_s: float | None = None) -> None:
 
 
 def resync(scene, job, client) -> None:
-    """Ask the server where a job stands (after reopening a file, or an error)."""
+    """Ask the server where a job stands and catch up (after reopening a file, an error)."""
     try:
         reply = link.guarded(lambda: client.status(job.job_id))
+        apply_reply(scene, job, client, reply)
     except plan.UserError as error:
         job.message = str(error)
-        return
+
+
+def apply_reply(scene, job, client, reply: dict) -> None:
+    """Apply an event or a status reply to the job record; collect the result when ready."""
     update, ready = plan.job_update(reply)
     apply_update(job, update)
     if ready:
@@ -142,9 +146,12 @@ def resync(scene, job, client) -> None:
 
 
 def cancel(scene, job) -> None:
+    """Ask the server to stop the job; a running job stops at its next step."""
     client, _ = client_for_job(job)
-    link.guarded(lambda: client.cancel(job.job_id))
-    job.status, job.message = "cancelled", "Cancelled."
+    reply = link.guarded(lambda: client.cancel(job.job_id))
+    apply_reply(scene, job, client, reply)
+    if job.active:
+        job.message = "Cancelling: the server stops the job at its next step."
 
 
 # --------------------------------------------------------------------------- interface polling
@@ -163,43 +170,56 @@ def redraw_sequencers() -> None:
                 area.tag_redraw()
 
 
-_needs_resync: set[str] = set()
+STATUS_EVERY_S = 2.0
+_last_status: dict[str, float] = {}
 
 
 def poll_once() -> float | None:
-    """One timer tick: apply server events to the job records; None stops the timer."""
-    jobs = active_jobs()
-    if not jobs:
+    """One timer tick: apply server events to the job records; None stops the timer.
+
+    Events reach only the client that submitted a job, so jobs from a reopened file
+    (or whose events were missed) are also asked about by status every few seconds.
+    Nothing here waits: poll(0) returns at once, and status is asked only while the
+    server answers.
+    """
+    pending = active_jobs()
+    if not pending:
         return None
-    by_id = {job.job_id: (scene, job) for scene, job in jobs}
-    polled = set()
-    for scene, job in jobs:
+    by_id = {job.job_id: (scene, job) for scene, job in pending}
+    groups: dict = {}
+    for _scene, job in pending:
         try:
             client, config = client_for_job(job)
-            if job.job_id in _needs_resync:
-                _needs_resync.discard(job.job_id)
-                resync(scene, job, client)
-            if config in polled:
-                continue
-            polled.add(config)
-            for event in link.guarded(lambda client=client: client.poll(0.0)):
-                target = by_id.get(str(event.get("job_id")))
-                if target is None:
-                    continue
-                update, ready = plan.job_update(event)
-                apply_update(target[1], update)
-                if ready:
-                    fetch_and_collect(target[0], target[1], client)
         except plan.UserError as error:
             job.message = str(error)
+            continue
+        groups.setdefault(config, (client, []))[1].append(job.job_id)
+    for client, job_ids in groups.values():
+        try:
+            events = link.guarded(lambda client=client: client.poll(0.0))
+        except plan.UserError as error:
+            for job_id in job_ids:
+                by_id[job_id][1].message = str(error)
+            continue
+        for event in events:
+            target = by_id.get(str(event.get("job_id")))
+            if target is not None and target[1].active:
+                try:
+                    apply_reply(target[0], target[1], client, event)
+                except plan.UserError as error:
+                    target[1].message = str(error)
+        now = time.monotonic()
+        for job_id in job_ids:
+            scene, job = by_id[job_id]
+            if job.active and now - _last_status.get(job_id, 0.0) >= STATUS_EVERY_S:
+                _last_status[job_id] = now
+                resync(scene, job, client)
     redraw_sequencers()
     return POLL_INTERVAL_S
 
 
-def follow(job_ids: list[str] = (), resync_first: bool = False) -> None:
+def follow() -> None:
     """Make sure the polling timer runs (interface only; it never fires in background)."""
-    if resync_first:
-        _needs_resync.update(job_ids)
     if not bpy.app.timers.is_registered(poll_once):
         bpy.app.timers.register(poll_once, first_interval=POLL_INTERVAL_S)
 
@@ -218,7 +238,7 @@ def on_file_loaded(_filepath) -> None:
             except plan.UserError as error:
                 job.message = str(error)
         return
-    follow([job.job_id for _, job in jobs], resync_first=True)
+    follow()
 
 
 def register() -> None:

@@ -34,10 +34,10 @@ class ServerConfig:
 
 
 def load_keys(config: ServerConfig) -> dict:
-    """CURVE keys for the client: none for loopback, all three for a remote server.
+    """CURVE keys for the client: none for a local server, both files for a remote one.
 
-    The server public key file is the server's `*.key`; the client key file is the
-    client's `*.key_secret` (it holds the client's public and secret key).
+    The server public key file is the server's `server.key`; the client key file is
+    this client's `client.key_secret` (both from `python -m backend keys DIR`).
     """
     server_file, client_file = config.server_key_file.strip(), config.client_key_file.strip()
     if not server_file and not client_file:
@@ -45,19 +45,7 @@ def load_keys(config: ServerConfig) -> dict:
     if not (server_file and client_file):
         raise UserError("Set both the server public key file and the client secret key file "
                         "in the Understudy preferences, or neither for a local server.")
-    import zmq.auth
-
-    try:
-        server_public, _ = zmq.auth.load_certificate(server_file)
-        client_public, client_secret = zmq.auth.load_certificate(client_file)
-    except (OSError, ValueError) as error:
-        raise UserError(f"Could not read the CURVE key files ({error}); check the key paths in "
-                        f"the Understudy preferences.") from error
-    if client_secret is None:
-        raise UserError(f"{client_file} holds no secret key; choose the client's "
-                        f".key_secret file in the Understudy preferences.")
-    return {"server_public_key": server_public, "client_public_key": client_public,
-            "client_secret_key": client_secret}
+    return guarded(lambda: client_api().load_client_key_files(server_file, client_file))
 
 
 _clients: dict[ServerConfig, object] = {}
@@ -109,5 +97,5 @@ def describe_server(hello: dict) -> str:
     """One line about the server for the "Test connection" report."""
     model = hello.get("model", "unknown model")
     device = hello.get("device", "unknown device")
-    version = hello.get("protocol", hello.get("protocol_version", "?"))
+    version = hello.get("v", "?")
     return f"Connected: model {model} on {device}, protocol {version}."

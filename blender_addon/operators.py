@@ -97,7 +97,7 @@ class UNDERSTUDY_OT_collect(bpy.types.Operator):
     def execute(self, context):
         pending = jobs.active_jobs()
         if not bpy.app.background:
-            jobs.follow([job.job_id for _, job in pending], resync_first=True)
+            jobs.follow()
             return {"FINISHED"}
         timeout = props.preferences(context).job_timeout_s
         for job_id in [job.job_id for _, job in pending]:

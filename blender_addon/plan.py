@@ -207,7 +207,9 @@ def job_update(event: dict) -> tuple[dict, bool]:
     if kind in ("result-ready", "done", "finished", "succeeded"):
         return {"status": "running", "phase": "fetching", "percent": 100.0}, True
     if kind in ("error", "failed"):
-        message = str(event.get("message") or "The server could not finish the job.")
+        error = event.get("error") if isinstance(event.get("error"), dict) else {}
+        message = str(event.get("message") or error.get("message")
+                      or "The server could not finish the job.")
         return {"status": "failed", "message": message}, False
     if kind in ("cancelled", "canceled"):
         return {"status": "cancelled", "message": "Cancelled."}, False

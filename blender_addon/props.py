@@ -138,7 +138,7 @@ class UnderstudyJob(bpy.types.PropertyGroup):
     frame_start: IntProperty(name="Start frame")
     length: IntProperty(name="Length")
     result_strip: StringProperty(name="Result strip", default="")
-    frames_dir: StringProperty(name="Frames folder", default="", subtype="DIR_PATH")
+    frames_dir: StringProperty(name="Frames folder", default="")
 
     @property
     def active(self) -> bool:

@@ -1,0 +1,221 @@
+"""Scenarios that run inside a fresh headless Blender (the bpy module), one per process.
+
+    python tests/blender_scenarios.py '{"scenario": "transfer", "zip": ..., ...}'
+
+bpy state is global, so every scenario gets its own interpreter. Each one installs
+the built extension zip into a throw-away user folder (BLENDER_USER_RESOURCES, set by
+the caller), does its work, and prints one line `RESULT_JSON {...}` for the test.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import bpy
+
+ADDON = "bl_ext.user_default.understudy"
+# Settings that make the tiny model finish a job in seconds on a CPU.
+SMALL_SETTINGS = {"num_frames": 4, "width": 64, "height": 64, "steps": 3, "guided_steps": 1,
+                  "guidance_iterations": 1, "inversion_steps": 3}
+
+
+def install(zip_path: str) -> None:
+    result = bpy.ops.extensions.package_install_files(
+        filepath=zip_path, repo="user_default", enable_on_install=True)
+    assert result == {"FINISHED"}, result
+    assert ADDON in bpy.context.preferences.addons, list(bpy.context.preferences.addons.keys())
+
+
+def configure(args: dict) -> None:
+    prefs = bpy.context.preferences.addons[ADDON].preferences
+    prefs.server_address = args.get("address", prefs.server_address)
+    prefs.timeout_s = args.get("timeout_s", 10.0)
+    prefs.max_render_size = 96
+    for key in ("server_key_file", "client_key_file"):
+        if key in args:
+            setattr(prefs, key, args[key])
+
+
+def small_settings(scene) -> None:
+    for name, value in SMALL_SETTINGS.items():
+        setattr(scene.understudy, name, value)
+
+
+def strips(scene):
+    editor = scene.sequence_editor
+    return editor.strips if hasattr(editor, "strips") else editor.sequences
+
+
+def movie_strip(scene, clip: str, channel: int = 2, start: int = 1, trim: tuple = (3, 4)):
+    """A movie strip trimmed at both ends, made active."""
+    editor = scene.sequence_editor_create()
+    strip = strips(scene).new_movie("source", clip, channel, start, fit_method="FIT")
+    strip.frame_offset_start, strip.frame_offset_end = trim
+    editor.active_strip = strip
+    return strip
+
+
+def strip_state(strip) -> dict:
+    state = {name: getattr(strip, name) for name in (
+        "name", "type", "channel", "frame_start", "frame_final_start", "frame_final_end",
+        "frame_final_duration", "frame_offset_start", "frame_offset_end", "mute", "select")}
+    for name in ("filepath", "directory"):
+        if hasattr(strip, name):
+            state[name] = getattr(strip, name)
+    if hasattr(strip, "elements"):
+        state["elements"] = [element.filename for element in strip.elements]
+    return state
+
+
+def scene_state(scene) -> dict:
+    """Everything a transfer must leave as it was (strips, render and view settings)."""
+    render, image = scene.render, scene.render.image_settings
+    view = scene.view_settings
+    return {
+        "strips": sorted((strip_state(s) for s in strips(scene)), key=lambda s: s["name"]),
+        "frames": [scene.frame_start, scene.frame_end, scene.frame_current, scene.frame_step],
+        "render": [render.resolution_x, render.resolution_y, render.resolution_percentage,
+                   render.filepath, render.use_sequencer, render.use_compositing,
+                   render.use_stamp, image.file_format, image.color_mode,
+                   getattr(image, "media_type", None)],
+        "view": [view.view_transform, view.look, view.exposure, view.gamma],
+        "jobs": len(scene.understudy_jobs),
+    }
+
+
+def job_state(job) -> dict:
+    return {name: getattr(job, name) for name in (
+        "job_id", "prompt", "status", "message", "seed", "result_strip", "frames_dir",
+        "channel", "frame_start", "length")}
+
+
+def run_operator(operator, **kwargs) -> dict:
+    try:
+        return {"ok": True, "returned": sorted(operator(**kwargs))}
+    except RuntimeError as error:  # operator reports of type ERROR arrive here
+        return {"ok": False, "error": str(error)}
+
+
+def new_strips(scene, before: dict) -> list[dict]:
+    names = {s["name"] for s in before["strips"]}
+    return [strip_state(s) for s in strips(scene) if s.name not in names]
+
+
+def finish(scene, before: dict, outcome: dict, **extra) -> dict:
+    after = scene_state(scene)
+    return {"outcome": outcome, "before": before, "after": after,
+            "new_strips": new_strips(scene, before),
+            "jobs": [job_state(job) for job in scene.understudy_jobs],
+            "blend": bpy.data.filepath, **extra}
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+def scenario_install(args: dict) -> dict:
+    install(args["zip"])
+    import importlib
+
+    link = importlib.import_module(f"{ADDON}.link")
+    prefs = bpy.context.preferences.addons[ADDON].preferences
+    result = {
+        "operators": [hasattr(bpy.ops.understudy, name)
+                      for name in ("transfer", "cancel", "collect", "test_connection")],
+        "panel": hasattr(bpy.types, "UNDERSTUDY_PT_panel"),
+        "address": prefs.server_address,
+        "client_module": link.client_api().__name__,
+        "scene_settings": bpy.context.scene.understudy.steps,
+    }
+    bpy.ops.preferences.addon_disable(module=ADDON)
+    result["disabled"] = ADDON not in bpy.context.preferences.addons
+    result["panel_after_disable"] = hasattr(bpy.types, "UNDERSTUDY_PT_panel")
+    return result
+
+
+def scenario_transfer(args: dict) -> dict:
+    """A trimmed movie strip (or a meta/scene strip made from it) through the operator."""
+    install(args["zip"])
+    configure(args)
+    scene = bpy.context.scene
+    small_settings(scene)
+    source = movie_strip(scene, args["clip"])
+    if args.get("blocker"):  # a strip right above the source: the result must skip it
+        strips(scene).new_movie("blocker", args["clip"], source.channel + 1, 10)
+    kind = args.get("kind", "movie")
+    if kind == "meta":
+        scene.sequence_editor.active_strip = source
+        source.select = True
+        bpy.ops.sequencer.meta_make()
+        source = scene.sequence_editor.active_strip
+    elif kind == "scene":
+        inner = bpy.data.scenes.new("inner")
+        inner.render.resolution_x, inner.render.resolution_y = 160, 128
+        inner.frame_start, inner.frame_end = 1, 30
+        inner_editor = inner.sequence_editor_create()
+        (inner_editor.strips if hasattr(inner_editor, "strips") else inner_editor.sequences) \
+            .new_movie("inner clip", args["clip"], 1, 1)
+        source.mute = True  # keep the movie strip out of the picture; the scene strip shows it
+        holder = strips(scene).new_scene("scene source", inner, 4, 5)
+        holder.scene_input = "SEQUENCER"
+        holder.frame_offset_start, holder.frame_offset_end = 2, 5
+        scene.sequence_editor.active_strip = holder
+        source = holder
+    if args.get("save"):
+        bpy.ops.wm.save_as_mainfile(filepath=args["save"])
+    before = scene_state(scene)
+    source_name = source.name
+    outcome = run_operator(bpy.ops.understudy.transfer, prompt=args.get("prompt", "a red fox"),
+                           wait=args.get("wait", True))
+    if args.get("cancel"):
+        outcome["cancel"] = run_operator(bpy.ops.understudy.cancel)
+        outcome["collect"] = run_operator(bpy.ops.understudy.collect)
+    if args.get("save_after"):
+        bpy.ops.wm.save_as_mainfile(filepath=args["save_after"])
+    return finish(scene, before, outcome, source=source_name)
+
+
+def scenario_nothing_selected(args: dict) -> dict:
+    install(args["zip"])
+    configure(args)
+    scene = bpy.context.scene
+    source = movie_strip(scene, args["clip"])
+    scene.sequence_editor.active_strip = None
+    source.select = False
+    before = scene_state(scene)
+    return finish(scene, before, run_operator(bpy.ops.understudy.transfer, prompt="a red fox"))
+
+
+def scenario_reopen(args: dict) -> dict:
+    """Open a saved file whose job was still running; loading collects the result."""
+    install(args["zip"])
+    configure(args)
+    bpy.ops.wm.open_mainfile(filepath=args["blend"])
+    scene = bpy.context.scene
+    return {"jobs": [job_state(job) for job in scene.understudy_jobs],
+            "strips": [strip_state(s) for s in strips(scene)]}
+
+
+def scenario_test_connection(args: dict) -> dict:
+    install(args["zip"])
+    configure(args)
+    outcome = run_operator(bpy.ops.understudy.test_connection)
+    prefs = bpy.context.preferences.addons[ADDON].preferences
+    return {"outcome": outcome, "report": prefs.connection_report}
+
+
+SCENARIOS = {name[len("scenario_"):]: function for name, function in globals().items()
+             if name.startswith("scenario_")}
+
+
+def main() -> None:
+    args = json.loads(sys.argv[-1])
+    result = SCENARIOS[args["scenario"]](args)
+    print("RESULT_JSON " + json.dumps(result, default=str), flush=True)
+    if args.get("result_file"):
+        Path(args["result_file"]).write_text(json.dumps(result, default=str))
+
+
+if __name__ == "__main__":
+    main()

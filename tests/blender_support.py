@@ -1,0 +1,96 @@
+"""Helpers for the Blender tests: the built zip, a real server process, bpy subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from tests.conftest import REPO_ROOT
+
+SCENARIOS = REPO_ROOT / "tests" / "blender_scenarios.py"
+BLENDER_TIMEOUT_S = 240
+SERVER_START_TIMEOUT_S = 120
+READY_LINE = re.compile(r"Understudy server ready on (\S+)")
+
+
+def build_extension(output_dir: Path) -> Path:
+    """Build the extension zips with build.py (wheel downloads cached) → the Linux zip."""
+    sys.path.insert(0, str(REPO_ROOT))
+    try:
+        import build
+    finally:
+        sys.path.remove(str(REPO_ROOT))
+    try:
+        zips = build.package_extension(output_dir, python=sys.executable)
+    except build.BuildError as error:
+        raise AssertionError(f"Building the extension failed: {error}") from error
+    return next(path for path in zips if path.name.endswith("linux_x64.zip"))
+
+
+def make_clip(path: Path, frames: int = 30, width: int = 160, height: int = 128) -> Path:
+    """A small mp4 of a yellow box moving right over blue."""
+    import imageio.v3 as iio
+
+    clip = np.zeros((frames, height, width, 3), np.uint8)
+    clip[..., 2] = 90
+    for index in range(frames):
+        x = 4 * index
+        clip[index, 40:80, x:x + 30] = (250, 200, 0)
+    iio.imwrite(path, clip, fps=24, codec="libx264", macro_block_size=16)
+    return path
+
+
+def run_blender(args: dict, tmp_path: Path, timeout_s: float = BLENDER_TIMEOUT_S) -> dict:
+    """Run one scenario in a fresh bpy process with its own user folder; its RESULT_JSON."""
+    user = tmp_path / f"blender-user-{args['scenario']}-{len(list(tmp_path.glob('blender-user-*')))}"
+    user.mkdir(parents=True)
+    env = {**os.environ, "BLENDER_USER_RESOURCES": str(user), "PYTHONPATH": str(REPO_ROOT)}
+    process = subprocess.run([sys.executable, str(SCENARIOS), json.dumps(args)], cwd=REPO_ROOT,
+                             env=env, capture_output=True, text=True, timeout=timeout_s)
+    for line in process.stdout.splitlines():
+        if line.startswith("RESULT_JSON "):
+            return json.loads(line[len("RESULT_JSON "):])
+    raise AssertionError(f"Blender scenario {args['scenario']} printed no result "
+                         f"(exit {process.returncode}):\n{process.stdout[-3000:]}\n"
+                         f"{process.stderr[-3000:]}")
+
+
+class ServerProcess:
+    """`python -m backend serve --model tiny` on a free loopback port, stopped on exit."""
+
+    def __init__(self, state_dir: Path, *extra: str) -> None:
+        command = [sys.executable, "-m", "backend", "serve", "--model", "tiny", "--device", "cpu",
+                   "--bind", "tcp://127.0.0.1:*", "--state-dir", str(state_dir),
+                   "--cache-dir", str(state_dir / "cache"), *extra]
+        self.process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True,
+                                        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+        self.lines: list[str] = []
+        found = threading.Event()
+        self.address = ""
+
+        def read() -> None:
+            for line in self.process.stdout:
+                self.lines.append(line)
+                match = READY_LINE.search(line)
+                if match and not found.is_set():
+                    self.address = match.group(1).rstrip(".")
+                    found.set()
+            found.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not found.wait(SERVER_START_TIMEOUT_S) or not self.address:
+            self.stop()
+            raise AssertionError("The server did not start:\n" + "".join(self.lines[-40:]))
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
