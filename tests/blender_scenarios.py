@@ -38,8 +38,8 @@ def configure(args: dict) -> None:
             setattr(prefs, key, args[key])
 
 
-def small_settings(scene) -> None:
-    for name, value in SMALL_SETTINGS.items():
+def small_settings(scene, overrides: dict | None = None) -> None:
+    for name, value in {**SMALL_SETTINGS, **(overrides or {})}.items():
         setattr(scene.understudy, name, value)
 
 
@@ -139,7 +139,7 @@ def scenario_transfer(args: dict) -> dict:
     install(args["zip"])
     configure(args)
     scene = bpy.context.scene
-    small_settings(scene)
+    small_settings(scene, args.get("settings"))
     source = movie_strip(scene, args["clip"])
     if args.get("blocker"):  # a strip right above the source: the result must skip it
         strips(scene).new_movie("blocker", args["clip"], source.channel + 1, 10)
@@ -147,7 +147,10 @@ def scenario_transfer(args: dict) -> dict:
     if kind == "meta":
         scene.sequence_editor.active_strip = source
         source.select = True
-        bpy.ops.sequencer.meta_make()
+        # 5.0 runs sequencer operators on context.sequencer_scene, unset in background mode.
+        override = {"sequencer_scene": scene} if hasattr(bpy.context, "sequencer_scene") else {}
+        with bpy.context.temp_override(**override):
+            bpy.ops.sequencer.meta_make()
         source = scene.sequence_editor.active_strip
     elif kind == "scene":
         inner = bpy.data.scenes.new("inner")

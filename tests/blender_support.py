@@ -22,11 +22,8 @@ READY_LINE = re.compile(r"Understudy server ready on (\S+)")
 
 def build_extension(output_dir: Path) -> Path:
     """Build the extension zips with build.py (wheel downloads cached) → the Linux zip."""
-    sys.path.insert(0, str(REPO_ROOT))
-    try:
-        import build
-    finally:
-        sys.path.remove(str(REPO_ROOT))
+    import build  # the repository's build.py (stdlib only; the repo root is on sys.path)
+
     try:
         zips = build.package_extension(output_dir, python=sys.executable)
     except build.BuildError as error:

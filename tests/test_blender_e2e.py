@@ -1,0 +1,196 @@
+"""End to end: the built extension in a real headless Blender against a real server process
+(`python -m backend serve --model tiny`). Each scenario runs in its own bpy process."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shared.client import Client
+from tests.blender_support import ServerProcess, build_extension, make_clip, run_blender
+from tests.conftest import REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def extension_zip(tmp_path_factory) -> str:
+    return str(build_extension(tmp_path_factory.mktemp("dist")))
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> str:
+    return str(make_clip(tmp_path_factory.mktemp("clip") / "walk.mp4"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    process = ServerProcess(tmp_path_factory.mktemp("server"))
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def slow_server(tmp_path_factory):
+    """Sleeps at every step, so a job is still running when the test cancels it."""
+    process = ServerProcess(tmp_path_factory.mktemp("slow-server"), "--test-step-delay", "0.5")
+    yield process
+    process.stop()
+
+
+def closed_port_address() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+
+
+def assert_source_unchanged(result: dict) -> None:
+    before = {s["name"]: s for s in result["before"]["strips"]}
+    after = {s["name"]: s for s in result["after"]["strips"]}
+    for name, state in before.items():
+        assert after[name] == state, name
+    for key in ("frames", "render", "view"):
+        assert result["after"][key] == result["before"][key], key
+
+
+def assert_result_strip(result: dict, source_name: str, channel: int) -> dict:
+    assert result["outcome"]["ok"], result["outcome"]
+    source = next(s for s in result["before"]["strips"] if s["name"] == source_name)
+    [new] = result["new_strips"]
+    assert new["type"] == "IMAGE" and new["name"] == "a red fox"
+    assert new["channel"] == channel
+    assert new["frame_final_start"] == source["frame_final_start"]
+    assert new["frame_final_duration"] == source["frame_final_duration"]
+    [job] = result["jobs"]
+    assert job["status"] == "done" and job["result_strip"] == new["name"] and job["seed"] != ""
+    return new
+
+
+def test_trimmed_movie_strip_round_trip(extension_zip, clip, server, tmp_path):
+    blend = tmp_path / "project" / "edit.blend"
+    blend.parent.mkdir()
+    result = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": clip,
+                          "address": server.address, "save": str(blend), "blocker": True},
+                         tmp_path)
+    source = next(s for s in result["before"]["strips"] if s["name"] == "source")
+    assert (source["frame_offset_start"], source["frame_offset_end"]) == (3.0, 4.0)
+    # Channel 3 holds a strip overlapping the source, so the result goes to 4.
+    new = assert_result_strip(result, "source", channel=4)
+    job_id = result["jobs"][0]["job_id"]
+    assert new["directory"] == f"//understudy/{job_id}/"
+    frames = sorted((blend.parent / "understudy" / job_id).glob("frame_*.png"))
+    assert [f.name for f in frames] == new["elements"]
+    assert len(frames) == source["frame_final_duration"] == 23
+    assert frames[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_source_unchanged(result)
+
+
+@pytest.mark.parametrize("kind", ["meta", "scene"])
+def test_meta_and_scene_strips_as_source(extension_zip, clip, server, tmp_path, kind):
+    result = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": clip,
+                          "address": server.address, "kind": kind}, tmp_path)
+    source_name = result["source"]
+    source = next(s for s in result["before"]["strips"] if s["name"] == source_name)
+    assert source["type"] == kind.upper()
+    new = assert_result_strip(result, source_name, channel=source["channel"] + 1)
+    # Unsaved file: the frames go to a temporary folder and the job says so.
+    assert "temporary folder" in result["jobs"][0]["message"]
+    assert Path(new["directory"], new["elements"][0]).is_file()
+    assert_source_unchanged(result)
+
+
+def test_server_down_is_one_sentence_and_changes_nothing(extension_zip, clip, tmp_path):
+    result = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": clip,
+                          "address": closed_port_address(), "timeout_s": 1.0}, tmp_path)
+    assert not result["outcome"]["ok"]
+    assert "Could not reach a server" in result["outcome"]["error"]
+    assert "Traceback" not in result["outcome"]["error"]
+    assert result["after"] == result["before"] and result["new_strips"] == []
+
+
+def test_nothing_selected_is_one_sentence(extension_zip, clip, server, tmp_path):
+    result = run_blender({"scenario": "nothing_selected", "zip": extension_zip, "clip": clip,
+                          "address": server.address}, tmp_path)
+    assert not result["outcome"]["ok"]
+    assert "No strip is selected" in result["outcome"]["error"]
+    assert result["after"] == result["before"]
+
+
+def test_rejected_job_is_one_sentence_and_changes_nothing(extension_zip, clip, server, tmp_path):
+    # More guided steps than steps: the server's settings check rejects the job.
+    result = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": clip,
+                          "address": server.address,
+                          "settings": {"steps": 2, "guided_steps": 5}}, tmp_path)
+    assert not result["outcome"]["ok"]
+    assert "guided_steps" in result["outcome"]["error"]
+    assert result["after"] == result["before"] and result["new_strips"] == []
+
+
+def test_cancel_a_running_job(extension_zip, clip, slow_server, tmp_path):
+    result = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": clip,
+                          "address": slow_server.address, "wait": False, "cancel": True,
+                          "settings": {"steps": 200, "guided_steps": 1}}, tmp_path)
+    outcome = result["outcome"]
+    assert outcome["ok"] and outcome["cancel"]["ok"], outcome
+    assert not outcome["collect"]["ok"] and "cancel" in outcome["collect"]["error"].lower()
+    [job] = result["jobs"]
+    assert job["status"] == "cancelled"
+    assert result["new_strips"] == []
+    assert_source_unchanged(result)
+
+
+def test_reopening_a_file_collects_a_finished_job(extension_zip, clip, server, tmp_path):
+    blend = tmp_path / "project" / "edit.blend"
+    blend.parent.mkdir()
+    first = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": clip,
+                         "address": server.address, "wait": False, "save_after": str(blend)},
+                        tmp_path)
+    [job] = first["jobs"]
+    assert job["status"] == "submitted" and first["new_strips"] == []
+    # Meanwhile (Blender closed) the job finishes on the server.
+    client = Client(server.address)
+    try:
+        client.wait(job["job_id"], timeout_s=120)
+    finally:
+        client.close()
+
+    reopened = run_blender({"scenario": "reopen", "zip": extension_zip, "blend": str(blend),
+                            "address": server.address}, tmp_path)
+    [job_after] = reopened["jobs"]
+    assert job_after["status"] == "done"
+    result_strip = next(s for s in reopened["strips"] if s["name"] == job_after["result_strip"])
+    assert result_strip["type"] == "IMAGE" and result_strip["channel"] == 3
+    assert result_strip["frame_final_duration"] == job["length"] == 23
+    assert (blend.parent / "understudy" / job["job_id"] / "frame_00023.png").is_file()
+
+
+def test_test_connection_reports_model_device_protocol(extension_zip, server, tmp_path):
+    result = run_blender({"scenario": "test_connection", "zip": extension_zip,
+                          "address": server.address}, tmp_path)
+    assert result["outcome"]["ok"]
+    assert result["report"] == "Connected: model tiny on cpu, protocol 1."
+
+
+def test_curve_keys_right_and_wrong(extension_zip, tmp_path):
+    keys, stranger = tmp_path / "keys", tmp_path / "stranger"
+    for folder in (keys, stranger):
+        subprocess.run([sys.executable, "-m", "backend", "keys", str(folder)], cwd=REPO_ROOT,
+                       check=True, capture_output=True)
+    secure = ServerProcess(tmp_path / "secure-server", "--keys", str(keys))
+    try:
+        good = run_blender({"scenario": "test_connection", "zip": extension_zip,
+                            "address": secure.address,
+                            "server_key_file": str(keys / "server.key"),
+                            "client_key_file": str(keys / "client.key_secret")}, tmp_path)
+        wrong = run_blender({"scenario": "test_connection", "zip": extension_zip,
+                             "address": secure.address, "timeout_s": 3.0,
+                             "server_key_file": str(keys / "server.key"),
+                             "client_key_file": str(stranger / "client.key_secret")}, tmp_path)
+    finally:
+        secure.stop()
+    assert good["outcome"]["ok"] and good["report"].startswith("Connected: model tiny")
+    assert not wrong["outcome"]["ok"]
+    assert "Traceback" not in wrong["report"] and wrong["report"].endswith(".")
+    assert "key" in wrong["report"].lower()

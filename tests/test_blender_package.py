@@ -1,0 +1,54 @@
+"""`python build.py` packaging: per-platform zips with the vendored client and pyzmq wheels,
+accepted by Blender's own extension tooling, installed and enabled in a real headless Blender."""
+
+from __future__ import annotations
+
+import tomllib
+import zipfile
+
+import pytest
+
+from tests.blender_support import build_extension, run_blender
+
+
+@pytest.fixture(scope="module")
+def dist(tmp_path_factory):
+    output = tmp_path_factory.mktemp("dist")
+    build_extension(output)
+    return output
+
+
+def test_one_zip_per_platform_each_with_its_wheel(dist):
+    zips = {path.name: path for path in dist.glob("*.zip")}
+    assert sorted(zips) == ["understudy-0.1.0-linux_x64.zip", "understudy-0.1.0-macos_arm64.zip",
+                            "understudy-0.1.0-macos_x64.zip", "understudy-0.1.0-windows_x64.zip"]
+    expected_tags = {"linux_x64": "manylinux", "windows_x64": "win_amd64",
+                     "macos_arm64": "macosx", "macos_x64": "macosx"}
+    for name, path in zips.items():
+        with zipfile.ZipFile(path) as archive:
+            manifest = tomllib.loads(archive.read("blender_manifest.toml").decode())
+            generated = manifest["build"]["generated"]  # Blender's per-platform section
+            assert generated["platforms"] == [name.split("-")[-1][:-4].replace("_", "-")]
+            wheels = generated["wheels"]
+            assert len(wheels) == 1 and "cp311" in wheels[0]
+            assert expected_tags[name.split("-")[-1][:-4]] in wheels[0]
+            assert wheels[0][2:] in archive.namelist()
+
+
+def test_zip_vendors_the_client_with_relative_imports(dist):
+    with zipfile.ZipFile(dist / "understudy-0.1.0-linux_x64.zip") as archive:
+        names = archive.namelist()
+        assert {"__init__.py", "shared/client.py", "shared/protocol.py", "plan.py"} <= set(names)
+        assert not [name for name in names if "__pycache__" in name or name.startswith("tests")]
+        client = archive.read("shared/client.py").decode()
+        assert "from shared" not in client and "from . import protocol" in client
+
+
+def test_zip_installs_and_enables_in_blender(dist, tmp_path):
+    result = run_blender({"scenario": "install",
+                          "zip": str(dist / "understudy-0.1.0-linux_x64.zip")}, tmp_path)
+    assert result["operators"] == [True, True, True, True]
+    assert result["panel"] and result["scene_settings"] == 50
+    assert result["address"] == "tcp://127.0.0.1:5555"
+    assert result["client_module"] == "bl_ext.user_default.understudy.shared.client"
+    assert result["disabled"] and not result["panel_after_disable"]
