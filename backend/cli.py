@@ -141,8 +141,9 @@ def command_tiny_model(args: argparse.Namespace) -> int:
 
 
 def command_demo(args: argparse.Namespace) -> int:
-    print("The demo will run a motion transfer on a generated clip once the engine lands.")
-    return 0
+    from backend.demo import run_demo
+
+    return run_demo(Path(args.output_dir))
 
 
 # --------------------------------------------------------------------------- parser
@@ -182,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=command_tiny_model)
 
-    demo = commands.add_parser("demo", help="run the main job on a bundled example")
+    demo = commands.add_parser("demo", help="run the main job on a generated example clip")
+    demo.add_argument("--output-dir", default="demo_output")
     demo.set_defaults(func=command_demo)
     return parser
 
