@@ -1,0 +1,150 @@
+"""`python -m backend evaluate`: score a result clip against its source clip.
+
+The steps, top to bottom: bring both clips to one frame count and one size, track a
+grid of points in each, score motion fidelity (backend/metrics.py, paper Eq. 5),
+score edit fidelity with CLIP if a CLIP model can be loaded, and draw a picture of
+the tracks. `evaluate_clips` returns the JSON report; the command line prints it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from backend import metrics, tracking
+from backend.errors import ModelNotFoundError
+from backend.video import resize_frames, sample_indices
+
+PICTURE_TRACKS = 150  # tracks drawn per side: enough to see the motion, few enough to read
+
+
+def match_clips(source: np.ndarray, result: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bring both clips to the same frame count and size.
+
+    Frame count: the longer clip is sampled evenly down to the shorter one's count with
+    `sample_indices`, the same rule the engine uses to pick the frames it edits, so a
+    result made from a longer source lines up with the source frames it came from.
+    Size: both are resized (stretched, as the engine does) to the smaller clip's size
+    by area, so tracking never runs on upscaled pixels.
+    """
+    count = min(len(source), len(result))
+    source = source[sample_indices(len(source), count)]
+    result = result[sample_indices(len(result), count)]
+    height, width = min(source.shape[1:3], result.shape[1:3], key=lambda hw: hw[0] * hw[1])
+    return resize_frames(source, width, height), resize_frames(result, width, height)
+
+
+def evaluate_clips(source: np.ndarray, result: np.ndarray, prompt: str,
+                   clip_model: str | None = metrics.DEFAULT_CLIP_MODEL,
+                   tracker_checkpoint: str | Path | None = None,
+                   grid: int = tracking.DEFAULT_GRID, device: str | None = None,
+                   ) -> tuple[dict, tracking.Tracks, tracking.Tracks, np.ndarray, np.ndarray]:
+    """Score `result` against `source` (both (F, H, W, 3) uint8).
+
+    Returns the report dict and what the picture needs: both track sets and both
+    matched clips. A CLIP model that cannot be loaded skips edit fidelity (the report
+    says why) instead of failing the whole evaluation; clip_model None skips it too.
+    """
+    tracking.check_grid(grid)
+    frames_in = {"source": len(source), "result": len(result)}
+    source, result = match_clips(source, result)
+    source_tracks = tracking.track(source, grid, tracker_checkpoint, device)
+    result_tracks = tracking.track(result, grid, tracker_checkpoint, device)
+    motion = metrics.motion_fidelity_both(source_tracks.points, result_tracks.points)
+    report = {
+        "frames": {**frames_in, "compared": len(source)},
+        "size": {"width": int(source.shape[2]), "height": int(source.shape[1])},
+        "motion_fidelity": {
+            **motion,
+            "tracker": source_tracks.tracker,
+            "grid": grid,
+            "tracks": {"seeded": source_tracks.seeded, "source": len(source_tracks.points),
+                       "result": len(result_tracks.points)},
+            "still_px": metrics.STILL_PX,
+        },
+        "edit_fidelity": score_edit(result, prompt, clip_model, device),
+    }
+    return report, source_tracks, result_tracks, source, result
+
+
+def score_edit(frames: np.ndarray, prompt: str, clip_model: str | None,
+               device: str | None) -> dict:
+    """Edit fidelity as a report section; {"skipped": reason} when CLIP is unavailable."""
+    if not clip_model:
+        return {"skipped": "No CLIP model was asked for (--clip-model none).", "prompt": prompt}
+    try:
+        clip, processor, device = metrics.load_clip_model(clip_model, device)
+    except ModelNotFoundError as error:
+        return {"skipped": str(error), "clip_model": str(clip_model), "prompt": prompt}
+    cosines = metrics.clip_frame_text_cosines(frames, prompt, clip, processor, device)
+    return {"score": float(cosines.mean()), "clip_model": str(clip_model), "prompt": prompt,
+            "per_frame": [round(float(value), 6) for value in cosines]}
+
+
+def format_table(report: dict) -> str:
+    """A short human-readable summary of the report."""
+    motion, edit = report["motion_fidelity"], report["edit_fidelity"]
+    tracks = motion["tracks"]
+    lines = [
+        f"frames compared   {report['frames']['compared']} "
+        f"(source {report['frames']['source']}, result {report['frames']['result']}) "
+        f"at {report['size']['width']}×{report['size']['height']}",
+        f"tracker           {motion['tracker']}, grid {motion['grid']}×{motion['grid']}, "
+        f"kept {tracks['source']}/{tracks['seeded']} source and "
+        f"{tracks['result']}/{tracks['seeded']} result tracks",
+        f"motion fidelity   result→source {motion['result_to_source']:.4f}   "
+        f"source→result {motion['source_to_result']:.4f}   mean {motion['mean']:.4f}",
+    ]
+    if "score" in edit:
+        lines.append(f"edit fidelity     {edit['score']:.4f} (CLIP {edit['clip_model']})")
+    else:
+        lines.append(f"edit fidelity     skipped: {edit['skipped']}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- picture
+
+
+def track_colours(tracks: np.ndarray) -> np.ndarray:
+    """One RGB colour per track, hue from where it starts (left→right), so neighbours
+    share colours and the eye can follow a region. Returns (N, 3) uint8."""
+    import cv2
+
+    x = tracks[:, 0, 0]
+    span = max(float(x.max() - x.min()), 1e-6)
+    hue = ((x - x.min()) / span * 150).astype(np.uint8)  # OpenCV hue runs 0…179
+    hsv = np.stack([hue, np.full_like(hue, 255), np.full_like(hue, 255)], axis=-1)
+    return cv2.cvtColor(hsv[None], cv2.COLOR_HSV2RGB)[0]
+
+
+def draw_tracks(frame: np.ndarray, tracks: np.ndarray, label: str,
+                count: int = PICTURE_TRACKS) -> np.ndarray:
+    """The frame with up to `count` tracks drawn as lines ending in a dot."""
+    import cv2
+
+    canvas = np.ascontiguousarray(frame.copy())
+    if len(tracks):
+        chosen = tracks[np.unique(np.linspace(0, len(tracks) - 1, count).round().astype(int))]
+        for track, colour in zip(chosen, track_colours(chosen), strict=True):
+            colour = tuple(int(c) for c in colour)
+            line = np.round(track).astype(np.int32).reshape(-1, 1, 2)
+            cv2.polylines(canvas, [line], False, colour, 1, cv2.LINE_AA)
+            cv2.circle(canvas, tuple(int(v) for v in line[-1, 0]), 2, colour, -1, cv2.LINE_AA)
+    cv2.putText(canvas, label, (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1,
+                cv2.LINE_AA)
+    return canvas
+
+
+def save_picture(path: str | Path, source: np.ndarray, result: np.ndarray,
+                 source_tracks: np.ndarray, result_tracks: np.ndarray) -> Path:
+    """PNG: the last source frame and the last result frame side by side, each with a
+    sample of its own tracks drawn over it."""
+    path = Path(path)
+    gap = np.full((source.shape[1], 4, 3), 255, dtype=np.uint8)
+    picture = np.concatenate([draw_tracks(source[-1], source_tracks, "source"), gap,
+                              draw_tracks(result[-1], result_tracks, "result")], axis=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(picture).save(path, format="PNG")
+    return path
