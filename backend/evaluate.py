@@ -18,6 +18,7 @@ from backend.errors import ModelNotFoundError
 from backend.video import resize_frames, sample_indices
 
 PICTURE_TRACKS = 150  # tracks drawn per side: enough to see the motion, few enough to read
+PICTURE_MIN_HEIGHT = 256  # pixels; smaller clips are enlarged so the tracks stay visible
 
 
 def match_clips(source: np.ndarray, result: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -132,19 +133,29 @@ def draw_tracks(frame: np.ndarray, tracks: np.ndarray, label: str,
             line = np.round(track).astype(np.int32).reshape(-1, 1, 2)
             cv2.polylines(canvas, [line], False, colour, 1, cv2.LINE_AA)
             cv2.circle(canvas, tuple(int(v) for v in line[-1, 0]), 2, colour, -1, cv2.LINE_AA)
-    cv2.putText(canvas, label, (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1,
-                cv2.LINE_AA)
+    for colour, thickness in (((0, 0, 0), 3), ((255, 255, 255), 1)):  # outlined: readable anywhere
+        cv2.putText(canvas, label, (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, colour, thickness,
+                    cv2.LINE_AA)
     return canvas
 
 
 def save_picture(path: str | Path, source: np.ndarray, result: np.ndarray,
                  source_tracks: np.ndarray, result_tracks: np.ndarray) -> Path:
     """PNG: the last source frame and the last result frame side by side, each with a
-    sample of its own tracks drawn over it."""
+    sample of its own tracks drawn over it. Small clips are enlarged by a whole factor
+    (pixels repeated) so that the picture is at least PICTURE_MIN_HEIGHT tall."""
+    import cv2
+
     path = Path(path)
-    gap = np.full((source.shape[1], 4, 3), 255, dtype=np.uint8)
-    picture = np.concatenate([draw_tracks(source[-1], source_tracks, "source"), gap,
-                              draw_tracks(result[-1], result_tracks, "result")], axis=1)
+    height, width = source.shape[1:3]
+    scale = -(-PICTURE_MIN_HEIGHT // height)  # ceiling division; 1 for clips tall enough
+    size = (width * scale, height * scale)
+    sides = [draw_tracks(cv2.resize(frames[-1], size, interpolation=cv2.INTER_NEAREST),
+                         tracks * scale, label)
+             for frames, tracks, label in ((source, source_tracks, "source"),
+                                           (result, result_tracks, "result"))]
+    gap = np.full((size[1], 4, 3), 255, dtype=np.uint8)
+    picture = np.concatenate([sides[0], gap, sides[1]], axis=1)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(picture).save(path, format="PNG")
     return path
