@@ -160,10 +160,10 @@ def command_evaluate(args: argparse.Namespace) -> int:
         raise UnderstudyError(f"The picture {picture} must end in .png.")
     source, result = read_clip(args.source), read_clip(args.result)
     clip_model = None if args.clip_model.lower() == "none" else args.clip_model
-    report, source_tracks, result_tracks, source_frames, result_frames = evaluate_clips(
-        source.frames, result.frames, args.prompt, clip_model=clip_model,
-        tracker_checkpoint=args.tracker_checkpoint, grid=args.grid, device=args.device)
-    report = {"source": str(args.source), "result": str(args.result), **report}
+    evaluation = evaluate_clips(source.frames, result.frames, args.prompt, clip_model=clip_model,
+                                tracker_checkpoint=args.tracker_checkpoint, grid=args.grid,
+                                device=args.device)
+    report = {"source": str(args.source), "result": str(args.result), **evaluation.report}
     print(format_table(report))
     if args.output:
         output = Path(args.output)
@@ -171,8 +171,8 @@ def command_evaluate(args: argparse.Namespace) -> int:
         output.write_text(json.dumps(report, indent=2))
         print(f"Wrote {output}.")
     if picture is not None:
-        save_picture(picture, source_frames, result_frames, source_tracks.points,
-                     result_tracks.points)
+        save_picture(picture, evaluation.source, evaluation.result,
+                     evaluation.source_tracks.points, evaluation.result_tracks.points)
         print(f"Wrote {picture}.")
     return 0
 

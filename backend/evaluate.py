@@ -8,6 +8,7 @@ the tracks. `evaluate_clips` returns the JSON report; the command line prints it
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,37 +38,58 @@ def match_clips(source: np.ndarray, result: np.ndarray) -> tuple[np.ndarray, np.
     return resize_frames(source, width, height), resize_frames(result, width, height)
 
 
+@dataclass
+class Evaluation:
+    report: dict  # JSON-ready: frames, size, motion_fidelity, edit_fidelity
+    source: np.ndarray  # the clips as compared: same frame count and size
+    result: np.ndarray
+    source_tracks: tracking.Tracks
+    result_tracks: tracking.Tracks
+
+
 def evaluate_clips(source: np.ndarray, result: np.ndarray, prompt: str,
                    clip_model: str | None = metrics.DEFAULT_CLIP_MODEL,
                    tracker_checkpoint: str | Path | None = None,
-                   grid: int = tracking.DEFAULT_GRID, device: str | None = None,
-                   ) -> tuple[dict, tracking.Tracks, tracking.Tracks, np.ndarray, np.ndarray]:
+                   grid: int = tracking.DEFAULT_GRID, device: str | None = None) -> Evaluation:
     """Score `result` against `source` (both (F, H, W, 3) uint8).
 
-    Returns the report dict and what the picture needs: both track sets and both
-    matched clips. A CLIP model that cannot be loaded skips edit fidelity (the report
-    says why) instead of failing the whole evaluation; clip_model None skips it too.
+    A CLIP model that cannot be loaded skips edit fidelity (the report says why)
+    instead of failing the whole evaluation; clip_model None skips it too.
     """
     tracking.check_grid(grid)
     frames_in = {"source": len(source), "result": len(result)}
     source, result = match_clips(source, result)
     source_tracks = tracking.track(source, grid, tracker_checkpoint, device)
     result_tracks = tracking.track(result, grid, tracker_checkpoint, device)
-    motion = metrics.motion_fidelity_both(source_tracks.points, result_tracks.points)
     report = {
         "frames": {**frames_in, "compared": len(source)},
         "size": {"width": int(source.shape[2]), "height": int(source.shape[1])},
-        "motion_fidelity": {
-            **motion,
-            "tracker": source_tracks.tracker,
-            "grid": grid,
-            "tracks": {"seeded": source_tracks.seeded, "source": len(source_tracks.points),
-                       "result": len(result_tracks.points)},
-            "still_px": metrics.STILL_PX,
-        },
+        "motion_fidelity": score_motion(source_tracks, result_tracks),
         "edit_fidelity": score_edit(result, prompt, clip_model, device),
     }
-    return report, source_tracks, result_tracks, source, result
+    return Evaluation(report, source, result, source_tracks, result_tracks)
+
+
+def score_motion(source_tracks: tracking.Tracks, result_tracks: tracking.Tracks) -> dict:
+    """Motion fidelity as a report section, named by its tracker.
+
+    {"skipped": reason} when one clip kept no track at all (a texture-less or pure
+    noise clip under Lucas–Kanade): there is then no motion to compare.
+    """
+    section = {
+        "tracker": source_tracks.tracker,
+        "grid": source_tracks.grid,
+        "tracks": {"seeded": source_tracks.seeded, "source": len(source_tracks.points),
+                   "result": len(result_tracks.points)},
+        "still_px": metrics.STILL_PX,
+    }
+    empty = [name for name, tracks in (("source", source_tracks), ("result", result_tracks))
+             if len(tracks.points) == 0]
+    if empty:
+        return {"skipped": f"No point of the {' and '.join(empty)} clip could be tracked "
+                           f"through every frame, so there is no motion to compare.", **section}
+    return {**metrics.motion_fidelity_both(source_tracks.points, result_tracks.points),
+            **section}
 
 
 def score_edit(frames: np.ndarray, prompt: str, clip_model: str | None,
@@ -95,9 +117,12 @@ def format_table(report: dict) -> str:
         f"tracker           {motion['tracker']}, grid {motion['grid']}×{motion['grid']}, "
         f"kept {tracks['source']}/{tracks['seeded']} source and "
         f"{tracks['result']}/{tracks['seeded']} result tracks",
-        f"motion fidelity   result→source {motion['result_to_source']:.4f}   "
-        f"source→result {motion['source_to_result']:.4f}   mean {motion['mean']:.4f}",
     ]
+    if "mean" in motion:
+        lines.append(f"motion fidelity   result→source {motion['result_to_source']:.4f}   "
+                     f"source→result {motion['source_to_result']:.4f}   mean {motion['mean']:.4f}")
+    else:
+        lines.append(f"motion fidelity   skipped: {motion['skipped']}")
     if "score" in edit:
         lines.append(f"edit fidelity     {edit['score']:.4f} (CLIP {edit['clip_model']})")
     else:

@@ -39,8 +39,8 @@ def test_reversed_motion_scores_below_kept_motion():
     source = textured_clip((2, 1), frames=8)
     same_way = textured_clip((2, 1), frames=8, seed=5)
     other_way = textured_clip((-2, -1), frames=8, seed=5)
-    kept = evaluate_clips(source, same_way, "x", clip_model=None, grid=10)[0]
-    reversed_ = evaluate_clips(source, other_way, "x", clip_model=None, grid=10)[0]
+    kept = evaluate_clips(source, same_way, "x", clip_model=None, grid=10).report
+    reversed_ = evaluate_clips(source, other_way, "x", clip_model=None, grid=10).report
     assert kept["motion_fidelity"]["mean"] > 0.95
     assert reversed_["motion_fidelity"]["mean"] < -0.9
     assert reversed_["edit_fidelity"]["skipped"].endswith(".")
@@ -79,6 +79,17 @@ def test_evaluate_command_writes_report_and_picture(tmp_path, clip_folder):
     with Image.open(picture) as image:
         # 64 pixels tall is enlarged 4× (to at least 256) so the tracks stay visible.
         assert image.format == "PNG" and image.size == (2 * 4 * 80 + 4, 4 * 64)
+
+
+def test_untrackable_noise_skips_motion_fidelity_with_a_reason():
+    noise = np.random.default_rng(0).integers(0, 256, size=(6, 48, 64, 3), dtype=np.uint8)
+    flat = np.full((6, 48, 64, 3), 128, dtype=np.uint8)
+    for result in (noise, flat):
+        evaluation = evaluate_clips(textured_clip((1, 0), frames=6, size=(48, 64)), result, "x",
+                                    clip_model=None, grid=8)
+        motion = evaluation.report["motion_fidelity"]
+        assert len(evaluation.result_tracks.points) == 0
+        assert "mean" not in motion and "result clip" in motion["skipped"]
 
 
 def test_unavailable_clip_model_skips_edit_fidelity(tmp_path, capsys):

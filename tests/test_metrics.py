@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -152,6 +153,58 @@ def test_grid_out_of_range_is_refused():
 def test_cotracker_without_a_checkpoint_file_is_one_sentence(tmp_path):
     with pytest.raises(ModelNotFoundError, match="checkpoint"):
         tracking.track_cotracker(textured_clip((1, 0)), tmp_path / "missing.pth")
+
+
+def test_cotracker_without_the_package_says_how_to_install_it(tmp_path, monkeypatch):
+    checkpoint = tmp_path / "scaled_offline.pth"
+    checkpoint.write_bytes(b"weights")
+    monkeypatch.setitem(sys.modules, "cotracker", None)  # import cotracker → ImportError
+    with pytest.raises(ModelNotFoundError, match="pip install"):
+        tracking.track_cotracker(textured_clip((1, 0)), checkpoint)
+
+
+# A stand-in for the cotracker package with CoTrackerPredictor's interface: it checks
+# how it is called and moves its grid by a step read from the "checkpoint".
+FAKE_PREDICTOR = """
+import torch
+
+
+class CoTrackerPredictor(torch.nn.Module):
+    def __init__(self, checkpoint, offline=True, v2=False, window_len=60):
+        super().__init__()
+        assert offline and not v2
+        self.step = torch.load(checkpoint)["step"]
+
+    def forward(self, video, grid_size=0):
+        batch, frames, channels, height, width = video.shape
+        assert batch == 1 and channels == 3 and video.dtype == torch.float32
+        assert video.max() > 1  # pixel values 0…255, as CoTracker expects
+        ys, xs = torch.meshgrid(torch.linspace(0, height - 1, grid_size),
+                                torch.linspace(0, width - 1, grid_size), indexing="ij")
+        seeds = torch.stack([xs.flatten(), ys.flatten()], dim=-1)
+        tracks = seeds[None, None] + torch.arange(frames)[None, :, None, None] * self.step
+        return tracks, torch.ones(batch, frames, grid_size**2, dtype=torch.bool)
+"""
+
+
+def test_cotracker_tracks_come_back_as_points_frames_xy(tmp_path, monkeypatch):
+    import torch
+
+    package = tmp_path / "fake" / "cotracker"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "predictor.py").write_text(FAKE_PREDICTOR)
+    monkeypatch.syspath_prepend(str(tmp_path / "fake"))
+    for name in ("cotracker", "cotracker.predictor"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    checkpoint = tmp_path / "scaled_offline.pth"
+    torch.save({"step": torch.tensor([1.5, -0.5])}, checkpoint)
+
+    tracks = tracking.track(textured_clip((1, 0), frames=5), grid=4, checkpoint=checkpoint,
+                            device="cpu")
+    assert tracks.points.shape == (16, 5, 2) and tracks.seeded == 16
+    assert np.diff(tracks.points, axis=1) == pytest.approx(np.broadcast_to([1.5, -0.5], (16, 4, 2)))
+    assert tracks.tracker == "cotracker3-offline (scaled_offline.pth)"
 
 
 # --------------------------------------------------------------------------- edit fidelity
