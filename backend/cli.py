@@ -151,6 +151,17 @@ def command_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- evaluate
 
 
+def check_cuda_device(device: str) -> None:
+    """'cuda' or 'cuda:N' must name a GPU this machine has (else one sentence, not a trace)."""
+    import torch
+
+    number = device.partition(":")[2]
+    index = 0 if not number else int(number) if number.isdigit() else -1
+    if not torch.cuda.is_available() or not 0 <= index < torch.cuda.device_count():
+        raise UnderstudyError(f"--device {device} is not a usable CUDA GPU on this machine; "
+                              f"drop --device or use --device cpu.")
+
+
 def command_evaluate(args: argparse.Namespace) -> int:
     from backend.evaluate import evaluate_clips, format_table, save_picture
     from backend.video import read_clip
@@ -158,6 +169,8 @@ def command_evaluate(args: argparse.Namespace) -> int:
     picture = Path(args.picture) if args.picture else None
     if picture is not None and picture.suffix.lower() != ".png":
         raise UnderstudyError(f"The picture {picture} must end in .png.")
+    if args.device and args.device.startswith("cuda"):
+        check_cuda_device(args.device)
     source, result = read_clip(args.source), read_clip(args.result)
     clip_model = None if args.clip_model.lower() == "none" else args.clip_model
     evaluation = evaluate_clips(source.frames, result.frames, args.prompt, clip_model=clip_model,

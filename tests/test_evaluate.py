@@ -110,7 +110,8 @@ def one_frame_folder(tmp_path):
     return folder
 
 
-@pytest.mark.parametrize("case", ["missing", "unsupported", "one frame", "grid", "picture"])
+@pytest.mark.parametrize("case", ["missing", "unsupported", "one frame", "grid", "picture",
+                                  "device"])
 def test_bad_inputs_are_one_sentence(tmp_path, capsys, case):
     good = tmp_path / "good"
     write_frames_dir(textured_clip((1, 0), frames=4), good)
@@ -121,6 +122,7 @@ def test_bad_inputs_are_one_sentence(tmp_path, capsys, case):
         "one frame": [str(good), str(one_frame_folder(tmp_path))],
         "grid": [str(good), str(good), "--grid", "1"],
         "picture": [str(good), str(good), "--picture", str(tmp_path / "tracks.jpg")],
+        "device": [str(good), str(good), "--device", "cuda:99"],
     }[case]
     code = main(["evaluate", *args, "--prompt", "x", "--clip-model", "none"])
     error = capsys.readouterr().err.strip()
