@@ -83,11 +83,19 @@ def collect(scene, job, result) -> None:
     """Save a finished job's frames beside the .blend and add the result strip."""
     folder, stored, temporary = plan.result_folder(bpy.data.filepath, job.job_id,
                                                    tempfile.gettempdir())
-    if not result.frames:
-        raise plan.UserError(f"Job {job.job_id} finished without frames; run it again.")
-    files = strip_io.write_result_frames(result.frames, folder, job.length)
-    strip = strip_io.add_result_strip(scene, plan.strip_name(job.prompt), folder, stored, files,
-                                      job.span())
+    try:
+        if not result.frames:
+            raise plan.UserError(f"Job {job.job_id} finished without frames; run it again.")
+        try:
+            files = strip_io.write_result_frames(result.frames, folder, job.length)
+        except OSError as error:
+            raise plan.UserError(f"Could not save the result frames in {folder} ({error}); "
+                                 f"check that the folder can be written.") from error
+        strip = strip_io.add_result_strip(scene, plan.strip_name(job.prompt), folder, stored,
+                                          files, job.span())
+    except plan.UserError as error:
+        job.status, job.phase, job.message = "failed", "", str(error)
+        raise
     seed = (result.sidecar or {}).get("seed")
     job.status, job.phase, job.percent = "done", "", 100.0
     job.result_strip, job.frames_dir = strip.name, stored

@@ -100,6 +100,7 @@ class UNDERSTUDY_OT_collect(bpy.types.Operator):
             jobs.follow()
             return {"FINISHED"}
         timeout = props.preferences(context).job_timeout_s
+        ended = {"done": 0, "cancelled": 0, "failed": 0}
         for job_id in [job.job_id for _, job in pending]:
             scene, job = jobs.find_job(job_id)
             try:
@@ -108,8 +109,14 @@ class UNDERSTUDY_OT_collect(bpy.types.Operator):
                 if job.active and self.wait:
                     jobs.wait_and_collect(scene, job, timeout)
             except plan.UserError as error:
-                self.report({"ERROR"}, str(error))
-                return {"CANCELLED"}
+                if job.active:  # the server is unreachable or the wait timed out
+                    self.report({"ERROR"}, str(error))
+                    return {"CANCELLED"}
+            if job.status in ended:
+                ended[job.status] += 1
+            if job.status == "failed":
+                self.report({"WARNING"}, f"{job.job_id}: {job.message}")
+        self.report({"INFO"}, ", ".join(f"{count} {state}" for state, count in ended.items()))
         return {"FINISHED"}
 
 

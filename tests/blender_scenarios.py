@@ -179,6 +179,31 @@ def scenario_transfer(args: dict) -> dict:
     return finish(scene, before, outcome, source=source_name)
 
 
+def scenario_interface_polling(args: dict) -> dict:
+    """The interface's path: submit, then run the timer function the way Blender's timer
+    would (timers never fire in background mode, so the scenario ticks it itself)."""
+    import importlib
+    import time
+
+    install(args["zip"])
+    jobs = importlib.import_module(f"{ADDON}.jobs")
+    configure(args)
+    scene = bpy.context.scene
+    small_settings(scene, args.get("settings"))
+    movie_strip(scene, args["clip"])
+    before = scene_state(scene)
+    outcome = run_operator(bpy.ops.understudy.transfer, prompt="a red fox", wait=False)
+    jobs.follow()
+    timer_registered = bpy.app.timers.is_registered(jobs.poll_once)
+    seen = []
+    deadline = time.monotonic() + 120
+    while jobs.poll_once() is not None and time.monotonic() < deadline:
+        job = scene.understudy_jobs[0]
+        seen.append([job.status, job.phase, round(job.percent)])
+        time.sleep(jobs.POLL_INTERVAL_S)
+    return finish(scene, before, outcome, timer_registered=timer_registered, seen=seen)
+
+
 def scenario_nothing_selected(args: dict) -> dict:
     install(args["zip"])
     configure(args)
