@@ -4,7 +4,8 @@
     python build.py            build the Blender extension zips (one per platform) into dist/
     python build.py package [--output-dir DIR]   the same, into DIR
     python build.py test [ARGS] set up .venv if needed, then run pytest (ARGS go to pytest)
-    python build.py demo       run the main job on the bundled example
+    python build.py demo       run the main job on the bundled example, then the same round
+                               trip through headless Blender and the extension
     python build.py env        only create or refresh .venv
 
 The virtual environment lives in `.venv` (Python 3.11, the Python of Blender 4.2-5.0).
@@ -333,9 +334,30 @@ def command_test(pytest_args: list[str]) -> int:
     return code
 
 
+def this_platform() -> str:
+    """Blender's name for this machine's platform (which extension zip runs here)."""
+    import platform
+
+    machine = platform.machine().lower()
+    arch = "arm64" if machine in ("arm64", "aarch64") else "x64"
+    system = {"linux": "linux", "win32": "windows", "darwin": "macos"}.get(sys.platform, sys.platform)
+    return f"{system}-{arch}"
+
+
 def command_demo(args: list[str]) -> int:
+    """The backend's demo, then the Blender round trip with the built extension."""
     python = ensure_venv()
-    return subprocess.call([str(python), "-m", "backend", "demo", *args], cwd=ROOT)
+    code = subprocess.call([str(python), "-m", "backend", "demo", *args], cwd=ROOT)
+    if code != 0:
+        return code
+    zips = package_extension(ROOT / "build" / "demo-dist", python=str(python))
+    suffix = this_platform().replace("-", "_") + ".zip"
+    matching = [path for path in zips if path.name.endswith(suffix)]
+    if not matching:
+        raise BuildError(f"The extension has no build for {this_platform()}; the Blender demo "
+                         f"needs one of {', '.join(WHEEL_PLATFORMS)}.")
+    return subprocess.call([str(python), "-m", "backend.blender_demo", "--zip", str(matching[0]),
+                            "--output", str(ROOT / "demo_output")], cwd=ROOT)
 
 
 def command_package(args: list[str]) -> int:

@@ -258,3 +258,18 @@ def test_extension_modules_without_bpy_do_not_import_it():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
                          text=True, env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"})
     assert out.stdout.strip() == "False", out.stderr
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def test_demo_contact_sheet_puts_source_above_result():
+    import numpy as np
+
+    from backend.blender_demo import contact_sheet
+
+    source = np.zeros((24, 32, 64, 3), np.uint8)
+    result = np.full((24, 32, 64, 3), 255, np.uint8)
+    sheet = contact_sheet(source, result, columns=4, thumb_width=16)
+    assert sheet.shape == (16, 64, 3)
+    assert sheet[:8].max() == 0 and sheet[8:].min() == 255
