@@ -42,8 +42,12 @@ def start(context, prompt: str = ""):
         max_frames = min(max_frames, server_max)
     job_id = plan.new_job_id()
     with tempfile.TemporaryDirectory(prefix="understudy-render-") as folder:
-        paths = strip_io.render_frames(scene, strip, plan.frames_to_render(span, max_frames),
-                                       folder, int(prefs.max_render_size))
+        try:
+            paths = strip_io.render_frames(scene, strip, plan.frames_to_render(span, max_frames),
+                                           folder, int(prefs.max_render_size))
+        except RuntimeError as error:  # bpy.ops.render.render's own failure
+            raise plan.UserError(f"Blender could not render {strip.name!r} ({error}); check "
+                                 f"that the strip plays in the preview.") from error
         frames = [Path(path).read_bytes() for path in paths]
     link.guarded(lambda: client.submit(job_id, settings, frames))
 

@@ -49,6 +49,8 @@ class UNDERSTUDY_OT_transfer(bpy.types.Operator):
             self.report({"ERROR"}, str(error))
             return {"CANCELLED"}
         self.report({"INFO"}, f"Added strip {job.result_strip!r} (seed {job.seed}).")
+        if job.message:  # the file is unsaved: the frames went to a temporary folder
+            self.report({"WARNING"}, job.message)
         return {"FINISHED"}
 
 

@@ -43,7 +43,8 @@ class Span:
         return self.start < end and start < self.end
 
 
-def check_source(strip_type: str | None, name: str, span: Span | None, muted: bool) -> None:
+def check_source(strip_type: str | None, name: str, span: Span | None, muted: bool,
+                 missing_file: str = "") -> None:
     """Raise UserError unless this strip can be the source of a transfer."""
     if strip_type is None or span is None:
         raise UserError("No strip is selected; click the strip to transfer in the sequencer "
@@ -54,6 +55,9 @@ def check_source(strip_type: str | None, name: str, span: Span | None, muted: bo
     if muted:
         raise UserError(f"The active strip {name!r} is muted or on a muted channel; unmute it "
                         f"so it can be rendered.")
+    if missing_file:
+        raise UserError(f"The active strip {name!r} shows {missing_file}, which does not exist; "
+                        f"relink the strip's media and try again.")
     if span.length < 2:
         raise UserError(f"The active strip {name!r} shows {span.length} frame; motion transfer "
                         f"needs a strip at least 2 frames long.")

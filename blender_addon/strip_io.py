@@ -65,6 +65,19 @@ def effect_inputs(strip) -> list:
     return found
 
 
+def missing_media(strip) -> str:
+    """The file a movie or image strip shows, when that file is missing; else ''."""
+    import bpy
+
+    if strip.type == "MOVIE":
+        path = bpy.path.abspath(strip.filepath)
+    elif strip.type == "IMAGE" and len(strip.elements):
+        path = os.path.join(bpy.path.abspath(strip.directory), strip.elements[0].filename)
+    else:
+        return ""
+    return "" if os.path.isfile(path) else path
+
+
 def source_strip(scene):
     """The active strip if it can be transferred; raise plan.UserError otherwise."""
     strip = compat.active_strip(scene) if scene is not None else None
@@ -74,7 +87,8 @@ def source_strip(scene):
     if strip.name not in top_names:
         raise plan.UserError(f"The active strip {strip.name!r} is inside a meta strip; leave the "
                              f"meta strip (Tab) and select the meta strip itself.")
-    plan.check_source(strip.type, strip.name, strip_span(strip), strip_is_hidden(scene, strip))
+    plan.check_source(strip.type, strip.name, strip_span(strip), strip_is_hidden(scene, strip),
+                      missing_media(strip))
     return strip
 
 

@@ -38,6 +38,8 @@ def test_muted_and_single_frame_strips_are_refused():
     with pytest.raises(UserError, match="at least 2 frames"):
         plan.check_source("IMAGE", "s", Span(1, 5, 6), False)
     plan.check_source("META", "s", Span(1, 5, 7), False)
+    with pytest.raises(UserError, match="does not exist; relink"):
+        plan.check_source("MOVIE", "s", Span(1, 5, 70), False, "/gone/clip.mp4")
 
 
 # --------------------------------------------------------------------------- channels
