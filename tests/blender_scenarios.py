@@ -204,6 +204,75 @@ def scenario_interface_polling(args: dict) -> dict:
     return finish(scene, before, outcome, timer_registered=timer_registered, seen=seen)
 
 
+class FakeLayout:
+    """Stands in for bpy.types.UILayout (nothing draws in background mode): checks that
+    every property and operator a panel names exists, and records the labels."""
+
+    def __init__(self, log: dict) -> None:
+        self.log = log
+
+    def prop(self, data, name, **_):
+        real = getattr(data, "real", data)
+        assert name in real.bl_rna.properties, name
+        self.log["props"].append(name)
+
+    def operator(self, idname, **_):
+        group, name = idname.split(".")
+        assert hasattr(getattr(bpy.ops, group), name), idname
+        self.log["operators"].append(idname)
+        return type("OperatorProperties", (), {})()
+
+    def label(self, text="", **_):
+        self.log["labels"].append(text)
+
+    def progress(self, text="", factor=0.0, **_):
+        self.log["progress"].append([text, factor])
+
+    def template_list(self, list_type, _id, data, prop, active_data, active_prop, **_):
+        assert hasattr(bpy.types, list_type) and prop in data.bl_rna.properties
+        self.log["lists"].append(prop)
+
+    def row(self, **_):
+        return self
+
+    column = box = row
+
+
+class Drawable:
+    """A panel or preferences instance with a fake layout, reading the real data."""
+
+    def __init__(self, cls, real, layout) -> None:
+        self.cls, self.real, self.layout = cls, real, layout
+
+    def __getattr__(self, name):
+        import types
+
+        method = getattr(self.cls, name, None)
+        if isinstance(method, types.FunctionType):  # the class's own helpers, bound to us
+            return types.MethodType(method, self)
+        return getattr(self.real, name)
+
+
+def scenario_draw(args: dict) -> dict:
+    """Draw the sidebar panel (with a running and a finished job) and the preferences."""
+    install(args["zip"])
+    scene = bpy.context.scene
+    scene.sequence_editor_create()
+    scene.understudy.show_advanced = True
+    running, done = scene.understudy_jobs.add(), scene.understudy_jobs.add()
+    running.job_id, running.status, running.phase, running.percent = "us-1", "running", "guide", 40
+    done.job_id, done.status, done.seed, done.prompt = "us-2", "done", "7", "a fox"
+    scene.understudy_job_index = 1
+    log = {"props": [], "operators": [], "labels": [], "progress": [], "lists": []}
+    layout = FakeLayout(log)
+    panel = bpy.types.UNDERSTUDY_PT_panel
+    assert panel.poll(bpy.context)
+    panel.draw(Drawable(panel, None, layout), bpy.context)
+    prefs = bpy.context.preferences.addons[ADDON].preferences
+    type(prefs).draw(Drawable(type(prefs), prefs, layout), bpy.context)
+    return log
+
+
 def scenario_nothing_selected(args: dict) -> dict:
     install(args["zip"])
     configure(args)

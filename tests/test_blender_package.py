@@ -52,3 +52,15 @@ def test_zip_installs_and_enables_in_blender(dist, tmp_path):
     assert result["address"] == "tcp://127.0.0.1:5555"
     assert result["client_module"] == "bl_ext.user_default.understudy.shared.client"
     assert result["disabled"] and not result["panel_after_disable"]
+
+
+def test_panel_and_preferences_draw(dist, tmp_path):
+    log = run_blender({"scenario": "draw", "zip": str(dist / "understudy-0.1.0-linux_x64.zip")},
+                      tmp_path)
+    assert {"prompt", "source_prompt", "use_random_seed", "seed", "steps", "guided_steps",
+            "guidance_iterations", "num_frames", "negative_prompt"} <= set(log["props"])
+    assert {"server_address", "server_key_file", "client_key_file", "timeout_s"} <= set(log["props"])
+    assert {"understudy.transfer", "understudy.cancel", "understudy.collect",
+            "understudy.test_connection"} <= set(log["operators"])
+    assert log["progress"] == [["guide 40%", 0.4]]
+    assert log["lists"] == ["understudy_jobs"] and "Seed 7" in log["labels"]
