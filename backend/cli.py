@@ -114,8 +114,8 @@ def command_transfer(args: argparse.Namespace) -> int:
     progress = ProgressBar()
     try:
         if args.server:
-            frames, metadata = transfer_on_server(args.server, args.keys, clip.frames, settings,
-                                                  progress)
+            frames, metadata = transfer_on_server(args.server, args.keys, args.timeout,
+                                                  clip.frames, settings, progress)
         else:
             from backend.engine import load_engine
 
@@ -133,8 +133,8 @@ def command_transfer(args: argparse.Namespace) -> int:
     return 0
 
 
-def transfer_on_server(address: str, keys: str | None, clip_frames, settings: TransferSettings,
-                       progress: ProgressBar):
+def transfer_on_server(address: str, keys: str | None, timeout_s: float, clip_frames,
+                       settings: TransferSettings, progress: ProgressBar):
     """Run one edit through a job server; returns (frames, sidecar) like a local run.
 
     The whole clip goes over as PNGs (the server samples and resizes, as the engine
@@ -146,7 +146,7 @@ def transfer_on_server(address: str, keys: str | None, clip_frames, settings: Tr
     from shared.client import Client, ClientError, load_client_keys
 
     try:
-        client = Client(address, **(load_client_keys(keys) if keys else {}))
+        client = Client(address, timeout_s=timeout_s, **(load_client_keys(keys) if keys else {}))
     except ClientError as error:
         raise UnderstudyError(str(error)) from None
     job_id = f"cli-{uuid.uuid4().hex[:16]}"
@@ -244,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="retime the result to the clip's frame count by holding frames")
     transfer.add_argument("--server", help="run on a backend server, e.g. tcp://127.0.0.1:5555")
     transfer.add_argument("--keys", help="folder with CURVE keys for --server")
+    transfer.add_argument("--timeout", type=float, default=10.0,
+                          help="seconds to wait for the --server to answer (default: %(default)s)")
     add_model_flags(transfer)
     add_settings_flags(transfer)
     transfer.set_defaults(func=command_transfer)
