@@ -49,7 +49,6 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     p("--cfg-scale", type=float, default=d.cfg_scale)
     p("--lowfreq-factor", type=int, default=d.lowfreq_factor)
     p("--no-restart", dest="restart", action="store_false", help="skip restart re-noising")
-    p("--restart-count", type=int, default=d.restart_count)
     p("--gradient-checkpointing", action="store_true", help="less GPU memory, slower guidance")
     p("--vae-slice", type=int, default=d.vae_slice, help="frames per VAE slice")
 

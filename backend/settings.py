@@ -49,8 +49,7 @@ class TransferSettings:
     loss: str = "cosine"  # "cosine" (authors' code) or "l2" (paper Eq. 3)
     cfg_scale: float = 10.0
     lowfreq_factor: int = 4
-    restart: bool = True
-    restart_count: int = 20
+    restart: bool = True  # re-noise back to t after each step and denoise again
 
     # Memory.
     gradient_checkpointing: bool = False
@@ -80,7 +79,6 @@ class TransferSettings:
         _check_int(self, "guided_steps", 0, self.steps)
         _check_int(self, "guidance_iterations", 0, 1000)
         _check_int(self, "lowfreq_factor", 1, 64)
-        _check_int(self, "restart_count", 0, 1000)
         _check_int(self, "vae_slice", 1, 256)
         if self.start is not None:
             _check_int(self, "start", 0, 10**7)

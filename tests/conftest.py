@@ -19,3 +19,45 @@ def repo_root() -> Path:
 def python() -> str:
     """The interpreter running the tests (the .venv one under build.py)."""
     return sys.executable
+
+
+# Settings small enough for a CPU: a job takes about a second with the tiny model.
+SMALL_SETTINGS = {
+    "num_frames": 4, "width": 64, "height": 64, "steps": 3, "guided_steps": 1,
+    "guidance_iterations": 2, "inversion_steps": 3,
+}
+
+
+def moving_square_frames(count: int = 8, width: int = 96, height: int = 64):
+    """A textured background with a bright square moving right: (count, H, W, 3) uint8."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    background = rng.integers(0, 80, size=(height, width, 3), dtype=np.uint8)
+    frames = []
+    for index in range(count):
+        frame = background.copy()
+        left = 4 + index * 4
+        frame[height // 3 : height // 3 + 16, left : left + 16] = (240, 200, 40)
+        frames.append(frame)
+    return np.stack(frames)
+
+
+@pytest.fixture
+def clip_path(tmp_path) -> Path:
+    """An 8-frame mp4 made for the test."""
+    from backend.video import write_video
+
+    path = tmp_path / "clip.mp4"
+    write_video(moving_square_frames(), path, fps=12)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The tiny random model saved in diffusers layout (loaded through from_pretrained)."""
+    from backend.model import save_tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    save_tiny_model(folder)
+    return folder

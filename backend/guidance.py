@@ -1,0 +1,99 @@
+"""The paper's pieces as small pure functions (Yatim et al., CVPR 2024).
+
+Shapes: F frames, D feature channels, H×W spatial; latents are (B, C, F, H, W).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as functional
+
+
+def smm(features: torch.Tensor) -> torch.Tensor:
+    """Spatial marginal mean: φ[f, d] = 1/(H·W) · Σ_{y,x} features[f, d, y, x].
+
+    (F, D, H, W) → (F, D).
+    """
+    return features.mean(dim=(-2, -1))
+
+
+def pairwise_smm_loss(source: torch.Tensor, target: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
+    """Loss between the frame-to-frame differences of two SMM sequences.
+
+    With Δ_ij = φ_j − φ_i (source) and Δ̃_ij = φ̃_j − φ̃_i (target), both (F, D):
+
+    kind="cosine" (the authors' code):
+        L = 1/F · Σ_i  1/(F−1) · Σ_{j≠i} (1 − cos(Δ̃_ij, Δ_ij))
+      The j = i term is left out: both differences are the zero vector there, where
+      the cosine is undefined (it would only add a constant).
+    kind="l2" (the paper's Eq. 3):
+        L = Σ_{i,j} ‖Δ_ij − Δ̃_ij‖²
+
+    Returns a scalar tensor, differentiable in `target`.
+    """
+    if source.shape != target.shape or source.ndim != 2:
+        raise ValueError(f"expected two (F, D) tensors of one shape, got {source.shape} and {target.shape}")
+    source_diffs = source[None, :, :] - source[:, None, :]  # [i, j] = φ_j − φ_i
+    target_diffs = target[None, :, :] - target[:, None, :]
+    if kind == "l2":
+        return ((source_diffs - target_diffs) ** 2).sum()
+    if kind != "cosine":
+        raise ValueError(f"unknown loss kind {kind!r}; use 'cosine' or 'l2'")
+    frames = source.shape[0]
+    cosine = functional.cosine_similarity(target_diffs, source_diffs, dim=-1, eps=1e-8)
+    off_diagonal = ~torch.eye(frames, dtype=torch.bool, device=source.device)
+    return (1 - cosine)[off_diagonal].mean()
+
+
+def lowpass(latent: torch.Tensor, factor: int = 4) -> torch.Tensor:
+    """LF(x): bilinear down-sampling by `factor` in H and W, then back up.
+
+    Both resizes use align_corners=True and antialias=True. (B, C, F, H, W) → same.
+    """
+    batch, channels, frames, height, width = latent.shape
+    planes = latent.permute(0, 2, 1, 3, 4).reshape(batch * frames, channels, height, width)
+    small = (max(1, height // factor), max(1, width // factor))
+    planes = functional.interpolate(planes.float(), size=small, mode="bilinear",
+                                    align_corners=True, antialias=True)
+    planes = functional.interpolate(planes, size=(height, width), mode="bilinear",
+                                    align_corners=True, antialias=True)
+    planes = planes.to(latent.dtype)
+    return planes.reshape(batch, frames, channels, height, width).permute(0, 2, 1, 3, 4)
+
+
+def lowfreq_init(latent: torch.Tensor, noise: torch.Tensor, factor: int = 4) -> torch.Tensor:
+    """Initial latent: x̃_T = LF(x) + (ε₀ − LF(ε₀)).
+
+    The low frequencies of the re-noised source latent `latent` (its coarse layout)
+    with the high frequencies of fresh noise `noise`. (B, C, F, H, W) → same.
+    """
+    return lowpass(latent, factor) + (noise - lowpass(noise, factor))
+
+
+def renoise_to_first_timestep(
+    source_latent: torch.Tensor, noisiest_latent: torch.Tensor, alpha_bar_noisiest: float,
+    alpha_bar_first: float,
+) -> torch.Tensor:
+    """Re-noise z₀ to the first sampling timestep with the noise inversion implies.
+
+    ε = (x_T − √ᾱ_T·z₀) / √(1 − ᾱ_T),   x = √ᾱ_t₀·z₀ + √(1 − ᾱ_t₀)·ε
+    """
+    noise = (noisiest_latent - alpha_bar_noisiest**0.5 * source_latent) / (1 - alpha_bar_noisiest) ** 0.5
+    return alpha_bar_first**0.5 * source_latent + (1 - alpha_bar_first) ** 0.5 * noise
+
+
+def restart_renoise(
+    latent: torch.Tensor, betas: torch.Tensor, t_next: int, count: int = 20,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Walk a latent back up `count` single DDPM steps from timestep t_next.
+
+    For k = t_next … t_next + count − 1:  x ← √(1 − β_k)·x + √β_k·n_k,  n_k ~ N(0, I)
+    (fresh noise each step, drawn from `generator` on its own device).
+    """
+    for k in range(t_next, t_next + count):
+        beta = float(betas[k])
+        device = generator.device if generator is not None else latent.device
+        noise = torch.randn(latent.shape, generator=generator, device=device, dtype=torch.float32)
+        latent = (1 - beta) ** 0.5 * latent + beta**0.5 * noise.to(latent.device, latent.dtype)
+    return latent

@@ -1,0 +1,123 @@
+"""DDIM inversion of a clip's latents, and the on-disk cache of what it yields.
+
+What a re-edit of the same clip needs is kept together as a `SourceState`: the
+source latent z₀, the inverted latents at the sampling timesteps, the noisiest
+inverted latent, and the source SMM features at the guided timesteps. It is cached
+as one safetensors file per key (no pickle), written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+CACHE_FORMAT = 1
+
+
+@dataclass
+class SourceState:
+    source_latent: torch.Tensor  # z₀, (1, C, F, h, w)
+    inverted: dict[int, torch.Tensor]  # sampling timestep → inverted x_t, (1, C, F, h, w)
+    noisiest_timestep: int
+    noisiest: torch.Tensor  # x_T at the last inversion timestep
+    features: dict[int, list[torch.Tensor]]  # guided timestep → SMM per tap, (F, D) each
+
+
+def ddim_invert(
+    step_eps: Callable[[torch.Tensor, int], torch.Tensor],
+    source_latent: torch.Tensor,
+    timesteps: Sequence[int],
+    alphas_cumprod: torch.Tensor,
+    final_alpha_cumprod: float,
+    on_step: Callable[[int, int], None] | None = None,
+) -> dict[int, torch.Tensor]:
+    """Deterministic DDIM inversion, as in the reference (and Plug-and-Play before it).
+
+    For ascending timesteps t_1 < t_2 < … with ᾱ_prev the previous step's ᾱ
+    (ᾱ_0 = `final_alpha_cumprod` before the first):
+        ε   = step_eps(x, t_i)
+        x̂₀  = (x − √(1 − ᾱ_prev)·ε) / √ᾱ_prev
+        x   ← √ᾱ_{t_i}·x̂₀ + √(1 − ᾱ_{t_i})·ε
+    Returns {t_i: x after step i} for every t_i (on the input's device and dtype).
+    """
+    latent = source_latent
+    alpha_prev = final_alpha_cumprod
+    out: dict[int, torch.Tensor] = {}
+    for index, timestep in enumerate(timesteps):
+        alpha = float(alphas_cumprod[timestep])
+        eps = step_eps(latent, timestep).float()
+        x0 = (latent.float() - (1 - alpha_prev) ** 0.5 * eps) / alpha_prev**0.5
+        latent = (alpha**0.5 * x0 + (1 - alpha) ** 0.5 * eps).to(source_latent.dtype)
+        out[timestep] = latent
+        alpha_prev = alpha
+        if on_step is not None:
+            on_step(index + 1, len(timesteps))
+    return out
+
+
+def cache_key(frames: np.ndarray, parts: dict) -> str:
+    """Hash of the model-input frames and every setting the cached state depends on."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"format": CACHE_FORMAT, **parts}, sort_keys=True).encode())
+    digest.update(str(frames.shape).encode())
+    digest.update(np.ascontiguousarray(frames).tobytes())
+    return digest.hexdigest()[:32]
+
+
+class InversionCache:
+    """One safetensors file per key under `folder`; `folder=None` disables caching."""
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = Path(folder) if folder is not None else None
+
+    def path(self, key: str) -> Path | None:
+        return None if self.folder is None else self.folder / f"inversion-{key}.safetensors"
+
+    def load(self, key: str, device: torch.device) -> SourceState | None:
+        path = self.path(key)
+        if path is None or not path.exists():
+            return None
+        try:
+            tensors = load_file(str(path), device=str(device))
+            noisiest_timestep = int(tensors.pop("noisiest_timestep").item())
+            state = SourceState(tensors.pop("source_latent"), {}, noisiest_timestep,
+                                tensors.pop("noisiest"), {})
+            for name, tensor in tensors.items():
+                kind, timestep, *rest = name.split(".")
+                if kind == "inverted":
+                    state.inverted[int(timestep)] = tensor
+                else:
+                    state.features.setdefault(int(timestep), {})[int(rest[0])] = tensor
+            state.features = {t: [taps[i] for i in sorted(taps)] for t, taps in state.features.items()}
+            return state
+        except Exception:  # a damaged cache file is a miss, never an error
+            path.unlink(missing_ok=True)
+            return None
+
+    def save(self, key: str, state: SourceState) -> None:
+        path = self.path(key)
+        if path is None:
+            return
+        tensors = {
+            "source_latent": state.source_latent,
+            "noisiest": state.noisiest,
+            "noisiest_timestep": torch.tensor(state.noisiest_timestep),
+        }
+        for timestep, latent in state.inverted.items():
+            tensors[f"inverted.{timestep}"] = latent
+        for timestep, taps in state.features.items():
+            for index, feature in enumerate(taps):
+                tensors[f"features.{timestep}.{index}"] = feature
+        tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        save_file(tensors, str(partial))
+        os.replace(partial, path)
