@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 
 from backend.errors import UnderstudyError
+from backend.metrics import DEFAULT_CLIP_MODEL
 from backend.settings import TransferSettings
+from backend.tracking import DEFAULT_GRID
 
 DEFAULT_MODEL = "cerspense/zeroscope_v2_576w"
 DEFAULT_CACHE = Path.home() / ".cache" / "understudy"
@@ -211,7 +213,50 @@ def command_tiny_model(args: argparse.Namespace) -> int:
 
 
 def command_demo(args: argparse.Namespace) -> int:
-    print("The demo will run a motion transfer on a generated clip once the engine lands.")
+    from backend.demo import run_demo
+
+    return run_demo(Path(args.output_dir))
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def check_cuda_device(device: str) -> None:
+    """'cuda' or 'cuda:N' must name a GPU this machine has (else one sentence, not a trace)."""
+    import torch
+
+    number = device.partition(":")[2]
+    index = 0 if not number else int(number) if number.isdigit() else -1
+    if not torch.cuda.is_available() or not 0 <= index < torch.cuda.device_count():
+        raise UnderstudyError(f"--device {device} is not a usable CUDA GPU on this machine; "
+                              f"drop --device or use --device cpu.")
+
+
+def command_evaluate(args: argparse.Namespace) -> int:
+    from backend.evaluate import evaluate_clips, format_table, save_picture
+    from backend.video import read_clip
+
+    picture = Path(args.picture) if args.picture else None
+    if picture is not None and picture.suffix.lower() != ".png":
+        raise UnderstudyError(f"The picture {picture} must end in .png.")
+    if args.device and args.device.startswith("cuda"):
+        check_cuda_device(args.device)
+    source, result = read_clip(args.source), read_clip(args.result)
+    clip_model = None if args.clip_model.lower() == "none" else args.clip_model
+    evaluation = evaluate_clips(source.frames, result.frames, args.prompt, clip_model=clip_model,
+                                tracker_checkpoint=args.tracker_checkpoint, grid=args.grid,
+                                device=args.device)
+    report = {"source": str(args.source), "result": str(args.result), **evaluation.report}
+    print(format_table(report))
+    if args.output:
+        output = Path(args.output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(report, indent=2))
+        print(f"Wrote {output}.")
+    if picture is not None:
+        save_picture(picture, evaluation.source, evaluation.result,
+                     evaluation.source_tracks.points, evaluation.result_tracks.points)
+        print(f"Wrote {picture}.")
     return 0
 
 
@@ -254,8 +299,27 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=command_tiny_model)
 
-    demo = commands.add_parser("demo", help="run the main job on a bundled example")
+    demo = commands.add_parser("demo", help="run the main job on a generated example clip")
+    demo.add_argument("--output-dir", default="demo_output")
     demo.set_defaults(func=command_demo)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="score a result against its source: motion fidelity and edit fidelity")
+    evaluate.add_argument("source", help="the source clip (video file or folder of frames)")
+    evaluate.add_argument("result", help="the edited clip (video file or folder of frames)")
+    evaluate.add_argument("--prompt", required=True, help="the target prompt the result was made with")
+    evaluate.add_argument("-o", "--output", help="write the JSON report here")
+    evaluate.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL,
+                          help="CLIP hub id or local folder for edit fidelity, or 'none' "
+                               "(default: %(default)s; offline only if cached)")
+    evaluate.add_argument("--tracker-checkpoint",
+                          help="CoTracker v3 offline checkpoint (scaled_offline.pth); "
+                               "default: OpenCV Lucas-Kanade tracks")
+    evaluate.add_argument("--grid", type=int, default=DEFAULT_GRID, help="grid×grid tracked points")
+    evaluate.add_argument("--picture", help="write a PNG of both clips with tracks drawn")
+    evaluate.add_argument("--device", default=None,
+                          help="for CLIP and CoTracker (default: cuda if available)")
+    evaluate.set_defaults(func=command_evaluate)
 
     from backend.server import DEFAULT_STATE_DIR
     from shared.protocol import DEFAULT_ADDRESS, DEFAULT_LIMITS

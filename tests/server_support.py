@@ -17,11 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from backend.video import encode_png
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, SMALL_SETTINGS
 
 START_TIMEOUT_S = 120  # model load included
-SMALL_SETTINGS = {"num_frames": 4, "width": 64, "height": 64, "steps": 3, "guided_steps": 1,
-                  "guidance_iterations": 1, "inversion_steps": 3}
 
 
 def settings(prompt: str = "a bear walking", **overrides) -> dict:

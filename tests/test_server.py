@@ -41,7 +41,8 @@ from tests.server_support import (
     wait_for_event,
 )
 
-LONG = {"steps": 1000, "guided_steps": 0}  # with the step delay: minutes, cancelled long before
+# With the step delay a job with these settings runs for minutes; tests cancel it long before.
+LONG = {"steps": 1000, "inversion_steps": 1000, "guided_steps": 0}
 LIMITS = ("--max-message-mb", "1", "--max-frames", "8", "--max-side", "256")
 
 
@@ -201,7 +202,7 @@ def test_cancel_a_queued_job_and_queue_limit(slow_server, connect):
 
 def test_client_disconnects_mid_job_and_fetches_later(slow_server, connect):
     first = connect(slow_server.address)
-    first.submit("orphan", settings(steps=20, guided_steps=0), clip_pngs(6))
+    first.submit("orphan", settings(steps=20, inversion_steps=20, guided_steps=0), clip_pngs(6))
     wait_for_event(first, "orphan", "progress")
     first.close()
     later = connect(slow_server.address)  # a new client id: no events, status and fetch only

@@ -1,0 +1,121 @@
+"""`python -m backend transfer` end to end, and every bad-input path, in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+
+from backend.video import write_video
+from tests.conftest import REPO_ROOT, SMALL_SETTINGS, moving_square_frames
+
+SMALL_FLAGS = [
+    "--frames", "4", "--width", "64", "--height", "64", "--steps", "3", "--guided-steps", "1",
+    "--iterations", "2", "--inversion-steps", "3",
+]
+assert len(SMALL_FLAGS) == 2 * len(SMALL_SETTINGS)
+
+
+def backend(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "backend", *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, env={**os.environ, **(env or {})})
+
+
+def assert_one_sentence_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_transfer_end_to_end_through_from_pretrained(tmp_path, clip_path, tiny_model_dir):
+    out = tmp_path / "out.mp4"
+    cache = tmp_path / "cache"
+    common = [str(clip_path), "--model", str(tiny_model_dir), "--seed", "1",
+              "--cache-dir", str(cache), *SMALL_FLAGS]
+    first = backend("transfer", *common, "--prompt", "a red car", "-o", str(out),
+                    "--frames-dir", str(tmp_path / "frames"))
+    assert first.returncode == 0, first.stderr
+    frames = iio.imread(out)
+    assert frames.shape == (4, 64, 64, 3)
+    assert len(list((tmp_path / "frames").glob("*.png"))) == 4
+    sidecar = json.loads((tmp_path / "out.json").read_text())
+    assert sidecar["seed"] == 1 and sidecar["model"] == str(tiny_model_dir)
+    assert sidecar["inversion_from_cache"] is False
+    assert sidecar["settings"]["prompt"] == "a red car"
+
+    second = backend("transfer", *common, "--prompt", "a blue train", "-o", str(tmp_path / "b.mp4"),
+                     "--match-length")
+    assert second.returncode == 0, second.stderr
+    assert json.loads((tmp_path / "b.json").read_text())["inversion_from_cache"] is True
+    assert iio.imread(tmp_path / "b.mp4").shape[0] == 8  # retimed to the clip's 8 frames
+
+
+def test_tiny_model_command_writes_diffusers_layout(tmp_path):
+    result = backend("tiny-model", str(tmp_path / "m"))
+    assert result.returncode == 0, result.stderr
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (tmp_path / "m" / part).is_dir()
+    assert (tmp_path / "m" / "model_index.json").exists()
+
+
+@pytest.mark.parametrize("make_clip, fragments", [
+    (lambda d: d / "missing.mp4", ["no clip at"]),
+    (lambda d: (d / "garbage.mp4").write_bytes(b"\x00garbage" * 50) and d / "garbage.mp4",
+     ["Could not read garbage.mp4"]),
+    (lambda d: (d / "notes.txt").write_text("hi") and d / "notes.txt", ["not a supported clip"]),
+    (lambda d: (d / "empty").mkdir() or d / "empty", ["no png or jpg frames"]),
+    (lambda d: write_video(moving_square_frames(2), d / "short.mp4") or d / "short.mp4",
+     ["has 2 frames but 4 are needed"]),
+])
+def test_bad_clips_end_in_one_sentence(tmp_path, make_clip, fragments):
+    clip = make_clip(tmp_path)
+    result = backend("transfer", str(clip), "--prompt", "x", "--model", "tiny", *SMALL_FLAGS,
+                     "-o", str(tmp_path / "o.mp4"), "--cache-dir", str(tmp_path / "c"))
+    assert_one_sentence_error(result, *fragments)
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_absurd_resolution_is_refused(tmp_path):
+    folder = tmp_path / "thin"
+    folder.mkdir()
+    for index in range(4):
+        iio.imwrite(folder / f"{index}.png", np.zeros((8, 300, 3), dtype=np.uint8))
+    result = backend("transfer", str(folder), "--prompt", "x", "--model", "tiny",
+                     "-o", str(tmp_path / "o.mp4"))
+    assert_one_sentence_error(result, "300×8")
+
+
+def test_bad_settings_and_outputs_end_in_one_sentence(tmp_path, clip_path):
+    result = backend("transfer", str(clip_path), "--prompt", "x", "--model", "tiny",
+                     "--width", "100", "-o", str(tmp_path / "o.mp4"))
+    assert_one_sentence_error(result, "multiple of 8")
+    result = backend("transfer", str(clip_path), "--prompt", "x", "--model", "tiny",
+                     "-o", str(tmp_path / "o.avi"))
+    assert_one_sentence_error(result, "must end in .mp4")
+
+
+def test_missing_weights_name_the_fetch_command(tmp_path, clip_path):
+    offline = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = backend("transfer", str(clip_path), "--prompt", "x", "--device", "cpu",
+                     "--model", "cerspense/zeroscope_v2_576w", "-o", str(tmp_path / "o.mp4"),
+                     env=offline)
+    assert_one_sentence_error(result, "hf download cerspense/zeroscope_v2_576w")
+    result = backend("transfer", str(clip_path), "--prompt", "x", "--model",
+                     str(tmp_path / "no-such-folder"), "-o", str(tmp_path / "o.mp4"))
+    assert_one_sentence_error(result, "no model folder")
+
+
+def test_cuda_on_a_machine_without_it_is_one_sentence(tmp_path, clip_path):
+    # CUDA_VISIBLE_DEVICES="" hides any GPU, so this holds on GPU machines too.
+    result = backend("transfer", str(clip_path), "--prompt", "x", "--model", "tiny",
+                     "--device", "cuda", "-o", str(tmp_path / "o.mp4"),
+                     env={"CUDA_VISIBLE_DEVICES": ""})
+    assert_one_sentence_error(result, "no usable CUDA GPU")
