@@ -383,6 +383,7 @@ class Server:
                         self._forward_worker_event(json.loads(events.recv()))
                 self._forget_silent_clients()
         finally:
+            log.info("Stopping; a running job goes back to the queue.")
             with self.work_ready:
                 self.work_ready.notify_all()
             worker.join(timeout=60)
@@ -665,7 +666,7 @@ class Server:
                     job = self.jobs[self.pending.popleft()]
                     self.running = job.job_id
                     job.state, job.attempts, job.started_at = protocol.RUNNING, job.attempts + 1, time.time()
-                    job.phase, job.step, job.total = "decode", 0, 0
+                    job.phase, job.step, job.total = "start", 0, 0
                     self.store.write_status(job)
                 notify({"type": "queue_changed"})
                 log.info("Running job %s (attempt %d).", job.job_id, job.attempts)
@@ -700,7 +701,7 @@ class Server:
                                           cancelled=cancelled)
             images = [encode_png(frame) for frame in result.frames]
             self.store.write_result(job.job_id, images, result.metadata)
-            progress("encode", len(images), len(images))
+            progress("save", len(images), len(images))
         except JobCancelled:
             if self.stopping.is_set() and not job.cancel_requested:
                 with self.lock:  # a clean stop: run it again after the restart
