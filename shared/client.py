@@ -25,8 +25,8 @@ from typing import Any
 
 import zmq
 
-from shared import protocol
-from shared.protocol import ProtocolError
+from . import protocol  # relative: the extension vendors this package under its own name
+from .protocol import ProtocolError
 
 # --------------------------------------------------------------------------- errors
 
