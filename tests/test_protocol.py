@@ -109,6 +109,21 @@ def test_shared_package_needs_only_stdlib_and_pyzmq():
                     assert name.split(".")[0] in allowed, f"{path} imports {name}"
 
 
+def test_shared_package_works_vendored_under_another_name(tmp_path):
+    """The Blender extension ships shared/ as <extension>.shared."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(REPO_ROOT / "shared", tmp_path / "addon" / "shared",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "addon" / "__init__.py").write_text("")
+    code = "import addon.shared.client as c, sys; assert 'shared' not in sys.modules; print(c.Client)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                            text=True, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+
+
 @pytest.mark.parametrize("address, loopback", [
     ("tcp://127.0.0.1:5555", True), ("tcp://127.0.0.2:*", True), ("tcp://localhost:1", True),
     ("tcp://[::1]:5555", True), ("ipc:///tmp/sock", True), ("tcp://0.0.0.0:5555", False),

@@ -25,6 +25,7 @@ from shared.client import (
     Client,
     ClientError,
     JobCancelledError,
+    JobFailed,
     JobNotReady,
     JobRejected,
     ProtocolMismatch,
@@ -205,6 +206,25 @@ def test_client_disconnects_mid_job_and_fetches_later(server, connect):
     later = connect(server.address)  # a new client id: no events, status and fetch only
     result = later.wait("orphan", timeout_s=WAIT_S)
     assert len(result.frames) == 4
+
+
+def test_a_job_the_engine_refuses_fails_clearly_and_the_server_goes_on(server, connect):
+    client = connect(server.address)
+    refused = settings(steps=2, inversion_steps=3)  # inversion must visit the sampling steps
+    try:
+        client.submit("refused", refused, clip_pngs(6))
+    except JobRejected as rejected:  # an engine that checks this at submit is fine too
+        assert rejected.code == "bad_settings"
+    else:
+        with pytest.raises(JobFailed) as caught:
+            client.wait("refused", timeout_s=WAIT_S)
+        assert caught.value.code == "bad_settings" and str(caught.value).endswith(".")
+        job = client.status("refused")
+        assert job["state"] == "failed" and job["error"]["code"] == "bad_settings"
+        with pytest.raises(JobFailed):
+            client.fetch("refused")
+    client.submit("after-refused", settings(), clip_pngs(6))
+    assert len(client.wait("after-refused", timeout_s=WAIT_S).frames) == 4
 
 
 def test_unknown_job(server, connect):
