@@ -256,27 +256,25 @@ def manifest_with_wheels(manifest_text: str, wheel_names: list[str]) -> str:
     return manifest_text.replace(MANIFEST_WHEELS_LINE, f"wheels = [{listed}]", 1)
 
 
-def vendored_source(text: str, package: str = "shared") -> str:
-    """A module's source with absolute imports of its own package made relative.
+def absolute_self_imports(source: Path, package: str = "shared") -> list[str]:
+    """Modules of a package that import it by its absolute name.
 
-    Inside the extension the package is `bl_ext.<repo>.understudy.shared`, so
-    `from shared import protocol` would not find it; `from . import protocol` does.
+    Inside the extension the package is `bl_ext.<repo>.understudy.shared`, so only
+    relative imports (`from . import protocol`) find it there.
     """
-    text = re.sub(rf"^(\s*)from {package}\.(\w+) import ", r"\1from .\2 import ", text,
-                  flags=re.MULTILINE)
-    return re.sub(rf"^(\s*)from {package} import ", r"\1from . import ", text, flags=re.MULTILINE)
+    pattern = re.compile(rf"^\s*(from|import) {package}\b", re.MULTILINE)
+    return [module.name for module in sorted(source.glob("*.py"))
+            if pattern.search(module.read_text())]
 
 
 def vendor_package(source: Path, target: Path) -> None:
-    """Copy a flat package's modules into the extension, imports made relative."""
-    target.mkdir(parents=True)
-    for module in sorted(source.glob("*.py")):
-        (target / module.name).write_text(vendored_source(module.read_text()))
-    leftover = [module.name for module in target.glob("*.py")
-                if re.search(r"^\s*import shared\b", module.read_text(), flags=re.MULTILINE)]
-    if leftover:
-        raise BuildError(f"shared/{leftover[0]} uses `import shared...`, which cannot work inside "
-                         f"the extension; write `from . import NAME` instead.")
+    """Copy the project's `shared/` package into the extension."""
+    absolute = absolute_self_imports(source)
+    if absolute:
+        raise BuildError(f"{source.name}/{absolute[0]} imports `{source.name}` by its absolute "
+                         f"name, which cannot work inside the extension; write "
+                         f"`from . import NAME` instead.")
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
 
 
 def stage_extension(stage: Path, wheels: list[Path]) -> None:

@@ -115,8 +115,8 @@ def command_transfer(args: argparse.Namespace) -> int:
     progress = ProgressBar()
     try:
         if args.server:
-            frames, metadata = transfer_on_server(args.server, args.keys, clip.frames, settings,
-                                                  progress)
+            frames, metadata = transfer_on_server(args.server, args.keys, args.timeout,
+                                                  clip.frames, settings, progress)
         else:
             from backend.engine import load_engine
 
@@ -134,8 +134,8 @@ def command_transfer(args: argparse.Namespace) -> int:
     return 0
 
 
-def transfer_on_server(address: str, keys: str | None, clip_frames, settings: TransferSettings,
-                       progress: ProgressBar):
+def transfer_on_server(address: str, keys: str | None, timeout_s: float, clip_frames,
+                       settings: TransferSettings, progress: ProgressBar):
     """Run one edit through a job server; returns (frames, sidecar) like a local run.
 
     The whole clip goes over as PNGs (the server samples and resizes, as the engine
@@ -147,7 +147,7 @@ def transfer_on_server(address: str, keys: str | None, clip_frames, settings: Tr
     from shared.client import Client, ClientError, load_client_keys
 
     try:
-        client = Client(address, **(load_client_keys(keys) if keys else {}))
+        client = Client(address, timeout_s=timeout_s, **(load_client_keys(keys) if keys else {}))
     except ClientError as error:
         raise UnderstudyError(str(error)) from None
     job_id = f"cli-{uuid.uuid4().hex[:16]}"
@@ -288,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="retime the result to the clip's frame count by holding frames")
     transfer.add_argument("--server", help="run on a backend server, e.g. tcp://127.0.0.1:5555")
     transfer.add_argument("--keys", help="folder with CURVE keys for --server")
+    transfer.add_argument("--timeout", type=float, default=10.0,
+                          help="seconds to wait for the --server to answer (default: %(default)s)")
     add_model_flags(transfer)
     add_settings_flags(transfer)
     transfer.set_defaults(func=command_transfer)
@@ -300,6 +302,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the main job on a generated example clip")
     demo.add_argument("--output-dir", default="demo_output")
     demo.set_defaults(func=command_demo)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="score a result against its source: motion fidelity and edit fidelity")
+    evaluate.add_argument("source", help="the source clip (video file or folder of frames)")
+    evaluate.add_argument("result", help="the edited clip (video file or folder of frames)")
+    evaluate.add_argument("--prompt", required=True, help="the target prompt the result was made with")
+    evaluate.add_argument("-o", "--output", help="write the JSON report here")
+    evaluate.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL,
+                          help="CLIP hub id or local folder for edit fidelity, or 'none' "
+                               "(default: %(default)s; offline only if cached)")
+    evaluate.add_argument("--tracker-checkpoint",
+                          help="CoTracker v3 offline checkpoint (scaled_offline.pth); "
+                               "default: OpenCV Lucas-Kanade tracks")
+    evaluate.add_argument("--grid", type=int, default=DEFAULT_GRID, help="grid×grid tracked points")
+    evaluate.add_argument("--picture", help="write a PNG of both clips with tracks drawn")
+    evaluate.add_argument("--device", default=None,
+                          help="for CLIP and CoTracker (default: cuda if available)")
+    evaluate.set_defaults(func=command_evaluate)
 
     from backend.server import DEFAULT_STATE_DIR
     from shared.protocol import DEFAULT_ADDRESS, DEFAULT_LIMITS
@@ -331,24 +351,6 @@ def build_parser() -> argparse.ArgumentParser:
     keys = commands.add_parser("keys", help="write CURVE key pairs for the server and a client")
     keys.add_argument("dir")
     keys.set_defaults(func=command_keys)
-
-    evaluate = commands.add_parser(
-        "evaluate", help="score a result against its source: motion fidelity and edit fidelity")
-    evaluate.add_argument("source", help="the source clip (video file or folder of frames)")
-    evaluate.add_argument("result", help="the edited clip (video file or folder of frames)")
-    evaluate.add_argument("--prompt", required=True, help="the target prompt the result was made with")
-    evaluate.add_argument("-o", "--output", help="write the JSON report here")
-    evaluate.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL,
-                          help="CLIP hub id or local folder for edit fidelity, or 'none' "
-                               "(default: %(default)s; offline only if cached)")
-    evaluate.add_argument("--tracker-checkpoint",
-                          help="CoTracker v3 offline checkpoint (scaled_offline.pth); "
-                               "default: OpenCV Lucas-Kanade tracks")
-    evaluate.add_argument("--grid", type=int, default=DEFAULT_GRID, help="grid×grid tracked points")
-    evaluate.add_argument("--picture", help="write a PNG of both clips with tracks drawn")
-    evaluate.add_argument("--device", default=None,
-                          help="for CLIP and CoTracker (default: cuda if available)")
-    evaluate.set_defaults(func=command_evaluate)
     return parser
 
 

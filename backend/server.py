@@ -383,6 +383,7 @@ class Server:
                         self._forward_worker_event(json.loads(events.recv()))
                 self._forget_silent_clients()
         finally:
+            log.info("Stopping; a running job goes back to the queue.")
             with self.work_ready:
                 self.work_ready.notify_all()
             worker.join(timeout=60)
@@ -665,7 +666,7 @@ class Server:
                     job = self.jobs[self.pending.popleft()]
                     self.running = job.job_id
                     job.state, job.attempts, job.started_at = protocol.RUNNING, job.attempts + 1, time.time()
-                    job.phase, job.step, job.total = "decode", 0, 0
+                    job.phase, job.step, job.total = "start", 0, 0
                     self.store.write_status(job)
                 notify({"type": "queue_changed"})
                 log.info("Running job %s (attempt %d).", job.job_id, job.attempts)
@@ -679,12 +680,12 @@ class Server:
     def _run_job(self, job: Job, notify) -> None:
         """Run one job on the engine and record how it ended (worker thread)."""
         from backend.settings import TransferSettings
-        from backend.video import decode_pngs, encode_png
+        from backend.video import check_frames, decode_pngs, encode_png
 
         def progress(phase: str, step: int, total: int) -> None:
             job.phase, job.step, job.total = phase, step, total
             notify({"type": protocol.PROGRESS, "job_id": job.job_id, "phase": phase,
-                    "step": step, "total": total})
+                    "step": step, "total": total, "attempt": job.attempts})
             if self.config.test_step_delay_s:
                 time.sleep(self.config.test_step_delay_s)
 
@@ -693,13 +694,14 @@ class Server:
 
         try:
             request = self.store.read_request(job.job_id)
-            frames = decode_pngs(self.store.read_inputs(job.job_id), f"job {job.job_id}")
+            source = f"the clip of job {job.job_id}"
+            frames = check_frames(decode_pngs(self.store.read_inputs(job.job_id), source), source)
             settings = TransferSettings.from_dict(request["settings"])
             result = self.engine.transfer(frames, settings, progress=progress,
                                           cancelled=cancelled)
-            progress("encode", 0, len(result.frames))
             images = [encode_png(frame) for frame in result.frames]
             self.store.write_result(job.job_id, images, result.metadata)
+            progress("save", len(images), len(images))
         except JobCancelled:
             if self.stopping.is_set() and not job.cancel_requested:
                 with self.lock:  # a clean stop: run it again after the restart

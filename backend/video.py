@@ -214,7 +214,8 @@ def encode_png(frame: np.ndarray) -> bytes:
 
 
 def decode_pngs(images: list[bytes], source: str = "the frames") -> np.ndarray:
-    """PNG bytes (all one size) → (F, H, W, 3) uint8; BadClipError for anything unreadable."""
+    """PNG bytes (all one size) → (F, H, W, 3) uint8 RGB; BadClipError for anything
+    unreadable. Use check_frames on it when it is a clip to edit."""
     import io
 
     frames = []
@@ -228,6 +229,8 @@ def decode_pngs(images: list[bytes], source: str = "the frames") -> np.ndarray:
             raise BadClipError(
                 f"Frame {index} of {source} is not a readable PNG ({type(error).__name__}); "
                 "send PNG-encoded frames.") from None
+    if not frames:
+        raise BadClipError(f"{source} has no frames; send at least one.")
     if len({frame.shape for frame in frames}) > 1:
         raise BadClipError(f"The frames of {source} differ in size; send frames of one size.")
-    return check_frames(np.stack(frames) if frames else [], source)
+    return np.stack(frames)

@@ -25,8 +25,8 @@ from typing import Any
 
 import zmq
 
-from shared import protocol
-from shared.protocol import ProtocolError
+from . import protocol  # relative: the extension vendors this package under its own name
+from .protocol import ProtocolError
 
 # --------------------------------------------------------------------------- errors
 
@@ -283,6 +283,7 @@ class Client:
             if remaining <= 0:
                 break
             self._receive(min(remaining, SLICE_S))
+            self._heartbeat_if_due()
         while self._receive(0):  # everything else already here
             pass
         if not self._events:
@@ -457,9 +458,9 @@ class Client:
         try:
             self._socket.send_multipart(
                 protocol.encode({"type": protocol.HEARTBEAT, "req": req}), flags=zmq.NOBLOCK)
+            self._last_sent = time.monotonic()
         except zmq.Again:
-            pass  # not connected: the liveness check reports it
-        self._last_sent = time.monotonic()
+            pass  # not connected: try again next time; the liveness check reports it
 
     def _check_alive(self, silence_s: float) -> None:
         silent = time.monotonic() - self._last_heard

@@ -227,10 +227,16 @@ def test_snapshot_restores_the_oldest_value_of_an_attribute_set_twice():
 # --------------------------------------------------------------------------- packaging helpers
 
 
-def test_vendored_shared_imports_become_relative():
-    source = "import zmq\nfrom shared import protocol\nfrom shared.protocol import X, Y\n"
-    assert build.vendored_source(source) == \
-        "import zmq\nfrom . import protocol\nfrom .protocol import X, Y\n"
+def test_vendored_package_must_import_itself_relatively(tmp_path):
+    package = tmp_path / "shared"
+    package.mkdir()
+    (package / "good.py").write_text("import zmq\nfrom . import protocol\n")
+    assert build.absolute_self_imports(package) == []
+    (package / "bad.py").write_text("from shared.protocol import X\n")
+    assert build.absolute_self_imports(package) == ["bad.py"]
+    with pytest.raises(build.BuildError, match="from . import NAME"):
+        build.vendor_package(package, tmp_path / "copy")
+    assert build.absolute_self_imports(REPO_ROOT / "shared") == []
 
 
 def test_manifest_lists_the_wheels():
