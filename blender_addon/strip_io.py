@@ -50,9 +50,7 @@ def strip_span(strip) -> plan.Span:
 
 def strip_is_hidden(scene, strip) -> bool:
     """True when the strip or its channel is muted, so a render would not show it."""
-    channels = getattr(scene.sequence_editor, "channels", None)
-    channel_muted = channels is not None and channels[strip.channel].mute
-    return bool(strip.mute or channel_muted)
+    return bool(strip.mute or scene.sequence_editor.channels[strip.channel].mute)
 
 
 def effect_inputs(strip) -> list:

@@ -197,9 +197,13 @@ def test_curve_keys_right_and_wrong(extension_zip, tmp_path):
                              "address": secure.address, "timeout_s": 3.0,
                              "server_key_file": str(keys / "server.key"),
                              "client_key_file": str(stranger / "client.key_secret")}, tmp_path)
+        keyless = run_blender({"scenario": "test_connection", "zip": extension_zip,
+                               "address": secure.address, "timeout_s": 3.0}, tmp_path)
     finally:
         secure.stop()
     assert good["outcome"]["ok"] and good["report"].startswith("Connected: model tiny")
     assert not wrong["outcome"]["ok"]
-    assert "Traceback" not in wrong["report"] and wrong["report"].endswith(".")
-    assert "key" in wrong["report"].lower()
+    assert "does not accept this client's key" in wrong["report"]
+    assert not keyless["outcome"]["ok"] and "CURVE keys" in keyless["report"]
+    for report in (wrong["report"], keyless["report"]):
+        assert "Traceback" not in report and report.endswith(".") and "\n" not in report
