@@ -21,11 +21,11 @@ class UNDERSTUDY_OT_transfer(bpy.types.Operator):
 
     bl_idname = "understudy.transfer"
     bl_label = "Transfer Motion"
-    bl_options = {"REGISTER"}
 
-    prompt: StringProperty(name="Prompt", default="",
+    # SKIP_SAVE: Blender would otherwise reuse a script's prompt for the next button press.
+    prompt: StringProperty(name="Prompt", default="", options={"SKIP_SAVE"},
                            description="What the subject should become (default: the panel's)")
-    wait: BoolProperty(name="Wait in background mode", default=True,
+    wait: BoolProperty(name="Wait in background mode", default=True, options={"SKIP_SAVE"},
                        description="Background mode only: block until the result is in the "
                                    "timeline (the interface never blocks)")
 
@@ -74,7 +74,7 @@ class UNDERSTUDY_OT_cancel(bpy.types.Operator):
     bl_idname = "understudy.cancel"
     bl_label = "Cancel"
 
-    job_id: StringProperty(name="Job", default="")
+    job_id: StringProperty(name="Job", default="", options={"SKIP_SAVE"})
 
     def execute(self, context):
         try:
@@ -93,7 +93,7 @@ class UNDERSTUDY_OT_collect(bpy.types.Operator):
     bl_idname = "understudy.collect"
     bl_label = "Collect Results"
 
-    wait: BoolProperty(name="Wait in background mode", default=True,
+    wait: BoolProperty(name="Wait in background mode", default=True, options={"SKIP_SAVE"},
                        description="Background mode only: block until every job has ended")
 
     def execute(self, context):

@@ -218,7 +218,8 @@ def job_update(event: dict) -> tuple[dict, bool]:
     if kind in ("cancelled", "canceled"):
         return {"status": "cancelled", "message": "Cancelled."}, False
     if kind in ("progress", "running", "queued", "submitted"):
-        update: dict = {"status": "running" if kind != "queued" else "submitted"}
+        waiting = kind == "queued" or event.get("phase") == "queued"
+        update: dict = {"status": "submitted" if waiting else "running"}
         if event.get("phase"):
             update["phase"] = str(event["phase"])
         percent = percent_from_event(event)

@@ -175,6 +175,8 @@ def test_failed_status_carries_the_servers_sentence():
 def test_cancelled_queued_and_unknown_updates():
     assert plan.job_update({"type": "cancelled"})[0]["status"] == "cancelled"
     assert plan.job_update({"state": "queued"})[0] == {"status": "submitted"}
+    queued = plan.job_update({"type": "progress", "phase": "queued", "step": 0, "total": 1})[0]
+    assert queued["status"] == "submitted"
     assert plan.job_update({"type": "something-new"}) == ({}, False)
     assert plan.progress_text("submitted", "", 0) == "queued"
 
