@@ -1,13 +1,12 @@
-"""Helpers for the Blender tests: the built zip, a real server process, bpy subprocesses."""
+"""Helpers for the Blender tests: the built zip, a small clip, bpy subprocesses.
+(Server processes come from tests/server_support.py.)"""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +15,6 @@ from tests.conftest import REPO_ROOT
 
 SCENARIOS = REPO_ROOT / "tests" / "blender_scenarios.py"
 BLENDER_TIMEOUT_S = 240
-SERVER_START_TIMEOUT_S = 120
-READY_LINE = re.compile(r"Understudy server ready on (\S+)")
 
 
 def build_extension(output_dir: Path) -> Path:
@@ -57,37 +54,3 @@ def run_blender(args: dict, tmp_path: Path, timeout_s: float = BLENDER_TIMEOUT_S
     raise AssertionError(f"Blender scenario {args['scenario']} printed no result "
                          f"(exit {process.returncode}):\n{process.stdout[-3000:]}\n"
                          f"{process.stderr[-3000:]}")
-
-
-class ServerProcess:
-    """`python -m backend serve --model tiny` on a free loopback port, stopped on exit."""
-
-    def __init__(self, state_dir: Path, *extra: str) -> None:
-        command = [sys.executable, "-m", "backend", "serve", "--model", "tiny", "--device", "cpu",
-                   "--bind", "tcp://127.0.0.1:*", "--state-dir", str(state_dir),
-                   "--cache-dir", str(state_dir / "cache"), *extra]
-        self.process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True,
-                                        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
-        self.lines: list[str] = []
-        found = threading.Event()
-        self.address = ""
-
-        def read() -> None:
-            for line in self.process.stdout:
-                self.lines.append(line)
-                match = READY_LINE.search(line)
-                if match and not found.is_set():
-                    self.address = match.group(1).rstrip(".")
-                    found.set()
-            found.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not found.wait(SERVER_START_TIMEOUT_S) or not self.address:
-            self.stop()
-            raise AssertionError("The server did not start:\n" + "".join(self.lines[-40:]))
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=30)

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from shared.client import Client
-from tests.blender_support import ServerProcess, build_extension, make_clip, run_blender
+from tests.blender_support import build_extension, make_clip, run_blender
 from tests.conftest import REPO_ROOT
+from tests.server_support import ServerProcess
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def clip(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    process = ServerProcess(tmp_path_factory.mktemp("server"))
+    process = ServerProcess(tmp_path_factory.mktemp("server") / "state").start()
     yield process
     process.stop()
 
@@ -35,7 +36,8 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def slow_server(tmp_path_factory):
     """Sleeps at every step, so a job is still running when the test cancels it."""
-    process = ServerProcess(tmp_path_factory.mktemp("slow-server"), "--test-step-delay", "0.5")
+    process = ServerProcess(tmp_path_factory.mktemp("slow-server") / "state",
+                            "--test-step-delay", "0.5").start()
     yield process
     process.stop()
 
@@ -187,7 +189,7 @@ def test_curve_keys_right_and_wrong(extension_zip, tmp_path):
     for folder in (keys, stranger):
         subprocess.run([sys.executable, "-m", "backend", "keys", str(folder)], cwd=REPO_ROOT,
                        check=True, capture_output=True)
-    secure = ServerProcess(tmp_path / "secure-server", "--keys", str(keys))
+    secure = ServerProcess(tmp_path / "secure-server", "--keys", str(keys)).start()
     try:
         good = run_blender({"scenario": "test_connection", "zip": extension_zip,
                             "address": secure.address,
