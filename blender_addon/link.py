@@ -70,7 +70,7 @@ def forget(config: ServerConfig) -> None:
     if client is not None:
         try:
             client.close()
-        except Exception:  # noqa: BLE001 - closing a broken socket must not raise further
+        except Exception:  # closing a broken socket must not raise further
             pass
 
 

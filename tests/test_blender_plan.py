@@ -4,6 +4,8 @@ paths, retiming, settings, job updates, the settings snapshot, and the packaging
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import re
 import sys
 from types import SimpleNamespace
@@ -283,3 +285,25 @@ def test_demo_contact_sheet_puts_source_above_result():
     sheet = contact_sheet(source, result, columns=4, thumb_width=16)
     assert sheet.shape == (16, 64, 3)
     assert sheet[:8].max() == 0 and sheet[8:].min() == 255
+
+
+def test_wheel_download_failure_is_one_clear_sentence(tmp_path, monkeypatch):
+    # No index at all, as when PyPI cannot be reached: the build stops with a sentence.
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    with pytest.raises(build.BuildError, match="Could not download the pyzmq .* check the network"):
+        build.cached_wheels(sys.executable, "27.3.0", cache=tmp_path)
+    assert not list(tmp_path.glob("*.whl"))
+
+
+def test_cached_wheels_need_no_network(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    index = {}
+    for platform in build.WHEEL_PLATFORMS:
+        name = f"pyzmq-27.3.0-cp311-cp311-{platform}.whl"
+        (tmp_path / name).write_bytes(b"wheel")
+        index[f"pyzmq==27.3.0 {platform}"] = name
+    (tmp_path / build.WHEEL_INDEX_NAME).write_text(json.dumps(index))
+    wheels = build.cached_wheels(sys.executable, "27.3.0", cache=tmp_path)
+    assert set(wheels) == set(build.WHEEL_PLATFORMS)
