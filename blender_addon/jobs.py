@@ -27,7 +27,9 @@ def start(context, prompt: str = ""):
     scene = compat.sequencer_scene(context)
     strip = strip_io.source_strip(scene)
     prefs = props.preferences(context)
-    settings = plan.transfer_settings(scene.understudy.values(prompt), strip.frame_final_duration)
+    values = scene.understudy.values(prompt)
+    span = strip_io.strip_span(strip)
+    plan.transfer_settings(values, span.length)  # a bad prompt fails before any network
     config = prefs.server_config()
     try:
         client = link.client_for(config)
@@ -35,16 +37,17 @@ def start(context, prompt: str = ""):
     except plan.UserError:
         link.forget(config)
         raise
-    span = strip_io.strip_span(strip)
     max_frames = int(prefs.max_frames)
     server_max = (hello.get("limits") or {}).get("max_frames")
     if isinstance(server_max, int) and server_max >= 2:
         max_frames = min(max_frames, server_max)
+    to_render = plan.frames_to_render(span, max_frames)
+    settings = plan.transfer_settings(values, span.length, len(to_render))
     job_id = plan.new_job_id()
     with tempfile.TemporaryDirectory(prefix="understudy-render-") as folder:
         try:
-            paths = strip_io.render_frames(scene, strip, plan.frames_to_render(span, max_frames),
-                                           folder, int(prefs.max_render_size))
+            paths = strip_io.render_frames(scene, strip, to_render, folder,
+                                           int(prefs.max_render_size))
         except RuntimeError as error:  # bpy.ops.render.render's own failure
             raise plan.UserError(f"Blender could not render {strip.name!r} ({error}); check "
                                  f"that the strip plays in the preview.") from error

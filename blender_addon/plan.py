@@ -147,11 +147,12 @@ def frame_file_names(count: int) -> list[str]:
     return [FRAME_PATTERN.format(i + 1) for i in range(count)]
 
 
-def transfer_settings(values: dict, output_frames: int) -> dict:
+def transfer_settings(values: dict, output_frames: int, frames_sent: int | None = None) -> dict:
     """The settings dict sent to the server: the panel's values plus the output length.
 
     Empty optional text and a random seed are left out so the server's defaults apply
-    (it picks and records a seed).
+    (it picks and records a seed). A strip shorter than the model's frame count gives
+    the model all its frames rather than failing.
     """
     settings = {key: value for key, value in values.items() if value is not None}
     for optional_text in ("source_prompt", "negative_prompt"):
@@ -160,6 +161,8 @@ def transfer_settings(values: dict, output_frames: int) -> dict:
     if not settings.get("prompt", "").strip():
         raise UserError("The prompt is empty; type what the subject should become.")
     settings["output_frames"] = output_frames
+    if frames_sent is not None and settings.get("num_frames", frames_sent) > frames_sent:
+        settings["num_frames"] = frames_sent
     return settings
 
 

@@ -143,6 +143,12 @@ def test_settings_sent_are_valid_backend_settings():
     assert parsed.output_frames == 23 and parsed.seed is None
 
 
+def test_short_strips_give_the_model_all_their_frames():
+    values = {"prompt": "a fox", "num_frames": 24}
+    assert plan.transfer_settings(values, 10, frames_sent=10)["num_frames"] == 10
+    assert plan.transfer_settings(values, 100, frames_sent=100)["num_frames"] == 24
+
+
 def test_empty_prompt_is_a_user_error():
     with pytest.raises(UserError, match="prompt is empty"):
         plan.transfer_settings({"prompt": "  "}, 10)
