@@ -406,7 +406,7 @@ class Server:
                 return
             routing_id = frames[0].bytes
             owner = _user_id(frames[1]) if len(frames) > 1 and self.authenticator else None
-            self.clients[routing_id.decode("ascii", "replace")] = time.monotonic()
+            self.clients[client_name(routing_id)] = time.monotonic()
             self._handle(routing_id, owner, [frame.bytes for frame in frames[1:]])
 
     def _handle(self, routing_id: bytes, owner: str | None, frames: list[bytes]) -> None:
@@ -430,7 +430,7 @@ class Server:
     def _dispatch(self, routing_id: bytes, owner: str | None, header: dict[str, Any],
                   payload: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
         kind = header["type"]
-        client = routing_id.decode("ascii", "replace")
+        client = client_name(routing_id)
         if kind == protocol.HEARTBEAT:
             return {"type": protocol.HEARTBEAT, "queue_length": self._queue_length(),
                     "time": time.time()}, []
@@ -619,7 +619,7 @@ class Server:
 
     def _send_event(self, job: Job, header: dict[str, Any]) -> None:
         if job.client in self.clients:
-            self._send(job.client.encode("ascii"), header)
+            self._send(routing_id_of(job.client), header)
 
     def _send_queue_positions(self) -> None:
         """Tell each queued job's client where it now stands."""
@@ -732,6 +732,15 @@ class Server:
             self._finish(job, protocol.FAILED, {"code": code, "message": message})
         notify(protocol.error_header(code, message, job_id=job.job_id))
         log.info("Job %s failed: %s", job.job_id, message)
+
+
+def client_name(routing_id: bytes) -> str:
+    """A routing id as text for job records (latin-1: any bytes, round trip exact)."""
+    return routing_id.decode("latin-1")
+
+
+def routing_id_of(client: str) -> bytes:
+    return client.encode("latin-1")
 
 
 def _user_id(frame: zmq.Frame) -> str | None:
