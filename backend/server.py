@@ -761,6 +761,9 @@ def serve(config: ServerConfig, model: str, device: str | None = None, dtype: st
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     check_bind_allowed(config.bind, config.keys_dir, config.insecure)
+    if config.keys_dir is None and not is_loopback(config.bind):
+        log.warning("Serving %s without encryption (--insecure): anyone who can reach it can "
+                    "submit jobs and read results.", config.bind)
     engine = load_engine(model, device=device, dtype=dtype, cache_dir=cache_dir)
     server = Server(config, engine)
     server.recover()
