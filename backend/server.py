@@ -406,7 +406,7 @@ class Server:
                 return
             routing_id = frames[0].bytes
             owner = _user_id(frames[1]) if len(frames) > 1 and self.authenticator else None
-            self.clients[routing_id.decode("ascii", "replace")] = time.monotonic()
+            self.clients[client_name(routing_id)] = time.monotonic()
             self._handle(routing_id, owner, [frame.bytes for frame in frames[1:]])
 
     def _handle(self, routing_id: bytes, owner: str | None, frames: list[bytes]) -> None:
@@ -430,7 +430,7 @@ class Server:
     def _dispatch(self, routing_id: bytes, owner: str | None, header: dict[str, Any],
                   payload: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
         kind = header["type"]
-        client = routing_id.decode("ascii", "replace")
+        client = client_name(routing_id)
         if kind == protocol.HEARTBEAT:
             return {"type": protocol.HEARTBEAT, "queue_length": self._queue_length(),
                     "time": time.time()}, []
@@ -619,7 +619,7 @@ class Server:
 
     def _send_event(self, job: Job, header: dict[str, Any]) -> None:
         if job.client in self.clients:
-            self._send(job.client.encode("ascii"), header)
+            self._send(routing_id_of(job.client), header)
 
     def _send_queue_positions(self) -> None:
         """Tell each queued job's client where it now stands."""
@@ -734,6 +734,15 @@ class Server:
         log.info("Job %s failed: %s", job.job_id, message)
 
 
+def client_name(routing_id: bytes) -> str:
+    """A routing id as text for job records (latin-1: any bytes, round trip exact)."""
+    return routing_id.decode("latin-1")
+
+
+def routing_id_of(client: str) -> bytes:
+    return client.encode("latin-1")
+
+
 def _user_id(frame: zmq.Frame) -> str | None:
     """The CURVE client's public key (z85), as set by the authenticator."""
     try:
@@ -752,6 +761,9 @@ def serve(config: ServerConfig, model: str, device: str | None = None, dtype: st
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     check_bind_allowed(config.bind, config.keys_dir, config.insecure)
+    if config.keys_dir is None and not is_loopback(config.bind):
+        log.warning("Serving %s without encryption (--insecure): anyone who can reach it can "
+                    "submit jobs and read results.", config.bind)
     engine = load_engine(model, device=device, dtype=dtype, cache_dir=cache_dir)
     server = Server(config, engine)
     server.recover()
