@@ -48,7 +48,8 @@ from backend.settings import TransferSettings
 from backend.video import resize_frames, retime_frames, sample_indices
 
 ProgressCallback = Callable[[str, int, int], None]
-"""progress(phase, step, total); phases in order: "encode", "invert", "sample", "decode"."""
+"""progress(phase, step, total); phases in order: "encode", "invert", "features", "sample",
+"decode" ("encode", "invert" and "features" are skipped when the inversion is cached)."""
 
 CancelCheck = Callable[[], bool]
 """Returns True when the caller wants the edit stopped; checked between steps."""
@@ -196,9 +197,11 @@ class Engine:
             features={},
         )
         if procedure.cache_source_features:
+            guided = sampling[: settings.guided_steps]
             with torch.no_grad():
-                for timestep in sampling[: settings.guided_steps]:
+                for index, timestep in enumerate(guided):
                     state.features[timestep] = self._source_features(state, timestep, source_embedding)
+                    report("features", index + 1, len(guided))
         if procedure.use_cache:
             self.cache.save(key, state)
         return state, False
@@ -236,6 +239,7 @@ class Engine:
         fresh_noise = torch.randn(start.shape, generator=generator).to(c.device)
         latent = lowfreq_init(start, fresh_noise, settings.lowfreq_factor)
 
+        report("sample", 0, len(timesteps))
         for index, timestep in enumerate(timesteps):
             report.check()
             if index < settings.guided_steps:

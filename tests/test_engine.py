@@ -127,16 +127,16 @@ def test_progress_phases_in_order_and_cancel_between_steps(engine):
     events = []
     engine.transfer(frames, small(prompt="a cow", seed=1), progress=lambda *e: events.append(e))
     phases = list(dict.fromkeys(phase for phase, _, _ in events))
-    assert phases == ["encode", "invert", "sample", "decode"]
+    assert phases == ["encode", "invert", "features", "sample", "decode"]
     assert ("sample", 3, 3) in events
 
     seen = []
-    def cancel_after_first_sampling_step():
+    def cancel_once_sampling_starts():
         return any(e[0] == "sample" for e in seen)
     with pytest.raises(JobCancelled):
         engine.transfer(frames, small(prompt="a goat", seed=1), progress=lambda *e: seen.append(e),
-                        cancelled=cancel_after_first_sampling_step)
-    assert [e for e in seen if e[0] == "sample"] == [("sample", 1, 3)]
+                        cancelled=cancel_once_sampling_starts)
+    assert [e for e in seen if e[0] == "sample"] == [("sample", 0, 3)]
 
 
 def test_reference_procedure_matches_with_full_passes(engine):
