@@ -102,7 +102,6 @@ class ProgressBar:
 
 
 def command_transfer(args: argparse.Namespace) -> int:
-    from backend.engine import load_engine
     from backend.video import read_clip
 
     clip = read_clip(args.clip)
@@ -111,20 +110,91 @@ def command_transfer(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.suffix.lower() != ".mp4":
         raise UnderstudyError(f"The output {output} must end in .mp4.")
+    if args.keys and not args.server:
+        raise UnderstudyError("--keys only makes sense with --server; add --server tcp://HOST:PORT.")
     progress = ProgressBar()
     try:
         if args.server:
-            raise UnderstudyError("Remote jobs (--server) are not available yet.")
-        engine = load_engine(args.model, device=args.device, dtype=args.dtype,
-                             cache_dir=Path(args.cache_dir))
-        result = engine.transfer(clip.frames, settings, progress=progress)
+            frames, metadata = transfer_on_server(args.server, args.keys, args.timeout,
+                                                  clip.frames, settings, progress)
+        else:
+            from backend.engine import load_engine
+
+            engine = load_engine(args.model, device=args.device, dtype=args.dtype,
+                                 cache_dir=Path(args.cache_dir))
+            result = engine.transfer(clip.frames, settings, progress=progress)
+            frames, metadata = result.frames, result.metadata
     finally:
         progress.close()
     fps = clip.fps if args.match_length else clip.fps * settings.num_frames / len(clip.frames)
-    write_outputs(result.frames, result.metadata, output, fps,
+    write_outputs(frames, metadata, output, fps,
                   Path(args.frames_dir) if args.frames_dir else None)
-    print(f"Wrote {output} ({len(result.frames)} frames) and {sidecar_path(output)}; "
-          f"seed {result.metadata.get('seed')}.")
+    print(f"Wrote {output} ({len(frames)} frames) and {sidecar_path(output)}; "
+          f"seed {metadata.get('seed')}.")
+    return 0
+
+
+def transfer_on_server(address: str, keys: str | None, timeout_s: float, clip_frames,
+                       settings: TransferSettings, progress: ProgressBar):
+    """Run one edit through a job server; returns (frames, sidecar) like a local run.
+
+    The whole clip goes over as PNGs (the server samples and resizes, as the engine
+    does locally). Ctrl-C cancels the job on the server.
+    """
+    import uuid
+
+    from backend.video import decode_pngs, encode_png
+    from shared.client import Client, ClientError, load_client_keys
+
+    try:
+        client = Client(address, timeout_s=timeout_s, **(load_client_keys(keys) if keys else {}))
+    except ClientError as error:
+        raise UnderstudyError(str(error)) from None
+    job_id = f"cli-{uuid.uuid4().hex[:16]}"
+    try:
+        info = client.hello()
+        print(f"Server {address}: model {info.get('model')} on {info.get('device')}, "
+              f"{info.get('queue_length')} jobs ahead.", file=sys.stderr)
+        client.submit(job_id, settings.to_dict(), [encode_png(frame) for frame in clip_frames])
+        try:
+            result = client.wait(job_id, progress=lambda event: progress(
+                event["phase"], event["step"], event["total"]))
+        except KeyboardInterrupt:
+            client.cancel(job_id)
+            raise
+        return decode_pngs(result.frames, f"the result of job {job_id}"), result.sidecar
+    except ClientError as error:
+        raise UnderstudyError(str(error)) from None
+    finally:
+        client.close()
+
+
+# --------------------------------------------------------------------------- server
+
+
+def command_serve(args: argparse.Namespace) -> int:
+    from backend.server import ServerConfig, serve
+    from shared.protocol import DEFAULT_LIMITS
+
+    limits = dict(DEFAULT_LIMITS)
+    limits.update(max_message_bytes=int(args.max_message_mb * 2**20), max_frames=args.max_frames,
+                  max_side=args.max_side, max_queue=args.max_queue)
+    config = ServerConfig(bind=args.bind, state_dir=Path(args.state_dir),
+                          keys_dir=Path(args.keys) if args.keys else None,
+                          insecure=args.insecure, limits=limits, keep_hours=args.keep_hours,
+                          keep_jobs=args.keep_jobs, test_step_delay_s=args.test_step_delay)
+    serve(config, args.model, device=args.device, dtype=args.dtype,
+          cache_dir=Path(args.cache_dir))
+    return 0
+
+
+def command_keys(args: argparse.Namespace) -> int:
+    from backend.server import write_keys
+
+    paths = write_keys(Path(args.dir))
+    print("Wrote " + ", ".join(str(path) for path in paths) + ".")
+    print(f"Server: `python -m backend serve --keys {args.dir}`. Client machines need "
+          f"{Path(args.dir) / 'server.key'} and {Path(args.dir) / 'client.key_secret'}.")
     return 0
 
 
@@ -227,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="retime the result to the clip's frame count by holding frames")
     transfer.add_argument("--server", help="run on a backend server, e.g. tcp://127.0.0.1:5555")
     transfer.add_argument("--keys", help="folder with CURVE keys for --server")
+    transfer.add_argument("--timeout", type=float, default=10.0,
+                          help="seconds to wait for the --server to answer (default: %(default)s)")
     add_model_flags(transfer)
     add_settings_flags(transfer)
     transfer.set_defaults(func=command_transfer)
@@ -269,6 +341,37 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--gradient-checkpointing", action="store_true")
     bench.add_argument("-o", "--output", help="write the JSON report here")
     bench.set_defaults(func=command_bench)
+
+    from backend.server import DEFAULT_STATE_DIR
+    from shared.protocol import DEFAULT_ADDRESS, DEFAULT_LIMITS
+
+    serve = commands.add_parser("serve", help="run the job server (docs/protocol.md)")
+    serve.add_argument("--bind", default=DEFAULT_ADDRESS,
+                       help="ZeroMQ address to listen on (default: %(default)s; port * = any)")
+    serve.add_argument("--state-dir", default=str(DEFAULT_STATE_DIR),
+                       help="job store folder (default: %(default)s)")
+    serve.add_argument("--keys", help="folder from `keys`: turns on CURVE encryption and "
+                       "client authentication (allowlist: KEYS/authorized_clients)")
+    serve.add_argument("--insecure", action="store_true",
+                       help="allow a non-loopback bind without keys (anyone can connect)")
+    serve.add_argument("--max-message-mb", type=float,
+                       default=DEFAULT_LIMITS["max_message_bytes"] / 2**20)
+    serve.add_argument("--max-frames", type=int, default=DEFAULT_LIMITS["max_frames"])
+    serve.add_argument("--max-side", type=int, default=DEFAULT_LIMITS["max_side"])
+    serve.add_argument("--max-queue", type=int, default=DEFAULT_LIMITS["max_queue"])
+    serve.add_argument("--keep-hours", type=float, default=72.0,
+                       help="keep finished results this long (default: %(default)s)")
+    serve.add_argument("--keep-jobs", type=int, default=200,
+                       help="keep at most this many finished jobs (default: %(default)s)")
+    serve.add_argument("--test-step-delay", type=float, default=0.0,
+                       help="testing only: sleep this many seconds at every progress step, "
+                       "so tests can catch a job mid-run")
+    add_model_flags(serve)
+    serve.set_defaults(func=command_serve)
+
+    keys = commands.add_parser("keys", help="write CURVE key pairs for the server and a client")
+    keys.add_argument("dir")
+    keys.set_defaults(func=command_keys)
     return parser
 
 

@@ -202,3 +202,35 @@ def write_frames_dir(frames: np.ndarray, folder: str | Path) -> list[Path]:
         Image.fromarray(frame).save(path)
         paths.append(path)
     return paths
+
+
+def encode_png(frame: np.ndarray) -> bytes:
+    """One (H, W, 3) uint8 frame → PNG bytes (fast, lossless compression)."""
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(frame).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def decode_pngs(images: list[bytes], source: str = "the frames") -> np.ndarray:
+    """PNG bytes (all one size) → (F, H, W, 3) uint8 RGB; BadClipError for anything
+    unreadable. Use check_frames on it when it is a clip to edit."""
+    import io
+
+    frames = []
+    for index, data in enumerate(images):
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                if image.format != "PNG":
+                    raise ValueError(image.format)
+                frames.append(np.asarray(image.convert("RGB")))
+        except Exception as error:  # Pillow raises many types for broken images
+            raise BadClipError(
+                f"Frame {index} of {source} is not a readable PNG ({type(error).__name__}); "
+                "send PNG-encoded frames.") from None
+    if not frames:
+        raise BadClipError(f"{source} has no frames; send at least one.")
+    if len({frame.shape for frame in frames}) > 1:
+        raise BadClipError(f"The frames of {source} differ in size; send frames of one size.")
+    return np.stack(frames)

@@ -1,0 +1,503 @@
+"""Client for an Understudy job server (docs/protocol.md).
+
+    client = Client("tcp://127.0.0.1:5555", **load_client_keys("keys"))  # keys optional
+    client.hello()                                  # version, model, device, limits
+    client.submit("job-1", {"prompt": "a bear"}, png_frames)
+    result = client.wait("job-1", progress=print)   # or poll() from a UI timer
+    result.frames, result.sidecar                   # PNG bytes, JSON metadata
+    client.close()
+
+Every failure is a ClientError whose str() is one sentence saying what to do. One
+Client belongs to one thread. Standard library and pyzmq only: this module rides
+inside the Blender extension.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from . import protocol  # relative: the extension vendors this package under its own name
+from .protocol import ProtocolError
+
+# --------------------------------------------------------------------------- errors
+
+
+class ClientError(Exception):
+    """A job-server failure; str() is one sentence saying what to do; `code` is the
+    protocol error code (docs/protocol.md §10) or a client-side one."""
+
+    code = "client_error"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class ServerUnavailable(ClientError):
+    """No answer from the server within the timeout (not running, wrong address, gone)."""
+
+    code = "server_unavailable"
+
+
+class ProtocolMismatch(ClientError):
+    """The server speaks another protocol version."""
+
+    code = "protocol_version"
+
+
+class AuthenticationFailed(ClientError):
+    """The CURVE handshake failed: unknown client key, missing keys, or a key mismatch."""
+
+    code = "authentication_failed"
+
+
+class KeyFileError(ClientError):
+    """A key file is missing or is not a pyzmq certificate."""
+
+    code = "bad_key_file"
+
+
+class JobRejected(ClientError):
+    """The server refused a submit (limits, bad settings, bad frames, queue full, …)."""
+
+    code = "rejected"
+
+
+class UnknownJob(ClientError):
+    """The server has no such job (never submitted, pruned, or another key's)."""
+
+    code = "unknown_job"
+
+
+class JobNotReady(ClientError):
+    """fetch() of a job that has not finished."""
+
+    code = "not_ready"
+
+
+class JobFailed(ClientError):
+    """The job ended in an error; the message is the server's sentence."""
+
+    code = "job_failed"
+
+
+class JobCancelledError(ClientError):
+    """The job was cancelled."""
+
+    code = "job_cancelled"
+
+
+class WaitTimeout(ClientError):
+    """wait() gave up; the job still runs on the server."""
+
+    code = "wait_timeout"
+
+
+ERROR_CLASSES: dict[str, type[ClientError]] = {
+    "protocol_version": ProtocolMismatch,
+    "unknown_job": UnknownJob,
+    "not_ready": JobNotReady,
+    "job_failed": JobFailed,
+    "job_cancelled": JobCancelledError,
+}
+
+
+def error_from_reply(header: dict[str, Any]) -> ClientError:
+    """An `error` or `rejected` header → the matching ClientError subclass."""
+    code = str(header.get("code", "error"))
+    message = str(header.get("message", "The server reported an error without a message."))
+    if header.get("type") == protocol.REJECTED:
+        return JobRejected(message, code)
+    return ERROR_CLASSES.get(code, ClientError)(message, code)
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def load_client_keys(keys_dir: str | os.PathLike) -> dict[str, bytes]:
+    """Client keyword arguments from a `python -m backend keys DIR` folder."""
+    keys_dir = Path(keys_dir)
+    return load_client_key_files(keys_dir / "server.key", keys_dir / "client.key_secret")
+
+
+def load_client_key_files(server_public_key_file: str | os.PathLike,
+                          client_secret_key_file: str | os.PathLike) -> dict[str, bytes]:
+    """Client keyword arguments from the server's public key file (server.key) and
+    this client's secret key file (client.key_secret)."""
+    server_public, _ = _load_certificate(server_public_key_file, "the server's public key")
+    client_public, client_secret = _load_certificate(client_secret_key_file,
+                                                     "the client's secret key")
+    if client_secret is None:
+        raise KeyFileError(
+            f"{client_secret_key_file} holds only a public key; give the client's secret key "
+            "file (client.key_secret).")
+    return {"server_public_key": server_public, "client_public_key": client_public,
+            "client_secret_key": client_secret}
+
+
+def _load_certificate(path: str | os.PathLike, what: str) -> tuple[bytes, bytes | None]:
+    import zmq.auth
+
+    if not Path(path).is_file():
+        raise KeyFileError(f"There is no key file at {path} ({what}); create keys with "
+                           "`python -m backend keys DIR` and copy the file here.")
+    try:
+        return zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as error:
+        raise KeyFileError(f"{path} is not a ZeroMQ key file ({what}): {error}.") from None
+
+
+# --------------------------------------------------------------------------- client
+
+
+@dataclass
+class JobResult:
+    """A finished job: the result frames as PNG bytes and the JSON sidecar."""
+
+    job_id: str
+    frames: list[bytes] = field(default_factory=list)
+    sidecar: dict[str, Any] = field(default_factory=dict)
+
+
+ProgressCallback = Callable[[dict[str, Any]], None]
+
+SLICE_S = 0.05  # how often waits look at the auth monitor
+SEND_RATE_BYTES_PER_S = 5e6  # extra reply time for big submits: transfer + server disk
+
+
+class Client:
+    """A connection to one Understudy server (a ZeroMQ DEALER socket).
+
+    Requests (hello, submit, status, cancel, fetch) block up to `timeout_s` for their
+    reply; events for this client's jobs are kept until `poll()` returns them. ZeroMQ
+    reconnects by itself; the client's id stays the same, so events keep coming after
+    a reconnect or a server restart.
+    """
+
+    def __init__(self, address: str, *, server_public_key: bytes | None = None,
+                 client_public_key: bytes | None = None, client_secret_key: bytes | None = None,
+                 timeout_s: float = 10.0, client_id: str | None = None,
+                 heartbeat_s: float = protocol.HEARTBEAT_INTERVAL_S) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self.heartbeat_s = heartbeat_s
+        self.client_id = client_id or f"c-{uuid.uuid4().hex}"
+        self.secure = server_public_key is not None
+        self.server_info: dict[str, Any] | None = None
+        self._events: deque[dict[str, Any]] = deque()
+        self._next_req = 1
+        self._last_sent = 0.0
+        self._last_heard = time.monotonic()
+        self._handshake_failure: str | None = None
+        self._closed = False
+
+        context = zmq.Context.instance()
+        self._socket = context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.IMMEDIATE, 1)  # no queueing while disconnected
+        self._socket.setsockopt(zmq.ROUTING_ID, self.client_id.encode("ascii"))
+        self._socket.setsockopt(zmq.HEARTBEAT_IVL, protocol.ZMTP_HEARTBEAT_IVL_MS)
+        self._socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, protocol.ZMTP_HEARTBEAT_TIMEOUT_MS)
+        if self.secure:
+            if client_public_key is None or client_secret_key is None:
+                self._socket.close()
+                raise KeyFileError("A server key was given without this client's key pair; "
+                                   "load both with load_client_keys(DIR).")
+            self._socket.curve_serverkey = server_public_key
+            self._socket.curve_publickey = client_public_key
+            self._socket.curve_secretkey = client_secret_key
+        monitor_address = f"inproc://understudy-monitor-{uuid.uuid4().hex}"
+        self._socket.monitor(monitor_address, zmq.EVENT_HANDSHAKE_SUCCEEDED
+                             | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                             | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                             | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        self._monitor = context.socket(zmq.PAIR)
+        self._monitor.setsockopt(zmq.LINGER, 0)
+        self._monitor.connect(monitor_address)
+        try:
+            self._socket.connect(address)
+        except zmq.ZMQError as error:
+            self.close()
+            raise ClientError(f"Cannot connect to {address!r} ({error}); give an address "
+                              "like tcp://HOST:5555.") from None
+
+    # ----------------------------------------------------------------- public API
+
+    def hello(self) -> dict[str, Any]:
+        """Check the server: protocol version, model, device, limits (the welcome header)."""
+        reply, _ = self._request({"type": protocol.HELLO, "client": "understudy-client"})
+        self.server_info = reply
+        return reply
+
+    @property
+    def limits(self) -> dict[str, int]:
+        """The server's limits (asks hello once)."""
+        if self.server_info is None:
+            self.hello()
+        return {**protocol.DEFAULT_LIMITS, **self.server_info.get("limits", {})}
+
+    def submit(self, job_id: str, settings: dict[str, Any], frames: list[bytes]) -> dict[str, Any]:
+        """Send a job (PNG-encoded frames, in order). Returns the accepted header
+        (state, queue_position, duplicate); raises JobRejected or another ClientError.
+
+        Safe to repeat: the same job id with the same request is never run twice.
+        """
+        try:
+            protocol.check_job_id(job_id)
+            if not isinstance(settings, dict):
+                raise ProtocolError("bad_settings", "Settings must be a dict of setting names.")
+            if not all(isinstance(f, bytes | bytearray | memoryview) for f in frames):
+                raise ProtocolError("bad_frames", "Frames must be PNG-encoded bytes.")
+            protocol.check_submit_limits(settings, list(frames), protocol.MAX_HEADER_BYTES,
+                                         self.limits)
+        except ProtocolError as error:
+            raise JobRejected(error.message, error.code) from None
+        extra_s = protocol.payload_size(frames) / SEND_RATE_BYTES_PER_S
+        reply, _ = self._request({"type": protocol.SUBMIT, "job_id": job_id, "settings": settings},
+                                 list(frames), timeout_s=self.timeout_s + extra_s)
+        return reply
+
+    def poll(self, timeout_s: float = 0.0) -> list[dict[str, Any]]:
+        """Events that arrived (progress, result_ready, error, cancelled headers, each
+        with "job_id" and "type"), waiting at most `timeout_s` for the first one.
+
+        Sends a heartbeat when due. Raises ServerUnavailable when the server has been
+        silent for 3 heartbeats and no events are waiting, AuthenticationFailed when
+        the handshake is refused. Never blocks longer than timeout_s.
+        """
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        self._heartbeat_if_due()
+        while not self._events:
+            self._check_handshake()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._receive(min(remaining, SLICE_S))
+            self._heartbeat_if_due()
+        while self._receive(0):  # everything else already here
+            pass
+        if not self._events:
+            self._check_alive(self.heartbeat_s * protocol.HEARTBEAT_LIVENESS)
+        events = list(self._events)
+        self._events.clear()
+        return events
+
+    def status(self, job_id: str | None = None) -> dict[str, Any]:
+        """One job's state (the job object), or {"jobs": [...]} for all of this client's."""
+        header: dict[str, Any] = {"type": protocol.STATUS}
+        if job_id is not None:
+            header["job_id"] = job_id
+        reply, _ = self._request(header)
+        return reply["job"] if job_id is not None else {"jobs": reply.get("jobs", [])}
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """Ask the server to stop a job; returns the job object (a running job stops
+        at its next step and then reports state "cancelled")."""
+        reply, _ = self._request({"type": protocol.CANCEL, "job_id": job_id})
+        return reply["job"]
+
+    def fetch(self, job_id: str) -> JobResult:
+        """A finished job's result; JobNotReady / JobFailed / JobCancelledError otherwise."""
+        extra_s = 60.0  # results can be large; the server sends them straight away
+        reply, payload = self._request({"type": protocol.FETCH, "job_id": job_id},
+                                       timeout_s=self.timeout_s + extra_s)
+        return JobResult(job_id=job_id, frames=[bytes(f) for f in payload],
+                         sidecar=reply.get("sidecar") or {})
+
+    def wait(self, job_id: str, progress: ProgressCallback | None = None,
+             timeout_s: float | None = None) -> JobResult:
+        """Block until the job finishes and return its result.
+
+        progress(event) is called with each progress event. Also asks for the job's
+        status every few heartbeats, so a missed event (reconnect, server restart)
+        cannot hang it. Raises JobFailed, JobCancelledError, WaitTimeout, or
+        ServerUnavailable once the server has been silent for the client's timeout.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        last_status = time.monotonic()
+        while True:
+            if deadline is not None and time.monotonic() > deadline:
+                raise WaitTimeout(f"Job {job_id} did not finish within {timeout_s:.0f} s; it "
+                                  "is still on the server, fetch it later by its id.")
+            try:
+                events = self.poll(self.heartbeat_s)
+            except ServerUnavailable:
+                self._check_alive(self.timeout_s)
+                events = []
+            for event in events:
+                if event.get("job_id") != job_id:
+                    continue
+                if event["type"] == protocol.PROGRESS and progress is not None:
+                    progress(event)
+                elif event["type"] == protocol.RESULT_READY:
+                    return self.fetch(job_id)
+                elif event["type"] in (protocol.ERROR, protocol.CANCELLED):
+                    raise self._finished_error(job_id, event)
+            if time.monotonic() - last_status >= 2 * self.heartbeat_s:
+                last_status = time.monotonic()
+                try:
+                    job = self.status(job_id)
+                except ServerUnavailable:
+                    self._check_alive(self.timeout_s)
+                    continue
+                if job["state"] == protocol.DONE:
+                    return self.fetch(job_id)
+                if job["state"] in protocol.FINISHED_STATES:
+                    raise self._finished_error(job_id, job)
+
+    def close(self) -> None:
+        """Close the sockets (unsent messages are dropped)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._socket.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._monitor.close(0)
+        self._socket.close(0)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- internals
+
+    def _request(self, header: dict[str, Any], payload: list[bytes] | None = None,
+                 timeout_s: float | None = None) -> tuple[dict[str, Any], list[bytes]]:
+        """Send one request and wait for its reply; events meanwhile are kept."""
+        if self._closed:
+            raise ClientError("This client is closed; make a new one.")
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        req = self._next_req
+        self._next_req += 1
+        self._send({**header, "req": req}, payload, deadline)
+        while True:
+            self._check_handshake()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ServerUnavailable(
+                    f"The server at {self.address} did not answer within {timeout_s:.0f} s; "
+                    "check that `python -m backend serve` is running there.")
+            reply = self._receive(min(remaining, SLICE_S), wanted_req=req)
+            if isinstance(reply, tuple):
+                reply_header, reply_payload = reply
+                if reply_header["type"] in (protocol.ERROR, protocol.REJECTED):
+                    raise error_from_reply(reply_header)
+                return reply_header, reply_payload
+
+    def _send(self, header: dict[str, Any], payload: list[bytes] | None, deadline: float) -> None:
+        """Send once the connection is up (IMMEDIATE: nothing queues while it is down)."""
+        frames = protocol.encode(header, payload)
+        while True:
+            self._check_handshake()
+            try:
+                self._socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                self._last_sent = time.monotonic()
+                return
+            except zmq.Again:
+                pass
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ServerUnavailable(
+                    f"Could not reach a server at {self.address}; check that `python -m "
+                    "backend serve` is running there and the address and port are right.")
+            self._socket.poll(int(min(remaining, SLICE_S) * 1000), zmq.POLLOUT)
+
+    def _receive(self, timeout_s: float, wanted_req: int | None = None):
+        """Take one message if one arrives within timeout_s. Events are queued.
+
+        Returns (header, payload) for the reply to `wanted_req`, True for anything
+        else received, False when nothing came.
+        """
+        if not self._socket.poll(int(timeout_s * 1000), zmq.POLLIN):
+            return False
+        frames = self._socket.recv_multipart()
+        self._last_heard = time.monotonic()
+        try:
+            header, payload = protocol.decode(frames)
+        except ProtocolError as error:
+            if error.code == "protocol_version":
+                raise self._version_error(frames[0]) from None
+            return True  # a broken message from the server: ignore it, keep serving
+        if "req" in header:
+            if header["req"] == wanted_req:
+                return header, payload
+            return True  # a late reply (heartbeat, timed-out request)
+        if header["type"] in protocol.EVENT_TYPES and "job_id" in header:
+            self._events.append(header)
+        return True
+
+    def _version_error(self, header_frame: bytes) -> ProtocolMismatch:
+        try:
+            theirs = protocol.decode_header(header_frame).get("v")
+        except ProtocolError:
+            theirs = "unknown"
+        return ProtocolMismatch(
+            f"The server at {self.address} speaks Understudy protocol version {theirs} and "
+            f"this client version {protocol.PROTOCOL_VERSION}; install matching versions.")
+
+    def _heartbeat_if_due(self) -> None:
+        if time.monotonic() - self._last_sent < self.heartbeat_s:
+            return
+        req = self._next_req
+        self._next_req += 1
+        try:
+            self._socket.send_multipart(
+                protocol.encode({"type": protocol.HEARTBEAT, "req": req}), flags=zmq.NOBLOCK)
+            self._last_sent = time.monotonic()
+        except zmq.Again:
+            pass  # not connected: try again next time; the liveness check reports it
+
+    def _check_alive(self, silence_s: float) -> None:
+        silent = time.monotonic() - self._last_heard
+        if silent > silence_s:
+            raise ServerUnavailable(
+                f"The server at {self.address} has not answered for {silent:.0f} s; check that "
+                "it is running (jobs it accepted are kept and can be fetched later).")
+
+    def _check_handshake(self) -> None:
+        """Read the socket monitor; raise AuthenticationFailed on a refused handshake."""
+        from zmq.utils.monitor import parse_monitor_message
+
+        while self._monitor.poll(0):
+            event = parse_monitor_message(self._monitor.recv_multipart())["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._handshake_failure = None
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self._handshake_failure = (
+                    f"The server at {self.address} does not accept this client's key; add the "
+                    "client's public key file to the server's authorized_clients folder.")
+            else:
+                self._handshake_failure = (
+                    f"The secure handshake with {self.address} failed; the server uses CURVE "
+                    "keys and this client has none or the wrong server key — load them with "
+                    "--keys / the key files."
+                    if not self.secure else
+                    f"The secure handshake with {self.address} failed; the server does not use "
+                    "these keys (or no keys at all) — check the server public key file.")
+        if self._handshake_failure is not None:
+            raise AuthenticationFailed(self._handshake_failure)
+
+    @staticmethod
+    def _finished_error(job_id: str, info: dict[str, Any]) -> ClientError:
+        """The error for a job event/object in state failed or cancelled."""
+        if info.get("type") == protocol.CANCELLED or info.get("state") == protocol.JOB_CANCELLED:
+            return JobCancelledError(f"Job {job_id} was cancelled.")
+        error = info.get("error") if "error" in info else info
+        error = error if isinstance(error, dict) else {}
+        return JobFailed(str(error.get("message") or f"Job {job_id} failed on the server."),
+                         str(error.get("code") or "job_failed"))

@@ -1,0 +1,117 @@
+"""Helpers for the server tests: real `python -m backend serve` processes, small clips.
+
+Every wait here ends on a real event (a line on stdout, a process exit, a message);
+the timeouts only turn a hang into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from backend.video import encode_png
+from tests.conftest import REPO_ROOT
+
+START_TIMEOUT_S = 300  # model load included, on a busy machine
+# The least work the engine accepts: the server tests check plumbing, not pictures.
+QUICK_SETTINGS = {"num_frames": 4, "width": 64, "height": 64, "steps": 1, "guided_steps": 0,
+                  "guidance_iterations": 0, "inversion_steps": 1}
+
+
+def settings(prompt: str = "a bear walking", **overrides) -> dict:
+    """Settings a job finishes quickly with on CPU."""
+    return {"prompt": prompt, **QUICK_SETTINGS, **overrides}
+
+
+def clip_pngs(count: int = 6, width: int = 48, height: int = 32, shade: int = 0) -> list[bytes]:
+    """A tiny clip as PNG frames: a bright square moving right over a flat background."""
+    frames = []
+    for index in range(count):
+        frame = np.full((height, width, 3), shade, np.uint8)
+        x = index * (width - 8) // max(1, count - 1)
+        frame[height // 2 - 4:height // 2 + 4, x:x + 8] = 255
+        frames.append(encode_png(frame))
+    return frames
+
+
+def subprocess_env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+
+
+class ServerProcess:
+    """`python -m backend serve --model tiny` on loopback, with its own state folder."""
+
+    def __init__(self, state_dir: Path, *extra: str, bind: str = "tcp://127.0.0.1:*") -> None:
+        self.state_dir = Path(state_dir)
+        self.extra = list(extra)
+        self.bind = bind
+        self.address: str | None = None
+        self.process: subprocess.Popen | None = None
+        self.log_path = self.state_dir.parent / f"{self.state_dir.name}-server.log"
+
+    def start(self) -> ServerProcess:
+        """Start and wait for the "ready on ADDRESS" line; a restart reuses the address."""
+        bind = self.address or self.bind
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "backend", "serve", "--model", "tiny", "--device", "cpu",
+             "--bind", bind, "--state-dir", str(self.state_dir),
+             "--cache-dir", str(self.state_dir.parent / "cache"), *self.extra],
+            cwd=REPO_ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=log, text=True)
+        log.close()
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=_pump, args=(self.process.stdout, lines), daemon=True).start()
+        while True:
+            try:
+                line = lines.get(timeout=START_TIMEOUT_S)
+            except queue.Empty:
+                raise AssertionError(f"server did not start:\n{self.log()}") from None
+            if line == "":
+                raise AssertionError(f"server exited:\n{self.log()}")
+            if "ready on " in line:
+                self.address = line.split("ready on ")[1].split(" ")[0]
+                return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up code runs, as in a crash or power loss."""
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=60)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _pump(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put("")
+
+
+def wait_for_event(client, job_id: str, kind: str, timeout_s: float = 300.0, **fields) -> dict:
+    """Poll until an event of `kind` for `job_id` (with these field values) arrives;
+    other events are dropped."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for event in client.poll(0.5):
+            if (event["job_id"] == job_id and event["type"] == kind
+                    and all(event.get(name) == value for name, value in fields.items())):
+                return event
+    raise AssertionError(f"no {kind} event for {job_id} within {timeout_s} s")
