@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from backend.engine import Engine, Procedure, load_engine
-from backend.errors import BadSettingsError, JobCancelled
+from backend.errors import BadClipError, BadSettingsError, JobCancelled, OutOfMemoryError
 from backend.features import TAP_NAMES, checkpointed_blocks, tap_modules, truncated_smm
 from backend.guidance import pairwise_smm_loss
 from backend.settings import TransferSettings
@@ -158,3 +158,21 @@ def _no_report():
     from backend.engine import _Reporter
 
     return _Reporter(None, None)
+
+
+def test_out_of_gpu_memory_is_one_sentence_naming_what_helps(engine, monkeypatch):
+    # No GPU here: make the UNet fail the way a full CUDA device does.
+    def exhausted(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(engine.components.unet, "forward", exhausted)
+    with pytest.raises(OutOfMemoryError, match="--gradient-checkpointing, fewer --frames"):
+        engine.transfer(moving_square_frames(4, 64, 64), small(prompt="an ox", source_prompt="oom"))
+
+
+def test_check_settings_refuses_before_any_work(engine):
+    with pytest.raises(BadSettingsError, match="low-frequency"):
+        engine.check_settings(small(lowfreq_factor=16), clip_length=8)
+    with pytest.raises(BadClipError, match="has 3 frames but 4 are needed"):
+        engine.check_settings(small(), clip_length=3)
+    engine.check_settings(small(), clip_length=4)
