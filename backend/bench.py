@@ -26,20 +26,10 @@ from tempfile import TemporaryDirectory
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from backend.engine import Engine, Procedure
 from backend.features import truncated_smm
-from backend.model import (
-    REFERENCE_SCHEDULER,
-    Components,
-    build_byte_tokenizer,
-    build_tiny_components,
-    choose_device,
-    choose_dtype,
-    load_components,
-)
+from backend.model import TINY, ZEROSCOPE, ZEROSCOPE_RANDOM, Components, load_components
 from backend.settings import TransferSettings
 
 REFERENCE_INVERSION_STEPS = 999
@@ -65,46 +55,11 @@ class Run:
         return max(values) if field == "peak_memory_gb" else sum(values)
 
 
-def zeroscope_random_components(device: torch.device, dtype: torch.dtype) -> Components:
-    """ZeroScope v2 576w's architecture with random weights (no download).
-
-    UNet3DConditionModel's defaults are ZeroScope's UNet; the VAE is Stable Diffusion's
-    (four blocks, 128/256/512/512); the text encoder is OpenCLIP ViT-H/14's text tower
-    (1024 wide, 23 layers). Time and memory do not depend on the weight values.
-    """
-    with torch.device(device):
-        unet = UNet3DConditionModel()
-        vae = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=2,
-            latent_channels=4,
-            scaling_factor=0.18215,
-        )
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
-            num_hidden_layers=23, max_position_embeddings=77, vocab_size=49408, hidden_act="gelu",
-            projection_dim=1024, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-        ))
-    for module in (unet, vae, text_encoder):
-        module.to(device, dtype).eval().requires_grad_(False)
-    return Components(unet, vae, text_encoder, build_byte_tokenizer(),
-                      DDIMScheduler(**REFERENCE_SCHEDULER), "zeroscope-architecture-random",
-                      device, dtype)
-
-
 def build_components(arch: str, random_weights: bool, device: str | None, dtype: str | None) -> Components:
-    torch_device = choose_device(device)
-    torch_dtype = choose_dtype(dtype, torch_device)
+    """The tiny model, ZeroScope's architecture with random weights, or ZeroScope itself."""
     if arch == "tiny":
-        unet, vae, text_encoder, tokenizer, scheduler = build_tiny_components()
-        for module in (unet, vae, text_encoder):
-            module.to(torch_device, torch_dtype).eval().requires_grad_(False)
-        return Components(unet, vae, text_encoder, tokenizer, scheduler, "tiny", torch_device, torch_dtype)
-    if random_weights:
-        return zeroscope_random_components(torch_device, torch_dtype)
-    return load_components("cerspense/zeroscope_v2_576w", device, dtype)
+        return load_components(TINY, device, dtype)
+    return load_components(ZEROSCOPE_RANDOM if random_weights else ZEROSCOPE, device, dtype)
 
 
 def measure_truncated_share(engine: Engine, settings: TransferSettings, repeats: int = 3) -> float:
