@@ -260,6 +260,15 @@ def command_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- bench
+
+
+def command_bench(args: argparse.Namespace) -> int:
+    from backend.bench import main_bench
+
+    return main_bench(args)
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -320,6 +329,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default=None,
                           help="for CLIP and CoTracker (default: cuda if available)")
     evaluate.set_defaults(func=command_evaluate)
+    bench = commands.add_parser("bench", help="cost of an edit against the reference procedure")
+    bench.add_argument("--arch", choices=("tiny", "zeroscope"), default="tiny")
+    bench.add_argument("--random-weights", action="store_true",
+                       help="zeroscope: full architecture with random weights (no download)")
+    bench.add_argument("--frames", type=int, default=None, help="default: 8 tiny, 24 zeroscope")
+    bench.add_argument("--width", type=int, default=None, help="default: 128 tiny, 576 zeroscope")
+    bench.add_argument("--height", type=int, default=None, help="default: 64 tiny, 320 zeroscope")
+    bench.add_argument("--device", default=None)
+    bench.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default=None)
+    bench.add_argument("--gradient-checkpointing", action="store_true")
+    bench.add_argument("-o", "--output", help="write the JSON report here")
+    bench.set_defaults(func=command_bench)
 
     from backend.server import DEFAULT_STATE_DIR
     from shared.protocol import DEFAULT_ADDRESS, DEFAULT_LIMITS

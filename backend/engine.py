@@ -48,7 +48,8 @@ from backend.settings import TransferSettings
 from backend.video import resize_frames, retime_frames, sample_indices
 
 ProgressCallback = Callable[[str, int, int], None]
-"""progress(phase, step, total); phases in order: "encode", "invert", "sample", "decode"."""
+"""progress(phase, step, total); phases in order: "encode", "invert", "features", "sample",
+"decode" ("encode", "invert" and "features" are skipped when the inversion is cached)."""
 
 CancelCheck = Callable[[], bool]
 """Returns True when the caller wants the edit stopped; checked between steps."""
@@ -110,7 +111,7 @@ class Engine:
         """
         procedure = procedure or Procedure()
         report = _Reporter(progress, cancelled)
-        self._check_geometry(settings)
+        self.check_settings(settings, len(clip_frames))
         seed = settings.seed if settings.seed is not None else random.SystemRandom().randrange(2**31)
         indices = sample_indices(len(clip_frames), settings.num_frames, settings.start)
         frames = resize_frames(clip_frames[indices], settings.width, settings.height)
@@ -140,12 +141,25 @@ class Engine:
         }
         return TransferResult(frames=out, metadata=metadata)
 
-    def _check_geometry(self, settings: TransferSettings) -> None:
+    def check_settings(self, settings: TransferSettings, clip_length: int) -> None:
+        """Refuse, before any work, settings this model or this clip cannot run.
+
+        Raises BadSettingsError or BadClipError with one sentence.
+        """
         scale = self.components.vae_scale_factor
         if settings.width % scale or settings.height % scale:
             raise BadSettingsError(f"Width and height must be multiples of {scale} for this model.")
         if min(settings.width, settings.height) // scale < settings.lowfreq_factor:
             raise BadSettingsError("The frame is too small for the low-frequency factor; lower it.")
+        sampling = _timesteps(self.components.scheduler, settings.steps)
+        inversion = _timesteps(self.components.scheduler, settings.inversion_steps)
+        if set(sampling) - set(inversion):
+            raise BadSettingsError(
+                f"Inversion with {settings.inversion_steps} steps does not visit the sampling "
+                f"timesteps of {settings.steps} steps; use a multiple of {settings.steps} "
+                f"(for example 50 or 999 with 50 steps)."
+            )
+        sample_indices(clip_length, settings.num_frames, settings.start)
 
     # ------------------------------------------------------------------ steps 1–2
 
@@ -170,13 +184,6 @@ class Engine:
 
         sampling = _timesteps(c.scheduler, settings.steps)
         inversion = sorted(_timesteps(c.scheduler, settings.inversion_steps))
-        missing = set(sampling) - set(inversion)
-        if missing:
-            raise BadSettingsError(
-                f"Inversion with {settings.inversion_steps} steps does not visit the sampling "
-                f"timesteps of {settings.steps} steps; use a multiple of {settings.steps} "
-                f"(for example 50 or 999 with 50 steps)."
-            )
 
         def inversion_eps(latent: torch.Tensor, timestep: int) -> torch.Tensor:
             report.check()
@@ -196,9 +203,11 @@ class Engine:
             features={},
         )
         if procedure.cache_source_features:
+            guided = sampling[: settings.guided_steps]
             with torch.no_grad():
-                for timestep in sampling[: settings.guided_steps]:
+                for index, timestep in enumerate(guided):
                     state.features[timestep] = self._source_features(state, timestep, source_embedding)
+                    report("features", index + 1, len(guided))
         if procedure.use_cache:
             self.cache.save(key, state)
         return state, False
@@ -236,6 +245,7 @@ class Engine:
         fresh_noise = torch.randn(start.shape, generator=generator).to(c.device)
         latent = lowfreq_init(start, fresh_noise, settings.lowfreq_factor)
 
+        report("sample", 0, len(timesteps))
         for index, timestep in enumerate(timesteps):
             report.check()
             if index < settings.guided_steps:

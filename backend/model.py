@@ -22,6 +22,7 @@ from backend.errors import ModelNotFoundError
 
 TINY = "tiny"
 ZEROSCOPE = "cerspense/zeroscope_v2_576w"
+ZEROSCOPE_RANDOM = "zeroscope-random"  # ZeroScope's architecture, random weights (benchmarks)
 
 # The reference's DDIM configuration (DESIGN.md §3).
 REFERENCE_SCHEDULER = {
@@ -76,11 +77,14 @@ def choose_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 
 
 def load_components(model: str, device: str | None = None, dtype: str | None = None) -> Components:
-    """Load `model`: "tiny", a hub id (default ZeroScope) or a local diffusers folder."""
+    """Load `model`: a hub id (default ZeroScope), a local diffusers folder, "tiny", or
+    "zeroscope-random" (ZeroScope's architecture with random weights, for timing)."""
     torch_device = choose_device(device)
     torch_dtype = choose_dtype(dtype, torch_device)
     if model == TINY:
         parts = build_tiny_components()
+    elif model == ZEROSCOPE_RANDOM:
+        parts = build_zeroscope_random_components(torch_device)
     else:
         parts = _from_pretrained(model, torch_dtype)
     unet, vae, text_encoder, tokenizer, scheduler = parts
@@ -160,6 +164,33 @@ def build_tiny_components(seed: int = 0) -> tuple:
             projection_dim=text_width,
         )
     )
+    return unet, vae, text_encoder, build_byte_tokenizer(), DDIMScheduler(**REFERENCE_SCHEDULER)
+
+
+def build_zeroscope_random_components(device: torch.device, seed: int = 0) -> tuple:
+    """ZeroScope v2 576w's architecture with random weights (nothing downloaded).
+
+    UNet3DConditionModel's defaults are ZeroScope's UNet; the VAE is Stable Diffusion's
+    (four blocks, 128/256/512/512); the text encoder is OpenCLIP ViT-H/14's text tower
+    (1024 wide, 23 layers). Time and memory do not depend on the weight values. Built
+    directly on `device` so a GPU run does not first fill the CPU's memory.
+    """
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet3DConditionModel()
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            latent_channels=4,
+            scaling_factor=0.18215,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+            num_hidden_layers=23, max_position_embeddings=77, vocab_size=49408, hidden_act="gelu",
+            projection_dim=1024, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        ))
     return unet, vae, text_encoder, build_byte_tokenizer(), DDIMScheduler(**REFERENCE_SCHEDULER)
 
 

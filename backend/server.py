@@ -465,7 +465,6 @@ class Server:
     def _submit(self, client: str, owner: str | None, header: dict[str, Any],
                 payload: list[bytes]) -> dict[str, Any]:
         from backend.settings import TransferSettings
-        from backend.video import sample_indices
 
         job_id = protocol.check_job_id(header.get("job_id"))
         try:
@@ -482,7 +481,7 @@ class Server:
             except TypeError as error:  # from_dict passes values to the dataclass
                 raise ProtocolError("bad_settings", f"The settings are not valid ({error}).") from None
             check_png_frames(payload, self.config.limits["max_side"])
-            sample_indices(len(payload), parsed.num_frames, parsed.start)
+            self.engine.check_settings(parsed, len(payload))
         except UnderstudyError as error:
             return self._rejected(job_id, error.code, str(error))
         except ProtocolError as error:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from backend.engine import Engine, Procedure, load_engine
-from backend.errors import BadSettingsError, JobCancelled
+from backend.errors import BadClipError, BadSettingsError, JobCancelled, OutOfMemoryError
 from backend.features import TAP_NAMES, checkpointed_blocks, tap_modules, truncated_smm
 from backend.guidance import pairwise_smm_loss
 from backend.settings import TransferSettings
@@ -127,16 +127,16 @@ def test_progress_phases_in_order_and_cancel_between_steps(engine):
     events = []
     engine.transfer(frames, small(prompt="a cow", seed=1), progress=lambda *e: events.append(e))
     phases = list(dict.fromkeys(phase for phase, _, _ in events))
-    assert phases == ["encode", "invert", "sample", "decode"]
+    assert phases == ["encode", "invert", "features", "sample", "decode"]
     assert ("sample", 3, 3) in events
 
     seen = []
-    def cancel_after_first_sampling_step():
+    def cancel_once_sampling_starts():
         return any(e[0] == "sample" for e in seen)
     with pytest.raises(JobCancelled):
         engine.transfer(frames, small(prompt="a goat", seed=1), progress=lambda *e: seen.append(e),
-                        cancelled=cancel_after_first_sampling_step)
-    assert [e for e in seen if e[0] == "sample"] == [("sample", 1, 3)]
+                        cancelled=cancel_once_sampling_starts)
+    assert [e for e in seen if e[0] == "sample"] == [("sample", 0, 3)]
 
 
 def test_reference_procedure_matches_with_full_passes(engine):
@@ -158,3 +158,21 @@ def _no_report():
     from backend.engine import _Reporter
 
     return _Reporter(None, None)
+
+
+def test_out_of_gpu_memory_is_one_sentence_naming_what_helps(engine, monkeypatch):
+    # No GPU here: make the UNet fail the way a full CUDA device does.
+    def exhausted(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(engine.components.unet, "forward", exhausted)
+    with pytest.raises(OutOfMemoryError, match="--gradient-checkpointing, fewer --frames"):
+        engine.transfer(moving_square_frames(4, 64, 64), small(prompt="an ox", source_prompt="oom"))
+
+
+def test_check_settings_refuses_before_any_work(engine):
+    with pytest.raises(BadSettingsError, match="low-frequency"):
+        engine.check_settings(small(lowfreq_factor=16), clip_length=8)
+    with pytest.raises(BadClipError, match="has 3 frames but 4 are needed"):
+        engine.check_settings(small(), clip_length=3)
+    engine.check_settings(small(), clip_length=4)

@@ -1,0 +1,234 @@
+"""`python -m backend bench`: Understudy's cost against the reference procedure's.
+
+One process, one model, one clip, the same settings; three runs:
+
+    first edit    Understudy, empty inversion cache
+    re-edit       Understudy, same clip, another prompt (inversion and source features cached)
+    reference     the authors' procedure: 999-step inversion, source features recomputed
+                  at every guided step, full UNet passes while guiding, no cache
+                  (it has no cache, so its re-edit costs the same as its first edit)
+
+Per phase it reports wall time, UNet forward-equivalents and peak memory.
+Forward-equivalents (FE): a full UNet pass over one batch element is 1; a pass that
+stops after up_blocks[1] counts its measured share of a full pass (timed here); a
+backward pass counts twice its forward.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+import numpy as np
+import torch
+
+from backend.engine import Engine, Procedure
+from backend.features import truncated_smm
+from backend.model import TINY, ZEROSCOPE, ZEROSCOPE_RANDOM, Components, load_components
+from backend.settings import TransferSettings
+
+REFERENCE_INVERSION_STEPS = 999
+# Printed beside the figures (issue 6); never asserted in tests.
+TARGET_FIRST_EDIT_RATIO = 0.40
+TARGET_RE_EDIT_RATIO = 0.36
+TARGET_GPU_SECONDS = 60
+TARGET_GPU_PEAK_GB = 16
+PHASE_OF_PASS = {"invert": "invert", "features": "invert", "guide": "sample", "sample": "sample"}
+# Engine timing names → bench phases.
+PHASE_OF_TIMING = {"encode_invert": "invert", "sample": "sample", "decode": "decode"}
+
+
+@dataclass
+class Run:
+    name: str
+    seconds: dict[str, float]
+    forward_equivalents: dict[str, float]
+    peak_memory_gb: dict[str, float]
+
+    def total(self, field: str) -> float:
+        values = getattr(self, field).values()
+        return max(values) if field == "peak_memory_gb" else sum(values)
+
+
+def build_components(arch: str, random_weights: bool, device: str | None, dtype: str | None) -> Components:
+    """The tiny model, ZeroScope's architecture with random weights, or ZeroScope itself."""
+    if arch == "tiny":
+        return load_components(TINY, device, dtype)
+    return load_components(ZEROSCOPE_RANDOM if random_weights else ZEROSCOPE, device, dtype)
+
+
+def measure_truncated_share(engine: Engine, settings: TransferSettings, repeats: int = 3) -> float:
+    """Time of a pass that stops after up_blocks[1], as a share of a full pass."""
+    c = engine.components
+    scale = c.vae_scale_factor
+    latent = torch.randn(1, 4, settings.num_frames, settings.height // scale, settings.width // scale,
+                         device=c.device, dtype=c.dtype)
+    text = engine._embed(["a benchmark"])
+
+    def timed(run) -> float:
+        run()  # warm-up
+        _sync(c.device)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        _sync(c.device)
+        return (time.perf_counter() - started) / repeats
+
+    with torch.no_grad():
+        full = timed(lambda: c.unet(latent, 500, encoder_hidden_states=text))
+        truncated = timed(lambda: truncated_smm(c.unet, latent, 500, text))
+    return truncated / full
+
+
+def forward_equivalents(passes: dict[tuple[str, str], int], truncated_share: float) -> dict[str, float]:
+    """Per bench phase: full·1 + truncated·share + truncated backward·2·share + full backward·2."""
+    weight = {"full": 1.0, "truncated": truncated_share, "truncated_backward": 2 * truncated_share,
+              "full_backward": 2.0}
+    out = {"invert": 0.0, "sample": 0.0, "decode": 0.0}
+    for (phase, kind), count in passes.items():
+        out[PHASE_OF_PASS[phase]] += weight[kind] * count
+    return out
+
+
+def run_once(
+    engine: Engine, name: str, frames: np.ndarray, settings: TransferSettings, procedure: Procedure,
+    truncated_share: float,
+) -> Run:
+    device = engine.components.device
+    peaks: dict[str, float] = {}
+    current = {"phase": "invert"}
+
+    def record_peak(phase: str) -> None:
+        if device.type == "cuda":
+            peaks[phase] = max(peaks.get(phase, 0.0), torch.cuda.max_memory_allocated(device) / 2**30)
+            torch.cuda.reset_peak_memory_stats(device)
+        else:  # process-wide peak resident set; it never goes down
+            peaks[phase] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+    def on_progress(phase: str, step: int, total: int) -> None:
+        bench_phase = {"encode": "invert", "features": "invert"}.get(phase, phase)
+        if bench_phase != current["phase"]:
+            record_peak(current["phase"])
+            current["phase"] = bench_phase
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    engine.unet_passes.clear()
+    result = engine.transfer(frames, settings, progress=on_progress, procedure=procedure)
+    _sync(device)
+    record_peak(current["phase"])
+    seconds = {PHASE_OF_TIMING[k]: v for k, v in result.metadata["timings_s"].items()}
+    return Run(name, seconds, forward_equivalents(engine.unet_passes, truncated_share),
+               {phase: peaks.get(phase, 0.0) for phase in ("invert", "sample", "decode")})
+
+
+def run_bench(
+    arch: str = "tiny", random_weights: bool = False, frames: int | None = None,
+    width: int | None = None, height: int | None = None, device: str | None = None,
+    dtype: str | None = None, gradient_checkpointing: bool = False,
+) -> dict:
+    """Run the three edits and return the JSON report."""
+    components = build_components(arch, random_weights, device, dtype)
+    # The tiny model's default is small enough to finish in well under a minute on a CPU.
+    defaults = (8, 128, 64) if arch == "tiny" else (24, 576, 320)
+    frames = frames or defaults[0]
+    settings = TransferSettings(prompt="a red train", source_prompt="a car", seed=0,
+                                num_frames=frames, width=width or defaults[1],
+                                height=height or defaults[2],
+                                gradient_checkpointing=gradient_checkpointing)
+    clip = np.random.default_rng(0).integers(0, 255, (frames, settings.height, settings.width, 3),
+                                             dtype=np.uint8)
+    with TemporaryDirectory() as cache:
+        engine = Engine(components, Path(cache))
+        share = measure_truncated_share(engine, settings)
+        first = run_once(engine, "first edit", clip, settings, Procedure(), share)
+        re_edit_settings = TransferSettings(**{**settings.to_dict(), "prompt": "a brown horse", "seed": 1})
+        re_edit = run_once(engine, "re-edit", clip, re_edit_settings, Procedure(), share)
+        reference_settings = TransferSettings(**{**settings.to_dict(),
+                                                 "inversion_steps": REFERENCE_INVERSION_STEPS})
+        reference = run_once(engine, "reference", clip, reference_settings,
+                             Procedure(use_cache=False, truncate_guidance=False,
+                                       cache_source_features=False), share)
+    c = components
+    return {
+        "arch": arch,
+        "model": c.model_id,
+        "device": _device_name(c.device),
+        "dtype": str(c.dtype).removeprefix("torch."),
+        "frames": frames, "width": settings.width, "height": settings.height,
+        "settings": settings.to_dict(),
+        "truncated_pass_share": round(share, 3),
+        "runs": {run.name: {"seconds": run.seconds, "forward_equivalents": run.forward_equivalents,
+                            "peak_memory_gb": run.peak_memory_gb,
+                            "total_seconds": run.total("seconds"),
+                            "total_forward_equivalents": run.total("forward_equivalents"),
+                            "peak_memory_gb_max": run.total("peak_memory_gb")}
+                 for run in (first, re_edit, reference)},
+        "ratios_to_reference": {
+            "first_edit_forward_equivalents": first.total("forward_equivalents") / reference.total("forward_equivalents"),
+            "re_edit_forward_equivalents": re_edit.total("forward_equivalents") / reference.total("forward_equivalents"),
+            "first_edit_seconds": first.total("seconds") / reference.total("seconds"),
+            "re_edit_seconds": re_edit.total("seconds") / reference.total("seconds"),
+        },
+        "memory_kind": "CUDA max allocated" if c.device.type == "cuda" else "process peak RSS (cumulative)",
+    }
+
+
+def format_report(report: dict) -> str:
+    """A plain-text table of the report."""
+    runs = report["runs"]
+    names = list(runs)
+    lines = [
+        f"bench: {report['model']} on {report['device']} ({report['dtype']}), "
+        f"{report['frames']} frames {report['width']}×{report['height']}, "
+        f"truncated pass = {report['truncated_pass_share']:.2f} of a full pass",
+        f"{'phase':<8}{'':2}" + "".join(f"{name:>28}" for name in names),
+        f"{'':<10}" + "".join(f"{'s':>9}{'FE':>9}{'GB':>10}" for _ in names),
+    ]
+    for phase in ("invert", "sample", "decode"):
+        cells = "".join(f"{runs[n]['seconds'][phase]:>9.1f}{runs[n]['forward_equivalents'][phase]:>9.0f}"
+                        f"{runs[n]['peak_memory_gb'][phase]:>10.2f}" for n in names)
+        lines.append(f"{phase:<10}{cells}")
+    cells = "".join(f"{runs[n]['total_seconds']:>9.1f}{runs[n]['total_forward_equivalents']:>9.0f}"
+                    f"{runs[n]['peak_memory_gb_max']:>10.2f}" for n in names)
+    lines.append(f"{'total':<10}{cells}")
+    ratios = report["ratios_to_reference"]
+    lines.append(
+        f"forward-equivalents vs reference: first edit {ratios['first_edit_forward_equivalents']:.3f}× "
+        f"(target ≤ {TARGET_FIRST_EDIT_RATIO}), re-edit {ratios['re_edit_forward_equivalents']:.3f}× "
+        f"(target ≤ {TARGET_RE_EDIT_RATIO})")
+    lines.append(f"wall time vs reference: first edit {ratios['first_edit_seconds']:.3f}×, "
+                 f"re-edit {ratios['re_edit_seconds']:.3f}×")
+    if report["arch"] == "zeroscope" and report["device"] != "cpu":
+        first = runs["first edit"]
+        lines.append(f"GPU targets: first edit {first['total_seconds']:.0f} s (target < "
+                     f"{TARGET_GPU_SECONDS} s), peak {first['peak_memory_gb_max']:.1f} GB "
+                     f"(target < {TARGET_GPU_PEAK_GB} GB)")
+    lines.append(f"memory: {report['memory_kind']}")
+    return "\n".join(lines)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+def main_bench(args) -> int:
+    report = run_bench(args.arch, args.random_weights, args.frames, args.width, args.height,
+                       args.device, args.dtype, args.gradient_checkpointing)
+    print(format_report(report))
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=2))
+        print(f"Wrote {args.output}.", file=sys.stderr)
+    return 0
