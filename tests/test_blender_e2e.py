@@ -143,7 +143,7 @@ def test_rejected_job_is_one_sentence_and_changes_nothing(extension_zip, clip, s
 def test_cancel_a_running_job(extension_zip, clip, slow_server, tmp_path):
     result = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": clip,
                           "address": slow_server.address, "wait": False, "cancel": True,
-                          "settings": {"steps": 200, "guided_steps": 1}}, tmp_path)
+                          "settings": {"steps": 30, "inversion_steps": 30}}, tmp_path)
     outcome = result["outcome"]
     assert outcome["ok"] and outcome["cancel"]["ok"] and outcome["collect"]["ok"], outcome
     [job] = result["jobs"]
