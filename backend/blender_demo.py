@@ -40,8 +40,6 @@ SHEET_COLUMNS = 8
 SHEET_THUMB_WIDTH = 192
 CLIP_FPS = 8
 SERVER_START_TIMEOUT_S = 300
-# The tiny model's output is noise whatever its size; a small one keeps this part quick.
-TINY_BLENDER_SETTINGS = {**TINY_DEMO_SETTINGS, "width": 256, "height": 144, "num_frames": 8}
 READY_LINE = re.compile(r"Understudy server ready on (\S+?)\.? ")
 
 
@@ -148,7 +146,7 @@ def run_blender_demo(extension_zip: Path, output_dir: Path) -> dict:
     write_video(frames, clip, fps=CLIP_FPS)
     model, why = choose_demo_model()
     print(f"Blender demo: model {model} ({why}).", flush=True)
-    settings = dict(TINY_BLENDER_SETTINGS) if model == TINY else {}
+    settings = dict(TINY_DEMO_SETTINGS) if model == TINY else {}
     with tempfile.TemporaryDirectory(prefix="understudy-demo-") as scratch:
         server, address = start_server(model, Path(scratch) / "server")
         try:

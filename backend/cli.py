@@ -55,6 +55,14 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     p("--vae-slice", type=int, default=d.vae_slice, help="frames per VAE slice")
 
 
+def settings_flags(values: dict) -> list[str]:
+    """The `transfer` flags that set these TransferSettings fields: {"num_frames": 8} → ["--frames", "8"]."""
+    parser = argparse.ArgumentParser()
+    add_settings_flags(parser)
+    flag_of = {action.dest: action.option_strings[0] for action in parser._actions}
+    return [part for name, value in values.items() for part in (flag_of[name], str(value))]
+
+
 def settings_from_args(args: argparse.Namespace, output_frames: int | None = None) -> TransferSettings:
     import dataclasses
 

@@ -11,14 +11,11 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
+from backend.cli import settings_flags
 from backend.video import write_video
 from tests.conftest import REPO_ROOT, SMALL_SETTINGS, moving_square_frames
 
-SMALL_FLAGS = [
-    "--frames", "4", "--width", "64", "--height", "64", "--steps", "3", "--guided-steps", "1",
-    "--iterations", "2", "--inversion-steps", "3",
-]
-assert len(SMALL_FLAGS) == 2 * len(SMALL_SETTINGS)
+SMALL_FLAGS = settings_flags(SMALL_SETTINGS)
 
 
 def backend(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
