@@ -147,12 +147,4 @@ class UNDERSTUDY_OT_test_connection(bpy.types.Operator):
 CLASSES = (UNDERSTUDY_OT_transfer, UNDERSTUDY_OT_cancel, UNDERSTUDY_OT_collect,
            UNDERSTUDY_OT_test_connection)
 
-
-def register() -> None:
-    for cls in CLASSES:
-        bpy.utils.register_class(cls)
-
-
-def unregister() -> None:
-    for cls in reversed(CLASSES):
-        bpy.utils.unregister_class(cls)
+register, unregister = bpy.utils.register_classes_factory(CLASSES)

@@ -76,12 +76,4 @@ class UNDERSTUDY_PT_panel(bpy.types.Panel):
 
 CLASSES = (UNDERSTUDY_UL_jobs, UNDERSTUDY_PT_panel)
 
-
-def register() -> None:
-    for cls in CLASSES:
-        bpy.utils.register_class(cls)
-
-
-def unregister() -> None:
-    for cls in reversed(CLASSES):
-        bpy.utils.unregister_class(cls)
+register, unregister = bpy.utils.register_classes_factory(CLASSES)
