@@ -208,23 +208,32 @@ def test_client_disconnects_mid_job_and_fetches_later(server, connect):
     assert len(result.frames) == 4
 
 
-def test_a_job_the_engine_refuses_fails_clearly_and_the_server_goes_on(server, connect):
+def test_settings_the_engine_cannot_run_are_rejected_at_submit(server, connect):
     client = connect(server.address)
     refused = settings(steps=2, inversion_steps=3)  # inversion must visit the sampling steps
-    try:
+    with pytest.raises(JobRejected) as caught:
         client.submit("refused", refused, clip_pngs(6))
-    except JobRejected as rejected:  # an engine that checks this at submit is fine too
-        assert rejected.code == "bad_settings"
-    else:
-        with pytest.raises(JobFailed) as caught:
-            client.wait("refused", timeout_s=WAIT_S)
-        assert caught.value.code == "bad_settings" and str(caught.value).endswith(".")
-        job = client.status("refused")
-        assert job["state"] == "failed" and job["error"]["code"] == "bad_settings"
-        with pytest.raises(JobFailed):
-            client.fetch("refused")
+    assert caught.value.code == "bad_settings" and str(caught.value).endswith(".")
+    with pytest.raises(UnknownJob):
+        client.status("refused")  # nothing was stored
     client.submit("after-refused", settings(), clip_pngs(6))
     assert len(client.wait("after-refused", timeout_s=WAIT_S).frames) == 4
+
+
+def test_a_job_that_fails_while_running_fails_clearly_and_the_server_goes_on(server, connect):
+    client = connect(server.address)
+    # 12×12 frames pass the submit checks (PNG, one size, under max_side); the worker's
+    # clip check refuses them, so the failure happens inside a running job.
+    client.submit("too-small", settings(), clip_pngs(6, width=12, height=12))
+    with pytest.raises(JobFailed) as caught:
+        client.wait("too-small", timeout_s=WAIT_S)
+    assert caught.value.code == "bad_clip" and "12×12" in str(caught.value)
+    job = client.status("too-small")
+    assert job["state"] == "failed" and job["error"]["code"] == "bad_clip"
+    with pytest.raises(JobFailed):
+        client.fetch("too-small")
+    client.submit("after-failure", settings(), clip_pngs(6))
+    assert len(client.wait("after-failure", timeout_s=WAIT_S).frames) == 4
 
 
 def test_unknown_job(server, connect):
