@@ -3,10 +3,11 @@
 
     python build.py            build the Blender extension zips (one per platform) into dist/
     python build.py package [--output-dir DIR]   the same, into DIR
-    python build.py test [ARGS] set up .venv if needed, then run pytest (ARGS go to pytest)
+    python build.py test [ARGS] set up .venv (and .venv-blender-lts, bpy 4.2 alone) if needed,
+                               then run pytest (ARGS go to pytest)
     python build.py demo       run the main job on the bundled example, then the same round
                                trip through headless Blender and the extension
-    python build.py env        only create or refresh .venv
+    python build.py env        only create or refresh the environments
 
 The virtual environment lives in `.venv` (Python 3.11, the Python of Blender 4.2-5.0).
 It is reused while the dependency lists in pyproject.toml are unchanged, and refreshed
@@ -36,6 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
+BLENDER_LTS_VENV = ROOT / ".venv-blender-lts"
 STAMP_NAME = "understudy-stamp.json"
 REQUIRED_PYTHON = (3, 11)
 DEFAULT_TORCH = "torch==2.13.0"
@@ -113,16 +115,23 @@ def run_checked(command: list[str], failure: str) -> None:
         raise BuildError(failure)
 
 
-def ensure_venv(venv: Path = VENV, root: Path = ROOT) -> Path:
-    """Create, refresh or reuse the project's virtual environment; return its python."""
-    torch_spec = os.environ.get("UNDERSTUDY_TORCH", DEFAULT_TORCH).strip()
-    wanted = wanted_stamp((root / "pyproject.toml").read_text(), torch_spec, REQUIRED_PYTHON)
+INSTALL_FAILED = (
+    "Installing the dependencies failed (pip's message is above); check the network "
+    "or package index, then run `python build.py test` again."
+)
+
+
+def prepare_environment(venv: Path, wanted: dict, install) -> Path:
+    """Create, refresh or reuse a virtual environment whose stamp should be `wanted`.
+
+    `install(pip)` installs into it, given pip's command prefix; the stamp is written
+    only after it succeeds, so an interrupted install is redone next time.
+    """
     state = venv_state(venv, wanted)
     python = venv_python(venv)
     if state == "fresh":
-        print(f"Reusing {venv} (dependencies unchanged).", flush=True)
+        print(f"Reusing {venv.name} (dependencies unchanged).", flush=True)
         return python
-
     if state == "missing":
         base = find_python311()
         print(f"Creating {venv} with {base} ...", flush=True)
@@ -136,17 +145,32 @@ def ensure_venv(venv: Path = VENV, root: Path = ROOT) -> Path:
     else:
         print(f"Dependencies changed: refreshing {venv} ...", flush=True)
     (venv / STAMP_NAME).unlink(missing_ok=True)
-
-    install_failed = (
-        "Installing the dependencies failed (pip's message is above); check the network "
-        "or package index, then run `python build.py test` again."
-    )
-    pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check"]
-    if torch_spec.lower() != "none":
-        run_checked(pip + shlex.split(torch_spec), install_failed)
-    run_checked(pip + ["-e", f"{root}[test]"], install_failed)
+    install([str(python), "-m", "pip", "install", "--disable-pip-version-check"])
     (venv / STAMP_NAME).write_text(json.dumps(wanted, indent=2))
     return python
+
+
+def ensure_venv(venv: Path = VENV, root: Path = ROOT) -> Path:
+    """The project's environment: torch first, then the project with its test extras."""
+    torch_spec = os.environ.get("UNDERSTUDY_TORCH", DEFAULT_TORCH).strip()
+    wanted = wanted_stamp((root / "pyproject.toml").read_text(), torch_spec, REQUIRED_PYTHON)
+
+    def install(pip: list[str]) -> None:
+        if torch_spec.lower() != "none":
+            run_checked(pip + shlex.split(torch_spec), INSTALL_FAILED)
+        run_checked(pip + ["-e", f"{root}[test]"], INSTALL_FAILED)
+
+    return prepare_environment(venv, wanted, install)
+
+
+def ensure_blender_lts_venv(venv: Path = BLENDER_LTS_VENV, root: Path = ROOT) -> Path:
+    """A second environment holding only Blender 4.2 LTS's bpy wheel (pyproject's
+    `blender-lts` extra): bpy 4.2 and 5.0 cannot share one environment."""
+    spec = dependency_spec((root / "pyproject.toml").read_text())
+    requirements = spec.get("optional-dependencies", {}).get("blender-lts", [])
+    wanted = {"requirements": requirements, "python": list(REQUIRED_PYTHON)}
+    return prepare_environment(venv, wanted,
+                               lambda pip: run_checked(pip + requirements, INSTALL_FAILED))
 
 
 # --------------------------------------------------------------------------- extension package
@@ -323,9 +347,12 @@ def package_extension(output_dir: Path, python: str, cache: Path = WHEEL_CACHE) 
 
 def command_test(pytest_args: list[str]) -> int:
     python = ensure_venv()
+    blender_lts_python = ensure_blender_lts_venv()
     command = [str(python), "-m", "pytest", *pytest_args]
     print("+", " ".join(command), flush=True)
-    code = subprocess.call(command, cwd=ROOT)
+    # The Blender 4.2 LTS tests run their bpy scenarios with this interpreter.
+    env = {**os.environ, "UNDERSTUDY_BLENDER_LTS_PYTHON": str(blender_lts_python)}
+    code = subprocess.call(command, cwd=ROOT, env=env)
     if code == PYTEST_NO_TESTS_COLLECTED:
         print("No tests were collected; that counts as a failure.", file=sys.stderr)
         return 1
@@ -374,6 +401,7 @@ def command_package(args: list[str]) -> int:
 
 def command_env(_: list[str]) -> int:
     ensure_venv()
+    ensure_blender_lts_venv()
     return 0
 
 

@@ -309,6 +309,7 @@ SCENARIOS = {name[len("scenario_"):]: function for name, function in globals().i
 def main() -> None:
     args = json.loads(sys.argv[-1])
     result = SCENARIOS[args["scenario"]](args)
+    result["blender_version"] = list(bpy.app.version)
     print("RESULT_JSON " + json.dumps(result, default=str), flush=True)
     if args.get("result_file"):
         Path(args["result_file"]).write_text(json.dumps(result, default=str))

@@ -41,12 +41,25 @@ def make_clip(path: Path, frames: int = 30, width: int = 160, height: int = 128)
     return path
 
 
-def run_blender(args: dict, tmp_path: Path, timeout_s: float = BLENDER_TIMEOUT_S) -> dict:
-    """Run one scenario in a fresh bpy process with its own user folder; its RESULT_JSON."""
+def blender_lts_python() -> str:
+    """The interpreter of the Blender 4.2 LTS environment that `build.py test` prepares."""
+    python = os.environ.get("UNDERSTUDY_BLENDER_LTS_PYTHON",
+                            str(REPO_ROOT / ".venv-blender-lts" / "bin" / "python"))
+    if not Path(python).exists():
+        raise AssertionError(f"No Blender 4.2 LTS environment at {python}; run the tests with "
+                             "`python build.py test`, which prepares it.")
+    return python
+
+
+def run_blender(args: dict, tmp_path: Path, timeout_s: float = BLENDER_TIMEOUT_S,
+                python: str = sys.executable) -> dict:
+    """Run one scenario in a fresh bpy process with its own user folder; its RESULT_JSON.
+
+    `python` picks the Blender: this environment's bpy (5.0), or blender_lts_python()."""
     user = tmp_path / f"blender-user-{args['scenario']}-{len(list(tmp_path.glob('blender-user-*')))}"
     user.mkdir(parents=True)
     env = {**os.environ, "BLENDER_USER_RESOURCES": str(user), "PYTHONPATH": str(REPO_ROOT)}
-    process = subprocess.run([sys.executable, str(SCENARIOS), json.dumps(args)], cwd=REPO_ROOT,
+    process = subprocess.run([python, str(SCENARIOS), json.dumps(args)], cwd=REPO_ROOT,
                              env=env, capture_output=True, text=True, timeout=timeout_s)
     for line in process.stdout.splitlines():
         if line.startswith("RESULT_JSON "):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from shared.client import Client
-from tests.blender_support import build_extension, make_clip, run_blender
+from tests.blender_support import blender_lts_python, build_extension, make_clip, run_blender
 from tests.conftest import REPO_ROOT
 from tests.server_support import ServerProcess
 
@@ -70,12 +70,22 @@ def assert_result_strip(result: dict, source_name: str, channel: int) -> dict:
     return new
 
 
-def test_trimmed_movie_strip_round_trip(extension_zip, clip, server, tmp_path):
+@pytest.fixture(params=["5.0", "4.2"])
+def blender(request) -> tuple[str, list[int]]:
+    """Which Blender runs the scenario: the bpy 5.0 wheel here, or 4.2 LTS beside it."""
+    if request.param == "5.0":
+        return sys.executable, [5, 0]
+    return blender_lts_python(), [4, 2]
+
+
+def test_trimmed_movie_strip_round_trip(extension_zip, clip, server, tmp_path, blender):
+    python, version = blender
     blend = tmp_path / "project" / "edit.blend"
     blend.parent.mkdir()
     result = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": clip,
                           "address": server.address, "save": str(blend), "blocker": True},
-                         tmp_path)
+                         tmp_path, python=python)
+    assert result["blender_version"][:2] == version
     source = next(s for s in result["before"]["strips"] if s["name"] == "source")
     assert (source["frame_offset_start"], source["frame_offset_end"]) == (3.0, 4.0)
     # Channel 3 holds a strip overlapping the source, so the result goes to 4.
@@ -90,9 +100,11 @@ def test_trimmed_movie_strip_round_trip(extension_zip, clip, server, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["meta", "scene"])
-def test_meta_and_scene_strips_as_source(extension_zip, clip, server, tmp_path, kind):
+def test_meta_and_scene_strips_as_source(extension_zip, clip, server, tmp_path, kind, blender):
+    python, version = blender
     result = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": clip,
-                          "address": server.address, "kind": kind}, tmp_path)
+                          "address": server.address, "kind": kind}, tmp_path, python=python)
+    assert result["blender_version"][:2] == version
     source_name = result["source"]
     source = next(s for s in result["before"]["strips"] if s["name"] == source_name)
     assert source["type"] == kind.upper()
