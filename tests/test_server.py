@@ -96,6 +96,12 @@ def ask(socket: zmq.Socket, frames: list[bytes]) -> dict:
 # --------------------------------------------------------------------------- happy paths
 
 
+def assert_server_still_serves(client, job_id: str) -> None:
+    """A fresh small job after a cancel or failure runs to completion."""
+    client.submit(job_id, settings(), clip_pngs(6))
+    assert len(client.wait(job_id, timeout_s=WAIT_S).frames) == 4
+
+
 def test_round_trip(server, connect):
     client = connect(server.address)
     welcome = client.hello()
@@ -175,8 +181,7 @@ def test_cancel_mid_job_frees_the_worker(server, connect):
     assert client.status("to-cancel")["state"] == "cancelled"
     with pytest.raises(JobCancelledError):
         client.fetch("to-cancel")
-    client.submit("after-cancel", settings(), clip_pngs(6))
-    assert len(client.wait("after-cancel", timeout_s=WAIT_S).frames) == 4
+    assert_server_still_serves(client, "after-cancel")
 
 
 def test_cancel_a_queued_job_and_queue_limit(server, connect):
@@ -216,8 +221,7 @@ def test_settings_the_engine_cannot_run_are_rejected_at_submit(server, connect):
     assert caught.value.code == "bad_settings" and str(caught.value).endswith(".")
     with pytest.raises(UnknownJob):
         client.status("refused")  # nothing was stored
-    client.submit("after-refused", settings(), clip_pngs(6))
-    assert len(client.wait("after-refused", timeout_s=WAIT_S).frames) == 4
+    assert_server_still_serves(client, "after-refused")
 
 
 def test_a_job_that_fails_while_running_fails_clearly_and_the_server_goes_on(server, connect):
@@ -232,8 +236,7 @@ def test_a_job_that_fails_while_running_fails_clearly_and_the_server_goes_on(ser
     assert job["state"] == "failed" and job["error"]["code"] == "bad_clip"
     with pytest.raises(JobFailed):
         client.fetch("too-small")
-    client.submit("after-failure", settings(), clip_pngs(6))
-    assert len(client.wait("after-failure", timeout_s=WAIT_S).frames) == 4
+    assert_server_still_serves(client, "after-failure")
 
 
 def test_unknown_job(server, connect):
