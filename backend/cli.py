@@ -15,8 +15,8 @@ from pathlib import Path
 
 from backend.errors import UnderstudyError
 from backend.metrics import DEFAULT_CLIP_MODEL
-from backend.settings import TransferSettings
 from backend.tracking import DEFAULT_GRID
+from shared.settings import DEFAULTS, SPECS, TransferSettings
 
 DEFAULT_MODEL = "cerspense/zeroscope_v2_576w"
 DEFAULT_CACHE = Path.home() / ".cache" / "understudy"
@@ -26,33 +26,21 @@ DEFAULT_CACHE = Path.home() / ".cache" / "understudy"
 
 
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TransferSettings field (defaults come from the dataclass)."""
-    d = TransferSettings(prompt="x")
-    p = parser.add_argument
-    p("--prompt", required=True, help="what the subject should become")
-    p("--source-prompt", default=d.source_prompt, help="describes the source clip (default empty)")
-    p("--negative-prompt", default=d.negative_prompt)
-    p("--prompt-prefix", default=d.prompt_prefix, help="prepended to both prompts")
-    p("--seed", type=int, default=None, help="random unless given; always recorded")
-    p("--frames", dest="num_frames", type=int, default=d.num_frames, help="frames fed to the model")
-    p("--start", type=int, default=None, help="first clip frame of a contiguous range "
-      "(default: sample evenly over the whole clip)")
-    p("--width", type=int, default=d.width)
-    p("--height", type=int, default=d.height)
-    p("--inversion-steps", type=int, default=d.inversion_steps,
-      help="DDIM inversion steps (the reference uses 999)")
-    p("--steps", type=int, default=d.steps)
-    p("--guided-steps", type=int, default=d.guided_steps)
-    p("--iterations", dest="guidance_iterations", type=int, default=d.guidance_iterations,
-      help="Adam iterations per guided step")
-    p("--lr-start", type=float, default=d.lr_start)
-    p("--lr-end", type=float, default=d.lr_end)
-    p("--loss", choices=("cosine", "l2"), default=d.loss)
-    p("--cfg-scale", type=float, default=d.cfg_scale)
-    p("--lowfreq-factor", type=int, default=d.lowfreq_factor)
-    p("--no-restart", dest="restart", action="store_false", help="skip restart re-noising")
-    p("--gradient-checkpointing", action="store_true", help="less GPU memory, slower guidance")
-    p("--vae-slice", type=int, default=d.vae_slice, help="frames per VAE slice")
+    """One flag per TransferSettings field that has one; names, defaults and help come
+    from shared/settings.py."""
+    for name, spec in SPECS.items():
+        if spec.flag is None:
+            continue
+        default = DEFAULTS[name]
+        if spec.kind == "bool":
+            action = "store_false" if default else "store_true"
+            parser.add_argument(spec.flag, dest=name, action=action, help=spec.help)
+        elif name == "prompt":
+            parser.add_argument(spec.flag, dest=name, required=True, help=spec.help)
+        else:
+            kind = {"int": int, "float": float}.get(spec.kind, str)
+            parser.add_argument(spec.flag, dest=name, type=kind, default=default,
+                                choices=spec.choices or None, help=spec.help)
 
 
 def settings_flags(values: dict) -> list[str]:
@@ -109,6 +97,15 @@ class ProgressBar:
             self.bar = None
 
 
+def cache_max_bytes(gigabytes: float | None) -> int | None:
+    """--cache-max-gb in bytes; None keeps the engine's default cap."""
+    if gigabytes is None:
+        return None
+    if not gigabytes > 0:
+        raise UnderstudyError(f"--cache-max-gb is {gigabytes}; give a positive size in GB.")
+    return int(gigabytes * 2**30)
+
+
 def command_transfer(args: argparse.Namespace) -> int:
     from backend.video import read_clip
 
@@ -129,12 +126,13 @@ def command_transfer(args: argparse.Namespace) -> int:
             from backend.engine import load_engine
 
             engine = load_engine(args.model, device=args.device, dtype=args.dtype,
-                                 cache_dir=Path(args.cache_dir))
+                                 cache_dir=Path(args.cache_dir),
+                                 cache_max_bytes=cache_max_bytes(args.cache_max_gb))
             result = engine.transfer(clip.frames, settings, progress=progress)
             frames, metadata = result.frames, result.metadata
     finally:
         progress.close()
-    fps = clip.fps if args.match_length else clip.fps * settings.num_frames / len(clip.frames)
+    fps = clip.fps * len(frames) / len(clip.frames)  # the clip's duration, whatever the count
     write_outputs(frames, metadata, output, fps,
                   Path(args.frames_dir) if args.frames_dir else None)
     print(f"Wrote {output} ({len(frames)} frames) and {sidecar_path(output)}; "
@@ -288,6 +286,9 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                         help="default: fp16 on CUDA, fp32 on CPU")
     parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE),
                         help="where inversions are cached (default: %(default)s)")
+    parser.add_argument("--cache-max-gb", type=float, default=None,
+                        help="the inversion cache's size cap; the least recently used "
+                             "inversions are deleted beyond it (default: 20)")
 
 
 def build_parser() -> argparse.ArgumentParser:

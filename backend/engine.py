@@ -55,9 +55,9 @@ from backend.inversion import (
     ddim_invert,
 )
 from backend.model import Components, load_components
-from backend.settings import TransferSettings
 from backend.video import resize_frames, retime_frames, sample_indices
 from backend.windows import Window, blend_windowed, place_windows, window_slice
+from shared.settings import TransferSettings
 
 ProgressCallback = Callable[[str, int, int], None]
 """progress(phase, step, total); phases in order: "encode", "invert", "features", "sample",
@@ -71,10 +71,6 @@ OUT_OF_MEMORY = (
     "The GPU ran out of memory; try --gradient-checkpointing, fewer --frames, a smaller "
     "--vae-slice or a smaller --width/--height, or stop other programs using the GPU."
 )
-# Interim defaults until the window settings are TransferSettings fields.
-MODEL_WINDOW_FRAMES = 24  # ZeroScope's training clip length
-WINDOW_OVERLAP = 8
-FRAME_LIMIT = 240
 
 
 @dataclass
@@ -105,9 +101,9 @@ class Engine:
     """
 
     def __init__(self, components: Components, cache_dir: Path | None = None,
-                 cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES) -> None:
+                 cache_max_bytes: int | None = None) -> None:
         self.components = components
-        self.cache = InversionCache(cache_dir, cache_max_bytes)
+        self.cache = InversionCache(cache_dir, cache_max_bytes or DEFAULT_CACHE_MAX_BYTES)
         self.unet_passes: Counter[tuple[str, str]] = Counter()
 
     def describe(self) -> dict[str, Any]:
@@ -138,7 +134,7 @@ class Engine:
         indices = sample_indices(len(clip_frames), frames_to_edit(settings, len(clip_frames)),
                                  settings.start)
         frames = resize_frames(clip_frames[indices], settings.width, settings.height)
-        windows = place_windows(len(frames), *_window_shape(settings))
+        windows = place_windows(len(frames), settings.window_frames, settings.window_overlap)
         timings: dict[str, float] = {}
         try:
             with _timed(timings, "encode_invert"):
@@ -160,6 +156,7 @@ class Engine:
             "device": str(self.components.device),
             "dtype": str(self.components.dtype).removeprefix("torch."),
             "input_frame_indices": indices.tolist(),
+            "guided_steps": settings.guided_step_count(),
             "windows": [list(window) for window in windows],
             "inversion_from_cache": from_cache,
             "timings_s": {name: round(value, 3) for name, value in timings.items()},
@@ -196,7 +193,7 @@ class Engine:
         computed and cached."""
         c = self.components
         sampling = _timesteps(c.scheduler, settings.steps)
-        guided = sampling[: settings.guided_steps]
+        guided = sampling[: settings.guided_step_count()]
         key = cache_key(frames, {
             "model": c.model_id, "dtype": str(c.dtype), "source_prompt": _full_prompt(settings, settings.source_prompt),
             "inversion_steps": settings.inversion_steps, "steps": settings.steps,
@@ -273,6 +270,7 @@ class Engine:
         source_embedding = None if procedure.cache_source_features else self._embed(
             [_full_prompt(settings, settings.source_prompt)])
         learning_rates = settings.guidance_learning_rates()
+        guided_steps = len(learning_rates)
 
         # 3a. The initial latent: low frequencies of z₀ re-noised to t₀, high ones fresh.
         alphas = c.scheduler.alphas_cumprod
@@ -293,7 +291,7 @@ class Engine:
                 report("sample", index * len(windows) + k + 1, total)
 
             # 3b. Guidance: Adam on x_t towards the source's SMM-difference pattern.
-            if index < settings.guided_steps:
+            if index < guided_steps:
                 if procedure.cache_source_features:
                     source_features = source.features[timestep]
                 else:
@@ -483,7 +481,7 @@ class _Reporter:
 def frames_to_edit(settings: TransferSettings, clip_length: int) -> int:
     """How many frames the model edits: `num_frames` if set, else the whole clip; never
     more than the frame limit (BadClipError with one sentence)."""
-    limit = getattr(settings, "frame_limit", FRAME_LIMIT)
+    limit = settings.frame_limit
     count = settings.num_frames if settings.num_frames is not None else clip_length
     if count > limit:
         raise BadClipError(
@@ -492,12 +490,6 @@ def frames_to_edit(settings: TransferSettings, clip_length: int) -> int:
             f"with --frame-limit."
         )
     return count
-
-
-def _window_shape(settings: TransferSettings) -> tuple[int, int]:
-    """(window frames, overlap) for this edit."""
-    return (getattr(settings, "window_frames", MODEL_WINDOW_FRAMES),
-            getattr(settings, "window_overlap", WINDOW_OVERLAP))
 
 
 @contextmanager
@@ -523,7 +515,8 @@ def _full_prompt(settings: TransferSettings, prompt: str) -> str:
 
 def load_engine(
     model: str, device: str | None = None, dtype: str | None = None, cache_dir: Path | None = None,
-    cache_max_bytes: int = DEFAULT_CACHE_MAX_BYTES,
+    cache_max_bytes: int | None = None,
 ) -> Engine:
-    """Load a model ("tiny", a hub id, or a local diffusers folder) once."""
+    """Load a model ("tiny", a hub id, or a local diffusers folder) once; the inversion
+    cache keeps at most `cache_max_bytes` (default DEFAULT_CACHE_MAX_BYTES)."""
     return Engine(load_components(model, device, dtype), cache_dir, cache_max_bytes)

@@ -464,7 +464,7 @@ class Server:
 
     def _submit(self, client: str, owner: str | None, header: dict[str, Any],
                 payload: list[bytes]) -> dict[str, Any]:
-        from backend.settings import TransferSettings
+        from shared.settings import TransferSettings
 
         job_id = protocol.check_job_id(header.get("job_id"))
         try:
@@ -678,8 +678,8 @@ class Server:
 
     def _run_job(self, job: Job, notify) -> None:
         """Run one job on the engine and record how it ended (worker thread)."""
-        from backend.settings import TransferSettings
         from backend.video import check_frames, decode_pngs, encode_png
+        from shared.settings import TransferSettings
 
         def progress(phase: str, step: int, total: int) -> None:
             job.phase, job.step, job.total = phase, step, total
