@@ -333,3 +333,28 @@ def test_inversion_cache_keeps_the_most_recently_used_files_within_its_cap(tmp_p
     cache.max_bytes = 0  # the file just written stays even alone over the cap
     cache.save("d", state(4.0))
     assert [p.name for p in tmp_path.glob("*.safetensors")] == ["inversion-d.safetensors"]
+
+
+def test_guidance_scales_the_loss_before_backward_where_fp16_gradients_could_underflow(engine,
+                                                                                       monkeypatch):
+    """On CUDA in fp16 the loss is scaled (GradScaler) before each window's backward. The
+    CPU GradScaler runs the same code: the scale is a power of two, so the step is the
+    same as unscaled, and every window's loss went through the scaler."""
+    windows = [(0, 4), (2, 6)]
+    latent, text, source = guidance_problem(engine, 6, windows)
+    settings = small(guidance_iterations=3)
+    plain = engine._guide(latent, 900, text, source, windows, 0.05, settings, Procedure(), _no_report())
+    scaled_losses = []
+    real_scaler = torch.amp.GradScaler
+
+    class SpyScaler(real_scaler):
+        def scale(self, outputs):
+            scaled = super().scale(outputs)
+            scaled_losses.append(scaled.item() / outputs.item())
+            return scaled
+
+    monkeypatch.setattr(torch.amp, "GradScaler", SpyScaler)
+    monkeypatch.setattr(engine, "_scales_loss", lambda: True)
+    scaled = engine._guide(latent, 900, text, source, windows, 0.05, settings, Procedure(), _no_report())
+    assert len(scaled_losses) == 3 * len(windows) and min(scaled_losses) > 1000
+    assert torch.allclose(scaled, plain, atol=1e-6)
