@@ -348,6 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default=None)
     bench.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default=None)
     bench.add_argument("--gradient-checkpointing", action="store_true")
+    bench.add_argument("--scaling", action="store_true",
+                       help="clip-length scaling instead: one edit per length in --lengths")
+    bench.add_argument("--lengths", default=None,
+                       help="--scaling clip lengths, comma-separated (default: 24,48,96,240)")
     bench.add_argument("-o", "--output", help="write the JSON report here")
     bench.set_defaults(func=command_bench)
 
