@@ -220,7 +220,8 @@ class Engine:
 
         with torch.no_grad():
             inverted = ddim_invert(inversion_eps, source_latent, inversion, c.scheduler.alphas_cumprod,
-                                   float(c.scheduler.final_alpha_cumprod))
+                                   float(c.scheduler.final_alpha_cumprod),
+                                   keep={*sampling, inversion[-1]})
         state = SourceState(
             source_latent=source_latent,
             inverted={t: inverted[t] for t in sampling},

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +43,7 @@ def ddim_invert(
     alphas_cumprod: torch.Tensor,
     final_alpha_cumprod: float,
     on_step: Callable[[int, int], None] | None = None,
+    keep: Collection[int] | None = None,
 ) -> dict[int, torch.Tensor]:
     """Deterministic DDIM inversion, as in the reference (and Plug-and-Play before it).
 
@@ -51,7 +52,9 @@ def ddim_invert(
         ε   = step_eps(x, t_i)
         x̂₀  = (x − √(1 − ᾱ_prev)·ε) / √ᾱ_prev
         x   ← √ᾱ_{t_i}·x̂₀ + √(1 − ᾱ_{t_i})·ε
-    Returns {t_i: x after step i} for every t_i (on the input's device and dtype).
+    Returns {t_i: x after step i} for every t_i in `keep` (default: all), on the
+    input's device and dtype; keeping only what is read bounds memory for long clips
+    and fine grids.
     """
     latent = source_latent
     alpha_prev = final_alpha_cumprod
@@ -61,7 +64,8 @@ def ddim_invert(
         eps = step_eps(latent, timestep).float()
         x0 = (latent.float() - (1 - alpha_prev) ** 0.5 * eps) / alpha_prev**0.5
         latent = (alpha**0.5 * x0 + (1 - alpha) ** 0.5 * eps).to(source_latent.dtype)
-        out[timestep] = latent
+        if keep is None or timestep in keep:
+            out[timestep] = latent
         alpha_prev = alpha
         if on_step is not None:
             on_step(index + 1, len(timesteps))

@@ -120,3 +120,24 @@ def test_restart_renoise_applies_single_ddpm_transitions():
     result = restart_renoise(latent, betas, t_next=1, count=2, generator=generator)
     assert torch.allclose(result, expected, atol=1e-6)
     assert torch.equal(restart_renoise(latent, betas, t_next=1, count=0), latent)
+
+
+def test_ddim_inversion_steps_hand_computed_and_keeps_only_what_is_asked():
+    from backend.inversion import ddim_invert
+
+    alphas = torch.tensor([1.0, 0.9, 0.7, 0.5])
+    x = torch.tensor([2.0, -1.0])
+    calls = []
+
+    def constant_eps(latent, timestep):
+        calls.append(timestep)
+        return torch.full_like(latent, 0.5)
+
+    out = ddim_invert(constant_eps, x, [1, 3], alphas, final_alpha_cumprod=1.0)
+    # Step 1 (ᾱ_prev = 1): x̂₀ = x, x₁ = √0.9·x + √0.1·0.5. Step 2: x̂₀ = x again (same ε),
+    # x₃ = √0.5·x + √0.5·0.5.
+    assert torch.allclose(out[1], math.sqrt(0.9) * x + math.sqrt(0.1) * 0.5)
+    assert torch.allclose(out[3], math.sqrt(0.5) * x + math.sqrt(0.5) * 0.5)
+    assert calls == [1, 3]
+    kept = ddim_invert(constant_eps, x, [1, 3], alphas, final_alpha_cumprod=1.0, keep={3})
+    assert list(kept) == [3] and torch.equal(kept[3], out[3])
