@@ -214,7 +214,8 @@ def run_scaling(
             0, 255, (length, settings.height, settings.width, 3), dtype=np.uint8)
         run = run_once(engine, f"{length} frames", clip, settings, Procedure(use_cache=False), share)
         windows = len(place_windows(length, settings.window_frames, settings.window_overlap))
-        rows.append({"frames": length, "windows": windows, "seconds": run.total("seconds"),
+        rows.append({"frames": length, "windows": windows, "phase_seconds": run.seconds,
+                     "seconds": run.total("seconds"),
                      "forward_equivalents": run.total("forward_equivalents"),
                      "peak_memory_gb": run.total("peak_memory_gb")})
     base = rows[0]
