@@ -232,10 +232,11 @@ class Engine:
         if procedure.cache_source_features:
             with torch.no_grad():
                 for index, timestep in enumerate(guided):
-                    state.features[timestep] = [
-                        self._source_features(state, timestep, source_embedding, window, report)
-                        for window in windows]
-                    report("features", (index + 1) * len(windows), len(guided) * len(windows))
+                    state.features[timestep] = []
+                    for k, window in enumerate(windows):
+                        state.features[timestep].append(
+                            self._source_features(state, timestep, source_embedding, window, report))
+                        report("features", index * len(windows) + k + 1, len(guided) * len(windows))
         if procedure.use_cache:
             self.cache.save(key, state)
         return state, False

@@ -289,9 +289,10 @@ def test_progress_counts_windows_and_cancel_stops_between_windows(engine):
     engine.transfer(clip, settings, progress=lambda *e: events.append(e))
     steps = SMALL_SETTINGS["steps"]
     assert [e for e in events if e[0] == "sample"] == [("sample", i, 2 * steps) for i in range(2 * steps + 1)]
-    assert [e for e in events if e[0] == "invert"] == [
-        ("invert", i, 2 * SMALL_SETTINGS["inversion_steps"])
-        for i in range(1, 2 * SMALL_SETTINGS["inversion_steps"] + 1)]
+    for phase, steps_of_phase in (("invert", SMALL_SETTINGS["inversion_steps"]),
+                                  ("features", SMALL_SETTINGS["guided_steps"])):
+        assert [e for e in events if e[0] == phase] == [
+            (phase, i, 2 * steps_of_phase) for i in range(1, 2 * steps_of_phase + 1)]
 
     seen = []
     engine.unet_passes.clear()
