@@ -289,6 +289,7 @@ class Engine:
             is_last = index == len(timesteps) - 1
             restarts = settings.restart and not is_last
 
+            # Progress counts windows: the step's last model sweep reports each one.
             def step_done(k: int, index: int = index) -> None:
                 report("sample", index * len(windows) + k + 1, total)
 

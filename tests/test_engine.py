@@ -106,10 +106,10 @@ def test_inversion_then_unguided_sampling_reconstructs_the_source(engine):
 
 def test_cache_hit_runs_no_inversion_or_source_feature_passes(engine):
     frames = moving_square_frames(6, 80, 64)
-    first = engine.transfer(frames, small(prompt="a blue bus"))
+    first = engine.transfer(frames, small(prompt="a blue bus", source_prompt="a cache test"))
     assert first.metadata["inversion_from_cache"] is False
     engine.unet_passes.clear()
-    second = engine.transfer(frames, small(prompt="a horse", seed=9))
+    second = engine.transfer(frames, small(prompt="a horse", seed=9, source_prompt="a cache test"))
     assert second.metadata["inversion_from_cache"] is True
     assert engine.unet_passes["invert", "full"] == 0
     assert engine.unet_passes["features", "truncated"] == 0
@@ -135,7 +135,8 @@ def test_result_shape_sidecar_and_seed(engine):
 def test_progress_phases_in_order_and_cancel_between_steps(engine):
     frames = moving_square_frames(4, 64, 64)
     events = []
-    engine.transfer(frames, small(prompt="a cow", seed=1), progress=lambda *e: events.append(e))
+    engine.transfer(frames, small(prompt="a cow", seed=1, source_prompt="phases in order"),
+                    progress=lambda *e: events.append(e))
     phases = list(dict.fromkeys(phase for phase, _, _ in events))
     assert phases == ["encode", "invert", "features", "sample", "decode"]
     assert ("sample", 3, 3) in events
