@@ -286,9 +286,6 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                         help="default: fp16 on CUDA, fp32 on CPU")
     parser.add_argument("--cache-dir", default=str(DEFAULT_CACHE),
                         help="where inversions are cached (default: %(default)s)")
-    parser.add_argument("--cache-max-gb", type=float, default=None,
-                        help="the inversion cache's size cap; the least recently used "
-                             "inversions are deleted beyond it (default: 20)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -309,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_argument("--timeout", type=float, default=10.0,
                           help="seconds to wait for the --server to answer (default: %(default)s)")
     add_model_flags(transfer)
+    transfer.add_argument("--cache-max-gb", type=float, default=None,
+                          help="the inversion cache's size cap; the least recently used "
+                               "inversions are deleted beyond it (default: 20)")
     add_settings_flags(transfer)
     transfer.set_defaults(func=command_transfer)
 

@@ -97,6 +97,9 @@ def test_bad_settings_and_outputs_end_in_one_sentence(tmp_path, clip_path):
     result = backend("transfer", str(clip_path), "--prompt", "x", "--model", "tiny",
                      "-o", str(tmp_path / "o.avi"))
     assert_one_sentence_error(result, "must end in .mp4")
+    result = backend("transfer", str(clip_path), "--prompt", "x", "--model", "tiny",
+                     "--cache-max-gb", "-1", "-o", str(tmp_path / "o.mp4"))
+    assert_one_sentence_error(result, "--cache-max-gb is -1.0; give a positive size")
 
 
 def test_missing_weights_name_the_fetch_command(tmp_path, clip_path):
