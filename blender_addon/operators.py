@@ -9,6 +9,7 @@ import bpy
 from bpy.props import BoolProperty, StringProperty
 
 from . import compat, jobs, link, plan, props
+from .batches import TICK_BUDGET_S
 
 
 def has_sequencer(context) -> bool:
@@ -31,15 +32,22 @@ class UNDERSTUDY_OT_transfer(bpy.types.Operator):
 
     def execute(self, context):
         try:
-            job = jobs.start(context, self.prompt)
+            session = jobs.start(context, self.prompt,
+                                 tick_budget_s=None if bpy.app.background else TICK_BUDGET_S)
         except plan.UserError as error:
             self.report({"ERROR"}, str(error))
             return {"CANCELLED"}
-        job_id = job.job_id
+        job_id = session.job_id
         if not bpy.app.background:
-            jobs.follow()
-            self.report({"INFO"}, f"Submitted {job_id}; the result lands above the source.")
+            jobs.render_in_batches(session)
+            self.report({"INFO"}, f"Rendering {session.renderer.total} frames for {job_id}; the "
+                                  f"result lands above the source.")
             return {"FINISHED"}
+        try:
+            jobs.render_blocking(session)
+        except plan.UserError as error:
+            self.report({"ERROR"}, str(error))
+            return {"CANCELLED"}
         if not self.wait:
             return {"FINISHED"}
         scene, job = jobs.find_job(job_id)
@@ -63,7 +71,7 @@ def chosen_job(context, job_id: str):
         return scene, job
     scene = compat.sequencer_scene(context)
     for job in reversed(scene.understudy_jobs):
-        if job.active:
+        if job.in_progress:
             return scene, job
     raise plan.UserError("No Understudy job is running in this scene.")
 
@@ -97,12 +105,20 @@ class UNDERSTUDY_OT_collect(bpy.types.Operator):
                        description="Background mode only: block until every job has ended")
 
     def execute(self, context):
+        ended = {"done": 0, "cancelled": 0, "failed": 0}
+        # Results that came back but could not be placed: place them now (no waiting).
+        for scene, job in jobs.unplaced_jobs():
+            try:
+                jobs.collect_again(scene, job)
+            except plan.UserError as error:
+                self.report({"WARNING"}, f"{job.job_id}: {error}")
+            else:
+                ended["done"] += 1
         pending = jobs.active_jobs()
         if not bpy.app.background:
             jobs.follow()
             return {"FINISHED"}
         timeout = props.preferences(context).job_timeout_s
-        ended = {"done": 0, "cancelled": 0, "failed": 0}
         for job_id in [job.job_id for _, job in pending]:
             scene, job = jobs.find_job(job_id)
             try:
@@ -116,7 +132,7 @@ class UNDERSTUDY_OT_collect(bpy.types.Operator):
                     return {"CANCELLED"}
             if job.status in ended:
                 ended[job.status] += 1
-            if job.status == "failed":
+            if job.status in ("failed", plan.UNPLACED):
                 self.report({"WARNING"}, f"{job.job_id}: {job.message}")
         self.report({"INFO"}, ", ".join(f"{count} {state}" for state, count in ended.items()))
         return {"FINISHED"}

@@ -17,7 +17,8 @@ import bpy
 
 ADDON = "bl_ext.user_default.understudy"
 # Settings that make the tiny model finish a job in seconds on a CPU.
-SMALL_SETTINGS = {"num_frames": 4, "width": 64, "height": 64, "steps": 3, "guided_steps": 1,
+# (Every visible frame of the strip is sent; the panel has no frame count.)
+SMALL_SETTINGS = {"width": 64, "height": 64, "steps": 3, "guided_steps": 1,
                   "guidance_iterations": 1, "inversion_steps": 3}
 
 
