@@ -90,7 +90,7 @@ def start(context, prompt: str = "", tick_budget_s: float | None = None) -> Rend
     except plan.UserError:
         link.forget(config)
         raise
-    frames = plan.frames_to_render(span, plan.server_frame_limit(hello))
+    frames = plan.frames_to_render(span, plan.server_frame_limit(hello), repr(strip.name))
     plan.check_server_limits(hello, settings, size)
 
     job = scene.understudy_jobs.add()

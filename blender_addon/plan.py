@@ -131,14 +131,14 @@ def result_channel(source: Span, source_name: str, others: list[Neighbour],
                     f"{then}.")
 
 
-def frames_to_render(span: Span, max_frames: int) -> list[int]:
+def frames_to_render(span: Span, max_frames: int, name: str = "The strip") -> list[int]:
     """Timeline frames to render: every visible frame of the strip, each one sent.
 
     The result has one generated frame per source frame, so nothing is sampled; a strip
     longer than the server's frame limit is refused before anything is rendered.
     """
     if span.length > max_frames:
-        raise UserError(f"The strip shows {span.length} frames and the server edits at most "
+        raise UserError(f"{name} shows {span.length} frames and the server edits at most "
                         f"{max_frames} frames per job; trim the strip or cut it into parts of "
                         f"{max_frames} frames or fewer.")
     return list(range(span.start, span.end))

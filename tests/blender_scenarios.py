@@ -9,8 +9,10 @@ the caller), does its work, and prints one line `RESULT_JSON {...}` for the test
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
+import time
 from pathlib import Path
 
 import bpy
@@ -61,7 +63,15 @@ def movie_strip(scene, clip: str, channel: int = 2, start: int = 1, trim: tuple 
 def strip_state(strip) -> dict:
     state = {name: getattr(strip, name) for name in (
         "name", "type", "channel", "frame_start", "frame_final_start", "frame_final_end",
-        "frame_final_duration", "frame_offset_start", "frame_offset_end", "mute", "select")}
+        "frame_final_duration", "frame_offset_start", "frame_offset_end", "mute", "select",
+        "blend_type", "blend_alpha")}
+    if hasattr(strip, "transform"):  # how it sits on the canvas (the render changes it for a while)
+        transform, crop = strip.transform, strip.crop
+        state["transform"] = [round(value, 4) for value in (
+            transform.scale_x, transform.scale_y, transform.offset_x, transform.offset_y,
+            transform.rotation)]
+        state["crop"] = [crop.min_x, crop.max_x, crop.min_y, crop.max_y]
+        state["flip"] = [strip.use_flip_x, strip.use_flip_y]
     for name in ("filepath", "directory"):
         if hasattr(strip, name):
             state[name] = getattr(strip, name)
@@ -87,9 +97,23 @@ def scene_state(scene) -> dict:
 
 
 def job_state(job) -> dict:
-    return {name: getattr(job, name) for name in (
-        "job_id", "prompt", "status", "message", "seed", "result_strip", "frames_dir",
+    state = {name: getattr(job, name) for name in (
+        "job_id", "prompt", "status", "phase", "message", "seed", "result_strip", "frames_dir",
         "channel", "frame_start", "length")}
+    state["frames_path"] = bpy.path.abspath(job.frames_dir)
+    state["summary"] = job.sidecar_summary()
+    return state
+
+
+def new_effect(scene, name: str, kind: str, channel: int, start: int, length: int, **inputs):
+    """An effect strip in either Blender (5.0 renamed frame_end to length and seq1 to input1)."""
+    collection = strips(scene)
+    names = [p.identifier for p in collection.bl_rna.functions["new_effect"].parameters]
+    if "length" in names:
+        return collection.new_effect(name, kind, channel, start, length=length, **inputs)
+    return collection.new_effect(name, kind, channel, start, frame_end=start + length,
+                                 **{key.replace("input", "seq"): value
+                                    for key, value in inputs.items()})
 
 
 def run_operator(operator, **kwargs) -> dict:
@@ -141,7 +165,7 @@ def scenario_transfer(args: dict) -> dict:
     configure(args)
     scene = bpy.context.scene
     small_settings(scene, args.get("settings"))
-    source = movie_strip(scene, args["clip"])
+    source = movie_strip(scene, args["clip"], trim=tuple(args.get("trim", (3, 4))))
     if args.get("blocker"):  # a strip right above the source: the result must skip it
         strips(scene).new_movie("blocker", args["clip"], source.channel + 1, 10)
     kind = args.get("kind", "movie")
@@ -166,6 +190,13 @@ def scenario_transfer(args: dict) -> dict:
         holder.frame_offset_start, holder.frame_offset_end = 2, 5
         scene.sequence_editor.active_strip = holder
         source = holder
+    elif kind == "color":
+        source.mute = True
+        source = new_effect(scene, "colour", "COLOR", 3, 1, 20)
+        scene.sequence_editor.active_strip = source
+    if args.get("fill_above"):  # every channel above the source busy over its range
+        for channel in range(source.channel + 1, 129):
+            new_effect(scene, f"busy {channel}", "COLOR", channel, 1, 40)
     if args.get("save"):
         bpy.ops.wm.save_as_mainfile(filepath=args["save"])
     before = scene_state(scene)
@@ -175,26 +206,59 @@ def scenario_transfer(args: dict) -> dict:
     if args.get("cancel"):
         outcome["cancel"] = run_operator(bpy.ops.understudy.cancel)
         outcome["collect"] = run_operator(bpy.ops.understudy.collect)
+    if args.get("kill_pid"):  # the server dies while the job runs
+        import os
+        import signal
+
+        os.kill(args["kill_pid"], signal.SIGKILL)
+        outcome["collect"] = run_operator(bpy.ops.understudy.collect)
+        job = scene.understudy_jobs[-1]
+        extra = {"progress": importlib.import_module(f"{ADDON}.plan").progress_text(
+            job.status, job.phase, job.percent)}
+    else:
+        extra = {}
+    if args.get("block_then_collect"):  # the result's channel is taken while the job runs
+        blocker = new_effect(scene, "late blocker", "COLOR", source.channel + 1, 1, 40)
+        outcome["blocked"] = run_operator(bpy.ops.understudy.collect)
+        outcome["blocked_job"] = job_state(scene.understudy_jobs[-1])
+        strips(scene).remove(blocker)
+        outcome["collect"] = run_operator(bpy.ops.understudy.collect)
     if args.get("save_after"):
         bpy.ops.wm.save_as_mainfile(filepath=args["save_after"])
-    return finish(scene, before, outcome, source=source_name)
+    return finish(scene, before, outcome, source=source_name, **extra)
+
+
+def untouched(state: dict) -> dict:
+    return {key: value for key, value in state.items() if key != "jobs"}
 
 
 def scenario_interface_polling(args: dict) -> dict:
-    """The interface's path: submit, then run the timer function the way Blender's timer
-    would (timers never fire in background mode, so the scenario ticks it itself)."""
-    import importlib
-    import time
-
+    """The interface's path: render in batches from the render timer, submit, then follow
+    the job from the polling timer, each ticked the way Blender's timers would (timers
+    never fire in background mode, so the scenario calls the timer functions itself).
+    Then a second transfer is cancelled between two batches."""
     install(args["zip"])
     jobs = importlib.import_module(f"{ADDON}.jobs")
+    batches = importlib.import_module(f"{ADDON}.batches")
     configure(args)
     scene = bpy.context.scene
     small_settings(scene, args.get("settings"))
     movie_strip(scene, args["clip"])
     before = scene_state(scene)
-    outcome = run_operator(bpy.ops.understudy.transfer, prompt="a red fox", wait=False)
-    jobs.follow()
+    session = jobs.start(bpy.context, "a red fox", tick_budget_s=batches.TICK_BUDGET_S)
+    jobs.render_in_batches(session)
+    render_timer = bpy.app.timers.is_registered(jobs.render_tick)
+    ticks = []
+    while True:
+        started = time.perf_counter()
+        interval = jobs.render_tick()
+        job = scene.understudy_jobs[0]
+        ticks.append({"seconds": time.perf_counter() - started, "status": job.status,
+                      "percent": job.percent, "frames": session.renderer.done,
+                      "scene_as_before": untouched(scene_state(scene)) == untouched(before)})
+        if interval is None:
+            break
+    outcome = {"ok": scene.understudy_jobs[0].status == "submitted"}
     timer_registered = bpy.app.timers.is_registered(jobs.poll_once)
     seen = []
     deadline = time.monotonic() + 120
@@ -202,7 +266,21 @@ def scenario_interface_polling(args: dict) -> dict:
         job = scene.understudy_jobs[0]
         seen.append([job.status, job.phase, round(job.percent)])
         time.sleep(jobs.POLL_INTERVAL_S)
-    return finish(scene, before, outcome, timer_registered=timer_registered, seen=seen)
+    result = finish(scene, before, outcome, timer_registered=timer_registered,
+                    render_timer=render_timer, ticks=ticks, seen=seen)
+    # Cancel between batches: one batch rendered, then Cancel, then the next tick.
+    second = jobs.start(bpy.context, "a blue fox", tick_budget_s=batches.TICK_BUDGET_S)
+    jobs.render_in_batches(second)
+    jobs.render_tick()
+    rendered_before_cancel = second.renderer.done
+    cancel = run_operator(bpy.ops.understudy.cancel)
+    after_cancel = jobs.render_tick()
+    cancelled = job_state(scene.understudy_jobs[-1])
+    result["cancel"] = {"outcome": cancel, "rendered": rendered_before_cancel,
+                        "total": second.renderer.total, "tick_after": after_cancel,
+                        "job": cancelled,
+                        "folder_left": Path(cancelled["frames_path"]).exists()}
+    return result
 
 
 class FakeLayout:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -27,6 +28,12 @@ def clip(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
+def long_clip(tmp_path_factory) -> str:
+    return str(make_clip(tmp_path_factory.mktemp("long-clip") / "walk60.mp4", frames=60,
+                         width=64, height=64))
+
+
+@pytest.fixture(scope="module")
 def server(tmp_path_factory):
     process = ServerProcess(tmp_path_factory.mktemp("server") / "state").start()
     yield process
@@ -40,6 +47,11 @@ def slow_server(tmp_path_factory):
                             "--test-step-delay", "0.5").start()
     yield process
     process.stop()
+
+
+def jobs_on(server: ServerProcess) -> set[str]:
+    """The jobs the server has accepted (its state folder holds one folder per job)."""
+    return {path.name for path in (server.state_dir / "jobs").iterdir()}
 
 
 def closed_port_address() -> str:
@@ -96,7 +108,42 @@ def test_trimmed_movie_strip_round_trip(extension_zip, clip, server, tmp_path, b
     assert [f.name for f in frames] == new["elements"]
     assert len(frames) == source["frame_final_duration"] == 23
     assert frames[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The server's sidecar is kept beside the frames, and the panel's summary reads it.
+    sidecar = json.loads((blend.parent / "understudy" / job_id / "sidecar.json").read_text())
+    assert sidecar["model"] == "tiny" and str(sidecar["seed"]) == result["jobs"][0]["seed"]
+    assert "timings_s" in sidecar and "inversion_from_cache" in sidecar
+    assert result["jobs"][0]["summary"].startswith(f"model tiny, seed {sidecar['seed']}, 3 steps")
+    assert not (blend.parent / "understudy" / job_id / "source").exists()  # frames sent: gone
     assert_source_unchanged(result)
+
+
+def test_sixty_frame_strip_gives_sixty_generated_frames(extension_zip, long_clip, server,
+                                                        tmp_path):
+    result = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": long_clip,
+                          "address": server.address, "trim": [0, 0]}, tmp_path)
+    new = assert_result_strip(result, "source", channel=3)
+    assert new["frame_final_duration"] == 60
+    folder = Path(result["jobs"][0]["frames_path"])
+    files = [folder / name for name in new["elements"]]
+    assert len(files) == 60
+    # One generated frame per source frame: no frame is held (held frames are identical).
+    assert len({file.read_bytes() for file in files}) == 60
+    assert_source_unchanged(result)
+
+
+def test_strip_over_the_servers_frame_limit_is_one_sentence_before_rendering(
+        extension_zip, clip, tmp_path):
+    limited = ServerProcess(tmp_path / "limited", "--max-frames", "20").start()
+    try:
+        result = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": clip,
+                              "address": limited.address}, tmp_path)
+        assert jobs_on(limited) == set()  # nothing reached the server
+    finally:
+        limited.stop()
+    error = result["outcome"]["error"].strip()
+    assert error == ("Error: 'source' shows 23 frames and the server edits at most 20 frames per "
+                     "job; trim the strip or cut it into parts of 20 frames or fewer.")
+    assert result["after"] == result["before"] and result["new_strips"] == []
 
 
 @pytest.mark.parametrize("kind", ["meta", "scene"])
@@ -115,14 +162,28 @@ def test_meta_and_scene_strips_as_source(extension_zip, clip, server, tmp_path, 
     assert_source_unchanged(result)
 
 
-def test_interface_polling_follows_progress_and_adds_the_strip(extension_zip, clip, server,
-                                                               tmp_path):
+def test_interface_renders_in_batches_then_follows_progress(extension_zip, clip, server,
+                                                            tmp_path):
+    jobs_before = jobs_on(server)
     result = run_blender({"scenario": "interface_polling", "zip": extension_zip, "clip": clip,
                           "address": server.address}, tmp_path)
-    assert result["timer_registered"]
+    ticks = result["ticks"]
+    assert result["render_timer"] and result["timer_registered"]
+    # The first tick renders one frame: the bar moves (and Cancel answers) from the start.
+    assert ticks[0]["frames"] == 1 and ticks[0]["percent"] == pytest.approx(100 / 23)
+    assert [tick["frames"] for tick in ticks] == sorted(tick["frames"] for tick in ticks)
+    assert len(ticks) > 2 and ticks[-1]["status"] == "submitted"
+    # Between ticks the scene is as the editor left it (nothing muted, nothing moved).
+    assert all(tick["scene_as_before"] for tick in ticks)
     assert_result_strip(result, "source", channel=3)
     assert any(status == "running" for status, _, _ in result["seen"]), result["seen"]
     assert_source_unchanged(result)
+    # Cancelled after its first batch: stopped before the next, nothing sent or kept.
+    cancel = result["cancel"]
+    assert cancel["outcome"]["ok"] and cancel["rendered"] == 1 < cancel["total"]
+    assert cancel["tick_after"] is None and cancel["job"]["status"] == "cancelled"
+    assert not cancel["folder_left"]
+    assert len(jobs_on(server) - jobs_before) == 1  # the first job only
 
 
 def test_server_down_is_one_sentence_and_changes_nothing(extension_zip, clip, tmp_path):
