@@ -217,11 +217,13 @@ def scenario_transfer(args: dict) -> dict:
             job.status, job.phase, job.percent)}
     else:
         extra = {}
-    if args.get("block_then_collect"):  # the result's channel is taken while the job runs
-        blocker = new_effect(scene, "late blocker", "COLOR", source.channel + 1, 1, 40)
+    if args.get("block_then_collect"):  # every channel above is taken while the job runs
+        blockers = [new_effect(scene, f"late blocker {channel}", "COLOR", channel, 1, 40)
+                    for channel in range(source.channel + 1, 129)]
         outcome["blocked"] = run_operator(bpy.ops.understudy.collect)
         outcome["blocked_job"] = job_state(scene.understudy_jobs[-1])
-        strips(scene).remove(blocker)
+        for blocker in blockers:
+            strips(scene).remove(blocker)
         outcome["collect"] = run_operator(bpy.ops.understudy.collect)
     if args.get("save_after"):
         bpy.ops.wm.save_as_mainfile(filepath=args["save_after"])

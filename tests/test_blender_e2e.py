@@ -282,3 +282,72 @@ def test_curve_keys_right_and_wrong(extension_zip, tmp_path):
     assert not keyless["outcome"]["ok"] and "CURVE keys" in keyless["report"]
     for report in (wrong["report"], keyless["report"]):
         assert "Traceback" not in report and report.endswith(".") and "\n" not in report
+
+
+def test_no_free_channel_is_refused_before_anything_reaches_the_server(extension_zip, clip,
+                                                                       server, tmp_path):
+    jobs_before = jobs_on(server)
+    result = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": clip,
+                          "address": server.address, "fill_above": True}, tmp_path)
+    assert jobs_on(server) == jobs_before
+    assert "Every channel above channel 2 is taken" in result["outcome"]["error"]
+    assert result["after"] == result["before"] and result["new_strips"] == []
+
+
+def test_a_result_that_cannot_be_placed_is_placed_by_collect_once_a_channel_is_free(
+        extension_zip, clip, server, tmp_path, blender):
+    python, _ = blender
+    result = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": clip,
+                          "address": server.address, "wait": False, "block_then_collect": True},
+                         tmp_path, python=python)
+    outcome = result["outcome"]
+    blocked = outcome["blocked_job"]
+    assert blocked["status"] == "unplaced" and "Collect Results" in blocked["message"]
+    assert Path(blocked["frames_path"], "frame_00023.png").is_file()  # kept for the next try
+    assert outcome["collect"]["ok"]
+    new = assert_result_strip(result, "source", channel=3)
+    assert new["elements"] == [f"frame_{index:05d}.png" for index in range(1, 24)]
+
+
+def test_colour_strip_is_refused_in_one_sentence(extension_zip, clip, server, tmp_path):
+    result = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": clip,
+                          "address": server.address, "kind": "color"}, tmp_path)
+    assert "'colour' is a colour strip, in which nothing moves" in result["outcome"]["error"]
+    assert result["after"] == result["before"] and result["new_strips"] == []
+
+
+def test_saving_an_unsaved_file_moves_its_results_beside_it(extension_zip, clip, server, tmp_path,
+                                                            blender):
+    python, _ = blender
+    blend = tmp_path / "later" / "edit.blend"
+    blend.parent.mkdir()
+    result = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": clip,
+                          "address": server.address, "save_after": str(blend)},
+                         tmp_path, python=python)
+    [job] = result["jobs"]
+    assert job["frames_dir"] == f"//understudy/{job['job_id']}/" and job["message"] == ""
+    [new] = result["new_strips"]
+    assert new["directory"] == job["frames_dir"]
+    beside = blend.parent / "understudy" / job["job_id"]
+    assert sorted(path.name for path in beside.glob("frame_*.png")) == new["elements"]
+    assert (beside / "sidecar.json").is_file()
+    reopened = run_blender({"scenario": "reopen", "zip": extension_zip, "blend": str(blend),
+                            "address": server.address}, tmp_path, python=python)
+    strip = next(s for s in reopened["strips"] if s["name"] == new["name"])
+    assert strip["directory"] == job["frames_dir"]
+
+
+def test_a_lost_server_names_collect_results_and_shows_waiting(extension_zip, clip, tmp_path):
+    doomed = ServerProcess(tmp_path / "doomed", "--test-step-delay", "0.5").start()
+    try:
+        result = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": clip,
+                              "address": doomed.address, "wait": False, "timeout_s": 2.0,
+                              "kill_pid": doomed.process.pid,
+                              "settings": {"steps": 30, "inversion_steps": 30}}, tmp_path)
+    finally:
+        doomed.stop()
+    collect = result["outcome"]["collect"]
+    assert not collect["ok"] and "Collect Results once the server is back" in collect["error"]
+    [job] = result["jobs"]
+    assert job["status"] in ("submitted", "running") and job["phase"] == "waiting"
+    assert result["progress"] == "waiting for the server"
