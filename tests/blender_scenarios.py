@@ -334,6 +334,57 @@ class Drawable:
         return getattr(self.real, name)
 
 
+def render_composite(scene, path: str, frame: int) -> str:
+    """The edit as Blender renders it (every channel), as an 8-bit RGB PNG."""
+    kept = scene.frame_current, scene.render.filepath
+    scene.frame_set(frame)
+    scene.render.use_sequencer = True
+    scene.render.filepath = path
+    image = scene.render.image_settings
+    if hasattr(image, "media_type"):
+        image.media_type = "IMAGE"
+    image.file_format, image.color_mode = "PNG", "RGB"
+    scene.view_settings.view_transform = "Standard"
+    bpy.ops.render.render(write_still=True)
+    scene.frame_set(kept[0])
+    scene.render.filepath = kept[1]
+    return path
+
+
+def scenario_composite(args: dict) -> dict:
+    """The source over a green background with a black-and-white adjustment layer above:
+    a picture-in-picture movie strip ("pip") or a text strip ("text"). Renders the edit
+    before and after the transfer."""
+    install(args["zip"])
+    configure(args)
+    scene = bpy.context.scene
+    scene.render.resolution_x, scene.render.resolution_y = 160, 128
+    scene.render.resolution_percentage = 100
+    small_settings(scene)
+    editor = scene.sequence_editor_create()
+    background = strips(scene).new_image("background", args["background"], 1, 1,
+                                         fit_method="STRETCH")
+    background.frame_final_duration = 40
+    if args["kind"] == "pip":
+        source = movie_strip(scene, args["clip"])
+        source.transform.scale_x = source.transform.scale_y = 0.5
+        source.transform.offset_x, source.transform.offset_y = 30, 20
+    else:
+        source = new_effect(scene, "title", "TEXT", 2, 4, 23)
+        source.text, source.font_size = "Hi", 60
+        editor.active_strip = source
+    grade = new_effect(scene, "black and white", "ADJUSTMENT", 5, 1, 40)
+    grade.color_saturation = 0.0
+    frame = source.frame_final_start + 5
+    out = Path(args["out"])
+    before_png = render_composite(scene, str(out / "before.png"), frame)
+    before = scene_state(scene)
+    outcome = run_operator(bpy.ops.understudy.transfer, prompt="a red fox")
+    after_png = render_composite(scene, str(out / "after.png"), frame)
+    return finish(scene, before, outcome, before_png=before_png, after_png=after_png,
+                  source=source.name)
+
+
 def scenario_draw(args: dict) -> dict:
     """Draw the sidebar panel (with a running and a finished job) and the preferences."""
     install(args["zip"])

@@ -351,3 +351,39 @@ def test_a_lost_server_names_collect_results_and_shows_waiting(extension_zip, cl
     [job] = result["jobs"]
     assert job["status"] in ("submitted", "running") and job["phase"] == "waiting"
     assert result["progress"] == "waiting for the server"
+
+
+@pytest.mark.parametrize("kind", ["pip", "text"])
+def test_the_result_composites_where_the_source_did_and_stays_graded(
+        extension_zip, clip, server, tmp_path, kind, blender):
+    import numpy as np
+    from PIL import Image
+
+    python, version = blender
+    background = tmp_path / "green.png"
+    Image.new("RGB", (16, 16), (40, 200, 60)).save(background)
+    result = run_blender({"scenario": "composite", "zip": extension_zip, "clip": clip,
+                          "address": server.address, "kind": kind, "background": str(background),
+                          "out": str(tmp_path)}, tmp_path, python=python)
+    assert result["blender_version"][:2] == version
+    # Channel 5 grades; 3 is free: the result goes between, so it is graded too.
+    new = assert_result_strip(result, result["source"], channel=3)
+    before, after = (np.asarray(Image.open(result[name]).convert("RGB")).astype(int)
+                     for name in ("before_png", "after_png"))
+    changed = np.abs(after - before).max(axis=2) > 8
+    if kind == "pip":
+        # The source shows half size, moved 30 right and 20 up: x 70..150, y 12..76 from the top.
+        inside = np.zeros_like(changed)
+        inside[12:76, 70:150] = True
+        assert changed[inside].mean() > 0.5  # the result shows where the source was
+        grown = np.zeros_like(changed)  # a pixel of slack at the edges
+        grown[11:77, 69:151] = True
+        assert not changed[~grown].any()  # the background around it is untouched
+        assert new["transform"][2:4] == [30.0, 20.0]
+    else:
+        assert changed.any()  # the result shows
+        assert not changed[:10].any() and not changed[-10:].any()  # transparent where text was not
+    # Black and white everywhere: the adjustment layer still grades the result.
+    spread = np.abs(after - after.mean(axis=2, keepdims=True)).max()
+    assert spread <= 2, spread
+    assert_source_unchanged(result)
