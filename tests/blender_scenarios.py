@@ -394,6 +394,7 @@ def scenario_draw(args: dict) -> dict:
     running, done = scene.understudy_jobs.add(), scene.understudy_jobs.add()
     running.job_id, running.status, running.phase, running.percent = "us-1", "running", "guide", 40
     done.job_id, done.status, done.seed, done.prompt = "us-2", "done", "7", "a fox"
+    done.sidecar = json.dumps({"model": "tiny", "seed": 7, "inversion_from_cache": True})
     scene.understudy_job_index = 1
     log = {"props": [], "operators": [], "labels": [], "progress": [], "lists": []}
     layout = FakeLayout(log)
