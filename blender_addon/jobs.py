@@ -52,12 +52,16 @@ _sessions: dict[str, RenderSession] = {}
 
 
 def check_writable(folder: str) -> None:
-    """Raise UserError unless the result folder can be made and written."""
+    """Raise UserError unless the result folder can be made and written (it is left as
+    it was found: a folder made only for the test is removed again)."""
+    made = [parent for parent in (Path(folder), *Path(folder).parents) if not parent.exists()]
     try:
         os.makedirs(folder, exist_ok=True)
         probe = Path(folder, ".understudy-write-test")
         probe.write_bytes(b"")
         probe.unlink()
+        for parent in made:  # deepest first
+            parent.rmdir()
     except OSError as error:
         raise plan.UserError(f"The result folder {folder} cannot be written ({plan.os_reason(error)}); "
                              f"save the .blend where you can write, or free disk space."
@@ -143,8 +147,7 @@ def advance(session: RenderSession) -> bool:
                                  f"that the strip plays in the preview.") from error
         renderer.record(len(frames), time.perf_counter() - started)
         job.percent = renderer.percent
-        if not renderer.finished:
-            return True
+        return True  # the next call submits, so the bar shows 100% rendered first
     paths = [os.path.join(session.source_folder, strip_io.RENDER_FILE.format(index + 1))
              for index in range(renderer.total)]
     frames = [Path(path).read_bytes() for path in paths]
@@ -192,8 +195,9 @@ def render_tick() -> float | None:
     session = next(iter(_sessions.values()))
     try:
         more = advance(session)
-    except LookupError:
+    except LookupError:  # the job record is gone (undone): so are its frames
         _sessions.pop(session.job_id, None)
+        strip_io.remove_folder(session.folder)
     except plan.UserError as error:
         end_session(session, str(error))
     else:
@@ -512,8 +516,8 @@ def on_save_pre(filepath, *_args) -> None:
         return
     for scene in bpy.data.scenes:
         for job in getattr(scene, "understudy_jobs", ()):
-            if not _in_temp_folder(job):
-                continue
+            if not _in_temp_folder(job) or job.status in ("failed", "cancelled"):
+                continue  # failed and cancelled jobs left no frames
             old = bpy.path.abspath(job.frames_dir).rstrip("/\\")
             new, stored, _ = plan.result_folder(filepath, job.job_id, "")
             try:

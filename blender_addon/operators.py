@@ -17,6 +17,12 @@ def has_sequencer(context) -> bool:
     return scene is not None and scene.sequence_editor is not None
 
 
+def file_jobs(condition) -> bool:
+    """True when some job of the open file meets the condition."""
+    return any(condition(job) for scene in bpy.data.scenes
+               for job in getattr(scene, "understudy_jobs", ()))
+
+
 class UNDERSTUDY_OT_transfer(bpy.types.Operator):
     """Render the active strip, send it to the Understudy server and add the result above it"""
 
@@ -29,6 +35,13 @@ class UNDERSTUDY_OT_transfer(bpy.types.Operator):
     wait: BoolProperty(name="Wait in background mode", default=True, options={"SKIP_SAVE"},
                        description="Background mode only: block until the result is in the "
                                    "timeline (the interface never blocks)")
+
+    @classmethod
+    def poll(cls, context):
+        if has_sequencer(context):
+            return True
+        cls.poll_message_set("The scene has no sequencer strips; add a strip to transfer first.")
+        return False
 
     def execute(self, context):
         try:
@@ -84,6 +97,13 @@ class UNDERSTUDY_OT_cancel(bpy.types.Operator):
 
     job_id: StringProperty(name="Job", default="", options={"SKIP_SAVE"})
 
+    @classmethod
+    def poll(cls, context):
+        if file_jobs(lambda job: job.in_progress):
+            return True
+        cls.poll_message_set("No Understudy job is rendering or running.")
+        return False
+
     def execute(self, context):
         try:
             scene, job = chosen_job(context, self.job_id)
@@ -103,6 +123,14 @@ class UNDERSTUDY_OT_collect(bpy.types.Operator):
 
     wait: BoolProperty(name="Wait in background mode", default=True, options={"SKIP_SAVE"},
                        description="Background mode only: block until every job has ended")
+
+    @classmethod
+    def poll(cls, context):
+        if file_jobs(lambda job: job.active or job.status == plan.UNPLACED):
+            return True
+        cls.poll_message_set("There are no results to collect: no job is running or waiting to "
+                             "be placed.")
+        return False
 
     def execute(self, context):
         ended = {"done": 0, "cancelled": 0, "failed": 0}
