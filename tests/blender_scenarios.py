@@ -334,8 +334,8 @@ class Drawable:
         return getattr(self.real, name)
 
 
-def render_composite(scene, path: str, frame: int) -> str:
-    """The edit as Blender renders it (every channel), as an 8-bit RGB PNG."""
+def render_composite(scene, path: str, frame: int, color_mode: str = "RGB") -> str:
+    """The edit as Blender renders it (every channel), as an 8-bit PNG."""
     kept = scene.frame_current, scene.render.filepath
     scene.frame_set(frame)
     scene.render.use_sequencer = True
@@ -343,7 +343,7 @@ def render_composite(scene, path: str, frame: int) -> str:
     image = scene.render.image_settings
     if hasattr(image, "media_type"):
         image.media_type = "IMAGE"
-    image.file_format, image.color_mode = "PNG", "RGB"
+    image.file_format, image.color_mode = "PNG", color_mode
     scene.view_settings.view_transform = "Standard"
     bpy.ops.render.render(write_still=True)
     scene.frame_set(kept[0])
@@ -383,6 +383,31 @@ def scenario_composite(args: dict) -> dict:
     after_png = render_composite(scene, str(out / "after.png"), frame)
     return finish(scene, before, outcome, before_png=before_png, after_png=after_png,
                   source=source.name)
+
+
+def scenario_area(args: dict) -> dict:
+    """A movie strip fit into a project of another shape; renders the source alone and the
+    result alone (RGBA, transparent where nothing is drawn) to compare the areas covered."""
+    install(args["zip"])
+    configure(args)
+    scene = bpy.context.scene
+    scene.render.resolution_x, scene.render.resolution_y = args["canvas"]
+    scene.render.resolution_percentage = 100
+    small_settings(scene)
+    source = movie_strip(scene, args["clip"])  # fit to this canvas when it is made
+    before = scene_state(scene)
+    outcome = run_operator(bpy.ops.understudy.transfer, prompt="a red fox")
+    result = finish(scene, before, outcome)
+    if not outcome["ok"]:
+        return result
+    [new] = [strip for strip in strips(scene) if strip.name not in {"source"}]
+    frame = source.frame_final_start + 3
+    out = Path(args["out"])
+    new.mute = True
+    result["source_png"] = render_composite(scene, str(out / "source.png"), frame, "RGBA")
+    new.mute, source.mute = False, True
+    result["result_png"] = render_composite(scene, str(out / "result.png"), frame, "RGBA")
+    return result
 
 
 def scenario_draw(args: dict) -> dict:

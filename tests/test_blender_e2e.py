@@ -387,3 +387,31 @@ def test_the_result_composites_where_the_source_did_and_stays_graded(
     spread = np.abs(after - after.mean(axis=2, keepdims=True)).max()
     assert spread <= 2, spread
     assert_source_unchanged(result)
+
+
+@pytest.mark.parametrize(("canvas", "media"), [((90, 160), (160, 128)), ((192, 108), (192, 108))],
+                         ids=["vertical", "landscape"])
+def test_the_result_covers_the_area_the_source_covered(extension_zip, server, tmp_path, canvas,
+                                                       media, blender):
+    import numpy as np
+    from PIL import Image
+
+    python, _ = blender
+    # (A 192x108 clip is encoded as 192x112, as 1920x1080 video is often 1920x1088.)
+    clip = make_clip(tmp_path / "shape.mp4", frames=30, width=media[0], height=media[1])
+    result = run_blender({"scenario": "area", "zip": extension_zip, "clip": str(clip),
+                          "address": server.address, "canvas": list(canvas),
+                          "out": str(tmp_path)}, tmp_path, python=python)
+    assert result["outcome"]["ok"], result["outcome"]
+
+    def covered(name: str) -> tuple[int, int, int, int]:
+        alpha = np.asarray(Image.open(result[name]).convert("RGBA"))[..., 3] > 127
+        rows, cols = np.flatnonzero(alpha.any(axis=1)), np.flatnonzero(alpha.any(axis=0))
+        return rows[0], rows[-1], cols[0], cols[-1]
+
+    source, new = covered("source_png"), covered("result_png")
+    # The source does not fill the canvas (a band, or pillarboxed), and the result covers
+    # the same rows and columns.
+    assert source != (0, canvas[1] - 1, 0, canvas[0] - 1)
+    assert np.abs(np.subtract(source, new)).max() <= 1, (source, new)
+    assert_source_unchanged(result)
