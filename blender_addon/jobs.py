@@ -64,7 +64,7 @@ def check_writable(folder: str) -> None:
             parent.rmdir()
     except OSError as error:
         raise plan.UserError(f"The result folder {folder} cannot be written ({plan.os_reason(error)}); "
-                             f"save the .blend where you can write, or free disk space."
+                             f"make it a folder you can write to, or save the .blend elsewhere."
                              ) from error
 
 

@@ -199,6 +199,8 @@ def scenario_transfer(args: dict) -> dict:
             new_effect(scene, f"busy {channel}", "COLOR", channel, 1, 40)
     if args.get("save"):
         bpy.ops.wm.save_as_mainfile(filepath=args["save"])
+        if args.get("folder_taken"):  # a file where the result folder would go
+            Path(args["save"]).with_name("understudy").write_text("not a folder")
     before = scene_state(scene)
     source_name = source.name
     outcome = run_operator(bpy.ops.understudy.transfer, prompt=args.get("prompt", "a red fox"),
@@ -282,6 +284,16 @@ def scenario_interface_polling(args: dict) -> dict:
                         "total": second.renderer.total, "tick_after": after_cancel,
                         "job": cancelled,
                         "folder_left": Path(cancelled["frames_path"]).exists()}
+    # Saved while a third strip renders, then reopened: that job was never sent.
+    third = jobs.start(bpy.context, "a green fox", tick_budget_s=batches.TICK_BUDGET_S)
+    jobs.render_tick()
+    rendering_status = job_state(scene.understudy_jobs[-1])["status"]
+    blend = str(Path(args["out"]) / "while-rendering.blend")
+    bpy.ops.wm.save_as_mainfile(filepath=blend)
+    bpy.ops.wm.open_mainfile(filepath=blend)
+    reopened = job_state(bpy.context.scene.understudy_jobs[-1])
+    result["reopened"] = {"before": rendering_status, "job": reopened, "id": third.job_id,
+                          "render_timer_idle": jobs.render_tick() is None}
     return result
 
 
@@ -416,11 +428,14 @@ def scenario_draw(args: dict) -> dict:
     scene = bpy.context.scene
     scene.sequence_editor_create()
     scene.understudy.show_advanced = True
+    rendering = scene.understudy_jobs.add()
+    rendering.job_id, rendering.status, rendering.phase = "us-0", "rendering", "rendering"
+    rendering.percent = 25
     running, done = scene.understudy_jobs.add(), scene.understudy_jobs.add()
     running.job_id, running.status, running.phase, running.percent = "us-1", "running", "guide", 40
     done.job_id, done.status, done.seed, done.prompt = "us-2", "done", "7", "a fox"
     done.sidecar = json.dumps({"model": "tiny", "seed": 7, "inversion_from_cache": True})
-    scene.understudy_job_index = 1
+    scene.understudy_job_index = 2
     log = {"props": [], "operators": [], "labels": [], "progress": [], "lists": []}
     layout = FakeLayout(log)
     panel = bpy.types.UNDERSTUDY_PT_panel

@@ -166,7 +166,7 @@ def test_interface_renders_in_batches_then_follows_progress(extension_zip, clip,
                                                             tmp_path):
     jobs_before = jobs_on(server)
     result = run_blender({"scenario": "interface_polling", "zip": extension_zip, "clip": clip,
-                          "address": server.address}, tmp_path)
+                          "address": server.address, "out": str(tmp_path)}, tmp_path)
     ticks = result["ticks"]
     assert result["render_timer"] and result["timer_registered"]
     # The first tick renders one frame: the bar moves (and Cancel answers) from the start.
@@ -184,6 +184,10 @@ def test_interface_renders_in_batches_then_follows_progress(extension_zip, clip,
     assert cancel["tick_after"] is None and cancel["job"]["status"] == "cancelled"
     assert not cancel["folder_left"]
     assert len(jobs_on(server) - jobs_before) == 1  # the first job only
+    # A file saved mid-render and reopened: the job was never sent, and says so.
+    reopened = result["reopened"]
+    assert reopened["before"] == "rendering" and reopened["job"]["status"] == "cancelled"
+    assert "nothing was sent" in reopened["job"]["message"] and reopened["render_timer_idle"]
 
 
 def test_server_down_is_one_sentence_and_changes_nothing(extension_zip, clip, tmp_path):
@@ -307,6 +311,20 @@ def test_a_result_that_cannot_be_placed_is_placed_by_collect_once_a_channel_is_f
     assert outcome["collect"]["ok"]
     new = assert_result_strip(result, "source", channel=3)
     assert new["elements"] == [f"frame_{index:05d}.png" for index in range(1, 24)]
+
+
+def test_an_unwritable_result_folder_is_refused_before_rendering(extension_zip, clip, server,
+                                                                 tmp_path):
+    jobs_before = jobs_on(server)
+    blend = tmp_path / "project" / "edit.blend"
+    blend.parent.mkdir()
+    result = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": clip,
+                          "address": server.address, "save": str(blend), "folder_taken": True},
+                         tmp_path)
+    assert f"The result folder {blend.parent / 'understudy'} cannot be written" in \
+        result["outcome"]["error"]
+    assert jobs_on(server) == jobs_before
+    assert result["after"] == result["before"] and result["new_strips"] == []
 
 
 def test_colour_strip_is_refused_in_one_sentence(extension_zip, clip, server, tmp_path):

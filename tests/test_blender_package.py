@@ -65,6 +65,6 @@ def test_panel_and_preferences_draw(dist, tmp_path):
     assert {"server_address", "server_key_file", "client_key_file", "timeout_s"} <= set(log["props"])
     assert {"understudy.transfer", "understudy.cancel", "understudy.collect",
             "understudy.test_connection"} <= set(log["operators"])
-    assert log["progress"] == [["guide 40%", 0.4]]
+    assert log["progress"] == [["rendering 25%", 0.25], ["guide 40%", 0.4]]
     assert log["lists"] == ["understudy_jobs"] and "Seed 7" in log["labels"]
     assert "model tiny, seed 7, inversion from cache" in log["labels"]  # the selected job's sidecar
