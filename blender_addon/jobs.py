@@ -42,6 +42,7 @@ class RenderSession:
     max_size: int
     settings: dict
     config: link.ServerConfig
+    previous_index: int = 0  # the job list's selection before this job was added
 
     @property
     def source_folder(self) -> str:
@@ -84,8 +85,7 @@ def start(context, prompt: str = "", tick_budget_s: float | None = None) -> Rend
     place = strip_io.placement_of(scene, strip)
     size = strip_io.render_size(scene, place, int(prefs.max_render_size))
     job_id = plan.new_job_id()
-    folder, stored, _temporary = plan.result_folder(bpy.data.filepath, job_id,
-                                                    tempfile.gettempdir())
+    folder, stored, _ = plan.result_folder(bpy.data.filepath, job_id, tempfile.gettempdir())
     check_writable(str(Path(folder).parent))
     config = prefs.server_config()
     try:
@@ -97,6 +97,7 @@ def start(context, prompt: str = "", tick_budget_s: float | None = None) -> Rend
     frames = plan.frames_to_render(span, plan.server_frame_limit(hello), repr(strip.name))
     plan.check_server_limits(hello, settings, size)
 
+    previous_index = scene.understudy_job_index
     job = scene.understudy_jobs.add()
     job.job_id, job.prompt, job.status = job_id, settings["prompt"], plan.RENDERING
     job.phase, job.percent = "rendering", 0.0
@@ -107,7 +108,7 @@ def start(context, prompt: str = "", tick_budget_s: float | None = None) -> Rend
     scene.understudy_job_index = len(scene.understudy_jobs) - 1
     session = RenderSession(job_id, scene.name, strip.name, span,
                             batches.BatchRenderer(frames, tick_budget_s), folder, place,
-                            int(prefs.max_render_size), settings, config)
+                            int(prefs.max_render_size), settings, config, previous_index)
     _sessions[job_id] = session
     return session
 
@@ -168,7 +169,7 @@ def end_session(session: RenderSession, error: str = "", keep_record: bool = Tru
         return
     if not keep_record:
         scene.understudy_jobs.remove(list(scene.understudy_jobs).index(job))
-        scene.understudy_job_index = max(0, len(scene.understudy_jobs) - 1)
+        scene.understudy_job_index = session.previous_index
         return
     if error:
         job.status, job.phase, job.message = "failed", "", error
@@ -260,6 +261,9 @@ def collect(scene, job, result) -> None:
     A result that cannot be saved or placed stays collectable (status "unplaced"):
     Collect Results tries again once the cause is fixed.
     """
+    if not job.frames_dir:  # recorded by an older version, which chose the folder here
+        job.frames_dir = plan.result_folder(bpy.data.filepath, job.job_id,
+                                            tempfile.gettempdir())[1]
     folder = bpy.path.abspath(job.frames_dir)
     if not result.frames:
         job.status, job.phase, job.message = ("failed", "", f"Job {job.job_id} finished without "
