@@ -194,6 +194,8 @@ def scenario_transfer(args: dict) -> dict:
         source.mute = True
         source = new_effect(scene, "colour", "COLOR", 3, 1, 20)
         scene.sequence_editor.active_strip = source
+    if args.get("fed_effect"):  # an effect strip above that takes the source as its input
+        new_effect(scene, "blur", "GAUSSIAN_BLUR", source.channel + 2, 1, 40, input1=source)
     if args.get("fill_above"):  # every channel above the source busy over its range
         for channel in range(source.channel + 1, 129):
             new_effect(scene, f"busy {channel}", "COLOR", channel, 1, 40)

@@ -327,6 +327,17 @@ def test_an_unwritable_result_folder_is_refused_before_rendering(extension_zip, 
     assert result["after"] == result["before"] and result["new_strips"] == []
 
 
+def test_an_effect_fed_by_the_source_is_refused_before_any_work(extension_zip, clip, server,
+                                                                tmp_path, blender):
+    python, _ = blender
+    jobs_before = jobs_on(server)
+    result = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": clip,
+                          "address": server.address, "fed_effect": True}, tmp_path, python=python)
+    assert "The effect strip 'blur' takes 'source' as its input" in result["outcome"]["error"]
+    assert jobs_on(server) == jobs_before
+    assert result["after"] == result["before"] and result["new_strips"] == []
+
+
 def test_colour_strip_is_refused_in_one_sentence(extension_zip, clip, server, tmp_path):
     result = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": clip,
                           "address": server.address, "kind": "color"}, tmp_path)
