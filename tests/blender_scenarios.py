@@ -190,6 +190,13 @@ def scenario_transfer(args: dict) -> dict:
         holder.frame_offset_start, holder.frame_offset_end = 2, 5
         scene.sequence_editor.active_strip = holder
         source = holder
+    elif kind == "images":  # an image sequence, fit to the canvas when it is made
+        source.mute = True
+        files = sorted(Path(args["images"]).glob("*.png"))
+        source = strips(scene).new_image("images", str(files[0]), 3, 1, fit_method="FIT")
+        for file in files[1:]:
+            source.elements.append(file.name)
+        scene.sequence_editor.active_strip = source
     elif kind == "color":
         source.mute = True
         source = new_effect(scene, "colour", "COLOR", 3, 1, 20)

@@ -162,6 +162,30 @@ def test_meta_and_scene_strips_as_source(extension_zip, clip, server, tmp_path, 
     assert_source_unchanged(result)
 
 
+def test_image_sequence_result_takes_its_place_on_the_canvas(extension_zip, clip, server,
+                                                             tmp_path, blender):
+    from PIL import Image
+
+    python, _ = blender
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(12):  # 40x30 frames, a bright square moving right
+        frame = Image.new("RGB", (40, 30), (20, 40, 120))
+        frame.paste((250, 200, 0), (3 * index, 10, 3 * index + 8, 18))
+        frame.save(images / f"shot_{index:03d}.png")
+    result = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": clip,
+                          "address": server.address, "kind": "images", "images": str(images)},
+                         tmp_path, python=python)
+    new = assert_result_strip(result, "images", channel=4)
+    source = next(s for s in result["before"]["strips"] if s["name"] == "images")
+    # The 40x30 picture shows 36x its size on the 1920x1080 canvas; the 64x64 result frames
+    # are scaled to cover the same 1440x1080 area.
+    assert source["transform"][:2] == [36.0, 36.0]
+    assert new["transform"][:2] == [36.0 * 40 / 64, 36.0 * 30 / 64]
+    assert new["frame_final_duration"] == 12
+    assert_source_unchanged(result)
+
+
 def test_interface_renders_in_batches_then_follows_progress(extension_zip, clip, server,
                                                             tmp_path):
     jobs_before = jobs_on(server)
