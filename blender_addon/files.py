@@ -26,10 +26,14 @@ def on_file_loaded(_filepath) -> None:
             if job.status == plan.RENDERING:
                 job.status, job.phase = "cancelled", ""
                 job.message = "The file was closed while the strip was rendering; nothing was sent."
+            elif job.status == plan.PLACING:  # the frames are here: Collect Results ends it
+                job.status, job.phase = plan.UNPLACED, ""
+                job.message = (f"The file was closed while the result was being placed; "
+                               f"{plan.COLLECT_HINT} to place it.")
     pending = jobs.active_jobs()
     if not pending:
         return
-    if bpy.app.background:
+    if not jobs.BATCHED:  # background mode: timers never fire, so catch up now
         for scene, job in pending:
             try:
                 client, _ = jobs.client_for_job(job)

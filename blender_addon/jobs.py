@@ -6,7 +6,8 @@ strip's frames are rendered: in the interface a few per `bpy.app.timers` tick
 (batches.py), so the progress bar and Cancel are live from the first frame; in
 background mode (`blender -b`, the bpy module) timers never fire, so there it blocks.
 Following a job is a timer too (polling the server without blocking); in background
-mode the caller blocks until the result.
+mode the caller blocks until the result. Placing a result that keeps the source's
+transparency rewrites every frame, so in the interface that runs in batches too.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ import bpy
 from . import batches, compat, link, placement, plan, props, strip_io
 
 POLL_INTERVAL_S = 0.5
-RENDER_INTERVAL_S = 0.01  # between render ticks: Blender handles events in between
+WORK_INTERVAL_S = 0.01  # between render (or placing) ticks: Blender handles events in between
+# Whether long work runs in timer ticks (the interface) or blocks (background mode, where
+# timers never fire). A test may set it to take the interface's path in the bpy module.
+BATCHED = not bpy.app.background
 SOURCE_SUBFOLDER = "source"  # <result folder>/source/: the frames sent, until collected
 SIDECAR_NAME = "sidecar.json"
 
@@ -50,6 +54,7 @@ class RenderSession:
 
 
 _sessions: dict[str, RenderSession] = {}  # job id -> its render, while it renders
+_placing: dict[str, batches.BatchRenderer] = {}  # job id -> result frames still to prepare
 
 
 def session_of(job_id: str) -> RenderSession | None:
@@ -57,8 +62,9 @@ def session_of(job_id: str) -> RenderSession | None:
 
 
 def forget_sessions() -> None:
-    """Drop every render session (their file was closed; its records say so)."""
+    """Drop every render and placing session (their file was closed; its records say so)."""
     _sessions.clear()
+    _placing.clear()
 
 
 def check_writable(folder: str) -> None:
@@ -199,9 +205,13 @@ def render_blocking(session: RenderSession) -> None:
 
 
 def render_tick() -> float | None:
-    """The interface's render timer: one batch of the oldest session; None when idle."""
+    """The interface's work timer: one batch of the oldest render, else of the oldest
+    result being placed; None when there is nothing left."""
     if not _sessions:
-        return None
+        if _placing:
+            place_tick()
+            redraw_sequencers()
+        return WORK_INTERVAL_S if _sessions or _placing else None
     session = next(iter(_sessions.values()))
     try:
         more = advance(session)
@@ -216,11 +226,12 @@ def render_tick() -> float | None:
             if not session.renderer.cancelled:
                 follow()
     redraw_sequencers()
-    return RENDER_INTERVAL_S if _sessions else None
+    return WORK_INTERVAL_S if _sessions or _placing else None
 
 
-def render_in_batches(session: RenderSession) -> None:
-    """Interface: render from a timer, a batch per tick (timers never fire in background)."""
+def render_in_batches(session: RenderSession | None = None) -> None:
+    """Interface: render (and place) from a timer, a batch per tick (timers never fire in
+    background mode)."""
     if not bpy.app.timers.is_registered(render_tick):
         bpy.app.timers.register(render_tick, first_interval=0.0)
 
@@ -291,20 +302,61 @@ def collect(scene, job, result) -> None:
     place(scene, job)
 
 
+def place(scene, job) -> None:
+    """Prepare the result's frames and add its strip: in batches from the work timer in
+    the interface, at once in background mode."""
+    if not BATCHED:
+        prepare_frames(job, range(job.length))
+        add_result(scene, job)
+        return
+    job.status, job.phase, job.percent = plan.PLACING, "placing", 0.0
+    _placing[job.job_id] = batches.BatchRenderer(list(range(job.length)))
+    render_in_batches()
+
+
+def place_tick() -> None:
+    """One batch of the oldest result being placed; the strip is added after the last."""
+    job_id, work = next(iter(_placing.items()))
+    scene, job = find_job(job_id)
+    if job is None or job.status != plan.PLACING:  # undone, or the file changed
+        _placing.pop(job_id, None)
+        return
+    indices = work.next_batch()
+    started = time.perf_counter()
+    try:
+        prepare_frames(job, indices)
+        work.record(len(indices), time.perf_counter() - started)
+        job.percent = work.percent
+        if work.finished:
+            _placing.pop(job_id, None)
+            add_result(scene, job)
+    except plan.UserError:  # recorded on the job (unplaced): Collect Results tries again
+        _placing.pop(job_id, None)
+
+
 def frames_on_disk(job) -> bool:
     folder = bpy.path.abspath(job.frames_dir)
     return all(Path(folder, name).is_file() for name in plan.frame_file_names(job.length))
 
 
-def place(scene, job) -> None:
-    """Add the result strip from the frames in the job's folder, placed like the source."""
+def prepare_frames(job, indices) -> None:
+    """Give these result frames the source's transparency, where the source had any."""
     folder = bpy.path.abspath(job.frames_dir)
     files = plan.frame_file_names(job.length)
     try:
-        strip_io.keep_source_alpha(folder, files, os.path.join(folder, SOURCE_SUBFOLDER))
+        for index in indices:
+            strip_io.keep_source_alpha(
+                os.path.join(folder, files[index]),
+                os.path.join(folder, SOURCE_SUBFOLDER, strip_io.RENDER_FILE.format(index + 1)))
     except OSError as error:
         raise unplaced(job, f"Could not rewrite the result frames in {folder} ({plan.os_reason(error)}); "
                             f"make the folder writable, then {plan.COLLECT_HINT}.") from error
+
+
+def add_result(scene, job) -> None:
+    """Add the result strip from the frames in the job's folder, placed like the source."""
+    folder = bpy.path.abspath(job.frames_dir)
+    files = plan.frame_file_names(job.length)
     strip_io.remove_folder(os.path.join(folder, SOURCE_SUBFOLDER))
     try:
         channel = plan.result_channel(job.span(), job.source_name, strip_io.neighbours(scene),
@@ -396,6 +448,9 @@ def cancel(scene, job) -> None:
     """Stop a job: before its next batch while rendering, else at the server's next step."""
     if cancel_render(job.job_id):
         return
+    if not job.cancellable:
+        raise plan.UserError(f"Job {job.job_id} has finished on the server; there is nothing "
+                             f"to cancel.")
     client, _ = client_for_job(job)
     reply = link.guarded(lambda: client.cancel(job.job_id))
     apply_reply(scene, job, client, reply)
@@ -488,5 +543,5 @@ def unregister() -> None:
     for timer in (poll_once, render_tick):
         if bpy.app.timers.is_registered(timer):
             bpy.app.timers.unregister(timer)
-    _sessions.clear()
+    forget_sessions()
     link.close_all()

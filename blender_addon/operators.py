@@ -46,12 +46,12 @@ class UNDERSTUDY_OT_transfer(bpy.types.Operator):
     def execute(self, context):
         try:
             session = jobs.start(context, self.prompt,
-                                 tick_budget_s=None if bpy.app.background else TICK_BUDGET_S)
+                                 tick_budget_s=TICK_BUDGET_S if jobs.BATCHED else None)
         except plan.UserError as error:
             self.report({"ERROR"}, str(error))
             return {"CANCELLED"}
         job_id = session.job_id
-        if not bpy.app.background:
+        if jobs.BATCHED:
             jobs.render_in_batches(session)
             self.report({"INFO"}, f"Rendering {session.renderer.total} frames for {job_id}; the "
                                   f"result lands above the source.")
@@ -84,7 +84,7 @@ def chosen_job(context, job_id: str):
         return scene, job
     scene = compat.sequencer_scene(context)
     for job in reversed(scene.understudy_jobs):
-        if job.in_progress:
+        if job.cancellable:
             return scene, job
     raise plan.UserError("No Understudy job is running in this scene.")
 
@@ -99,7 +99,7 @@ class UNDERSTUDY_OT_cancel(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
-        if file_jobs(lambda job: job.in_progress):
+        if file_jobs(lambda job: job.cancellable):
             return True
         cls.poll_message_set("No Understudy job is rendering or running.")
         return False
@@ -140,10 +140,10 @@ class UNDERSTUDY_OT_collect(bpy.types.Operator):
                 jobs.collect_again(scene, job)
             except plan.UserError as error:
                 self.report({"WARNING"}, f"{job.job_id}: {error}")
-            else:
+            if job.status == "done":  # in the interface it may still be being placed
                 ended["done"] += 1
         pending = jobs.active_jobs()
-        if not bpy.app.background:
+        if jobs.BATCHED:
             jobs.follow()
             return {"FINISHED"}
         timeout = props.preferences(context).job_timeout_s

@@ -29,6 +29,7 @@ MOTIONLESS_TYPES = {"COLOR": "a colour strip"}
 # Job states of the extension's own, before the server has the job or after it is done
 # with it; every other state is the server's (shared/protocol.py), compared as plain text.
 RENDERING = "rendering"  # the strip's frames are being rendered; nothing is sent yet
+PLACING = "placing"  # the result's frames are here and are being prepared for its strip
 UNPLACED = "unplaced"  # the result's frames are here but its strip could not be added
 WAITING = "waiting"  # the phase while the server cannot be reached
 COLLECT_HINT = "click Collect Results"
@@ -273,7 +274,7 @@ def progress_text(status: str, phase: str, percent: float) -> str:
         return "waiting for the server"
     if status in ("submitted", "queued"):
         return "queued"
-    if status in ("running", RENDERING):
+    if status in ("running", RENDERING, PLACING):
         return f"{phase or status} {percent:.0f}%"
     if status == UNPLACED:
         return "not placed"

@@ -115,8 +115,8 @@ class UnderstudyJob(bpy.types.PropertyGroup):
     job_id: StringProperty(name="Job")
     prompt: StringProperty(name="Prompt")
     status: StringProperty(name="Status", default="submitted",
-                           description="rendering, submitted, running, done, unplaced, failed "
-                                       "or cancelled")
+                           description="rendering, submitted, running, placing, done, unplaced, "
+                                       "failed or cancelled")
     phase: StringProperty(name="Phase", default="")
     percent: FloatProperty(name="Progress", default=0.0, min=0.0, max=100.0, subtype="PERCENTAGE")
     message: StringProperty(name="Message", default="")
@@ -139,9 +139,14 @@ class UnderstudyJob(bpy.types.PropertyGroup):
         return self.status in ACTIVE_STATES
 
     @property
-    def in_progress(self) -> bool:
-        """Rendering here or running on the server: the panel shows a bar and Cancel."""
+    def cancellable(self) -> bool:
+        """Rendering here or running on the server: Cancel can stop it."""
         return self.active or self.status == plan.RENDERING
+
+    @property
+    def in_progress(self) -> bool:
+        """Rendering, running or being placed: the panel shows a bar."""
+        return self.cancellable or self.status == plan.PLACING
 
     def sidecar_summary(self) -> str:
         import json

@@ -249,22 +249,18 @@ def read_rgba(path: str):
     return (pixels.reshape(height, width, 4)[::-1] * 255).round().astype(np.uint8)
 
 
-def keep_source_alpha(folder: str, files: list[str], source_folder: str) -> bool:
-    """Give the result frames the alpha of the frames sent, where the source showed
-    nothing; False (and nothing rewritten) when the source was opaque everywhere."""
-    sources = [os.path.join(source_folder, RENDER_FILE.format(index + 1))
-               for index in range(len(files))]
-    if not all(os.path.isfile(path) for path in sources):
+def keep_source_alpha(result_path: str, source_path: str) -> bool:
+    """Give a result frame the alpha of the frame sent, where the source showed nothing;
+    False (nothing rewritten) when that frame was opaque everywhere or is not here."""
+    if not os.path.isfile(source_path):
         return False
-    alphas = [read_rgba(path)[..., 3] for path in sources]
-    if all(alpha.min() == 255 for alpha in alphas):
+    alpha = read_rgba(source_path)[..., 3]
+    if alpha.min() == 255:
         return False
-    for name, alpha in zip(files, alphas, strict=True):
-        path = os.path.join(folder, name)
-        pixels = read_rgba(path)
-        height, width = pixels.shape[:2]
-        pixels[..., 3] = pngio.resize_nearest(alpha, width, height)
-        Path(path).write_bytes(pngio.encode_rgba(pixels))
+    pixels = read_rgba(result_path)
+    height, width = pixels.shape[:2]
+    pixels[..., 3] = pngio.resize_nearest(alpha, width, height)
+    Path(result_path).write_bytes(pngio.encode_rgba(pixels))
     return True
 
 

@@ -65,8 +65,9 @@ class UNDERSTUDY_PT_panel(bpy.types.Panel):
             row = layout.row(align=True)
             row.progress(factor=job.percent / 100.0, type="BAR",
                          text=plan.progress_text(job.status, job.phase, job.percent))
-            cancel = row.operator("understudy.cancel", text="", icon="CANCEL")
-            cancel.job_id = job.job_id
+            if job.cancellable:
+                cancel = row.operator("understudy.cancel", text="", icon="CANCEL")
+                cancel.job_id = job.job_id
         if not jobs:
             return
         layout.label(text="Jobs in this file")

@@ -253,6 +253,7 @@ def scenario_interface_polling(args: dict) -> dict:
     install(args["zip"])
     jobs = importlib.import_module(f"{ADDON}.jobs")
     batches = importlib.import_module(f"{ADDON}.batches")
+    jobs.BATCHED = True  # the interface's path: work in timer ticks
     configure(args)
     scene = bpy.context.scene
     small_settings(scene, args.get("settings"))
@@ -275,10 +276,14 @@ def scenario_interface_polling(args: dict) -> dict:
     timer_registered = bpy.app.timers.is_registered(jobs.poll_once)
     seen = []
     deadline = time.monotonic() + 120
-    while jobs.poll_once() is not None and time.monotonic() < deadline:
+    while time.monotonic() < deadline:  # both timers, as Blender would run them
+        polling, working = jobs.poll_once(), jobs.render_tick()
         job = scene.understudy_jobs[0]
         seen.append([job.status, job.phase, round(job.percent)])
-        time.sleep(jobs.POLL_INTERVAL_S)
+        if polling is None and working is None:
+            break
+        if working is None:
+            time.sleep(jobs.POLL_INTERVAL_S)
     result = finish(scene, before, outcome, timer_registered=timer_registered,
                     render_timer=render_timer, ticks=ticks, seen=seen)
     # Cancel between batches: one batch rendered, then Cancel, then the next tick.

@@ -200,7 +200,9 @@ def test_interface_renders_in_batches_then_follows_progress(extension_zip, clip,
     # Between ticks the scene is as the editor left it (nothing muted, nothing moved).
     assert all(tick["scene_as_before"] for tick in ticks)
     assert_result_strip(result, "source", channel=3)
-    assert any(status == "running" for status, _, _ in result["seen"]), result["seen"]
+    statuses = [status for status, _, _ in result["seen"]]
+    assert "running" in statuses and "placing" in statuses, result["seen"]
+    assert statuses.index("running") < statuses.index("placing") < statuses.index("done")
     assert_source_unchanged(result)
     # Cancelled after its first batch: stopped before the next, nothing sent or kept.
     cancel = result["cancel"]
