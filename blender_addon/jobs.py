@@ -204,15 +204,21 @@ def render_blocking(session: RenderSession) -> None:
     end_session(session)
 
 
-def render_tick() -> float | None:
+def work_tick() -> float | None:
     """The interface's work timer: one batch of the oldest render, else of the oldest
-    result being placed; None when there is nothing left."""
-    if not _sessions:
-        if _placing:
-            place_tick()
-            redraw_sequencers()
-        return WORK_INTERVAL_S if _sessions or _placing else None
-    session = next(iter(_sessions.values()))
+    result being placed; None (the timer stops) when there is nothing left."""
+    if _sessions:
+        render_step(next(iter(_sessions.values())))
+    elif _placing:
+        place_tick()
+    else:
+        return None
+    redraw_sequencers()
+    return WORK_INTERVAL_S if _sessions or _placing else None
+
+
+def render_step(session: RenderSession) -> None:
+    """One batch of a render in the interface; a failure ends it with its sentence."""
     try:
         more = advance(session)
     except LookupError:  # the job record is gone (undone): so are its frames
@@ -225,15 +231,13 @@ def render_tick() -> float | None:
             end_session(session)
             if not session.renderer.cancelled:
                 follow()
-    redraw_sequencers()
-    return WORK_INTERVAL_S if _sessions or _placing else None
 
 
-def render_in_batches(session: RenderSession | None = None) -> None:
+def work_in_batches() -> None:
     """Interface: render (and place) from a timer, a batch per tick (timers never fire in
     background mode)."""
-    if not bpy.app.timers.is_registered(render_tick):
-        bpy.app.timers.register(render_tick, first_interval=0.0)
+    if not bpy.app.timers.is_registered(work_tick):
+        bpy.app.timers.register(work_tick, first_interval=0.0)
 
 
 def cancel_render(job_id: str) -> bool:
@@ -311,7 +315,7 @@ def place(scene, job) -> None:
         return
     job.status, job.phase, job.percent = plan.PLACING, "placing", 0.0
     _placing[job.job_id] = batches.BatchRenderer(list(range(job.length)))
-    render_in_batches()
+    work_in_batches()
 
 
 def place_tick() -> None:
@@ -540,7 +544,7 @@ def register() -> None:
 
 
 def unregister() -> None:
-    for timer in (poll_once, render_tick):
+    for timer in (poll_once, work_tick):
         if bpy.app.timers.is_registered(timer):
             bpy.app.timers.unregister(timer)
     forget_sessions()

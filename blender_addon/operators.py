@@ -52,7 +52,7 @@ class UNDERSTUDY_OT_transfer(bpy.types.Operator):
             return {"CANCELLED"}
         job_id = session.job_id
         if jobs.BATCHED:
-            jobs.render_in_batches(session)
+            jobs.work_in_batches()
             self.report({"INFO"}, f"Rendering {session.renderer.total} frames for {job_id}; the "
                                   f"result lands above the source.")
             return {"FINISHED"}

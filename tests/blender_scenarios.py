@@ -260,12 +260,12 @@ def scenario_interface_polling(args: dict) -> dict:
     movie_strip(scene, args["clip"])
     before = scene_state(scene)
     session = jobs.start(bpy.context, "a red fox", tick_budget_s=batches.TICK_BUDGET_S)
-    jobs.render_in_batches(session)
-    render_timer = bpy.app.timers.is_registered(jobs.render_tick)
+    jobs.work_in_batches()
+    render_timer = bpy.app.timers.is_registered(jobs.work_tick)
     ticks = []
     while True:
         started = time.perf_counter()
-        interval = jobs.render_tick()
+        interval = jobs.work_tick()
         job = scene.understudy_jobs[0]
         ticks.append({"seconds": time.perf_counter() - started, "status": job.status,
                       "percent": job.percent, "frames": session.renderer.done,
@@ -277,7 +277,7 @@ def scenario_interface_polling(args: dict) -> dict:
     seen = []
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # both timers, as Blender would run them
-        polling, working = jobs.poll_once(), jobs.render_tick()
+        polling, working = jobs.poll_once(), jobs.work_tick()
         job = scene.understudy_jobs[0]
         seen.append([job.status, job.phase, round(job.percent)])
         if polling is None and working is None:
@@ -288,11 +288,11 @@ def scenario_interface_polling(args: dict) -> dict:
                     render_timer=render_timer, ticks=ticks, seen=seen)
     # Cancel between batches: one batch rendered, then Cancel, then the next tick.
     second = jobs.start(bpy.context, "a blue fox", tick_budget_s=batches.TICK_BUDGET_S)
-    jobs.render_in_batches(second)
-    jobs.render_tick()
+    jobs.work_in_batches()
+    jobs.work_tick()
     rendered_before_cancel = second.renderer.done
     cancel = run_operator(bpy.ops.understudy.cancel)
-    after_cancel = jobs.render_tick()
+    after_cancel = jobs.work_tick()
     cancelled = job_state(scene.understudy_jobs[-1])
     result["cancel"] = {"outcome": cancel, "rendered": rendered_before_cancel,
                         "total": second.renderer.total, "tick_after": after_cancel,
@@ -300,14 +300,14 @@ def scenario_interface_polling(args: dict) -> dict:
                         "folder_left": Path(cancelled["frames_path"]).exists()}
     # Saved while a third strip renders, then reopened: that job was never sent.
     third = jobs.start(bpy.context, "a green fox", tick_budget_s=batches.TICK_BUDGET_S)
-    jobs.render_tick()
+    jobs.work_tick()
     rendering_status = job_state(scene.understudy_jobs[-1])["status"]
     blend = str(Path(args["out"]) / "while-rendering.blend")
     bpy.ops.wm.save_as_mainfile(filepath=blend)
     bpy.ops.wm.open_mainfile(filepath=blend)
     reopened = job_state(bpy.context.scene.understudy_jobs[-1])
     result["reopened"] = {"before": rendering_status, "job": reopened, "id": third.job_id,
-                          "render_timer_idle": jobs.render_tick() is None}
+                          "render_timer_idle": jobs.work_tick() is None}
     return result
 
 

@@ -257,6 +257,7 @@ def test_cancelled_queued_and_unknown_updates():
     assert plan.job_update({"type": "something-new"}) == ({}, False)
     assert plan.progress_text("submitted", "", 0) == "queued"
     assert plan.progress_text(plan.RENDERING, "rendering", 25) == "rendering 25%"
+    assert plan.progress_text(plan.PLACING, "placing", 50) == "placing 50%"
     assert plan.progress_text("running", plan.WAITING, 40) == "waiting for the server"
     assert plan.progress_text(plan.UNPLACED, "", 100) == "not placed"
 
