@@ -222,10 +222,19 @@ def scenario_transfer(args: dict) -> dict:
         import signal
 
         os.kill(args["kill_pid"], signal.SIGKILL)
-        outcome["collect"] = run_operator(bpy.ops.understudy.collect)
+        jobs = importlib.import_module(f"{ADDON}.jobs")
+        plan = importlib.import_module(f"{ADDON}.plan")
         job = scene.understudy_jobs[-1]
-        extra = {"progress": importlib.import_module(f"{ADDON}.plan").progress_text(
-            job.status, job.phase, job.percent)}
+        # The interface's polling timer notices first (ticked here as Blender would) ...
+        deadline = time.monotonic() + 60
+        while job.phase != plan.WAITING and time.monotonic() < deadline:
+            jobs.poll_once()
+            time.sleep(jobs.POLL_INTERVAL_S)
+        extra = {"interface": [job.phase, job.message,
+                               plan.progress_text(job.status, job.phase, job.percent)]}
+        # ... then Collect Results, which in background mode waits and gives up.
+        outcome["collect"] = run_operator(bpy.ops.understudy.collect)
+        extra["progress"] = plan.progress_text(job.status, job.phase, job.percent)
     else:
         extra = {}
     if args.get("block_then_collect"):  # every channel above is taken while the job runs

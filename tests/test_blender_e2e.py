@@ -396,7 +396,7 @@ def test_a_lost_server_names_collect_results_and_shows_waiting(extension_zip, cl
     doomed = ServerProcess(tmp_path / "doomed", "--test-step-delay", "0.5").start()
     try:
         result = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": clip,
-                              "address": doomed.address, "wait": False, "timeout_s": 2.0,
+                              "address": doomed.address, "wait": False, "timeout_s": 1.0,
                               "kill_pid": doomed.process.pid,
                               "settings": {"steps": 30, "inversion_steps": 30}}, tmp_path)
     finally:
@@ -406,6 +406,9 @@ def test_a_lost_server_names_collect_results_and_shows_waiting(extension_zip, cl
     [job] = result["jobs"]
     assert job["status"] in ("submitted", "running") and job["phase"] == "waiting"
     assert result["progress"] == "waiting for the server"
+    phase, message, progress = result["interface"]  # the polling timer said the same
+    assert phase == "waiting" and progress == "waiting for the server"
+    assert "Collect Results once the server is back" in message
 
 
 @pytest.mark.parametrize("kind", ["pip", "text"])
