@@ -6,12 +6,15 @@ the timeouts only turn a hang into a failure.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -45,13 +48,35 @@ def subprocess_env() -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
 
 
-class ServerProcess:
-    """`python -m backend serve --model tiny` on loopback, with its own state folder."""
+@contextlib.contextmanager
+def unused_address() -> Iterator[str]:
+    """A loopback TCP address where nothing listens, for as long as the block runs.
 
-    def __init__(self, state_dir: Path, *extra: str, bind: str = "tcp://127.0.0.1:*") -> None:
+    The port stays bound (but not listening) by this process, so no other program
+    can take it meanwhile; connecting to it is refused at once.
+    """
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        holder.bind(("127.0.0.1", 0))
+        yield f"tcp://127.0.0.1:{holder.getsockname()[1]}"
+    finally:
+        holder.close()
+
+
+class ServerProcess:
+    """`python -m backend serve --model tiny` on loopback, with its own state folder.
+
+    `module` runs another entry point with the same arguments (tests.fault_server:
+    the same server on a file system that fails on demand); `env` adds variables.
+    """
+
+    def __init__(self, state_dir: Path, *extra: str, bind: str = "tcp://127.0.0.1:*",
+                 module: str = "backend", env: dict[str, str] | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.extra = list(extra)
         self.bind = bind
+        self.module = module
+        self.env = env or {}
         self.address: str | None = None
         self.process: subprocess.Popen | None = None
         self.log_path = self.state_dir.parent / f"{self.state_dir.name}-server.log"
@@ -61,10 +86,11 @@ class ServerProcess:
         bind = self.address or self.bind
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "backend", "serve", "--model", "tiny", "--device", "cpu",
+            [sys.executable, "-m", self.module, "serve", "--model", "tiny", "--device", "cpu",
              "--bind", bind, "--state-dir", str(self.state_dir),
              "--cache-dir", str(self.state_dir.parent / "cache"), *self.extra],
-            cwd=REPO_ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=log, text=True)
+            cwd=REPO_ROOT, env={**subprocess_env(), **self.env}, stdout=subprocess.PIPE,
+            stderr=log, text=True)
         log.close()
         lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=_pump, args=(self.process.stdout, lines), daemon=True).start()
@@ -87,6 +113,11 @@ class ServerProcess:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(timeout=60)
 
+    def terminate(self) -> int:
+        """SIGTERM, a clean stop, and wait for the exit; returns the exit code."""
+        self.process.terminate()
+        return self.process.wait(timeout=120)
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
@@ -101,6 +132,20 @@ def _pump(stream, lines: queue.Queue) -> None:
     for line in stream:
         lines.put(line)
     lines.put("")
+
+
+def wait_until(check, what: str, timeout_s: float = 120.0):
+    """Call check() until it returns something true and return that; each call is a
+    real request to a server, so this ends on a real change, not on a clock."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)  # between two requests, not in place of one
+    raise AssertionError(f"{what} did not happen within {timeout_s} s")
 
 
 def wait_for_event(client, job_id: str, kind: str, timeout_s: float = 300.0, **fields) -> dict:
