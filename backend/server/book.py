@@ -236,7 +236,7 @@ class JobBook:
             try:
                 self._finish(ledger, job, state, error, frame_count)
             except StoreUnavailable:
-                self._back_to_queue(ledger, job)
+                self._back_to_queue(ledger, job, attempt_counts=False)
                 return False
             ledger.running.discard(job_id)
             self._prune(ledger)
@@ -250,13 +250,14 @@ class JobBook:
                 self._record(ledger, job, state=JobState.QUEUED, attempts=job.attempts - 1)
             except StoreUnavailable:
                 pass  # status.json still says running: a restart re-runs it once
-            self._back_to_queue(ledger, job)
+            self._back_to_queue(ledger, job, attempt_counts=True)  # _record took it back
 
     def note_store_problem(self, job_id: str, problem: StoreUnavailable) -> None:
-        """A runner could not write a job's files: back to the queue until writable."""
+        """A runner could not write a job's files: back to the queue until writable; the
+        disk's fault does not count as one of the job's attempts."""
         with self._locked() as ledger:
             ledger.store_problem = str(problem)
-            self._back_to_queue(ledger, ledger.jobs[job_id])
+            self._back_to_queue(ledger, ledger.jobs[job_id], attempt_counts=False)
 
     def try_resume(self) -> bool:
         """Probe the store; clear the problem when it can be written again."""
@@ -307,7 +308,11 @@ class JobBook:
                      finished_at=time.time())
         job.phase = job.step = job.total = None
 
-    def _back_to_queue(self, ledger: _Ledger, job: Job) -> None:
+    def _back_to_queue(self, ledger: _Ledger, job: Job, attempt_counts: bool) -> None:
+        """Queue a job first again, in memory (its status.json is written when it next
+        starts). An attempt the job did not cause is taken back."""
+        if not attempt_counts:
+            job.attempts -= 1
         job.state = JobState.QUEUED
         job.phase = job.step = job.total = None
         ledger.running.discard(job.job_id)
