@@ -7,6 +7,7 @@ the timeouts only turn a hang into a failure.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import signal
@@ -14,7 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,46 @@ def clip_pngs(count: int = 6, width: int = 48, height: int = 32, shade: int = 0)
         frame[height // 2 - 4:height // 2 + 4, x:x + 8] = 255
         frames.append(encode_png(frame))
     return frames
+
+
+# Jobs that damage_jobs breaks, each the way a disk or a person can.
+DAMAGED_JOBS = ("truncated", "empty-status", "list-request", "crafted")
+
+
+def damage_jobs(jobs_dir: Path, outside: Path) -> None:
+    """Break the stored jobs named in DAMAGED_JOBS: a truncated status.json, a status.json
+    of `{}`, a request.json of `[]`, and a request naming a job id that points at the
+    folder `outside` (which a loader trusting ids would delete)."""
+    status = jobs_dir / "truncated" / "status.json"
+    status.write_text(status.read_text()[:20])
+    (jobs_dir / "empty-status" / "status.json").write_text("{}")
+    (jobs_dir / "list-request" / "request.json").write_text("[]")
+    crafted = jobs_dir / "crafted" / "request.json"
+    escape = os.path.relpath(outside, jobs_dir / "crafted")
+    crafted.write_text(json.dumps({**json.loads(crafted.read_text()), "job_id": escape}))
+
+
+@contextlib.contextmanager
+def one_reply_server(reply: Callable[[dict], list[bytes]]) -> Iterator[str]:
+    """A fake server in this process: answers the first request with reply(header)."""
+    import zmq
+
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+
+    def answer_once() -> None:
+        if router.poll(30_000):
+            routing_id, header = router.recv_multipart()
+            router.send_multipart([routing_id, *reply(json.loads(header))])
+
+    thread = threading.Thread(target=answer_once)
+    thread.start()
+    try:
+        yield f"tcp://127.0.0.1:{port}"
+    finally:
+        thread.join()
+        router.close()
 
 
 def subprocess_env() -> dict:

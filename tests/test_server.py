@@ -39,6 +39,7 @@ from tests.conftest import REPO_ROOT
 from tests.server_support import (
     ServerProcess,
     clip_pngs,
+    one_reply_server,
     settings,
     subprocess_env,
     unused_address,
@@ -398,26 +399,11 @@ def test_wrong_protocol_version(server):
 
 def test_client_against_a_server_of_another_version():
     """A fake server in this process answers in protocol version 2."""
-    router = zmq.Context.instance().socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-
-    def answer_once() -> None:
-        if router.poll(30_000):
-            routing_id, header = router.recv_multipart()
-            reply = {**json.loads(header), "v": 2, "type": "welcome"}
-            router.send_multipart([routing_id, json.dumps(reply).encode()])
-
-    thread = threading.Thread(target=answer_once)
-    thread.start()
-    client = Client(f"tcp://127.0.0.1:{port}", timeout_s=30.0)
-    try:
-        with pytest.raises(ProtocolMismatch, match="version 2 and this client version 1"):
-            client.hello()
-    finally:
-        thread.join()
-        client.close()
-        router.close()
+    with one_reply_server(lambda header: [json.dumps(
+            {**header, "v": 2, "type": "welcome"}).encode()]) as address:
+        with Client(address, timeout_s=30.0) as client:
+            with pytest.raises(ProtocolMismatch, match="version 2 and this client version 1"):
+                client.hello()
 
 
 def test_no_server_is_a_clear_error_not_a_hang():
@@ -501,8 +487,24 @@ def test_with_keys_a_job_belongs_to_the_key_that_submitted_it(tmp_path, connect)
         assert seen == []
         assert [job["job_id"] for job in mine.status()["jobs"]] == ["owned"]
         assert len(mine.fetch("owned").frames) == 4
+
+        mine.close()  # the owner goes away; its id is free to take now
+        impostor = Client(server.address, timeout_s=2.0, client_id=mine.client_id, **other_keys)
+        try:
+            assert wait_until(lambda: jobs_seen_by(impostor), "the impostor connecting") == {
+                "jobs": []}
+        finally:
+            impostor.close()
     finally:
         server.stop()
+
+
+def jobs_seen_by(client: Client) -> dict | None:
+    """The client's job list, or None while it cannot get an answer."""
+    try:
+        return client.status()
+    except ServerUnavailable:
+        return None
 
 
 def test_bad_key_files_are_clear_errors(tmp_path):
@@ -713,28 +715,13 @@ def test_numbers_that_are_not_json_and_broken_text_are_refused_with_their_req(se
 
 def test_the_client_surfaces_an_error_that_carries_no_req():
     """Defect 7: a server that cannot read our req still answers; the client says what it
-    answered instead of "did not answer" five seconds later."""
-    router = zmq.Context.instance().socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-
-    def answer_once() -> None:
-        if router.poll(30_000):
-            routing_id, _ = router.recv_multipart()
-            router.send_multipart([routing_id, *protocol.encode(protocol.error_header(
-                "bad_header", "The header is broken; send a JSON object header."))])
-
-    thread = threading.Thread(target=answer_once)
-    thread.start()
-    client = Client(f"tcp://127.0.0.1:{port}", timeout_s=30.0)
-    try:
-        with pytest.raises(ClientError, match="header is broken") as caught:
-            client.hello()
-        assert caught.value.code == "bad_header"
-    finally:
-        thread.join()
-        client.close()
-        router.close()
+    answered instead of "did not answer" when its timeout runs out."""
+    with one_reply_server(lambda _: protocol.encode(protocol.error_header(
+            "bad_header", "The header is broken; send a JSON object header."))) as address:
+        with Client(address, timeout_s=30.0) as client:
+            with pytest.raises(ClientError, match="header is broken") as caught:
+                client.hello()
+    assert caught.value.code == "bad_header"
 
 
 def test_log_lines_cannot_be_forged_through_a_client_id(server):

@@ -7,7 +7,6 @@ read-only remount (EROFS) or a process out of file handles (EMFILE) would.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -18,7 +17,15 @@ from backend.server.store import Job, JobStore
 from shared.client import Client, JobRejected, UnknownJob
 from shared.protocol import JobState
 from tests.conftest import REPO_ROOT
-from tests.server_support import ServerProcess, clip_pngs, settings, subprocess_env, wait_until
+from tests.server_support import (
+    DAMAGED_JOBS,
+    ServerProcess,
+    clip_pngs,
+    damage_jobs,
+    settings,
+    subprocess_env,
+    wait_until,
+)
 
 WAIT_S = 300  # a hang guard for a busy machine, not a time limit
 # Long enough to be caught running after its first progress event (with the step delay).
@@ -104,29 +111,24 @@ def test_a_damaged_store_is_quarantined_and_the_server_starts(tmp_path, client_f
     """Defect 3: truncated and empty files, a crafted id; nothing deleted, nothing lost."""
     state = tmp_path / "state"
     store = JobStore(state)
-    for seq, job_id in enumerate(["kept", "truncated", "empty", "list", "crafted"]):
+    for seq, job_id in enumerate(["kept", *DAMAGED_JOBS]):
         done_job(store, job_id, seq)
-    victim = tmp_path / "x"
+    victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "keep.txt").write_text("outside the state folder")
-    status = store.folder("truncated") / "status.json"
-    status.write_text(status.read_text()[:25])
-    (store.folder("empty") / "status.json").write_text("{}")
-    (store.folder("list") / "request.json").write_text("[]")
-    crafted = store.folder("crafted") / "request.json"
-    crafted.write_text(json.dumps({**json.loads(crafted.read_text()), "job_id": "../../x"}))
+    damage_jobs(store.root, victim)
 
     server = ServerProcess(state, "--keep-jobs", "1").start()
     try:
         client = client_for(server.address)
         assert client.fetch("kept").sidecar == {"seed": 0}
-        for job_id in ("truncated", "empty", "list", "crafted"):
+        for job_id in DAMAGED_JOBS:
             with pytest.raises(UnknownJob):
                 client.status(job_id)
     finally:
         server.stop()
-    assert sorted(p.name.rsplit("-", 1)[0] for p in (state / "quarantine").iterdir()) == [
-        "crafted", "empty", "list", "truncated"]
+    assert sorted(p.name.rsplit("-", 1)[0] for p in (state / "quarantine").iterdir()) == sorted(
+        DAMAGED_JOBS)
     assert all(len(list((p / "result").glob("*.png"))) == 2
                for p in (state / "quarantine").iterdir())
     assert (victim / "keep.txt").exists()

@@ -21,7 +21,7 @@ from backend.server.store import Job, JobStore, StoreUnavailable
 from backend.server.transport import Incoming
 from shared import protocol
 from shared.protocol import JobState
-from tests.server_support import clip_pngs, settings
+from tests.server_support import DAMAGED_JOBS, clip_pngs, damage_jobs, settings
 
 
 def make_job(job_id: str, seq: int, state: JobState = JobState.QUEUED, **fields) -> Job:
@@ -178,24 +178,18 @@ def test_a_job_interrupted_while_being_created_is_never_listed(tmp_path, monkeyp
 
 
 def test_damaged_jobs_are_quarantined_never_deleted_and_the_store_loads(tmp_path):
-    store = stored(tmp_path / "state", [make_job("good", 0), make_job("truncated", 1),
-                                        make_job("empty-status", 2), make_job("list-request", 3),
-                                        make_job("crafted", 4), make_job("renamed", 5)])
+    store = stored(tmp_path / "state", [make_job(job_id, seq) for seq, job_id in enumerate(
+        ["good", "renamed", *DAMAGED_JOBS])])
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "precious.txt").write_text("keep me")
-    status = store.folder("truncated") / "status.json"
-    status.write_text(status.read_text()[:20])
-    (store.folder("empty-status") / "status.json").write_text("{}")
-    (store.folder("list-request") / "request.json").write_text("[]")
-    crafted = store.folder("crafted") / "request.json"
-    crafted.write_text(json.dumps({**json.loads(crafted.read_text()), "job_id": "../../victim"}))
-    renamed = store.folder("renamed") / "request.json"
+    damage_jobs(store.root, victim)
+    renamed = store.folder("renamed") / "request.json"  # a copy of another job's folder
     renamed.write_text(json.dumps({**json.loads(renamed.read_text()), "job_id": "good"}))
 
     assert [job.job_id for job in JobStore(tmp_path / "state").load_all()] == ["good"]
     quarantined = sorted(p.name.rsplit("-", 1)[0] for p in store.quarantine.iterdir())
-    assert quarantined == ["crafted", "empty-status", "list-request", "renamed", "truncated"]
+    assert quarantined == sorted(["renamed", *DAMAGED_JOBS])
     for folder in store.quarantine.iterdir():
         assert (folder / "input" / "00000.png").read_bytes() == b"a"  # everything kept
     assert (victim / "precious.txt").read_text() == "keep me"
