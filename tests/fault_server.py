@@ -3,7 +3,8 @@ on demand, as a full disk, a read-only remount or a process out of file handles 
 
 While the file named by $UNDERSTUDY_FAULT_FILE exists, every write, rename or mkdir
 under the --state-dir raises OSError with the errno named in that file (ENOSPC,
-EROFS, EMFILE, …). Removing the file is the disk getting space back.
+EROFS, EMFILE, …); "ENOSPC status.json" fails only paths ending in status.json.
+Removing the file is the disk getting space back.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ def install(control: Path, state_dir: Path) -> None:
             return
         try:
             with real_open(control) as file:
-                code = getattr(errno, file.read().strip())
+                name, _, suffix = file.read().strip().partition(" ")
         except FileNotFoundError:
             return
-        raise OSError(code, os.strerror(code), os.fspath(path))
+        if os.fspath(path).endswith(suffix):
+            code = getattr(errno, name)
+            raise OSError(code, os.strerror(code), os.fspath(path))
 
     def open_(file, mode="r", *args, **kwargs):
         if isinstance(file, str | bytes | os.PathLike) and any(c in mode for c in "wax+"):

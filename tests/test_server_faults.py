@@ -27,7 +27,7 @@ from tests.server_support import (
     wait_until,
 )
 
-WAIT_S = 300  # a hang guard for a busy machine, not a time limit
+WAIT_S = 120  # a hang guard for a busy machine, not a time limit
 # Long enough to be caught running after its first progress event (with the step delay).
 SLOW = {"steps": 40, "inversion_steps": 40}
 
@@ -56,7 +56,8 @@ def test_the_server_survives_a_failing_disk_and_resumes_by_itself(tmp_path, clie
         client.submit("running", settings(seed=8, **SLOW), clip_pngs(6))
         client.submit("waiting", settings(seed=9), clip_pngs(6))
         wait_until(lambda: client.status("running")["state"] == "running", "the job starting")
-        fault.write_text("ENOSPC")  # the disk fills while the job runs: its result cannot land
+        # The disk fills while the job runs: its result lands, the status saying so cannot.
+        fault.write_text("ENOSPC status.json")
         degraded = wait_until(lambda: client.hello()["degraded"], "hello reporting degraded")
         assert "No space left on device" in degraded and degraded.endswith("by itself.")
         back = client.status("running")

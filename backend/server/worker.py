@@ -44,9 +44,9 @@ class Worker:
         """The worker thread's body; `notify` hands events to the socket loop."""
         while not stopping.is_set():
             try:
-                if self.book.health() is not None:
-                    if not self.book.try_resume():
-                        stopping.wait(PROBE_INTERVAL_S)
+                if self.book.health() is not None:  # wait first: one try per interval
+                    stopping.wait(PROBE_INTERVAL_S)
+                    self.book.try_resume()
                     continue
                 job = self.book.claim_next(stopping, wait_s=PROBE_INTERVAL_S)
                 if job is None:
