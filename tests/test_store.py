@@ -257,8 +257,7 @@ class StandInEngine:
 def submit(requests: Requests, job_id: str) -> dict:
     header = {"v": 1, "type": "submit", "req": 1, "job_id": job_id, "settings": settings()}
     frames = protocol.encode(header, clip_pngs(6))
-    reply, _ = requests.answer(Incoming(b"c-1", None, frames))
-    return reply
+    return requests.answer(Incoming(b"c-1", None, frames)).reply
 
 
 def requests_on(store: JobStore) -> Requests:
@@ -299,8 +298,8 @@ def test_the_book_changes_a_job_only_after_the_disk_has_it(tmp_path, monkeypatch
     assert submit(requests, "j")["type"] == "accepted"
     monkeypatch.setattr(os, "replace", lambda *_: (_ for _ in ()).throw(
         OSError(errno.ENOSPC, "No space left on device")))
-    reply, _ = requests.answer(Incoming(b"c-1", None, protocol.encode(
-        {"type": "cancel", "req": 2, "job_id": "j"})))
+    reply = requests.answer(Incoming(b"c-1", None, protocol.encode(
+        {"type": "cancel", "req": 2, "job_id": "j"}))).reply
     assert reply["code"] == "store_unavailable" and reply["req"] == 2
     monkeypatch.undo()
     assert requests.book.view("j", None)["state"] == "queued"

@@ -120,13 +120,12 @@ class Server:
 
     def _answer_waiting(self) -> None:
         while (message := self.transport.receive()) is not None:
-            reply, payload = self.requests.answer(message)
-            self.transport.send(message.routing_id, reply, payload)
-            if self.requests.cancelled_queued:
-                for job in self.requests.cancelled_queued:
-                    self.transport.send_event(job.client, job.owner, {
-                        "type": EventType.CANCELLED, "job_id": job.job_id})
-                self.requests.cancelled_queued.clear()
+            answer = self.requests.answer(message)
+            self.transport.send(message.routing_id, answer.reply, answer.payload)
+            if answer.cancelled is not None:
+                job = answer.cancelled
+                self.transport.send_event(job.client, job.owner, {
+                    "type": EventType.CANCELLED, "job_id": job.job_id})
                 self._send_queue_positions()
 
     def _forward(self, event: dict) -> None:

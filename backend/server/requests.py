@@ -10,6 +10,7 @@ import logging
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from backend.errors import UnderstudyError
@@ -23,11 +24,18 @@ from shared.protocol import ErrorCode, ProtocolError, ReplyType, RequestType
 
 log = logging.getLogger("understudy.server")
 
-Reply = tuple[dict[str, Any], list[bytes]]
+@dataclass
+class Answer:
+    """The reply to one request, and what it changed for others: a queued job it
+    cancelled (whose client is told, and the queue behind it moved)."""
+
+    reply: dict[str, Any]
+    payload: list[bytes] = field(default_factory=list)
+    cancelled: Job | None = None
 
 
 class Requests:
-    """Turns one Incoming message into exactly one reply (never raises)."""
+    """Turns one Incoming message into exactly one Answer (never raises)."""
 
     def __init__(self, book: JobBook, engine: TransferEngine, limits: dict[str, int],
                  heartbeat_s: float, secure: Callable[[], bool],
@@ -38,55 +46,52 @@ class Requests:
         self.heartbeat_s = heartbeat_s
         self.secure = secure
         self.dropped = dropped
-        self.cancelled_queued: list[Job] = []  # for the loop to announce after replying
 
-    def answer(self, message: Incoming) -> Reply:
-        """The reply to one message; every failure becomes an error reply with its req."""
+    def answer(self, message: Incoming) -> Answer:
+        """The answer to one message; every failure becomes an error reply with its req."""
         req = protocol.peek_req(message.frames[0]) if message.frames else None
         try:
             if message.refusal is not None:
                 raise message.refusal
             header, payload = protocol.decode(message.frames)
-            reply, reply_payload = self._dispatch(message, header, payload)
+            answer = self._dispatch(message, header, payload)
         except ProtocolError as error:
-            reply, reply_payload = protocol.error_header(error.code, error.message), []
+            answer = Answer(protocol.error_header(error.code, error.message))
         except StoreUnavailable as error:
-            reply, reply_payload = protocol.error_header(error.code, str(error)), []
+            answer = Answer(protocol.error_header(error.code, str(error)))
         except Exception:  # a server bug must not take the other clients down
             log.error("Request from %s failed:\n%s", printable(message.routing_id),
                       traceback.format_exc())
-            reply, reply_payload = protocol.error_header(
-                ErrorCode.INTERNAL, "The server failed on this request; see the server log."), []
+            answer = Answer(protocol.error_header(
+                ErrorCode.INTERNAL, "The server failed on this request; see the server log."))
         if req is not None:
-            reply["req"] = req
-        return reply, reply_payload
+            answer.reply["req"] = req
+        return answer
 
-    def _dispatch(self, message: Incoming, header: dict[str, Any], payload: list[bytes]) -> Reply:
+    def _dispatch(self, message: Incoming, header: dict[str, Any], payload: list[bytes]
+                  ) -> Answer:
         kind = header["type"]
         client, owner = client_name(message.routing_id), message.owner
         if kind == RequestType.HEARTBEAT:
-            return {"type": ReplyType.HEARTBEAT, "queue_length": self.book.queue_length(),
-                    "time": time.time()}, []
+            return Answer({"type": ReplyType.HEARTBEAT, "queue_length": self.book.queue_length(),
+                           "time": time.time()})
         if kind == RequestType.HELLO:
-            return self._welcome(), []
+            return Answer(self._welcome())
         if kind == RequestType.SUBMIT:
-            return self._submit(client, owner, header, payload), []
+            return Answer(self._submit(client, owner, header, payload))
         if kind == RequestType.STATUS:
             if header.get("job_id") is None:
-                return {"type": ReplyType.STATUS, "jobs": self.book.jobs_of(client, owner)}, []
-            return {"type": ReplyType.STATUS,
-                    "job": self.book.view(protocol.check_job_id(header.get("job_id")), owner)}, []
+                return Answer({"type": ReplyType.STATUS, "jobs": self.book.jobs_of(client, owner)})
+            job_id = protocol.check_job_id(header.get("job_id"))
+            return Answer({"type": ReplyType.STATUS, "job": self.book.view(job_id, owner)})
         if kind == RequestType.CANCEL:
-            info, cancelled_now = self.book.cancel(protocol.check_job_id(header.get("job_id")),
-                                                   owner)
-            if cancelled_now is not None:
-                self.cancelled_queued.append(cancelled_now)
-            return {"type": ReplyType.STATUS, "job": info}, []
+            info, cancelled = self.book.cancel(protocol.check_job_id(header.get("job_id")), owner)
+            return Answer({"type": ReplyType.STATUS, "job": info}, cancelled=cancelled)
         if kind == RequestType.FETCH:
             job_id = protocol.check_job_id(header.get("job_id"))
             sidecar, frames = self.book.result(job_id, owner)
-            return {"type": ReplyType.RESULT, "job_id": job_id, "sidecar": sidecar,
-                    "frame_count": len(frames)}, frames
+            return Answer({"type": ReplyType.RESULT, "job_id": job_id, "sidecar": sidecar,
+                           "frame_count": len(frames)}, frames)
         raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"Unknown message type {kind!r}; this "
                             f"server understands {', '.join(sorted(protocol.REQUEST_TYPES))}.")
 
