@@ -30,7 +30,7 @@ import torch
 from backend.engine import Engine, Procedure
 from backend.features import truncated_smm
 from backend.model import TINY, ZEROSCOPE, ZEROSCOPE_RANDOM, Components, load_components
-from backend.settings import TransferSettings
+from shared.settings import TransferSettings
 
 REFERENCE_INVERSION_STEPS = 999
 # Printed beside the figures (issue 6); never asserted in tests.

@@ -16,40 +16,28 @@ from pathlib import Path
 from backend.edit import DEFAULT_CACHE, DEFAULT_MODEL
 from backend.errors import UnderstudyError
 from backend.metrics import DEFAULT_CLIP_MODEL
-from backend.settings import TransferSettings
 from backend.tracking import DEFAULT_GRID
+from shared.settings import DEFAULTS, SPECS, TransferSettings
 
 # --------------------------------------------------------------------------- transfer
 
 
 def add_settings_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TransferSettings field (defaults come from the dataclass)."""
-    d = TransferSettings(prompt="x")
-    p = parser.add_argument
-    p("--prompt", required=True, help="what the subject should become")
-    p("--source-prompt", default=d.source_prompt, help="describes the source clip (default empty)")
-    p("--negative-prompt", default=d.negative_prompt)
-    p("--prompt-prefix", default=d.prompt_prefix, help="prepended to both prompts")
-    p("--seed", type=int, default=None, help="random unless given; always recorded")
-    p("--frames", dest="num_frames", type=int, default=d.num_frames, help="frames fed to the model")
-    p("--start", type=int, default=None, help="first clip frame of a contiguous range "
-      "(default: sample evenly over the whole clip)")
-    p("--width", type=int, default=d.width)
-    p("--height", type=int, default=d.height)
-    p("--inversion-steps", type=int, default=d.inversion_steps,
-      help="DDIM inversion steps (the reference uses 999)")
-    p("--steps", type=int, default=d.steps)
-    p("--guided-steps", type=int, default=d.guided_steps)
-    p("--iterations", dest="guidance_iterations", type=int, default=d.guidance_iterations,
-      help="Adam iterations per guided step")
-    p("--lr-start", type=float, default=d.lr_start)
-    p("--lr-end", type=float, default=d.lr_end)
-    p("--loss", choices=("cosine", "l2"), default=d.loss)
-    p("--cfg-scale", type=float, default=d.cfg_scale)
-    p("--lowfreq-factor", type=int, default=d.lowfreq_factor)
-    p("--no-restart", dest="restart", action="store_false", help="skip restart re-noising")
-    p("--gradient-checkpointing", action="store_true", help="less GPU memory, slower guidance")
-    p("--vae-slice", type=int, default=d.vae_slice, help="frames per VAE slice")
+    """One flag per TransferSettings field that has one; names, defaults and help come
+    from shared/settings.py."""
+    for name, spec in SPECS.items():
+        if spec.flag is None:
+            continue
+        default = DEFAULTS[name]
+        if spec.kind == "bool":
+            action = "store_false" if default else "store_true"
+            parser.add_argument(spec.flag, dest=name, action=action, help=spec.help)
+        elif name == "prompt":
+            parser.add_argument(spec.flag, dest=name, required=True, help=spec.help)
+        else:
+            kind = {"int": int, "float": float}.get(spec.kind, str)
+            parser.add_argument(spec.flag, dest=name, type=kind, default=default,
+                                choices=spec.choices or None, help=spec.help)
 
 
 def settings_flags(values: dict) -> list[str]:

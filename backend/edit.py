@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from backend.errors import UnderstudyError
-from backend.settings import TransferSettings
+from shared.settings import TransferSettings
 
 DEFAULT_MODEL = "cerspense/zeroscope_v2_576w"
 DEFAULT_CACHE = Path.home() / ".cache" / "understudy"

@@ -44,8 +44,8 @@ from backend.guidance import (
 )
 from backend.inversion import InversionCache, SourceState, cache_key, ddim_invert
 from backend.model import Components, load_components
-from backend.settings import TransferSettings
 from backend.video import resize_frames, retime_frames, sample_indices
+from shared.settings import TransferSettings
 
 ProgressCallback = Callable[[str, int, int], None]
 """progress(phase, step, total); phases in order: "encode", "invert", "features", "sample",

@@ -2,26 +2,20 @@
 
 Every exception here carries one sentence that says what went wrong and what to do;
 the command line prints it without a traceback and the server sends it as an error
-reply with the class's `code`.
+reply with the class's `code`. The root class and the settings error live in
+shared/errors.py, which the Blender extension can import.
 """
 
+from shared.errors import BadSettingsError, UnderstudyError
 
-class UnderstudyError(Exception):
-    """A failure the user can act on; `str(error)` is the sentence to show."""
-
-    code = "error"
+__all__ = ["BadClipError", "BadSettingsError", "JobCancelled", "ModelNotFoundError",
+           "OutOfMemoryError", "UnderstudyError"]
 
 
 class BadClipError(UnderstudyError):
     """The input video cannot be used (unreadable, empty, too short, absurd size)."""
 
     code = "bad_clip"
-
-
-class BadSettingsError(UnderstudyError):
-    """A setting has the wrong type or an out-of-range value."""
-
-    code = "bad_settings"
 
 
 class ModelNotFoundError(UnderstudyError):

@@ -8,19 +8,15 @@ is the one sentence Blender shows.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from dataclasses import dataclass
 
 from .plan import UserError
+from .vendored import shared_module
 
 
 def client_api():
     """The `shared.client` module: the vendored copy, else the project's checkout."""
-    vendored = f"{__package__}.shared"
-    if importlib.util.find_spec(vendored) is not None:
-        return importlib.import_module(f"{vendored}.client")
-    return importlib.import_module("shared.client")
+    return shared_module("client")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .vendored import shared_module
+
+SETTINGS = shared_module("settings")  # shared/settings.py: every setting's name, default, range
+
 MAX_CHANNEL = 128  # Blender's sequencer has channels 1..128
 MAX_NAME_BYTES = 63  # Blender's ID and strip names hold 63 bytes of UTF-8
 RESULT_FOLDER = "understudy"  # //understudy/<job>/ beside the .blend
@@ -163,6 +167,10 @@ def transfer_settings(values: dict, output_frames: int, frames_sent: int | None 
     settings["output_frames"] = output_frames
     if frames_sent is not None and settings.get("num_frames", frames_sent) > frames_sent:
         settings["num_frames"] = frames_sent
+    try:
+        SETTINGS.TransferSettings.from_dict(settings)
+    except SETTINGS.BadSettingsError as error:
+        raise UserError(str(error)) from None
     return settings
 
 
@@ -185,21 +193,23 @@ def percent_from_event(event: dict) -> float | None:
     return None
 
 
-# The panel's settings and their defaults; the same values as backend.settings'
-# TransferSettings (a unit test keeps them equal; the extension cannot import backend).
-REFERENCE_NEGATIVE_PROMPT = (
-    "bad quality, distortions, unrealistic, distorted image, watermark, signature"
-)
-PANEL_DEFAULTS = {
-    "num_frames": 24,
-    "width": 576,
-    "height": 320,
-    "inversion_steps": 50,
-    "steps": 50,
-    "guided_steps": 20,
-    "guidance_iterations": 10,
-    "negative_prompt": REFERENCE_NEGATIVE_PROMPT,
-}
+# The settings the panel edits as whole numbers; their names, defaults and ranges come
+# from shared/settings.py, the one place the backend reads them from too.
+PANEL_INT_SETTINGS = ("num_frames", "width", "height", "inversion_steps", "steps",
+                      "guided_steps", "guidance_iterations")
+
+
+def int_property_range(name: str) -> dict[str, int]:
+    """default, min, max (and step) of a whole-number setting, for the panel's IntProperty.
+
+    A bound that names another setting (guided_steps <= steps) takes that one's maximum.
+    """
+    spec = SETTINGS.spec_of(name)
+    high = SETTINGS.spec_of(spec.high).high if isinstance(spec.high, str) else spec.high
+    bounds = {"default": int(SETTINGS.DEFAULTS[name]), "min": int(spec.low), "max": int(high)}
+    if spec.multiple_of > 1:
+        bounds["step"] = spec.multiple_of
+    return bounds
 
 
 def job_update(event: dict) -> tuple[dict, bool]:

@@ -91,22 +91,19 @@ class UnderstudySettings(bpy.types.PropertyGroup):
     last_seed: StringProperty(name="Last seed", default="",
                               description="The seed of the last finished run")
     show_advanced: BoolProperty(name="Advanced", default=False)
-    steps: IntProperty(name="Steps", default=plan.PANEL_DEFAULTS["steps"], min=1, max=1000)
-    guided_steps: IntProperty(name="Guided steps", default=plan.PANEL_DEFAULTS["guided_steps"],
-                              min=0, max=1000)
+    steps: IntProperty(name="Steps", **plan.int_property_range("steps"))
+    guided_steps: IntProperty(name="Guided steps", **plan.int_property_range("guided_steps"))
     guidance_iterations: IntProperty(
-        name="Iterations", default=plan.PANEL_DEFAULTS["guidance_iterations"], min=0, max=1000,
+        name="Iterations", **plan.int_property_range("guidance_iterations"),
         description="Optimisation iterations per guided step")
-    num_frames: IntProperty(name="Frames", default=plan.PANEL_DEFAULTS["num_frames"],
-                            min=2, max=256, description="Frames the model generates")
+    num_frames: IntProperty(name="Frames", **plan.int_property_range("num_frames"),
+                            description="Frames the model generates")
     inversion_steps: IntProperty(name="Inversion steps",
-                                 default=plan.PANEL_DEFAULTS["inversion_steps"], min=1, max=1000)
-    width: IntProperty(name="Width", default=plan.PANEL_DEFAULTS["width"], min=64, max=2048,
-                       step=8)
-    height: IntProperty(name="Height", default=plan.PANEL_DEFAULTS["height"], min=64, max=2048,
-                        step=8)
+                                 **plan.int_property_range("inversion_steps"))
+    width: IntProperty(name="Width", **plan.int_property_range("width"))
+    height: IntProperty(name="Height", **plan.int_property_range("height"))
     negative_prompt: StringProperty(name="Negative prompt",
-                                    default=plan.PANEL_DEFAULTS["negative_prompt"])
+                                    default=plan.SETTINGS.DEFAULTS["negative_prompt"])
 
     def values(self, prompt: str = "") -> dict:
         """The settings to send, as plain values (prompt from the operator if given)."""
@@ -115,9 +112,7 @@ class UnderstudySettings(bpy.types.PropertyGroup):
             "source_prompt": self.source_prompt,
             "negative_prompt": self.negative_prompt,
             "seed": None if self.use_random_seed else int(self.seed),
-            **{name: int(getattr(self, name)) for name in (
-                "num_frames", "width", "height", "inversion_steps", "steps", "guided_steps",
-                "guidance_iterations")},
+            **{name: int(getattr(self, name)) for name in plan.PANEL_INT_SETTINGS},
         }
 
 

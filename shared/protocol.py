@@ -18,6 +18,8 @@ import re
 from enum import StrEnum
 from typing import Any
 
+from .settings import TEXT_SETTINGS
+
 PROTOCOL_VERSION = 1
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 
@@ -39,7 +41,6 @@ DEFAULT_LIMITS: dict[str, int] = {
     "max_prompt_chars": 1000,
     "max_queue": 16,
 }
-PROMPT_SETTINGS = ("prompt", "source_prompt", "negative_prompt", "prompt_prefix")
 
 
 class RequestType(StrEnum):
@@ -327,7 +328,7 @@ def check_submit_limits(settings: dict[str, Any], frames: list[bytes], header_by
     if not frames:
         raise ProtocolError(ErrorCode.BAD_FRAMES,
                             "The job has no frames; send the clip as PNG frames.")
-    for name in PROMPT_SETTINGS:
+    for name in TEXT_SETTINGS:
         text = settings.get(name)
         if isinstance(text, str) and len(text) > limits["max_prompt_chars"]:
             raise ProtocolError(

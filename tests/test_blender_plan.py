@@ -13,11 +13,11 @@ from types import SimpleNamespace
 import pytest
 
 import build  # the repository's build.py (stdlib only)
-from backend.settings import TransferSettings
 from backend.video import retime_indices as backend_retime_indices
 from blender_addon import link, plan
 from blender_addon.plan import Span, UserError
 from blender_addon.strip_io import Snapshot
+from shared.settings import TransferSettings
 from tests.conftest import REPO_ROOT
 
 # --------------------------------------------------------------------------- source checks
@@ -126,15 +126,22 @@ def test_frame_file_names_are_numbered_in_order():
 # --------------------------------------------------------------------------- settings
 
 
-def test_panel_defaults_equal_the_backend_defaults():
-    defaults = TransferSettings(prompt="x")
-    for name, value in plan.PANEL_DEFAULTS.items():
-        assert getattr(defaults, name) == value, name
+def test_panel_ranges_come_from_the_shared_settings():
+    assert plan.int_property_range("width") == {"default": 576, "min": 64, "max": 2048, "step": 8}
+    # guided_steps is bounded by steps, so the panel allows steps' maximum
+    assert plan.int_property_range("guided_steps")["max"] == plan.int_property_range("steps")["max"]
+    for name in plan.PANEL_INT_SETTINGS:
+        assert plan.int_property_range(name)["default"] == getattr(TransferSettings(prompt="x"), name)
+
+
+def test_panel_refuses_unrunnable_settings_before_anything_is_sent():
+    with pytest.raises(UserError, match="'steps' is 0"):
+        plan.transfer_settings({"prompt": "a fox", "steps": 0}, 10)
 
 
 def test_settings_sent_are_valid_backend_settings():
     values = {"prompt": "a fox", "source_prompt": " ", "negative_prompt": "", "seed": None,
-              **{k: v for k, v in plan.PANEL_DEFAULTS.items() if k != "negative_prompt"}}
+              **{name: plan.int_property_range(name)["default"] for name in plan.PANEL_INT_SETTINGS}}
     settings = plan.transfer_settings(values, output_frames=23)
     assert settings["output_frames"] == 23
     assert "seed" not in settings and "source_prompt" not in settings
@@ -156,7 +163,7 @@ def test_empty_prompt_is_a_user_error():
 
 def test_panel_fields_are_backend_fields():
     names = {field.name for field in dataclasses.fields(TransferSettings)}
-    assert set(plan.PANEL_DEFAULTS) <= names
+    assert set(plan.PANEL_INT_SETTINGS) <= names
 
 
 # --------------------------------------------------------------------------- job updates

@@ -10,7 +10,7 @@ from backend.engine import Engine, Procedure, load_engine
 from backend.errors import BadClipError, BadSettingsError, JobCancelled, OutOfMemoryError
 from backend.features import TAP_NAMES, checkpointed_blocks, tap_modules, truncated_smm
 from backend.guidance import pairwise_smm_loss
-from backend.settings import TransferSettings
+from shared.settings import TransferSettings
 from tests.conftest import SMALL_SETTINGS, moving_square_frames
 
 

@@ -12,7 +12,7 @@ from tests.conftest import REPO_ROOT
 
 
 @pytest.mark.parametrize("name", ["backend", "backend.cli", "backend.engine", "backend.video",
-                                  "backend.settings", "shared"])
+                                  "shared.settings", "shared"])
 def test_package_imports(name):
     assert importlib.import_module(name) is not None
 

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from backend.settings import TransferSettings
+from shared.settings import TransferSettings
 
 
 class TransferOutcome(Protocol):

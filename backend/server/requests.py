@@ -108,7 +108,7 @@ class Requests:
 
     def _submit(self, client: str, owner: str | None, header: dict[str, Any],
                 payload: list[bytes]) -> dict[str, Any]:
-        from backend.settings import TransferSettings
+        from shared.settings import TransferSettings
 
         job_id = protocol.check_job_id(header.get("job_id"))
         try:

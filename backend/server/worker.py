@@ -61,8 +61,8 @@ class Worker:
 
     def _run(self, job: Job, stopping: threading.Event, notify: Notify) -> None:
         """Run one job and record how it ended."""
-        from backend.settings import TransferSettings
         from backend.video import encode_png
+        from shared.settings import TransferSettings
 
         def progress(phase: str, step: int, total: int) -> None:
             self.book.report_progress(job.job_id, phase, step, total)

@@ -1,0 +1,204 @@
+"""Every knob of a motion-transfer edit: its name, default, range and help, once.
+
+The backend (engine, job server, command-line flags) and the Blender panel all read
+the settings from here, so a name, a default or a range is written in one place.
+Defaults follow the authors' code (docs/method.md). A `TransferSettings` is filled
+from command-line flags, from a job's JSON settings on the server, or from the panel,
+and written back into the result's JSON sidecar, so its fields are plain JSON types.
+
+Standard library only: this module rides inside the Blender extension.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import BadSettingsError
+
+REFERENCE_NEGATIVE_PROMPT = (
+    "bad quality, distortions, unrealistic, distorted image, watermark, signature"
+)
+REFERENCE_PROMPT_PREFIX = "Amazing quality, masterpiece, "
+MAX_PROMPT_CHARS = 1000
+MAX_FRAMES_CEILING = 100_000  # no setting counts more frames than this, whatever the limits
+TEXT_SETTINGS = ("prompt", "source_prompt", "negative_prompt", "prompt_prefix")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What one setting may hold, and how the command line spells it.
+
+    kind: "int", "float", "bool", "text" or "choice". `high` may name another
+    setting whose value is the upper bound ("steps" for guided_steps). `optional`
+    settings may be None (for example a seed: None means pick one at random).
+    """
+
+    kind: str
+    low: float | None = None
+    high: float | str | None = None
+    multiple_of: int = 1
+    choices: tuple[str, ...] = ()
+    optional: bool = False
+    flag: str | None = None  # the `transfer` flag; None: not a flag of its own
+    help: str = ""
+
+
+def _setting(default: Any, spec: Spec) -> Any:
+    return field(default=default, metadata={"spec": spec})
+
+
+@dataclass
+class TransferSettings:
+    """One edit: what the subject becomes and how the sampler gets there."""
+
+    prompt: str = _setting("", Spec("text", flag="--prompt", help="what the subject should become"))
+    source_prompt: str = _setting("", Spec(
+        "text", flag="--source-prompt", help="describes the source clip (default empty)"))
+    negative_prompt: str = _setting(REFERENCE_NEGATIVE_PROMPT, Spec(
+        "text", flag="--negative-prompt", help="what the sampler steers away from"))
+    prompt_prefix: str = _setting(REFERENCE_PROMPT_PREFIX, Spec(
+        "text", flag="--prompt-prefix", help="prepended to both prompts"))
+    seed: int | None = _setting(None, Spec(
+        "int", 0, 2**63 - 1, optional=True, flag="--seed",
+        help="random unless given; always recorded"))
+
+    # Which frames of the clip go in, and how many come out.
+    num_frames: int = _setting(24, Spec(
+        "int", 2, MAX_FRAMES_CEILING, flag="--frames", help="frames fed to the model"))
+    start: int | None = _setting(None, Spec(
+        "int", 0, 10**7, optional=True, flag="--start",
+        help="first clip frame of a contiguous range (default: sample evenly over the clip)"))
+    width: int = _setting(576, Spec("int", 64, 2048, multiple_of=8, flag="--width",
+                                    help="model input width in pixels"))
+    height: int = _setting(320, Spec("int", 64, 2048, multiple_of=8, flag="--height",
+                                     help="model input height in pixels"))
+    output_frames: int | None = _setting(None, Spec(
+        "int", 1, MAX_FRAMES_CEILING, optional=True,
+        help="None: as many as the model made; else retimed to this many by holding frames"))
+
+    # Inversion.
+    inversion_steps: int = _setting(50, Spec(
+        "int", 1, 1000, flag="--inversion-steps", help="DDIM inversion steps (the reference uses 999)"))
+
+    # Sampling and guidance.
+    steps: int = _setting(50, Spec("int", 1, 1000, flag="--steps", help="DDIM sampling steps"))
+    guided_steps: int = _setting(20, Spec(
+        "int", 0, "steps", flag="--guided-steps", help="the first steps, guided by the SMM loss"))
+    guidance_iterations: int = _setting(10, Spec(
+        "int", 0, 1000, flag="--iterations", help="Adam iterations per guided step"))
+    lr_start: float = _setting(0.007, Spec(
+        "float", 0, 1, flag="--lr-start", help="Adam learning rate at the first guided step"))
+    lr_end: float = _setting(0.004, Spec(
+        "float", 0, 1, flag="--lr-end", help="Adam learning rate at the last guided step"))
+    loss: str = _setting("cosine", Spec(
+        "choice", choices=("cosine", "l2"), flag="--loss",
+        help="cosine (the authors' code) or l2 (the paper's Eq. 3)"))
+    cfg_scale: float = _setting(10.0, Spec(
+        "float", 0, 100, flag="--cfg-scale", help="classifier-free guidance scale"))
+    lowfreq_factor: int = _setting(4, Spec(
+        "int", 1, 64, flag="--lowfreq-factor",
+        help="spatial down-sampling that keeps the initial latent's low frequencies"))
+    restart: bool = _setting(True, Spec(
+        "bool", flag="--no-restart", help="skip restart re-noising"))
+
+    # Memory.
+    gradient_checkpointing: bool = _setting(False, Spec(
+        "bool", flag="--gradient-checkpointing", help="less GPU memory, slower guidance"))
+    vae_slice: int = _setting(4, Spec("int", 1, 256, flag="--vae-slice", help="frames per VAE slice"))
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise BadSettingsError with one sentence for the first bad value."""
+        for item in dataclasses.fields(self):
+            check_value(item.name, getattr(self, item.name), spec_of(item.name), self)
+        if not self.prompt.strip():
+            raise BadSettingsError("The prompt is empty; describe what the subject should become.")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TransferSettings:
+        """Build from JSON-like values, refusing unknown names and wrong types."""
+        if not isinstance(values, dict):
+            raise BadSettingsError("Settings must be a JSON object.")
+        known = set(SPECS)
+        unknown = sorted(str(name) for name in set(values) - known)
+        if unknown:
+            raise BadSettingsError(
+                f"Unknown setting {unknown[0]!r}; known settings are: {', '.join(sorted(known))}."
+            )
+        if "prompt" not in values:
+            raise BadSettingsError("The prompt is missing; describe what the subject should become.")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def guidance_learning_rates(self) -> list[float]:
+        """lr for each guided step: linspace(lr_start, lr_end, guided_steps)."""
+        n = self.guided_steps
+        if n == 1:
+            return [float(self.lr_start)]
+        return [self.lr_start + (self.lr_end - self.lr_start) * i / (n - 1) for i in range(n)]
+
+
+SPECS: dict[str, Spec] = {item.name: item.metadata["spec"]
+                          for item in dataclasses.fields(TransferSettings)}
+DEFAULTS: dict[str, Any] = {item.name: item.default
+                            for item in dataclasses.fields(TransferSettings)}
+
+
+def spec_of(name: str) -> Spec:
+    """The Spec of a setting, by name."""
+    return SPECS[name]
+
+
+def check_value(name: str, value: Any, spec: Spec, settings: Any = None) -> None:
+    """Raise BadSettingsError unless `value` fits `spec`.
+
+    `settings` supplies the other values a bound may name (guided_steps <= steps).
+    Numbers must be finite: NaN passes every comparison, so it is refused by name.
+    """
+    if value is None and spec.optional:
+        return
+    if spec.kind in ("text", "choice"):
+        _check_text(name, value)
+        if spec.kind == "choice" and value not in spec.choices:
+            raise BadSettingsError(
+                f"Setting {name!r} must be {' or '.join(repr(c) for c in spec.choices)}.")
+        return
+    if spec.kind == "bool":
+        if not isinstance(value, bool):
+            raise BadSettingsError(f"Setting {name!r} must be true or false.")
+        return
+    if spec.kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+        raise BadSettingsError(f"Setting {name!r} must be a whole number, not {value!r}.")
+    if spec.kind == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise BadSettingsError(f"Setting {name!r} must be a number, not {value!r}.")
+        if not math.isfinite(value):
+            raise BadSettingsError(f"Setting {name!r} is {value}; give a finite number.")
+    high = getattr(settings, spec.high) if isinstance(spec.high, str) else spec.high
+    if not spec.low <= value <= high:
+        raise BadSettingsError(
+            f"Setting {name!r} is {value}; it must be between {spec.low} and {high}.")
+    if spec.multiple_of > 1 and value % spec.multiple_of:
+        raise BadSettingsError(
+            f"Setting {name!r} is {value}; it must be a multiple of {spec.multiple_of}.")
+
+
+def _check_text(name: str, value: Any) -> None:
+    if not isinstance(value, str):
+        raise BadSettingsError(f"Setting {name!r} must be text.")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise BadSettingsError(
+            f"Setting {name!r} is {len(value)} characters long; keep it under {MAX_PROMPT_CHARS}.")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadSettingsError(
+            f"Setting {name!r} holds characters that are not valid Unicode text; retype it."
+        ) from None

@@ -1,0 +1,83 @@
+"""shared/settings.py: one place for every setting's name, default and range."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+
+from backend.cli import add_settings_flags, settings_flags
+from shared.errors import BadSettingsError
+from shared.settings import DEFAULTS, SPECS, TransferSettings
+
+
+def test_defaults_are_the_reference_procedure():
+    settings = TransferSettings(prompt="a train")
+    assert (settings.steps, settings.guided_steps, settings.guidance_iterations) == (50, 20, 10)
+    assert (settings.lr_start, settings.lr_end, settings.cfg_scale) == (0.007, 0.004, 10.0)
+    assert settings.to_dict() == {**DEFAULTS, "prompt": "a train"}
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("name", ["cfg_scale", "lr_start", "lr_end"])
+def test_numbers_must_be_finite(name, value):
+    with pytest.raises(BadSettingsError, match=f"'{name}'.*finite"):
+        TransferSettings(prompt="a train", **{name: value})
+
+
+def test_nan_never_reaches_json():
+    # A NaN that slipped through would be written as bare `NaN`, which is not JSON.
+    settings = TransferSettings(prompt="a train")
+    json.dumps(settings.to_dict(), allow_nan=False)
+
+
+@pytest.mark.parametrize("name", ["prompt", "source_prompt", "negative_prompt", "prompt_prefix"])
+def test_text_must_encode_as_utf8(name):
+    values = {"prompt": "a train", name: "a \udcff train"}
+    with pytest.raises(BadSettingsError, match="not valid Unicode"):
+        TransferSettings.from_dict(values)
+
+
+def test_ranges_and_types_are_refused_with_one_sentence():
+    cases = {
+        "steps": (0, "between 1 and 1000"),
+        "width": (570, "multiple of 8"),
+        "num_frames": (True, "whole number"),
+        "restart": (1, "true or false"),
+        "loss": ("l1", "'cosine' or 'l2'"),
+        "output_frames": (10**6, "between 1 and 100000"),
+        "cfg_scale": ("10", "must be a number"),
+    }
+    for name, (value, message) in cases.items():
+        with pytest.raises(BadSettingsError, match=message):
+            TransferSettings.from_dict({"prompt": "a train", name: value})
+
+
+def test_a_bound_may_name_another_setting():
+    TransferSettings(prompt="a train", steps=10, guided_steps=10)
+    with pytest.raises(BadSettingsError, match="'guided_steps' is 11; it must be between 0 and 10"):
+        TransferSettings(prompt="a train", steps=10, guided_steps=11)
+
+
+def test_unknown_and_missing_names():
+    with pytest.raises(BadSettingsError, match="Unknown setting 'stepz'"):
+        TransferSettings.from_dict({"prompt": "a train", "stepz": 3})
+    with pytest.raises(BadSettingsError, match="prompt is missing"):
+        TransferSettings.from_dict({})
+    with pytest.raises(BadSettingsError, match="prompt is empty"):
+        TransferSettings.from_dict({"prompt": "   "})
+
+
+def test_command_line_flags_are_built_from_the_specs():
+    parser = argparse.ArgumentParser()
+    add_settings_flags(parser)
+    args = parser.parse_args(["--prompt", "a bear", "--frames", "8", "--no-restart",
+                              "--cfg-scale", "7.5", "--loss", "l2"])
+    assert (args.num_frames, args.restart, args.cfg_scale, args.loss) == (8, False, 7.5, "l2")
+    assert args.steps == DEFAULTS["steps"]
+    flagged = {action.dest for action in parser._actions if action.option_strings}
+    assert flagged == {name for name, spec in SPECS.items() if spec.flag} | {"help"}
+    assert settings_flags({"num_frames": 8, "guidance_iterations": 2}) == [
+        "--frames", "8", "--iterations", "2"]
