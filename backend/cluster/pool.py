@@ -40,7 +40,9 @@ class WorkerPool:
     """Creates the actors, waits until each holds a warm engine, and closes them."""
 
     def __init__(self, connection: RayConnection, spec: WorkerSpec,
-                 cancel_grace_s: float = DEFAULT_CANCEL_GRACE_S) -> None:
+                 cancel_grace_s: float = DEFAULT_CANCEL_GRACE_S, count: int | None = None,
+                 name_prefix: str = "worker") -> None:
+        """`count` (default: one per GPU or slot) lets a benchmark or test use fewer."""
         import ray
 
         self.connection = connection
@@ -49,8 +51,8 @@ class WorkerPool:
             spec = replace(spec, torch_threads=placement.torch_threads)
         actor_class = ray.remote(EngineWorker)
         self.runners: list[ActorRunner] = []
-        for index in range(placement.count):
-            name = f"worker-{index}"
+        for index in range(placement.count if count is None else count):
+            name = f"{name_prefix}-{index}"
             actor = actor_class.options(
                 max_concurrency=2,  # the job, plus cancel/identity/check while it runs
                 max_restarts=-1, max_task_retries=0, **placement.actor_options,
