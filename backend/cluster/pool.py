@@ -73,6 +73,12 @@ class WorkerPool:
             identities.append(identity)
         return identities
 
+    def engines(self) -> list:
+        """One engine-shaped handle per actor, for the gateway's worker threads."""
+        from backend.cluster.remote import ActorEngine
+
+        return [ActorEngine(self, runner) for runner in self.runners]
+
     def close(self) -> None:
         import ray
 

@@ -1,7 +1,7 @@
 """The gateway's handle on one worker actor: run a job there as if it ran here.
 
 `ActorRunner.run` has the shape of a local edit: it blocks, calls `progress(phase,
-step, total)` as the worker reports, polls `cancelled()` and returns the PNG frames
+step, total)` as the worker reports, polls `cancelled()` and returns the result frames
 and sidecar, or raises what a local run would (JobCancelled, an UnderstudyError with
 the job's code). What a local run cannot do is lose its process; that is `WorkerLost`,
 and the job book decides what happens to the job (re-queued once, as after a crash).
@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from backend.errors import JobCancelled, UnderstudyError
 
@@ -47,7 +49,7 @@ class RemoteJobError(UnderstudyError):
 
 @dataclass
 class EditOutput:
-    frames: list[bytes]  # PNG
+    frames: np.ndarray  # (F_out, H, W, 3) uint8, as the engine returns them
     sidecar: dict[str, Any]
 
 

@@ -6,7 +6,7 @@ cancel reaches the engine's between-steps check instead of waiting behind the jo
 
 `run` is a streaming generator: it yields small event dicts as the edit goes (first
 "started", then "progress" per engine step) and ends with exactly one of "done"
-(PNG frames and the sidecar), "failed" (code and sentence) or "cancelled". Errors are
+(the result frames and the sidecar), "failed" (code and sentence) or "cancelled". Errors are
 turned into events here, so the gateway only ever sees a Ray error when this process
 or its node died.
 
@@ -24,10 +24,12 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from backend.errors import JobCancelled, UnderstudyError
 
@@ -53,18 +55,26 @@ class WorkerSpec:
         return Path(self.cache_dir) / "workers" / worker_name
 
 
-def execute_edit(engine: Any, settings: dict[str, Any], inputs: list[bytes],
-                 progress: Callable[[str, int, int], None],
-                 cancelled: Callable[[], bool]) -> tuple[list[bytes], dict[str, Any]]:
-    """One job on a loaded engine: PNG frames in, PNG frames and the sidecar out."""
-    from backend.video import check_frames, decode_pngs, encode_png
-    from shared.settings import TransferSettings
+class PngBytesClip:
+    """A job's PNG frames, held as bytes and decoded only when the engine picks them.
 
-    source = "the job's clip"
-    frames = check_frames(decode_pngs(inputs, source), source)
-    result = engine.transfer(frames, TransferSettings.from_dict(settings), progress=progress,
-                             cancelled=cancelled)
-    return [encode_png(frame) for frame in result.frames], result.metadata
+    The engine needs `len(clip)` and `clip[indices]` (an index array → (n, H, W, 3)
+    uint8), so memory follows the frames used, not the frames sent.
+    """
+
+    def __init__(self, images: list[bytes], source: str) -> None:
+        self.images = images
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, indices: Any) -> np.ndarray:
+        from backend.video import check_frames, decode_pngs
+
+        chosen = np.atleast_1d(np.arange(len(self.images))[indices])
+        return check_frames(decode_pngs([self.images[index] for index in chosen], self.source),
+                            self.source)
 
 
 class EngineWorker:
@@ -156,10 +166,15 @@ class EngineWorker:
             with self._cancel_lock:
                 return job_id in self._cancel_requested
 
+        from shared.settings import TransferSettings
+
         try:
-            frames, sidecar = execute_edit(self.engine, settings, inputs, progress, cancelled)
-            sidecar = {**sidecar, "worker": self._sidecar_worker()}
-            events.put({"event": "done", "frames": frames, "sidecar": sidecar})
+            result = self.engine.transfer(PngBytesClip(inputs, "the job's clip"),
+                                          TransferSettings.from_dict(settings),
+                                          progress=progress, cancelled=cancelled)
+            sidecar = {**result.metadata, "worker": self._sidecar_worker()}
+            # Raw frames, not PNGs: the gateway encodes them once, as it does for a local job.
+            events.put({"event": "done", "frames": result.frames, "sidecar": sidecar})
         except JobCancelled:
             events.put({"event": "cancelled"})
         except UnderstudyError as error:
