@@ -8,6 +8,7 @@
     python build.py demo       run the main job on the bundled example, then the same round
                                trip through headless Blender and the extension
     python build.py env        only create or refresh the environments
+    python build.py mutate     mutation-test the pure modules with mutmut (docs/testing.md)
 
 The virtual environment lives in `.venv` (Python 3.11, the Python of Blender 4.2-5.0).
 It is reused while the dependency lists in pyproject.toml are unchanged, and refreshed
@@ -406,8 +407,21 @@ def command_env(_: list[str]) -> int:
     return 0
 
 
+def command_mutate(args: list[str]) -> int:
+    """mutmut over the modules `[tool.mutmut]` in pyproject.toml names, then its survivors.
+
+    mutmut works in a `mutants/` copy beside the checkout; the checkout is not changed.
+    """
+    python = ensure_venv()
+    mutmut = [str(python), "-m", "mutmut"]
+    code = subprocess.call([*mutmut, "run", *args], cwd=ROOT)
+    if code:
+        return code
+    return subprocess.call([*mutmut, "results"], cwd=ROOT)
+
+
 COMMANDS = {"test": command_test, "demo": command_demo, "env": command_env,
-            "package": command_package}
+            "package": command_package, "mutate": command_mutate}
 
 
 def main(argv: list[str]) -> int:

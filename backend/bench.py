@@ -9,6 +9,10 @@ One process, one model, one clip, the same settings; three runs:
                   (it has no cache, so its re-edit costs the same as its first edit)
 
 Per phase it reports wall time, UNet forward-equivalents and peak memory.
+
+`bench --scaling` instead edits clips of 24, 48, 96 and 240 frames (`--lengths`), one
+first edit each, and sets each against (number of windows) × (the one-window cost of
+the 24-frame clip), and each peak memory against the 24-frame clip's.
 Forward-equivalents (FE): a full UNet pass over one batch element is 1; a pass that
 stops after up_blocks[1] counts its measured share of a full pass (timed here); a
 backward pass counts twice its forward.
@@ -30,6 +34,7 @@ import torch
 from backend.engine import Engine, Procedure
 from backend.features import truncated_smm
 from backend.model import TINY, ZEROSCOPE, ZEROSCOPE_RANDOM, Components, load_components
+from backend.windows import place_windows
 from shared.settings import TransferSettings
 
 REFERENCE_INVERSION_STEPS = 999
@@ -38,6 +43,12 @@ TARGET_FIRST_EDIT_RATIO = 0.40
 TARGET_RE_EDIT_RATIO = 0.36
 TARGET_GPU_SECONDS = 60
 TARGET_GPU_PEAK_GB = 16
+TARGET_SCALING_COST_RATIO = 1.1  # cost ≤ 1.1 × windows × one-window cost (issue 12)
+TARGET_SCALING_MEMORY_RATIO = 1.25  # peak memory at 240 frames ≤ 1.25 × at 24
+SCALING_LENGTHS = (24, 48, 96, 240)
+# Fewer steps than the defaults keep the tiny model's 240-frame edit to about a minute on a
+# CPU; every step costs the same per window, so the ratios do not depend on the count.
+TINY_SCALING_STEPS = {"steps": 10, "inversion_steps": 10, "guidance_iterations": 3}
 PHASE_OF_PASS = {"invert": "invert", "features": "invert", "guide": "sample", "sample": "sample"}
 # Engine timing names → bench phases.
 PHASE_OF_TIMING = {"encode_invert": "invert", "sample": "sample", "decode": "decode"}
@@ -66,7 +77,8 @@ def measure_truncated_share(engine: Engine, settings: TransferSettings, repeats:
     """Time of a pass that stops after up_blocks[1], as a share of a full pass."""
     c = engine.components
     scale = c.vae_scale_factor
-    latent = torch.randn(1, 4, settings.num_frames, settings.height // scale, settings.width // scale,
+    frames = min(settings.num_frames or settings.window_frames, settings.window_frames)
+    latent = torch.randn(1, 4, frames, settings.height // scale, settings.width // scale,
                          device=c.device, dtype=c.dtype)
     text = engine._embed(["a benchmark"])
 
@@ -179,6 +191,76 @@ def run_bench(
     }
 
 
+def run_scaling(
+    arch: str = "tiny", random_weights: bool = False, lengths: tuple[int, ...] = SCALING_LENGTHS,
+    width: int | None = None, height: int | None = None, device: str | None = None,
+    dtype: str | None = None, gradient_checkpointing: bool = False,
+) -> dict:
+    """One first edit per clip length (shortest first); the JSON report of the scaling."""
+    components = build_components(arch, random_weights, device, dtype)
+    size = (128, 64) if arch == "tiny" else (576, 320)
+    steps = TINY_SCALING_STEPS if arch == "tiny" else {}
+    settings = TransferSettings(prompt="a red train", source_prompt="a car", seed=0,
+                                width=width or size[0], height=height or size[1],
+                                gradient_checkpointing=gradient_checkpointing, **steps)
+    engine = Engine(components, None)
+    share = measure_truncated_share(engine, settings)
+    shortest = min(lengths)
+    warm_up = np.zeros((shortest, settings.height, settings.width, 3), dtype=np.uint8)
+    engine.transfer(warm_up, settings, procedure=Procedure(use_cache=False))  # first-run costs
+    rows = []
+    for length in sorted(lengths):
+        clip = np.random.default_rng(length).integers(
+            0, 255, (length, settings.height, settings.width, 3), dtype=np.uint8)
+        run = run_once(engine, f"{length} frames", clip, settings, Procedure(use_cache=False), share)
+        windows = len(place_windows(length, settings.window_frames, settings.window_overlap))
+        rows.append({"frames": length, "windows": windows, "phase_seconds": run.seconds,
+                     "seconds": run.total("seconds"),
+                     "forward_equivalents": run.total("forward_equivalents"),
+                     "peak_memory_gb": run.total("peak_memory_gb")})
+    base = rows[0]
+    base_windows = base["windows"]
+    for row in rows:
+        row["seconds_ratio"] = row["seconds"] / (row["windows"] / base_windows * base["seconds"])
+        row["forward_equivalents_ratio"] = row["forward_equivalents"] / (
+            row["windows"] / base_windows * base["forward_equivalents"])
+        row["memory_ratio"] = row["peak_memory_gb"] / base["peak_memory_gb"]
+    c = components
+    return {
+        "arch": arch, "model": c.model_id, "device": _device_name(c.device),
+        "dtype": str(c.dtype).removeprefix("torch."), "width": settings.width, "height": settings.height,
+        "settings": settings.to_dict(), "truncated_pass_share": round(share, 3), "rows": rows,
+        "memory_kind": "CUDA max allocated" if c.device.type == "cuda" else "process peak RSS (cumulative)",
+    }
+
+
+def format_scaling(report: dict) -> str:
+    """A plain-text table of the scaling report, with the targets beside the figures."""
+    settings = report["settings"]
+    base = report["rows"][0]
+    lines = [
+        f"bench --scaling: {report['model']} on {report['device']} ({report['dtype']}), "
+        f"{report['width']}×{report['height']}, {settings['steps']} steps, windows of "
+        f"{settings['window_frames']} overlapping ≥ {settings['window_overlap']}",
+        f"{'frames':>7}{'windows':>9}{'s':>9}{'FE':>9}{'GB':>8}"
+        f"{'s / (K·s₁)':>13}{'FE / (K·FE₁)':>14}{'GB / GB₂₄':>11}",
+    ]
+    for row in report["rows"]:
+        lines.append(
+            f"{row['frames']:>7}{row['windows']:>9}{row['seconds']:>9.1f}{row['forward_equivalents']:>9.0f}"
+            f"{row['peak_memory_gb']:>8.2f}{row['seconds_ratio']:>13.3f}"
+            f"{row['forward_equivalents_ratio']:>14.3f}{row['memory_ratio']:>11.3f}")
+    longest = report["rows"][-1]
+    lines.append(
+        f"targets: cost ≤ {TARGET_SCALING_COST_RATIO}× windows × one-window cost "
+        f"(worst: {max(r['seconds_ratio'] for r in report['rows']):.3f}× in time, "
+        f"{max(r['forward_equivalents_ratio'] for r in report['rows']):.3f}× in FE); "
+        f"peak memory at {longest['frames']} frames ≤ {TARGET_SCALING_MEMORY_RATIO}× at "
+        f"{base['frames']} ({longest['memory_ratio']:.3f}×)")
+    lines.append(f"memory: {report['memory_kind']}")
+    return "\n".join(lines)
+
+
 def format_report(report: dict) -> str:
     """A plain-text table of the report."""
     runs = report["runs"]
@@ -225,9 +307,15 @@ def _device_name(device: torch.device) -> str:
 
 
 def main_bench(args) -> int:
-    report = run_bench(args.arch, args.random_weights, args.frames, args.width, args.height,
-                       args.device, args.dtype, args.gradient_checkpointing)
-    print(format_report(report))
+    if args.scaling:
+        lengths = tuple(int(part) for part in args.lengths.split(",")) if args.lengths else SCALING_LENGTHS
+        report = run_scaling(args.arch, args.random_weights, lengths, args.width, args.height,
+                             args.device, args.dtype, args.gradient_checkpointing)
+        print(format_scaling(report))
+    else:
+        report = run_bench(args.arch, args.random_weights, args.frames, args.width, args.height,
+                           args.device, args.dtype, args.gradient_checkpointing)
+        print(format_report(report))
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2))
         print(f"Wrote {args.output}.", file=sys.stderr)

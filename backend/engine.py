@@ -3,19 +3,24 @@
     engine = load_engine("tiny", device="cpu", cache_dir=Path("cache"))
     result = engine.transfer(clip_frames, TransferSettings(prompt="a train"),
                              progress=print_progress, cancelled=lambda: False)
-    result.frames      # (F_out, H, W, 3) uint8 at model resolution
-    result.metadata    # the JSON sidecar: settings, seed, model, cache hit, timings
+    result.frames      # (N, H, W, 3) uint8 at model resolution, one per input frame
+    result.metadata    # the JSON sidecar: settings, seed, model, windows, cache hit, timings
 
-One edit, as the reference runs it (DESIGN.md §3):
+One edit, as Understudy runs it (docs/method.md):
 
-    1. encode      frames → VAE latent z₀ (in slices of frames)
+    1. encode      frames → VAE latent z₀ of the whole clip (in slices of frames)
     2. invert      DDIM inversion of z₀ with the source prompt, and the source SMM
-                   features at the guided timesteps — or both from the cache
+                   features at the guided timesteps, per window — or both from the cache
     3. sample      low-frequency initial latent; for each of the `steps` timesteps:
                    guided steps optimise x_t with Adam on the pairwise SMM loss
                    (target prompt, UNet truncated after up_blocks[1]); then a CFG
                    DDIM step; then restart: re-noise back to t and step again
     4. decode      VAE decode (in slices), retime if asked
+
+Clips longer than the model's window (24 frames for ZeroScope) keep one latent for
+all their frames; every UNet use runs per window and blends (backend/windows.py),
+and guidance sums the windows' losses. A clip that fits one window runs exactly as
+it would without windows.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +38,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
-from backend.errors import BadSettingsError, JobCancelled, OutOfMemoryError
+from backend.errors import BadClipError, BadSettingsError, JobCancelled, OutOfMemoryError
 from backend.features import TAP_NAMES, capture_taps, checkpointed_blocks, truncated_smm
 from backend.guidance import (
     lowfreq_init,
@@ -42,17 +47,25 @@ from backend.guidance import (
     restart_renoise,
     smm,
 )
-from backend.inversion import InversionCache, SourceState, cache_key, ddim_invert
+from backend.inversion import (
+    DEFAULT_CACHE_MAX_BYTES,
+    InversionCache,
+    SourceState,
+    cache_key,
+    ddim_invert,
+)
 from backend.model import Components, load_components
 from backend.video import resize_frames, retime_frames, sample_indices
+from backend.windows import Window, blend_windowed, place_windows, window_slice
 from shared.settings import TransferSettings
 
 ProgressCallback = Callable[[str, int, int], None]
 """progress(phase, step, total); phases in order: "encode", "invert", "features", "sample",
-"decode" ("encode", "invert" and "features" are skipped when the inversion is cached)."""
+"decode" ("encode", "invert" and "features" are skipped when the inversion is cached).
+"invert", "features" and "sample" count windows within steps: total = steps × windows."""
 
 CancelCheck = Callable[[], bool]
-"""Returns True when the caller wants the edit stopped; checked between steps."""
+"""Returns True when the caller wants the edit stopped; checked between windows."""
 
 OUT_OF_MEMORY = (
     "The GPU ran out of memory; try --gradient-checkpointing, fewer --frames, a smaller "
@@ -75,17 +88,22 @@ class Procedure:
     cache_source_features: bool = True  # compute source features once, at inversion time
 
 
+SourceFeatures = list[list[torch.Tensor]]
+"""Per window, per tap (TAP_NAMES order): the source SMM, (window frames, D)."""
+
+
 class Engine:
     """A loaded model plus the on-disk inversion cache.
 
-    `unet_passes` counts UNet work per (phase, kind) in batch elements, kind being
-    "full", "truncated" or "truncated_backward"; the benchmark turns it into
+    `unet_passes` counts UNet work per (phase, kind) in batch elements of one window,
+    kind being "full", "truncated" or "truncated_backward"; the benchmark turns it into
     forward-equivalents.
     """
 
-    def __init__(self, components: Components, cache_dir: Path | None = None) -> None:
+    def __init__(self, components: Components, cache_dir: Path | None = None,
+                 cache_max_bytes: int | None = None) -> None:
         self.components = components
-        self.cache = InversionCache(cache_dir)
+        self.cache = InversionCache(cache_dir, cache_max_bytes or DEFAULT_CACHE_MAX_BYTES)
         self.unet_passes: Counter[tuple[str, str]] = Counter()
 
     def describe(self) -> dict[str, Any]:
@@ -113,14 +131,16 @@ class Engine:
         report = _Reporter(progress, cancelled)
         self.check_settings(settings, len(clip_frames))
         seed = settings.seed if settings.seed is not None else random.SystemRandom().randrange(2**31)
-        indices = sample_indices(len(clip_frames), settings.num_frames, settings.start)
+        indices = sample_indices(len(clip_frames), frames_to_edit(settings, len(clip_frames)),
+                                 settings.start)
         frames = resize_frames(clip_frames[indices], settings.width, settings.height)
+        windows = place_windows(len(frames), settings.window_frames, settings.window_overlap)
         timings: dict[str, float] = {}
         try:
             with _timed(timings, "encode_invert"):
-                source, from_cache = self._source_state(frames, settings, procedure, report)
+                source, from_cache = self._source_state(frames, windows, settings, procedure, report)
             with _timed(timings, "sample"):
-                latent = self._sample(source, settings, seed, procedure, report)
+                latent = self._sample(source, windows, settings, seed, procedure, report)
             with _timed(timings, "decode"):
                 out = self._decode(latent, settings.vae_slice, report)
         except torch.cuda.OutOfMemoryError as error:
@@ -136,6 +156,8 @@ class Engine:
             "device": str(self.components.device),
             "dtype": str(self.components.dtype).removeprefix("torch."),
             "input_frame_indices": indices.tolist(),
+            "guided_steps": settings.guided_step_count(),
+            "windows": [list(window) for window in windows],
             "inversion_from_cache": from_cache,
             "timings_s": {name: round(value, 3) for name, value in timings.items()},
         }
@@ -159,19 +181,23 @@ class Engine:
                 f"timesteps of {settings.steps} steps; use a multiple of {settings.steps} "
                 f"(for example 50 or 999 with 50 steps)."
             )
-        sample_indices(clip_length, settings.num_frames, settings.start)
+        sample_indices(clip_length, frames_to_edit(settings, clip_length), settings.start)
 
     # ------------------------------------------------------------------ steps 1–2
 
     def _source_state(
-        self, frames: np.ndarray, settings: TransferSettings, procedure: Procedure, report: _Reporter
+        self, frames: np.ndarray, windows: list[Window], settings: TransferSettings,
+        procedure: Procedure, report: _Reporter,
     ) -> tuple[SourceState, bool]:
-        """Inverted latents and source features: from the cache, or computed and cached."""
+        """Inverted latents and source features of the whole clip: from the cache, or
+        computed and cached."""
         c = self.components
+        sampling = _timesteps(c.scheduler, settings.steps)
+        guided = sampling[: settings.guided_step_count()]
         key = cache_key(frames, {
             "model": c.model_id, "dtype": str(c.dtype), "source_prompt": _full_prompt(settings, settings.source_prompt),
             "inversion_steps": settings.inversion_steps, "steps": settings.steps,
-            "guided_steps": settings.guided_steps,
+            "guided_steps": len(guided), "windows": windows,
         })
         if procedure.use_cache:
             cached = self.cache.load(key, c.device)
@@ -181,20 +207,21 @@ class Engine:
         source_latent = self._encode(frames, settings.vae_slice)
         report("encode", 1, 1)
         source_embedding = self._embed([_full_prompt(settings, settings.source_prompt)])
-
-        sampling = _timesteps(c.scheduler, settings.steps)
         inversion = sorted(_timesteps(c.scheduler, settings.inversion_steps))
+        step_of = {timestep: index for index, timestep in enumerate(inversion)}
 
         def inversion_eps(latent: torch.Tensor, timestep: int) -> torch.Tensor:
-            report.check()
-            return self._unet_eps(latent, timestep, source_embedding, "invert")
+            def window_eps(piece: torch.Tensor, _window: int) -> torch.Tensor:
+                report.check()
+                return self._unet_eps(piece, timestep, source_embedding, "invert")
+
+            return blend_windowed(window_eps, latent, windows, after_window=lambda k: report(
+                "invert", step_of[timestep] * len(windows) + k + 1, len(inversion) * len(windows)))
 
         with torch.no_grad():
-            inverted = ddim_invert(
-                inversion_eps, source_latent, inversion, c.scheduler.alphas_cumprod,
-                float(c.scheduler.final_alpha_cumprod),
-                on_step=lambda step, total: report("invert", step, total),
-            )
+            inverted = ddim_invert(inversion_eps, source_latent, inversion, c.scheduler.alphas_cumprod,
+                                   float(c.scheduler.final_alpha_cumprod),
+                                   keep={*sampling, inversion[-1]})
         state = SourceState(
             source_latent=source_latent,
             inverted={t: inverted[t] for t in sampling},
@@ -203,26 +230,35 @@ class Engine:
             features={},
         )
         if procedure.cache_source_features:
-            guided = sampling[: settings.guided_steps]
             with torch.no_grad():
                 for index, timestep in enumerate(guided):
-                    state.features[timestep] = self._source_features(state, timestep, source_embedding)
-                    report("features", index + 1, len(guided))
+                    state.features[timestep] = []
+                    for k, window in enumerate(windows):
+                        state.features[timestep].append(
+                            self._source_features(state, timestep, source_embedding, window, report))
+                        report("features", index * len(windows) + k + 1, len(guided) * len(windows))
         if procedure.use_cache:
             self.cache.save(key, state)
         return state, False
 
-    def _source_features(self, state: SourceState, timestep: int, source_embedding: torch.Tensor) -> list[torch.Tensor]:
-        """Source SMM features: the three taps on the inverted x_t at t, source prompt."""
+    def _source_features(
+        self, state: SourceState, timestep: int, source_embedding: torch.Tensor, window: Window,
+        report: _Reporter,
+    ) -> list[torch.Tensor]:
+        """Source SMM features of one window: the three taps on the inverted x_t at t,
+        source prompt. (window frames, D) per tap."""
+        report.check()
         self.unet_passes["features", "truncated"] += 1
-        taps = truncated_smm(self.components.unet, state.inverted[timestep], timestep, source_embedding)
+        with self._precision():
+            taps = truncated_smm(self.components.unet, self._model_input(
+                window_slice(state.inverted[timestep], window)), timestep, source_embedding)
         return [tap[0] for tap in taps]
 
     # ------------------------------------------------------------------ step 3
 
     def _sample(
-        self, source: SourceState, settings: TransferSettings, seed: int, procedure: Procedure,
-        report: _Reporter,
+        self, source: SourceState, windows: list[Window], settings: TransferSettings, seed: int,
+        procedure: Procedure, report: _Reporter,
     ) -> torch.Tensor:
         """The guided, restarted DDIM sampling loop; returns the final latent z₀."""
         c = self.components
@@ -236,7 +272,9 @@ class Engine:
         source_embedding = None if procedure.cache_source_features else self._embed(
             [_full_prompt(settings, settings.source_prompt)])
         learning_rates = settings.guidance_learning_rates()
+        guided_steps = len(learning_rates)
 
+        # 3a. The initial latent: low frequencies of z₀ re-noised to t₀, high ones fresh.
         alphas = c.scheduler.alphas_cumprod
         start = renoise_to_first_timestep(
             source.source_latent.float(), source.noisiest.float(),
@@ -245,78 +283,149 @@ class Engine:
         fresh_noise = torch.randn(start.shape, generator=generator).to(c.device)
         latent = lowfreq_init(start, fresh_noise, settings.lowfreq_factor)
 
-        report("sample", 0, len(timesteps))
+        total = len(timesteps) * len(windows)
+        report("sample", 0, total)
         for index, timestep in enumerate(timesteps):
-            report.check()
-            if index < settings.guided_steps:
+            is_last = index == len(timesteps) - 1
+            restarts = settings.restart and not is_last
+
+            # Progress counts windows: the step's last model sweep reports each one.
+            def step_done(k: int, index: int = index) -> None:
+                report("sample", index * len(windows) + k + 1, total)
+
+            # 3b. Guidance: Adam on x_t towards the source's SMM-difference pattern.
+            if index < guided_steps:
                 if procedure.cache_source_features:
                     source_features = source.features[timestep]
                 else:
                     with torch.no_grad():
-                        source_features = self._source_features(source, timestep, source_embedding)
-                latent = self._guide(latent, timestep, target, source_features,
+                        source_features = [self._source_features(source, timestep, source_embedding,
+                                                                 window, report) for window in windows]
+                latent = self._guide(latent, timestep, target, source_features, windows,
                                      learning_rates[index], settings, procedure, report)
-            latent = self._denoise(latent, timestep, scheduler, target, negative, settings.cfg_scale)
-            is_last = index == len(timesteps) - 1
-            if settings.restart and not is_last:
+            # 3c. One CFG DDIM step, t → t_next.
+            latent = self._denoise(latent, timestep, scheduler, target, negative, settings.cfg_scale,
+                                   windows, report, None if restarts else step_done)
+            # 3d. Restart: re-noise t_next → t with single DDPM steps, then step again.
+            if restarts:
                 t_next = timesteps[index + 1]
                 latent = restart_renoise(latent, c.scheduler.betas, t_next, timestep - t_next, generator)
-                latent = self._denoise(latent, timestep, scheduler, target, negative, settings.cfg_scale)
-            report("sample", index + 1, len(timesteps))
+                latent = self._denoise(latent, timestep, scheduler, target, negative, settings.cfg_scale,
+                                       windows, report, step_done)
         return latent
 
     def _guide(
         self, latent: torch.Tensor, timestep: int, target: torch.Tensor,
-        source_features: list[torch.Tensor], learning_rate: float, settings: TransferSettings,
-        procedure: Procedure, report: _Reporter,
+        source_features: SourceFeatures, windows: list[Window], learning_rate: float,
+        settings: TransferSettings, procedure: Procedure, report: _Reporter,
     ) -> torch.Tensor:
-        """Adam on a copy of x_t so its SMM-difference pattern matches the source's."""
+        """Adam on a copy of x_t so its SMM-difference pattern matches the source's.
+
+        Each iteration sums the windows' losses, L = Σ_k L_k, backpropagating one
+        window at a time (memory holds one window's activations), then takes one Adam
+        step on the whole latent. On CUDA in half precision the latent stays float32,
+        the UNet runs under autocast and the loss is scaled before backward (a fresh
+        GradScaler per guided step), as the reference does.
+        """
         unet = self.components.unet
         x = latent.detach().float().clone().requires_grad_(True)
         optimizer = torch.optim.Adam([x], lr=learning_rate)
+        scaler = torch.amp.GradScaler(self.components.device.type, enabled=self._scales_loss())
         kind = "truncated" if procedure.truncate_guidance else "full"
         with checkpointed_blocks(unet, settings.gradient_checkpointing), torch.enable_grad():
             for _ in range(settings.guidance_iterations):
-                report.check()
                 optimizer.zero_grad(set_to_none=True)
-                if procedure.truncate_guidance:
-                    taps = truncated_smm(unet, x.to(self.components.dtype), timestep, target)
-                else:
-                    taps = self._full_pass_taps(x, timestep, target)
-                loss = sum(pairwise_smm_loss(source, tap[0], settings.loss)
-                           for source, tap in zip(source_features, taps, strict=True))
-                loss.backward()
-                optimizer.step()
-                self.unet_passes["guide", kind] += 1
-                self.unet_passes["guide", f"{kind}_backward"] += 1
+                for window, window_source in zip(windows, source_features, strict=True):
+                    report.check()
+                    loss = self._window_loss(window_slice(x, window), timestep, target, window_source,
+                                             settings.loss, procedure)
+                    scaler.scale(loss).backward()
+                    self.unet_passes["guide", kind] += 1
+                    self.unet_passes["guide", f"{kind}_backward"] += 1
+                scaler.step(optimizer)
+                scaler.update()
         return x.detach()
+
+    def guidance_loss(
+        self, latent: torch.Tensor, timestep: int, target: torch.Tensor,
+        source_features: SourceFeatures, windows: list[Window], loss_kind: str = "cosine",
+        procedure: Procedure | None = None,
+    ) -> float:
+        """L = Σ_k L_k at `latent`: the quantity `_guide` lowers (no gradients kept)."""
+        procedure = procedure or Procedure()
+        with torch.no_grad():
+            return sum(self._window_loss(window_slice(latent.float(), window), timestep, target,
+                                         window_source, loss_kind, procedure).item()
+                       for window, window_source in zip(windows, source_features, strict=True))
+
+    def _window_loss(
+        self, x: torch.Tensor, timestep: int, target: torch.Tensor, source: list[torch.Tensor],
+        loss_kind: str, procedure: Procedure,
+    ) -> torch.Tensor:
+        """One window's loss: the pairwise SMM loss summed over the three taps."""
+        with self._precision():
+            if procedure.truncate_guidance:
+                taps = truncated_smm(self.components.unet, self._model_input(x), timestep, target)
+            else:
+                taps = self._full_pass_taps(x, timestep, target)
+        return sum(pairwise_smm_loss(tap_source, tap[0], loss_kind)
+                   for tap_source, tap in zip(source, taps, strict=True))
 
     def _full_pass_taps(self, x: torch.Tensor, timestep: int, target: torch.Tensor) -> list[torch.Tensor]:
         """The reference's guidance pass: the whole UNet runs, the taps are read on the way."""
         frames = x.shape[2]
         with capture_taps(self.components.unet, stop_after=False) as captured:
-            self.components.unet(x.to(self.components.dtype), timestep, encoder_hidden_states=target)
+            self.components.unet(self._model_input(x), timestep, encoder_hidden_states=target)
         return [smm(captured[n].reshape(1, frames, *captured[n].shape[1:]).float()) for n in TAP_NAMES]
 
     @torch.no_grad()
     def _denoise(
         self, latent: torch.Tensor, timestep: int, scheduler: DDIMScheduler, target: torch.Tensor,
-        negative: torch.Tensor, cfg_scale: float,
+        negative: torch.Tensor, cfg_scale: float, windows: list[Window], report: _Reporter,
+        after_window: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
-        """One DDIM step (eta 0) with classifier-free guidance: ε = ε_neg + s·(ε_text − ε_neg)."""
+        """One DDIM step (eta 0) with classifier-free guidance: ε = ε_neg + s·(ε_text − ε_neg),
+        blended over the windows."""
         both = torch.cat([negative, target])
-        eps_negative, eps_text = self._unet_eps(torch.cat([latent, latent]), timestep, both, "sample").chunk(2)
-        eps = eps_negative + cfg_scale * (eps_text - eps_negative)
+
+        def cfg_eps(piece: torch.Tensor, _window: int) -> torch.Tensor:
+            report.check()
+            eps_negative, eps_text = self._unet_eps(torch.cat([piece, piece]), timestep, both,
+                                                    "sample").chunk(2)
+            return eps_negative + cfg_scale * (eps_text - eps_negative)
+
+        eps = blend_windowed(cfg_eps, latent, windows, after_window=after_window)
         return scheduler.step(eps.float(), timestep, latent.float(), eta=0.0).prev_sample
 
     # ------------------------------------------------------------------ model calls
+
+    def _scales_loss(self) -> bool:
+        """fp16 gradients can underflow; the reference scales the loss on CUDA."""
+        c = self.components
+        return c.device.type == "cuda" and c.dtype == torch.float16
+
+    def _precision(self) -> AbstractContextManager:
+        """Autocast on CUDA in half precision (float32 latents, half-precision UNet
+        maths, as the reference runs); elsewhere the UNet runs in its own dtype."""
+        c = self.components
+        if c.device.type == "cuda" and c.dtype != torch.float32:
+            return torch.autocast("cuda", dtype=c.dtype)
+        return nullcontext()
+
+    def _model_input(self, latent: torch.Tensor) -> torch.Tensor:
+        """Under autocast the UNet takes the latent as it is; else in its weights' dtype."""
+        c = self.components
+        if c.device.type == "cuda" and c.dtype != torch.float32:
+            return latent
+        return latent.to(c.dtype)
 
     def _unet_eps(self, latent: torch.Tensor, timestep: int, embedding: torch.Tensor, phase: str) -> torch.Tensor:
         c = self.components
         if embedding.shape[0] != latent.shape[0]:
             embedding = embedding.expand(latent.shape[0], -1, -1)
         self.unet_passes[phase, "full"] += latent.shape[0]
-        return c.unet(latent.to(c.dtype), timestep, encoder_hidden_states=embedding).sample
+        with self._precision():
+            return c.unet(self._model_input(latent), timestep, encoder_hidden_states=embedding).sample
 
     @torch.no_grad()
     def _embed(self, prompts: list[str]) -> torch.Tensor:
@@ -329,7 +438,9 @@ class Engine:
 
     @torch.no_grad()
     def _encode(self, frames: np.ndarray, frames_per_slice: int) -> torch.Tensor:
-        """(F, H, W, 3) uint8 → z₀ (1, C, F, h, w), VAE mean × scaling factor."""
+        """(F, H, W, 3) uint8 → z₀ (1, C, F, h, w): the VAE posterior's mean × scaling
+        factor (the reference samples the posterior; the mean keeps a re-edit's
+        inversion deterministic)."""
         c = self.components
         pixels = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1
         latents = []
@@ -370,6 +481,20 @@ class _Reporter:
             raise JobCancelled("The edit was cancelled.")
 
 
+def frames_to_edit(settings: TransferSettings, clip_length: int) -> int:
+    """How many frames the model edits: `num_frames` if set, else the whole clip; never
+    more than the frame limit (BadClipError with one sentence)."""
+    limit = settings.frame_limit
+    count = settings.num_frames if settings.num_frames is not None else clip_length
+    if count > limit:
+        raise BadClipError(
+            f"{count} frames is more than the limit of {limit} frames per edit; trim the clip, "
+            f"ask for fewer frames (--frames {limit} samples it evenly) or raise the limit "
+            f"with --frame-limit."
+        )
+    return count
+
+
 @contextmanager
 def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
     started = time.perf_counter()
@@ -392,7 +517,9 @@ def _full_prompt(settings: TransferSettings, prompt: str) -> str:
 
 
 def load_engine(
-    model: str, device: str | None = None, dtype: str | None = None, cache_dir: Path | None = None
+    model: str, device: str | None = None, dtype: str | None = None, cache_dir: Path | None = None,
+    cache_max_bytes: int | None = None,
 ) -> Engine:
-    """Load a model ("tiny", a hub id, or a local diffusers folder) once."""
-    return Engine(load_components(model, device, dtype), cache_dir)
+    """Load a model ("tiny", a hub id, or a local diffusers folder) once; the inversion
+    cache keeps at most `cache_max_bytes` (default DEFAULT_CACHE_MAX_BYTES)."""
+    return Engine(load_components(model, device, dtype), cache_dir, cache_max_bytes)

@@ -1,6 +1,15 @@
 """The paper's pieces as small pure functions (Yatim et al., CVPR 2024).
 
 Shapes: F frames, D feature channels, H×W spatial; latents are (B, C, F, H, W).
+
+Notation (the paper's symbols; docs/method.md has the whole method):
+
+    features (F, D, H, W)      a tap's activations, frames × channels × space
+    φ = smm(features) (F, D)   spatial marginal mean, φ (source) and φ̃ (target)
+    Δ_ij                       φ_j − φ_i, the frame-to-frame difference
+    latent, noise              x, ε: (B, C, F, H, W) latents
+    LF(x)                      lowpass(x, factor)
+    ᾱ_t                        alphas_cumprod[t];  β_k  betas[k]
 """
 
 from __future__ import annotations
@@ -22,10 +31,12 @@ def pairwise_smm_loss(source: torch.Tensor, target: torch.Tensor, kind: str = "c
 
     With Δ_ij = φ_j − φ_i (source) and Δ̃_ij = φ̃_j − φ̃_i (target), both (F, D):
 
-    kind="cosine" (the authors' code):
-        L = 1/F · Σ_i  1/(F−1) · Σ_{j≠i} (1 − cos(Δ̃_ij, Δ_ij))
-      The j = i term is left out: both differences are the zero vector there, where
-      the cosine is undefined (it would only add a constant).
+    kind="cosine" (the authors' code, to its value):
+        L = 1/F · Σ_i  1/F · Σ_j (1 − cos(Δ̃_ij, Δ_ij)),   cos(0, 0) := 0
+      The j = i terms are kept, as in the reference: both differences are the zero
+      vector there, the cosine (x·y / max(‖x‖‖y‖, ε)) is 0, so each adds 1. The loss
+      is therefore 1/F + (F−1)/F · L_off, with L_off the mean over the pairs j ≠ i: its
+      floor is 1/F, not 0, and its gradient is (F−1)/F that of L_off.
     kind="l2" (the paper's Eq. 3):
         L = Σ_{i,j} ‖Δ_ij − Δ̃_ij‖²
 
@@ -39,10 +50,8 @@ def pairwise_smm_loss(source: torch.Tensor, target: torch.Tensor, kind: str = "c
         return ((source_diffs - target_diffs) ** 2).sum()
     if kind != "cosine":
         raise ValueError(f"unknown loss kind {kind!r}; use 'cosine' or 'l2'")
-    frames = source.shape[0]
     cosine = functional.cosine_similarity(target_diffs, source_diffs, dim=-1, eps=1e-8)
-    off_diagonal = ~torch.eye(frames, dtype=torch.bool, device=source.device)
-    return (1 - cosine)[off_diagonal].mean()
+    return (1 - cosine).mean()
 
 
 def lowpass(latent: torch.Tensor, factor: int = 4) -> torch.Tensor:

@@ -1,9 +1,11 @@
 """DDIM inversion of a clip's latents, and the on-disk cache of what it yields.
 
 What a re-edit of the same clip needs is kept together as a `SourceState`: the
-source latent z₀, the inverted latents at the sampling timesteps, the noisiest
-inverted latent, and the source SMM features at the guided timesteps. It is cached
-as one safetensors file per key (no pickle), written atomically.
+source latent z₀ of the whole clip, the inverted latents at the sampling timesteps,
+the noisiest inverted latent, and the source SMM features of each window at the
+guided timesteps. It is cached as one safetensors file per key (no pickle), written
+atomically; when the cache folder grows past its size cap, the least recently used
+files go first.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +21,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: source features per window
+DEFAULT_CACHE_MAX_BYTES = 20 * 2**30  # --cache-max-gb
+CACHE_GLOB = "inversion-*.safetensors"
 
 
 @dataclass
@@ -28,7 +32,8 @@ class SourceState:
     inverted: dict[int, torch.Tensor]  # sampling timestep → inverted x_t, (1, C, F, h, w)
     noisiest_timestep: int
     noisiest: torch.Tensor  # x_T at the last inversion timestep
-    features: dict[int, list[torch.Tensor]]  # guided timestep → SMM per tap, (F, D) each
+    # guided timestep → per window → per tap: the source SMM, (window frames, D)
+    features: dict[int, list[list[torch.Tensor]]]
 
 
 def ddim_invert(
@@ -38,6 +43,7 @@ def ddim_invert(
     alphas_cumprod: torch.Tensor,
     final_alpha_cumprod: float,
     on_step: Callable[[int, int], None] | None = None,
+    keep: Collection[int] | None = None,
 ) -> dict[int, torch.Tensor]:
     """Deterministic DDIM inversion, as in the reference (and Plug-and-Play before it).
 
@@ -46,7 +52,9 @@ def ddim_invert(
         ε   = step_eps(x, t_i)
         x̂₀  = (x − √(1 − ᾱ_prev)·ε) / √ᾱ_prev
         x   ← √ᾱ_{t_i}·x̂₀ + √(1 − ᾱ_{t_i})·ε
-    Returns {t_i: x after step i} for every t_i (on the input's device and dtype).
+    Returns {t_i: x after step i} for every t_i in `keep` (default: all), on the
+    input's device and dtype; keeping only what is read bounds memory for long clips
+    and fine grids.
     """
     latent = source_latent
     alpha_prev = final_alpha_cumprod
@@ -56,7 +64,8 @@ def ddim_invert(
         eps = step_eps(latent, timestep).float()
         x0 = (latent.float() - (1 - alpha_prev) ** 0.5 * eps) / alpha_prev**0.5
         latent = (alpha**0.5 * x0 + (1 - alpha) ** 0.5 * eps).to(source_latent.dtype)
-        out[timestep] = latent
+        if keep is None or timestep in keep:
+            out[timestep] = latent
         alpha_prev = alpha
         if on_step is not None:
             on_step(index + 1, len(timesteps))
@@ -73,10 +82,16 @@ def cache_key(frames: np.ndarray, parts: dict) -> str:
 
 
 class InversionCache:
-    """One safetensors file per key under `folder`; `folder=None` disables caching."""
+    """One safetensors file per key under `folder`; `folder=None` disables caching.
 
-    def __init__(self, folder: Path | None) -> None:
+    At most `max_bytes` of files are kept: after each save the least recently used
+    ones (oldest modification time; a hit touches its file) are deleted until the
+    rest fit. The file just written is always kept, even alone over the cap.
+    """
+
+    def __init__(self, folder: Path | None, max_bytes: int = DEFAULT_CACHE_MAX_BYTES) -> None:
         self.folder = Path(folder) if folder is not None else None
+        self.max_bytes = max_bytes
 
     def path(self, key: str) -> Path | None:
         return None if self.folder is None else self.folder / f"inversion-{key}.safetensors"
@@ -90,13 +105,17 @@ class InversionCache:
             noisiest_timestep = int(tensors.pop("noisiest_timestep").item())
             state = SourceState(tensors.pop("source_latent"), {}, noisiest_timestep,
                                 tensors.pop("noisiest"), {})
+            features: dict[int, dict[int, dict[int, torch.Tensor]]] = {}
             for name, tensor in tensors.items():
                 kind, timestep, *rest = name.split(".")
                 if kind == "inverted":
                     state.inverted[int(timestep)] = tensor
                 else:
-                    state.features.setdefault(int(timestep), {})[int(rest[0])] = tensor
-            state.features = {t: [taps[i] for i in sorted(taps)] for t, taps in state.features.items()}
+                    window, tap = (int(part) for part in rest)
+                    features.setdefault(int(timestep), {}).setdefault(window, {})[tap] = tensor
+            state.features = {t: [[taps[i] for i in sorted(taps)] for _, taps in sorted(windows.items())]
+                              for t, windows in features.items()}
+            os.utime(path)  # most recently used
             return state
         except Exception:  # a damaged cache file is a miss, never an error
             path.unlink(missing_ok=True)
@@ -113,11 +132,45 @@ class InversionCache:
         }
         for timestep, latent in state.inverted.items():
             tensors[f"inverted.{timestep}"] = latent
-        for timestep, taps in state.features.items():
-            for index, feature in enumerate(taps):
-                tensors[f"features.{timestep}.{index}"] = feature
-        tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+        for timestep, windows in state.features.items():
+            for window, taps in enumerate(windows):
+                for tap, feature in enumerate(taps):
+                    tensors[f"features.{timestep}.{window}.{tap}"] = feature
+        stored: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for name, tensor in tensors.items():
+            tensor = tensor.detach().contiguous().cpu()
+            if tensor.untyped_storage().data_ptr() in seen:  # safetensors refuses shared memory
+                tensor = tensor.clone()
+            seen.add(tensor.untyped_storage().data_ptr())
+            stored[name] = tensor
+        tensors = stored
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(f".{os.getpid()}.partial")
         save_file(tensors, str(partial))
         os.replace(partial, path)
+        self.prune(keep=path)
+
+    def prune(self, keep: Path | None = None) -> list[Path]:
+        """Delete least recently used cache files until the folder fits `max_bytes`."""
+        if self.folder is None:
+            return []
+        entries = []
+        for file in self.folder.glob(CACHE_GLOB):
+            try:
+                info = file.stat()
+            except FileNotFoundError:  # another process pruned it first
+                continue
+            entries.append((info.st_mtime, info.st_size, file))
+        entries.sort(key=lambda entry: entry[0])  # oldest first
+        total = sum(size for _, size, _ in entries)
+        removed = []
+        for _, size, file in entries:
+            if total <= self.max_bytes:
+                break
+            if file == keep:
+                continue
+            file.unlink(missing_ok=True)
+            total -= size
+            removed.append(file)
+        return removed

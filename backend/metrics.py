@@ -1,4 +1,4 @@
-"""Quality measures for a motion transfer, as the paper measures them (DESIGN.md §4).
+"""Quality measures for a motion transfer, as the paper measures them (docs/method.md, "Measuring results").
 
 Motion fidelity (paper Eq. 5) compares point tracks of the source clip with point
 tracks of the result; edit fidelity compares every result frame with the target

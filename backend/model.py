@@ -24,7 +24,7 @@ TINY = "tiny"
 ZEROSCOPE = "cerspense/zeroscope_v2_576w"
 ZEROSCOPE_RANDOM = "zeroscope-random"  # ZeroScope's architecture, random weights (benchmarks)
 
-# The reference's DDIM configuration (DESIGN.md §3).
+# The reference's DDIM configuration (docs/method.md).
 REFERENCE_SCHEDULER = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,

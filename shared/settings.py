@@ -66,8 +66,14 @@ class TransferSettings:
         help="random unless given; always recorded"))
 
     # Which frames of the clip go in, and how many come out.
-    num_frames: int = _setting(24, Spec(
-        "int", 2, MAX_FRAMES_CEILING, flag="--frames", help="frames fed to the model"))
+    num_frames: int | None = _setting(None, Spec(
+        "int", 2, MAX_FRAMES_CEILING, optional=True, flag="--frames",
+        help="frames fed to the model, sampled evenly over the clip (default: every frame "
+             "of the clip, up to --frame-limit)"))
+    frame_limit: int = _setting(240, Spec(
+        "int", 2, MAX_FRAMES_CEILING, flag="--frame-limit",
+        help="the most frames one edit takes; longer clips are refused (time and memory "
+             "grow with the frames, see docs/performance.md)"))
     start: int | None = _setting(None, Spec(
         "int", 0, 10**7, optional=True, flag="--start",
         help="first clip frame of a contiguous range (default: sample evenly over the clip)"))
@@ -85,8 +91,13 @@ class TransferSettings:
 
     # Sampling and guidance.
     steps: int = _setting(50, Spec("int", 1, 1000, flag="--steps", help="DDIM sampling steps"))
-    guided_steps: int = _setting(20, Spec(
-        "int", 0, "steps", flag="--guided-steps", help="the first steps, guided by the SMM loss"))
+    guided_fraction: float = _setting(0.4, Spec(
+        "float", 0, 1, flag="--guided-fraction",
+        help="the share of the steps, from the first, guided by the SMM loss (the "
+             "reference: 0.4, so 20 of 50)"))
+    guided_steps: int | None = _setting(None, Spec(
+        "int", 0, "steps", optional=True, flag="--guided-steps",
+        help="guide exactly this many first steps instead of --guided-fraction"))
     guidance_iterations: int = _setting(10, Spec(
         "int", 0, 1000, flag="--iterations", help="Adam iterations per guided step"))
     lr_start: float = _setting(0.007, Spec(
@@ -104,6 +115,14 @@ class TransferSettings:
     restart: bool = _setting(True, Spec(
         "bool", flag="--no-restart", help="skip restart re-noising"))
 
+    # Long clips: temporal windows of the model's clip length (docs/method.md).
+    window_frames: int = _setting(24, Spec(
+        "int", 2, 1000, flag="--window-frames",
+        help="frames per temporal window: the model's clip length (24 for ZeroScope)"))
+    window_overlap: int = _setting(8, Spec(
+        "int", 0, 999, flag="--window-overlap",
+        help="the least frames neighbouring windows share; less than --window-frames"))
+
     # Memory.
     gradient_checkpointing: bool = _setting(False, Spec(
         "bool", flag="--gradient-checkpointing", help="less GPU memory, slower guidance"))
@@ -118,6 +137,10 @@ class TransferSettings:
             check_value(item.name, getattr(self, item.name), spec_of(item.name), self)
         if not self.prompt.strip():
             raise BadSettingsError("The prompt is empty; describe what the subject should become.")
+        if self.window_overlap >= self.window_frames:
+            raise BadSettingsError(
+                f"Setting 'window_overlap' is {self.window_overlap}; it must be less than "
+                f"'window_frames' ({self.window_frames}).")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TransferSettings:
@@ -137,9 +160,17 @@ class TransferSettings:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def guided_step_count(self) -> int:
+        """How many of the first steps are guided: `guided_steps` if set, else as the
+        reference counts its fraction, steps − ⌊steps·(1 − guided_fraction)⌋
+        (20 of 50, 10 of 25, 2 of 3)."""
+        if self.guided_steps is not None:
+            return self.guided_steps
+        return self.steps - int(self.steps * (1 - self.guided_fraction))
+
     def guidance_learning_rates(self) -> list[float]:
-        """lr for each guided step: linspace(lr_start, lr_end, guided_steps)."""
-        n = self.guided_steps
+        """lr for each guided step: linspace(lr_start, lr_end, guided step count)."""
+        n = self.guided_step_count()
         if n == 1:
             return [float(self.lr_start)]
         return [self.lr_start + (self.lr_end - self.lr_start) * i / (n - 1) for i in range(n)]

@@ -47,3 +47,19 @@ def test_bench_command_reports_three_runs(tmp_path):
     assert runs["first edit"]["forward_equivalents"]["invert"] < 100
     assert 0 < report["ratios_to_reference"]["re_edit_forward_equivalents"] < \
         report["ratios_to_reference"]["first_edit_forward_equivalents"] < 1
+
+
+def test_bench_scaling_sets_each_length_against_windows_times_one_window(tmp_path):
+    out = tmp_path / "scaling.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "backend", "bench", "--scaling", "--lengths", "24,30",
+         "--width", "64", "--height", "64", "-o", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "targets: cost ≤ 1.1× windows × one-window cost" in result.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["frames"], row["windows"]) for row in rows] == [(24, 1), (30, 2)]
+    # Every UNet use runs per window: two windows cost twice one window's passes.
+    assert rows[1]["forward_equivalents"] == pytest.approx(2 * rows[0]["forward_equivalents"])
+    assert rows[0]["seconds_ratio"] == rows[0]["memory_ratio"] == 1

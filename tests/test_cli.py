@@ -97,6 +97,9 @@ def test_bad_settings_and_outputs_end_in_one_sentence(tmp_path, clip_path):
     result = backend("transfer", str(clip_path), "--prompt", "x", "--model", "tiny",
                      "-o", str(tmp_path / "o.avi"))
     assert_one_sentence_error(result, "must end in .mp4")
+    result = backend("transfer", str(clip_path), "--prompt", "x", "--model", "tiny",
+                     "--cache-max-gb", "-1", "-o", str(tmp_path / "o.mp4"))
+    assert_one_sentence_error(result, "--cache-max-gb is -1.0; give a positive size")
 
 
 def test_missing_weights_name_the_fetch_command(tmp_path, clip_path):
@@ -116,3 +119,26 @@ def test_cuda_on_a_machine_without_it_is_one_sentence(tmp_path, clip_path):
                      "--device", "cuda", "-o", str(tmp_path / "o.mp4"),
                      env={"CUDA_VISIBLE_DEVICES": ""})
     assert_one_sentence_error(result, "no usable CUDA GPU")
+
+
+def test_a_60_frame_clip_gives_60_generated_frames_and_over_the_limit_one_sentence(tmp_path):
+    from tests.synthetic import textured_clip
+
+    clip = tmp_path / "long.mp4"
+    write_video(textured_clip((1, 0), frames=60, size=(64, 64)), clip, fps=24)
+    flags = settings_flags({k: v for k, v in SMALL_SETTINGS.items() if k != "num_frames"})
+    common = [str(clip), "--model", "tiny", "--seed", "2", "--cache-dir", str(tmp_path / "c"), *flags]
+    result = backend("transfer", *common, "--prompt", "a red car", "-o", str(tmp_path / "o.mp4"),
+                     "--frames-dir", str(tmp_path / "frames"))
+    assert result.returncode == 0, result.stderr
+    frames = np.stack([iio.imread(path) for path in sorted((tmp_path / "frames").glob("*.png"))])
+    assert frames.shape == (60, 64, 64, 3)  # every frame of the clip, each one generated
+    assert all(not np.array_equal(a, b) for a, b in zip(frames, frames[1:], strict=False))
+    sidecar = json.loads((tmp_path / "o.json").read_text())
+    assert sidecar["input_frame_indices"] == list(range(60))
+    assert sidecar["windows"] == [[0, 24], [12, 36], [24, 48], [36, 60]]
+    assert iio.immeta(tmp_path / "o.mp4")["fps"] == pytest.approx(24)
+
+    over = backend("transfer", *common, "--prompt", "a red car", "--frame-limit", "50",
+                   "-o", str(tmp_path / "over.mp4"))
+    assert_one_sentence_error(over, "60 frames is more than the limit of 50", "--frame-limit")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,6 @@ import torch
 from backend.engine import Engine, Procedure, load_engine
 from backend.errors import BadClipError, BadSettingsError, JobCancelled, OutOfMemoryError
 from backend.features import TAP_NAMES, checkpointed_blocks, tap_modules, truncated_smm
-from backend.guidance import pairwise_smm_loss
 from shared.settings import TransferSettings
 from tests.conftest import SMALL_SETTINGS, moving_square_frames
 
@@ -44,22 +45,28 @@ def test_taps_are_the_three_up_block_1_modules_with_smm_shapes(engine):
     assert [tuple(t.shape) for t in taps] == [(1, 3, width)] * len(TAP_NAMES)
 
 
-def test_guidance_lowers_the_loss(engine):
+def guidance_problem(engine, frames: int, windows):
+    """A fixed latent and source features per window, at one guided timestep."""
     unet = engine.components.unet
     text = engine._embed(["a red train"])
-    torch.manual_seed(0)
-    source = [tap[0] for tap in truncated_smm(unet, torch.randn(1, 4, 4, 8, 8), 900, text)]
-    x = torch.randn(1, 4, 4, 8, 8, requires_grad=True)
-    optimizer = torch.optim.Adam([x], lr=0.05)
-    losses = []
-    for _ in range(10):
-        optimizer.zero_grad()
-        taps = truncated_smm(unet, x, 900, text)
-        loss = sum(pairwise_smm_loss(s, t[0]) for s, t in zip(source, taps, strict=True))
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.7 * losses[0]
+    generator = torch.Generator().manual_seed(0)
+    source_latent = torch.randn(1, 4, frames, 8, 8, generator=generator)
+    latent = torch.randn(1, 4, frames, 8, 8, generator=generator)
+    source = [[tap[0] for tap in truncated_smm(unet, source_latent[:, :, s:e], 900, text)]
+              for s, e in windows]
+    return latent, text, source
+
+
+@pytest.mark.parametrize("frames, windows", [(4, [(0, 4)]), (6, [(0, 4), (2, 6)])])
+def test_the_engines_guidance_step_lowers_the_pairwise_smm_loss(engine, frames, windows):
+    latent, text, source = guidance_problem(engine, frames, windows)
+    settings = small(guidance_iterations=10)
+    before = engine.guidance_loss(latent, 900, text, source, windows)
+    guided = engine._guide(latent, 900, text, source, windows, 0.05, settings, Procedure(),
+                           _no_report())
+    after = engine.guidance_loss(guided, 900, text, source, windows)
+    assert not torch.equal(guided, latent) and torch.equal(latent, latent.clone())
+    assert after < before - 0.1 * (before - 3 * len(windows) / 4)  # 3 taps × 1/F: the floor
 
 
 def test_gradient_checkpointing_gives_the_same_gradient(engine):
@@ -83,12 +90,15 @@ def test_inversion_then_unguided_sampling_reconstructs_the_source(engine):
     plain = {"steps": 10, "inversion_steps": 10, "guided_steps": 0, "restart": False,
              "cfg_scale": 1.0, "source_prompt": "a yellow square", "prompt": "a yellow square"}
     frames = moving_square_frames(4, 64, 64)
-    source, _ = engine._source_state(frames, small(**plain), Procedure(use_cache=False), _no_report())
+    one = [(0, 4)]
+    source, _ = engine._source_state(frames, one, small(**plain), Procedure(use_cache=False), _no_report())
     z0 = source.source_latent
 
-    reconstructed = engine._sample(source, small(**plain, lowfreq_factor=1), 0, Procedure(), _no_report())
+    reconstructed = engine._sample(source, one, small(**plain, lowfreq_factor=1), 0, Procedure(),
+                                   _no_report())
     # lowfreq_factor=8 on an 8×8 latent keeps only the mean: almost all fresh noise.
-    from_noise = engine._sample(source, small(**plain, lowfreq_factor=8), 0, Procedure(), _no_report())
+    from_noise = engine._sample(source, one, small(**plain, lowfreq_factor=8), 0, Procedure(),
+                                _no_report())
     reconstruction_error = (reconstructed - z0).abs().mean()
     noise_error = (from_noise - z0).abs().mean()
     assert reconstruction_error < 0.2 * noise_error
@@ -96,10 +106,10 @@ def test_inversion_then_unguided_sampling_reconstructs_the_source(engine):
 
 def test_cache_hit_runs_no_inversion_or_source_feature_passes(engine):
     frames = moving_square_frames(6, 80, 64)
-    first = engine.transfer(frames, small(prompt="a blue bus"))
+    first = engine.transfer(frames, small(prompt="a blue bus", source_prompt="a cache test"))
     assert first.metadata["inversion_from_cache"] is False
     engine.unet_passes.clear()
-    second = engine.transfer(frames, small(prompt="a horse", seed=9))
+    second = engine.transfer(frames, small(prompt="a horse", seed=9, source_prompt="a cache test"))
     assert second.metadata["inversion_from_cache"] is True
     assert engine.unet_passes["invert", "full"] == 0
     assert engine.unet_passes["features", "truncated"] == 0
@@ -125,7 +135,8 @@ def test_result_shape_sidecar_and_seed(engine):
 def test_progress_phases_in_order_and_cancel_between_steps(engine):
     frames = moving_square_frames(4, 64, 64)
     events = []
-    engine.transfer(frames, small(prompt="a cow", seed=1), progress=lambda *e: events.append(e))
+    engine.transfer(frames, small(prompt="a cow", seed=1, source_prompt="phases in order"),
+                    progress=lambda *e: events.append(e))
     phases = list(dict.fromkeys(phase for phase, _, _ in events))
     assert phases == ["encode", "invert", "features", "sample", "decode"]
     assert ("sample", 3, 3) in events
@@ -176,3 +187,176 @@ def test_check_settings_refuses_before_any_work(engine):
     with pytest.raises(BadClipError, match="has 3 frames but 4 are needed"):
         engine.check_settings(small(), clip_length=3)
     engine.check_settings(small(), clip_length=4)
+
+
+# ---------------------------------------------------------------- the sampling loop's promises
+
+
+def test_guided_steps_change_the_result_and_denoising_gets_the_guided_latent(engine, monkeypatch):
+    frames = moving_square_frames(4, 64, 64)
+    unguided = engine.transfer(frames, small(prompt="a fox", guided_steps=0))
+    guide_outputs, denoise_inputs = [], []
+    original_guide, original_denoise = engine._guide, engine._denoise
+
+    def guide(*args, **kwargs):
+        guide_outputs.append(original_guide(*args, **kwargs))
+        return guide_outputs[-1]
+
+    def denoise(latent, *args, **kwargs):
+        denoise_inputs.append(latent)
+        return original_denoise(latent, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "_guide", guide)
+    monkeypatch.setattr(engine, "_denoise", denoise)
+    guided = engine.transfer(frames, small(prompt="a fox", guided_steps=1))
+    assert len(guide_outputs) == 1
+    assert denoise_inputs[0] is guide_outputs[0]  # the first step denoises the guided latent
+    assert not np.array_equal(guided.frames, unguided.frames)
+
+
+def test_restart_costs_two_more_unet_passes_per_step_and_changes_the_result(engine):
+    frames = moving_square_frames(4, 64, 64)
+    results, passes = {}, {}
+    for restart in (False, True):
+        engine.unet_passes.clear()
+        results[restart] = engine.transfer(frames, small(prompt="an owl", restart=restart))
+        passes[restart] = engine.unet_passes["sample", "full"]
+    steps = SMALL_SETTINGS["steps"]
+    assert passes[False] == 2 * steps  # one CFG pair per step
+    assert passes[True] == 2 * steps + 2 * (steps - 1)  # and one more after every step but the last
+    assert not np.array_equal(results[True].frames, results[False].frames)
+
+
+def test_seed_is_random_unless_given_and_always_recorded(engine):
+    frames = moving_square_frames(4, 64, 64)
+    first = engine.transfer(frames, small(prompt="a hen", seed=None))
+    second = engine.transfer(frames, small(prompt="a hen", seed=None))
+    assert isinstance(first.metadata["seed"], int) and isinstance(second.metadata["seed"], int)
+    assert first.metadata["seed"] != second.metadata["seed"]
+    assert not np.array_equal(first.frames, second.frames)
+    replay = engine.transfer(frames, small(prompt="a hen", seed=first.metadata["seed"]))
+    assert np.array_equal(replay.frames, first.frames)
+    assert replay.metadata["seed"] == first.metadata["seed"]
+
+
+def test_a_clip_that_fits_one_window_takes_the_direct_path_bit_for_bit(engine, monkeypatch):
+    """Windowing is invisible at ≤ 24 frames: the same frames as calling the model on the
+    whole latent directly (the windows replaced by direct calls)."""
+    import backend.engine as engine_module
+
+    frames = moving_square_frames(6, 64, 64)
+    settings = small(prompt="a lynx", num_frames=6)
+    windowed = engine.transfer(frames, settings, procedure=Procedure(use_cache=False))
+    assert windowed.metadata["windows"] == [[0, 6]]
+
+    def direct(run_window, latent, windows, frame_dim=2, after_window=None):
+        out = run_window(latent, 0)
+        if after_window is not None:
+            after_window(0)
+        return out
+
+    monkeypatch.setattr(engine_module, "blend_windowed", direct)
+    monkeypatch.setattr(engine_module, "window_slice", lambda tensor, window, frame_dim=2: tensor)
+    plain = engine.transfer(frames, settings, procedure=Procedure(use_cache=False))
+    assert np.array_equal(windowed.frames, plain.frames)
+
+
+# ---------------------------------------------------------------- long clips
+
+
+def test_a_long_clip_is_edited_in_windows_and_its_re_edit_hits_the_cache(engine):
+    clip = np.concatenate([moving_square_frames(12, 64, 64)] * 5)  # 60 frames
+    settings = small(prompt="a long train", num_frames=60, source_prompt="sixty frames")
+    first = engine.transfer(clip, settings)
+    assert first.frames.shape == (60, 64, 64, 3)
+    assert first.metadata["windows"] == [[0, 24], [12, 36], [24, 48], [36, 60]]
+    assert first.metadata["inversion_from_cache"] is False
+    engine.unet_passes.clear()
+    again = engine.transfer(clip, small(prompt="a long tram", num_frames=60, source_prompt="sixty frames",
+                                        seed=8))
+    assert again.metadata["inversion_from_cache"] is True
+    assert engine.unet_passes["invert", "full"] == 0
+    assert engine.unet_passes["features", "truncated"] == 0
+    # Every model use ran per window: 4 windows × (CFG pair per step + restart pair).
+    steps = SMALL_SETTINGS["steps"]
+    assert engine.unet_passes["sample", "full"] == 4 * (2 * steps + 2 * (steps - 1))
+    assert engine.unet_passes["guide", "truncated"] == 4 * SMALL_SETTINGS["guidance_iterations"]
+
+
+def test_progress_counts_windows_and_cancel_stops_between_windows(engine):
+    clip = np.concatenate([moving_square_frames(10, 64, 64)] * 3)  # 30 frames: 2 windows
+    settings = small(prompt="a wolf", num_frames=30, source_prompt="thirty frames")
+    events = []
+    engine.transfer(clip, settings, progress=lambda *e: events.append(e))
+    steps = SMALL_SETTINGS["steps"]
+    assert [e for e in events if e[0] == "sample"] == [("sample", i, 2 * steps) for i in range(2 * steps + 1)]
+    for phase, steps_of_phase in (("invert", SMALL_SETTINGS["inversion_steps"]),
+                                  ("features", SMALL_SETTINGS["guided_steps"])):
+        assert [e for e in events if e[0] == phase] == [
+            (phase, i, 2 * steps_of_phase) for i in range(1, 2 * steps_of_phase + 1)]
+
+    seen = []
+    engine.unet_passes.clear()
+    with pytest.raises(JobCancelled):
+        engine.transfer(clip, settings, progress=lambda *e: seen.append(e),
+                        cancelled=lambda: ("sample", 1, 2 * steps) in seen)
+    assert [e for e in seen if e[0] == "sample"] == [("sample", 0, 2 * steps), ("sample", 1, 2 * steps)]
+    # Step 1: guidance over both windows, the CFG step over both, the restart step over
+    # window 0 only; the cancel came before window 1's restart pass.
+    assert engine.unet_passes["sample", "full"] == 2 * 2 + 2
+    assert engine.unet_passes["guide", "truncated"] == 2 * SMALL_SETTINGS["guidance_iterations"]
+
+
+def test_a_clip_over_the_frame_limit_is_one_sentence(engine):
+    with pytest.raises(BadClipError, match=r"^250 frames is more than the limit of 240 frames per edit; "
+                                           r"[^.]*--frame-limit\.$"):
+        engine.check_settings(small(num_frames=250), clip_length=300)
+
+
+def test_inversion_cache_keeps_the_most_recently_used_files_within_its_cap(tmp_path):
+    from backend.inversion import InversionCache, SourceState
+
+    def state(value: float) -> SourceState:
+        latent = torch.full((1, 4, 2, 8, 8), value)
+        return SourceState(latent, {1: latent}, 981, latent, {1: [[torch.zeros(2, 3)] * 3]})
+
+    cache = InversionCache(tmp_path, max_bytes=10**9)
+    cache.save("a", state(1.0))
+    size = cache.path("a").stat().st_size
+    cache.max_bytes = 2 * size  # room for two entries
+    os.utime(cache.path("a"), (1, 1))
+    cache.save("b", state(2.0))
+    os.utime(cache.path("b"), (2, 2))
+    loaded = cache.load("a", torch.device("cpu"))  # a hit makes "a" the most recently used
+    assert loaded is not None and loaded.features[1][0][2].shape == (2, 3)
+    cache.save("c", state(3.0))
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [
+        "inversion-a.safetensors", "inversion-c.safetensors"]
+    cache.max_bytes = 0  # the file just written stays even alone over the cap
+    cache.save("d", state(4.0))
+    assert [p.name for p in tmp_path.glob("*.safetensors")] == ["inversion-d.safetensors"]
+
+
+def test_guidance_scales_the_loss_before_backward_where_fp16_gradients_could_underflow(engine,
+                                                                                       monkeypatch):
+    """On CUDA in fp16 the loss is scaled (GradScaler) before each window's backward. The
+    CPU GradScaler runs the same code: the scale is a power of two, so the step is the
+    same as unscaled, and every window's loss went through the scaler."""
+    windows = [(0, 4), (2, 6)]
+    latent, text, source = guidance_problem(engine, 6, windows)
+    settings = small(guidance_iterations=3)
+    plain = engine._guide(latent, 900, text, source, windows, 0.05, settings, Procedure(), _no_report())
+    scaled_losses = []
+    real_scaler = torch.amp.GradScaler
+
+    class SpyScaler(real_scaler):
+        def scale(self, outputs):
+            scaled = super().scale(outputs)
+            scaled_losses.append(scaled.item() / outputs.item())
+            return scaled
+
+    monkeypatch.setattr(torch.amp, "GradScaler", SpyScaler)
+    monkeypatch.setattr(engine, "_scales_loss", lambda: True)
+    scaled = engine._guide(latent, 900, text, source, windows, 0.05, settings, Procedure(), _no_report())
+    assert len(scaled_losses) == 3 * len(windows) and min(scaled_losses) > 1000
+    assert torch.allclose(scaled, plain, atol=1e-6)

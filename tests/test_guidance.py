@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as functional
 
 from backend.guidance import (
     lowfreq_init,
@@ -23,27 +24,39 @@ def test_smm_is_the_spatial_mean_per_frame_and_channel():
     assert smm(torch.zeros(24, 5, 3, 7)).shape == (24, 5)
 
 
-def test_cosine_loss_is_zero_for_equal_differences_even_when_offset_and_scaled():
+def test_cosine_loss_is_its_floor_1_over_f_for_equal_differences_even_when_offset_and_scaled():
     source = torch.tensor([[0.0, 0.0], [1.0, 0.0], [2.0, 1.0]])
-    # Adding a constant to every frame and scaling keeps every difference's direction.
+    # Adding a constant to every frame and scaling keeps every difference's direction:
+    # every j ≠ i term is 0, and the three j = i terms add 1 each: 3/9.
     target = 3 * source + torch.tensor([5.0, -2.0])
-    assert pairwise_smm_loss(source, target).item() == pytest.approx(0.0, abs=1e-6)
+    assert pairwise_smm_loss(source, target).item() == pytest.approx(1 / 3, abs=1e-6)
 
 
 def test_cosine_loss_hand_computed():
-    # Two frames: Δ_01 = φ_1 − φ_0. Source Δ = (1, 0); target Δ = (0, 1): cosine 0 → loss 1.
+    # Two frames: Δ_01 = φ_1 − φ_0. Source Δ = (1, 0); target Δ = (0, 1): cosine 0, so
+    # the pairs (0,1), (1,0) add 1 each, and so do the j = i terms: 4/4.
     source = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
     target = torch.tensor([[0.0, 0.0], [0.0, 1.0]])
     assert pairwise_smm_loss(source, target).item() == pytest.approx(1.0)
-    # Opposite motion: cosine −1 → loss 2.
-    assert pairwise_smm_loss(source, -source).item() == pytest.approx(2.0)
-    # Three frames, target motion rotated 45° for one pair only:
+    # Opposite motion: cosine −1, the pairs add 2 each: (2 + 2 + 1 + 1)/4.
+    assert pairwise_smm_loss(source, -source).item() == pytest.approx(1.5)
+    # Three frames, target motion rotated for two pairs:
     source = torch.tensor([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0]])
     target = torch.tensor([[0.0, 0.0], [1.0, 0.0], [2.0, 1.0]])
     # Pairs (i,j), j≠i: (0,1) cos 1; (0,2) Δ=(2,0) vs (2,1): 2/√5; (1,2) Δ=(1,0) vs (1,1): 1/√2;
-    # the reversed pairs have the same cosines.
-    expected = (0 + (1 - 2 / math.sqrt(5)) + (1 - 1 / math.sqrt(2))) * 2 / 6
-    assert pairwise_smm_loss(source, target).item() == pytest.approx(expected, rel=1e-6)
+    # the reversed pairs have the same cosines; the three j = i terms add 1 each.
+    off_diagonal = (0 + (1 - 2 / math.sqrt(5)) + (1 - 1 / math.sqrt(2))) * 2
+    assert pairwise_smm_loss(source, target).item() == pytest.approx((off_diagonal + 3) / 9, rel=1e-6)
+
+
+def test_cosine_loss_is_the_references_loop_value():
+    """The authors' loop: for each anchor i, 1 − mean over all j of the cosine, then the
+    mean over anchors (cosine_similarity is 0 between zero vectors)."""
+    generator = torch.Generator().manual_seed(0)
+    source, target = torch.randn(8, 5, generator=generator), torch.randn(8, 5, generator=generator)
+    reference = sum(1 - functional.cosine_similarity(target - target[i], source - source[i], dim=1).mean()
+                    for i in range(8)) / 8
+    assert pairwise_smm_loss(source, target).item() == pytest.approx(reference.item(), rel=1e-6)
 
 
 def test_l2_loss_is_the_papers_sum_of_squared_difference_errors():
@@ -107,3 +120,24 @@ def test_restart_renoise_applies_single_ddpm_transitions():
     result = restart_renoise(latent, betas, t_next=1, count=2, generator=generator)
     assert torch.allclose(result, expected, atol=1e-6)
     assert torch.equal(restart_renoise(latent, betas, t_next=1, count=0), latent)
+
+
+def test_ddim_inversion_steps_hand_computed_and_keeps_only_what_is_asked():
+    from backend.inversion import ddim_invert
+
+    alphas = torch.tensor([1.0, 0.9, 0.7, 0.5])
+    x = torch.tensor([2.0, -1.0])
+    calls = []
+
+    def constant_eps(latent, timestep):
+        calls.append(timestep)
+        return torch.full_like(latent, 0.5)
+
+    out = ddim_invert(constant_eps, x, [1, 3], alphas, final_alpha_cumprod=1.0)
+    # Step 1 (ᾱ_prev = 1): x̂₀ = x, x₁ = √0.9·x + √0.1·0.5. Step 2: x̂₀ = x again (same ε),
+    # x₃ = √0.5·x + √0.5·0.5.
+    assert torch.allclose(out[1], math.sqrt(0.9) * x + math.sqrt(0.1) * 0.5)
+    assert torch.allclose(out[3], math.sqrt(0.5) * x + math.sqrt(0.5) * 0.5)
+    assert calls == [1, 3]
+    kept = ddim_invert(constant_eps, x, [1, 3], alphas, final_alpha_cumprod=1.0, keep={3})
+    assert list(kept) == [3] and torch.equal(kept[3], out[3])

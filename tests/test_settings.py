@@ -15,7 +15,9 @@ from shared.settings import DEFAULTS, SPECS, TransferSettings
 
 def test_defaults_are_the_reference_procedure():
     settings = TransferSettings(prompt="a train")
-    assert (settings.steps, settings.guided_steps, settings.guidance_iterations) == (50, 20, 10)
+    assert (settings.steps, settings.guided_step_count(), settings.guidance_iterations) == (50, 20, 10)
+    assert (settings.num_frames, settings.frame_limit) == (None, 240)
+    assert (settings.window_frames, settings.window_overlap) == (24, 8)
     assert (settings.lr_start, settings.lr_end, settings.cfg_scale) == (0.007, 0.004, 10.0)
     assert settings.to_dict() == {**DEFAULTS, "prompt": "a train"}
 
@@ -53,6 +55,22 @@ def test_ranges_and_types_are_refused_with_one_sentence():
     for name, (value, message) in cases.items():
         with pytest.raises(BadSettingsError, match=message):
             TransferSettings.from_dict({"prompt": "a train", name: value})
+
+
+@pytest.mark.parametrize("steps, guided", [(50, 20), (25, 10), (10, 4), (5, 2), (3, 2), (1, 1)])
+def test_the_guided_part_is_the_references_fraction_of_the_steps(steps, guided):
+    # The reference guides steps − int(steps · 0.6): its min_guidance_timestep is 0.6.
+    settings = TransferSettings(prompt="a train", steps=steps)
+    assert settings.guided_step_count() == guided == steps - int(steps * 0.6)
+    assert len(settings.guidance_learning_rates()) == guided
+    assert TransferSettings(prompt="a train", steps=steps, guided_steps=0).guided_step_count() == 0
+    assert TransferSettings(prompt="a train", steps=50, guided_fraction=0).guided_step_count() == 0
+
+
+def test_window_overlap_must_be_less_than_the_window():
+    TransferSettings(prompt="a train", window_frames=4, window_overlap=3)
+    with pytest.raises(BadSettingsError, match="'window_overlap' is 4; it must be less than"):
+        TransferSettings(prompt="a train", window_frames=4, window_overlap=4)
 
 
 def test_a_bound_may_name_another_setting():
