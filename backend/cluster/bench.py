@@ -4,8 +4,9 @@
 
 For each N it starts a real gateway (`python -m backend serve --model tiny --ray
 local:N`, plus the single-box server without `--ray` as the baseline), waits until
-it is ready (model loads are not timed), submits K jobs at once from one client, each
-on its own clip (so no job reuses another's inversion), and waits for every result.
+it is ready (model loads are not timed), then K editors (one client and thread each)
+submit one job at once, each on its own clip (so no job reuses another's inversion),
+and wait for their results.
 It reports the wall time from the first submit to the last result, jobs per minute,
 the gateway process's CPU seconds per job (the cost that grows with the number of
 GPUs behind one gateway) and which worker ran each job.
@@ -87,21 +88,28 @@ def _pump(stream, lines: queue.Queue) -> None:
 
 
 def measure(workers: int | None, jobs: int) -> dict[str, Any]:
+    from concurrent.futures import ThreadPoolExecutor
+
     from shared.client import Client
+
+    def edit(index: int):
+        """One editor: its own client, one job, wait for the result."""
+        with Client(gateway.address, timeout_s=60.0) as client:
+            client.submit(f"bench-{index}", {"prompt": f"job {index}", "seed": index,
+                                             **SMALL_JOB}, clip(shade=17 * index))
+            return client.wait(f"bench-{index}", timeout_s=3600)
 
     with tempfile.TemporaryDirectory(prefix="understudy-cluster-bench-") as folder:
         gateway = Gateway(Path(folder), workers, jobs)
         try:
             with Client(gateway.address, timeout_s=60.0) as client:
                 engine = client.hello()["engine"]
-                cpu_before = process_cpu_s(gateway.process.pid)
-                started = time.perf_counter()
-                for index in range(jobs):
-                    client.submit(f"bench-{index}", {"prompt": f"job {index}", "seed": index,
-                                                     **SMALL_JOB}, clip(shade=17 * index))
-                results = [client.wait(f"bench-{index}", timeout_s=3600) for index in range(jobs)]
-                wall_s = time.perf_counter() - started
-                cpu_s = process_cpu_s(gateway.process.pid) - cpu_before
+            cpu_before = process_cpu_s(gateway.process.pid)
+            started = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=jobs) as editors:
+                results = list(editors.map(edit, range(jobs)))
+            wall_s = time.perf_counter() - started
+            cpu_s = process_cpu_s(gateway.process.pid) - cpu_before
         finally:
             gateway.stop()
     ran_on = Counter(result.sidecar.get("worker", {}).get("actor", "local") for result in results)

@@ -105,34 +105,46 @@ def parse_ray_target(text: str) -> RayTarget:
 def connect(target: RayTarget, token_dir: Path) -> RayConnection:
     """Start or join Ray with token authentication, and work out the worker placement."""
     if target.address is None:
-        token_path = _private_token(Path(token_dir))
-        _enable_token_auth({"RAY_AUTH_TOKEN_PATH": str(token_path)})
-        ray = _import_ray()
-        context = ray.init(num_gpus=None, resources={SLOT_RESOURCE: target.local_slots},
-                           include_dashboard=False, log_to_driver=False)
-        connection = RayConnection(target, context.address_info["gcs_address"],
-                                   _local_placement(ray.cluster_resources(), target.local_slots),
-                                   token_path)
-        return connection
+        return _start_private(target, Path(token_dir))
+    return _join(target)
+
+
+def _start_private(target: RayTarget, token_dir: Path) -> RayConnection:
+    """`local:N`: a Ray instance inside this process, in token mode with a token of its own."""
+    token_path = _private_token(token_dir)
+    _enable_token_auth({"RAY_AUTH_TOKEN_PATH": str(token_path)})
+    ray = _import_ray()
+    context = ray.init(num_gpus=None, resources={SLOT_RESOURCE: target.local_slots},
+                       include_dashboard=False, log_to_driver=False)
+    placement = _local_placement(ray.cluster_resources(), target.local_slots)
+    return RayConnection(target, context.address_info["gcs_address"], placement, token_path)
+
+
+def _join(target: RayTarget) -> RayConnection:
+    """`auto` or HOST:PORT: join with this machine's token, and only a cluster that
+    refuses clients without one."""
     if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
         raise ClusterConfigError("RAY_AUTH_MODE is set to "
                                  f"{os.environ['RAY_AUTH_MODE']!r}; Understudy joins Ray clusters "
                                  "only with token authentication, so unset it or set it to token.")
+    if not _token_available():
+        raise ClusterConfigError(
+            "Understudy joins Ray clusters with token authentication and this machine has no "
+            "Ray token; copy the cluster's token (`ray get-auth-token` on the head) to "
+            "~/.ray/auth_token or point RAY_AUTH_TOKEN_PATH at it.")
     _enable_token_auth({})
     ray = _import_ray()
+    from ray.exceptions import AuthenticationError
+
     try:
         context = ray.init(address=target.address, log_to_driver=False)
     except ConnectionError as error:
+        raise ClusterConfigError(_not_found(target, str(error))) from None
+    except AuthenticationError:
         raise ClusterConfigError(
-            f"No Ray cluster answers at {target.label} ({_first_line(error)}); start one with "
-            "`ray start --head` (README: Many GPUs) or give the head's HOST:PORT.") from None
-    except Exception as error:
-        if type(error).__name__ == "AuthenticationError":
-            raise ClusterConfigError(
-                f"The Ray cluster at {target.label} refused this machine's token; copy the "
-                "cluster's token (`ray get-auth-token` on the head) to ~/.ray/auth_token or "
-                "point RAY_AUTH_TOKEN_PATH at it.") from None
-        raise
+            f"The Ray cluster at {target.label} refused this machine's token; copy the "
+            "cluster's token (`ray get-auth-token` on the head) to ~/.ray/auth_token or "
+            "point RAY_AUTH_TOKEN_PATH at it.") from None
     gcs_address = context.address_info["gcs_address"]
     try:
         if not refuses_strangers(gcs_address):
@@ -145,6 +157,18 @@ def connect(target: RayTarget, token_dir: Path) -> RayConnection:
         ray.shutdown()
         raise
     return RayConnection(target, gcs_address, placement)
+
+
+def _not_found(target: RayTarget, ray_says: str) -> str:
+    """The sentence for a cluster Ray could not find or reach."""
+    if target.address != "auto":
+        return (f"No Ray cluster answers at {target.label}; check the address and that "
+                "`ray start --head` runs there (README: Many GPUs).")
+    if "multiple active Ray instances" in ray_says:
+        return ("Several Ray clusters run on this machine; give --ray HOST:PORT of the one to "
+                "join (`ray status` on its head prints the address).")
+    return ("No Ray cluster is running on this machine; start one with `ray start --head` "
+            "(README: Many GPUs), or give --ray HOST:PORT of a head node, or local:N.")
 
 
 def refuses_strangers(gcs_address: str) -> bool:
@@ -189,10 +213,18 @@ def _enable_token_auth(variables: dict[str, str]) -> None:
     imported already, the cache is refreshed the way Ray's own start-up does it.
     """
     os.environ.update(RAY_AUTH_MODE="token", **variables)
-    if "ray" in sys.modules:
+    if sys.modules.get("ray") is not None:
         from ray._raylet import Config
 
         Config.initialize("")
+
+
+def _token_available() -> bool:
+    """Whether Ray will find a token where it looks (its own order of precedence)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    return Path(path).is_file() if path else (Path.home() / ".ray" / "auth_token").is_file()
 
 
 def _private_token(token_dir: Path) -> Path:
@@ -234,6 +266,3 @@ def _cluster_placement(resources: dict[str, float], label: str) -> WorkerPlaceme
         f"The Ray cluster at {label} has no GPUs; run `ray start` on GPU machines, or give CPU "
         f"machines worker slots with `ray start --resources='{{\"{SLOT_RESOURCE}\": 1}}'`.")
 
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")

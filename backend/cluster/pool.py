@@ -1,13 +1,14 @@
-"""The worker actors of one gateway, and the hand-off of queued jobs to them.
+"""The worker actors of one gateway.
 
 Ray places the actors (one per GPU or worker slot), restarts a dead one
 (`max_restarts=-1`) and never re-runs a job behind the gateway's back
 (`max_task_retries=0`): the gateway's job store decides whether a job runs again.
 
-The hand-off is one thread per actor: it waits until its actor is up, takes the next
-job from the gateway's FIFO queue, runs it there and goes back for another. A free
-actor therefore takes the job at the head of the queue, first come first served
-across the pool, one job per actor at a time; there is no other scheduling here.
+The hand-off is the gateway's: one worker thread per actor (backend/server/worker.py)
+waits until its actor is up, claims the job at the head of the FIFO queue, runs it
+there and goes back for another. A free actor therefore takes the oldest queued job,
+first come first served across the pool, one job per actor at a time; there is no
+other scheduling.
 
 The actors belong to the gateway process (no `lifetime="detached"`): when the gateway
 dies, Ray kills them with it, so a job is never left running with nobody to deliver it;
@@ -17,20 +18,23 @@ the restarted gateway re-runs it from its store.
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable
+import time
 from dataclasses import replace
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from backend.cluster.connect import ClusterConfigError, RayConnection
 from backend.cluster.runner import ActorRunner
 from backend.cluster.worker import EngineWorker, WorkerSpec
 from shared.settings import TransferSettings
 
+if TYPE_CHECKING:
+    from backend.cluster.remote import ActorEngine
+
 log = logging.getLogger("understudy.cluster")
 
-Job = TypeVar("Job")
 DEFAULT_CANCEL_GRACE_S = 30.0
+# Placing the workers and loading their models (a first download included).
+START_TIMEOUT_S = 1800.0
 # Submit-time settings checks run on a worker; one that is busy restarting must not
 # hold the gateway's socket loop longer than this (the job is then checked when it runs).
 CHECK_TIMEOUT_S = 5.0
@@ -60,20 +64,25 @@ class WorkerPool:
             self.runners.append(ActorRunner(name, actor, cancel_grace_s))
         self._checks = 0
 
-    def wait_ready(self, stopping: Callable[[], bool] = lambda: False) -> list[dict[str, Any]]:
-        """Block until every worker has loaded its model; refuse one that could not."""
+    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> list[dict[str, Any]]:
+        """Block until every worker has loaded its model; refuse one that could not, or
+        that Ray could not place within `timeout_s` (its GPU is taken)."""
+        deadline = time.monotonic() + timeout_s
         identities = []
         for runner in self.runners:
-            identity = runner.wait_ready(stopping)
+            identity = runner.wait_ready(lambda: time.monotonic() > deadline)
             if identity is None:
-                break
+                raise ClusterConfigError(
+                    f"Worker {runner.name} did not start within {timeout_s:.0f} s; see `ray "
+                    "status` for free GPUs (another gateway may hold them) and the workers' "
+                    "Ray logs.")
             if "load_error" in identity:
                 raise ClusterConfigError(f"Worker {runner.name} on {identity['host']} could not "
                                          f"load the model: {identity['load_error']['message']}")
             identities.append(identity)
         return identities
 
-    def engines(self) -> list:
+    def engines(self) -> list[ActorEngine]:
         """One engine-shaped handle per actor, for the gateway's worker threads."""
         from backend.cluster.remote import ActorEngine
 
@@ -105,41 +114,3 @@ class WorkerPool:
         except (GetTimeoutError, RayActorError):
             log.info("Worker %s is busy restarting; the settings are checked when the job runs.",
                      runner.name)
-
-
-class HandOff(Generic[Job]):
-    """One thread per worker: take the next queued job, run it there, repeat.
-
-    `take()` blocks until a job is queued and returns None when the gateway stops;
-    `run(job, runner)` runs it on that worker and records how it ended.
-    """
-
-    def __init__(self, pool: WorkerPool, take: Callable[[], Job | None],
-                 run: Callable[[Job, ActorRunner], None], stopping: threading.Event) -> None:
-        self.threads = [threading.Thread(target=self._serve, args=(runner, take, run, stopping),
-                                         name=f"understudy-{runner.name}", daemon=True)
-                        for runner in pool.runners]
-
-    def start(self) -> None:
-        for thread in self.threads:
-            thread.start()
-
-    def join(self, timeout_s: float) -> None:
-        for thread in self.threads:
-            thread.join(timeout=timeout_s)
-
-    @staticmethod
-    def _serve(runner: ActorRunner, take: Callable[[], Job | None],
-               run: Callable[[Job, ActorRunner], None], stopping: threading.Event) -> None:
-        while not stopping.is_set():
-            # Only a live actor takes a job: one that is restarting leaves the queue to
-            # the others until Ray has it back.
-            if runner.wait_ready(stopping.is_set) is None:
-                return
-            job = take()
-            if job is None:
-                return
-            try:
-                run(job, runner)
-            except Exception:  # the job book's bug must not stop this worker for good
-                log.exception("Handing a job to %s failed.", runner.name)

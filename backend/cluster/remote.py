@@ -8,15 +8,20 @@ being restarted, so the other actors take the waiting jobs.
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 from backend.cluster.pool import WorkerPool
-from backend.cluster.runner import ActorRunner
-from backend.engine import TransferResult
+from backend.cluster.runner import ActorRunner, EditOutput
 from shared.settings import TransferSettings
+
+log = logging.getLogger("understudy.cluster")
+
+# A worker restarted on a box where the model no longer loads is asked again this often.
+BROKEN_RETRY_S = 60.0
 
 
 class ActorEngine:
@@ -37,18 +42,26 @@ class ActorEngine:
         self.pool.check_settings(settings, clip_length)
 
     def wait_ready(self, stopping: threading.Event) -> bool:
-        """Block until the actor answers; False when the gateway stops first."""
-        return self.runner.wait_ready(stopping.is_set) is not None
+        """Block until the actor answers with a loaded model; False when it cannot take
+        a job now (the gateway stops, or its model failed to load after a restart)."""
+        identity = self.runner.wait_ready(stopping.is_set)
+        if identity is None:
+            return False
+        if "load_error" in identity:  # parked: the other workers take the queue
+            log.error("Worker %s cannot load the model (%s); asking again in %.0f s.",
+                      self.name, identity["load_error"]["message"], BROKEN_RETRY_S)
+            stopping.wait(BROKEN_RETRY_S)
+            return False
+        return True
 
     def transfer(self, clip_frames: Any, settings: TransferSettings,
                  progress: Callable[[str, int, int], None] | None = None,
-                 cancelled: Callable[[], bool] | None = None) -> TransferResult:
+                 cancelled: Callable[[], bool] | None = None) -> EditOutput:
         """Run the edit on the actor; raises what a local edit raises, or WorkerLost."""
         # The id only pairs a cancel with this run on the actor.
         run_id = f"run-{uuid.uuid4().hex}"
-        output = self.runner.run(run_id, settings.to_dict(), png_frames(clip_frames),
-                                 progress or _ignore_progress, cancelled or _never_cancelled)
-        return TransferResult(frames=output.frames, metadata=output.sidecar)
+        return self.runner.run(run_id, settings.to_dict(), png_frames(clip_frames),
+                               progress or _ignore_progress, cancelled or _never_cancelled)
 
 
 def png_frames(clip_frames: Any) -> list[bytes]:

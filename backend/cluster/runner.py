@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from backend.errors import JobCancelled, UnderstudyError
+from backend.server.engine_api import EngineLost
 
 log = logging.getLogger("understudy.cluster")
 
@@ -29,14 +30,8 @@ log = logging.getLogger("understudy.cluster")
 CANCEL_POLL_S = 0.25
 
 
-class WorkerLost(UnderstudyError):
+class WorkerLost(EngineLost):
     """The worker's process or node died while it held the job."""
-
-    code = "worker_lost"
-
-    def __init__(self, message: str, started: bool) -> None:
-        super().__init__(message)
-        self.started = started  # False: the job never began there, so no attempt was used
 
 
 class RemoteJobError(UnderstudyError):
@@ -49,8 +44,10 @@ class RemoteJobError(UnderstudyError):
 
 @dataclass
 class EditOutput:
-    frames: np.ndarray  # (F_out, H, W, 3) uint8, as the engine returns them
-    sidecar: dict[str, Any]
+    """A finished edit, as the engine's TransferResult: frames and the JSON sidecar."""
+
+    frames: np.ndarray  # (F_out, H, W, 3) uint8
+    metadata: dict[str, Any]
 
 
 class ActorRunner:

@@ -96,8 +96,12 @@ class EngineWorker:
 
             self.engine = load_engine(spec.model, device=spec.device, dtype=spec.dtype,
                                       cache_dir=spec.cache_for(name))
-        except UnderstudyError as error:  # reported by identity(); the pool says it
+        except UnderstudyError as error:  # reported by identity(): the pool says it
             self._load_error = {"code": error.code, "message": str(error)}
+        except Exception as error:  # a constructor that raises would leave Ray a dead actor
+            log.error("Worker %s could not load the model:\n%s", name, traceback.format_exc())
+            self._load_error = {"code": "internal", "message": f"Loading the model failed "
+                                f"({type(error).__name__}: {error}); see the worker's Ray log."}
 
     # ----------------------------------------------------------------- side calls
 
