@@ -87,7 +87,7 @@ class ActorRunner:
             ) -> EditOutput:
         """Run one job on the actor; see the module docstring for what it raises."""
         import ray
-        from ray.exceptions import RayError
+        from ray.exceptions import ActorUnavailableError, RayError
 
         events = self.actor.run.options(num_returns="streaming").remote(job_id, settings, inputs)
         started = False
@@ -113,6 +113,10 @@ class ActorRunner:
                 raise WorkerLost(f"Worker {self.name} ended job {job_id} without a result.",
                                  started) from None
             except RayError as error:
+                if isinstance(error, ActorUnavailableError):
+                    # "Unavailable" may be a broken connection to a live actor. Kill it so
+                    # the job cannot go on there while the gateway runs it again elsewhere.
+                    ray.kill(self.actor, no_restart=False)
                 if cancel_sent_at is not None:
                     raise JobCancelled("The edit was cancelled.") from None
                 raise WorkerLost(f"Worker {self.name} was lost while holding job {job_id} "
