@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from backend.errors import UnderstudyError
 from backend.metrics import DEFAULT_CLIP_MODEL
 from backend.tracking import DEFAULT_GRID
@@ -106,6 +108,22 @@ def cache_max_bytes(gigabytes: float | None) -> int | None:
     return int(gigabytes * 2**30)
 
 
+def frames_to_write(clip_frames, frames, metadata: dict):
+    """What the files hold: the edit as it came back, except under crop, where it is
+    put back into its box of the source frames (backend/framing.py, paste_into_box), so
+    the file lies exactly over the source clip. The source frames behind it are those
+    the model edited, held the way the result was retimed."""
+    from backend.framing import Box, paste_into_box
+    from backend.video import retime_indices
+
+    framing = metadata.get("framing") or {}
+    if framing.get("mode") != "crop":
+        return frames
+    used = np.asarray(metadata["input_frame_indices"])
+    background = clip_frames[used[retime_indices(len(used), len(frames))]]
+    return paste_into_box(background, frames, Box(*framing["crop_box"]))
+
+
 def command_transfer(args: argparse.Namespace) -> int:
     from backend.video import read_clip
 
@@ -124,14 +142,18 @@ def command_transfer(args: argparse.Namespace) -> int:
                                                   clip.frames, settings, progress)
         else:
             from backend.engine import load_engine
+            from backend.model import ZEROSCOPE_XL
 
             engine = load_engine(args.model, device=args.device, dtype=args.dtype,
                                  cache_dir=Path(args.cache_dir),
-                                 cache_max_bytes=cache_max_bytes(args.cache_max_gb))
+                                 cache_max_bytes=cache_max_bytes(args.cache_max_gb),
+                                 upscale_model=(args.upscale_model or ZEROSCOPE_XL)
+                                 if settings.upscale != "none" else None)
             result = engine.transfer(clip.frames, settings, progress=progress)
             frames, metadata = result.frames, result.metadata
     finally:
         progress.close()
+    frames = frames_to_write(clip.frames, frames, metadata)
     fps = clip.fps * len(frames) / len(clip.frames)  # the clip's duration, whatever the count
     write_outputs(frames, metadata, output, fps,
                   Path(args.frames_dir) if args.frames_dir else None)
@@ -309,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_argument("--cache-max-gb", type=float, default=None,
                           help="the inversion cache's size cap; the least recently used "
                                "inversions are deleted beyond it (default: 20)")
+    transfer.add_argument("--upscale-model", default=None,
+                          help="the upscaler for --upscale xl: hub id, local diffusers folder or "
+                               "'tiny' (default: cerspense/zeroscope_v2_XL)")
     add_settings_flags(transfer)
     transfer.set_defaults(func=command_transfer)
 
@@ -352,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="clip-length scaling instead: one edit per length in --lengths")
     bench.add_argument("--lengths", default=None,
                        help="--scaling clip lengths, comma-separated (default: 24,48,96,240)")
+    bench.add_argument("--upscale", action="store_true",
+                       help="the upscaling stage's cost instead: one edit with it, both stages "
+                            "at their native sizes")
     bench.add_argument("-o", "--output", help="write the JSON report here")
     bench.set_defaults(func=command_bench)
 
