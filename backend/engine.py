@@ -83,8 +83,8 @@ OUT_OF_MEMORY = (
 )
 NO_UPSCALER = (
     "This engine was started without an upscaler, so upscale 'xl' cannot run; set upscale "
-    f"to 'none', or fetch the weights (`hf download {ZEROSCOPE_XL}`, licence CC BY-NC 4.0) "
-    "and load them with --upscale-model."
+    f"to 'none', or fetch ZeroScope XL (`hf download {ZEROSCOPE_XL}`) and load it with "
+    "--upscale-model."
 )
 
 

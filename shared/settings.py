@@ -167,7 +167,8 @@ class TransferSettings:
         if self.upscale != "none" and self.upscale_step_count() == 0:
             raise BadSettingsError(
                 f"Setting 'upscale_strength' is {self.upscale_strength}, which re-runs none of "
-                f"the {self.steps} steps; raise it (0.7 is the usual value).")
+                f"the {self.steps} sampling steps (it runs the last ⌊steps × strength⌋); raise "
+                f"it or the steps.")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TransferSettings:

@@ -109,3 +109,16 @@ def test_frames_for_model_takes_the_box_and_paste_puts_a_result_back_into_it():
     assert pasted.shape == frames.shape
     assert (pasted[:, 10:30] == 90).all()
     assert np.array_equal(pasted[:, :10], frames[:, :10]) and np.array_equal(pasted[:, 30:], frames[:, 30:])
+
+
+def test_upscaling_runs_the_last_floor_of_steps_times_strength_and_refuses_none():
+    from shared.errors import BadSettingsError
+    from shared.settings import TransferSettings
+
+    assert TransferSettings(prompt="a train").upscale_step_count() == 35  # ⌊50 · 0.7⌋
+    assert TransferSettings(prompt="a train", steps=3).upscale_step_count() == 2  # ⌊2.1⌋
+    assert TransferSettings(prompt="a train", upscale_strength=1.0).upscale_step_count() == 50
+    TransferSettings(prompt="a train", steps=1)  # without upscaling the strength is unused
+    with pytest.raises(BadSettingsError, match=r"^Setting 'upscale_strength' is 0.7, which re-runs "
+                                               r"none of the 1 sampling steps"):
+        TransferSettings(prompt="a train", steps=1, upscale="xl")
