@@ -92,7 +92,8 @@ def inside_blender(job: dict) -> dict:
     editor.active_strip = source
     scene.frame_start, scene.frame_end = source.frame_final_start, source.frame_final_end - 1
     for name, value in job["settings"].items():
-        setattr(scene.understudy, name, value)
+        if name != "num_frames":  # the extension sends every visible frame of the strip
+            setattr(scene.understudy, name, value)
     scene.understudy.source_prompt = job["source_prompt"]
     bpy.ops.wm.save_as_mainfile(filepath=job["blend"])  # so the frames land beside it
     bpy.ops.understudy.transfer(prompt=job["prompt"])

@@ -36,12 +36,12 @@ def active_strip(scene):
     return editor.active_strip if editor is not None else None
 
 
-def use_png_output(image_settings) -> None:
-    """Make the render output 8-bit RGB PNG files."""
+def use_png_output(image_settings, color_mode: str = "RGBA") -> None:
+    """Make the render output 8-bit PNG files (RGBA: transparent where nothing is drawn)."""
     if hasattr(image_settings, "media_type"):
         image_settings.media_type = "IMAGE"
     image_settings.file_format = "PNG"
-    image_settings.color_mode = "RGB"
+    image_settings.color_mode = color_mode
     image_settings.color_depth = "8"
 
 
@@ -55,10 +55,11 @@ def image_settings_fields(image_settings) -> list[str]:
 
 def new_image_strip(editor, name: str, directory: str, files: list[str], channel: int,
                     frame_start: int):
-    """An image-sequence strip showing `files` from `directory`, fit to the canvas."""
+    """An image-sequence strip showing `files` from `directory` at their own pixel size
+    (the caller sets its transform)."""
     strips = top_strips(editor)
     strip = strips.new_image(name=name, filepath=directory.rstrip("/\\") + "/" + files[0],
-                             channel=channel, frame_start=frame_start, fit_method="FIT")
+                             channel=channel, frame_start=frame_start, fit_method="ORIGINAL")
     for file_name in files[1:]:
         strip.elements.append(file_name)
     return strip

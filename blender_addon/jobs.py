@@ -1,35 +1,107 @@
-"""A job's life in Blender: submit, follow, collect the result, cancel.
+"""A job's life in Blender: check, render, submit, follow, collect the result, cancel.
 
-In the interface, following a job is a `bpy.app.timers` function that polls the
-server without blocking, so Blender stays responsive. In background mode (`blender -b`,
-the bpy module) timers never fire, so there the caller blocks until the result.
+Every check that can fail (the strip, the settings, the result's channel, the result
+folder, the server and its limits) runs before the first frame is rendered. Then the
+strip's frames are rendered: in the interface a few per `bpy.app.timers` tick
+(batches.py), so the progress bar and Cancel are live from the first frame; in
+background mode (`blender -b`, the bpy module) timers never fire, so there it blocks.
+Following a job is a timer too (polling the server without blocking); in background
+mode the caller blocks until the result. Placing a result that keeps the source's
+transparency rewrites every frame, so in the interface that runs in batches too.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import bpy
 
-from . import compat, link, plan, props, strip_io
+from . import batches, compat, link, placement, plan, props, strip_io
 
 POLL_INTERVAL_S = 0.5
+WORK_INTERVAL_S = 0.01  # between render (or placing) ticks: Blender handles events in between
+# Whether long work runs in timer ticks (the interface) or blocks (background mode, where
+# timers never fire). A test may set it to take the interface's path in the bpy module.
+BATCHED = not bpy.app.background
+SOURCE_SUBFOLDER = "source"  # <result folder>/source/: the frames sent, until collected
+SIDECAR_NAME = "sidecar.json"
 
 
-def start(context, prompt: str = ""):
-    """Render the active strip, submit it, record the job in the scene; return the record.
+@dataclass
+class RenderSession:
+    """One strip being rendered for a job that is not sent yet."""
 
-    Raises plan.UserError before anything in the scene changes when the strip, the
-    settings or the server is unusable.
+    job_id: str
+    scene_name: str
+    strip_name: str
+    span: plan.Span
+    renderer: batches.BatchRenderer
+    folder: str  # the job's result folder (absolute)
+    place: placement.Placement
+    max_size: int
+    settings: dict
+    config: link.ServerConfig
+    previous_index: int = 0  # the job list's selection before this job was added
+
+    @property
+    def source_folder(self) -> str:
+        return os.path.join(self.folder, SOURCE_SUBFOLDER)
+
+
+_sessions: dict[str, RenderSession] = {}  # job id -> its render, while it renders
+_placing: dict[str, batches.BatchRenderer] = {}  # job id -> result frames still to prepare
+
+
+def session_of(job_id: str) -> RenderSession | None:
+    return _sessions.get(job_id)
+
+
+def forget_sessions() -> None:
+    """Drop every render and placing session (their file was closed; its records say so)."""
+    _sessions.clear()
+    _placing.clear()
+
+
+def check_writable(folder: str) -> None:
+    """Raise UserError unless the result folder can be made and written (it is left as
+    it was found: a folder made only for the test is removed again)."""
+    made = [parent for parent in (Path(folder), *Path(folder).parents) if not parent.exists()]
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = Path(folder, ".understudy-write-test")
+        probe.write_bytes(b"")
+        probe.unlink()
+        for parent in made:  # deepest first
+            parent.rmdir()
+    except OSError as error:
+        raise plan.UserError(f"The result folder {folder} cannot be written ({plan.os_reason(error)}); "
+                             f"make it a folder you can write to, or save the .blend elsewhere."
+                             ) from error
+
+
+def start(context, prompt: str = "", tick_budget_s: float | None = None) -> RenderSession:
+    """Check everything, record the job (rendering) and return its render session.
+
+    Raises plan.UserError, with nothing in the scene changed, when the strip, the
+    settings, the result's place, the result folder or the server is unusable.
     """
     scene = compat.sequencer_scene(context)
     strip = strip_io.source_strip(scene)
     prefs = props.preferences(context)
     values = scene.understudy.values(prompt)
     span = strip_io.strip_span(strip)
-    plan.transfer_settings(values, span.length)  # a bad prompt fails before any network
+    settings = plan.transfer_settings(values, span.length)  # a bad prompt fails before any network
+    plan.result_channel(span, strip.name, strip_io.neighbours(scene))
+    place = strip_io.placement_of(scene, strip)
+    size = strip_io.render_size(scene, place, int(prefs.max_render_size))
+    job_id = plan.new_job_id()
+    folder, stored, _ = plan.result_folder(bpy.data.filepath, job_id, tempfile.gettempdir())
+    check_writable(str(Path(folder).parent))
     config = prefs.server_config()
     try:
         client = link.client_for(config)
@@ -37,30 +109,145 @@ def start(context, prompt: str = ""):
     except plan.UserError:
         link.forget(config)
         raise
-    max_frames = int(prefs.max_frames)
-    server_max = (hello.get("limits") or {}).get("max_frames")
-    if isinstance(server_max, int) and server_max >= 2:
-        max_frames = min(max_frames, server_max)
-    to_render = plan.frames_to_render(span, max_frames)
-    settings = plan.transfer_settings(values, span.length, len(to_render))
-    job_id = plan.new_job_id()
-    with tempfile.TemporaryDirectory(prefix="understudy-render-") as folder:
-        try:
-            paths = strip_io.render_frames(scene, strip, to_render, folder,
-                                           int(prefs.max_render_size))
-        except RuntimeError as error:  # bpy.ops.render.render's own failure
-            raise plan.UserError(f"Blender could not render {strip.name!r} ({error}); check "
-                                 f"that the strip plays in the preview.") from error
-        frames = [Path(path).read_bytes() for path in paths]
-    link.guarded(lambda: client.submit(job_id, settings, frames))
+    frames = plan.frames_to_render(span, plan.server_frame_limit(hello), repr(strip.name))
+    plan.check_server_limits(hello, settings, size)
 
+    previous_index = scene.understudy_job_index
     job = scene.understudy_jobs.add()
-    job.job_id, job.prompt, job.status = job_id, settings["prompt"], "submitted"
+    job.job_id, job.prompt, job.status = job_id, settings["prompt"], plan.RENDERING
+    job.phase, job.percent = "rendering", 0.0
     job.server_address = config.address
     job.source_name, job.channel = strip.name, span.channel
     job.frame_start, job.length = span.start, span.length
+    job.frames_dir, job.placement = stored, place.to_json()
     scene.understudy_job_index = len(scene.understudy_jobs) - 1
-    return job
+    session = RenderSession(job_id, scene.name, strip.name, span,
+                            batches.BatchRenderer(frames, tick_budget_s), folder, place,
+                            int(prefs.max_render_size), settings, config, previous_index)
+    _sessions[job_id] = session
+    return session
+
+
+def _locate(session: RenderSession):
+    """(scene, source strip, job record) of a session, checking nothing moved meanwhile."""
+    scene = bpy.data.scenes.get(session.scene_name)
+    job = None
+    if scene is not None:
+        job = next((job for job in scene.understudy_jobs if job.job_id == session.job_id), None)
+    if job is None:
+        raise LookupError(session.job_id)  # the record is gone (undo, new file): drop quietly
+    strip = next((other for other in compat.top_strips(scene.sequence_editor)
+                  if other.name == session.strip_name), None) if scene.sequence_editor else None
+    if strip is None or strip_io.strip_span(strip) != session.span:
+        raise plan.UserError(f"{session.strip_name!r} was moved, trimmed or deleted while it was "
+                             f"being rendered; nothing was sent, so transfer it again.")
+    return scene, strip, job
+
+
+def advance(session: RenderSession) -> bool:
+    """Render the session's next batch, or submit once all are rendered; True while more
+    remains. Raises plan.UserError (rendering or submitting failed) and LookupError
+    (the job record is gone); the caller ends the session."""
+    scene, strip, job = _locate(session)
+    renderer = session.renderer
+    if renderer.cancelled:
+        return False
+    if not renderer.finished:
+        frames = renderer.next_batch()
+        started = time.perf_counter()
+        try:
+            strip_io.render_frames(scene, strip, frames, session.source_folder, renderer.done,
+                                   session.place, session.max_size)
+        except RuntimeError as error:  # bpy.ops.render.render's own failure
+            raise plan.UserError(f"Blender could not render {strip.name!r} ({error}); check "
+                                 f"that the strip plays in the preview.") from error
+        renderer.record(len(frames), time.perf_counter() - started)
+        job.percent = renderer.percent
+        return True  # the next call submits, so the bar shows 100% rendered first
+    paths = [os.path.join(session.source_folder, strip_io.RENDER_FILE.format(index + 1))
+             for index in range(renderer.total)]
+    frames = [Path(path).read_bytes() for path in paths]
+    client = link.client_for(session.config)
+    link.guarded(lambda: client.submit(session.job_id, session.settings, frames))
+    job.status, job.phase, job.percent = "submitted", "", 0.0
+    return False
+
+
+def end_session(session: RenderSession, error: str = "", keep_record: bool = True) -> None:
+    """Forget a session; on failure or cancel throw its frames away and record why."""
+    _sessions.pop(session.job_id, None)
+    if not (error or session.renderer.cancelled):
+        return
+    strip_io.remove_folder(session.folder)
+    scene, job = find_job(session.job_id)
+    if job is None:
+        return
+    if not keep_record:
+        scene.understudy_jobs.remove(list(scene.understudy_jobs).index(job))
+        scene.understudy_job_index = session.previous_index
+        return
+    if error:
+        job.status, job.phase, job.message = "failed", "", error
+    else:
+        job.status, job.phase, job.message = ("cancelled", "",
+                                              "Cancelled while rendering; nothing was sent.")
+
+
+def render_blocking(session: RenderSession) -> None:
+    """Background mode: render every frame and submit, or leave the scene as it was."""
+    try:
+        while advance(session):
+            pass
+    except plan.UserError as error:
+        end_session(session, str(error), keep_record=False)
+        raise
+    end_session(session)
+
+
+def work_tick() -> float | None:
+    """The interface's work timer: one batch of the oldest render, else of the oldest
+    result being placed; None (the timer stops) when there is nothing left."""
+    if _sessions:
+        render_step(next(iter(_sessions.values())))
+    elif _placing:
+        place_tick()
+    else:
+        return None
+    redraw_sequencers()
+    return WORK_INTERVAL_S if _sessions or _placing else None
+
+
+def render_step(session: RenderSession) -> None:
+    """One batch of a render in the interface; a failure ends it with its sentence."""
+    try:
+        more = advance(session)
+    except LookupError:  # the job record is gone (undone): so are its frames
+        _sessions.pop(session.job_id, None)
+        strip_io.remove_folder(session.folder)
+    except plan.UserError as error:
+        end_session(session, str(error))
+    else:
+        if not more:
+            end_session(session)
+            if not session.renderer.cancelled:
+                follow()
+
+
+def work_in_batches() -> None:
+    """Interface: render (and place) from a timer, a batch per tick (timers never fire in
+    background mode)."""
+    if not bpy.app.timers.is_registered(work_tick):
+        bpy.app.timers.register(work_tick, first_interval=0.0)
+
+
+def cancel_render(job_id: str) -> bool:
+    """Stop a job that is still rendering, before its next batch; False if there is none."""
+    session = _sessions.get(job_id)
+    if session is None:
+        return False
+    session.renderer.cancel()
+    end_session(session)
+    return True
 
 
 def find_job(job_id: str):
@@ -86,30 +273,111 @@ def apply_update(job, update: dict) -> None:
         setattr(job, name, value)
 
 
+def unplaced(job, message: str) -> plan.UserError:
+    """Record that a finished job's result is not in the timeline yet; the error to raise."""
+    job.status, job.phase, job.message = plan.UNPLACED, "", message
+    return plan.UserError(message)
+
+
 def collect(scene, job, result) -> None:
-    """Save a finished job's frames beside the .blend and add the result strip."""
-    folder, stored, temporary = plan.result_folder(bpy.data.filepath, job.job_id,
-                                                   tempfile.gettempdir())
-    try:
-        if not result.frames:
-            raise plan.UserError(f"Job {job.job_id} finished without frames; run it again.")
-        try:
-            files = strip_io.write_result_frames(result.frames, folder, job.length)
-        except OSError as error:
-            raise plan.UserError(f"Could not save the result frames in {folder} ({error}); "
-                                 f"check that the folder can be written.") from error
-        strip = strip_io.add_result_strip(scene, plan.strip_name(job.prompt), folder, stored,
-                                          files, job.span())
-    except plan.UserError as error:
-        job.status, job.phase, job.message = "failed", "", str(error)
-        raise
-    seed = (result.sidecar or {}).get("seed")
-    job.status, job.phase, job.percent = "done", "", 100.0
-    job.result_strip, job.frames_dir = strip.name, stored
+    """Save a finished job's frames and sidecar in its result folder, then place the strip.
+
+    A result that cannot be saved or placed stays collectable (status "unplaced"):
+    Collect Results tries again once the cause is fixed.
+    """
+    if not job.frames_dir:  # recorded by an older version, which chose the folder here
+        job.frames_dir = plan.result_folder(bpy.data.filepath, job.job_id,
+                                            tempfile.gettempdir())[1]
+    folder = bpy.path.abspath(job.frames_dir)
+    if not result.frames:
+        job.status, job.phase, job.message = ("failed", "", f"Job {job.job_id} finished without "
+                                              f"frames; run it again.")
+        raise plan.UserError(job.message)
+    sidecar = result.sidecar or {}
+    job.sidecar = json.dumps(sidecar)
+    seed = sidecar.get("seed")
     job.seed = "" if seed is None else str(seed)
+    try:
+        strip_io.write_result_frames(result.frames, folder, job.length)
+        Path(folder, SIDECAR_NAME).write_text(json.dumps(sidecar, indent=2))
+    except OSError as error:
+        raise unplaced(job, f"Could not save the result frames in {folder} ({plan.os_reason(error)}); "
+                            f"make the folder writable, then {plan.COLLECT_HINT}.") from error
+    place(scene, job)
+
+
+def place(scene, job) -> None:
+    """Prepare the result's frames and add its strip: in batches from the work timer in
+    the interface, at once in background mode."""
+    if not BATCHED:
+        prepare_frames(job, range(job.length))
+        add_result(scene, job)
+        return
+    job.status, job.phase, job.percent = plan.PLACING, "placing", 0.0
+    _placing[job.job_id] = batches.BatchRenderer(list(range(job.length)))
+    work_in_batches()
+
+
+def place_tick() -> None:
+    """One batch of the oldest result being placed; the strip is added after the last."""
+    job_id, work = next(iter(_placing.items()))
+    scene, job = find_job(job_id)
+    if job is None or job.status != plan.PLACING:  # undone, or the file changed
+        _placing.pop(job_id, None)
+        return
+    indices = work.next_batch()
+    started = time.perf_counter()
+    try:
+        prepare_frames(job, indices)
+        work.record(len(indices), time.perf_counter() - started)
+        job.percent = work.percent
+        if work.finished:
+            _placing.pop(job_id, None)
+            add_result(scene, job)
+    except plan.UserError:  # recorded on the job (unplaced): Collect Results tries again
+        _placing.pop(job_id, None)
+
+
+def frames_on_disk(job) -> bool:
+    folder = bpy.path.abspath(job.frames_dir)
+    return all(Path(folder, name).is_file() for name in plan.frame_file_names(job.length))
+
+
+def prepare_frames(job, indices) -> None:
+    """Give these result frames the source's transparency, where the source had any."""
+    folder = bpy.path.abspath(job.frames_dir)
+    files = plan.frame_file_names(job.length)
+    try:
+        for index in indices:
+            strip_io.keep_source_alpha(
+                os.path.join(folder, files[index]),
+                os.path.join(folder, SOURCE_SUBFOLDER, strip_io.RENDER_FILE.format(index + 1)))
+    except OSError as error:
+        raise unplaced(job, f"Could not rewrite the result frames in {folder} ({plan.os_reason(error)}); "
+                            f"make the folder writable, then {plan.COLLECT_HINT}.") from error
+
+
+def add_result(scene, job) -> None:
+    """Add the result strip from the frames in the job's folder, placed like the source."""
+    folder = bpy.path.abspath(job.frames_dir)
+    files = plan.frame_file_names(job.length)
+    strip_io.remove_folder(os.path.join(folder, SOURCE_SUBFOLDER))
+    try:
+        channel = plan.result_channel(job.span(), job.source_name, strip_io.neighbours(scene),
+                                      then=f"then {plan.COLLECT_HINT} to place the result")
+    except plan.UserError as error:
+        raise unplaced(job, str(error)) from error
+    place_info = (placement.Placement.from_json(job.placement) if job.placement else
+                  placement.Placement(placement.CANVAS, scene.render.resolution_x,
+                                      scene.render.resolution_y))
+    width, height = strip_io.png_file_size(os.path.join(folder, files[0]))
+    strip = strip_io.add_result_strip(scene, plan.strip_name(job.prompt), folder, job.frames_dir,
+                                      files, channel, job.frame_start,
+                                      placement.result_look(place_info, width, height))
+    job.status, job.phase, job.percent = "done", "", 100.0
+    job.result_strip = strip.name
     job.message = (f"The file is unsaved, so the frames are in the temporary folder {folder}; "
-                   f"save the file before the next run to keep them beside it."
-                   if temporary else "")
+                   f"saving the file moves them beside it." if not bpy.data.filepath else "")
     if job.seed:
         scene.understudy.last_seed = job.seed
 
@@ -117,6 +385,15 @@ def collect(scene, job, result) -> None:
 def fetch_and_collect(scene, job, client) -> None:
     result = link.guarded(lambda: client.fetch(job.job_id))
     collect(scene, job, result)
+
+
+def collect_again(scene, job) -> None:
+    """Collect Results for a job whose result is not placed: place it, fetching if needed."""
+    if frames_on_disk(job):
+        place(scene, job)
+        return
+    client, _ = client_for_job(job)
+    fetch_and_collect(scene, job, client)
 
 
 def wait_and_collect(scene, job, timeout_s: float | None = None) -> None:
@@ -136,20 +413,31 @@ def wait_and_collect(scene, job, timeout_s: float | None = None) -> None:
         result = link.guarded(lambda: client.wait(job.job_id, progress=progress,
                                                   timeout_s=timeout_s or None))
     except plan.UserError as error:
-        resync(scene, job, client)
+        reachable = resync(scene, job, client)
         if job.active:
+            if not reachable:
+                link.forget(config)
+                job.phase, job.message = plan.WAITING, plan.lost_server_message(str(error))
+                raise plan.UserError(job.message) from error
             job.message = str(error)
         raise
     collect(scene, job, result)
 
 
-def resync(scene, job, client) -> None:
-    """Ask the server where a job stands and catch up (after reopening a file, an error)."""
+def resync(scene, job, client) -> bool:
+    """Ask the server where a job stands and catch up; False when it cannot be reached."""
     try:
         reply = link.guarded(lambda: client.status(job.job_id))
+    except plan.UserError as error:
+        job.message = str(error)
+        return False
+    if job.phase == plan.WAITING:  # the server is back
+        job.phase, job.message = "", ""
+    try:
         apply_reply(scene, job, client, reply)
     except plan.UserError as error:
         job.message = str(error)
+    return True
 
 
 def apply_reply(scene, job, client, reply: dict) -> None:
@@ -161,7 +449,12 @@ def apply_reply(scene, job, client, reply: dict) -> None:
 
 
 def cancel(scene, job) -> None:
-    """Ask the server to stop the job; a running job stops at its next step."""
+    """Stop a job: before its next batch while rendering, else at the server's next step."""
+    if cancel_render(job.job_id):
+        return
+    if not job.cancellable:
+        raise plan.UserError(f"Job {job.job_id} has finished on the server; there is nothing "
+                             f"to cancel.")
     client, _ = client_for_job(job)
     reply = link.guarded(lambda: client.cancel(job.job_id))
     apply_reply(scene, job, client, reply)
@@ -173,9 +466,15 @@ def cancel(scene, job) -> None:
 
 
 def active_jobs():
-    """(scene, job) for every unfinished job in the open file."""
+    """(scene, job) for every job the server has and has not finished, in the open file."""
     return [(scene, job) for scene in bpy.data.scenes
             for job in getattr(scene, "understudy_jobs", ()) if job.active]
+
+
+def unplaced_jobs():
+    """(scene, job) for every finished job whose result is not in the timeline yet."""
+    return [(scene, job) for scene in bpy.data.scenes
+            for job in getattr(scene, "understudy_jobs", ()) if job.status == plan.UNPLACED]
 
 
 def redraw_sequencers() -> None:
@@ -214,7 +513,8 @@ def poll_once() -> float | None:
             events = link.guarded(lambda client=client: client.poll(0.0))
         except plan.UserError as error:
             for job_id in job_ids:
-                by_id[job_id][1].message = str(error)
+                job = by_id[job_id][1]
+                job.phase, job.message = plan.WAITING, plan.lost_server_message(str(error))
             continue
         for event in events:
             target = by_id.get(str(event.get("job_id")))
@@ -239,30 +539,13 @@ def follow() -> None:
         bpy.app.timers.register(poll_once, first_interval=POLL_INTERVAL_S)
 
 
-@bpy.app.handlers.persistent
-def on_file_loaded(_filepath) -> None:
-    """Reopening a file reconnects to its unfinished jobs and collects finished results."""
-    jobs = active_jobs()
-    if not jobs:
-        return
-    if bpy.app.background:
-        for scene, job in jobs:
-            try:
-                client, _ = client_for_job(job)
-                resync(scene, job, client)
-            except plan.UserError as error:
-                job.message = str(error)
-        return
-    follow()
-
-
 def register() -> None:
-    bpy.app.handlers.load_post.append(on_file_loaded)
+    """Nothing to register: the timers start when there is something to render or follow."""
 
 
 def unregister() -> None:
-    if on_file_loaded in bpy.app.handlers.load_post:
-        bpy.app.handlers.load_post.remove(on_file_loaded)
-    if bpy.app.timers.is_registered(poll_once):
-        bpy.app.timers.unregister(poll_once)
+    for timer in (poll_once, work_tick):
+        if bpy.app.timers.is_registered(timer):
+            bpy.app.timers.unregister(timer)
+    forget_sessions()
     link.close_all()

@@ -9,11 +9,18 @@ import bpy
 from bpy.props import BoolProperty, StringProperty
 
 from . import compat, jobs, link, plan, props
+from .batches import TICK_BUDGET_S
 
 
 def has_sequencer(context) -> bool:
     scene = compat.sequencer_scene(context)
     return scene is not None and scene.sequence_editor is not None
+
+
+def file_jobs(condition) -> bool:
+    """True when some job of the open file meets the condition."""
+    return any(condition(job) for scene in bpy.data.scenes
+               for job in getattr(scene, "understudy_jobs", ()))
 
 
 class UNDERSTUDY_OT_transfer(bpy.types.Operator):
@@ -29,17 +36,31 @@ class UNDERSTUDY_OT_transfer(bpy.types.Operator):
                        description="Background mode only: block until the result is in the "
                                    "timeline (the interface never blocks)")
 
+    @classmethod
+    def poll(cls, context):
+        if has_sequencer(context):
+            return True
+        cls.poll_message_set("The scene has no sequencer strips; add a strip to transfer first.")
+        return False
+
     def execute(self, context):
         try:
-            job = jobs.start(context, self.prompt)
+            session = jobs.start(context, self.prompt,
+                                 tick_budget_s=TICK_BUDGET_S if jobs.BATCHED else None)
         except plan.UserError as error:
             self.report({"ERROR"}, str(error))
             return {"CANCELLED"}
-        job_id = job.job_id
-        if not bpy.app.background:
-            jobs.follow()
-            self.report({"INFO"}, f"Submitted {job_id}; the result lands above the source.")
+        job_id = session.job_id
+        if jobs.BATCHED:
+            jobs.work_in_batches()
+            self.report({"INFO"}, f"Rendering {session.renderer.total} frames for {job_id}; the "
+                                  f"result lands above the source.")
             return {"FINISHED"}
+        try:
+            jobs.render_blocking(session)
+        except plan.UserError as error:
+            self.report({"ERROR"}, str(error))
+            return {"CANCELLED"}
         if not self.wait:
             return {"FINISHED"}
         scene, job = jobs.find_job(job_id)
@@ -63,7 +84,7 @@ def chosen_job(context, job_id: str):
         return scene, job
     scene = compat.sequencer_scene(context)
     for job in reversed(scene.understudy_jobs):
-        if job.active:
+        if job.cancellable:
             return scene, job
     raise plan.UserError("No Understudy job is running in this scene.")
 
@@ -75,6 +96,13 @@ class UNDERSTUDY_OT_cancel(bpy.types.Operator):
     bl_label = "Cancel"
 
     job_id: StringProperty(name="Job", default="", options={"SKIP_SAVE"})
+
+    @classmethod
+    def poll(cls, context):
+        if file_jobs(lambda job: job.cancellable):
+            return True
+        cls.poll_message_set("No Understudy job is rendering or running.")
+        return False
 
     def execute(self, context):
         try:
@@ -96,13 +124,29 @@ class UNDERSTUDY_OT_collect(bpy.types.Operator):
     wait: BoolProperty(name="Wait in background mode", default=True, options={"SKIP_SAVE"},
                        description="Background mode only: block until every job has ended")
 
+    @classmethod
+    def poll(cls, context):
+        if file_jobs(lambda job: job.active or job.status == plan.UNPLACED):
+            return True
+        cls.poll_message_set("There are no results to collect: no job is running or waiting to "
+                             "be placed.")
+        return False
+
     def execute(self, context):
+        ended = {"done": 0, "cancelled": 0, "failed": 0}
+        # Results that came back but could not be placed: place them now (no waiting).
+        for scene, job in jobs.unplaced_jobs():
+            try:
+                jobs.collect_again(scene, job)
+            except plan.UserError as error:
+                self.report({"WARNING"}, f"{job.job_id}: {error}")
+            if job.status == "done":  # in the interface it may still be being placed
+                ended["done"] += 1
         pending = jobs.active_jobs()
-        if not bpy.app.background:
+        if jobs.BATCHED:
             jobs.follow()
             return {"FINISHED"}
         timeout = props.preferences(context).job_timeout_s
-        ended = {"done": 0, "cancelled": 0, "failed": 0}
         for job_id in [job.job_id for _, job in pending]:
             scene, job = jobs.find_job(job_id)
             try:
@@ -116,7 +160,7 @@ class UNDERSTUDY_OT_collect(bpy.types.Operator):
                     return {"CANCELLED"}
             if job.status in ended:
                 ended[job.status] += 1
-            if job.status == "failed":
+            if job.status in ("failed", plan.UNPLACED):
                 self.report({"WARNING"}, f"{job.job_id}: {job.message}")
         self.report({"INFO"}, ", ".join(f"{count} {state}" for state, count in ended.items()))
         return {"FINISHED"}

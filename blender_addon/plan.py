@@ -22,13 +22,26 @@ MAX_NAME_BYTES = 63  # Blender's ID and strip names hold 63 bytes of UTF-8
 RESULT_FOLDER = "understudy"  # //understudy/<job>/ beside the .blend
 FRAME_PATTERN = "frame_{:05d}.png"
 DEFAULT_MAX_RENDER_SIZE = 768  # long side of the frames sent to the server, in pixels
-DEFAULT_MAX_FRAMES = 240  # frames sent per job unless the server allows fewer
 # Strip types that show nothing on their own, so there is nothing to transfer from.
 UNUSABLE_TYPES = {"SOUND": "a sound strip", "ADJUSTMENT": "an adjustment layer"}
+# Strip types that show a picture in which nothing moves: there is no motion to transfer.
+MOTIONLESS_TYPES = {"COLOR": "a colour strip"}
+# Job states of the extension's own, before the server has the job or after it is done
+# with it; every other state is the server's (shared/protocol.py), compared as plain text.
+RENDERING = "rendering"  # the strip's frames are being rendered; nothing is sent yet
+PLACING = "placing"  # the result's frames are here and are being prepared for its strip
+UNPLACED = "unplaced"  # the result's frames are here but its strip could not be added
+WAITING = "waiting"  # the phase while the server cannot be reached
+COLLECT_HINT = "click Collect Results"
 
 
 class UserError(Exception):
     """Something the user can fix; `str(error)` is the one sentence Blender shows."""
+
+
+def os_reason(error: OSError) -> str:
+    """The short reason of a file-system error ("Permission denied"), for a sentence."""
+    return error.strerror or str(error)
 
 
 @dataclass(frozen=True)
@@ -56,6 +69,9 @@ def check_source(strip_type: str | None, name: str, span: Span | None, muted: bo
     if strip_type in UNUSABLE_TYPES:
         raise UserError(f"The active strip {name!r} is {UNUSABLE_TYPES[strip_type]}, which shows "
                         f"no picture; select a video, image, scene, meta or effect strip.")
+    if strip_type in MOTIONLESS_TYPES:
+        raise UserError(f"The active strip {name!r} is {MOTIONLESS_TYPES[strip_type]}, in which "
+                        f"nothing moves; select a video, image, scene, meta or effect strip.")
     if muted:
         raise UserError(f"The active strip {name!r} is muted or on a muted channel; unmute it "
                         f"so it can be rendered.")
@@ -67,28 +83,102 @@ def check_source(strip_type: str | None, name: str, span: Span | None, muted: bo
                         f"needs a strip at least 2 frames long.")
 
 
-def free_channel_above(source: Span, others: list[Span]) -> int:
-    """The lowest channel above the source that is empty over the source's visible range."""
-    busy = {other.channel for other in others if other.overlaps(source.start, source.end)}
-    for channel in range(source.channel + 1, MAX_CHANNEL + 1):
+@dataclass(frozen=True)
+class Neighbour:
+    """Another top-level strip, as far as placing the result is concerned."""
+
+    name: str
+    span: Span
+    type: str = "IMAGE"
+    inputs: tuple[str, ...] = ()  # the strips an effect strip draws from
+
+
+def result_channel(source: Span, source_name: str, others: list[Neighbour],
+                   then: str = "so the result has a place") -> int:
+    """The channel the result goes on: just above the source, below the look built on it.
+
+    The result must sit above the source (to cover it) and below every adjustment layer
+    over the source's range (an adjustment layer grades the channels below it), so the
+    grade the editor built still applies. An effect strip that takes the source as its
+    input would need re-linking to take the result, which the extension never does
+    unasked, so that is refused. Nothing here moves a strip; `then` ends the sentence
+    (what fixing the cause achieves).
+    """
+    over = [other for other in others if other.name != source_name
+            and other.span.overlaps(source.start, source.end)]
+    for other in over:
+        if source_name in other.inputs:
+            raise UserError(f"The effect strip {other.name!r} takes {source_name!r} as its input, "
+                            f"so it would not apply to the result; transfer {other.name!r} itself "
+                            f"(it is rendered with its input) or make a meta strip of both.")
+    if source.channel >= MAX_CHANNEL:
+        raise UserError(f"{source_name!r} is on channel {MAX_CHANNEL}, the top channel, so there is "
+                        f"no channel above it for the result; move it down a channel {then}.")
+    grades = [other for other in over
+              if other.type == "ADJUSTMENT" and other.span.channel > source.channel]
+    ceiling = min((other.span.channel for other in grades), default=MAX_CHANNEL + 1)
+    busy = {other.span.channel for other in over}
+    for channel in range(source.channel + 1, ceiling):
         if channel not in busy:
             return channel
-    raise UserError(f"Every channel above channel {source.channel} is taken between frames "
-                    f"{source.start} and {source.end - 1}; free one so the result has a place.")
+    frames = f"between frames {source.start} and {source.end - 1}"
+    if ceiling <= MAX_CHANNEL:
+        grade = min(grades, key=lambda other: other.span.channel)
+        raise UserError(f"There is no free channel between {source_name!r} (channel "
+                        f"{source.channel}) and the adjustment layer {grade.name!r} (channel "
+                        f"{ceiling}) {frames}, and above it the result would not be graded like "
+                        f"the source; move the adjustment layer up a channel {then}.")
+    raise UserError(f"Every channel above channel {source.channel} is taken {frames}; free one "
+                    f"{then}.")
 
 
-def frames_to_render(span: Span, max_frames: int) -> list[int]:
-    """Timeline frames to render: all visible frames, or an even sample of `max_frames`.
+def frames_to_render(span: Span, max_frames: int, name: str = "The strip") -> list[int]:
+    """Timeline frames to render: every visible frame of the strip, each one sent.
 
-    The server samples the clip evenly anyway, so sending more frames than it can use
-    only costs time; sending an even sample keeps the motion's timing.
+    The result has one generated frame per source frame, so nothing is sampled; a strip
+    longer than the server's frame limit is refused before anything is rendered.
     """
-    if max_frames < 2:
-        raise ValueError("max_frames must be at least 2")
-    if span.length <= max_frames:
-        return list(range(span.start, span.end))
-    last = span.length - 1
-    return [span.start + round(i * last / (max_frames - 1)) for i in range(max_frames)]
+    if span.length > max_frames:
+        raise UserError(f"{name} shows {span.length} frames and the server edits at most "
+                        f"{max_frames} frames per job; trim the strip or cut it into parts of "
+                        f"{max_frames} frames or fewer.")
+    return list(range(span.start, span.end))
+
+
+def _limits(hello: dict) -> dict:
+    return hello.get("limits") if isinstance(hello.get("limits"), dict) else {}
+
+
+def server_frame_limit(hello: dict) -> int:
+    """The most frames one job may have, as the server announces it in `hello`."""
+    value = _limits(hello).get("max_frames")
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 2:
+        return value
+    return int(SETTINGS.MAX_FRAMES_CEILING)
+
+
+def check_server_limits(hello: dict, settings: dict, render_size: tuple[int, int]) -> None:
+    """Refuse, before rendering, a job the server announced it would not take.
+
+    The frame count is checked by frames_to_render; the message size is known only
+    once the frames are rendered (PNG sizes vary), so the client checks it before sending.
+    """
+    limits = _limits(hello)
+    max_side = limits.get("max_side")
+    if isinstance(max_side, int) and max(render_size) > max_side:
+        raise UserError(f"The frames would be {render_size[0]}x{render_size[1]} pixels and the "
+                        f"server takes at most {max_side} on a side; set the render size limit "
+                        f"in the Understudy preferences to {max_side} or less.")
+    max_chars = limits.get("max_prompt_chars")
+    for name in SETTINGS.TEXT_SETTINGS:
+        text = settings.get(name)
+        if isinstance(max_chars, int) and isinstance(text, str) and len(text) > max_chars:
+            raise UserError(f"The {name.replace('_', ' ')} is {len(text)} characters long and the "
+                            f"server takes at most {max_chars}; shorten it.")
+    max_queue, queued = limits.get("max_queue"), hello.get("queue_length")
+    if isinstance(max_queue, int) and isinstance(queued, int) and queued >= max_queue:
+        raise UserError(f"The server already has {queued} jobs queued or running, its limit; "
+                        f"transfer again when one has finished.")
 
 
 def render_percentage(width: int, height: int, max_size: int) -> int:
@@ -97,6 +187,11 @@ def render_percentage(width: int, height: int, max_size: int) -> int:
     if longest <= max_size:
         return 100
     return max(1, int(100 * max_size / longest))
+
+
+def rendered_size(width: int, height: int, percentage: int) -> tuple[int, int]:
+    """The pixel size Blender renders at a resolution percentage (it rounds down)."""
+    return max(1, width * percentage // 100), max(1, height * percentage // 100)
 
 
 def retime_indices(count_in: int, count_out: int) -> list[int]:
@@ -151,12 +246,13 @@ def frame_file_names(count: int) -> list[str]:
     return [FRAME_PATTERN.format(i + 1) for i in range(count)]
 
 
-def transfer_settings(values: dict, output_frames: int, frames_sent: int | None = None) -> dict:
-    """The settings dict sent to the server: the panel's values plus the output length.
+def transfer_settings(values: dict, frames_sent: int) -> dict:
+    """The settings dict sent to the server: the panel's values plus the frame counts.
 
-    Empty optional text and a random seed are left out so the server's defaults apply
-    (it picks and records a seed). A strip shorter than the model's frame count gives
-    the model all its frames rather than failing.
+    Every frame sent is edited and comes back (num_frames = output_frames = frames
+    sent), so the result has one generated frame per source frame. Empty optional text
+    and a random seed are left out so the server's defaults apply (it picks and records
+    a seed).
     """
     settings = {key: value for key, value in values.items() if value is not None}
     for optional_text in ("source_prompt", "negative_prompt"):
@@ -164,9 +260,7 @@ def transfer_settings(values: dict, output_frames: int, frames_sent: int | None 
             del settings[optional_text]
     if not settings.get("prompt", "").strip():
         raise UserError("The prompt is empty; type what the subject should become.")
-    settings["output_frames"] = output_frames
-    if frames_sent is not None and settings.get("num_frames", frames_sent) > frames_sent:
-        settings["num_frames"] = frames_sent
+    settings["num_frames"] = settings["output_frames"] = frames_sent
     try:
         SETTINGS.TransferSettings.from_dict(settings)
     except SETTINGS.BadSettingsError as error:
@@ -175,12 +269,42 @@ def transfer_settings(values: dict, output_frames: int, frames_sent: int | None 
 
 
 def progress_text(status: str, phase: str, percent: float) -> str:
-    """What the progress bar says, e.g. 'sampling 40%' or 'queued'."""
+    """What the progress bar says: 'sampling 40%', 'queued', 'waiting for the server'."""
+    if phase == WAITING and status in ("submitted", "running"):
+        return "waiting for the server"
     if status in ("submitted", "queued"):
         return "queued"
-    if status == "running":
-        return f"{phase or 'running'} {percent:.0f}%"
+    if status in ("running", RENDERING, PLACING):
+        return f"{phase or status} {percent:.0f}%"
+    if status == UNPLACED:
+        return "not placed"
     return status
+
+
+def lost_server_message(error: str) -> str:
+    """After the server stopped answering: the error, and what brings the result in."""
+    return (f"{error.rstrip('.')}; the job may still finish there, so {COLLECT_HINT} once the "
+            f"server is back.")
+
+
+def sidecar_summary(sidecar: dict) -> str:
+    """One line about how a result was made, from the server's sidecar, for the panel."""
+    settings = sidecar.get("settings") if isinstance(sidecar.get("settings"), dict) else {}
+    parts = []
+    if sidecar.get("model"):
+        parts.append(f"model {sidecar['model']}")
+    if sidecar.get("seed") is not None:
+        parts.append(f"seed {sidecar['seed']}")
+    if settings.get("steps") is not None:
+        parts.append(f"{settings['steps']} steps, {settings.get('guided_steps', '?')} guided")
+    if isinstance(sidecar.get("inversion_from_cache"), bool):
+        parts.append("inversion from cache" if sidecar["inversion_from_cache"]
+                     else "inversion computed")
+    timings = sidecar.get("timings_s")
+    if isinstance(timings, dict) and timings:
+        total = sum(value for value in timings.values() if isinstance(value, int | float))
+        parts.append(f"{total:.1f} s on the server")
+    return ", ".join(parts)
 
 
 def percent_from_event(event: dict) -> float | None:
@@ -195,8 +319,9 @@ def percent_from_event(event: dict) -> float | None:
 
 # The settings the panel edits as whole numbers; their names, defaults and ranges come
 # from shared/settings.py, the one place the backend reads them from too.
-PANEL_INT_SETTINGS = ("num_frames", "width", "height", "inversion_steps", "steps",
-                      "guided_steps", "guidance_iterations")
+# num_frames is not one of them: every visible frame of the strip is sent and edited.
+PANEL_INT_SETTINGS = ("width", "height", "inversion_steps", "steps", "guided_steps",
+                      "guidance_iterations")
 
 
 def int_property_range(name: str) -> dict[str, int]:

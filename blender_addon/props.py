@@ -18,7 +18,7 @@ from bpy.props import (
 from . import link, plan
 
 ADDON_ID = __package__
-ACTIVE_STATES = ("submitted", "running")
+ACTIVE_STATES = ("submitted", "running")  # the server has the job and has not finished it
 
 
 class UnderstudyPreferences(bpy.types.AddonPreferences):
@@ -43,9 +43,6 @@ class UnderstudyPreferences(bpy.types.AddonPreferences):
     max_render_size: IntProperty(
         name="Render size limit (px)", default=plan.DEFAULT_MAX_RENDER_SIZE, min=64, max=4096,
         description="Long side of the frames sent to the server")
-    max_frames: IntProperty(
-        name="Frames sent at most", default=plan.DEFAULT_MAX_FRAMES, min=2, max=10000,
-        description="Longer strips are sampled evenly down to this many frames")
     connection_report: StringProperty(name="Last connection test", default="")
 
     def server_config(self) -> link.ServerConfig:
@@ -63,9 +60,7 @@ class UnderstudyPreferences(bpy.types.AddonPreferences):
         row = layout.row()
         row.prop(self, "timeout_s")
         row.prop(self, "job_timeout_s")
-        row = layout.row()
-        row.prop(self, "max_render_size")
-        row.prop(self, "max_frames")
+        layout.prop(self, "max_render_size")
         row = layout.row()
         row.operator("understudy.test_connection", icon="PLUGIN")
         if self.connection_report:
@@ -97,8 +92,6 @@ class UnderstudySettings(bpy.types.PropertyGroup):
     guidance_iterations: IntProperty(
         name="Iterations", **plan.int_property_range("guidance_iterations"),
         description="Optimisation iterations per guided step")
-    num_frames: IntProperty(name="Frames", **plan.int_property_range("num_frames"),
-                            description="Frames the model generates; 0: every frame sent")
     inversion_steps: IntProperty(name="Inversion steps",
                                  **plan.int_property_range("inversion_steps"))
     width: IntProperty(name="Width", **plan.int_property_range("width"))
@@ -124,7 +117,8 @@ class UnderstudyJob(bpy.types.PropertyGroup):
     job_id: StringProperty(name="Job")
     prompt: StringProperty(name="Prompt")
     status: StringProperty(name="Status", default="submitted",
-                           description="submitted, running, done, failed or cancelled")
+                           description="rendering, submitted, running, placing, done, unplaced, "
+                                       "failed or cancelled")
     phase: StringProperty(name="Phase", default="")
     percent: FloatProperty(name="Progress", default=0.0, min=0.0, max=100.0, subtype="PERCENTAGE")
     message: StringProperty(name="Message", default="")
@@ -136,10 +130,34 @@ class UnderstudyJob(bpy.types.PropertyGroup):
     length: IntProperty(name="Length")
     result_strip: StringProperty(name="Result strip", default="")
     frames_dir: StringProperty(name="Frames folder", default="")
+    placement: StringProperty(name="Placement", default="",
+                              description="How the source sat in the edit (placement.py, JSON)")
+    sidecar: StringProperty(name="Sidecar", default="",
+                            description="The server's record of how the result was made (JSON)")
 
     @property
     def active(self) -> bool:
+        """The server has the job and has not finished it."""
         return self.status in ACTIVE_STATES
+
+    @property
+    def cancellable(self) -> bool:
+        """Rendering here or running on the server: Cancel can stop it."""
+        return self.active or self.status == plan.RENDERING
+
+    @property
+    def in_progress(self) -> bool:
+        """Rendering, running or being placed: the panel shows a bar."""
+        return self.cancellable or self.status == plan.PLACING
+
+    def sidecar_summary(self) -> str:
+        import json
+
+        try:
+            sidecar = json.loads(self.sidecar) if self.sidecar else {}
+        except ValueError:
+            return ""
+        return plan.sidecar_summary(sidecar) if isinstance(sidecar, dict) else ""
 
     def span(self) -> plan.Span:
         return plan.Span(self.channel, self.frame_start, self.frame_start + self.length)

@@ -1,17 +1,20 @@
-"""Strip input and output: render a strip's visible frames, add the result strip.
+"""Strip input and output: render a strip's frames, add the result strip.
 
-Rendering goes through the sequencer (so every strip type, effects and transforms
-included, looks as it does in the preview) with the source strip alone, at a bounded
-size. Every scene setting it touches is recorded first and put back afterwards, also
-when rendering fails; the source strip itself is never touched.
+Rendering goes through the sequencer (so retiming, fps, effects and modifiers look as
+in the preview) with the source strip alone, at a bounded size, in the way
+placement.py describes (a movie or image strip's own picture, else the canvas with
+alpha). Every setting it touches, the source strip's transform and blending
+included, is recorded first and put back after each batch, also when rendering fails,
+so between batches (and after) the scene is exactly as the editor left it.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
-from . import compat, plan
+from . import compat, placement, plan, pngio
 
 RENDER_FILE = "source_{:05d}.png"
 
@@ -46,6 +49,15 @@ class Snapshot:
 def strip_span(strip) -> plan.Span:
     """A strip's channel and visible frames."""
     return plan.Span(strip.channel, strip.frame_final_start, strip.frame_final_end)
+
+
+def neighbours(scene) -> list[plan.Neighbour]:
+    """Every top-level strip, for choosing the result's channel."""
+    return [plan.Neighbour(other.name, strip_span(other), other.type,
+                           tuple(source.name for source in (getattr(other, "input_1", None),
+                                                            getattr(other, "input_2", None))
+                                 if source is not None))
+            for other in compat.top_strips(scene.sequence_editor)]
 
 
 def strip_is_hidden(scene, strip) -> bool:
@@ -90,46 +102,114 @@ def source_strip(scene):
     return strip
 
 
-def render_frames(scene, strip, frames: list[int], folder: str, max_size: int) -> list[str]:
-    """Render the given timeline frames with only `strip` visible; return the PNG paths.
+def media_size(strip) -> tuple[int, int]:
+    """A movie or image strip's picture size in pixels, as the file holds it."""
+    import bpy
 
-    The image is the sequencer's output (the whole canvas) scaled so its long side is at
-    most `max_size` pixels.
+    element = strip.elements[0] if len(strip.elements) else None
+    if element is not None and element.orig_width > 0 and element.orig_height > 0:
+        return int(element.orig_width), int(element.orig_height)
+    if strip.type == "MOVIE":
+        clip = bpy.data.movieclips.load(bpy.path.abspath(strip.filepath))
+        try:
+            return int(clip.size[0]), int(clip.size[1])
+        finally:
+            bpy.data.movieclips.remove(clip)
+    image = bpy.data.images.load(os.path.join(bpy.path.abspath(strip.directory),
+                                              element.filename))
+    try:
+        return int(image.size[0]), int(image.size[1])
+    finally:
+        bpy.data.images.remove(image)
+
+
+def placement_of(scene, strip) -> placement.Placement:
+    """How the source sits in the edit, and so how it is rendered and the result placed."""
+    blend = {"blend_type": strip.blend_type, "blend_alpha": float(strip.blend_alpha)}
+    mode = placement.mode_for(strip.type)
+    if mode == placement.CANVAS:
+        return placement.Placement(mode, scene.render.resolution_x, scene.render.resolution_y,
+                                   **blend)
+    width, height = media_size(strip)
+    transform, crop = strip.transform, strip.crop
+    return placement.Placement(
+        mode, width, height, scale_x=transform.scale_x, scale_y=transform.scale_y,
+        offset_x=transform.offset_x, offset_y=transform.offset_y, rotation=transform.rotation,
+        origin=tuple(transform.origin), filter=transform.filter,
+        crop=(crop.min_x, crop.max_x, crop.min_y, crop.max_y),
+        flip_x=strip.use_flip_x, flip_y=strip.use_flip_y, **blend)
+
+
+def render_size(scene, place: placement.Placement, max_size: int) -> tuple[int, int]:
+    """The pixel size of the frames sent."""
+    percentage = plan.render_percentage(place.width, place.height, max_size)
+    return plan.rendered_size(place.width, place.height, percentage)
+
+
+def _show_alone(snapshot: Snapshot, scene, strip, place: placement.Placement,
+                max_size: int) -> None:
+    """Set up the scene to render what placement.py says is sent (the snapshot undoes it)."""
+    render = scene.render
+    keep = {strip.name, *(source.name for source in effect_inputs(strip))}
+    for other in compat.top_strips(scene.sequence_editor):
+        if other.name not in keep and not other.mute:
+            snapshot.set(other, "mute", True)
+    # Blending is applied once, by the result strip; the render shows the strip as it is.
+    snapshot.set(strip, "blend_type", "REPLACE")
+    snapshot.set(strip, "blend_alpha", 1.0)
+    if place.mode == placement.PICTURE:
+        # The strip's own picture: the canvas is the media, the strip fills it untransformed.
+        snapshot.set(render, "resolution_x", place.width)
+        snapshot.set(render, "resolution_y", place.height)
+        snapshot.set(render, "pixel_aspect_x", 1.0)
+        snapshot.set(render, "pixel_aspect_y", 1.0)
+        for name, value in (("scale_x", 1.0), ("scale_y", 1.0), ("offset_x", 0.0),
+                            ("offset_y", 0.0), ("rotation", 0.0)):
+            snapshot.set(strip.transform, name, value)
+        for name in ("min_x", "max_x", "min_y", "max_y"):
+            snapshot.set(strip.crop, name, 0)
+        snapshot.set(strip, "use_flip_x", False)
+        snapshot.set(strip, "use_flip_y", False)
+    snapshot.set(render, "resolution_percentage",
+                 plan.render_percentage(place.width, place.height, max_size))
+    snapshot.set(render, "use_sequencer", True)
+    snapshot.set(render, "use_compositing", False)
+    snapshot.set(render, "use_stamp", False)
+    snapshot.set(render, "use_file_extension", True)
+    snapshot.remember(render, "filepath")
+    for name in compat.image_settings_fields(render.image_settings):
+        snapshot.remember(render.image_settings, name)
+    compat.use_png_output(render.image_settings)
+    # The server should see the strip's own pixels, not a tone-mapped version.
+    for name in ("view_transform", "look", "exposure", "gamma", "use_curve_mapping"):
+        snapshot.remember(scene.view_settings, name)
+    scene.view_settings.view_transform = "Standard"
+    scene.view_settings.look = "None"
+    scene.view_settings.exposure = 0.0
+    scene.view_settings.gamma = 1.0
+    scene.view_settings.use_curve_mapping = False
+
+
+def render_frames(scene, strip, frames: list[int], folder: str, first_index: int,
+                  place: placement.Placement, max_size: int) -> list[str]:
+    """Render these timeline frames of the strip as RGBA PNGs; return their paths.
+
+    The files are numbered from `first_index` + 1 (RENDER_FILE), so batches add up to
+    one numbered sequence. Everything changed for the render is put back before this
+    returns, also when it fails.
     """
     import bpy
 
     os.makedirs(folder, exist_ok=True)
-    render = scene.render
-    keep = {strip.name, *(source.name for source in effect_inputs(strip))}
     snapshot = Snapshot()
     snapshot.remember(scene, "frame_current")
     paths = []
     try:
-        for other in compat.top_strips(scene.sequence_editor):
-            if other.name not in keep and not other.mute:
-                snapshot.set(other, "mute", True)
-        snapshot.set(render, "resolution_percentage",
-                     plan.render_percentage(render.resolution_x, render.resolution_y, max_size))
-        snapshot.set(render, "use_sequencer", True)
-        snapshot.set(render, "use_compositing", False)
-        snapshot.set(render, "use_stamp", False)
-        snapshot.set(render, "use_file_extension", True)
-        snapshot.remember(render, "filepath")
-        for name in compat.image_settings_fields(render.image_settings):
-            snapshot.remember(render.image_settings, name)
-        compat.use_png_output(render.image_settings)
-        # The server should see the strip's own pixels, not a tone-mapped version.
-        for name in ("view_transform", "look", "exposure", "gamma", "use_curve_mapping"):
-            snapshot.remember(scene.view_settings, name)
-        scene.view_settings.view_transform = "Standard"
-        scene.view_settings.look = "None"
-        scene.view_settings.exposure = 0.0
-        scene.view_settings.gamma = 1.0
-        scene.view_settings.use_curve_mapping = False
-        for index, frame in enumerate(frames):
+        _show_alone(snapshot, scene, strip, place, max_size)
+        for index, frame in enumerate(frames, start=first_index):
             path = os.path.join(folder, RENDER_FILE.format(index + 1))
             scene.frame_set(frame)
-            render.filepath = path
+            scene.render.filepath = path
             bpy.ops.render.render(write_still=True, scene=scene.name)
             if not os.path.isfile(path):
                 raise plan.UserError(f"Blender rendered no image for frame {frame} of "
@@ -142,7 +222,11 @@ def render_frames(scene, strip, frames: list[int], folder: str, max_size: int) -
 
 
 def write_result_frames(frames: list[bytes], folder: str, length: int) -> list[str]:
-    """Write the result's PNGs, retimed to `length` frames; return the file names."""
+    """Write the result's PNGs (one per source frame); return the file names.
+
+    The server returns exactly the frames sent; should another count arrive, frames
+    are held evenly so the strip still matches the source's length.
+    """
     os.makedirs(folder, exist_ok=True)
     names = plan.frame_file_names(length)
     for name, index in zip(names, plan.retime_indices(len(frames), length), strict=True):
@@ -150,13 +234,61 @@ def write_result_frames(frames: list[bytes], folder: str, length: int) -> list[s
     return names
 
 
+def read_rgba(path: str):
+    """A PNG's pixels as (H, W, 4) uint8, top row first, decoded by Blender."""
+    import bpy
+    import numpy as np
+
+    image = bpy.data.images.load(path)
+    try:
+        width, height = image.size
+        pixels = np.empty(width * height * 4, np.float32)
+        image.pixels.foreach_get(pixels)
+    finally:
+        bpy.data.images.remove(image)
+    return (pixels.reshape(height, width, 4)[::-1] * 255).round().astype(np.uint8)
+
+
+def keep_source_alpha(result_path: str, source_path: str) -> bool:
+    """Give a result frame the alpha of the frame sent, where the source showed nothing;
+    False (nothing rewritten) when that frame was opaque everywhere or is not here."""
+    if not os.path.isfile(source_path):
+        return False
+    alpha = read_rgba(source_path)[..., 3]
+    if alpha.min() == 255:
+        return False
+    pixels = read_rgba(result_path)
+    height, width = pixels.shape[:2]
+    pixels[..., 3] = pngio.resize_nearest(alpha, width, height)
+    Path(result_path).write_bytes(pngio.encode_rgba(pixels))
+    return True
+
+
+def png_file_size(path: str) -> tuple[int, int]:
+    """(width, height) of a PNG file, from its header."""
+    with open(path, "rb") as file:
+        return pngio.png_size(file.read(32))
+
+
+def remove_folder(folder: str) -> None:
+    """Remove a folder the extension made (rendered frames of a job that went no further)."""
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def add_result_strip(scene, name: str, folder: str, stored_folder: str, files: list[str],
-                     source: plan.Span):
-    """The result as an image strip on the first free channel above the source, same start."""
-    editor = scene.sequence_editor
-    others = [strip_span(other) for other in compat.top_strips(editor)]
-    channel = plan.free_channel_above(source, others)
-    strip = compat.new_image_strip(editor, name, folder, files, channel, source.start)
+                     channel: int, frame_start: int, look: dict):
+    """The result as an image strip on `channel` from `frame_start`, placed by `look`."""
+    strip = compat.new_image_strip(scene.sequence_editor, name, folder, files, channel,
+                                   frame_start)
     if stored_folder != strip.directory:
         strip.directory = stored_folder
+    transform, crop = strip.transform, strip.crop
+    for key in ("scale_x", "scale_y", "offset_x", "offset_y", "rotation"):
+        setattr(transform, key, look[key])
+    transform.origin = look["origin"]
+    if look.get("filter"):
+        transform.filter = look["filter"]
+    crop.min_x, crop.max_x, crop.min_y, crop.max_y = look["crop"]
+    strip.use_flip_x, strip.use_flip_y = look["flip_x"], look["flip_y"]
+    strip.blend_type, strip.blend_alpha = look["blend_type"], look["blend_alpha"]
     return strip

@@ -14,6 +14,14 @@ class UNDERSTUDY_UL_jobs(bpy.types.UIList):
         row.label(text=plan.progress_text(job.status, job.phase, job.percent))
 
 
+def frames_text(scene) -> str:
+    """What is sent: every visible frame of the active strip (the panel has no frame count)."""
+    strip = compat.active_strip(scene)
+    if strip is None:
+        return "Sends every visible frame of the active strip"
+    return f"Sends all {strip.frame_final_duration} visible frames of {strip.name!r}"
+
+
 class UNDERSTUDY_PT_panel(bpy.types.Panel):
     bl_label = "Understudy"
     bl_idname = "UNDERSTUDY_PT_panel"
@@ -42,22 +50,24 @@ class UNDERSTUDY_PT_panel(bpy.types.Panel):
         layout.prop(settings, "show_advanced", icon="PREFERENCES")
         if settings.show_advanced:
             box = layout.box()
-            for name in ("steps", "guided_steps", "guidance_iterations", "num_frames",
-                         "inversion_steps", "width", "height", "negative_prompt"):
+            for name in ("steps", "guided_steps", "guidance_iterations", "inversion_steps",
+                         "width", "height", "negative_prompt"):
                 box.prop(settings, name)
+        layout.label(text=frames_text(scene), icon="SEQUENCE")
 
         layout.operator("understudy.transfer", icon="PLAY")
         self.draw_jobs(layout, scene)
 
     def draw_jobs(self, layout, scene) -> None:
         jobs = scene.understudy_jobs
-        running = [job for job in jobs if job.active]
+        running = [job for job in jobs if job.in_progress]
         for job in running:
             row = layout.row(align=True)
             row.progress(factor=job.percent / 100.0, type="BAR",
                          text=plan.progress_text(job.status, job.phase, job.percent))
-            cancel = row.operator("understudy.cancel", text="", icon="CANCEL")
-            cancel.job_id = job.job_id
+            if job.cancellable:
+                cancel = row.operator("understudy.cancel", text="", icon="CANCEL")
+                cancel.job_id = job.job_id
         if not jobs:
             return
         layout.label(text="Jobs in this file")
@@ -69,6 +79,9 @@ class UNDERSTUDY_PT_panel(bpy.types.Panel):
             col.label(text=f"{job.job_id}: {job.status}")
             if job.seed:
                 col.label(text=f"Seed {job.seed}")
+            summary = job.sidecar_summary()
+            if summary:
+                col.label(text=summary)
             if job.message:
                 col.label(text=job.message, icon="INFO")
         layout.operator("understudy.collect", icon="FILE_REFRESH")

@@ -9,15 +9,18 @@ the caller), does its work, and prints one line `RESULT_JSON {...}` for the test
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
+import time
 from pathlib import Path
 
 import bpy
 
 ADDON = "bl_ext.user_default.understudy"
 # Settings that make the tiny model finish a job in seconds on a CPU.
-SMALL_SETTINGS = {"num_frames": 4, "width": 64, "height": 64, "steps": 3, "guided_steps": 1,
+# (Every visible frame of the strip is sent; the panel has no frame count.)
+SMALL_SETTINGS = {"width": 64, "height": 64, "steps": 3, "guided_steps": 1,
                   "guidance_iterations": 1, "inversion_steps": 3}
 
 
@@ -60,7 +63,15 @@ def movie_strip(scene, clip: str, channel: int = 2, start: int = 1, trim: tuple 
 def strip_state(strip) -> dict:
     state = {name: getattr(strip, name) for name in (
         "name", "type", "channel", "frame_start", "frame_final_start", "frame_final_end",
-        "frame_final_duration", "frame_offset_start", "frame_offset_end", "mute", "select")}
+        "frame_final_duration", "frame_offset_start", "frame_offset_end", "mute", "select",
+        "blend_type", "blend_alpha")}
+    if hasattr(strip, "transform"):  # how it sits on the canvas (the render changes it for a while)
+        transform, crop = strip.transform, strip.crop
+        state["transform"] = [round(value, 4) for value in (
+            transform.scale_x, transform.scale_y, transform.offset_x, transform.offset_y,
+            transform.rotation)]
+        state["crop"] = [crop.min_x, crop.max_x, crop.min_y, crop.max_y]
+        state["flip"] = [strip.use_flip_x, strip.use_flip_y]
     for name in ("filepath", "directory"):
         if hasattr(strip, name):
             state[name] = getattr(strip, name)
@@ -86,9 +97,23 @@ def scene_state(scene) -> dict:
 
 
 def job_state(job) -> dict:
-    return {name: getattr(job, name) for name in (
-        "job_id", "prompt", "status", "message", "seed", "result_strip", "frames_dir",
+    state = {name: getattr(job, name) for name in (
+        "job_id", "prompt", "status", "phase", "message", "seed", "result_strip", "frames_dir",
         "channel", "frame_start", "length")}
+    state["frames_path"] = bpy.path.abspath(job.frames_dir)
+    state["summary"] = job.sidecar_summary()
+    return state
+
+
+def new_effect(scene, name: str, kind: str, channel: int, start: int, length: int, **inputs):
+    """An effect strip in either Blender (5.0 renamed frame_end to length and seq1 to input1)."""
+    collection = strips(scene)
+    names = [p.identifier for p in collection.bl_rna.functions["new_effect"].parameters]
+    if "length" in names:
+        return collection.new_effect(name, kind, channel, start, length=length, **inputs)
+    return collection.new_effect(name, kind, channel, start, frame_end=start + length,
+                                 **{key.replace("input", "seq"): value
+                                    for key, value in inputs.items()})
 
 
 def run_operator(operator, **kwargs) -> dict:
@@ -140,7 +165,7 @@ def scenario_transfer(args: dict) -> dict:
     configure(args)
     scene = bpy.context.scene
     small_settings(scene, args.get("settings"))
-    source = movie_strip(scene, args["clip"])
+    source = movie_strip(scene, args["clip"], trim=tuple(args.get("trim", (3, 4))))
     if args.get("blocker"):  # a strip right above the source: the result must skip it
         strips(scene).new_movie("blocker", args["clip"], source.channel + 1, 10)
     kind = args.get("kind", "movie")
@@ -165,8 +190,26 @@ def scenario_transfer(args: dict) -> dict:
         holder.frame_offset_start, holder.frame_offset_end = 2, 5
         scene.sequence_editor.active_strip = holder
         source = holder
+    elif kind == "images":  # an image sequence, fit to the canvas when it is made
+        source.mute = True
+        files = sorted(Path(args["images"]).glob("*.png"))
+        source = strips(scene).new_image("images", str(files[0]), 3, 1, fit_method="FIT")
+        for file in files[1:]:
+            source.elements.append(file.name)
+        scene.sequence_editor.active_strip = source
+    elif kind == "color":
+        source.mute = True
+        source = new_effect(scene, "colour", "COLOR", 3, 1, 20)
+        scene.sequence_editor.active_strip = source
+    if args.get("fed_effect"):  # an effect strip above that takes the source as its input
+        new_effect(scene, "blur", "GAUSSIAN_BLUR", source.channel + 2, 1, 40, input1=source)
+    if args.get("fill_above"):  # every channel above the source busy over its range
+        for channel in range(source.channel + 1, 129):
+            new_effect(scene, f"busy {channel}", "COLOR", channel, 1, 40)
     if args.get("save"):
         bpy.ops.wm.save_as_mainfile(filepath=args["save"])
+        if args.get("folder_taken"):  # a file where the result folder would go
+            Path(args["save"]).with_name("understudy").write_text("not a folder")
     before = scene_state(scene)
     source_name = source.name
     outcome = run_operator(bpy.ops.understudy.transfer, prompt=args.get("prompt", "a red fox"),
@@ -174,34 +217,107 @@ def scenario_transfer(args: dict) -> dict:
     if args.get("cancel"):
         outcome["cancel"] = run_operator(bpy.ops.understudy.cancel)
         outcome["collect"] = run_operator(bpy.ops.understudy.collect)
+    if args.get("kill_pid"):  # the server dies while the job runs
+        import os
+        import signal
+
+        os.kill(args["kill_pid"], signal.SIGKILL)
+        jobs = importlib.import_module(f"{ADDON}.jobs")
+        plan = importlib.import_module(f"{ADDON}.plan")
+        job = scene.understudy_jobs[-1]
+        # The interface's polling timer notices first (ticked here as Blender would) ...
+        deadline = time.monotonic() + 60
+        while job.phase != plan.WAITING and time.monotonic() < deadline:
+            jobs.poll_once()
+            time.sleep(jobs.POLL_INTERVAL_S)
+        extra = {"interface": [job.phase, job.message,
+                               plan.progress_text(job.status, job.phase, job.percent)]}
+        # ... then Collect Results, which in background mode waits and gives up.
+        outcome["collect"] = run_operator(bpy.ops.understudy.collect)
+        extra["progress"] = plan.progress_text(job.status, job.phase, job.percent)
+    else:
+        extra = {}
+    if args.get("block_then_collect"):  # every channel above is taken while the job runs
+        blockers = [new_effect(scene, f"late blocker {channel}", "COLOR", channel, 1, 40)
+                    for channel in range(source.channel + 1, 129)]
+        outcome["blocked"] = run_operator(bpy.ops.understudy.collect)
+        outcome["blocked_job"] = job_state(scene.understudy_jobs[-1])
+        for blocker in blockers:
+            strips(scene).remove(blocker)
+        outcome["collect"] = run_operator(bpy.ops.understudy.collect)
     if args.get("save_after"):
         bpy.ops.wm.save_as_mainfile(filepath=args["save_after"])
-    return finish(scene, before, outcome, source=source_name)
+    return finish(scene, before, outcome, source=source_name, **extra)
+
+
+def untouched(state: dict) -> dict:
+    return {key: value for key, value in state.items() if key != "jobs"}
 
 
 def scenario_interface_polling(args: dict) -> dict:
-    """The interface's path: submit, then run the timer function the way Blender's timer
-    would (timers never fire in background mode, so the scenario ticks it itself)."""
-    import importlib
-    import time
-
+    """The interface's path: render in batches from the render timer, submit, then follow
+    the job from the polling timer, each ticked the way Blender's timers would (timers
+    never fire in background mode, so the scenario calls the timer functions itself).
+    Then a second transfer is cancelled between two batches."""
     install(args["zip"])
     jobs = importlib.import_module(f"{ADDON}.jobs")
+    batches = importlib.import_module(f"{ADDON}.batches")
+    jobs.BATCHED = True  # the interface's path: work in timer ticks
     configure(args)
     scene = bpy.context.scene
     small_settings(scene, args.get("settings"))
     movie_strip(scene, args["clip"])
     before = scene_state(scene)
-    outcome = run_operator(bpy.ops.understudy.transfer, prompt="a red fox", wait=False)
-    jobs.follow()
+    session = jobs.start(bpy.context, "a red fox", tick_budget_s=batches.TICK_BUDGET_S)
+    jobs.work_in_batches()
+    render_timer = bpy.app.timers.is_registered(jobs.work_tick)
+    ticks = []
+    while True:
+        started = time.perf_counter()
+        interval = jobs.work_tick()
+        job = scene.understudy_jobs[0]
+        ticks.append({"seconds": time.perf_counter() - started, "status": job.status,
+                      "percent": job.percent, "frames": session.renderer.done,
+                      "scene_as_before": untouched(scene_state(scene)) == untouched(before)})
+        if interval is None:
+            break
+    outcome = {"ok": scene.understudy_jobs[0].status == "submitted"}
     timer_registered = bpy.app.timers.is_registered(jobs.poll_once)
     seen = []
     deadline = time.monotonic() + 120
-    while jobs.poll_once() is not None and time.monotonic() < deadline:
+    while time.monotonic() < deadline:  # both timers, as Blender would run them
+        polling, working = jobs.poll_once(), jobs.work_tick()
         job = scene.understudy_jobs[0]
         seen.append([job.status, job.phase, round(job.percent)])
-        time.sleep(jobs.POLL_INTERVAL_S)
-    return finish(scene, before, outcome, timer_registered=timer_registered, seen=seen)
+        if polling is None and working is None:
+            break
+        if working is None:
+            time.sleep(jobs.POLL_INTERVAL_S)
+    result = finish(scene, before, outcome, timer_registered=timer_registered,
+                    render_timer=render_timer, ticks=ticks, seen=seen)
+    # Cancel between batches: one batch rendered, then Cancel, then the next tick.
+    second = jobs.start(bpy.context, "a blue fox", tick_budget_s=batches.TICK_BUDGET_S)
+    jobs.work_in_batches()
+    jobs.work_tick()
+    rendered_before_cancel = second.renderer.done
+    cancel = run_operator(bpy.ops.understudy.cancel)
+    after_cancel = jobs.work_tick()
+    cancelled = job_state(scene.understudy_jobs[-1])
+    result["cancel"] = {"outcome": cancel, "rendered": rendered_before_cancel,
+                        "total": second.renderer.total, "tick_after": after_cancel,
+                        "job": cancelled,
+                        "folder_left": Path(cancelled["frames_path"]).exists()}
+    # Saved while a third strip renders, then reopened: that job was never sent.
+    third = jobs.start(bpy.context, "a green fox", tick_budget_s=batches.TICK_BUDGET_S)
+    jobs.work_tick()
+    rendering_status = job_state(scene.understudy_jobs[-1])["status"]
+    blend = str(Path(args["out"]) / "while-rendering.blend")
+    bpy.ops.wm.save_as_mainfile(filepath=blend)
+    bpy.ops.wm.open_mainfile(filepath=blend)
+    reopened = job_state(bpy.context.scene.understudy_jobs[-1])
+    result["reopened"] = {"before": rendering_status, "job": reopened, "id": third.job_id,
+                          "render_timer_idle": jobs.work_tick() is None}
+    return result
 
 
 class FakeLayout:
@@ -253,16 +369,96 @@ class Drawable:
         return getattr(self.real, name)
 
 
+def render_composite(scene, path: str, frame: int, color_mode: str = "RGB") -> str:
+    """The edit as Blender renders it (every channel), as an 8-bit PNG."""
+    kept = scene.frame_current, scene.render.filepath
+    scene.frame_set(frame)
+    scene.render.use_sequencer = True
+    scene.render.filepath = path
+    image = scene.render.image_settings
+    if hasattr(image, "media_type"):
+        image.media_type = "IMAGE"
+    image.file_format, image.color_mode = "PNG", color_mode
+    scene.view_settings.view_transform = "Standard"
+    bpy.ops.render.render(write_still=True)
+    scene.frame_set(kept[0])
+    scene.render.filepath = kept[1]
+    return path
+
+
+def scenario_composite(args: dict) -> dict:
+    """The source over a green background with a black-and-white adjustment layer above:
+    a picture-in-picture movie strip ("pip") or a text strip ("text"). Renders the edit
+    before and after the transfer."""
+    install(args["zip"])
+    configure(args)
+    scene = bpy.context.scene
+    scene.render.resolution_x, scene.render.resolution_y = 160, 128
+    scene.render.resolution_percentage = 100
+    small_settings(scene)
+    editor = scene.sequence_editor_create()
+    background = strips(scene).new_image("background", args["background"], 1, 1,
+                                         fit_method="STRETCH")
+    background.frame_final_duration = 40
+    if args["kind"] == "pip":
+        source = movie_strip(scene, args["clip"])
+        source.transform.scale_x = source.transform.scale_y = 0.5
+        source.transform.offset_x, source.transform.offset_y = 30, 20
+    else:
+        source = new_effect(scene, "title", "TEXT", 2, 4, 23)
+        source.text, source.font_size = "Hi", 60
+        editor.active_strip = source
+    grade = new_effect(scene, "black and white", "ADJUSTMENT", 5, 1, 40)
+    grade.color_saturation = 0.0
+    frame = source.frame_final_start + 5
+    out = Path(args["out"])
+    before_png = render_composite(scene, str(out / "before.png"), frame)
+    before = scene_state(scene)
+    outcome = run_operator(bpy.ops.understudy.transfer, prompt="a red fox")
+    after_png = render_composite(scene, str(out / "after.png"), frame)
+    return finish(scene, before, outcome, before_png=before_png, after_png=after_png,
+                  source=source.name)
+
+
+def scenario_area(args: dict) -> dict:
+    """A movie strip fit into a project of another shape; renders the source alone and the
+    result alone (RGBA, transparent where nothing is drawn) to compare the areas covered."""
+    install(args["zip"])
+    configure(args)
+    scene = bpy.context.scene
+    scene.render.resolution_x, scene.render.resolution_y = args["canvas"]
+    scene.render.resolution_percentage = 100
+    small_settings(scene)
+    source = movie_strip(scene, args["clip"])  # fit to this canvas when it is made
+    before = scene_state(scene)
+    outcome = run_operator(bpy.ops.understudy.transfer, prompt="a red fox")
+    result = finish(scene, before, outcome)
+    if not outcome["ok"]:
+        return result
+    [new] = [strip for strip in strips(scene) if strip.name not in {"source"}]
+    frame = source.frame_final_start + 3
+    out = Path(args["out"])
+    new.mute = True
+    result["source_png"] = render_composite(scene, str(out / "source.png"), frame, "RGBA")
+    new.mute, source.mute = False, True
+    result["result_png"] = render_composite(scene, str(out / "result.png"), frame, "RGBA")
+    return result
+
+
 def scenario_draw(args: dict) -> dict:
     """Draw the sidebar panel (with a running and a finished job) and the preferences."""
     install(args["zip"])
     scene = bpy.context.scene
     scene.sequence_editor_create()
     scene.understudy.show_advanced = True
+    rendering = scene.understudy_jobs.add()
+    rendering.job_id, rendering.status, rendering.phase = "us-0", "rendering", "rendering"
+    rendering.percent = 25
     running, done = scene.understudy_jobs.add(), scene.understudy_jobs.add()
     running.job_id, running.status, running.phase, running.percent = "us-1", "running", "guide", 40
     done.job_id, done.status, done.seed, done.prompt = "us-2", "done", "7", "a fox"
-    scene.understudy_job_index = 1
+    done.sidecar = json.dumps({"model": "tiny", "seed": 7, "inversion_from_cache": True})
+    scene.understudy_job_index = 2
     log = {"props": [], "operators": [], "labels": [], "progress": [], "lists": []}
     layout = FakeLayout(log)
     panel = bpy.types.UNDERSTUDY_PT_panel

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -27,6 +28,12 @@ def clip(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
+def long_clip(tmp_path_factory) -> str:
+    return str(make_clip(tmp_path_factory.mktemp("long-clip") / "walk60.mp4", frames=60,
+                         width=64, height=64))
+
+
+@pytest.fixture(scope="module")
 def server(tmp_path_factory):
     process = ServerProcess(tmp_path_factory.mktemp("server") / "state").start()
     yield process
@@ -40,6 +47,11 @@ def slow_server(tmp_path_factory):
                             "--test-step-delay", "0.5").start()
     yield process
     process.stop()
+
+
+def jobs_on(server: ServerProcess) -> set[str]:
+    """The jobs the server has accepted (its state folder holds one folder per job)."""
+    return {path.name for path in (server.state_dir / "jobs").iterdir()}
 
 
 def closed_port_address() -> str:
@@ -96,7 +108,42 @@ def test_trimmed_movie_strip_round_trip(extension_zip, clip, server, tmp_path, b
     assert [f.name for f in frames] == new["elements"]
     assert len(frames) == source["frame_final_duration"] == 23
     assert frames[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The server's sidecar is kept beside the frames, and the panel's summary reads it.
+    sidecar = json.loads((blend.parent / "understudy" / job_id / "sidecar.json").read_text())
+    assert sidecar["model"] == "tiny" and str(sidecar["seed"]) == result["jobs"][0]["seed"]
+    assert "timings_s" in sidecar and "inversion_from_cache" in sidecar
+    assert result["jobs"][0]["summary"].startswith(f"model tiny, seed {sidecar['seed']}, 3 steps")
+    assert not (blend.parent / "understudy" / job_id / "source").exists()  # frames sent: gone
     assert_source_unchanged(result)
+
+
+def test_sixty_frame_strip_gives_sixty_generated_frames(extension_zip, long_clip, server,
+                                                        tmp_path):
+    result = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": long_clip,
+                          "address": server.address, "trim": [0, 0]}, tmp_path)
+    new = assert_result_strip(result, "source", channel=3)
+    assert new["frame_final_duration"] == 60
+    folder = Path(result["jobs"][0]["frames_path"])
+    files = [folder / name for name in new["elements"]]
+    assert len(files) == 60
+    # One generated frame per source frame: no frame is held (held frames are identical).
+    assert len({file.read_bytes() for file in files}) == 60
+    assert_source_unchanged(result)
+
+
+def test_strip_over_the_servers_frame_limit_is_one_sentence_before_rendering(
+        extension_zip, clip, tmp_path):
+    limited = ServerProcess(tmp_path / "limited", "--max-frames", "20").start()
+    try:
+        result = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": clip,
+                              "address": limited.address}, tmp_path)
+        assert jobs_on(limited) == set()  # nothing reached the server
+    finally:
+        limited.stop()
+    error = result["outcome"]["error"].strip()
+    assert error == ("Error: 'source' shows 23 frames and the server edits at most 20 frames per "
+                     "job; trim the strip or cut it into parts of 20 frames or fewer.")
+    assert result["after"] == result["before"] and result["new_strips"] == []
 
 
 @pytest.mark.parametrize("kind", ["meta", "scene"])
@@ -115,14 +162,58 @@ def test_meta_and_scene_strips_as_source(extension_zip, clip, server, tmp_path, 
     assert_source_unchanged(result)
 
 
-def test_interface_polling_follows_progress_and_adds_the_strip(extension_zip, clip, server,
-                                                               tmp_path):
-    result = run_blender({"scenario": "interface_polling", "zip": extension_zip, "clip": clip,
-                          "address": server.address}, tmp_path)
-    assert result["timer_registered"]
-    assert_result_strip(result, "source", channel=3)
-    assert any(status == "running" for status, _, _ in result["seen"]), result["seen"]
+def test_image_sequence_result_takes_its_place_on_the_canvas(extension_zip, clip, server,
+                                                             tmp_path, blender):
+    from PIL import Image
+
+    python, _ = blender
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(12):  # 40x30 frames, a bright square moving right
+        frame = Image.new("RGB", (40, 30), (20, 40, 120))
+        frame.paste((250, 200, 0), (3 * index, 10, 3 * index + 8, 18))
+        frame.save(images / f"shot_{index:03d}.png")
+    result = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": clip,
+                          "address": server.address, "kind": "images", "images": str(images)},
+                         tmp_path, python=python)
+    new = assert_result_strip(result, "images", channel=4)
+    source = next(s for s in result["before"]["strips"] if s["name"] == "images")
+    # The 40x30 picture shows 36x its size on the 1920x1080 canvas; the 64x64 result frames
+    # are scaled to cover the same 1440x1080 area.
+    assert source["transform"][:2] == [36.0, 36.0]
+    assert new["transform"][:2] == [36.0 * 40 / 64, 36.0 * 30 / 64]
+    assert new["frame_final_duration"] == 12
     assert_source_unchanged(result)
+
+
+def test_interface_renders_in_batches_then_follows_progress(extension_zip, clip, server,
+                                                            tmp_path):
+    jobs_before = jobs_on(server)
+    result = run_blender({"scenario": "interface_polling", "zip": extension_zip, "clip": clip,
+                          "address": server.address, "out": str(tmp_path)}, tmp_path)
+    ticks = result["ticks"]
+    assert result["render_timer"] and result["timer_registered"]
+    # The first tick renders one frame: the bar moves (and Cancel answers) from the start.
+    assert ticks[0]["frames"] == 1 and ticks[0]["percent"] == pytest.approx(100 / 23)
+    assert [tick["frames"] for tick in ticks] == sorted(tick["frames"] for tick in ticks)
+    assert len(ticks) > 2 and ticks[-1]["status"] == "submitted"
+    # Between ticks the scene is as the editor left it (nothing muted, nothing moved).
+    assert all(tick["scene_as_before"] for tick in ticks)
+    assert_result_strip(result, "source", channel=3)
+    statuses = [status for status, _, _ in result["seen"]]
+    assert "running" in statuses and "placing" in statuses, result["seen"]
+    assert statuses.index("running") < statuses.index("placing") < statuses.index("done")
+    assert_source_unchanged(result)
+    # Cancelled after its first batch: stopped before the next, nothing sent or kept.
+    cancel = result["cancel"]
+    assert cancel["outcome"]["ok"] and cancel["rendered"] == 1 < cancel["total"]
+    assert cancel["tick_after"] is None and cancel["job"]["status"] == "cancelled"
+    assert not cancel["folder_left"]
+    assert len(jobs_on(server) - jobs_before) == 1  # the first job only
+    # A file saved mid-render and reopened: the job was never sent, and says so.
+    reopened = result["reopened"]
+    assert reopened["before"] == "rendering" and reopened["job"]["status"] == "cancelled"
+    assert "nothing was sent" in reopened["job"]["message"] and reopened["render_timer_idle"]
 
 
 def test_server_down_is_one_sentence_and_changes_nothing(extension_zip, clip, tmp_path):
@@ -221,3 +312,164 @@ def test_curve_keys_right_and_wrong(extension_zip, tmp_path):
     assert not keyless["outcome"]["ok"] and "CURVE keys" in keyless["report"]
     for report in (wrong["report"], keyless["report"]):
         assert "Traceback" not in report and report.endswith(".") and "\n" not in report
+
+
+def test_no_free_channel_is_refused_before_anything_reaches_the_server(extension_zip, clip,
+                                                                       server, tmp_path):
+    jobs_before = jobs_on(server)
+    result = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": clip,
+                          "address": server.address, "fill_above": True}, tmp_path)
+    assert jobs_on(server) == jobs_before
+    assert "Every channel above channel 2 is taken" in result["outcome"]["error"]
+    assert result["after"] == result["before"] and result["new_strips"] == []
+
+
+def test_a_result_that_cannot_be_placed_is_placed_by_collect_once_a_channel_is_free(
+        extension_zip, clip, server, tmp_path, blender):
+    python, _ = blender
+    result = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": clip,
+                          "address": server.address, "wait": False, "block_then_collect": True},
+                         tmp_path, python=python)
+    outcome = result["outcome"]
+    blocked = outcome["blocked_job"]
+    assert blocked["status"] == "unplaced" and "Collect Results" in blocked["message"]
+    assert Path(blocked["frames_path"], "frame_00023.png").is_file()  # kept for the next try
+    assert outcome["collect"]["ok"]
+    new = assert_result_strip(result, "source", channel=3)
+    assert new["elements"] == [f"frame_{index:05d}.png" for index in range(1, 24)]
+
+
+def test_an_unwritable_result_folder_is_refused_before_rendering(extension_zip, clip, server,
+                                                                 tmp_path):
+    jobs_before = jobs_on(server)
+    blend = tmp_path / "project" / "edit.blend"
+    blend.parent.mkdir()
+    result = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": clip,
+                          "address": server.address, "save": str(blend), "folder_taken": True},
+                         tmp_path)
+    assert f"The result folder {blend.parent / 'understudy'} cannot be written" in \
+        result["outcome"]["error"]
+    assert jobs_on(server) == jobs_before
+    assert result["after"] == result["before"] and result["new_strips"] == []
+
+
+def test_an_effect_fed_by_the_source_is_refused_before_any_work(extension_zip, clip, server,
+                                                                tmp_path, blender):
+    python, _ = blender
+    jobs_before = jobs_on(server)
+    result = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": clip,
+                          "address": server.address, "fed_effect": True}, tmp_path, python=python)
+    assert "The effect strip 'blur' takes 'source' as its input" in result["outcome"]["error"]
+    assert jobs_on(server) == jobs_before
+    assert result["after"] == result["before"] and result["new_strips"] == []
+
+
+def test_colour_strip_is_refused_in_one_sentence(extension_zip, clip, server, tmp_path):
+    result = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": clip,
+                          "address": server.address, "kind": "color"}, tmp_path)
+    assert "'colour' is a colour strip, in which nothing moves" in result["outcome"]["error"]
+    assert result["after"] == result["before"] and result["new_strips"] == []
+
+
+def test_saving_an_unsaved_file_moves_its_results_beside_it(extension_zip, clip, server, tmp_path,
+                                                            blender):
+    python, _ = blender
+    blend = tmp_path / "later" / "edit.blend"
+    blend.parent.mkdir()
+    result = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": clip,
+                          "address": server.address, "save_after": str(blend)},
+                         tmp_path, python=python)
+    [job] = result["jobs"]
+    assert job["frames_dir"] == f"//understudy/{job['job_id']}/" and job["message"] == ""
+    [new] = result["new_strips"]
+    assert new["directory"] == job["frames_dir"]
+    beside = blend.parent / "understudy" / job["job_id"]
+    assert sorted(path.name for path in beside.glob("frame_*.png")) == new["elements"]
+    assert (beside / "sidecar.json").is_file()
+    reopened = run_blender({"scenario": "reopen", "zip": extension_zip, "blend": str(blend),
+                            "address": server.address}, tmp_path, python=python)
+    strip = next(s for s in reopened["strips"] if s["name"] == new["name"])
+    assert strip["directory"] == job["frames_dir"]
+
+
+def test_a_lost_server_names_collect_results_and_shows_waiting(extension_zip, clip, tmp_path):
+    doomed = ServerProcess(tmp_path / "doomed", "--test-step-delay", "0.5").start()
+    try:
+        result = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": clip,
+                              "address": doomed.address, "wait": False, "timeout_s": 1.0,
+                              "kill_pid": doomed.process.pid,
+                              "settings": {"steps": 30, "inversion_steps": 30}}, tmp_path)
+    finally:
+        doomed.stop()
+    collect = result["outcome"]["collect"]
+    assert not collect["ok"] and "Collect Results once the server is back" in collect["error"]
+    [job] = result["jobs"]
+    assert job["status"] in ("submitted", "running") and job["phase"] == "waiting"
+    assert result["progress"] == "waiting for the server"
+    phase, message, progress = result["interface"]  # the polling timer said the same
+    assert phase == "waiting" and progress == "waiting for the server"
+    assert "Collect Results once the server is back" in message
+
+
+@pytest.mark.parametrize("kind", ["pip", "text"])
+def test_the_result_composites_where_the_source_did_and_stays_graded(
+        extension_zip, clip, server, tmp_path, kind, blender):
+    import numpy as np
+    from PIL import Image
+
+    python, version = blender
+    background = tmp_path / "green.png"
+    Image.new("RGB", (16, 16), (40, 200, 60)).save(background)
+    result = run_blender({"scenario": "composite", "zip": extension_zip, "clip": clip,
+                          "address": server.address, "kind": kind, "background": str(background),
+                          "out": str(tmp_path)}, tmp_path, python=python)
+    assert result["blender_version"][:2] == version
+    # Channel 5 grades; 3 is free: the result goes between, so it is graded too.
+    new = assert_result_strip(result, result["source"], channel=3)
+    before, after = (np.asarray(Image.open(result[name]).convert("RGB")).astype(int)
+                     for name in ("before_png", "after_png"))
+    changed = np.abs(after - before).max(axis=2) > 8
+    if kind == "pip":
+        # The source shows half size, moved 30 right and 20 up: x 70..150, y 12..76 from the top.
+        inside = np.zeros_like(changed)
+        inside[12:76, 70:150] = True
+        assert changed[inside].mean() > 0.5  # the result shows where the source was
+        grown = np.zeros_like(changed)  # a pixel of slack at the edges
+        grown[11:77, 69:151] = True
+        assert not changed[~grown].any()  # the background around it is untouched
+        assert new["transform"][2:4] == [30.0, 20.0]
+    else:
+        assert changed.any()  # the result shows
+        assert not changed[:10].any() and not changed[-10:].any()  # transparent where text was not
+    # Black and white everywhere: the adjustment layer still grades the result.
+    spread = np.abs(after - after.mean(axis=2, keepdims=True)).max()
+    assert spread <= 2, spread
+    assert_source_unchanged(result)
+
+
+@pytest.mark.parametrize(("canvas", "media"), [((90, 160), (160, 128)), ((192, 108), (192, 108))],
+                         ids=["vertical", "landscape"])
+def test_the_result_covers_the_area_the_source_covered(extension_zip, server, tmp_path, canvas,
+                                                       media, blender):
+    import numpy as np
+    from PIL import Image
+
+    python, _ = blender
+    # (A 192x108 clip is encoded as 192x112, as 1920x1080 video is often 1920x1088.)
+    clip = make_clip(tmp_path / "shape.mp4", frames=30, width=media[0], height=media[1])
+    result = run_blender({"scenario": "area", "zip": extension_zip, "clip": str(clip),
+                          "address": server.address, "canvas": list(canvas),
+                          "out": str(tmp_path)}, tmp_path, python=python)
+    assert result["outcome"]["ok"], result["outcome"]
+
+    def covered(name: str) -> tuple[int, int, int, int]:
+        alpha = np.asarray(Image.open(result[name]).convert("RGBA"))[..., 3] > 127
+        rows, cols = np.flatnonzero(alpha.any(axis=1)), np.flatnonzero(alpha.any(axis=0))
+        return rows[0], rows[-1], cols[0], cols[-1]
+
+    source, new = covered("source_png"), covered("result_png")
+    # The source does not fill the canvas (a band, or pillarboxed), and the result covers
+    # the same rows and columns.
+    assert source != (0, canvas[1] - 1, 0, canvas[0] - 1)
+    assert np.abs(np.subtract(source, new)).max() <= 1, (source, new)
+    assert_source_unchanged(result)

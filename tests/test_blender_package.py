@@ -58,9 +58,13 @@ def test_panel_and_preferences_draw(dist, tmp_path):
     log = run_blender({"scenario": "draw", "zip": str(dist / "understudy-0.1.0-linux_x64.zip")},
                       tmp_path)
     assert {"prompt", "source_prompt", "use_random_seed", "seed", "steps", "guided_steps",
-            "guidance_iterations", "num_frames", "negative_prompt"} <= set(log["props"])
+            "guidance_iterations", "negative_prompt"} <= set(log["props"])
+    # No frame count to set: the panel says every visible frame of the strip is sent.
+    assert "num_frames" not in log["props"]
+    assert "Sends every visible frame of the active strip" in log["labels"]
     assert {"server_address", "server_key_file", "client_key_file", "timeout_s"} <= set(log["props"])
     assert {"understudy.transfer", "understudy.cancel", "understudy.collect",
             "understudy.test_connection"} <= set(log["operators"])
-    assert log["progress"] == [["guide 40%", 0.4]]
+    assert log["progress"] == [["rendering 25%", 0.25], ["guide 40%", 0.4]]
     assert log["lists"] == ["understudy_jobs"] and "Seed 7" in log["labels"]
+    assert "model tiny, seed 7, inversion from cache" in log["labels"]  # the selected job's sidecar

@@ -14,7 +14,7 @@ import pytest
 
 import build  # the repository's build.py (stdlib only)
 from backend.video import retime_indices as backend_retime_indices
-from blender_addon import link, plan
+from blender_addon import batches, link, placement, plan, pngio
 from blender_addon.plan import Span, UserError
 from blender_addon.strip_io import Snapshot
 from shared.settings import TransferSettings
@@ -34,6 +34,11 @@ def test_strips_without_picture_are_refused(strip_type):
         plan.check_source(strip_type, "s", Span(1, 1, 10), False)
 
 
+def test_colour_strips_are_refused_in_one_sentence():
+    with pytest.raises(UserError, match="colour strip, in which nothing moves"):
+        plan.check_source("COLOR", "s", Span(1, 1, 10), False)
+
+
 def test_muted_and_single_frame_strips_are_refused():
     with pytest.raises(UserError, match="muted"):
         plan.check_source("MOVIE", "s", Span(1, 1, 10), True)
@@ -47,33 +52,89 @@ def test_muted_and_single_frame_strips_are_refused():
 # --------------------------------------------------------------------------- channels
 
 
+def strips_at(*spans: tuple[int, int, int], kind: str = "MOVIE") -> list[plan.Neighbour]:
+    return [plan.Neighbour(f"{kind.lower()}-{index}", Span(*span), kind)
+            for index, span in enumerate(spans)]
+
+
 def test_free_channel_is_first_empty_one_above_over_the_visible_range():
     source = Span(2, 10, 20)
-    others = [source, Span(3, 15, 30), Span(4, 0, 5), Span(5, 19, 21)]
+    others = [plan.Neighbour("source", source), *strips_at((3, 15, 30), (4, 0, 5), (5, 19, 21))]
     # 3 overlaps; 4 ends before the source starts; so 4 is free.
-    assert plan.free_channel_above(source, others) == 4
+    assert plan.result_channel(source, "source", others) == 4
 
 
 def test_touching_strips_do_not_overlap():
     source = Span(1, 10, 20)
-    assert plan.free_channel_above(source, [Span(2, 0, 10), Span(2, 20, 30)]) == 2
+    assert plan.result_channel(source, "s", strips_at((2, 0, 10), (2, 20, 30))) == 2
 
 
-def test_no_free_channel_is_a_user_error():
+def test_no_free_channel_is_a_user_error_saying_what_to_do():
     source = Span(plan.MAX_CHANNEL - 1, 0, 10)
-    with pytest.raises(UserError, match="Every channel above"):
-        plan.free_channel_above(source, [Span(plan.MAX_CHANNEL, 5, 6)])
+    with pytest.raises(UserError, match="Every channel above channel 127 .* free one then click"):
+        plan.result_channel(source, "s", strips_at((plan.MAX_CHANNEL, 5, 6)),
+                            then="then click Collect Results")
+
+
+def test_a_source_on_the_top_channel_is_told_to_move_down():
+    with pytest.raises(UserError, match="on channel 128, the top channel.*move it down") as error:
+        plan.result_channel(Span(plan.MAX_CHANNEL, 0, 10), "s", [])
+    assert "above 128" not in str(error.value)
+
+
+def test_the_result_goes_below_the_adjustment_layer_that_grades_the_source():
+    source = Span(2, 0, 50)
+    others = [*strips_at((6, 0, 50), kind="ADJUSTMENT"), *strips_at((3, 0, 50))]
+    assert plan.result_channel(source, "s", others) == 4
+
+
+def test_no_room_below_the_adjustment_layer_is_refused_in_one_sentence():
+    source = Span(2, 0, 50)
+    others = strips_at((3, 10, 20), kind="ADJUSTMENT")
+    with pytest.raises(UserError, match="no free channel between 's' .*adjustment layer "
+                                        "'adjustment-0' .*move the adjustment layer up"):
+        plan.result_channel(source, "s", others)
+    # An adjustment layer below the source, or elsewhere in time, does not count.
+    assert plan.result_channel(source, "s", strips_at((1, 0, 50), (3, 60, 70),
+                                                       kind="ADJUSTMENT")) == 3
+
+
+def test_an_effect_fed_by_the_source_is_refused_before_any_work():
+    effect = plan.Neighbour("glow", Span(3, 0, 50), "GLOW", inputs=("s",))
+    with pytest.raises(UserError, match="'glow' takes 's' as its input.*transfer 'glow' itself"):
+        plan.result_channel(Span(2, 0, 50), "s", [effect])
 
 
 # --------------------------------------------------------------------------- frames and sizes
 
 
-def test_all_visible_frames_render_when_under_the_limit():
+def test_every_visible_frame_is_rendered():
     assert plan.frames_to_render(Span(1, 4, 9), 240) == [4, 5, 6, 7, 8]
+    assert len(plan.frames_to_render(Span(1, 1, 61), 60)) == 60
 
 
-def test_long_strips_are_sampled_evenly_keeping_both_ends():
-    assert plan.frames_to_render(Span(1, 100, 1100), 5) == [100, 350, 600, 849, 1099]
+def test_a_strip_over_the_servers_frame_limit_is_one_sentence_naming_the_limit():
+    with pytest.raises(UserError, match=r"shows 61 frames .* at most 60 frames per job; trim") \
+            as error:
+        plan.frames_to_render(Span(1, 1, 62), 60)
+    assert str(error.value).count(".") == 1 and str(error.value).endswith(".")
+
+
+def test_the_frame_limit_comes_from_hello():
+    assert plan.server_frame_limit({"limits": {"max_frames": 240}}) == 240
+    assert plan.server_frame_limit({}) == plan.SETTINGS.MAX_FRAMES_CEILING
+
+
+def test_server_limits_are_checked_before_rendering():
+    hello = {"limits": {"max_side": 512, "max_prompt_chars": 10, "max_queue": 2},
+             "queue_length": 0}
+    plan.check_server_limits(hello, {"prompt": "a fox"}, (512, 288))
+    with pytest.raises(UserError, match="768x432 pixels .* at most 512 .* render size limit"):
+        plan.check_server_limits(hello, {"prompt": "a fox"}, (768, 432))
+    with pytest.raises(UserError, match="prompt is 20 characters long"):
+        plan.check_server_limits(hello, {"prompt": "x" * 20}, (64, 64))
+    with pytest.raises(UserError, match="already has 2 jobs"):
+        plan.check_server_limits({**hello, "queue_length": 2}, {"prompt": "a"}, (64, 64))
 
 
 @pytest.mark.parametrize(("size", "limit", "percent"), [
@@ -144,18 +205,18 @@ def test_settings_sent_are_valid_backend_settings():
     values = {"prompt": "a fox", "source_prompt": " ", "negative_prompt": "", "seed": None,
               **{name: plan.setting_from_panel(name, plan.int_property_range(name)["default"])
                  for name in plan.PANEL_INT_SETTINGS}}
-    settings = plan.transfer_settings(values, output_frames=23)
-    assert settings["output_frames"] == 23
+    settings = plan.transfer_settings(values, frames_sent=23)
+    assert settings["output_frames"] == settings["num_frames"] == 23
     assert "seed" not in settings and "source_prompt" not in settings
     assert "negative_prompt" not in settings
     parsed = TransferSettings.from_dict(settings)
     assert parsed.output_frames == 23 and parsed.seed is None
 
 
-def test_short_strips_give_the_model_all_their_frames():
-    values = {"prompt": "a fox", "num_frames": 24}
-    assert plan.transfer_settings(values, 10, frames_sent=10)["num_frames"] == 10
-    assert plan.transfer_settings(values, 100, frames_sent=100)["num_frames"] == 24
+def test_every_frame_sent_is_edited_and_comes_back():
+    for sent in (10, 60):  # no panel value limits it: one generated frame per source frame
+        settings = plan.transfer_settings({"prompt": "a fox", "num_frames": 24}, sent)
+        assert settings["num_frames"] == settings["output_frames"] == sent
 
 
 def test_empty_prompt_is_a_user_error():
@@ -166,6 +227,7 @@ def test_empty_prompt_is_a_user_error():
 def test_panel_fields_are_backend_fields():
     names = {field.name for field in dataclasses.fields(TransferSettings)}
     assert set(plan.PANEL_INT_SETTINGS) <= names
+    assert "num_frames" not in plan.PANEL_INT_SETTINGS  # set from the strip, not the panel
 
 
 # --------------------------------------------------------------------------- job updates
@@ -196,6 +258,24 @@ def test_cancelled_queued_and_unknown_updates():
     assert queued["status"] == "submitted"
     assert plan.job_update({"type": "something-new"}) == ({}, False)
     assert plan.progress_text("submitted", "", 0) == "queued"
+    assert plan.progress_text(plan.RENDERING, "rendering", 25) == "rendering 25%"
+    assert plan.progress_text(plan.PLACING, "placing", 50) == "placing 50%"
+    assert plan.progress_text("running", plan.WAITING, 40) == "waiting for the server"
+    assert plan.progress_text(plan.UNPLACED, "", 100) == "not placed"
+
+
+def test_lost_server_message_names_collect_results():
+    text = plan.lost_server_message("The server at tcp://x stopped answering.")
+    assert "stopped answering; the job may still finish" in text and "Collect Results" in text
+    assert text.count(".") == 0 or text.endswith(".")
+
+
+def test_sidecar_summary_says_how_the_result_was_made():
+    sidecar = {"model": "tiny", "seed": 5, "settings": {"steps": 3, "guided_steps": 1},
+               "inversion_from_cache": True, "timings_s": {"sample": 1.25, "decode": 0.25}}
+    assert plan.sidecar_summary(sidecar) == ("model tiny, seed 5, 3 steps, 1 guided, inversion "
+                                             "from cache, 1.5 s on the server")
+    assert plan.sidecar_summary({}) == ""
 
 
 def test_describe_server_reports_model_device_protocol():
@@ -214,6 +294,125 @@ def test_missing_key_file_is_a_user_error(tmp_path):
                                str(tmp_path / "client.key_secret"))
     with pytest.raises(UserError, match="no key file"):
         link.load_keys(config)
+
+
+# --------------------------------------------------------------------------- render batches
+
+
+def run_ticks(renderer: batches.BatchRenderer, seconds_per_frame: float) -> list[list[int]]:
+    """Drive the renderer as the timer does: each tick renders its batch at this speed."""
+    ticks = []
+    while not renderer.finished:
+        batch = renderer.next_batch()
+        ticks.append(batch)
+        renderer.record(len(batch), seconds_per_frame * len(batch))
+    return ticks
+
+
+def test_first_tick_renders_one_frame_then_batches_fill_the_tick_budget():
+    renderer = batches.BatchRenderer(list(range(1, 61)), tick_budget_s=0.1)
+    ticks = run_ticks(renderer, seconds_per_frame=0.02)
+    assert ticks[0] == [1]  # the bar moves after one frame, whatever the strip
+    assert [len(batch) for batch in ticks[1:-1]] == [5] * 11
+    assert sum(ticks, []) == list(range(1, 61))  # every frame once, in order
+    assert renderer.complete and renderer.percent == 100.0
+
+
+def test_slow_frames_still_render_one_per_tick():
+    renderer = batches.BatchRenderer(list(range(10)), tick_budget_s=0.1)
+    assert all(len(batch) == 1 for batch in run_ticks(renderer, seconds_per_frame=0.088))
+
+
+def test_progress_counts_frames_rendered():
+    renderer = batches.BatchRenderer(list(range(8)), tick_budget_s=0.1)
+    renderer.record(len(renderer.next_batch()), 0.05)
+    assert renderer.done == 1 and renderer.percent == 12.5
+    assert renderer.next_batch() == [1, 2]  # 0.1 s at 0.05 s a frame
+
+
+def test_cancel_takes_effect_between_batches():
+    renderer = batches.BatchRenderer(list(range(30)), tick_budget_s=0.1)
+    renderer.record(len(renderer.next_batch()), 0.01)
+    renderer.cancel()
+    assert renderer.finished and not renderer.complete
+    assert renderer.next_batch() == [] and renderer.done == 1
+
+
+def test_background_mode_renders_everything_in_one_batch():
+    renderer = batches.BatchRenderer(list(range(5, 65)), tick_budget_s=None)
+    assert run_ticks(renderer, seconds_per_frame=0.088) == [list(range(5, 65))]
+
+
+def test_time_per_frame_follows_the_measurements():
+    renderer = batches.BatchRenderer(list(range(100)), tick_budget_s=1.0)
+    renderer.record(1, 0.5)
+    renderer.record(1, 0.1)
+    assert renderer.seconds_per_frame == pytest.approx(0.3)
+    assert renderer.batch_size() == 3
+
+
+# --------------------------------------------------------------------------- placement
+
+
+def test_a_picture_result_covers_the_sources_area_whatever_its_size():
+    source = placement.Placement(placement.PICTURE, 1920, 1080, scale_x=0.5, scale_y=0.5,
+                                 offset_x=100.0, offset_y=-40.0, rotation=0.3, origin=(0.2, 0.7),
+                                 crop=(192, 96, 108, 0), flip_x=True,
+                                 blend_type="SCREEN", blend_alpha=0.6)
+    look = placement.result_look(source, 576, 320)
+    # Shown size on the canvas: result pixels x result scale == media pixels x source scale.
+    assert 576 * look["scale_x"] == pytest.approx(1920 * 0.5)
+    assert 320 * look["scale_y"] == pytest.approx(1080 * 0.5)
+    assert look["crop"] == (58, 29, 32, 0)  # the same fraction of the picture, in result pixels
+    assert (look["offset_x"], look["offset_y"], look["rotation"]) == (100.0, -40.0, 0.3)
+    assert look["origin"] == (0.2, 0.7) and look["flip_x"] and not look["flip_y"]
+    assert (look["blend_type"], look["blend_alpha"]) == ("SCREEN", 0.6)
+
+
+def test_a_canvas_result_covers_the_canvas_and_keeps_only_the_blending():
+    source = placement.Placement(placement.CANVAS, 1080, 1920, blend_type="ADD", blend_alpha=0.5)
+    look = placement.result_look(source, 320, 576)
+    assert (320 * look["scale_x"], 576 * look["scale_y"]) == pytest.approx((1080, 1920))
+    assert look["crop"] == (0, 0, 0, 0) and look["offset_x"] == look["rotation"] == 0.0
+    assert (look["blend_type"], look["blend_alpha"]) == ("ADD", 0.5)
+
+
+def test_movie_and_image_strips_send_their_own_picture():
+    assert placement.mode_for("MOVIE") == placement.mode_for("IMAGE") == placement.PICTURE
+    for kind in ("SCENE", "META", "TEXT", "TRANSFORM", "CROSS"):
+        assert placement.mode_for(kind) == placement.CANVAS
+
+
+def test_placement_survives_the_job_record():
+    source = placement.Placement(placement.PICTURE, 160, 128, scale_x=0.5, crop=(1, 2, 3, 4))
+    assert placement.Placement.from_json(source.to_json()) == source
+
+
+# --------------------------------------------------------------------------- PNG
+
+
+def test_rgba_png_round_trips_through_pillow():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 4), dtype=np.uint8)
+    data = pngio.encode_rgba(pixels)
+    assert pngio.png_size(data) == (7, 5)
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.mode == "RGBA"
+        assert (np.asarray(image) == pixels).all()
+
+
+def test_alpha_is_resampled_to_the_result_size():
+    import numpy as np
+
+    alpha = np.zeros((128, 160), np.uint8)
+    alpha[32:96, 40:120] = 255  # a centred box, half of each side
+    small = pngio.resize_nearest(alpha, 64, 64)
+    assert small.shape == (64, 64)
+    assert small[16:48, 16:48].min() == 255 and small[:16].max() == 0 and small[:, 48:].max() == 0
 
 
 # --------------------------------------------------------------------------- snapshot
@@ -281,7 +480,8 @@ def test_extension_modules_without_bpy_do_not_import_it():
     import subprocess
 
     code = ("import sys; import blender_addon.plan, blender_addon.link, blender_addon.strip_io, "
-            "blender_addon.compat; print('bpy' in sys.modules)")
+            "blender_addon.compat, blender_addon.batches, blender_addon.placement, "
+            "blender_addon.pngio; print('bpy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
                          text=True, env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"})
     assert out.stdout.strip() == "False", out.stderr

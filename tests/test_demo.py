@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -48,3 +49,14 @@ def test_blender_demo_writes_blend_frames_and_contact_sheet(tmp_path):
     assert thumb_height == round(SHEET_THUMB_WIDTH * source.shape[1] / source.shape[2] / 2) * 2
     expected_top = contact_sheet(source, source)[:thumb_height]
     assert np.abs(sheet[:thumb_height] - expected_top).mean() < 2
+    # The bottom row is the result strip's frames: one generated frame per source frame.
+    [folder] = {path.parent for path in frames}
+    result_files = sorted(folder.glob("frame_*.png"))
+    assert len(result_files) == len(source)
+    result = np.stack([np.asarray(Image.open(path).convert("RGB")) for path in result_files])
+    expected_bottom = contact_sheet(source, result)[thumb_height:].astype(int)
+    assert np.abs(sheet[thumb_height:] - expected_bottom).mean() < 2
+    assert np.abs(sheet[thumb_height:] - sheet[:thumb_height]).mean() > 10  # not the source
+    width = SHEET_THUMB_WIDTH
+    thumbs = [sheet[thumb_height:, i * width:(i + 1) * width] for i in range(SHEET_COLUMNS)]
+    assert all(np.abs(a - b).mean() > 0 for a, b in itertools.pairwise(thumbs))  # none held

@@ -1,0 +1,133 @@
+"""File events: reopening a file follows its jobs; the first save moves its results.
+
+Results of a transfer made in an unsaved file go to a temporary folder; the first save
+moves them to `//understudy/<job>/` beside the file and points their strips there.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import bpy
+
+from . import compat, jobs, plan
+
+
+@bpy.app.handlers.persistent
+def on_file_loaded(_filepath) -> None:
+    """Reopening a file reconnects to its unfinished jobs and collects finished results.
+
+    A job recorded while its strip was still rendering was never sent: it is marked
+    cancelled (the render session did not survive the file being closed)."""
+    jobs.forget_sessions()
+    for scene in bpy.data.scenes:
+        for job in getattr(scene, "understudy_jobs", ()):
+            if job.status == plan.RENDERING:
+                job.status, job.phase = "cancelled", ""
+                job.message = "The file was closed while the strip was rendering; nothing was sent."
+            elif job.status == plan.PLACING:  # the frames are here: Collect Results ends it
+                job.status, job.phase = plan.UNPLACED, ""
+                job.message = (f"The file was closed while the result was being placed; "
+                               f"{plan.COLLECT_HINT} to place it.")
+    pending = jobs.active_jobs()
+    if not pending:
+        return
+    if not jobs.BATCHED:  # background mode: timers never fire, so catch up now
+        for scene, job in pending:
+            try:
+                client, _ = jobs.client_for_job(job)
+                jobs.resync(scene, job, client)
+            except plan.UserError as error:
+                job.message = str(error)
+        return
+    jobs.follow()
+
+
+_moved: list[tuple[str, str, str]] = []  # (job id, new absolute folder, folder as stored)
+
+
+def _in_temp_folder(job) -> bool:
+    return bool(job.frames_dir) and not job.frames_dir.startswith("//")
+
+
+@bpy.app.handlers.persistent
+def on_save_pre(filepath, *_args) -> None:
+    """First save of a file: move results out of the temporary folder to
+    `//understudy/<job>/` beside it and point their strips there.
+
+    This runs before Blender writes the file (it receives the new path), so the saved
+    .blend already holds the relative paths; on_save_post puts back absolute paths if
+    the save was a copy (the open file stays unsaved)."""
+    _moved.clear()
+    if bpy.data.filepath or not filepath:
+        return
+    for scene in bpy.data.scenes:
+        for job in getattr(scene, "understudy_jobs", ()):
+            if not _in_temp_folder(job) or job.status in ("failed", "cancelled"):
+                continue  # failed and cancelled jobs left no frames
+            old = bpy.path.abspath(job.frames_dir).rstrip("/\\")
+            new, stored, _ = plan.result_folder(filepath, job.job_id, "")
+            try:
+                move_folder(old, new)
+            except OSError as error:
+                job.message = (f"Could not move the frames from {old} to {new} ({plan.os_reason(error)}); "
+                               f"copy the folder there and relink the strip.")
+                continue
+            session = jobs.session_of(job.job_id)
+            if session is not None:
+                session.folder = new
+            for strip in compat.all_strips(scene.sequence_editor) if scene.sequence_editor else ():
+                if strip.type == "IMAGE" and bpy.path.abspath(strip.directory).rstrip("/\\") == old:
+                    strip.directory = stored
+            job.frames_dir = stored
+            if job.message.startswith("The file is unsaved"):
+                job.message = ""
+            _moved.append((job.job_id, new, stored))
+
+
+def move_folder(old: str, new: str) -> None:
+    if not os.path.isdir(old):
+        raise FileNotFoundError(2, "the folder is gone", old)
+    os.makedirs(os.path.dirname(new), exist_ok=True)
+    shutil.move(old, new)
+
+
+@bpy.app.handlers.persistent
+def on_save_post(_filepath, *_args) -> None:
+    """After a save that left the file unsaved (a copy): relative paths point nowhere, so
+    the moved results are pointed at by their absolute folders."""
+    if bpy.data.filepath:
+        _moved.clear()
+        return
+    for job_id, new, stored in _moved:
+        scene, job = jobs.find_job(job_id)
+        if job is None:
+            continue
+        absolute = new + os.sep
+        for strip in compat.all_strips(scene.sequence_editor) if scene.sequence_editor else ():
+            if strip.type == "IMAGE" and strip.directory == stored:
+                strip.directory = absolute
+        job.frames_dir = absolute
+    _moved.clear()
+
+
+HANDLERS = ((bpy.app.handlers.load_post, on_file_loaded),
+            (bpy.app.handlers.save_pre, on_save_pre),
+            (bpy.app.handlers.save_post, on_save_post))
+
+
+HANDLERS = ((bpy.app.handlers.load_post, on_file_loaded),
+            (bpy.app.handlers.save_pre, on_save_pre),
+            (bpy.app.handlers.save_post, on_save_post))
+
+
+def register() -> None:
+    for handlers, function in HANDLERS:
+        handlers.append(function)
+
+
+def unregister() -> None:
+    for handlers, function in HANDLERS:
+        if function in handlers:
+            handlers.remove(function)
