@@ -13,16 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
+from backend.edit import DEFAULT_CACHE, DEFAULT_MODEL
 from backend.errors import UnderstudyError
 from backend.metrics import DEFAULT_CLIP_MODEL
 from backend.tracking import DEFAULT_GRID
 from shared.settings import DEFAULTS, SPECS, TransferSettings
-
-DEFAULT_MODEL = "cerspense/zeroscope_v2_576w"
-DEFAULT_CACHE = Path.home() / ".cache" / "understudy"
-
 
 # --------------------------------------------------------------------------- transfer
 
@@ -53,27 +48,12 @@ def settings_flags(values: dict) -> list[str]:
     return [part for name, value in values.items() for part in (flag_of[name], str(value))]
 
 
-def settings_from_args(args: argparse.Namespace, output_frames: int | None = None) -> TransferSettings:
+def settings_values(args: argparse.Namespace) -> dict:
+    """The TransferSettings fields the `transfer` flags set."""
     import dataclasses
 
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TransferSettings)
-              if hasattr(args, f.name)}
-    values["output_frames"] = output_frames
-    return TransferSettings.from_dict(values)
-
-
-def sidecar_path(output: Path) -> Path:
-    """out.mp4 → out.json"""
-    return output.with_suffix(".json")
-
-
-def write_outputs(frames, metadata: dict, output: Path, fps: float, frames_dir: Path | None) -> None:
-    from backend.video import write_frames_dir, write_video
-
-    write_video(frames, output, fps=fps)
-    if frames_dir is not None:
-        write_frames_dir(frames, frames_dir)
-    sidecar_path(output).write_text(json.dumps(metadata, indent=2))
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TransferSettings)
+            if hasattr(args, f.name)}
 
 
 class ProgressBar:
@@ -108,93 +88,28 @@ def cache_max_bytes(gigabytes: float | None) -> int | None:
     return int(gigabytes * 2**30)
 
 
-def frames_to_write(clip_frames, frames, metadata: dict):
-    """What the files hold: the edit as it came back, except under crop, where it is
-    put back into its box of the source frames (backend/framing.py, paste_into_box), so
-    the file lies exactly over the source clip. The source frames behind it are those
-    the model edited, held the way the result was retimed."""
-    from backend.framing import Box, paste_into_box
-    from backend.video import retime_indices
-
-    framing = metadata.get("framing") or {}
-    if framing.get("mode") != "crop":
-        return frames
-    used = np.asarray(metadata["input_frame_indices"])
-    background = clip_frames[used[retime_indices(len(used), len(frames))]]
-    return paste_into_box(background, frames, Box(*framing["crop_box"]))
-
-
 def command_transfer(args: argparse.Namespace) -> int:
-    from backend.video import read_clip
+    from backend.edit import Local, Remote, edit_clip
 
-    clip = read_clip(args.clip)
-    output_frames = len(clip.frames) if args.match_length else None
-    settings = settings_from_args(args, output_frames)
-    output = Path(args.output)
-    if output.suffix.lower() != ".mp4":
-        raise UnderstudyError(f"The output {output} must end in .mp4.")
     if args.keys and not args.server:
         raise UnderstudyError("--keys only makes sense with --server; add --server tcp://HOST:PORT.")
+    if args.job_id and not args.server:
+        raise UnderstudyError("--job-id only makes sense with --server; add --server "
+                              "tcp://HOST:PORT.")
+    where = (Remote(args.server, args.keys, args.timeout, args.job_id) if args.server else
+             Local(args.model, args.device, args.dtype, Path(args.cache_dir),
+                   cache_max_bytes(args.cache_max_gb), args.upscale_model))
     progress = ProgressBar()
     try:
-        if args.server:
-            frames, metadata = transfer_on_server(args.server, args.keys, args.timeout,
-                                                  clip.frames, settings, progress)
-        else:
-            from backend.engine import load_engine
-            from backend.model import ZEROSCOPE_XL
-
-            engine = load_engine(args.model, device=args.device, dtype=args.dtype,
-                                 cache_dir=Path(args.cache_dir),
-                                 cache_max_bytes=cache_max_bytes(args.cache_max_gb),
-                                 upscale_model=(args.upscale_model or ZEROSCOPE_XL)
-                                 if settings.upscale != "none" else None)
-            result = engine.transfer(clip.frames, settings, progress=progress)
-            frames, metadata = result.frames, result.metadata
+        outcome = edit_clip(Path(args.clip), settings_values(args), Path(args.output), where,
+                            match_length=args.match_length,
+                            frames_dir=Path(args.frames_dir) if args.frames_dir else None,
+                            progress=progress)
     finally:
         progress.close()
-    frames = frames_to_write(clip.frames, frames, metadata)
-    fps = clip.fps * len(frames) / len(clip.frames)  # the clip's duration, whatever the count
-    write_outputs(frames, metadata, output, fps,
-                  Path(args.frames_dir) if args.frames_dir else None)
-    print(f"Wrote {output} ({len(frames)} frames) and {sidecar_path(output)}; "
-          f"seed {metadata.get('seed')}.")
+    print(f"Wrote {outcome.output} ({outcome.frame_count} frames) and {outcome.sidecar}; "
+          f"seed {outcome.metadata.get('seed')}.")
     return 0
-
-
-def transfer_on_server(address: str, keys: str | None, timeout_s: float, clip_frames,
-                       settings: TransferSettings, progress: ProgressBar):
-    """Run one edit through a job server; returns (frames, sidecar) like a local run.
-
-    The whole clip goes over as PNGs (the server samples and resizes, as the engine
-    does locally). Ctrl-C cancels the job on the server.
-    """
-    import uuid
-
-    from backend.video import decode_pngs, encode_png
-    from shared.client import Client, ClientError, load_client_keys
-
-    try:
-        client = Client(address, timeout_s=timeout_s, **(load_client_keys(keys) if keys else {}))
-    except ClientError as error:
-        raise UnderstudyError(str(error)) from None
-    job_id = f"cli-{uuid.uuid4().hex[:16]}"
-    try:
-        info = client.hello()
-        print(f"Server {address}: model {info.get('model')} on {info.get('device')}, "
-              f"{info.get('queue_length')} jobs ahead.", file=sys.stderr)
-        client.submit(job_id, settings.to_dict(), [encode_png(frame) for frame in clip_frames])
-        try:
-            result = client.wait(job_id, progress=lambda event: progress(
-                event["phase"], event["step"], event["total"]))
-        except KeyboardInterrupt:
-            client.cancel(job_id)
-            raise
-        return decode_pngs(result.frames, f"the result of job {job_id}"), result.sidecar
-    except ClientError as error:
-        raise UnderstudyError(str(error)) from None
-    finally:
-        client.close()
 
 
 # --------------------------------------------------------------------------- server
@@ -206,7 +121,8 @@ def command_serve(args: argparse.Namespace) -> int:
 
     limits = dict(DEFAULT_LIMITS)
     limits.update(max_message_bytes=int(args.max_message_mb * 2**20), max_frames=args.max_frames,
-                  max_side=args.max_side, max_queue=args.max_queue)
+                  max_side=args.max_side, max_job_pixels=int(args.max_job_megapixels * 1e6),
+                  max_queue=args.max_queue)
     config = ServerConfig(bind=args.bind, state_dir=Path(args.state_dir),
                           keys_dir=Path(args.keys) if args.keys else None,
                           insecure=args.insecure, limits=limits, keep_hours=args.keep_hours,
@@ -325,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="retime the result to the clip's frame count by holding frames")
     transfer.add_argument("--server", help="run on a backend server, e.g. tcp://127.0.0.1:5555")
     transfer.add_argument("--keys", help="folder with CURVE keys for --server")
+    transfer.add_argument("--job-id", help="with --server: re-attach to this job (printed "
+                          "by an earlier run) and fetch its result, or submit under this id")
     transfer.add_argument("--timeout", type=float, default=10.0,
                           help="seconds to wait for the --server to answer (default: %(default)s)")
     add_model_flags(transfer)
@@ -399,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
                        default=DEFAULT_LIMITS["max_message_bytes"] / 2**20)
     serve.add_argument("--max-frames", type=int, default=DEFAULT_LIMITS["max_frames"])
     serve.add_argument("--max-side", type=int, default=DEFAULT_LIMITS["max_side"])
+    serve.add_argument("--max-job-megapixels", type=float,
+                       default=DEFAULT_LIMITS["max_job_pixels"] / 1e6,
+                       help="decoded pixels of the frames one job uses, in millions: bounds "
+                       "a job's input memory at 3 bytes a pixel (default: %(default)s)")
     serve.add_argument("--max-queue", type=int, default=DEFAULT_LIMITS["max_queue"])
     serve.add_argument("--keep-hours", type=float, default=72.0,
                        help="keep finished results this long (default: %(default)s)")

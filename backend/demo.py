@@ -7,13 +7,12 @@ not a quality result.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from backend.errors import ModelNotFoundError
+from backend.errors import UnderstudyError
 from backend.model import TINY, ZEROSCOPE
 
 DEMO_PROMPT = "a red locomotive driving through a green valley"
@@ -58,7 +57,7 @@ def choose_demo_model() -> tuple[str, str]:
 
 def run_demo(output_dir: Path) -> int:
     """Write demo_output/source.mp4, result.mp4 and result.json; print where."""
-    from backend import cli
+    from backend.edit import Local, edit_clip
     from backend.video import write_video
 
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -70,17 +69,13 @@ def run_demo(output_dir: Path) -> int:
               f"result; it shows the whole pipeline running.")
     else:
         print(f"Demo with {model} ({why}).")
-    args = ["transfer", str(source), "--prompt", DEMO_PROMPT, "--model", model, "--seed", "1",
-            "-o", str(output_dir / "result.mp4"), "--source-prompt", "a red ball rolling on grass"]
-    if model == TINY:
-        args += cli.settings_flags(TINY_DEMO_SETTINGS)
+    settings = {"prompt": DEMO_PROMPT, "source_prompt": "a red ball rolling on grass", "seed": 1,
+                **(TINY_DEMO_SETTINGS if model == TINY else {})}
     try:
-        code = cli.main(args)
-    except ModelNotFoundError as error:  # weights vanished between the check and the load
+        outcome = edit_clip(source, settings, output_dir / "result.mp4", Local(model=model))
+    except UnderstudyError as error:  # e.g. weights vanished between the check and the load
         print(f"error: {error}")
         return 1
-    if code == 0:
-        sidecar = json.loads((output_dir / "result.json").read_text())
-        print(f"Demo written to {output_dir}/: source.mp4, result.mp4, result.json "
-              f"(model {sidecar['model']}, seed {sidecar['seed']}).")
-    return code
+    print(f"Demo written to {output_dir}/: source.mp4, result.mp4, result.json "
+          f"(model {outcome.metadata['model']}, seed {outcome.metadata['seed']}).")
+    return 0

@@ -26,7 +26,7 @@ from typing import Any
 import zmq
 
 from . import protocol  # relative: the extension vendors this package under its own name
-from .protocol import ProtocolError
+from .protocol import ErrorCode, EventType, JobState, ProtocolError, ReplyType, RequestType
 
 # --------------------------------------------------------------------------- errors
 
@@ -104,11 +104,11 @@ class WaitTimeout(ClientError):
 
 
 ERROR_CLASSES: dict[str, type[ClientError]] = {
-    "protocol_version": ProtocolMismatch,
-    "unknown_job": UnknownJob,
-    "not_ready": JobNotReady,
-    "job_failed": JobFailed,
-    "job_cancelled": JobCancelledError,
+    ErrorCode.PROTOCOL_VERSION: ProtocolMismatch,
+    ErrorCode.UNKNOWN_JOB: UnknownJob,
+    ErrorCode.NOT_READY: JobNotReady,
+    ErrorCode.JOB_FAILED: JobFailed,
+    ErrorCode.JOB_CANCELLED: JobCancelledError,
 }
 
 
@@ -116,7 +116,7 @@ def error_from_reply(header: dict[str, Any]) -> ClientError:
     """An `error` or `rejected` header → the matching ClientError subclass."""
     code = str(header.get("code", "error"))
     message = str(header.get("message", "The server reported an error without a message."))
-    if header.get("type") == protocol.REJECTED:
+    if header.get("type") == ReplyType.REJECTED:
         return JobRejected(message, code)
     return ERROR_CLASSES.get(code, ClientError)(message, code)
 
@@ -235,7 +235,7 @@ class Client:
 
     def hello(self) -> dict[str, Any]:
         """Check the server: protocol version, model, device, limits (the welcome header)."""
-        reply, _ = self._request({"type": protocol.HELLO, "client": "understudy-client"})
+        reply, _ = self._request({"type": RequestType.HELLO, "client": "understudy-client"})
         self.server_info = reply
         return reply
 
@@ -263,8 +263,12 @@ class Client:
         except ProtocolError as error:
             raise JobRejected(error.message, error.code) from None
         extra_s = protocol.payload_size(frames) / SEND_RATE_BYTES_PER_S
-        reply, _ = self._request({"type": protocol.SUBMIT, "job_id": job_id, "settings": settings},
-                                 list(frames), timeout_s=self.timeout_s + extra_s)
+        try:
+            reply, _ = self._request(
+                {"type": RequestType.SUBMIT, "job_id": job_id, "settings": settings},
+                list(frames), timeout_s=self.timeout_s + extra_s)
+        except ProtocolError as error:  # settings that are not strict JSON (NaN, surrogates)
+            raise JobRejected(error.message, error.code) from None
         return reply
 
     def poll(self, timeout_s: float = 0.0) -> list[dict[str, Any]]:
@@ -294,7 +298,7 @@ class Client:
 
     def status(self, job_id: str | None = None) -> dict[str, Any]:
         """One job's state (the job object), or {"jobs": [...]} for all of this client's."""
-        header: dict[str, Any] = {"type": protocol.STATUS}
+        header: dict[str, Any] = {"type": RequestType.STATUS}
         if job_id is not None:
             header["job_id"] = job_id
         reply, _ = self._request(header)
@@ -303,13 +307,13 @@ class Client:
     def cancel(self, job_id: str) -> dict[str, Any]:
         """Ask the server to stop a job; returns the job object (a running job stops
         at its next step and then reports state "cancelled")."""
-        reply, _ = self._request({"type": protocol.CANCEL, "job_id": job_id})
+        reply, _ = self._request({"type": RequestType.CANCEL, "job_id": job_id})
         return reply["job"]
 
     def fetch(self, job_id: str) -> JobResult:
         """A finished job's result; JobNotReady / JobFailed / JobCancelledError otherwise."""
         extra_s = 60.0  # results can be large; the server sends them straight away
-        reply, payload = self._request({"type": protocol.FETCH, "job_id": job_id},
+        reply, payload = self._request({"type": RequestType.FETCH, "job_id": job_id},
                                        timeout_s=self.timeout_s + extra_s)
         return JobResult(job_id=job_id, frames=[bytes(f) for f in payload],
                          sidecar=reply.get("sidecar") or {})
@@ -337,11 +341,11 @@ class Client:
             for event in events:
                 if event.get("job_id") != job_id:
                     continue
-                if event["type"] == protocol.PROGRESS and progress is not None:
+                if event["type"] == EventType.PROGRESS and progress is not None:
                     progress(event)
-                elif event["type"] == protocol.RESULT_READY:
+                elif event["type"] == EventType.RESULT_READY:
                     return self.fetch(job_id)
-                elif event["type"] in (protocol.ERROR, protocol.CANCELLED):
+                elif event["type"] in (EventType.ERROR, EventType.CANCELLED):
                     raise self._finished_error(job_id, event)
             if time.monotonic() - last_status >= 2 * self.heartbeat_s:
                 last_status = time.monotonic()
@@ -350,7 +354,7 @@ class Client:
                 except ServerUnavailable:
                     self._check_alive(self.timeout_s)
                     continue
-                if job["state"] == protocol.DONE:
+                if job["state"] == JobState.DONE:
                     return self.fetch(job_id)
                 if job["state"] in protocol.FINISHED_STATES:
                     raise self._finished_error(job_id, job)
@@ -395,13 +399,17 @@ class Client:
             reply = self._receive(min(remaining, SLICE_S), wanted_req=req)
             if isinstance(reply, tuple):
                 reply_header, reply_payload = reply
-                if reply_header["type"] in (protocol.ERROR, protocol.REJECTED):
+                if reply_header["type"] in (ReplyType.ERROR, ReplyType.REJECTED):
                     raise error_from_reply(reply_header)
                 return reply_header, reply_payload
 
     def _send(self, header: dict[str, Any], payload: list[bytes] | None, deadline: float) -> None:
         """Send once the connection is up (IMMEDIATE: nothing queues while it is down)."""
         frames = protocol.encode(header, payload)
+        if len(frames[0]) > protocol.MAX_HEADER_BYTES:
+            raise ClientError(
+                f"The request's header is {len(frames[0])} bytes; the server reads at most "
+                f"{protocol.MAX_HEADER_BYTES}, so shorten the prompts.", ErrorCode.BAD_HEADER)
         while True:
             self._check_handshake()
             try:
@@ -437,6 +445,8 @@ class Client:
             if header["req"] == wanted_req:
                 return header, payload
             return True  # a late reply (heartbeat, timed-out request)
+        if header["type"] == ReplyType.ERROR and "job_id" not in header and wanted_req:
+            return header, payload  # an error the server could not tie to a request: ours
         if header["type"] in protocol.EVENT_TYPES and "job_id" in header:
             self._events.append(header)
         return True
@@ -457,7 +467,7 @@ class Client:
         self._next_req += 1
         try:
             self._socket.send_multipart(
-                protocol.encode({"type": protocol.HEARTBEAT, "req": req}), flags=zmq.NOBLOCK)
+                protocol.encode({"type": RequestType.HEARTBEAT, "req": req}), flags=zmq.NOBLOCK)
             self._last_sent = time.monotonic()
         except zmq.Again:
             pass  # not connected: try again next time; the liveness check reports it
@@ -495,7 +505,7 @@ class Client:
     @staticmethod
     def _finished_error(job_id: str, info: dict[str, Any]) -> ClientError:
         """The error for a job event/object in state failed or cancelled."""
-        if info.get("type") == protocol.CANCELLED or info.get("state") == protocol.JOB_CANCELLED:
+        if info.get("type") == EventType.CANCELLED or info.get("state") == JobState.CANCELLED:
             return JobCancelledError(f"Job {job_id} was cancelled.")
         error = info.get("error") if "error" in info else info
         error = error if isinstance(error, dict) else {}

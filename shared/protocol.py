@@ -1,18 +1,24 @@
-"""Understudy's wire protocol: message layout, constants and validation.
+"""Understudy's wire protocol: message layout, vocabulary and validation.
 
 Spec: docs/protocol.md. A message is a list of ZeroMQ frames: a UTF-8 JSON header
 (always with "v" and "type") followed by binary payload frames (PNG images).
 
-Standard library only (pyzmq is needed by the client, not here): this module rides
-inside the Blender extension.
+The vocabulary (message types, job states, error codes) is a set of `str` enums: a
+member *is* its wire string, so `JobState.DONE == "done"` and JSON carries the plain
+string. Standard library only (pyzmq is needed by the client, not here): this module
+rides inside the Blender extension.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
+from enum import StrEnum
 from typing import Any
+
+from .settings import DEFAULTS, TEXT_SETTINGS
 
 PROTOCOL_VERSION = 1
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
@@ -24,31 +30,94 @@ ZMTP_HEARTBEAT_IVL_MS = 1000
 ZMTP_HEARTBEAT_TIMEOUT_MS = 3000
 
 MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADER_DEPTH = 32  # nesting of JSON objects and arrays in a header
 DEFAULT_LIMITS: dict[str, int] = {
     "max_message_bytes": 512 * 1024 * 1024,
-    "max_frames": 1000,
+    "max_frames": DEFAULTS["frame_limit"],  # the most frames one edit takes, by default
     "max_side": 4096,
+    # Decoded pixels of the frames one job uses (frames used × width × height): the
+    # bound on the memory a job's input takes on the server, 3 bytes a pixel.
+    "max_job_pixels": 128 * 2**20,
     "max_prompt_chars": 1000,
     "max_queue": 16,
 }
 
-# Message types. Requests go client → server; each gets one reply.
-HELLO, SUBMIT, STATUS, CANCEL, FETCH, HEARTBEAT = (
-    "hello", "submit", "status", "cancel", "fetch", "heartbeat")
-REQUEST_TYPES = frozenset({HELLO, SUBMIT, STATUS, CANCEL, FETCH, HEARTBEAT})
-# Replies.
-WELCOME, ACCEPTED, REJECTED, RESULT, ERROR = "welcome", "accepted", "rejected", "result", "error"
-# Events: sent unasked to the client that submitted a job (ERROR is also an event).
-PROGRESS, RESULT_READY, CANCELLED = "progress", "result_ready", "cancelled"
-EVENT_TYPES = frozenset({PROGRESS, RESULT_READY, ERROR, CANCELLED})
 
-# Job states.
-QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
-JOB_CANCELLED = "cancelled"
-FINISHED_STATES = frozenset({DONE, FAILED, JOB_CANCELLED})
+class RequestType(StrEnum):
+    """Client → server; each gets exactly one reply."""
+
+    HELLO = "hello"
+    SUBMIT = "submit"
+    STATUS = "status"
+    CANCEL = "cancel"
+    FETCH = "fetch"
+    HEARTBEAT = "heartbeat"
+
+
+class ReplyType(StrEnum):
+    """Server → client, answering one request (carries its `req`)."""
+
+    WELCOME = "welcome"
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    STATUS = "status"
+    RESULT = "result"
+    HEARTBEAT = "heartbeat"
+    ERROR = "error"
+
+
+class EventType(StrEnum):
+    """Server → the client that submitted a job, unasked (no `req`)."""
+
+    PROGRESS = "progress"
+    RESULT_READY = "result_ready"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINISHED_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
+
+
+class ErrorCode(StrEnum):
+    """docs/protocol.md §10. Engine errors add their own codes (UnderstudyError.code)."""
+
+    BAD_HEADER = "bad_header"
+    PROTOCOL_VERSION = "protocol_version"
+    UNKNOWN_TYPE = "unknown_type"
+    BAD_REQUEST = "bad_request"
+    BAD_JOB_ID = "bad_job_id"
+    BAD_SETTINGS = "bad_settings"
+    BAD_FRAMES = "bad_frames"
+    BAD_CLIP = "bad_clip"
+    TOO_MANY_FRAMES = "too_many_frames"
+    TOO_LARGE = "too_large"
+    QUEUE_FULL = "queue_full"
+    STORE_UNAVAILABLE = "store_unavailable"
+    JOB_EXISTS = "job_exists"
+    UNKNOWN_JOB = "unknown_job"
+    NOT_READY = "not_ready"
+    JOB_FAILED = "job_failed"
+    JOB_CANCELLED = "job_cancelled"
+    INTERRUPTED = "interrupted"
+    INTERNAL = "internal"
+
+
+REQUEST_TYPES = frozenset(RequestType)
+EVENT_TYPES = frozenset(EventType)
 
 JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Finds a request number in a header too large or too deep to parse, so that even
+# that error reply can carry its `req`.
+_REQ_FIELD = re.compile(rb'"req"\s*:\s*(\d{1,15})[\s,}]')
 
 
 class ProtocolError(Exception):
@@ -60,10 +129,27 @@ class ProtocolError(Exception):
         self.message = message
 
 
+def json_text(value: Any, **options: Any) -> str:
+    """JSON as the protocol and the job store write it: NaN and Infinity are refused
+    (they are not JSON), and so is text that is not valid Unicode."""
+    try:
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False, **options)
+        text.encode("utf-8")
+    except ValueError as error:  # UnicodeEncodeError is a ValueError too
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, "The message holds a number that is not finite (NaN or "
+            f"Infinity) or text that is not valid Unicode ({error}); send finite numbers and "
+            "UTF-8 text.") from None
+    return text
+
+
 def encode(header: dict[str, Any], payload: list[bytes] | None = None) -> list[bytes]:
-    """Header dict (+ payload frames) → frames to send; adds "v" when missing."""
+    """Header dict (+ payload frames) → frames to send; adds "v" when missing.
+
+    Raises ProtocolError("bad_request") for a header that is not strict JSON.
+    """
     header = {"v": PROTOCOL_VERSION, **header}
-    return [json.dumps(header, separators=(",", ":")).encode("utf-8"), *(payload or [])]
+    return [json_text(header, separators=(",", ":")).encode("utf-8"), *(payload or [])]
 
 
 def decode(frames: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
@@ -73,40 +159,107 @@ def decode(frames: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
     readable via `decode_header` for error replies that carry `req`.
     """
     if not frames:
-        raise ProtocolError("bad_header", "The message is empty; send a JSON header frame first.")
+        raise ProtocolError(ErrorCode.BAD_HEADER,
+                            "The message is empty; send a JSON header frame first.")
     header = decode_header(frames[0])
     version = header.get("v")
     if version != PROTOCOL_VERSION:
         raise ProtocolError(
-            "protocol_version",
+            ErrorCode.PROTOCOL_VERSION,
             f"This peer speaks Understudy protocol version {PROTOCOL_VERSION} but the message "
             f"uses version {version!r}; update the older side.",
         )
     if not isinstance(header.get("type"), str):
-        raise ProtocolError("bad_header", "The header has no 'type'; say what the message is.")
+        raise ProtocolError(ErrorCode.BAD_HEADER,
+                            "The header has no 'type'; say what the message is.")
     return header, list(frames[1:])
 
 
 def decode_header(frame: bytes) -> dict[str, Any]:
-    """The JSON header frame → dict, or ProtocolError("bad_header")."""
+    """The JSON header frame → dict, or ProtocolError("bad_header").
+
+    Strict JSON only: no NaN/Infinity (not even as an overflowing 1e999), nesting at
+    most MAX_HEADER_DEPTH deep, and text that encodes as UTF-8 (no lone surrogates).
+    """
     if len(frame) > MAX_HEADER_BYTES:
         raise ProtocolError(
-            "bad_header", f"The header is {len(frame)} bytes; keep it under {MAX_HEADER_BYTES}.")
+            ErrorCode.BAD_HEADER,
+            f"The header is {len(frame)} bytes; keep it under {MAX_HEADER_BYTES}.")
     try:
-        header = json.loads(bytes(frame).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise ProtocolError(
-            "bad_header", "The first frame is not UTF-8 JSON; send a JSON object header.") from None
+        text = bytes(frame).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError(ErrorCode.BAD_HEADER, "The first frame is not UTF-8 JSON; send a "
+                            "JSON object header.") from None
+    if _nesting_depth(text) > MAX_HEADER_DEPTH:
+        raise ProtocolError(ErrorCode.BAD_HEADER, f"The header nests deeper than "
+                            f"{MAX_HEADER_DEPTH} levels; send a flat JSON object.")
+    try:
+        header = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except ValueError as error:
+        if isinstance(error, ProtocolError):
+            raise
+        raise ProtocolError(ErrorCode.BAD_HEADER, "The first frame is not UTF-8 JSON; send a "
+                            "JSON object header.") from None
     if not isinstance(header, dict):
-        raise ProtocolError("bad_header", "The header must be a JSON object.")
+        raise ProtocolError(ErrorCode.BAD_HEADER, "The header must be a JSON object.")
+    json_text(header)  # lone surrogates (from \ud800 escapes) cannot be stored or echoed
     return header
+
+
+class _NotJson(ProtocolError, ValueError):
+    """Raised inside json.loads hooks; a ValueError so json passes it through."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NotJson(ErrorCode.BAD_HEADER, f"The header holds {name}, which is not JSON; send "
+                   "finite numbers.")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotJson(ErrorCode.BAD_HEADER, f"The header holds the number {text[:20]}, which "
+                       "is too large; send finite numbers.")
+    return value
+
+
+def _nesting_depth(text: str) -> int:
+    """How deep [ and { nest, outside strings (cheap, before json builds anything)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def peek_req(frame: bytes) -> int | None:
+    """The request number of a header, read without trusting it to parse."""
+    try:
+        req = decode_header(frame).get("req")
+        return req if isinstance(req, int) and not isinstance(req, bool) else None
+    except ProtocolError:
+        found = _REQ_FIELD.search(bytes(frame[:MAX_HEADER_BYTES * 2]))
+        return int(found.group(1)) if found else None
 
 
 def check_job_id(value: Any) -> str:
     """Return a valid job id or raise ProtocolError("bad_job_id")."""
     if not isinstance(value, str) or not JOB_ID_PATTERN.fullmatch(value):
         raise ProtocolError(
-            "bad_job_id",
+            ErrorCode.BAD_JOB_ID,
             f"The job id {value!r} is not valid; use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit.",
         )
@@ -118,7 +271,7 @@ def require(header: dict[str, Any], name: str, kind: type | tuple[type, ...]) ->
     value = header.get(name)
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ProtocolError(
-            "bad_request", f"The {header.get('type')!r} message needs a field {name!r} "
+            ErrorCode.BAD_REQUEST, f"The {header.get('type')!r} message needs a field {name!r} "
             f"of type {_type_name(kind)}.")
     return value
 
@@ -138,7 +291,7 @@ def is_png(frame: bytes) -> bool:
 def request_digest(settings: dict[str, Any], frames: list[bytes]) -> str:
     """SHA-256 over canonical settings JSON and every frame: same request, same digest."""
     digest = hashlib.sha256()
-    digest.update(json.dumps(settings, sort_keys=True, separators=(",", ":")).encode("utf-8"))
+    digest.update(json_text(settings, sort_keys=True, separators=(",", ":")).encode("utf-8"))
     for frame in frames:
         digest.update(len(frame).to_bytes(8, "big"))
         digest.update(frame)
@@ -150,31 +303,61 @@ def payload_size(frames: list[bytes]) -> int:
     return sum(len(frame) for frame in frames)
 
 
+def check_message_limits(frame_count: int, total_bytes: int, limits: dict[str, int]) -> None:
+    """Refuse a message over the size limits; needs only counts, so a server can call
+    it before it copies anything."""
+    if total_bytes > limits["max_message_bytes"]:
+        raise ProtocolError(
+            ErrorCode.TOO_LARGE, f"The job is {total_bytes / 2**20:.1f} MiB; the server "
+            f"accepts at most {limits['max_message_bytes'] / 2**20:.0f} MiB, so send fewer or "
+            "smaller frames.")
+    if frame_count > limits["max_frames"]:
+        raise ProtocolError(
+            ErrorCode.TOO_MANY_FRAMES, f"The job has {frame_count} frames; the server accepts "
+            f"at most {limits['max_frames']}, so send a shorter range.")
+
+
 def check_submit_limits(settings: dict[str, Any], frames: list[bytes], header_bytes: int,
                         limits: dict[str, int]) -> None:
     """Refuse a submit over the server's limits, before anything is stored or sent.
 
-    Shared by the client (to fail early with a clear sentence) and the server (to enforce).
+    Shared by the client (to fail early with a clear sentence) and the server (to
+    enforce). Also bounds the reply: the result's frame count and its raw pixels.
     """
-    total = header_bytes + payload_size(frames)
-    if total > limits["max_message_bytes"]:
-        raise ProtocolError(
-            "too_large", f"The job is {total / 2**20:.1f} MiB; the server accepts at most "
-            f"{limits['max_message_bytes'] / 2**20:.0f} MiB, so send fewer or smaller frames.")
-    if len(frames) > limits["max_frames"]:
-        raise ProtocolError(
-            "too_many_frames", f"The job has {len(frames)} frames; the server accepts at most "
-            f"{limits['max_frames']}, so send a shorter range.")
+    check_message_limits(len(frames), header_bytes + payload_size(frames), limits)
     if not frames:
-        raise ProtocolError("bad_frames", "The job has no frames; send the clip as PNG frames.")
-    for name in ("prompt", "source_prompt", "negative_prompt", "prompt_prefix"):
+        raise ProtocolError(ErrorCode.BAD_FRAMES,
+                            "The job has no frames; send the clip as PNG frames.")
+    for name in TEXT_SETTINGS:
         text = settings.get(name)
         if isinstance(text, str) and len(text) > limits["max_prompt_chars"]:
             raise ProtocolError(
-                "bad_settings", f"Setting {name!r} is {len(text)} characters long; keep it "
-                f"under {limits['max_prompt_chars']}.")
+                ErrorCode.BAD_SETTINGS, f"Setting {name!r} is {len(text)} characters long; "
+                f"keep it under {limits['max_prompt_chars']}.")
+    check_reply_size(settings, limits)
+
+
+def check_reply_size(settings: dict[str, Any], limits: dict[str, int]) -> None:
+    """The result must fit the same limits as a submit: at most max_frames frames, and
+    their raw RGB pixels at most max_message_bytes (a PNG is never much larger)."""
+    count = settings.get("output_frames")
+    if count is None:
+        count = settings.get("num_frames")
+    width, height = settings.get("width"), settings.get("height")
+    if not all(isinstance(value, int) and not isinstance(value, bool)
+               for value in (count, width, height)):
+        return  # defaults or wrong types: the settings check answers those
+    if count > limits["max_frames"]:
+        raise ProtocolError(
+            ErrorCode.BAD_SETTINGS, f"The result would have {count} frames; the server "
+            f"returns at most {limits['max_frames']}, so ask for fewer output frames.")
+    if count * width * height * 3 > limits["max_message_bytes"]:
+        raise ProtocolError(
+            ErrorCode.BAD_SETTINGS, f"The result ({count} frames of {width}×{height}) would "
+            f"exceed the server's {limits['max_message_bytes'] / 2**20:.0f} MiB message "
+            "limit; ask for fewer or smaller output frames.")
 
 
 def error_header(code: str, message: str, **fields: Any) -> dict[str, Any]:
     """An error reply or event header."""
-    return {"type": ERROR, "code": code, "message": message, **fields}
+    return {"type": ReplyType.ERROR, "code": code, "message": message, **fields}

@@ -6,12 +6,16 @@ the timeouts only turn a hang into a failure.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -41,17 +45,79 @@ def clip_pngs(count: int = 6, width: int = 48, height: int = 32, shade: int = 0)
     return frames
 
 
+# Jobs that damage_jobs breaks, each the way a disk or a person can.
+DAMAGED_JOBS = ("truncated", "empty-status", "list-request", "crafted")
+
+
+def damage_jobs(jobs_dir: Path, outside: Path) -> None:
+    """Break the stored jobs named in DAMAGED_JOBS: a truncated status.json, a status.json
+    of `{}`, a request.json of `[]`, and a request naming a job id that points at the
+    folder `outside` (which a loader trusting ids would delete)."""
+    status = jobs_dir / "truncated" / "status.json"
+    status.write_text(status.read_text()[:20])
+    (jobs_dir / "empty-status" / "status.json").write_text("{}")
+    (jobs_dir / "list-request" / "request.json").write_text("[]")
+    crafted = jobs_dir / "crafted" / "request.json"
+    escape = os.path.relpath(outside, jobs_dir / "crafted")
+    crafted.write_text(json.dumps({**json.loads(crafted.read_text()), "job_id": escape}))
+
+
+@contextlib.contextmanager
+def one_reply_server(reply: Callable[[dict], list[bytes]]) -> Iterator[str]:
+    """A fake server in this process: answers the first request with reply(header)."""
+    import zmq
+
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+
+    def answer_once() -> None:
+        if router.poll(30_000):
+            routing_id, header = router.recv_multipart()
+            router.send_multipart([routing_id, *reply(json.loads(header))])
+
+    thread = threading.Thread(target=answer_once)
+    thread.start()
+    try:
+        yield f"tcp://127.0.0.1:{port}"
+    finally:
+        thread.join()
+        router.close()
+
+
 def subprocess_env() -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
 
 
-class ServerProcess:
-    """`python -m backend serve --model tiny` on loopback, with its own state folder."""
+@contextlib.contextmanager
+def unused_address() -> Iterator[str]:
+    """A loopback TCP address where nothing listens, for as long as the block runs.
 
-    def __init__(self, state_dir: Path, *extra: str, bind: str = "tcp://127.0.0.1:*") -> None:
+    The port stays bound (but not listening) by this process, so no other program
+    can take it meanwhile; connecting to it is refused at once.
+    """
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        holder.bind(("127.0.0.1", 0))
+        yield f"tcp://127.0.0.1:{holder.getsockname()[1]}"
+    finally:
+        holder.close()
+
+
+class ServerProcess:
+    """`python -m backend serve --model tiny` on loopback, with its own state folder.
+
+    `module` runs another entry point with the same arguments (tests.fault_server:
+    the same server on a file system that fails on demand); `env` adds variables.
+    """
+
+    def __init__(self, state_dir: Path, *extra: str, bind: str = "tcp://127.0.0.1:*",
+                 module: str = "backend", env: dict[str, str] | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.extra = list(extra)
         self.bind = bind
+        self.module = module
+        self.env = env or {}
         self.address: str | None = None
         self.process: subprocess.Popen | None = None
         self.log_path = self.state_dir.parent / f"{self.state_dir.name}-server.log"
@@ -61,10 +127,11 @@ class ServerProcess:
         bind = self.address or self.bind
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "backend", "serve", "--model", "tiny", "--device", "cpu",
+            [sys.executable, "-m", self.module, "serve", "--model", "tiny", "--device", "cpu",
              "--bind", bind, "--state-dir", str(self.state_dir),
              "--cache-dir", str(self.state_dir.parent / "cache"), *self.extra],
-            cwd=REPO_ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=log, text=True)
+            cwd=REPO_ROOT, env={**subprocess_env(), **self.env}, stdout=subprocess.PIPE,
+            stderr=log, text=True)
         log.close()
         lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=_pump, args=(self.process.stdout, lines), daemon=True).start()
@@ -87,6 +154,11 @@ class ServerProcess:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(timeout=60)
 
+    def terminate(self) -> int:
+        """SIGTERM, a clean stop, and wait for the exit; returns the exit code."""
+        self.process.terminate()
+        return self.process.wait(timeout=120)
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
@@ -101,6 +173,20 @@ def _pump(stream, lines: queue.Queue) -> None:
     for line in stream:
         lines.put(line)
     lines.put("")
+
+
+def wait_until(check, what: str, timeout_s: float = 120.0):
+    """Call check() until it returns something true and return that; each call is a
+    real request to a server, so this ends on a real change, not on a clock."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)  # between two requests, not in place of one
+    raise AssertionError(f"{what} did not happen within {timeout_s} s")
 
 
 def wait_for_event(client, job_id: str, kind: str, timeout_s: float = 300.0, **fields) -> dict:

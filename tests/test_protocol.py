@@ -1,27 +1,20 @@
-"""The wire protocol's encoding and validation, the job store, and recovery rules
-(no sockets here; tests/test_server.py runs real servers)."""
+"""The wire protocol's encoding and validation, the bind policy and the submit-time
+frame checks (no sockets here: tests/test_server*.py run real servers; the job store
+and recovery are in tests/test_store.py)."""
 
 from __future__ import annotations
 
 import ast
 import json
 import sys
-import time
 
 import pytest
 
-from backend.server import (
-    Job,
-    JobStore,
-    Server,
-    ServerConfig,
-    ServerConfigError,
-    check_bind_allowed,
-    check_png_frames,
-    is_loopback,
-)
+from backend.server import ServerConfigError, check_bind_allowed, is_loopback
+from backend.server.frames import PngClip, check_pixel_budget, check_png_frames
+from backend.server.transport import printable
 from shared import protocol
-from shared.protocol import ProtocolError
+from shared.protocol import ErrorCode, EventType, JobState, ProtocolError, ReplyType, RequestType
 from tests.conftest import REPO_ROOT
 from tests.server_support import clip_pngs
 
@@ -128,6 +121,10 @@ def test_shared_package_works_vendored_under_another_name(tmp_path):
     ("tcp://127.0.0.1:5555", True), ("tcp://127.0.0.2:*", True), ("tcp://localhost:1", True),
     ("tcp://[::1]:5555", True), ("ipc:///tmp/sock", True), ("tcp://0.0.0.0:5555", False),
     ("tcp://*:5555", False), ("tcp://192.168.1.5:5555", False), ("tcp://eth0:5555", False),
+    # names are not addresses: whoever owns the name decides where it points
+    ("tcp://127.evil.example.com:5555", False), ("tcp://localhost.evil.example.com:1", False),
+    ("tcp://127.0.0.1.nip.io:5555", False), ("tcp://[::ffff:10.0.0.1]:1", False),
+    ("tcp://[::1:5555", False), ("udp://127.0.0.1:1", False),
 ])
 def test_loopback_addresses(address, loopback):
     assert is_loopback(address) is loopback
@@ -154,78 +151,121 @@ def test_png_checks():
         assert caught.value.code == "bad_frames"
 
 
-# --------------------------------------------------------------------------- store
+# --------------------------------------------------------------------------- vocabulary
 
 
-def make_job(job_id: str, seq: int, state: str = protocol.QUEUED, **fields) -> Job:
-    job = Job(job_id=job_id, seq=seq, client="c-1", owner=None, digest="d",
-              submitted_at=time.time(), **fields)
-    job.state = state
-    return job
+def test_the_enums_are_the_wire_strings():
+    """The extension and older clients compare plain strings; a member must be one."""
+    assert JobState.CANCELLED == "cancelled" and EventType.RESULT_READY == "result_ready"
+    assert json.dumps({"state": JobState.DONE, "type": RequestType.SUBMIT,
+                       "code": ErrorCode.UNKNOWN_JOB}) == (
+        '{"state": "done", "type": "submit", "code": "unknown_job"}')
+    assert {t.value for t in RequestType} == {"hello", "submit", "status", "cancel", "fetch",
+                                              "heartbeat"}
+    assert {t.value for t in EventType} == {"progress", "result_ready", "error", "cancelled"}
+    assert ReplyType.ERROR == EventType.ERROR == "error"
 
 
-def test_store_writes_everything_before_status(tmp_path):
-    store = JobStore(tmp_path)
-    job = make_job("j1", 0)
-    store.create(job, {"prompt": "p"}, [b"a", b"b"])
-    folder = store.folder("j1")
-    assert sorted(p.name for p in (folder / "input").iterdir()) == ["00000.png", "00001.png"]
-    assert json.loads((folder / "status.json").read_text())["state"] == "queued"
-    assert store.read_request("j1")["settings"] == {"prompt": "p"}
-    assert store.read_inputs("j1") == [b"a", b"b"]
-    assert not list(folder.rglob("*.tmp"))
-    store.write_result("j1", [b"r"], {"seed": 3})
-    assert store.read_result("j1") == ({"seed": 3}, [b"r"])
+# --------------------------------------------------------------------------- strict JSON (defect 6, 7)
 
 
-def test_store_drops_submits_that_were_never_acknowledged(tmp_path):
-    store = JobStore(tmp_path)
-    store.create(make_job("kept", 0), {"prompt": "p"}, [b"a"])
-    half = store.folder("half")
-    (half / "input").mkdir(parents=True)
-    (half / "request.json").write_text("{}")  # crashed before status.json
-    assert [job.job_id for job in store.load_all()] == ["kept"]
-    assert not half.exists()
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_encode_refuses_numbers_that_are_not_json(value):
+    with pytest.raises(ProtocolError) as caught:
+        protocol.encode({"type": "submit", "settings": {"cfg_scale": value}})
+    assert caught.value.code == "bad_request" and "finite" in caught.value.message
 
 
-def recovered(tmp_path, jobs: list[Job], **config) -> Server:
-    store = JobStore(tmp_path)
-    for job in jobs:
-        store.create(job, {"prompt": "p"}, [b"a"])
-    server = Server(ServerConfig(state_dir=tmp_path, **config), engine=None)
-    server.recover()
-    return server
+def test_encode_refuses_text_that_is_not_unicode():
+    with pytest.raises(ProtocolError, match="UTF-8"):
+        protocol.encode({"type": "submit", "settings": {"prompt": "a \ud800 bear"}})
 
 
-def test_restart_reruns_the_running_job_first_then_the_queue(tmp_path):
-    server = recovered(tmp_path, [make_job("q1", 0), make_job("r", 1, protocol.RUNNING, attempts=1),
-                                  make_job("q2", 2)])
-    assert list(server.pending) == ["r", "q1", "q2"]
-    assert server.jobs["r"].state == protocol.QUEUED
-    assert json.loads((server.store.folder("r") / "status.json").read_text())["state"] == "queued"
-    assert server.next_seq == 3
+@pytest.mark.parametrize("frame, code, words", [
+    (b'{"v": 1, "type": "submit", "settings": {"cfg_scale": NaN}}', "bad_header", "NaN"),
+    (b'{"v": 1, "type": "submit", "settings": {"cfg_scale": Infinity}}', "bad_header", "Infinity"),
+    (b'{"v": 1, "type": "submit", "settings": {"cfg_scale": -Infinity}}', "bad_header", "Infinity"),
+    (b'{"v": 1, "type": "submit", "settings": {"cfg_scale": 1e999}}', "bad_header", "1e999"),
+    (b'{"v": 1, "type": "submit", "settings": {"prompt": "\\ud800"}}', "bad_request", "Unicode"),
+    (b'{"v": 1, "type": "hello", "x": ' + b"[" * 100 + b"]" * 100 + b"}", "bad_header", "nests"),
+])
+def test_decode_refuses_headers_that_are_not_strict_json(frame, code, words):
+    with pytest.raises(ProtocolError) as caught:
+        protocol.decode([frame])
+    assert caught.value.code == code and words in caught.value.message
+    assert caught.value.message.endswith(".")
 
 
-def test_restart_fails_a_job_interrupted_twice_and_honours_cancel(tmp_path):
-    server = recovered(tmp_path, [make_job("twice", 0, protocol.RUNNING, attempts=2),
-                                  make_job("stop", 1, protocol.RUNNING, attempts=1,
-                                           cancel_requested=True)])
-    assert not server.pending
-    assert server.jobs["twice"].state == protocol.FAILED
-    assert server.jobs["twice"].error["code"] == "interrupted"
-    assert server.jobs["stop"].state == protocol.JOB_CANCELLED
+def test_a_deep_header_is_refused_before_json_recurses():
+    frame = b'{"v": 1, "type": "hello", "req": 7, "x": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    with pytest.raises(ProtocolError, match="nests deeper"):
+        protocol.decode_header(frame[:protocol.MAX_HEADER_BYTES])
+    assert protocol.peek_req(frame) == 7
 
 
-def test_retention_keeps_the_newest_finished_jobs(tmp_path):
-    now = time.time()
-    jobs = [make_job(f"d{i}", i, protocol.DONE, finished_at=now - 100 + i) for i in range(3)]
-    server = recovered(tmp_path, [*jobs, make_job("q", 3)], keep_jobs=2)
-    assert sorted(server.jobs) == ["d1", "d2", "q"]
-    assert not server.store.folder("d0").exists()
+@pytest.mark.parametrize("frame, req", [
+    (b'{"v": 1, "type": "hello", "req": 12}', 12),
+    (b'{"v": 1, "req": 3, "type": "hello", "pad": "' + b"x" * 70_000 + b'"}', 3),
+    (b'{"req": 5, "x": ' + b"[" * 40 + b"]" * 40 + b"}", 5),
+    (b'{"v": 1, "type": "hello", "req": true}', None),
+    (b"not json", None),
+])
+def test_peek_req_finds_the_request_number_of_a_broken_header(frame, req):
+    assert protocol.peek_req(frame) == req
 
 
-def test_retention_drops_results_past_the_time_limit(tmp_path):
-    old = make_job("old", 0, protocol.DONE, finished_at=time.time() - 7200)
-    new = make_job("new", 1, protocol.FAILED, finished_at=time.time())
-    server = recovered(tmp_path, [old, new], keep_hours=1.0)
-    assert sorted(server.jobs) == ["new"]
+def test_the_reply_is_bounded_by_the_limits():
+    limits = {**protocol.DEFAULT_LIMITS, "max_frames": 8, "max_message_bytes": 2**20}
+    protocol.check_reply_size({"num_frames": 8, "width": 64, "height": 64}, limits)
+    cases = [{"num_frames": 4, "output_frames": 100_000, "width": 64, "height": 64},
+             {"num_frames": 9, "width": 64, "height": 64},
+             {"num_frames": 8, "width": 512, "height": 512}]
+    for settings in cases:
+        with pytest.raises(ProtocolError) as caught:
+            protocol.check_reply_size(settings, limits)
+        assert caught.value.code == "bad_settings" and caught.value.message.endswith(".")
+
+
+def test_message_limits_need_only_counts():
+    limits = {**protocol.DEFAULT_LIMITS, "max_frames": 2, "max_message_bytes": 100}
+    protocol.check_message_limits(2, 100, limits)
+    for count, size, code in ((3, 10, "too_many_frames"), (1, 101, "too_large")):
+        with pytest.raises(ProtocolError) as caught:
+            protocol.check_message_limits(count, size, limits)
+        assert caught.value.code == code
+
+
+# --------------------------------------------------------------------------- frames (defect 2)
+
+
+def test_the_pixel_budget_counts_the_frames_used():
+    check_pixel_budget(4, (64, 64), max_job_pixels=4 * 64 * 64)
+    with pytest.raises(ProtocolError) as caught:
+        check_pixel_budget(6, (4096, 4096), max_job_pixels=64 * 2**20)
+    assert caught.value.code == "too_large" and "num_frames" in caught.value.message
+
+
+def test_a_stored_clip_decodes_only_the_frames_asked_for(tmp_path):
+    good = clip_pngs(6)
+    paths = []
+    for index, frame in enumerate(good):
+        path = tmp_path / f"{index:05d}.png"
+        path.write_bytes(frame if index != 1 else b"not a png at all")
+        paths.append(path)
+    clip = PngClip(paths, "the test clip")
+    assert len(clip) == 6
+    import numpy as np
+
+    assert clip[np.array([0, 2, 5])].shape == (3, 32, 48, 3)
+    with pytest.raises(Exception, match="Frame 0 of the test clip"):
+        clip[np.array([1])]
+
+
+# --------------------------------------------------------------------------- log safety (defect 8)
+
+
+def test_client_ids_in_the_log_cannot_forge_lines():
+    assert printable(b"c-0123abcd") == "c-0123abcd"
+    forged = printable(b"x\n2026-12-01 INFO Accepted job admin\r\x00 \\")
+    assert "\n" not in forged and "\r" not in forged and " " not in forged
+    assert forged.startswith("x\\x0a2026-12-01")

@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,16 +39,19 @@ from tests.conftest import REPO_ROOT
 from tests.server_support import (
     ServerProcess,
     clip_pngs,
+    one_reply_server,
     settings,
     subprocess_env,
+    unused_address,
     wait_for_event,
+    wait_until,
 )
 
 # With the step delay a job with these settings runs for minutes; tests cancel it long before.
 LONG = {"steps": 1000, "inversion_steps": 1000, "guided_steps": 0}
 WAIT_S = 300  # a hang guard for a busy machine, not a time limit
 OPTIONS = ("--max-message-mb", "1", "--max-frames", "8", "--max-side", "256", "--max-queue", "3",
-           "--test-step-delay", "0.02")
+           "--max-job-megapixels", "0.1", "--test-step-delay", "0.02")
 
 
 @pytest.fixture(scope="module")
@@ -185,19 +189,26 @@ def test_cancel_mid_job_frees_the_worker(server, connect):
 
 
 def test_cancel_a_queued_job_and_queue_limit(server, connect):
+    """Positions are relative: other tests' jobs may still be in this server's queue."""
     client = connect(server.address)
     client.submit("blocker", settings(**LONG), clip_pngs(6))
     wait_for_event(client, "blocker", "progress")
-    assert client.submit("queued-1", settings(), clip_pngs(6))["queue_position"] == 1
-    assert client.submit("queued-2", settings(), clip_pngs(6))["queue_position"] == 2
+    first = client.submit("queued-1", settings(), clip_pngs(6))["queue_position"]
+    assert first >= 1
+    assert client.submit("queued-2", settings(), clip_pngs(6))["queue_position"] == first + 1
     with pytest.raises(JobNotReady, match="queued"):
         client.fetch("queued-1")
-    with pytest.raises(JobRejected) as caught:
-        client.submit("one-too-many", settings(), clip_pngs(6))
-    assert caught.value.code == "queue_full"
+    extra = []
+    with pytest.raises(JobRejected) as caught:  # the limit is 3 queued or running
+        for index in range(3):
+            client.submit(f"filler-{index}", settings(), clip_pngs(6))
+            extra.append(f"filler-{index}")
+    assert caught.value.code == "queue_full" and "submit again" in str(caught.value)
+    assert client.hello()["queue_length"] == 3
     assert client.cancel("queued-1")["state"] == "cancelled"
-    assert client.status("queued-2")["queue_position"] == 1
-    assert client.cancel("queued-2")["state"] == "cancelled"
+    assert client.status("queued-2")["queue_position"] == first
+    for job_id in ["queued-2", *extra]:
+        assert client.cancel(job_id)["state"] == "cancelled"
     assert client.cancel("blocker")["cancel_requested"] is True
     with pytest.raises(JobCancelledError):
         client.wait("blocker", timeout_s=WAIT_S)
@@ -272,6 +283,38 @@ def test_server_killed_mid_job_loses_nothing(tmp_path, connect):
         assert result.sidecar["seed"] == 3
         assert {job["job_id"]: job["state"] for job in client.status()["jobs"]} == {
             "interrupted": "cancelled", "waiting": "done"}
+    finally:
+        server.stop()
+
+
+def test_a_clean_stop_requeues_the_running_job_and_results_are_pruned_as_jobs_finish(
+        tmp_path, connect):
+    """Issue 13: SIGTERM puts the running job back without counting the attempt; with
+    --keep-jobs 1 the older result goes as soon as the next job finishes."""
+    server = ServerProcess(tmp_path / "state", "--keep-jobs", "1",
+                           "--test-step-delay", "0.02").start()
+    try:
+        client = connect(server.address)
+        client.submit("older", settings(), clip_pngs(6))
+        client.wait("older", timeout_s=WAIT_S)
+        client.submit("newer", settings(seed=2), clip_pngs(6))
+        client.wait("newer", timeout_s=WAIT_S)
+        with pytest.raises(UnknownJob):
+            client.status("older")
+        assert not (tmp_path / "state" / "jobs" / "older").exists()
+
+        client.submit("stopped", settings(**LONG), clip_pngs(6))
+        wait_for_event(client, "stopped", "progress", attempt=1)
+        assert server.terminate() == 0
+        on_disk = json.loads((tmp_path / "state" / "jobs" / "stopped" / "status.json").read_text())
+        assert on_disk["state"] == "queued" and on_disk["attempts"] == 0
+        server.start()
+        job = wait_until(lambda: (job := client.status("stopped"))["state"] == "running" and job,
+                         "the stopped job running again")
+        assert job["attempts"] == 1
+        client.cancel("stopped")
+        with pytest.raises(JobCancelledError):
+            client.wait("stopped", timeout_s=WAIT_S)
     finally:
         server.stop()
 
@@ -356,30 +399,15 @@ def test_wrong_protocol_version(server):
 
 def test_client_against_a_server_of_another_version():
     """A fake server in this process answers in protocol version 2."""
-    router = zmq.Context.instance().socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-
-    def answer_once() -> None:
-        if router.poll(30_000):
-            routing_id, header = router.recv_multipart()
-            reply = {**json.loads(header), "v": 2, "type": "welcome"}
-            router.send_multipart([routing_id, json.dumps(reply).encode()])
-
-    thread = threading.Thread(target=answer_once)
-    thread.start()
-    client = Client(f"tcp://127.0.0.1:{port}", timeout_s=30.0)
-    try:
-        with pytest.raises(ProtocolMismatch, match="version 2 and this client version 1"):
-            client.hello()
-    finally:
-        thread.join()
-        client.close()
-        router.close()
+    with one_reply_server(lambda header: [json.dumps(
+            {**header, "v": 2, "type": "welcome"}).encode()]) as address:
+        with Client(address, timeout_s=30.0) as client:
+            with pytest.raises(ProtocolMismatch, match="version 2 and this client version 1"):
+                client.hello()
 
 
 def test_no_server_is_a_clear_error_not_a_hang():
-    with Client("tcp://127.0.0.1:9", timeout_s=1.0) as client:
+    with unused_address() as address, Client(address, timeout_s=1.0) as client:
         with pytest.raises(ServerUnavailable, match="check that"):
             client.hello()
 
@@ -403,7 +431,6 @@ def test_curve_allows_only_known_keys(tmp_path, connect):
     try:
         client = connect(server.address, **load_client_keys(keys))
         assert client.hello()["secure"] is True
-        assert client.status() == {"jobs": []}
 
         # the same keys, loaded from the two files the Blender preferences point at
         by_files = connect(server.address, **load_client_key_files(keys / "server.key",
@@ -424,6 +451,62 @@ def test_curve_allows_only_known_keys(tmp_path, connect):
         server.stop()
 
 
+def test_with_keys_a_job_belongs_to_the_key_that_submitted_it(tmp_path, connect):
+    """Defect 5 / issue 13: a second authorised key sees nothing of the first key's job,
+    not even by reusing the first client's routing id."""
+    import zmq.auth
+
+    keys = tmp_path / "keys"
+    make_keys(keys)
+    other_public_file, other_secret_file = zmq.auth.create_certificates(keys, "other")
+    (keys / "authorized_clients" / "other.key").write_bytes(Path(other_public_file).read_bytes())
+    server = ServerProcess(tmp_path / "state", "--keys", str(keys)).start()
+    try:
+        mine = connect(server.address, **load_client_keys(keys))
+        request = (settings("a private prompt", seed=4), clip_pngs(6))
+        mine.submit("owned", *request)
+        mine.wait("owned", timeout_s=WAIT_S)
+        other_keys = load_client_key_files(keys / "server.key", other_secret_file)
+        other = connect(server.address, **other_keys)
+        assert other.hello()["secure"] is True
+        for call in (other.status, other.cancel, other.fetch):
+            with pytest.raises(UnknownJob):
+                call("owned")
+        with pytest.raises(JobRejected) as caught:
+            other.submit("owned", *request)  # even the very same request
+        assert caught.value.code == "job_exists"
+        assert other.status() == {"jobs": []}
+
+        impostor = Client(server.address, timeout_s=3.0, client_id=mine.client_id, **other_keys)
+        try:
+            seen = impostor.status()["jobs"]
+        except ServerUnavailable:  # the id stays with its own connection
+            seen = []
+        finally:
+            impostor.close()
+        assert seen == []
+        assert [job["job_id"] for job in mine.status()["jobs"]] == ["owned"]
+        assert len(mine.fetch("owned").frames) == 4
+
+        mine.close()  # the owner goes away; its id is free to take now
+        impostor = Client(server.address, timeout_s=2.0, client_id=mine.client_id, **other_keys)
+        try:
+            assert wait_until(lambda: jobs_seen_by(impostor), "the impostor connecting") == {
+                "jobs": []}
+        finally:
+            impostor.close()
+    finally:
+        server.stop()
+
+
+def jobs_seen_by(client: Client) -> dict | None:
+    """The client's job list, or None while it cannot get an answer."""
+    try:
+        return client.status()
+    except ServerUnavailable:
+        return None
+
+
 def test_bad_key_files_are_clear_errors(tmp_path):
     with pytest.raises(ClientError, match="no key file"):
         load_client_keys(tmp_path)
@@ -433,7 +516,7 @@ def test_bad_key_files_are_clear_errors(tmp_path):
 
 
 def test_network_bind_without_keys_refused(tmp_path):
-    bind = "tcp://0.0.0.0:5599"  # never bound: the check comes first
+    bind = "tcp://0.0.0.0:*"  # the check comes first; were it missing, any free port
     result = subprocess.run(
         [sys.executable, "-m", "backend", "serve", "--model", "tiny", "--bind", bind,
          "--state-dir", str(tmp_path / "state")],
@@ -466,9 +549,13 @@ def test_remote_transfer_writes_the_same_files_as_a_local_run(server, tmp_path):
         assert result.returncode == 0, result.stderr
         sidecar = json.loads((tmp_path / f"{name}.json").read_text())
         sidecar.pop("timings_s", None)
+        # warm or cold depends on which jobs this module's server ran before
+        sidecar.pop("inversion_from_cache", None)
         outputs[name] = sidecar, sorted((tmp_path / f"{name}-frames").iterdir())
+        outputs[f"{name}-stderr"] = result.stderr
         assert (tmp_path / f"{name}.mp4").stat().st_size > 0
     assert outputs["local"][0] == outputs["remote"][0]
+    assert "Job cli-" in outputs["remote-stderr"] and "--job-id cli-" in outputs["remote-stderr"]
     local_frames, remote_frames = outputs["local"][1], outputs["remote"][1]
     assert [p.name for p in local_frames] == [p.name for p in remote_frames]
     for local, remote in zip(local_frames, remote_frames, strict=True):
@@ -479,11 +566,174 @@ def test_remote_transfer_without_a_server_is_one_line(tmp_path):
     from backend.video import write_frames_dir
 
     write_frames_dir(np.zeros((4, 32, 32, 3), np.uint8), tmp_path / "clip")
-    result = subprocess.run(
-        [sys.executable, "-m", "backend", "transfer", str(tmp_path / "clip"), "--prompt", "x",
-         "--frames", "2", "--width", "64", "--height", "64", "-o", str(tmp_path / "o.mp4"),
-         "--server", "tcp://127.0.0.1:9", "--timeout", "1"],
-        cwd=REPO_ROOT, env={**subprocess_env(), "UNDERSTUDY_CLIENT_TIMEOUT": "1"},
-        capture_output=True, text=True, timeout=WAIT_S)
+    with unused_address() as address:
+        result = subprocess.run(
+            [sys.executable, "-m", "backend", "transfer", str(tmp_path / "clip"), "--prompt", "x",
+             "--frames", "2", "--width", "64", "--height", "64", "-o", str(tmp_path / "o.mp4"),
+             "--server", address, "--timeout", "1"],
+            cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=WAIT_S)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: Could not reach a server")
+
+
+def test_a_remote_transfer_re_attaches_to_its_job_by_id(server, connect, tmp_path):
+    """The CLI prints the job id; `--job-id` fetches that job instead of a new run."""
+    from backend.video import write_frames_dir
+
+    client = connect(server.address)
+    client.submit("earlier-cli-run", settings("a boat", seed=5), clip_pngs(6))
+    expected = client.wait("earlier-cli-run", timeout_s=WAIT_S)
+    write_frames_dir(decode_pngs(clip_pngs(6, shade=99)), tmp_path / "clip")  # not that clip
+    result = subprocess.run(
+        [sys.executable, "-m", "backend", "transfer", str(tmp_path / "clip"), "--prompt", "x",
+         "-o", str(tmp_path / "out.mp4"), "--frames-dir", str(tmp_path / "frames"),
+         "--server", server.address, "--job-id", "earlier-cli-run"],
+        cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=WAIT_S)
+    assert result.returncode == 0, result.stderr
+    assert "re-attached" in result.stderr
+    assert json.loads((tmp_path / "out.json").read_text())["seed"] == 5
+    written = sorted((tmp_path / "frames").iterdir())
+    assert np.array_equal(decode_pngs([p.read_bytes() for p in written]),
+                          decode_pngs(expected.frames))
+
+
+# --------------------------------------------------------------------------- hostile input (issue 9)
+
+
+def png_with_broken_pixels(frame: bytes) -> bytes:
+    """The same PNG with its pixel data garbled but every checksum right: it passes the
+    submit check (headers and CRCs) and fails only when decoded."""
+    import struct
+    import zlib
+
+    out, position = bytearray(frame[:8]), 8
+    while position < len(frame):
+        length, kind = struct.unpack(">I4s", frame[position:position + 8])
+        data = frame[position + 8:position + 8 + length]
+        if kind == b"IDAT":
+            data = bytes(byte ^ 0x5A for byte in data)
+        out += struct.pack(">I4s", length, kind) + data
+        out += struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        position += 12 + length
+    return bytes(out)
+
+
+def test_only_the_frames_a_job_uses_are_decoded(server, connect):
+    """Defect 2: frame 1 of 6 is not among the 4 sampled (0, 2, 3, 5), so it is never
+    decoded and the job succeeds."""
+    client = connect(server.address)
+    frames = clip_pngs(6)
+    frames[1] = png_with_broken_pixels(frames[1])
+    client.submit("unused-frame-broken", settings(), frames)
+    assert len(client.wait("unused-frame-broken", timeout_s=WAIT_S).frames) == 4
+
+
+def test_a_decompression_bomb_is_refused_before_decoding(server, connect):
+    """Defect 2: all-zero 256×256 frames are small on the wire; the pixel budget
+    (0.1 megapixels a job here) counts what they would decode to."""
+    client = connect(server.address)
+    bomb = [encode_png_zeros(256, 256)] * 6
+    assert sum(map(len, bomb)) < 6000
+    with pytest.raises(JobRejected) as caught:
+        client.submit("bomb", settings(), bomb)
+    assert caught.value.code == "too_large" and "megapixels" in str(caught.value)
+    with pytest.raises(UnknownJob):
+        client.status("bomb")
+
+
+def encode_png_zeros(width: int, height: int) -> bytes:
+    from backend.video import encode_png
+
+    return encode_png(np.zeros((height, width, 3), np.uint8))
+
+
+def test_a_flood_of_frames_is_refused_without_being_kept(server, connect):
+    """Defect 4: the frame count is checked as frames arrive; the reply carries req."""
+    socket = raw_socket(server.address)
+    try:
+        header = json.dumps({"v": 1, "type": "hello", "req": 41}).encode()
+        reply = ask(socket, [header, *[b""] * 300_000])
+    finally:
+        socket.close()
+    assert reply["type"] == "error" and reply["code"] == "too_many_frames"
+    assert reply["req"] == 41
+    assert connect(server.address).hello()["model"] == "tiny"
+
+
+def test_a_client_that_never_reads_loses_replies_instead_of_growing_the_server(server, connect):
+    """Defect 4: each client's send queue is bounded; the server drops what does not fit."""
+    client = connect(server.address)
+    client.submit("big-result", settings(width=128, height=128, output_frames=8), clip_pngs(6))
+    client.wait("big-result", timeout_s=WAIT_S)
+    before = client.hello()["dropped_messages"]
+    reader = zmq.Context.instance().socket(zmq.DEALER)
+    reader.setsockopt(zmq.LINGER, 0)
+    reader.setsockopt(zmq.RCVHWM, 1)
+    reader.setsockopt(zmq.RCVBUF, 4096)
+    reader.connect(server.address)
+    try:
+        fetch = json.dumps({"v": 1, "type": "fetch", "req": 1, "job_id": "big-result"}).encode()
+        for _ in range(150):  # ~60 MB of replies if the server buffered them all
+            reader.send(fetch)
+        wait_until(lambda: client.hello()["dropped_messages"] > before,
+                   "the server dropping replies for a reader that does not read")
+        assert client.status("big-result")["state"] == "done"  # everyone else is served
+    finally:
+        reader.close()
+
+
+def test_numbers_that_are_not_json_and_broken_text_are_refused_with_their_req(server, connect):
+    """Defects 6 and 7: NaN, Infinity, lone surrogates, huge and deep headers."""
+    socket = raw_socket(server.address)
+    submit = '{"v": 1, "type": "submit", "req": %d, "job_id": "strict", "settings": %s}'
+    cases = [
+        (submit % (1, '{"prompt": "p", "cfg_scale": NaN}'), "bad_header"),
+        (submit % (2, '{"prompt": "p", "cfg_scale": Infinity}'), "bad_header"),
+        (submit % (3, '{"prompt": "p", "lr_start": 1e999}'), "bad_header"),
+        (submit % (4, '{"prompt": "a \\ud800 bear"}'), "bad_request"),
+        (submit % (5, json.dumps(settings(output_frames=100_000))), "bad_settings"),
+        ('{"v": 1, "type": "hello", "req": 6, "pad": "%s"}' % ("x" * 70_000), "bad_header"),
+        ('{"v": 1, "type": "hello", "req": 7, "x": %s}' % ("[" * 5000 + "]" * 5000), "bad_header"),
+    ]
+    try:
+        for number, (header, code) in enumerate(cases, start=1):
+            reply = ask(socket, [header.encode(), *clip_pngs(6)])
+            assert reply["code"] == code, (header[:90], reply)
+            assert reply["req"] == number, reply
+            assert reply["message"].endswith("."), reply
+    finally:
+        socket.close()
+    client = connect(server.address)
+    with pytest.raises(UnknownJob):
+        client.status("strict")
+    with pytest.raises(JobRejected, match="finite"):  # the client refuses to send NaN at all
+        client.submit("strict", settings(cfg_scale=float("nan")), clip_pngs(6))
+    with pytest.raises(ClientError, match="at most 65536") as caught:
+        client.status("x" * 70_000)  # not even a job id: the header size is checked first
+    assert caught.value.code == "bad_header"
+
+
+def test_the_client_surfaces_an_error_that_carries_no_req():
+    """Defect 7: a server that cannot read our req still answers; the client says what it
+    answered instead of "did not answer" when its timeout runs out."""
+    with one_reply_server(lambda _: protocol.encode(protocol.error_header(
+            "bad_header", "The header is broken; send a JSON object header."))) as address:
+        with Client(address, timeout_s=30.0) as client:
+            with pytest.raises(ClientError, match="header is broken") as caught:
+                client.hello()
+    assert caught.value.code == "bad_header"
+
+
+def test_log_lines_cannot_be_forged_through_a_client_id(server):
+    """Defect 8: a routing id with a newline is logged escaped."""
+    socket = zmq.Context.instance().socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.ROUTING_ID, b"x\n2026-12-01 00:00:00,000 INFO Accepted job FORGED")
+    socket.connect(server.address)
+    try:
+        header = {"v": 1, "type": "submit", "req": 1, "job_id": "log-forgery", "settings": settings()}
+        assert ask(socket, protocol.encode(header, clip_pngs(6)))["type"] == "accepted"
+    finally:
+        socket.close()
+    assert not [line for line in server.log().splitlines() if line.startswith("2026-12-01 00:00")]
+    assert "x\\x0a2026-12-01" in server.log()

@@ -1,0 +1,168 @@
+"""One edit of one clip, on this machine or on a job server: what `transfer` and the
+demo both run.
+
+    outcome = edit_clip(Path("clip.mp4"), {"prompt": "a train"}, Path("out.mp4"),
+                        Local(model="tiny"))                       # or Remote("tcp://…")
+    outcome.metadata["seed"], outcome.frame_count
+
+Writes out.mp4, the JSON sidecar out.json beside it and, when asked, numbered PNGs.
+Every failure is an UnderstudyError with one sentence.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from backend.errors import UnderstudyError
+from shared.settings import TransferSettings
+
+DEFAULT_MODEL = "cerspense/zeroscope_v2_576w"
+DEFAULT_CACHE = Path.home() / ".cache" / "understudy"
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class Local:
+    """Run the engine in this process."""
+
+    model: str = DEFAULT_MODEL
+    device: str | None = None
+    dtype: str | None = None
+    cache_dir: Path = DEFAULT_CACHE
+    cache_max_bytes: int | None = None  # None: the engine's default cap
+    upscale_model: str | None = None  # for upscale "xl"; None: ZeroScope XL
+
+
+@dataclass
+class Remote:
+    """Run on a job server. `job_id` re-attaches to a job submitted before."""
+
+    address: str
+    keys: str | None = None
+    timeout_s: float = 10.0
+    job_id: str | None = None
+
+
+@dataclass
+class EditOutcome:
+    output: Path
+    sidecar: Path
+    frame_count: int
+    metadata: dict[str, Any]
+
+
+def sidecar_path(output: Path) -> Path:
+    """out.mp4 → out.json"""
+    return output.with_suffix(".json")
+
+
+def edit_clip(clip_path: Path, settings: dict[str, Any], output: Path, where: Local | Remote,
+              *, match_length: bool = False, frames_dir: Path | None = None,
+              progress: Progress | None = None,
+              say: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+              ) -> EditOutcome:
+    """Read the clip, run the edit where asked, write the outputs."""
+    from backend.video import read_clip
+
+    output = Path(output)
+    if output.suffix.lower() != ".mp4":
+        raise UnderstudyError(f"The output {output} must end in .mp4.")
+    clip = read_clip(clip_path)
+    parsed = TransferSettings.from_dict(
+        {**settings, "output_frames": len(clip.frames) if match_length else None})
+    if isinstance(where, Remote):
+        frames, metadata = _on_server(where, clip.frames, parsed, progress, say)
+    else:
+        from backend.engine import load_engine
+        from backend.model import ZEROSCOPE_XL
+
+        upscaler = None if parsed.upscale == "none" else where.upscale_model or ZEROSCOPE_XL
+        engine = load_engine(where.model, device=where.device, dtype=where.dtype,
+                             cache_dir=Path(where.cache_dir), cache_max_bytes=where.cache_max_bytes,
+                             upscale_model=upscaler)
+        result = engine.transfer(clip.frames, parsed, progress=progress)
+        frames, metadata = result.frames, result.metadata
+    frames = _frames_for_files(clip.frames, frames, metadata)
+    fps = clip.fps * len(frames) / len(clip.frames)  # the clip's duration, whatever the count
+    _write_outputs(frames, metadata, output, fps, frames_dir)
+    return EditOutcome(output, sidecar_path(output), len(frames), metadata)
+
+
+def _frames_for_files(clip_frames, frames, metadata: dict):
+    """What the files hold: the edit as it came back, except under crop, where it is
+    put back into its box of the source frames (backend/framing.py, paste_into_box), so
+    the file lies exactly over the source clip. The source frames behind it are those
+    the model edited, held the way the result was retimed."""
+    import numpy as np
+
+    from backend.framing import Box, paste_into_box
+    from backend.video import retime_indices
+
+    framing = metadata.get("framing") or {}
+    if framing.get("mode") != "crop":
+        return frames
+    used = np.asarray(metadata["input_frame_indices"])
+    background = clip_frames[used[retime_indices(len(used), len(frames))]]
+    return paste_into_box(background, frames, Box(*framing["crop_box"]))
+
+
+def _write_outputs(frames, metadata: dict, output: Path, fps: float,
+                   frames_dir: Path | None) -> None:
+    from backend.video import write_frames_dir, write_video
+
+    write_video(frames, output, fps=fps)
+    if frames_dir is not None:
+        write_frames_dir(frames, frames_dir)
+    sidecar_path(output).write_text(json.dumps(metadata, indent=2))
+
+
+def _on_server(remote: Remote, clip_frames, settings: TransferSettings,
+               progress: Progress | None, say: Callable[[str], None]):
+    """Run one edit through a job server; returns (frames, sidecar) like a local run.
+
+    The whole clip goes over as PNGs (the server samples and resizes, as the engine
+    does locally). The job id is printed first, so a result outlives this process:
+    `--job-id ID` asks for that job instead of submitting a new one. Ctrl-C cancels.
+    """
+    from backend.video import decode_pngs, encode_png
+    from shared.client import Client, ClientError, UnknownJob, load_client_keys
+
+    try:
+        client = Client(remote.address, timeout_s=remote.timeout_s,
+                        **(load_client_keys(remote.keys) if remote.keys else {}))
+    except ClientError as error:
+        raise UnderstudyError(str(error)) from None
+    job_id = remote.job_id or f"cli-{uuid.uuid4().hex[:16]}"
+    try:
+        info = client.hello()
+        say(f"Server {remote.address}: model {info.get('model')} on {info.get('device')}, "
+            f"{info.get('queue_length')} jobs ahead.")
+        try:
+            known = remote.job_id is not None and client.status(job_id)
+        except UnknownJob:
+            known = False
+        if known:
+            say(f"Job {job_id}: re-attached ({known['state']}).")
+        else:
+            client.submit(job_id, settings.to_dict(),
+                          [encode_png(frame) for frame in clip_frames])
+            say(f"Job {job_id}: submitted; if this command stops, fetch the result with "
+                f"--server {remote.address} --job-id {job_id}.")
+        try:
+            result = client.wait(job_id, progress=None if progress is None else (
+                lambda event: progress(event["phase"], event["step"], event["total"])))
+        except KeyboardInterrupt:
+            client.cancel(job_id)
+            raise
+        return decode_pngs(result.frames, f"the result of job {job_id}"), result.sidecar
+    except ClientError as error:
+        raise UnderstudyError(str(error)) from None
+    finally:
+        client.close()

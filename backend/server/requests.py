@@ -1,0 +1,148 @@
+"""Answers to requests: one method per request type, each returning its reply.
+
+Runs in the main thread. Validation happens here, before the book is asked to keep
+anything; the book decides what a caller may see.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from backend.errors import UnderstudyError
+from backend.server.book import JobBook
+from backend.server.engine_api import TransferEngine
+from backend.server.frames import check_pixel_budget, check_png_frames
+from backend.server.store import Job, StoreUnavailable
+from backend.server.transport import Incoming, client_name, printable
+from shared import protocol
+from shared.protocol import ErrorCode, ProtocolError, ReplyType, RequestType
+
+log = logging.getLogger("understudy.server")
+
+@dataclass
+class Answer:
+    """The reply to one request, and what it changed for others: a queued job it
+    cancelled (whose client is told, and the queue behind it moved)."""
+
+    reply: dict[str, Any]
+    payload: list[bytes] = field(default_factory=list)
+    cancelled: Job | None = None
+
+
+class Requests:
+    """Turns one Incoming message into exactly one Answer (never raises)."""
+
+    def __init__(self, book: JobBook, engine: TransferEngine, limits: dict[str, int],
+                 heartbeat_s: float, secure: Callable[[], bool],
+                 dropped: Callable[[], int]) -> None:
+        self.book = book
+        self.engine = engine
+        self.limits = limits
+        self.heartbeat_s = heartbeat_s
+        self.secure = secure
+        self.dropped = dropped
+
+    def answer(self, message: Incoming) -> Answer:
+        """The answer to one message; every failure becomes an error reply with its req."""
+        req = protocol.peek_req(message.frames[0]) if message.frames else None
+        try:
+            if message.refusal is not None:
+                raise message.refusal
+            header, payload = protocol.decode(message.frames)
+            answer = self._dispatch(message, header, payload)
+        except ProtocolError as error:
+            answer = Answer(protocol.error_header(error.code, error.message))
+        except StoreUnavailable as error:
+            answer = Answer(protocol.error_header(error.code, str(error)))
+        except Exception:  # a server bug must not take the other clients down
+            log.error("Request from %s failed:\n%s", printable(message.routing_id),
+                      traceback.format_exc())
+            answer = Answer(protocol.error_header(
+                ErrorCode.INTERNAL, "The server failed on this request; see the server log."))
+        if req is not None:
+            answer.reply["req"] = req
+        return answer
+
+    def _dispatch(self, message: Incoming, header: dict[str, Any], payload: list[bytes]
+                  ) -> Answer:
+        kind = header["type"]
+        client, owner = client_name(message.routing_id), message.owner
+        if kind == RequestType.HEARTBEAT:
+            return Answer({"type": ReplyType.HEARTBEAT, "queue_length": self.book.queue_length(),
+                           "time": time.time()})
+        if kind == RequestType.HELLO:
+            return Answer(self._welcome())
+        if kind == RequestType.SUBMIT:
+            return Answer(self._submit(client, owner, header, payload))
+        if kind == RequestType.STATUS:
+            if header.get("job_id") is None:
+                return Answer({"type": ReplyType.STATUS, "jobs": self.book.jobs_of(client, owner)})
+            job_id = protocol.check_job_id(header.get("job_id"))
+            return Answer({"type": ReplyType.STATUS, "job": self.book.view(job_id, owner)})
+        if kind == RequestType.CANCEL:
+            info, cancelled = self.book.cancel(protocol.check_job_id(header.get("job_id")), owner)
+            return Answer({"type": ReplyType.STATUS, "job": info}, cancelled=cancelled)
+        if kind == RequestType.FETCH:
+            job_id = protocol.check_job_id(header.get("job_id"))
+            sidecar, frames = self.book.result(job_id, owner)
+            return Answer({"type": ReplyType.RESULT, "job_id": job_id, "sidecar": sidecar,
+                           "frame_count": len(frames)}, frames)
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"Unknown message type {kind!r}; this "
+                            f"server understands {', '.join(sorted(protocol.REQUEST_TYPES))}.")
+
+    def _welcome(self) -> dict[str, Any]:
+        from backend import __version__
+
+        described = self.engine.describe()
+        problem = self.book.health()
+        return {"type": ReplyType.WELCOME, "server": "understudy", "version": __version__,
+                "model": described.get("model"), "device": described.get("device"),
+                "engine": described, "limits": self.limits, "heartbeat_s": self.heartbeat_s,
+                "queue_length": self.book.queue_length(), "secure": self.secure(),
+                "degraded": problem, "dropped_messages": self.dropped()}
+
+    def _submit(self, client: str, owner: str | None, header: dict[str, Any],
+                payload: list[bytes]) -> dict[str, Any]:
+        from shared.settings import TransferSettings
+
+        job_id = protocol.check_job_id(header.get("job_id"))
+        try:
+            settings = protocol.require(header, "settings", dict)
+            header_bytes = len(protocol.json_text(header))
+            protocol.check_submit_limits(settings, payload, header_bytes, self.limits)
+            digest = protocol.request_digest(settings, payload)
+            repeated = self.book.existing(job_id, client, owner, digest)
+            if repeated is not None:
+                return {"type": ReplyType.ACCEPTED, **repeated}
+            # Unless the client says otherwise, a job may edit every frame this server takes.
+            settings = {"frame_limit": self.limits["max_frames"], **settings}
+            try:
+                parsed = TransferSettings.from_dict(settings)
+            except TypeError as error:  # from_dict passes values to the dataclass
+                raise ProtocolError(ErrorCode.BAD_SETTINGS,
+                                    f"The settings are not valid ({error}).") from None
+            size = check_png_frames(payload, self.limits["max_side"])
+            frames_used = len(payload) if parsed.num_frames is None else min(parsed.num_frames,
+                                                                             len(payload))
+            check_pixel_budget(frames_used, size,
+                               self.limits["max_job_pixels"])
+            self.engine.check_settings(parsed, len(payload))
+            job = Job(job_id=job_id, seq=-1, client=client, owner=owner, digest=digest,
+                      submitted_at=time.time(), frames_in=len(payload))
+            accepted = self.book.add(job, settings, payload)
+        except UnderstudyError as error:  # bad settings or clip, store unavailable
+            return _rejected(job_id, error.code, str(error))
+        except ProtocolError as error:
+            return _rejected(job_id, error.code, error.message)
+        log.info("Accepted job %s from %s (%d frames, queue position %s).", job_id,
+                 printable(client.encode("latin-1")), len(payload), accepted["queue_position"])
+        return {"type": ReplyType.ACCEPTED, **accepted}
+
+
+def _rejected(job_id: str, code: str, message: str) -> dict[str, Any]:
+    return {"type": ReplyType.REJECTED, "job_id": job_id, "code": code, "message": message}

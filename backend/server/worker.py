@@ -1,0 +1,120 @@
+"""The worker: takes jobs from the book one at a time and runs them on the engine.
+
+It is the only part that knows how a job runs; the book and the store only see
+claim, progress and finish. Nothing a job does can end the worker: every exception
+ends in a recorded outcome, or puts the job back in the queue when the store cannot
+record one, and while the store cannot be written the worker probes it until it can.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from backend.errors import JobCancelled, UnderstudyError
+from backend.server.book import JobBook
+from backend.server.engine_api import TransferEngine
+from backend.server.frames import PngClip
+from backend.server.store import Job, JobStore, StoreUnavailable
+from shared.protocol import ErrorCode, EventType, JobState, error_header
+
+log = logging.getLogger("understudy.server")
+
+PROBE_INTERVAL_S = 1.0  # how often a degraded store is tried again
+QUEUE_CHANGED = "queue_changed"  # worker → main loop: send everyone their queue position
+
+Notify = Callable[[dict[str, Any]], None]
+
+
+class Worker:
+    """Runs the book's jobs in submission order until `stopping` is set."""
+
+    def __init__(self, book: JobBook, store: JobStore, engine: TransferEngine,
+                 step_delay_s: float = 0.0) -> None:
+        self.book = book
+        self.store = store
+        self.engine = engine
+        self.step_delay_s = step_delay_s  # testing only: catch a job mid-run
+
+    def run(self, stopping: threading.Event, notify: Notify) -> None:
+        """The worker thread's body; `notify` hands events to the socket loop."""
+        while not stopping.is_set():
+            try:
+                if self.book.health() is not None:  # wait first: one try per interval
+                    stopping.wait(PROBE_INTERVAL_S)
+                    self.book.try_resume()
+                    continue
+                job = self.book.claim_next(stopping, wait_s=PROBE_INTERVAL_S)
+                if job is None:
+                    continue
+                notify({"type": QUEUE_CHANGED})
+                log.info("Running job %s (attempt %d).", job.job_id, job.attempts)
+                self._run(job, stopping, notify)
+                notify({"type": QUEUE_CHANGED})
+            except Exception:  # a bug here must not stop every later job
+                log.error("The worker hit an error and goes on:\n%s", traceback.format_exc())
+                stopping.wait(PROBE_INTERVAL_S)
+
+    def _run(self, job: Job, stopping: threading.Event, notify: Notify) -> None:
+        """Run one job and record how it ended."""
+        from backend.video import encode_png
+        from shared.settings import TransferSettings
+
+        def progress(phase: str, step: int, total: int) -> None:
+            self.book.report_progress(job.job_id, phase, step, total)
+            notify({"type": EventType.PROGRESS, "job_id": job.job_id, "phase": phase,
+                    "step": step, "total": total, "attempt": job.attempts})
+            if self.step_delay_s:
+                time.sleep(self.step_delay_s)
+
+        def cancelled() -> bool:
+            return stopping.is_set() or self.book.cancel_wanted(job.job_id)
+
+        try:
+            request = self.store.read_request(job.job_id)
+            settings = TransferSettings.from_dict(request["settings"])
+            clip = PngClip(self.store.input_paths(job.job_id), f"the clip of job {job.job_id}")
+            result = self.engine.transfer(clip, settings, progress=progress, cancelled=cancelled)
+            images = [encode_png(frame) for frame in result.frames]
+            self.store.write_result(job.job_id, images, result.metadata)
+            progress("save", len(images), len(images))
+        except StoreUnavailable as problem:
+            log.error("Job %s goes back to the queue: %s", job.job_id, problem)
+            self.book.note_store_problem(job.job_id, problem)
+            return
+        except JobCancelled:
+            if stopping.is_set() and not self.book.cancel_wanted(job.job_id):
+                self.book.put_back(job.job_id)  # a clean stop: it runs again after a restart
+                return
+            self._finish(job, JobState.CANCELLED, None, None,
+                         {"type": EventType.CANCELLED, "job_id": job.job_id}, notify)
+            return
+        except UnderstudyError as error:
+            self._fail(job, error.code, str(error), notify)
+            return
+        except Exception as error:  # an engine bug fails this job, not the server
+            log.error("Job %s failed:\n%s", job.job_id, traceback.format_exc())
+            self._fail(job, ErrorCode.INTERNAL, f"The server failed on this job "
+                       f"({type(error).__name__}); see the server log.", notify)
+            return
+        self._finish(job, JobState.DONE, None, len(images),
+                     {"type": EventType.RESULT_READY, "job_id": job.job_id,
+                      "frame_count": len(images), "sidecar": result.metadata}, notify)
+
+    def _fail(self, job: Job, code: str, message: str, notify: Notify) -> None:
+        self._finish(job, JobState.FAILED, {"code": code, "message": message}, None,
+                     error_header(code, message, job_id=job.job_id), notify)
+
+    def _finish(self, job: Job, state: JobState, error: dict[str, str] | None,
+                frame_count: int | None, event: dict[str, Any], notify: Notify) -> None:
+        """Record the outcome, then tell the client; an unrecorded outcome is not told."""
+        if self.book.finish(job.job_id, state, error, frame_count):
+            notify(event)
+            log.info("Job %s %s.", job.job_id, state)
+        else:
+            log.error("Job %s ended (%s) but the store could not record it; it runs again "
+                      "once the store is writable.", job.job_id, state)
