@@ -128,7 +128,7 @@ def command_serve(args: argparse.Namespace) -> int:
                           insecure=args.insecure, limits=limits, keep_hours=args.keep_hours,
                           keep_jobs=args.keep_jobs, test_step_delay_s=args.test_step_delay)
     serve(config, args.model, device=args.device, dtype=args.dtype,
-          cache_dir=Path(args.cache_dir))
+          cache_dir=Path(args.cache_dir), upscale_model=args.upscale_model)
     return 0
 
 
@@ -330,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="testing only: sleep this many seconds at every progress step, "
                        "so tests can catch a job mid-run")
     add_model_flags(serve)
+    serve.add_argument("--upscale-model", default=None,
+                       help="load an upscaler for upscale 'xl' jobs: hub id "
+                            "(cerspense/zeroscope_v2_XL), local diffusers folder or 'tiny' "
+                            "(default: none; the hello's engine.upscaler says which)")
     serve.set_defaults(func=command_serve)
 
     keys = commands.add_parser("keys", help="write CURVE key pairs for the server and a client")

@@ -61,3 +61,21 @@ def test_crop_through_the_server_lands_where_the_source_was(server, tmp_path):
     assert sidecar["framing"]["crop_box"] == [0, 44, 72, 84]
     assert written.shape == PHONE.shape
     assert np.array_equal(written[:, :44], PHONE[:, :44]) and np.array_equal(written[:, 84:], PHONE[:, 84:])
+
+
+def test_a_server_with_an_upscaler_says_so_and_doubles_the_size(tmp_path):
+    upscaling = ServerProcess(tmp_path / "state", "--upscale-model", "tiny").start()
+    try:
+        with Client(upscaling.address, timeout_s=30.0) as client:
+            assert client.hello()["engine"]["upscaler"] == "tiny"
+            square = [encode_png(frame) for frame in moving_square_frames(6, 64, 64)]
+            client.submit("xl", settings(upscale="xl", steps=2, inversion_steps=2, upscale_width=128,
+                                         upscale_height=128), square)
+            result = client.wait("xl", timeout_s=WAIT_S)
+            with pytest.raises(JobRejected, match="--framing crop"):  # refused before it queues
+                client.submit("wide", settings(), [encode_png(f) for f in moving_square_frames(4, 296, 64)])
+    finally:
+        upscaling.stop()
+    assert decode_pngs(result.frames).shape == (4, 128, 128, 3)
+    assert result.sidecar["framing"]["upscale_size"] == [128, 128]
+    assert result.sidecar["upscaler"] == {"model": "tiny", "steps": 1}

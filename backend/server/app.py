@@ -146,8 +146,9 @@ class Server:
 
 
 def serve(config: ServerConfig, model: str, device: str | None = None, dtype: str | None = None,
-          cache_dir: Path | None = None) -> None:
-    """Check the options, load the model once, recover the store, serve until stopped."""
+          cache_dir: Path | None = None, upscale_model: str | None = None) -> None:
+    """Check the options, load the model (and the upscaler, if named) once, recover the
+    store, serve until stopped."""
     from backend.engine import load_engine
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -156,7 +157,8 @@ def serve(config: ServerConfig, model: str, device: str | None = None, dtype: st
         log.warning("Serving %s without encryption (--insecure): anyone who can reach it can "
                     "submit jobs and read results.", config.bind)
     JobStore(config.state_dir)  # a state folder that cannot be written: say so before loading
-    engine = load_engine(model, device=device, dtype=dtype, cache_dir=cache_dir)
+    engine = load_engine(model, device=device, dtype=dtype, cache_dir=cache_dir,
+                         upscale_model=upscale_model)
     server = Server(config, engine)
     server.recover()
     address = server.bind()
