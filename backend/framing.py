@@ -56,10 +56,11 @@ def fit_size(width: int, height: int, budget: int, cell: int) -> tuple[int, int]
     """The largest size whose sides are multiples of `cell`, whose area is at most
     `budget` pixels, and whose aspect ratio is that of width × height within one cell.
 
-    "Within one cell": at the chosen height h, the chosen width w differs from the
-    exact width h·width/height by at most `cell` pixels, and the same with the roles
-    of the sides swapped. Of several such sizes the one with the largest area wins;
-    on a tie, the one nearest the exact aspect ratio.
+    "Within one cell": at each height h (a multiple of `cell`), the width w is the exact
+    width h·width/height rounded down or up to a multiple of `cell` (so they differ by
+    less than a cell, or not at all), and h differs from w·height/width by at most
+    `cell`. Of such sizes the one with the largest area wins; on a tie, the one nearest
+    the exact aspect ratio. (3:2 in 64×64 is therefore 72×48 exactly, not 80×48.)
     """
     aspect = width / height
     best: tuple[float, float, int, int] | None = None
