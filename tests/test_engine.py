@@ -390,13 +390,15 @@ def test_fit_runs_a_4_3_clip_within_the_budget_at_its_own_aspect(engine, monkeyp
     encoded = []
     spy_first_argument(monkeypatch, engine, "_encode", encoded)
     clip = moving_square_frames(4, 160, 120)  # 4:3
-    result = engine.transfer(clip, small(width=576, height=320, source_prompt="four by three"))
+    # A 16:9 budget of 128×72 = 9,216 pixels (ZeroScope's 576×320: tests/test_framing.py):
+    # 80 rows · 4/3 = 106.7 → 112 columns, 8,960 pixels; 88 rows would need 112 × 88 = 9,856.
+    result = engine.transfer(clip, small(width=128, height=72, source_prompt="four by three"))
     width, height = result.metadata["framing"]["model_size"]
-    assert (width, height) == (496, 368)  # hand-computed in tests/test_framing.py
-    assert width * height <= 576 * 320
+    assert (width, height) == (112, 80)
+    assert width * height <= 128 * 72
     assert abs(width - height * 4 / 3) <= 8 and abs(height - width * 3 / 4) <= 8  # one latent cell
-    assert [frames.shape for frames in encoded] == [(4, 368, 496, 3)]  # the model ran at that size
-    assert result.frames.shape == (4, 368, 496, 3)
+    assert [frames.shape for frames in encoded] == [(4, 80, 112, 3)]  # the model ran at that size
+    assert result.frames.shape == (4, 80, 112, 3)
 
 
 def test_crop_edits_the_centred_box_and_records_where_it_was(engine, monkeypatch):
