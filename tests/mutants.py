@@ -21,12 +21,211 @@ class Mutant:
     original: str  # text that occurs exactly once in `path`
     mutated: str  # what replaces it
     tests: tuple[str, ...]  # pytest node ids or files; at least one must fail
+    more: tuple[tuple[str, str], ...] = ()  # further (original, mutated) edits of the same file
 
     def __str__(self) -> str:
         return self.name
 
 
 MUTANTS: tuple[Mutant, ...] = (
+    # --- the job server's promises (backend/server/, shared/protocol.py, shared/client.py)
+    Mutant(
+        'job files are written in place, not to a temporary name',
+        'backend/server/store.py',
+        '    temporary = path.with_name(path.name + ".tmp")',
+        '    temporary = path',
+        ('tests/test_store.py::test_every_job_file_is_written_to_a_temporary_name_fsynced_and_renamed',),
+    ),
+    Mutant(
+        'job files are renamed into place without fsync',
+        'backend/server/store.py',
+        '        os.fsync(file.fileno())\n    os.replace(temporary, path)',
+        '        pass\n    os.replace(temporary, path)',
+        ('tests/test_store.py::test_every_job_file_is_written_to_a_temporary_name_fsynced_and_renamed',),
+    ),
+    Mutant(
+        "a job's inputs are written after the status that names them",
+        'backend/server/store.py',
+        '            (folder / "input").mkdir(parents=True)\n            for index, frame in enumerate(frames):\n                atomic_write(folder / "input" / f"{index:05d}.png", frame)\n            fsync_dir(folder / "input")\n            atomic_write(folder / "request.json", json_bytes(job.request_record(settings)))\n            self._write_status(job)',
+        '            (folder / "input").mkdir(parents=True)\n            atomic_write(folder / "request.json", json_bytes(job.request_record(settings)))\n            self._write_status(job)\n            for index, frame in enumerate(frames):\n                atomic_write(folder / "input" / f"{index:05d}.png", frame)\n            fsync_dir(folder / "input")',
+        ('tests/test_store.py::test_inputs_and_request_are_on_disk_before_the_status_that_names_them', 'tests/test_store.py::test_a_job_interrupted_while_being_created_is_never_listed',),
+    ),
+    Mutant(
+        "under CURVE, any authorised key may act on another key's job",
+        'backend/server/book.py',
+        '        if job is None or (job.owner is not None and job.owner != owner):',
+        '        if job is None:',
+        ('tests/test_server.py::test_with_keys_a_job_belongs_to_the_key_that_submitted_it',),
+    ),
+    Mutant(
+        'a clean stop counts the interrupted attempt',
+        'backend/server/book.py',
+        'attempts=job.attempts - 1)',
+        'attempts=job.attempts)',
+        ('tests/test_server.py::test_a_clean_stop_requeues_the_running_job_and_results_are_pruned_as_jobs_finish',),
+    ),
+    Mutant(
+        'finished results are pruned only at start-up',
+        'backend/server/book.py',
+        '            ledger.running.discard(job_id)\n            self._prune(ledger)',
+        '            ledger.running.discard(job_id)',
+        ('tests/test_server.py::test_a_clean_stop_requeues_the_running_job_and_results_are_pruned_as_jobs_finish',),
+    ),
+    Mutant(
+        'a store failure while finishing a job kills the worker',
+        'backend/server/book.py',
+        '                self._back_to_queue(ledger, job, attempt_counts=False)\n                return False',
+        '                raise',
+        ('tests/test_server_faults.py::test_the_server_survives_a_failing_disk_and_resumes_by_itself',),
+    ),
+    Mutant(
+        "the client hears a job's end before the store has it",
+        'backend/server/worker.py',
+        '        if self.book.finish(job.job_id, state, error, frame_count):\n            notify(event)',
+        '        notify(event)\n        if self.book.finish(job.job_id, state, error, frame_count):\n            pass',
+        ('tests/test_server_faults.py::test_the_server_survives_a_failing_disk_and_resumes_by_itself',),
+    ),
+    Mutant(
+        'submit skips the per-job pixel budget',
+        'backend/server/requests.py',
+        '            check_pixel_budget(frames_used, size,',
+        '            (lambda *_: None)(frames_used, size,',
+        ('tests/test_server.py::test_a_decompression_bomb_is_refused_before_decoding',),
+    ),
+    Mutant(
+        'the worker decodes every frame, not only those the job uses',
+        'backend/server/frames.py',
+        '        chosen = np.atleast_1d(np.arange(len(self.paths))[indices])',
+        '        chosen = np.atleast_1d(np.arange(len(self.paths))[indices])\n        decode_pngs([path.read_bytes() for path in self.paths], self.source)',
+        ('tests/test_server.py::test_only_the_frames_a_job_uses_are_decoded', 'tests/test_store.py::test_a_job_input_is_decoded_only_where_the_settings_pick',),
+    ),
+    Mutant(
+        'a damaged job is deleted instead of quarantined',
+        'backend/server/store.py',
+        '                self._quarantine(folder, str(damage))',
+        '                shutil.rmtree(folder, ignore_errors=True)',
+        ('tests/test_store.py::test_damaged_jobs_are_quarantined_never_deleted_and_the_store_loads', 'tests/test_server_faults.py::test_a_damaged_store_is_quarantined_and_the_server_starts',),
+    ),
+    Mutant(
+        'a job file of the wrong JSON shape stops the loader',
+        'backend/server/store.py',
+        '        except (OSError, ValueError, KeyError, TypeError) as error:',
+        '        except (OSError, ValueError) as error:',
+        ('tests/test_server_faults.py::test_a_damaged_store_is_quarantined_and_the_server_starts',),
+    ),
+    Mutant(
+        'job ids read from disk are trusted',
+        'backend/server/store.py',
+        '            job = Job(job_id=check_job_id(request["job_id"]),',
+        '            job = Job(job_id=request["job_id"],',
+        ('tests/test_store.py::test_damaged_jobs_are_quarantined_never_deleted_and_the_store_loads',),
+        more=(('        if job.job_id != folder.name:', '        if False:'),),
+    ),
+    Mutant(
+        "a message's frames are all kept before its limits are checked",
+        'backend/server/transport.py',
+        '                protocol.check_message_limits(count - 1, total, self.limits)',
+        '                pass',
+        ('tests/test_server.py::test_a_flood_of_frames_is_refused_without_being_kept',),
+    ),
+    Mutant(
+        'job lists follow the routing id, not the CURVE key',
+        'backend/server/book.py',
+        '                    if (job.owner == owner if owner is not None else job.client == client)]',
+        '                    if job.client == client]',
+        ('tests/test_server.py::test_with_keys_a_job_belongs_to_the_key_that_submitted_it',),
+    ),
+    Mutant(
+        'NaN is written into JSON',
+        'shared/protocol.py',
+        'allow_nan=False',
+        'allow_nan=True',
+        ('tests/test_protocol.py::test_encode_refuses_numbers_that_are_not_json', 'tests/test_server.py::test_numbers_that_are_not_json_and_broken_text_are_refused_with_their_req',),
+    ),
+    Mutant(
+        'NaN and Infinity are read from JSON',
+        'shared/protocol.py',
+        '        header = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)',
+        '        header = json.loads(text)',
+        ('tests/test_protocol.py::test_decode_refuses_headers_that_are_not_strict_json', 'tests/test_server.py::test_numbers_that_are_not_json_and_broken_text_are_refused_with_their_req',),
+    ),
+    Mutant(
+        'a job may ask for a reply larger than the limits',
+        'shared/protocol.py',
+        '    check_reply_size(settings, limits)\n\n\ndef check_reply_size',
+        '    pass\n\n\ndef check_reply_size',
+        ('tests/test_server.py::test_numbers_that_are_not_json_and_broken_text_are_refused_with_their_req',),
+    ),
+    Mutant(
+        'text with lone surrogates is accepted',
+        'shared/protocol.py',
+        '    json_text(header)  # lone',
+        '    pass  # lone',
+        ('tests/test_protocol.py::test_decode_refuses_headers_that_are_not_strict_json',),
+    ),
+    Mutant(
+        'an error about a broken header carries no req',
+        'shared/protocol.py',
+        '        found = _REQ_FIELD.search(bytes(frame[:MAX_HEADER_BYTES * 2]))',
+        '        found = None',
+        ('tests/test_protocol.py::test_peek_req_finds_the_request_number_of_a_broken_header', 'tests/test_server.py::test_numbers_that_are_not_json_and_broken_text_are_refused_with_their_req',),
+    ),
+    Mutant(
+        'the client ignores an error that carries no req',
+        'shared/client.py',
+        '"job_id" not in header and wanted_req:',
+        '"job_id" not in header and False:',
+        ('tests/test_server.py::test_the_client_surfaces_an_error_that_carries_no_req',),
+    ),
+    Mutant(
+        'the client sends a header over the size limit',
+        'shared/client.py',
+        '        if len(frames[0]) > protocol.MAX_HEADER_BYTES:',
+        '        if False:',
+        ('tests/test_server.py::test_numbers_that_are_not_json_and_broken_text_are_refused_with_their_req',),
+    ),
+    Mutant(
+        'a failed submit leaves a half-written job folder',
+        'backend/server/store.py',
+        '        except OSError as error:\n            shutil.rmtree(folder, ignore_errors=True)',
+        '        except OSError as error:\n            pass',
+        ('tests/test_store.py::test_accepted_is_only_said_once_the_job_is_on_disk',),
+    ),
+    Mutant(
+        'an unwritable state folder ends in a traceback',
+        'backend/server/store.py',
+        '            self._probe()\n        except OSError as error:\n            raise StoreUnavailable(\n                f"Cannot use',
+        '            self._probe()\n        except ZeroDivisionError as error:\n            raise StoreUnavailable(\n                f"Cannot use',
+        ('tests/test_server_faults.py::test_a_state_folder_that_cannot_be_written_is_one_sentence_at_start', 'tests/test_store.py::test_an_unwritable_state_folder_is_one_sentence',),
+    ),
+    Mutant(
+        'client ids go into the log raw',
+        'backend/server/transport.py',
+        '    return "".join(chr(b) if 0x21',
+        '    return routing_id.decode("latin-1") or "".join(chr(b) if 0x21',
+        ('tests/test_protocol.py::test_client_ids_in_the_log_cannot_forge_lines', 'tests/test_server.py::test_log_lines_cannot_be_forged_through_a_client_id',),
+    ),
+    Mutant(
+        'any host name starting with 127. counts as loopback',
+        'backend/server/security.py',
+        '    if host == "localhost":',
+        '    if host == "localhost" or host.startswith("127."):',
+        ('tests/test_protocol.py::test_loopback_addresses',),
+    ),
+    Mutant(
+        'a remote transfer never prints its job id',
+        'backend/edit.py',
+        '            say(f"Job {job_id}: submitted;',
+        '            (lambda _: None)(f"Job {job_id}: submitted;',
+        ('tests/test_server.py::test_remote_transfer_writes_the_same_files_as_a_local_run',),
+    ),
+    Mutant(
+        '--job-id does not re-attach to a job',
+        'backend/edit.py',
+        '            known = remote.job_id is not None and client.status(job_id)',
+        '            known = False',
+        ('tests/test_server.py::test_a_remote_transfer_re_attaches_to_its_job_by_id',),
+    ),
     # --- the engine loop (backend/engine.py) and its pure helpers
     Mutant(
         "guidance climbs the loss instead of descending it",

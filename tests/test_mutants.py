@@ -20,13 +20,15 @@ PYTEST_TESTS_FAILED = 1
 
 
 def apply_mutant(mutant: Mutant, root) -> None:
-    """Replace the mutant's original text, which must occur exactly once."""
+    """Replace the mutant's original text (and any further edits), each exactly once."""
     path = root / mutant.path
     text = path.read_text()
-    count = text.count(mutant.original)
-    assert count == 1, (f"mutant {mutant.name!r}: {mutant.original!r} occurs {count} times in "
-                        f"{mutant.path}; update tests/mutants.py to the code")
-    path.write_text(text.replace(mutant.original, mutant.mutated))
+    for original, mutated in ((mutant.original, mutant.mutated), *mutant.more):
+        count = text.count(original)
+        assert count == 1, (f"mutant {mutant.name!r}: {original!r} occurs {count} times in "
+                            f"{mutant.path}; update tests/mutants.py to the code")
+        text = text.replace(original, mutated)
+    path.write_text(text)
 
 
 def copy_project(target) -> None:
