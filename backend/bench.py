@@ -13,6 +13,13 @@ Per phase it reports wall time, UNet forward-equivalents and peak memory.
 `bench --scaling` instead edits clips of 24, 48, 96 and 240 frames (`--lengths`), one
 first edit each, and sets each against (number of windows) × (the one-window cost of
 the 24-frame clip), and each peak memory against the 24-frame clip's.
+
+`bench --upscale` runs one edit with the upscaling stage (a second model of the same
+architecture, random weights: the cost does not depend on them) at twice the first
+stage's size on the tiny model, 1024×576 on ZeroScope's, and sets the stage's time,
+UNet passes (in first-stage forward-equivalents: each pass weighted by the measured
+time of a full pass at its size over one at the first stage's) and peak memory
+against the first stage's.
 Forward-equivalents (FE): a full UNet pass over one batch element is 1; a pass that
 stops after up_blocks[1] counts its measured share of a full pass (timed here); a
 backward pass counts twice its forward.
@@ -51,7 +58,8 @@ SCALING_LENGTHS = (24, 48, 96, 240)
 TINY_SCALING_STEPS = {"steps": 10, "inversion_steps": 10, "guidance_iterations": 3}
 PHASE_OF_PASS = {"invert": "invert", "features": "invert", "guide": "sample", "sample": "sample"}
 # Engine timing names → bench phases.
-PHASE_OF_TIMING = {"encode_invert": "invert", "sample": "sample", "decode": "decode"}
+PHASE_OF_TIMING = {"encode_invert": "invert", "sample": "sample", "decode": "decode",
+                   "upscale": "upscale"}
 
 
 @dataclass
@@ -81,20 +89,31 @@ def measure_truncated_share(engine: Engine, settings: TransferSettings, repeats:
     latent = torch.randn(1, 4, frames, settings.height // scale, settings.width // scale,
                          device=c.device, dtype=c.dtype)
     text = engine._embed(["a benchmark"])
-
-    def timed(run) -> float:
-        run()  # warm-up
-        _sync(c.device)
-        started = time.perf_counter()
-        for _ in range(repeats):
-            run()
-        _sync(c.device)
-        return (time.perf_counter() - started) / repeats
-
     with torch.no_grad():
-        full = timed(lambda: c.unet(latent, 500, encoder_hidden_states=text))
-        truncated = timed(lambda: truncated_smm(c.unet, latent, 500, text))
+        full = _timed(c.device, lambda: c.unet(latent, 500, encoder_hidden_states=text), repeats)
+        truncated = _timed(c.device, lambda: truncated_smm(c.unet, latent, 500, text), repeats)
     return truncated / full
+
+
+def full_pass_seconds(engine: Engine, frames: int, size: tuple[int, int], repeats: int = 3) -> float:
+    """Seconds of one full UNet pass over `frames` frames at size (width, height)."""
+    c = engine.components
+    scale = c.vae_scale_factor
+    latent = torch.randn(1, 4, frames, size[1] // scale, size[0] // scale, device=c.device, dtype=c.dtype)
+    text = engine._embed(["a benchmark"])
+    with torch.no_grad():
+        return _timed(c.device, lambda: c.unet(latent, 500, encoder_hidden_states=text), repeats)
+
+
+def _timed(device: torch.device, run, repeats: int) -> float:
+    """Mean seconds of run() over `repeats` calls, after one warm-up call."""
+    run()
+    _sync(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    _sync(device)
+    return (time.perf_counter() - started) / repeats
 
 
 def forward_equivalents(passes: dict[tuple[str, str], int], truncated_share: float) -> dict[str, float]:
@@ -136,7 +155,7 @@ def run_once(
     record_peak(current["phase"])
     seconds = {PHASE_OF_TIMING[k]: v for k, v in result.metadata["timings_s"].items()}
     return Run(name, seconds, forward_equivalents(engine.unet_passes, truncated_share),
-               {phase: peaks.get(phase, 0.0) for phase in ("invert", "sample", "decode")})
+               {phase: peaks.get(phase, 0.0) for phase in seconds})
 
 
 def run_bench(
@@ -234,6 +253,70 @@ def run_scaling(
     }
 
 
+def run_upscale(
+    arch: str = "tiny", random_weights: bool = False, frames: int | None = None,
+    device: str | None = None, dtype: str | None = None, steps: dict | None = None,
+) -> dict:
+    """One edit with the upscaling stage; the JSON report of what the stage costs.
+
+    Both stages at their native sizes (framing stretch): tiny 128×64 → 256×128,
+    ZeroScope 576×320 → 1024×576 (XL's architecture is 576w's, so the random model
+    stands in for XL too). `steps` overrides step settings (the defaults otherwise)."""
+    components = build_components(arch, random_weights, device, dtype)
+    upscaler = Engine(build_components(arch, random_weights, device, dtype))
+    frames = frames or (8 if arch == "tiny" else 24)
+    sizes = ((128, 64), (256, 128)) if arch == "tiny" else ((576, 320), (1024, 576))
+    settings = TransferSettings(prompt="a red train", source_prompt="a car", seed=0, num_frames=frames,
+                                width=sizes[0][0], height=sizes[0][1], framing="stretch", upscale="xl",
+                                upscale_width=sizes[1][0], upscale_height=sizes[1][1], **(steps or {}))
+    clip = np.random.default_rng(0).integers(0, 255, (frames, settings.height, settings.width, 3),
+                                             dtype=np.uint8)
+    engine = Engine(components, None, upscaler=upscaler)
+    share = measure_truncated_share(engine, settings)
+    window = min(frames, settings.window_frames)
+    pass_ratio = full_pass_seconds(upscaler, window, sizes[1]) / full_pass_seconds(engine, window, sizes[0])
+    run = run_once(engine, "with upscaling", clip, settings, Procedure(use_cache=False), share)
+    first_stage = sum(run.seconds[phase] for phase in ("invert", "sample", "decode"))
+    passes = upscaler.unet_passes["sample", "full"]
+    c = components
+    return {
+        "arch": arch, "model": c.model_id, "device": _device_name(c.device),
+        "dtype": str(c.dtype).removeprefix("torch."), "frames": frames,
+        "first_stage_size": list(sizes[0]), "upscale_size": list(sizes[1]),
+        "settings": settings.to_dict(), "truncated_pass_share": round(share, 3),
+        "seconds": run.seconds, "peak_memory_gb": run.peak_memory_gb,
+        "first_stage_seconds": first_stage, "upscale_seconds": run.seconds["upscale"],
+        "upscale_to_first_stage_seconds": run.seconds["upscale"] / first_stage,
+        "first_stage_forward_equivalents": run.total("forward_equivalents"),
+        "upscale_unet_passes": passes,
+        "upscale_pass_to_first_stage_pass": pass_ratio,
+        "upscale_forward_equivalents": passes * pass_ratio,
+        "upscale_steps": settings.upscale_step_count(),
+        "memory_kind": "CUDA max allocated" if c.device.type == "cuda" else "process peak RSS (cumulative)",
+    }
+
+
+def format_upscale(report: dict) -> str:
+    """A plain-text summary of the upscale report."""
+    first, up = report["first_stage_size"], report["upscale_size"]
+    memory = report["peak_memory_gb"]
+    return "\n".join([
+        f"bench --upscale: {report['model']} on {report['device']} ({report['dtype']}), "
+        f"{report['frames']} frames, {first[0]}×{first[1]} then {up[0]}×{up[1]}",
+        f"first stage: {report['first_stage_seconds']:.1f} s, "
+        f"{report['first_stage_forward_equivalents']:.0f} FE at {first[0]}×{first[1]}, "
+        f"peak {max(memory[p] for p in ('invert', 'sample', 'decode')):.2f} GB",
+        f"upscaling:   {report['upscale_seconds']:.1f} s "
+        f"({report['upscale_to_first_stage_seconds']:.2f}× the first stage), "
+        f"{report['upscale_steps']} steps = {report['upscale_unet_passes']} full passes at "
+        f"{up[0]}×{up[1]}, each {report['upscale_pass_to_first_stage_pass']:.2f}× a first-stage "
+        f"pass: {report['upscale_forward_equivalents']:.0f} FE "
+        f"({report['upscale_forward_equivalents'] / report['first_stage_forward_equivalents']:.2f}× "
+        f"the first stage's), peak {memory['upscale']:.2f} GB",
+        f"memory: {report['memory_kind']}",
+    ])
+
+
 def format_scaling(report: dict) -> str:
     """A plain-text table of the scaling report, with the targets beside the figures."""
     settings = report["settings"]
@@ -307,7 +390,10 @@ def _device_name(device: torch.device) -> str:
 
 
 def main_bench(args) -> int:
-    if args.scaling:
+    if args.upscale:
+        report = run_upscale(args.arch, args.random_weights, args.frames, args.device, args.dtype)
+        print(format_upscale(report))
+    elif args.scaling:
         lengths = tuple(int(part) for part in args.lengths.split(",")) if args.lengths else SCALING_LENGTHS
         report = run_scaling(args.arch, args.random_weights, lengths, args.width, args.height,
                              args.device, args.dtype, args.gradient_checkpointing)

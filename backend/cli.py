@@ -98,7 +98,7 @@ def command_transfer(args: argparse.Namespace) -> int:
                               "tcp://HOST:PORT.")
     where = (Remote(args.server, args.keys, args.timeout, args.job_id) if args.server else
              Local(args.model, args.device, args.dtype, Path(args.cache_dir),
-                   cache_max_bytes(args.cache_max_gb)))
+                   cache_max_bytes(args.cache_max_gb), args.upscale_model))
     progress = ProgressBar()
     try:
         outcome = edit_clip(Path(args.clip), settings_values(args), Path(args.output), where,
@@ -129,7 +129,7 @@ def command_serve(args: argparse.Namespace) -> int:
                           keep_jobs=args.keep_jobs, test_step_delay_s=args.test_step_delay,
                           cluster=cluster_options(args))
     serve(config, args.model, device=args.device, dtype=args.dtype,
-          cache_dir=Path(args.cache_dir))
+          cache_dir=Path(args.cache_dir), upscale_model=args.upscale_model)
     return 0
 
 
@@ -265,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_argument("--cache-max-gb", type=float, default=None,
                           help="the inversion cache's size cap; the least recently used "
                                "inversions are deleted beyond it (default: 20)")
+    transfer.add_argument("--upscale-model", default=None,
+                          help="the upscaler for --upscale xl: hub id, local diffusers folder or "
+                               "'tiny' (default: cerspense/zeroscope_v2_XL)")
     add_settings_flags(transfer)
     transfer.set_defaults(func=command_transfer)
 
@@ -308,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="clip-length scaling instead: one edit per length in --lengths")
     bench.add_argument("--lengths", default=None,
                        help="--scaling clip lengths, comma-separated (default: 24,48,96,240)")
+    bench.add_argument("--upscale", action="store_true",
+                       help="the upscaling stage's cost instead: one edit with it, both stages "
+                            "at their native sizes")
     bench.add_argument("-o", "--output", help="write the JSON report here")
     bench.set_defaults(func=command_bench)
 
@@ -351,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="with --ray: kill and restart a worker that has not stopped a "
                          "cancelled job S seconds after the cancel (default: %(default)s)")
     add_model_flags(serve)
+    serve.add_argument("--upscale-model", default=None,
+                       help="load an upscaler for upscale 'xl' jobs: hub id "
+                            "(cerspense/zeroscope_v2_XL), local diffusers folder or 'tiny' "
+                            "(default: none; the hello's engine.upscaler says which)")
     serve.set_defaults(func=command_serve)
 
     keys = commands.add_parser("keys", help="write CURVE key pairs for the server and a client")

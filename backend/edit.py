@@ -37,6 +37,7 @@ class Local:
     dtype: str | None = None
     cache_dir: Path = DEFAULT_CACHE
     cache_max_bytes: int | None = None  # None: the engine's default cap
+    upscale_model: str | None = None  # for upscale "xl"; None: ZeroScope XL
 
 
 @dataclass
@@ -80,14 +81,36 @@ def edit_clip(clip_path: Path, settings: dict[str, Any], output: Path, where: Lo
         frames, metadata = _on_server(where, clip.frames, parsed, progress, say)
     else:
         from backend.engine import load_engine
+        from backend.model import ZEROSCOPE_XL
 
+        upscaler = None if parsed.upscale == "none" else where.upscale_model or ZEROSCOPE_XL
         engine = load_engine(where.model, device=where.device, dtype=where.dtype,
-                             cache_dir=Path(where.cache_dir), cache_max_bytes=where.cache_max_bytes)
+                             cache_dir=Path(where.cache_dir), cache_max_bytes=where.cache_max_bytes,
+                             upscale_model=upscaler)
         result = engine.transfer(clip.frames, parsed, progress=progress)
         frames, metadata = result.frames, result.metadata
+    frames = _frames_for_files(clip.frames, frames, metadata)
     fps = clip.fps * len(frames) / len(clip.frames)  # the clip's duration, whatever the count
     _write_outputs(frames, metadata, output, fps, frames_dir)
     return EditOutcome(output, sidecar_path(output), len(frames), metadata)
+
+
+def _frames_for_files(clip_frames, frames, metadata: dict):
+    """What the files hold: the edit as it came back, except under crop, where it is
+    put back into its box of the source frames (backend/framing.py, paste_into_box), so
+    the file lies exactly over the source clip. The source frames behind it are those
+    the model edited, held the way the result was retimed."""
+    import numpy as np
+
+    from backend.framing import Box, paste_into_box
+    from backend.video import retime_indices
+
+    framing = metadata.get("framing") or {}
+    if framing.get("mode") != "crop":
+        return frames
+    used = np.asarray(metadata["input_frame_indices"])
+    background = clip_frames[used[retime_indices(len(used), len(frames))]]
+    return paste_into_box(background, frames, Box(*framing["crop_box"]))
 
 
 def _write_outputs(frames, metadata: dict, output: Path, fps: float,

@@ -3,11 +3,13 @@
     engine = load_engine("tiny", device="cpu", cache_dir=Path("cache"))
     result = engine.transfer(clip_frames, TransferSettings(prompt="a train"),
                              progress=print_progress, cancelled=lambda: False)
-    result.frames      # (N, H, W, 3) uint8 at model resolution, one per input frame
-    result.metadata    # the JSON sidecar: settings, seed, model, windows, cache hit, timings
+    result.frames      # (N, H, W, 3) uint8 at the result size, one per input frame
+    result.metadata    # the JSON sidecar: settings, seed, model, framing, windows, cache hit, timings
 
 One edit, as Understudy runs it (docs/method.md):
 
+    0. frame       the frames chosen, the box of them the model sees (framing: fit, crop,
+                   stretch; backend/framing.py) resized to the model's size
     1. encode      frames → VAE latent z₀ of the whole clip (in slices of frames)
     2. invert      DDIM inversion of z₀ with the source prompt, and the source SMM
                    features at the guided timesteps, per window — or both from the cache
@@ -15,7 +17,10 @@ One edit, as Understudy runs it (docs/method.md):
                    guided steps optimise x_t with Adam on the pairwise SMM loss
                    (target prompt, UNet truncated after up_blocks[1]); then a CFG
                    DDIM step; then restart: re-noise back to t and step again
-    4. decode      VAE decode (in slices), retime if asked
+    4. decode      VAE decode (in slices)
+    5. upscale     with settings.upscale "xl": a second engine (ZeroScope XL) re-noises the
+                   resized result part of the way and denoises it (video-to-video); then
+                   retime if asked
 
 Clips longer than the model's window (24 frames for ZeroScope) keep one latent for
 all their frames; every UNet use runs per window and blends (backend/windows.py),
@@ -25,6 +30,7 @@ it would without windows.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections import Counter
@@ -40,6 +46,7 @@ from diffusers import DDIMScheduler
 
 from backend.errors import BadClipError, BadSettingsError, JobCancelled, OutOfMemoryError
 from backend.features import TAP_NAMES, capture_taps, checkpointed_blocks, truncated_smm
+from backend.framing import Framing, frames_for_model, plan_framing
 from backend.guidance import (
     lowfreq_init,
     pairwise_smm_loss,
@@ -54,22 +61,30 @@ from backend.inversion import (
     cache_key,
     ddim_invert,
 )
-from backend.model import Components, load_components
+from backend.model import ZEROSCOPE_XL, Components, load_components
 from backend.video import resize_frames, retime_frames, sample_indices
 from backend.windows import Window, blend_windowed, place_windows, window_slice
 from shared.settings import TransferSettings
 
 ProgressCallback = Callable[[str, int, int], None]
 """progress(phase, step, total); phases in order: "encode", "invert", "features", "sample",
-"decode" ("encode", "invert" and "features" are skipped when the inversion is cached).
-"invert", "features" and "sample" count windows within steps: total = steps × windows."""
+"decode", then "upscale" with an upscaler ("encode", "invert" and "features" are skipped
+when the inversion is cached). "invert", "features" and "sample" count windows within
+steps: total = steps × windows; "upscale" counts its encode, its steps × windows and its
+decode slices."""
 
 CancelCheck = Callable[[], bool]
 """Returns True when the caller wants the edit stopped; checked between windows."""
 
 OUT_OF_MEMORY = (
     "The GPU ran out of memory; try --gradient-checkpointing, fewer --frames, a smaller "
-    "--vae-slice or a smaller --width/--height, or stop other programs using the GPU."
+    "--vae-slice or a smaller --width/--height, --upscale none, or stop other programs "
+    "using the GPU."
+)
+NO_UPSCALER = (
+    "This engine was started without an upscaler, so upscale 'xl' cannot run; set upscale "
+    f"to 'none', or fetch ZeroScope XL (`hf download {ZEROSCOPE_XL}`) and load it with "
+    "--upscale-model."
 )
 
 
@@ -97,19 +112,23 @@ class Engine:
 
     `unet_passes` counts UNet work per (phase, kind) in batch elements of one window,
     kind being "full", "truncated" or "truncated_backward"; the benchmark turns it into
-    forward-equivalents.
+    forward-equivalents. `upscaler`, when loaded, is a second Engine (ZeroScope XL) that
+    runs the upscaling stage; it counts its own passes.
     """
 
     def __init__(self, components: Components, cache_dir: Path | None = None,
-                 cache_max_bytes: int | None = None) -> None:
+                 cache_max_bytes: int | None = None, upscaler: Engine | None = None) -> None:
         self.components = components
         self.cache = InversionCache(cache_dir, cache_max_bytes or DEFAULT_CACHE_MAX_BYTES)
         self.unet_passes: Counter[tuple[str, str]] = Counter()
+        self.upscaler = upscaler
 
     def describe(self) -> dict[str, Any]:
-        """What the server reports in its hello: model id, device, dtype."""
+        """What the server reports in its hello: model id, device, dtype, and the
+        upscaler's model id (None: this engine cannot run upscale 'xl')."""
         c = self.components
-        return {"model": c.model_id, "device": str(c.device), "dtype": str(c.dtype).removeprefix("torch.")}
+        return {"model": c.model_id, "device": str(c.device), "dtype": str(c.dtype).removeprefix("torch."),
+                "upscaler": self.upscaler.components.model_id if self.upscaler else None}
 
     # ------------------------------------------------------------------ the edit
 
@@ -123,17 +142,23 @@ class Engine:
     ) -> TransferResult:
         """Edit a clip.
 
-        clip_frames: (N, H, W, 3) uint8, the whole clip; frames are sampled from it
-        by settings.num_frames / settings.start and resized to settings.width×height.
+        clip_frames: (N, H, W, 3) uint8, the whole clip (or anything with len() and
+        [index array], like the server's lazily decoded clip); frames are sampled from
+        it by settings.num_frames / settings.start and framed by settings.framing.
+        Returns frames of the framing's result size covering its crop box of the source.
         Raises BadClipError, BadSettingsError, OutOfMemoryError, JobCancelled.
         """
+        # 0. Check everything, choose the frames and frame them, before any model work.
         procedure = procedure or Procedure()
         report = _Reporter(progress, cancelled)
         self.check_settings(settings, len(clip_frames))
         seed = settings.seed if settings.seed is not None else random.SystemRandom().randrange(2**31)
         indices = sample_indices(len(clip_frames), frames_to_edit(settings, len(clip_frames)),
                                  settings.start)
-        frames = resize_frames(clip_frames[indices], settings.width, settings.height)
+        chosen = np.asarray(clip_frames[indices])
+        framing = self.framing_for(settings, (chosen.shape[2], chosen.shape[1]))
+        frames = frames_for_model(chosen, framing)
+        del chosen
         windows = place_windows(len(frames), settings.window_frames, settings.window_overlap)
         timings: dict[str, float] = {}
         try:
@@ -143,6 +168,10 @@ class Engine:
                 latent = self._sample(source, windows, settings, seed, procedure, report)
             with _timed(timings, "decode"):
                 out = self._decode(latent, settings.vae_slice, report)
+            if framing.upscale_size is not None:
+                with _timed(timings, "upscale"):
+                    out = self.upscaler.video_to_video(out, framing.upscale_size, windows, settings,
+                                                       seed, report)
         except torch.cuda.OutOfMemoryError as error:
             raise OutOfMemoryError(OUT_OF_MEMORY) from error
         finally:
@@ -153,6 +182,9 @@ class Engine:
             "settings": settings.to_dict(),
             "seed": seed,
             "model": self.components.model_id,
+            "framing": framing.to_dict(),
+            "upscaler": None if framing.upscale_size is None else {
+                "model": self.upscaler.components.model_id, "steps": settings.upscale_step_count()},
             "device": str(self.components.device),
             "dtype": str(self.components.dtype).removeprefix("torch."),
             "input_frame_indices": indices.tolist(),
@@ -163,9 +195,11 @@ class Engine:
         }
         return TransferResult(frames=out, metadata=metadata)
 
-    def check_settings(self, settings: TransferSettings, clip_length: int) -> None:
+    def check_settings(self, settings: TransferSettings, clip_length: int,
+                       frame_size: tuple[int, int] | None = None) -> None:
         """Refuse, before any work, settings this model or this clip cannot run.
 
+        frame_size: the clip's (width, height) when known; the framing is checked too.
         Raises BadSettingsError or BadClipError with one sentence.
         """
         scale = self.components.vae_scale_factor
@@ -173,6 +207,8 @@ class Engine:
             raise BadSettingsError(f"Width and height must be multiples of {scale} for this model.")
         if min(settings.width, settings.height) // scale < settings.lowfreq_factor:
             raise BadSettingsError("The frame is too small for the low-frequency factor; lower it.")
+        if settings.upscale != "none" and self.upscaler is None:
+            raise BadSettingsError(NO_UPSCALER)
         sampling = _timesteps(self.components.scheduler, settings.steps)
         inversion = _timesteps(self.components.scheduler, settings.inversion_steps)
         if set(sampling) - set(inversion):
@@ -182,6 +218,25 @@ class Engine:
                 f"(for example 50 or 999 with 50 steps)."
             )
         sample_indices(clip_length, frames_to_edit(settings, clip_length), settings.start)
+        if frame_size is not None:
+            self.framing_for(settings, frame_size)
+
+    def framing_for(self, settings: TransferSettings, frame_size: tuple[int, int]) -> Framing:
+        """Where and at which sizes frames of frame_size (width, height) are edited
+        (backend/framing.py). BadClipError with one sentence for a frame too elongated
+        for fit; BadSettingsError for a model size too small for the low-pass factor."""
+        upscale = None if settings.upscale == "none" else (settings.upscale_width, settings.upscale_height)
+        scale = self.components.vae_scale_factor
+        try:
+            framing = plan_framing(settings.framing, frame_size, (settings.width, settings.height),
+                                   scale, upscale)
+        except ValueError as error:
+            raise BadClipError(str(error)) from None
+        if min(framing.model_size) // scale < settings.lowfreq_factor:
+            raise BadSettingsError(
+                f"The model would run at {framing.model_size[0]}x{framing.model_size[1]}, too small "
+                f"for the low-frequency factor {settings.lowfreq_factor}; lower --lowfreq-factor.")
+        return framing
 
     # ------------------------------------------------------------------ steps 1–2
 
@@ -450,8 +505,10 @@ class Engine:
         return torch.cat(latents).permute(1, 0, 2, 3).unsqueeze(0)
 
     @torch.no_grad()
-    def _decode(self, latent: torch.Tensor, frames_per_slice: int, report: _Reporter) -> np.ndarray:
-        """z₀ (1, C, F, h, w) → (F, H, W, 3) uint8."""
+    def _decode(self, latent: torch.Tensor, frames_per_slice: int, report: _Reporter,
+                phase: str = "decode", done: int = 0, total: int | None = None) -> np.ndarray:
+        """z₀ (1, C, F, h, w) → (F, H, W, 3) uint8; reports (phase, done + slices decoded,
+        total or the slice count)."""
         c = self.components
         planes = (latent[0].permute(1, 0, 2, 3) / c.vae.config.scaling_factor).to(c.dtype)
         chunks = planes.split(frames_per_slice)
@@ -460,8 +517,55 @@ class Engine:
             report.check()
             decoded = c.vae.decode(chunk).sample.float().clamp(-1, 1)
             images.append(((decoded + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
-            report("decode", index + 1, len(chunks))
+            report(phase, done + index + 1, total or len(chunks))
         return torch.cat(images).numpy()
+
+    # ------------------------------------------------------------------ step 5 (the upscaler's)
+
+    @torch.no_grad()
+    def video_to_video(
+        self, frames: np.ndarray, size: tuple[int, int], windows: list[Window],
+        settings: TransferSettings, seed: int, report: _Reporter,
+    ) -> np.ndarray:
+        """The upscaling stage, run by the upscaler's engine: ZeroScope XL's documented
+        workflow, video-to-video from the first stage's frames (SDEdit).
+
+        (F, h, w, 3) uint8 → (F, H, W, 3) at size = (W, H):
+            5a. resize the frames to W×H (bicubic) and encode them: z₀
+            5b. of the `steps` DDIM timesteps keep the last k = ⌊steps·upscale_strength⌋,
+                re-noise z₀ to the first of them, t₀: x = √ᾱ_t₀·z₀ + √(1 − ᾱ_t₀)·ε
+                (ε from a CPU generator seeded with the edit's seed)
+            5c. k CFG DDIM steps with the same prompt, negative prompt and CFG scale,
+                blended over the same temporal windows; no guidance, no restart
+            5d. decode
+        """
+        c = self.components
+        scheduler = DDIMScheduler.from_config(c.scheduler.config)
+        scheduler.set_timesteps(settings.steps)
+        timesteps = [int(t) for t in scheduler.timesteps][settings.steps - settings.upscale_step_count():]
+        slices = math.ceil(len(frames) / settings.vae_slice)
+        total = 1 + len(timesteps) * len(windows) + slices
+        report("upscale", 0, total)
+
+        # 5a.
+        latent = self._encode(resize_frames(frames, *size), settings.vae_slice).float()
+        report("upscale", 1, total)
+        # 5b.
+        generator = torch.Generator("cpu").manual_seed(seed)
+        noise = torch.randn(latent.shape, generator=generator).to(c.device)
+        latent = scheduler.add_noise(latent, noise, torch.tensor([timesteps[0]]))
+        # 5c.
+        target = self._embed([_full_prompt(settings, settings.prompt)])
+        negative = self._embed([settings.negative_prompt])
+        for index, timestep in enumerate(timesteps):
+            def step_done(k: int, index: int = index) -> None:
+                report("upscale", 1 + index * len(windows) + k + 1, total)
+
+            latent = self._denoise(latent, timestep, scheduler, target, negative, settings.cfg_scale,
+                                   windows, report, step_done)
+        # 5d.
+        return self._decode(latent, settings.vae_slice, report, "upscale",
+                            1 + len(timesteps) * len(windows), total)
 
 
 class _Reporter:
@@ -518,8 +622,14 @@ def _full_prompt(settings: TransferSettings, prompt: str) -> str:
 
 def load_engine(
     model: str, device: str | None = None, dtype: str | None = None, cache_dir: Path | None = None,
-    cache_max_bytes: int | None = None,
+    cache_max_bytes: int | None = None, upscale_model: str | None = None,
 ) -> Engine:
     """Load a model ("tiny", a hub id, or a local diffusers folder) once; the inversion
-    cache keeps at most `cache_max_bytes` (default DEFAULT_CACHE_MAX_BYTES)."""
-    return Engine(load_components(model, device, dtype), cache_dir, cache_max_bytes)
+    cache keeps at most `cache_max_bytes` (default DEFAULT_CACHE_MAX_BYTES).
+
+    upscale_model (ZEROSCOPE_XL, a local folder, "tiny"; None: no upscaler) is loaded
+    first, so missing upscaler weights end in one sentence before anything else loads."""
+    upscaler = None
+    if upscale_model is not None:
+        upscaler = Engine(load_components(upscale_model, device, dtype, flag="--upscale-model"))
+    return Engine(load_components(model, device, dtype), cache_dir, cache_max_bytes, upscaler)

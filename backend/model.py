@@ -3,6 +3,8 @@
 ZeroScope v2 576w is loaded as separate diffusers/transformers components (the
 deprecated TextToVideoSDPipeline is not used): UNet3DConditionModel, AutoencoderKL,
 CLIPTextModel, CLIPTokenizer and a DDIMScheduler configured as the reference runs it.
+ZeroScope v2 XL, the upscaler, has the same component types and loads through the
+same code.
 
 `build_tiny_components()` makes a small randomly initialised model of the same
 component types for tests and CPU runs; `save_tiny_model()` writes it in diffusers
@@ -22,6 +24,7 @@ from backend.errors import ModelNotFoundError
 
 TINY = "tiny"
 ZEROSCOPE = "cerspense/zeroscope_v2_576w"
+ZEROSCOPE_XL = "cerspense/zeroscope_v2_XL"  # the upscaler: 1024×576, same component types
 ZEROSCOPE_RANDOM = "zeroscope-random"  # ZeroScope's architecture, random weights (benchmarks)
 
 # The reference's DDIM configuration (docs/method.md).
@@ -76,9 +79,11 @@ def choose_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_components(model: str, device: str | None = None, dtype: str | None = None) -> Components:
+def load_components(model: str, device: str | None = None, dtype: str | None = None,
+                    flag: str = "--model") -> Components:
     """Load `model`: a hub id (default ZeroScope), a local diffusers folder, "tiny", or
-    "zeroscope-random" (ZeroScope's architecture with random weights, for timing)."""
+    "zeroscope-random" (ZeroScope's architecture with random weights, for timing).
+    `flag` is the command-line flag that named it, for the missing-weights sentence."""
     torch_device = choose_device(device)
     torch_dtype = choose_dtype(dtype, torch_device)
     if model == TINY:
@@ -86,7 +91,7 @@ def load_components(model: str, device: str | None = None, dtype: str | None = N
     elif model == ZEROSCOPE_RANDOM:
         parts = build_zeroscope_random_components(torch_device)
     else:
-        parts = _from_pretrained(model, torch_dtype)
+        parts = _from_pretrained(model, torch_dtype, flag)
     unet, vae, text_encoder, tokenizer, scheduler = parts
     for module in (unet, vae, text_encoder):
         if module.dtype != torch_dtype:  # from_pretrained already loaded in torch_dtype
@@ -95,10 +100,10 @@ def load_components(model: str, device: str | None = None, dtype: str | None = N
     return Components(unet, vae, text_encoder, tokenizer, scheduler, model, torch_device, torch_dtype)
 
 
-def _from_pretrained(model: str, torch_dtype: torch.dtype) -> tuple:
+def _from_pretrained(model: str, torch_dtype: torch.dtype, flag: str) -> tuple:
     source = Path(model)
     if model.startswith((".", "/", "~")) and not source.expanduser().is_dir():
-        raise ModelNotFoundError(f"There is no model folder at {model}; check the --model path.")
+        raise ModelNotFoundError(f"There is no model folder at {model}; check the {flag} path.")
     location = str(source.expanduser()) if source.expanduser().is_dir() else model
     try:
         unet = UNet3DConditionModel.from_pretrained(location, subfolder="unet", torch_dtype=torch_dtype)
@@ -112,7 +117,7 @@ def _from_pretrained(model: str, torch_dtype: torch.dtype) -> tuple:
         raise ModelNotFoundError(
             f"The weights of {model!r} are not on this machine and could not be downloaded; "
             f"on a machine with internet run `hf download {model}` (or copy the folder here "
-            f"and pass it as --model)."
+            f"and pass it as {flag})."
         ) from error
     return unet, vae, text_encoder, tokenizer, scheduler
 

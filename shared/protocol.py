@@ -343,7 +343,12 @@ def check_reply_size(settings: dict[str, Any], limits: dict[str, int]) -> None:
     count = settings.get("output_frames")
     if count is None:
         count = settings.get("num_frames")
-    width, height = settings.get("width"), settings.get("height")
+    # The result has the last stage's size: the upscaler's when one runs.
+    upscaled = settings.get("upscale", DEFAULTS["upscale"]) != "none"
+    width = settings.get("upscale_width" if upscaled else "width",
+                         DEFAULTS["upscale_width" if upscaled else "width"])
+    height = settings.get("upscale_height" if upscaled else "height",
+                          DEFAULTS["upscale_height" if upscaled else "height"])
     if not all(isinstance(value, int) and not isinstance(value, bool)
                for value in (count, width, height)):
         return  # defaults or wrong types: the settings check answers those

@@ -25,6 +25,8 @@ REFERENCE_PROMPT_PREFIX = "Amazing quality, masterpiece, "
 MAX_PROMPT_CHARS = 1000
 MAX_FRAMES_CEILING = 100_000  # no setting counts more frames than this, whatever the limits
 TEXT_SETTINGS = ("prompt", "source_prompt", "negative_prompt", "prompt_prefix")
+FRAMINGS = ("fit", "crop", "stretch")
+UPSCALERS = ("none", "xl")
 
 
 @dataclass(frozen=True)
@@ -78,12 +80,33 @@ class TransferSettings:
         "int", 0, 10**7, optional=True, flag="--start",
         help="first clip frame of a contiguous range (default: sample evenly over the clip)"))
     width: int = _setting(576, Spec("int", 64, 2048, multiple_of=8, flag="--width",
-                                    help="model input width in pixels"))
+                                    help="the model's native width in pixels"))
     height: int = _setting(320, Spec("int", 64, 2048, multiple_of=8, flag="--height",
-                                     help="model input height in pixels"))
+                                     help="the model's native height in pixels"))
     output_frames: int | None = _setting(None, Spec(
         "int", 1, MAX_FRAMES_CEILING, optional=True,
         help="None: as many as the model made; else retimed to this many by holding frames"))
+
+    # Framing and resolution (docs/method.md, "Framing and resolution").
+    framing: str = _setting("fit", Spec(
+        "choice", choices=FRAMINGS, flag="--framing",
+        help="fit: the clip's own aspect ratio within width×height pixels; crop: a centred "
+             "box of the native shape, edited and put back where it was; stretch: the "
+             "whole frame squeezed to width×height"))
+    upscale: str = _setting("none", Spec(
+        "choice", choices=UPSCALERS, flag="--upscale",
+        help="xl: a second, video-to-video pass with ZeroScope XL at its own pixel "
+             "budget (upscale_width×upscale_height), same prompt"))
+    upscale_strength: float = _setting(0.7, Spec(
+        "float", 0, 1, flag="--upscale-strength",
+        help="the share of the sampling steps the upscaling pass re-noises and denoises "
+             "(1: all of them, from pure noise)"))
+    upscale_width: int = _setting(1024, Spec(
+        "int", 64, 2048, multiple_of=8, flag="--upscale-width",
+        help="the upscaler's native width in pixels (ZeroScope XL: 1024)"))
+    upscale_height: int = _setting(576, Spec(
+        "int", 64, 2048, multiple_of=8, flag="--upscale-height",
+        help="the upscaler's native height in pixels (ZeroScope XL: 576)"))
 
     # Inversion.
     inversion_steps: int = _setting(50, Spec(
@@ -141,6 +164,11 @@ class TransferSettings:
             raise BadSettingsError(
                 f"Setting 'window_overlap' is {self.window_overlap}; it must be less than "
                 f"'window_frames' ({self.window_frames}).")
+        if self.upscale != "none" and self.upscale_step_count() == 0:
+            raise BadSettingsError(
+                f"Setting 'upscale_strength' is {self.upscale_strength}, which re-runs none of "
+                f"the {self.steps} sampling steps (it runs the last ⌊steps × strength⌋); raise "
+                f"it or the steps.")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TransferSettings:
@@ -167,6 +195,11 @@ class TransferSettings:
         if self.guided_steps is not None:
             return self.guided_steps
         return self.steps - int(self.steps * (1 - self.guided_fraction))
+
+    def upscale_step_count(self) -> int:
+        """How many of the last sampling steps the upscaling pass runs, as diffusers'
+        video-to-video counts them: ⌊steps·upscale_strength⌋ (35 of 50 at 0.7)."""
+        return min(int(self.steps * self.upscale_strength), self.steps)
 
     def guidance_learning_rates(self) -> list[float]:
         """lr for each guided step: linspace(lr_start, lr_end, guided step count)."""

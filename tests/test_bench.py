@@ -63,3 +63,16 @@ def test_bench_scaling_sets_each_length_against_windows_times_one_window(tmp_pat
     # Every UNet use runs per window: two windows cost twice one window's passes.
     assert rows[1]["forward_equivalents"] == pytest.approx(2 * rows[0]["forward_equivalents"])
     assert rows[0]["seconds_ratio"] == rows[0]["memory_ratio"] == 1
+
+
+
+def test_bench_upscale_counts_the_stage_in_first_stage_passes():
+    from backend.bench import TINY_SCALING_STEPS, format_upscale, run_upscale
+
+    report = run_upscale("tiny", frames=2, steps=TINY_SCALING_STEPS)  # 10 steps: 7 upscaled
+    assert (report["first_stage_size"], report["upscale_size"]) == ([128, 64], [256, 128])
+    assert report["upscale_steps"] == 7 and report["upscale_unet_passes"] == 14  # CFG pairs
+    assert report["upscale_forward_equivalents"] == pytest.approx(
+        14 * report["upscale_pass_to_first_stage_pass"])
+    assert set(report["seconds"]) == {"invert", "sample", "decode", "upscale"}
+    assert "7 steps = 14 full passes at 256×128" in format_upscale(report)

@@ -178,10 +178,10 @@ def test_image_sequence_result_takes_its_place_on_the_canvas(extension_zip, clip
                          tmp_path, python=python)
     new = assert_result_strip(result, "images", channel=4)
     source = next(s for s in result["before"]["strips"] if s["name"] == "images")
-    # The 40x30 picture shows 36x its size on the 1920x1080 canvas; the 64x64 result frames
-    # are scaled to cover the same 1440x1080 area.
+    # The 40x30 picture shows 36x its size on the 1920x1080 canvas; the result frames (framing
+    # fit: its 4:3 within 64x64 pixels is 72x56) are scaled to cover the same 1440x1080 area.
     assert source["transform"][:2] == [36.0, 36.0]
-    assert new["transform"][:2] == [36.0 * 40 / 64, 36.0 * 30 / 64]
+    assert new["transform"][:2] == pytest.approx([36.0 * 40 / 72, 36.0 * 30 / 56], abs=1e-4)
     assert new["frame_final_duration"] == 12
     assert_source_unchanged(result)
 

@@ -41,7 +41,7 @@ def test_transfer_end_to_end_through_from_pretrained(tmp_path, clip_path, tiny_m
                     "--frames-dir", str(tmp_path / "frames"))
     assert first.returncode == 0, first.stderr
     frames = iio.imread(out)
-    assert frames.shape == (4, 64, 64, 3)
+    assert frames.shape == (4, 48, 72, 3)  # fit: the clip's 3:2 within 64×64 pixels
     assert len(list((tmp_path / "frames").glob("*.png"))) == 4
     sidecar = json.loads((tmp_path / "out.json").read_text())
     assert sidecar["seed"] == 1 and sidecar["model"] == str(tiny_model_dir)
@@ -142,3 +142,80 @@ def test_a_60_frame_clip_gives_60_generated_frames_and_over_the_limit_one_senten
     over = backend("transfer", *common, "--prompt", "a red car", "--frame-limit", "50",
                    "-o", str(tmp_path / "over.mp4"))
     assert_one_sentence_error(over, "60 frames is more than the limit of 50", "--frame-limit")
+
+
+# ---------------------------------------------------------------- framing and upscaling
+
+PORTRAIT_FLAGS = settings_flags({**SMALL_SETTINGS, "width": 128, "height": 72})  # a 16:9 budget
+
+
+def write_png_folder(folder, frames):
+    """A lossless clip: numbered PNGs, so written pixels compare exactly."""
+    folder.mkdir()
+    for index, frame in enumerate(frames):
+        iio.imwrite(folder / f"{index:03d}.png", frame)
+    return folder
+
+
+def test_a_9_16_clip_gives_a_9_16_result(tmp_path):
+    clip = tmp_path / "phone.mp4"
+    write_video(moving_square_frames(4, 72, 128), clip)
+    result = backend("transfer", str(clip), "--prompt", "a heron", "--model", "tiny", *PORTRAIT_FLAGS,
+                     "--cache-dir", str(tmp_path / "c"), "-o", str(tmp_path / "o.mp4"))
+    assert result.returncode == 0, result.stderr
+    assert iio.imread(tmp_path / "o.mp4").shape == (4, 128, 72, 3)  # 72×128: 9:16, as the clip
+    assert json.loads((tmp_path / "o.json").read_text())["framing"] == {
+        "mode": "fit", "source_size": [72, 128], "crop_box": [0, 0, 72, 128],
+        "model_size": [72, 128], "upscale_size": None, "result_size": [72, 128]}
+
+
+def test_crop_writes_the_source_frames_with_the_edit_in_its_box(tmp_path):
+    source = moving_square_frames(4, 72, 128)
+    folder = write_png_folder(tmp_path / "phone", source)
+    result = backend("transfer", str(folder), "--prompt", "a heron", "--model", "tiny", *PORTRAIT_FLAGS,
+                     "--framing", "crop", "--cache-dir", str(tmp_path / "c"), "-o", str(tmp_path / "o.mp4"),
+                     "--frames-dir", str(tmp_path / "frames"))
+    assert result.returncode == 0, result.stderr
+    written = np.stack([iio.imread(path) for path in sorted((tmp_path / "frames").glob("*.png"))])
+    sidecar = json.loads((tmp_path / "o.json").read_text())
+    assert sidecar["framing"]["crop_box"] == [0, 44, 72, 84]
+    assert sidecar["framing"]["model_size"] == [128, 72]
+    assert written.shape == source.shape  # the source's own size
+    assert np.array_equal(written[:, :44], source[:, :44]) and np.array_equal(written[:, 84:], source[:, 84:])
+    assert not np.array_equal(written[:, 44:84], source[:, 44:84])  # the edit sits in the box
+    assert iio.imread(tmp_path / "o.mp4").shape == source.shape
+
+
+def test_upscale_xl_doubles_the_size_and_keeps_the_frame_count(tmp_path):
+    from backend.model import save_tiny_model
+
+    upscaler = tmp_path / "tiny-xl"
+    save_tiny_model(upscaler, seed=1)
+    clip = tmp_path / "square.mp4"
+    write_video(moving_square_frames(8, 64, 64), clip)
+    result = backend("transfer", str(clip), "--prompt", "a heron", "--model", "tiny", *SMALL_FLAGS,
+                     "--upscale", "xl", "--upscale-model", str(upscaler), "--upscale-width", "128",
+                     "--upscale-height", "128", "--cache-dir", str(tmp_path / "c"),
+                     "-o", str(tmp_path / "o.mp4"))
+    assert result.returncode == 0, result.stderr
+    assert iio.imread(tmp_path / "o.mp4").shape == (4, 128, 128, 3)
+    sidecar = json.loads((tmp_path / "o.json").read_text())
+    assert sidecar["framing"]["model_size"] == [64, 64]
+    assert sidecar["framing"]["upscale_size"] == sidecar["framing"]["result_size"] == [128, 128]
+    assert sidecar["upscaler"] == {"model": str(upscaler), "steps": 2}
+
+
+def test_upscale_without_its_weights_fails_before_any_work_naming_the_download(tmp_path, clip_path):
+    offline = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = backend("transfer", str(clip_path), "--prompt", "x", "--model", "tiny", *SMALL_FLAGS,
+                     "--upscale", "xl", "-o", str(tmp_path / "o.mp4"), env=offline)
+    assert_one_sentence_error(result, "hf download cerspense/zeroscope_v2_XL", "--upscale-model")
+    assert "encode" not in result.stderr and not (tmp_path / "o.mp4").exists()  # no phase began
+
+
+def test_a_clip_wider_than_4_to_1_is_one_sentence_suggesting_crop(tmp_path):
+    folder = write_png_folder(tmp_path / "wide", moving_square_frames(4, 296, 64))
+    result = backend("transfer", str(folder), "--prompt", "x", "--model", "tiny", *SMALL_FLAGS,
+                     "--cache-dir", str(tmp_path / "c"), "-o", str(tmp_path / "o.mp4"))
+    assert_one_sentence_error(result, "296x64", "--framing crop")
+    assert "encode" not in result.stderr

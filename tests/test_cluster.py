@@ -122,10 +122,11 @@ class TestWorkerPool:
             self, connection, pool):
         identity = pool.runners[0].identity
         assert identity["actor"] == "worker-0" and identity["pid"] != os.getpid()
-        assert identity["engine"] == {"model": "tiny", "device": "cpu", "dtype": "float32"}
+        assert identity["engine"] == {"model": "tiny", "device": "cpu", "dtype": "float32",
+                                  "upscaler": None}
         assert identity["gpu"] is None and identity["restarted"] is False
         assert pool.describe() == {"model": "tiny", "device": "cpu", "dtype": "float32",
-                                   "workers": 1, "cluster": "local:2"}
+                                   "upscaler": None, "workers": 1, "cluster": "local:2"}
         assert connection.placement.description == "2 worker slots on CPU"
         assert os.stat(connection.token_path).st_mode & 0o077 == 0  # the token is ours only
         assert os.environ["RAY_AUTH_MODE"] == "token"

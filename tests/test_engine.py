@@ -122,8 +122,12 @@ def test_cache_hit_runs_no_inversion_or_source_feature_passes(engine):
 def test_result_shape_sidecar_and_seed(engine):
     frames = moving_square_frames(8, 96, 64)
     result = engine.transfer(frames, small(seed=None, output_frames=10))
-    assert result.frames.shape == (10, 64, 64, 3) and result.frames.dtype == np.uint8
+    # fit: 3:2 within 64×64 = 4,096 pixels is 72×48 (80×56 = 4,480 is over the budget)
+    assert result.frames.shape == (10, 48, 72, 3) and result.frames.dtype == np.uint8
     meta = result.metadata
+    assert meta["framing"] == {"mode": "fit", "source_size": [96, 64], "crop_box": [0, 0, 96, 64],
+                               "model_size": [72, 48], "upscale_size": None, "result_size": [72, 48]}
+    assert meta["upscaler"] is None
     assert isinstance(meta["seed"], int)
     assert meta["settings"]["prompt"] == "a red train"
     assert meta["input_frame_indices"] == [0, 2, 5, 7]
@@ -360,3 +364,108 @@ def test_guidance_scales_the_loss_before_backward_where_fp16_gradients_could_und
     scaled = engine._guide(latent, 900, text, source, windows, 0.05, settings, Procedure(), _no_report())
     assert len(scaled_losses) == 3 * len(windows) and min(scaled_losses) > 1000
     assert torch.allclose(scaled, plain, atol=1e-6)
+
+
+# ---------------------------------------------------------------- framing and upscaling
+
+
+def spy(monkeypatch, target, name: str, record: list) -> None:
+    """Record every return value of target.<name> (a bound method) in `record`."""
+    original = getattr(target, name)
+
+    def recorded(*args, **kwargs):
+        record.append(original(*args, **kwargs))
+        return record[-1]
+
+    monkeypatch.setattr(target, name, recorded)
+
+
+def spy_first_argument(monkeypatch, target, name: str, record: list) -> None:
+    """Record the first argument of every call to target.<name> in `record`."""
+    original = getattr(target, name)
+    monkeypatch.setattr(target, name, lambda first, *rest, **kw: record.append(first) or original(first, *rest, **kw))
+
+
+def test_fit_runs_a_4_3_clip_within_the_budget_at_its_own_aspect(engine, monkeypatch):
+    encoded = []
+    spy_first_argument(monkeypatch, engine, "_encode", encoded)
+    clip = moving_square_frames(4, 160, 120)  # 4:3
+    # A 16:9 budget of 128×72 = 9,216 pixels (ZeroScope's 576×320: tests/test_framing.py):
+    # 80 rows · 4/3 = 106.7 → 112 columns, 8,960 pixels; 88 rows would need 112 × 88 = 9,856.
+    result = engine.transfer(clip, small(width=128, height=72, source_prompt="four by three"))
+    width, height = result.metadata["framing"]["model_size"]
+    assert (width, height) == (112, 80)
+    assert width * height <= 128 * 72
+    assert abs(width - height * 4 / 3) <= 8 and abs(height - width * 3 / 4) <= 8  # one latent cell
+    assert [frames.shape for frames in encoded] == [(4, 80, 112, 3)]  # the model ran at that size
+    assert result.frames.shape == (4, 80, 112, 3)
+
+
+def test_crop_edits_the_centred_box_and_records_where_it_was(engine, monkeypatch):
+    from backend.video import resize_frames
+
+    encoded = []
+    spy_first_argument(monkeypatch, engine, "_encode", encoded)
+    clip = moving_square_frames(4, 72, 128)  # 9:16
+    result = engine.transfer(clip, small(width=128, height=72, framing="crop"))
+    # The 128:72 band of a 72-wide frame: round(72·72/128) = 40 rows, from row (128 − 40)/2 = 44.
+    assert result.metadata["framing"]["crop_box"] == [0, 44, 72, 84]
+    assert np.array_equal(encoded[0], resize_frames(clip[:, 44:84], 128, 72))
+    assert result.frames.shape == (4, 72, 128, 3)
+
+
+@pytest.fixture(scope="module")
+def upscaling(tmp_path_factory) -> tuple[Engine, str]:
+    """The tiny model with a second tiny model (another seed) as its upscaler, loaded
+    from diffusers layout through the upscaler's real loading code."""
+    from backend.model import save_tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny-xl")
+    save_tiny_model(folder, seed=1)
+    return load_engine("tiny", device="cpu", cache_dir=tmp_path_factory.mktemp("cache"),
+                       upscale_model=str(folder)), str(folder)
+
+
+def test_upscaling_doubles_the_size_keeps_the_frame_count_and_starts_from_the_first_stage(
+        upscaling, monkeypatch):
+    from backend.video import resize_frames
+
+    engine, folder = upscaling
+    first_stage, upscaler_input = [], []
+    spy(monkeypatch, engine, "_decode", first_stage)
+    spy_first_argument(monkeypatch, engine.upscaler, "_encode", upscaler_input)
+    engine.upscaler.unet_passes.clear()
+    events = []
+    settings = small(num_frames=6, upscale="xl", upscale_width=128, upscale_height=128)
+    result = engine.transfer(moving_square_frames(6, 64, 64), settings, progress=lambda *e: events.append(e))
+
+    assert first_stage[0].shape == (6, 64, 64, 3)
+    assert result.frames.shape == (6, 128, 128, 3)  # twice the size, every frame
+    assert np.array_equal(upscaler_input[0], resize_frames(first_stage[0], 128, 128))
+    assert not np.array_equal(result.frames, upscaler_input[0])  # the upscaler re-drew it
+    steps = settings.upscale_step_count()
+    assert steps == 2  # ⌊3 · 0.7⌋
+    assert engine.upscaler.unet_passes["sample", "full"] == 2 * steps  # a CFG pair per step
+    meta = result.metadata
+    assert meta["framing"]["upscale_size"] == meta["framing"]["result_size"] == [128, 128]
+    assert meta["upscaler"] == {"model": folder, "steps": 2}
+    assert "upscale" in meta["timings_s"]
+    phases = list(dict.fromkeys(phase for phase, _, _ in events))
+    assert phases[-2:] == ["decode", "upscale"]
+    total = 1 + steps + 2  # encode, one window per step, two decode slices of 4 frames
+    assert [e for e in events if e[0] == "upscale"] == [("upscale", i, total) for i in range(total + 1)]
+    assert engine.describe()["upscaler"] == folder
+
+
+def test_bad_framing_and_upscaling_input_fails_before_any_work(engine):
+    engine.unet_passes.clear()
+    with pytest.raises(BadClipError, match=r"^The clip is 300x64, [^.]*--framing crop\) to edit its centre\.$"):
+        engine.transfer(moving_square_frames(4, 300, 64), small())
+    with pytest.raises(BadSettingsError, match=r"^This engine was started without an upscaler[^.]*"
+                                               r"hf download cerspense/zeroscope_v2_XL[^.]*\.$"):
+        engine.transfer(moving_square_frames(4, 64, 64), small(upscale="xl"))
+    assert not engine.unet_passes  # no model work started
+    engine.check_settings(small(framing="crop"), 4, (300, 64))  # crop takes the same clip
+    with pytest.raises(BadClipError, match="--framing crop"):
+        engine.check_settings(small(), 4, (300, 64))  # the server can ask before it queues a job
+    assert engine.describe()["upscaler"] is None

@@ -219,7 +219,9 @@ def test_the_reply_is_bounded_by_the_limits():
     protocol.check_reply_size({"num_frames": 8, "width": 64, "height": 64}, limits)
     cases = [{"num_frames": 4, "output_frames": 100_000, "width": 64, "height": 64},
              {"num_frames": 9, "width": 64, "height": 64},
-             {"num_frames": 8, "width": 512, "height": 512}]
+             {"num_frames": 8, "width": 512, "height": 512},
+             # an upscaled result has the upscaler's size (8 × 1024 × 576 × 3 > 1 MiB)
+             {"num_frames": 8, "width": 64, "height": 64, "upscale": "xl"}]
     for settings in cases:
         with pytest.raises(ProtocolError) as caught:
             protocol.check_reply_size(settings, limits)

@@ -119,7 +119,7 @@ def test_round_trip(server, connect):
     result = client.wait("round-trip", progress=progress.append, timeout_s=WAIT_S)
     assert progress and all(event["job_id"] == "round-trip" for event in progress)
     frames = decode_pngs(result.frames)
-    assert frames.shape == (4, 64, 64, 3)
+    assert frames.shape == (4, 48, 72, 3)  # framing fit: the 48×32 clip's 3:2 in 64×64 pixels
     assert result.sidecar["seed"] == 7 and result.sidecar["settings"]["prompt"] == "a bear walking"
 
     assert client.status("round-trip")["state"] == "done"

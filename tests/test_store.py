@@ -247,7 +247,7 @@ class StandInEngine:
     def describe(self) -> dict:
         return {"model": "stand-in", "device": "cpu"}
 
-    def check_settings(self, settings, clip_length: int) -> None:
+    def check_settings(self, settings, clip_length: int, frame_size=None) -> None:
         pass
 
     def transfer(self, clip_frames, settings, progress=None, cancelled=None):

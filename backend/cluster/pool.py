@@ -103,14 +103,15 @@ class WorkerPool:
         return {**first.get("engine", {}), "workers": len(self.runners),
                 "cluster": self.connection.target.label}
 
-    def check_settings(self, settings: TransferSettings, clip_length: int) -> None:
+    def check_settings(self, settings: TransferSettings, clip_length: int,
+                       frame_size: tuple[int, int] | None = None) -> None:
         """The engine's submit-time check, on the workers in turn (all hold the same model)."""
         from ray.exceptions import GetTimeoutError, RayActorError
 
         runner = self.runners[self._checks % len(self.runners)]
         self._checks += 1
         try:
-            runner.check_settings(settings.to_dict(), clip_length, CHECK_TIMEOUT_S)
+            runner.check_settings(settings.to_dict(), clip_length, frame_size, CHECK_TIMEOUT_S)
         except (GetTimeoutError, RayActorError):
             log.info("Worker %s is busy restarting; the settings are checked when the job runs.",
                      runner.name)

@@ -38,8 +38,9 @@ class ActorEngine:
     def describe(self) -> dict[str, Any]:
         return self.pool.describe()
 
-    def check_settings(self, settings: TransferSettings, clip_length: int) -> None:
-        self.pool.check_settings(settings, clip_length)
+    def check_settings(self, settings: TransferSettings, clip_length: int,
+                       frame_size: tuple[int, int] | None = None) -> None:
+        self.pool.check_settings(settings, clip_length, frame_size)
 
     def wait_ready(self, stopping: threading.Event) -> bool:
         """Block until the actor answers with a loaded model; False when it cannot take

@@ -72,12 +72,12 @@ class ActorRunner:
                 continue  # starting or restarting: ask again
         return None
 
-    def check_settings(self, settings: dict[str, Any], clip_length: int, timeout_s: float
-                       ) -> None:
+    def check_settings(self, settings: dict[str, Any], clip_length: int,
+                       frame_size: tuple[int, int] | None, timeout_s: float) -> None:
         """The engine's submit-time check, run on this worker; raises RemoteJobError."""
         import ray
 
-        refused = ray.get(self.actor.check_settings.remote(settings, clip_length),
+        refused = ray.get(self.actor.check_settings.remote(settings, clip_length, frame_size),
                           timeout=timeout_s)
         if refused is not None:
             raise RemoteJobError(refused["code"], refused["message"])

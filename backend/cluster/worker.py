@@ -44,6 +44,7 @@ class WorkerSpec:
     device: str | None = None
     dtype: str | None = None
     cache_dir: Path | None = None  # on the worker's own node
+    upscale_model: str | None = None  # as `serve --upscale-model`
     shared_cache: bool = False  # all workers use cache_dir itself (a shared folder)
     torch_threads: int | None = None
     step_delay_s: float = 0.0  # testing only, as `serve --test-step-delay`
@@ -95,7 +96,8 @@ class EngineWorker:
             from backend.engine import load_engine
 
             self.engine = load_engine(spec.model, device=spec.device, dtype=spec.dtype,
-                                      cache_dir=spec.cache_for(name))
+                                      cache_dir=spec.cache_for(name),
+                                      upscale_model=spec.upscale_model)
         except UnderstudyError as error:  # reported by identity(): the pool says it
             self._load_error = {"code": error.code, "message": str(error)}
         except Exception as error:  # a constructor that raises would leave Ray a dead actor
@@ -120,12 +122,14 @@ class EngineWorker:
             info["engine"] = self.engine.describe()
         return info
 
-    def check_settings(self, settings: dict[str, Any], clip_length: int) -> dict[str, str] | None:
+    def check_settings(self, settings: dict[str, Any], clip_length: int,
+                       frame_size: tuple[int, int] | None = None) -> dict[str, str] | None:
         """The engine's submit-time check; None when the settings can run."""
         from shared.settings import TransferSettings
 
         try:
-            self.engine.check_settings(TransferSettings.from_dict(settings), clip_length)
+            self.engine.check_settings(TransferSettings.from_dict(settings), clip_length,
+                                       frame_size)
         except UnderstudyError as error:
             return {"code": error.code, "message": str(error)}
         return None

@@ -162,8 +162,9 @@ class Server:
 
 
 def serve(config: ServerConfig, model: str, device: str | None = None, dtype: str | None = None,
-          cache_dir: Path | None = None) -> None:
-    """Check the options, load the model once, recover the store, serve until stopped."""
+          cache_dir: Path | None = None, upscale_model: str | None = None) -> None:
+    """Check the options, load the model (and the upscaler, if named) once, recover the
+    store, serve until stopped."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     check_bind_allowed(config.bind, config.keys_dir, config.insecure)
     if config.keys_dir is None and not is_loopback(config.bind):
@@ -174,13 +175,15 @@ def serve(config: ServerConfig, model: str, device: str | None = None, dtype: st
         from backend.engine import load_engine
 
         engine, cluster, where = load_engine(model, device=device, dtype=dtype,
-                                             cache_dir=cache_dir), None, ""
+                                             cache_dir=cache_dir,
+                                             upscale_model=upscale_model), None, ""
     else:  # the models load on the Ray workers; this process needs neither torch nor a GPU
         from backend.cluster.gateway import start_cluster_workers
         from backend.cluster.worker import WorkerSpec
 
         cluster = start_cluster_workers(config.cluster, WorkerSpec(
-            model, device, dtype, cache_dir, step_delay_s=config.test_step_delay_s),
+            model, device, dtype, cache_dir, upscale_model=upscale_model,
+            step_delay_s=config.test_step_delay_s),
             token_dir=config.state_dir)
         engine, where = cluster.engines[0], f", {cluster.summary()}"
         if config.limits["max_queue"] < 2 * len(cluster.engines):  # it counts running jobs

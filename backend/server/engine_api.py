@@ -35,10 +35,12 @@ class TransferOutcome(Protocol):
 
 class TransferEngine(Protocol):
     def describe(self) -> dict[str, Any]:
-        """model, device, dtype: what `welcome` reports."""
+        """model, device, dtype, upscaler (None: none loaded): what `welcome` reports."""
 
-    def check_settings(self, settings: TransferSettings, clip_length: int) -> None:
-        """Raise UnderstudyError (one sentence) for settings this engine cannot run."""
+    def check_settings(self, settings: TransferSettings, clip_length: int,
+                       frame_size: tuple[int, int] | None = None) -> None:
+        """Raise UnderstudyError (one sentence) for settings this engine cannot run on a
+        clip of clip_length frames of frame_size (width, height)."""
 
     def transfer(self, clip_frames: Any, settings: TransferSettings,
                  progress: Callable[[str, int, int], None] | None = None,

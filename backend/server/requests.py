@@ -131,7 +131,7 @@ class Requests:
                                                                              len(payload))
             check_pixel_budget(frames_used, size,
                                self.limits["max_job_pixels"])
-            self.engine.check_settings(parsed, len(payload))
+            self.engine.check_settings(parsed, len(payload), size)
             job = Job(job_id=job_id, seq=-1, client=client, owner=owner, digest=digest,
                       submitted_at=time.time(), frames_in=len(payload))
             accepted = self.book.add(job, settings, payload)
