@@ -224,10 +224,11 @@ def scenario_transfer(args: dict) -> dict:
         os.kill(args["kill_pid"], signal.SIGKILL)
         jobs = importlib.import_module(f"{ADDON}.jobs")
         plan = importlib.import_module(f"{ADDON}.plan")
+        states = importlib.import_module(f"{ADDON}.states")
         job = scene.understudy_jobs[-1]
         # The interface's polling timer notices first (ticked here as Blender would) ...
         deadline = time.monotonic() + 60
-        while job.phase != plan.WAITING and time.monotonic() < deadline:
+        while job.phase != states.Phase.WAITING and time.monotonic() < deadline:
             jobs.poll_once()
             time.sleep(jobs.POLL_INTERVAL_S)
         extra = {"interface": [job.phase, job.message,

@@ -14,9 +14,11 @@ import pytest
 
 import build  # the repository's build.py (stdlib only)
 from backend.video import retime_indices as backend_retime_indices
-from blender_addon import batches, link, placement, plan, pngio
+from blender_addon import batches, link, placement, plan, pngio, states
 from blender_addon.plan import Span, UserError
+from blender_addon.states import Phase, Status
 from blender_addon.strip_io import Snapshot
+from shared.protocol import JOB_ID_PATTERN, ErrorCode, EventType, JobState, check_job_id
 from shared.settings import TransferSettings
 from tests.conftest import REPO_ROOT
 
@@ -159,11 +161,24 @@ def test_strip_name_is_the_prompt_within_blenders_limit():
     assert plan.strip_name("   ") == "Understudy result"
 
 
-def test_job_ids_are_safe_folder_names_and_unique():
+def test_job_ids_follow_the_protocols_rule_and_are_unique():
     ids = {plan.new_job_id(now=0) for _ in range(20)}
     assert len(ids) == 20
     assert all(re.fullmatch(r"us-19700101-000000-[0-9a-f]{6}", job_id) for job_id in ids)
-    assert not plan.is_safe_job_id("../x")
+    assert all(check_job_id(job_id) == job_id for job_id in ids)
+
+
+@pytest.mark.parametrize("job_id", ["../x", "..", ".", "a/b", "a\\b", "", "-x", "x" * 65])
+def test_a_job_id_the_protocol_refuses_gets_no_folder(tmp_path, job_id):
+    assert not JOB_ID_PATTERN.fullmatch(job_id)
+    with pytest.raises(ValueError):
+        plan.result_folder(str(tmp_path / "edit.blend"), job_id, str(tmp_path))
+
+
+def test_every_id_the_protocol_accepts_is_a_folder_inside_the_result_folder(tmp_path):
+    for job_id in ("a..", "a.b-c_d", "9" * 64, "us-20261201-120000-abcdef"):
+        folder, _, _ = plan.result_folder(str(tmp_path / "edit.blend"), job_id, "")
+        assert os.path.dirname(folder) == str(tmp_path / plan.RESULT_FOLDER)
 
 
 def test_result_folder_beside_a_saved_file_is_relative(tmp_path):
@@ -258,10 +273,48 @@ def test_cancelled_queued_and_unknown_updates():
     assert queued["status"] == "submitted"
     assert plan.job_update({"type": "something-new"}) == ({}, False)
     assert plan.progress_text("submitted", "", 0) == "queued"
-    assert plan.progress_text(plan.RENDERING, "rendering", 25) == "rendering 25%"
-    assert plan.progress_text(plan.PLACING, "placing", 50) == "placing 50%"
-    assert plan.progress_text("running", plan.WAITING, 40) == "waiting for the server"
-    assert plan.progress_text(plan.UNPLACED, "", 100) == "not placed"
+    assert plan.progress_text(Status.RENDERING, Phase.RENDERING, 25) == "rendering 25%"
+    assert plan.progress_text(Status.PLACING, Phase.PLACING, 50) == "placing 50%"
+    assert plan.progress_text("running", Phase.WAITING, 40) == "waiting for the server"
+    assert plan.progress_text(Status.UNPLACED, "", 100) == "not placed"
+
+
+def test_every_server_event_and_job_state_updates_the_record():
+    """The extension reads the server's whole vocabulary (shared/protocol.py), not a copy."""
+    for kind in [*({"type": event} for event in EventType),
+                 *({"state": state} for state in JobState)]:
+        update, fetch = plan.job_update({"job_id": "j", "step": 1, "total": 2, **kind})
+        assert update["status"] in Status, kind
+        assert fetch == (kind in ({"type": EventType.RESULT_READY}, {"state": JobState.DONE}))
+    # A status the server decides is the server's word for it.
+    for state in (JobState.RUNNING, JobState.DONE, JobState.FAILED, JobState.CANCELLED):
+        assert Status(state.value) == state
+    assert states.ACTIVE == {Status.SUBMITTED, Status.RUNNING}
+
+
+def test_the_extension_compares_statuses_only_through_the_vocabularies():
+    """No module but states.py writes a status or phase as bare text: each word has one place."""
+    import ast
+
+    words = ({*Status, *Phase, *JobState, *EventType, *ErrorCode} - {""}) | {"finished"}
+    found = []
+    for path in sorted((REPO_ROOT / "blender_addon").glob("*.py")):
+        if path.name == "states.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                values = [node.left, *node.comparators]
+            elif isinstance(node, ast.Assign) and any(
+                    isinstance(target, ast.Attribute | ast.Tuple) for target in node.targets):
+                values = [node.value]
+            else:
+                continue
+            for value in values:
+                for item in (value.elts if isinstance(value, ast.Tuple | ast.Set | ast.List)
+                             else [value]):
+                    if isinstance(item, ast.Constant) and item.value in words:
+                        found.append(f"{path.name}:{node.lineno} {item.value!r}")
+    assert found == []
 
 
 def test_lost_server_message_names_collect_results():
