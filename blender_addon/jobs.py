@@ -345,17 +345,32 @@ def frames_on_disk(job) -> bool:
 
 
 def prepare_frames(job, indices) -> None:
-    """Give these result frames the source's transparency, where the source had any."""
+    """Give these result frames their place (a crop's canvas) and the source's
+    transparency, where the source had any."""
     folder = bpy.path.abspath(job.frames_dir)
     files = plan.frame_file_names(job.length)
     try:
+        canvas = result_canvas(job)
         for index in indices:
-            strip_io.keep_source_alpha(
+            strip_io.finish_result_frame(
                 os.path.join(folder, files[index]),
-                os.path.join(folder, SOURCE_SUBFOLDER, strip_io.RENDER_FILE.format(index + 1)))
+                os.path.join(folder, SOURCE_SUBFOLDER, strip_io.RENDER_FILE.format(index + 1)),
+                canvas)
     except OSError as error:
         raise unplaced(job, f"Could not rewrite the result frames in {folder} ({plan.os_reason(error)}); "
                             f"make the folder writable, then {COLLECT_HINT}.") from error
+
+
+def result_canvas(job) -> placement.Canvas | None:
+    """The canvas a crop's result frames go on, from the sidecar's framing record (its
+    result_size, not the frames' size: a frame already on its canvas has another)."""
+    try:
+        sidecar = json.loads(job.sidecar) if job.sidecar else {}
+        framing = sidecar.get("framing")
+        width, height = (int(value) for value in framing["result_size"])
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+    return placement.result_canvas(framing, width, height)
 
 
 def add_result(scene, job) -> None:

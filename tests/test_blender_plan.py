@@ -430,6 +430,62 @@ def test_a_canvas_result_covers_the_canvas_and_keeps_only_the_blending():
     assert (look["blend_type"], look["blend_alpha"]) == ("ADD", 0.5)
 
 
+def shown_columns(source: placement.Placement, canvas_width: int, left: int, width: int):
+    """Where columns [left, left + width) of a canvas_width-wide result land across the
+    source's displayed picture, in media pixels (the result placed by result_look)."""
+    look = placement.result_look(source, canvas_width, 1)
+    media_per_result = look["scale_x"] / source.scale_x
+    return left * media_per_result, (left + width) * media_per_result
+
+
+def test_a_fit_result_of_another_shape_covers_the_whole_picture():
+    # 9:16 media sent at 432x768; fit within 576x320 pixels runs at 320x576 (not exactly 9:16).
+    source = placement.Placement(placement.PICTURE, 1080, 1920, scale_x=0.5625, scale_y=0.5625)
+    look = placement.result_look(source, 320, 576)
+    shown = (320 * look["scale_x"], 576 * look["scale_y"])
+    assert shown == pytest.approx((1080 * 0.5625, 1920 * 0.5625))  # 607.5 x 1080: the source's
+    assert placement.result_canvas({"source_size": [432, 768], "crop_box": [0, 0, 432, 768],
+                                    "result_size": [320, 576]}, 320, 576) is None
+
+
+def test_a_crop_result_lies_over_its_box_and_nothing_else():
+    # 1920x1080 media sent at 768x432; crop to a square model size: the centred 432x432 box.
+    framing = {"mode": "crop", "source_size": [768, 432], "crop_box": [168, 0, 600, 432],
+               "model_size": [64, 64], "result_size": [64, 64]}
+    canvas = placement.result_canvas(framing, 64, 64)
+    assert (canvas.height, canvas.top) == (64, 0)
+    # The canvas has the frame's shape, the result its own pixels (not resampled) ...
+    assert canvas.width / canvas.height == pytest.approx(768 / 432, abs=1 / 64)
+    assert canvas.left + canvas.result_width <= canvas.width
+    # ... and on the picture it covers the box's columns within a media pixel or two.
+    source = placement.Placement(placement.PICTURE, 1920, 1080, scale_x=0.5, scale_y=0.5)
+    start, end = shown_columns(source, canvas.width, canvas.left, canvas.result_width)
+    assert abs(start - 168 * 1920 / 768) <= 2 and abs(end - 600 * 1920 / 768) <= 2
+    # A 9:16 frame cropped to 16:9: a band across the middle, rows placed the same way.
+    band = placement.result_canvas({"source_size": [54, 96], "crop_box": [0, 33, 54, 63]},
+                                   576, 320)
+    assert (band.left, band.width) == (0, 576)
+    assert band.top == pytest.approx(33 * 320 / 30, abs=0.5)
+    assert band.height == pytest.approx(96 * 320 / 30, abs=0.5)
+
+
+@pytest.mark.parametrize("framing", [None, {}, {"source_size": [10, 10]},
+                                     {"source_size": [10, 10], "crop_box": [0, 0, 20, 10]},
+                                     {"source_size": "x", "crop_box": [0, 0, 5, 5]}])
+def test_a_sidecar_without_a_usable_box_places_the_result_over_the_whole_frame(framing):
+    assert placement.result_canvas(framing, 64, 64) is None
+
+
+def test_a_result_frame_goes_on_its_transparent_canvas():
+    import numpy as np
+
+    pixels = np.full((2, 3, 4), 200, np.uint8)
+    canvas = pngio.on_canvas(pixels, 7, 4, 2, 1)
+    assert canvas.shape == (4, 7, 4)
+    assert (canvas[1:3, 2:5] == 200).all()
+    assert canvas[..., 3].sum() == 6 * 200  # transparent everywhere else
+
+
 def test_movie_and_image_strips_send_their_own_picture():
     assert placement.mode_for("MOVIE") == placement.mode_for("IMAGE") == placement.PICTURE
     for kind in ("SCENE", "META", "TEXT", "TRANSFORM", "CROSS"):
