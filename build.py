@@ -152,14 +152,15 @@ def prepare_environment(venv: Path, wanted: dict, install) -> Path:
 
 
 def ensure_venv(venv: Path = VENV, root: Path = ROOT) -> Path:
-    """The project's environment: torch first, then the project with its test extras."""
+    """The project's environment: torch first, then the project with its test extras and
+    the cluster extra (Ray), so the Ray tests run wherever the suite runs."""
     torch_spec = os.environ.get("UNDERSTUDY_TORCH", DEFAULT_TORCH).strip()
     wanted = wanted_stamp((root / "pyproject.toml").read_text(), torch_spec, REQUIRED_PYTHON)
 
     def install(pip: list[str]) -> None:
         if torch_spec.lower() != "none":
             run_checked(pip + shlex.split(torch_spec), INSTALL_FAILED)
-        run_checked(pip + ["-e", f"{root}[test]"], INSTALL_FAILED)
+        run_checked(pip + ["-e", f"{root}[test,cluster]"], INSTALL_FAILED)
 
     return prepare_environment(venv, wanted, install)
 

@@ -126,10 +126,26 @@ def command_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(bind=args.bind, state_dir=Path(args.state_dir),
                           keys_dir=Path(args.keys) if args.keys else None,
                           insecure=args.insecure, limits=limits, keep_hours=args.keep_hours,
-                          keep_jobs=args.keep_jobs, test_step_delay_s=args.test_step_delay)
+                          keep_jobs=args.keep_jobs, test_step_delay_s=args.test_step_delay,
+                          cluster=cluster_options(args))
     serve(config, args.model, device=args.device, dtype=args.dtype,
           cache_dir=Path(args.cache_dir))
     return 0
+
+
+def cluster_options(args: argparse.Namespace):
+    """`--ray` and its companions as ClusterOptions; None without --ray."""
+    if args.ray is None:
+        if args.shared_cache:
+            raise UnderstudyError("--shared-cache only makes sense with --ray; add --ray auto "
+                                  "(or local:N).")
+        return None
+    from backend.cluster.connect import parse_ray_target
+    from backend.cluster.gateway import ClusterOptions
+
+    parse_ray_target(args.ray)  # a mistyped address is told before anything starts
+    return ClusterOptions(args.ray, shared_cache=args.shared_cache,
+                          cancel_grace_s=args.cancel_grace)
 
 
 def command_keys(args: argparse.Namespace) -> int:
@@ -323,6 +339,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--test-step-delay", type=float, default=0.0,
                        help="testing only: sleep this many seconds at every progress step, "
                        "so tests can catch a job mid-run")
+    cluster = serve.add_argument_group("many GPUs (README: Many GPUs; needs the cluster extra)")
+    cluster.add_argument("--ray", metavar="ADDRESS",
+                         help="run jobs on Ray workers, one per GPU: `auto` (the cluster "
+                         "started on this machine), HOST:PORT of a head node, or local:N "
+                         "(a private Ray instance with N workers)")
+    cluster.add_argument("--shared-cache", action="store_true",
+                         help="with --ray: every worker uses --cache-dir itself (a folder "
+                         "shared by all machines) instead of a folder of its own")
+    cluster.add_argument("--cancel-grace", type=float, default=30.0, metavar="S",
+                         help="with --ray: kill and restart a worker that has not stopped a "
+                         "cancelled job S seconds after the cancel (default: %(default)s)")
     add_model_flags(serve)
     serve.set_defaults(func=command_serve)
 

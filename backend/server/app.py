@@ -12,13 +12,15 @@ import json
 import logging
 import signal
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import zmq
 
 from backend.server.book import JobBook, Retention
-from backend.server.engine_api import TransferEngine
+from backend.server.engine_api import PooledEngine, TransferEngine
 from backend.server.requests import Requests
 from backend.server.security import check_bind_allowed, is_loopback
 from backend.server.store import JobStore
@@ -26,6 +28,9 @@ from backend.server.transport import Transport
 from backend.server.worker import QUEUE_CHANGED, Worker
 from shared import protocol
 from shared.protocol import EventType
+
+if TYPE_CHECKING:  # the single-box server never loads the cluster package (nor Ray)
+    from backend.cluster.gateway import ClusterOptions
 
 log = logging.getLogger("understudy.server")
 
@@ -46,18 +51,26 @@ class ServerConfig:
     keep_jobs: int = 200
     heartbeat_s: float = protocol.HEARTBEAT_INTERVAL_S
     test_step_delay_s: float = 0.0  # testing only: sleep per progress step (see cli help)
+    cluster: ClusterOptions | None = None  # `--ray`: jobs run on Ray workers
 
 
 class Server:
     """Wires the parts together and runs the main loop."""
 
-    def __init__(self, config: ServerConfig, engine: TransferEngine) -> None:
+    def __init__(self, config: ServerConfig, engine: TransferEngine,
+                 pool_engines: Sequence[PooledEngine] = ()) -> None:
+        """`pool_engines`: one per Ray worker (`--ray`), each driven by its own worker
+        thread; without them one thread drives `engine` in this process."""
         self.config = config
         self.engine = engine
         self.store = JobStore(config.state_dir)
         self.book = JobBook(self.store, config.limits["max_queue"],
                             Retention(config.keep_hours, config.keep_jobs))
-        self.worker = Worker(self.book, self.store, engine, config.test_step_delay_s)
+        if pool_engines:  # the Ray workers apply the step delay themselves
+            self.workers = [Worker(self.book, self.store, pooled, ready=pooled.wait_ready)
+                            for pooled in pool_engines]
+        else:
+            self.workers = [Worker(self.book, self.store, engine, config.test_step_delay_s)]
         self.context = zmq.Context.instance()
         self.transport = Transport(self.context, config.bind, config.keys_dir, config.insecure,
                                    config.limits)
@@ -79,9 +92,11 @@ class Server:
         """Run until SIGINT/SIGTERM. The running job goes back to the queue on a clean stop."""
         events = self.context.socket(zmq.PULL)
         events.bind(WORKER_EVENTS)
-        worker = threading.Thread(target=self._worker_thread, name="understudy-worker",
-                                  daemon=True)
-        worker.start()
+        threads = [threading.Thread(target=self._worker_thread, args=(worker,),
+                                    name=f"understudy-worker-{index}", daemon=True)
+                   for index, worker in enumerate(self.workers)]
+        for thread in threads:
+            thread.start()
         poller = zmq.Poller()
         poller.register(self.transport.router, zmq.POLLIN)
         poller.register(events, zmq.POLLIN)
@@ -101,20 +116,21 @@ class Server:
             log.info("Stopping; a running job goes back to the queue.")
             self.stopping.set()
             self.book.wake()
-            worker.join(timeout=60)
+            for thread in threads:
+                thread.join(timeout=60)
             events.close(0)
             self.transport.close()
 
     def close(self) -> None:
         self.transport.close()
 
-    def _worker_thread(self) -> None:
+    def _worker_thread(self, worker: Worker) -> None:
         events = self.context.socket(zmq.PUSH)
         events.setsockopt(zmq.LINGER, 0)
         events.connect(WORKER_EVENTS)
         try:
-            self.worker.run(self.stopping,
-                            lambda header: events.send(protocol.json_text(header).encode()))
+            worker.run(self.stopping,
+                       lambda header: events.send(protocol.json_text(header).encode()))
         finally:
             events.close(0)
 
@@ -148,20 +164,39 @@ class Server:
 def serve(config: ServerConfig, model: str, device: str | None = None, dtype: str | None = None,
           cache_dir: Path | None = None) -> None:
     """Check the options, load the model once, recover the store, serve until stopped."""
-    from backend.engine import load_engine
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     check_bind_allowed(config.bind, config.keys_dir, config.insecure)
     if config.keys_dir is None and not is_loopback(config.bind):
         log.warning("Serving %s without encryption (--insecure): anyone who can reach it can "
                     "submit jobs and read results.", config.bind)
     JobStore(config.state_dir)  # a state folder that cannot be written: say so before loading
-    engine = load_engine(model, device=device, dtype=dtype, cache_dir=cache_dir)
-    server = Server(config, engine)
-    server.recover()
-    address = server.bind()
-    described = engine.describe()
-    print(f"Understudy server ready on {address} (model {described.get('model')} on "
-          f"{described.get('device')}, {'CURVE' if server.transport.secure else 'no encryption'}, "
-          f"state in {config.state_dir}).", flush=True)
-    server.serve_forever()
+    if config.cluster is None:
+        from backend.engine import load_engine
+
+        engine, cluster, where = load_engine(model, device=device, dtype=dtype,
+                                             cache_dir=cache_dir), None, ""
+    else:  # the models load on the Ray workers; this process needs neither torch nor a GPU
+        from backend.cluster.gateway import start_cluster_workers
+        from backend.cluster.worker import WorkerSpec
+
+        cluster = start_cluster_workers(config.cluster, WorkerSpec(
+            model, device, dtype, cache_dir, step_delay_s=config.test_step_delay_s),
+            token_dir=config.state_dir)
+        engine, where = cluster.engines[0], f", {cluster.summary()}"
+        if config.limits["max_queue"] < 2 * len(cluster.engines):  # it counts running jobs
+            log.warning("--max-queue %d is under twice the %d workers: raise it, or workers "
+                        "sit idle while editors are told queue_full.",
+                        config.limits["max_queue"], len(cluster.engines))
+    try:
+        server = Server(config, engine, cluster.engines if cluster else ())
+        server.recover()
+        address = server.bind()
+        described = engine.describe()
+        print(f"Understudy server ready on {address} (model {described.get('model')} on "
+              f"{described.get('device')}{where}, "
+              f"{'CURVE' if server.transport.secure else 'no encryption'}, "
+              f"state in {config.state_dir}).", flush=True)
+        server.serve_forever()
+    finally:
+        if cluster is not None:
+            cluster.close()

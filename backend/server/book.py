@@ -29,6 +29,8 @@ log = logging.getLogger("understudy.server")
 
 INTERRUPTED_TWICE = ("The server stopped twice while running this job; check the server "
                      "log and submit it again with a new id.")
+WORKER_LOST_TWICE = ("The worker running this job died twice; check the workers' Ray logs "
+                     "(GPU faults, memory) and submit it again with a new id.")
 
 
 @dataclass
@@ -251,6 +253,26 @@ class JobBook:
             except StoreUnavailable:
                 pass  # status.json still says running: a restart re-runs it once
             self._back_to_queue(ledger, job, attempt_counts=True)  # _record took it back
+
+    def worker_lost(self, job_id: str, attempt_counts: bool) -> bool:
+        """The process running this job died: queue it first again to run once more, or,
+        lost on its second attempt too, fail it as `interrupted`. True when it failed."""
+        with self._locked() as ledger:
+            job = ledger.jobs[job_id]
+            try:
+                if attempt_counts and job.attempts >= 2:
+                    self._finish(ledger, job, JobState.FAILED, {
+                        "code": ErrorCode.INTERRUPTED, "message": WORKER_LOST_TWICE})
+                    ledger.running.discard(job_id)
+                    self._prune(ledger)
+                    return True
+                self._record(ledger, job, state=JobState.QUEUED,
+                             attempts=job.attempts if attempt_counts else job.attempts - 1)
+            except StoreUnavailable:
+                pass  # status.json still says running: a restart re-runs it once
+            self._back_to_queue(ledger, job, attempt_counts=True)  # _record set the count
+            self._work.notify_all()  # a free worker takes it now
+            return False
 
     def note_store_problem(self, job_id: str, problem: StoreUnavailable) -> None:
         """A runner could not write a job's files: back to the queue until writable; the

@@ -1,16 +1,31 @@
 """What the server needs of an engine: the three calls it makes, typed.
 
-`backend.engine.Engine` is one; tests and a future remote runner can be others.
+`backend.engine.Engine` is one; tests and the Ray workers (backend/cluster) are others.
+An engine in another process can also lose that process mid-job: it raises EngineLost.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
 
+from backend.errors import UnderstudyError
 from shared.settings import TransferSettings
+
+
+class EngineLost(UnderstudyError):
+    """The process running the edit died (a Ray worker, or its machine). The job book
+    runs the job again once, as after a server crash; `started` is False when the edit
+    never began there, so that try does not count as one of the job's attempts."""
+
+    code = "worker_lost"
+
+    def __init__(self, message: str, started: bool = True) -> None:
+        super().__init__(message)
+        self.started = started
 
 
 class TransferOutcome(Protocol):
@@ -29,3 +44,11 @@ class TransferEngine(Protocol):
                  progress: Callable[[str, int, int], None] | None = None,
                  cancelled: Callable[[], bool] | None = None) -> TransferOutcome:
         """Edit a clip; clip_frames needs len() and [index array] (see PngClip)."""
+
+
+class PooledEngine(TransferEngine, Protocol):
+    """One of several engines in other processes (`serve --ray`); it may be away for a
+    while (restarting), and then takes no job."""
+
+    def wait_ready(self, stopping: threading.Event) -> bool:
+        """Block until the engine can take a job; False when `stopping` is set first."""

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from typing import Any
 
 from backend.errors import JobCancelled, UnderstudyError
-from backend.server.book import JobBook
-from backend.server.engine_api import TransferEngine
+from backend.server.book import WORKER_LOST_TWICE, JobBook
+from backend.server.engine_api import EngineLost, TransferEngine
 from backend.server.frames import PngClip
 from backend.server.store import Job, JobStore, StoreUnavailable
 from shared.protocol import ErrorCode, EventType, JobState, error_header
@@ -34,11 +34,14 @@ class Worker:
     """Runs the book's jobs in submission order until `stopping` is set."""
 
     def __init__(self, book: JobBook, store: JobStore, engine: TransferEngine,
-                 step_delay_s: float = 0.0) -> None:
+                 step_delay_s: float = 0.0,
+                 ready: Callable[[threading.Event], bool] | None = None) -> None:
         self.book = book
         self.store = store
         self.engine = engine
         self.step_delay_s = step_delay_s  # testing only: catch a job mid-run
+        # A remote engine that is restarting takes no job, so another worker gets it.
+        self.ready = ready or (lambda stopping: True)
 
     def run(self, stopping: threading.Event, notify: Notify) -> None:
         """The worker thread's body; `notify` hands events to the socket loop."""
@@ -47,6 +50,8 @@ class Worker:
                 if self.book.health() is not None:  # wait first: one try per interval
                     stopping.wait(PROBE_INTERVAL_S)
                     self.book.try_resume()
+                    continue
+                if not self.ready(stopping):
                     continue
                 job = self.book.claim_next(stopping, wait_s=PROBE_INTERVAL_S)
                 if job is None:
@@ -85,6 +90,11 @@ class Worker:
         except StoreUnavailable as problem:
             log.error("Job %s goes back to the queue: %s", job.job_id, problem)
             self.book.note_store_problem(job.job_id, problem)
+            return
+        except EngineLost as lost:
+            log.error("Job %s: %s", job.job_id, lost)
+            if self.book.worker_lost(job.job_id, attempt_counts=lost.started):
+                notify(error_header(ErrorCode.INTERRUPTED, WORKER_LOST_TWICE, job_id=job.job_id))
             return
         except JobCancelled:
             if stopping.is_set() and not self.book.cancel_wanted(job.job_id):

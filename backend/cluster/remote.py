@@ -1,0 +1,82 @@
+"""One worker actor in the shape of the server's engine: describe, check_settings, transfer.
+
+The gateway's worker threads call `transfer` exactly as they call a local Engine, one
+thread per actor; the job runs on the actor and the call returns (or raises) when it
+ends there. `wait_ready` lets a thread hold back from the queue while its actor is
+being restarted, so the other actors take the waiting jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from backend.cluster.pool import WorkerPool
+from backend.cluster.runner import ActorRunner, EditOutput
+from shared.settings import TransferSettings
+
+log = logging.getLogger("understudy.cluster")
+
+# A worker restarted on a box where the model no longer loads is asked again this often.
+BROKEN_RETRY_S = 60.0
+
+
+class ActorEngine:
+    """The server's engine interface, served by one actor of a WorkerPool."""
+
+    def __init__(self, pool: WorkerPool, runner: ActorRunner) -> None:
+        self.pool = pool
+        self.runner = runner
+
+    @property
+    def name(self) -> str:
+        return self.runner.name
+
+    def describe(self) -> dict[str, Any]:
+        return self.pool.describe()
+
+    def check_settings(self, settings: TransferSettings, clip_length: int) -> None:
+        self.pool.check_settings(settings, clip_length)
+
+    def wait_ready(self, stopping: threading.Event) -> bool:
+        """Block until the actor answers with a loaded model; False when it cannot take
+        a job now (the gateway stops, or its model failed to load after a restart)."""
+        identity = self.runner.wait_ready(stopping.is_set)
+        if identity is None:
+            return False
+        if "load_error" in identity:  # parked: the other workers take the queue
+            log.error("Worker %s cannot load the model (%s); asking again in %.0f s.",
+                      self.name, identity["load_error"]["message"], BROKEN_RETRY_S)
+            stopping.wait(BROKEN_RETRY_S)
+            return False
+        return True
+
+    def transfer(self, clip_frames: Any, settings: TransferSettings,
+                 progress: Callable[[str, int, int], None] | None = None,
+                 cancelled: Callable[[], bool] | None = None) -> EditOutput:
+        """Run the edit on the actor; raises what a local edit raises, or WorkerLost."""
+        # The id only pairs a cancel with this run on the actor.
+        run_id = f"run-{uuid.uuid4().hex}"
+        return self.runner.run(run_id, settings.to_dict(), png_frames(clip_frames),
+                               progress or _ignore_progress, cancelled or _never_cancelled)
+
+
+def png_frames(clip_frames: Any) -> list[bytes]:
+    """The clip as PNG bytes: a stored clip's files as they are, or frames encoded."""
+    paths = getattr(clip_frames, "paths", None)
+    if paths is not None:
+        return [path.read_bytes() for path in paths]
+    from backend.video import encode_png
+
+    return [encode_png(frame) for frame in clip_frames]
+
+
+def _ignore_progress(phase: str, step: int, total: int) -> None:
+    pass
+
+
+def _never_cancelled() -> bool:
+    return False

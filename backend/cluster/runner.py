@@ -1,0 +1,135 @@
+"""The gateway's handle on one worker actor: run a job there as if it ran here.
+
+`ActorRunner.run` has the shape of a local edit: it blocks, calls `progress(phase,
+step, total)` as the worker reports, polls `cancelled()` and returns the result frames
+and sidecar, or raises what a local run would (JobCancelled, an UnderstudyError with
+the job's code). What a local run cannot do is lose its process; that is `WorkerLost`,
+and the job book decides what happens to the job (re-queued once, as after a crash).
+
+Cancel is cooperative first: the worker's engine stops at its next step. A worker that
+has not stopped `cancel_grace_s` later is killed with `ray.kill`; Ray restarts it
+(`max_restarts`) with a fresh engine, and `wait_ready` returns once it is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from backend.errors import JobCancelled, UnderstudyError
+from backend.server.engine_api import EngineLost
+
+log = logging.getLogger("understudy.cluster")
+
+# How often a running job's cancel flag is looked at while the worker is quiet.
+CANCEL_POLL_S = 0.25
+
+
+class WorkerLost(EngineLost):
+    """The worker's process or node died while it held the job."""
+
+
+class RemoteJobError(UnderstudyError):
+    """A job failed on a worker the way it would fail locally; carries its code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class EditOutput:
+    """A finished edit, as the engine's TransferResult: frames and the JSON sidecar."""
+
+    frames: np.ndarray  # (F_out, H, W, 3) uint8
+    metadata: dict[str, Any]
+
+
+class ActorRunner:
+    """Runs jobs on one EngineWorker actor, one at a time."""
+
+    def __init__(self, name: str, actor: Any, cancel_grace_s: float) -> None:
+        self.name = name
+        self.actor = actor
+        self.cancel_grace_s = cancel_grace_s
+        self.identity: dict[str, Any] | None = None
+
+    def wait_ready(self, stopping: Callable[[], bool] = lambda: False) -> dict[str, Any] | None:
+        """Block until the actor answers (across restarts); its identity, or None on stop."""
+        import ray
+        from ray.exceptions import ActorUnavailableError, GetTimeoutError
+
+        while not stopping():
+            try:
+                self.identity = ray.get(self.actor.identity.remote(), timeout=CANCEL_POLL_S * 4)
+                return self.identity
+            except (GetTimeoutError, ActorUnavailableError):
+                continue  # starting or restarting: ask again
+        return None
+
+    def check_settings(self, settings: dict[str, Any], clip_length: int, timeout_s: float
+                       ) -> None:
+        """The engine's submit-time check, run on this worker; raises RemoteJobError."""
+        import ray
+
+        refused = ray.get(self.actor.check_settings.remote(settings, clip_length),
+                          timeout=timeout_s)
+        if refused is not None:
+            raise RemoteJobError(refused["code"], refused["message"])
+
+    def run(self, job_id: str, settings: dict[str, Any], inputs: list[bytes],
+            progress: Callable[[str, int, int], None], cancelled: Callable[[], bool]
+            ) -> EditOutput:
+        """Run one job on the actor; see the module docstring for what it raises."""
+        import ray
+        from ray.exceptions import ActorUnavailableError, RayError
+
+        events = self.actor.run.options(num_returns="streaming").remote(job_id, settings, inputs)
+        started = False
+        cancel_sent_at: float | None = None
+        killed = False
+        while True:
+            if cancel_sent_at is None and cancelled():
+                self.actor.cancel.remote(job_id)
+                cancel_sent_at = time.monotonic()
+            elif (cancel_sent_at is not None and not killed
+                  and time.monotonic() - cancel_sent_at > self.cancel_grace_s):
+                log.warning("Worker %s did not stop job %s within %.0f s of its cancel; "
+                            "killing it (Ray restarts it).", self.name, job_id,
+                            self.cancel_grace_s)
+                ray.kill(self.actor, no_restart=False)
+                killed = True
+            ready, _ = ray.wait([events], timeout=CANCEL_POLL_S)
+            if not ready:
+                continue
+            try:
+                event = ray.get(next(events))
+            except StopIteration:
+                raise WorkerLost(f"Worker {self.name} ended job {job_id} without a result.",
+                                 started) from None
+            except RayError as error:
+                if isinstance(error, ActorUnavailableError):
+                    # "Unavailable" may be a broken connection to a live actor. Kill it so
+                    # the job cannot go on there while the gateway runs it again elsewhere.
+                    ray.kill(self.actor, no_restart=False)
+                if cancel_sent_at is not None:
+                    raise JobCancelled("The edit was cancelled.") from None
+                raise WorkerLost(f"Worker {self.name} was lost while holding job {job_id} "
+                                 f"({type(error).__name__}).", started) from None
+            kind = event["event"]
+            if kind == "started":
+                started = True
+                self.identity = event["worker"]
+            elif kind == "progress":
+                progress(event["phase"], event["step"], event["total"])
+            elif kind == "done":
+                return EditOutput(event["frames"], event["sidecar"])
+            elif kind == "cancelled":
+                raise JobCancelled("The edit was cancelled.")
+            elif kind == "failed":
+                raise RemoteJobError(event["code"], event["message"])

@@ -1,0 +1,207 @@
+"""The Ray actor that runs jobs: one warm engine, one job at a time.
+
+The pool makes it a threaded actor with two threads: one runs `run` (the job), the
+other answers `cancel`, `identity` and `check_settings` while a job runs, so a
+cancel reaches the engine's between-steps check instead of waiting behind the job.
+
+`run` is a streaming generator: it yields small event dicts as the edit goes (first
+"started", then "progress" per engine step) and ends with exactly one of "done"
+(the result frames and the sidecar), "failed" (code and sentence) or "cancelled". Errors are
+turned into events here, so the gateway only ever sees a Ray error when this process
+or its node died.
+
+Everything crossing here (settings, PNG bytes, sidecars) travels inside the Ray
+cluster through Ray's own serialisation; nothing from the editors' network is
+unpickled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from backend.errors import JobCancelled, UnderstudyError
+
+log = logging.getLogger("understudy.cluster.worker")
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What every worker loads: the same model arguments as `serve --model ...`."""
+
+    model: str
+    device: str | None = None
+    dtype: str | None = None
+    cache_dir: Path | None = None  # on the worker's own node
+    shared_cache: bool = False  # all workers use cache_dir itself (a shared folder)
+    torch_threads: int | None = None
+    step_delay_s: float = 0.0  # testing only, as `serve --test-step-delay`
+
+    def cache_for(self, worker_name: str) -> Path | None:
+        """The inversion cache folder: per worker unless the cache is shared."""
+        if self.cache_dir is None or self.shared_cache:
+            return self.cache_dir
+        return Path(self.cache_dir) / "workers" / worker_name
+
+
+class PngBytesClip:
+    """A job's PNG frames, held as bytes and decoded only when the engine picks them.
+
+    The engine needs `len(clip)` and `clip[indices]` (an index array → (n, H, W, 3)
+    uint8), so memory follows the frames used, not the frames sent.
+    """
+
+    def __init__(self, images: list[bytes], source: str) -> None:
+        self.images = images
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, indices: Any) -> np.ndarray:
+        from backend.video import check_frames, decode_pngs
+
+        chosen = np.atleast_1d(np.arange(len(self.images))[indices])
+        return check_frames(decode_pngs([self.images[index] for index in chosen], self.source),
+                            self.source)
+
+
+class EngineWorker:
+    """Holds one engine for its life; `ray.remote` is applied by the pool."""
+
+    def __init__(self, name: str, spec: WorkerSpec) -> None:
+        self.name = name
+        self.spec = spec
+        self._cancel_lock = threading.Lock()
+        self._cancel_requested: set[str] = set()
+        self._load_error: dict[str, str] | None = None
+        self.engine = None
+        if spec.torch_threads:
+            import torch
+
+            torch.set_num_threads(spec.torch_threads)
+        try:
+            from backend.engine import load_engine
+
+            self.engine = load_engine(spec.model, device=spec.device, dtype=spec.dtype,
+                                      cache_dir=spec.cache_for(name))
+        except UnderstudyError as error:  # reported by identity(): the pool says it
+            self._load_error = {"code": error.code, "message": str(error)}
+        except Exception as error:  # a constructor that raises would leave Ray a dead actor
+            log.error("Worker %s could not load the model:\n%s", name, traceback.format_exc())
+            self._load_error = {"code": "internal", "message": f"Loading the model failed "
+                                f"({type(error).__name__}: {error}); see the worker's Ray log."}
+
+    # ----------------------------------------------------------------- side calls
+
+    def identity(self) -> dict[str, Any]:
+        """Who this worker is (for the sidecar and logs) and whether its model loaded."""
+        import ray
+
+        context = ray.get_runtime_context()
+        info = {"actor": self.name, "actor_id": context.get_actor_id(),
+                "host": socket.gethostname(), "node_ip": ray.util.get_node_ip_address(),
+                "node_id": context.get_node_id(), "pid": os.getpid(), "gpu": self._gpu(),
+                "restarted": context.was_current_actor_reconstructed}
+        if self._load_error is not None:
+            info["load_error"] = self._load_error
+        else:
+            info["engine"] = self.engine.describe()
+        return info
+
+    def check_settings(self, settings: dict[str, Any], clip_length: int) -> dict[str, str] | None:
+        """The engine's submit-time check; None when the settings can run."""
+        from shared.settings import TransferSettings
+
+        try:
+            self.engine.check_settings(TransferSettings.from_dict(settings), clip_length)
+        except UnderstudyError as error:
+            return {"code": error.code, "message": str(error)}
+        return None
+
+    def cancel(self, job_id: str) -> None:
+        """Ask the running (or about to run) job `job_id` to stop at its next step."""
+        with self._cancel_lock:
+            self._cancel_requested.add(job_id)
+
+    # ----------------------------------------------------------------- the job
+
+    def run(self, job_id: str, settings: dict[str, Any], inputs: list[bytes]
+            ) -> Iterator[dict[str, Any]]:
+        """Run one job, yielding its events (see the module docstring)."""
+        yield {"event": "started", "worker": self.identity()}
+        if self.engine is None:
+            yield {"event": "failed", **self._load_error}
+            return
+        events: queue.Queue[dict[str, Any]] = queue.Queue()
+        # The engine reports through callbacks; a generator cannot yield from inside
+        # them, so the edit runs on its own thread and this one relays its events.
+        thread = threading.Thread(target=self._edit, args=(job_id, settings, inputs, events),
+                                  name=f"edit-{job_id}", daemon=True)
+        thread.start()
+        while True:
+            event = events.get()
+            yield event
+            if event["event"] != "progress":
+                break
+        thread.join()
+        with self._cancel_lock:
+            self._cancel_requested.discard(job_id)
+
+    def _edit(self, job_id: str, settings: dict[str, Any], inputs: list[bytes],
+              events: queue.Queue) -> None:
+        def progress(phase: str, step: int, total: int) -> None:
+            events.put({"event": "progress", "phase": phase, "step": step, "total": total})
+            if self.spec.step_delay_s:
+                time.sleep(self.spec.step_delay_s)
+
+        def cancelled() -> bool:
+            with self._cancel_lock:
+                return job_id in self._cancel_requested
+
+        from shared.settings import TransferSettings
+
+        try:
+            result = self.engine.transfer(PngBytesClip(inputs, "the job's clip"),
+                                          TransferSettings.from_dict(settings),
+                                          progress=progress, cancelled=cancelled)
+            sidecar = {**result.metadata, "worker": self._sidecar_worker()}
+            # Raw frames, not PNGs: the gateway encodes them once, as it does for a local job.
+            events.put({"event": "done", "frames": result.frames, "sidecar": sidecar})
+        except JobCancelled:
+            events.put({"event": "cancelled"})
+        except UnderstudyError as error:
+            events.put({"event": "failed", "code": error.code, "message": str(error)})
+        except Exception as error:  # an engine bug fails this job, not the worker
+            log.error("Job %s failed on %s:\n%s", job_id, self.name, traceback.format_exc())
+            events.put({"event": "failed", "code": "internal",
+                        "message": f"Worker {self.name} failed on this job "
+                                   f"({type(error).__name__}); see its Ray worker log."})
+
+    def _sidecar_worker(self) -> dict[str, Any]:
+        """The sidecar's record of where the job ran: host, GPU, actor."""
+        import ray
+
+        return {"actor": self.name, "actor_id": ray.get_runtime_context().get_actor_id(),
+                "host": socket.gethostname(), "gpu": self._gpu(), "pid": os.getpid()}
+
+    def _gpu(self) -> dict[str, Any] | None:
+        if self.engine is None or self.engine.components.device.type != "cuda":
+            return None
+        import ray
+        import torch
+
+        device = self.engine.components.device
+        return {"name": torch.cuda.get_device_name(device), "device": str(device),
+                "ray_gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()]}
