@@ -12,6 +12,7 @@ import shutil
 import bpy
 
 from . import compat, jobs, plan
+from .states import COLLECT_HINT, NO_RESULT, Phase, Status
 
 
 @bpy.app.handlers.persistent
@@ -23,13 +24,13 @@ def on_file_loaded(_filepath) -> None:
     jobs.forget_sessions()
     for scene in bpy.data.scenes:
         for job in getattr(scene, "understudy_jobs", ()):
-            if job.status == plan.RENDERING:
-                job.status, job.phase = "cancelled", ""
+            if job.status == Status.RENDERING:
+                job.status, job.phase = Status.CANCELLED, Phase.NONE
                 job.message = "The file was closed while the strip was rendering; nothing was sent."
-            elif job.status == plan.PLACING:  # the frames are here: Collect Results ends it
-                job.status, job.phase = plan.UNPLACED, ""
+            elif job.status == Status.PLACING:  # the frames are here: Collect Results ends it
+                job.status, job.phase = Status.UNPLACED, Phase.NONE
                 job.message = (f"The file was closed while the result was being placed; "
-                               f"{plan.COLLECT_HINT} to place it.")
+                               f"{COLLECT_HINT} to place it.")
     pending = jobs.active_jobs()
     if not pending:
         return
@@ -64,7 +65,7 @@ def on_save_pre(filepath, *_args) -> None:
         return
     for scene in bpy.data.scenes:
         for job in getattr(scene, "understudy_jobs", ()):
-            if not _in_temp_folder(job) or job.status in ("failed", "cancelled"):
+            if not _in_temp_folder(job) or job.status in NO_RESULT:
                 continue  # failed and cancelled jobs left no frames
             old = bpy.path.abspath(job.frames_dir).rstrip("/\\")
             new, stored, _ = plan.result_folder(filepath, job.job_id, "")
@@ -110,11 +111,6 @@ def on_save_post(_filepath, *_args) -> None:
                 strip.directory = absolute
         job.frames_dir = absolute
     _moved.clear()
-
-
-HANDLERS = ((bpy.app.handlers.load_post, on_file_loaded),
-            (bpy.app.handlers.save_pre, on_save_pre),
-            (bpy.app.handlers.save_post, on_save_post))
 
 
 HANDLERS = ((bpy.app.handlers.load_post, on_file_loaded),

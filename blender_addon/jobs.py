@@ -22,6 +22,7 @@ from pathlib import Path
 import bpy
 
 from . import batches, compat, link, placement, plan, props, strip_io
+from .states import COLLECT_HINT, Phase, Status
 
 POLL_INTERVAL_S = 0.5
 WORK_INTERVAL_S = 0.01  # between render (or placing) ticks: Blender handles events in between
@@ -114,8 +115,8 @@ def start(context, prompt: str = "", tick_budget_s: float | None = None) -> Rend
 
     previous_index = scene.understudy_job_index
     job = scene.understudy_jobs.add()
-    job.job_id, job.prompt, job.status = job_id, settings["prompt"], plan.RENDERING
-    job.phase, job.percent = "rendering", 0.0
+    job.job_id, job.prompt, job.status = job_id, settings["prompt"], Status.RENDERING
+    job.phase, job.percent = Phase.RENDERING, 0.0
     job.server_address = config.address
     job.source_name, job.channel = strip.name, span.channel
     job.frame_start, job.length = span.start, span.length
@@ -169,7 +170,7 @@ def advance(session: RenderSession) -> bool:
     frames = [Path(path).read_bytes() for path in paths]
     client = link.client_for(session.config)
     link.guarded(lambda: client.submit(session.job_id, session.settings, frames))
-    job.status, job.phase, job.percent = "submitted", "", 0.0
+    job.status, job.phase, job.percent = Status.SUBMITTED, Phase.NONE, 0.0
     return False
 
 
@@ -187,9 +188,9 @@ def end_session(session: RenderSession, error: str = "", keep_record: bool = Tru
         scene.understudy_job_index = session.previous_index
         return
     if error:
-        job.status, job.phase, job.message = "failed", "", error
+        job.status, job.phase, job.message = Status.FAILED, Phase.NONE, error
     else:
-        job.status, job.phase, job.message = ("cancelled", "",
+        job.status, job.phase, job.message = (Status.CANCELLED, Phase.NONE,
                                               "Cancelled while rendering; nothing was sent.")
 
 
@@ -275,7 +276,7 @@ def apply_update(job, update: dict) -> None:
 
 def unplaced(job, message: str) -> plan.UserError:
     """Record that a finished job's result is not in the timeline yet; the error to raise."""
-    job.status, job.phase, job.message = plan.UNPLACED, "", message
+    job.status, job.phase, job.message = Status.UNPLACED, Phase.NONE, message
     return plan.UserError(message)
 
 
@@ -290,7 +291,7 @@ def collect(scene, job, result) -> None:
                                             tempfile.gettempdir())[1]
     folder = bpy.path.abspath(job.frames_dir)
     if not result.frames:
-        job.status, job.phase, job.message = ("failed", "", f"Job {job.job_id} finished without "
+        job.status, job.phase, job.message = (Status.FAILED, Phase.NONE, f"Job {job.job_id} finished without "
                                               f"frames; run it again.")
         raise plan.UserError(job.message)
     sidecar = result.sidecar or {}
@@ -302,7 +303,7 @@ def collect(scene, job, result) -> None:
         Path(folder, SIDECAR_NAME).write_text(json.dumps(sidecar, indent=2))
     except OSError as error:
         raise unplaced(job, f"Could not save the result frames in {folder} ({plan.os_reason(error)}); "
-                            f"make the folder writable, then {plan.COLLECT_HINT}.") from error
+                            f"make the folder writable, then {COLLECT_HINT}.") from error
     place(scene, job)
 
 
@@ -313,7 +314,7 @@ def place(scene, job) -> None:
         prepare_frames(job, range(job.length))
         add_result(scene, job)
         return
-    job.status, job.phase, job.percent = plan.PLACING, "placing", 0.0
+    job.status, job.phase, job.percent = Status.PLACING, Phase.PLACING, 0.0
     _placing[job.job_id] = batches.BatchRenderer(list(range(job.length)))
     work_in_batches()
 
@@ -322,7 +323,7 @@ def place_tick() -> None:
     """One batch of the oldest result being placed; the strip is added after the last."""
     job_id, work = next(iter(_placing.items()))
     scene, job = find_job(job_id)
-    if job is None or job.status != plan.PLACING:  # undone, or the file changed
+    if job is None or job.status != Status.PLACING:  # undone, or the file changed
         _placing.pop(job_id, None)
         return
     indices = work.next_batch()
@@ -344,17 +345,32 @@ def frames_on_disk(job) -> bool:
 
 
 def prepare_frames(job, indices) -> None:
-    """Give these result frames the source's transparency, where the source had any."""
+    """Give these result frames their place (a crop's canvas) and the source's
+    transparency, where the source had any."""
     folder = bpy.path.abspath(job.frames_dir)
     files = plan.frame_file_names(job.length)
     try:
+        canvas = result_canvas(job)
         for index in indices:
-            strip_io.keep_source_alpha(
+            strip_io.finish_result_frame(
                 os.path.join(folder, files[index]),
-                os.path.join(folder, SOURCE_SUBFOLDER, strip_io.RENDER_FILE.format(index + 1)))
+                os.path.join(folder, SOURCE_SUBFOLDER, strip_io.RENDER_FILE.format(index + 1)),
+                canvas)
     except OSError as error:
         raise unplaced(job, f"Could not rewrite the result frames in {folder} ({plan.os_reason(error)}); "
-                            f"make the folder writable, then {plan.COLLECT_HINT}.") from error
+                            f"make the folder writable, then {COLLECT_HINT}.") from error
+
+
+def result_canvas(job) -> placement.Canvas | None:
+    """The canvas a crop's result frames go on, from the sidecar's framing record (its
+    result_size, not the frames' size: a frame already on its canvas has another)."""
+    try:
+        sidecar = json.loads(job.sidecar) if job.sidecar else {}
+        framing = sidecar.get("framing")
+        width, height = (int(value) for value in framing["result_size"])
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+    return placement.result_canvas(framing, width, height)
 
 
 def add_result(scene, job) -> None:
@@ -364,7 +380,7 @@ def add_result(scene, job) -> None:
     strip_io.remove_folder(os.path.join(folder, SOURCE_SUBFOLDER))
     try:
         channel = plan.result_channel(job.span(), job.source_name, strip_io.neighbours(scene),
-                                      then=f"then {plan.COLLECT_HINT} to place the result")
+                                      then=f"then {COLLECT_HINT} to place the result")
     except plan.UserError as error:
         raise unplaced(job, str(error)) from error
     place_info = (placement.Placement.from_json(job.placement) if job.placement else
@@ -374,7 +390,7 @@ def add_result(scene, job) -> None:
     strip = strip_io.add_result_strip(scene, plan.strip_name(job.prompt), folder, job.frames_dir,
                                       files, channel, job.frame_start,
                                       placement.result_look(place_info, width, height))
-    job.status, job.phase, job.percent = "done", "", 100.0
+    job.status, job.phase, job.percent = Status.DONE, Phase.NONE, 100.0
     job.result_strip = strip.name
     job.message = (f"The file is unsaved, so the frames are in the temporary folder {folder}; "
                    f"saving the file moves them beside it." if not bpy.data.filepath else "")
@@ -417,7 +433,7 @@ def wait_and_collect(scene, job, timeout_s: float | None = None) -> None:
         if job.active:
             if not reachable:
                 link.forget(config)
-                job.phase, job.message = plan.WAITING, plan.lost_server_message(str(error))
+                job.phase, job.message = Phase.WAITING, plan.lost_server_message(str(error))
                 raise plan.UserError(job.message) from error
             job.message = str(error)
         raise
@@ -431,8 +447,8 @@ def resync(scene, job, client) -> bool:
     except plan.UserError as error:
         job.message = str(error)
         return False
-    if job.phase == plan.WAITING:  # the server is back
-        job.phase, job.message = "", ""
+    if job.phase == Phase.WAITING:  # the server is back
+        job.phase, job.message = Phase.NONE, ""
     try:
         apply_reply(scene, job, client, reply)
     except plan.UserError as error:
@@ -474,7 +490,7 @@ def active_jobs():
 def unplaced_jobs():
     """(scene, job) for every finished job whose result is not in the timeline yet."""
     return [(scene, job) for scene in bpy.data.scenes
-            for job in getattr(scene, "understudy_jobs", ()) if job.status == plan.UNPLACED]
+            for job in getattr(scene, "understudy_jobs", ()) if job.status == Status.UNPLACED]
 
 
 def redraw_sequencers() -> None:
@@ -514,7 +530,7 @@ def poll_once() -> float | None:
         except plan.UserError as error:
             for job_id in job_ids:
                 job = by_id[job_id][1]
-                job.phase, job.message = plan.WAITING, plan.lost_server_message(str(error))
+                job.phase, job.message = Phase.WAITING, plan.lost_server_message(str(error))
             continue
         for event in events:
             target = by_id.get(str(event.get("job_id")))

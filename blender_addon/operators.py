@@ -10,6 +10,7 @@ from bpy.props import BoolProperty, StringProperty
 
 from . import compat, jobs, link, plan, props
 from .batches import TICK_BUDGET_S
+from .states import Status
 
 
 def has_sequencer(context) -> bool:
@@ -126,22 +127,22 @@ class UNDERSTUDY_OT_collect(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
-        if file_jobs(lambda job: job.active or job.status == plan.UNPLACED):
+        if file_jobs(lambda job: job.active or job.status == Status.UNPLACED):
             return True
         cls.poll_message_set("There are no results to collect: no job is running or waiting to "
                              "be placed.")
         return False
 
     def execute(self, context):
-        ended = {"done": 0, "cancelled": 0, "failed": 0}
+        ended = {Status.DONE: 0, Status.CANCELLED: 0, Status.FAILED: 0}
         # Results that came back but could not be placed: place them now (no waiting).
         for scene, job in jobs.unplaced_jobs():
             try:
                 jobs.collect_again(scene, job)
             except plan.UserError as error:
                 self.report({"WARNING"}, f"{job.job_id}: {error}")
-            if job.status == "done":  # in the interface it may still be being placed
-                ended["done"] += 1
+            if job.status == Status.DONE:  # in the interface it may still be being placed
+                ended[Status.DONE] += 1
         pending = jobs.active_jobs()
         if jobs.BATCHED:
             jobs.follow()
@@ -160,7 +161,7 @@ class UNDERSTUDY_OT_collect(bpy.types.Operator):
                     return {"CANCELLED"}
             if job.status in ended:
                 ended[job.status] += 1
-            if job.status in ("failed", plan.UNPLACED):
+            if job.status in (Status.FAILED, Status.UNPLACED):
                 self.report({"WARNING"}, f"{job.job_id}: {job.message}")
         self.report({"INFO"}, ", ".join(f"{count} {state}" for state, count in ended.items()))
         return {"FINISHED"}

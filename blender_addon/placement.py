@@ -16,12 +16,21 @@ Two ways to send a strip, chosen by its type:
 
 In both, the frames are rendered with the source's blend mode set to Replace and its
 opacity to 1 (restored afterwards), so blending is applied once, by the result strip.
+
+Framing (the server's `framing` setting, recorded in its sidecar): under `fit` and
+`stretch` the result covers the whole frame sent, whatever its own size (`fit` keeps
+the frame's aspect ratio within a latent cell, so its pixels stay square). Under
+`crop` it covers only a centred box of that frame: each result frame is first put on a
+transparent canvas of the whole frame's shape (result_canvas), at the result's own
+scale so none of its pixels is resampled, and that canvas is then placed as above, so
+the result lies over the box and shows nothing outside it.
 Plain Python: strip_io reads and writes the Blender values.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 
 PICTURE = "picture"
@@ -86,3 +95,46 @@ def result_look(placement: Placement, result_width: int, result_height: int) -> 
             "crop": (round(min_x / factor_x), round(max_x / factor_x), round(min_y / factor_y),
                      round(max_y / factor_y)),
             "flip_x": placement.flip_x, "flip_y": placement.flip_y}
+
+
+@dataclass(frozen=True)
+class Canvas:
+    """A transparent frame of the sent frame's shape, at the result's scale, and where
+    on it a result frame (result_width x result_height) goes."""
+
+    width: int
+    height: int
+    left: int
+    top: int
+    result_width: int
+    result_height: int
+
+
+def result_canvas(framing: object, result_width: int, result_height: int) -> Canvas | None:
+    """Where a result that covers only a box of the frame sent goes; None when it covers
+    the whole frame (fit, stretch, or a sidecar without framing, as older servers send).
+
+    `framing` is the sidecar's record: "source_size" [w, h] of the frames sent and
+    "crop_box" [left, top, right, bottom] in their pixels.
+    """
+    if not isinstance(framing, dict):
+        return None
+    try:
+        source_width, source_height = (int(value) for value in framing["source_size"])
+        left, top, right, bottom = (int(value) for value in framing["crop_box"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not 0 <= left < right <= source_width or not 0 <= top < bottom <= source_height:
+        return None
+    if (left, top, right, bottom) == (0, 0, source_width, source_height):
+        return None
+    scale_x, scale_y = result_width / (right - left), result_height / (bottom - top)
+    canvas_left, canvas_top = _round(left * scale_x), _round(top * scale_y)
+    return Canvas(max(_round(source_width * scale_x), canvas_left + result_width),
+                  max(_round(source_height * scale_y), canvas_top + result_height),
+                  canvas_left, canvas_top, result_width, result_height)
+
+
+def _round(value: float) -> int:
+    """Half up (Python's round() goes to even, which can drift a pixel between sides)."""
+    return math.floor(value + 0.5)

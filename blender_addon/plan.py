@@ -7,15 +7,16 @@ do, and carry it out.
 
 from __future__ import annotations
 
-import re
 import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .states import ACTIVE, COLLECT_HINT, PROTOCOL, Phase, Status
 from .vendored import shared_module
 
 SETTINGS = shared_module("settings")  # shared/settings.py: every setting's name, default, range
+JobState, EventType = PROTOCOL.JobState, PROTOCOL.EventType
 
 MAX_CHANNEL = 128  # Blender's sequencer has channels 1..128
 MAX_NAME_BYTES = 63  # Blender's ID and strip names hold 63 bytes of UTF-8
@@ -26,13 +27,6 @@ DEFAULT_MAX_RENDER_SIZE = 768  # long side of the frames sent to the server, in 
 UNUSABLE_TYPES = {"SOUND": "a sound strip", "ADJUSTMENT": "an adjustment layer"}
 # Strip types that show a picture in which nothing moves: there is no motion to transfer.
 MOTIONLESS_TYPES = {"COLOR": "a colour strip"}
-# Job states of the extension's own, before the server has the job or after it is done
-# with it; every other state is the server's (shared/protocol.py), compared as plain text.
-RENDERING = "rendering"  # the strip's frames are being rendered; nothing is sent yet
-PLACING = "placing"  # the result's frames are here and are being prepared for its strip
-UNPLACED = "unplaced"  # the result's frames are here but its strip could not be added
-WAITING = "waiting"  # the phase while the server cannot be reached
-COLLECT_HINT = "click Collect Results"
 
 
 class UserError(Exception):
@@ -216,14 +210,9 @@ def strip_name(prompt: str) -> str:
 
 
 def new_job_id(now: float | None = None) -> str:
-    """A job id that sorts by time and is safe as a folder name: us-YYYYmmdd-HHMMSS-xxxxxx."""
+    """A job id that sorts by time and that the protocol accepts: us-YYYYmmdd-HHMMSS-xxxxxx."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(time.time() if now is None else now))
-    return f"us-{stamp}-{secrets.token_hex(3)}"
-
-
-def is_safe_job_id(job_id: str) -> bool:
-    """Job ids become folder names; accept only letters, digits, '-' and '_'."""
-    return bool(re.fullmatch(r"[A-Za-z0-9_-]{1,64}", job_id))
+    return PROTOCOL.check_job_id(f"us-{stamp}-{secrets.token_hex(3)}")
 
 
 def result_folder(blend_path: str, job_id: str, temp_dir: str) -> tuple[str, str, bool]:
@@ -232,7 +221,9 @@ def result_folder(blend_path: str, job_id: str, temp_dir: str) -> tuple[str, str
     A saved file keeps them beside it as `//understudy/<job>/` (relative, so the
     project folder can move); an unsaved one has no "beside", so a temp folder is used.
     """
-    if not is_safe_job_id(job_id):
+    # The protocol's job-id rule (shared/protocol.py) makes an id a safe folder name too:
+    # no separators, and a first letter or digit rules out '.' and '..'.
+    if not PROTOCOL.JOB_ID_PATTERN.fullmatch(job_id):
         raise ValueError(f"unsafe job id {job_id!r}")
     if blend_path:
         folder = Path(blend_path).parent / RESULT_FOLDER / job_id
@@ -270,15 +261,15 @@ def transfer_settings(values: dict, frames_sent: int) -> dict:
 
 def progress_text(status: str, phase: str, percent: float) -> str:
     """What the progress bar says: 'sampling 40%', 'queued', 'waiting for the server'."""
-    if phase == WAITING and status in ("submitted", "running"):
+    if phase == Phase.WAITING and status in ACTIVE:
         return "waiting for the server"
-    if status in ("submitted", "queued"):
+    if status == Status.SUBMITTED:
         return "queued"
-    if status in ("running", RENDERING, PLACING):
+    if status in (Status.RUNNING, Status.RENDERING, Status.PLACING):
         return f"{phase or status} {percent:.0f}%"
-    if status == UNPLACED:
+    if status == Status.UNPLACED:
         return "not placed"
-    return status
+    return str(status)
 
 
 def lost_server_message(error: str) -> str:
@@ -348,24 +339,23 @@ def setting_from_panel(name: str, value: int) -> int | None:
 def job_update(event: dict) -> tuple[dict, bool]:
     """How a server event or status reply changes a job record: (field values, fetch now?).
 
-    Events have a "type" (progress, result-ready, error, cancelled); status replies
-    have a "state". Unknown kinds change nothing, so a newer server cannot break
-    an older extension.
+    Events have a "type" (shared/protocol.py EventType); status replies are job objects
+    with a "state" (JobState). Unknown kinds change nothing, so a newer server cannot
+    break an older extension.
     """
-    kind = str(event.get("type") or event.get("state") or "")
-    kind = kind.replace("_", "-").lower()
-    if kind in ("result-ready", "done", "finished", "succeeded"):
-        return {"status": "running", "phase": "fetching", "percent": 100.0}, True
-    if kind in ("error", "failed"):
+    kind = event.get("type") if "type" in event else event.get("state")
+    if kind in (EventType.RESULT_READY, JobState.DONE):
+        return {"status": Status.RUNNING, "phase": Phase.FETCHING, "percent": 100.0}, True
+    if kind in (EventType.ERROR, JobState.FAILED):
         error = event.get("error") if isinstance(event.get("error"), dict) else {}
         message = str(event.get("message") or error.get("message")
                       or "The server could not finish the job.")
-        return {"status": "failed", "message": message}, False
-    if kind in ("cancelled", "canceled"):
-        return {"status": "cancelled", "message": "Cancelled."}, False
-    if kind in ("progress", "running", "queued", "submitted"):
-        waiting = kind == "queued" or event.get("phase") == "queued"
-        update: dict = {"status": "submitted" if waiting else "running"}
+        return {"status": Status.FAILED, "message": message}, False
+    if kind in (EventType.CANCELLED, JobState.CANCELLED):
+        return {"status": Status.CANCELLED, "message": "Cancelled."}, False
+    if kind in (EventType.PROGRESS, JobState.RUNNING, JobState.QUEUED):
+        waiting = kind == JobState.QUEUED or event.get("phase") == JobState.QUEUED
+        update: dict = {"status": Status.SUBMITTED if waiting else Status.RUNNING}
         if event.get("phase"):
             update["phase"] = str(event["phase"])
         percent = percent_from_event(event)

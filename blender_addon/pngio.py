@@ -31,6 +31,14 @@ def resize_nearest(plane: np.ndarray, width: int, height: int) -> np.ndarray:
     return plane[np.minimum(rows, plane.shape[0] - 1)][:, np.minimum(cols, plane.shape[1] - 1)]
 
 
+def on_canvas(pixels: np.ndarray, width: int, height: int, left: int, top: int) -> np.ndarray:
+    """(h, w, 4) pixels put on a transparent (height, width, 4) canvas at (left, top)."""
+    canvas = np.zeros((height, width, 4), np.uint8)
+    rows, cols = pixels.shape[:2]
+    canvas[top:top + rows, left:left + cols] = pixels
+    return canvas
+
+
 def encode_rgba(pixels: np.ndarray) -> bytes:
     """(H, W, 4) uint8, top row first → PNG bytes (8-bit RGBA, no filtering)."""
     height, width, channels = pixels.shape

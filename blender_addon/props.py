@@ -16,9 +16,9 @@ from bpy.props import (
 )
 
 from . import link, plan
+from .states import ACTIVE, Status
 
 ADDON_ID = __package__
-ACTIVE_STATES = ("submitted", "running")  # the server has the job and has not finished it
 
 
 class UnderstudyPreferences(bpy.types.AddonPreferences):
@@ -116,9 +116,8 @@ class UnderstudyJob(bpy.types.PropertyGroup):
 
     job_id: StringProperty(name="Job")
     prompt: StringProperty(name="Prompt")
-    status: StringProperty(name="Status", default="submitted",
-                           description="rendering, submitted, running, placing, done, unplaced, "
-                                       "failed or cancelled")
+    status: StringProperty(name="Status", default=Status.SUBMITTED,
+                           description=", ".join(Status))
     phase: StringProperty(name="Phase", default="")
     percent: FloatProperty(name="Progress", default=0.0, min=0.0, max=100.0, subtype="PERCENTAGE")
     message: StringProperty(name="Message", default="")
@@ -138,17 +137,17 @@ class UnderstudyJob(bpy.types.PropertyGroup):
     @property
     def active(self) -> bool:
         """The server has the job and has not finished it."""
-        return self.status in ACTIVE_STATES
+        return self.status in ACTIVE
 
     @property
     def cancellable(self) -> bool:
         """Rendering here or running on the server: Cancel can stop it."""
-        return self.active or self.status == plan.RENDERING
+        return self.active or self.status == Status.RENDERING
 
     @property
     def in_progress(self) -> bool:
         """Rendering, running or being placed: the panel shows a bar."""
-        return self.cancellable or self.status == plan.PLACING
+        return self.cancellable or self.status == Status.PLACING
 
     def sidecar_summary(self) -> str:
         import json

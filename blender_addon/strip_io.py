@@ -249,17 +249,32 @@ def read_rgba(path: str):
     return (pixels.reshape(height, width, 4)[::-1] * 255).round().astype(np.uint8)
 
 
-def keep_source_alpha(result_path: str, source_path: str) -> bool:
-    """Give a result frame the alpha of the frame sent, where the source showed nothing;
-    False (nothing rewritten) when that frame was opaque everywhere or is not here."""
-    if not os.path.isfile(source_path):
+def finish_result_frame(result_path: str, source_path: str,
+                        canvas: placement.Canvas | None = None) -> bool:
+    """Give a result frame its place and the source's transparency, in place.
+
+    Under crop the frame goes on its transparent canvas (placement.result_canvas);
+    where the frame sent was transparent (the source showed nothing), so is the result.
+    Doing it twice changes nothing (a frame already on its canvas is not moved again,
+    and the frame sent is gone once the strip is placed). False when nothing was
+    rewritten.
+    """
+    import numpy as np
+
+    pixels = None
+    if canvas is not None and png_file_size(result_path) == (canvas.result_width,
+                                                            canvas.result_height):
+        pixels = pngio.on_canvas(read_rgba(result_path), canvas.width, canvas.height,
+                                 canvas.left, canvas.top)
+    if os.path.isfile(source_path):
+        alpha = read_rgba(source_path)[..., 3]
+        if alpha.min() < 255:
+            if pixels is None:
+                pixels = read_rgba(result_path)
+            height, width = pixels.shape[:2]
+            pixels[..., 3] = np.minimum(pixels[..., 3], pngio.resize_nearest(alpha, width, height))
+    if pixels is None:
         return False
-    alpha = read_rgba(source_path)[..., 3]
-    if alpha.min() == 255:
-        return False
-    pixels = read_rgba(result_path)
-    height, width = pixels.shape[:2]
-    pixels[..., 3] = pngio.resize_nearest(alpha, width, height)
     Path(result_path).write_bytes(pngio.encode_rgba(pixels))
     return True
 

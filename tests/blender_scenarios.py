@@ -224,10 +224,11 @@ def scenario_transfer(args: dict) -> dict:
         os.kill(args["kill_pid"], signal.SIGKILL)
         jobs = importlib.import_module(f"{ADDON}.jobs")
         plan = importlib.import_module(f"{ADDON}.plan")
+        states = importlib.import_module(f"{ADDON}.states")
         job = scene.understudy_jobs[-1]
         # The interface's polling timer notices first (ticked here as Blender would) ...
         deadline = time.monotonic() + 60
-        while job.phase != plan.WAITING and time.monotonic() < deadline:
+        while job.phase != states.Phase.WAITING and time.monotonic() < deadline:
             jobs.poll_once()
             time.sleep(jobs.POLL_INTERVAL_S)
         extra = {"interface": [job.phase, job.message,
@@ -283,6 +284,16 @@ def scenario_interface_polling(args: dict) -> dict:
             break
     outcome = {"ok": scene.understudy_jobs[0].status == "submitted"}
     timer_registered = bpy.app.timers.is_registered(jobs.poll_once)
+    applied = []  # (event type or job state, the record's status after it), per message
+    apply_reply = jobs.apply_reply
+
+    def recording_apply(scene_, job_, client, reply):
+        try:
+            apply_reply(scene_, job_, client, reply)
+        finally:
+            applied.append([str(reply.get("type", reply.get("state"))), str(job_.status)])
+
+    jobs.apply_reply = recording_apply
     seen = []
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # both timers, as Blender would run them
@@ -293,8 +304,9 @@ def scenario_interface_polling(args: dict) -> dict:
             break
         if working is None:
             time.sleep(jobs.POLL_INTERVAL_S)
+    jobs.apply_reply = apply_reply
     result = finish(scene, before, outcome, timer_registered=timer_registered,
-                    render_timer=render_timer, ticks=ticks, seen=seen)
+                    render_timer=render_timer, ticks=ticks, seen=seen, applied=applied)
     # Cancel between batches: one batch rendered, then Cancel, then the next tick.
     second = jobs.start(bpy.context, "a blue fox", tick_budget_s=batches.TICK_BUDGET_S)
     jobs.work_in_batches()

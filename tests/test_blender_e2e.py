@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 from shared.client import Client
 from tests.blender_support import blender_lts_python, build_extension, make_clip, run_blender
 from tests.conftest import REPO_ROOT
-from tests.server_support import ServerProcess
+from tests.server_support import ServerProcess, unused_address
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +53,10 @@ def jobs_on(server: ServerProcess) -> set[str]:
     return {path.name for path in (server.state_dir / "jobs").iterdir()}
 
 
-def closed_port_address() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+def assert_nothing_reached(server: ServerProcess, jobs_before: set[str]) -> None:
+    """No job arrived since `jobs_before` was taken. A subset, not equality: a job of an
+    earlier test finishing meanwhile may prune an old folder of this module-wide server."""
+    assert jobs_on(server) <= jobs_before
 
 
 def assert_source_unchanged(result: dict) -> None:
@@ -200,9 +199,14 @@ def test_interface_renders_in_batches_then_follows_progress(extension_zip, clip,
     # Between ticks the scene is as the editor left it (nothing muted, nothing moved).
     assert all(tick["scene_as_before"] for tick in ticks)
     assert_result_strip(result, "source", channel=3)
+    # Observed per server message applied, not per tick: the server always reports
+    # progress (at least its "save" step) before result_ready, however fast the job runs
+    # (a warm cache, an idle queue), so the record shows running before placing.
+    applied = [status for _, status in result["applied"]]
+    assert "running" in applied and "placing" in applied, result["applied"]
+    assert applied.index("running") < applied.index("placing")
     statuses = [status for status, _, _ in result["seen"]]
-    assert "running" in statuses and "placing" in statuses, result["seen"]
-    assert statuses.index("running") < statuses.index("placing") < statuses.index("done")
+    assert statuses.index("placing") < statuses.index("done"), result["seen"]
     assert_source_unchanged(result)
     # Cancelled after its first batch: stopped before the next, nothing sent or kept.
     cancel = result["cancel"]
@@ -217,8 +221,9 @@ def test_interface_renders_in_batches_then_follows_progress(extension_zip, clip,
 
 
 def test_server_down_is_one_sentence_and_changes_nothing(extension_zip, clip, tmp_path):
-    result = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": clip,
-                          "address": closed_port_address(), "timeout_s": 1.0}, tmp_path)
+    with unused_address() as address:  # held bound (not listening) for the whole run
+        result = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": clip,
+                              "address": address, "timeout_s": 1.0}, tmp_path)
     assert not result["outcome"]["ok"]
     assert "Could not reach a server" in result["outcome"]["error"]
     assert "Traceback" not in result["outcome"]["error"]
@@ -319,7 +324,7 @@ def test_no_free_channel_is_refused_before_anything_reaches_the_server(extension
     jobs_before = jobs_on(server)
     result = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": clip,
                           "address": server.address, "fill_above": True}, tmp_path)
-    assert jobs_on(server) == jobs_before
+    assert_nothing_reached(server, jobs_before)
     assert "Every channel above channel 2 is taken" in result["outcome"]["error"]
     assert result["after"] == result["before"] and result["new_strips"] == []
 
@@ -349,7 +354,7 @@ def test_an_unwritable_result_folder_is_refused_before_rendering(extension_zip, 
                          tmp_path)
     assert f"The result folder {blend.parent / 'understudy'} cannot be written" in \
         result["outcome"]["error"]
-    assert jobs_on(server) == jobs_before
+    assert_nothing_reached(server, jobs_before)
     assert result["after"] == result["before"] and result["new_strips"] == []
 
 
@@ -360,7 +365,7 @@ def test_an_effect_fed_by_the_source_is_refused_before_any_work(extension_zip, c
     result = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": clip,
                           "address": server.address, "fed_effect": True}, tmp_path, python=python)
     assert "The effect strip 'blur' takes 'source' as its input" in result["outcome"]["error"]
-    assert jobs_on(server) == jobs_before
+    assert_nothing_reached(server, jobs_before)
     assert result["after"] == result["before"] and result["new_strips"] == []
 
 

@@ -14,9 +14,11 @@ import pytest
 
 import build  # the repository's build.py (stdlib only)
 from backend.video import retime_indices as backend_retime_indices
-from blender_addon import batches, link, placement, plan, pngio
+from blender_addon import batches, link, placement, plan, pngio, states
 from blender_addon.plan import Span, UserError
+from blender_addon.states import Phase, Status
 from blender_addon.strip_io import Snapshot
+from shared.protocol import JOB_ID_PATTERN, ErrorCode, EventType, JobState, check_job_id
 from shared.settings import TransferSettings
 from tests.conftest import REPO_ROOT
 
@@ -159,11 +161,24 @@ def test_strip_name_is_the_prompt_within_blenders_limit():
     assert plan.strip_name("   ") == "Understudy result"
 
 
-def test_job_ids_are_safe_folder_names_and_unique():
+def test_job_ids_follow_the_protocols_rule_and_are_unique():
     ids = {plan.new_job_id(now=0) for _ in range(20)}
     assert len(ids) == 20
     assert all(re.fullmatch(r"us-19700101-000000-[0-9a-f]{6}", job_id) for job_id in ids)
-    assert not plan.is_safe_job_id("../x")
+    assert all(check_job_id(job_id) == job_id for job_id in ids)
+
+
+@pytest.mark.parametrize("job_id", ["../x", "..", ".", "a/b", "a\\b", "", "-x", "x" * 65])
+def test_a_job_id_the_protocol_refuses_gets_no_folder(tmp_path, job_id):
+    assert not JOB_ID_PATTERN.fullmatch(job_id)
+    with pytest.raises(ValueError):
+        plan.result_folder(str(tmp_path / "edit.blend"), job_id, str(tmp_path))
+
+
+def test_every_id_the_protocol_accepts_is_a_folder_inside_the_result_folder(tmp_path):
+    for job_id in ("a..", "a.b-c_d", "9" * 64, "us-20261201-120000-abcdef"):
+        folder, _, _ = plan.result_folder(str(tmp_path / "edit.blend"), job_id, "")
+        assert os.path.dirname(folder) == str(tmp_path / plan.RESULT_FOLDER)
 
 
 def test_result_folder_beside_a_saved_file_is_relative(tmp_path):
@@ -258,10 +273,48 @@ def test_cancelled_queued_and_unknown_updates():
     assert queued["status"] == "submitted"
     assert plan.job_update({"type": "something-new"}) == ({}, False)
     assert plan.progress_text("submitted", "", 0) == "queued"
-    assert plan.progress_text(plan.RENDERING, "rendering", 25) == "rendering 25%"
-    assert plan.progress_text(plan.PLACING, "placing", 50) == "placing 50%"
-    assert plan.progress_text("running", plan.WAITING, 40) == "waiting for the server"
-    assert plan.progress_text(plan.UNPLACED, "", 100) == "not placed"
+    assert plan.progress_text(Status.RENDERING, Phase.RENDERING, 25) == "rendering 25%"
+    assert plan.progress_text(Status.PLACING, Phase.PLACING, 50) == "placing 50%"
+    assert plan.progress_text("running", Phase.WAITING, 40) == "waiting for the server"
+    assert plan.progress_text(Status.UNPLACED, "", 100) == "not placed"
+
+
+def test_every_server_event_and_job_state_updates_the_record():
+    """The extension reads the server's whole vocabulary (shared/protocol.py), not a copy."""
+    for kind in [*({"type": event} for event in EventType),
+                 *({"state": state} for state in JobState)]:
+        update, fetch = plan.job_update({"job_id": "j", "step": 1, "total": 2, **kind})
+        assert update["status"] in Status, kind
+        assert fetch == (kind in ({"type": EventType.RESULT_READY}, {"state": JobState.DONE}))
+    # A status the server decides is the server's word for it.
+    for state in (JobState.RUNNING, JobState.DONE, JobState.FAILED, JobState.CANCELLED):
+        assert Status(state.value) == state
+    assert states.ACTIVE == {Status.SUBMITTED, Status.RUNNING}
+
+
+def test_the_extension_compares_statuses_only_through_the_vocabularies():
+    """No module but states.py writes a status or phase as bare text: each word has one place."""
+    import ast
+
+    words = ({*Status, *Phase, *JobState, *EventType, *ErrorCode} - {""}) | {"finished"}
+    found = []
+    for path in sorted((REPO_ROOT / "blender_addon").glob("*.py")):
+        if path.name == "states.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                values = [node.left, *node.comparators]
+            elif isinstance(node, ast.Assign) and any(
+                    isinstance(target, ast.Attribute | ast.Tuple) for target in node.targets):
+                values = [node.value]
+            else:
+                continue
+            for value in values:
+                for item in (value.elts if isinstance(value, ast.Tuple | ast.Set | ast.List)
+                             else [value]):
+                    if isinstance(item, ast.Constant) and item.value in words:
+                        found.append(f"{path.name}:{node.lineno} {item.value!r}")
+    assert found == []
 
 
 def test_lost_server_message_names_collect_results():
@@ -375,6 +428,62 @@ def test_a_canvas_result_covers_the_canvas_and_keeps_only_the_blending():
     assert (320 * look["scale_x"], 576 * look["scale_y"]) == pytest.approx((1080, 1920))
     assert look["crop"] == (0, 0, 0, 0) and look["offset_x"] == look["rotation"] == 0.0
     assert (look["blend_type"], look["blend_alpha"]) == ("ADD", 0.5)
+
+
+def shown_columns(source: placement.Placement, canvas_width: int, left: int, width: int):
+    """Where columns [left, left + width) of a canvas_width-wide result land across the
+    source's displayed picture, in media pixels (the result placed by result_look)."""
+    look = placement.result_look(source, canvas_width, 1)
+    media_per_result = look["scale_x"] / source.scale_x
+    return left * media_per_result, (left + width) * media_per_result
+
+
+def test_a_fit_result_of_another_shape_covers_the_whole_picture():
+    # 9:16 media sent at 432x768; fit within 576x320 pixels runs at 320x576 (not exactly 9:16).
+    source = placement.Placement(placement.PICTURE, 1080, 1920, scale_x=0.5625, scale_y=0.5625)
+    look = placement.result_look(source, 320, 576)
+    shown = (320 * look["scale_x"], 576 * look["scale_y"])
+    assert shown == pytest.approx((1080 * 0.5625, 1920 * 0.5625))  # 607.5 x 1080: the source's
+    assert placement.result_canvas({"source_size": [432, 768], "crop_box": [0, 0, 432, 768],
+                                    "result_size": [320, 576]}, 320, 576) is None
+
+
+def test_a_crop_result_lies_over_its_box_and_nothing_else():
+    # 1920x1080 media sent at 768x432; crop to a square model size: the centred 432x432 box.
+    framing = {"mode": "crop", "source_size": [768, 432], "crop_box": [168, 0, 600, 432],
+               "model_size": [64, 64], "result_size": [64, 64]}
+    canvas = placement.result_canvas(framing, 64, 64)
+    assert (canvas.height, canvas.top) == (64, 0)
+    # The canvas has the frame's shape, the result its own pixels (not resampled) ...
+    assert canvas.width / canvas.height == pytest.approx(768 / 432, abs=1 / 64)
+    assert canvas.left + canvas.result_width <= canvas.width
+    # ... and on the picture it covers the box's columns within a media pixel or two.
+    source = placement.Placement(placement.PICTURE, 1920, 1080, scale_x=0.5, scale_y=0.5)
+    start, end = shown_columns(source, canvas.width, canvas.left, canvas.result_width)
+    assert abs(start - 168 * 1920 / 768) <= 2 and abs(end - 600 * 1920 / 768) <= 2
+    # A 9:16 frame cropped to 16:9: a band across the middle, rows placed the same way.
+    band = placement.result_canvas({"source_size": [54, 96], "crop_box": [0, 33, 54, 63]},
+                                   576, 320)
+    assert (band.left, band.width) == (0, 576)
+    assert band.top == pytest.approx(33 * 320 / 30, abs=0.5)
+    assert band.height == pytest.approx(96 * 320 / 30, abs=0.5)
+
+
+@pytest.mark.parametrize("framing", [None, {}, {"source_size": [10, 10]},
+                                     {"source_size": [10, 10], "crop_box": [0, 0, 20, 10]},
+                                     {"source_size": "x", "crop_box": [0, 0, 5, 5]}])
+def test_a_sidecar_without_a_usable_box_places_the_result_over_the_whole_frame(framing):
+    assert placement.result_canvas(framing, 64, 64) is None
+
+
+def test_a_result_frame_goes_on_its_transparent_canvas():
+    import numpy as np
+
+    pixels = np.full((2, 3, 4), 200, np.uint8)
+    canvas = pngio.on_canvas(pixels, 7, 4, 2, 1)
+    assert canvas.shape == (4, 7, 4)
+    assert (canvas[1:3, 2:5] == 200).all()
+    assert canvas[..., 3].sum() == 6 * 200  # transparent everywhere else
 
 
 def test_movie_and_image_strips_send_their_own_picture():
