@@ -315,6 +315,19 @@ PANEL_INT_SETTINGS = ("width", "height", "inversion_steps", "steps", "guided_ste
                       "guidance_iterations")
 
 
+# The choice settings the panel offers as drop-downs. Their choices, default and help
+# come from shared/settings.py, as the whole-number settings' ranges do.
+PANEL_CHOICE_SETTINGS = ("framing",)
+
+
+def choice_property(name: str) -> dict:
+    """items, default and description of a choice setting, for the panel's EnumProperty
+    (the setting's help, which says what each choice does, is the tooltip)."""
+    spec = SETTINGS.spec_of(name)
+    return {"items": [(choice, choice.capitalize(), spec.help) for choice in spec.choices],
+            "default": SETTINGS.DEFAULTS[name], "description": spec.help}
+
+
 def int_property_range(name: str) -> dict[str, int]:
     """default, min, max (and step) of a whole-number setting, for the panel's IntProperty.
 

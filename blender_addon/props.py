@@ -9,6 +9,7 @@ import bpy
 from bpy.props import (
     BoolProperty,
     CollectionProperty,
+    EnumProperty,
     FloatProperty,
     IntProperty,
     PointerProperty,
@@ -94,8 +95,9 @@ class UnderstudySettings(bpy.types.PropertyGroup):
         description="Optimisation iterations per guided step")
     inversion_steps: IntProperty(name="Inversion steps",
                                  **plan.int_property_range("inversion_steps"))
-    width: IntProperty(name="Width", **plan.int_property_range("width"))
-    height: IntProperty(name="Height", **plan.int_property_range("height"))
+    framing: EnumProperty(name="Framing", **plan.choice_property("framing"))
+    width: IntProperty(name="Model width", **plan.int_property_range("width"))
+    height: IntProperty(name="Model height", **plan.int_property_range("height"))
     negative_prompt: StringProperty(name="Negative prompt",
                                     default=plan.SETTINGS.DEFAULTS["negative_prompt"])
 
@@ -108,6 +110,7 @@ class UnderstudySettings(bpy.types.PropertyGroup):
             "seed": None if self.use_random_seed else int(self.seed),
             **{name: plan.setting_from_panel(name, int(getattr(self, name)))
                for name in plan.PANEL_INT_SETTINGS},
+            **{name: str(getattr(self, name)) for name in plan.PANEL_CHOICE_SETTINGS},
         }
 
 

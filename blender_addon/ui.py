@@ -46,6 +46,7 @@ class UNDERSTUDY_PT_panel(bpy.types.Panel):
         sub.prop(settings, "seed")
         if settings.last_seed:
             layout.label(text=f"Last seed: {settings.last_seed}")
+        layout.prop(settings, "framing")
 
         layout.prop(settings, "show_advanced", icon="PREFERENCES")
         if settings.show_advanced:

@@ -440,8 +440,11 @@ def scenario_area(args: dict) -> dict:
     scene = bpy.context.scene
     scene.render.resolution_x, scene.render.resolution_y = args["canvas"]
     scene.render.resolution_percentage = 100
-    small_settings(scene)
+    small_settings(scene, args.get("settings"))
     source = movie_strip(scene, args["clip"])  # fit to this canvas when it is made
+    if args.get("scale"):  # shown smaller than the canvas, so its own shape shows
+        source.transform.scale_x *= args["scale"]
+        source.transform.scale_y *= args["scale"]
     before = scene_state(scene)
     outcome = run_operator(bpy.ops.understudy.transfer, prompt="a red fox")
     result = finish(scene, before, outcome)

@@ -452,29 +452,78 @@ def test_the_result_composites_where_the_source_did_and_stays_graded(
     assert_source_unchanged(result)
 
 
+def covered(png: str) -> tuple[int, int, int, int]:
+    """First and last rows and columns a render shows something in (alpha over half)."""
+    import numpy as np
+    from PIL import Image
+
+    alpha = np.asarray(Image.open(png).convert("RGBA"))[..., 3] > 127
+    rows, cols = np.flatnonzero(alpha.any(axis=1)), np.flatnonzero(alpha.any(axis=0))
+    return int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+
+
+def area_run(extension_zip, server, tmp_path, canvas, media, python=sys.executable, **args):
+    """The area scenario: a movie strip of `media` size fit into a `canvas` project;
+    renders of the source alone and of the result alone."""
+    clip = make_clip(tmp_path / "shape.mp4", frames=30, width=media[0], height=media[1])
+    result = run_blender({"scenario": "area", "zip": extension_zip, "clip": str(clip),
+                          "address": server.address, "canvas": list(canvas),
+                          "out": str(tmp_path), **args}, tmp_path, python=python)
+    assert result["outcome"]["ok"], result["outcome"]
+    return result
+
+
 @pytest.mark.parametrize(("canvas", "media"), [((90, 160), (160, 128)), ((192, 108), (192, 108))],
                          ids=["vertical", "landscape"])
 def test_the_result_covers_the_area_the_source_covered(extension_zip, server, tmp_path, canvas,
                                                        media, blender):
     import numpy as np
-    from PIL import Image
 
-    python, _ = blender
     # (A 192x108 clip is encoded as 192x112, as 1920x1080 video is often 1920x1088.)
-    clip = make_clip(tmp_path / "shape.mp4", frames=30, width=media[0], height=media[1])
-    result = run_blender({"scenario": "area", "zip": extension_zip, "clip": str(clip),
-                          "address": server.address, "canvas": list(canvas),
-                          "out": str(tmp_path)}, tmp_path, python=python)
-    assert result["outcome"]["ok"], result["outcome"]
-
-    def covered(name: str) -> tuple[int, int, int, int]:
-        alpha = np.asarray(Image.open(result[name]).convert("RGBA"))[..., 3] > 127
-        rows, cols = np.flatnonzero(alpha.any(axis=1)), np.flatnonzero(alpha.any(axis=0))
-        return rows[0], rows[-1], cols[0], cols[-1]
-
-    source, new = covered("source_png"), covered("result_png")
+    result = area_run(extension_zip, server, tmp_path, canvas, media, python=blender[0])
+    source, new = covered(result["source_png"]), covered(result["result_png"])
     # The source does not fill the canvas (a band, or pillarboxed), and the result covers
     # the same rows and columns.
     assert source != (0, canvas[1] - 1, 0, canvas[0] - 1)
     assert np.abs(np.subtract(source, new)).max() <= 1, (source, new)
+    assert_source_unchanged(result)
+
+
+def test_a_vertical_strip_in_a_vertical_project_keeps_its_shape(extension_zip, server, tmp_path,
+                                                                blender):
+    """9:16 in 9:16 under fit (the default): the model runs at the strip's own shape (not
+    a 16:9 band) and the result is shown at the source's size and aspect ratio."""
+    result = area_run(extension_zip, server, tmp_path, (90, 160), (144, 256), python=blender[0],
+                      scale=0.6)
+    framing = json.loads(Path(result["jobs"][0]["frames_path"], "sidecar.json").read_text())[
+        "framing"]
+    width, height = framing["model_size"]
+    assert framing["mode"] == "fit" and height > width  # upright, as the strip
+    source, new = covered(result["source_png"]), covered(result["result_png"])
+    source_size = (source[3] - source[2] + 1, source[1] - source[0] + 1)
+    new_size = (new[3] - new[2] + 1, new[1] - new[0] + 1)
+    assert source_size == pytest.approx((54, 96), abs=1)  # 0.6 of the 90x160 canvas
+    assert abs(new_size[0] - source_size[0]) <= 1 and abs(new_size[1] - source_size[1]) <= 1
+    assert abs(new[0] - source[0]) <= 1 and abs(new[2] - source[2]) <= 1  # and in its place
+    assert_source_unchanged(result)
+
+
+def test_crop_places_the_result_over_its_box_and_nothing_else(extension_zip, server, tmp_path):
+    """Under crop the model edits a centred box of its own shape (64x64 here, a square);
+    the result lies over that box of the source and is transparent around it."""
+    result = area_run(extension_zip, server, tmp_path, (192, 108), (192, 108),
+                      settings={"framing": "crop"})
+    framing = json.loads(Path(result["jobs"][0]["frames_path"], "sidecar.json").read_text())[
+        "framing"]
+    assert framing["mode"] == "crop"
+    (sent_width, sent_height), (left, top, right, bottom) = (framing["source_size"],
+                                                             framing["crop_box"])
+    assert (top, bottom) == (0, sent_height) and 0 < left < right < sent_width  # a centred square
+    source, new = covered(result["source_png"]), covered(result["result_png"])
+    shown_width = source[3] - source[2] + 1
+    expected_cols = (source[2] + left * shown_width / sent_width,
+                     source[2] + right * shown_width / sent_width - 1)
+    assert abs(new[0] - source[0]) <= 1 and abs(new[1] - source[1]) <= 1  # every row of the box
+    assert abs(new[2] - expected_cols[0]) <= 1.5 and abs(new[3] - expected_cols[1]) <= 1.5, (
+        new, expected_cols)
     assert_source_unchanged(result)

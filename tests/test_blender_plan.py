@@ -242,6 +242,17 @@ def test_empty_prompt_is_a_user_error():
 def test_panel_fields_are_backend_fields():
     names = {field.name for field in dataclasses.fields(TransferSettings)}
     assert set(plan.PANEL_INT_SETTINGS) <= names
+    assert set(plan.PANEL_CHOICE_SETTINGS) <= names
+
+
+def test_the_framing_choice_comes_from_the_shared_settings():
+    from shared import settings
+
+    framing = plan.choice_property("framing")
+    assert [item[0] for item in framing["items"]] == list(settings.spec_of("framing").choices)
+    assert framing["default"] == settings.DEFAULTS["framing"] == "fit"
+    sent = plan.transfer_settings({"prompt": "a fox", "framing": "crop"}, 8)
+    assert TransferSettings.from_dict(sent).framing == "crop"
     assert "num_frames" not in plan.PANEL_INT_SETTINGS  # set from the strip, not the panel
 
 
