@@ -95,8 +95,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         'the worker decodes every frame, not only those the job uses',
         'backend/server/frames.py',
-        '        chosen = np.atleast_1d(np.arange(len(self.paths))[indices])',
-        '        chosen = np.atleast_1d(np.arange(len(self.paths))[indices])\n        decode_pngs([path.read_bytes() for path in self.paths], self.source)',
+        "        picked = PngClip([self.images[index] for index in chosen], self.source).png_bytes()",
+        "        picked = PngClip(self.images, self.source).png_bytes()",
         ('tests/test_server.py::test_only_the_frames_a_job_uses_are_decoded', 'tests/test_store.py::test_a_job_input_is_decoded_only_where_the_settings_pick',),
     ),
     Mutant(

@@ -67,10 +67,11 @@ class ActorEngine:
 
 def png_frames(clip_frames: Any) -> list[bytes]:
     """The clip as PNG bytes: a stored clip's files as they are, or frames encoded."""
-    paths = getattr(clip_frames, "paths", None)
-    if paths is not None:
-        return [path.read_bytes() for path in paths]
+    from backend.server.frames import PngClip
     from backend.video import encode_png
+
+    if isinstance(clip_frames, PngClip):
+        return clip_frames.png_bytes()
 
     return [encode_png(frame) for frame in clip_frames]
 

@@ -29,9 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from backend.errors import JobCancelled, UnderstudyError
+from backend.server.frames import PngClip
 
 log = logging.getLogger("understudy.cluster.worker")
 
@@ -54,28 +53,6 @@ class WorkerSpec:
         if self.cache_dir is None or self.shared_cache:
             return self.cache_dir
         return Path(self.cache_dir) / "workers" / worker_name
-
-
-class PngBytesClip:
-    """A job's PNG frames, held as bytes and decoded only when the engine picks them.
-
-    The engine needs `len(clip)` and `clip[indices]` (an index array → (n, H, W, 3)
-    uint8), so memory follows the frames used, not the frames sent.
-    """
-
-    def __init__(self, images: list[bytes], source: str) -> None:
-        self.images = images
-        self.source = source
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, indices: Any) -> np.ndarray:
-        from backend.video import check_frames, decode_pngs
-
-        chosen = np.atleast_1d(np.arange(len(self.images))[indices])
-        return check_frames(decode_pngs([self.images[index] for index in chosen], self.source),
-                            self.source)
 
 
 class EngineWorker:
@@ -177,7 +154,7 @@ class EngineWorker:
         from shared.settings import TransferSettings
 
         try:
-            result = self.engine.transfer(PngBytesClip(inputs, "the job's clip"),
+            result = self.engine.transfer(PngClip(inputs, "the job's clip"),
                                           TransferSettings.from_dict(settings),
                                           progress=progress, cancelled=cancelled)
             sidecar = {**result.metadata, "worker": self._sidecar_worker()}

@@ -60,23 +60,28 @@ def check_pixel_budget(frames_used: int, size: tuple[int, int], max_job_pixels: 
 
 
 class PngClip:
-    """A stored clip that decodes a frame only when the engine picks it.
+    """A clip of PNG frames that decodes a frame only when the engine picks it.
 
-    The engine needs `len(clip)` and `clip[indices]` (an index array → (n, H, W, 3)
-    uint8); nothing else is decoded, so memory follows the frames used, not the
-    frames sent.
+    `images` holds each frame's PNG bytes, or the path of a file holding them (the
+    job store's inputs), read only when picked. The engine needs `len(clip)` and
+    `clip[indices]` (an index array → (n, H, W, 3) uint8); nothing else is decoded,
+    so memory follows the frames used, not the frames sent.
     """
 
-    def __init__(self, paths: list[Path], source: str) -> None:
-        self.paths = paths
+    def __init__(self, images: list[Path] | list[bytes], source: str) -> None:
+        self.images = images
         self.source = source
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.images)
+
+    def png_bytes(self) -> list[bytes]:
+        """Every frame's PNG bytes, undecoded (to hand the clip on, e.g. to a Ray worker)."""
+        return [image.read_bytes() if isinstance(image, Path) else image for image in self.images]
 
     def __getitem__(self, indices) -> np.ndarray:
         from backend.video import check_frames, decode_pngs
 
-        chosen = np.atleast_1d(np.arange(len(self.paths))[indices])
-        frames = decode_pngs([self.paths[index].read_bytes() for index in chosen], self.source)
-        return check_frames(frames, self.source)
+        chosen = np.atleast_1d(np.arange(len(self.images))[indices])
+        picked = PngClip([self.images[index] for index in chosen], self.source).png_bytes()
+        return check_frames(decode_pngs(picked, self.source), self.source)
