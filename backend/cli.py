@@ -15,8 +15,8 @@ from pathlib import Path
 
 from backend.edit import DEFAULT_CACHE, DEFAULT_MODEL
 from backend.errors import UnderstudyError
-from backend.metrics import DEFAULT_CLIP_MODEL
-from backend.tracking import DEFAULT_GRID
+from backend.tools.metrics import DEFAULT_CLIP_MODEL
+from backend.tools.tracking import DEFAULT_GRID
 from shared.settings import DEFAULTS, SPECS, TransferSettings
 
 # --------------------------------------------------------------------------- transfer
@@ -162,7 +162,7 @@ def command_keys(args: argparse.Namespace) -> int:
 
 
 def command_tiny_model(args: argparse.Namespace) -> int:
-    from backend.model import save_tiny_model
+    from backend.backbones.zeroscope import save_tiny_model
 
     save_tiny_model(Path(args.dir), seed=args.seed)
     print(f"Wrote a small random model in diffusers layout to {args.dir} (not for quality).")
@@ -173,7 +173,7 @@ def command_tiny_model(args: argparse.Namespace) -> int:
 
 
 def command_demo(args: argparse.Namespace) -> int:
-    from backend.demo import run_demo
+    from backend.tools.demo import run_demo
 
     return run_demo(Path(args.output_dir))
 
@@ -193,7 +193,7 @@ def check_cuda_device(device: str) -> None:
 
 
 def command_evaluate(args: argparse.Namespace) -> int:
-    from backend.evaluate import evaluate_clips, format_table, save_picture
+    from backend.tools.evaluate import evaluate_clips, format_table, save_picture
     from backend.video import read_clip
 
     picture = Path(args.picture) if args.picture else None
@@ -224,7 +224,7 @@ def command_evaluate(args: argparse.Namespace) -> int:
 
 
 def command_bench(args: argparse.Namespace) -> int:
-    from backend.bench import main_bench
+    from backend.tools.bench import main_bench
 
     return main_bench(args)
 

@@ -613,7 +613,7 @@ def test_extension_modules_without_bpy_do_not_import_it():
 def test_demo_contact_sheet_puts_source_above_result():
     import numpy as np
 
-    from backend.blender_demo import contact_sheet
+    from backend.tools.blender_demo import contact_sheet
 
     source = np.zeros((24, 32, 64, 3), np.uint8)
     result = np.full((24, 32, 64, 3), 255, np.uint8)

@@ -8,9 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from backend.engine import Engine, Procedure, load_engine
+from backend.backbones.zeroscope_taps import (
+    TAP_NAMES,
+    checkpointed_blocks,
+    tap_modules,
+    truncated_smm,
+)
 from backend.errors import BadClipError, BadSettingsError, JobCancelled, OutOfMemoryError
-from backend.features import TAP_NAMES, checkpointed_blocks, tap_modules, truncated_smm
+from backend.method.engine import Engine, Procedure, load_engine
 from shared.settings import TransferSettings
 from tests.conftest import SMALL_SETTINGS, moving_square_frames
 
@@ -170,7 +175,7 @@ def test_inversion_grid_must_contain_the_sampling_timesteps(engine):
 
 
 def _no_report():
-    from backend.engine import _Reporter
+    from backend.method.engine import _Reporter
 
     return _Reporter(None, None)
 
@@ -246,7 +251,7 @@ def test_seed_is_random_unless_given_and_always_recorded(engine):
 def test_a_clip_that_fits_one_window_takes_the_direct_path_bit_for_bit(engine, monkeypatch):
     """Windowing is invisible at ≤ 24 frames: the same frames as calling the model on the
     whole latent directly (the windows replaced by direct calls)."""
-    import backend.engine as engine_module
+    import backend.method.engine as engine_module
 
     frames = moving_square_frames(6, 64, 64)
     settings = small(prompt="a lynx", num_frames=6)
@@ -318,7 +323,7 @@ def test_a_clip_over_the_frame_limit_is_one_sentence(engine):
 
 
 def test_inversion_cache_keeps_the_most_recently_used_files_within_its_cap(tmp_path):
-    from backend.inversion import InversionCache, SourceState
+    from backend.method.inversion import InversionCache, SourceState
 
     def state(value: float) -> SourceState:
         latent = torch.full((1, 4, 2, 8, 8), value)
@@ -418,7 +423,7 @@ def test_crop_edits_the_centred_box_and_records_where_it_was(engine, monkeypatch
 def upscaling(tmp_path_factory) -> tuple[Engine, str]:
     """The tiny model with a second tiny model (another seed) as its upscaler, loaded
     from diffusers layout through the upscaler's real loading code."""
-    from backend.model import save_tiny_model
+    from backend.backbones.zeroscope import save_tiny_model
 
     folder = tmp_path_factory.mktemp("tiny-xl")
     save_tiny_model(folder, seed=1)

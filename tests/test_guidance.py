@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as functional
 
-from backend.guidance import (
+from backend.method.guidance import (
     lowfreq_init,
     lowpass,
     pairwise_smm_loss,
@@ -123,7 +123,7 @@ def test_restart_renoise_applies_single_ddpm_transitions():
 
 
 def test_ddim_inversion_steps_hand_computed_and_keeps_only_what_is_asked():
-    from backend.inversion import ddim_invert
+    from backend.method.inversion import ddim_invert
 
     alphas = torch.tensor([1.0, 0.9, 0.7, 0.5])
     x = torch.tensor([2.0, -1.0])

@@ -10,7 +10,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from backend.engine import Procedure, load_engine
+from backend.method.engine import Procedure, load_engine
 from shared.settings import TransferSettings
 from tests.conftest import SMALL_SETTINGS, moving_square_frames
 

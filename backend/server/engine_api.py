@@ -1,6 +1,6 @@
 """What the server needs of an engine: the three calls it makes, typed.
 
-`backend.engine.Engine` is one; tests and the Ray workers (backend/cluster) are others.
+`backend.method.engine.Engine` is one; tests and the Ray workers (backend/cluster) are others.
 An engine in another process can also lose that process mid-job: it raises EngineLost.
 """
 

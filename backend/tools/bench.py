@@ -38,10 +38,16 @@ from tempfile import TemporaryDirectory
 import numpy as np
 import torch
 
-from backend.engine import Engine, Procedure
-from backend.features import truncated_smm
-from backend.model import TINY, ZEROSCOPE, ZEROSCOPE_RANDOM, Components, load_components
-from backend.windows import place_windows
+from backend.backbones.zeroscope import (
+    TINY,
+    ZEROSCOPE,
+    ZEROSCOPE_RANDOM,
+    Components,
+    load_components,
+)
+from backend.backbones.zeroscope_taps import truncated_smm
+from backend.method.engine import Engine, Procedure
+from backend.method.windows import place_windows
 from shared.settings import TransferSettings
 
 REFERENCE_INVERSION_STEPS = 999

@@ -9,7 +9,7 @@
 One edit, as Understudy runs it (docs/method.md):
 
     0. frame       the frames chosen, the box of them the model sees (framing: fit, crop,
-                   stretch; backend/framing.py) resized to the model's size
+                   stretch; backend/method/framing.py) resized to the model's size
     1. encode      frames → VAE latent z₀ of the whole clip (in slices of frames)
     2. invert      DDIM inversion of z₀ with the source prompt, and the source SMM
                    features at the guided timesteps, per window — or both from the cache
@@ -23,7 +23,7 @@ One edit, as Understudy runs it (docs/method.md):
                    retime if asked
 
 Clips longer than the model's window (24 frames for ZeroScope) keep one latent for
-all their frames; every UNet use runs per window and blends (backend/windows.py),
+all their frames; every UNet use runs per window and blends (backend/method/windows.py),
 and guidance sums the windows' losses. A clip that fits one window runs exactly as
 it would without windows.
 """
@@ -44,26 +44,31 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
+from backend.backbones.zeroscope import ZEROSCOPE_XL, Components, load_components
+from backend.backbones.zeroscope_taps import (
+    TAP_NAMES,
+    capture_taps,
+    checkpointed_blocks,
+    truncated_smm,
+)
 from backend.errors import BadClipError, BadSettingsError, JobCancelled, OutOfMemoryError
-from backend.features import TAP_NAMES, capture_taps, checkpointed_blocks, truncated_smm
-from backend.framing import Framing, frames_for_model, plan_framing
-from backend.guidance import (
+from backend.method.framing import Framing, frames_for_model, plan_framing
+from backend.method.guidance import (
     lowfreq_init,
     pairwise_smm_loss,
     renoise_to_first_timestep,
     restart_renoise,
     smm,
 )
-from backend.inversion import (
+from backend.method.inversion import (
     DEFAULT_CACHE_MAX_BYTES,
     InversionCache,
     SourceState,
     cache_key,
     ddim_invert,
 )
-from backend.model import ZEROSCOPE_XL, Components, load_components
+from backend.method.windows import Window, blend_windowed, place_windows, window_slice
 from backend.video import resize_frames, retime_frames, sample_indices
-from backend.windows import Window, blend_windowed, place_windows, window_slice
 from shared.settings import TransferSettings
 
 ProgressCallback = Callable[[str, int, int], None]
@@ -223,7 +228,7 @@ class Engine:
 
     def framing_for(self, settings: TransferSettings, frame_size: tuple[int, int]) -> Framing:
         """Where and at which sizes frames of frame_size (width, height) are edited
-        (backend/framing.py). BadClipError with one sentence for a frame too elongated
+        (backend/method/framing.py). BadClipError with one sentence for a frame too elongated
         for fit; BadSettingsError for a model size too small for the low-pass factor."""
         upscale = None if settings.upscale == "none" else (settings.upscale_width, settings.upscale_height)
         scale = self.components.vae_scale_factor

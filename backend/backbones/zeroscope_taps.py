@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from backend.guidance import smm
+from backend.method.guidance import smm
 
 TAP_NAMES = ("upsampler", "resnet_conv2", "temporal_conv")
 
