@@ -81,6 +81,17 @@ def truncated_smm(
     return out
 
 
+def full_pass_smm(
+    unet: torch.nn.Module, latents: torch.Tensor, timestep: int, text_embeddings: torch.Tensor,
+) -> list[torch.Tensor]:
+    """The reference's guidance pass: the whole UNet runs, the taps are read on the way.
+    Same shapes as truncated_smm."""
+    batch, _, frames = latents.shape[:3]
+    with capture_taps(unet, stop_after=False) as captured:
+        unet(latents, timestep, encoder_hidden_states=text_embeddings)
+    return [smm(captured[n].reshape(batch, frames, *captured[n].shape[1:]).float()) for n in TAP_NAMES]
+
+
 @contextlib.contextmanager
 def checkpointed_blocks(unet: torch.nn.Module, enabled: bool) -> Iterator[None]:
     """Gradient checkpointing for the blocks a truncated pass runs before up_blocks[1].

@@ -178,11 +178,11 @@ class EngineWorker:
                 "host": socket.gethostname(), "gpu": self._gpu(), "pid": os.getpid()}
 
     def _gpu(self) -> dict[str, Any] | None:
-        if self.engine is None or self.engine.components.device.type != "cuda":
+        if self.engine is None or self.engine.backbone.device.type != "cuda":
             return None
         import ray
         import torch
 
-        device = self.engine.components.device
+        device = self.engine.backbone.device
         return {"name": torch.cuda.get_device_name(device), "device": str(device),
                 "ray_gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()]}
