@@ -195,9 +195,15 @@ class Backbone(ABC):
     def checkpointing(self, enabled: bool) -> AbstractContextManager:
         """Gradient checkpointing of what a truncated pass runs before the taps."""
 
+    def use_settings(self, settings: Any) -> None:
+        """The engine hands each edit's resolved settings here before any model call (for
+        what a backbone reads from them, such as Wan's guided block)."""
+        return None
+
     def check_settings(self, settings: Any) -> None:
         """BadSettingsError with one sentence for (resolved) settings this model cannot
         run, beyond what the engine checks for every backbone."""
+        return None
 
     @abstractmethod
     def modules(self) -> list[torch.nn.Module]:

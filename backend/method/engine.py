@@ -154,6 +154,7 @@ class Engine:
         report = _Reporter(progress, cancelled)
         settings = self.resolve(settings)
         self.check_settings(settings, len(clip_frames))
+        self.backbone.use_settings(settings)
         seed = settings.seed if settings.seed is not None else random.SystemRandom().randrange(2**31)
         indices = sample_indices(len(clip_frames), frames_to_edit(settings, len(clip_frames)),
                                  settings.start)
@@ -271,6 +272,7 @@ class Engine:
         """Inverted latents and source features of the whole clip: from the cache, or
         computed and cached."""
         settings = self.resolve(settings)
+        self.backbone.use_settings(settings)
         b = self.backbone
         sampling = b.schedule.timesteps(settings.steps)
         guided = sampling[: settings.guided_step_count()]
@@ -340,6 +342,7 @@ class Engine:
     ) -> torch.Tensor:
         """The guided, restarted sampling loop; returns the final latent z₀."""
         settings = self.resolve(settings)
+        self.backbone.use_settings(settings)
         b = self.backbone
         schedule = b.schedule
         steps = settings.steps
