@@ -203,7 +203,9 @@ def test_frame_file_names_are_numbered_in_order():
 
 
 def test_panel_ranges_come_from_the_shared_settings():
-    assert plan.int_property_range("width") == {"default": 576, "min": 64, "max": 2048, "step": 8}
+    # The model's size is the server's (its hello): 0 in the panel means "the model's".
+    assert plan.int_property_range("width") == {"default": 0, "min": 0, "max": 2048}
+    assert plan.setting_from_panel("width", 0) is None and plan.setting_from_panel("width", 832) == 832
     # guided_steps is bounded by steps, so the panel allows steps' maximum
     assert plan.int_property_range("guided_steps")["max"] == plan.int_property_range("steps")["max"]
     for name in plan.PANEL_INT_SETTINGS:
