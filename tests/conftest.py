@@ -63,3 +63,11 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-model")
     save_tiny_model(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_dir(tmp_path_factory) -> Path:
+    """The tiny random Wan saved in diffusers layout (a WanPipeline folder)."""
+    from backend.backbones.wan_tiny import save_tiny_wan
+
+    return save_tiny_wan(tmp_path_factory.mktemp("tiny-wan"))
