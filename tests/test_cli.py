@@ -219,3 +219,39 @@ def test_a_clip_wider_than_4_to_1_is_one_sentence_suggesting_crop(tmp_path):
                      "--cache-dir", str(tmp_path / "c"), "-o", str(tmp_path / "o.mp4"))
     assert_one_sentence_error(result, "296x64", "--framing crop")
     assert "encode" not in result.stderr
+
+
+# ---------------------------------------------------------------- the Wan backbone
+
+
+def test_a_60_frame_clip_on_tiny_wan_gives_60_generated_frames_and_its_re_edit_hits_the_cache(
+        tmp_path, tiny_wan_dir):
+    from tests.synthetic import textured_clip
+
+    clip = tmp_path / "long.mp4"
+    write_video(textured_clip((1, 0), frames=60, size=(64, 64)), clip, fps=16)
+    flags = settings_flags({k: v for k, v in SMALL_SETTINGS.items() if k != "num_frames"})
+    # A 21-frame window is 6 latent frames, so the clip's 16 latent frames take 4 windows.
+    common = [str(clip), "--model", str(tiny_wan_dir), "--seed", "2", "--window-frames", "21",
+              "--cache-dir", str(tmp_path / "c"), *flags]
+    result = backend("transfer", *common, "--prompt", "a red car", "-o", str(tmp_path / "o.mp4"),
+                     "--frames-dir", str(tmp_path / "frames"))
+    assert result.returncode == 0, result.stderr
+    frames = np.stack([iio.imread(path) for path in sorted((tmp_path / "frames").glob("*.png"))])
+    assert frames.shape == (60, 64, 64, 3)  # every frame of the clip, each one generated
+    assert all(not np.array_equal(a, b) for a, b in zip(frames, frames[1:], strict=False))
+    sidecar = json.loads((tmp_path / "o.json").read_text())
+    assert sidecar["backbone"] == "wan" and sidecar["input_frame_indices"] == list(range(60))
+    assert sidecar["windows"] == [[0, 6], [3, 9], [6, 12], [10, 16]]  # latent frames of 61
+    assert sidecar["inversion_from_cache"] is False
+    again = backend("transfer", *common, "--prompt", "a blue bus", "-o", str(tmp_path / "b.mp4"))
+    assert again.returncode == 0, again.stderr
+    assert json.loads((tmp_path / "b.json").read_text())["inversion_from_cache"] is True
+
+
+def test_missing_wan_weights_name_the_fetch_command(tmp_path, clip_path):
+    offline = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = backend("transfer", str(clip_path), "--prompt", "x", "--device", "cpu",
+                     "--model", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "-o", str(tmp_path / "o.mp4"),
+                     env=offline)
+    assert_one_sentence_error(result, "hf download Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
