@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import plan
 from .plan import UserError
 from .vendored import shared_module
 
@@ -94,4 +95,9 @@ def describe_server(hello: dict) -> str:
     model = hello.get("model", "unknown model")
     device = hello.get("device", "unknown device")
     version = hello.get("v", "?")
+    backbone = plan.server_backbone(hello)
+    if backbone:
+        width, height = backbone["native_size"]
+        model = (f"{model} ({backbone['name']}, {width}x{height}, "
+                 f"{backbone['window_frames']}-frame windows)")
     return f"Connected: model {model} on {device}, protocol {version}."

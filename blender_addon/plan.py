@@ -143,6 +143,16 @@ def _limits(hello: dict) -> dict:
     return hello.get("limits") if isinstance(hello.get("limits"), dict) else {}
 
 
+def server_backbone(hello: dict) -> dict:
+    """The server's model as its hello describes it (engine.backbone: name, native_size,
+    window_frames, frame_rate, side_multiple, defaults); {} from a server that does not say."""
+    engine = hello.get("engine") if isinstance(hello.get("engine"), dict) else {}
+    backbone = engine.get("backbone")
+    if not isinstance(backbone, dict) or not isinstance(backbone.get("native_size"), list):
+        return {}
+    return backbone
+
+
 def server_frame_limit(hello: dict) -> int:
     """The most frames one job may have, as the server announces it in `hello`."""
     value = _limits(hello).get("max_frames")
@@ -169,6 +179,12 @@ def check_server_limits(hello: dict, settings: dict, render_size: tuple[int, int
         if isinstance(max_chars, int) and isinstance(text, str) and len(text) > max_chars:
             raise UserError(f"The {name.replace('_', ' ')} is {len(text)} characters long and the "
                             f"server takes at most {max_chars}; shorten it.")
+    side = server_backbone(hello).get("side_multiple")
+    for name in ("width", "height"):
+        value = settings.get(name)
+        if isinstance(side, int) and side > 0 and isinstance(value, int) and value % side:
+            raise UserError(f"The model {name} is {value} and the server's model takes multiples "
+                            f"of {side}; set it to a multiple of {side}, or 0 for the model's own.")
     max_queue, queued = limits.get("max_queue"), hello.get("queue_length")
     if isinstance(max_queue, int) and isinstance(queued, int) and queued >= max_queue:
         raise UserError(f"The server already has {queued} jobs queued or running, its limit; "

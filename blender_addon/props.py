@@ -96,8 +96,10 @@ class UnderstudySettings(bpy.types.PropertyGroup):
     inversion_steps: IntProperty(name="Inversion steps",
                                  **plan.int_property_range("inversion_steps"))
     framing: EnumProperty(name="Framing", **plan.choice_property("framing"))
-    width: IntProperty(name="Model width", **plan.int_property_range("width"))
-    height: IntProperty(name="Model height", **plan.int_property_range("height"))
+    width: IntProperty(name="Model width", **plan.int_property_range("width"),
+                       description="0: the server's model's own width (Test Connection shows it)")
+    height: IntProperty(name="Model height", **plan.int_property_range("height"),
+                        description="0: the server's model's own height (Test Connection shows it)")
     negative_prompt: StringProperty(name="Negative prompt", default="",
                                     description="Empty: the model's own negative prompt")
 

@@ -289,7 +289,8 @@ def test_test_connection_reports_model_device_protocol(extension_zip, server, tm
     result = run_blender({"scenario": "test_connection", "zip": extension_zip,
                           "address": server.address}, tmp_path)
     assert result["outcome"]["ok"]
-    assert result["report"] == "Connected: model tiny on cpu, protocol 1."
+    assert result["report"] == ("Connected: model tiny (zeroscope, 576x320, 24-frame windows) on "
+                                "cpu, protocol 1.")
 
 
 def test_curve_keys_right_and_wrong(extension_zip, tmp_path):

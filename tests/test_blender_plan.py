@@ -347,6 +347,19 @@ def test_sidecar_summary_says_how_the_result_was_made():
 def test_describe_server_reports_model_device_protocol():
     text = link.describe_server({"v": 1, "model": "tiny", "device": "cpu"})
     assert text == "Connected: model tiny on cpu, protocol 1."
+    wan = {"v": 1, "model": "wan-tiny", "device": "cuda", "engine": {"backbone": {
+        "name": "wan", "native_size": [832, 480], "window_frames": 81, "side_multiple": 16}}}
+    assert link.describe_server(wan) == ("Connected: model wan-tiny (wan, 832x480, 81-frame "
+                                         "windows) on cuda, protocol 1.")
+
+
+def test_a_model_size_off_the_servers_grid_is_refused_before_rendering():
+    hello = {"engine": {"backbone": {"name": "wan", "native_size": [832, 480], "side_multiple": 16}}}
+    with pytest.raises(UserError, match="model width is 72 and the server's model takes multiples of 16"):
+        plan.check_server_limits(hello, {"prompt": "x", "width": 72}, (64, 64))
+    plan.check_server_limits(hello, {"prompt": "x", "width": 64}, (64, 64))
+    plan.check_server_limits(hello, {"prompt": "x"}, (64, 64))  # the model's own size
+    plan.check_server_limits({}, {"prompt": "x", "width": 72}, (64, 64))  # an older server
 
 
 def test_one_key_file_without_the_other_is_a_user_error():
