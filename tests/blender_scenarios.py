@@ -99,7 +99,7 @@ def scene_state(scene) -> dict:
 def job_state(job) -> dict:
     state = {name: getattr(job, name) for name in (
         "job_id", "prompt", "status", "phase", "message", "seed", "result_strip", "frames_dir",
-        "channel", "frame_start", "length")}
+        "channel", "frame_start", "length", "sidecar")}
     state["frames_path"] = bpy.path.abspath(job.frames_dir)
     state["summary"] = job.sidecar_summary()
     return state

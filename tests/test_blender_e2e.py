@@ -528,3 +528,24 @@ def test_crop_places_the_result_over_its_box_and_nothing_else(extension_zip, ser
     assert abs(new[2] - expected_cols[0]) <= 1.5 and abs(new[3] - expected_cols[1]) <= 1.5, (
         new, expected_cols)
     assert_source_unchanged(result)
+
+
+def test_a_sixty_frame_strip_on_a_wan_server_gives_sixty_generated_frames(
+        extension_zip, long_clip, tmp_path, tiny_wan_dir):
+    wan = ServerProcess(tmp_path / "wan-state", "--model", str(tiny_wan_dir)).start()
+    try:
+        connected = run_blender({"scenario": "test_connection", "zip": extension_zip,
+                                 "address": wan.address}, tmp_path / "hello")
+        assert connected["report"].startswith(f"Connected: model {tiny_wan_dir} (wan, 832x480, "
+                                              f"81-frame windows)")
+        result = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": long_clip,
+                              "address": wan.address, "trim": [0, 0]}, tmp_path / "edit")
+    finally:
+        wan.stop()
+    new = assert_result_strip(result, "source", channel=3)
+    assert new["frame_final_duration"] == 60
+    folder = Path(result["jobs"][0]["frames_path"])
+    files = [folder / name for name in new["elements"]]
+    assert len(files) == 60 and len({file.read_bytes() for file in files}) == 60  # none held
+    assert json.loads(result["jobs"][0]["sidecar"])["backbone"] == "wan"
+    assert_source_unchanged(result)

@@ -737,3 +737,33 @@ def test_log_lines_cannot_be_forged_through_a_client_id(server):
         socket.close()
     assert not [line for line in server.log().splitlines() if line.startswith("2026-12-01 00:00")]
     assert "x\\x0a2026-12-01" in server.log()
+
+
+# --------------------------------------------------------------------------- the Wan backbone
+
+
+def test_a_wan_server_announces_its_backbone_and_edits_60_frames_with_none_held(
+        tmp_path, connect, tiny_wan_dir):
+    server = ServerProcess(tmp_path / "state", "--model", str(tiny_wan_dir)).start()
+    try:
+        client = connect(server.address)
+        backbone = client.hello()["engine"]["backbone"]
+        assert (backbone["name"], backbone["native_size"], backbone["window_frames"]) == (
+            "wan", [832, 480], 81)
+        assert (backbone["frame_rate"], backbone["side_multiple"], backbone["pixel_budget"]) == (
+            16.0, 16, 832 * 480)
+        assert backbone["defaults"]["cfg_scale"] == 5.0 and backbone["defaults"]["prompt_prefix"] == ""
+        clip = clip_pngs(60, width=64, height=64)
+        job = settings(num_frames=60, width=64, height=64, window_frames=21, seed=4)
+        client.submit("wan-60", job, clip)
+        result = client.wait("wan-60", timeout_s=WAIT_S)
+        frames = decode_pngs(result.frames)
+        assert frames.shape == (60, 64, 64, 3)
+        assert len({frame.tobytes() for frame in frames}) == 60  # every frame generated, none held
+        assert result.sidecar["backbone"] == "wan" and len(result.sidecar["windows"]) == 4
+        assert result.sidecar["settings"]["negative_prompt"] == backbone["defaults"]["negative_prompt"]
+        client.submit("wan-60-again", {**job, "prompt": "a fox", "seed": 5}, clip)
+        again = client.wait("wan-60-again", timeout_s=WAIT_S)
+        assert again.sidecar["inversion_from_cache"] is True
+    finally:
+        server.stop()
