@@ -122,11 +122,11 @@ class TestWorkerPool:
             self, connection, pool):
         identity = pool.runners[0].identity
         assert identity["actor"] == "worker-0" and identity["pid"] != os.getpid()
-        assert identity["engine"] == {"model": "tiny", "device": "cpu", "dtype": "float32",
-                                  "upscaler": None}
+        engine = {"model": "tiny", "device": "cpu", "dtype": "float32", "upscaler": None}
+        assert identity["engine"].items() >= engine.items()
+        assert identity["engine"]["backbone"]["name"] == "zeroscope"
         assert identity["gpu"] is None and identity["restarted"] is False
-        assert pool.describe() == {"model": "tiny", "device": "cpu", "dtype": "float32",
-                                   "upscaler": None, "workers": 1, "cluster": "local:2"}
+        assert pool.describe().items() >= {**engine, "workers": 1, "cluster": "local:2"}.items()
         assert connection.placement.description == "2 worker slots on CPU"
         assert os.stat(connection.token_path).st_mode & 0o077 == 0  # the token is ours only
         assert os.environ["RAY_AUTH_MODE"] == "token"
@@ -138,6 +138,20 @@ class TestWorkerPool:
             pool.check_settings(TransferSettings.from_dict(settings(steps=2, inversion_steps=3)),
                                 6)
         assert caught.value.code == "bad_settings" and str(caught.value).endswith(".")
+
+    def test_a_worker_loads_the_wan_backbone_and_runs_its_job(self, connection, cache_dir,
+                                                              tiny_wan_dir):
+        wan = WorkerPool(connection, WorkerSpec(str(tiny_wan_dir), device="cpu", cache_dir=cache_dir),
+                         count=1, name_prefix="wan")
+        try:
+            identity = wan.wait_ready()[0]
+            assert identity["engine"]["backbone"]["name"] == "wan"
+            assert wan.describe()["backbone"]["window_frames"] == 81
+            outcome = wan.runners[0].run("wan-on-ray", settings(num_frames=5, seed=2), clip_pngs(6),
+                                         lambda *step: None, lambda: False)
+            assert outcome.frames.shape[0] == 5 and outcome.metadata["backbone"] == "wan"
+        finally:
+            wan.close()
 
     def test_a_worker_that_ignores_a_cancel_is_killed_and_comes_back(self, connection,
                                                                      cache_dir):
