@@ -206,3 +206,45 @@ def test_a_plain_zeroscope_edit_equals_diffusers_text_to_video_pipeline(tiny_mod
                  num_inference_steps=4, guidance_scale=settings.cfg_scale, height=64, width=64,
                  num_frames=4, latents=initial.clone(), output_type="np").frames[0]
     assert np.abs(frames.astype(np.float64) - np.asarray(video) * 255).max() <= 0.5 + 1e-3
+
+
+NOISE_STD = {  # the forward process's noise level at a timestep, for a clean latent of zeros
+    "zeroscope": lambda b, t: float((1 - b.scheduler.alphas_cumprod[t]) ** 0.5),
+    "wan": lambda b, t: b.schedule.sigma_of(t),
+}
+
+
+def test_restart_re_noises_the_next_level_back_to_the_steps_own(backbone):
+    """From the level after step i (a clean latent of zeros at that noise level), a restart
+    gives a latent with the noise level of step i's timestep."""
+    name, b = backbone
+    steps, index = 10, 7
+    timesteps = b.schedule.timesteps(steps)
+    noise = torch.randn(1, 4, 8, 64, 64, generator=torch.Generator().manual_seed(5))
+    latent = NOISE_STD[name](b, timesteps[index + 1]) * noise
+    restarted = b.schedule.restart(latent, steps, index, torch.Generator().manual_seed(6))
+    assert float(restarted.std()) == pytest.approx(NOISE_STD[name](b, timesteps[index]), rel=0.02)
+    assert float(latent.std()) < 0.8 * float(restarted.std())  # it did move up a level
+
+
+def test_wan_guides_the_block_its_setting_names_and_stops_after_it(tiny_wan_dir):
+    engine = Engine(load_backbone(str(tiny_wan_dir), device="cpu"))
+    b = engine.backbone
+    assert engine.resolve(TransferSettings(prompt="x")).guidance_block == 4 * 14 // 30 == 1
+    latent = torch.randn(1, 16, 2, 8, 8, generator=torch.Generator().manual_seed(2))
+    text, t = b.embed(["a dog"]), b.schedule.timesteps(10)[0]
+    ran = []
+    hooks = [block.register_forward_hook(lambda *_, index=index: ran.append(index))
+             for index, block in enumerate(b.transformer.blocks)]
+    try:
+        taps = {}
+        for block in (1, 2):
+            ran.clear()
+            b.use_settings(engine.resolve(TransferSettings(prompt="x", guidance_block=block)))
+            with torch.no_grad():
+                taps[block] = b.taps(latent, t, text, truncated=True)[0]
+            assert ran == list(range(block + 1))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert not torch.equal(taps[1], taps[2])
