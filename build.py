@@ -9,10 +9,14 @@
                                trip through headless Blender and the extension
     python build.py env        only create or refresh the environments
     python build.py mutate     mutation-test the pure modules with mutmut (docs/testing.md)
+    python build.py lock       re-resolve the newest versions pyproject.toml allows into
+                               locks/ (the tested versions every install uses); see README
 
 The virtual environment lives in `.venv` (Python 3.11, the Python of Blender 4.2-5.0).
-It is reused while the dependency lists in pyproject.toml are unchanged, and refreshed
-when they change: a stamp file inside .venv records what was installed.
+It is reused while the dependency lists in pyproject.toml and the lock files in locks/ are
+unchanged, and refreshed when they change: a stamp file inside .venv records what was
+installed.  Every install is constrained by locks/ (`pip install -c`), so a fresh machine
+gets the versions the suite passed with, not whatever was released since.
 
 Which torch gets installed is set by UNDERSTUDY_TORCH (default "torch==2.13.0", the
 CPU build on machines that carry it locally).  On a CUDA machine choose your own, e.g.
@@ -40,6 +44,12 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 BLENDER_LTS_VENV = ROOT / ".venv-blender-lts"
 STAMP_NAME = "understudy-stamp.json"
+LOCK_DIR = ROOT / "locks"
+MAIN_LOCK = LOCK_DIR / "main.txt"
+BLENDER_LTS_LOCK = LOCK_DIR / "blender-lts.txt"
+# torch and the CUDA libraries it pulls in are chosen by UNDERSTUDY_TORCH (CPU here, a CUDA
+# build on a GPU box), so the lock leaves them out rather than pin one build for everyone.
+UNLOCKED_PREFIXES = ("torch", "triton", "nvidia-")
 REQUIRED_PYTHON = (3, 11)
 DEFAULT_TORCH = "torch==2.13.0"
 PYTEST_NO_TESTS_COLLECTED = 5
@@ -76,11 +86,42 @@ def dependency_spec(pyproject_text: str) -> dict:
     }
 
 
-def wanted_stamp(pyproject_text: str, torch_spec: str, python_version: tuple[int, int]) -> dict:
-    """What a correct environment's stamp says: dependencies, torch choice, Python."""
+def wanted_stamp(pyproject_text: str, torch_spec: str, python_version: tuple[int, int],
+                 lock_text: str = "") -> dict:
+    """What a correct environment's stamp says: dependencies, lock, torch choice, Python."""
     spec = dependency_spec(pyproject_text)
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-    return {"dependencies_sha256": digest, "torch": torch_spec, "python": list(python_version)}
+    return {"dependencies_sha256": digest, "lock_sha256": text_digest(lock_text),
+            "torch": torch_spec, "python": list(python_version)}
+
+
+def text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def read_lock(path: Path) -> str:
+    """A lock file's text; a checkout without it cannot install the tested versions."""
+    try:
+        return path.read_text()
+    except OSError as error:
+        raise BuildError(f"The lock file {path} is missing ({error.strerror}); restore it with "
+                         f"`git checkout -- locks/{path.name}` or make a new one with "
+                         f"`python build.py lock`.") from None
+
+
+def lock_lines(freeze_output: str) -> list[str]:
+    """`pip freeze` output as lock lines: pinned distributions only, torch's family left out,
+    local version labels dropped (`x==1.0+cpu` pins `x==1.0`, which a CUDA build also satisfies)."""
+    lines = []
+    for raw in freeze_output.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or "==" not in line or line.startswith("-e "):
+            continue
+        name, version = line.split("==", 1)
+        if name.lower().replace("_", "-").startswith(UNLOCKED_PREFIXES):
+            continue
+        lines.append(f"{name}=={version.split('+', 1)[0]}")
+    return sorted(lines, key=str.lower)
 
 
 def venv_state(venv: Path, wanted: dict) -> str:
@@ -151,28 +192,65 @@ def prepare_environment(venv: Path, wanted: dict, install) -> Path:
     return python
 
 
-def ensure_venv(venv: Path = VENV, root: Path = ROOT) -> Path:
+def ensure_venv(venv: Path = VENV, root: Path = ROOT, locked: bool = True) -> Path:
     """The project's environment: torch first, then the project with its test extras and
-    the cluster extra (Ray), so the Ray tests run wherever the suite runs."""
+    the cluster extra (Ray), so the Ray tests run wherever the suite runs.
+
+    Installs are constrained by locks/main.txt unless `locked` is False (the newest versions
+    pyproject.toml allows, which is how `lock` re-resolves)."""
     torch_spec = os.environ.get("UNDERSTUDY_TORCH", DEFAULT_TORCH).strip()
-    wanted = wanted_stamp((root / "pyproject.toml").read_text(), torch_spec, REQUIRED_PYTHON)
+    lock = root / MAIN_LOCK.relative_to(ROOT)
+    lock_text = read_lock(lock) if locked else ""
+    wanted = wanted_stamp((root / "pyproject.toml").read_text(), torch_spec, REQUIRED_PYTHON,
+                          lock_text)
+    constraints = ["-c", str(lock)] if locked else []
 
     def install(pip: list[str]) -> None:
         if torch_spec.lower() != "none":
             run_checked(pip + shlex.split(torch_spec), INSTALL_FAILED)
-        run_checked(pip + ["-e", f"{root}[test,cluster]"], INSTALL_FAILED)
+        run_checked(pip + constraints + ["-e", f"{root}[test,cluster]"], INSTALL_FAILED)
 
     return prepare_environment(venv, wanted, install)
 
 
-def ensure_blender_lts_venv(venv: Path = BLENDER_LTS_VENV, root: Path = ROOT) -> Path:
+def ensure_blender_lts_venv(venv: Path = BLENDER_LTS_VENV, root: Path = ROOT,
+                            locked: bool = True) -> Path:
     """A second environment holding only Blender 4.2 LTS's bpy wheel (pyproject's
-    `blender-lts` extra): bpy 4.2 and 5.0 cannot share one environment."""
+    `blender-lts` extra): bpy 4.2 and 5.0 cannot share one environment.  Constrained by
+    locks/blender-lts.txt unless `locked` is False."""
     spec = dependency_spec((root / "pyproject.toml").read_text())
     requirements = spec.get("optional-dependencies", {}).get("blender-lts", [])
-    wanted = {"requirements": requirements, "python": list(REQUIRED_PYTHON)}
+    lock = root / BLENDER_LTS_LOCK.relative_to(ROOT)
+    lock_text = read_lock(lock) if locked else ""
+    wanted = {"requirements": requirements, "lock_sha256": text_digest(lock_text),
+              "python": list(REQUIRED_PYTHON)}
+    constraints = ["-c", str(lock)] if locked else []
     return prepare_environment(venv, wanted,
-                               lambda pip: run_checked(pip + requirements, INSTALL_FAILED))
+                               lambda pip: run_checked(pip + constraints + requirements,
+                                                       INSTALL_FAILED))
+
+
+def freeze(python: Path) -> list[str]:
+    """What an environment holds, as lock lines."""
+    result = subprocess.run([str(python), "-m", "pip", "freeze", "--exclude-editable",
+                             "--disable-pip-version-check"], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise BuildError(f"pip freeze failed in {python} ({result.stderr.strip()[-300:]}); "
+                         f"run `python build.py lock` again.")
+    return lock_lines(result.stdout)
+
+
+LOCK_HEADER = (
+    "# The versions the test suite passed with; every install is constrained by this file\n"
+    "# (pip install -c).  Made by `python build.py lock` (newest versions pyproject.toml\n"
+    "# allows); to move forward: run it, then `python build.py test`, and commit locks/ if\n"
+    "# the suite passes.  torch is chosen by UNDERSTUDY_TORCH and not listed.\n"
+)
+
+
+def write_lock(path: Path, lines: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(LOCK_HEADER + "".join(f"{line}\n" for line in lines))
 
 
 # --------------------------------------------------------------------------- extension package
@@ -407,6 +485,20 @@ def command_env(_: list[str]) -> int:
     return 0
 
 
+def command_lock(_: list[str]) -> int:
+    """Re-resolve both environments from scratch without the locks and write what they got."""
+    scratch = ROOT / "build" / "lock"
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    main = ensure_venv(scratch / "venv", locked=False)
+    lts = ensure_blender_lts_venv(scratch / "venv-blender-lts", locked=False)
+    write_lock(MAIN_LOCK, freeze(main))
+    write_lock(BLENDER_LTS_LOCK, freeze(lts))
+    print(f"Wrote {MAIN_LOCK} and {BLENDER_LTS_LOCK}; run `python build.py test` with them and "
+          f"commit locks/ if the suite passes.")
+    return 0
+
+
 def command_mutate(args: list[str]) -> int:
     """mutmut over the modules `[tool.mutmut]` in pyproject.toml names, then its survivors.
 
@@ -421,7 +513,7 @@ def command_mutate(args: list[str]) -> int:
 
 
 COMMANDS = {"test": command_test, "demo": command_demo, "env": command_env,
-            "package": command_package, "mutate": command_mutate}
+            "package": command_package, "mutate": command_mutate, "lock": command_lock}
 
 
 def main(argv: list[str]) -> int:

@@ -91,8 +91,59 @@ def test_this_checkout_venv_is_up_to_date():
         pytest.fail(f"tests should run inside the project's .venv, not {venv}; use build.py test")
     wanted = build.wanted_stamp((REPO_ROOT / "pyproject.toml").read_text(),
                                 json.loads((venv / build.STAMP_NAME).read_text())["torch"],
-                                build.REQUIRED_PYTHON)
+                                build.REQUIRED_PYTHON, build.read_lock(build.MAIN_LOCK))
     assert build.venv_state(venv, wanted) == "fresh"
+
+
+def test_this_environment_holds_the_locked_versions():
+    """What the suite runs with is what the lock promises a fresh machine."""
+    import importlib.metadata
+
+    locked = [line.split("==") for line in build.read_lock(build.MAIN_LOCK).splitlines()
+              if line and not line.startswith("#")]
+    assert len(locked) > 20
+    different = {name: (version, importlib.metadata.version(name)) for name, version in locked
+                 if importlib.metadata.version(name) != version}
+    assert different == {}
+
+
+def test_the_lock_pins_what_pyproject_asks_for():
+    names = {line.split("==")[0].lower() for line in build.read_lock(build.MAIN_LOCK).splitlines()
+             if line and not line.startswith("#")}
+    for needed in ("diffusers", "transformers", "accelerate", "pyzmq", "ray", "bpy", "numpy"):
+        assert needed in names
+
+
+def test_lock_lines_pin_distributions_and_leave_torch_to_the_user():
+    frozen = ("# comment\n-e git+https://x#egg=understudy\nzeta==1.0\ntorch==2.13.0+cpu\n"
+              "nvidia-cublas-cu12==12.1\ntriton==3.0\nAlpha==2.0+local\nweird @ file:///x\n")
+    assert build.lock_lines(frozen) == ["Alpha==2.0", "zeta==1.0"]
+
+
+def test_a_changed_lock_refreshes_the_venv(tmp_path):
+    venv = fake_venv(tmp_path)
+    old = build.wanted_stamp(PYPROJECT, "t", (3, 11), "numpy==1.0\n")
+    (venv / build.STAMP_NAME).write_text(json.dumps(old))
+    assert build.venv_state(venv, build.wanted_stamp(PYPROJECT, "t", (3, 11), "numpy==1.0\n")) == "fresh"
+    assert build.venv_state(venv, build.wanted_stamp(PYPROJECT, "t", (3, 11), "numpy==2.0\n")) == "stale"
+
+
+def test_installs_are_constrained_by_the_lock(tmp_path, monkeypatch):
+    (tmp_path / "pyproject.toml").write_text(PYPROJECT)
+    (tmp_path / "locks").mkdir()
+    (tmp_path / "locks" / "main.txt").write_text("numpy==1.0\n")
+    venv = fake_venv(tmp_path)
+    commands = []
+    monkeypatch.setattr(build, "run_checked", lambda command, failure: commands.append(command))
+    build.ensure_venv(venv, root=tmp_path)
+    lock = str(tmp_path / "locks" / "main.txt")
+    assert commands[-1][-4:] == ["-c", lock, "-e", f"{tmp_path}[test,cluster]"]
+
+
+def test_a_missing_lock_is_one_sentence(tmp_path):
+    (tmp_path / "pyproject.toml").write_text(PYPROJECT)
+    with pytest.raises(build.BuildError, match="lock file .* is missing.*build.py lock"):
+        build.ensure_venv(fake_venv(tmp_path), root=tmp_path)
 
 
 def test_unknown_command_fails_with_a_message():
