@@ -47,6 +47,7 @@ from backend.backbones.base import Backbone
 from backend.backbones.loading import WAN_RANDOM, WAN_TINY, load_backbone
 from backend.backbones.wan import WAN_21_T2V_1_3B
 from backend.backbones.zeroscope import TINY, ZEROSCOPE, ZEROSCOPE_RANDOM
+from backend.errors import BadSettingsError
 from backend.method.engine import Engine, Procedure
 from shared.settings import TransferSettings
 
@@ -149,6 +150,17 @@ def forward_equivalents(passes: dict[tuple[str, str], int], truncated_share: flo
     return out
 
 
+def reference_inversion_steps(engine: Engine, settings: TransferSettings) -> int:
+    """The reference's 999 inversion steps, or, where the schedule needs a multiple of the
+    sampling steps (flow matching), the next one (1000 for 50 steps)."""
+    steps = engine.resolve(settings).steps
+    try:
+        engine.backbone.schedule.check_grids(steps, REFERENCE_INVERSION_STEPS)
+        return REFERENCE_INVERSION_STEPS
+    except BadSettingsError:
+        return -(-REFERENCE_INVERSION_STEPS // steps) * steps
+
+
 def run_once(
     engine: Engine, name: str, frames: np.ndarray, settings: TransferSettings, procedure: Procedure,
     truncated_share: float,
@@ -204,7 +216,7 @@ def run_bench(
         re_edit_settings = TransferSettings(**{**settings.to_dict(), "prompt": "a brown horse", "seed": 1})
         re_edit = run_once(engine, "re-edit", clip, re_edit_settings, Procedure(), share)
         reference_settings = TransferSettings(**{**settings.to_dict(),
-                                                 "inversion_steps": REFERENCE_INVERSION_STEPS})
+                                                 "inversion_steps": reference_inversion_steps(engine, settings)})
         reference = run_once(engine, "reference", clip, reference_settings,
                              Procedure(use_cache=False, truncate_guidance=False,
                                        cache_source_features=False), share)
