@@ -289,14 +289,14 @@ MUTANTS: tuple[Mutant, ...] = (
         "backend/backbones/wan.py",
         "return self.predict(latent, timestep, negative), target_out",
         "return target_out, self.predict(latent, timestep, negative)",
-        ("tests/test_backbones.py::test_a_plain_wan_edit_equals_diffusers_wan_pipeline",),
+        ("tests/test_backbones.py::test_a_plain_wan_edit_equals_diffusers_wan_pipeline[t2v]",),
     ),
     Mutant(
         "Wan decodes normalised latents without undoing the normalisation",
         "backend/backbones/wan.py",
         "self.vae.decode(z / inverse_std + mean, return_dict=False)",
         "self.vae.decode(z, return_dict=False)",
-        ("tests/test_backbones.py::test_a_plain_wan_edit_equals_diffusers_wan_pipeline",),
+        ("tests/test_backbones.py::test_a_plain_wan_edit_equals_diffusers_wan_pipeline[t2v]",),
     ),
     Mutant(
         "the flow restart stays at the next level",

@@ -168,15 +168,28 @@ def final_latent(engine: Engine, clip: np.ndarray, settings: TransferSettings,
     return latents[0], result.frames
 
 
-def test_a_plain_wan_edit_equals_diffusers_wan_pipeline(tiny_wan_dir, monkeypatch):
+@pytest.fixture(scope="module")
+def tiny_ti2v_dir(tmp_path_factory):
+    """A tiny random Wan 2.2 TI2V (expand_timesteps, 48-channel latents, 16 px cells)."""
+    from backend.backbones.wan_tiny import save_tiny_wan
+
+    return save_tiny_wan(tmp_path_factory.mktemp("tiny-ti2v"), variant="ti2v")
+
+
+@pytest.mark.parametrize("variant", ["t2v", "ti2v"])
+def test_a_plain_wan_edit_equals_diffusers_wan_pipeline(variant, tiny_wan_dir, tiny_ti2v_dir,
+                                                        monkeypatch):
     from tests.wan_reference import wan_initial_latents, wan_pipeline_video
 
-    engine = Engine(load_backbone(str(tiny_wan_dir), device="cpu"))
+    folder = tiny_wan_dir if variant == "t2v" else tiny_ti2v_dir
+    engine = Engine(load_backbone(str(folder), device="cpu"))
     settings = plain_sampling(engine, "a red train on a bridge", num_frames=9, width=64, height=64,
                               steps=4, inversion_steps=4)
     latent, frames = final_latent(engine, moving_square_frames(9, 64, 64), settings, monkeypatch)
-    initial = wan_initial_latents(11, 64, 64, 9)
-    reference = dict(folder=tiny_wan_dir, prompt="a red train on a bridge",
+    b = engine.backbone
+    initial = wan_initial_latents(11, 64, 64, 9, channels=b.latent_channels,
+                                  spatial_factor=b.latent_cell)
+    reference = dict(folder=folder, prompt="a red train on a bridge",
                      negative_prompt=settings.negative_prompt, steps=4, shift=engine.backbone.schedule.shift,
                      guidance=settings.cfg_scale, width=64, height=64, frames=9, latents=initial)
     expected = torch.from_numpy(wan_pipeline_video(**reference, output_type="latent"))
