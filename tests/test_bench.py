@@ -76,3 +76,17 @@ def test_bench_upscale_counts_the_stage_in_first_stage_passes():
         14 * report["upscale_pass_to_first_stage_pass"])
     assert set(report["seconds"]) == {"invert", "sample", "decode", "upscale"}
     assert "7 steps = 14 full passes at 256×128" in format_upscale(report)
+
+
+def test_bench_runs_wans_architecture_and_its_reference_inverts_on_a_multiple_of_the_steps():
+    from backend.tools.bench import run_bench
+
+    report = run_bench("wan-tiny", frames=5, width=64, height=64)
+    assert report["backbone"] == "wan"
+    runs = report["runs"]
+    # 50 steps: the reference's 999 inversion steps become 1000, Understudy's stay 50.
+    assert runs["reference"]["forward_equivalents"]["invert"] >= 1000
+    assert 50 <= runs["first edit"]["forward_equivalents"]["invert"] < 100
+    assert runs["re-edit"]["forward_equivalents"]["invert"] == 0
+    assert report["settings"]["guidance_block"] == 1 and report["settings"]["cfg_scale"] == 5.0
+    assert 0 < report["ratios_to_reference"]["first_edit_forward_equivalents"] < 1
