@@ -174,8 +174,11 @@ class FlowMatchingSchedule(Schedule):
 
     def step(self, model_output: torch.Tensor, steps: int, index: int,
              latent: torch.Tensor) -> torch.Tensor:
+        """x ← x + (σ_{i+1} − σ_i)·v in float32. (WanPipeline's step returns the velocity's
+        dtype, so in bf16 its latent turns bf16 after the first step; here it stays float32.
+        In float32 the two are the same, bit for bit.)"""
         sigmas = self.sigmas(steps)
-        return euler_step(latent, model_output, sigmas[index], sigmas[index + 1])
+        return euler_step(latent.float(), model_output.float(), sigmas[index], sigmas[index + 1])
 
     def restart(self, latent: torch.Tensor, steps: int, index: int,
                 generator: torch.Generator) -> torch.Tensor:
@@ -253,14 +256,14 @@ class Wan(Backbone):
 
     @torch.no_grad()
     def encode(self, frames: np.ndarray, frames_per_slice: int) -> torch.Tensor:
-        """(N, H, W, 3) uint8, N = 4k + 1 → z₀ (1, 16, k + 1, H/8, W/8): the posterior's mean,
-        normalised, z = (μ − mean)/std. The causal VAE takes the clip whole (it runs its
+        """(N, H, W, 3) uint8, N = 4k + 1 → z₀ (1, 16, k + 1, H/8, W/8) in float32: the
+        posterior's mean, normalised, z = (μ − mean)/std. The causal VAE takes the clip whole (it runs its
         own frame chunks), so `frames_per_slice` does not apply."""
         pixels = torch.from_numpy(frames).permute(3, 0, 1, 2).unsqueeze(0).float() / 127.5 - 1
         vae_dtype = next(self.vae.parameters()).dtype
         latent = self.vae.encode(pixels.to(self.device, vae_dtype)).latent_dist.mean
         mean, inverse_std = self._latent_stats(latent)
-        return ((latent - mean) * inverse_std).to(self.dtype)
+        return ((latent - mean) * inverse_std).float()  # the flow is integrated in float32
 
     def decode_slices(self, latent: torch.Tensor,
                       frames_per_slice: int) -> list[Callable[[], np.ndarray]]:
