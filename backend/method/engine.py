@@ -93,7 +93,7 @@ class Procedure:
     """How much work an edit may skip. Understudy's defaults; the reference's in `bench`."""
 
     use_cache: bool = True  # reuse inversion + source features for the same clip
-    truncate_guidance: bool = True  # stop the UNet after up_blocks[1] while guiding
+    truncate_guidance: bool = True  # stop the model after its feature taps while guiding
     cache_source_features: bool = True  # compute source features once, at inversion time
 
 
@@ -407,7 +407,7 @@ class Engine:
         Each iteration sums the windows' losses, L = Σ_k L_k, backpropagating one
         window at a time (memory holds one window's activations), then takes one Adam
         step on the whole latent. On CUDA in half precision the latent stays float32,
-        the UNet runs under autocast and the loss is scaled before backward (a fresh
+        the model runs under autocast and the loss is scaled before backward (a fresh
         GradScaler per guided step), as the reference does.
         """
         x = latent.detach().float().clone().requires_grad_(True)
