@@ -261,3 +261,13 @@ def test_wan_guides_the_block_its_setting_names_and_stops_after_it(tiny_wan_dir)
         for hook in hooks:
             hook.remove()
     assert not torch.equal(taps[1], taps[2])
+
+
+def test_the_zeroscope_upscaler_is_refused_after_wan(tiny_wan_dir):
+    from backend.method.engine import load_engine
+
+    engine = load_engine(str(tiny_wan_dir), device="cpu", upscale_model="tiny")
+    with pytest.raises(BadSettingsError, match=r"^The upscaler \(zeroscope\) runs only after its own "
+                                               r"backbone, not after wan; set upscale to 'none'\.$"):
+        engine.check_settings(TransferSettings(prompt="a train", width=64, height=64,
+                                               upscale="xl"), 5)

@@ -216,6 +216,10 @@ class Engine:
             raise BadSettingsError("The frame is too small for the low-frequency factor; lower it.")
         if settings.upscale != "none" and self.upscaler is None:
             raise BadSettingsError(NO_UPSCALER)
+        if settings.upscale != "none" and self.upscaler.backbone.facts.name != b.facts.name:
+            raise BadSettingsError(
+                f"The upscaler ({self.upscaler.backbone.facts.name}) runs only after its own "
+                f"backbone, not after {b.facts.name}; set upscale to 'none'.")
         if settings.guidance_block is not None and "guidance_block" not in b.facts.defaults:
             raise BadSettingsError(
                 f"The {b.facts.name} backbone's feature taps are fixed; leave --guidance-block unset.")
