@@ -4,7 +4,7 @@
     result = engine.transfer(clip_frames, TransferSettings(prompt="a train"),
                              progress=print_progress, cancelled=lambda: False)
     result.frames      # (N, H, W, 3) uint8 at the result size, one per input frame
-    result.metadata    # the JSON sidecar: settings, seed, model, framing, windows, cache hit, timings
+    result.sidecar     # shared/sidecar.py: settings, seed, steps used, model, framing, windows, …
 
 One edit, as Understudy runs it (docs/method.md):
 
@@ -36,7 +36,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,19 +62,11 @@ from backend.inversion import (
     ddim_invert,
 )
 from backend.model import ZEROSCOPE_XL, Components, load_components
+from backend.results import CancelCheck, ProgressCallback, TransferResult
 from backend.video import resize_frames, retime_frames, sample_indices
 from backend.windows import Window, blend_windowed, place_windows, window_slice
 from shared.settings import TransferSettings
-
-ProgressCallback = Callable[[str, int, int], None]
-"""progress(phase, step, total); phases in order: "encode", "invert", "features", "sample",
-"decode", then "upscale" with an upscaler ("encode", "invert" and "features" are skipped
-when the inversion is cached). "invert", "features" and "sample" count windows within
-steps: total = steps × windows; "upscale" counts its encode, its steps × windows and its
-decode slices."""
-
-CancelCheck = Callable[[], bool]
-"""Returns True when the caller wants the edit stopped; checked between windows."""
+from shared.sidecar import Sidecar
 
 OUT_OF_MEMORY = (
     "The GPU ran out of memory; try --gradient-checkpointing, fewer --frames, a smaller "
@@ -86,12 +78,6 @@ NO_UPSCALER = (
     f"to 'none', or fetch ZeroScope XL (`hf download {ZEROSCOPE_XL}`) and load it with "
     "--upscale-model."
 )
-
-
-@dataclass
-class TransferResult:
-    frames: np.ndarray  # (F_out, H, W, 3) uint8
-    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -178,22 +164,30 @@ class Engine:
             if self.components.device.type == "cuda":
                 torch.cuda.empty_cache()
         out = retime_frames(out, settings.output_frames or len(out))
-        metadata = {
-            "settings": settings.to_dict(),
-            "seed": seed,
-            "model": self.components.model_id,
-            "framing": framing.to_dict(),
-            "upscaler": None if framing.upscale_size is None else {
+        return TransferResult(out, self._sidecar(settings, seed, framing, indices, windows,
+                                                 from_cache, timings))
+
+    def _sidecar(self, settings: TransferSettings, seed: int, framing: Framing,
+                 indices: np.ndarray, windows: list[Window], from_cache: bool,
+                 timings: dict[str, float]) -> Sidecar:
+        """The record of how this edit was made (shared/sidecar.py): the counts it used,
+        not only the request (an automatic guided count is None in `settings`)."""
+        return Sidecar(
+            settings=settings.to_dict(),
+            seed=seed,
+            model=self.components.model_id,
+            steps=settings.steps,
+            guided_steps=settings.guided_step_count(),
+            device=str(self.components.device),
+            dtype=str(self.components.dtype).removeprefix("torch."),
+            input_frame_indices=indices.tolist(),
+            windows=[list(window) for window in windows],
+            inversion_from_cache=from_cache,
+            timings_s={name: round(value, 3) for name, value in timings.items()},
+            framing=framing.to_dict(),
+            upscaler=None if framing.upscale_size is None else {
                 "model": self.upscaler.components.model_id, "steps": settings.upscale_step_count()},
-            "device": str(self.components.device),
-            "dtype": str(self.components.dtype).removeprefix("torch."),
-            "input_frame_indices": indices.tolist(),
-            "guided_steps": settings.guided_step_count(),
-            "windows": [list(window) for window in windows],
-            "inversion_from_cache": from_cache,
-            "timings_s": {name: round(value, 3) for name, value in timings.items()},
-        }
-        return TransferResult(frames=out, metadata=metadata)
+        )
 
     def check_settings(self, settings: TransferSettings, clip_length: int,
                        frame_size: tuple[int, int] | None = None) -> None:
