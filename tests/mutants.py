@@ -226,6 +226,23 @@ MUTANTS: tuple[Mutant, ...] = (
         '            known = False',
         ('tests/test_server.py::test_a_remote_transfer_re_attaches_to_its_job_by_id',),
     ),
+    # --- the sidecar: what the engine used, as the engine, the CLI and the panel report it
+    Mutant(
+        "the sidecar records the requested guided count, not the one used",
+        "backend/engine.py",
+        "            guided_steps=settings.guided_step_count(),",
+        "            guided_steps=settings.guided_steps,",
+        ("tests/test_engine.py::test_result_shape_sidecar_and_seed",
+         "tests/test_blender_e2e.py::test_trimmed_movie_strip_round_trip"),
+    ),
+    Mutant(
+        "the panel's summary shows the requested guided count, not the one used",
+        "blender_addon/plan.py",
+        '             f"{record.steps} steps, {record.guided_steps} guided",',
+        '             f"{record.steps} steps, {record.settings.get(\'guided_steps\')} guided",',
+        # Only the end-to-end test: the whole summary of a real job must catch it.
+        ("tests/test_blender_e2e.py::test_trimmed_movie_strip_round_trip",),
+    ),
     # --- the engine loop (backend/engine.py) and its pure helpers
     Mutant(
         "guidance climbs the loss instead of descending it",

@@ -41,9 +41,8 @@ from backend.cluster.connect import (
     refuses_strangers,
 )
 from backend.cluster.pool import ActorPool
-from backend.cluster.runner import RemoteJobError
 from backend.cluster.worker import ActorSpec
-from backend.errors import JobCancelled
+from backend.errors import JobCancelled, UnderstudyError
 from backend.server.book import WORKER_LOST_TWICE, JobBook, Retention
 from backend.server.store import Job, JobStore
 from shared.client import Client, JobCancelledError
@@ -134,7 +133,7 @@ class TestActorPool:
 
     def test_settings_are_checked_on_a_worker(self, pool):
         pool.check_settings(TransferSettings.from_dict(settings()), 6)
-        with pytest.raises(RemoteJobError) as caught:
+        with pytest.raises(UnderstudyError) as caught:
             pool.check_settings(TransferSettings.from_dict(settings(steps=2, inversion_steps=3)),
                                 6)
         assert caught.value.code == "bad_settings" and str(caught.value).endswith(".")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -12,6 +13,7 @@ from backend.engine import Engine, Procedure, load_engine
 from backend.errors import BadClipError, BadSettingsError, JobCancelled, OutOfMemoryError
 from backend.features import TAP_NAMES, checkpointed_blocks, tap_modules, truncated_smm
 from shared.settings import TransferSettings
+from shared.sidecar import Sidecar
 from tests.conftest import SMALL_SETTINGS, moving_square_frames
 
 
@@ -121,7 +123,8 @@ def test_cache_hit_runs_no_inversion_or_source_feature_passes(engine):
 
 def test_result_shape_sidecar_and_seed(engine):
     frames = moving_square_frames(8, 96, 64)
-    result = engine.transfer(frames, small(seed=None, output_frames=10))
+    # guided_steps None: automatic, so the sidecar must record the count the edit used.
+    result = engine.transfer(frames, small(seed=None, output_frames=10, guided_steps=None))
     # fit: 3:2 within 64×64 = 4,096 pixels is 72×48 (80×56 = 4,480 is over the budget)
     assert result.frames.shape == (10, 48, 72, 3) and result.frames.dtype == np.uint8
     meta = result.sidecar.to_dict()
@@ -132,7 +135,10 @@ def test_result_shape_sidecar_and_seed(engine):
     assert meta["settings"]["prompt"] == "a red train"
     assert meta["input_frame_indices"] == [0, 2, 5, 7]
     assert set(meta["timings_s"]) == {"encode_invert", "sample", "decode"}
-    again = engine.transfer(frames, small(seed=meta["seed"], output_frames=10))
+    assert meta["version"] == 1 and meta["settings"]["guided_steps"] is None
+    assert (meta["steps"], meta["guided_steps"]) == (3, 2)  # 3 − ⌊3·0.6⌋ guided of 3
+    assert Sidecar.from_dict(json.loads(json.dumps(meta))) == result.sidecar
+    again = engine.transfer(frames, small(seed=meta["seed"], output_frames=10, guided_steps=None))
     assert np.abs(again.frames.astype(int) - result.frames.astype(int)).max() <= 1
 
 
