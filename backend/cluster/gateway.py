@@ -47,8 +47,7 @@ class ClusterActors:
         self.connection.close()
 
 
-def start_actors(options: ClusterOptions, spec: ActorSpec, token_dir: Path
-                          ) -> ClusterActors:
+def start_actors(options: ClusterOptions, spec: ActorSpec, token_dir: Path) -> ClusterActors:
     """Start or join Ray and wait until every worker holds a warm engine."""
     target = parse_ray_target(options.address)
     spec = replace(spec, shared_cache=options.shared_cache)

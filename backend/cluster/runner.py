@@ -95,7 +95,7 @@ class ActorRunner:
                 event = ray.get(next(events))
             except StopIteration:
                 raise ActorLost(f"Worker {self.name} ended job {job_id} without a result.",
-                                 started) from None
+                                started) from None
             except RayError as error:
                 if isinstance(error, ActorUnavailableError):
                     # "Unavailable" may be a broken connection to a live actor. Kill it so
@@ -104,7 +104,7 @@ class ActorRunner:
                 if cancel_sent_at is not None:
                     raise JobCancelled("The edit was cancelled.") from None
                 raise ActorLost(f"Worker {self.name} was lost while holding job {job_id} "
-                                 f"({type(error).__name__}).", started) from None
+                                f"({type(error).__name__}).", started) from None
             kind = event["event"]
             if kind == "started":
                 started = True
