@@ -282,8 +282,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "the sidecar records the requested seed, not the one used",
         "backend/engine.py",
-        '"seed": seed,',
-        '"seed": settings.seed,',
+        '            seed=seed,',
+        '            seed=settings.seed,',
         ("tests/test_engine.py::test_seed_is_random_unless_given_and_always_recorded",),
     ),
     Mutant(
