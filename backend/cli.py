@@ -109,8 +109,8 @@ def command_transfer(args: argparse.Namespace) -> int:
                             progress=progress)
     finally:
         progress.close()
-    print(f"Wrote {outcome.output} ({outcome.frame_count} frames) and {outcome.sidecar}; "
-          f"seed {outcome.metadata.get('seed')}.")
+    print(f"Wrote {outcome.output} ({outcome.frame_count} frames) and {outcome.sidecar_path}; "
+          f"seed {outcome.sidecar.seed}.")
     return 0
 
 

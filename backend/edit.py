@@ -3,7 +3,7 @@ demo both run.
 
     outcome = edit_clip(Path("clip.mp4"), {"prompt": "a train"}, Path("out.mp4"),
                         Local(model="tiny"))                       # or Remote("tcp://…")
-    outcome.metadata["seed"], outcome.frame_count
+    outcome.sidecar.seed, outcome.frame_count   # shared/sidecar.py's record
 
 Writes out.mp4, the JSON sidecar out.json beside it and, when asked, numbered PNGs.
 Every failure is an UnderstudyError with one sentence.
@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from backend.errors import UnderstudyError
+from backend.results import ProgressCallback
 from shared.settings import TransferSettings
+from shared.sidecar import Sidecar
 
 DEFAULT_MODEL = "cerspense/zeroscope_v2_576w"
 DEFAULT_CACHE = Path.home() / ".cache" / "understudy"
-
-Progress = Callable[[str, int, int], None]
-
 
 @dataclass
 class Local:
@@ -52,10 +51,12 @@ class Remote:
 
 @dataclass
 class EditOutcome:
+    """The files one edit wrote, and its record."""
+
     output: Path
-    sidecar: Path
+    sidecar_path: Path
     frame_count: int
-    metadata: dict[str, Any]
+    sidecar: Sidecar
 
 
 def sidecar_path(output: Path) -> Path:
@@ -65,7 +66,7 @@ def sidecar_path(output: Path) -> Path:
 
 def edit_clip(clip_path: Path, settings: dict[str, Any], output: Path, where: Local | Remote,
               *, match_length: bool = False, frames_dir: Path | None = None,
-              progress: Progress | None = None,
+              progress: ProgressCallback | None = None,
               say: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
               ) -> EditOutcome:
     """Read the clip, run the edit where asked, write the outputs."""
@@ -78,7 +79,7 @@ def edit_clip(clip_path: Path, settings: dict[str, Any], output: Path, where: Lo
     parsed = TransferSettings.from_dict(
         {**settings, "output_frames": len(clip.frames) if match_length else None})
     if isinstance(where, Remote):
-        frames, metadata = _on_server(where, clip.frames, parsed, progress, say)
+        frames, sidecar = _on_server(where, clip.frames, parsed, progress, say)
     else:
         from backend.backbones.zeroscope import ZEROSCOPE_XL
         from backend.method.engine import load_engine
@@ -88,14 +89,14 @@ def edit_clip(clip_path: Path, settings: dict[str, Any], output: Path, where: Lo
                              cache_dir=Path(where.cache_dir), cache_max_bytes=where.cache_max_bytes,
                              upscale_model=upscaler)
         result = engine.transfer(clip.frames, parsed, progress=progress)
-        frames, metadata = result.frames, result.metadata
-    frames = _frames_for_files(clip.frames, frames, metadata)
+        frames, sidecar = result.frames, result.sidecar
+    frames = _frames_for_files(clip.frames, frames, sidecar)
     fps = clip.fps * len(frames) / len(clip.frames)  # the clip's duration, whatever the count
-    _write_outputs(frames, metadata, output, fps, frames_dir)
-    return EditOutcome(output, sidecar_path(output), len(frames), metadata)
+    _write_outputs(frames, sidecar, output, fps, frames_dir)
+    return EditOutcome(output, sidecar_path(output), len(frames), sidecar)
 
 
-def _frames_for_files(clip_frames, frames, metadata: dict):
+def _frames_for_files(clip_frames, frames, sidecar: Sidecar):
     """What the files hold: the edit as it came back, except under crop, where it is
     put back into its box of the source frames (backend/method/framing.py, paste_into_box), so
     the file lies exactly over the source clip. The source frames behind it are those
@@ -105,26 +106,26 @@ def _frames_for_files(clip_frames, frames, metadata: dict):
     from backend.method.framing import Box, paste_into_box
     from backend.video import retime_indices
 
-    framing = metadata.get("framing") or {}
+    framing = sidecar.framing or {}
     if framing.get("mode") != "crop":
         return frames
-    used = np.asarray(metadata["input_frame_indices"])
+    used = np.asarray(sidecar.input_frame_indices)
     background = clip_frames[used[retime_indices(len(used), len(frames))]]
     return paste_into_box(background, frames, Box(*framing["crop_box"]))
 
 
-def _write_outputs(frames, metadata: dict, output: Path, fps: float,
+def _write_outputs(frames, sidecar: Sidecar, output: Path, fps: float,
                    frames_dir: Path | None) -> None:
     from backend.video import write_frames_dir, write_video
 
     write_video(frames, output, fps=fps)
     if frames_dir is not None:
         write_frames_dir(frames, frames_dir)
-    sidecar_path(output).write_text(json.dumps(metadata, indent=2))
+    sidecar_path(output).write_text(json.dumps(sidecar.to_dict(), indent=2))
 
 
 def _on_server(remote: Remote, clip_frames, settings: TransferSettings,
-               progress: Progress | None, say: Callable[[str], None]):
+               progress: ProgressCallback | None, say: Callable[[str], None]):
     """Run one edit through a job server; returns (frames, sidecar) like a local run.
 
     The whole clip goes over as PNGs (the server samples and resizes, as the engine
@@ -156,12 +157,13 @@ def _on_server(remote: Remote, clip_frames, settings: TransferSettings,
             say(f"Job {job_id}: submitted; if this command stops, fetch the result with "
                 f"--server {remote.address} --job-id {job_id}.")
         try:
-            result = client.wait(job_id, progress=None if progress is None else (
+            result = client.wait(job_id, on_event=None if progress is None else (
                 lambda event: progress(event["phase"], event["step"], event["total"])))
         except KeyboardInterrupt:
             client.cancel(job_id)
             raise
-        return decode_pngs(result.frames, f"the result of job {job_id}"), result.sidecar
+        return (decode_pngs(result.frames, f"the result of job {job_id}"),
+                Sidecar.from_dict(result.sidecar))
     except ClientError as error:
         raise UnderstudyError(str(error)) from None
     finally:

@@ -2,11 +2,13 @@
 
 Every exception here carries one sentence that says what went wrong and what to do;
 the command line prints it without a traceback and the server sends it as an error
-reply with the class's `code`. The root class and the settings error live in
-shared/errors.py, which the Blender extension can import.
+reply with the class's `code` (a member of the registry, shared/protocol.py's
+ErrorCode). The root class and the settings error live in shared/errors.py, which the
+Blender extension can import.
 """
 
 from shared.errors import BadSettingsError, UnderstudyError
+from shared.protocol import ErrorCode
 
 __all__ = ["BadClipError", "BadSettingsError", "JobCancelled", "ModelNotFoundError",
            "OutOfMemoryError", "UnderstudyError"]
@@ -15,22 +17,22 @@ __all__ = ["BadClipError", "BadSettingsError", "JobCancelled", "ModelNotFoundErr
 class BadClipError(UnderstudyError):
     """The input video cannot be used (unreadable, empty, too short, absurd size)."""
 
-    code = "bad_clip"
+    code = ErrorCode.BAD_CLIP
 
 
 class ModelNotFoundError(UnderstudyError):
     """The model weights are neither local nor downloadable."""
 
-    code = "model_missing"
+    code = ErrorCode.MODEL_MISSING
 
 
 class OutOfMemoryError(UnderstudyError):
     """The GPU ran out of memory; the message names the settings that help."""
 
-    code = "out_of_memory"
+    code = ErrorCode.OUT_OF_MEMORY
 
 
 class JobCancelled(UnderstudyError):
     """The caller asked to stop; raised between steps."""
 
-    code = "cancelled"
+    code = ErrorCode.CANCELLED

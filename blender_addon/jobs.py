@@ -426,7 +426,7 @@ def wait_and_collect(scene, job, timeout_s: float | None = None) -> None:
                   flush=True)
 
     try:
-        result = link.guarded(lambda: client.wait(job.job_id, progress=progress,
+        result = link.guarded(lambda: client.wait(job.job_id, on_event=progress,
                                                   timeout_s=timeout_s or None))
     except plan.UserError as error:
         reachable = resync(scene, job, client)

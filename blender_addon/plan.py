@@ -16,6 +16,8 @@ from .states import ACTIVE, COLLECT_HINT, PROTOCOL, Phase, Status
 from .vendored import shared_module
 
 SETTINGS = shared_module("settings")  # shared/settings.py: every setting's name, default, range
+ERRORS = shared_module("errors")  # shared/errors.py: the one root of Understudy's errors
+SIDECAR = shared_module("sidecar")  # shared/sidecar.py: how a result was made
 JobState, EventType = PROTOCOL.JobState, PROTOCOL.EventType
 
 MAX_CHANNEL = 128  # Blender's sequencer has channels 1..128
@@ -29,8 +31,11 @@ UNUSABLE_TYPES = {"SOUND": "a sound strip", "ADJUSTMENT": "an adjustment layer"}
 MOTIONLESS_TYPES = {"COLOR": "a colour strip"}
 
 
-class UserError(Exception):
-    """Something the user can fix; `str(error)` is the one sentence Blender shows."""
+class UserError(ERRORS.UnderstudyError):
+    """Something the user can fix; `str(error)` is the one sentence Blender shows.
+
+    The extension's own failures and the client's (ClientError) share one root, so one
+    handler catches both."""
 
 
 def os_reason(error: OSError) -> str:
@@ -295,22 +300,20 @@ def lost_server_message(error: str) -> str:
 
 
 def sidecar_summary(sidecar: dict) -> str:
-    """One line about how a result was made, from the server's sidecar, for the panel."""
-    settings = sidecar.get("settings") if isinstance(sidecar.get("settings"), dict) else {}
-    parts = []
-    if sidecar.get("model"):
-        parts.append(f"model {sidecar['model']}")
-    if sidecar.get("seed") is not None:
-        parts.append(f"seed {sidecar['seed']}")
-    if settings.get("steps") is not None:
-        parts.append(f"{settings['steps']} steps, {settings.get('guided_steps', '?')} guided")
-    if isinstance(sidecar.get("inversion_from_cache"), bool):
-        parts.append("inversion from cache" if sidecar["inversion_from_cache"]
-                     else "inversion computed")
-    timings = sidecar.get("timings_s")
-    if isinstance(timings, dict) and timings:
-        total = sum(value for value in timings.values() if isinstance(value, int | float))
-        parts.append(f"{total:.1f} s on the server")
+    """One line about how a result was made, from the server's sidecar, for the panel:
+    the steps and guided steps the edit used (never the request's automatic None), or
+    the one sentence saying why the sidecar cannot be read; "" before there is one."""
+    if not sidecar:
+        return ""
+    try:
+        record = SIDECAR.Sidecar.from_dict(sidecar)
+    except SIDECAR.SidecarError as error:
+        return str(error)
+    parts = [f"model {record.model}", f"seed {record.seed}",
+             f"{record.steps} steps, {record.guided_steps} guided",
+             "inversion from cache" if record.inversion_from_cache else "inversion computed"]
+    total = sum(value for value in record.timings_s.values() if isinstance(value, int | float))
+    parts.append(f"{total:.1f} s on the server")
     return ", ".join(parts)
 
 

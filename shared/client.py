@@ -3,11 +3,12 @@
     client = Client("tcp://127.0.0.1:5555", **load_client_keys("keys"))  # keys optional
     client.hello()                                  # version, model, device, limits
     client.submit("job-1", {"prompt": "a bear"}, png_frames)
-    result = client.wait("job-1", progress=print)   # or poll() from a UI timer
+    result = client.wait("job-1", on_event=print)   # or poll() from a UI timer
     result.frames, result.sidecar                   # PNG bytes, JSON metadata
     client.close()
 
-Every failure is a ClientError whose str() is one sentence saying what to do. One
+Every failure is a ClientError (an UnderstudyError, shared/errors.py) whose str() is
+one sentence saying what to do. One
 Client belongs to one thread. Standard library and pyzmq only: this module rides
 inside the Blender extension.
 """
@@ -26,81 +27,77 @@ from typing import Any
 import zmq
 
 from . import protocol  # relative: the extension vendors this package under its own name
+from .errors import UnderstudyError
 from .protocol import ErrorCode, EventType, JobState, ProtocolError, ReplyType, RequestType
 
 # --------------------------------------------------------------------------- errors
 
 
-class ClientError(Exception):
+class ClientError(UnderstudyError):
     """A job-server failure; str() is one sentence saying what to do; `code` is the
-    protocol error code (docs/protocol.md §10) or a client-side one."""
+    server's error code (docs/protocol.md §10) or a client-side one, all in ErrorCode."""
 
-    code = "client_error"
-
-    def __init__(self, message: str, code: str | None = None) -> None:
-        super().__init__(message)
-        if code is not None:
-            self.code = code
+    code = ErrorCode.CLIENT_ERROR
 
 
 class ServerUnavailable(ClientError):
     """No answer from the server within the timeout (not running, wrong address, gone)."""
 
-    code = "server_unavailable"
+    code = ErrorCode.SERVER_UNAVAILABLE
 
 
 class ProtocolMismatch(ClientError):
     """The server speaks another protocol version."""
 
-    code = "protocol_version"
+    code = ErrorCode.PROTOCOL_VERSION
 
 
 class AuthenticationFailed(ClientError):
     """The CURVE handshake failed: unknown client key, missing keys, or a key mismatch."""
 
-    code = "authentication_failed"
+    code = ErrorCode.AUTHENTICATION_FAILED
 
 
 class KeyFileError(ClientError):
     """A key file is missing or is not a pyzmq certificate."""
 
-    code = "bad_key_file"
+    code = ErrorCode.BAD_KEY_FILE
 
 
 class JobRejected(ClientError):
     """The server refused a submit (limits, bad settings, bad frames, queue full, …)."""
 
-    code = "rejected"
+    code = ErrorCode.REJECTED
 
 
 class UnknownJob(ClientError):
     """The server has no such job (never submitted, pruned, or another key's)."""
 
-    code = "unknown_job"
+    code = ErrorCode.UNKNOWN_JOB
 
 
 class JobNotReady(ClientError):
     """fetch() of a job that has not finished."""
 
-    code = "not_ready"
+    code = ErrorCode.NOT_READY
 
 
 class JobFailed(ClientError):
     """The job ended in an error; the message is the server's sentence."""
 
-    code = "job_failed"
+    code = ErrorCode.JOB_FAILED
 
 
 class JobCancelledError(ClientError):
     """The job was cancelled."""
 
-    code = "job_cancelled"
+    code = ErrorCode.JOB_CANCELLED
 
 
 class WaitTimeout(ClientError):
     """wait() gave up; the job still runs on the server."""
 
-    code = "wait_timeout"
+    code = ErrorCode.WAIT_TIMEOUT
 
 
 ERROR_CLASSES: dict[str, type[ClientError]] = {
@@ -114,7 +111,7 @@ ERROR_CLASSES: dict[str, type[ClientError]] = {
 
 def error_from_reply(header: dict[str, Any]) -> ClientError:
     """An `error` or `rejected` header → the matching ClientError subclass."""
-    code = str(header.get("code", "error"))
+    code = str(header.get("code", ErrorCode.ERROR))
     message = str(header.get("message", "The server reported an error without a message."))
     if header.get("type") == ReplyType.REJECTED:
         return JobRejected(message, code)
@@ -169,7 +166,10 @@ class JobResult:
     sidecar: dict[str, Any] = field(default_factory=dict)
 
 
-ProgressCallback = Callable[[dict[str, Any]], None]
+EventCallback = Callable[[dict[str, Any]], None]
+"""on_event(header): one `progress` event as the server sent it (job_id, phase, step,
+total, attempt). Layers that run an edit report progress as progress(phase, step,
+total) instead (backend/results.py); backend/edit.py turns one into the other."""
 
 SLICE_S = 0.05  # how often waits look at the auth monitor
 SEND_RATE_BYTES_PER_S = 5e6  # extra reply time for big submits: transfer + server disk
@@ -318,11 +318,11 @@ class Client:
         return JobResult(job_id=job_id, frames=[bytes(f) for f in payload],
                          sidecar=reply.get("sidecar") or {})
 
-    def wait(self, job_id: str, progress: ProgressCallback | None = None,
+    def wait(self, job_id: str, on_event: EventCallback | None = None,
              timeout_s: float | None = None) -> JobResult:
         """Block until the job finishes and return its result.
 
-        progress(event) is called with each progress event. Also asks for the job's
+        on_event(event) is called with each progress event. Also asks for the job's
         status every few heartbeats, so a missed event (reconnect, server restart)
         cannot hang it. Raises JobFailed, JobCancelledError, WaitTimeout, or
         ServerUnavailable once the server has been silent for the client's timeout.
@@ -341,8 +341,8 @@ class Client:
             for event in events:
                 if event.get("job_id") != job_id:
                     continue
-                if event["type"] == EventType.PROGRESS and progress is not None:
-                    progress(event)
+                if event["type"] == EventType.PROGRESS and on_event is not None:
+                    on_event(event)
                 elif event["type"] == EventType.RESULT_READY:
                     return self.fetch(job_id)
                 elif event["type"] in (EventType.ERROR, EventType.CANCELLED):
@@ -510,4 +510,4 @@ class Client:
         error = info.get("error") if "error" in info else info
         error = error if isinstance(error, dict) else {}
         return JobFailed(str(error.get("message") or f"Job {job_id} failed on the server."),
-                         str(error.get("code") or "job_failed"))
+                         str(error.get("code") or ErrorCode.JOB_FAILED))

@@ -18,6 +18,7 @@ import re
 from enum import StrEnum
 from typing import Any
 
+from .errors import UnderstudyError
 from .settings import DEFAULTS, TEXT_SETTINGS
 
 PROTOCOL_VERSION = 1
@@ -87,8 +88,12 @@ FINISHED_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED}
 
 
 class ErrorCode(StrEnum):
-    """docs/protocol.md §10. Engine errors add their own codes (UnderstudyError.code)."""
+    """The registry of error codes: every `code` an UnderstudyError can carry, whichever
+    layer raises it (docs/protocol.md §10). Each exception class names its member's
+    value as its `code`; tests/test_protocol.py checks that every class's code is here.
+    """
 
+    # Envelope and request checks (the server's reply to a malformed or refused request).
     BAD_HEADER = "bad_header"
     PROTOCOL_VERSION = "protocol_version"
     UNKNOWN_TYPE = "unknown_type"
@@ -108,6 +113,24 @@ class ErrorCode(StrEnum):
     JOB_CANCELLED = "job_cancelled"
     INTERRUPTED = "interrupted"
     INTERNAL = "internal"
+    # A job's own failure, as the engine (or the process running it) raises it; the
+    # server sends it in the job's error event and status.
+    MODEL_MISSING = "model_missing"
+    OUT_OF_MEMORY = "out_of_memory"
+    CANCELLED = "cancelled"
+    WORKER_LOST = "worker_lost"
+    BAD_SIDECAR = "bad_sidecar"  # a result's record that this side cannot read
+    # Raised where they happen and never sent: a bad server or cluster setup (at start),
+    # and what a client finds on its own side of the connection.
+    ERROR = "error"  # an UnderstudyError without a more specific class
+    SERVER_CONFIG = "server_config"
+    CLUSTER_CONFIG = "cluster_config"
+    CLIENT_ERROR = "client_error"
+    SERVER_UNAVAILABLE = "server_unavailable"
+    AUTHENTICATION_FAILED = "authentication_failed"
+    BAD_KEY_FILE = "bad_key_file"
+    REJECTED = "rejected"
+    WAIT_TIMEOUT = "wait_timeout"
 
 
 REQUEST_TYPES = frozenset(RequestType)
@@ -120,12 +143,11 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _REQ_FIELD = re.compile(rb'"req"\s*:\s*(\d{1,15})[\s,}]')
 
 
-class ProtocolError(Exception):
+class ProtocolError(UnderstudyError):
     """A message breaks the protocol. `code` is one of docs/protocol.md §10."""
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+        super().__init__(message, code)
         self.message = message
 
 
@@ -366,3 +388,18 @@ def check_reply_size(settings: dict[str, Any], limits: dict[str, int]) -> None:
 def error_header(code: str, message: str, **fields: Any) -> dict[str, Any]:
     """An error reply or event header."""
     return {"type": ReplyType.ERROR, "code": code, "message": message, **fields}
+
+
+def failure_reply(error: BaseException, what_failed: str, log: str) -> tuple[str, str]:
+    """Any exception that ended a job → the (code, sentence) its error reply carries.
+
+    An UnderstudyError says its own code and sentence. Anything else is a bug, not
+    something the user can fix: `internal`, and a sentence saying what failed, the
+    exception's class and which log holds the traceback, e.g. what_failed="The server
+    failed on this job", log="the server log". The server's job thread and the Ray
+    actor both answer through this, so one failure reads the same on one box and on
+    a cluster.
+    """
+    if isinstance(error, UnderstudyError):
+        return error.code, str(error)
+    return ErrorCode.INTERNAL, f"{what_failed} ({type(error).__name__}); see {log}."

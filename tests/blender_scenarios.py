@@ -472,7 +472,11 @@ def scenario_draw(args: dict) -> dict:
     running, done = scene.understudy_jobs.add(), scene.understudy_jobs.add()
     running.job_id, running.status, running.phase, running.percent = "us-1", "running", "guide", 40
     done.job_id, done.status, done.seed, done.prompt = "us-2", "done", "7", "a fox"
-    done.sidecar = json.dumps({"model": "tiny", "seed": 7, "inversion_from_cache": True})
+    done.sidecar = json.dumps({
+        "version": 1, "settings": {"steps": 3, "guided_steps": None}, "seed": 7, "model": "tiny",
+        "steps": 3, "guided_steps": 2, "device": "cpu", "dtype": "float32",
+        "input_frame_indices": [0, 1], "windows": [[0, 2]], "inversion_from_cache": True,
+        "timings_s": {"sample": 1.25, "decode": 0.25}})
     scene.understudy_job_index = 2
     log = {"props": [], "operators": [], "labels": [], "progress": [], "lists": []}
     layout = FakeLayout(log)

@@ -226,6 +226,23 @@ MUTANTS: tuple[Mutant, ...] = (
         '            known = False',
         ('tests/test_server.py::test_a_remote_transfer_re_attaches_to_its_job_by_id',),
     ),
+    # --- the sidecar: what the engine used, as the engine, the CLI and the panel report it
+    Mutant(
+        "the sidecar records the requested guided count, not the one used",
+        "backend/method/engine.py",
+        "            guided_steps=settings.guided_step_count(),",
+        "            guided_steps=settings.guided_steps,",
+        ("tests/test_engine.py::test_result_shape_sidecar_and_seed",
+         "tests/test_blender_e2e.py::test_trimmed_movie_strip_round_trip"),
+    ),
+    Mutant(
+        "the panel's summary shows the requested guided count, not the one used",
+        "blender_addon/plan.py",
+        '             f"{record.steps} steps, {record.guided_steps} guided",',
+        '             f"{record.steps} steps, {record.settings.get(\'guided_steps\')} guided",',
+        # Only the end-to-end test: the whole summary of a real job must catch it.
+        ("tests/test_blender_e2e.py::test_trimmed_movie_strip_round_trip",),
+    ),
     # --- the engine loop (backend/method/engine.py) and its pure helpers
     Mutant(
         "guidance climbs the loss instead of descending it",
@@ -265,8 +282,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "the sidecar records the requested seed, not the one used",
         "backend/method/engine.py",
-        '"seed": seed,',
-        '"seed": settings.seed,',
+        '            seed=seed,',
+        '            seed=settings.seed,',
         ("tests/test_engine.py::test_seed_is_random_unless_given_and_always_recorded",),
     ),
     Mutant(
@@ -322,7 +339,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "the sidecar does not name the backbone",
         "backend/method/engine.py",
-        '"backbone": self.backbone.facts.name,',
+        "            backbone=self.backbone.facts.name,",
         "",
         ("tests/test_backbones.py::test_a_wan_edit_of_a_length_that_is_not_4k_plus_1_returns_every_frame",),
     ),

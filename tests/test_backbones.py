@@ -118,9 +118,9 @@ def test_a_wan_edit_of_a_length_that_is_not_4k_plus_1_returns_every_frame(tiny_w
                                 steps=2, inversion_steps=2, guided_steps=1, guidance_iterations=1)
     result = engine.transfer(moving_square_frames(7, 64, 64), settings)
     assert result.frames.shape == (7, 64, 64, 3)  # padded to 9, decoded, the extra two dropped
-    assert result.metadata["backbone"] == "wan"
-    assert result.metadata["windows"] == [[0, 3]]  # latent frames: (9 − 1)/4 + 1
-    assert result.metadata["settings"]["cfg_scale"] == 5.0  # Wan's default, recorded
+    assert result.sidecar.backbone == "wan"
+    assert result.sidecar.windows == [[0, 3]]  # latent frames: (9 − 1)/4 + 1
+    assert result.sidecar.settings["cfg_scale"] == 5.0  # Wan's default, recorded
 
 
 def test_wan_refuses_sides_off_its_16_px_grid_and_a_block_it_does_not_have(tiny_wan_dir):

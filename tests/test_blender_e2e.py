@@ -93,8 +93,11 @@ def test_trimmed_movie_strip_round_trip(extension_zip, clip, server, tmp_path, b
     python, version = blender
     blend = tmp_path / "project" / "edit.blend"
     blend.parent.mkdir()
+    # Guided steps 0 in the panel: automatic, so the request says None and the engine
+    # picks 2 of the 3 steps; the summary must say what was used.
     result = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": clip,
-                          "address": server.address, "save": str(blend), "blocker": True},
+                          "address": server.address, "save": str(blend), "blocker": True,
+                          "settings": {"guided_steps": 0}},
                          tmp_path, python=python)
     assert result["blender_version"][:2] == version
     source = next(s for s in result["before"]["strips"] if s["name"] == "source")
@@ -109,9 +112,14 @@ def test_trimmed_movie_strip_round_trip(extension_zip, clip, server, tmp_path, b
     assert frames[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The server's sidecar is kept beside the frames, and the panel's summary reads it.
     sidecar = json.loads((blend.parent / "understudy" / job_id / "sidecar.json").read_text())
+    assert sidecar["version"] == 1
     assert sidecar["model"] == "tiny" and str(sidecar["seed"]) == result["jobs"][0]["seed"]
-    assert "timings_s" in sidecar and "inversion_from_cache" in sidecar
-    assert result["jobs"][0]["summary"].startswith(f"model tiny, seed {sidecar['seed']}, 3 steps")
+    assert sidecar["settings"]["guided_steps"] is None  # the request: automatic
+    assert (sidecar["steps"], sidecar["guided_steps"]) == (3, 2)  # what the edit used
+    seconds = sum(sidecar["timings_s"].values())
+    assert result["jobs"][0]["summary"] == (
+        f"model tiny, seed {sidecar['seed']}, 3 steps, 2 guided, inversion computed, "
+        f"{seconds:.1f} s on the server")
     assert not (blend.parent / "understudy" / job_id / "source").exists()  # frames sent: gone
     assert_source_unchanged(result)
 

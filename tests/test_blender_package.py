@@ -67,4 +67,6 @@ def test_panel_and_preferences_draw(dist, tmp_path):
             "understudy.test_connection"} <= set(log["operators"])
     assert log["progress"] == [["rendering 25%", 0.25], ["guide 40%", 0.4]]
     assert log["lists"] == ["understudy_jobs"] and "Seed 7" in log["labels"]
-    assert "model tiny, seed 7, inversion from cache" in log["labels"]  # the selected job's sidecar
+    # The selected job's sidecar: the guided count used, not the request's automatic None.
+    assert ("model tiny, seed 7, 3 steps, 2 guided, inversion from cache, 1.5 s on the server"
+            in log["labels"])

@@ -336,12 +336,36 @@ def test_lost_server_message_names_collect_results():
     assert text.count(".") == 0 or text.endswith(".")
 
 
-def test_sidecar_summary_says_how_the_result_was_made():
-    sidecar = {"model": "tiny", "seed": 5, "settings": {"steps": 3, "guided_steps": 1},
-               "inversion_from_cache": True, "timings_s": {"sample": 1.25, "decode": 0.25}}
-    assert plan.sidecar_summary(sidecar) == ("model tiny, seed 5, 3 steps, 1 guided, inversion "
-                                             "from cache, 1.5 s on the server")
-    assert plan.sidecar_summary({}) == ""
+SIDECAR_V1 = {
+    "version": 1, "settings": {"prompt": "a fox", "steps": 3, "guided_steps": None}, "seed": 5,
+    "model": "tiny", "steps": 3, "guided_steps": 2, "device": "cpu", "dtype": "float32",
+    "input_frame_indices": [0, 2, 4], "windows": [[0, 3]], "inversion_from_cache": True,
+    "timings_s": {"sample": 1.25, "decode": 0.25}, "framing": None, "upscaler": None,
+    "worker": None}
+
+
+def test_sidecar_summary_says_the_steps_the_edit_used_not_the_request():
+    # The request left the guided count automatic (None); the engine used 2.
+    assert plan.sidecar_summary(SIDECAR_V1) == (
+        "model tiny, seed 5, 3 steps, 2 guided, inversion from cache, 1.5 s on the server")
+
+
+def test_sidecar_summary_reads_an_older_sidecar_without_a_version():
+    older = {key: value for key, value in SIDECAR_V1.items()
+             if key not in ("version", "steps", "framing", "upscaler", "worker")}
+    older["inversion_from_cache"] = False
+    assert plan.sidecar_summary(older) == (
+        "model tiny, seed 5, 3 steps, 2 guided, inversion computed, 1.5 s on the server")
+
+
+def test_sidecar_summary_of_an_unreadable_sidecar_is_one_sentence():
+    assert plan.sidecar_summary({**SIDECAR_V1, "version": 2}) == (
+        "The result's sidecar has version 2, newer than this Understudy reads (1); update "
+        "Understudy on this side.")
+    assert plan.sidecar_summary({"model": "tiny", "seed": 7}) == (
+        "The result's sidecar lacks 'settings'; it was not written by this Understudy's engine, "
+        "so run the job again.")
+    assert plan.sidecar_summary({}) == ""  # no result yet: nothing to say
 
 
 def test_describe_server_reports_model_device_protocol():

@@ -40,10 +40,9 @@ from backend.cluster.connect import (
     parse_ray_target,
     refuses_strangers,
 )
-from backend.cluster.pool import WorkerPool
-from backend.cluster.runner import RemoteJobError
-from backend.cluster.worker import WorkerSpec
-from backend.errors import JobCancelled
+from backend.cluster.pool import ActorPool
+from backend.cluster.worker import ActorSpec
+from backend.errors import JobCancelled, UnderstudyError
 from backend.server.book import WORKER_LOST_TWICE, JobBook, Retention
 from backend.server.store import Job, JobStore
 from shared.client import Client, JobCancelledError
@@ -108,14 +107,14 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="class")
 def pool(connection, cache_dir):
-    pool = WorkerPool(connection, WorkerSpec("tiny", device="cpu", cache_dir=cache_dir),
+    pool = ActorPool(connection, ActorSpec("tiny", device="cpu", cache_dir=cache_dir),
                       count=1)
     pool.wait_ready()
     yield pool
     pool.close()
 
 
-class TestWorkerPool:
+class TestActorPool:
     """The pool driven directly, in this process, on a private `local:2` instance."""
 
     def test_a_worker_holds_a_warm_engine_and_ray_refuses_clients_without_the_token(
@@ -134,22 +133,22 @@ class TestWorkerPool:
 
     def test_settings_are_checked_on_a_worker(self, pool):
         pool.check_settings(TransferSettings.from_dict(settings()), 6)
-        with pytest.raises(RemoteJobError) as caught:
+        with pytest.raises(UnderstudyError) as caught:
             pool.check_settings(TransferSettings.from_dict(settings(steps=2, inversion_steps=3)),
                                 6)
         assert caught.value.code == "bad_settings" and str(caught.value).endswith(".")
 
     def test_a_worker_loads_the_wan_backbone_and_runs_its_job(self, connection, cache_dir,
                                                               tiny_wan_dir):
-        wan = WorkerPool(connection, WorkerSpec(str(tiny_wan_dir), device="cpu", cache_dir=cache_dir),
-                         count=1, name_prefix="wan")
+        wan = ActorPool(connection, ActorSpec(str(tiny_wan_dir), device="cpu", cache_dir=cache_dir),
+                        count=1, name_prefix="wan")
         try:
             identity = wan.wait_ready()[0]
             assert identity["engine"]["backbone"]["name"] == "wan"
             assert wan.describe()["backbone"]["window_frames"] == 81
             outcome = wan.runners[0].run("wan-on-ray", settings(num_frames=5, seed=2), clip_pngs(6),
                                          lambda *step: None, lambda: False)
-            assert outcome.frames.shape[0] == 5 and outcome.metadata["backbone"] == "wan"
+            assert outcome.frames.shape[0] == 5 and outcome.sidecar.backbone == "wan"
         finally:
             wan.close()
 
@@ -157,7 +156,7 @@ class TestWorkerPool:
                                                                      cache_dir):
         # Every progress step sleeps ten minutes, so the engine never reaches its
         # cancel check: only the kill after the grace period can end the job.
-        stuck = WorkerPool(connection, WorkerSpec("tiny", device="cpu", cache_dir=cache_dir,
+        stuck = ActorPool(connection, ActorSpec("tiny", device="cpu", cache_dir=cache_dir,
                                                   step_delay_s=600),
                            cancel_grace_s=1.0, count=1, name_prefix="stuck")
         try:
@@ -190,9 +189,9 @@ class TestWorkerPool:
 
 
 def engine_workers(gateway: ServerProcess) -> list[int]:
-    """The pids of the gateway's Ray worker actors (processes titled ray::EngineWorker)."""
+    """The pids of the gateway's Ray worker actors (processes titled ray::EngineActor)."""
     return [pid for pid in descendants(gateway.process.pid)
-            if command_line(pid).startswith("ray::EngineWorker")]
+            if command_line(pid).startswith("ray::EngineActor")]
 
 
 def descendants(pid: int) -> list[int]:
@@ -303,7 +302,7 @@ def test_jobs_from_several_clients_run_on_different_workers_at_once(gateway, con
         clients[index].submit(job_ids[index], settings(f"prompt {index}", seed=index, **MEDIUM),
                               clip_pngs(6, shade=40 * index))
         return clients[index].wait(job_ids[index], timeout_s=WAIT_S,
-                                   progress=lambda event: events[index].append(time.monotonic()))
+                                   on_event=lambda event: events[index].append(time.monotonic()))
 
     with ThreadPoolExecutor(max_workers=3) as submitters:  # one thread per editor
         results = dict(enumerate(submitters.map(run, range(3))))
@@ -481,9 +480,9 @@ def test_the_single_box_server_never_imports_ray():
 
 
 def test_the_inversion_cache_is_per_worker_unless_shared(tmp_path):
-    assert WorkerSpec("tiny", cache_dir=tmp_path).cache_for("worker-1") == (
+    assert ActorSpec("tiny", cache_dir=tmp_path).cache_for("worker-1") == (
         tmp_path / "workers" / "worker-1")
-    assert WorkerSpec("tiny", cache_dir=tmp_path, shared_cache=True).cache_for("worker-1") == (
+    assert ActorSpec("tiny", cache_dir=tmp_path, shared_cache=True).cache_for("worker-1") == (
         tmp_path)
 
 

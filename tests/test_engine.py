@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -17,6 +18,7 @@ from backend.backbones.zeroscope_taps import (
 from backend.errors import BadClipError, BadSettingsError, JobCancelled, OutOfMemoryError
 from backend.method.engine import Engine, Procedure, load_engine
 from shared.settings import TransferSettings
+from shared.sidecar import Sidecar
 from tests.conftest import SMALL_SETTINGS, moving_square_frames
 
 
@@ -117,24 +119,25 @@ def test_inversion_then_unguided_sampling_reconstructs_the_source(engine):
 def test_cache_hit_runs_no_inversion_or_source_feature_passes(engine):
     frames = moving_square_frames(6, 80, 64)
     first = engine.transfer(frames, small(prompt="a blue bus", source_prompt="a cache test"))
-    assert first.metadata["inversion_from_cache"] is False
+    assert first.sidecar.inversion_from_cache is False
     engine.model_passes.clear()
     second = engine.transfer(frames, small(prompt="a horse", seed=9, source_prompt="a cache test"))
-    assert second.metadata["inversion_from_cache"] is True
+    assert second.sidecar.inversion_from_cache is True
     assert engine.model_passes["invert", "full"] == 0
     assert engine.model_passes["features", "truncated"] == 0
     assert engine.model_passes["sample", "full"] > 0
     # A different source prompt is a different inversion.
     third = engine.transfer(frames, small(prompt="a horse", source_prompt="a square"))
-    assert third.metadata["inversion_from_cache"] is False
+    assert third.sidecar.inversion_from_cache is False
 
 
 def test_result_shape_sidecar_and_seed(engine):
     frames = moving_square_frames(8, 96, 64)
-    result = engine.transfer(frames, small(seed=None, output_frames=10))
+    # guided_steps None: automatic, so the sidecar must record the count the edit used.
+    result = engine.transfer(frames, small(seed=None, output_frames=10, guided_steps=None))
     # fit: 3:2 within 64×64 = 4,096 pixels is 72×48 (80×56 = 4,480 is over the budget)
     assert result.frames.shape == (10, 48, 72, 3) and result.frames.dtype == np.uint8
-    meta = result.metadata
+    meta = result.sidecar.to_dict()
     assert meta["framing"] == {"mode": "fit", "source_size": [96, 64], "crop_box": [0, 0, 96, 64],
                                "model_size": [72, 48], "upscale_size": None, "result_size": [72, 48]}
     assert meta["upscaler"] is None
@@ -142,7 +145,10 @@ def test_result_shape_sidecar_and_seed(engine):
     assert meta["settings"]["prompt"] == "a red train"
     assert meta["input_frame_indices"] == [0, 2, 5, 7]
     assert set(meta["timings_s"]) == {"encode_invert", "sample", "decode"}
-    again = engine.transfer(frames, small(seed=meta["seed"], output_frames=10))
+    assert meta["version"] == 1 and meta["settings"]["guided_steps"] is None
+    assert (meta["steps"], meta["guided_steps"]) == (3, 2)  # 3 − ⌊3·0.6⌋ guided of 3
+    assert Sidecar.from_dict(json.loads(json.dumps(meta))) == result.sidecar
+    again = engine.transfer(frames, small(seed=meta["seed"], output_frames=10, guided_steps=None))
     assert np.abs(again.frames.astype(int) - result.frames.astype(int)).max() <= 1
 
 
@@ -245,12 +251,12 @@ def test_seed_is_random_unless_given_and_always_recorded(engine):
     frames = moving_square_frames(4, 64, 64)
     first = engine.transfer(frames, small(prompt="a hen", seed=None))
     second = engine.transfer(frames, small(prompt="a hen", seed=None))
-    assert isinstance(first.metadata["seed"], int) and isinstance(second.metadata["seed"], int)
-    assert first.metadata["seed"] != second.metadata["seed"]
+    assert isinstance(first.sidecar.seed, int) and isinstance(second.sidecar.seed, int)
+    assert first.sidecar.seed != second.sidecar.seed
     assert not np.array_equal(first.frames, second.frames)
-    replay = engine.transfer(frames, small(prompt="a hen", seed=first.metadata["seed"]))
+    replay = engine.transfer(frames, small(prompt="a hen", seed=first.sidecar.seed))
     assert np.array_equal(replay.frames, first.frames)
-    assert replay.metadata["seed"] == first.metadata["seed"]
+    assert replay.sidecar.seed == first.sidecar.seed
 
 
 def test_a_clip_that_fits_one_window_takes_the_direct_path_bit_for_bit(engine, monkeypatch):
@@ -261,7 +267,7 @@ def test_a_clip_that_fits_one_window_takes_the_direct_path_bit_for_bit(engine, m
     frames = moving_square_frames(6, 64, 64)
     settings = small(prompt="a lynx", num_frames=6)
     windowed = engine.transfer(frames, settings, procedure=Procedure(use_cache=False))
-    assert windowed.metadata["windows"] == [[0, 6]]
+    assert windowed.sidecar.windows == [[0, 6]]
 
     def direct(run_window, latent, windows, frame_dim=2, after_window=None):
         out = run_window(latent, 0)
@@ -283,12 +289,12 @@ def test_a_long_clip_is_edited_in_windows_and_its_re_edit_hits_the_cache(engine)
     settings = small(prompt="a long train", num_frames=60, source_prompt="sixty frames")
     first = engine.transfer(clip, settings)
     assert first.frames.shape == (60, 64, 64, 3)
-    assert first.metadata["windows"] == [[0, 24], [12, 36], [24, 48], [36, 60]]
-    assert first.metadata["inversion_from_cache"] is False
+    assert first.sidecar.windows == [[0, 24], [12, 36], [24, 48], [36, 60]]
+    assert first.sidecar.inversion_from_cache is False
     engine.model_passes.clear()
     again = engine.transfer(clip, small(prompt="a long tram", num_frames=60, source_prompt="sixty frames",
                                         seed=8))
-    assert again.metadata["inversion_from_cache"] is True
+    assert again.sidecar.inversion_from_cache is True
     assert engine.model_passes["invert", "full"] == 0
     assert engine.model_passes["features", "truncated"] == 0
     # Every model use ran per window: 4 windows × (CFG pair per step + restart pair).
@@ -403,7 +409,7 @@ def test_fit_runs_a_4_3_clip_within_the_budget_at_its_own_aspect(engine, monkeyp
     # A 16:9 budget of 128×72 = 9,216 pixels (ZeroScope's 576×320: tests/test_framing.py):
     # 80 rows · 4/3 = 106.7 → 112 columns, 8,960 pixels; 88 rows would need 112 × 88 = 9,856.
     result = engine.transfer(clip, small(width=128, height=72, source_prompt="four by three"))
-    width, height = result.metadata["framing"]["model_size"]
+    width, height = result.sidecar.framing["model_size"]
     assert (width, height) == (112, 80)
     assert width * height <= 128 * 72
     assert abs(width - height * 4 / 3) <= 8 and abs(height - width * 3 / 4) <= 8  # one latent cell
@@ -419,7 +425,7 @@ def test_crop_edits_the_centred_box_and_records_where_it_was(engine, monkeypatch
     clip = moving_square_frames(4, 72, 128)  # 9:16
     result = engine.transfer(clip, small(width=128, height=72, framing="crop"))
     # The 128:72 band of a 72-wide frame: round(72·72/128) = 40 rows, from row (128 − 40)/2 = 44.
-    assert result.metadata["framing"]["crop_box"] == [0, 44, 72, 84]
+    assert result.sidecar.framing["crop_box"] == [0, 44, 72, 84]
     assert np.array_equal(encoded[0], resize_frames(clip[:, 44:84], 128, 72))
     assert result.frames.shape == (4, 72, 128, 3)
 
@@ -456,7 +462,7 @@ def test_upscaling_doubles_the_size_keeps_the_frame_count_and_starts_from_the_fi
     steps = settings.upscale_step_count()
     assert steps == 2  # ⌊3 · 0.7⌋
     assert engine.upscaler.model_passes["sample", "full"] == 2 * steps  # a CFG pair per step
-    meta = result.metadata
+    meta = result.sidecar.to_dict()
     assert meta["framing"]["upscale_size"] == meta["framing"]["result_size"] == [128, 128]
     assert meta["upscaler"] == {"model": folder, "steps": 2}
     assert "upscale" in meta["timings_s"]

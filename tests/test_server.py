@@ -116,7 +116,7 @@ def test_round_trip(server, connect):
     accepted = client.submit("round-trip", settings(seed=7), clip_pngs(6))
     assert accepted["type"] == "accepted" and accepted["duplicate"] is False
     progress = []
-    result = client.wait("round-trip", progress=progress.append, timeout_s=WAIT_S)
+    result = client.wait("round-trip", on_event=progress.append, timeout_s=WAIT_S)
     assert progress and all(event["job_id"] == "round-trip" for event in progress)
     frames = decode_pngs(result.frames)
     assert frames.shape == (4, 48, 72, 3)  # framing fit: the 48×32 clip's 3:2 in 64×64 pixels

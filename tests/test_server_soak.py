@@ -67,7 +67,7 @@ def run_client(address: str, index: int, progress: Progress, outcomes: dict) -> 
             outcomes[job_id] = "accepted"
             while True:
                 try:
-                    result = client.wait(job_id, progress=progress.seen, timeout_s=WAIT_S)
+                    result = client.wait(job_id, on_event=progress.seen, timeout_s=WAIT_S)
                     outcomes[job_id] = ("done", result.sidecar["settings"]["prompt"],
                                         result.sidecar["seed"])
                     break

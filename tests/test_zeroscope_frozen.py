@@ -29,5 +29,5 @@ def test_zeroscope_frames_are_bit_identical_to_the_recorded_ones(frames):
                                    "num_frames": frames, "source_prompt": "a square"})
     result = engine.transfer(clip, settings, procedure=Procedure(use_cache=False))
     windows, digest = RECORDED[frames]
-    assert result.metadata["windows"] == windows
+    assert result.sidecar.windows == windows
     assert hashlib.sha256(result.frames.tobytes()).hexdigest() == digest

@@ -13,7 +13,7 @@ actor (backend/server/worker.py), each claiming the head of the FIFO queue:
                 back, a cooperative cancel accepted while a job runs
 - `runner.py`   the gateway's handle on one actor: runs a job there, relays progress
                 and cancel, kills the actor when a cancel is not honoured, and turns
-                the actor's death into `WorkerLost` (the server's EngineLost)
+                the actor's death into `ActorLost` (the server's EngineLost)
 - `remote.py`   one actor in the shape of the server's engine (describe,
                 check_settings, transfer) plus `wait_ready`
 - `pool.py`     the actors of one gateway: created, waited for, closed

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from shared.sidecar import Sidecar
+
 # Small but complete jobs: every phase runs, about a second each with the tiny model.
 SMALL_JOB = {"num_frames": 4, "width": 64, "height": 64, "steps": 3, "guided_steps": 1,
              "guidance_iterations": 2, "inversion_steps": 3}
@@ -112,8 +114,9 @@ def measure(workers: int | None, jobs: int) -> dict[str, Any]:
             cpu_s = process_cpu_s(gateway.process.pid) - cpu_before
         finally:
             gateway.stop()
-    ran_on = Counter(result.sidecar.get("worker", {}).get("actor", "local") for result in results)
-    engine_s = [sum(result.sidecar["timings_s"].values()) for result in results]
+    records = [Sidecar.from_dict(result.sidecar) for result in results]
+    ran_on = Counter((record.worker or {}).get("actor", "local") for record in records)
+    engine_s = [sum(record.timings_s.values()) for record in records]
     return {"workers": workers or "single box (no --ray)", "jobs": jobs,
             "wall_s": round(wall_s, 2), "jobs_per_minute": round(60 * jobs / wall_s, 1),
             "gateway_cpu_s_per_job": round(cpu_s / jobs, 3),

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from backend.errors import UnderstudyError
+from shared.protocol import ErrorCode
 
 SLOT_RESOURCE = "understudy_slot"
 TOKEN_FILE_NAME = "ray_auth_token"
@@ -40,7 +41,7 @@ _HOST_PORT = re.compile(r"[A-Za-z0-9.\-\[\]:]+:\d+")
 class ClusterConfigError(UnderstudyError):
     """`--ray` cannot be used as given; the sentence says what to do."""
 
-    code = "cluster_config"
+    code = ErrorCode.CLUSTER_CONFIG
 
 
 @dataclass(frozen=True)

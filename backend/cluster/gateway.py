@@ -1,9 +1,9 @@
 """What `serve --ray ADDRESS` adds to the server: Ray, the workers, and their engines.
 
-    workers = start_cluster_workers(ClusterOptions("local:2"), spec, state_dir)
-    Server(config, workers.engines[0], pool_engines=workers.engines)
+    cluster = start_actors(ClusterOptions("local:2"), spec, state_dir)
+    Server(config, cluster.engines[0], pool_engines=cluster.engines)
     ...
-    workers.close()
+    cluster.close()
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from backend.cluster.connect import RayConnection, connect, parse_ray_target
-from backend.cluster.pool import DEFAULT_CANCEL_GRACE_S, WorkerPool
-from backend.cluster.remote import ActorEngine
-from backend.cluster.worker import WorkerSpec
+from backend.cluster.pool import DEFAULT_CANCEL_GRACE_S, ActorPool
+from backend.cluster.remote import ActorEngine, actor_engines
+from backend.cluster.worker import ActorSpec
 
 log = logging.getLogger("understudy.cluster")
 
@@ -30,11 +30,11 @@ class ClusterOptions:
 
 
 @dataclass
-class ClusterWorkers:
-    """A running pool: one engine per actor for the gateway's worker threads."""
+class ClusterActors:
+    """A running pool: one engine per actor for the gateway's job threads."""
 
     connection: RayConnection
-    pool: WorkerPool
+    pool: ActorPool
     engines: list[ActorEngine]
 
     def summary(self) -> str:
@@ -47,14 +47,13 @@ class ClusterWorkers:
         self.connection.close()
 
 
-def start_cluster_workers(options: ClusterOptions, spec: WorkerSpec, token_dir: Path
-                          ) -> ClusterWorkers:
+def start_actors(options: ClusterOptions, spec: ActorSpec, token_dir: Path) -> ClusterActors:
     """Start or join Ray and wait until every worker holds a warm engine."""
     target = parse_ray_target(options.address)
     spec = replace(spec, shared_cache=options.shared_cache)
     connection = connect(target, token_dir)
     try:
-        pool = WorkerPool(connection, spec, options.cancel_grace_s)
+        pool = ActorPool(connection, spec, options.cancel_grace_s)
         identities = pool.wait_ready()
     except BaseException:
         connection.close()
@@ -62,4 +61,4 @@ def start_cluster_workers(options: ClusterOptions, spec: WorkerSpec, token_dir: 
     for identity in identities:
         log.info("Worker %s ready on %s (pid %d%s).", identity["actor"], identity["host"],
                  identity["pid"], f", GPU {identity['gpu']['name']}" if identity["gpu"] else "")
-    return ClusterWorkers(connection, pool, pool.engines())
+    return ClusterActors(connection, pool, actor_engines(pool))

@@ -4,7 +4,7 @@ Ray places the actors (one per GPU or worker slot), restarts a dead one
 (`max_restarts=-1`) and never re-runs a job behind the gateway's back
 (`max_task_retries=0`): the gateway's job store decides whether a job runs again.
 
-The hand-off is the gateway's: one worker thread per actor (backend/server/worker.py)
+The hand-off is the gateway's: one job thread per actor (backend/server/worker.py)
 waits until its actor is up, claims the job at the head of the FIFO queue, runs it
 there and goes back for another. A free actor therefore takes the oldest queued job,
 first come first served across the pool, one job per actor at a time; there is no
@@ -20,15 +20,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from backend.cluster.connect import ClusterConfigError, RayConnection
 from backend.cluster.runner import ActorRunner
-from backend.cluster.worker import EngineWorker, WorkerSpec
+from backend.cluster.worker import ActorSpec, EngineActor
 from shared.settings import TransferSettings
-
-if TYPE_CHECKING:
-    from backend.cluster.remote import ActorEngine
 
 log = logging.getLogger("understudy.cluster")
 
@@ -40,10 +37,10 @@ START_TIMEOUT_S = 1800.0
 CHECK_TIMEOUT_S = 5.0
 
 
-class WorkerPool:
+class ActorPool:
     """Creates the actors, waits until each holds a warm engine, and closes them."""
 
-    def __init__(self, connection: RayConnection, spec: WorkerSpec,
+    def __init__(self, connection: RayConnection, spec: ActorSpec,
                  cancel_grace_s: float = DEFAULT_CANCEL_GRACE_S, count: int | None = None,
                  name_prefix: str = "worker") -> None:
         """`count` (default: one per GPU or slot) lets a benchmark or test use fewer."""
@@ -53,7 +50,7 @@ class WorkerPool:
         placement = connection.placement
         if placement.torch_threads and not spec.torch_threads:
             spec = replace(spec, torch_threads=placement.torch_threads)
-        actor_class = ray.remote(EngineWorker)
+        actor_class = ray.remote(EngineActor)
         self.runners: list[ActorRunner] = []
         for index in range(placement.count if count is None else count):
             name = f"{name_prefix}-{index}"
@@ -81,12 +78,6 @@ class WorkerPool:
                                          f"load the model: {identity['load_error']['message']}")
             identities.append(identity)
         return identities
-
-    def engines(self) -> list[ActorEngine]:
-        """One engine-shaped handle per actor, for the gateway's worker threads."""
-        from backend.cluster.remote import ActorEngine
-
-        return [ActorEngine(self, runner) for runner in self.runners]
 
     def close(self) -> None:
         import ray

@@ -1,9 +1,12 @@
 """One worker actor in the shape of the server's engine: describe, check_settings, transfer.
 
-The gateway's worker threads call `transfer` exactly as they call a local Engine, one
-thread per actor; the job runs on the actor and the call returns (or raises) when it
-ends there. `wait_ready` lets a thread hold back from the queue while its actor is
-being restarted, so the other actors take the waiting jobs.
+The gateway's job threads (backend/server/worker.py) call `transfer` exactly as they
+call a local Engine, one thread per actor; the job runs on the actor and the call
+returns (or raises) when it ends there. `wait_ready` lets a thread hold back from the
+queue while its actor is being restarted, so the other actors take the waiting jobs.
+
+This module builds on the pool (pool.py), never the reverse: `actor_engines` makes the
+handles, so pool.py needs nothing from here.
 """
 
 from __future__ import annotations
@@ -11,11 +14,11 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from collections.abc import Callable
 from typing import Any
 
-from backend.cluster.pool import WorkerPool
-from backend.cluster.runner import ActorRunner, EditOutput
+from backend.cluster.pool import ActorPool
+from backend.cluster.runner import ActorRunner
+from backend.results import CancelCheck, ProgressCallback, TransferResult
 from shared.settings import TransferSettings
 
 log = logging.getLogger("understudy.cluster")
@@ -25,9 +28,9 @@ BROKEN_RETRY_S = 60.0
 
 
 class ActorEngine:
-    """The server's engine interface, served by one actor of a WorkerPool."""
+    """The server's engine interface, served by one actor of a ActorPool."""
 
-    def __init__(self, pool: WorkerPool, runner: ActorRunner) -> None:
+    def __init__(self, pool: ActorPool, runner: ActorRunner) -> None:
         self.pool = pool
         self.runner = runner
 
@@ -56,13 +59,18 @@ class ActorEngine:
         return True
 
     def transfer(self, clip_frames: Any, settings: TransferSettings,
-                 progress: Callable[[str, int, int], None] | None = None,
-                 cancelled: Callable[[], bool] | None = None) -> EditOutput:
-        """Run the edit on the actor; raises what a local edit raises, or WorkerLost."""
+                 progress: ProgressCallback | None = None,
+                 cancelled: CancelCheck | None = None) -> TransferResult:
+        """Run the edit on the actor; raises what a local edit raises, or ActorLost."""
         # The id only pairs a cancel with this run on the actor.
         run_id = f"run-{uuid.uuid4().hex}"
         return self.runner.run(run_id, settings.to_dict(), png_frames(clip_frames),
                                progress or _ignore_progress, cancelled or _never_cancelled)
+
+
+def actor_engines(pool: ActorPool) -> list[ActorEngine]:
+    """One engine-shaped handle per actor of the pool, for the gateway's job threads."""
+    return [ActorEngine(pool, runner) for runner in pool.runners]
 
 
 def png_frames(clip_frames: Any) -> list[bytes]:

@@ -2,8 +2,9 @@
 
 `ActorRunner.run` has the shape of a local edit: it blocks, calls `progress(phase,
 step, total)` as the worker reports, polls `cancelled()` and returns the result frames
-and sidecar, or raises what a local run would (JobCancelled, an UnderstudyError with
-the job's code). What a local run cannot do is lose its process; that is `WorkerLost`,
+and sidecar as a TransferResult, or raises what a local run would (JobCancelled, an
+UnderstudyError with the job's code). What a local run cannot do is lose its process;
+that is `ActorLost`,
 and the job book decides what happens to the job (re-queued once, as after a crash).
 
 Cancel is cooperative first: the worker's engine stops at its next step. A worker that
@@ -16,13 +17,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from backend.errors import JobCancelled, UnderstudyError
+from backend.results import CancelCheck, ProgressCallback, TransferResult
 from backend.server.engine_api import EngineLost
+from shared.sidecar import Sidecar
 
 log = logging.getLogger("understudy.cluster")
 
@@ -30,28 +30,12 @@ log = logging.getLogger("understudy.cluster")
 CANCEL_POLL_S = 0.25
 
 
-class WorkerLost(EngineLost):
+class ActorLost(EngineLost):
     """The worker's process or node died while it held the job."""
 
 
-class RemoteJobError(UnderstudyError):
-    """A job failed on a worker the way it would fail locally; carries its code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass
-class EditOutput:
-    """A finished edit, as the engine's TransferResult: frames and the JSON sidecar."""
-
-    frames: np.ndarray  # (F_out, H, W, 3) uint8
-    metadata: dict[str, Any]
-
-
 class ActorRunner:
-    """Runs jobs on one EngineWorker actor, one at a time."""
+    """Runs jobs on one EngineActor, one at a time."""
 
     def __init__(self, name: str, actor: Any, cancel_grace_s: float) -> None:
         self.name = name
@@ -74,17 +58,17 @@ class ActorRunner:
 
     def check_settings(self, settings: dict[str, Any], clip_length: int,
                        frame_size: tuple[int, int] | None, timeout_s: float) -> None:
-        """The engine's submit-time check, run on this worker; raises RemoteJobError."""
+        """The engine's submit-time check, run on this actor; raises UnderstudyError with
+        the code the actor's engine raised."""
         import ray
 
         refused = ray.get(self.actor.check_settings.remote(settings, clip_length, frame_size),
                           timeout=timeout_s)
         if refused is not None:
-            raise RemoteJobError(refused["code"], refused["message"])
+            raise UnderstudyError(refused["message"], refused["code"])
 
     def run(self, job_id: str, settings: dict[str, Any], inputs: list[bytes],
-            progress: Callable[[str, int, int], None], cancelled: Callable[[], bool]
-            ) -> EditOutput:
+            progress: ProgressCallback, cancelled: CancelCheck) -> TransferResult:
         """Run one job on the actor; see the module docstring for what it raises."""
         import ray
         from ray.exceptions import ActorUnavailableError, RayError
@@ -110,8 +94,8 @@ class ActorRunner:
             try:
                 event = ray.get(next(events))
             except StopIteration:
-                raise WorkerLost(f"Worker {self.name} ended job {job_id} without a result.",
-                                 started) from None
+                raise ActorLost(f"Worker {self.name} ended job {job_id} without a result.",
+                                started) from None
             except RayError as error:
                 if isinstance(error, ActorUnavailableError):
                     # "Unavailable" may be a broken connection to a live actor. Kill it so
@@ -119,8 +103,8 @@ class ActorRunner:
                     ray.kill(self.actor, no_restart=False)
                 if cancel_sent_at is not None:
                     raise JobCancelled("The edit was cancelled.") from None
-                raise WorkerLost(f"Worker {self.name} was lost while holding job {job_id} "
-                                 f"({type(error).__name__}).", started) from None
+                raise ActorLost(f"Worker {self.name} was lost while holding job {job_id} "
+                                f"({type(error).__name__}).", started) from None
             kind = event["event"]
             if kind == "started":
                 started = True
@@ -128,8 +112,8 @@ class ActorRunner:
             elif kind == "progress":
                 progress(event["phase"], event["step"], event["total"])
             elif kind == "done":
-                return EditOutput(event["frames"], event["sidecar"])
+                return TransferResult(event["frames"], Sidecar.from_dict(event["sidecar"]))
             elif kind == "cancelled":
                 raise JobCancelled("The edit was cancelled.")
             elif kind == "failed":
-                raise RemoteJobError(event["code"], event["message"])
+                raise UnderstudyError(event["message"], event["code"])

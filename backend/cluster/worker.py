@@ -25,18 +25,19 @@ import threading
 import time
 import traceback
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from backend.errors import JobCancelled, UnderstudyError
 from backend.server.frames import PngClip
+from shared.protocol import ErrorCode, failure_reply
 
 log = logging.getLogger("understudy.cluster.worker")
 
 
 @dataclass(frozen=True)
-class WorkerSpec:
+class ActorSpec:
     """What every worker loads: the same model arguments as `serve --model ...`."""
 
     model: str
@@ -55,10 +56,10 @@ class WorkerSpec:
         return Path(self.cache_dir) / "workers" / worker_name
 
 
-class EngineWorker:
+class EngineActor:
     """Holds one engine for its life; `ray.remote` is applied by the pool."""
 
-    def __init__(self, name: str, spec: WorkerSpec) -> None:
+    def __init__(self, name: str, spec: ActorSpec) -> None:
         self.name = name
         self.spec = spec
         self._cancel_lock = threading.Lock()
@@ -75,12 +76,12 @@ class EngineWorker:
             self.engine = load_engine(spec.model, device=spec.device, dtype=spec.dtype,
                                       cache_dir=spec.cache_for(name),
                                       upscale_model=spec.upscale_model)
-        except UnderstudyError as error:  # reported by identity(): the pool says it
-            self._load_error = {"code": error.code, "message": str(error)}
         except Exception as error:  # a constructor that raises would leave Ray a dead actor
-            log.error("Worker %s could not load the model:\n%s", name, traceback.format_exc())
-            self._load_error = {"code": "internal", "message": f"Loading the model failed "
-                                f"({type(error).__name__}: {error}); see the worker's Ray log."}
+            # Reported by identity(): the pool says it.
+            code, message = failure_reply(error, "Loading the model failed", "the worker's Ray log")
+            if code == ErrorCode.INTERNAL:
+                log.error("Worker %s could not load the model:\n%s", name, traceback.format_exc())
+            self._load_error = {"code": code, "message": message}
 
     # ----------------------------------------------------------------- side calls
 
@@ -157,18 +158,17 @@ class EngineWorker:
             result = self.engine.transfer(PngClip(inputs, "the job's clip"),
                                           TransferSettings.from_dict(settings),
                                           progress=progress, cancelled=cancelled)
-            sidecar = {**result.metadata, "worker": self._sidecar_worker()}
+            sidecar = replace(result.sidecar, worker=self._sidecar_worker())
             # Raw frames, not PNGs: the gateway encodes them once, as it does for a local job.
-            events.put({"event": "done", "frames": result.frames, "sidecar": sidecar})
+            events.put({"event": "done", "frames": result.frames, "sidecar": sidecar.to_dict()})
         except JobCancelled:
             events.put({"event": "cancelled"})
-        except UnderstudyError as error:
-            events.put({"event": "failed", "code": error.code, "message": str(error)})
-        except Exception as error:  # an engine bug fails this job, not the worker
-            log.error("Job %s failed on %s:\n%s", job_id, self.name, traceback.format_exc())
-            events.put({"event": "failed", "code": "internal",
-                        "message": f"Worker {self.name} failed on this job "
-                                   f"({type(error).__name__}); see its Ray worker log."})
+        except Exception as error:  # a bad clip, or an engine bug: fails this job, not the actor
+            code, message = failure_reply(error, f"Worker {self.name} failed on this job",
+                                          "its Ray worker log")
+            if code == ErrorCode.INTERNAL:
+                log.error("Job %s failed on %s:\n%s", job_id, self.name, traceback.format_exc())
+            events.put({"event": "failed", "code": code, "message": message})
 
     def _sidecar_worker(self) -> dict[str, Any]:
         """The sidecar's record of where the job ran: host, GPU, actor."""

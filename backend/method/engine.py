@@ -4,7 +4,7 @@
     result = engine.transfer(clip_frames, TransferSettings(prompt="a train"),
                              progress=print_progress, cancelled=lambda: False)
     result.frames      # (N, H, W, 3) uint8 at the result size, one per input frame
-    result.metadata    # the JSON sidecar: settings, seed, model, framing, windows, cache hit, timings
+    result.sidecar     # shared/sidecar.py: settings, seed, steps used, model, framing, windows, …
 
 One edit, as Understudy runs it (docs/method.md):
 
@@ -42,7 +42,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,18 +57,10 @@ from backend.method.framing import Framing, frames_for_model, plan_framing
 from backend.method.guidance import lowfreq_init, pairwise_smm_loss
 from backend.method.inversion import DEFAULT_CACHE_MAX_BYTES, InversionCache, SourceState, cache_key
 from backend.method.windows import Window, blend_windowed, place_windows, window_slice
+from backend.results import CancelCheck, ProgressCallback, TransferResult
 from backend.video import resize_frames, retime_frames, sample_indices
 from shared.settings import TransferSettings
-
-ProgressCallback = Callable[[str, int, int], None]
-"""progress(phase, step, total); phases in order: "encode", "invert", "features", "sample",
-"decode", then "upscale" with an upscaler ("encode", "invert" and "features" are skipped
-when the inversion is cached). "invert", "features" and "sample" count windows within
-steps: total = steps × windows; "upscale" counts its encode, its steps × windows and its
-decode slices."""
-
-CancelCheck = Callable[[], bool]
-"""Returns True when the caller wants the edit stopped; checked between windows."""
+from shared.sidecar import Sidecar
 
 OUT_OF_MEMORY = (
     "The GPU ran out of memory; try --gradient-checkpointing, fewer --frames, a smaller "
@@ -80,12 +72,6 @@ NO_UPSCALER = (
     f"to 'none', or fetch ZeroScope XL (`hf download {ZEROSCOPE_XL}`) and load it with "
     "--upscale-model."
 )
-
-
-@dataclass
-class TransferResult:
-    frames: np.ndarray  # (F_out, H, W, 3) uint8
-    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -181,23 +167,32 @@ class Engine:
             if self.backbone.device.type == "cuda":
                 torch.cuda.empty_cache()
         out = retime_frames(out, settings.output_frames or len(out))
-        metadata = {
-            "settings": settings.to_dict(),
-            "seed": seed,
-            "model": self.backbone.model_id,
-            "backbone": self.backbone.facts.name,
-            "framing": framing.to_dict(),
-            "upscaler": None if framing.upscale_size is None else {
+        return TransferResult(out, self._sidecar(settings, seed, framing, indices, windows,
+                                                 from_cache, timings))
+
+    def _sidecar(self, settings: TransferSettings, seed: int, framing: Framing,
+                 indices: np.ndarray, windows: list[Window], from_cache: bool,
+                 timings: dict[str, float]) -> Sidecar:
+        """The record of how this edit was made (shared/sidecar.py): the counts it used,
+        not only the request (an automatic guided count is None in `settings`; the
+        settings the model decides are recorded with the values it gave them)."""
+        return Sidecar(
+            settings=settings.to_dict(),
+            seed=seed,
+            model=self.backbone.model_id,
+            steps=settings.steps,
+            guided_steps=settings.guided_step_count(),
+            device=str(self.backbone.device),
+            dtype=str(self.backbone.dtype).removeprefix("torch."),
+            input_frame_indices=indices.tolist(),
+            windows=[list(window) for window in windows],
+            inversion_from_cache=from_cache,
+            timings_s={name: round(value, 3) for name, value in timings.items()},
+            framing=framing.to_dict(),
+            upscaler=None if framing.upscale_size is None else {
                 "model": self.upscaler.backbone.model_id, "steps": settings.upscale_step_count()},
-            "device": str(self.backbone.device),
-            "dtype": str(self.backbone.dtype).removeprefix("torch."),
-            "input_frame_indices": indices.tolist(),
-            "guided_steps": settings.guided_step_count(),
-            "windows": [list(window) for window in windows],
-            "inversion_from_cache": from_cache,
-            "timings_s": {name: round(value, 3) for name, value in timings.items()},
-        }
-        return TransferResult(frames=out, metadata=metadata)
+            backbone=self.backbone.facts.name,
+        )
 
     def check_settings(self, settings: TransferSettings, clip_length: int,
                        frame_size: tuple[int, int] | None = None) -> None:

@@ -1,9 +1,9 @@
-"""The server assembled: store, book, worker thread and socket loop, and `serve`.
+"""The server assembled: store, book, job threads and socket loop, and `serve`.
 
-Two threads. The main thread owns the ROUTER socket: it reads requests, answers them
-and forwards the worker's events. The worker thread runs jobs; it reaches the main
-thread only through an inproc PUSH socket, and the book (under its lock) is the only
-state both threads touch.
+The main thread owns the ROUTER socket: it reads requests, answers them and forwards
+the job threads' events. A job thread (backend/server/worker.py; one, or one per Ray
+actor on a gateway) runs jobs; it reaches the main thread only through an inproc PUSH
+socket, and the book (under its lock) is the only state the threads share.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from backend.server.requests import Requests
 from backend.server.security import check_bind_allowed, is_loopback
 from backend.server.store import JobStore
 from backend.server.transport import Transport
-from backend.server.worker import QUEUE_CHANGED, Worker
+from backend.server.worker import QUEUE_CHANGED, JobThread
 from shared import protocol
 from shared.protocol import EventType
 
@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # the single-box server never loads the cluster package (nor 
 
 log = logging.getLogger("understudy.server")
 
-WORKER_EVENTS = "inproc://understudy-worker-events"
+JOB_EVENTS = "inproc://understudy-job-events"
 DEFAULT_STATE_DIR = Path.home() / ".cache" / "understudy" / "server"
 
 
@@ -59,18 +59,19 @@ class Server:
 
     def __init__(self, config: ServerConfig, engine: TransferEngine,
                  pool_engines: Sequence[PooledEngine] = ()) -> None:
-        """`pool_engines`: one per Ray worker (`--ray`), each driven by its own worker
-        thread; without them one thread drives `engine` in this process."""
+        """`pool_engines`: one per Ray actor (`--ray`), each driven by its own job
+        thread; without them one job thread drives `engine` in this process."""
         self.config = config
         self.engine = engine
         self.store = JobStore(config.state_dir)
         self.book = JobBook(self.store, config.limits["max_queue"],
                             Retention(config.keep_hours, config.keep_jobs))
-        if pool_engines:  # the Ray workers apply the step delay themselves
-            self.workers = [Worker(self.book, self.store, pooled, ready=pooled.wait_ready)
-                            for pooled in pool_engines]
+        if pool_engines:  # the Ray actors apply the step delay themselves
+            self.job_threads = [JobThread(self.book, self.store, pooled, ready=pooled.wait_ready)
+                                for pooled in pool_engines]
         else:
-            self.workers = [Worker(self.book, self.store, engine, config.test_step_delay_s)]
+            self.job_threads = [JobThread(self.book, self.store, engine,
+                                          config.test_step_delay_s)]
         self.context = zmq.Context.instance()
         self.transport = Transport(self.context, config.bind, config.keys_dir, config.insecure,
                                    config.limits)
@@ -91,10 +92,10 @@ class Server:
     def serve_forever(self) -> None:
         """Run until SIGINT/SIGTERM. The running job goes back to the queue on a clean stop."""
         events = self.context.socket(zmq.PULL)
-        events.bind(WORKER_EVENTS)
-        threads = [threading.Thread(target=self._worker_thread, args=(worker,),
-                                    name=f"understudy-worker-{index}", daemon=True)
-                   for index, worker in enumerate(self.workers)]
+        events.bind(JOB_EVENTS)
+        threads = [threading.Thread(target=self._run_job_thread, args=(job_thread,),
+                                    name=f"understudy-jobs-{index}", daemon=True)
+                   for index, job_thread in enumerate(self.job_threads)]
         for thread in threads:
             thread.start()
         poller = zmq.Poller()
@@ -124,12 +125,12 @@ class Server:
     def close(self) -> None:
         self.transport.close()
 
-    def _worker_thread(self, worker: Worker) -> None:
+    def _run_job_thread(self, job_thread: JobThread) -> None:
         events = self.context.socket(zmq.PUSH)
         events.setsockopt(zmq.LINGER, 0)
-        events.connect(WORKER_EVENTS)
+        events.connect(JOB_EVENTS)
         try:
-            worker.run(self.stopping,
+            job_thread.run(self.stopping,
                        lambda header: events.send(protocol.json_text(header).encode()))
         finally:
             events.close(0)
@@ -145,7 +146,7 @@ class Server:
                 self._send_queue_positions()
 
     def _forward(self, event: dict) -> None:
-        """Route an event the worker produced to the job's client (main thread only)."""
+        """Route an event a job thread produced to the job's client (main thread only)."""
         if event["type"] == QUEUE_CHANGED:
             self._send_queue_positions()
             return
@@ -178,10 +179,10 @@ def serve(config: ServerConfig, model: str, device: str | None = None, dtype: st
                                              cache_dir=cache_dir,
                                              upscale_model=upscale_model), None, ""
     else:  # the models load on the Ray workers; this process needs neither torch nor a GPU
-        from backend.cluster.gateway import start_cluster_workers
-        from backend.cluster.worker import WorkerSpec
+        from backend.cluster.gateway import start_actors
+        from backend.cluster.worker import ActorSpec
 
-        cluster = start_cluster_workers(config.cluster, WorkerSpec(
+        cluster = start_actors(config.cluster, ActorSpec(
             model, device, dtype, cache_dir, upscale_model=upscale_model,
             step_delay_s=config.test_step_delay_s),
             token_dir=config.state_dir)

@@ -1,18 +1,17 @@
 """What the server needs of an engine: the three calls it makes, typed.
 
-`backend.method.engine.Engine` is one; tests and the Ray workers (backend/cluster) are others.
+`backend.method.engine.Engine` is one; tests and the Ray actors' handles (backend/cluster) are others.
 An engine in another process can also lose that process mid-job: it raises EngineLost.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from typing import Any, Protocol
 
-import numpy as np
-
 from backend.errors import UnderstudyError
+from backend.results import CancelCheck, ProgressCallback, TransferResult
+from shared.protocol import ErrorCode
 from shared.settings import TransferSettings
 
 
@@ -21,16 +20,11 @@ class EngineLost(UnderstudyError):
     runs the job again once, as after a server crash; `started` is False when the edit
     never began there, so that try does not count as one of the job's attempts."""
 
-    code = "worker_lost"
+    code = ErrorCode.WORKER_LOST
 
     def __init__(self, message: str, started: bool = True) -> None:
         super().__init__(message)
         self.started = started
-
-
-class TransferOutcome(Protocol):
-    frames: np.ndarray  # (F_out, H, W, 3) uint8
-    metadata: dict[str, Any]  # the JSON sidecar
 
 
 class TransferEngine(Protocol):
@@ -45,8 +39,8 @@ class TransferEngine(Protocol):
         clip of clip_length frames of frame_size (width, height)."""
 
     def transfer(self, clip_frames: Any, settings: TransferSettings,
-                 progress: Callable[[str, int, int], None] | None = None,
-                 cancelled: Callable[[], bool] | None = None) -> TransferOutcome:
+                 progress: ProgressCallback | None = None,
+                 cancelled: CancelCheck | None = None) -> TransferResult:
         """Edit a clip; clip_frames needs len() and [index array] (see PngClip)."""
 
 

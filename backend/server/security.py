@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import zmq
 
 from backend.errors import UnderstudyError
+from shared.protocol import ErrorCode
 
 log = logging.getLogger("understudy.server")
 
@@ -24,7 +25,7 @@ log = logging.getLogger("understudy.server")
 class ServerConfigError(UnderstudyError):
     """The server cannot start with these options."""
 
-    code = "server_config"
+    code = ErrorCode.SERVER_CONFIG
 
 
 def is_loopback(address: str) -> bool:

@@ -1,9 +1,11 @@
-"""The worker: takes jobs from the book one at a time and runs them on the engine.
+"""The job thread: takes jobs from the book one at a time and runs them on its engine.
 
-It is the only part that knows how a job runs; the book and the store only see
-claim, progress and finish. Nothing a job does can end the worker: every exception
-ends in a recorded outcome, or puts the job back in the queue when the store cannot
-record one, and while the store cannot be written the worker probes it until it can.
+A server runs one JobThread per engine: one for a local engine, one per Ray actor on a
+gateway (backend/cluster). It is the only part that knows how a job runs; the book and
+the store only see claim, progress and finish. Nothing a job does can end the thread:
+every exception ends in a recorded outcome, or puts the job back in the queue when the
+store cannot record one, and while the store cannot be written the thread probes it
+until it can.
 """
 
 from __future__ import annotations
@@ -15,23 +17,23 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from backend.errors import JobCancelled, UnderstudyError
+from backend.errors import JobCancelled
 from backend.server.book import WORKER_LOST_TWICE, JobBook
 from backend.server.engine_api import EngineLost, TransferEngine
 from backend.server.frames import PngClip
 from backend.server.store import Job, JobStore, StoreUnavailable
-from shared.protocol import ErrorCode, EventType, JobState, error_header
+from shared.protocol import ErrorCode, EventType, JobState, error_header, failure_reply
 
 log = logging.getLogger("understudy.server")
 
 PROBE_INTERVAL_S = 1.0  # how often a degraded store is tried again
-QUEUE_CHANGED = "queue_changed"  # worker → main loop: send everyone their queue position
+QUEUE_CHANGED = "queue_changed"  # job thread → main loop: send everyone their queue position
 
 Notify = Callable[[dict[str, Any]], None]
 
 
-class Worker:
-    """Runs the book's jobs in submission order until `stopping` is set."""
+class JobThread:
+    """Runs the book's jobs in submission order on one engine until `stopping` is set."""
 
     def __init__(self, book: JobBook, store: JobStore, engine: TransferEngine,
                  step_delay_s: float = 0.0,
@@ -40,11 +42,11 @@ class Worker:
         self.store = store
         self.engine = engine
         self.step_delay_s = step_delay_s  # testing only: catch a job mid-run
-        # A remote engine that is restarting takes no job, so another worker gets it.
+        # A remote engine that is restarting takes no job, so another job thread gets it.
         self.ready = ready or (lambda stopping: True)
 
     def run(self, stopping: threading.Event, notify: Notify) -> None:
-        """The worker thread's body; `notify` hands events to the socket loop."""
+        """The thread's body; `notify` hands events to the socket loop."""
         while not stopping.is_set():
             try:
                 if self.book.health() is not None:  # wait first: one try per interval
@@ -61,7 +63,7 @@ class Worker:
                 self._run(job, stopping, notify)
                 notify({"type": QUEUE_CHANGED})
             except Exception:  # a bug here must not stop every later job
-                log.error("The worker hit an error and goes on:\n%s", traceback.format_exc())
+                log.error("The job thread hit an error and goes on:\n%s", traceback.format_exc())
                 stopping.wait(PROBE_INTERVAL_S)
 
     def _run(self, job: Job, stopping: threading.Event, notify: Notify) -> None:
@@ -85,7 +87,8 @@ class Worker:
             clip = PngClip(self.store.input_paths(job.job_id), f"the clip of job {job.job_id}")
             result = self.engine.transfer(clip, settings, progress=progress, cancelled=cancelled)
             images = [encode_png(frame) for frame in result.frames]
-            self.store.write_result(job.job_id, images, result.metadata)
+            sidecar = result.sidecar.to_dict()
+            self.store.write_result(job.job_id, images, sidecar)
             progress("save", len(images), len(images))
         except StoreUnavailable as problem:
             log.error("Job %s goes back to the queue: %s", job.job_id, problem)
@@ -103,17 +106,15 @@ class Worker:
             self._finish(job, JobState.CANCELLED, None, None,
                          {"type": EventType.CANCELLED, "job_id": job.job_id}, notify)
             return
-        except UnderstudyError as error:
-            self._fail(job, error.code, str(error), notify)
-            return
-        except Exception as error:  # an engine bug fails this job, not the server
-            log.error("Job %s failed:\n%s", job.job_id, traceback.format_exc())
-            self._fail(job, ErrorCode.INTERNAL, f"The server failed on this job "
-                       f"({type(error).__name__}); see the server log.", notify)
+        except Exception as error:  # a bad clip, or an engine bug: fails this job, not the server
+            code, message = failure_reply(error, "The server failed on this job", "the server log")
+            if code == ErrorCode.INTERNAL:
+                log.error("Job %s failed:\n%s", job.job_id, traceback.format_exc())
+            self._fail(job, code, message, notify)
             return
         self._finish(job, JobState.DONE, None, len(images),
                      {"type": EventType.RESULT_READY, "job_id": job.job_id,
-                      "frame_count": len(images), "sidecar": result.metadata}, notify)
+                      "frame_count": len(images), "sidecar": sidecar}, notify)
 
     def _fail(self, job: Job, code: str, message: str, notify: Notify) -> None:
         self._finish(job, JobState.FAILED, {"code": code, "message": message}, None,

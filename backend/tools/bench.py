@@ -188,7 +188,7 @@ def run_once(
     result = engine.transfer(frames, settings, progress=on_progress, procedure=procedure)
     _sync(device)
     record_peak(current["phase"])
-    seconds = {PHASE_OF_TIMING[k]: v for k, v in result.metadata["timings_s"].items()}
+    seconds = {PHASE_OF_TIMING[k]: v for k, v in result.sidecar.timings_s.items()}
     return Run(name, seconds, forward_equivalents(engine.model_passes, truncated_share),
                {phase: peaks.get(phase, 0.0) for phase in seconds})
 

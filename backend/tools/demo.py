@@ -77,5 +77,5 @@ def run_demo(output_dir: Path) -> int:
         print(f"error: {error}")
         return 1
     print(f"Demo written to {output_dir}/: source.mp4, result.mp4, result.json "
-          f"(model {outcome.metadata['model']}, seed {outcome.metadata['seed']}).")
+          f"(model {outcome.sidecar.model}, seed {outcome.sidecar.seed}).")
     return 0
