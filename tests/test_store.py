@@ -227,6 +227,7 @@ def test_a_damaged_status_is_rebuilt_from_what_the_files_prove(tmp_path):
     assert book.view("finished", None)["frame_count"] == 2
     assert book.result("finished", None) == ({"seed": 1}, [b"r1", b"r2"])
     assert book.view("half-finished", None)["state"] == "queued"  # it runs again
+    assert book.client_of("accepted") == ("c-1", None)  # its events still reach its client
     assert [job_id for job_id, *_ in book.queue_positions()] == ["half-finished", "accepted"]
     for job_id in ["lost-input", "changed-input"]:
         with pytest.raises(ProtocolError) as caught:

@@ -1,7 +1,7 @@
 """The job store: every accepted job on disk, and what a restart reads back.
 
-    STATE_DIR/jobs/<job_id>/request.json      settings, owner, digest, order, and the
-                                              SHA-256 of every input frame
+    STATE_DIR/jobs/<job_id>/request.json      settings, owner, client id, digest, order,
+                                              and the SHA-256 of every input frame
                             input/00000.png … the submitted frames, byte for byte
                             status.json       state, attempts, times, error, cancel flag
                             result/00000.png … result/frames.json (each frame's SHA-256),
@@ -92,8 +92,10 @@ class Job:
         return {name: getattr(self, name) for name in self.PERSISTENT}
 
     def request_record(self, settings: dict[str, Any], inputs: list[str]) -> dict[str, Any]:
-        """request.json; `inputs`: each input frame's SHA-256, to prove them intact."""
+        """request.json; `inputs`: each input frame's SHA-256, to prove them intact;
+        `client`: the submitting client id, for a rebuilt job's events."""
         return {"job_id": self.job_id, "seq": self.seq, "owner": self.owner,
+                "client": self.client,
                 "digest": self.digest, "submitted_at": self.submitted_at,
                 "frames_in": self.frames_in, "settings": settings, "inputs": inputs}
 
@@ -268,7 +270,7 @@ class JobStore:
         try:
             request = read_json_object(folder / "request.json")
             job = Job(job_id=check_job_id(request["job_id"]), seq=int(request["seq"]),
-                      client="", owner=request["owner"],
+                      client=str(request.get("client", "")), owner=request["owner"],
                       digest=str(request["digest"]), submitted_at=float(request["submitted_at"]),
                       frames_in=int(request.get("frames_in", 0)))
         except ProtocolError as error:
@@ -284,7 +286,7 @@ class JobStore:
                 setattr(job, name, status[name])
             job.state = JobState(job.state)
         except (OSError, ValueError, KeyError, TypeError) as damage:  # status.json only
-            job = Job(job_id=job.job_id, seq=job.seq, client="", owner=job.owner,
+            job = Job(job_id=job.job_id, seq=job.seq, client=job.client, owner=job.owner,
                       digest=job.digest, submitted_at=job.submitted_at, frames_in=job.frames_in)
             self._rebuild(folder, job, request, f"{type(damage).__name__}: {damage}")
         return job
@@ -292,7 +294,7 @@ class JobStore:
     def _rebuild(self, folder: Path, job: Job, request: dict[str, Any], damage: str) -> None:
         """Restore a job whose status.json is damaged to the state its files prove:
         done (its result verifies) or queued (its inputs verify); DamagedJob else.
-        The client id for events is lost: the client learns by status or fetch."""
+        Its events go to the client id that submitted it (request.json keeps it)."""
         try:
             _verified_result(folder / "result", None)
             job.state, job.attempts = JobState.DONE, 1
