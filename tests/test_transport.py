@@ -115,3 +115,12 @@ def test_replies_waiting_for_a_client_forgotten_as_silent_are_dropped(transport,
     transport.send_reply(CLIENT.encode(), {"type": "heartbeat", "req": 1})
     transport.forget_silent(silence_s=-1.0)  # every client counts as silent
     assert not transport.backlog and transport.dropped >= 2 and not transport.peers
+
+
+def test_an_event_that_cannot_be_encoded_still_ends_the_job_for_its_client(transport, reader):
+    transport.send_event(CLIENT, None, {"type": "result_ready", "job_id": "a", "frame_count": 4,
+                                        "sidecar": {"score": float("nan")}})
+    assert reader.poll(30_000)
+    header = json.loads(reader.recv_multipart()[0])
+    assert (header["type"], header["code"], header["job_id"]) == ("error", "internal", "a")
+    assert header["message"].endswith("see the server log.")
