@@ -328,8 +328,15 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "a peer accepts any protocol version",
         "shared/protocol.py",
-        "if version != PROTOCOL_VERSION:",
+        "if type(version) is not int or version != PROTOCOL_VERSION:",
         "if False:",
+        ("tests/test_protocol.py",),
+    ),
+    Mutant(
+        "JSON true is taken as protocol version 1 (issue 17)",
+        "shared/protocol.py",
+        "if type(version) is not int or version != PROTOCOL_VERSION:",
+        "if version != PROTOCOL_VERSION:",
         ("tests/test_protocol.py",),
     ),
 )
