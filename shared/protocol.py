@@ -108,6 +108,7 @@ class ErrorCode(StrEnum):
     STORE_UNAVAILABLE = "store_unavailable"
     JOB_EXISTS = "job_exists"
     UNKNOWN_JOB = "unknown_job"
+    DAMAGED = "damaged"  # the server's copy of the job is damaged; the message names where it lies
     NOT_READY = "not_ready"
     JOB_FAILED = "job_failed"
     JOB_CANCELLED = "job_cancelled"
@@ -185,7 +186,7 @@ def decode(frames: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
                             "The message is empty; send a JSON header frame first.")
     header = decode_header(frames[0])
     version = header.get("v")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:  # true and 1.0 are not 1
         raise ProtocolError(
             ErrorCode.PROTOCOL_VERSION,
             f"This peer speaks Understudy protocol version {PROTOCOL_VERSION} but the message "

@@ -46,8 +46,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "a job's inputs are written after the status that names them",
         'backend/server/store.py',
-        '            (folder / "input").mkdir(parents=True)\n            for index, frame in enumerate(frames):\n                atomic_write(folder / "input" / f"{index:05d}.png", frame)\n            fsync_dir(folder / "input")\n            atomic_write(folder / "request.json", json_bytes(job.request_record(settings)))\n            self._write_status(job)',
-        '            (folder / "input").mkdir(parents=True)\n            atomic_write(folder / "request.json", json_bytes(job.request_record(settings)))\n            self._write_status(job)\n            for index, frame in enumerate(frames):\n                atomic_write(folder / "input" / f"{index:05d}.png", frame)\n            fsync_dir(folder / "input")',
+        '            (folder / "input").mkdir(parents=True)\n            for index, frame in enumerate(frames):\n                atomic_write(folder / "input" / f"{index:05d}.png", frame)\n            fsync_dir(folder / "input")\n            atomic_write(folder / "request.json",\n                         json_bytes(job.request_record(settings, frame_digests(frames))))\n            self._write_status(job)',
+        '            (folder / "input").mkdir(parents=True)\n            atomic_write(folder / "request.json",\n                         json_bytes(job.request_record(settings, frame_digests(frames))))\n            self._write_status(job)\n            for index, frame in enumerate(frames):\n                atomic_write(folder / "input" / f"{index:05d}.png", frame)\n            fsync_dir(folder / "input")',
         ('tests/test_store.py::test_inputs_and_request_are_on_disk_before_the_status_that_names_them', 'tests/test_store.py::test_a_job_interrupted_while_being_created_is_never_listed',),
     ),
     Mutant(
@@ -100,18 +100,32 @@ MUTANTS: tuple[Mutant, ...] = (
         ('tests/test_server.py::test_only_the_frames_a_job_uses_are_decoded', 'tests/test_store.py::test_a_job_input_is_decoded_only_where_the_settings_pick',),
     ),
     Mutant(
+        'a reply to a client whose pipe is full is dropped (issue 17)',
+        'backend/server/transport.py',
+        '        self._keep(routing_id, peer, frames, reply=True)',
+        '        self._try_send(routing_id, frames, header.get("type"))',
+        ('tests/test_transport.py::test_a_lagging_client_gets_every_reply_and_final_event_and_the_newest_progress',),
+    ),
+    Mutant(
+        'a result with a missing frame is fetched short (issue 17)',
+        'backend/server/store.py',
+        '            raise DamagedResult(f"frame {index + 1} of {len(digests)}, {name}, is missing or "\n                                "unreadable") from None',
+        '            continue',
+        ('tests/test_store.py::test_a_result_with_a_missing_or_changed_frame_is_an_error_never_a_shorter_result',),
+    ),
+    Mutant(
         'a damaged job is deleted instead of quarantined',
         'backend/server/store.py',
         '                self._quarantine(folder, str(damage))',
         '                shutil.rmtree(folder, ignore_errors=True)',
-        ('tests/test_store.py::test_damaged_jobs_are_quarantined_never_deleted_and_the_store_loads', 'tests/test_server_faults.py::test_a_damaged_store_is_quarantined_and_the_server_starts',),
+        ('tests/test_store.py::test_damaged_jobs_are_quarantined_never_deleted_and_the_store_loads', 'tests/test_server_faults.py::test_a_damaged_store_rebuilds_what_it_can_and_quarantines_the_rest',),
     ),
     Mutant(
-        'a job file of the wrong JSON shape stops the loader',
+        'a status file of the wrong JSON shape stops the loader',
         'backend/server/store.py',
-        '        except (OSError, ValueError, KeyError, TypeError) as error:',
-        '        except (OSError, ValueError) as error:',
-        ('tests/test_server_faults.py::test_a_damaged_store_is_quarantined_and_the_server_starts',),
+        '        except (OSError, ValueError, KeyError, TypeError) as damage:  # status.json only',
+        '        except (OSError, ValueError) as damage:  # status.json only',
+        ('tests/test_server_faults.py::test_a_damaged_store_rebuilds_what_it_can_and_quarantines_the_rest',),
     ),
     Mutant(
         'job ids read from disk are trusted',
@@ -381,8 +395,15 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "a peer accepts any protocol version",
         "shared/protocol.py",
-        "if version != PROTOCOL_VERSION:",
+        "if type(version) is not int or version != PROTOCOL_VERSION:",
         "if False:",
+        ("tests/test_protocol.py",),
+    ),
+    Mutant(
+        "JSON true is taken as protocol version 1 (issue 17)",
+        "shared/protocol.py",
+        "if type(version) is not int or version != PROTOCOL_VERSION:",
+        "if version != PROTOCOL_VERSION:",
         ("tests/test_protocol.py",),
     ),
 )

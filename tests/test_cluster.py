@@ -48,6 +48,7 @@ from backend.server.store import Job, JobStore
 from shared.client import Client, JobCancelledError
 from shared.settings import TransferSettings
 from tests.conftest import REPO_ROOT
+from tests.delivery import SCENARIOS
 from tests.server_support import (
     ServerProcess,
     clip_pngs,
@@ -358,6 +359,22 @@ def test_a_worker_killed_mid_job_is_restarted_and_its_job_runs_again(gateway,
     wait_until(lambda: len(engine_workers(gateway)) == 2 and workers[0] not in
                engine_workers(gateway), "the killed worker restarted")
     assert gateway.log().count("was lost while holding job") == 1
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda scenario: scenario.__name__)
+def test_every_reply_arrives_and_every_result_is_fetched_behind_the_gateway(gateway, scenario):
+    """Issue 17.1 on two Ray workers: the scenarios of tests/delivery.py."""
+    clients: list[Client] = []
+
+    def make_client(address: str) -> Client:
+        clients.append(Client(address))  # the default timeout: a lost reply fails the test
+        return clients[-1]
+
+    try:
+        scenario(gateway.address, make_client, "ray-" + scenario.__name__.replace("_", "-")[:36])
+    finally:
+        for client in clients:
+            client.close()
 
 
 def test_the_gateway_killed_with_jobs_in_flight_finishes_every_job_exactly_once(

@@ -32,6 +32,9 @@ def test_encode_decode_round_trip():
     (b"[1, 2]", "bad_header"),
     (b'{"type": "hello"}', "protocol_version"),
     (b'{"v": 99, "type": "hello"}', "protocol_version"),
+    (b'{"v": true, "type": "hello"}', "protocol_version"),  # JSON true is not the integer 1
+    (b'{"v": 1.0, "type": "hello"}', "protocol_version"),
+    (b'{"v": "1", "type": "hello"}', "protocol_version"),
     (b'{"v": 1}', "bad_header"),
     (b'{"v": 1, "type": 5}', "bad_header"),
     (b'{"v": 1, "type": "hello", "pad": "' + b"x" * protocol.MAX_HEADER_BYTES + b'"}',

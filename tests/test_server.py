@@ -390,11 +390,14 @@ def test_wrong_protocol_version(server):
     socket = raw_socket(server.address)
     try:
         reply = ask(socket, [json.dumps({"v": 99, "type": "hello", "req": 4}).encode()])
+        # JSON true is not the integer 1, though Python's True == 1
+        not_one = ask(socket, [b'{"v": true, "type": "hello", "req": 5}'])
     finally:
         socket.close()
     assert reply["code"] == "protocol_version" and reply["req"] == 4
     assert reply["v"] == protocol.PROTOCOL_VERSION
     assert "version 1" in reply["message"] and "99" in reply["message"]
+    assert not_one["code"] == "protocol_version" and not_one["req"] == 5
 
 
 def test_client_against_a_server_of_another_version():

@@ -14,7 +14,8 @@ import time
 import pytest
 
 from backend.server.store import Job, JobStore
-from shared.client import Client, JobRejected, UnknownJob
+from shared import protocol
+from shared.client import Client, ClientError, JobRejected
 from shared.protocol import JobState
 from tests.conftest import REPO_ROOT
 from tests.server_support import (
@@ -99,39 +100,78 @@ def test_a_state_folder_that_cannot_be_written_is_one_sentence_at_start(tmp_path
         "pick a writable --state-dir or free space there."]
 
 
-def done_job(store: JobStore, job_id: str, seq: int) -> None:
-    job = Job(job_id=job_id, seq=seq, client="c-gone", owner=None, digest="d",
-              submitted_at=time.time(), frames_in=1)
-    store.create(job, settings(), clip_pngs(1))
-    store.write_result(job_id, clip_pngs(2), {"seed": seq})
-    job.state, job.finished_at, job.frame_count = JobState.DONE, time.time(), 2
-    store.write_status(job)
+def stored_job(store: JobStore, job_id: str, seq: int, result: list[bytes] | None = None,
+               seed: int | None = None) -> None:
+    """A job as a server stores it: queued, or done with `result` (files in write order)."""
+    job_settings = settings(seed=seq if seed is None else seed)
+    frames = clip_pngs(6, shade=seq)
+    job = Job(job_id=job_id, seq=seq, client="c-gone", owner=None,
+              digest=protocol.request_digest(job_settings, frames), submitted_at=time.time(),
+              frames_in=len(frames))
+    store.create(job, job_settings, frames)
+    if result is not None:
+        store.write_result(job_id, result, {"seed": seq})
+        job.state, job.finished_at, job.frame_count = JobState.DONE, time.time(), len(result)
+        store.write_status(job)
 
 
-def test_a_damaged_store_is_quarantined_and_the_server_starts(tmp_path, client_for):
-    """Defect 3: truncated and empty files, a crafted id; nothing deleted, nothing lost."""
+def truncate_status(store: JobStore, job_id: str) -> None:
+    status = store.folder(job_id) / "status.json"
+    status.write_text(status.read_text()[:20])
+
+
+def test_a_damaged_store_rebuilds_what_it_can_and_quarantines_the_rest(tmp_path, client_for):
+    """Issue 17.5 and defect 3: a damaged status is rebuilt from what the files prove
+    (queued, or done); what cannot be rebuilt is quarantined, never deleted, and named in
+    a `damaged` error; a result missing a frame is an error, never a shorter result."""
     state = tmp_path / "state"
     store = JobStore(state)
-    for seq, job_id in enumerate(["kept", *DAMAGED_JOBS]):
-        done_job(store, job_id, seq)
+    result = clip_pngs(2, shade=200)
+    for seq, job_id in enumerate(["kept", *DAMAGED_JOBS, "done-truncated", "missing-frame",
+                                  "changed-frame"]):
+        stored_job(store, job_id, seq, result=result)
+    for seq, job_id in enumerate(["queued-truncated", "lost-input"], start=10):
+        stored_job(store, job_id, seq)
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "keep.txt").write_text("outside the state folder")
-    damage_jobs(store.root, victim)
+    damage_jobs(store.root, victim)  # truncated and empty-status: status only, result intact
+    for job_id in ["done-truncated", "queued-truncated", "lost-input"]:
+        truncate_status(store, job_id)
+    (store.folder("lost-input") / "input" / "00003.png").unlink()
+    (store.folder("missing-frame") / "result" / "00001.png").unlink()
+    (store.folder("changed-frame") / "result" / "00000.png").write_bytes(clip_pngs(1)[0])
 
-    server = ServerProcess(state, "--keep-jobs", "1").start()
+    server = ServerProcess(state).start()  # the restart
     try:
         client = client_for(server.address)
-        assert client.fetch("kept").sidecar == {"seed": 0}
-        for job_id in DAMAGED_JOBS:
-            with pytest.raises(UnknownJob):
+        for job_id in ["kept", "truncated", "empty-status", "done-truncated"]:
+            assert client.status(job_id)["state"] == "done"
+            fetched = client.fetch(job_id)
+            assert fetched.frames == result and fetched.sidecar["seed"] >= 0
+        # accepted, never run, status lost: it runs now
+        assert client.wait("queued-truncated", timeout_s=WAIT_S).sidecar["seed"] == 10
+        for job_id in ["list-request", "crafted", "lost-input"]:
+            with pytest.raises(ClientError) as caught:
                 client.status(job_id)
+            assert caught.value.code == "damaged"
+            assert str(state / "quarantine" / job_id) in str(caught.value)
+            assert str(caught.value).endswith("submit the job again with a new id.")
+        for job_id in ["missing-frame", "changed-frame"]:
+            assert client.status(job_id)["frame_count"] == 2
+            with pytest.raises(ClientError) as caught:
+                client.fetch(job_id)
+            assert caught.value.code == "damaged"
+            assert f"The result of job {job_id} is damaged on the server (frame" in str(
+                caught.value)
     finally:
         server.stop()
-    assert sorted(p.name.rsplit("-", 1)[0] for p in (state / "quarantine").iterdir()) == sorted(
-        DAMAGED_JOBS)
-    assert all(len(list((p / "result").glob("*.png"))) == 2
-               for p in (state / "quarantine").iterdir())
+    assert sorted(p.name.rsplit("-", 1)[0] for p in (state / "quarantine").iterdir()) == [
+        "crafted", "list-request", "lost-input"]
+    assert all(len(list((p / "input").glob("*.png"))) >= 5
+               for p in (state / "quarantine").iterdir())  # nothing deleted
     assert (victim / "keep.txt").exists()
-    assert server.log().count("Moved the damaged job folder") == 4
-    assert "Traceback" not in server.log()
+    log = server.log()
+    assert log.count("Moved the damaged job folder") == 3
+    assert log.count("Rebuilt job") == 4
+    assert "Traceback" not in log

@@ -9,6 +9,7 @@ import builtins
 import errno
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from backend.server.requests import Requests
 from backend.server.store import Job, JobStore, StoreUnavailable
 from backend.server.transport import Incoming
 from shared import protocol
-from shared.protocol import JobState
+from shared.protocol import JobState, ProtocolError
 from tests.server_support import DAMAGED_JOBS, clip_pngs, damage_jobs, settings
 
 
@@ -62,7 +63,7 @@ def test_store_keeps_inputs_request_status_and_result(tmp_path):
     assert store.read_request("j1")["settings"] == {"prompt": "p"}
     assert not list(folder.rglob("*.tmp"))
     store.write_result("j1", [b"r"], {"seed": 3})
-    assert store.read_result("j1") == ({"seed": 3}, [b"r"])
+    assert store.read_result("j1", 1) == ({"seed": 3}, [b"r"])
 
 
 def test_store_removes_submits_that_were_never_acknowledged(tmp_path):
@@ -127,7 +128,7 @@ def test_every_job_file_is_written_to_a_temporary_name_fsynced_and_renamed(tmp_p
     folder = store.folder("j")
     finals = [folder / "input" / "00000.png", folder / "input" / "00001.png",
               folder / "request.json", folder / "status.json", folder / "result" / "00000.png",
-              folder / "result" / "sidecar.json"]
+              folder / "result" / "frames.json", folder / "result" / "sidecar.json"]
     for final in finals:
         temporary = f"{final}.tmp"
         assert ("write", str(final)) not in recorder.calls, f"{final} written in place"
@@ -187,12 +188,74 @@ def test_damaged_jobs_are_quarantined_never_deleted_and_the_store_loads(tmp_path
     renamed = store.folder("renamed") / "request.json"  # a copy of another job's folder
     renamed.write_text(json.dumps({**json.loads(renamed.read_text()), "job_id": "good"}))
 
-    assert [job.job_id for job in JobStore(tmp_path / "state").load_all()] == ["good"]
+    # A damaged status.json with intact inputs is rebuilt (queued); a damaged request is not.
+    reloaded = JobStore(tmp_path / "state")
+    loaded = reloaded.load_all()
+    assert [(job.job_id, job.state) for job in loaded] == [
+        ("good", "queued"), ("truncated", "queued"), ("empty-status", "queued")]
     quarantined = sorted(p.name.rsplit("-", 1)[0] for p in store.quarantine.iterdir())
-    assert quarantined == sorted(["renamed", *DAMAGED_JOBS])
+    assert quarantined == sorted(["renamed", "list-request", "crafted"])
+    assert sorted(reloaded.quarantined) == ["crafted", "list-request", "renamed"]
     for folder in store.quarantine.iterdir():
         assert (folder / "input" / "00000.png").read_bytes() == b"a"  # everything kept
     assert (victim / "precious.txt").read_text() == "keep me"
+    assert status_on_disk(store, "truncated")["state"] == "queued"  # the disk agrees again
+    # The next start still knows what lies in quarantine (and quarantines nothing more).
+    again = JobStore(tmp_path / "state")
+    assert len(again.load_all()) == 3
+    assert {job_id: place.folder for job_id, place in again.quarantined.items()} == {
+        job_id: place.folder for job_id, place in reloaded.quarantined.items()}
+
+
+def test_a_damaged_status_is_rebuilt_from_what_the_files_prove(tmp_path):
+    """Done when the result verifies, queued when only the inputs do, quarantined when
+    neither does."""
+    store = stored(tmp_path, [make_job(job_id, seq) for seq, job_id in enumerate(
+        ["finished", "half-finished", "accepted", "lost-input", "changed-input"])])
+    store.write_result("finished", [b"r1", b"r2"], {"seed": 1})
+    store.write_result("half-finished", [b"r1", b"r2"], {"seed": 2})
+    (store.folder("half-finished") / "result" / "00001.png").unlink()  # then the crash
+    (store.folder("lost-input") / "input" / "00000.png").unlink()
+    (store.folder("changed-input") / "input" / "00000.png").write_bytes(b"b")
+    for job_id in ["finished", "half-finished", "accepted", "lost-input", "changed-input"]:
+        status = store.folder(job_id) / "status.json"
+        status.write_text(status.read_text()[:15])
+
+    book = JobBook(JobStore(tmp_path), max_queue=16, retention=Retention())
+    book.recover()
+    assert book.view("finished", None)["state"] == "done"
+    assert book.view("finished", None)["frame_count"] == 2
+    assert book.result("finished", None) == ({"seed": 1}, [b"r1", b"r2"])
+    assert book.view("half-finished", None)["state"] == "queued"  # it runs again
+    assert book.client_of("accepted") == ("c-1", None)  # its events still reach its client
+    assert [job_id for job_id, *_ in book.queue_positions()] == ["half-finished", "accepted"]
+    for job_id in ["lost-input", "changed-input"]:
+        with pytest.raises(ProtocolError) as caught:
+            book.view(job_id, None)
+        assert caught.value.code == "damaged"
+        assert str(book.store.quarantine) in caught.value.message
+        assert caught.value.message.count(";") == 1 and caught.value.message.endswith(".")
+
+
+@pytest.mark.parametrize("damage", ["missing", "changed", "unlisted"])
+def test_a_result_with_a_missing_or_changed_frame_is_an_error_never_a_shorter_result(
+        tmp_path, damage):
+    book = recovered(tmp_path, [make_job("j", 0)])
+    book.store.write_result("j", [b"r1", b"r2"], {"seed": 1})
+    assert book.claim_next(threading.Event(), wait_s=0).job_id == "j"
+    assert book.finish("j", JobState.DONE, frame_count=2)
+    result = book.store.folder("j") / "result"
+    if damage == "missing":
+        (result / "00001.png").unlink()
+    elif damage == "changed":
+        (result / "00001.png").write_bytes(b"r3")
+    else:
+        (result / "frames.json").unlink()
+    with pytest.raises(ProtocolError) as caught:
+        book.result("j", None)
+    assert caught.value.code == "damaged"
+    assert caught.value.message.startswith("The result of job j is damaged on the server (")
+    assert caught.value.message.endswith("submit the job again with a new id.")
 
 
 def test_an_unwritable_state_folder_is_one_sentence(tmp_path):

@@ -36,6 +36,7 @@ log = logging.getLogger("understudy.server")
 
 JOB_EVENTS = "inproc://understudy-job-events"
 DEFAULT_STATE_DIR = Path.home() / ".cache" / "understudy" / "server"
+BACKLOG_RETRY_S = 0.01  # how soon to retry a client whose pipe was full
 
 
 @dataclass
@@ -105,7 +106,11 @@ class Server:
             signal.signal(getattr(signal, name), lambda *_: self.stopping.set())
         try:
             while not self.stopping.is_set():
-                ready = dict(poller.poll(int(self.config.heartbeat_s * 1000)))
+                # A client's full pipe cannot be polled for room (a ROUTER is always
+                # writable), so while something waits for one, look again soon.
+                wait_s = BACKLOG_RETRY_S if self.transport.backlog else self.config.heartbeat_s
+                ready = dict(poller.poll(int(wait_s * 1000)))
+                self.transport.flush()  # what waited goes first, in order
                 if self.transport.router in ready:
                     self._answer_waiting()
                 if events in ready:
@@ -138,7 +143,7 @@ class Server:
     def _answer_waiting(self) -> None:
         while (message := self.transport.receive()) is not None:
             answer = self.requests.answer(message)
-            self.transport.send(message.routing_id, answer.reply, answer.payload)
+            self.transport.send_reply(message.routing_id, answer.reply, answer.payload)
             if answer.cancelled is not None:
                 job = answer.cancelled
                 self.transport.send_event(job.client, job.owner, {

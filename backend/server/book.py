@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from backend.server.store import Job, JobStore, StoreUnavailable
+from backend.server.store import DamagedResult, Job, JobStore, StoreUnavailable
 from shared.protocol import FINISHED_STATES, ErrorCode, JobState, ProtocolError
 
 log = logging.getLogger("understudy.server")
@@ -179,7 +179,13 @@ class JobBook:
             if job.state != JobState.DONE:
                 raise ProtocolError(ErrorCode.NOT_READY, f"Job {job_id} is {job.state}; fetch "
                                     "it after its result_ready event.")
-            return self.store.read_result(job_id)
+            try:
+                return self.store.read_result(job_id, job.frame_count)
+            except DamagedResult as damage:
+                log.error("Fetch of job %s: its result is damaged (%s).", job_id, damage)
+                raise ProtocolError(ErrorCode.DAMAGED, f"The result of job {job_id} is damaged "
+                                    f"on the server ({damage}); submit the job again with a "
+                                    "new id.") from None
 
     def client_of(self, job_id: str) -> tuple[str, str | None] | None:
         """(routing id, owner key) that a job's events go to; None for a pruned job."""
@@ -343,8 +349,15 @@ class JobBook:
 
     def _find(self, ledger: _Ledger, job_id: str, owner: str | None) -> Job:
         """A job the caller may see. With keys a job is its key's alone; another key
-        is told the job does not exist, exactly as for a job never submitted."""
+        is told the job does not exist, exactly as for a job never submitted. A job
+        moved to quarantine at start-up is `damaged`, naming its folder."""
         job = ledger.jobs.get(job_id)
+        quarantined = self.store.quarantined.get(job_id) if job is None else None
+        if quarantined is not None and quarantined.owner in (None, owner):
+            raise ProtocolError(ErrorCode.DAMAGED, f"The server's files of job {job_id} are "
+                                f"damaged and were moved to {quarantined.folder}; ask the "
+                                "server's operator to look there, and submit the job again "
+                                "with a new id.")
         if job is None or (job.owner is not None and job.owner != owner):
             raise ProtocolError(ErrorCode.UNKNOWN_JOB, f"The server has no job {job_id}; it "
                                 "was never accepted, or its result was pruned after the "

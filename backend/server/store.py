@@ -1,19 +1,28 @@
 """The job store: every accepted job on disk, and what a restart reads back.
 
-    STATE_DIR/jobs/<job_id>/request.json      settings, owner, digest, frame count, order
+    STATE_DIR/jobs/<job_id>/request.json      settings, owner, client id, digest, order,
+                                              and the SHA-256 of every input frame
                             input/00000.png … the submitted frames, byte for byte
                             status.json       state, attempts, times, error, cancel flag
-                            result/00000.png … result/sidecar.json
+                            result/00000.png … result/frames.json (each frame's SHA-256),
+                            result/sidecar.json (written last: the result is complete)
     STATE_DIR/quarantine/<job_id>-<time>/     damaged jobs, moved aside at start-up
 
 Write order is the store's promise (docs/protocol.md §8): every file goes to a
 temporary name, is fsynced and renamed; a job's inputs and request are on disk before
 the status.json that makes it a job, and its result before the status that says done.
 Any OSError while writing becomes StoreUnavailable, whose sentence says what to free.
+
+At start-up the store rebuilds what its files prove: a job whose status.json is
+damaged is done again when its result verifies against frames.json, else queued when
+its inputs verify against request.json; only a job that proves neither (or whose
+request.json is damaged) goes to quarantine, and is remembered there so that clients
+asking for it hear `damaged` with the folder's name.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -39,6 +48,18 @@ class StoreUnavailable(UnderstudyError):
 
 class DamagedJob(Exception):
     """A job folder whose files do not read back as a job."""
+
+
+class DamagedResult(Exception):
+    """A result whose files do not verify; str() says which file, for a sentence."""
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    """A job moved to quarantine: where it lies, and its owner key when readable."""
+
+    folder: Path
+    owner: str | None
 
 
 @dataclass
@@ -70,10 +91,26 @@ class Job:
     def status_record(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.PERSISTENT}
 
-    def request_record(self, settings: dict[str, Any]) -> dict[str, Any]:
+    def request_record(self, settings: dict[str, Any], inputs: list[str]) -> dict[str, Any]:
+        """request.json; `inputs`: each input frame's SHA-256, to prove them intact;
+        `client`: the submitting client id, for a rebuilt job's events."""
         return {"job_id": self.job_id, "seq": self.seq, "owner": self.owner,
+                "client": self.client,
                 "digest": self.digest, "submitted_at": self.submitted_at,
-                "frames_in": self.frames_in, "settings": settings}
+                "frames_in": self.frames_in, "settings": settings, "inputs": inputs}
+
+
+def frame_digests(frames: list[bytes]) -> list[str]:
+    """Each frame's SHA-256 (hex), as request.json and result/frames.json keep them."""
+    return [hashlib.sha256(frame).hexdigest() for frame in frames]
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from a file; OSError or ValueError when it is not one."""
+    value = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(value, dict):
+        raise ValueError(f"{path.name} is not a JSON object")
+    return value
 
 
 def json_bytes(value: Any) -> bytes:
@@ -118,6 +155,7 @@ class JobStore:
         self.state_dir = Path(state_dir)
         self.root = self.state_dir / "jobs"
         self.quarantine = self.state_dir / "quarantine"
+        self.quarantined: dict[str, Quarantined] = {}  # job id → where it was moved
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             self._probe()
@@ -155,7 +193,8 @@ class JobStore:
             for index, frame in enumerate(frames):
                 atomic_write(folder / "input" / f"{index:05d}.png", frame)
             fsync_dir(folder / "input")
-            atomic_write(folder / "request.json", json_bytes(job.request_record(settings)))
+            atomic_write(folder / "request.json",
+                         json_bytes(job.request_record(settings, frame_digests(frames))))
             self._write_status(job)
             fsync_dir(self.root)
         except OSError as error:
@@ -181,6 +220,7 @@ class JobStore:
             result.mkdir()
             for index, frame in enumerate(frames):
                 atomic_write(result / f"{index:05d}.png", frame)
+            atomic_write(result / "frames.json", json_bytes({"sha256": frame_digests(frames)}))
             atomic_write(result / "sidecar.json", json_bytes(sidecar))
             fsync_dir(result)
         except OSError as error:
@@ -197,18 +237,21 @@ class JobStore:
     def input_paths(self, job_id: str) -> list[Path]:
         return sorted((self.folder(job_id) / "input").glob("*.png"))
 
-    def read_result(self, job_id: str) -> tuple[dict[str, Any], list[bytes]]:
-        result = self.folder(job_id) / "result"
-        sidecar = json.loads((result / "sidecar.json").read_text(encoding="utf-8"))
-        return sidecar, [path.read_bytes() for path in sorted(result.glob("*.png"))]
+    def read_result(self, job_id: str, frame_count: int | None
+                    ) -> tuple[dict[str, Any], list[bytes]]:
+        """(sidecar, frames) of a finished job; DamagedResult when a file is missing,
+        unreadable or not what was written: never a shorter result."""
+        return _verified_result(self.folder(job_id) / "result", frame_count)
 
     def load_all(self) -> list[Job]:
         """Every accepted job, in submission order.
 
-        A folder without status.json was never acknowledged and is removed; a folder
-        that does not read back as a job is moved to the quarantine folder and logged,
-        never deleted, so nothing accepted is lost to a damaged file.
+        A folder without status.json was never acknowledged and is removed; a job
+        whose status.json is damaged is rebuilt from what its files prove (module
+        docstring); a folder that cannot be rebuilt is moved to the quarantine folder
+        and logged, never deleted, so nothing accepted is lost to a damaged file.
         """
+        self._remember_quarantine()
         jobs = []
         for folder in sorted(self.root.iterdir()):
             if not folder.is_dir():
@@ -225,30 +268,121 @@ class JobStore:
 
     def _load(self, folder: Path) -> Job:
         try:
-            request = json.loads((folder / "request.json").read_text(encoding="utf-8"))
-            status = json.loads((folder / "status.json").read_text(encoding="utf-8"))
-            if not isinstance(request, dict) or not isinstance(status, dict):
-                raise DamagedJob("request.json or status.json is not a JSON object")
+            request = read_json_object(folder / "request.json")
             job = Job(job_id=check_job_id(request["job_id"]), seq=int(request["seq"]),
-                      client=str(status["client"]), owner=request["owner"],
+                      client=str(request.get("client", "")), owner=request["owner"],
                       digest=str(request["digest"]), submitted_at=float(request["submitted_at"]),
                       frames_in=int(request.get("frames_in", 0)))
-            for name in Job.PERSISTENT:
-                setattr(job, name, status[name])
-            job.state = JobState(job.state)
-        except DamagedJob:
-            raise
         except ProtocolError as error:
             raise DamagedJob(f"its job id is not valid ({error.message})") from None
         except (OSError, ValueError, KeyError, TypeError) as error:
-            raise DamagedJob(f"{type(error).__name__}: {error}") from None
+            raise DamagedJob(f"request.json: {type(error).__name__}: {error}") from None
         if job.job_id != folder.name:
             raise DamagedJob(f"it names the job {job.job_id!r}, not its folder's name")
+        try:
+            status = read_json_object(folder / "status.json")
+            job.client = str(status["client"])
+            for name in Job.PERSISTENT:
+                setattr(job, name, status[name])
+            job.state = JobState(job.state)
+        except (OSError, ValueError, KeyError, TypeError) as damage:  # status.json only
+            job = Job(job_id=job.job_id, seq=job.seq, client=job.client, owner=job.owner,
+                      digest=job.digest, submitted_at=job.submitted_at, frames_in=job.frames_in)
+            self._rebuild(folder, job, request, f"{type(damage).__name__}: {damage}")
         return job
+
+    def _rebuild(self, folder: Path, job: Job, request: dict[str, Any], damage: str) -> None:
+        """Restore a job whose status.json is damaged to the state its files prove:
+        done (its result verifies) or queued (its inputs verify); DamagedJob else.
+        Its events go to the client id that submitted it (request.json keeps it)."""
+        try:
+            _verified_result(folder / "result", None)
+            job.state, job.attempts = JobState.DONE, 1
+            job.frame_count = len(read_json_object(folder / "result" / "frames.json")["sha256"])
+            job.finished_at = (folder / "result" / "sidecar.json").stat().st_mtime
+        except (DamagedResult, OSError, ValueError, KeyError, TypeError):
+            problem = _inputs_problem(folder, request)
+            if problem is not None:
+                raise DamagedJob(f"status.json is damaged ({damage}), there is no intact "
+                                 f"result, and {problem}") from None
+            job.state = JobState.QUEUED
+        try:
+            self._write_status(job)
+        except OSError as error:  # memory has it; the job's next change writes it again
+            log.error("Could not rewrite the status of job %s (%s).", job.job_id, _reason(error))
+        log.warning("Rebuilt job %s as %s from its files: its status.json was damaged (%s).",
+                    job.job_id, job.state, damage)
 
     def _quarantine(self, folder: Path, why: str) -> None:
         self.quarantine.mkdir(exist_ok=True)
         target = self.quarantine / f"{folder.name}-{time.time_ns()}"
         os.replace(folder, target)
+        self.quarantined[folder.name] = Quarantined(target, _owner_of(target))
         log.error("Moved the damaged job folder %s to %s (%s); it is kept there for you "
                   "to inspect and is no longer served.", folder.name, target, why)
+
+    def _remember_quarantine(self) -> None:
+        """The jobs earlier starts moved aside (the newest folder of each id)."""
+        if not self.quarantine.is_dir():
+            return
+        for target in sorted(self.quarantine.iterdir(), key=lambda path: path.name):
+            job_id, _, stamp = target.name.rpartition("-")
+            if target.is_dir() and job_id and stamp.isdigit():
+                self.quarantined[job_id] = Quarantined(target, _owner_of(target))
+
+
+def _owner_of(folder: Path) -> str | None:
+    """The owner key a quarantined job's request names, None when unreadable."""
+    try:
+        owner = read_json_object(folder / "request.json").get("owner")
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, str) else None
+
+
+def _inputs_problem(folder: Path, request: dict[str, Any]) -> str | None:
+    """None when every input frame is there and has the SHA-256 request.json recorded,
+    else what is wrong (for the log)."""
+    recorded = request.get("inputs")
+    if not isinstance(recorded, list) or not recorded:
+        return "request.json records no input digests to check the inputs against"
+    paths = sorted((folder / "input").glob("*.png"))
+    if len(paths) != len(recorded):
+        return f"{len(paths)} of its {len(recorded)} input frames are there"
+    for index, (path, digest) in enumerate(zip(paths, recorded, strict=True)):
+        try:
+            if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+                return f"input frame {index} is not the frame submitted"
+        except OSError as error:
+            return f"input frame {index} cannot be read ({_reason(error)})"
+    return None
+
+
+def _verified_result(result: Path, frame_count: int | None) -> tuple[dict[str, Any], list[bytes]]:
+    """(sidecar, frames) of a result folder whose every frame matches frames.json (and,
+    given, the frame count the status recorded); DamagedResult saying what does not."""
+    try:
+        sidecar = read_json_object(result / "sidecar.json")
+    except (OSError, ValueError):
+        raise DamagedResult("its sidecar.json is missing or unreadable") from None
+    try:
+        digests = read_json_object(result / "frames.json")["sha256"]
+        if not isinstance(digests, list):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DamagedResult("its frames.json is missing or unreadable") from None
+    if frame_count is not None and len(digests) != frame_count:
+        raise DamagedResult(f"frames.json lists {len(digests)} frames, not {frame_count}")
+    frames = []
+    for index, digest in enumerate(digests):
+        name = f"result/{index:05d}.png"
+        try:
+            frame = (result / f"{index:05d}.png").read_bytes()
+        except OSError:
+            raise DamagedResult(f"frame {index + 1} of {len(digests)}, {name}, is missing or "
+                                "unreadable") from None
+        if hashlib.sha256(frame).hexdigest() != digest:
+            raise DamagedResult(f"frame {index + 1} of {len(digests)}, {name}, is not the "
+                                "frame written")
+        frames.append(frame)
+    return sidecar, frames
