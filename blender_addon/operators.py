@@ -1,16 +1,33 @@
 """Operators: transfer, cancel, collect, test connection.
 
-Each one turns plan.UserError into a single-sentence report, so a failure shows up in
-Blender's interface (or as the RuntimeError of `bpy.ops…` in a script) and nothing
-else happens.
+Each one's execute is wrapped by `reports_user_errors`, which turns plan.UserError
+into a single-sentence report, so a failure shows up in Blender's interface (or as
+the RuntimeError of `bpy.ops…` in a script) and nothing else happens.
 """
+
+import functools
 
 import bpy
 from bpy.props import BoolProperty, StringProperty
 
-from . import compat, jobs, link, plan, props
+from . import collecting, compat, following, jobs, link, plan, props, rendering
 from .batches import TICK_BUDGET_S
 from .states import Status
+
+
+def reports_user_errors(execute):
+    """An operator's execute that reports a plan.UserError as its one sentence and
+    ends CANCELLED (the one place the operators handle a user's error)."""
+
+    @functools.wraps(execute)
+    def guarded_execute(self, context):
+        try:
+            return execute(self, context)
+        except plan.UserError as error:
+            self.report({"ERROR"}, str(error))
+            return {"CANCELLED"}
+
+    return guarded_execute
 
 
 def has_sequencer(context) -> bool:
@@ -44,32 +61,21 @@ class UNDERSTUDY_OT_transfer(bpy.types.Operator):
         cls.poll_message_set("The scene has no sequencer strips; add a strip to transfer first.")
         return False
 
+    @reports_user_errors
     def execute(self, context):
-        try:
-            session = jobs.start(context, self.prompt,
-                                 tick_budget_s=TICK_BUDGET_S if jobs.BATCHED else None)
-        except plan.UserError as error:
-            self.report({"ERROR"}, str(error))
-            return {"CANCELLED"}
+        session = rendering.start(context, self.prompt,
+                                  tick_budget_s=TICK_BUDGET_S if jobs.BATCHED else None)
         job_id = session.job_id
         if jobs.BATCHED:
             jobs.work_in_batches()
             self.report({"INFO"}, f"Rendering {session.renderer.total} frames for {job_id}; the "
                                   f"result lands above the source.")
             return {"FINISHED"}
-        try:
-            jobs.render_blocking(session)
-        except plan.UserError as error:
-            self.report({"ERROR"}, str(error))
-            return {"CANCELLED"}
+        rendering.render_blocking(session)
         if not self.wait:
             return {"FINISHED"}
         scene, job = jobs.find_job(job_id)
-        try:
-            jobs.wait_and_collect(scene, job, props.preferences(context).job_timeout_s)
-        except plan.UserError as error:
-            self.report({"ERROR"}, str(error))
-            return {"CANCELLED"}
+        following.wait_and_collect(scene, job, props.preferences(context).job_timeout_s)
         self.report({"INFO"}, f"Added strip {job.result_strip!r} (seed {job.seed}).")
         if job.message:  # the file is unsaved: the frames went to a temporary folder
             self.report({"WARNING"}, job.message)
@@ -105,13 +111,10 @@ class UNDERSTUDY_OT_cancel(bpy.types.Operator):
         cls.poll_message_set("No Understudy job is rendering or running.")
         return False
 
+    @reports_user_errors
     def execute(self, context):
-        try:
-            scene, job = chosen_job(context, self.job_id)
-            jobs.cancel(scene, job)
-        except plan.UserError as error:
-            self.report({"ERROR"}, str(error))
-            return {"CANCELLED"}
+        scene, job = chosen_job(context, self.job_id)
+        following.cancel(scene, job)
         self.report({"INFO"}, f"Cancelled {job.job_id}.")
         return {"FINISHED"}
 
@@ -133,32 +136,25 @@ class UNDERSTUDY_OT_collect(bpy.types.Operator):
                              "be placed.")
         return False
 
+    @reports_user_errors
     def execute(self, context):
         ended = {Status.DONE: 0, Status.CANCELLED: 0, Status.FAILED: 0}
         # Results that came back but could not be placed: place them now (no waiting).
         for scene, job in jobs.unplaced_jobs():
             try:
-                jobs.collect_again(scene, job)
-            except plan.UserError as error:
+                collecting.collect_again(scene, job)
+            except plan.UserError as error:  # recorded on the job; the others go on
                 self.report({"WARNING"}, f"{job.job_id}: {error}")
             if job.status == Status.DONE:  # in the interface it may still be being placed
                 ended[Status.DONE] += 1
         pending = jobs.active_jobs()
         if jobs.BATCHED:
-            jobs.follow()
+            following.follow()
             return {"FINISHED"}
         timeout = props.preferences(context).job_timeout_s
         for job_id in [job.job_id for _, job in pending]:
             scene, job = jobs.find_job(job_id)
-            try:
-                client, _ = jobs.client_for_job(job)
-                jobs.resync(scene, job, client)
-                if job.active and self.wait:
-                    jobs.wait_and_collect(scene, job, timeout)
-            except plan.UserError as error:
-                if job.active:  # the server is unreachable or the wait timed out
-                    self.report({"ERROR"}, str(error))
-                    return {"CANCELLED"}
+            following.catch_up(scene, job, self.wait, timeout)
             if job.status in ended:
                 ended[job.status] += 1
             if job.status in (Status.FAILED, Status.UNPLACED):
@@ -173,6 +169,7 @@ class UNDERSTUDY_OT_test_connection(bpy.types.Operator):
     bl_idname = "understudy.test_connection"
     bl_label = "Test Connection"
 
+    @reports_user_errors
     def execute(self, context):
         prefs = props.preferences(context)
         config = prefs.server_config()
@@ -182,8 +179,7 @@ class UNDERSTUDY_OT_test_connection(bpy.types.Operator):
         except plan.UserError as error:
             link.forget(config)
             prefs.connection_report = str(error)
-            self.report({"ERROR"}, str(error))
-            return {"CANCELLED"}
+            raise
         prefs.connection_report = report
         self.report({"INFO"}, report)
         return {"FINISHED"}

@@ -222,15 +222,15 @@ def scenario_transfer(args: dict) -> dict:
         import signal
 
         os.kill(args["kill_pid"], signal.SIGKILL)
-        jobs = importlib.import_module(f"{ADDON}.jobs")
+        following = importlib.import_module(f"{ADDON}.following")
         plan = importlib.import_module(f"{ADDON}.plan")
         states = importlib.import_module(f"{ADDON}.states")
         job = scene.understudy_jobs[-1]
         # The interface's polling timer notices first (ticked here as Blender would) ...
         deadline = time.monotonic() + 60
         while job.phase != states.Phase.WAITING and time.monotonic() < deadline:
-            jobs.poll_once()
-            time.sleep(jobs.POLL_INTERVAL_S)
+            following.poll_once()
+            time.sleep(following.POLL_INTERVAL_S)
         extra = {"interface": [job.phase, job.message,
                                plan.progress_text(job.status, job.phase, job.percent)]}
         # ... then Collect Results, which in background mode waits and gives up.
@@ -262,6 +262,8 @@ def scenario_interface_polling(args: dict) -> dict:
     Then a second transfer is cancelled between two batches."""
     install(args["zip"])
     jobs = importlib.import_module(f"{ADDON}.jobs")
+    rendering = importlib.import_module(f"{ADDON}.rendering")
+    following = importlib.import_module(f"{ADDON}.following")
     batches = importlib.import_module(f"{ADDON}.batches")
     jobs.BATCHED = True  # the interface's path: work in timer ticks
     configure(args)
@@ -269,7 +271,7 @@ def scenario_interface_polling(args: dict) -> dict:
     small_settings(scene, args.get("settings"))
     movie_strip(scene, args["clip"])
     before = scene_state(scene)
-    session = jobs.start(bpy.context, "a red fox", tick_budget_s=batches.TICK_BUDGET_S)
+    session = rendering.start(bpy.context, "a red fox", tick_budget_s=batches.TICK_BUDGET_S)
     jobs.work_in_batches()
     render_timer = bpy.app.timers.is_registered(jobs.work_tick)
     ticks = []
@@ -283,9 +285,9 @@ def scenario_interface_polling(args: dict) -> dict:
         if interval is None:
             break
     outcome = {"ok": scene.understudy_jobs[0].status == "submitted"}
-    timer_registered = bpy.app.timers.is_registered(jobs.poll_once)
+    timer_registered = bpy.app.timers.is_registered(following.poll_once)
     applied = []  # (event type or job state, the record's status after it), per message
-    apply_reply = jobs.apply_reply
+    apply_reply = following.apply_reply
 
     def recording_apply(scene_, job_, client, reply):
         try:
@@ -293,22 +295,22 @@ def scenario_interface_polling(args: dict) -> dict:
         finally:
             applied.append([str(reply.get("type", reply.get("state"))), str(job_.status)])
 
-    jobs.apply_reply = recording_apply
+    following.apply_reply = recording_apply
     seen = []
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # both timers, as Blender would run them
-        polling, working = jobs.poll_once(), jobs.work_tick()
+        polling, working = following.poll_once(), jobs.work_tick()
         job = scene.understudy_jobs[0]
         seen.append([job.status, job.phase, round(job.percent)])
         if polling is None and working is None:
             break
         if working is None:
-            time.sleep(jobs.POLL_INTERVAL_S)
-    jobs.apply_reply = apply_reply
+            time.sleep(following.POLL_INTERVAL_S)
+    following.apply_reply = apply_reply
     result = finish(scene, before, outcome, timer_registered=timer_registered,
                     render_timer=render_timer, ticks=ticks, seen=seen, applied=applied)
     # Cancel between batches: one batch rendered, then Cancel, then the next tick.
-    second = jobs.start(bpy.context, "a blue fox", tick_budget_s=batches.TICK_BUDGET_S)
+    second = rendering.start(bpy.context, "a blue fox", tick_budget_s=batches.TICK_BUDGET_S)
     jobs.work_in_batches()
     jobs.work_tick()
     rendered_before_cancel = second.renderer.done
@@ -320,7 +322,7 @@ def scenario_interface_polling(args: dict) -> dict:
                         "job": cancelled,
                         "folder_left": Path(cancelled["frames_path"]).exists()}
     # Saved while a third strip renders, then reopened: that job was never sent.
-    third = jobs.start(bpy.context, "a green fox", tick_budget_s=batches.TICK_BUDGET_S)
+    third = rendering.start(bpy.context, "a green fox", tick_budget_s=batches.TICK_BUDGET_S)
     jobs.work_tick()
     rendering_status = job_state(scene.understudy_jobs[-1])["status"]
     blend = str(Path(args["out"]) / "while-rendering.blend")
