@@ -11,7 +11,7 @@ import time
 
 import bpy
 
-from . import collecting, jobs, link, plan, props, rendering
+from . import collecting, jobs, link, local_backend, plan, props, rendering
 from .states import Phase
 
 POLL_INTERVAL_S = 0.5
@@ -52,6 +52,9 @@ def wait_and_collect(scene, job, timeout_s: float | None = None) -> None:
         if job.active:
             if not reachable:
                 link.forget(config)
+                if local_backend.revive():  # the backend started here had died: it is back,
+                    wait_and_collect(scene, job, timeout_s)  # with the job in its store
+                    return
                 job.phase, job.message = Phase.WAITING, plan.lost_server_message(str(error))
                 raise plan.UserError(job.message) from error
             job.message = str(error)

@@ -10,9 +10,15 @@ import functools
 import bpy
 from bpy.props import BoolProperty, StringProperty
 
-from . import collecting, compat, following, jobs, link, plan, props, rendering
+from . import collecting, compat, following, jobs, link, local_backend, plan, props, rendering
 from .batches import TICK_BUDGET_S
 from .states import Status
+
+
+def report_error(operator, error: plan.UserError) -> set[str]:
+    """Report a user's error as its one sentence; the operator ends CANCELLED."""
+    operator.report({"ERROR"}, str(error))
+    return {"CANCELLED"}
 
 
 def reports_user_errors(execute):
@@ -24,8 +30,7 @@ def reports_user_errors(execute):
         try:
             return execute(self, context)
         except plan.UserError as error:
-            self.report({"ERROR"}, str(error))
-            return {"CANCELLED"}
+            return report_error(self, error)
 
     return guarded_execute
 
@@ -39,6 +44,13 @@ def file_jobs(condition) -> bool:
     """True when some job of the open file meets the condition."""
     return any(condition(job) for scene in bpy.data.scenes
                for job in getattr(scene, "understudy_jobs", ()))
+
+
+def render_in_batches(context, prompt: str) -> rendering.RenderSession:
+    """Interface: check and start rendering from the work timer, a batch per tick."""
+    session = rendering.start(context, prompt, tick_budget_s=TICK_BUDGET_S)
+    jobs.work_in_batches()
+    return session
 
 
 class UNDERSTUDY_OT_transfer(bpy.types.Operator):
@@ -63,14 +75,18 @@ class UNDERSTUDY_OT_transfer(bpy.types.Operator):
 
     @reports_user_errors
     def execute(self, context):
-        session = rendering.start(context, self.prompt,
-                                  tick_budget_s=TICK_BUDGET_S if jobs.BATCHED else None)
-        job_id = session.job_id
-        if jobs.BATCHED:
-            jobs.work_in_batches()
-            self.report({"INFO"}, f"Rendering {session.renderer.total} frames for {job_id}; the "
-                                  f"result lands above the source.")
+        prompt = self.prompt
+        if not local_backend.prepare(context, then=lambda: render_in_batches(bpy.context, prompt)):
+            self.report({"INFO"}, "Starting the backend: loading the model; the transfer "
+                                  "starts when it is ready.")
             return {"FINISHED"}
+        if jobs.BATCHED:
+            session = render_in_batches(context, prompt)
+            self.report({"INFO"}, f"Rendering {session.renderer.total} frames for "
+                                  f"{session.job_id}; the result lands above the source.")
+            return {"FINISHED"}
+        session = rendering.start(context, prompt)
+        job_id = session.job_id
         rendering.render_blocking(session)
         if not self.wait:
             return {"FINISHED"}
@@ -148,6 +164,8 @@ class UNDERSTUDY_OT_collect(bpy.types.Operator):
             if job.status == Status.DONE:  # in the interface it may still be being placed
                 ended[Status.DONE] += 1
         pending = jobs.active_jobs()
+        if pending and not local_backend.prepare(context, then=following.follow):
+            return {"FINISHED"}  # the backend starts; the timer follows the jobs once it answers
         if jobs.BATCHED:
             following.follow()
             return {"FINISHED"}
@@ -172,17 +190,26 @@ class UNDERSTUDY_OT_test_connection(bpy.types.Operator):
     @reports_user_errors
     def execute(self, context):
         prefs = props.preferences(context)
-        config = prefs.server_config()
-        try:
-            client = link.client_for(config)
-            report = link.describe_server(link.guarded(client.hello))
-        except plan.UserError as error:
-            link.forget(config)
-            prefs.connection_report = str(error)
-            raise
-        prefs.connection_report = report
+        if not local_backend.prepare(context, then=lambda: test_connection(props.preferences())):
+            prefs.connection_report = "Starting the backend: loading the model."
+            return {"FINISHED"}
+        report = test_connection(prefs)
         self.report({"INFO"}, report)
         return {"FINISHED"}
+
+
+def test_connection(prefs) -> str:
+    """Ask the server for its hello; the report (or the error) is kept for the preferences."""
+    config = prefs.server_config()
+    try:
+        client = link.client_for(config)
+        report = link.describe_server(link.guarded(client.hello))
+    except plan.UserError as error:
+        link.forget(config)
+        prefs.connection_report = str(error)
+        raise
+    prefs.connection_report = report
+    return report
 
 
 CLASSES = (UNDERSTUDY_OT_transfer, UNDERSTUDY_OT_cancel, UNDERSTUDY_OT_collect,

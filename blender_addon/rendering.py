@@ -88,6 +88,8 @@ def start(context, prompt: str = "", tick_budget_s: float | None = None) -> Rend
     strip = strip_io.source_strip(scene)
     prefs = props.preferences(context)
     values = scene.understudy.values(prompt)
+    if prefs.local:  # this computer's memory settings go with every job
+        values.update(prefs.memory_settings())
     span = strip_io.strip_span(strip)
     settings = plan.transfer_settings(values, span.length)  # a bad prompt fails before any network
     plan.result_channel(span, strip.name, strip_io.neighbours(scene))

@@ -33,6 +33,7 @@ def install(zip_path: str) -> None:
 
 def configure(args: dict) -> None:
     prefs = bpy.context.preferences.addons[ADDON].preferences
+    prefs.backend_kind = "LOCAL" if args.get("project") is not None else "SERVER"
     prefs.server_address = args.get("address", prefs.server_address)
     prefs.timeout_s = args.get("timeout_s", 10.0)
     prefs.max_render_size = 96
@@ -513,6 +514,62 @@ def scenario_test_connection(args: dict) -> dict:
     outcome = run_operator(bpy.ops.understudy.test_connection)
     prefs = bpy.context.preferences.addons[ADDON].preferences
     return {"outcome": outcome, "report": prefs.connection_report}
+
+
+def configure_local(args: dict):
+    """Preferences for "this computer": the project, the tiny model on the CPU, a state
+    folder of the test's own; the project is checked as it is entered."""
+    prefs = bpy.context.preferences.addons[ADDON].preferences
+    prefs.local_model, prefs.local_device = "tiny", "cpu"
+    prefs.local_state_dir = args["state_dir"]
+    prefs.local_cache_dir = args.get("cache_dir", "")
+    prefs.local_extra_args = args.get("extra_args", "")
+    prefs.keep_running = args.get("keep_running", False)
+    prefs.project_path = args["project"]  # last: entering it runs the check
+    return prefs
+
+
+def scenario_local(args: dict) -> dict:
+    """"This computer": a transfer (or Test Connection) with the extension's own backend,
+    then optionally Stop and disabling the extension. Reports the backend it used."""
+    install(args["zip"])
+    configure(args)
+    prefs = configure_local(args)
+    local_backend = importlib.import_module(f"{ADDON}.local_backend")
+    backend = local_backend.BACKEND
+    scene = bpy.context.scene
+    small_settings(scene, args.get("settings"))
+    movie_strip(scene, args["clip"])
+    before = scene_state(scene)
+    if args.get("action", "transfer") == "transfer":
+        outcome = run_operator(bpy.ops.understudy.transfer, prompt="a red fox")
+    else:
+        outcome = run_operator(bpy.ops.understudy.test_connection)
+        outcome["report"] = prefs.connection_report
+    used = {"pid": backend.pid, "owned": backend.owned, "state": str(backend.state),
+            "status": local_backend.status_lines(), "restarts_left": backend.restarts_left,
+            "log": str(backend.log_path) if backend.log_path else ""}
+    extra = {"project_report": prefs.project_report, "backend": used}
+    if args.get("stop_button"):
+        extra["stop"] = run_operator(bpy.ops.understudy.backend_stop)
+    result = finish(scene, before, outcome, **extra)
+    if args.get("disable"):
+        bpy.ops.preferences.addon_disable(module=ADDON)
+        result["disabled"] = ADDON not in bpy.context.preferences.addons
+        result["alive_after_disable"] = process_exists(used["pid"])
+    return result
+
+
+def process_exists(pid: int) -> bool:
+    import os
+
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 SCENARIOS = {name[len("scenario_"):]: function for name, function in globals().items()
