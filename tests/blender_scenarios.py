@@ -483,7 +483,9 @@ def scenario_draw(args: dict) -> dict:
     assert panel.poll(bpy.context)
     panel.draw(Drawable(panel, None, layout), bpy.context)
     prefs = bpy.context.preferences.addons[ADDON].preferences
-    type(prefs).draw(Drawable(type(prefs), prefs, layout), bpy.context)
+    for kind in ("LOCAL", "SERVER"):  # "this computer" (the default), then "a server"
+        prefs.backend_kind = kind
+        type(prefs).draw(Drawable(type(prefs), prefs, layout), bpy.context)
     return log
 
 
