@@ -562,6 +562,40 @@ def scenario_local(args: dict) -> dict:
     return result
 
 
+def scenario_local_interface(args: dict) -> dict:
+    """The interface's path with "this computer": Transfer starts the backend and returns at
+    once; the backend timer (ticked here as Blender would) starts the render when the
+    backend answers, then the work and polling timers carry the job to its result."""
+    install(args["zip"])
+    jobs = importlib.import_module(f"{ADDON}.jobs")
+    following = importlib.import_module(f"{ADDON}.following")
+    local_backend = importlib.import_module(f"{ADDON}.local_backend")
+    jobs.BATCHED = True  # the interface's path: timers, never blocking
+    configure(args)
+    configure_local(args)
+    scene = bpy.context.scene
+    small_settings(scene, args.get("settings"))
+    movie_strip(scene, args["clip"])
+    before = scene_state(scene)
+    outcome = run_operator(bpy.ops.understudy.transfer, prompt="a red fox")
+    right_after = {"state": str(local_backend.BACKEND.state), "jobs": len(scene.understudy_jobs),
+                   "timer": bpy.app.timers.is_registered(local_backend.tick)}
+    said = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # the three timers, as Blender would run them
+        backend_tick, working = local_backend.tick(), jobs.work_tick()
+        if scene.understudy_jobs:
+            following.poll_once()
+        line = local_backend.status_lines()[0]
+        if not said or said[-1] != line:
+            said.append(line)
+        if scene.understudy_jobs and scene.understudy_jobs[0].status == "done":
+            break
+        if working is None:
+            time.sleep(local_backend.TICK_S if backend_tick else following.POLL_INTERVAL_S)
+    return finish(scene, before, outcome, right_after=right_after, said=said)
+
+
 def process_exists(pid: int) -> bool:
     import os
 

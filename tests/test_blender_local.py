@@ -74,6 +74,18 @@ def test_a_transfer_starts_the_backend_and_disabling_the_extension_stops_it(
     assert lock_of(tmp_path / "state") is None
 
 
+def test_in_the_interface_the_transfer_waits_for_the_backend_without_blocking(
+        extension_zip, clip, tmp_path):
+    result = run_blender(local_args(extension_zip, clip, tmp_path, scenario="local_interface"),
+                         tmp_path)
+    assert result["outcome"] == {"ok": True, "returned": ["FINISHED"]}
+    # The operator returned while the model loaded; nothing was rendered or recorded yet.
+    assert result["right_after"] == {"state": "starting", "jobs": 0, "timer": True}
+    assert result["said"][0].startswith("Starting the backend: loading the model")
+    assert any(line.startswith("Backend busy at") for line in result["said"])
+    assert_placed(result)
+
+
 def test_a_wrong_folder_is_one_sentence_before_anything_runs(extension_zip, clip, tmp_path):
     wrong = tmp_path / "not-the-project"
     wrong.mkdir()
