@@ -10,7 +10,18 @@ import functools
 import bpy
 from bpy.props import BoolProperty, StringProperty
 
-from . import collecting, compat, following, jobs, link, local_backend, plan, props, rendering
+from . import (
+    collecting,
+    compat,
+    following,
+    jobs,
+    link,
+    local_backend,
+    plan,
+    props,
+    rendering,
+    strip_io,
+)
 from .batches import TICK_BUDGET_S
 from .states import Status
 
@@ -75,27 +86,77 @@ class UNDERSTUDY_OT_transfer(bpy.types.Operator):
 
     @reports_user_errors
     def execute(self, context):
-        prompt = self.prompt
-        if not local_backend.prepare(context, then=lambda: render_in_batches(bpy.context, prompt)):
-            self.report({"INFO"}, "Starting the backend: loading the model; the transfer "
+        try:
+            return run_transfer(self, context, self.prompt, self.wait)
+        except plan.NoRoomUnderGrade as error:  # the panel offers Make Room for this strip
+            compat.sequencer_scene(context).understudy.room_strip = error.source_name
+            raise
+
+
+def run_transfer(operator, context, prompt: str, wait: bool) -> set[str]:
+    """Transfer the active strip: start the backend if needed, render, submit; in background
+    mode also wait for the result (unless not `wait`). Raises plan.UserError."""
+    compat.sequencer_scene(context).understudy.room_strip = ""
+    rendering.check_place(context)
+    if not local_backend.prepare(context, then=lambda: render_in_batches(bpy.context, prompt)):
+        operator.report({"INFO"}, "Starting the backend: loading the model; the transfer "
                                   "starts when it is ready.")
-            return {"FINISHED"}
-        if jobs.BATCHED:
-            session = render_in_batches(context, prompt)
-            self.report({"INFO"}, f"Rendering {session.renderer.total} frames for "
-                                  f"{session.job_id}; the result lands above the source.")
-            return {"FINISHED"}
-        session = rendering.start(context, prompt)
-        job_id = session.job_id
-        rendering.render_blocking(session)
-        if not self.wait:
-            return {"FINISHED"}
-        scene, job = jobs.find_job(job_id)
-        following.wait_and_collect(scene, job, props.preferences(context).job_timeout_s)
-        self.report({"INFO"}, f"Added strip {job.result_strip!r} (seed {job.seed}).")
-        if job.message:  # the file is unsaved: the frames went to a temporary folder
-            self.report({"WARNING"}, job.message)
         return {"FINISHED"}
+    if jobs.BATCHED:
+        session = render_in_batches(context, prompt)
+        operator.report({"INFO"}, f"Rendering {session.renderer.total} frames for "
+                                  f"{session.job_id}; the result lands above the source.")
+        return {"FINISHED"}
+    session = rendering.start(context, prompt)
+    job_id = session.job_id
+    rendering.render_blocking(session)
+    if not wait:
+        return {"FINISHED"}
+    scene, job = jobs.find_job(job_id)
+    following.wait_and_collect(scene, job, props.preferences(context).job_timeout_s)
+    operator.report({"INFO"}, f"Added strip {job.result_strip!r} (seed {job.seed}).")
+    if job.message:  # the file is unsaved: the frames went to a temporary folder
+        operator.report({"WARNING"}, job.message)
+    return {"FINISHED"}
+
+
+class UNDERSTUDY_OT_make_room(bpy.types.Operator):
+    """Move the adjustment layer over the active strip, and everything above it over the
+    strip's frames, up one channel, then transfer: the result goes under the grade"""
+
+    bl_idname = "understudy.make_room"
+    bl_label = "Make Room"
+    bl_options = {"REGISTER", "UNDO"}  # the moves and the transfer are one undo step
+
+    prompt: StringProperty(name="Prompt", default="", options={"SKIP_SAVE"},
+                           description="What the subject should become (default: the panel's)")
+    wait: BoolProperty(name="Wait in background mode", default=True, options={"SKIP_SAVE"})
+
+    @classmethod
+    def poll(cls, context):
+        return has_sequencer(context)
+
+    @reports_user_errors
+    def execute(self, context):
+        scene = compat.sequencer_scene(context)
+        strip = strip_io.source_strip(scene)
+        moves = plan.make_room(strip_io.strip_span(strip), strip.name, strip_io.neighbours(scene))
+        if not moves:
+            scene.understudy.room_strip = ""
+            raise plan.UserError(f"No adjustment layer is in the way of {strip.name!r}'s result; "
+                                 f"click Transfer Motion.")
+        by_name = {other.name: other for other in compat.top_strips(scene.sequence_editor)}
+        before = {name: by_name[name].channel for name, _ in moves}
+        for name, channel in moves:  # highest first: no strip ever lands on another
+            by_name[name].channel = channel
+        jobs_before = len(scene.understudy_jobs)
+        try:
+            return run_transfer(self, context, self.prompt, self.wait)
+        except plan.UserError:
+            if len(scene.understudy_jobs) == jobs_before:  # refused before any work: undo
+                for name, _ in reversed(moves):  # lowest first, back down
+                    by_name[name].channel = before[name]
+            raise
 
 
 def chosen_job(context, job_id: str):
@@ -212,7 +273,7 @@ def test_connection(prefs) -> str:
     return report
 
 
-CLASSES = (UNDERSTUDY_OT_transfer, UNDERSTUDY_OT_cancel, UNDERSTUDY_OT_collect,
-           UNDERSTUDY_OT_test_connection)
+CLASSES = (UNDERSTUDY_OT_transfer, UNDERSTUDY_OT_make_room, UNDERSTUDY_OT_cancel,
+           UNDERSTUDY_OT_collect, UNDERSTUDY_OT_test_connection)
 
 register, unregister = bpy.utils.register_classes_factory(CLASSES)

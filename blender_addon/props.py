@@ -161,6 +161,10 @@ class UnderstudySettings(bpy.types.PropertyGroup):
     last_seed: StringProperty(name="Last seed", default="",
                               description="The seed of the last finished run")
     show_advanced: BoolProperty(name="Advanced", default=False)
+    room_strip: StringProperty(
+        name="Needs room", default="",
+        description="The strip whose transfer was refused for want of a channel under its "
+                    "grade (the panel offers Make Room)")
     steps: IntProperty(name="Steps", **plan.int_property_range("steps"))
     guided_steps: IntProperty(name="Guided steps", **plan.int_property_range("guided_steps"),
                               description="0: the reference's first 40% of the steps")

@@ -78,6 +78,14 @@ def check_writable(folder: str) -> None:
                              ) from error
 
 
+def check_place(context) -> None:
+    """The quick checks that need no server: a usable source with a place for its result
+    (so a refusal comes before a backend is started)."""
+    scene = compat.sequencer_scene(context)
+    strip = strip_io.source_strip(scene)
+    plan.result_channel(strip_io.strip_span(strip), strip.name, strip_io.neighbours(scene))
+
+
 def start(context, prompt: str = "", tick_budget_s: float | None = None) -> RenderSession:
     """Check everything, record the job (rendering) and return its render session.
 

@@ -57,6 +57,11 @@ class UNDERSTUDY_PT_panel(bpy.types.Panel):
         layout.label(text=frames_text(scene), icon="SEQUENCE")
 
         layout.operator("understudy.transfer", icon="PLAY")
+        strip = compat.active_strip(scene)
+        if settings.room_strip and strip is not None and strip.name == settings.room_strip:
+            box = layout.box()
+            box.label(text="No channel for the result under the grade", icon="ERROR")
+            box.operator("understudy.make_room", icon="TRIA_UP")
         self.draw_backend(layout, context)
         self.draw_jobs(layout, scene)
 

@@ -489,6 +489,42 @@ def scenario_draw(args: dict) -> dict:
     return log
 
 
+def scenario_make_room(args: dict) -> dict:
+    """A clip with its grade on the channel right above and a title above that: Transfer is
+    refused and the panel offers Make Room; Make Room moves them and transfers; undo puts
+    every strip back."""
+    install(args["zip"])
+    configure(args)
+    scene = bpy.context.scene
+    small_settings(scene)
+    source = movie_strip(scene, args["clip"], trim=(0, 0))
+    new_effect(scene, "grade", "ADJUSTMENT", 3, 1, 40)
+    new_effect(scene, "title", "COLOR", 4, 1, 40)
+    new_effect(scene, "later", "COLOR", 4, 100, 20)  # not over the clip's frames: stays
+    scene.sequence_editor.active_strip = source
+
+    def channels() -> dict:
+        return {strip.name: strip.channel for strip in strips(scene)}
+
+    before = scene_state(scene)
+    refused = run_operator(bpy.ops.understudy.transfer, prompt="a red fox")
+    refused["channels"] = channels()
+    log = {"props": [], "operators": [], "labels": [], "progress": [], "lists": []}
+    panel = bpy.types.UNDERSTUDY_PT_panel
+    panel.draw(Drawable(panel, None, FakeLayout(log)), bpy.context)
+    refused["offered"] = "understudy.make_room" in log["operators"]
+    bpy.ops.ed.undo_push(message="before Make Room")
+    outcome = run_operator(bpy.ops.understudy.make_room, prompt="a red fox")
+    result = finish(scene, before, outcome, refused=refused, moved=channels())
+    # A click on an UNDO operator pushes one undo step after it; bpy.ops from a script
+    # never does (the script's caller owns undo), so the scenario pushes it as the click would.
+    bpy.ops.ed.undo_push(message="Make Room")
+    bpy.ops.ed.undo()
+    scene = bpy.context.scene
+    result["undone"] = channels()
+    return result
+
+
 def scenario_nothing_selected(args: dict) -> dict:
     install(args["zip"])
     configure(args)

@@ -527,3 +527,17 @@ def test_crop_places_the_result_over_its_box_and_nothing_else(extension_zip, ser
     assert abs(new[2] - expected_cols[0]) <= 1.5 and abs(new[3] - expected_cols[1]) <= 1.5, (
         new, expected_cols)
     assert_source_unchanged(result)
+
+
+def test_make_room_places_the_result_under_the_grade_and_undo_puts_every_strip_back(
+        extension_zip, clip, server, tmp_path, blender):
+    python, _version = blender
+    result = run_blender({"scenario": "make_room", "zip": extension_zip, "clip": clip,
+                          "address": server.address}, tmp_path, python=python)
+    start = {"source": 2, "grade": 3, "title": 4, "later": 4}
+    refused = result["refused"]
+    assert not refused["ok"] and "move the adjustment layer up a channel" in refused["error"]
+    assert refused["channels"] == start and refused["offered"]  # nothing moved unasked
+    new = assert_result_strip(result, "source", channel=3)  # under the grade
+    assert result["moved"] == {**start, "grade": 4, "title": 5, new["name"]: 3}
+    assert result["undone"] == start  # one undo: every strip back, the result gone
