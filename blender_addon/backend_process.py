@@ -38,7 +38,8 @@ from .plan import UserError
 
 LOCK_NAME = "blender-backend.json"  # in the state folder: which backend runs, for every Blender
 LOG_NAME = "blender-backend.log"  # in the state folder: everything the backend printed
-READY_MARK = "ready on "  # the server's "Understudy server ready on ADDRESS (...)" line
+READY_MARK = "ready on "
+ERROR_PREFIX = "error: "  # the command line's one-sentence failure line  # the server's "Understudy server ready on ADDRESS (...)" line
 TAIL_LINES = 6  # log lines the panel shows when something went wrong
 START_TIMEOUT_S = 900.0  # a real model's first load from disk can take minutes
 STOP_TIMEOUT_S = 30.0  # a clean stop re-queues the running job; then it is killed
@@ -463,10 +464,14 @@ class LocalBackend:
             time.sleep(0.1)  # the backend writes its log at its own pace; nothing to wait on
 
     def failure(self) -> str:
-        """One sentence on a backend that stopped: its last log line and the log's place."""
-        last = self.last_line() or self.detail or "no output"
-        return (f"The backend stopped ({last}); fix the cause named there (the whole log is "
-                f"{self.log_path}) and start it again.")
+        """One sentence on a backend that stopped: the backend's own one-sentence error when
+        it ended with one (`error: ...`), else its last log line; and the log's place."""
+        last = self.last_line()
+        if last.startswith(ERROR_PREFIX):
+            return (f"The backend stopped: {last.removeprefix(ERROR_PREFIX).rstrip('.')} "
+                    f"(the whole log is {self.log_path}).")
+        return (f"The backend stopped ({last or self.detail or 'no output'}); fix the cause "
+                f"named in its log {self.log_path} and start it again.")
 
     def status_text(self) -> str:
         if self.state == BackendState.STARTING:
