@@ -658,10 +658,11 @@ def test_make_room_moves_the_grade_and_everything_above_it_over_the_frames_up_on
     others = [plan.Neighbour("s", source),
               plan.Neighbour("grade", Span(3, 0, 60), "ADJUSTMENT"),
               plan.Neighbour("title", Span(4, 20, 30), "TEXT"),
+              plan.Neighbour("logo", Span(6, 0, 15)),  # above, though nothing lands on it
               plan.Neighbour("later", Span(4, 70, 90)),  # not over the source's frames
               plan.Neighbour("below", Span(1, 0, 60))]
     moves = plan.make_room(source, "s", others)
-    assert moves == [("title", 5), ("grade", 4)]  # highest first
+    assert moves == [("logo", 7), ("title", 5), ("grade", 4)]  # highest first
     # After the moves the result has channel 3, under the grade.
     moved = dict(moves)
     after = [plan.Neighbour(o.name, Span(moved.get(o.name, o.span.channel), o.span.start,
