@@ -259,6 +259,8 @@ def live_lock(path: Path) -> Lock | None:
         lock = parse_lock(path.read_text())
     except OSError:
         return None
+    if lock is not None and lock.pid == lock.owner_pid and pid_alive(lock.pid):
+        return lock  # another Blender's claim, written the moment before it starts the backend
     if lock is not None and is_backend_process(lock.pid):
         return lock
     try:
@@ -478,8 +480,9 @@ class LocalBackend:
             return "Starting the backend: loading the model" + (
                 f" ({self.last_line()})" if self.last_line() else "")
         if self.answering:
-            started = "started here" if self.owned else "not started here: never stopped from here"
-            return f"Backend {self.state} at {self.address} ({self.detail or started})"
+            text = f"Backend {self.state} at {self.address}"
+            text += f" ({self.detail})" if self.detail else ""
+            return text if self.owned else text + "; started elsewhere, so never stopped from here"
         if self.state == BackendState.EXITED:
             return f"Backend exited ({self.detail}); its log: {self.log_path}"
         return "Backend stopped"

@@ -81,6 +81,8 @@ def prepare(context, then: Callable[[], None] | None = None, start: bool = False
     _last_problem[0] = ""
     BACKEND.poll()
     same_place = BACKEND.address == settings.address.strip()
+    if BACKEND.owned and BACKEND.running and not same_place:  # the address was changed
+        BACKEND.stop()
     if not (BACKEND.running and same_place) and not BACKEND.find(install, settings):
         if not (start or prefs.start_when_needed):
             raise plan.UserError(f"No backend runs at {settings.address}; click Start under "
