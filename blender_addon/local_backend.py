@@ -1,7 +1,8 @@
 """The backend on this computer, from Blender: preferences, the operators' first step,
 the watching timer, stopping it when Blender quits or the extension is disabled.
 
-The decisions live in backend_process.py (plain Python); this module only reads the
+The decisions live in backend_install.py, backend_lock.py and backend_process.py (plain
+Python); this module only reads the
 preferences and runs them. Before an operator talks to the server, `prepare` makes
 sure something answers: it finds a running backend (another Blender's, or one started
 by hand) or starts one. In the interface the operator's work then waits in a list and
@@ -16,22 +17,22 @@ from collections.abc import Callable
 
 import bpy
 
-from . import backend_process, jobs, link, plan, props
+from . import backend_install, backend_process, jobs, link, plan, props
 from .backend_process import BackendState
 
 TICK_S = 0.25  # how often the timer reads the backend's log while it starts or runs
 BACKEND = backend_process.LocalBackend()
-_installs: dict[str, backend_process.Install] = {}  # entered path -> its checked install
+_installs: dict[str, backend_install.Install] = {}  # entered path -> its checked install
 _pending: list[Callable[[], None]] = []  # what the operators asked for, once it is ready
 _keep_running = [False]  # the preference, remembered for the moment Blender quits
 _last_problem = [""]  # a deferred action's failure, shown in the panel
 
 
-def install_for(prefs) -> backend_process.Install:
+def install_for(prefs) -> backend_install.Install:
     """The checked project of the preferences (checked once per path entered)."""
     entered = bpy.path.abspath(prefs.project_path) if prefs.project_path else ""
     if entered not in _installs:
-        _installs[entered] = backend_process.find_install(entered)
+        _installs[entered] = backend_install.find_install(entered)
     return _installs[entered]
 
 
@@ -51,11 +52,11 @@ def remember(prefs) -> None:
     _keep_running[0] = bool(prefs.keep_running)
 
 
-def local_settings(prefs) -> backend_process.LocalSettings:
+def local_settings(prefs) -> backend_install.LocalSettings:
     def folder(path: str) -> str:
         return bpy.path.abspath(path) if path else ""
 
-    return backend_process.LocalSettings(
+    return backend_install.LocalSettings(
         address=prefs.server_address, model=prefs.local_model, device=prefs.local_device,
         state_dir=folder(prefs.local_state_dir), cache_dir=folder(prefs.local_cache_dir),
         extra_args=prefs.local_extra_args)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from blender_addon import backend_process
+from blender_addon import backend_install, backend_lock, backend_process
 from tests.blender_support import (
     BLENDER_TIMEOUT_S,
     SCENARIOS,
@@ -44,9 +44,9 @@ def local_args(extension_zip: str, clip: str, tmp_path: Path, **extra) -> dict:
             "cache_dir": str(tmp_path / "cache"), "trim": [0, 0], **extra}
 
 
-def lock_of(state_dir: Path) -> backend_process.Lock | None:
-    path = state_dir / backend_process.LOCK_NAME
-    return backend_process.parse_lock(path.read_text()) if path.exists() else None
+def lock_of(state_dir: Path) -> backend_lock.Lock | None:
+    path = state_dir / backend_lock.LOCK_NAME
+    return backend_lock.parse_lock(path.read_text()) if path.exists() else None
 
 
 def assert_placed(result: dict) -> None:
@@ -63,14 +63,14 @@ def test_a_transfer_starts_the_backend_and_disabling_the_extension_stops_it(
     args = local_args(extension_zip, clip, tmp_path, disable=True)
     result = run_blender(args, tmp_path,
                          python=sys.executable if python == "5.0" else blender_lts_python())
-    assert result["project_report"] == f"Backend found: {backend_process.venv_python(REPO_ROOT)}"
+    assert result["project_report"] == f"Backend found: {backend_install.venv_python(REPO_ROOT)}"
     assert_placed(result)
     backend = result["backend"]
     assert backend["owned"] and backend["pid"] and backend["state"] in ("ready", "busy")
     assert backend["status"][0].startswith(f"Backend ready at {args['address']} (model tiny on cpu")
     assert Path(backend["log"]) == tmp_path / "state" / backend_process.LOG_NAME
     assert result["disabled"] and not result["alive_after_disable"]
-    assert not backend_process.pid_alive(backend["pid"])
+    assert not backend_lock.pid_alive(backend["pid"])
     assert lock_of(tmp_path / "state") is None
 
 
@@ -97,7 +97,7 @@ def test_a_wrong_folder_is_one_sentence_before_anything_runs(extension_zip, clip
     assert result["outcome"] == {"ok": False, "error": f"Error: {sentence}\n"}
     assert result["new_strips"] == [] and result["jobs"] == []
     assert result["backend"]["pid"] == 0 and not (tmp_path / "state").exists()
-    assert not backend_process.listening(args["address"])
+    assert not backend_install.listening(args["address"])
 
 
 def test_a_backend_killed_mid_job_is_restarted_and_the_result_arrives(extension_zip, clip,
@@ -135,7 +135,7 @@ def test_a_backend_killed_mid_job_is_restarted_and_the_result_arrives(extension_
     assert_placed(result)
     backend = result["backend"]
     assert backend["pid"] != lock.pid and backend["restarts_left"] == 0
-    assert not backend_process.pid_alive(backend["pid"])  # stopped when that Blender ended
+    assert not backend_lock.pid_alive(backend["pid"])  # stopped when that Blender ended
 
 
 def test_a_second_blender_uses_the_running_backend_and_never_stops_it(extension_zip, clip,
@@ -146,16 +146,16 @@ def test_a_second_blender_uses_the_running_backend_and_never_stops_it(extension_
     assert first["outcome"]["report"].startswith("Connected: model tiny on cpu")
     pid = first["backend"]["pid"]
     try:
-        assert backend_process.pid_alive(pid)  # kept running after that Blender quit
+        assert backend_lock.pid_alive(pid)  # kept running after that Blender quit
         lock = lock_of(tmp_path / "state")
         second = run_blender({**local_args(extension_zip, clip, tmp_path), "address": lock.address,
                               "stop_button": True, "disable": True}, tmp_path)
         assert_placed(second)
         assert second["backend"]["pid"] == pid and not second["backend"]["owned"]
         assert second["stop"]["ok"] and second["alive_after_disable"]
-        assert backend_process.pid_alive(pid) and lock_of(tmp_path / "state") == lock
+        assert backend_lock.pid_alive(pid) and lock_of(tmp_path / "state") == lock
     finally:
-        if backend_process.pid_alive(pid):
+        if backend_lock.pid_alive(pid):
             os.kill(pid, signal.SIGTERM)
 
 

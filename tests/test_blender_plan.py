@@ -601,7 +601,8 @@ def test_extension_modules_without_bpy_do_not_import_it():
 
     code = ("import sys; import blender_addon.plan, blender_addon.link, blender_addon.strip_io, "
             "blender_addon.compat, blender_addon.batches, blender_addon.placement, "
-            "blender_addon.pngio, blender_addon.backend_process; print('bpy' in sys.modules)")
+            "blender_addon.pngio, blender_addon.backend_install, "
+            "blender_addon.backend_lock, blender_addon.backend_process; print('bpy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
                          text=True, env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"})
     assert out.stdout.strip() == "False", out.stderr
