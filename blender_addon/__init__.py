@@ -5,7 +5,7 @@ imported there, not at the top, so the plain-Python modules (plan, link) can be
 imported and tested without Blender.
 """
 
-MODULE_NAMES = ("props", "operators", "jobs", "files", "ui")
+MODULE_NAMES = ("props", "local_backend", "operators", "jobs", "files", "ui")
 
 
 def _modules():

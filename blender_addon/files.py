@@ -11,7 +11,7 @@ import shutil
 
 import bpy
 
-from . import compat, jobs, plan
+from . import compat, following, jobs, plan, rendering
 from .states import COLLECT_HINT, NO_RESULT, Phase, Status
 
 
@@ -37,12 +37,12 @@ def on_file_loaded(_filepath) -> None:
     if not jobs.BATCHED:  # background mode: timers never fire, so catch up now
         for scene, job in pending:
             try:
-                client, _ = jobs.client_for_job(job)
-                jobs.resync(scene, job, client)
+                client, _ = following.client_for_job(job)
+                following.resync(scene, job, client)
             except plan.UserError as error:
                 job.message = str(error)
         return
-    jobs.follow()
+    following.follow()
 
 
 _moved: list[tuple[str, str, str]] = []  # (job id, new absolute folder, folder as stored)
@@ -75,7 +75,7 @@ def on_save_pre(filepath, *_args) -> None:
                 job.message = (f"Could not move the frames from {old} to {new} ({plan.os_reason(error)}); "
                                f"copy the folder there and relink the strip.")
                 continue
-            session = jobs.session_of(job.job_id)
+            session = rendering.session_of(job.job_id)
             if session is not None:
                 session.folder = new
             for strip in compat.all_strips(scene.sequence_editor) if scene.sequence_editor else ():

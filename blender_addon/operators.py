@@ -1,16 +1,49 @@
 """Operators: transfer, cancel, collect, test connection.
 
-Each one turns plan.UserError into a single-sentence report, so a failure shows up in
-Blender's interface (or as the RuntimeError of `bpy.ops…` in a script) and nothing
-else happens.
+Each one's execute is wrapped by `reports_user_errors`, which turns plan.UserError
+into a single-sentence report, so a failure shows up in Blender's interface (or as
+the RuntimeError of `bpy.ops…` in a script) and nothing else happens.
 """
+
+import functools
 
 import bpy
 from bpy.props import BoolProperty, StringProperty
 
-from . import compat, jobs, link, plan, props
+from . import (
+    collecting,
+    compat,
+    following,
+    jobs,
+    link,
+    local_backend,
+    plan,
+    props,
+    rendering,
+    strip_io,
+)
 from .batches import TICK_BUDGET_S
 from .states import Status
+
+
+def report_error(operator, error: plan.UserError) -> set[str]:
+    """Report a user's error as its one sentence; the operator ends CANCELLED."""
+    operator.report({"ERROR"}, str(error))
+    return {"CANCELLED"}
+
+
+def reports_user_errors(execute):
+    """An operator's execute that reports a plan.UserError as its one sentence and
+    ends CANCELLED (the one place the operators handle a user's error)."""
+
+    @functools.wraps(execute)
+    def guarded_execute(self, context):
+        try:
+            return execute(self, context)
+        except plan.UserError as error:
+            return report_error(self, error)
+
+    return guarded_execute
 
 
 def has_sequencer(context) -> bool:
@@ -22,6 +55,13 @@ def file_jobs(condition) -> bool:
     """True when some job of the open file meets the condition."""
     return any(condition(job) for scene in bpy.data.scenes
                for job in getattr(scene, "understudy_jobs", ()))
+
+
+def render_in_batches(context, prompt: str) -> rendering.RenderSession:
+    """Interface: check and start rendering from the work timer, a batch per tick."""
+    session = rendering.start(context, prompt, tick_budget_s=TICK_BUDGET_S)
+    jobs.work_in_batches()
+    return session
 
 
 class UNDERSTUDY_OT_transfer(bpy.types.Operator):
@@ -44,36 +84,79 @@ class UNDERSTUDY_OT_transfer(bpy.types.Operator):
         cls.poll_message_set("The scene has no sequencer strips; add a strip to transfer first.")
         return False
 
+    @reports_user_errors
     def execute(self, context):
         try:
-            session = jobs.start(context, self.prompt,
-                                 tick_budget_s=TICK_BUDGET_S if jobs.BATCHED else None)
-        except plan.UserError as error:
-            self.report({"ERROR"}, str(error))
-            return {"CANCELLED"}
-        job_id = session.job_id
-        if jobs.BATCHED:
-            jobs.work_in_batches()
-            self.report({"INFO"}, f"Rendering {session.renderer.total} frames for {job_id}; the "
-                                  f"result lands above the source.")
-            return {"FINISHED"}
-        try:
-            jobs.render_blocking(session)
-        except plan.UserError as error:
-            self.report({"ERROR"}, str(error))
-            return {"CANCELLED"}
-        if not self.wait:
-            return {"FINISHED"}
-        scene, job = jobs.find_job(job_id)
-        try:
-            jobs.wait_and_collect(scene, job, props.preferences(context).job_timeout_s)
-        except plan.UserError as error:
-            self.report({"ERROR"}, str(error))
-            return {"CANCELLED"}
-        self.report({"INFO"}, f"Added strip {job.result_strip!r} (seed {job.seed}).")
-        if job.message:  # the file is unsaved: the frames went to a temporary folder
-            self.report({"WARNING"}, job.message)
+            return run_transfer(self, context, self.prompt, self.wait)
+        except plan.NoRoomUnderGrade as error:  # the panel offers Make Room for this strip
+            compat.sequencer_scene(context).understudy.room_strip = error.source_name
+            raise
+
+
+def run_transfer(operator, context, prompt: str, wait: bool) -> set[str]:
+    """Transfer the active strip: start the backend if needed, render, submit; in background
+    mode also wait for the result (unless not `wait`). Raises plan.UserError."""
+    compat.sequencer_scene(context).understudy.room_strip = ""
+    rendering.check_place(context)
+    if not local_backend.prepare(context, then=lambda: render_in_batches(bpy.context, prompt)):
+        operator.report({"INFO"}, "Starting the backend: loading the model; the transfer "
+                                  "starts when it is ready.")
         return {"FINISHED"}
+    if jobs.BATCHED:
+        session = render_in_batches(context, prompt)
+        operator.report({"INFO"}, f"Rendering {session.renderer.total} frames for "
+                                  f"{session.job_id}; the result lands above the source.")
+        return {"FINISHED"}
+    session = rendering.start(context, prompt)
+    job_id = session.job_id
+    rendering.render_blocking(session)
+    if not wait:
+        return {"FINISHED"}
+    scene, job = jobs.find_job(job_id)
+    following.wait_and_collect(scene, job, props.preferences(context).job_timeout_s)
+    operator.report({"INFO"}, f"Added strip {job.result_strip!r} (seed {job.seed}).")
+    if job.message:  # the file is unsaved: the frames went to a temporary folder
+        operator.report({"WARNING"}, job.message)
+    return {"FINISHED"}
+
+
+class UNDERSTUDY_OT_make_room(bpy.types.Operator):
+    """Move the adjustment layer over the active strip, and everything above it over the
+    strip's frames, up one channel, then transfer: the result goes under the grade"""
+
+    bl_idname = "understudy.make_room"
+    bl_label = "Make Room"
+    bl_options = {"REGISTER", "UNDO"}  # the moves and the transfer are one undo step
+
+    prompt: StringProperty(name="Prompt", default="", options={"SKIP_SAVE"},
+                           description="What the subject should become (default: the panel's)")
+    wait: BoolProperty(name="Wait in background mode", default=True, options={"SKIP_SAVE"})
+
+    @classmethod
+    def poll(cls, context):
+        return has_sequencer(context)
+
+    @reports_user_errors
+    def execute(self, context):
+        scene = compat.sequencer_scene(context)
+        strip = strip_io.source_strip(scene)
+        moves = plan.make_room(strip_io.strip_span(strip), strip.name, strip_io.neighbours(scene))
+        if not moves:
+            scene.understudy.room_strip = ""
+            raise plan.UserError(f"No adjustment layer is in the way of {strip.name!r}'s result; "
+                                 f"click Transfer Motion.")
+        by_name = {other.name: other for other in compat.top_strips(scene.sequence_editor)}
+        before = {name: by_name[name].channel for name, _ in moves}
+        for name, channel in moves:  # highest first: no strip ever lands on another
+            by_name[name].channel = channel
+        jobs_before = len(scene.understudy_jobs)
+        try:
+            return run_transfer(self, context, self.prompt, self.wait)
+        except plan.UserError:
+            if len(scene.understudy_jobs) == jobs_before:  # refused before any work: undo
+                for name, _ in reversed(moves):  # lowest first, back down
+                    by_name[name].channel = before[name]
+            raise
 
 
 def chosen_job(context, job_id: str):
@@ -105,13 +188,10 @@ class UNDERSTUDY_OT_cancel(bpy.types.Operator):
         cls.poll_message_set("No Understudy job is rendering or running.")
         return False
 
+    @reports_user_errors
     def execute(self, context):
-        try:
-            scene, job = chosen_job(context, self.job_id)
-            jobs.cancel(scene, job)
-        except plan.UserError as error:
-            self.report({"ERROR"}, str(error))
-            return {"CANCELLED"}
+        scene, job = chosen_job(context, self.job_id)
+        following.cancel(scene, job)
         self.report({"INFO"}, f"Cancelled {job.job_id}.")
         return {"FINISHED"}
 
@@ -133,32 +213,27 @@ class UNDERSTUDY_OT_collect(bpy.types.Operator):
                              "be placed.")
         return False
 
+    @reports_user_errors
     def execute(self, context):
         ended = {Status.DONE: 0, Status.CANCELLED: 0, Status.FAILED: 0}
         # Results that came back but could not be placed: place them now (no waiting).
         for scene, job in jobs.unplaced_jobs():
             try:
-                jobs.collect_again(scene, job)
-            except plan.UserError as error:
+                collecting.collect_again(scene, job)
+            except plan.UserError as error:  # recorded on the job; the others go on
                 self.report({"WARNING"}, f"{job.job_id}: {error}")
             if job.status == Status.DONE:  # in the interface it may still be being placed
                 ended[Status.DONE] += 1
         pending = jobs.active_jobs()
+        if pending and not local_backend.prepare(context, then=following.follow):
+            return {"FINISHED"}  # the backend starts; the timer follows the jobs once it answers
         if jobs.BATCHED:
-            jobs.follow()
+            following.follow()
             return {"FINISHED"}
         timeout = props.preferences(context).job_timeout_s
         for job_id in [job.job_id for _, job in pending]:
             scene, job = jobs.find_job(job_id)
-            try:
-                client, _ = jobs.client_for_job(job)
-                jobs.resync(scene, job, client)
-                if job.active and self.wait:
-                    jobs.wait_and_collect(scene, job, timeout)
-            except plan.UserError as error:
-                if job.active:  # the server is unreachable or the wait timed out
-                    self.report({"ERROR"}, str(error))
-                    return {"CANCELLED"}
+            following.catch_up(scene, job, self.wait, timeout)
             if job.status in ended:
                 ended[job.status] += 1
             if job.status in (Status.FAILED, Status.UNPLACED):
@@ -173,23 +248,32 @@ class UNDERSTUDY_OT_test_connection(bpy.types.Operator):
     bl_idname = "understudy.test_connection"
     bl_label = "Test Connection"
 
+    @reports_user_errors
     def execute(self, context):
         prefs = props.preferences(context)
-        config = prefs.server_config()
-        try:
-            client = link.client_for(config)
-            report = link.describe_server(link.guarded(client.hello))
-        except plan.UserError as error:
-            link.forget(config)
-            prefs.connection_report = str(error)
-            self.report({"ERROR"}, str(error))
-            return {"CANCELLED"}
-        prefs.connection_report = report
+        if not local_backend.prepare(context, then=lambda: test_connection(props.preferences())):
+            prefs.connection_report = "Starting the backend: loading the model."
+            return {"FINISHED"}
+        report = test_connection(prefs)
         self.report({"INFO"}, report)
         return {"FINISHED"}
 
 
-CLASSES = (UNDERSTUDY_OT_transfer, UNDERSTUDY_OT_cancel, UNDERSTUDY_OT_collect,
-           UNDERSTUDY_OT_test_connection)
+def test_connection(prefs) -> str:
+    """Ask the server for its hello; the report (or the error) is kept for the preferences."""
+    config = prefs.server_config()
+    try:
+        client = link.client_for(config)
+        report = link.describe_server(link.guarded(client.hello))
+    except plan.UserError as error:
+        link.forget(config)
+        prefs.connection_report = str(error)
+        raise
+    prefs.connection_report = report
+    return report
+
+
+CLASSES = (UNDERSTUDY_OT_transfer, UNDERSTUDY_OT_make_room, UNDERSTUDY_OT_cancel,
+           UNDERSTUDY_OT_collect, UNDERSTUDY_OT_test_connection)
 
 register, unregister = bpy.utils.register_classes_factory(CLASSES)

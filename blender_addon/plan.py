@@ -82,6 +82,15 @@ def check_source(strip_type: str | None, name: str, span: Span | None, muted: bo
                         f"needs a strip at least 2 frames long.")
 
 
+class NoRoomUnderGrade(UserError):
+    """The result has no channel between its source and the adjustment layer grading it;
+    Make Room (make_room below) can fix that, when the editor clicks it."""
+
+    def __init__(self, message: str, source_name: str) -> None:
+        super().__init__(message)
+        self.source_name = source_name
+
+
 @dataclass(frozen=True)
 class Neighbour:
     """Another top-level strip, as far as placing the result is concerned."""
@@ -123,12 +132,51 @@ def result_channel(source: Span, source_name: str, others: list[Neighbour],
     frames = f"between frames {source.start} and {source.end - 1}"
     if ceiling <= MAX_CHANNEL:
         grade = min(grades, key=lambda other: other.span.channel)
-        raise UserError(f"There is no free channel between {source_name!r} (channel "
-                        f"{source.channel}) and the adjustment layer {grade.name!r} (channel "
-                        f"{ceiling}) {frames}, and above it the result would not be graded like "
-                        f"the source; move the adjustment layer up a channel {then}.")
+        raise NoRoomUnderGrade(
+            f"There is no free channel between {source_name!r} (channel {source.channel}) and "
+            f"the adjustment layer {grade.name!r} (channel {ceiling}) {frames}, and above it "
+            f"the result would not be graded like the source; move the adjustment layer up a "
+            f"channel {then}.", source_name)
     raise UserError(f"Every channel above channel {source.channel} is taken {frames}; free one "
                     f"{then}.")
+
+
+def make_room(source: Span, source_name: str, others: list[Neighbour]) -> list[tuple[str, int]]:
+    """The moves that make a channel for the result under the grade: (strip, new channel),
+    highest first, so applying them in order never overlaps two strips.
+
+    Let g be the channel of the lowest adjustment layer over the source's frames above
+    it. Every strip on a channel c >= g over the source's frames moves to c + 1, which
+    frees channel g there for the result, still below the grade. A strip on c + 1 whose
+    frames meet a moved strip's moves too (and so on upwards), so nothing lands on
+    another. Empty when no adjustment layer is in the way. UserError when a strip would
+    leave channel MAX_CHANNEL.
+    """
+    over = [other for other in others if other.name != source_name
+            and other.span.overlaps(source.start, source.end)]
+    grades = [other.span.channel for other in over
+              if other.type == "ADJUSTMENT" and other.span.channel > source.channel]
+    if not grades:
+        return []
+    floor = min(grades)
+    moving = {other.name: other for other in over if other.span.channel >= floor}
+    grown = True
+    while grown:  # a strip right above a moved one, meeting it in time, moves too
+        grown = False
+        for other in others:
+            if other.name in moving or other.name == source_name:
+                continue
+            if any(moved.span.channel + 1 == other.span.channel
+                   and moved.span.overlaps(other.span.start, other.span.end)
+                   for moved in moving.values()):
+                moving[other.name] = other
+                grown = True
+    top = max(moving.values(), key=lambda other: other.span.channel)
+    if top.span.channel >= MAX_CHANNEL:
+        raise UserError(f"{top.name!r} is on channel {MAX_CHANNEL}, the top channel, so nothing "
+                        f"can move up to make room; free a channel above {source_name!r} by hand.")
+    return [(other.name, other.span.channel + 1)
+            for other in sorted(moving.values(), key=lambda other: -other.span.channel)]
 
 
 def frames_to_render(span: Span, max_frames: int, name: str = "The strip") -> list[int]:

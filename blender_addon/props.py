@@ -22,12 +22,68 @@ from .states import ACTIVE, Status
 ADDON_ID = __package__
 
 
+def _check_project(self, _context) -> None:
+    from . import local_backend  # bpy edge of backend_process; imported late (it needs prefs)
+
+    local_backend.check_entered(self)
+
+
+def _remember_keep_running(self, _context) -> None:
+    from . import local_backend
+
+    local_backend.remember(self)
+
+
 class UnderstudyPreferences(bpy.types.AddonPreferences):
     bl_idname = ADDON_ID
 
+    backend_kind: EnumProperty(
+        name="Backend", default="LOCAL",
+        items=[("LOCAL", "This computer", "The extension starts, watches and stops the "
+                                          "backend of a project installed here"),
+               ("SERVER", "A server", "A backend someone runs (python -m backend serve), here "
+                                      "or on a GPU machine")],
+        description="Where transfers run")
+    project_path: StringProperty(
+        name="Project folder", subtype="DIR_PATH", default="", update=_check_project,
+        description="The folder the Understudy project is in (where `python build.py` was "
+                    "run), or its .venv Python")
+    project_report: StringProperty(name="Project check", default="")
+    local_model: StringProperty(
+        name="Model", default="",
+        description="Hub id, local diffusers folder, or tiny (empty: the command line's default)")
+    local_device: StringProperty(
+        name="Device", default="",
+        description="cuda, cuda:1, cpu (empty: the command line's default, CUDA if present)")
+    local_state_dir: StringProperty(
+        name="State folder", subtype="DIR_PATH", default="",
+        description="The job store, the backend's log and lock (empty: the command line's "
+                    "default)")
+    local_cache_dir: StringProperty(
+        name="Cache folder", subtype="DIR_PATH", default="",
+        description="Where inversions are cached (empty: the command line's default)")
+    local_extra_args: StringProperty(
+        name="More serve flags", default="",
+        description="Further `python -m backend serve` flags, as on a command line")
+    vae_slice: IntProperty(name="VAE slice", **plan.int_property_range("vae_slice"),
+                           description=plan.SETTINGS.spec_of("vae_slice").help)
+    gradient_checkpointing: BoolProperty(
+        name="Gradient checkpointing",
+        default=plan.SETTINGS.DEFAULTS["gradient_checkpointing"],
+        description=plan.SETTINGS.spec_of("gradient_checkpointing").help)
+    start_when_needed: BoolProperty(
+        name="Start when needed", default=True,
+        description="Transfer, Test Connection and Collect Results start the backend when "
+                    "nothing answers")
+    keep_running: BoolProperty(
+        name="Keep running", default=False, update=_remember_keep_running,
+        description="Leave the backend this Blender started running when Blender quits or "
+                    "the extension is disabled")
+
     server_address: StringProperty(
-        name="Server address", default="tcp://127.0.0.1:5555",
-        description="Where the Understudy backend listens (python -m backend serve)")
+        name="Address", default="tcp://127.0.0.1:5555",
+        description="Where the Understudy backend listens (python -m backend serve; on this "
+                    "computer, a loopback address)")
     server_key_file: StringProperty(
         name="Server public key file", subtype="FILE_PATH", default="",
         description="The server's CURVE public key (.key); only for a remote server")
@@ -46,18 +102,36 @@ class UnderstudyPreferences(bpy.types.AddonPreferences):
         description="Long side of the frames sent to the server")
     connection_report: StringProperty(name="Last connection test", default="")
 
+    @property
+    def local(self) -> bool:
+        """The backend runs on this computer, started by the extension when needed."""
+        return self.backend_kind == "LOCAL"
+
     def server_config(self) -> link.ServerConfig:
+        if self.local:  # loopback: no keys
+            return link.ServerConfig(address=self.server_address, timeout_s=float(self.timeout_s))
         return link.ServerConfig(
             address=self.server_address,
             server_key_file=bpy.path.abspath(self.server_key_file) if self.server_key_file else "",
             client_key_file=bpy.path.abspath(self.client_key_file) if self.client_key_file else "",
             timeout_s=float(self.timeout_s))
 
+    def memory_settings(self) -> dict:
+        """The job settings that bound GPU memory (shared/settings.py's names)."""
+        return {"vae_slice": int(self.vae_slice),
+                "gradient_checkpointing": bool(self.gradient_checkpointing)}
+
     def draw(self, context):
+        from . import local_backend
+
         layout = self.layout
+        layout.prop(self, "backend_kind", expand=True)
         layout.prop(self, "server_address")
-        layout.prop(self, "server_key_file")
-        layout.prop(self, "client_key_file")
+        if self.local:
+            local_backend.draw_preferences(self, layout)
+        else:
+            layout.prop(self, "server_key_file")
+            layout.prop(self, "client_key_file")
         row = layout.row()
         row.prop(self, "timeout_s")
         row.prop(self, "job_timeout_s")
@@ -87,6 +161,10 @@ class UnderstudySettings(bpy.types.PropertyGroup):
     last_seed: StringProperty(name="Last seed", default="",
                               description="The seed of the last finished run")
     show_advanced: BoolProperty(name="Advanced", default=False)
+    room_strip: StringProperty(
+        name="Needs room", default="",
+        description="The strip whose transfer was refused for want of a channel under its "
+                    "grade (the panel offers Make Room)")
     steps: IntProperty(name="Steps", **plan.int_property_range("steps"))
     guided_steps: IntProperty(name="Guided steps", **plan.int_property_range("guided_steps"),
                               description="0: the reference's first 40% of the steps")

@@ -2,7 +2,7 @@
 
 import bpy
 
-from . import compat, plan
+from . import compat, local_backend, plan, props
 
 
 class UNDERSTUDY_UL_jobs(bpy.types.UIList):
@@ -57,7 +57,22 @@ class UNDERSTUDY_PT_panel(bpy.types.Panel):
         layout.label(text=frames_text(scene), icon="SEQUENCE")
 
         layout.operator("understudy.transfer", icon="PLAY")
+        strip = compat.active_strip(scene)
+        if settings.room_strip and strip is not None and strip.name == settings.room_strip:
+            box = layout.box()
+            box.label(text="No channel for the result under the grade", icon="ERROR")
+            box.operator("understudy.make_room", icon="TRIA_UP")
+        self.draw_backend(layout, context)
         self.draw_jobs(layout, scene)
+
+    def draw_backend(self, layout, context) -> None:
+        """The backend on this computer: starting, ready, busy, stopped or exited (with the
+        last log lines and where the whole log is)."""
+        if not props.preferences(context).local:
+            return
+        col = layout.column(align=True)
+        for index, line in enumerate(local_backend.status_lines()):
+            col.label(text=line, icon="CONSOLE" if index == 0 else "NONE")
 
     def draw_jobs(self, layout, scene) -> None:
         jobs = scene.understudy_jobs

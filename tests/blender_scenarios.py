@@ -33,6 +33,7 @@ def install(zip_path: str) -> None:
 
 def configure(args: dict) -> None:
     prefs = bpy.context.preferences.addons[ADDON].preferences
+    prefs.backend_kind = "LOCAL" if args.get("project") is not None else "SERVER"
     prefs.server_address = args.get("address", prefs.server_address)
     prefs.timeout_s = args.get("timeout_s", 10.0)
     prefs.max_render_size = 96
@@ -222,15 +223,15 @@ def scenario_transfer(args: dict) -> dict:
         import signal
 
         os.kill(args["kill_pid"], signal.SIGKILL)
-        jobs = importlib.import_module(f"{ADDON}.jobs")
+        following = importlib.import_module(f"{ADDON}.following")
         plan = importlib.import_module(f"{ADDON}.plan")
         states = importlib.import_module(f"{ADDON}.states")
         job = scene.understudy_jobs[-1]
         # The interface's polling timer notices first (ticked here as Blender would) ...
         deadline = time.monotonic() + 60
         while job.phase != states.Phase.WAITING and time.monotonic() < deadline:
-            jobs.poll_once()
-            time.sleep(jobs.POLL_INTERVAL_S)
+            following.poll_once()
+            time.sleep(following.POLL_INTERVAL_S)
         extra = {"interface": [job.phase, job.message,
                                plan.progress_text(job.status, job.phase, job.percent)]}
         # ... then Collect Results, which in background mode waits and gives up.
@@ -262,6 +263,8 @@ def scenario_interface_polling(args: dict) -> dict:
     Then a second transfer is cancelled between two batches."""
     install(args["zip"])
     jobs = importlib.import_module(f"{ADDON}.jobs")
+    rendering = importlib.import_module(f"{ADDON}.rendering")
+    following = importlib.import_module(f"{ADDON}.following")
     batches = importlib.import_module(f"{ADDON}.batches")
     jobs.BATCHED = True  # the interface's path: work in timer ticks
     configure(args)
@@ -269,7 +272,7 @@ def scenario_interface_polling(args: dict) -> dict:
     small_settings(scene, args.get("settings"))
     movie_strip(scene, args["clip"])
     before = scene_state(scene)
-    session = jobs.start(bpy.context, "a red fox", tick_budget_s=batches.TICK_BUDGET_S)
+    session = rendering.start(bpy.context, "a red fox", tick_budget_s=batches.TICK_BUDGET_S)
     jobs.work_in_batches()
     render_timer = bpy.app.timers.is_registered(jobs.work_tick)
     ticks = []
@@ -283,9 +286,9 @@ def scenario_interface_polling(args: dict) -> dict:
         if interval is None:
             break
     outcome = {"ok": scene.understudy_jobs[0].status == "submitted"}
-    timer_registered = bpy.app.timers.is_registered(jobs.poll_once)
+    timer_registered = bpy.app.timers.is_registered(following.poll_once)
     applied = []  # (event type or job state, the record's status after it), per message
-    apply_reply = jobs.apply_reply
+    apply_reply = following.apply_reply
 
     def recording_apply(scene_, job_, client, reply):
         try:
@@ -293,22 +296,22 @@ def scenario_interface_polling(args: dict) -> dict:
         finally:
             applied.append([str(reply.get("type", reply.get("state"))), str(job_.status)])
 
-    jobs.apply_reply = recording_apply
+    following.apply_reply = recording_apply
     seen = []
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # both timers, as Blender would run them
-        polling, working = jobs.poll_once(), jobs.work_tick()
+        polling, working = following.poll_once(), jobs.work_tick()
         job = scene.understudy_jobs[0]
         seen.append([job.status, job.phase, round(job.percent)])
         if polling is None and working is None:
             break
         if working is None:
-            time.sleep(jobs.POLL_INTERVAL_S)
-    jobs.apply_reply = apply_reply
+            time.sleep(following.POLL_INTERVAL_S)
+    following.apply_reply = apply_reply
     result = finish(scene, before, outcome, timer_registered=timer_registered,
                     render_timer=render_timer, ticks=ticks, seen=seen, applied=applied)
     # Cancel between batches: one batch rendered, then Cancel, then the next tick.
-    second = jobs.start(bpy.context, "a blue fox", tick_budget_s=batches.TICK_BUDGET_S)
+    second = rendering.start(bpy.context, "a blue fox", tick_budget_s=batches.TICK_BUDGET_S)
     jobs.work_in_batches()
     jobs.work_tick()
     rendered_before_cancel = second.renderer.done
@@ -320,7 +323,7 @@ def scenario_interface_polling(args: dict) -> dict:
                         "job": cancelled,
                         "folder_left": Path(cancelled["frames_path"]).exists()}
     # Saved while a third strip renders, then reopened: that job was never sent.
-    third = jobs.start(bpy.context, "a green fox", tick_budget_s=batches.TICK_BUDGET_S)
+    third = rendering.start(bpy.context, "a green fox", tick_budget_s=batches.TICK_BUDGET_S)
     jobs.work_tick()
     rendering_status = job_state(scene.understudy_jobs[-1])["status"]
     blend = str(Path(args["out"]) / "while-rendering.blend")
@@ -484,8 +487,46 @@ def scenario_draw(args: dict) -> dict:
     assert panel.poll(bpy.context)
     panel.draw(Drawable(panel, None, layout), bpy.context)
     prefs = bpy.context.preferences.addons[ADDON].preferences
-    type(prefs).draw(Drawable(type(prefs), prefs, layout), bpy.context)
+    for kind in ("LOCAL", "SERVER"):  # "this computer" (the default), then "a server"
+        prefs.backend_kind = kind
+        type(prefs).draw(Drawable(type(prefs), prefs, layout), bpy.context)
     return log
+
+
+def scenario_make_room(args: dict) -> dict:
+    """A clip with its grade on the channel right above and a title above that: Transfer is
+    refused and the panel offers Make Room; Make Room moves them and transfers; undo puts
+    every strip back."""
+    install(args["zip"])
+    configure(args)
+    scene = bpy.context.scene
+    small_settings(scene)
+    source = movie_strip(scene, args["clip"], trim=(0, 0))
+    new_effect(scene, "grade", "ADJUSTMENT", 3, 1, 40)
+    new_effect(scene, "title", "COLOR", 4, 1, 40)
+    new_effect(scene, "later", "COLOR", 4, 100, 20)  # not over the clip's frames: stays
+    scene.sequence_editor.active_strip = source
+
+    def channels() -> dict:
+        return {strip.name: strip.channel for strip in strips(scene)}
+
+    before = scene_state(scene)
+    refused = run_operator(bpy.ops.understudy.transfer, prompt="a red fox")
+    refused["channels"] = channels()
+    log = {"props": [], "operators": [], "labels": [], "progress": [], "lists": []}
+    panel = bpy.types.UNDERSTUDY_PT_panel
+    panel.draw(Drawable(panel, None, FakeLayout(log)), bpy.context)
+    refused["offered"] = "understudy.make_room" in log["operators"]
+    bpy.ops.ed.undo_push(message="before Make Room")
+    outcome = run_operator(bpy.ops.understudy.make_room, prompt="a red fox")
+    result = finish(scene, before, outcome, refused=refused, moved=channels())
+    # A click on an UNDO operator pushes one undo step after it; bpy.ops from a script
+    # never does (the script's caller owns undo), so the scenario pushes it as the click would.
+    bpy.ops.ed.undo_push(message="Make Room")
+    bpy.ops.ed.undo()
+    scene = bpy.context.scene
+    result["undone"] = channels()
+    return result
 
 
 def scenario_nothing_selected(args: dict) -> dict:
@@ -515,6 +556,96 @@ def scenario_test_connection(args: dict) -> dict:
     outcome = run_operator(bpy.ops.understudy.test_connection)
     prefs = bpy.context.preferences.addons[ADDON].preferences
     return {"outcome": outcome, "report": prefs.connection_report}
+
+
+def configure_local(args: dict):
+    """Preferences for "this computer": the project, the tiny model on the CPU, a state
+    folder of the test's own; the project is checked as it is entered."""
+    prefs = bpy.context.preferences.addons[ADDON].preferences
+    prefs.local_model, prefs.local_device = "tiny", "cpu"
+    prefs.local_state_dir = args["state_dir"]
+    prefs.local_cache_dir = args.get("cache_dir", "")
+    prefs.local_extra_args = args.get("extra_args", "")
+    prefs.keep_running = args.get("keep_running", False)
+    prefs.project_path = args["project"]  # last: entering it runs the check
+    return prefs
+
+
+def scenario_local(args: dict) -> dict:
+    """"This computer": a transfer (or Test Connection) with the extension's own backend,
+    then optionally Stop and disabling the extension. Reports the backend it used."""
+    install(args["zip"])
+    configure(args)
+    prefs = configure_local(args)
+    local_backend = importlib.import_module(f"{ADDON}.local_backend")
+    backend = local_backend.BACKEND
+    scene = bpy.context.scene
+    small_settings(scene, args.get("settings"))
+    movie_strip(scene, args["clip"])
+    before = scene_state(scene)
+    if args.get("action", "transfer") == "transfer":
+        outcome = run_operator(bpy.ops.understudy.transfer, prompt="a red fox")
+    else:
+        outcome = run_operator(bpy.ops.understudy.test_connection)
+        outcome["report"] = prefs.connection_report
+    used = {"pid": backend.pid, "owned": backend.owned, "state": str(backend.state),
+            "status": local_backend.status_lines(), "restarts_left": backend.restarts_left,
+            "log": str(backend.log_path) if backend.log_path else ""}
+    extra = {"project_report": prefs.project_report, "backend": used}
+    if args.get("stop_button"):
+        extra["stop"] = run_operator(bpy.ops.understudy.backend_stop)
+    result = finish(scene, before, outcome, **extra)
+    if args.get("disable"):
+        bpy.ops.preferences.addon_disable(module=ADDON)
+        result["disabled"] = ADDON not in bpy.context.preferences.addons
+        result["alive_after_disable"] = process_exists(used["pid"])
+    return result
+
+
+def scenario_local_interface(args: dict) -> dict:
+    """The interface's path with "this computer": Transfer starts the backend and returns at
+    once; the backend timer (ticked here as Blender would) starts the render when the
+    backend answers, then the work and polling timers carry the job to its result."""
+    install(args["zip"])
+    jobs = importlib.import_module(f"{ADDON}.jobs")
+    following = importlib.import_module(f"{ADDON}.following")
+    local_backend = importlib.import_module(f"{ADDON}.local_backend")
+    jobs.BATCHED = True  # the interface's path: timers, never blocking
+    configure(args)
+    configure_local(args)
+    scene = bpy.context.scene
+    small_settings(scene, args.get("settings"))
+    movie_strip(scene, args["clip"])
+    before = scene_state(scene)
+    outcome = run_operator(bpy.ops.understudy.transfer, prompt="a red fox")
+    right_after = {"state": str(local_backend.BACKEND.state), "jobs": len(scene.understudy_jobs),
+                   "timer": bpy.app.timers.is_registered(local_backend.tick)}
+    said = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # the three timers, as Blender would run them
+        backend_tick, working = local_backend.tick(), jobs.work_tick()
+        if scene.understudy_jobs:
+            following.poll_once()
+        line = local_backend.status_lines()[0]
+        if not said or said[-1] != line:
+            said.append(line)
+        if scene.understudy_jobs and scene.understudy_jobs[0].status == "done":
+            break
+        if working is None:
+            time.sleep(local_backend.TICK_S if backend_tick else following.POLL_INTERVAL_S)
+    return finish(scene, before, outcome, right_after=right_after, said=said)
+
+
+def process_exists(pid: int) -> bool:
+    import os
+
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 SCENARIOS = {name[len("scenario_"):]: function for name, function in globals().items()

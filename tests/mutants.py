@@ -392,6 +392,28 @@ MUTANTS: tuple[Mutant, ...] = (
         "source_diffs = source[:, None, :] - source[None, :, :]",
         ("tests/test_guidance.py",),
     ),
+    # --- the extension: its own backend and Make Room (blender_addon/)
+    Mutant(
+        "a lock whose process is gone (or is no backend) is trusted",
+        "blender_addon/backend_lock.py",
+        "    if lock is not None and is_backend_process(lock.pid):",
+        "    if lock is not None:",
+        ("tests/test_local_backend.py::test_a_stale_lock_is_removed_and_claimed_again",),
+    ),
+    Mutant(
+        "Make Room moves only the grade, not what is above it",
+        "blender_addon/plan.py",
+        "moving = {other.name: other for other in over if other.span.channel >= floor}",
+        "moving = {other.name: other for other in over if other.span.channel == floor}",
+        ("tests/test_blender_plan.py::test_make_room_moves_the_grade_and_everything_above_it_over_the_frames_up_one",),
+    ),
+    Mutant(
+        "Make Room lets a moved strip land on the one above it",
+        "blender_addon/plan.py",
+        "                moving[other.name] = other\n                grown = True",
+        "                grown = False",
+        ("tests/test_blender_plan.py::test_make_room_also_moves_what_a_moved_strip_would_land_on",),
+    ),
     Mutant(
         "a peer accepts any protocol version",
         "shared/protocol.py",

@@ -557,3 +557,17 @@ def test_a_sixty_frame_strip_on_a_wan_server_gives_sixty_generated_frames(
     assert len(files) == 60 and len({file.read_bytes() for file in files}) == 60  # none held
     assert json.loads(result["jobs"][0]["sidecar"])["backbone"] == "wan"
     assert_source_unchanged(result)
+
+
+def test_make_room_places_the_result_under_the_grade_and_undo_puts_every_strip_back(
+        extension_zip, clip, server, tmp_path, blender):
+    python, _version = blender
+    result = run_blender({"scenario": "make_room", "zip": extension_zip, "clip": clip,
+                          "address": server.address}, tmp_path, python=python)
+    start = {"source": 2, "grade": 3, "title": 4, "later": 4}
+    refused = result["refused"]
+    assert not refused["ok"] and "move the adjustment layer up a channel" in refused["error"]
+    assert refused["channels"] == start and refused["offered"]  # nothing moved unasked
+    new = assert_result_strip(result, "source", channel=3)  # under the grade
+    assert result["moved"] == {**start, "grade": 4, "title": 5, new["name"]: 3}
+    assert result["undone"] == start  # one undo: every strip back, the result gone

@@ -63,8 +63,14 @@ def test_panel_and_preferences_draw(dist, tmp_path):
     assert "num_frames" not in log["props"]
     assert "Sends every visible frame of the active strip" in log["labels"]
     assert {"server_address", "server_key_file", "client_key_file", "timeout_s"} <= set(log["props"])
+    # The backend on this computer: its project, settings and buttons; its state in the panel.
+    assert {"backend_kind", "project_path", "local_model", "local_device", "local_state_dir",
+            "local_cache_dir", "vae_slice", "gradient_checkpointing", "start_when_needed",
+            "keep_running"} <= set(log["props"])
     assert {"understudy.transfer", "understudy.cancel", "understudy.collect",
-            "understudy.test_connection"} <= set(log["operators"])
+            "understudy.test_connection", "understudy.backend_start", "understudy.backend_stop",
+            "understudy.backend_restart"} <= set(log["operators"])
+    assert "Backend stopped" in log["labels"]
     assert log["progress"] == [["rendering 25%", 0.25], ["guide 40%", 0.4]]
     assert log["lists"] == ["understudy_jobs"] and "Seed 7" in log["labels"]
     # The selected job's sidecar: the guided count used, not the request's automatic None.

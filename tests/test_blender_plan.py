@@ -640,7 +640,8 @@ def test_extension_modules_without_bpy_do_not_import_it():
 
     code = ("import sys; import blender_addon.plan, blender_addon.link, blender_addon.strip_io, "
             "blender_addon.compat, blender_addon.batches, blender_addon.placement, "
-            "blender_addon.pngio; print('bpy' in sys.modules)")
+            "blender_addon.pngio, blender_addon.backend_install, "
+            "blender_addon.backend_lock, blender_addon.backend_process; print('bpy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
                          text=True, env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"})
     assert out.stdout.strip() == "False", out.stderr
@@ -681,3 +682,49 @@ def test_cached_wheels_need_no_network(tmp_path, monkeypatch):
     (tmp_path / build.WHEEL_INDEX_NAME).write_text(json.dumps(index))
     wheels = build.cached_wheels(sys.executable, "27.3.0", cache=tmp_path)
     assert set(wheels) == set(build.WHEEL_PLATFORMS)
+
+
+# --------------------------------------------------------------------------- Make Room
+
+
+def test_the_refusal_under_a_grade_names_its_source_for_make_room():
+    with pytest.raises(plan.NoRoomUnderGrade) as caught:
+        plan.result_channel(Span(2, 0, 50), "s", strips_at((3, 0, 50), kind="ADJUSTMENT"))
+    assert caught.value.source_name == "s" and isinstance(caught.value, UserError)
+
+
+def test_make_room_moves_the_grade_and_everything_above_it_over_the_frames_up_one():
+    source = Span(2, 10, 50)
+    others = [plan.Neighbour("s", source),
+              plan.Neighbour("grade", Span(3, 0, 60), "ADJUSTMENT"),
+              plan.Neighbour("title", Span(4, 20, 30), "TEXT"),
+              plan.Neighbour("logo", Span(6, 0, 15)),  # above, though nothing lands on it
+              plan.Neighbour("later", Span(4, 70, 90)),  # not over the source's frames
+              plan.Neighbour("below", Span(1, 0, 60))]
+    moves = plan.make_room(source, "s", others)
+    assert moves == [("logo", 7), ("title", 5), ("grade", 4)]  # highest first
+    # After the moves the result has channel 3, under the grade.
+    moved = dict(moves)
+    after = [plan.Neighbour(o.name, Span(moved.get(o.name, o.span.channel), o.span.start,
+                                         o.span.end), o.type) for o in others]
+    assert plan.result_channel(source, "s", after) == 3
+
+
+def test_make_room_also_moves_what_a_moved_strip_would_land_on():
+    source = Span(1, 0, 10)
+    others = [plan.Neighbour("grade", Span(2, 0, 30), "ADJUSTMENT"),
+              plan.Neighbour("tail", Span(3, 25, 40)),  # after the source, but on the grade's way
+              plan.Neighbour("tail top", Span(4, 35, 50)),
+              plan.Neighbour("apart", Span(3, 45, 60))]  # meets nothing that moves
+    assert plan.make_room(source, "s", others) == [("tail top", 5), ("tail", 4), ("grade", 3)]
+
+
+def test_make_room_without_a_grade_in_the_way_moves_nothing():
+    assert plan.make_room(Span(2, 0, 10), "s", strips_at((3, 0, 10))) == []
+    assert plan.make_room(Span(2, 0, 10), "s", strips_at((3, 20, 30), kind="ADJUSTMENT")) == []
+
+
+def test_make_room_at_the_top_channel_is_one_sentence():
+    others = [plan.Neighbour("grade", Span(plan.MAX_CHANNEL, 0, 10), "ADJUSTMENT")]
+    with pytest.raises(UserError, match="'grade' is on channel 128, the top channel"):
+        plan.make_room(Span(plan.MAX_CHANNEL - 1, 0, 10), "s", others)
