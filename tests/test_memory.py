@@ -1,0 +1,107 @@
+"""The memory tracker: what it counts on fake tensors is what it counts on real ones."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, UNet3DConditionModel
+
+from backend.memory import CudaAutocast, LiveBytes, fake_world, materialise, measure, rounded
+
+TINY_UNET = dict(
+    sample_size=8, block_out_channels=(16, 16, 32, 32),
+    down_block_types=("DownBlock3D", "DownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"),
+    up_block_types=("UpBlock3D", "CrossAttnUpBlock3D", "UpBlock3D", "UpBlock3D"),
+    layers_per_block=1, cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+)
+TINY_VAE = dict(block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4,
+                norm_num_groups=4)
+
+
+def unet_step(unet: UNet3DConditionModel, frames: int) -> torch.Size:
+    """One forward and backward to the latent, as guidance runs them."""
+    latent = torch.randn(1, 4, frames, 16, 24, requires_grad=True)
+    text = torch.randn(1, 77, 32)
+    out = unet(latent, 500, encoder_hidden_states=text).sample
+    out.float().square().mean().backward()
+    return latent.grad.shape
+
+
+def vae_round_trip(vae: AutoencoderKL) -> torch.Size:
+    with torch.no_grad():
+        latent = vae.encode(torch.randn(3, 3, 64, 96)).latent_dist.mean
+        return vae.decode(latent).sample.shape
+
+
+def real_and_fake_peaks(cls: type, config: dict, run) -> tuple[int, int]:  # noqa: ANN001
+    real = cls(**config).eval().requires_grad_(False)
+    tracker = LiveBytes()
+    with tracker:
+        tracker.track_module(real)
+        real_peak, _ = measure(lambda: run(real), tracker)
+    with torch.device("meta"):
+        shell = cls(**config).eval().requires_grad_(False)
+    with fake_world() as (_fake, fake_tracker):
+        materialise(shell, fake_tracker)
+        fake_peak, _ = measure(lambda: run(shell), fake_tracker)
+    return real_peak, fake_peak
+
+
+def test_unet_forward_backward_counts_the_same_on_fake_and_real_tensors() -> None:
+    for frames in (4, 8):
+        real_peak, fake_peak = real_and_fake_peaks(
+            UNet3DConditionModel, TINY_UNET, lambda unet, f=frames: unet_step(unet, f))
+        assert real_peak == fake_peak
+    # Activations grow with the frames: 8 frames hold more than 4 (and the weights are counted).
+    assert real_and_fake_peaks(UNet3DConditionModel, TINY_UNET, lambda u: unet_step(u, 8))[0] > \
+        real_and_fake_peaks(UNet3DConditionModel, TINY_UNET, lambda u: unet_step(u, 4))[0]
+
+
+def test_vae_encode_decode_counts_the_same_on_fake_and_real_tensors() -> None:
+    real_peak, fake_peak = real_and_fake_peaks(AutoencoderKL, TINY_VAE, vae_round_trip)
+    assert real_peak == fake_peak > 0
+
+
+def test_live_bytes_by_hand() -> None:
+    """Two 1000-float tensors alive, one freed, then a third: peak 8000, current 8000."""
+    tracker = LiveBytes()
+    with tracker:
+        a = torch.zeros(1000)
+        b = torch.zeros(1000)
+        assert tracker.current == 8000
+        del a
+        assert tracker.current == 4000
+        c = torch.zeros(1000)
+        view = b[:10]  # a view shares its storage: not counted again
+    assert (tracker.current, tracker.peak) == (8000, 8000)
+    del b, c, view
+    assert tracker.current == 0
+    assert rounded(1, 512) == 512 and rounded(512, 512) == 512 and rounded(513, 512) == 1024
+
+
+def test_cuda_autocast_keeps_matmuls_half_and_norms_float() -> None:
+    weight = torch.randn(8, 8, dtype=torch.float16)
+    with CudaAutocast(torch.float16):
+        product = torch.nn.functional.linear(torch.randn(2, 8), weight)
+        normed = torch.nn.functional.layer_norm(product, (8,))
+        joined = torch.cat([product, normed])
+    assert (product.dtype, normed.dtype, joined.dtype) == (torch.float16, torch.float32, torch.float32)
+
+
+def test_full_size_zeroscope_unet_plans_without_memory() -> None:
+    """ZeroScope's UNet (1.4 G parameters) in half precision, a CFG pass at 24×40×72
+    latents, on fake tensors: gigabytes counted, none allocated."""
+    with torch.device("meta"):
+        unet = UNet3DConditionModel().to(torch.float16).eval().requires_grad_(False)
+    with fake_world(block=512) as (_fake, tracker):
+        materialise(unet, tracker)
+        weights = tracker.current
+
+        def cfg_pass() -> None:
+            with torch.no_grad(), CudaAutocast(torch.float16):
+                unet(torch.randn(2, 4, 24, 40, 72), 500,
+                     encoder_hidden_states=torch.randn(2, 77, 1024, dtype=torch.float16))
+
+        peak, _ = measure(cfg_pass, tracker)
+    assert 2.5e9 < weights < 3.0e9  # 1.41 G fp16 parameters
+    assert peak > weights + 1e9
