@@ -461,7 +461,7 @@ def command_demo(args: list[str]) -> int:
     if not matching:
         raise BuildError(f"The extension has no build for {this_platform()}; the Blender demo "
                          f"needs one of {', '.join(WHEEL_PLATFORMS)}.")
-    return subprocess.call([str(python), "-m", "backend.blender_demo", "--zip", str(matching[0]),
+    return subprocess.call([str(python), "-m", "backend.tools.blender_demo", "--zip", str(matching[0]),
                             "--output", str(ROOT / "demo_output")], cwd=ROOT)
 
 

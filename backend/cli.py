@@ -15,9 +15,11 @@ from pathlib import Path
 
 from backend.edit import DEFAULT_CACHE, DEFAULT_MODEL
 from backend.errors import UnderstudyError
-from backend.metrics import DEFAULT_CLIP_MODEL
-from backend.tracking import DEFAULT_GRID
+from backend.tools.metrics import DEFAULT_CLIP_MODEL
+from backend.tools.tracking import DEFAULT_GRID
 from shared.settings import DEFAULTS, SPECS, TransferSettings
+
+BENCH_ARCHES = ("tiny", "zeroscope", "wan-tiny", "wan", "wan-random")  # backend/tools/bench.py
 
 # --------------------------------------------------------------------------- transfer
 
@@ -162,7 +164,7 @@ def command_keys(args: argparse.Namespace) -> int:
 
 
 def command_tiny_model(args: argparse.Namespace) -> int:
-    from backend.model import save_tiny_model
+    from backend.backbones.zeroscope import save_tiny_model
 
     save_tiny_model(Path(args.dir), seed=args.seed)
     print(f"Wrote a small random model in diffusers layout to {args.dir} (not for quality).")
@@ -173,7 +175,7 @@ def command_tiny_model(args: argparse.Namespace) -> int:
 
 
 def command_demo(args: argparse.Namespace) -> int:
-    from backend.demo import run_demo
+    from backend.tools.demo import run_demo
 
     return run_demo(Path(args.output_dir))
 
@@ -193,7 +195,7 @@ def check_cuda_device(device: str) -> None:
 
 
 def command_evaluate(args: argparse.Namespace) -> int:
-    from backend.evaluate import evaluate_clips, format_table, save_picture
+    from backend.tools.evaluate import evaluate_clips, format_table, save_picture
     from backend.video import read_clip
 
     picture = Path(args.picture) if args.picture else None
@@ -224,7 +226,7 @@ def command_evaluate(args: argparse.Namespace) -> int:
 
 
 def command_bench(args: argparse.Namespace) -> int:
-    from backend.bench import main_bench
+    from backend.tools.bench import main_bench
 
     return main_bench(args)
 
@@ -234,7 +236,8 @@ def command_bench(args: argparse.Namespace) -> int:
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="hub id, local diffusers folder, or 'tiny' (random, for tests)")
+                        help="hub id or local diffusers folder (ZeroScope or Wan, told apart by its "
+                             "model_index.json), or 'tiny' / 'wan-tiny' (random, for tests)")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     parser.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default=None,
                         help="default: fp16 on CUDA, fp32 on CPU")
@@ -298,9 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="for CLIP and CoTracker (default: cuda if available)")
     evaluate.set_defaults(func=command_evaluate)
     bench = commands.add_parser("bench", help="cost of an edit against the reference procedure")
-    bench.add_argument("--arch", choices=("tiny", "zeroscope"), default="tiny")
+    bench.add_argument("--arch", choices=BENCH_ARCHES, default="tiny",
+                       help="tiny, zeroscope, wan-tiny, wan, wan-random (= wan --random-weights)")
     bench.add_argument("--random-weights", action="store_true",
-                       help="zeroscope: full architecture with random weights (no download)")
+                       help="zeroscope, wan: full architecture with random weights (no download)")
     bench.add_argument("--frames", type=int, default=None, help="default: 8 tiny, 24 zeroscope")
     bench.add_argument("--width", type=int, default=None, help="default: 128 tiny, 576 zeroscope")
     bench.add_argument("--height", type=int, default=None, help="default: 64 tiny, 320 zeroscope")

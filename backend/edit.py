@@ -80,8 +80,8 @@ def edit_clip(clip_path: Path, settings: dict[str, Any], output: Path, where: Lo
     if isinstance(where, Remote):
         frames, metadata = _on_server(where, clip.frames, parsed, progress, say)
     else:
-        from backend.engine import load_engine
-        from backend.model import ZEROSCOPE_XL
+        from backend.backbones.zeroscope import ZEROSCOPE_XL
+        from backend.method.engine import load_engine
 
         upscaler = None if parsed.upscale == "none" else where.upscale_model or ZEROSCOPE_XL
         engine = load_engine(where.model, device=where.device, dtype=where.dtype,
@@ -97,12 +97,12 @@ def edit_clip(clip_path: Path, settings: dict[str, Any], output: Path, where: Lo
 
 def _frames_for_files(clip_frames, frames, metadata: dict):
     """What the files hold: the edit as it came back, except under crop, where it is
-    put back into its box of the source frames (backend/framing.py, paste_into_box), so
+    put back into its box of the source frames (backend/method/framing.py, paste_into_box), so
     the file lies exactly over the source clip. The source frames behind it are those
     the model edited, held the way the result was retimed."""
     import numpy as np
 
-    from backend.framing import Box, paste_into_box
+    from backend.method.framing import Box, paste_into_box
     from backend.video import retime_indices
 
     framing = metadata.get("framing") or {}

@@ -98,8 +98,8 @@ class UnderstudySettings(bpy.types.PropertyGroup):
     framing: EnumProperty(name="Framing", **plan.choice_property("framing"))
     width: IntProperty(name="Model width", **plan.int_property_range("width"))
     height: IntProperty(name="Model height", **plan.int_property_range("height"))
-    negative_prompt: StringProperty(name="Negative prompt",
-                                    default=plan.SETTINGS.DEFAULTS["negative_prompt"])
+    negative_prompt: StringProperty(name="Negative prompt", default="",
+                                    description="Empty: the model's own negative prompt")
 
     def values(self, prompt: str = "") -> dict:
         """The settings to send, as plain values (prompt from the operator if given)."""

@@ -2,7 +2,10 @@
 
 The backend (engine, job server, command-line flags) and the Blender panel all read
 the settings from here, so a name, a default or a range is written in one place.
-Defaults follow the authors' code (docs/method.md). A `TransferSettings` is filled
+Defaults follow the authors' code (docs/method.md). Settings that depend on the model
+(its native size, window, prompts, CFG scale and guidance schedule) default to None,
+"the model's": the engine fills them from its backbone (`resolved`), and the server
+announces them in its hello. A `TransferSettings` is filled
 from command-line flags, from a job's JSON settings on the server, or from the panel,
 and written back into the result's JSON sidecar, so its fields are plain JSON types.
 
@@ -18,14 +21,11 @@ from typing import Any
 
 from .errors import BadSettingsError
 
-REFERENCE_NEGATIVE_PROMPT = (
-    "bad quality, distortions, unrealistic, distorted image, watermark, signature"
-)
-REFERENCE_PROMPT_PREFIX = "Amazing quality, masterpiece, "
 MAX_PROMPT_CHARS = 1000
 MAX_FRAMES_CEILING = 100_000  # no setting counts more frames than this, whatever the limits
 TEXT_SETTINGS = ("prompt", "source_prompt", "negative_prompt", "prompt_prefix")
 FRAMINGS = ("fit", "crop", "stretch")
+INITS = ("lowfreq", "noise")
 UPSCALERS = ("none", "xl")
 
 
@@ -59,10 +59,13 @@ class TransferSettings:
     prompt: str = _setting("", Spec("text", flag="--prompt", help="what the subject should become"))
     source_prompt: str = _setting("", Spec(
         "text", flag="--source-prompt", help="describes the source clip (default empty)"))
-    negative_prompt: str = _setting(REFERENCE_NEGATIVE_PROMPT, Spec(
-        "text", flag="--negative-prompt", help="what the sampler steers away from"))
-    prompt_prefix: str = _setting(REFERENCE_PROMPT_PREFIX, Spec(
-        "text", flag="--prompt-prefix", help="prepended to both prompts"))
+    negative_prompt: str | None = _setting(None, Spec(
+        "text", optional=True, flag="--negative-prompt",
+        help="what the sampler steers away from (default: the model's)"))
+    prompt_prefix: str | None = _setting(None, Spec(
+        "text", optional=True, flag="--prompt-prefix",
+        help="prepended to both prompts (default: the model's; ZeroScope's is the authors' "
+             "quality phrase, Wan has none)"))
     seed: int | None = _setting(None, Spec(
         "int", 0, 2**63 - 1, optional=True, flag="--seed",
         help="random unless given; always recorded"))
@@ -79,10 +82,12 @@ class TransferSettings:
     start: int | None = _setting(None, Spec(
         "int", 0, 10**7, optional=True, flag="--start",
         help="first clip frame of a contiguous range (default: sample evenly over the clip)"))
-    width: int = _setting(576, Spec("int", 64, 2048, multiple_of=8, flag="--width",
-                                    help="the model's native width in pixels"))
-    height: int = _setting(320, Spec("int", 64, 2048, multiple_of=8, flag="--height",
-                                     help="the model's native height in pixels"))
+    width: int | None = _setting(None, Spec(
+        "int", 64, 2048, multiple_of=8, optional=True, flag="--width",
+        help="the model's width in pixels (default: its native width, 576 for ZeroScope)"))
+    height: int | None = _setting(None, Spec(
+        "int", 64, 2048, multiple_of=8, optional=True, flag="--height",
+        help="the model's height in pixels (default: its native height, 320 for ZeroScope)"))
     output_frames: int | None = _setting(None, Spec(
         "int", 1, MAX_FRAMES_CEILING, optional=True,
         help="None: as many as the model made; else retimed to this many by holding frames"))
@@ -114,24 +119,35 @@ class TransferSettings:
 
     # Sampling and guidance.
     steps: int = _setting(50, Spec("int", 1, 1000, flag="--steps", help="DDIM sampling steps"))
-    guided_fraction: float = _setting(0.4, Spec(
-        "float", 0, 1, flag="--guided-fraction",
-        help="the share of the steps, from the first, guided by the SMM loss (the "
-             "reference: 0.4, so 20 of 50)"))
+    guided_fraction: float | None = _setting(None, Spec(
+        "float", 0, 1, optional=True, flag="--guided-fraction",
+        help="the share of the steps, from the first, guided by the SMM loss (default: "
+             "the model's; ZeroScope's reference: 0.4, so 20 of 50)"))
     guided_steps: int | None = _setting(None, Spec(
         "int", 0, "steps", optional=True, flag="--guided-steps",
         help="guide exactly this many first steps instead of --guided-fraction"))
     guidance_iterations: int = _setting(10, Spec(
         "int", 0, 1000, flag="--iterations", help="Adam iterations per guided step"))
-    lr_start: float = _setting(0.007, Spec(
-        "float", 0, 1, flag="--lr-start", help="Adam learning rate at the first guided step"))
-    lr_end: float = _setting(0.004, Spec(
-        "float", 0, 1, flag="--lr-end", help="Adam learning rate at the last guided step"))
+    lr_start: float | None = _setting(None, Spec(
+        "float", 0, 1, optional=True, flag="--lr-start",
+        help="Adam learning rate at the first guided step (default: the model's)"))
+    lr_end: float | None = _setting(None, Spec(
+        "float", 0, 1, optional=True, flag="--lr-end",
+        help="Adam learning rate at the last guided step (default: the model's)"))
     loss: str = _setting("cosine", Spec(
         "choice", choices=("cosine", "l2"), flag="--loss",
         help="cosine (the authors' code) or l2 (the paper's Eq. 3)"))
-    cfg_scale: float = _setting(10.0, Spec(
-        "float", 0, 100, flag="--cfg-scale", help="classifier-free guidance scale"))
+    cfg_scale: float | None = _setting(None, Spec(
+        "float", 0, 100, optional=True, flag="--cfg-scale",
+        help="classifier-free guidance scale (default: the model's; ZeroScope 10, Wan 5)"))
+    guidance_block: int | None = _setting(None, Spec(
+        "int", 0, 999, optional=True, flag="--guidance-block",
+        help="Wan: the transformer block whose output the SMM loss reads (default: the "
+             "model's); ZeroScope's taps are fixed"))
+    init: str = _setting("lowfreq", Spec(
+        "choice", choices=INITS, flag="--init",
+        help="lowfreq: the paper's initial latent (low frequencies of the inverted source, "
+             "high ones fresh); noise: plain seeded noise (the paper's ablation)"))
     lowfreq_factor: int = _setting(4, Spec(
         "int", 1, 64, flag="--lowfreq-factor",
         help="spatial down-sampling that keeps the initial latent's low frequencies"))
@@ -139,9 +155,10 @@ class TransferSettings:
         "bool", flag="--no-restart", help="skip restart re-noising"))
 
     # Long clips: temporal windows of the model's clip length (docs/method.md).
-    window_frames: int = _setting(24, Spec(
-        "int", 2, 1000, flag="--window-frames",
-        help="frames per temporal window: the model's clip length (24 for ZeroScope)"))
+    window_frames: int | None = _setting(None, Spec(
+        "int", 2, 1000, optional=True, flag="--window-frames",
+        help="frames per temporal window (default: the model's clip length, 24 for "
+             "ZeroScope, 81 for Wan)"))
     window_overlap: int = _setting(8, Spec(
         "int", 0, 999, flag="--window-overlap",
         help="the least frames neighbouring windows share; less than --window-frames"))
@@ -160,7 +177,7 @@ class TransferSettings:
             check_value(item.name, getattr(self, item.name), spec_of(item.name), self)
         if not self.prompt.strip():
             raise BadSettingsError("The prompt is empty; describe what the subject should become.")
-        if self.window_overlap >= self.window_frames:
+        if self.window_frames is not None and self.window_overlap >= self.window_frames:
             raise BadSettingsError(
                 f"Setting 'window_overlap' is {self.window_overlap}; it must be less than "
                 f"'window_frames' ({self.window_frames}).")
@@ -187,6 +204,13 @@ class TransferSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def resolved(self, defaults: dict[str, Any]) -> TransferSettings:
+        """A copy with every setting left None ("the model's") taken from `defaults`
+        (a backbone's), checked again."""
+        chosen = {name: value for name, value in defaults.items()
+                  if name in SPECS and getattr(self, name) is None}
+        return dataclasses.replace(self, **chosen)
 
     def guided_step_count(self) -> int:
         """How many of the first steps are guided: `guided_steps` if set, else as the

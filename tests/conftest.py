@@ -58,7 +58,7 @@ def clip_path(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The tiny random model saved in diffusers layout (loaded through from_pretrained)."""
-    from backend.model import save_tiny_model
+    from backend.backbones.zeroscope import save_tiny_model
 
     folder = tmp_path_factory.mktemp("tiny-model")
     save_tiny_model(folder)

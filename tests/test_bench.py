@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from backend.bench import forward_equivalents
+from backend.tools.bench import forward_equivalents
 from tests.conftest import REPO_ROOT
 
 
@@ -67,7 +67,7 @@ def test_bench_scaling_sets_each_length_against_windows_times_one_window(tmp_pat
 
 
 def test_bench_upscale_counts_the_stage_in_first_stage_passes():
-    from backend.bench import TINY_SCALING_STEPS, format_upscale, run_upscale
+    from backend.tools.bench import TINY_SCALING_STEPS, format_upscale, run_upscale
 
     report = run_upscale("tiny", frames=2, steps=TINY_SCALING_STEPS)  # 10 steps: 7 upscaled
     assert (report["first_stage_size"], report["upscale_size"]) == ([128, 64], [256, 128])

@@ -203,7 +203,9 @@ def test_frame_file_names_are_numbered_in_order():
 
 
 def test_panel_ranges_come_from_the_shared_settings():
-    assert plan.int_property_range("width") == {"default": 576, "min": 64, "max": 2048, "step": 8}
+    # The model's size is the server's (its hello): 0 in the panel means "the model's".
+    assert plan.int_property_range("width") == {"default": 0, "min": 0, "max": 2048}
+    assert plan.setting_from_panel("width", 0) is None and plan.setting_from_panel("width", 832) == 832
     # guided_steps is bounded by steps, so the panel allows steps' maximum
     assert plan.int_property_range("guided_steps")["max"] == plan.int_property_range("steps")["max"]
     for name in plan.PANEL_INT_SETTINGS:
@@ -613,7 +615,7 @@ def test_extension_modules_without_bpy_do_not_import_it():
 def test_demo_contact_sheet_puts_source_above_result():
     import numpy as np
 
-    from backend.blender_demo import contact_sheet
+    from backend.tools.blender_demo import contact_sheet
 
     source = np.zeros((24, 32, 64, 3), np.uint8)
     result = np.full((24, 32, 64, 3), 255, np.uint8)

@@ -187,7 +187,7 @@ def test_crop_writes_the_source_frames_with_the_edit_in_its_box(tmp_path):
 
 
 def test_upscale_xl_doubles_the_size_and_keeps_the_frame_count(tmp_path):
-    from backend.model import save_tiny_model
+    from backend.backbones.zeroscope import save_tiny_model
 
     upscaler = tmp_path / "tiny-xl"
     save_tiny_model(upscaler, seed=1)

@@ -11,8 +11,8 @@ import imageio.v3 as iio
 import numpy as np
 from PIL import Image
 
-from backend.blender_demo import SHEET_COLUMNS, SHEET_THUMB_WIDTH, contact_sheet
-from backend.demo import TINY_DEMO_SETTINGS, demo_clip_frames
+from backend.tools.blender_demo import SHEET_COLUMNS, SHEET_THUMB_WIDTH, contact_sheet
+from backend.tools.demo import TINY_DEMO_SETTINGS, demo_clip_frames
 from tests.blender_support import build_extension
 from tests.conftest import REPO_ROOT
 
@@ -35,7 +35,7 @@ def test_command_line_demo_says_which_model_and_writes_its_files(tmp_path):
 
 def test_blender_demo_writes_blend_frames_and_contact_sheet(tmp_path):
     extension = build_extension(tmp_path / "dist")
-    result = run("backend.blender_demo", "--zip", str(extension), "--output", str(tmp_path / "out"))
+    result = run("backend.tools.blender_demo", "--zip", str(extension), "--output", str(tmp_path / "out"))
     assert result.returncode == 0, result.stdout + result.stderr
     out = tmp_path / "out"
     assert (out / "understudy_demo.blend").stat().st_size > 0

@@ -8,9 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from backend.engine import Engine, Procedure, load_engine
+from backend.backbones.zeroscope_taps import (
+    TAP_NAMES,
+    checkpointed_blocks,
+    tap_modules,
+    truncated_smm,
+)
 from backend.errors import BadClipError, BadSettingsError, JobCancelled, OutOfMemoryError
-from backend.features import TAP_NAMES, checkpointed_blocks, tap_modules, truncated_smm
+from backend.method.engine import Engine, Procedure, load_engine
 from shared.settings import TransferSettings
 from tests.conftest import SMALL_SETTINGS, moving_square_frames
 
@@ -24,8 +29,13 @@ def small(**overrides) -> TransferSettings:
     return TransferSettings(**{"prompt": "a red train", "seed": 7, **SMALL_SETTINGS, **overrides})
 
 
+def resolved(engine: Engine, **overrides) -> TransferSettings:
+    """small(), with the model's settings filled in (for calls below transfer)."""
+    return engine.resolve(small(**overrides))
+
+
 def test_taps_are_the_three_up_block_1_modules_with_smm_shapes(engine):
-    unet = engine.components.unet
+    unet = engine.backbone.unet
     block = unet.up_blocks[1]
     modules = tap_modules(unet)
     assert modules["upsampler"] is block.upsamplers[0]
@@ -47,7 +57,7 @@ def test_taps_are_the_three_up_block_1_modules_with_smm_shapes(engine):
 
 def guidance_problem(engine, frames: int, windows):
     """A fixed latent and source features per window, at one guided timestep."""
-    unet = engine.components.unet
+    unet = engine.backbone.unet
     text = engine._embed(["a red train"])
     generator = torch.Generator().manual_seed(0)
     source_latent = torch.randn(1, 4, frames, 8, 8, generator=generator)
@@ -60,7 +70,7 @@ def guidance_problem(engine, frames: int, windows):
 @pytest.mark.parametrize("frames, windows", [(4, [(0, 4)]), (6, [(0, 4), (2, 6)])])
 def test_the_engines_guidance_step_lowers_the_pairwise_smm_loss(engine, frames, windows):
     latent, text, source = guidance_problem(engine, frames, windows)
-    settings = small(guidance_iterations=10)
+    settings = resolved(engine, guidance_iterations=10)
     before = engine.guidance_loss(latent, 900, text, source, windows)
     guided = engine._guide(latent, 900, text, source, windows, 0.05, settings, Procedure(),
                            _no_report())
@@ -70,7 +80,7 @@ def test_the_engines_guidance_step_lowers_the_pairwise_smm_loss(engine, frames, 
 
 
 def test_gradient_checkpointing_gives_the_same_gradient(engine):
-    unet = engine.components.unet
+    unet = engine.backbone.unet
     text = engine._embed(["a dog"])
     latents = torch.randn(1, 4, 3, 8, 8)
     gradients = []
@@ -108,12 +118,12 @@ def test_cache_hit_runs_no_inversion_or_source_feature_passes(engine):
     frames = moving_square_frames(6, 80, 64)
     first = engine.transfer(frames, small(prompt="a blue bus", source_prompt="a cache test"))
     assert first.metadata["inversion_from_cache"] is False
-    engine.unet_passes.clear()
+    engine.model_passes.clear()
     second = engine.transfer(frames, small(prompt="a horse", seed=9, source_prompt="a cache test"))
     assert second.metadata["inversion_from_cache"] is True
-    assert engine.unet_passes["invert", "full"] == 0
-    assert engine.unet_passes["features", "truncated"] == 0
-    assert engine.unet_passes["sample", "full"] > 0
+    assert engine.model_passes["invert", "full"] == 0
+    assert engine.model_passes["features", "truncated"] == 0
+    assert engine.model_passes["sample", "full"] > 0
     # A different source prompt is a different inversion.
     third = engine.transfer(frames, small(prompt="a horse", source_prompt="a square"))
     assert third.metadata["inversion_from_cache"] is False
@@ -157,10 +167,10 @@ def test_progress_phases_in_order_and_cancel_between_steps(engine):
 def test_reference_procedure_matches_with_full_passes(engine):
     frames = moving_square_frames(4, 64, 64)
     ours = engine.transfer(frames, small(prompt="a cat", seed=3), procedure=Procedure(use_cache=False))
-    engine.unet_passes.clear()
+    engine.model_passes.clear()
     reference = engine.transfer(frames, small(prompt="a cat", seed=3), procedure=Procedure(
         use_cache=False, truncate_guidance=False, cache_source_features=False))
-    assert engine.unet_passes["guide", "full"] == 2 and engine.unet_passes["guide", "truncated"] == 0
+    assert engine.model_passes["guide", "full"] == 2 and engine.model_passes["guide", "truncated"] == 0
     assert np.abs(ours.frames.astype(int) - reference.frames.astype(int)).max() <= 2
 
 
@@ -170,7 +180,7 @@ def test_inversion_grid_must_contain_the_sampling_timesteps(engine):
 
 
 def _no_report():
-    from backend.engine import _Reporter
+    from backend.method.engine import _Reporter
 
     return _Reporter(None, None)
 
@@ -180,7 +190,7 @@ def test_out_of_gpu_memory_is_one_sentence_naming_what_helps(engine, monkeypatch
     def exhausted(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(engine.components.unet, "forward", exhausted)
+    monkeypatch.setattr(engine.backbone.unet, "forward", exhausted)
     with pytest.raises(OutOfMemoryError, match="--gradient-checkpointing, fewer --frames"):
         engine.transfer(moving_square_frames(4, 64, 64), small(prompt="an ox", source_prompt="oom"))
 
@@ -222,9 +232,9 @@ def test_restart_costs_two_more_unet_passes_per_step_and_changes_the_result(engi
     frames = moving_square_frames(4, 64, 64)
     results, passes = {}, {}
     for restart in (False, True):
-        engine.unet_passes.clear()
+        engine.model_passes.clear()
         results[restart] = engine.transfer(frames, small(prompt="an owl", restart=restart))
-        passes[restart] = engine.unet_passes["sample", "full"]
+        passes[restart] = engine.model_passes["sample", "full"]
     steps = SMALL_SETTINGS["steps"]
     assert passes[False] == 2 * steps  # one CFG pair per step
     assert passes[True] == 2 * steps + 2 * (steps - 1)  # and one more after every step but the last
@@ -246,7 +256,7 @@ def test_seed_is_random_unless_given_and_always_recorded(engine):
 def test_a_clip_that_fits_one_window_takes_the_direct_path_bit_for_bit(engine, monkeypatch):
     """Windowing is invisible at ≤ 24 frames: the same frames as calling the model on the
     whole latent directly (the windows replaced by direct calls)."""
-    import backend.engine as engine_module
+    import backend.method.engine as engine_module
 
     frames = moving_square_frames(6, 64, 64)
     settings = small(prompt="a lynx", num_frames=6)
@@ -275,16 +285,16 @@ def test_a_long_clip_is_edited_in_windows_and_its_re_edit_hits_the_cache(engine)
     assert first.frames.shape == (60, 64, 64, 3)
     assert first.metadata["windows"] == [[0, 24], [12, 36], [24, 48], [36, 60]]
     assert first.metadata["inversion_from_cache"] is False
-    engine.unet_passes.clear()
+    engine.model_passes.clear()
     again = engine.transfer(clip, small(prompt="a long tram", num_frames=60, source_prompt="sixty frames",
                                         seed=8))
     assert again.metadata["inversion_from_cache"] is True
-    assert engine.unet_passes["invert", "full"] == 0
-    assert engine.unet_passes["features", "truncated"] == 0
+    assert engine.model_passes["invert", "full"] == 0
+    assert engine.model_passes["features", "truncated"] == 0
     # Every model use ran per window: 4 windows × (CFG pair per step + restart pair).
     steps = SMALL_SETTINGS["steps"]
-    assert engine.unet_passes["sample", "full"] == 4 * (2 * steps + 2 * (steps - 1))
-    assert engine.unet_passes["guide", "truncated"] == 4 * SMALL_SETTINGS["guidance_iterations"]
+    assert engine.model_passes["sample", "full"] == 4 * (2 * steps + 2 * (steps - 1))
+    assert engine.model_passes["guide", "truncated"] == 4 * SMALL_SETTINGS["guidance_iterations"]
 
 
 def test_progress_counts_windows_and_cancel_stops_between_windows(engine):
@@ -300,15 +310,15 @@ def test_progress_counts_windows_and_cancel_stops_between_windows(engine):
             (phase, i, 2 * steps_of_phase) for i in range(1, 2 * steps_of_phase + 1)]
 
     seen = []
-    engine.unet_passes.clear()
+    engine.model_passes.clear()
     with pytest.raises(JobCancelled):
         engine.transfer(clip, settings, progress=lambda *e: seen.append(e),
                         cancelled=lambda: ("sample", 1, 2 * steps) in seen)
     assert [e for e in seen if e[0] == "sample"] == [("sample", 0, 2 * steps), ("sample", 1, 2 * steps)]
     # Step 1: guidance over both windows, the CFG step over both, the restart step over
     # window 0 only; the cancel came before window 1's restart pass.
-    assert engine.unet_passes["sample", "full"] == 2 * 2 + 2
-    assert engine.unet_passes["guide", "truncated"] == 2 * SMALL_SETTINGS["guidance_iterations"]
+    assert engine.model_passes["sample", "full"] == 2 * 2 + 2
+    assert engine.model_passes["guide", "truncated"] == 2 * SMALL_SETTINGS["guidance_iterations"]
 
 
 def test_a_clip_over_the_frame_limit_is_one_sentence(engine):
@@ -318,7 +328,7 @@ def test_a_clip_over_the_frame_limit_is_one_sentence(engine):
 
 
 def test_inversion_cache_keeps_the_most_recently_used_files_within_its_cap(tmp_path):
-    from backend.inversion import InversionCache, SourceState
+    from backend.method.inversion import InversionCache, SourceState
 
     def state(value: float) -> SourceState:
         latent = torch.full((1, 4, 2, 8, 8), value)
@@ -348,7 +358,7 @@ def test_guidance_scales_the_loss_before_backward_where_fp16_gradients_could_und
     same as unscaled, and every window's loss went through the scaler."""
     windows = [(0, 4), (2, 6)]
     latent, text, source = guidance_problem(engine, 6, windows)
-    settings = small(guidance_iterations=3)
+    settings = resolved(engine, guidance_iterations=3)
     plain = engine._guide(latent, 900, text, source, windows, 0.05, settings, Procedure(), _no_report())
     scaled_losses = []
     real_scaler = torch.amp.GradScaler
@@ -418,7 +428,7 @@ def test_crop_edits_the_centred_box_and_records_where_it_was(engine, monkeypatch
 def upscaling(tmp_path_factory) -> tuple[Engine, str]:
     """The tiny model with a second tiny model (another seed) as its upscaler, loaded
     from diffusers layout through the upscaler's real loading code."""
-    from backend.model import save_tiny_model
+    from backend.backbones.zeroscope import save_tiny_model
 
     folder = tmp_path_factory.mktemp("tiny-xl")
     save_tiny_model(folder, seed=1)
@@ -434,7 +444,7 @@ def test_upscaling_doubles_the_size_keeps_the_frame_count_and_starts_from_the_fi
     first_stage, upscaler_input = [], []
     spy(monkeypatch, engine, "_decode", first_stage)
     spy_first_argument(monkeypatch, engine.upscaler, "_encode", upscaler_input)
-    engine.upscaler.unet_passes.clear()
+    engine.upscaler.model_passes.clear()
     events = []
     settings = small(num_frames=6, upscale="xl", upscale_width=128, upscale_height=128)
     result = engine.transfer(moving_square_frames(6, 64, 64), settings, progress=lambda *e: events.append(e))
@@ -445,7 +455,7 @@ def test_upscaling_doubles_the_size_keeps_the_frame_count_and_starts_from_the_fi
     assert not np.array_equal(result.frames, upscaler_input[0])  # the upscaler re-drew it
     steps = settings.upscale_step_count()
     assert steps == 2  # ⌊3 · 0.7⌋
-    assert engine.upscaler.unet_passes["sample", "full"] == 2 * steps  # a CFG pair per step
+    assert engine.upscaler.model_passes["sample", "full"] == 2 * steps  # a CFG pair per step
     meta = result.metadata
     assert meta["framing"]["upscale_size"] == meta["framing"]["result_size"] == [128, 128]
     assert meta["upscaler"] == {"model": folder, "steps": 2}
@@ -458,13 +468,13 @@ def test_upscaling_doubles_the_size_keeps_the_frame_count_and_starts_from_the_fi
 
 
 def test_bad_framing_and_upscaling_input_fails_before_any_work(engine):
-    engine.unet_passes.clear()
+    engine.model_passes.clear()
     with pytest.raises(BadClipError, match=r"^The clip is 300x64, [^.]*--framing crop\) to edit its centre\.$"):
         engine.transfer(moving_square_frames(4, 300, 64), small())
     with pytest.raises(BadSettingsError, match=r"^This engine was started without an upscaler[^.]*"
                                                r"hf download cerspense/zeroscope_v2_XL[^.]*\.$"):
         engine.transfer(moving_square_frames(4, 64, 64), small(upscale="xl"))
-    assert not engine.unet_passes  # no model work started
+    assert not engine.model_passes  # no model work started
     engine.check_settings(small(framing="crop"), 4, (300, 64))  # crop takes the same clip
     with pytest.raises(BadClipError, match="--framing crop"):
         engine.check_settings(small(), 4, (300, 64))  # the server can ask before it queues a job

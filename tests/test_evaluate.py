@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from backend.cli import main
-from backend.evaluate import evaluate_clips, match_clips
+from backend.tools.evaluate import evaluate_clips, match_clips
 from backend.video import write_frames_dir, write_video
 from tests.conftest import REPO_ROOT
 from tests.synthetic import textured_clip

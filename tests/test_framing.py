@@ -1,11 +1,11 @@
-"""backend/framing.py: model sizes for every clip shape, crop boxes, refusals."""
+"""backend/method/framing.py: model sizes for every clip shape, crop boxes, refusals."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from backend.framing import (
+from backend.method.framing import (
     Box,
     centre_crop_box,
     check_aspect,

@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import REPO_ROOT
 
 
-@pytest.mark.parametrize("name", ["backend", "backend.cli", "backend.engine", "backend.video",
+@pytest.mark.parametrize("name", ["backend", "backend.cli", "backend.method.engine", "backend.video",
                                   "shared.settings", "shared"])
 def test_package_imports(name):
     assert importlib.import_module(name) is not None

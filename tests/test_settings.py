@@ -8,18 +8,38 @@ import math
 
 import pytest
 
+from backend.backbones.zeroscope import (
+    REFERENCE_NEGATIVE_PROMPT,
+    REFERENCE_PROMPT_PREFIX,
+    ZEROSCOPE_FACTS,
+)
 from backend.cli import add_settings_flags, settings_flags
 from shared.errors import BadSettingsError
 from shared.settings import DEFAULTS, SPECS, TransferSettings
 
 
+def zeroscope(**values) -> TransferSettings:
+    """Settings as a ZeroScope engine runs them: the model's settings from its backbone."""
+    return TransferSettings(**values).resolved(ZEROSCOPE_FACTS.defaults)
+
+
 def test_defaults_are_the_reference_procedure():
-    settings = TransferSettings(prompt="a train")
+    unresolved = TransferSettings(prompt="a train")
+    assert unresolved.to_dict() == {**DEFAULTS, "prompt": "a train"}
+    model_decided = ("width", "height", "window_frames", "prompt_prefix", "negative_prompt",
+                     "cfg_scale", "guided_fraction", "lr_start", "lr_end", "guidance_block")
+    assert {name for name, value in DEFAULTS.items() if value is None} >= set(model_decided)
+    settings = zeroscope(prompt="a train")
     assert (settings.steps, settings.guided_step_count(), settings.guidance_iterations) == (50, 20, 10)
     assert (settings.num_frames, settings.frame_limit) == (None, 240)
+    assert (settings.width, settings.height) == (576, 320)
     assert (settings.window_frames, settings.window_overlap) == (24, 8)
     assert (settings.lr_start, settings.lr_end, settings.cfg_scale) == (0.007, 0.004, 10.0)
-    assert settings.to_dict() == {**DEFAULTS, "prompt": "a train"}
+    assert (settings.prompt_prefix, settings.negative_prompt) == (REFERENCE_PROMPT_PREFIX,
+                                                                  REFERENCE_NEGATIVE_PROMPT)
+    assert settings.guidance_block is None and settings.init == "lowfreq"
+    # A value the user gave is kept.
+    assert zeroscope(prompt="a train", cfg_scale=7.5, width=320).cfg_scale == 7.5
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
@@ -60,11 +80,11 @@ def test_ranges_and_types_are_refused_with_one_sentence():
 @pytest.mark.parametrize("steps, guided", [(50, 20), (25, 10), (10, 4), (5, 2), (3, 2), (1, 1)])
 def test_the_guided_part_is_the_references_fraction_of_the_steps(steps, guided):
     # The reference guides steps − int(steps · 0.6): its min_guidance_timestep is 0.6.
-    settings = TransferSettings(prompt="a train", steps=steps)
+    settings = zeroscope(prompt="a train", steps=steps)
     assert settings.guided_step_count() == guided == steps - int(steps * 0.6)
     assert len(settings.guidance_learning_rates()) == guided
-    assert TransferSettings(prompt="a train", steps=steps, guided_steps=0).guided_step_count() == 0
-    assert TransferSettings(prompt="a train", steps=50, guided_fraction=0).guided_step_count() == 0
+    assert zeroscope(prompt="a train", steps=steps, guided_steps=0).guided_step_count() == 0
+    assert zeroscope(prompt="a train", steps=50, guided_fraction=0).guided_step_count() == 0
 
 
 def test_window_overlap_must_be_less_than_the_window():

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backend.windows import blend_weights, blend_windowed, place_windows, tent_weight, window_slice
+from backend.method.windows import (
+    blend_weights,
+    blend_windowed,
+    place_windows,
+    tent_weight,
+    window_slice,
+)
 
 
 def test_a_clip_that_fits_is_one_window():

@@ -14,7 +14,7 @@ def save_tiny_clip(folder: Path, seed: int = 0) -> Path:
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from backend.model import build_byte_tokenizer
+    from backend.backbones.zeroscope import build_byte_tokenizer
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -70,7 +70,7 @@ class EngineWorker:
 
             torch.set_num_threads(spec.torch_threads)
         try:
-            from backend.engine import load_engine
+            from backend.method.engine import load_engine
 
             self.engine = load_engine(spec.model, device=spec.device, dtype=spec.dtype,
                                       cache_dir=spec.cache_for(name),
@@ -178,11 +178,11 @@ class EngineWorker:
                 "host": socket.gethostname(), "gpu": self._gpu(), "pid": os.getpid()}
 
     def _gpu(self) -> dict[str, Any] | None:
-        if self.engine is None or self.engine.components.device.type != "cuda":
+        if self.engine is None or self.engine.backbone.device.type != "cuda":
             return None
         import ray
         import torch
 
-        device = self.engine.components.device
+        device = self.engine.backbone.device
         return {"name": torch.cuda.get_device_name(device), "device": str(device),
                 "ray_gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()]}

@@ -1,6 +1,6 @@
 """What the server needs of an engine: the three calls it makes, typed.
 
-`backend.engine.Engine` is one; tests and the Ray workers (backend/cluster) are others.
+`backend.method.engine.Engine` is one; tests and the Ray workers (backend/cluster) are others.
 An engine in another process can also lose that process mid-job: it raises EngineLost.
 """
 
@@ -35,7 +35,9 @@ class TransferOutcome(Protocol):
 
 class TransferEngine(Protocol):
     def describe(self) -> dict[str, Any]:
-        """model, device, dtype, upscaler (None: none loaded): what `welcome` reports."""
+        """model, device, dtype, backbone (name, native size, pixel budget, window, frame
+        rate, side multiple, the settings the model decides), upscaler (None: none loaded):
+        what `welcome` reports."""
 
     def check_settings(self, settings: TransferSettings, clip_length: int,
                        frame_size: tuple[int, int] | None = None) -> None:

@@ -106,6 +106,13 @@ class Requests:
                 "queue_length": self.book.queue_length(), "secure": self.secure(),
                 "degraded": problem, "dropped_messages": self.dropped()}
 
+    def _with_model_size(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """The settings with the model's width and height where they are left to it, so the
+        result's size bound (protocol.check_reply_size) is checked for them too."""
+        defaults = (self.engine.describe().get("backbone") or {}).get("defaults") or {}
+        sizes = {name: defaults[name] for name in ("width", "height") if name in defaults}
+        return {**sizes, **{name: value for name, value in settings.items() if value is not None}}
+
     def _submit(self, client: str, owner: str | None, header: dict[str, Any],
                 payload: list[bytes]) -> dict[str, Any]:
         from shared.settings import TransferSettings
@@ -114,7 +121,8 @@ class Requests:
         try:
             settings = protocol.require(header, "settings", dict)
             header_bytes = len(protocol.json_text(header))
-            protocol.check_submit_limits(settings, payload, header_bytes, self.limits)
+            protocol.check_submit_limits(self._with_model_size(settings), payload, header_bytes,
+                                         self.limits)
             digest = protocol.request_digest(settings, payload)
             repeated = self.book.existing(job_id, client, owner, digest)
             if repeated is not None:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from backend.backbones.zeroscope import TINY, ZEROSCOPE
 from backend.errors import UnderstudyError
-from backend.model import TINY, ZEROSCOPE
 
 DEMO_PROMPT = "a red locomotive driving through a green valley"
 # The tiny model's output is noise whatever its size: a small, short edit keeps the demo

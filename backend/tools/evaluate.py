@@ -1,7 +1,7 @@
 """`python -m backend evaluate`: score a result clip against its source clip.
 
 The steps, top to bottom: bring both clips to one frame count and one size, track a
-grid of points in each, score motion fidelity (backend/metrics.py, paper Eq. 5),
+grid of points in each, score motion fidelity (backend/tools/metrics.py, paper Eq. 5),
 score edit fidelity with CLIP if a CLIP model can be loaded, and draw a picture of
 the tracks. `evaluate_clips` returns the JSON report; the command line prints it.
 """

@@ -20,9 +20,14 @@ stage's size on the tiny model, 1024×576 on ZeroScope's, and sets the stage's t
 UNet passes (in first-stage forward-equivalents: each pass weighted by the measured
 time of a full pass at its size over one at the first stage's) and peak memory
 against the first stage's.
-Forward-equivalents (FE): a full UNet pass over one batch element is 1; a pass that
-stops after up_blocks[1] counts its measured share of a full pass (timed here); a
-backward pass counts twice its forward.
+Forward-equivalents (FE): a full model pass over one batch element is 1; a pass that
+stops after the feature taps (ZeroScope: up_blocks[1]; Wan: the guidance block) counts
+its measured share of a full pass (timed here); a backward pass counts twice its forward.
+
+Architectures (`--arch`): "tiny" (ZeroScope's component types, tiny), "zeroscope"
+(ZeroScope v2; `--random-weights` for its architecture with random weights),
+"wan-tiny", "wan" (Wan 2.1 T2V-1.3B; `--random-weights`), and "wan-random" (= wan
+with random weights). Wan runs at its own sizes and window (832×480, 81 frames).
 """
 
 from __future__ import annotations
@@ -38,10 +43,11 @@ from tempfile import TemporaryDirectory
 import numpy as np
 import torch
 
-from backend.engine import Engine, Procedure
-from backend.features import truncated_smm
-from backend.model import TINY, ZEROSCOPE, ZEROSCOPE_RANDOM, Components, load_components
-from backend.windows import place_windows
+from backend.backbones.base import Backbone
+from backend.backbones.loading import WAN_RANDOM, WAN_TINY, load_backbone
+from backend.backbones.wan import WAN_21_T2V_1_3B
+from backend.backbones.zeroscope import TINY, ZEROSCOPE, ZEROSCOPE_RANDOM
+from backend.method.engine import Engine, Procedure
 from shared.settings import TransferSettings
 
 REFERENCE_INVERSION_STEPS = 999
@@ -74,35 +80,52 @@ class Run:
         return max(values) if field == "peak_memory_gb" else sum(values)
 
 
-def build_components(arch: str, random_weights: bool, device: str | None, dtype: str | None) -> Components:
-    """The tiny model, ZeroScope's architecture with random weights, or ZeroScope itself."""
-    if arch == "tiny":
-        return load_components(TINY, device, dtype)
-    return load_components(ZEROSCOPE_RANDOM if random_weights else ZEROSCOPE, device, dtype)
+def build_backbone(arch: str, random_weights: bool, device: str | None, dtype: str | None) -> Backbone:
+    """The model an --arch names: tiny, ZeroScope (or its architecture with random
+    weights), tiny Wan, Wan 2.1 1.3B (or its architecture with random weights)."""
+    model = {"tiny": TINY, "wan-tiny": WAN_TINY, "wan-random": WAN_RANDOM,
+             "zeroscope": ZEROSCOPE_RANDOM if random_weights else ZEROSCOPE,
+             "wan": WAN_RANDOM if random_weights else WAN_21_T2V_1_3B}[arch]
+    return load_backbone(model, device, dtype)
+
+
+def bench_latent(backbone: Backbone, frames: int, size: tuple[int, int]) -> torch.Tensor:
+    """A random latent of `frames` pixel frames at size (width, height)."""
+    cell = backbone.latent_cell
+    channels = backbone.latent_channels
+    return torch.randn(1, channels, backbone.latent_frames(frames), size[1] // cell, size[0] // cell,
+                       device=backbone.device, dtype=backbone.dtype)
 
 
 def measure_truncated_share(engine: Engine, settings: TransferSettings, repeats: int = 3) -> float:
-    """Time of a pass that stops after up_blocks[1], as a share of a full pass."""
-    c = engine.components
-    scale = c.vae_scale_factor
+    """Time of a pass that stops after the feature taps, as a share of a full pass."""
+    b = engine.backbone
+    settings = engine.resolve(settings)
     frames = min(settings.num_frames or settings.window_frames, settings.window_frames)
-    latent = torch.randn(1, 4, frames, settings.height // scale, settings.width // scale,
-                         device=c.device, dtype=c.dtype)
+    latent = bench_latent(b, frames, (settings.width, settings.height))
+    t = b.schedule.timesteps(settings.steps)[0]
     text = engine._embed(["a benchmark"])
     with torch.no_grad():
-        full = _timed(c.device, lambda: c.unet(latent, 500, encoder_hidden_states=text), repeats)
-        truncated = _timed(c.device, lambda: truncated_smm(c.unet, latent, 500, text), repeats)
+        full = _timed(b.device, lambda: b.predict(latent, t, text), repeats)
+        truncated = _timed(b.device, lambda: b.taps(latent, t, text, truncated=True), repeats)
     return truncated / full
 
 
 def full_pass_seconds(engine: Engine, frames: int, size: tuple[int, int], repeats: int = 3) -> float:
-    """Seconds of one full UNet pass over `frames` frames at size (width, height)."""
-    c = engine.components
-    scale = c.vae_scale_factor
-    latent = torch.randn(1, 4, frames, size[1] // scale, size[0] // scale, device=c.device, dtype=c.dtype)
+    """Seconds of one full model pass over `frames` frames at size (width, height)."""
+    b = engine.backbone
+    latent = bench_latent(b, frames, size)
+    t = b.schedule.timesteps(10)[0]
     text = engine._embed(["a benchmark"])
     with torch.no_grad():
-        return _timed(c.device, lambda: c.unet(latent, 500, encoder_hidden_states=text), repeats)
+        return _timed(b.device, lambda: b.predict(latent, t, text), repeats)
+
+
+def default_sizes(arch: str) -> tuple[int, int, int]:
+    """(frames, width, height) a bench edits by default: small for the tiny models, the
+    native clip for the real architectures (ZeroScope 24×576×320, Wan 81×832×480)."""
+    return {"tiny": (8, 128, 64), "wan-tiny": (9, 128, 64), "zeroscope": (24, 576, 320)}.get(
+        arch, (81, 832, 480))
 
 
 def _timed(device: torch.device, run, repeats: int) -> float:
@@ -130,7 +153,7 @@ def run_once(
     engine: Engine, name: str, frames: np.ndarray, settings: TransferSettings, procedure: Procedure,
     truncated_share: float,
 ) -> Run:
-    device = engine.components.device
+    device = engine.backbone.device
     peaks: dict[str, float] = {}
     current = {"phase": "invert"}
 
@@ -149,12 +172,12 @@ def run_once(
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    engine.unet_passes.clear()
+    engine.model_passes.clear()
     result = engine.transfer(frames, settings, progress=on_progress, procedure=procedure)
     _sync(device)
     record_peak(current["phase"])
     seconds = {PHASE_OF_TIMING[k]: v for k, v in result.metadata["timings_s"].items()}
-    return Run(name, seconds, forward_equivalents(engine.unet_passes, truncated_share),
+    return Run(name, seconds, forward_equivalents(engine.model_passes, truncated_share),
                {phase: peaks.get(phase, 0.0) for phase in seconds})
 
 
@@ -164,9 +187,9 @@ def run_bench(
     dtype: str | None = None, gradient_checkpointing: bool = False,
 ) -> dict:
     """Run the three edits and return the JSON report."""
-    components = build_components(arch, random_weights, device, dtype)
-    # The tiny model's default is small enough to finish in well under a minute on a CPU.
-    defaults = (8, 128, 64) if arch == "tiny" else (24, 576, 320)
+    backbone = build_backbone(arch, random_weights, device, dtype)
+    # The tiny models' default is small enough to finish in well under a minute on a CPU.
+    defaults = default_sizes(arch)
     frames = frames or defaults[0]
     settings = TransferSettings(prompt="a red train", source_prompt="a car", seed=0,
                                 num_frames=frames, width=width or defaults[1],
@@ -175,7 +198,7 @@ def run_bench(
     clip = np.random.default_rng(0).integers(0, 255, (frames, settings.height, settings.width, 3),
                                              dtype=np.uint8)
     with TemporaryDirectory() as cache:
-        engine = Engine(components, Path(cache))
+        engine = Engine(backbone, Path(cache))
         share = measure_truncated_share(engine, settings)
         first = run_once(engine, "first edit", clip, settings, Procedure(), share)
         re_edit_settings = TransferSettings(**{**settings.to_dict(), "prompt": "a brown horse", "seed": 1})
@@ -185,14 +208,15 @@ def run_bench(
         reference = run_once(engine, "reference", clip, reference_settings,
                              Procedure(use_cache=False, truncate_guidance=False,
                                        cache_source_features=False), share)
-    c = components
+    c = backbone
     return {
         "arch": arch,
         "model": c.model_id,
+        "backbone": c.facts.name,
         "device": _device_name(c.device),
         "dtype": str(c.dtype).removeprefix("torch."),
         "frames": frames, "width": settings.width, "height": settings.height,
-        "settings": settings.to_dict(),
+        "settings": engine.resolve(settings).to_dict(),
         "truncated_pass_share": round(share, 3),
         "runs": {run.name: {"seconds": run.seconds, "forward_equivalents": run.forward_equivalents,
                             "peak_memory_gb": run.peak_memory_gb,
@@ -216,13 +240,14 @@ def run_scaling(
     dtype: str | None = None, gradient_checkpointing: bool = False,
 ) -> dict:
     """One first edit per clip length (shortest first); the JSON report of the scaling."""
-    components = build_components(arch, random_weights, device, dtype)
-    size = (128, 64) if arch == "tiny" else (576, 320)
-    steps = TINY_SCALING_STEPS if arch == "tiny" else {}
+    backbone = build_backbone(arch, random_weights, device, dtype)
+    size = default_sizes(arch)[1:]
+    steps = TINY_SCALING_STEPS if arch in ("tiny", "wan-tiny") else {}
     settings = TransferSettings(prompt="a red train", source_prompt="a car", seed=0,
                                 width=width or size[0], height=height or size[1],
                                 gradient_checkpointing=gradient_checkpointing, **steps)
-    engine = Engine(components, None)
+    engine = Engine(backbone, None)
+    settings = engine.resolve(settings)
     share = measure_truncated_share(engine, settings)
     shortest = min(lengths)
     warm_up = np.zeros((shortest, settings.height, settings.width, 3), dtype=np.uint8)
@@ -232,7 +257,7 @@ def run_scaling(
         clip = np.random.default_rng(length).integers(
             0, 255, (length, settings.height, settings.width, 3), dtype=np.uint8)
         run = run_once(engine, f"{length} frames", clip, settings, Procedure(use_cache=False), share)
-        windows = len(place_windows(length, settings.window_frames, settings.window_overlap))
+        windows = len(engine.windows_for(backbone.model_frames(length), settings))
         rows.append({"frames": length, "windows": windows, "phase_seconds": run.seconds,
                      "seconds": run.total("seconds"),
                      "forward_equivalents": run.total("forward_equivalents"),
@@ -244,7 +269,7 @@ def run_scaling(
         row["forward_equivalents_ratio"] = row["forward_equivalents"] / (
             row["windows"] / base_windows * base["forward_equivalents"])
         row["memory_ratio"] = row["peak_memory_gb"] / base["peak_memory_gb"]
-    c = components
+    c = backbone
     return {
         "arch": arch, "model": c.model_id, "device": _device_name(c.device),
         "dtype": str(c.dtype).removeprefix("torch."), "width": settings.width, "height": settings.height,
@@ -262,8 +287,8 @@ def run_upscale(
     Both stages at their native sizes (framing stretch): tiny 128×64 → 256×128,
     ZeroScope 576×320 → 1024×576 (XL's architecture is 576w's, so the random model
     stands in for XL too). `steps` overrides step settings (the defaults otherwise)."""
-    components = build_components(arch, random_weights, device, dtype)
-    upscaler = Engine(build_components(arch, random_weights, device, dtype))
+    backbone = build_backbone(arch, random_weights, device, dtype)
+    upscaler = Engine(build_backbone(arch, random_weights, device, dtype))
     frames = frames or (8 if arch == "tiny" else 24)
     sizes = ((128, 64), (256, 128)) if arch == "tiny" else ((576, 320), (1024, 576))
     settings = TransferSettings(prompt="a red train", source_prompt="a car", seed=0, num_frames=frames,
@@ -271,14 +296,14 @@ def run_upscale(
                                 upscale_width=sizes[1][0], upscale_height=sizes[1][1], **(steps or {}))
     clip = np.random.default_rng(0).integers(0, 255, (frames, settings.height, settings.width, 3),
                                              dtype=np.uint8)
-    engine = Engine(components, None, upscaler=upscaler)
+    engine = Engine(backbone, None, upscaler=upscaler)
     share = measure_truncated_share(engine, settings)
-    window = min(frames, settings.window_frames)
+    window = min(frames, engine.resolve(settings).window_frames)
     pass_ratio = full_pass_seconds(upscaler, window, sizes[1]) / full_pass_seconds(engine, window, sizes[0])
     run = run_once(engine, "with upscaling", clip, settings, Procedure(use_cache=False), share)
     first_stage = sum(run.seconds[phase] for phase in ("invert", "sample", "decode"))
-    passes = upscaler.unet_passes["sample", "full"]
-    c = components
+    passes = upscaler.model_passes["sample", "full"]
+    c = backbone
     return {
         "arch": arch, "model": c.model_id, "device": _device_name(c.device),
         "dtype": str(c.dtype).removeprefix("torch."), "frames": frames,
@@ -369,7 +394,7 @@ def format_report(report: dict) -> str:
         f"(target ≤ {TARGET_RE_EDIT_RATIO})")
     lines.append(f"wall time vs reference: first edit {ratios['first_edit_seconds']:.3f}×, "
                  f"re-edit {ratios['re_edit_seconds']:.3f}×")
-    if report["arch"] == "zeroscope" and report["device"] != "cpu":
+    if report["arch"] in ("zeroscope", "wan", "wan-random") and report["device"] != "cpu":
         first = runs["first edit"]
         lines.append(f"GPU targets: first edit {first['total_seconds']:.0f} s (target < "
                      f"{TARGET_GPU_SECONDS} s), peak {first['peak_memory_gb_max']:.1f} GB "

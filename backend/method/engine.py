@@ -9,23 +9,29 @@
 One edit, as Understudy runs it (docs/method.md):
 
     0. frame       the frames chosen, the box of them the model sees (framing: fit, crop,
-                   stretch; backend/framing.py) resized to the model's size
+                   stretch; backend/method/framing.py) resized to the model's size
     1. encode      frames → VAE latent z₀ of the whole clip (in slices of frames)
-    2. invert      DDIM inversion of z₀ with the source prompt, and the source SMM
+    2. invert      inversion of z₀ with the source prompt along the sampler's own ODE
+                   (DDIM for ZeroScope, flow-matching Euler for Wan), and the source SMM
                    features at the guided timesteps, per window — or both from the cache
-    3. sample      low-frequency initial latent; for each of the `steps` timesteps:
-                   guided steps optimise x_t with Adam on the pairwise SMM loss
-                   (target prompt, UNet truncated after up_blocks[1]); then a CFG
-                   DDIM step; then restart: re-noise back to t and step again
+    3. sample      low-frequency initial latent (or plain noise, `init`); for each of the
+                   `steps` timesteps: guided steps optimise x_t with Adam on the pairwise
+                   SMM loss (target prompt, model truncated after its feature taps); then
+                   a CFG step; then restart: re-noise back to t and step again
     4. decode      VAE decode (in slices)
     5. upscale     with settings.upscale "xl": a second engine (ZeroScope XL) re-noises the
                    resized result part of the way and denoises it (video-to-video); then
                    retime if asked
 
-Clips longer than the model's window (24 frames for ZeroScope) keep one latent for
-all their frames; every UNet use runs per window and blends (backend/windows.py),
-and guidance sums the windows' losses. A clip that fits one window runs exactly as
-it would without windows.
+Everything model-specific is the backbone's (backend/backbones/base.py): the engine
+sees a Backbone (encode, decode, embed, predict, taps, geometry, defaults) and its
+Schedule (timesteps, inversion, step, restart). Settings left None ("the model's") are
+filled from the backbone's defaults before anything else.
+
+Clips longer than the model's window (24 frames for ZeroScope, 81 for Wan) keep one
+latent for all their frames; every model use runs per window of LATENT frames and
+blends (backend/method/windows.py), and guidance sums the windows' losses. A clip that
+fits one window runs exactly as it would without windows.
 """
 
 from __future__ import annotations
@@ -35,35 +41,23 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
 
+from backend.backbones.base import Backbone, Timestep
+from backend.backbones.loading import load_backbone
+from backend.backbones.zeroscope import ZEROSCOPE_XL, ZEROSCOPE_XL_FACTS
 from backend.errors import BadClipError, BadSettingsError, JobCancelled, OutOfMemoryError
-from backend.features import TAP_NAMES, capture_taps, checkpointed_blocks, truncated_smm
-from backend.framing import Framing, frames_for_model, plan_framing
-from backend.guidance import (
-    lowfreq_init,
-    pairwise_smm_loss,
-    renoise_to_first_timestep,
-    restart_renoise,
-    smm,
-)
-from backend.inversion import (
-    DEFAULT_CACHE_MAX_BYTES,
-    InversionCache,
-    SourceState,
-    cache_key,
-    ddim_invert,
-)
-from backend.model import ZEROSCOPE_XL, Components, load_components
+from backend.method.framing import Framing, frames_for_model, plan_framing
+from backend.method.guidance import lowfreq_init, pairwise_smm_loss
+from backend.method.inversion import DEFAULT_CACHE_MAX_BYTES, InversionCache, SourceState, cache_key
+from backend.method.windows import Window, blend_windowed, place_windows, window_slice
 from backend.video import resize_frames, retime_frames, sample_indices
-from backend.windows import Window, blend_windowed, place_windows, window_slice
 from shared.settings import TransferSettings
 
 ProgressCallback = Callable[[str, int, int], None]
@@ -104,31 +98,38 @@ class Procedure:
 
 
 SourceFeatures = list[list[torch.Tensor]]
-"""Per window, per tap (TAP_NAMES order): the source SMM, (window frames, D)."""
+"""Per window, per tap (the backbone's tap_names order): the source SMM, (window frames, D)."""
 
 
 class Engine:
-    """A loaded model plus the on-disk inversion cache.
+    """A loaded backbone plus the on-disk inversion cache.
 
-    `unet_passes` counts UNet work per (phase, kind) in batch elements of one window,
+    `model_passes` counts model work per (phase, kind) in batch elements of one window,
     kind being "full", "truncated" or "truncated_backward"; the benchmark turns it into
     forward-equivalents. `upscaler`, when loaded, is a second Engine (ZeroScope XL) that
     runs the upscaling stage; it counts its own passes.
     """
 
-    def __init__(self, components: Components, cache_dir: Path | None = None,
+    def __init__(self, backbone: Backbone, cache_dir: Path | None = None,
                  cache_max_bytes: int | None = None, upscaler: Engine | None = None) -> None:
-        self.components = components
+        self.backbone = backbone
         self.cache = InversionCache(cache_dir, cache_max_bytes or DEFAULT_CACHE_MAX_BYTES)
-        self.unet_passes: Counter[tuple[str, str]] = Counter()
+        self.model_passes: Counter[tuple[str, str]] = Counter()
         self.upscaler = upscaler
 
     def describe(self) -> dict[str, Any]:
-        """What the server reports in its hello: model id, device, dtype, and the
-        upscaler's model id (None: this engine cannot run upscale 'xl')."""
-        c = self.components
-        return {"model": c.model_id, "device": str(c.device), "dtype": str(c.dtype).removeprefix("torch."),
-                "upscaler": self.upscaler.components.model_id if self.upscaler else None}
+        """What the server reports in its hello: model id, device, dtype, the backbone
+        (name, native size, pixel budget, window, frame rate, side multiple, the
+        settings it decides) and the upscaler's model id (None: this engine cannot run
+        upscale 'xl')."""
+        b = self.backbone
+        return {"model": b.model_id, "device": str(b.device), "dtype": str(b.dtype).removeprefix("torch."),
+                "backbone": b.facts.to_dict(),
+                "upscaler": self.upscaler.backbone.model_id if self.upscaler else None}
+
+    def resolve(self, settings: TransferSettings) -> TransferSettings:
+        """The settings with every "the model's" (None) filled from the backbone."""
+        return settings.resolved(self.backbone.facts.defaults)
 
     # ------------------------------------------------------------------ the edit
 
@@ -151,15 +152,17 @@ class Engine:
         # 0. Check everything, choose the frames and frame them, before any model work.
         procedure = procedure or Procedure()
         report = _Reporter(progress, cancelled)
+        settings = self.resolve(settings)
         self.check_settings(settings, len(clip_frames))
+        self.backbone.use_settings(settings)
         seed = settings.seed if settings.seed is not None else random.SystemRandom().randrange(2**31)
         indices = sample_indices(len(clip_frames), frames_to_edit(settings, len(clip_frames)),
                                  settings.start)
         chosen = np.asarray(clip_frames[indices])
         framing = self.framing_for(settings, (chosen.shape[2], chosen.shape[1]))
-        frames = frames_for_model(chosen, framing)
+        frames = self._padded(frames_for_model(chosen, framing))
         del chosen
-        windows = place_windows(len(frames), settings.window_frames, settings.window_overlap)
+        windows = self.windows_for(len(frames), settings)
         timings: dict[str, float] = {}
         try:
             with _timed(timings, "encode_invert"):
@@ -167,26 +170,27 @@ class Engine:
             with _timed(timings, "sample"):
                 latent = self._sample(source, windows, settings, seed, procedure, report)
             with _timed(timings, "decode"):
-                out = self._decode(latent, settings.vae_slice, report)
+                out = self._decode(latent, settings.vae_slice, report)[: len(indices)]
             if framing.upscale_size is not None:
                 with _timed(timings, "upscale"):
-                    out = self.upscaler.video_to_video(out, framing.upscale_size, windows, settings,
-                                                       seed, report)
+                    out = self.upscaler.video_to_video(out, framing.upscale_size, settings, seed,
+                                                       report)
         except torch.cuda.OutOfMemoryError as error:
             raise OutOfMemoryError(OUT_OF_MEMORY) from error
         finally:
-            if self.components.device.type == "cuda":
+            if self.backbone.device.type == "cuda":
                 torch.cuda.empty_cache()
         out = retime_frames(out, settings.output_frames or len(out))
         metadata = {
             "settings": settings.to_dict(),
             "seed": seed,
-            "model": self.components.model_id,
+            "model": self.backbone.model_id,
+            "backbone": self.backbone.facts.name,
             "framing": framing.to_dict(),
             "upscaler": None if framing.upscale_size is None else {
-                "model": self.upscaler.components.model_id, "steps": settings.upscale_step_count()},
-            "device": str(self.components.device),
-            "dtype": str(self.components.dtype).removeprefix("torch."),
+                "model": self.upscaler.backbone.model_id, "steps": settings.upscale_step_count()},
+            "device": str(self.backbone.device),
+            "dtype": str(self.backbone.dtype).removeprefix("torch."),
             "input_frame_indices": indices.tolist(),
             "guided_steps": settings.guided_step_count(),
             "windows": [list(window) for window in windows],
@@ -200,43 +204,64 @@ class Engine:
         """Refuse, before any work, settings this model or this clip cannot run.
 
         frame_size: the clip's (width, height) when known; the framing is checked too.
+        Settings left to the model (None) are checked as the backbone fills them.
         Raises BadSettingsError or BadClipError with one sentence.
         """
-        scale = self.components.vae_scale_factor
-        if settings.width % scale or settings.height % scale:
-            raise BadSettingsError(f"Width and height must be multiples of {scale} for this model.")
-        if min(settings.width, settings.height) // scale < settings.lowfreq_factor:
+        settings = self.resolve(settings)
+        b = self.backbone
+        side = b.facts.side_multiple
+        if settings.width % side or settings.height % side:
+            raise BadSettingsError(f"Width and height must be multiples of {side} for this model.")
+        if min(settings.width, settings.height) // b.latent_cell < settings.lowfreq_factor:
             raise BadSettingsError("The frame is too small for the low-frequency factor; lower it.")
         if settings.upscale != "none" and self.upscaler is None:
             raise BadSettingsError(NO_UPSCALER)
-        sampling = _timesteps(self.components.scheduler, settings.steps)
-        inversion = _timesteps(self.components.scheduler, settings.inversion_steps)
-        if set(sampling) - set(inversion):
+        if settings.guidance_block is not None and "guidance_block" not in b.facts.defaults:
             raise BadSettingsError(
-                f"Inversion with {settings.inversion_steps} steps does not visit the sampling "
-                f"timesteps of {settings.steps} steps; use a multiple of {settings.steps} "
-                f"(for example 50 or 999 with 50 steps)."
-            )
+                f"The {b.facts.name} backbone's feature taps are fixed; leave --guidance-block unset.")
+        b.check_settings(settings)
+        window, overlap = b.latent_frames(settings.window_frames), b.latent_frames(settings.window_overlap)
+        if settings.window_overlap > 0 and overlap >= window:
+            raise BadSettingsError(
+                f"A window of {settings.window_frames} frames is {window} latent frames for this "
+                f"model, no more than the overlap of {settings.window_overlap} frames; lower "
+                f"--window-overlap or raise --window-frames.")
+        b.schedule.check_grids(settings.steps, settings.inversion_steps)
         sample_indices(clip_length, frames_to_edit(settings, clip_length), settings.start)
         if frame_size is not None:
             self.framing_for(settings, frame_size)
 
     def framing_for(self, settings: TransferSettings, frame_size: tuple[int, int]) -> Framing:
         """Where and at which sizes frames of frame_size (width, height) are edited
-        (backend/framing.py). BadClipError with one sentence for a frame too elongated
+        (backend/method/framing.py). BadClipError with one sentence for a frame too elongated
         for fit; BadSettingsError for a model size too small for the low-pass factor."""
+        settings = self.resolve(settings)
         upscale = None if settings.upscale == "none" else (settings.upscale_width, settings.upscale_height)
-        scale = self.components.vae_scale_factor
         try:
             framing = plan_framing(settings.framing, frame_size, (settings.width, settings.height),
-                                   scale, upscale)
+                                   self.backbone.facts.side_multiple, upscale)
         except ValueError as error:
             raise BadClipError(str(error)) from None
-        if min(framing.model_size) // scale < settings.lowfreq_factor:
+        if min(framing.model_size) // self.backbone.latent_cell < settings.lowfreq_factor:
             raise BadSettingsError(
                 f"The model would run at {framing.model_size[0]}x{framing.model_size[1]}, too small "
                 f"for the low-frequency factor {settings.lowfreq_factor}; lower --lowfreq-factor.")
         return framing
+
+    def windows_for(self, frames: int, settings: TransferSettings) -> list[Window]:
+        """The temporal windows, in latent frames: a window of `window_frames` pixel frames
+        is latent_frames(window_frames) latent frames, the overlap likewise (0 stays 0)."""
+        b = self.backbone
+        overlap = b.latent_frames(settings.window_overlap) if settings.window_overlap else 0
+        return place_windows(b.latent_frames(frames), b.latent_frames(settings.window_frames), overlap)
+
+    def _padded(self, frames: np.ndarray) -> np.ndarray:
+        """The frames with their last repeated up to the length the VAE takes whole
+        (backbone.model_frames; the same frames for ZeroScope)."""
+        wanted = self.backbone.model_frames(len(frames))
+        if wanted == len(frames):
+            return frames
+        return np.concatenate([frames, np.repeat(frames[-1:], wanted - len(frames), axis=0)])
 
     # ------------------------------------------------------------------ steps 1–2
 
@@ -246,42 +271,43 @@ class Engine:
     ) -> tuple[SourceState, bool]:
         """Inverted latents and source features of the whole clip: from the cache, or
         computed and cached."""
-        c = self.components
-        sampling = _timesteps(c.scheduler, settings.steps)
+        settings = self.resolve(settings)
+        self.backbone.use_settings(settings)
+        b = self.backbone
+        sampling = b.schedule.timesteps(settings.steps)
         guided = sampling[: settings.guided_step_count()]
         key = cache_key(frames, {
-            "model": c.model_id, "dtype": str(c.dtype), "source_prompt": _full_prompt(settings, settings.source_prompt),
+            "model": b.model_id, "dtype": str(b.dtype), "source_prompt": _full_prompt(settings, settings.source_prompt),
             "inversion_steps": settings.inversion_steps, "steps": settings.steps,
             "guided_steps": len(guided), "windows": windows,
         })
         if procedure.use_cache:
-            cached = self.cache.load(key, c.device)
+            cached = self.cache.load(key, b.device)
             if cached is not None:
                 return cached, True
         report("encode", 0, 1)
         source_latent = self._encode(frames, settings.vae_slice)
         report("encode", 1, 1)
         source_embedding = self._embed([_full_prompt(settings, settings.source_prompt)])
-        inversion = sorted(_timesteps(c.scheduler, settings.inversion_steps))
+        inversion = b.schedule.inversion_timesteps(settings.steps, settings.inversion_steps)
         step_of = {timestep: index for index, timestep in enumerate(inversion)}
 
-        def inversion_eps(latent: torch.Tensor, timestep: int) -> torch.Tensor:
-            def window_eps(piece: torch.Tensor, _window: int) -> torch.Tensor:
+        def inversion_output(latent: torch.Tensor, timestep: Timestep) -> torch.Tensor:
+            def window_output(piece: torch.Tensor, _window: int) -> torch.Tensor:
                 report.check()
-                return self._unet_eps(piece, timestep, source_embedding, "invert")
+                return self._predict(piece, timestep, source_embedding, "invert")
 
-            return blend_windowed(window_eps, latent, windows, after_window=lambda k: report(
+            return blend_windowed(window_output, latent, windows, after_window=lambda k: report(
                 "invert", step_of[timestep] * len(windows) + k + 1, len(inversion) * len(windows)))
 
         with torch.no_grad():
-            inverted = ddim_invert(inversion_eps, source_latent, inversion, c.scheduler.alphas_cumprod,
-                                   float(c.scheduler.final_alpha_cumprod),
-                                   keep={*sampling, inversion[-1]})
+            inverted, noisiest_timestep, noisiest = b.schedule.invert(
+                inversion_output, source_latent, settings.steps, settings.inversion_steps)
         state = SourceState(
             source_latent=source_latent,
-            inverted={t: inverted[t] for t in sampling},
-            noisiest_timestep=inversion[-1],
-            noisiest=inverted[inversion[-1]],
+            inverted=inverted,
+            noisiest_timestep=noisiest_timestep,
+            noisiest=noisiest,
             features={},
         )
         if procedure.cache_source_features:
@@ -297,16 +323,15 @@ class Engine:
         return state, False
 
     def _source_features(
-        self, state: SourceState, timestep: int, source_embedding: torch.Tensor, window: Window,
+        self, state: SourceState, timestep: Timestep, source_embedding: torch.Tensor, window: Window,
         report: _Reporter,
     ) -> list[torch.Tensor]:
-        """Source SMM features of one window: the three taps on the inverted x_t at t,
+        """Source SMM features of one window: the backbone's taps on the inverted x_t at t,
         source prompt. (window frames, D) per tap."""
         report.check()
-        self.unet_passes["features", "truncated"] += 1
-        with self._precision():
-            taps = truncated_smm(self.components.unet, self._model_input(
-                window_slice(state.inverted[timestep], window)), timestep, source_embedding)
+        self.model_passes["features", "truncated"] += 1
+        taps = self.backbone.taps(window_slice(state.inverted[timestep], window), timestep,
+                                  source_embedding, truncated=True)
         return [tap[0] for tap in taps]
 
     # ------------------------------------------------------------------ step 3
@@ -315,11 +340,13 @@ class Engine:
         self, source: SourceState, windows: list[Window], settings: TransferSettings, seed: int,
         procedure: Procedure, report: _Reporter,
     ) -> torch.Tensor:
-        """The guided, restarted DDIM sampling loop; returns the final latent z₀."""
-        c = self.components
-        scheduler = DDIMScheduler.from_config(c.scheduler.config)
-        scheduler.set_timesteps(settings.steps)
-        timesteps = [int(t) for t in scheduler.timesteps]
+        """The guided, restarted sampling loop; returns the final latent z₀."""
+        settings = self.resolve(settings)
+        self.backbone.use_settings(settings)
+        b = self.backbone
+        schedule = b.schedule
+        steps = settings.steps
+        timesteps = schedule.timesteps(steps)
         generator = torch.Generator("cpu").manual_seed(seed)
 
         target = self._embed([_full_prompt(settings, settings.prompt)])
@@ -329,14 +356,16 @@ class Engine:
         learning_rates = settings.guidance_learning_rates()
         guided_steps = len(learning_rates)
 
-        # 3a. The initial latent: low frequencies of z₀ re-noised to t₀, high ones fresh.
-        alphas = c.scheduler.alphas_cumprod
-        start = renoise_to_first_timestep(
-            source.source_latent.float(), source.noisiest.float(),
-            float(alphas[source.noisiest_timestep]), float(alphas[timesteps[0]]),
-        )
-        fresh_noise = torch.randn(start.shape, generator=generator).to(c.device)
-        latent = lowfreq_init(start, fresh_noise, settings.lowfreq_factor)
+        # 3a. The initial latent: low frequencies of z₀ re-noised to t₀, high ones fresh
+        # (Eq. 4); or, with init "noise", the fresh noise alone. Drawn first from the
+        # seed's generator, as torch.randn(shape, generator=Generator("cpu").manual_seed(seed)).
+        fresh_noise = torch.randn(source.source_latent.shape, generator=generator).to(b.device)
+        if settings.init == "noise":
+            latent = fresh_noise
+        else:
+            start = schedule.start_latent(source.source_latent.float(), source.noisiest.float(),
+                                          source.noisiest_timestep, timesteps[0])
+            latent = lowfreq_init(start, fresh_noise, settings.lowfreq_factor)
 
         total = len(timesteps) * len(windows)
         report("sample", 0, total)
@@ -358,14 +387,13 @@ class Engine:
                                                                  window, report) for window in windows]
                 latent = self._guide(latent, timestep, target, source_features, windows,
                                      learning_rates[index], settings, procedure, report)
-            # 3c. One CFG DDIM step, t → t_next.
-            latent = self._denoise(latent, timestep, scheduler, target, negative, settings.cfg_scale,
+            # 3c. One CFG step, t → t_next.
+            latent = self._denoise(latent, steps, index, target, negative, settings.cfg_scale,
                                    windows, report, None if restarts else step_done)
-            # 3d. Restart: re-noise t_next → t with single DDPM steps, then step again.
+            # 3d. Restart: re-noise t_next → t (the schedule's forward process), then step again.
             if restarts:
-                t_next = timesteps[index + 1]
-                latent = restart_renoise(latent, c.scheduler.betas, t_next, timestep - t_next, generator)
-                latent = self._denoise(latent, timestep, scheduler, target, negative, settings.cfg_scale,
+                latent = schedule.restart(latent, steps, index, generator)
+                latent = self._denoise(latent, steps, index, target, negative, settings.cfg_scale,
                                        windows, report, step_done)
         return latent
 
@@ -382,12 +410,11 @@ class Engine:
         the UNet runs under autocast and the loss is scaled before backward (a fresh
         GradScaler per guided step), as the reference does.
         """
-        unet = self.components.unet
         x = latent.detach().float().clone().requires_grad_(True)
         optimizer = torch.optim.Adam([x], lr=learning_rate)
-        scaler = torch.amp.GradScaler(self.components.device.type, enabled=self._scales_loss())
+        scaler = torch.amp.GradScaler(self.backbone.device.type, enabled=self._scales_loss())
         kind = "truncated" if procedure.truncate_guidance else "full"
-        with checkpointed_blocks(unet, settings.gradient_checkpointing), torch.enable_grad():
+        with self.backbone.checkpointing(settings.gradient_checkpointing), torch.enable_grad():
             for _ in range(settings.guidance_iterations):
                 optimizer.zero_grad(set_to_none=True)
                 for window, window_source in zip(windows, source_features, strict=True):
@@ -395,8 +422,8 @@ class Engine:
                     loss = self._window_loss(window_slice(x, window), timestep, target, window_source,
                                              settings.loss, procedure)
                     scaler.scale(loss).backward()
-                    self.unet_passes["guide", kind] += 1
-                    self.unet_passes["guide", f"{kind}_backward"] += 1
+                    self.model_passes["guide", kind] += 1
+                    self.model_passes["guide", f"{kind}_backward"] += 1
                 scaler.step(optimizer)
                 scaler.update()
         return x.detach()
@@ -417,115 +444,67 @@ class Engine:
         self, x: torch.Tensor, timestep: int, target: torch.Tensor, source: list[torch.Tensor],
         loss_kind: str, procedure: Procedure,
     ) -> torch.Tensor:
-        """One window's loss: the pairwise SMM loss summed over the three taps."""
-        with self._precision():
-            if procedure.truncate_guidance:
-                taps = truncated_smm(self.components.unet, self._model_input(x), timestep, target)
-            else:
-                taps = self._full_pass_taps(x, timestep, target)
+        """One window's loss: the pairwise SMM loss summed over the backbone's taps (the
+        model truncated after them, or, for the reference procedure, run whole)."""
+        taps = self.backbone.taps(x, timestep, target, truncated=procedure.truncate_guidance)
         return sum(pairwise_smm_loss(tap_source, tap[0], loss_kind)
                    for tap_source, tap in zip(source, taps, strict=True))
 
-    def _full_pass_taps(self, x: torch.Tensor, timestep: int, target: torch.Tensor) -> list[torch.Tensor]:
-        """The reference's guidance pass: the whole UNet runs, the taps are read on the way."""
-        frames = x.shape[2]
-        with capture_taps(self.components.unet, stop_after=False) as captured:
-            self.components.unet(self._model_input(x), timestep, encoder_hidden_states=target)
-        return [smm(captured[n].reshape(1, frames, *captured[n].shape[1:]).float()) for n in TAP_NAMES]
-
     @torch.no_grad()
     def _denoise(
-        self, latent: torch.Tensor, timestep: int, scheduler: DDIMScheduler, target: torch.Tensor,
+        self, latent: torch.Tensor, steps: int, index: int, target: torch.Tensor,
         negative: torch.Tensor, cfg_scale: float, windows: list[Window], report: _Reporter,
         after_window: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
-        """One DDIM step (eta 0) with classifier-free guidance: ε = ε_neg + s·(ε_text − ε_neg),
-        blended over the windows."""
-        both = torch.cat([negative, target])
+        """One sampler step from timestep `index` of `steps` with classifier-free guidance,
+        o = o_neg + s·(o_text − o_neg) (o: ε or velocity), blended over the windows."""
+        timestep = self.backbone.schedule.timesteps(steps)[index]
 
-        def cfg_eps(piece: torch.Tensor, _window: int) -> torch.Tensor:
+        def cfg_output(piece: torch.Tensor, _window: int) -> torch.Tensor:
             report.check()
-            eps_negative, eps_text = self._unet_eps(torch.cat([piece, piece]), timestep, both,
-                                                    "sample").chunk(2)
-            return eps_negative + cfg_scale * (eps_text - eps_negative)
+            self.model_passes["sample", "full"] += 2 * piece.shape[0]
+            out_negative, out_text = self.backbone.predict_pair(piece, timestep, negative, target)
+            return out_negative + cfg_scale * (out_text - out_negative)
 
-        eps = blend_windowed(cfg_eps, latent, windows, after_window=after_window)
-        return scheduler.step(eps.float(), timestep, latent.float(), eta=0.0).prev_sample
+        output = blend_windowed(cfg_output, latent, windows, after_window=after_window)
+        return self.backbone.schedule.step(output, steps, index, latent)
 
     # ------------------------------------------------------------------ model calls
 
     def _scales_loss(self) -> bool:
         """fp16 gradients can underflow; the reference scales the loss on CUDA."""
-        c = self.components
-        return c.device.type == "cuda" and c.dtype == torch.float16
+        return self.backbone.scales_loss()
 
-    def _precision(self) -> AbstractContextManager:
-        """Autocast on CUDA in half precision (float32 latents, half-precision UNet
-        maths, as the reference runs); elsewhere the UNet runs in its own dtype."""
-        c = self.components
-        if c.device.type == "cuda" and c.dtype != torch.float32:
-            return torch.autocast("cuda", dtype=c.dtype)
-        return nullcontext()
+    def _predict(self, latent: torch.Tensor, timestep: Timestep, embedding: torch.Tensor,
+                 phase: str) -> torch.Tensor:
+        self.model_passes[phase, "full"] += latent.shape[0]
+        return self.backbone.predict(latent, timestep, embedding)
 
-    def _model_input(self, latent: torch.Tensor) -> torch.Tensor:
-        """Under autocast the UNet takes the latent as it is; else in its weights' dtype."""
-        c = self.components
-        if c.device.type == "cuda" and c.dtype != torch.float32:
-            return latent
-        return latent.to(c.dtype)
-
-    def _unet_eps(self, latent: torch.Tensor, timestep: int, embedding: torch.Tensor, phase: str) -> torch.Tensor:
-        c = self.components
-        if embedding.shape[0] != latent.shape[0]:
-            embedding = embedding.expand(latent.shape[0], -1, -1)
-        self.unet_passes[phase, "full"] += latent.shape[0]
-        with self._precision():
-            return c.unet(self._model_input(latent), timestep, encoder_hidden_states=embedding).sample
-
-    @torch.no_grad()
     def _embed(self, prompts: list[str]) -> torch.Tensor:
-        """CLIP text embeddings, (len(prompts), 77, E)."""
-        c = self.components
-        length = min(c.tokenizer.model_max_length, c.text_encoder.config.max_position_embeddings)
-        ids = c.tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
-                          return_tensors="pt").input_ids.to(c.device)
-        return c.text_encoder(ids)[0].to(c.dtype)
+        return self.backbone.embed(prompts)
 
-    @torch.no_grad()
     def _encode(self, frames: np.ndarray, frames_per_slice: int) -> torch.Tensor:
-        """(F, H, W, 3) uint8 → z₀ (1, C, F, h, w): the VAE posterior's mean × scaling
-        factor (the reference samples the posterior; the mean keeps a re-edit's
-        inversion deterministic)."""
-        c = self.components
-        pixels = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1
-        latents = []
-        for chunk in pixels.split(frames_per_slice):
-            encoded = c.vae.encode(chunk.to(c.device, c.dtype)).latent_dist.mean
-            latents.append(encoded * c.vae.config.scaling_factor)
-        return torch.cat(latents).permute(1, 0, 2, 3).unsqueeze(0)
+        """(F, H, W, 3) uint8 → z₀ (1, C, F', h, w) (the backbone's VAE, deterministic)."""
+        return self.backbone.encode(frames, frames_per_slice)
 
-    @torch.no_grad()
     def _decode(self, latent: torch.Tensor, frames_per_slice: int, report: _Reporter,
                 phase: str = "decode", done: int = 0, total: int | None = None) -> np.ndarray:
-        """z₀ (1, C, F, h, w) → (F, H, W, 3) uint8; reports (phase, done + slices decoded,
+        """z₀ (1, C, F', h, w) → (F, H, W, 3) uint8; reports (phase, done + slices decoded,
         total or the slice count)."""
-        c = self.components
-        planes = (latent[0].permute(1, 0, 2, 3) / c.vae.config.scaling_factor).to(c.dtype)
-        chunks = planes.split(frames_per_slice)
+        slices = self.backbone.decode_slices(latent, frames_per_slice)
         images = []
-        for index, chunk in enumerate(chunks):
+        for index, decode in enumerate(slices):
             report.check()
-            decoded = c.vae.decode(chunk).sample.float().clamp(-1, 1)
-            images.append(((decoded + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu())
-            report(phase, done + index + 1, total or len(chunks))
-        return torch.cat(images).numpy()
+            images.append(decode())
+            report(phase, done + index + 1, total or len(slices))
+        return np.concatenate(images)
 
     # ------------------------------------------------------------------ step 5 (the upscaler's)
 
     @torch.no_grad()
     def video_to_video(
-        self, frames: np.ndarray, size: tuple[int, int], windows: list[Window],
-        settings: TransferSettings, seed: int, report: _Reporter,
+        self, frames: np.ndarray, size: tuple[int, int], settings: TransferSettings, seed: int,
+        report: _Reporter,
     ) -> np.ndarray:
         """The upscaling stage, run by the upscaler's engine: ZeroScope XL's documented
         workflow, video-to-video from the first stage's frames (SDEdit).
@@ -536,13 +515,16 @@ class Engine:
                 re-noise z₀ to the first of them, t₀: x = √ᾱ_t₀·z₀ + √(1 − ᾱ_t₀)·ε
                 (ε from a CPU generator seeded with the edit's seed)
             5c. k CFG DDIM steps with the same prompt, negative prompt and CFG scale,
-                blended over the same temporal windows; no guidance, no restart
+                blended over temporal windows placed as the first stage's; no guidance,
+                no restart
             5d. decode
         """
-        c = self.components
-        scheduler = DDIMScheduler.from_config(c.scheduler.config)
-        scheduler.set_timesteps(settings.steps)
-        timesteps = [int(t) for t in scheduler.timesteps][settings.steps - settings.upscale_step_count():]
+        b = self.backbone
+        settings = self.resolve(settings)
+        steps = settings.steps
+        first = steps - settings.upscale_step_count()
+        timesteps = b.schedule.timesteps(steps)[first:]
+        windows = self.windows_for(len(frames), settings)
         slices = math.ceil(len(frames) / settings.vae_slice)
         total = 1 + len(timesteps) * len(windows) + slices
         report("upscale", 0, total)
@@ -552,16 +534,16 @@ class Engine:
         report("upscale", 1, total)
         # 5b.
         generator = torch.Generator("cpu").manual_seed(seed)
-        noise = torch.randn(latent.shape, generator=generator).to(c.device)
-        latent = scheduler.add_noise(latent, noise, torch.tensor([timesteps[0]]))
+        noise = torch.randn(latent.shape, generator=generator).to(b.device)
+        latent = b.schedule.add_noise(latent, noise, timesteps[0])
         # 5c.
         target = self._embed([_full_prompt(settings, settings.prompt)])
         negative = self._embed([settings.negative_prompt])
-        for index, timestep in enumerate(timesteps):
+        for index in range(len(timesteps)):
             def step_done(k: int, index: int = index) -> None:
                 report("upscale", 1 + index * len(windows) + k + 1, total)
 
-            latent = self._denoise(latent, timestep, scheduler, target, negative, settings.cfg_scale,
+            latent = self._denoise(latent, steps, first + index, target, negative, settings.cfg_scale,
                                    windows, report, step_done)
         # 5d.
         return self._decode(latent, settings.vae_slice, report, "upscale",
@@ -608,13 +590,6 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
         timings[name] = time.perf_counter() - started
 
 
-def _timesteps(scheduler: DDIMScheduler, steps: int) -> list[int]:
-    """The DDIM timesteps for `steps` steps, noisiest first (981, 961, …, 1 for 50)."""
-    probe = DDIMScheduler.from_config(scheduler.config)
-    probe.set_timesteps(steps)
-    return [int(t) for t in probe.timesteps]
-
-
 def _full_prompt(settings: TransferSettings, prompt: str) -> str:
     """The reference prefixes prompts with a quality phrase; an empty prompt stays empty."""
     return settings.prompt_prefix + prompt if prompt else ""
@@ -624,12 +599,14 @@ def load_engine(
     model: str, device: str | None = None, dtype: str | None = None, cache_dir: Path | None = None,
     cache_max_bytes: int | None = None, upscale_model: str | None = None,
 ) -> Engine:
-    """Load a model ("tiny", a hub id, or a local diffusers folder) once; the inversion
+    """Load a model ("tiny", "wan-tiny", a hub id, or a local diffusers folder; its
+    backbone from its model_index.json, backend/backbones/loading.py) once; the inversion
     cache keeps at most `cache_max_bytes` (default DEFAULT_CACHE_MAX_BYTES).
 
     upscale_model (ZEROSCOPE_XL, a local folder, "tiny"; None: no upscaler) is loaded
     first, so missing upscaler weights end in one sentence before anything else loads."""
     upscaler = None
     if upscale_model is not None:
-        upscaler = Engine(load_components(upscale_model, device, dtype, flag="--upscale-model"))
-    return Engine(load_components(model, device, dtype), cache_dir, cache_max_bytes, upscaler)
+        upscaler = Engine(load_backbone(upscale_model, device, dtype, flag="--upscale-model",
+                                        facts=ZEROSCOPE_XL_FACTS))
+    return Engine(load_backbone(model, device, dtype), cache_dir, cache_max_bytes, upscaler)

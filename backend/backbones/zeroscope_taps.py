@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from backend.guidance import smm
+from backend.method.guidance import smm
 
 TAP_NAMES = ("upsampler", "resnet_conv2", "temporal_conv")
 
@@ -79,6 +79,17 @@ def truncated_smm(
         feature = feature.reshape(batch, frames, *feature.shape[1:]).float()
         out.append(smm(feature))
     return out
+
+
+def full_pass_smm(
+    unet: torch.nn.Module, latents: torch.Tensor, timestep: int, text_embeddings: torch.Tensor,
+) -> list[torch.Tensor]:
+    """The reference's guidance pass: the whole UNet runs, the taps are read on the way.
+    Same shapes as truncated_smm."""
+    batch, _, frames = latents.shape[:3]
+    with capture_taps(unet, stop_after=False) as captured:
+        unet(latents, timestep, encoder_hidden_states=text_embeddings)
+    return [smm(captured[n].reshape(batch, frames, *captured[n].shape[1:]).float()) for n in TAP_NAMES]
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
-"""Loading the text-to-video components: ZeroScope, a local folder, or a tiny random model.
+"""ZeroScope v2 behind the backbone seam: its components, its facts, its loading, and the
+tiny random model of its component types.
 
 ZeroScope v2 576w is loaded as separate diffusers/transformers components (the
 deprecated TextToVideoSDPipeline is not used): UNet3DConditionModel, AutoencoderKL,
@@ -13,13 +14,23 @@ layout so tests exercise the real `from_pretrained` path.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from backend.backbones.base import Backbone, BackboneFacts, Timestep
+from backend.backbones.ddim import DDIMSchedule
+from backend.backbones.zeroscope_taps import (
+    TAP_NAMES,
+    checkpointed_blocks,
+    full_pass_smm,
+    truncated_smm,
+)
 from backend.errors import ModelNotFoundError
 
 TINY = "tiny"
@@ -39,72 +50,142 @@ REFERENCE_SCHEDULER = {
     "clip_sample": False,
     "set_alpha_to_one": False,
 }
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# The authors' prompts (docs/method.md): a quality prefix on both prompts, and this
+# negative prompt.
+REFERENCE_NEGATIVE_PROMPT = (
+    "bad quality, distortions, unrealistic, distorted image, watermark, signature"
+)
+REFERENCE_PROMPT_PREFIX = "Amazing quality, masterpiece, "
+
+ZEROSCOPE_FACTS = BackboneFacts(
+    name="zeroscope",
+    native_size=(576, 320),
+    window_frames=24,  # ZeroScope v2 was trained on 24-frame clips
+    frame_rate=8.0,  # ModelScope's lineage: 8 fps training clips
+    side_multiple=8,  # one latent cell; the UNet matches skip sizes itself
+    defaults={
+        "width": 576, "height": 320, "window_frames": 24, "window_overlap": 8,
+        "prompt_prefix": REFERENCE_PROMPT_PREFIX, "negative_prompt": REFERENCE_NEGATIVE_PROMPT,
+        "cfg_scale": 10.0, "guided_fraction": 0.4, "guidance_iterations": 10,
+        "lr_start": 0.007, "lr_end": 0.004,
+    },
+)
+ZEROSCOPE_XL_FACTS = BackboneFacts(
+    name="zeroscope", native_size=(1024, 576), window_frames=24, frame_rate=8.0, side_multiple=8,
+    defaults={**ZEROSCOPE_FACTS.defaults, "width": 1024, "height": 576},
+)
 
 
-@dataclass
-class Components:
-    """Everything the pipeline needs, already on its device and dtype."""
+class ZeroScope(Backbone):
+    """ZeroScope v2 (576w, or XL as the upscaler): UNet3D on per-frame SD latents, DDIM.
 
-    unet: UNet3DConditionModel
-    vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
-    scheduler: DDIMScheduler
-    model_id: str
-    device: torch.device
-    dtype: torch.dtype
+    Latents are (1, 4, F, H/8, W/8): one latent frame per pixel frame.
+    """
+
+    tap_names = TAP_NAMES
+
+    def __init__(self, unet: UNet3DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,
+                 tokenizer: CLIPTokenizer, scheduler: DDIMScheduler, model_id: str,
+                 device: torch.device, dtype: torch.dtype, facts: BackboneFacts = ZEROSCOPE_FACTS,
+                 ) -> None:
+        self.unet = unet
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.schedule = DDIMSchedule(scheduler)
+        self.model_id = model_id
+        self.device = device
+        self.dtype = dtype
+        self.facts = facts
 
     @property
-    def vae_scale_factor(self) -> int:
+    def latent_cell(self) -> int:
         """Pixels per latent cell along each side (8 for ZeroScope)."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    def latent_frames(self, frames: int) -> int:
+        return frames
 
-def choose_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelNotFoundError(
-            f"Device {device!r} was asked for but this machine has no usable CUDA GPU; "
-            f"use --device cpu (slow) or run on a GPU machine."
-        )
-    return torch.device(device)
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.unet, self.vae, self.text_encoder]
+
+    @torch.no_grad()
+    def embed(self, prompts: list[str]) -> torch.Tensor:
+        """CLIP text embeddings, (len(prompts), 77, E)."""
+        length = min(self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings)
+        ids = self.tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
+                             return_tensors="pt").input_ids.to(self.device)
+        return self.text_encoder(ids)[0].to(self.dtype)
+
+    @torch.no_grad()
+    def encode(self, frames: np.ndarray, frames_per_slice: int) -> torch.Tensor:
+        """(F, H, W, 3) uint8 → z₀ (1, C, F, h, w): the VAE posterior's mean × scaling
+        factor (the reference samples the posterior; the mean keeps a re-edit's
+        inversion deterministic)."""
+        pixels = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1
+        latents = []
+        for chunk in pixels.split(frames_per_slice):
+            encoded = self.vae.encode(chunk.to(self.device, self.dtype)).latent_dist.mean
+            latents.append(encoded * self.vae.config.scaling_factor)
+        return torch.cat(latents).permute(1, 0, 2, 3).unsqueeze(0)
+
+    def decode_slices(self, latent: torch.Tensor,
+                      frames_per_slice: int) -> list[Callable[[], np.ndarray]]:
+        """Per-frame VAE decode, `frames_per_slice` frames at a time."""
+        planes = (latent[0].permute(1, 0, 2, 3) / self.vae.config.scaling_factor).to(self.dtype)
+
+        @torch.no_grad()
+        def decode(chunk: torch.Tensor) -> np.ndarray:
+            decoded = self.vae.decode(chunk).sample.float().clamp(-1, 1)
+            return ((decoded + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+        return [lambda chunk=chunk: decode(chunk) for chunk in planes.split(frames_per_slice)]
+
+    def predict(self, latent: torch.Tensor, timestep: Timestep, embedding: torch.Tensor) -> torch.Tensor:
+        """ε from the UNet (under autocast on CUDA in half precision)."""
+        if embedding.shape[0] != latent.shape[0]:
+            embedding = embedding.expand(latent.shape[0], -1, -1)
+        with self.precision():
+            return self.unet(self.model_input(latent), timestep, encoder_hidden_states=embedding).sample
+
+    def taps(self, latent: torch.Tensor, timestep: Timestep, embedding: torch.Tensor,
+             truncated: bool) -> list[torch.Tensor]:
+        """The three up_blocks[1] taps (backend/backbones/zeroscope_taps.py)."""
+        with self.precision():
+            if truncated:
+                return truncated_smm(self.unet, self.model_input(latent), timestep, embedding)
+            return full_pass_smm(self.unet, self.model_input(latent), timestep, embedding)
+
+    def checkpointing(self, enabled: bool) -> AbstractContextManager:
+        return checkpointed_blocks(self.unet, enabled)
 
 
-def choose_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    """fp16 on CUDA, fp32 on CPU unless told otherwise."""
-    if dtype is None:
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return DTYPES[dtype]
-
-
-def load_components(model: str, device: str | None = None, dtype: str | None = None,
-                    flag: str = "--model") -> Components:
-    """Load `model`: a hub id (default ZeroScope), a local diffusers folder, "tiny", or
-    "zeroscope-random" (ZeroScope's architecture with random weights, for timing).
-    `flag` is the command-line flag that named it, for the missing-weights sentence."""
-    torch_device = choose_device(device)
-    torch_dtype = choose_dtype(dtype, torch_device)
+def load_zeroscope(model: str, device: torch.device, dtype: torch.dtype, flag: str = "--model",
+                   facts: BackboneFacts = ZEROSCOPE_FACTS) -> ZeroScope:
+    """Load `model`: a hub id, a local diffusers folder, "tiny", or "zeroscope-random"
+    (ZeroScope's architecture with random weights, for timing). `flag` is the
+    command-line flag that named it, for the missing-weights sentence."""
     if model == TINY:
         parts = build_tiny_components()
     elif model == ZEROSCOPE_RANDOM:
-        parts = build_zeroscope_random_components(torch_device)
+        parts = build_zeroscope_random_components(device)
     else:
-        parts = _from_pretrained(model, torch_dtype, flag)
+        parts = _from_pretrained(model, dtype, flag)
     unet, vae, text_encoder, tokenizer, scheduler = parts
     for module in (unet, vae, text_encoder):
-        if module.dtype != torch_dtype:  # from_pretrained already loaded in torch_dtype
-            module.to(dtype=torch_dtype)
-        module.to(torch_device).eval().requires_grad_(False)
-    return Components(unet, vae, text_encoder, tokenizer, scheduler, model, torch_device, torch_dtype)
+        if module.dtype != dtype:  # from_pretrained already loaded in dtype
+            module.to(dtype=dtype)
+        module.to(device).eval().requires_grad_(False)
+    return ZeroScope(unet, vae, text_encoder, tokenizer, scheduler, model, device, dtype, facts)
 
 
 def _from_pretrained(model: str, torch_dtype: torch.dtype, flag: str) -> tuple:
-    source = Path(model)
-    if model.startswith((".", "/", "~")) and not source.expanduser().is_dir():
-        raise ModelNotFoundError(f"There is no model folder at {model}; check the {flag} path.")
-    location = str(source.expanduser()) if source.expanduser().is_dir() else model
+    location = model_location(model, flag)
     try:
         unet = UNet3DConditionModel.from_pretrained(location, subfolder="unet", torch_dtype=torch_dtype)
         vae = AutoencoderKL.from_pretrained(location, subfolder="vae", torch_dtype=torch_dtype)
@@ -114,12 +195,26 @@ def _from_pretrained(model: str, torch_dtype: torch.dtype, flag: str) -> tuple:
         scheduler = DDIMScheduler.from_pretrained(location, subfolder="scheduler",
                                                   **REFERENCE_SCHEDULER)
     except (OSError, ValueError) as error:
-        raise ModelNotFoundError(
-            f"The weights of {model!r} are not on this machine and could not be downloaded; "
-            f"on a machine with internet run `hf download {model}` (or copy the folder here "
-            f"and pass it as {flag})."
-        ) from error
+        raise missing_weights(model, flag) from error
     return unet, vae, text_encoder, tokenizer, scheduler
+
+
+def model_location(model: str, flag: str) -> str:
+    """A local folder's path, or the hub id as given; a path that is not a folder is
+    one sentence."""
+    source = Path(model)
+    if model.startswith((".", "/", "~")) and not source.expanduser().is_dir():
+        raise ModelNotFoundError(f"There is no model folder at {model}; check the {flag} path.")
+    return str(source.expanduser()) if source.expanduser().is_dir() else model
+
+
+def missing_weights(model: str, flag: str) -> ModelNotFoundError:
+    """The one sentence for weights that are neither here nor downloadable."""
+    return ModelNotFoundError(
+        f"The weights of {model!r} are not on this machine and could not be downloaded; "
+        f"on a machine with internet run `hf download {model}` (or copy the folder here "
+        f"and pass it as {flag})."
+    )
 
 
 # --------------------------------------------------------------------------- tiny model

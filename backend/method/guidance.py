@@ -9,7 +9,6 @@ Notation (the paper's symbols; docs/method.md has the whole method):
     Δ_ij                       φ_j − φ_i, the frame-to-frame difference
     latent, noise              x, ε: (B, C, F, H, W) latents
     LF(x)                      lowpass(x, factor)
-    ᾱ_t                        alphas_cumprod[t];  β_k  betas[k]
 """
 
 from __future__ import annotations
@@ -77,32 +76,3 @@ def lowfreq_init(latent: torch.Tensor, noise: torch.Tensor, factor: int = 4) -> 
     with the high frequencies of fresh noise `noise`. (B, C, F, H, W) → same.
     """
     return lowpass(latent, factor) + (noise - lowpass(noise, factor))
-
-
-def renoise_to_first_timestep(
-    source_latent: torch.Tensor, noisiest_latent: torch.Tensor, alpha_bar_noisiest: float,
-    alpha_bar_first: float,
-) -> torch.Tensor:
-    """Re-noise z₀ to the first sampling timestep with the noise inversion implies.
-
-    ε = (x_T − √ᾱ_T·z₀) / √(1 − ᾱ_T),   x = √ᾱ_t₀·z₀ + √(1 − ᾱ_t₀)·ε
-    """
-    noise = (noisiest_latent - alpha_bar_noisiest**0.5 * source_latent) / (1 - alpha_bar_noisiest) ** 0.5
-    return alpha_bar_first**0.5 * source_latent + (1 - alpha_bar_first) ** 0.5 * noise
-
-
-def restart_renoise(
-    latent: torch.Tensor, betas: torch.Tensor, t_next: int, count: int = 20,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Walk a latent back up `count` single DDPM steps from timestep t_next.
-
-    For k = t_next … t_next + count − 1:  x ← √(1 − β_k)·x + √β_k·n_k,  n_k ~ N(0, I)
-    (fresh noise each step, drawn from `generator` on its own device).
-    """
-    for k in range(t_next, t_next + count):
-        beta = float(betas[k])
-        device = generator.device if generator is not None else latent.device
-        noise = torch.randn(latent.shape, generator=generator, device=device, dtype=torch.float32)
-        latent = (1 - beta) ** 0.5 * latent + beta**0.5 * noise.to(latent.device, latent.dtype)
-    return latent

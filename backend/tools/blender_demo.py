@@ -1,6 +1,6 @@
 """The Blender round trip of `python build.py demo`, all headless.
 
-    python -m backend.blender_demo --zip dist/understudy-0.1.0-linux_x64.zip --output demo_output
+    python -m backend.tools.blender_demo --zip dist/understudy-0.1.0-linux_x64.zip --output demo_output
 
 Starts a backend server, starts Blender (the bpy module) in a second process with the
 built extension installed, loads the demo clip as a movie strip, runs
@@ -10,7 +10,7 @@ built extension installed, loads the demo clip as a movie strip, runs
     understudy/<job>/         the result frames the strip shows
     contact_sheet.png         source frames (top row) above result frames (bottom row)
 
-The model is the demo's choice (backend.demo): ZeroScope when its weights and a GPU
+The model is the demo's choice (backend.tools.demo): ZeroScope when its weights and a GPU
 are here, else the tiny random model, whose output is noise.
 """
 
@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from backend.demo import DEMO_PROMPT, TINY_DEMO_SETTINGS, choose_demo_model, demo_clip_frames
+from backend.backbones.zeroscope import TINY
 from backend.errors import UnderstudyError
-from backend.model import TINY
+from backend.tools.demo import DEMO_PROMPT, TINY_DEMO_SETTINGS, choose_demo_model, demo_clip_frames
 
 ROOT = Path(__file__).resolve().parents[1]
 ADDON = "bl_ext.user_default.understudy"
@@ -108,7 +108,7 @@ def run_blender(job: dict, user_dir: Path) -> dict:
     """Run `inside_blender` in a fresh bpy process with a throw-away Blender user folder."""
     env = {**os.environ, "BLENDER_USER_RESOURCES": str(user_dir),
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-m", "backend.blender_demo", "--inside-blender",
+    result = subprocess.run([sys.executable, "-m", "backend.tools.blender_demo", "--inside-blender",
                              json.dumps(job)], cwd=ROOT, env=env, capture_output=True, text=True)
     for line in result.stdout.splitlines():
         if line.startswith("DEMO_RESULT "):
@@ -167,7 +167,7 @@ def run_blender_demo(extension_zip: Path, output_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m backend.blender_demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m backend.tools.blender_demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zip", help="the built extension zip for this platform")
     parser.add_argument("--output", default="demo_output")

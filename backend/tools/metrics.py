@@ -3,7 +3,7 @@
 Motion fidelity (paper Eq. 5) compares point tracks of the source clip with point
 tracks of the result; edit fidelity compares every result frame with the target
 prompt through CLIP. Both are plain functions of arrays; tracking itself lives in
-backend/tracking.py and the command in backend/cli.py (`python -m backend evaluate`).
+backend/tools/tracking.py and the command in backend/cli.py (`python -m backend evaluate`).
 
 Tracks are numpy arrays shaped (N, F, 2): N points, F frames, (x, y) in pixels.
 """

@@ -1,4 +1,5 @@
-"""DDIM inversion of a clip's latents, and the on-disk cache of what it yields.
+"""The on-disk cache of what inverting a clip yields (the inversion itself is the
+backbone schedule's: DDIM in backend/backbones/ddim.py, flow matching for Wan).
 
 What a re-edit of the same clip needs is kept together as a `SourceState`: the
 source latent z₀ of the whole clip, the inverted latents at the sampling timesteps,
@@ -13,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,47 +29,21 @@ CACHE_GLOB = "inversion-*.safetensors"
 @dataclass
 class SourceState:
     source_latent: torch.Tensor  # z₀, (1, C, F, h, w)
-    inverted: dict[int, torch.Tensor]  # sampling timestep → inverted x_t, (1, C, F, h, w)
-    noisiest_timestep: int
+    inverted: dict[float, torch.Tensor]  # sampling timestep → inverted x_t, (1, C, F, h, w)
+    noisiest_timestep: float
     noisiest: torch.Tensor  # x_T at the last inversion timestep
     # guided timestep → per window → per tap: the source SMM, (window frames, D)
-    features: dict[int, list[list[torch.Tensor]]]
+    features: dict[float, list[list[torch.Tensor]]]
 
 
-def ddim_invert(
-    step_eps: Callable[[torch.Tensor, int], torch.Tensor],
-    source_latent: torch.Tensor,
-    timesteps: Sequence[int],
-    alphas_cumprod: torch.Tensor,
-    final_alpha_cumprod: float,
-    on_step: Callable[[int, int], None] | None = None,
-    keep: Collection[int] | None = None,
-) -> dict[int, torch.Tensor]:
-    """Deterministic DDIM inversion, as in the reference (and Plug-and-Play before it).
+def _timestep_name(timestep: float) -> str:
+    """A timestep as part of a tensor name: 981 → "981", 937.5 → "937p5" (names split on ".")."""
+    return str(timestep).replace(".", "p")
 
-    For ascending timesteps t_1 < t_2 < … with ᾱ_prev the previous step's ᾱ
-    (ᾱ_0 = `final_alpha_cumprod` before the first):
-        ε   = step_eps(x, t_i)
-        x̂₀  = (x − √(1 − ᾱ_prev)·ε) / √ᾱ_prev
-        x   ← √ᾱ_{t_i}·x̂₀ + √(1 − ᾱ_{t_i})·ε
-    Returns {t_i: x after step i} for every t_i in `keep` (default: all), on the
-    input's device and dtype; keeping only what is read bounds memory for long clips
-    and fine grids.
-    """
-    latent = source_latent
-    alpha_prev = final_alpha_cumprod
-    out: dict[int, torch.Tensor] = {}
-    for index, timestep in enumerate(timesteps):
-        alpha = float(alphas_cumprod[timestep])
-        eps = step_eps(latent, timestep).float()
-        x0 = (latent.float() - (1 - alpha_prev) ** 0.5 * eps) / alpha_prev**0.5
-        latent = (alpha**0.5 * x0 + (1 - alpha) ** 0.5 * eps).to(source_latent.dtype)
-        if keep is None or timestep in keep:
-            out[timestep] = latent
-        alpha_prev = alpha
-        if on_step is not None:
-            on_step(index + 1, len(timesteps))
-    return out
+
+def _timestep_of(name: str) -> float:
+    """The inverse of _timestep_name: an int DDIM timestep or a float flow-matching one."""
+    return float(name.replace("p", ".")) if "p" in name else int(name)
 
 
 def cache_key(frames: np.ndarray, parts: dict) -> str:
@@ -102,17 +76,17 @@ class InversionCache:
             return None
         try:
             tensors = load_file(str(path), device=str(device))
-            noisiest_timestep = int(tensors.pop("noisiest_timestep").item())
+            noisiest_timestep = tensors.pop("noisiest_timestep").item()
             state = SourceState(tensors.pop("source_latent"), {}, noisiest_timestep,
                                 tensors.pop("noisiest"), {})
-            features: dict[int, dict[int, dict[int, torch.Tensor]]] = {}
+            features: dict[float, dict[int, dict[int, torch.Tensor]]] = {}
             for name, tensor in tensors.items():
                 kind, timestep, *rest = name.split(".")
                 if kind == "inverted":
-                    state.inverted[int(timestep)] = tensor
+                    state.inverted[_timestep_of(timestep)] = tensor
                 else:
                     window, tap = (int(part) for part in rest)
-                    features.setdefault(int(timestep), {}).setdefault(window, {})[tap] = tensor
+                    features.setdefault(_timestep_of(timestep), {}).setdefault(window, {})[tap] = tensor
             state.features = {t: [[taps[i] for i in sorted(taps)] for _, taps in sorted(windows.items())]
                               for t, windows in features.items()}
             os.utime(path)  # most recently used
@@ -131,11 +105,11 @@ class InversionCache:
             "noisiest_timestep": torch.tensor(state.noisiest_timestep),
         }
         for timestep, latent in state.inverted.items():
-            tensors[f"inverted.{timestep}"] = latent
+            tensors[f"inverted.{_timestep_name(timestep)}"] = latent
         for timestep, windows in state.features.items():
             for window, taps in enumerate(windows):
                 for tap, feature in enumerate(taps):
-                    tensors[f"features.{timestep}.{window}.{tap}"] = feature
+                    tensors[f"features.{_timestep_name(timestep)}.{window}.{tap}"] = feature
         stored: dict[str, torch.Tensor] = {}
         seen: set[int] = set()
         for name, tensor in tensors.items():

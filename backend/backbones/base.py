@@ -1,0 +1,264 @@
+"""The backbone seam: what the method (backend/method/) asks of a text-to-video model.
+
+Two small interfaces. A `Backbone` is one loaded model: it encodes and decodes clips,
+embeds prompts, predicts the model output (ε for ZeroScope, the flow velocity for Wan),
+reads the feature taps the guidance compares (with a truncated pass that stops after
+them), and states its geometry (latent frames for N pixel frames, side multiple, native
+size and pixel budget, window length, frame rate) and the settings it decides (prompt
+prefix, negative prompt, CFG scale, guidance schedule). A `Schedule` is how its noise
+levels are walked: timesteps, inversion, one step, re-noising to a timestep, restart.
+
+The engine's loop, the windows, the framing, the guidance maths and the inversion cache
+see only these two, so a second model is a second pair of classes:
+
+    ZeroScope v2   backend/backbones/zeroscope.py   DDIM         backend/backbones/ddim.py
+    Wan 2.1        backend/backbones/wan.py         flow match   backend/backbones/flow_matching.py
+
+Latents are (1, C, F', h, w) with F' = latent_frames(N) latent frames for N pixel frames.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from backend.errors import ModelNotFoundError
+
+Timestep = float
+"""What the model is given as its time input: an int DDIM timestep (981, 961, …) or a
+flow-matching σ·1000 (a float32 value). Both are dict keys in the inversion state."""
+
+Predict = Callable[[torch.Tensor, Timestep], torch.Tensor]
+"""predict(latent, timestep) → the model output for that latent (one prompt)."""
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class BackboneFacts:
+    """What a backbone is, as the server's hello announces it and the settings default to.
+
+    name            "zeroscope" or "wan"
+    native_size     (width, height) in pixels the model was trained at
+    window_frames   pixel frames the model takes at once (its clip length)
+    frame_rate      frames per second of its training clips
+    side_multiple   every side a multiple of this many pixels
+    defaults        the settings this model decides (TransferSettings fields left None)
+    """
+
+    name: str
+    native_size: tuple[int, int]
+    window_frames: int
+    frame_rate: float
+    side_multiple: int
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pixel_budget(self) -> int:
+        """Pixels per frame at the native size (fit keeps a clip's own shape within it)."""
+        return self.native_size[0] * self.native_size[1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "native_size": list(self.native_size),
+                "pixel_budget": self.pixel_budget, "window_frames": self.window_frames,
+                "frame_rate": self.frame_rate, "side_multiple": self.side_multiple,
+                "defaults": dict(self.defaults)}
+
+
+class Schedule(ABC):
+    """How a backbone's noise levels are walked, for sampling, inversion and restart.
+
+    Timesteps are listed noisiest first; index i of a `steps`-step sampler steps from
+    timesteps(steps)[i] to the next one (or to the clean end after the last).
+    """
+
+    @abstractmethod
+    def timesteps(self, steps: int) -> list[Timestep]:
+        """The model's time inputs of a `steps`-step sampler, noisiest first."""
+
+    @abstractmethod
+    def check_grids(self, steps: int, inversion_steps: int) -> None:
+        """BadSettingsError with one sentence unless an inversion of `inversion_steps`
+        visits every sampling timestep of `steps` steps."""
+
+    @abstractmethod
+    def inversion_timesteps(self, steps: int, inversion_steps: int) -> list[Timestep]:
+        """The time inputs at which inversion calls the model, in order (least noisy first)."""
+
+    @abstractmethod
+    def invert(self, predict: Predict, source_latent: torch.Tensor, steps: int,
+               inversion_steps: int) -> tuple[dict[Timestep, torch.Tensor], Timestep, torch.Tensor]:
+        """Walk the clean latent z₀ up the deterministic ODE of the sampler.
+
+        Returns (the inverted latent at each sampling timestep of `steps` steps, the
+        noisiest timestep reached, the latent there)."""
+
+    @abstractmethod
+    def start_latent(self, source_latent: torch.Tensor, noisiest: torch.Tensor,
+                     noisiest_timestep: Timestep, first_timestep: Timestep) -> torch.Tensor:
+        """z₀ re-noised to the first sampling timestep with the noise inversion implies
+        (what the paper's Eq. 4 takes the low frequencies of)."""
+
+    @abstractmethod
+    def step(self, model_output: torch.Tensor, steps: int, index: int,
+             latent: torch.Tensor) -> torch.Tensor:
+        """One sampler step from timesteps(steps)[index] to the next level."""
+
+    @abstractmethod
+    def restart(self, latent: torch.Tensor, steps: int, index: int,
+                generator: torch.Generator) -> torch.Tensor:
+        """Re-noise a latent at the level after step `index` back up to its timestep,
+        with fresh noise from `generator`."""
+
+    @abstractmethod
+    def add_noise(self, clean: torch.Tensor, noise: torch.Tensor, timestep: Timestep) -> torch.Tensor:
+        """The forward process: z₀ at `timestep` with the given noise."""
+
+
+class Backbone(ABC):
+    """One loaded text-to-video model behind the seam; see the module docstring."""
+
+    facts: BackboneFacts
+    schedule: Schedule
+    model_id: str
+    device: torch.device
+    dtype: torch.dtype
+    tap_names: tuple[str, ...]
+    """The feature taps, in the order `taps` returns them."""
+
+    # ---------------------------------------------------------------- geometry
+
+    @abstractmethod
+    def latent_frames(self, frames: int) -> int:
+        """Latent frames the VAE makes of `frames` pixel frames (padded as `model_frames`)."""
+
+    def model_frames(self, frames: int) -> int:
+        """Pixel frames the VAE is given for a clip of `frames`: the clip, padded (by
+        repeating its last frame) to a length the VAE takes whole. The extra decoded
+        frames are dropped."""
+        return frames
+
+    @property
+    @abstractmethod
+    def latent_channels(self) -> int:
+        """Channels of a latent (4 for ZeroScope, 16 for Wan)."""
+
+    @property
+    @abstractmethod
+    def latent_cell(self) -> int:
+        """Pixels per latent cell along each side (the VAE's spatial factor)."""
+
+    # ---------------------------------------------------------------- model calls
+
+    @abstractmethod
+    def encode(self, frames: np.ndarray, frames_per_slice: int) -> torch.Tensor:
+        """(F, H, W, 3) uint8 → z₀ (1, C, F', h, w), deterministic (the posterior's mean)."""
+
+    @abstractmethod
+    def decode_slices(self, latent: torch.Tensor,
+                      frames_per_slice: int) -> list[Callable[[], np.ndarray]]:
+        """z₀ (1, C, F', h, w) → the decode, as calls each returning the next slice of
+        (f, H, W, 3) uint8 frames (so progress and cancel run between slices)."""
+
+    @abstractmethod
+    def embed(self, prompts: list[str]) -> torch.Tensor:
+        """Text embeddings (len(prompts), L, E), on the model's device and dtype."""
+
+    @abstractmethod
+    def predict(self, latent: torch.Tensor, timestep: Timestep, embedding: torch.Tensor) -> torch.Tensor:
+        """The model output for a batch of latents (B, C, F', h, w) and embeddings (B, L, E)."""
+
+    def predict_pair(self, latent: torch.Tensor, timestep: Timestep, negative: torch.Tensor,
+                     target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output with the negative prompt, output with the target prompt) for one latent:
+        the two halves of classifier-free guidance, as one batch of two."""
+        out = self.predict(torch.cat([latent, latent]), timestep, torch.cat([negative, target]))
+        negative_out, target_out = out.chunk(2)
+        return negative_out, target_out
+
+    @abstractmethod
+    def taps(self, latent: torch.Tensor, timestep: Timestep, embedding: torch.Tensor,
+             truncated: bool) -> list[torch.Tensor]:
+        """SMM of each feature tap, one (B, F', D) float32 tensor per name in tap_names.
+
+        truncated: the model stops right after the taps (gradients still flow back
+        through what ran); else the whole model runs and the taps are read on the way."""
+
+    @abstractmethod
+    def checkpointing(self, enabled: bool) -> AbstractContextManager:
+        """Gradient checkpointing of what a truncated pass runs before the taps."""
+
+    def use_settings(self, settings: Any) -> None:
+        """The engine hands each edit's resolved settings here before any model call (for
+        what a backbone reads from them, such as Wan's guided block)."""
+        return None
+
+    def check_settings(self, settings: Any) -> None:
+        """BadSettingsError with one sentence for (resolved) settings this model cannot
+        run, beyond what the engine checks for every backbone."""
+        return None
+
+    @abstractmethod
+    def modules(self) -> list[torch.nn.Module]:
+        """The model's networks (for tests that make them fail)."""
+
+    # ---------------------------------------------------------------- precision
+
+    def precision(self) -> AbstractContextManager:
+        """Autocast on CUDA in half precision (float32 latents, half-precision model
+        maths, as the reference runs); elsewhere the model runs in its own dtype."""
+        if self.device.type == "cuda" and self.dtype != torch.float32:
+            return torch.autocast("cuda", dtype=self.dtype)
+        return nullcontext()
+
+    def model_input(self, latent: torch.Tensor) -> torch.Tensor:
+        """Under autocast the model takes the latent as it is; else in its weights' dtype."""
+        if self.device.type == "cuda" and self.dtype != torch.float32:
+            return latent
+        return latent.to(self.dtype)
+
+    def scales_loss(self) -> bool:
+        """fp16 gradients can underflow; the reference scales the loss on CUDA."""
+        return self.device.type == "cuda" and self.dtype == torch.float16
+
+
+def choose_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelNotFoundError(
+            f"Device {device!r} was asked for but this machine has no usable CUDA GPU; "
+            f"use --device cpu (slow) or run on a GPU machine."
+        )
+    return torch.device(device)
+
+
+def choose_dtype(dtype: str | None, device: torch.device, gpu_default: torch.dtype = torch.float16,
+                 ) -> torch.dtype:
+    """`gpu_default` on CUDA (fp16 for ZeroScope, bf16 for Wan), fp32 on CPU, unless told."""
+    if dtype is None:
+        return gpu_default if device.type == "cuda" else torch.float32
+    return DTYPES[dtype]
+
+
+class StopAfter(Exception):
+    """Raised from a forward hook to stop a model once the feature taps are read."""
+
+
+@contextlib.contextmanager
+def stop_after(module: torch.nn.Module) -> Iterator[None]:
+    """While active, the model stops (StopAfter) as soon as `module` has run."""
+    def stop(_module, _inputs, _output):
+        raise StopAfter
+    handle = module.register_forward_hook(stop)
+    try:
+        yield
+    finally:
+        handle.remove()

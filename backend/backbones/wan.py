@@ -1,0 +1,461 @@
+"""Wan 2.1 (and 2.2 TI2V) behind the backbone seam: a flow-matching video transformer.
+
+Components, as the hub's Wan-AI/Wan2.1-T2V-1.3B-Diffusers ships them (14B and Wan 2.2
+TI2V-5B load the same way): WanTransformer3DModel, AutoencoderKLWan (a causal 3-D VAE,
+kept in float32 as Wan runs it), UMT5EncoderModel and its tokenizer. The hub's
+scheduler/ is UniPC in flow mode; only its `flow_shift` is read: sampling, inversion and
+restart are Euler steps of the same flow (backend/backbones/flow_matching.py).
+
+What the method needs from it (docs/method.md, "Wan"):
+
+    latents      (1, 16, (N − 1)/4 + 1, H/8, W/8), normalised per channel with the VAE's
+                 latents_mean / latents_std; a clip whose length is not 4k + 1 is padded
+                 by repeating its last frame up to the next 4k + 1, and the extra decoded
+                 frames are dropped, so every frame is edited and none is held
+    sides        multiples of 16 px (VAE 8 × transformer patch 2)
+    prompts      UMT5, up to 512 tokens, cut to each prompt's length and zero-padded back
+                 to 512 as WanPipeline does; the text encoder leaves the GPU once the
+                 prompts are embedded (embeddings are kept per prompt)
+    CFG          two transformer passes (target then negative), as WanPipeline runs them
+    feature tap  the output of transformer.blocks[k] (k = `guidance_block`), (B, F'·h'·w', D)
+                 tokens read as (B, F', h', w', D); its SMM is the spatial mean per latent
+                 frame, (B, F', D). A truncated pass stops right after block k.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from backend.backbones.base import (
+    Backbone,
+    BackboneFacts,
+    Predict,
+    Schedule,
+    StopAfter,
+    Timestep,
+    stop_after,
+)
+from backend.backbones.flow_matching import (
+    add_noise,
+    euler_step,
+    implied_noise,
+    restart_renoise,
+    sampling_sigmas,
+    sampling_timesteps,
+)
+from backend.errors import BadSettingsError
+from backend.method.guidance import smm
+
+WAN_21_T2V_1_3B = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+WAN_21_T2V_14B = "Wan-AI/Wan2.1-T2V-14B-Diffusers"
+WAN_22_TI2V_5B = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
+WAN_TINY = "wan-tiny"
+WAN_RANDOM = "wan-random"
+
+# Wan's published negative prompt (the Wan repo's default sample_neg_prompt, as diffusers'
+# Wan documentation gives it in English).
+WAN_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, "
+    "images, static, overall gray, worst quality, low quality, JPEG compression residue, ugly, "
+    "incomplete, extra fingers, poorly drawn hands, poorly drawn faces, deformed, disfigured, "
+    "misshapen limbs, fused fingers, still picture, messy background, three legs, many people "
+    "in the background, walking backwards"
+)
+MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s max_sequence_length
+DEFAULT_FLOW_SHIFT = 3.0  # the hub's 480p Wan 2.1 scheduler config
+# The guided block as a share of the depth: FastVMT guides blocks[14] of the 1.3B's 30
+# (DiTFlow: block 15 of CogVideoX-2B's 30, 20 of the 5B's 42), so block ⌊14·L/30⌋ of L.
+GUIDED_BLOCK_OF_30 = 14
+EMBEDDING_CACHE_PROMPTS = 16
+
+
+def wan_facts(layers: int, ti2v: bool) -> BackboneFacts:
+    """Wan 2.1 T2V (832×480, 81 frames at 16 fps) or Wan 2.2 TI2V-5B (1280×704, 121 frames
+    at 24 fps), with the guidance defaults of the published DiT recipes (docs/method.md)."""
+    size, frames, fps, side = ((1280, 704), 121, 24.0, 32) if ti2v else ((832, 480), 81, 16.0, 16)
+    return BackboneFacts(
+        name="wan", native_size=size, window_frames=frames, frame_rate=fps, side_multiple=side,
+        defaults={
+            "width": size[0], "height": size[1], "window_frames": frames,
+            "prompt_prefix": "", "negative_prompt": WAN_NEGATIVE_PROMPT, "cfg_scale": 5.0,
+            # FastVMT on Wan: the first 10 of 50 steps guided, lr 0.003 → 0.002.
+            "guided_fraction": 0.2, "lr_start": 0.003, "lr_end": 0.002,
+            "guidance_block": layers * GUIDED_BLOCK_OF_30 // 30,
+        },
+    )
+
+
+class FlowMatchingSchedule(Schedule):
+    """Rectified flow with Euler steps on diffusers' shifted σ grid (FlowMatchEulerDiscrete).
+
+    Sampling: σ_0 = 1 > σ_1 > … > σ_N = 0, x ← x + (σ_{i+1} − σ_i)·v(x, t_i), t_i = σ_i·1000.
+    Inversion walks the same ODE upwards on the same grid, each sampling interval cut into
+    k = inversion_steps / steps equal σ sub-steps, v evaluated at the lower end:
+        x ← x + (σ_up − σ_low)·v(x, σ_low·1000)
+    and keeps the latent at every sampling σ; the top, σ_0 = 1, is the noise end.
+    """
+
+    def __init__(self, shift: float) -> None:
+        self.shift = shift
+        self._sigmas: dict[int, torch.Tensor] = {}
+        self._sigma_of: dict[Timestep, float] = {}
+
+    def sigmas(self, steps: int) -> torch.Tensor:
+        """The N + 1 float32 σ of an N-step sampler (diffusers' grid, ending in 0)."""
+        if steps not in self._sigmas:
+            sigmas = sampling_sigmas(steps, self.shift)
+            self._sigmas[steps] = sigmas
+            for sigma, timestep in zip(sigmas[:-1], sampling_timesteps(sigmas), strict=True):
+                self._sigma_of[float(timestep)] = float(sigma)
+        return self._sigmas[steps]
+
+    def timesteps(self, steps: int) -> list[Timestep]:
+        return [float(t) for t in sampling_timesteps(self.sigmas(steps))]
+
+    def check_grids(self, steps: int, inversion_steps: int) -> None:
+        if inversion_steps % steps:
+            raise BadSettingsError(
+                f"Inversion with {inversion_steps} steps does not visit the sampling "
+                f"timesteps of {steps} steps; use a multiple of {steps} "
+                f"(for example {steps} or {2 * steps})."
+            )
+
+    def inversion_grid(self, steps: int, inversion_steps: int) -> torch.Tensor:
+        """Ascending float32 σ from 0 to 1: the sampling σ with each interval cut in k."""
+        sigmas = self.sigmas(steps)
+        k = inversion_steps // steps
+        points = []
+        for j in range(steps - 1, -1, -1):  # from the clean end up
+            low, high = sigmas[j + 1], sigmas[j]
+            points.extend(low + (high - low) * (m / k) for m in range(k))
+        points.append(sigmas[0])
+        return torch.stack([torch.as_tensor(p, dtype=torch.float32) for p in points])
+
+    def inversion_timesteps(self, steps: int, inversion_steps: int) -> list[Timestep]:
+        grid = self.inversion_grid(steps, inversion_steps)
+        timesteps = [float(t) for t in sampling_timesteps(grid)]  # all but the top
+        for sigma, timestep in zip(grid[:-1], timesteps, strict=True):
+            self._sigma_of.setdefault(timestep, float(sigma))
+        return timesteps
+
+    def invert(self, predict: Predict, source_latent: torch.Tensor, steps: int,
+               inversion_steps: int) -> tuple[dict[Timestep, torch.Tensor], Timestep, torch.Tensor]:
+        grid = self.inversion_grid(steps, inversion_steps)
+        timesteps = self.inversion_timesteps(steps, inversion_steps)
+        sampling = self.timesteps(steps)
+        sampling_sigma_to_t = {float(s): t for s, t in zip(self.sigmas(steps)[:-1], sampling, strict=True)}
+        latent = source_latent
+        kept: dict[Timestep, torch.Tensor] = {}
+        for index, timestep in enumerate(timesteps):
+            velocity = predict(latent, timestep).float()
+            latent = euler_step(latent.float(), velocity, grid[index], grid[index + 1]).to(source_latent.dtype)
+            reached = float(grid[index + 1])
+            if reached in sampling_sigma_to_t:
+                kept[sampling_sigma_to_t[reached]] = latent
+        top = sampling[0]
+        return kept, top, kept[top]
+
+    def sigma_of(self, timestep: Timestep) -> float:
+        return self._sigma_of[float(timestep)]
+
+    def start_latent(self, source_latent: torch.Tensor, noisiest: torch.Tensor,
+                     noisiest_timestep: Timestep, first_timestep: Timestep) -> torch.Tensor:
+        """ε = (x_σT − (1 − σ_T)·z₀)/σ_T, then x = (1 − σ_0)·z₀ + σ_0·ε; with σ_T = σ_0 = 1
+        this is the inverted noise itself."""
+        noise = implied_noise(noisiest, source_latent, self.sigma_of(noisiest_timestep))
+        return add_noise(source_latent, noise, self.sigma_of(first_timestep))
+
+    def step(self, model_output: torch.Tensor, steps: int, index: int,
+             latent: torch.Tensor) -> torch.Tensor:
+        sigmas = self.sigmas(steps)
+        return euler_step(latent, model_output, sigmas[index], sigmas[index + 1])
+
+    def restart(self, latent: torch.Tensor, steps: int, index: int,
+                generator: torch.Generator) -> torch.Tensor:
+        """The exact forward transition from σ_{i+1} back up to σ_i, fresh noise n."""
+        sigmas = self.sigmas(steps)
+        fresh = torch.randn(latent.shape, generator=generator).to(latent.device)
+        return restart_renoise(latent, float(sigmas[index + 1]), float(sigmas[index]), fresh)
+
+    def add_noise(self, clean: torch.Tensor, noise: torch.Tensor, timestep: Timestep) -> torch.Tensor:
+        return add_noise(clean, noise, self.sigma_of(timestep))
+
+
+class Wan(Backbone):
+    """Wan 2.1 T2V (1.3B, 14B) or Wan 2.2 TI2V-5B (`expand_timesteps`): see the module docstring."""
+
+    tap_names = ("block",)
+
+    def __init__(self, transformer: Any, vae: Any, text_encoder: Any, tokenizer: Any, shift: float,
+                 expand_timesteps: bool, model_id: str, device: torch.device, dtype: torch.dtype,
+                 ) -> None:
+        self.transformer = transformer
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.expand_timesteps = expand_timesteps
+        self.schedule = FlowMatchingSchedule(shift)
+        self.model_id = model_id
+        self.device = device
+        self.dtype = dtype
+        self.facts = wan_facts(len(transformer.blocks), expand_timesteps)
+        self.guidance_block: int = self.facts.defaults["guidance_block"]  # per edit: use_settings
+        self._embeddings: dict[str, torch.Tensor] = {}
+
+    # ---------------------------------------------------------------- geometry
+
+    @property
+    def temporal_factor(self) -> int:
+        return int(getattr(self.vae.config, "scale_factor_temporal", 4))
+
+    @property
+    def latent_cell(self) -> int:
+        return int(getattr(self.vae.config, "scale_factor_spatial", 8))
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.z_dim)
+
+    def latent_frames(self, frames: int) -> int:
+        """(N − 1)//4 + 1 latent frames (the causal VAE: the first frame alone, then fours)."""
+        return (frames - 1) // self.temporal_factor + 1
+
+    def model_frames(self, frames: int) -> int:
+        """The next 4k + 1 ≥ N: the VAE would ignore trailing frames of any other length."""
+        factor = self.temporal_factor
+        return -(-(frames - 1) // factor) * factor + 1
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.transformer, self.vae, self.text_encoder]
+
+    def check_settings(self, settings: Any) -> None:
+        blocks = len(self.transformer.blocks)
+        if not 0 <= settings.guidance_block < blocks:
+            raise BadSettingsError(
+                f"Setting 'guidance_block' is {settings.guidance_block}; this Wan model has "
+                f"{blocks} blocks, so use 0 to {blocks - 1}.")
+
+    # ---------------------------------------------------------------- VAE
+
+    def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, 1/std) per channel, shaped (1, C, 1, 1, 1), as WanPipeline builds them."""
+        channels = self.vae.config.z_dim
+        mean = torch.tensor(self.vae.config.latents_mean).view(1, channels, 1, 1, 1)
+        inverse_std = 1.0 / torch.tensor(self.vae.config.latents_std).view(1, channels, 1, 1, 1)
+        return mean.to(like.device, like.dtype), inverse_std.to(like.device, like.dtype)
+
+    @torch.no_grad()
+    def encode(self, frames: np.ndarray, frames_per_slice: int) -> torch.Tensor:
+        """(N, H, W, 3) uint8, N = 4k + 1 → z₀ (1, 16, k + 1, H/8, W/8): the posterior's mean,
+        normalised, z = (μ − mean)/std. The causal VAE takes the clip whole (it runs its
+        own frame chunks), so `frames_per_slice` does not apply."""
+        pixels = torch.from_numpy(frames).permute(3, 0, 1, 2).unsqueeze(0).float() / 127.5 - 1
+        vae_dtype = next(self.vae.parameters()).dtype
+        latent = self.vae.encode(pixels.to(self.device, vae_dtype)).latent_dist.mean
+        mean, inverse_std = self._latent_stats(latent)
+        return ((latent - mean) * inverse_std).to(self.dtype)
+
+    def decode_slices(self, latent: torch.Tensor,
+                      frames_per_slice: int) -> list[Callable[[], np.ndarray]]:
+        """One slice: the causal VAE decodes the clip whole, z·std + mean → frames."""
+        @torch.no_grad()
+        def decode() -> np.ndarray:
+            vae_dtype = next(self.vae.parameters()).dtype
+            z = latent.to(vae_dtype)
+            mean, inverse_std = self._latent_stats(z)
+            video = self.vae.decode(z / inverse_std + mean, return_dict=False)[0]  # (1, 3, N, H, W)
+            video = video[0].float().clamp(-1, 1).permute(1, 2, 3, 0)
+            return ((video + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+
+        return [decode]
+
+    # ---------------------------------------------------------------- text
+
+    @torch.no_grad()
+    def embed(self, prompts: list[str]) -> torch.Tensor:
+        """UMT5 embeddings (len(prompts), 512, E) as WanPipeline makes them: cleaned,
+        tokenised to 512, encoded with the mask, cut to each prompt's length, zero-padded
+        back to 512. The text encoder visits the GPU only while new prompts are embedded."""
+        missing = [prompt for prompt in dict.fromkeys(prompts) if prompt not in self._embeddings]
+        if missing:
+            for prompt, embedding in zip(missing, self._encode_prompts(missing), strict=True):
+                if len(self._embeddings) >= EMBEDDING_CACHE_PROMPTS:
+                    self._embeddings.pop(next(iter(self._embeddings)))
+                self._embeddings[prompt] = embedding
+        return torch.stack([self._embeddings[prompt] for prompt in prompts]).to(self.device, self.dtype)
+
+    def _encode_prompts(self, prompts: list[str]) -> list[torch.Tensor]:
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+        cleaned = [prompt_clean(prompt) for prompt in prompts]
+        inputs = self.tokenizer(cleaned, padding="max_length", max_length=MAX_SEQUENCE_LENGTH,
+                                truncation=True, add_special_tokens=True, return_attention_mask=True,
+                                return_tensors="pt")
+        lengths = inputs.attention_mask.gt(0).sum(dim=1).long()
+        with self._text_encoder_on_device():
+            hidden = self.text_encoder(inputs.input_ids.to(self.device),
+                                       inputs.attention_mask.to(self.device)).last_hidden_state
+        hidden = hidden.to(self.dtype).cpu()
+        return [torch.cat([row[:length], row.new_zeros(MAX_SEQUENCE_LENGTH - length, row.size(1))])
+                for row, length in zip(hidden, lengths, strict=True)]
+
+    @contextlib.contextmanager
+    def _text_encoder_on_device(self) -> Iterator[None]:
+        """On CUDA the text encoder (5.7 B parameters for every Wan) lives in host memory
+        and visits the GPU only to embed, so the transformer has the GPU to itself."""
+        if self.device.type != "cuda":
+            yield
+            return
+        self.text_encoder.to(self.device)
+        try:
+            yield
+        finally:
+            self.text_encoder.to("cpu")
+            torch.cuda.empty_cache()
+
+    # ---------------------------------------------------------------- transformer
+
+    def _timestep_input(self, latent: torch.Tensor, timestep: Timestep) -> torch.Tensor:
+        """t as WanPipeline passes it: (B,) float32, or one per latent token for TI2V."""
+        batch, _, frames, height, width = latent.shape
+        if self.expand_timesteps:
+            _, patch_h, patch_w = self.transformer.config.patch_size
+            tokens = frames * (height // patch_h) * (width // patch_w)
+            return torch.full((batch, tokens), timestep, dtype=torch.float32, device=latent.device)
+        return torch.full((batch,), timestep, dtype=torch.float32, device=latent.device)
+
+    def predict(self, latent: torch.Tensor, timestep: Timestep, embedding: torch.Tensor) -> torch.Tensor:
+        """The flow velocity v = ε − x₀ predicted for the latent."""
+        if embedding.shape[0] != latent.shape[0]:
+            embedding = embedding.expand(latent.shape[0], -1, -1)
+        with self.precision():
+            return self.transformer(hidden_states=self.model_input(latent),
+                                    timestep=self._timestep_input(latent, timestep),
+                                    encoder_hidden_states=embedding, return_dict=False)[0]
+
+    def predict_pair(self, latent: torch.Tensor, timestep: Timestep, negative: torch.Tensor,
+                     target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two passes, target prompt first, as WanPipeline runs CFG (a batch of two can
+        differ from it in the last bits)."""
+        target_out = self.predict(latent, timestep, target)
+        return self.predict(latent, timestep, negative), target_out
+
+    def tapped_block(self, block: int) -> torch.nn.Module:
+        return self.transformer.blocks[block]
+
+    def taps(self, latent: torch.Tensor, timestep: Timestep, embedding: torch.Tensor,
+             truncated: bool, block: int | None = None) -> list[torch.Tensor]:
+        """SMM of blocks[k]'s output: (B, F'·h'·w', D) → (B, F', D), the spatial mean per
+        latent frame. truncated: the transformer stops right after block k."""
+        index = self.guidance_block if block is None else block
+        module = self.tapped_block(index)
+        captured: dict[str, torch.Tensor] = {}
+        handle = module.register_forward_hook(lambda _m, _i, output: captured.__setitem__("out", output))
+        try:
+            with contextlib.ExitStack() as stack:
+                if truncated:
+                    stack.enter_context(stop_after(module))
+                try:
+                    self.predict(latent, timestep, embedding)
+                except StopAfter:
+                    pass
+        finally:
+            handle.remove()
+        batch, _, frames, height, width = latent.shape
+        _, patch_h, patch_w = self.transformer.config.patch_size
+        tokens = captured["out"].reshape(batch, frames, height // patch_h, width // patch_w, -1)
+        return [smm(tokens.permute(0, 1, 4, 2, 3).float())]
+
+    def use_settings(self, settings: Any) -> None:
+        """The engine hands each edit's resolved settings here: the guided block."""
+        self.guidance_block = settings.guidance_block
+
+    def checkpointing(self, enabled: bool) -> AbstractContextManager:
+        return checkpointed_blocks(self.transformer.blocks[: self.guidance_block], enabled)
+
+
+@contextlib.contextmanager
+def checkpointed_blocks(blocks: Any, enabled: bool) -> Iterator[None]:
+    """Gradient checkpointing for the blocks a truncated pass runs before the tapped one:
+    each recomputes its activations during backward instead of keeping them. The tapped
+    block is left alone (its hooks hold the tap and stop the pass)."""
+    if not enabled:
+        yield
+        return
+    blocks = list(blocks)
+    for block in blocks:
+        original = block.forward
+
+        def run(*args, _original=original, **kwargs):
+            return checkpoint(_original, *args, use_reentrant=False, **kwargs)
+        block.forward = run
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward  # back to the class's method
+
+
+def load_wan(model: str, device: torch.device, dtype: torch.dtype, flag: str = "--model") -> Wan:
+    """Load a Wan model: "wan-tiny" (random, tiny), "wan-random" (Wan 2.1 1.3B's
+    architecture, random weights) or a diffusers folder / hub id whose model_index.json
+    names WanPipeline. Missing weights end in one sentence naming `hf download`."""
+    from backend.backbones.zeroscope import missing_weights, model_location
+
+    if model == WAN_TINY:
+        from backend.backbones.wan_tiny import build_tiny_wan
+
+        parts = build_tiny_wan()
+        shift = float(parts["scheduler"].config.get("flow_shift", DEFAULT_FLOW_SHIFT))
+        expand = bool(parts.get("expand_timesteps", False))
+    elif model == WAN_RANDOM:
+        from backend.backbones.wan_tiny import build_wan_random
+
+        parts = build_wan_random("Wan2.1-T2V-1.3B", device, dtype)
+        shift, expand = DEFAULT_FLOW_SHIFT, bool(parts["expand_timesteps"])
+    else:
+        location = model_location(model, flag)
+        try:
+            parts, shift, expand = _from_pretrained(location, dtype)
+        except (OSError, ValueError) as error:
+            raise missing_weights(model, flag) from error
+    transformer, vae, text_encoder = parts["transformer"], parts["vae"], parts["text_encoder"]
+    for module, module_dtype in ((transformer, dtype), (vae, torch.float32), (text_encoder, dtype)):
+        if module.dtype != module_dtype:  # from_pretrained and the builders already made it so
+            module.to(dtype=module_dtype)
+        module.eval().requires_grad_(False)
+    transformer.to(device)
+    vae.to(device)
+    text_encoder.to("cpu" if device.type == "cuda" else device)  # Wan._text_encoder_on_device
+    return Wan(transformer, vae, text_encoder, parts["tokenizer"], shift, expand, model, device, dtype)
+
+
+def _from_pretrained(location: str, dtype: torch.dtype) -> tuple[dict, float, bool]:
+    """The components from a diffusers folder or hub id (cached or downloaded)."""
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    index = WanPipeline.load_config(location)
+    scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(location, subfolder="scheduler")
+    shift = float(scheduler_config.get("flow_shift") or scheduler_config.get("shift") or DEFAULT_FLOW_SHIFT)
+    parts = {
+        "transformer": WanTransformer3DModel.from_pretrained(location, subfolder="transformer",
+                                                             torch_dtype=dtype),
+        "vae": AutoencoderKLWan.from_pretrained(location, subfolder="vae", torch_dtype=torch.float32),
+        "text_encoder": UMT5EncoderModel.from_pretrained(location, subfolder="text_encoder",
+                                                         torch_dtype=dtype),
+        "tokenizer": AutoTokenizer.from_pretrained(location, subfolder="tokenizer"),
+    }
+    return parts, shift, bool(index.get("expand_timesteps", False))
