@@ -25,9 +25,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_map_only
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -136,13 +136,37 @@ def _cast(tree: Any, sources: tuple[torch.dtype, ...], target: torch.dtype) -> A
     return tree_map_only(torch.Tensor, lambda t: t.to(target) if t.dtype in sources else t, tree)
 
 
+SMALL_REAL_NUMEL = 65536
+
+
+class RealScalars(TorchDispatchMode):
+    """Operations on small real tensors only (a schedule's timesteps and ᾱ table) run for
+    real, so the code planned can read numbers from them (int(t), float(ᾱ_t)); every
+    other operation goes on to the fake mode below."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        tensors = _tensors((args, kwargs))
+        if tensors and all(not isinstance(t, FakeTensor) and t.device.type == "cpu"
+                           and t.numel() <= SMALL_REAL_NUMEL for t in tensors):
+            with _disable_current_modes():
+                return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if not tensors and all(t.device.type == "cpu" and t.numel() <= SMALL_REAL_NUMEL
+                               for t in _tensors(out)):
+            # A small tensor made from nothing (a σ grid, a timestep): made again for real.
+            with _disable_current_modes():
+                return func(*args, **kwargs)
+        return out
+
+
 @contextlib.contextmanager
 def fake_world(block: int = 1) -> Iterator[tuple[FakeTensorMode, LiveBytes]]:
-    """Fake tensors (real inputs such as tokenizer ids are faked on the way in) and a
-    LiveBytes counting them."""
+    """Fake tensors (large real inputs such as a clip's pixels are faked on the way in,
+    small ones computed for real: RealScalars) and a LiveBytes counting them."""
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     tracker = LiveBytes(block)
-    with fake, tracker:
+    with fake, RealScalars(), tracker:
         yield fake, tracker
 
 
