@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 from diffusers import AutoencoderKL, UNet3DConditionModel
 
 from backend.memory import CudaAutocast, LiveBytes, fake_world, materialise, measure, rounded
+from backend.memory_plan import plan_edit
+from backend.method.engine import load_engine
+from shared.settings import TransferSettings
 
 TINY_UNET = dict(
     sample_size=8, block_out_channels=(16, 16, 32, 32),
@@ -105,3 +110,41 @@ def test_full_size_zeroscope_unet_plans_without_memory() -> None:
         peak, _ = measure(cfg_pass, tracker)
     assert 2.5e9 < weights < 3.0e9  # 1.41 G fp16 parameters
     assert peak > weights + 1e9
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def tracked_peak_of_real_edit(model: str, frames: int, size: tuple[int, int],
+                              settings: TransferSettings) -> int:
+    """LiveBytes over a whole real Engine.transfer on the CPU (weights included)."""
+    engine = load_engine(model, device="cpu")
+    tracker = LiveBytes()
+    with tracker:
+        for module in engine.backbone.modules():
+            tracker.track_module(module)
+        engine.transfer(np.zeros((frames, size[1], size[0], 3), np.uint8), settings)
+    return tracker.peak
+
+
+SHORT = dict(prompt="a cat", source_prompt="a dog", steps=2, inversion_steps=2,
+             guidance_iterations=1, guided_steps=1, seed=1)
+
+
+@pytest.mark.parametrize("model, frames, checkpointing", [
+    ("tiny", 40, False),  # two windows of ZeroScope's 24
+    ("tiny", 12, True),
+    ("wan-tiny", 9, False),
+])
+def test_plan_predicts_the_peak_of_a_real_edit(model: str, frames: int, checkpointing: bool) -> None:
+    """The plan, on fake tensors, against the same counter over a whole real edit: within 3 %."""
+    size = (96, 64)
+    settings = TransferSettings(**SHORT, width=size[0], height=size[1],
+                                gradient_checkpointing=checkpointing)
+    plan = plan_edit(model, frames, size, "cpu", settings=settings)
+    real = tracked_peak_of_real_edit(model, frames, size, settings)
+    assert abs(plan.peak_bytes - real) <= 0.03 * real
+    assert plan.phases["weights"] == sum(plan.modules.values())
+    assert [saver["name"] for saver in plan.savers][:2] == ["gradient_checkpointing", "vae_slice_1"]
+    peaks = [saver["peak_bytes"] for saver in plan.savers]
+    assert peaks == sorted(peaks, reverse=True)  # each saver keeps or lowers the peak
