@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,15 +100,27 @@ class MemoryPlan:
                 "windows": self.windows}
 
 
-def plan_edit(model: str, frames: int, size: tuple[int, int], device: str = "cuda",
-              dtype: str | None = None, settings: TransferSettings | None = None) -> MemoryPlan:
-    """The memory plan of editing `frames` frames of `size` = (width, height) with `model`
-    on `device` (present or not) in `dtype` (default: the backbone's for that device)."""
+def plan_edit(model: str, frames: int | None = None, size: tuple[int, int] | None = None,
+              device: str = "cuda", dtype: str | None = None,
+              settings: TransferSettings | None = None,
+              source_size: tuple[int, int] | None = None) -> MemoryPlan:
+    """The memory plan of editing `frames` frames (default: the model's window) at `size` =
+    (width, height) (default: the model's; or, given a clip's `source_size`, the size its
+    framing gives the model) with `model` on `device` (present or not) in `dtype`
+    (default: the backbone's for that device)."""
     torch_device = torch.device(device)
     settings = settings or TransferSettings(prompt="a plan", source_prompt="a plan")
     shell = shell_backbone(model, torch_device, dtype)
+    resolved = Engine(shell).resolve(settings)
+    frames = frames or resolved.window_frames
+    if size is None:
+        size = (Engine(shell).framing_for(resolved, source_size).model_size if source_size
+                else (resolved.width, resolved.height))
     gpu = torch_device.type == "cuda"
-    with fake_world(CUDA_BLOCK_BYTES if gpu else 1) as (_fake, tracker), _no_numpy():
+    with fake_world(CUDA_BLOCK_BYTES if gpu else 1) as (_fake, tracker), _no_numpy(), \
+            warnings.catch_warnings():
+        # The planned clip is a read-only broadcast view; torch warns on wrapping it.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         modules = _materialise(shell, tracker)
         if gpu:
             _as_on_cuda(shell)
@@ -136,7 +149,8 @@ def shell_backbone(model: str, device: torch.device, dtype: str | None) -> Backb
             parts = build_zeroscope_random_components(torch.device("meta"))
         unet, vae, text_encoder, tokenizer, scheduler = parts
         for module in (unet, vae, text_encoder):
-            module.to("meta", torch_dtype).eval().requires_grad_(False)
+            # nn.Module.to: diffusers' own .to warns about dtype casts that are moot here.
+            torch.nn.Module.to(module, "meta", torch_dtype).eval().requires_grad_(False)
         return ZeroScope(unet, vae, text_encoder, tokenizer, scheduler, model, torch.device("cpu"),
                          torch_dtype)
     if model == WAN_TINY or model in WAN_ARCHITECTURES:
@@ -150,7 +164,7 @@ def shell_backbone(model: str, device: torch.device, dtype: str | None) -> Backb
             parts = build_wan_random(WAN_ARCHITECTURES[model], "meta", torch_dtype)
         for name, module_dtype in (("transformer", torch_dtype), ("vae", torch.float32),
                                    ("text_encoder", torch_dtype)):
-            parts[name].to("meta", module_dtype).eval().requires_grad_(False)
+            torch.nn.Module.to(parts[name], "meta", module_dtype).eval().requires_grad_(False)
         shift = float(parts["scheduler"].config.get("flow_shift", DEFAULT_FLOW_SHIFT))
         return Wan(parts["transformer"], parts["vae"], parts["text_encoder"], parts["tokenizer"], shift,
                    bool(parts.get("expand_timesteps", False)), model, torch.device("cpu"), torch_dtype)
@@ -358,3 +372,16 @@ def _largest_leaf_bytes(backbone: Backbone) -> int:
             own = sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
             largest = max(largest, own)
     return largest
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    """The plan as a table: each phase's peak, then each saver's (cumulative) peak."""
+    unit, scale = ("GiB", 2**30) if plan.peak_bytes >= 2**30 else ("MiB", 2**20)
+    lines = [f"Memory plan: {plan.model}, {plan.frames} frames at {plan.size[0]}x{plan.size[1]}, "
+             f"{plan.windows} window(s), {plan.device} {plan.dtype} (predicted, {unit})",
+             f"  {'phase':<28}{'peak':>9}"]
+    lines += [f"  {name:<28}{peak / scale:>9.2f}" for name, peak in plan.phases.items()]
+    lines.append(f"  {'peak':<28}{plan.peak_bytes / scale:>9.2f}")
+    lines.append("  with savers, cheapest first")
+    lines += [f"  + {saver['name']:<26}{saver['peak_bytes'] / scale:>9.2f}" for saver in plan.savers]
+    return "\n".join(lines)
