@@ -118,7 +118,7 @@ def plan_edit(model: str, frames: int | None = None, size: tuple[int, int] | Non
                 else (resolved.width, resolved.height))
     gpu = torch_device.type == "cuda"
     with fake_world(CUDA_BLOCK_BYTES if gpu else 1) as (_fake, tracker), _no_numpy(), \
-            warnings.catch_warnings():
+            _recompute_as_on_cuda(shell.dtype if gpu else None), warnings.catch_warnings():
         # The planned clip is a read-only broadcast view; torch warns on wrapping it.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         modules = _materialise(shell, tracker)
@@ -191,6 +191,32 @@ def _as_on_cuda(backbone: Backbone) -> None:
     backbone.precision = lambda: CudaAutocast(backbone.dtype)  # type: ignore[method-assign]
     backbone.model_input = lambda latent: latent  # type: ignore[method-assign]
     backbone.scales_loss = lambda: False  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def _recompute_as_on_cuda(dtype: torch.dtype | None) -> Iterator[None]:
+    """Gradient checkpointing recomputes during backward, outside the backbone's
+    precision(): checkpoint restores torch.autocast there by itself, CudaAutocast it must
+    be given (context_fn) in the backbones' checkpoint calls."""
+    if dtype is None:
+        yield
+        return
+    from torch.utils import checkpoint as torch_checkpoint
+
+    from backend.backbones import wan, zeroscope_taps
+
+    def with_autocast(*args: Any, **kwargs: Any) -> Any:
+        kwargs["context_fn"] = lambda: (contextlib.nullcontext(), CudaAutocast(dtype))
+        return torch_checkpoint.checkpoint(*args, **kwargs)
+
+    originals = [(module, module.checkpoint) for module in (wan, zeroscope_taps)]
+    for module, _original in originals:
+        module.checkpoint = with_autocast
+    try:
+        yield
+    finally:
+        for module, original in originals:
+            module.checkpoint = original
 
 
 @contextlib.contextmanager
@@ -300,8 +326,8 @@ def _measure_guide_decode(engine: Engine, settings: TransferSettings, kept: _Kep
         latent = torch.empty_like(kept.source_latent, dtype=torch.float32)
         one_iteration = dataclasses.replace(settings, guidance_iterations=1)
         peaks["guide"], _ = measure(lambda: engine._guide(
-            latent, timestep, target, kept.state.features[timestep][:1], first, 0.001, one_iteration,
-            Procedure(), report), tracker)
+            latent, timestep, target, kept.state.features[timestep][:1], first, 0.001,
+            one_iteration, Procedure(), report), tracker)
     if "cfg" in names:
         latent = torch.empty_like(kept.source_latent, dtype=torch.float32)
         start, end = first[0]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -148,3 +150,32 @@ def test_plan_predicts_the_peak_of_a_real_edit(model: str, frames: int, checkpoi
     assert [saver["name"] for saver in plan.savers][:2] == ["gradient_checkpointing", "vae_slice_1"]
     peaks = [saver["peak_bytes"] for saver in plan.savers]
     assert peaks == sorted(peaks, reverse=True)  # each saver keeps or lowers the peak
+
+
+def test_cuda_plan_on_a_machine_without_one() -> None:
+    """A CUDA half-precision plan runs here: weights in fp16 (half the fp32 bytes, in
+    512-byte blocks), checkpointing lowers the guidance peak."""
+    settings = TransferSettings(**SHORT, width=96, height=64)
+    cpu = plan_edit("tiny", 8, (96, 64), "cpu", settings=settings)
+    cuda = plan_edit("tiny", 8, (96, 64), "cuda", settings=settings)
+    assert cuda.dtype == "float16" and cpu.dtype == "float32"
+    assert 0.5 * cpu.modules["denoiser"] <= cuda.modules["denoiser"] < 0.6 * cpu.modules["denoiser"]
+    assert all(size % 512 == 0 for size in cuda.modules.values())
+    checkpointed = next(s for s in cuda.savers if s["name"] == "gradient_checkpointing")
+    assert checkpointed["peak_bytes"] <= cuda.peak_bytes
+
+
+def test_memory_command_prints_the_plan(capsys: pytest.CaptureFixture[str]) -> None:
+    from backend.cli import main
+
+    assert main(["memory", "--model", "tiny", "--frames", "8", "--size", "96x64", "--device", "cpu",
+                 "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert set(plan) >= {"peak_bytes", "phases", "savers"}
+    assert plan["peak_bytes"] == max(plan["phases"].values())
+    assert list(plan["phases"]) == ["weights", "embed", "encode", "invert", "features", "guide",
+                                    "cfg", "decode"]
+    assert main(["memory", "--model", "tiny", "--size", "96by64", "--device", "cpu"]) == 1
+    assert capsys.readouterr().err.strip() == "error: --size '96by64' is not WxH; give it as 576x320."
+    assert main(["memory", "--model", "some/other-model", "--device", "cpu"]) == 1
+    assert "plan the one with the same architecture" in capsys.readouterr().err
