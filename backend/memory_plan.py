@@ -280,12 +280,15 @@ def _measure_phases(engine: Engine, settings: TransferSettings, frames: int, siz
     kept.guided = sampling[: settings.guided_step_count()]
     outputs: list[torch.Tensor] = []
 
-    def inversion_output(latent: torch.Tensor, timestep: Any) -> torch.Tensor:
-        if not outputs:  # one windowed model pass (first and last window); the rest are alike
-            outputs.append(blend_windowed(
-                lambda piece, _k: engine._predict(piece, timestep, source_embedding, "invert"),
-                latent, windows if len(windows) <= 2 else [windows[0], windows[-1]]))
+    def window_output(piece: torch.Tensor, timestep: Any) -> torch.Tensor:
+        """The model runs on the first window; the others' outputs are alike."""
+        if not outputs:
+            outputs.append(engine._predict(piece, timestep, source_embedding, "invert"))
+            return outputs[0]
         return torch.empty_like(outputs[0])
+
+    def inversion_output(latent: torch.Tensor, timestep: Any) -> torch.Tensor:
+        return blend_windowed(lambda piece, _k: window_output(piece, timestep), latent, windows)
 
     with torch.no_grad():
         inverted, noisiest_timestep, noisiest = phase("invert", lambda: b.schedule.invert(
