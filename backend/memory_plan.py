@@ -130,8 +130,8 @@ def plan_edit(model: str, frames: int | None = None, size: tuple[int, int] | Non
                                          sum(modules.values()))
         saving = dataclasses.replace(resolved, gradient_checkpointing=True, vae_slice=1)
         with_savers = _measure_guide_decode(engine, saving, kept, tracker, ("encode", "guide", "decode"),
-                                            engine.windows_for(frames, resolved))
-    windows = len(engine.windows_for(frames, resolved))
+                                            engine.windows_for(shell.model_frames(frames), resolved))
+    windows = len(engine.windows_for(shell.model_frames(frames), resolved))
     return _plan(model, torch_device, shell, frames, size, windows, measured, with_savers,
                  modules, resolved)
 
@@ -258,7 +258,7 @@ def _measure_phases(engine: Engine, settings: TransferSettings, frames: int, siz
     b = engine.backbone
     b.use_settings(settings)
     report = _Reporter(None, None)
-    windows = engine.windows_for(frames, settings)
+    windows = engine.windows_for(b.model_frames(frames), settings)
     first = windows[:1]
     peaks: dict[str, int] = {"weights": weights}
 
