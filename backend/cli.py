@@ -382,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--gradient-checkpointing", action="store_true")
     memory.add_argument("--vae-slice", type=int, default=DEFAULTS["vae_slice"], help="frames per VAE slice")
     memory.add_argument("--window-frames", type=int, default=None, help="default: the model's")
+    memory.add_argument("--gpu-memory-gb", type=float, default=None,
+                        help="also choose the savers (cheapest first) that fit a GPU with this "
+                             "many GB free, or say why none do")
     memory.add_argument("--json", action="store_true", help="print the plan as JSON")
     memory.set_defaults(func=command_memory)
 
@@ -413,7 +416,20 @@ def command_memory(args: argparse.Namespace) -> int:
                                 gradient_checkpointing=args.gradient_checkpointing,
                                 vae_slice=args.vae_slice, window_frames=args.window_frames)
     plan = plan_edit(args.model, frames, size, args.device, args.dtype, settings, source_size)
-    print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
+    report = plan.to_dict()
+    if args.gpu_memory_gb is not None:
+        from backend.memory_plan import choose_savers
+
+        choice = choose_savers(plan, int(args.gpu_memory_gb * 1e9))
+        report["chosen"] = {"savers": list(choice.savers), "peak_bytes": choice.peak_bytes}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_plan(plan))
+        if "chosen" in report:
+            chosen = report["chosen"]
+            print(f"  fits {args.gpu_memory_gb:g} GB with: {', '.join(chosen['savers']) or 'no saver'} "
+                  f"(predicted {chosen['peak_bytes'] / 2**30:.2f} GiB)")
     return 0
 
 

@@ -414,3 +414,51 @@ def format_plan(plan: MemoryPlan) -> str:
     lines.append("  with savers, cheapest first")
     lines += [f"  + {saver['name']:<26}{saver['peak_bytes'] / scale:>9.2f}" for saver in plan.savers]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- --memory auto
+
+APPLIED_SAVERS = ("gradient_checkpointing", "vae_slice_1")
+"""The savers the engine can turn on today (settings gradient_checkpointing, vae_slice);
+the offloads are predicted only."""
+
+
+@dataclass(frozen=True)
+class SaverChoice:
+    """What `--memory auto` turns on for a plan and a GPU: the savers (cheapest first) and
+    the peak predicted with them."""
+
+    savers: tuple[str, ...]
+    peak_bytes: int
+
+
+def choose_savers(plan: MemoryPlan, budget_bytes: int,
+                  allowed: tuple[str, ...] = APPLIED_SAVERS) -> SaverChoice:
+    """The fewest savers, cheapest first (SAVERS' order), that bring the plan's peak
+    within `budget_bytes`; BadSettingsError with one sentence when even all the allowed
+    ones do not, naming what would make it fit.
+
+    Savers are cumulative: saver k is only taken with savers 1…k−1 (those allowed)."""
+    from backend.errors import BadSettingsError
+
+    if plan.peak_bytes <= budget_bytes:
+        return SaverChoice((), plan.peak_bytes)
+    taken: list[str] = []
+    lowest = plan.peak_bytes
+    for saver in plan.savers:
+        if saver["name"] not in allowed:
+            continue
+        taken.append(saver["name"])
+        lowest = saver["peak_bytes"]
+        if lowest <= budget_bytes:
+            return SaverChoice(tuple(taken), lowest)
+    raise BadSettingsError(
+        f"This edit needs about {readable(lowest)} of GPU memory even with "
+        f"{', '.join(taken) or 'every saver'} on, and {readable(budget_bytes)} are free; "
+        f"edit fewer frames per window (--window-frames), a smaller --width/--height, "
+        f"or use a GPU with more memory.")
+
+
+def readable(nbytes: int) -> str:
+    """11811160064 → "11.0 GiB"; under a GiB in MiB."""
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"

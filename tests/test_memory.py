@@ -175,7 +175,37 @@ def test_memory_command_prints_the_plan(capsys: pytest.CaptureFixture[str]) -> N
     assert plan["peak_bytes"] == max(plan["phases"].values())
     assert list(plan["phases"]) == ["weights", "embed", "encode", "invert", "features", "guide",
                                     "cfg", "decode"]
+    tiny = ["memory", "--model", "tiny", "--frames", "8", "--size", "96x64", "--device", "cpu"]
+    assert main([*tiny, "--gpu-memory-gb", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["chosen"]["savers"] == []  # 1 GB is plenty
+    assert main([*tiny, "--gpu-memory-gb", "0.001"]) == 1
+    assert capsys.readouterr().err.startswith("error: This edit needs about ")
     assert main(["memory", "--model", "tiny", "--size", "96by64", "--device", "cpu"]) == 1
     assert capsys.readouterr().err.strip() == "error: --size '96by64' is not WxH; give it as 576x320."
     assert main(["memory", "--model", "some/other-model", "--device", "cpu"]) == 1
     assert "plan the one with the same architecture" in capsys.readouterr().err
+
+
+def test_memory_auto_takes_the_cheapest_savers_that_fit() -> None:
+    """Peak 20, checkpointing → 12, VAE slice 1 → 11, offloads (predicted only) → 9."""
+    from backend.errors import BadSettingsError
+    from backend.memory_plan import MemoryPlan, SaverChoice, choose_savers
+
+    gib = 2**30
+    plan = MemoryPlan(model="m", device="cuda", dtype="float16", frames=24, size=(576, 320), windows=1,
+                      phases={"weights": 3 * gib, "guide": 20 * gib}, modules={},
+                      savers=[{"name": "gradient_checkpointing", "peak_bytes": 12 * gib},
+                              {"name": "vae_slice_1", "peak_bytes": 11 * gib},
+                              {"name": "vae_offload", "peak_bytes": 9 * gib}])
+    assert choose_savers(plan, 24 * gib) == SaverChoice((), 20 * gib)
+    assert choose_savers(plan, 12 * gib) == SaverChoice(("gradient_checkpointing",), 12 * gib)
+    assert choose_savers(plan, 11 * gib) == SaverChoice(("gradient_checkpointing", "vae_slice_1"),
+                                                        11 * gib)
+    assert choose_savers(plan, 9 * gib, allowed=("gradient_checkpointing", "vae_slice_1",
+                                                 "vae_offload")).savers[-1] == "vae_offload"
+    with pytest.raises(BadSettingsError) as refused:
+        choose_savers(plan, 10 * gib)
+    assert str(refused.value) == (
+        "This edit needs about 11.0 GiB of GPU memory even with gradient_checkpointing, "
+        "vae_slice_1 on, and 10.0 GiB are free; edit fewer frames per window (--window-frames), "
+        "a smaller --width/--height, or use a GPU with more memory.")
