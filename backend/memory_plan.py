@@ -34,6 +34,10 @@ in every phase they are resident; the savers move them:
 
 A plan for CUDA runs on fake CPU tensors with CUDA's autocast rules (CudaAutocast) in
 place of the backbone's torch.autocast("cuda"), and the allocator's 512-byte blocks.
+
+While it plans, Tensor.numpy and the backbones' `checkpoint` name are swapped for the
+planner's (_no_numpy, _recompute_as_on_cuda): plan in a process, or at a time, where no
+real edit runs.
 """
 
 from __future__ import annotations

@@ -209,3 +209,14 @@ def test_memory_auto_takes_the_cheapest_savers_that_fit() -> None:
         "This edit needs about 11.0 GiB of GPU memory even with gradient_checkpointing, "
         "vae_slice_1 on, and 10.0 GiB are free; edit fewer frames per window (--window-frames), "
         "a smaller --width/--height, or use a GPU with more memory.")
+
+
+def test_memory_command_plans_a_clip(capsys: pytest.CaptureFixture[str], clip_path) -> None:  # noqa: ANN001
+    """A clip gives its frame count; its framing (fit, within the --width/--height budget
+    the model defaults to) gives the size."""
+    from backend.cli import main
+
+    assert main(["memory", str(clip_path), "--model", "tiny", "--device", "cpu", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["frames"] == 8
+    assert plan["size"][0] * plan["size"][1] <= 576 * 320
