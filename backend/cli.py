@@ -367,10 +367,70 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: none; the hello's engine.upscaler says which)")
     serve.set_defaults(func=command_serve)
 
+    memory = commands.add_parser(
+        "memory", help="the GPU memory an edit needs, per phase, planned without weights or a GPU")
+    memory.add_argument("clip", nargs="?", help="plan for this clip's frame count and framing")
+    memory.add_argument("--model", default=DEFAULT_MODEL,
+                        help="tiny, zeroscope-random, wan-tiny, wan-random or a ZeroScope / Wan "
+                             "hub id (default: %(default)s)")
+    memory.add_argument("--frames", type=int, default=None,
+                        help="frames to edit (default: the clip's, else the model's window)")
+    memory.add_argument("--size", default=None, help="WxH the model sees (default: the model's)")
+    memory.add_argument("--device", default="cuda", help="the device planned for (default: %(default)s)")
+    memory.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default=None,
+                        help="default: the model's on CUDA (fp16 ZeroScope, bf16 Wan), fp32 on CPU")
+    memory.add_argument("--gradient-checkpointing", action="store_true")
+    memory.add_argument("--vae-slice", type=int, default=DEFAULTS["vae_slice"], help="frames per VAE slice")
+    memory.add_argument("--window-frames", type=int, default=None, help="default: the model's")
+    memory.add_argument("--gpu-memory-gb", type=float, default=None,
+                        help="also choose the savers (cheapest first) that fit a GPU with this "
+                             "many GB free, or say why none do")
+    memory.add_argument("--json", action="store_true", help="print the plan as JSON")
+    memory.set_defaults(func=command_memory)
+
     keys = commands.add_parser("keys", help="write CURVE key pairs for the server and a client")
     keys.add_argument("dir")
     keys.set_defaults(func=command_keys)
     return parser
+
+
+def command_memory(args: argparse.Namespace) -> int:
+    from backend.errors import BadSettingsError
+    from backend.memory_plan import format_plan, plan_edit
+
+    size = None
+    if args.size is not None:
+        try:
+            width, height = (int(side) for side in args.size.lower().split("x"))
+        except ValueError:
+            raise BadSettingsError(f"--size {args.size!r} is not WxH; give it as 576x320.") from None
+        size = (width, height)
+    frames, source_size = args.frames, None
+    if args.clip is not None:
+        from backend.video import read_clip
+
+        clip = read_clip(args.clip).frames
+        frames = frames or len(clip)
+        source_size = (clip.shape[2], clip.shape[1])
+    settings = TransferSettings(prompt="a plan", source_prompt="a plan",
+                                gradient_checkpointing=args.gradient_checkpointing,
+                                vae_slice=args.vae_slice, window_frames=args.window_frames)
+    plan = plan_edit(args.model, frames, size, args.device, args.dtype, settings, source_size)
+    report = plan.to_dict()
+    if args.gpu_memory_gb is not None:
+        from backend.memory_plan import choose_savers
+
+        choice = choose_savers(plan, int(args.gpu_memory_gb * 1e9))
+        report["chosen"] = {"savers": list(choice.savers), "peak_bytes": choice.peak_bytes}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_plan(plan))
+        if "chosen" in report:
+            chosen = report["chosen"]
+            print(f"  fits {args.gpu_memory_gb:g} GB with: {', '.join(chosen['savers']) or 'no saver'} "
+                  f"(predicted {chosen['peak_bytes'] / 2**30:.2f} GiB)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

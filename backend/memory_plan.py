@@ -1,0 +1,468 @@
+"""The memory plan of an edit: the peak GPU memory of each phase, before anything is loaded.
+
+    plan = plan_edit("zeroscope-random", frames=24, size=(576, 320), device="cuda")
+    plan.peak_bytes          # the highest phase
+    plan.phases              # {"weights": …, "embed": …, "encode": …, "invert": …, …}
+    plan.savers              # what each saver, turned on cheapest first, brings the peak to
+
+The backbone is built on the meta device (no weights) and given fake storage
+(backend/memory.py); then the Engine's own calls run on it, once per phase, while
+LiveBytes counts what is alive:
+
+    embed      Engine._embed of the source, target and negative prompts
+    encode     Engine._encode of the whole clip (the VAE, `vae_slice` frames at a time)
+    invert     the schedule's inversion over the whole clip, its model calls windowed
+               (one window's model pass is run; later calls reuse its output's shape,
+               the memory of every call being the same)
+    features   Engine._source_features of the first window at each guided timestep
+    guide      Engine._guide, one Adam iteration over the first window (forward,
+               truncated at the taps, and backward; each window's backward frees its
+               activations before the next, so one window is the peak)
+    cfg        Engine._denoise: one sampling step with both prompts, first window
+    decode     the backbone's first decode slice (the largest)
+
+Everything the engine keeps between phases (embeddings, the source latent, the inverted
+latents of every sampling step, the source features) stays alive, so a long clip's
+growth beyond one window is counted. The text encoder's and the VAE's weights count
+in every phase they are resident; the savers move them:
+
+    gradient_checkpointing   guide re-measured with the backbone's checkpointing on
+    vae_slice_1              encode and decode re-measured one frame per slice
+    text_encoder_offload     the text encoder on the GPU only while embedding
+    vae_offload              the VAE on the GPU only while encoding and decoding
+    sequential_offload       (accelerate) one leaf module's weights on the GPU at a time
+
+A plan for CUDA runs on fake CPU tensors with CUDA's autocast rules (CudaAutocast) in
+place of the backbone's torch.autocast("cuda"), and the allocator's 512-byte blocks.
+
+While it plans, Tensor.numpy and the backbones' `checkpoint` name are swapped for the
+planner's (_no_numpy, _recompute_as_on_cuda): plan in a process, or at a time, where no
+real edit runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from backend.backbones.base import Backbone, choose_dtype
+from backend.backbones.loading import WAN_RANDOM, WAN_TINY
+from backend.backbones.zeroscope import (
+    TINY,
+    ZEROSCOPE,
+    ZEROSCOPE_RANDOM,
+    ZeroScope,
+    build_tiny_components,
+    build_zeroscope_random_components,
+)
+from backend.errors import ModelNotFoundError
+from backend.memory import CUDA_BLOCK_BYTES, CudaAutocast, LiveBytes, fake_world, measure
+from backend.method.engine import Engine, Procedure, _full_prompt, _Reporter
+from shared.settings import TransferSettings
+
+PHASES = ("weights", "embed", "encode", "invert", "features", "guide", "cfg", "decode")
+SAVERS = ("gradient_checkpointing", "vae_slice_1", "text_encoder_offload", "vae_offload",
+          "sequential_offload")
+WAN_ARCHITECTURES = {WAN_RANDOM: "Wan2.1-T2V-1.3B", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": "Wan2.1-T2V-1.3B",
+                     "Wan-AI/Wan2.1-T2V-14B-Diffusers": "Wan2.1-T2V-14B",
+                     "Wan-AI/Wan2.2-TI2V-5B-Diffusers": "Wan2.2-TI2V-5B"}
+ZEROSCOPE_ARCHITECTURES = (ZEROSCOPE_RANDOM, ZEROSCOPE)
+PLANNABLE = (TINY, *ZEROSCOPE_ARCHITECTURES, WAN_TINY, *WAN_ARCHITECTURES)
+
+
+@dataclass
+class MemoryPlan:
+    """Predicted peak bytes per phase (each includes the weights resident then), the
+    weights per module, and the savers, each with the peak it reaches when it and all
+    the cheaper savers before it are on."""
+
+    model: str
+    device: str
+    dtype: str
+    frames: int
+    size: tuple[int, int]
+    windows: int
+    phases: dict[str, int]
+    modules: dict[str, int]
+    savers: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(self.phases.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"peak_bytes": self.peak_bytes, "phases": dict(self.phases), "savers": list(self.savers),
+                "modules": dict(self.modules), "model": self.model, "device": self.device,
+                "dtype": self.dtype, "frames": self.frames, "size": list(self.size),
+                "windows": self.windows}
+
+
+def plan_edit(model: str, frames: int | None = None, size: tuple[int, int] | None = None,
+              device: str = "cuda", dtype: str | None = None,
+              settings: TransferSettings | None = None,
+              source_size: tuple[int, int] | None = None) -> MemoryPlan:
+    """The memory plan of editing `frames` frames (default: the model's window) at `size` =
+    (width, height) (default: the model's; or, given a clip's `source_size`, the size its
+    framing gives the model) with `model` on `device` (present or not) in `dtype`
+    (default: the backbone's for that device)."""
+    torch_device = torch.device(device)
+    settings = settings or TransferSettings(prompt="a plan", source_prompt="a plan")
+    shell = shell_backbone(model, torch_device, dtype)
+    resolved = Engine(shell).resolve(settings)
+    frames = frames or resolved.window_frames
+    if size is None:
+        size = (Engine(shell).framing_for(resolved, source_size).model_size if source_size
+                else (resolved.width, resolved.height))
+    gpu = torch_device.type == "cuda"
+    with fake_world(CUDA_BLOCK_BYTES if gpu else 1) as (_fake, tracker), _no_numpy(), \
+            _recompute_as_on_cuda(shell.dtype if gpu else None), warnings.catch_warnings():
+        # The planned clip is a read-only broadcast view; torch warns on wrapping it.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        modules = _materialise(shell, tracker)
+        if gpu:
+            _as_on_cuda(shell)
+        engine = Engine(shell)
+        resolved = engine.resolve(dataclasses.replace(settings, width=size[0], height=size[1]))
+        measured, kept = _measure_phases(engine, resolved, frames, size, tracker,
+                                         sum(modules.values()))
+        saving = dataclasses.replace(resolved, gradient_checkpointing=True, vae_slice=1)
+        with_savers = _measure_guide_decode(engine, saving, kept, tracker, ("encode", "guide", "decode"),
+                                            engine.windows_for(shell.model_frames(frames), resolved))
+    windows = len(engine.windows_for(shell.model_frames(frames), resolved))
+    return _plan(model, torch_device, shell, frames, size, windows, measured, with_savers,
+                 modules, resolved)
+
+
+# --------------------------------------------------------------------------- the backbone shell
+
+
+def shell_backbone(model: str, device: torch.device, dtype: str | None) -> Backbone:
+    """The backbone of `model` built on the meta device in the dtype it would run in."""
+    if model in (TINY, *ZEROSCOPE_ARCHITECTURES):
+        torch_dtype = choose_dtype(dtype, device)
+        if model == TINY:
+            parts = build_tiny_components()
+        else:
+            parts = build_zeroscope_random_components(torch.device("meta"))
+        unet, vae, text_encoder, tokenizer, scheduler = parts
+        for module in (unet, vae, text_encoder):
+            # nn.Module.to: diffusers' own .to warns about dtype casts that are moot here.
+            torch.nn.Module.to(module, "meta", torch_dtype).eval().requires_grad_(False)
+        return ZeroScope(unet, vae, text_encoder, tokenizer, scheduler, model, torch.device("cpu"),
+                         torch_dtype)
+    if model == WAN_TINY or model in WAN_ARCHITECTURES:
+        from backend.backbones.wan import DEFAULT_FLOW_SHIFT, Wan
+        from backend.backbones.wan_tiny import build_tiny_wan, build_wan_random
+
+        torch_dtype = choose_dtype(dtype, device, torch.bfloat16)
+        if model == WAN_TINY:
+            parts = build_tiny_wan()
+        else:
+            parts = build_wan_random(WAN_ARCHITECTURES[model], "meta", torch_dtype)
+        for name, module_dtype in (("transformer", torch_dtype), ("vae", torch.float32),
+                                   ("text_encoder", torch_dtype)):
+            torch.nn.Module.to(parts[name], "meta", module_dtype).eval().requires_grad_(False)
+        shift = float(parts["scheduler"].config.get("flow_shift", DEFAULT_FLOW_SHIFT))
+        return Wan(parts["transformer"], parts["vae"], parts["text_encoder"], parts["tokenizer"], shift,
+                   bool(parts.get("expand_timesteps", False)), model, torch.device("cpu"), torch_dtype)
+    raise ModelNotFoundError(
+        f"The memory plan knows the architectures of {', '.join(PLANNABLE)}, not {model!r}; "
+        f"plan the one with the same architecture.")
+
+
+def _materialise(backbone: Backbone, tracker: LiveBytes) -> dict[str, int]:
+    """Give each network fake storage; returns its weight bytes by role."""
+    roles = ("denoiser", "vae", "text_encoder")
+    sizes = {}
+    for role, module in zip(roles, backbone.modules(), strict=True):
+        before = tracker.current
+        module.to_empty(device="cpu")
+        tracker.track_module(module)
+        sizes[role] = tracker.current - before
+    return sizes
+
+
+def _as_on_cuda(backbone: Backbone) -> None:
+    """The backbone runs on fake CPU tensors as it would on CUDA: under CUDA's autocast
+    rules, the float32 latent handed in as it is, and no loss scaling (a scalar's worth)."""
+    backbone.precision = lambda: CudaAutocast(backbone.dtype)  # type: ignore[method-assign]
+    backbone.model_input = lambda latent: latent  # type: ignore[method-assign]
+    backbone.scales_loss = lambda: False  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def _recompute_as_on_cuda(dtype: torch.dtype | None) -> Iterator[None]:
+    """Gradient checkpointing recomputes during backward, outside the backbone's
+    precision(): checkpoint restores torch.autocast there by itself, CudaAutocast it must
+    be given (context_fn) in the backbones' checkpoint calls."""
+    if dtype is None:
+        yield
+        return
+    from torch.utils import checkpoint as torch_checkpoint
+
+    from backend.backbones import wan, zeroscope_taps
+
+    def with_autocast(*args: Any, **kwargs: Any) -> Any:
+        kwargs["context_fn"] = lambda: (contextlib.nullcontext(), CudaAutocast(dtype))
+        return torch_checkpoint.checkpoint(*args, **kwargs)
+
+    originals = [(module, module.checkpoint) for module in (wan, zeroscope_taps)]
+    for module, _original in originals:
+        module.checkpoint = with_autocast
+    try:
+        yield
+    finally:
+        for module, original in originals:
+            module.checkpoint = original
+
+
+@contextlib.contextmanager
+def _no_numpy() -> Iterator[None]:
+    """Fake tensors have no data: .numpy() gives zeros of the shape (a broadcast view, no memory)."""
+    original = torch.Tensor.numpy
+
+    def numpy(self: torch.Tensor, *args: Any, **kwargs: Any) -> np.ndarray:
+        dtype = np.dtype(str(self.dtype).removeprefix("torch."))
+        return np.broadcast_to(np.zeros((), dtype), tuple(self.shape))
+
+    torch.Tensor.numpy = numpy  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.numpy = original  # type: ignore[method-assign]
+
+
+# --------------------------------------------------------------------------- the phases
+
+
+@dataclass
+class _Kept:
+    """What the engine keeps alive between phases (so later phases count it)."""
+
+    clip: np.ndarray
+    embeddings: list[torch.Tensor]
+    source_latent: torch.Tensor
+    state: Any = None
+    guided: list = field(default_factory=list)
+
+
+def _measure_phases(engine: Engine, settings: TransferSettings, frames: int, size: tuple[int, int],
+                    tracker: LiveBytes, weights: int) -> tuple[dict[str, int], _Kept]:
+    """Peak live bytes of each phase, run through the engine's calls in its order."""
+    from backend.method.inversion import SourceState
+    from backend.method.windows import blend_windowed
+
+    b = engine.backbone
+    b.use_settings(settings)
+    report = _Reporter(None, None)
+    windows = engine.windows_for(b.model_frames(frames), settings)
+    first = windows[:1]
+    peaks: dict[str, int] = {"weights": weights}
+
+    def phase(name: str, run: Any) -> Any:
+        peak, result = measure(run, tracker)
+        peaks[name] = peak
+        return result
+
+    prompts = [_full_prompt(settings, settings.source_prompt), _full_prompt(settings, settings.prompt),
+               settings.negative_prompt]
+    embeddings = phase("embed", lambda: [engine._embed([p]) for p in prompts])
+    source_embedding = embeddings[0]
+    clip = np.broadcast_to(np.zeros((), np.uint8), (b.model_frames(frames), size[1], size[0], 3))
+    source_latent = phase("encode", lambda: engine._encode(clip, settings.vae_slice))
+    kept = _Kept(clip, embeddings, source_latent)
+
+    steps = settings.steps
+    sampling = b.schedule.timesteps(steps)
+    kept.guided = sampling[: settings.guided_step_count()]
+    outputs: list[torch.Tensor] = []
+
+    def window_output(piece: torch.Tensor, timestep: Any) -> torch.Tensor:
+        """The model runs on the first window; the others' outputs are alike."""
+        if not outputs:
+            outputs.append(engine._predict(piece, timestep, source_embedding, "invert"))
+            return outputs[0]
+        return torch.empty_like(outputs[0])
+
+    def inversion_output(latent: torch.Tensor, timestep: Any) -> torch.Tensor:
+        return blend_windowed(lambda piece, _k: window_output(piece, timestep), latent, windows)
+
+    with torch.no_grad():
+        inverted, noisiest_timestep, noisiest = phase("invert", lambda: b.schedule.invert(
+            inversion_output, source_latent, steps, settings.inversion_steps))
+    outputs.clear()
+    kept.state = SourceState(source_latent=source_latent, inverted=inverted,
+                             noisiest_timestep=noisiest_timestep, noisiest=noisiest, features={})
+
+    def features() -> None:
+        """One truncated pass; the other guided steps' and windows' features are alike."""
+        if not kept.guided:
+            return
+        with torch.no_grad():
+            one = engine._source_features(kept.state, kept.guided[0], source_embedding, first[0], report)
+            for timestep in kept.guided:
+                kept.state.features[timestep] = [[t.clone() for t in one] for _ in windows]
+
+    phase("features", features)
+    peaks.update(_measure_guide_decode(engine, settings, kept, tracker, ("guide", "cfg", "decode"),
+                                       windows))
+    return peaks, kept
+
+
+def _measure_guide_decode(engine: Engine, settings: TransferSettings, kept: _Kept, tracker: LiveBytes,
+                          names: tuple[str, ...], windows: list) -> dict[str, int]:
+    """guide (Engine._guide, one Adam iteration, first window), cfg (Engine._denoise of
+    the first window's frames), decode (the first, largest decode slice); encode too
+    when named (the savers' re-measure)."""
+    b = engine.backbone
+    report = _Reporter(None, None)
+    target, negative = kept.embeddings[1], kept.embeddings[2]
+    first = windows[:1]
+    peaks: dict[str, int] = {}
+    if "encode" in names:
+        peaks["encode"], _ = measure(lambda: engine._encode(kept.clip, settings.vae_slice), tracker)
+    if "guide" in names and kept.guided:
+        timestep = kept.guided[0]
+        latent = torch.empty_like(kept.source_latent, dtype=torch.float32)
+        one_iteration = dataclasses.replace(settings, guidance_iterations=1)
+        peaks["guide"], _ = measure(lambda: engine._guide(
+            latent, timestep, target, kept.state.features[timestep][:1], first, 0.001,
+            one_iteration, Procedure(), report), tracker)
+    if "cfg" in names:
+        latent = torch.empty_like(kept.source_latent, dtype=torch.float32)
+        start, end = first[0]
+        piece = latent.narrow(2, start, end - start)
+        peaks["cfg"], _ = measure(lambda: engine._denoise(
+            piece, settings.steps, 0, target, negative, settings.cfg_scale, [(0, end - start)],
+            report), tracker)
+    if "decode" in names:
+        latent = torch.empty_like(kept.source_latent, dtype=torch.float32)
+        with torch.no_grad():
+            peaks["decode"], _ = measure(
+                lambda: b.decode_slices(latent, settings.vae_slice)[0](), tracker)
+    return peaks
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def _plan(model: str, device: torch.device, backbone: Backbone, frames: int, size: tuple[int, int],
+          windows: int, measured: dict[str, int], saving: dict[str, int], modules: dict[str, int],
+          settings: TransferSettings) -> MemoryPlan:
+    """Phase peaks with each module's weights counted only where it is resident."""
+    gpu = device.type == "cuda"
+    # Wan's text encoder already lives in host memory on CUDA and visits only to embed.
+    text_always_offloaded = gpu and type(backbone).__name__ == "Wan"
+    largest_leaf = _largest_leaf_bytes(backbone)
+
+    def phases_with(turned_on: set[str]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for name, peak in measured.items():
+            if name == "guide" and "gradient_checkpointing" in turned_on and "guide" in saving:
+                peak = saving["guide"]
+            if name in ("encode", "decode") and "vae_slice_1" in turned_on:
+                peak = saving[name]
+            absent = 0
+            if name != "embed" and (text_always_offloaded or "text_encoder_offload" in turned_on):
+                absent += modules["text_encoder"]
+            if name not in ("encode", "decode") and "vae_offload" in turned_on:
+                absent += modules["vae"]
+            if name == "weights":
+                peak = sum(modules.values())
+            peak -= absent
+            if "sequential_offload" in turned_on:
+                resident = sum(modules.values()) - absent
+                peak = peak - resident + largest_leaf
+            out[name] = peak
+        return out
+
+    phases = phases_with(set())
+    savers = []
+    turned_on: set[str] = set()
+    for saver in SAVERS:
+        if saver == "text_encoder_offload" and text_always_offloaded:
+            continue
+        turned_on.add(saver)
+        peak = max(phases_with(turned_on).values())
+        savers.append({"name": saver, "peak_bytes": peak})
+    return MemoryPlan(model=model, device=str(device), dtype=str(backbone.dtype).removeprefix("torch."),
+                      frames=frames, size=size, windows=windows, phases=phases, modules=modules,
+                      savers=savers)
+
+
+def _largest_leaf_bytes(backbone: Backbone) -> int:
+    """The most weight bytes any one leaf module holds (sequential offload's resident set)."""
+    largest = 0
+    for network in backbone.modules():
+        for module in network.modules():
+            own = sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+            largest = max(largest, own)
+    return largest
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    """The plan as a table: each phase's peak, then each saver's (cumulative) peak."""
+    unit, scale = ("GiB", 2**30) if plan.peak_bytes >= 2**30 else ("MiB", 2**20)
+    lines = [f"Memory plan: {plan.model}, {plan.frames} frames at {plan.size[0]}x{plan.size[1]}, "
+             f"{plan.windows} window(s), {plan.device} {plan.dtype} (predicted, {unit})",
+             f"  {'phase':<28}{'peak':>9}"]
+    lines += [f"  {name:<28}{peak / scale:>9.2f}" for name, peak in plan.phases.items()]
+    lines.append(f"  {'peak':<28}{plan.peak_bytes / scale:>9.2f}")
+    lines.append("  with savers, cheapest first")
+    lines += [f"  + {saver['name']:<26}{saver['peak_bytes'] / scale:>9.2f}" for saver in plan.savers]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- --memory auto
+
+APPLIED_SAVERS = ("gradient_checkpointing", "vae_slice_1")
+"""The savers the engine can turn on today (settings gradient_checkpointing, vae_slice);
+the offloads are predicted only."""
+
+
+@dataclass(frozen=True)
+class SaverChoice:
+    """What `--memory auto` turns on for a plan and a GPU: the savers (cheapest first) and
+    the peak predicted with them."""
+
+    savers: tuple[str, ...]
+    peak_bytes: int
+
+
+def choose_savers(plan: MemoryPlan, budget_bytes: int,
+                  allowed: tuple[str, ...] = APPLIED_SAVERS) -> SaverChoice:
+    """The fewest savers, cheapest first (SAVERS' order), that bring the plan's peak
+    within `budget_bytes`; BadSettingsError with one sentence when even all the allowed
+    ones do not, naming what would make it fit.
+
+    Savers are cumulative: saver k is only taken with savers 1…k−1 (those allowed)."""
+    from backend.errors import BadSettingsError
+
+    if plan.peak_bytes <= budget_bytes:
+        return SaverChoice((), plan.peak_bytes)
+    taken: list[str] = []
+    lowest = plan.peak_bytes
+    for saver in plan.savers:
+        if saver["name"] not in allowed:
+            continue
+        taken.append(saver["name"])
+        lowest = saver["peak_bytes"]
+        if lowest <= budget_bytes:
+            return SaverChoice(tuple(taken), lowest)
+    raise BadSettingsError(
+        f"This edit needs about {readable(lowest)} of GPU memory even with "
+        f"{', '.join(taken) or 'every saver'} on, and {readable(budget_bytes)} are free; "
+        f"edit fewer frames per window (--window-frames), a smaller --width/--height, "
+        f"or use a GPU with more memory.")
+
+
+def readable(nbytes: int) -> str:
+    """11811160064 → "11.0 GiB"; under a GiB in MiB."""
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"

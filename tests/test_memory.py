@@ -1,0 +1,222 @@
+"""The memory tracker: what it counts on fake tensors is what it counts on real ones."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet3DConditionModel
+
+from backend.memory import CudaAutocast, LiveBytes, fake_world, materialise, measure, rounded
+from backend.memory_plan import plan_edit
+from backend.method.engine import load_engine
+from shared.settings import TransferSettings
+
+TINY_UNET = dict(
+    sample_size=8, block_out_channels=(16, 16, 32, 32),
+    down_block_types=("DownBlock3D", "DownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"),
+    up_block_types=("UpBlock3D", "CrossAttnUpBlock3D", "UpBlock3D", "UpBlock3D"),
+    layers_per_block=1, cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+)
+TINY_VAE = dict(block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, latent_channels=4,
+                norm_num_groups=4)
+
+
+def unet_step(unet: UNet3DConditionModel, frames: int) -> torch.Size:
+    """One forward and backward to the latent, as guidance runs them."""
+    latent = torch.randn(1, 4, frames, 16, 24, requires_grad=True)
+    text = torch.randn(1, 77, 32)
+    out = unet(latent, 500, encoder_hidden_states=text).sample
+    out.float().square().mean().backward()
+    return latent.grad.shape
+
+
+def vae_round_trip(vae: AutoencoderKL) -> torch.Size:
+    with torch.no_grad():
+        latent = vae.encode(torch.randn(3, 3, 64, 96)).latent_dist.mean
+        return vae.decode(latent).sample.shape
+
+
+def real_and_fake_peaks(cls: type, config: dict, run) -> tuple[int, int]:  # noqa: ANN001
+    real = cls(**config).eval().requires_grad_(False)
+    tracker = LiveBytes()
+    with tracker:
+        tracker.track_module(real)
+        real_peak, _ = measure(lambda: run(real), tracker)
+    with torch.device("meta"):
+        shell = cls(**config).eval().requires_grad_(False)
+    with fake_world() as (_fake, fake_tracker):
+        materialise(shell, fake_tracker)
+        fake_peak, _ = measure(lambda: run(shell), fake_tracker)
+    return real_peak, fake_peak
+
+
+def test_unet_forward_backward_counts_the_same_on_fake_and_real_tensors() -> None:
+    peaks = {}
+    for frames in (4, 8):
+        real_peak, fake_peak = real_and_fake_peaks(
+            UNet3DConditionModel, TINY_UNET, lambda unet, f=frames: unet_step(unet, f))
+        assert real_peak == fake_peak
+        peaks[frames] = real_peak
+    assert peaks[8] > peaks[4]  # activations grow with the frames
+
+
+def test_vae_encode_decode_counts_the_same_on_fake_and_real_tensors() -> None:
+    real_peak, fake_peak = real_and_fake_peaks(AutoencoderKL, TINY_VAE, vae_round_trip)
+    assert real_peak == fake_peak > 0
+
+
+def test_live_bytes_by_hand() -> None:
+    """Two 1000-float tensors alive, one freed, then a third: peak 8000, current 8000."""
+    tracker = LiveBytes()
+    with tracker:
+        a = torch.zeros(1000)
+        b = torch.zeros(1000)
+        assert tracker.current == 8000
+        del a
+        assert tracker.current == 4000
+        c = torch.zeros(1000)
+        view = b[:10]  # a view shares its storage: not counted again
+    assert (tracker.current, tracker.peak) == (8000, 8000)
+    del b, c, view
+    assert tracker.current == 0
+    assert rounded(1, 512) == 512 and rounded(512, 512) == 512 and rounded(513, 512) == 1024
+
+
+def test_cuda_autocast_keeps_matmuls_half_and_norms_float() -> None:
+    weight = torch.randn(8, 8, dtype=torch.float16)
+    with CudaAutocast(torch.float16):
+        product = torch.nn.functional.linear(torch.randn(2, 8), weight)
+        normed = torch.nn.functional.layer_norm(product, (8,))
+        joined = torch.cat([product, normed])
+    assert (product.dtype, normed.dtype, joined.dtype) == (torch.float16, torch.float32, torch.float32)
+
+
+def test_full_size_zeroscope_unet_plans_without_memory() -> None:
+    """ZeroScope's UNet (1.4 G parameters) in half precision, a CFG pass at 24×40×72
+    latents, on fake tensors: gigabytes counted, none allocated."""
+    with torch.device("meta"):
+        unet = UNet3DConditionModel().to(torch.float16).eval().requires_grad_(False)
+    with fake_world(block=512) as (_fake, tracker):
+        materialise(unet, tracker)
+        weights = tracker.current
+
+        def cfg_pass() -> None:
+            with torch.no_grad(), CudaAutocast(torch.float16):
+                unet(torch.randn(2, 4, 24, 40, 72), 500,
+                     encoder_hidden_states=torch.randn(2, 77, 1024, dtype=torch.float16))
+
+        peak, _ = measure(cfg_pass, tracker)
+    assert 2.5e9 < weights < 3.0e9  # 1.41 G fp16 parameters
+    assert peak > weights + 1e9
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def tracked_peak_of_real_edit(model: str, frames: int, size: tuple[int, int],
+                              settings: TransferSettings) -> int:
+    """LiveBytes over a whole real Engine.transfer on the CPU (weights included)."""
+    engine = load_engine(model, device="cpu")
+    tracker = LiveBytes()
+    with tracker:
+        for module in engine.backbone.modules():
+            tracker.track_module(module)
+        engine.transfer(np.zeros((frames, size[1], size[0], 3), np.uint8), settings)
+    return tracker.peak
+
+
+SHORT = dict(prompt="a cat", source_prompt="a dog", steps=2, inversion_steps=2,
+             guidance_iterations=1, guided_steps=1, seed=1)
+
+
+@pytest.mark.parametrize("model, frames, checkpointing", [
+    ("tiny", 40, False),  # two windows of ZeroScope's 24
+    ("tiny", 12, True),
+    ("wan-tiny", 9, False),
+])
+def test_plan_predicts_the_peak_of_a_real_edit(model: str, frames: int, checkpointing: bool) -> None:
+    """The plan, on fake tensors, against the same counter over a whole real edit: within 3 %."""
+    size = (96, 64)
+    settings = TransferSettings(**SHORT, width=size[0], height=size[1],
+                                gradient_checkpointing=checkpointing)
+    plan = plan_edit(model, frames, size, "cpu", settings=settings)
+    real = tracked_peak_of_real_edit(model, frames, size, settings)
+    assert abs(plan.peak_bytes - real) <= 0.03 * real
+    assert plan.phases["weights"] == sum(plan.modules.values())
+    assert [saver["name"] for saver in plan.savers][:2] == ["gradient_checkpointing", "vae_slice_1"]
+    peaks = [saver["peak_bytes"] for saver in plan.savers]
+    assert peaks == sorted(peaks, reverse=True)  # each saver keeps or lowers the peak
+
+
+def test_cuda_plan_on_a_machine_without_one() -> None:
+    """A CUDA half-precision plan runs here: weights in fp16 (half the fp32 bytes, in
+    512-byte blocks), checkpointing lowers the guidance peak."""
+    settings = TransferSettings(**SHORT, width=96, height=64)
+    cpu = plan_edit("tiny", 8, (96, 64), "cpu", settings=settings)
+    cuda = plan_edit("tiny", 8, (96, 64), "cuda", settings=settings)
+    assert cuda.dtype == "float16" and cpu.dtype == "float32"
+    assert 0.5 * cpu.modules["denoiser"] <= cuda.modules["denoiser"] < 0.6 * cpu.modules["denoiser"]
+    assert all(size % 512 == 0 for size in cuda.modules.values())
+    checkpointed = next(s for s in cuda.savers if s["name"] == "gradient_checkpointing")
+    assert checkpointed["peak_bytes"] <= cuda.peak_bytes
+
+
+def test_memory_command_prints_the_plan(capsys: pytest.CaptureFixture[str]) -> None:
+    from backend.cli import main
+
+    assert main(["memory", "--model", "tiny", "--frames", "8", "--size", "96x64", "--device", "cpu",
+                 "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert set(plan) >= {"peak_bytes", "phases", "savers"}
+    assert plan["peak_bytes"] == max(plan["phases"].values())
+    assert list(plan["phases"]) == ["weights", "embed", "encode", "invert", "features", "guide",
+                                    "cfg", "decode"]
+    tiny = ["memory", "--model", "tiny", "--frames", "8", "--size", "96x64", "--device", "cpu"]
+    assert main([*tiny, "--gpu-memory-gb", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["chosen"]["savers"] == []  # 1 GB is plenty
+    assert main([*tiny, "--gpu-memory-gb", "0.001"]) == 1
+    assert capsys.readouterr().err.startswith("error: This edit needs about ")
+    assert main(["memory", "--model", "tiny", "--size", "96by64", "--device", "cpu"]) == 1
+    assert capsys.readouterr().err.strip() == "error: --size '96by64' is not WxH; give it as 576x320."
+    assert main(["memory", "--model", "some/other-model", "--device", "cpu"]) == 1
+    assert "plan the one with the same architecture" in capsys.readouterr().err
+
+
+def test_memory_auto_takes_the_cheapest_savers_that_fit() -> None:
+    """Peak 20, checkpointing → 12, VAE slice 1 → 11, offloads (predicted only) → 9."""
+    from backend.errors import BadSettingsError
+    from backend.memory_plan import MemoryPlan, SaverChoice, choose_savers
+
+    gib = 2**30
+    plan = MemoryPlan(model="m", device="cuda", dtype="float16", frames=24, size=(576, 320), windows=1,
+                      phases={"weights": 3 * gib, "guide": 20 * gib}, modules={},
+                      savers=[{"name": "gradient_checkpointing", "peak_bytes": 12 * gib},
+                              {"name": "vae_slice_1", "peak_bytes": 11 * gib},
+                              {"name": "vae_offload", "peak_bytes": 9 * gib}])
+    assert choose_savers(plan, 24 * gib) == SaverChoice((), 20 * gib)
+    assert choose_savers(plan, 12 * gib) == SaverChoice(("gradient_checkpointing",), 12 * gib)
+    assert choose_savers(plan, 11 * gib) == SaverChoice(("gradient_checkpointing", "vae_slice_1"),
+                                                        11 * gib)
+    assert choose_savers(plan, 9 * gib, allowed=("gradient_checkpointing", "vae_slice_1",
+                                                 "vae_offload")).savers[-1] == "vae_offload"
+    with pytest.raises(BadSettingsError) as refused:
+        choose_savers(plan, 10 * gib)
+    assert str(refused.value) == (
+        "This edit needs about 11.0 GiB of GPU memory even with gradient_checkpointing, "
+        "vae_slice_1 on, and 10.0 GiB are free; edit fewer frames per window (--window-frames), "
+        "a smaller --width/--height, or use a GPU with more memory.")
+
+
+def test_memory_command_plans_a_clip(capsys: pytest.CaptureFixture[str], clip_path) -> None:  # noqa: ANN001
+    """A clip gives its frame count; its framing (fit, within the --width/--height budget
+    the model defaults to) gives the size."""
+    from backend.cli import main
+
+    assert main(["memory", str(clip_path), "--model", "tiny", "--device", "cpu", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["frames"] == 8
+    assert plan["size"][0] * plan["size"][1] <= 576 * 320
