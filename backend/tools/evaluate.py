@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from backend import metrics, tracking
+from backend.tools import metrics, tracking
 from backend.errors import ModelNotFoundError
 from backend.video import resize_frames, sample_indices
 
