@@ -425,10 +425,16 @@ def package_extension(output_dir: Path, python: str, cache: Path = WHEEL_CACHE) 
 # --------------------------------------------------------------------------- commands
 
 
+# The whole suite runs in three processes (pytest-xdist): most tests wait on servers,
+# Blender and subprocesses rather than compute, so three overlap well on two cores. Tests
+# sharing one Ray instance stay in one process (their xdist group, tests/conftest.py).
+SUITE_PARALLEL_ARGS = ["-n", "3", "--dist", "loadgroup"]
+
+
 def command_test(pytest_args: list[str]) -> int:
     python = ensure_venv()
     blender_lts_python = ensure_blender_lts_venv()
-    command = [str(python), "-m", "pytest", *pytest_args]
+    command = [str(python), "-m", "pytest", *(pytest_args or SUITE_PARALLEL_ARGS)]
     print("+", " ".join(command), flush=True)
     # The Blender 4.2 LTS tests run their bpy scenarios with this interpreter.
     env = {**os.environ, "UNDERSTUDY_BLENDER_LTS_PYTHON": str(blender_lts_python)}

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from backend.tools import metrics, tracking
 from backend.errors import BadClipError, ModelNotFoundError
+from backend.tools import metrics, tracking
 from tests.synthetic import textured_clip
 from tests.tiny_clip import save_tiny_clip
 

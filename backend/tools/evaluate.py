@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from backend.tools import metrics, tracking
 from backend.errors import ModelNotFoundError
+from backend.tools import metrics, tracking
 from backend.video import resize_frames, sample_indices
 
 PICTURE_TRACKS = 150  # tracks drawn per side: enough to see the motion, few enough to read
