@@ -143,7 +143,7 @@ def test_a_second_blender_uses_the_running_backend_and_never_stops_it(extension_
     first = run_blender(local_args(extension_zip, clip, tmp_path, action="test_connection",
                                    keep_running=True), tmp_path)
     assert first["outcome"]["ok"], first["outcome"]
-    assert first["outcome"]["report"].startswith("Connected: model tiny on cpu")
+    assert first["outcome"]["report"].startswith("Connected: model tiny (zeroscope, ")
     pid = first["backend"]["pid"]
     try:
         assert backend_lock.pid_alive(pid)  # kept running after that Blender quit

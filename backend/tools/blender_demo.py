@@ -81,6 +81,7 @@ def inside_blender(job: dict) -> dict:
     bpy.ops.extensions.package_install_files(filepath=job["zip"], repo="user_default",
                                              enable_on_install=True)
     prefs = bpy.context.preferences.addons[ADDON].preferences
+    prefs.backend_kind = "SERVER"  # the demo runs its own server; not "this computer"
     prefs.server_address = job["address"]
     bpy.context.preferences.filepaths.save_version = 0  # no .blend1 backups in demo_output
     scene = bpy.context.scene
