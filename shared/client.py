@@ -246,27 +246,36 @@ class Client:
             self.hello()
         return {**protocol.DEFAULT_LIMITS, **self.server_info.get("limits", {})}
 
-    def submit(self, job_id: str, settings: dict[str, Any], frames: list[bytes]) -> dict[str, Any]:
+    def submit(self, job_id: str, settings: dict[str, Any], frames: list[bytes],
+               masks: list[list[bytes]] | None = None) -> dict[str, Any]:
         """Send a job (PNG-encoded frames, in order). Returns the accepted header
         (state, queue_position, duplicate); raises JobRejected or another ClientError.
 
+        `masks`: the edit's regions, each a list of greyscale PNGs (white = subject), one
+        per frame; the server edits inside them and keeps the rest of the picture.
         Safe to repeat: the same job id with the same request is never run twice.
         """
+        masks = [list(region) for region in masks or []]
         try:
             protocol.check_job_id(job_id)
             if not isinstance(settings, dict):
                 raise ProtocolError("bad_settings", "Settings must be a dict of setting names.")
             if not all(isinstance(f, bytes | bytearray | memoryview) for f in frames):
                 raise ProtocolError("bad_frames", "Frames must be PNG-encoded bytes.")
+            if not all(isinstance(f, bytes | bytearray | memoryview)
+                       for region in masks for f in region):
+                raise ProtocolError("bad_mask", "Mask frames must be PNG-encoded bytes.")
             protocol.check_submit_limits(settings, list(frames), protocol.MAX_HEADER_BYTES,
-                                         self.limits)
+                                         self.limits, masks)
         except ProtocolError as error:
             raise JobRejected(error.message, error.code) from None
-        extra_s = protocol.payload_size(frames) / SEND_RATE_BYTES_PER_S
+        payload = [*frames, *(frame for region in masks for frame in region)]
+        header = {"type": RequestType.SUBMIT, "job_id": job_id, "settings": settings}
+        if masks:  # an older server reads no regions, and a job without them is as before
+            header["regions"] = len(masks)
+        extra_s = protocol.payload_size(payload) / SEND_RATE_BYTES_PER_S
         try:
-            reply, _ = self._request(
-                {"type": RequestType.SUBMIT, "job_id": job_id, "settings": settings},
-                list(frames), timeout_s=self.timeout_s + extra_s)
+            reply, _ = self._request(header, payload, timeout_s=self.timeout_s + extra_s)
         except ProtocolError as error:  # settings that are not strict JSON (NaN, surrogates)
             raise JobRejected(error.message, error.code) from None
         return reply

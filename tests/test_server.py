@@ -39,6 +39,7 @@ from tests.conftest import REPO_ROOT
 from tests.server_support import (
     ServerProcess,
     clip_pngs,
+    mask_pngs,
     one_reply_server,
     settings,
     subprocess_env,
@@ -169,6 +170,60 @@ def test_three_clients_at_once_each_get_their_own_result(server, connect):
         assert len(result.frames) == 3 + index
         # each client sees only its own job
         assert [job["job_id"] for job in clients[index].status()["jobs"]] == [f"many-{index}"]
+
+
+# --------------------------------------------------------------------------- regions (issue 20)
+
+
+def test_a_job_with_a_region_is_stored_with_its_masks_and_runs(server, connect):
+    client = connect(server.address)
+    clip, region = clip_pngs(6), mask_pngs(6)
+    accepted = client.submit("region-1", settings(), clip, masks=[region])
+    assert accepted["state"] in ("queued", "running") and not accepted["duplicate"]
+    folder = server.state_dir / "jobs" / "region-1"
+    assert [path.read_bytes() for path in sorted((folder / "mask" / "0").glob("*.png"))] == region
+    request = json.loads((folder / "request.json").read_text())
+    assert request["frames_in"] == 6 and [len(digests) for digests in request["masks"]] == [6]
+    # The same request again is a duplicate; the clip without its region is another request.
+    assert client.submit("region-1", settings(), clip, masks=[region])["duplicate"]
+    with pytest.raises(JobRejected) as caught:
+        client.submit("region-1", settings(), clip)
+    assert caught.value.code == "job_exists"
+    result = client.wait("region-1", timeout_s=WAIT_S)
+    assert len(result.frames) == 4
+
+
+def test_bad_masks_are_refused_in_one_sentence_before_queueing(server, connect):
+    submit = {"v": 1, "type": "submit", "req": 7, "settings": settings()}
+    clip = clip_pngs(6)
+    cases = [  # (job id, regions field, mask frames, code, words of its sentence)
+        ("m-count", 1, mask_pngs(5), "bad_mask", "not 2 equal parts"),
+        ("m-field", "one", mask_pngs(6), "bad_request", "'regions'"),
+        ("m-many", 9, mask_pngs(6), "bad_request", "from 0 to 8"),
+        ("m-size", 1, mask_pngs(6, width=40), "bad_mask", "40×32"),
+        ("m-empty", 1, mask_pngs(6, value=0), "bad_mask", "black in every frame"),
+        ("m-white", 1, mask_pngs(6, box=(0, 0, 48, 32)), "bad_mask", "white in every frame"),
+        ("m-broken", 1, [b"garbage"] * 6, "bad_mask", "not a readable PNG"),
+        # The clip alone fits the pixel budget (0.1 megapixels); with its region it does not.
+        ("m-budget", 1, mask_pngs(6, 128, 128), "too_large", "and 1 region's masks"),
+    ]
+    socket = raw_socket(server.address)
+    try:
+        for job_id, regions, masks, code, words in cases:
+            frames = clip_pngs(6, 128, 128) if job_id == "m-budget" else clip
+            header = json.dumps({**submit, "job_id": job_id, "regions": regions}).encode()
+            reply = ask(socket, [header, *frames, *masks])
+            assert reply["type"] == "rejected" and reply["code"] == code, (job_id, reply)
+            assert words in reply["message"] and reply["message"].endswith("."), reply
+            assert reply["message"].count(". ") == 0, reply
+    finally:
+        socket.close()
+    client = connect(server.address)
+    with pytest.raises(JobRejected, match="Region 1 has 5 mask frames") as caught:
+        client.submit("m-client", settings(), clip, masks=[mask_pngs(5)])  # refused here
+    assert caught.value.code == "bad_mask"
+    stored = {path.name for path in (server.state_dir / "jobs").iterdir()}
+    assert not stored & ({case[0] for case in cases} | {"m-client"})
 
 
 # --------------------------------------------------------------------------- cancel, disconnect

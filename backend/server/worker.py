@@ -20,7 +20,7 @@ from typing import Any
 from backend.errors import JobCancelled
 from backend.server.book import WORKER_LOST_TWICE, JobBook
 from backend.server.engine_api import EngineLost, TransferEngine
-from backend.server.frames import PngClip
+from backend.server.frames import PngClip, PngMasks
 from backend.server.store import Job, JobStore, StoreUnavailable
 from shared.protocol import ErrorCode, EventType, JobState, error_header, failure_reply
 
@@ -85,7 +85,11 @@ class JobThread:
             request = self.store.read_request(job.job_id)
             settings = TransferSettings.from_dict(request["settings"])
             clip = PngClip(self.store.input_paths(job.job_id), f"the clip of job {job.job_id}")
-            result = self.engine.transfer(clip, settings, progress=progress, cancelled=cancelled)
+            regions = self.store.mask_paths(job.job_id, len(request.get("masks", [])))
+            # Only a job with regions passes masks, so an engine without them runs as before.
+            with_masks = {"masks": PngMasks(regions, f"job {job.job_id}")} if regions else {}
+            result = self.engine.transfer(clip, settings, progress=progress, cancelled=cancelled,
+                                          **with_masks)
             images = [encode_png(frame) for frame in result.frames]
             sidecar = result.sidecar.to_dict()
             self.store.write_result(job.job_id, images, sidecar)
