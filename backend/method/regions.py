@@ -33,6 +33,7 @@ server and the engine all call them, so each failure is the same one sentence.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -304,3 +305,71 @@ def composite(generated: np.ndarray, source: np.ndarray, mask: np.ndarray | torc
     weight = np.asarray(mask.cpu() if isinstance(mask, torch.Tensor) else mask, np.float32)[..., None]
     mixed = weight * generated.astype(np.float32) + (1 - weight) * source.astype(np.float32)
     return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- one edit's regions
+
+
+@dataclass
+class EditRegions:
+    """An edit's regions, prepared once for the frames it edits (`prepare_regions`).
+
+    plate:    m inside the framing's box at the source's resolution, (F, box h, box w);
+              None under camera motion (the whole frame is regenerated)
+    latent:   m_lat, (F', h, w) at latent resolution; None under camera motion
+    guidance: the masks whose motions guide the edit at latent resolution, (R', F', h, w)
+    """
+
+    count: int
+    motion: str
+    plate: torch.Tensor | None
+    latent: torch.Tensor | None
+    guidance: torch.Tensor
+
+    def keeps_plate(self) -> bool:
+        return self.plate is not None
+
+
+def prepare_regions(masks: np.ndarray | None, motion: str, grow_px: int, feather_px: int,
+                    box: tuple[int, int, int, int], model_frames: int, latent_frames: int,
+                    latent_size: tuple[int, int], device: torch.device | str = "cpu") -> EditRegions:
+    """The regions of the frames an edit uses, framed as the frames are.
+
+    masks: (R, F, H, W) of the chosen frames at the source's resolution, or None (camera
+    motion only). box: (left, top, right, bottom), the source pixels the model sees.
+    model_frames: the frames the VAE gets (the chosen ones, the last repeated);
+    latent_frames, latent_size = (w, h): the latent's. Grow is measured on the whole
+    source frame, then the box is cut out and feathered (so m is 0 outside the box too),
+    then resampled to the latent (the mask follows the crop box and the fit size).
+    """
+    left, top, right, bottom = box
+    if masks is None:
+        if motion != "camera":
+            raise ValueError("subject motion needs at least one region")
+        ones = torch.ones((1, latent_frames, latent_size[1], latent_size[0]), device=device)
+        return EditRegions(0, motion, None, None, ones)
+    regions = torch.as_tensor(np.asarray(masks, np.float32), device=device)
+    boxed = binary(regions)[..., top:bottom, left:right]
+    guidance = to_latent(pad_frames(guidance_masks(boxed, motion, boxed.shape[1:]), model_frames),
+                         latent_frames, latent_size)
+    if motion == "camera":
+        return EditRegions(len(regions), motion, None, None, guidance)
+    union = binary(regions).amax(dim=0)
+    plate = feather(grow(union, grow_px)[:, top:bottom, left:right], feather_px)
+    latent = to_latent(pad_frames(plate, model_frames), latent_frames, latent_size)
+    return EditRegions(len(regions), motion, plate, latent, guidance)
+
+
+def composite_into_frames(source: np.ndarray, result: np.ndarray, plate: torch.Tensor,
+                          box: tuple[int, int, int, int]) -> np.ndarray:
+    """The source frames (F, H, W, 3) with the result (F, h, w, 3, covering `box`) resized
+    to the box and composited through m inside it: out = m·gen + (1 − m)·source. Outside
+    the box, and wherever m = 0, every pixel is the source's."""
+    from backend.video import resize_frames
+
+    left, top, right, bottom = box
+    out = source.copy()
+    inside = np.ascontiguousarray(source[:, top:bottom, left:right])
+    generated = resize_frames(result, right - left, bottom - top)
+    out[:, top:bottom, left:right] = composite(generated, inside, plate)
+    return out
