@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from backend.errors import UnderstudyError
-from backend.results import ProgressCallback
+from backend.results import ProgressCallback, RegionMasks
 from shared.settings import TransferSettings
 from shared.sidecar import Sidecar
 
@@ -65,11 +65,13 @@ def sidecar_path(output: Path) -> Path:
 
 
 def edit_clip(clip_path: Path, settings: dict[str, Any], output: Path, where: Local | Remote,
-              *, match_length: bool = False, frames_dir: Path | None = None,
+              *, mask_paths: Sequence[Path] = (), match_length: bool = False,
+              frames_dir: Path | None = None,
               progress: ProgressCallback | None = None,
               say: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
               ) -> EditOutcome:
-    """Read the clip, run the edit where asked, write the outputs."""
+    """Read the clip (and its region masks, one region per path), run the edit where
+    asked, write the outputs. The masks are read and checked before any model work."""
     from backend.video import read_clip
 
     output = Path(output)
@@ -78,6 +80,10 @@ def edit_clip(clip_path: Path, settings: dict[str, Any], output: Path, where: Lo
     clip = read_clip(clip_path)
     parsed = TransferSettings.from_dict(
         {**settings, "output_frames": len(clip.frames) if match_length else None})
+    masks = read_region_masks(mask_paths, clip.frames) if mask_paths else None
+    if masks is not None and isinstance(where, Remote):
+        raise UnderstudyError("Masks (--mask) cannot be sent to a server by this version yet; "
+                              "run the edit here without --server.")
     if isinstance(where, Remote):
         frames, sidecar = _on_server(where, clip.frames, parsed, progress, say)
     else:
@@ -88,7 +94,7 @@ def edit_clip(clip_path: Path, settings: dict[str, Any], output: Path, where: Lo
         engine = load_engine(where.model, device=where.device, dtype=where.dtype,
                              cache_dir=Path(where.cache_dir), cache_max_bytes=where.cache_max_bytes,
                              upscale_model=upscaler)
-        result = engine.transfer(clip.frames, parsed, progress=progress)
+        result = engine.transfer(clip.frames, parsed, progress=progress, masks=masks)
         frames, sidecar = result.frames, result.sidecar
     frames = _frames_for_files(clip.frames, frames, sidecar)
     fps = clip.fps * len(frames) / len(clip.frames)  # the clip's duration, whatever the count
@@ -96,18 +102,30 @@ def edit_clip(clip_path: Path, settings: dict[str, Any], output: Path, where: Lo
     return EditOutcome(output, sidecar_path(output), len(frames), sidecar)
 
 
+def read_region_masks(paths: Sequence[Path], clip_frames) -> RegionMasks:
+    """One region per path (backend/method/regions.py read_masks), stacked as the edit's
+    RegionMasks (R, N, H, W); BadMaskError with one sentence for any unusable mask."""
+    import numpy as np
+
+    from backend.method.regions import read_masks
+
+    size = (clip_frames.shape[2], clip_frames.shape[1])
+    return np.stack([read_masks(path, len(clip_frames), size) for path in paths])
+
+
 def _frames_for_files(clip_frames, frames, sidecar: Sidecar):
     """What the files hold: the edit as it came back, except under crop, where it is
     put back into its box of the source frames (backend/method/framing.py, paste_into_box), so
     the file lies exactly over the source clip. The source frames behind it are those
-    the model edited, held the way the result was retimed."""
+    the model edited, held the way the result was retimed. A result composited through
+    its regions is whole source frames already."""
     import numpy as np
 
     from backend.method.framing import Box, paste_into_box
     from backend.video import retime_indices
 
     framing = sidecar.framing or {}
-    if framing.get("mode") != "crop":
+    if (sidecar.regions or {}).get("composited") or framing.get("mode") != "crop":
         return frames
     used = np.asarray(sidecar.input_frame_indices)
     background = clip_frames[used[retime_indices(len(used), len(frames))]]

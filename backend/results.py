@@ -26,6 +26,12 @@ edit (engine, server, Ray actor, command line). Phases in order: "encode", "inve
 "invert", "features" and "sample" count windows within steps: total = steps × windows;
 "upscale" counts its encode, its steps × windows and its decode slices."""
 
+RegionMasks = np.ndarray
+"""The masks of one edit: (R, N, H, W) float32 in [0, 1], one region per mask input
+(`--mask`, repeatable), one frame per clip frame, at the clip's resolution; white (≥ ½)
+is the subject. backend/method/regions.py reads and checks them (`read_masks`,
+`check_region_masks`); `Engine.transfer(..., masks=)` takes them (None: no region)."""
+
 CancelCheck = Callable[[], bool]
 """Returns True when the caller wants the edit stopped; checked between windows."""
 
