@@ -8,6 +8,7 @@ first job (torch warm-up), so the tests start as few as they can.
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
+from PIL import Image
 from zmq.utils.monitor import recv_monitor_message
 
 from backend.video import decode_pngs
@@ -177,20 +179,32 @@ def test_three_clients_at_once_each_get_their_own_result(server, connect):
 
 def test_a_job_with_a_region_is_stored_with_its_masks_and_runs(server, connect):
     client = connect(server.address)
-    clip, region = clip_pngs(6), mask_pngs(6)
-    accepted = client.submit("region-1", settings(), clip, masks=[region])
+    clip, region = clip_pngs(6), mask_pngs(6)  # the region: x 16-32, y 8-24 of 48×32
+    job_settings = settings(region_grow=2, region_feather=2)
+    accepted = client.submit("region-1", job_settings, clip, masks=[region])
     assert accepted["state"] in ("queued", "running") and not accepted["duplicate"]
     folder = server.state_dir / "jobs" / "region-1"
     assert [path.read_bytes() for path in sorted((folder / "mask" / "0").glob("*.png"))] == region
     request = json.loads((folder / "request.json").read_text())
     assert request["frames_in"] == 6 and [len(digests) for digests in request["masks"]] == [6]
     # The same request again is a duplicate; the clip without its region is another request.
-    assert client.submit("region-1", settings(), clip, masks=[region])["duplicate"]
+    assert client.submit("region-1", job_settings, clip, masks=[region])["duplicate"]
     with pytest.raises(JobRejected) as caught:
-        client.submit("region-1", settings(), clip)
+        client.submit("region-1", job_settings, clip)
     assert caught.value.code == "job_exists"
     result = client.wait("region-1", timeout_s=WAIT_S)
+    assert result.sidecar["regions"]["count"] == 1 and result.sidecar["regions"]["composited"]
+    # Whole source frames, kept outside the grown region; their alpha is the feathered
+    # region: 0 outside it, 255 well inside.
+    source = decode_pngs(clip)[result.sidecar["input_frame_indices"]]
+    outside = np.ones((32, 48), bool)
+    outside[8 - 2:24 + 2, 16 - 2:32 + 2] = False
     assert len(result.frames) == 4
+    for frame, plate in zip(result.frames, source, strict=True):
+        pixels = np.asarray(Image.open(io.BytesIO(frame)))
+        assert pixels.shape == (32, 48, 4)
+        assert (pixels[..., :3][outside] == plate[outside]).all()
+        assert (pixels[..., 3][outside] == 0).all() and pixels[12:20, 20:28, 3].min() == 255
 
 
 def test_bad_masks_are_refused_in_one_sentence_before_queueing(server, connect):
@@ -202,10 +216,10 @@ def test_bad_masks_are_refused_in_one_sentence_before_queueing(server, connect):
         ("m-many", 9, mask_pngs(6), "bad_request", "from 0 to 8"),
         ("m-size", 1, mask_pngs(6, width=40), "bad_mask", "40×32"),
         ("m-empty", 1, mask_pngs(6, value=0), "bad_mask", "black in every frame"),
-        ("m-white", 1, mask_pngs(6, box=(0, 0, 48, 32)), "bad_mask", "white in every frame"),
+        ("m-white", 1, mask_pngs(6, box=(0, 0, 48, 32)), "bad_mask", "white over every pixel"),
         ("m-broken", 1, [b"garbage"] * 6, "bad_mask", "not a readable PNG"),
         # The clip alone fits the pixel budget (0.1 megapixels); with its region it does not.
-        ("m-budget", 1, mask_pngs(6, 128, 128), "too_large", "and 1 region's masks"),
+        ("m-budget", 1, mask_pngs(6, 128, 128), "too_large", "and 6 mask frames"),
     ]
     socket = raw_socket(server.address)
     try:

@@ -115,7 +115,8 @@ class ActorRunner:
             elif kind == "progress":
                 progress(event["phase"], event["step"], event["total"])
             elif kind == "done":
-                return TransferResult(event["frames"], Sidecar.from_dict(event["sidecar"]))
+                return TransferResult(event["frames"], Sidecar.from_dict(event["sidecar"]),
+                                      event.get("alpha"))
             elif kind == "cancelled":
                 raise JobCancelled("The edit was cancelled.")
             elif kind == "failed":

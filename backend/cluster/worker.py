@@ -163,7 +163,8 @@ class EngineActor:
                                           progress=progress, cancelled=cancelled, **with_masks)
             sidecar = replace(result.sidecar, worker=self._sidecar_worker())
             # Raw frames, not PNGs: the gateway encodes them once, as it does for a local job.
-            events.put({"event": "done", "frames": result.frames, "sidecar": sidecar.to_dict()})
+            events.put({"event": "done", "frames": result.frames, "alpha": result.alpha,
+                        "sidecar": sidecar.to_dict()})
         except JobCancelled:
             events.put({"event": "cancelled"})
         except Exception as error:  # a bad clip, or an engine bug: fails this job, not the actor

@@ -68,7 +68,13 @@ from backend.method.regions import (
     weights_at,
 )
 from backend.method.windows import Window, blend_windowed, place_windows, window_slice
-from backend.results import CancelCheck, ProgressCallback, RegionMasks, TransferResult
+from backend.results import (
+    CancelCheck,
+    ProgressCallback,
+    RegionMasks,
+    TransferResult,
+    plate_alpha,
+)
 from backend.video import resize_frames, retime_frames, sample_indices
 from shared.settings import TransferSettings
 from shared.sidecar import Sidecar
@@ -185,9 +191,12 @@ class Engine:
                 with _timed(timings, "upscale"):
                     out = self.upscaler.video_to_video(out, framing.upscale_size, settings, seed,
                                                        report)
+            alpha = None
             if regions is not None and regions.keeps_plate():
                 with _timed(timings, "composite"):
                     out = composite_into_frames(chosen, out, regions.plate, _box(framing))
+                    alpha = plate_alpha(regions.plate.cpu().numpy(), _box(framing),
+                                        (chosen.shape[2], chosen.shape[1]))
         except torch.cuda.OutOfMemoryError as error:
             raise OutOfMemoryError(OUT_OF_MEMORY) from error
         finally:
@@ -195,7 +204,8 @@ class Engine:
                 torch.cuda.empty_cache()
         out = retime_frames(out, settings.output_frames or len(out))
         return TransferResult(out, self._sidecar(settings, seed, framing, indices, windows,
-                                                 from_cache, timings, regions))
+                                                 from_cache, timings, regions),
+                              None if alpha is None else retime_frames(alpha, len(out)))
 
     def _regions_for(self, masks: RegionMasks | None, indices: np.ndarray,
                      settings: TransferSettings, framing: Framing,
@@ -207,7 +217,7 @@ class Engine:
         b = self.backbone
         width, height = framing.model_size
         return prepare_regions(
-            None if masks is None else np.asarray(masks)[:, indices], settings.motion,
+            None if masks is None else np.asarray(masks[:, indices]), settings.motion,
             settings.region_grow, settings.region_feather, _box(framing), model_frames,
             b.latent_frames(model_frames), (width // b.latent_cell, height // b.latent_cell),
             b.device)

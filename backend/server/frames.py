@@ -2,10 +2,10 @@
 
 A PNG of a few hundred bytes can hold a 4096×4096 picture, so the server never
 trusts the wire size: submit reads headers only and checks the job's pixel budget
-(frames used × (1 + regions) × width × height ≤ max_job_pixels), and the worker
+((frames used + mask frames) × width × height ≤ max_job_pixels), and the worker
 decodes only the frames the settings choose. A region's mask frames (white = subject)
-are read at submit one at a time, to refuse an empty or all-white region before the
-job is queued; the worker decodes them again lazily, like the clip (PngMasks).
+are decoded at submit, one region at a time, to refuse an empty or all-white region
+before the job is queued; the worker reads them again as the engine asks (PngMasks).
 """
 
 from __future__ import annotations
@@ -52,29 +52,19 @@ def check_png_frames(frames: list[bytes], max_side: int) -> tuple[int, int]:
 
 def check_mask_frames(masks: list[list[bytes]], frame_count: int, size: tuple[int, int]
                       ) -> None:
-    """Check each region's mask frames: one PNG per clip frame, of the clip's size, and
-    neither empty (black in every frame) nor all white (in every frame); ProtocolError
-    ("bad_mask") in one sentence otherwise. Decodes one frame at a time."""
-    for region_index, region in enumerate(masks):
-        name = f"Region {region_index + 1}"
-        if len(region) != frame_count:
-            raise ProtocolError(
-                ErrorCode.BAD_MASK, f"{name} has {len(region)} mask frames but the clip has "
-                f"{frame_count}; send one mask frame per clip frame.")
-        any_subject = any_plate = False
-        for frame_index, frame in enumerate(region):
-            mask = decode_mask(frame, f"mask frame {frame_index} of {name.lower()}", size)
-            any_subject = any_subject or bool(mask.max() > 0)
-            any_plate = any_plate or bool(mask.min() < 255)
-        if not any_subject:
-            raise ProtocolError(
-                ErrorCode.BAD_MASK, f"{name}'s mask is black in every frame, so there is no "
-                "subject to change; paint the subject white in its mask.")
-        if not any_plate:
-            raise ProtocolError(
-                ErrorCode.BAD_MASK, f"{name}'s mask is white in every frame, so no plate is "
-                "kept; paint only the subject white, or send no region to change the whole "
-                "frame.")
+    """Check each region's mask frames as the engine will (backend/method/regions.py
+    check_masks: one frame per clip frame, the clip's size, neither black nor white
+    everywhere); ProtocolError("bad_mask") with its one sentence otherwise. Each frame's
+    size is read from its header before it is decoded; one region is decoded at a time."""
+    from backend.errors import BadClipError
+    from backend.method.regions import check_masks
+
+    for number, region in enumerate(masks, start=1):
+        decoded = PngMasks([region], "the job")
+        try:
+            check_masks(decoded.region(0, size), frame_count, size, f"of region {number}")
+        except BadClipError as error:  # BadMaskError: the engine's own sentence
+            raise ProtocolError(ErrorCode.BAD_MASK, str(error)) from None
 
 
 def decode_mask(frame: bytes, what: str, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -102,13 +92,12 @@ def decode_mask(frame: bytes, what: str, size: tuple[int, int] | None = None) ->
 
 
 def check_pixel_budget(frames_used: int, size: tuple[int, int], max_job_pixels: int,
-                       regions: int = 0) -> None:
-    """Refuse a job whose used frames (and each region's mask frames for them) would
-    decode to more than max_job_pixels."""
-    pixels = frames_used * (1 + regions) * size[0] * size[1]
+                       mask_frames: int = 0) -> None:
+    """Refuse a job whose used frames and mask frames (every region's, all of which are
+    read) would decode to more than max_job_pixels."""
+    pixels = (frames_used + mask_frames) * size[0] * size[1]
     if pixels > max_job_pixels:
-        owner = "region's" if regions == 1 else "regions'"
-        masks = f" and {regions} {owner} masks" if regions else ""
+        masks = f" and {mask_frames} mask frames" if mask_frames else ""
         raise ProtocolError(
             ErrorCode.TOO_LARGE, f"The job would decode {frames_used} frames{masks} of "
             f"{size[0]}×{size[1]} ({pixels / 1e6:.0f} megapixels); the server decodes at most "
@@ -145,38 +134,60 @@ class PngClip:
 
 
 class PngMasks:
-    """A job's regions as mask PNGs, decoded only for the frames the engine picks.
+    """A job's regions as mask PNGs, decoded only when read: the engine's RegionMasks
+    (backend/results.py, (R, F, H, W) float32 in [0, 1], white = subject) in the shape
+    of an array. `masks[:, indices]` decodes only those frames of every region;
+    `np.asarray(masks)` decodes them all.
 
-    `regions[r][f]` is region r's mask of clip frame f: PNG bytes or the path of a
-    stored file. `len(masks)` is the clip's frame count and `masks[indices]` is
-    (R, n, H, W) float32 in [0, 1] (white = subject, 1), at the clip's resolution.
+    `regions[r][f]` is region r's mask of clip frame f: PNG bytes, or the path of a
+    stored file (the job store's masks), read only when decoded.
     """
 
     def __init__(self, regions: list[list[Path]] | list[list[bytes]], source: str) -> None:
         self.regions = regions
         self.source = source
 
-    @property
-    def region_count(self) -> int:
+    def __len__(self) -> int:
         return len(self.regions)
 
-    def __len__(self) -> int:
-        return len(self.regions[0]) if self.regions else 0
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(R, F, H, W), H and W read from the first mask's PNG header."""
+        from PIL import Image
+
+        first = self._bytes(0, 0)
+        with Image.open(io.BytesIO(first)) as image:
+            width, height = image.size
+        return len(self.regions), len(self.regions[0]), height, width
 
     def png_bytes(self) -> list[list[bytes]]:
         """Every region's mask PNGs, undecoded (to hand them on, e.g. to a Ray worker)."""
-        return [[image.read_bytes() if isinstance(image, Path) else image for image in region]
-                for region in self.regions]
+        return [[self._bytes(number, index) for index in range(len(region))]
+                for number, region in enumerate(self.regions)]
 
-    def __getitem__(self, indices) -> np.ndarray:
-        chosen = np.atleast_1d(np.arange(len(self))[indices])
-        decoded = []
-        for number, region in enumerate(self.regions):
-            frames = []
-            for index in chosen:
-                image = region[index]
-                data = image.read_bytes() if isinstance(image, Path) else image
-                frames.append(decode_mask(data, f"mask of frame {index} of region "
-                                                f"{number + 1} of {self.source}"))
-            decoded.append(np.stack(frames))
-        return np.stack(decoded).astype(np.float32) / 255.0
+    def region(self, number: int, size: tuple[int, int] | None = None,
+               indices=slice(None)) -> np.ndarray:
+        """Region `number`'s masks of the frames `indices`, (n, H, W) float32 in [0, 1];
+        given `size` (w, h), a mask of another size is one sentence, before decoding."""
+        chosen = np.atleast_1d(np.arange(len(self.regions[number]))[indices])
+        frames = [decode_mask(self._bytes(number, index),
+                              f"mask of frame {index} of region {number + 1} of {self.source}",
+                              size) for index in chosen]
+        return np.stack(frames).astype(np.float32) / 255.0
+
+    def __getitem__(self, key) -> np.ndarray:
+        """masks[r], masks[r_index, frame_index] as on the (R, F, H, W) array."""
+        regions, frames = (key + (slice(None),))[:2] if isinstance(key, tuple) else (
+            key, slice(None))
+        numbers = np.arange(len(self.regions))[regions]
+        if np.ndim(numbers) == 0:
+            return self.region(int(numbers), indices=frames)
+        return np.stack([self.region(int(number), indices=frames) for number in numbers])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        masks = self[:, :]
+        return masks if dtype is None else masks.astype(dtype)
+
+    def _bytes(self, number: int, index: int) -> bytes:
+        image = self.regions[number][index]
+        return image.read_bytes() if isinstance(image, Path) else image

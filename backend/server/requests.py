@@ -139,7 +139,8 @@ class Requests:
             size = check_png_frames(clip, self.limits["max_side"])
             frames_used = len(clip) if parsed.num_frames is None else min(parsed.num_frames,
                                                                           len(clip))
-            check_pixel_budget(frames_used, size, self.limits["max_job_pixels"], regions)
+            check_pixel_budget(frames_used, size, self.limits["max_job_pixels"],
+                               regions * len(clip))
             check_mask_frames(masks, len(clip), size)
             self.engine.check_settings(parsed, len(clip), size)
             job = Job(job_id=job_id, seq=-1, client=client, owner=owner, digest=digest,

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from backend.errors import JobCancelled
+from backend.results import TransferResult
 from backend.server.book import WORKER_LOST_TWICE, JobBook
 from backend.server.engine_api import EngineLost, TransferEngine
 from backend.server.frames import PngClip, PngMasks
@@ -90,7 +91,7 @@ class JobThread:
             with_masks = {"masks": PngMasks(regions, f"job {job.job_id}")} if regions else {}
             result = self.engine.transfer(clip, settings, progress=progress, cancelled=cancelled,
                                           **with_masks)
-            images = [encode_png(frame) for frame in result.frames]
+            images = [encode_png(frame) for frame in result_pixels(result)]
             sidecar = result.sidecar.to_dict()
             self.store.write_result(job.job_id, images, sidecar)
             progress("save", len(images), len(images))
@@ -133,3 +134,13 @@ class JobThread:
         else:
             log.error("Job %s ended (%s) but the store could not record it; it runs again "
                       "once the store is writable.", job.job_id, state)
+
+
+def result_pixels(result: TransferResult) -> Any:
+    """The result frames as the server sends them: RGB, or RGBA whose alpha is the
+    feathered region when the frames are composited through one (docs/protocol.md §4)."""
+    import numpy as np
+
+    if result.alpha is None:
+        return result.frames
+    return np.concatenate([result.frames, result.alpha[..., None]], axis=-1)
