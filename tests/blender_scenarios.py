@@ -435,6 +435,53 @@ def scenario_composite(args: dict) -> dict:
                   source=source.name)
 
 
+def new_mask(name: str, corners: list[tuple[float, float]]):
+    """A Mask data-block with one closed polygon (corners in the mask's 0..1 space);
+    no corners: a mask with no shapes."""
+    mask = bpy.data.masks.new(name)
+    if corners:
+        spline = mask.layers.new(name="subject").splines.new()
+        spline.points.add(len(corners) - 1)
+        for point, corner in zip(spline.points, corners, strict=True):
+            point.co, point.handle_type = corner, "VECTOR"
+    return mask
+
+
+def scenario_region(args: dict) -> dict:
+    """Keep the plate: a movie strip with a region. Each entry of args["masks"] is one
+    Transfer: a Mask data-block ("square", or "empty": no shapes) or a matte strip
+    ("white strip": white over the whole picture); the edit is rendered before and after
+    (every channel) to compare pixels."""
+    install(args["zip"])
+    configure(args)
+    bpy.context.preferences.addons[ADDON].preferences.max_render_size = 160  # no rescaling
+    scene = bpy.context.scene
+    scene.render.resolution_x, scene.render.resolution_y = 160, 128
+    scene.render.resolution_percentage = 100
+    small_settings(scene, {"region_grow": 4, "region_feather": 2})
+    source = movie_strip(scene, args["clip"])
+    shapes = {"square": [(0.35, 0.35), (0.65, 0.35), (0.65, 0.65), (0.35, 0.65)], "empty": []}
+    frame = source.frame_final_start + 5
+    out = Path(args["out"])
+    runs = []
+    for kind in args["masks"]:
+        if kind == "white strip":  # a matte strip that is white over the whole picture
+            matte = new_effect(scene, kind, "COLOR", source.channel + 3, 1, 40)
+            matte.color = (1.0, 1.0, 1.0)
+            matte.mute = True  # a matte is not part of the edit; it renders all the same
+            scene.understudy.region_kind, scene.understudy.region_strip = "STRIP", kind
+        else:
+            scene.understudy.region_kind = "MASK"
+            scene.understudy.region_mask = new_mask(kind, shapes[kind])
+        before_png = render_composite(scene, str(out / f"{kind}-before.png"), frame, "RGBA")
+        before = scene_state(scene)
+        outcome = run_operator(bpy.ops.understudy.transfer, prompt="a red fox")
+        after_png = render_composite(scene, str(out / f"{kind}-after.png"), frame, "RGBA")
+        runs.append(finish(scene, before, outcome, before_png=before_png, after_png=after_png,
+                           frame_index=frame - source.frame_final_start))
+    return {"runs": runs, "source": source.name}
+
+
 def scenario_area(args: dict) -> dict:
     """A movie strip fit into a project of another shape; renders the source alone and the
     result alone (RGBA, transparent where nothing is drawn) to compare the areas covered."""

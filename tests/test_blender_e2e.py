@@ -571,3 +571,59 @@ def test_make_room_places_the_result_under_the_grade_and_undo_puts_every_strip_b
     new = assert_result_strip(result, "source", channel=3)  # under the grade
     assert result["moved"] == {**start, "grade": 4, "title": 5, new["name"]: 3}
     assert result["undone"] == start  # one undo: every strip back, the result gone
+
+
+# --------------------------------------------------------------------------- keep the plate (issue 20)
+
+
+def test_a_mask_region_keeps_the_plate_outside_it_in_the_composite(extension_zip, clip, server,
+                                                                    tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    result = run_blender({"scenario": "region", "zip": extension_zip, "clip": clip,
+                          "address": server.address, "masks": ["square"],
+                          "out": str(tmp_path)}, tmp_path)
+    [run] = result["runs"]
+    new = assert_result_strip(run, "source", channel=3)
+    assert new["blend_type"] == "ALPHA_OVER"  # a layer over the source, through its alpha
+    [job] = run["jobs"]
+    sidecar = json.loads(job["sidecar"])
+    assert sidecar["regions"] == {"count": 1, "grow": 4, "feather": 2, "motion": "subject",
+                                  "composited": True}
+    # The result frame's alpha is the feathered, grown region: 0 outside it.
+    layer = np.asarray(Image.open(Path(job["frames_path"]) /
+                                  f"frame_{run['frame_index'] + 1:05d}.png").convert("RGBA"))
+    outside = layer[..., 3] == 0
+    assert layer.shape == (128, 160, 4)
+    assert 0.4 < outside.mean() < 0.95 and (layer[..., 3] == 255).any()
+    # The square's corners are at 35% and 65% of the frame: grown by 4 px, nothing beyond.
+    assert outside[:, :int(0.35 * 160) - 6].all() and outside[:, int(0.65 * 160) + 6:].all()
+    # Rendered with every channel, the edit shows the source's own pixels outside the
+    # grown region, exactly, and something else inside it.
+    before, after = (np.asarray(Image.open(run[name]).convert("RGB")).astype(int)
+                     for name in ("before_png", "after_png"))
+    assert (after[outside] == before[outside]).all()
+    assert (after[~outside] != before[~outside]).any()
+    assert_source_unchanged(run)
+
+
+def test_a_bad_mask_is_one_sentence_before_anything_is_sent(extension_zip, clip, server,
+                                                            tmp_path):
+    jobs_before = jobs_on(server)
+    result = run_blender({"scenario": "region", "zip": extension_zip, "clip": clip,
+                          "address": server.address, "masks": ["empty", "white strip"],
+                          "out": str(tmp_path)}, tmp_path)
+    empty, everything = result["runs"]
+    # A mask without shapes is refused before anything is rendered ...
+    assert not empty["outcome"]["ok"]
+    assert "The mask 'empty' has no shapes" in empty["outcome"]["error"]
+    # ... and a (muted) matte covering the whole picture once rendered, before the strip is.
+    assert not everything["outcome"]["ok"]
+    assert ("The matte strip 'white strip' is white over the whole picture in every frame"
+            in everything["outcome"]["error"])
+    for run in (empty, everything):
+        assert run["outcome"]["error"].count(". ") == 0, run["outcome"]["error"]
+        assert run["new_strips"] == [] and run["jobs"] == []
+        assert_source_unchanged(run)
+    assert_nothing_reached(server, jobs_before)
