@@ -257,6 +257,25 @@ def test_a_moving_region_keeps_the_plate_and_the_edit_inside_it(engine):
                                       "composited": True}
 
 
+def test_outside_the_region_the_sampled_latent_is_the_source_latent_exactly(engine, monkeypatch):
+    clip, masks = square_clip(4)
+    seen = {}
+    sample = engine._sample
+
+    def watched(source, windows, settings, seed, procedure, report, regions=None):
+        seen.update(source=source, regions=regions)
+        seen["latent"] = sample(source, windows, settings, seed, procedure, report, regions)
+        return seen["latent"]
+
+    monkeypatch.setattr(engine, "_sample", watched)
+    engine.transfer(clip, settings(region_grow=0, region_feather=0), masks=masks[None])
+    plate = (seen["regions"].latent == 0)[None, None].expand_as(seen["latent"])
+    assert plate.any() and not plate.all()
+    source = seen["source"].source_latent.float()
+    assert torch.equal(seen["latent"][plate], source[plate])
+    assert not torch.equal(seen["latent"][~plate], source[~plate])
+
+
 def test_the_inversion_cache_is_region_free_and_reused_by_a_new_region(engine):
     clip, masks = square_clip(4)
     first = engine.transfer(clip, settings(prompt="a cat"), masks=masks[None])
@@ -309,3 +328,52 @@ def test_wan_keeps_the_plate_with_four_frames_a_latent_frame(tiny_wan_dir, tmp_p
     result = wan.transfer(clip, settings(num_frames=9), masks=masks[None])
     assert result.sidecar.backbone == "wan"
     assert_plate_kept(result.frames, clip, masks, 4)
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_cli_mask_keeps_every_plate_pixel_outside_the_grown_region(tmp_path):
+    from tests.test_cli import SMALL_FLAGS, backend, write_png_folder
+
+    clip, masks = square_clip(4)
+    clip_dir = write_png_folder(tmp_path / "clip", clip)
+    mask_dir = write_masks(tmp_path / "mask", masks)
+    still = tmp_path / "still.png"  # a second region: one PNG for every frame
+    Image.fromarray(np.pad(np.full((8, 8), 255, np.uint8), ((48, 8), (48, 8)))).save(still)
+    result = backend("transfer", str(clip_dir), "--prompt", "a heron", "--model", "tiny",
+                     *SMALL_FLAGS, "--mask", str(mask_dir), "--mask", str(still),
+                     "--region-grow", "3", "--region-feather", "2", "--cache-dir",
+                     str(tmp_path / "c"), "-o", str(tmp_path / "o.mp4"),
+                     "--frames-dir", str(tmp_path / "frames"))
+    assert result.returncode == 0, result.stderr
+    written = np.stack([np.asarray(Image.open(path))
+                        for path in sorted((tmp_path / "frames").glob("*.png"))])
+    both = np.maximum(masks, read_masks(still, 4, (64, 64)))
+    assert_plate_kept(written, clip, both, 3)
+    import json
+
+    sidecar = json.loads((tmp_path / "o.json").read_text())
+    assert sidecar["regions"] == {"count": 2, "grow": 3, "feather": 2, "motion": "subject",
+                                  "composited": True}
+
+
+@pytest.mark.parametrize(("make_mask", "fragment"), [
+    (lambda folder: write_masks(folder, square_clip(3)[1]), "has 3 frames but the clip has 4"),
+    (lambda folder: write_masks(folder, np.pad(square_clip(4)[1], ((0, 0), (0, 0), (0, 8)))),
+     "is 72x64 but the clip is 64x64"),
+    (lambda folder: write_masks(folder, np.zeros((4, 64, 64), np.float32)), "black in every frame"),
+    (lambda folder: write_masks(folder, np.ones((4, 64, 64), np.float32)), "white over every pixel"),
+    (lambda folder: (folder.mkdir(), (folder / "0.png").write_bytes(b"junk"))[0] or folder,
+     "Could not read the mask"),
+])
+def test_cli_bad_masks_end_in_one_sentence_before_any_work(tmp_path, make_mask, fragment):
+    from tests.test_cli import SMALL_FLAGS, assert_one_sentence_error, backend, write_png_folder
+
+    clip_dir = write_png_folder(tmp_path / "clip", square_clip(4)[0])
+    mask = make_mask(tmp_path / "mask")
+    result = backend("transfer", str(clip_dir), "--prompt", "x", "--model", "tiny", *SMALL_FLAGS,
+                     "--mask", str(mask), "--cache-dir", str(tmp_path / "c"),
+                     "-o", str(tmp_path / "o.mp4"))
+    assert_one_sentence_error(result, fragment)
+    assert "encode" not in result.stderr and not (tmp_path / "o.mp4").exists()
