@@ -414,6 +414,30 @@ MUTANTS: tuple[Mutant, ...] = (
         "                grown = False",
         ("tests/test_blender_plan.py::test_make_room_also_moves_what_a_moved_strip_would_land_on",),
     ),
+    # --- regions (issue 20, backend/method/regions.py, backend/method/engine.py)
+    Mutant(
+        "the feather blurs the grown region outward, past its edge",
+        "backend/method/regions.py",
+        "    return box_blur(erode(grown, radius), radius).clamp_(0, 1)",
+        "    return box_blur(grown, radius).clamp_(0, 1)",
+        ("tests/test_regions.py::test_feather_ramps_inside_the_grown_region_and_is_exactly_zero_outside",
+         "tests/test_regions.py::test_a_moving_region_keeps_the_plate_and_the_edit_inside_it"),
+    ),
+    Mutant(
+        "the masked SMM averages every cell, not the region's",
+        "backend/method/regions.py",
+        "    weights = weights.to(features.dtype)",
+        "    weights = torch.ones_like(weights, dtype=features.dtype)",
+        ("tests/test_regions.py::test_masked_smm_hand_values",
+         "tests/test_regions.py::test_two_regions_give_two_loss_terms_each_read_from_its_own_cells"),
+    ),
+    Mutant(
+        "the sampled latent is never blended with the source's inverted latent",
+        "backend/method/engine.py",
+        "        if regions is None or regions.latent is None:\n            return latent",
+        "        if True:\n            return latent",
+        ("tests/test_regions.py::test_outside_the_region_the_sampled_latent_is_the_source_latent_exactly",),
+    ),
     Mutant(
         "a peer accepts any protocol version",
         "shared/protocol.py",

@@ -210,14 +210,15 @@ class Engine:
     def _regions_for(self, masks: RegionMasks | None, indices: np.ndarray,
                      settings: TransferSettings, framing: Framing,
                      model_frames: int) -> EditRegions | None:
-        """The edit's regions, framed as its frames (None: no region and subject motion,
-        the edit as it always was)."""
-        if masks is None and settings.motion == "subject":
+        """The edit's regions, framed as its frames. None without a region: the edit as
+        it always was (camera motion without a region guides by the whole frame's SMM,
+        which is today's guidance)."""
+        if masks is None:
             return None
         b = self.backbone
         width, height = framing.model_size
         return prepare_regions(
-            None if masks is None else np.asarray(masks[:, indices]), settings.motion,
+            np.asarray(masks[:, indices]), settings.motion,  # only the frames used are read
             settings.region_grow, settings.region_feather, _box(framing), model_frames,
             b.latent_frames(model_frames), (width // b.latent_cell, height // b.latent_cell),
             b.device)
@@ -244,10 +245,10 @@ class Engine:
             upscaler=None if framing.upscale_size is None else {
                 "model": self.upscaler.backbone.model_id, "steps": settings.upscale_step_count()},
             backbone=self.backbone.facts.name,
-            regions=None if regions is None else {
-                "count": regions.count, "grow": settings.region_grow,
+            regions=None if regions is None and settings.motion == "subject" else {
+                "count": 0 if regions is None else regions.count, "grow": settings.region_grow,
                 "feather": settings.region_feather, "motion": settings.motion,
-                "composited": regions.keeps_plate()},
+                "composited": regions is not None and regions.keeps_plate()},
         )
 
     def check_settings(self, settings: TransferSettings, clip_length: int,

@@ -330,24 +330,19 @@ class EditRegions:
         return self.plate is not None
 
 
-def prepare_regions(masks: np.ndarray | None, motion: str, grow_px: int, feather_px: int,
+def prepare_regions(masks: np.ndarray, motion: str, grow_px: int, feather_px: int,
                     box: tuple[int, int, int, int], model_frames: int, latent_frames: int,
                     latent_size: tuple[int, int], device: torch.device | str = "cpu") -> EditRegions:
     """The regions of the frames an edit uses, framed as the frames are.
 
-    masks: (R, F, H, W) of the chosen frames at the source's resolution, or None (camera
-    motion only). box: (left, top, right, bottom), the source pixels the model sees.
+    masks: (R, F, H, W) of the chosen frames at the source's resolution (camera motion
+    without a region is the whole-frame SMM, the edit without regions). box: (left, top, right, bottom), the source pixels the model sees.
     model_frames: the frames the VAE gets (the chosen ones, the last repeated);
     latent_frames, latent_size = (w, h): the latent's. Grow is measured on the whole
     source frame, then the box is cut out and feathered (so m is 0 outside the box too),
     then resampled to the latent (the mask follows the crop box and the fit size).
     """
     left, top, right, bottom = box
-    if masks is None:
-        if motion != "camera":
-            raise ValueError("subject motion needs at least one region")
-        ones = torch.ones((1, latent_frames, latent_size[1], latent_size[0]), device=device)
-        return EditRegions(0, motion, None, None, ones)
     regions = torch.as_tensor(np.asarray(masks, np.float32), device=device)
     boxed = binary(regions)[..., top:bottom, left:right]
     guidance = to_latent(pad_frames(guidance_masks(boxed, motion, boxed.shape[1:]), model_frames),
