@@ -577,13 +577,15 @@ def test_make_room_places_the_result_under_the_grade_and_undo_puts_every_strip_b
 
 
 def test_a_mask_region_keeps_the_plate_outside_it_in_the_composite(extension_zip, clip, server,
-                                                                    tmp_path):
+                                                                    tmp_path, blender):
     import numpy as np
     from PIL import Image
 
+    python, version = blender
     result = run_blender({"scenario": "region", "zip": extension_zip, "clip": clip,
                           "address": server.address, "masks": ["square"],
-                          "out": str(tmp_path)}, tmp_path)
+                          "out": str(tmp_path)}, tmp_path, python=python)
+    assert result["blender_version"][:2] == version
     [run] = result["runs"]
     new = assert_result_strip(run, "source", channel=3)
     assert new["blend_type"] == "ALPHA_OVER"  # a layer over the source, through its alpha
