@@ -81,11 +81,8 @@ def edit_clip(clip_path: Path, settings: dict[str, Any], output: Path, where: Lo
     parsed = TransferSettings.from_dict(
         {**settings, "output_frames": len(clip.frames) if match_length else None})
     masks = read_region_masks(mask_paths, clip.frames) if mask_paths else None
-    if masks is not None and isinstance(where, Remote):
-        raise UnderstudyError("Masks (--mask) cannot be sent to a server by this version yet; "
-                              "run the edit here without --server.")
     if isinstance(where, Remote):
-        frames, sidecar = _on_server(where, clip.frames, parsed, progress, say)
+        frames, sidecar = _on_server(where, clip.frames, parsed, progress, say, masks)
     else:
         from backend.backbones.zeroscope import ZEROSCOPE_XL
         from backend.method.engine import load_engine
@@ -143,13 +140,18 @@ def _write_outputs(frames, sidecar: Sidecar, output: Path, fps: float,
 
 
 def _on_server(remote: Remote, clip_frames, settings: TransferSettings,
-               progress: ProgressCallback | None, say: Callable[[str], None]):
+               progress: ProgressCallback | None, say: Callable[[str], None],
+               masks: RegionMasks | None = None):
     """Run one edit through a job server; returns (frames, sidecar) like a local run.
 
     The whole clip goes over as PNGs (the server samples and resizes, as the engine
-    does locally). The job id is printed first, so a result outlives this process:
-    `--job-id ID` asks for that job instead of submitting a new one. Ctrl-C cancels.
+    does locally), and each region's masks as grey PNGs (round(255·m); the server
+    reads them back as m to within 1/510, on the same side of ½). The job id is
+    printed first, so a result outlives this process: `--job-id ID` asks for that job
+    instead of submitting a new one. Ctrl-C cancels.
     """
+    import numpy as np
+
     from backend.video import decode_pngs, encode_png
     from shared.client import Client, ClientError, UnknownJob, load_client_keys
 
@@ -170,8 +172,11 @@ def _on_server(remote: Remote, clip_frames, settings: TransferSettings,
         if known:
             say(f"Job {job_id}: re-attached ({known['state']}).")
         else:
+            regions = None if masks is None else [
+                [encode_png(np.rint(mask * 255).astype(np.uint8)) for mask in region]
+                for region in masks]
             client.submit(job_id, settings.to_dict(),
-                          [encode_png(frame) for frame in clip_frames])
+                          [encode_png(frame) for frame in clip_frames], masks=regions)
             say(f"Job {job_id}: submitted; if this command stops, fetch the result with "
                 f"--server {remote.address} --job-id {job_id}.")
         try:

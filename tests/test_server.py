@@ -601,7 +601,8 @@ def test_network_bind_without_keys_refused(tmp_path):
 # --------------------------------------------------------------------------- command line
 
 
-def test_remote_transfer_writes_the_same_files_as_a_local_run(server, tmp_path):
+@pytest.mark.parametrize("region", [False, True], ids=["whole frame", "region"])
+def test_remote_transfer_writes_the_same_files_as_a_local_run(server, tmp_path, region):
     from backend.video import write_frames_dir
 
     frames = decode_pngs(clip_pngs(8))
@@ -610,6 +611,12 @@ def test_remote_transfer_writes_the_same_files_as_a_local_run(server, tmp_path):
               "--prompt", "a train", "--seed", "11", "--frames", "4", "--width", "64",
               "--height", "64", "--steps", "1", "--guided-steps", "0", "--iterations", "0",
               "--inversion-steps", "1"]
+    if region:  # --mask goes to the server as grey PNGs, and the plate comes back kept
+        (tmp_path / "mask").mkdir()
+        for index, png in enumerate(mask_pngs(8)):
+            (tmp_path / "mask" / f"{index:05d}.png").write_bytes(png)
+        common += ["--mask", str(tmp_path / "mask"), "--region-grow", "2",
+                   "--region-feather", "2"]
     outputs = {}
     for name, extra in (("local", ["--model", "tiny", "--device", "cpu",
                                    "--cache-dir", str(tmp_path / "cache")]),
@@ -632,6 +639,7 @@ def test_remote_transfer_writes_the_same_files_as_a_local_run(server, tmp_path):
     assert [p.name for p in local_frames] == [p.name for p in remote_frames]
     for local, remote in zip(local_frames, remote_frames, strict=True):
         assert local.read_bytes() == remote.read_bytes()
+    assert (outputs["remote"][0]["regions"] is not None) == region
 
 
 def test_remote_transfer_without_a_server_is_one_line(tmp_path):
