@@ -24,6 +24,8 @@ class BadMaskError(BadClipError):
     """A region's mask cannot be used with its clip (unreadable, wrong frame count or
     size, black everywhere, white everywhere); backend/method/regions.py checks."""
 
+    code = ErrorCode.BAD_MASK  # the code a server's refusal of the same mask carries
+
 
 class ModelNotFoundError(UnderstudyError):
     """The model weights are neither local nor downloadable."""

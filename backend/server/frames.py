@@ -56,15 +56,15 @@ def check_mask_frames(masks: list[list[bytes]], frame_count: int, size: tuple[in
     check_masks: one frame per clip frame, the clip's size, neither black nor white
     everywhere); ProtocolError("bad_mask") with its one sentence otherwise. Each frame's
     size is read from its header before it is decoded; one region is decoded at a time."""
-    from backend.errors import BadClipError
+    from backend.errors import BadMaskError
     from backend.method.regions import check_masks
 
     for number, region in enumerate(masks, start=1):
         decoded = PngMasks([region], "the job")
         try:
             check_masks(decoded.region(0, size), frame_count, size, f"of region {number}")
-        except BadClipError as error:  # BadMaskError: the engine's own sentence
-            raise ProtocolError(ErrorCode.BAD_MASK, str(error)) from None
+        except BadMaskError as error:  # the engine's own sentence and code
+            raise ProtocolError(error.code, str(error)) from None
 
 
 def decode_mask(frame: bytes, what: str, size: tuple[int, int] | None = None) -> np.ndarray:
