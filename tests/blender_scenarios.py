@@ -359,6 +359,10 @@ class FakeLayout:
     def progress(self, text="", factor=0.0, **_):
         self.log["progress"].append([text, factor])
 
+    def prop_search(self, data, name, search_data, search_name, **_):
+        assert name in data.bl_rna.properties and search_name in search_data.bl_rna.properties
+        self.log["props"].append(name)
+
     def template_list(self, list_type, _id, data, prop, active_data, active_prop, **_):
         assert hasattr(bpy.types, list_type) and prop in data.bl_rna.properties
         self.log["lists"].append(prop)
@@ -526,8 +530,11 @@ def scenario_draw(args: dict) -> dict:
         "version": 1, "settings": {"steps": 3, "guided_steps": None}, "seed": 7, "model": "tiny",
         "steps": 3, "guided_steps": 2, "device": "cpu", "dtype": "float32",
         "input_frame_indices": [0, 1], "windows": [[0, 2]], "inversion_from_cache": True,
-        "timings_s": {"sample": 1.25, "decode": 0.25}})
+        "timings_s": {"sample": 1.25, "decode": 0.25},
+        "regions": {"count": 1, "grow": 16, "feather": 8, "motion": "subject",
+                    "composited": True}})
     scene.understudy_job_index = 2
+    scene.understudy.region_kind, scene.understudy.region_strip = "STRIP", "dog matte"
     log = {"props": [], "operators": [], "labels": [], "progress": [], "lists": []}
     layout = FakeLayout(log)
     panel = bpy.types.UNDERSTUDY_PT_panel
