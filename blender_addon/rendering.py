@@ -98,10 +98,11 @@ def check_writable(folder: str) -> None:
 
 
 def check_place(context) -> None:
-    """The quick checks that need no server: a usable source with a place for its result
-    (so a refusal comes before a backend is started)."""
+    """The quick checks that need no server: a usable source and region, with a place
+    for its result (so a refusal comes before a backend is started)."""
     scene = compat.sequencer_scene(context)
     strip = strip_io.source_strip(scene)
+    region_of(scene, strip, strip_io.strip_span(strip))
     plan.result_channel(strip_io.strip_span(strip), strip.name, strip_io.neighbours(scene))
 
 
