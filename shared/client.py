@@ -3,6 +3,7 @@
     client = Client("tcp://127.0.0.1:5555", **load_client_keys("keys"))  # keys optional
     client.hello()                                  # version, model, device, limits
     client.submit("job-1", {"prompt": "a bear"}, png_frames)
+    client.submit("job-2", {"prompt": "a bear"}, png_frames, masks=[subject_pngs])  # a region
     result = client.wait("job-1", on_event=print)   # or poll() from a UI timer
     result.frames, result.sidecar                   # PNG bytes, JSON metadata
     client.close()
