@@ -333,7 +333,8 @@ def test_wan_keeps_the_plate_with_four_frames_a_latent_frame(tiny_wan_dir, tmp_p
 # ---------------------------------------------------------------- the command line
 
 
-def test_cli_mask_keeps_every_plate_pixel_outside_the_grown_region(tmp_path):
+@pytest.mark.parametrize("model", ["tiny", "wan-tiny"])
+def test_cli_mask_keeps_every_plate_pixel_outside_the_grown_region(tmp_path, model):
     from tests.test_cli import SMALL_FLAGS, backend, write_png_folder
 
     clip, masks = square_clip(4)
@@ -341,7 +342,7 @@ def test_cli_mask_keeps_every_plate_pixel_outside_the_grown_region(tmp_path):
     mask_dir = write_masks(tmp_path / "mask", masks)
     still = tmp_path / "still.png"  # a second region: one PNG for every frame
     Image.fromarray(np.pad(np.full((8, 8), 255, np.uint8), ((48, 8), (48, 8)))).save(still)
-    result = backend("transfer", str(clip_dir), "--prompt", "a heron", "--model", "tiny",
+    result = backend("transfer", str(clip_dir), "--prompt", "a heron", "--model", model,
                      *SMALL_FLAGS, "--mask", str(mask_dir), "--mask", str(still),
                      "--region-grow", "3", "--region-feather", "2", "--cache-dir",
                      str(tmp_path / "c"), "-o", str(tmp_path / "o.mp4"),

@@ -23,6 +23,12 @@ One edit, as Understudy runs it (docs/method.md):
                    resized result part of the way and denoises it (video-to-video); then
                    retime if asked
 
+With regions (`masks`, backend/method/regions.py): guidance reads each region's masked
+SMM; under subject motion every latent the sampler reaches at a timestep is blended with
+the source's inverted latent there outside the grown region, and 6. composite puts the
+decoded frames back into the source frames, at the source's size, through the feathered
+region (outside the grown region the source's pixels, exactly).
+
 Everything model-specific is the backbone's (backend/backbones/base.py): the engine
 sees a Backbone (encode, decode, embed, predict, taps, geometry, defaults) and its
 Schedule (timesteps, inversion, step, restart). Settings left None ("the model's") are
