@@ -327,3 +327,17 @@ def test_stored_masks_decode_only_the_frames_the_engine_picks(tmp_path):
                                             "readable PNG") as caught:
         np.asarray(masks)
     assert caught.value.code == ErrorCode.BAD_MASK
+
+
+def test_the_results_alpha_is_the_feathered_region_in_its_box_of_whole_frames():
+    import numpy as np
+
+    from backend.results import plate_alpha
+
+    plate = np.array([[[0.0, 0.5, 1.0], [0.2, 1.0, 0.0]]], np.float32)  # (1, 2, 3) in a box
+    alpha = plate_alpha(plate, (1, 2, 4, 4), (5, 5))  # box x 1-4, y 2-4 of 5×5 frames
+    assert alpha.dtype == np.uint8 and alpha.shape == (1, 5, 5)
+    assert alpha[0, 2:4, 1:4].tolist() == [[0, 128, 255], [51, 255, 0]]  # round(255·m)
+    outside = np.ones((5, 5), bool)
+    outside[2:4, 1:4] = False
+    assert (alpha[0][outside] == 0).all()
