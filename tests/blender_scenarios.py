@@ -486,6 +486,44 @@ def scenario_region(args: dict) -> dict:
     return {"runs": runs, "source": source.name}
 
 
+def scenario_region_interface(args: dict) -> dict:
+    """The interface's path with a Mask region: the region renders in batches first,
+    then the strip, each ticked as Blender's timers would; then the job is followed."""
+    install(args["zip"])
+    jobs = importlib.import_module(f"{ADDON}.jobs")
+    rendering = importlib.import_module(f"{ADDON}.rendering")
+    following = importlib.import_module(f"{ADDON}.following")
+    batches = importlib.import_module(f"{ADDON}.batches")
+    jobs.BATCHED = True
+    configure(args)
+    scene = bpy.context.scene
+    small_settings(scene, {"region_grow": 4, "region_feather": 2})
+    movie_strip(scene, args["clip"])
+    scene.understudy.region_kind = "MASK"
+    scene.understudy.region_mask = new_mask("subject", [(0.35, 0.35), (0.65, 0.35),
+                                                        (0.65, 0.65), (0.35, 0.65)])
+    before = scene_state(scene)
+    session = rendering.start(bpy.context, "a red fox", tick_budget_s=batches.TICK_BUDGET_S)
+    jobs.work_in_batches()
+    ticks = []
+    while True:
+        interval = jobs.work_tick()
+        job = scene.understudy_jobs[0]
+        ticks.append({"region": session.region_renderer.done, "frames": session.renderer.done,
+                      "percent": job.percent, "status": job.status,
+                      "scene_as_before": untouched(scene_state(scene)) == untouched(before)})
+        if interval is None:
+            break
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        polling, working = following.poll_once(), jobs.work_tick()
+        if polling is None and working is None:
+            break
+        if working is None:
+            time.sleep(following.POLL_INTERVAL_S)
+    return finish(scene, before, {"ok": True}, ticks=ticks)
+
+
 def scenario_area(args: dict) -> dict:
     """A movie strip fit into a project of another shape; renders the source alone and the
     result alone (RGBA, transparent where nothing is drawn) to compare the areas covered."""

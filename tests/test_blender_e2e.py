@@ -629,3 +629,23 @@ def test_a_bad_mask_is_one_sentence_before_anything_is_sent(extension_zip, clip,
         assert run["new_strips"] == [] and run["jobs"] == []
         assert_source_unchanged(run)
     assert_nothing_reached(server, jobs_before)
+
+
+def test_in_the_interface_the_region_renders_in_batches_before_the_strip(extension_zip, clip,
+                                                                         server, tmp_path):
+    result = run_blender({"scenario": "region_interface", "zip": extension_zip, "clip": clip,
+                          "address": server.address}, tmp_path)
+    ticks = result["ticks"]
+    # The region first, one frame on the first tick, then the strip's 23 frames.
+    assert (ticks[0]["region"], ticks[0]["frames"]) == (1, 0)
+    assert ticks[0]["percent"] == pytest.approx(100 / 46)
+    first_strip = next(index for index, tick in enumerate(ticks) if tick["frames"])
+    assert ticks[first_strip - 1]["region"] == 23 and first_strip > 1
+    rendering = [tick["percent"] for tick in ticks[:-1]]  # the last tick submits
+    assert rendering == sorted(rendering) and rendering[-1] == 100.0
+    assert ticks[-1]["status"] == "submitted"
+    # Between ticks the scene is as the editor left it: no mask strip left behind.
+    assert all(tick["scene_as_before"] for tick in ticks)
+    new = assert_result_strip(result, "source", channel=3)
+    assert new["blend_type"] == "ALPHA_OVER"
+    assert_source_unchanged(result)
