@@ -214,13 +214,20 @@ def server_frame_limit(hello: dict) -> int:
     return int(SETTINGS.MAX_FRAMES_CEILING)
 
 
-def check_server_limits(hello: dict, settings: dict, render_size: tuple[int, int]) -> None:
-    """Refuse, before rendering, a job the server announced it would not take.
+def check_server_limits(hello: dict, settings: dict, render_size: tuple[int, int],
+                        region: Region | None = None) -> None:
+    """Refuse, before rendering, a job the server announced it would not take (a region
+    goes only to a server whose limits name max_regions: an older one would take its
+    masks for more frames of the strip).
 
     The frame count is checked by frames_to_render; the message size is known only
     once the frames are rendered (PNG sizes vary), so the client checks it before sending.
     """
     limits = _limits(hello)
+    if region is not None and "max_regions" not in limits:
+        raise UserError(f"The server does not take regions (it is older than this extension), "
+                        f"so it cannot keep the plate outside {region.label}; update the "
+                        f"server, or set the region to None.")
     max_side = limits.get("max_side")
     if isinstance(max_side, int) and max(render_size) > max_side:
         raise UserError(f"The frames would be {render_size[0]}x{render_size[1]} pixels and the "

@@ -135,7 +135,7 @@ def start(context, prompt: str = "", tick_budget_s: float | None = None) -> Rend
         link.forget(config)
         raise
     frames = plan.frames_to_render(span, plan.server_frame_limit(hello), repr(strip.name))
-    plan.check_server_limits(hello, settings, size)
+    plan.check_server_limits(hello, settings, size, region)
 
     previous_index = scene.understudy_job_index
     job = scene.understudy_jobs.add()

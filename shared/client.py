@@ -247,6 +247,14 @@ class Client:
             self.hello()
         return {**protocol.DEFAULT_LIMITS, **self.server_info.get("limits", {})}
 
+    @property
+    def takes_regions(self) -> bool:
+        """Whether the server reads a submit's regions (its welcome names max_regions);
+        an older one would take the mask frames for more clip frames."""
+        if self.server_info is None:
+            self.hello()
+        return "max_regions" in (self.server_info.get("limits") or {})
+
     def submit(self, job_id: str, settings: dict[str, Any], frames: list[bytes],
                masks: list[list[bytes]] | None = None) -> dict[str, Any]:
         """Send a job (PNG-encoded frames, in order). Returns the accepted header
@@ -266,6 +274,10 @@ class Client:
             if not all(isinstance(f, bytes | bytearray | memoryview)
                        for region in masks for f in region):
                 raise ProtocolError("bad_mask", "Mask frames must be PNG-encoded bytes.")
+            if masks and not self.takes_regions:
+                raise ProtocolError("bad_mask", f"The server at {self.address} does not take "
+                                    "regions (it is older than this client); update it, or "
+                                    "edit the whole frame without a mask.")
             protocol.check_submit_limits(settings, list(frames), protocol.MAX_HEADER_BYTES,
                                          self.limits, masks)
         except ProtocolError as error:

@@ -44,8 +44,11 @@ DEFAULT_LIMITS: dict[str, int] = {
     "max_queue": 16,
 }
 # Regions one job may carry (docs/protocol.md §4, "Regions"): each is one mask frame per
-# clip frame, after the clip's frames in the submit's payload.
+# clip frame, after the clip's frames in the submit's payload. A server announces it in
+# its limits: an older server would read mask frames as more clip frames, so a client
+# sends regions only to a server whose welcome names `max_regions`.
 MAX_REGIONS = 8
+DEFAULT_LIMITS["max_regions"] = MAX_REGIONS
 
 
 class RequestType(StrEnum):

@@ -674,6 +674,17 @@ def test_a_mask_renders_on_a_free_channel():
         plan.free_channel(Span(2, 10, 30), busy)
 
 
+def test_a_region_goes_only_to_a_server_that_announces_it_takes_regions():
+    region = plan.Region(plan.REGION_MASK, "Dog")
+    settings = {"prompt": "a fox"}
+    plan.check_server_limits({"limits": {"max_regions": 8}}, settings, (96, 64), region)
+    plan.check_server_limits({"limits": {}}, settings, (96, 64))  # no region: as before
+    with pytest.raises(UserError, match=re.escape(
+            "The server does not take regions (it is older than this extension), so it "
+            "cannot keep the plate outside the mask 'Dog'; update the server")):
+        plan.check_server_limits({"limits": {"max_side": 4096}}, settings, (96, 64), region)
+
+
 def test_the_panel_says_how_a_region_was_used():
     assert plan.region_summary({}) == ""
     assert plan.region_summary({"regions": {"count": 1, "grow": 16, "feather": 8,

@@ -240,6 +240,18 @@ def test_bad_masks_are_refused_in_one_sentence_before_queueing(server, connect):
     assert not stored & ({case[0] for case in cases} | {"m-client"})
 
 
+def test_regions_go_only_to_a_server_that_announces_it_takes_them(server, connect):
+    assert connect(server.address).hello()["limits"]["max_regions"] == protocol.MAX_REGIONS
+    # An older server (no max_regions) would read the masks as more clip frames.
+    older = {"type": "welcome", "server": "understudy", "limits": {"max_frames": 8}}
+    with one_reply_server(lambda header: protocol.encode({**older, "req": header["req"]})
+                          ) as address:
+        with Client(address, timeout_s=30.0) as client:
+            with pytest.raises(JobRejected, match="does not take regions") as caught:
+                client.submit("m-old", settings(), clip_pngs(6), masks=[mask_pngs(6)])
+    assert caught.value.code == "bad_mask"
+
+
 # --------------------------------------------------------------------------- cancel, disconnect
 
 
