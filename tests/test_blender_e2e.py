@@ -607,6 +607,12 @@ def test_a_mask_region_keeps_the_plate_outside_it_in_the_composite(extension_zip
                      for name in ("before_png", "after_png"))
     assert (after[outside] == before[outside]).all()
     assert (after[~outside] != before[~outside]).any()
+    # Everywhere, feathered edge included, Blender shows the layer over the source:
+    # m·S + (1 − m)·source, which is the server's composite (pngio.layer_over_source).
+    assert ((layer[..., 3] > 0) & (layer[..., 3] < 255)).any()  # there is an edge
+    weight = layer[..., 3:4] / 255.0
+    expected = weight * layer[..., :3] + (1 - weight) * before
+    assert np.abs(after - expected).max() <= 2
     assert_source_unchanged(run)
 
 
