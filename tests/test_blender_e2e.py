@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -613,6 +614,11 @@ def test_a_mask_region_keeps_the_plate_outside_it_in_the_composite(extension_zip
     weight = layer[..., 3:4] / 255.0
     expected = weight * layer[..., :3] + (1 - weight) * before
     assert np.abs(after - expected).max() <= 2
+    with Client(server.address, timeout_s=30.0) as client:  # the server's own composite
+        served = client.fetch(job["job_id"]).frames[run["frame_index"]]
+    composite = np.asarray(Image.open(io.BytesIO(served)).convert("RGBA")).astype(int)
+    assert (composite[..., 3] == layer[..., 3]).all()
+    assert np.abs(after - composite[..., :3]).max() <= 2
     assert_source_unchanged(run)
 
 
