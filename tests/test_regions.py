@@ -14,6 +14,7 @@ from backend.method.guidance import pairwise_smm_loss, smm
 from backend.method.regions import (
     check_masks,
     composite,
+    erode,
     feather,
     grow,
     guidance_masks,
@@ -43,6 +44,15 @@ def test_grow_dilates_by_a_square_of_g_pixels():
     expected[0, 1:6, 1:6] = 1
     assert torch.equal(grown, expected)
     assert torch.equal(grow(mask, 0), mask)
+
+
+def test_grow_and_erode_by_running_sums_match_max_pooling():
+    mask = (torch.rand(3, 23, 31, generator=torch.Generator().manual_seed(0)) > 0.93).float()
+    for pixels in (1, 3, 7):
+        pooled = torch.nn.functional.max_pool2d(mask[:, None], 2 * pixels + 1, stride=1,
+                                                padding=pixels)[:, 0]
+        assert torch.equal(grow(mask, pixels), pooled)
+        assert torch.equal(erode(1 - mask, pixels), 1 - pooled)
 
 
 def test_feather_ramps_inside_the_grown_region_and_is_exactly_zero_outside():
