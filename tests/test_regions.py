@@ -332,6 +332,13 @@ def test_under_crop_the_region_follows_the_box_and_the_result_is_the_source_fram
     assert_plate_kept(result.frames, clip, masks, 4)
 
 
+def test_under_fit_the_region_follows_the_fit_size_and_the_result_is_at_the_source_size(engine):
+    clip, masks = square_clip(4, width=96, height=64, step=8)
+    result = engine.transfer(clip, settings(), masks=masks[None])
+    assert result.sidecar.framing["model_size"] == [72, 48]  # 3:2 within 64×64 pixels
+    assert_plate_kept(result.frames, clip, masks, 4)
+
+
 def test_wan_keeps_the_plate_with_four_frames_a_latent_frame(tiny_wan_dir, tmp_path):
     wan = load_engine(str(tiny_wan_dir), device="cpu", cache_dir=tmp_path / "cache")
     clip, masks = square_clip(9, step=4)
