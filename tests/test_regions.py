@@ -14,6 +14,7 @@ from backend.method.guidance import pairwise_smm_loss, smm
 from backend.method.regions import (
     check_masks,
     composite,
+    erode,
     feather,
     grow,
     guidance_masks,
@@ -43,6 +44,15 @@ def test_grow_dilates_by_a_square_of_g_pixels():
     expected[0, 1:6, 1:6] = 1
     assert torch.equal(grown, expected)
     assert torch.equal(grow(mask, 0), mask)
+
+
+def test_grow_and_erode_by_running_sums_match_max_pooling():
+    mask = (torch.rand(3, 23, 31, generator=torch.Generator().manual_seed(0)) > 0.93).float()
+    for pixels in (1, 3, 7):
+        pooled = torch.nn.functional.max_pool2d(mask[:, None], 2 * pixels + 1, stride=1,
+                                                padding=pixels)[:, 0]
+        assert torch.equal(grow(mask, pixels), pooled)
+        assert torch.equal(erode(1 - mask, pixels), 1 - pooled)
 
 
 def test_feather_ramps_inside_the_grown_region_and_is_exactly_zero_outside():
@@ -319,6 +329,13 @@ def test_under_crop_the_region_follows_the_box_and_the_result_is_the_source_fram
     result = engine.transfer(clip, settings(framing="crop"), masks=masks[None])
     box = result.sidecar.framing["crop_box"]
     assert box == [16, 0, 80, 64]
+    assert_plate_kept(result.frames, clip, masks, 4)
+
+
+def test_under_fit_the_region_follows_the_fit_size_and_the_result_is_at_the_source_size(engine):
+    clip, masks = square_clip(4, width=96, height=64, step=8)
+    result = engine.transfer(clip, settings(), masks=masks[None])
+    assert result.sidecar.framing["model_size"] == [72, 48]  # 3:2 within 64×64 pixels
     assert_plate_kept(result.frames, clip, masks, 4)
 
 

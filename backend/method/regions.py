@@ -19,7 +19,7 @@ Notation (docs/method.md):
 
 Pieces, each a small pure function:
 
-    grow          G = dilate(U, g)                                  (square, g px)
+    grow          G = dilate(U, g)                  (square, g px; running sums, O(1) a pixel)
     feather       m = box_r(erode_r(G)),  r = ⌈f/2⌉                 (0 outside G, exactly)
     masked_smm    φ_r[f, d] = Σ_{y,x} w_r[f,y,x]·F[f,d,y,x] / Σ_{y,x} w_r[f,y,x]
     regions_loss  L = Σ_r L_pair(φ_r over the frames where region r is present)
@@ -133,35 +133,45 @@ def binary(masks: torch.Tensor) -> torch.Tensor:
     return (masks >= REGION_THRESHOLD).to(torch.float32)
 
 
+def box_count(mask: torch.Tensor, radius: int, pad_mode: str = "constant") -> torch.Tensor:
+    """S[f,y,x] = Σ over the (2r+1)² square around (y, x) of a 0/1 mask, as int32, by
+    running sums (O(1) a pixel whatever r, and exact: whole numbers). Beyond the frame
+    the mask is 0 (`pad_mode` "constant") or its edge repeated ("replicate")."""
+    counts = mask.to(torch.int32)
+    if radius == 0:
+        return counts
+    kernel = 2 * radius + 1
+    padded = functional.pad(counts[:, None].float(), (radius,) * 4, mode=pad_mode)[:, 0]
+    padded = padded.to(torch.int32)
+    for dim in (-1, -2):
+        running = functional.pad(padded.cumsum(dim, dtype=torch.int32), (1, 0) if dim == -1 else (0, 0, 1, 0))
+        length = running.shape[dim] - kernel
+        padded = running.narrow(dim, kernel, length) - running.narrow(dim, 0, length)
+    return padded
+
+
 def grow(mask: torch.Tensor, pixels: int) -> torch.Tensor:
     """G = dilate(M, g): 1 wherever some pixel of M lies within g px (square, the
-    Chebyshev distance ≤ g). (F, H, W) float {0, 1} → same. Separable max-pools."""
+    Chebyshev distance ≤ g). (F, H, W) float {0, 1} → same."""
     if pixels == 0:
         return mask.clone()
-    planes = mask[:, None]
-    kernel = 2 * pixels + 1
-    planes = functional.max_pool2d(planes, (1, kernel), stride=1, padding=(0, pixels))
-    planes = functional.max_pool2d(planes, (kernel, 1), stride=1, padding=(pixels, 0))
-    return planes[:, 0]
+    return (box_count(mask > 0, pixels) > 0).to(torch.float32)
 
 
 def erode(mask: torch.Tensor, pixels: int) -> torch.Tensor:
     """erode(G, r) = 1 − dilate(1 − G, r): 1 where every pixel within r px is in G. Beyond
-    the frame's edge counts as inside (max-pool padding is neutral), so a subject that
-    touches the frame's edge is not faded there."""
+    the frame's edge counts as inside, so a subject that touches the frame's edge is
+    not faded there."""
     return 1 - grow(1 - mask, pixels)
 
 
 def box_blur(mask: torch.Tensor, radius: int) -> torch.Tensor:
-    """Mean over the (2r+1)² square around each pixel, the frame's edge replicated.
-    Every term is ≥ 0, so a pixel whose square holds only zeros stays exactly 0."""
+    """Mean of a 0/1 mask over the (2r+1)² square around each pixel, the frame's edge
+    replicated: a whole count over (2r+1)², so a pixel whose square holds only zeros
+    stays exactly 0 and one whose square holds only ones is exactly 1."""
     if radius == 0:
         return mask.clone()
-    planes = functional.pad(mask[:, None], (radius, radius, radius, radius), mode="replicate")
-    kernel = 2 * radius + 1
-    planes = functional.avg_pool2d(planes, (1, kernel), stride=1)
-    planes = functional.avg_pool2d(planes, (kernel, 1), stride=1)
-    return planes[:, 0]
+    return box_count(mask > 0, radius, "replicate").to(torch.float32) / (2 * radius + 1) ** 2
 
 
 def feather(grown: torch.Tensor, pixels: int) -> torch.Tensor:
