@@ -104,6 +104,7 @@ def command_transfer(args: argparse.Namespace) -> int:
     progress = ProgressBar()
     try:
         outcome = edit_clip(Path(args.clip), settings_values(args), Path(args.output), where,
+                            mask_paths=[Path(mask) for mask in args.mask or ()],
                             match_length=args.match_length,
                             frames_dir=Path(args.frames_dir) if args.frames_dir else None,
                             progress=progress)
@@ -256,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_argument("clip", help="video file (mp4, mov, mkv, webm, gif) or folder of frames")
     transfer.add_argument("-o", "--output", required=True, help="output .mp4 (sidecar .json beside it)")
     transfer.add_argument("--frames-dir", help="also write numbered PNGs here")
+    transfer.add_argument("--mask", action="append", metavar="PATH",
+                          help="a region to edit (white = subject): a video, a folder of "
+                               "numbered PNGs, or one PNG for every frame, at the clip's size; "
+                               "outside it the plate is kept. Repeat for several regions")
     transfer.add_argument("--match-length", action="store_true",
                           help="retime the result to the clip's frame count by holding frames")
     transfer.add_argument("--server", help="run on a backend server, e.g. tcp://127.0.0.1:5555")

@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from backend.errors import UnderstudyError
-from backend.results import ProgressCallback
+from backend.results import ProgressCallback, RegionMasks
 from shared.settings import TransferSettings
 from shared.sidecar import Sidecar
 
@@ -65,11 +65,13 @@ def sidecar_path(output: Path) -> Path:
 
 
 def edit_clip(clip_path: Path, settings: dict[str, Any], output: Path, where: Local | Remote,
-              *, match_length: bool = False, frames_dir: Path | None = None,
+              *, mask_paths: Sequence[Path] = (), match_length: bool = False,
+              frames_dir: Path | None = None,
               progress: ProgressCallback | None = None,
               say: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
               ) -> EditOutcome:
-    """Read the clip, run the edit where asked, write the outputs."""
+    """Read the clip (and its region masks, one region per path), run the edit where
+    asked, write the outputs. The masks are read and checked before any model work."""
     from backend.video import read_clip
 
     output = Path(output)
@@ -78,8 +80,9 @@ def edit_clip(clip_path: Path, settings: dict[str, Any], output: Path, where: Lo
     clip = read_clip(clip_path)
     parsed = TransferSettings.from_dict(
         {**settings, "output_frames": len(clip.frames) if match_length else None})
+    masks = read_region_masks(mask_paths, clip.frames) if mask_paths else None
     if isinstance(where, Remote):
-        frames, sidecar = _on_server(where, clip.frames, parsed, progress, say)
+        frames, sidecar = _on_server(where, clip.frames, parsed, progress, say, masks)
     else:
         from backend.backbones.zeroscope import ZEROSCOPE_XL
         from backend.method.engine import load_engine
@@ -88,7 +91,7 @@ def edit_clip(clip_path: Path, settings: dict[str, Any], output: Path, where: Lo
         engine = load_engine(where.model, device=where.device, dtype=where.dtype,
                              cache_dir=Path(where.cache_dir), cache_max_bytes=where.cache_max_bytes,
                              upscale_model=upscaler)
-        result = engine.transfer(clip.frames, parsed, progress=progress)
+        result = engine.transfer(clip.frames, parsed, progress=progress, masks=masks)
         frames, sidecar = result.frames, result.sidecar
     frames = _frames_for_files(clip.frames, frames, sidecar)
     fps = clip.fps * len(frames) / len(clip.frames)  # the clip's duration, whatever the count
@@ -96,18 +99,30 @@ def edit_clip(clip_path: Path, settings: dict[str, Any], output: Path, where: Lo
     return EditOutcome(output, sidecar_path(output), len(frames), sidecar)
 
 
+def read_region_masks(paths: Sequence[Path], clip_frames) -> RegionMasks:
+    """One region per path (backend/method/regions.py read_masks), stacked as the edit's
+    RegionMasks (R, N, H, W); BadMaskError with one sentence for any unusable mask."""
+    import numpy as np
+
+    from backend.method.regions import read_masks
+
+    size = (clip_frames.shape[2], clip_frames.shape[1])
+    return np.stack([read_masks(path, len(clip_frames), size) for path in paths])
+
+
 def _frames_for_files(clip_frames, frames, sidecar: Sidecar):
     """What the files hold: the edit as it came back, except under crop, where it is
     put back into its box of the source frames (backend/method/framing.py, paste_into_box), so
     the file lies exactly over the source clip. The source frames behind it are those
-    the model edited, held the way the result was retimed."""
+    the model edited, held the way the result was retimed. A result composited through
+    its regions is whole source frames already."""
     import numpy as np
 
     from backend.method.framing import Box, paste_into_box
     from backend.video import retime_indices
 
     framing = sidecar.framing or {}
-    if framing.get("mode") != "crop":
+    if (sidecar.regions or {}).get("composited") or framing.get("mode") != "crop":
         return frames
     used = np.asarray(sidecar.input_frame_indices)
     background = clip_frames[used[retime_indices(len(used), len(frames))]]
@@ -125,13 +140,18 @@ def _write_outputs(frames, sidecar: Sidecar, output: Path, fps: float,
 
 
 def _on_server(remote: Remote, clip_frames, settings: TransferSettings,
-               progress: ProgressCallback | None, say: Callable[[str], None]):
+               progress: ProgressCallback | None, say: Callable[[str], None],
+               masks: RegionMasks | None = None):
     """Run one edit through a job server; returns (frames, sidecar) like a local run.
 
     The whole clip goes over as PNGs (the server samples and resizes, as the engine
-    does locally). The job id is printed first, so a result outlives this process:
-    `--job-id ID` asks for that job instead of submitting a new one. Ctrl-C cancels.
+    does locally), and each region's masks as grey PNGs (round(255·m); the server
+    reads them back as m to within 1/510, on the same side of ½). The job id is
+    printed first, so a result outlives this process: `--job-id ID` asks for that job
+    instead of submitting a new one. Ctrl-C cancels.
     """
+    import numpy as np
+
     from backend.video import decode_pngs, encode_png
     from shared.client import Client, ClientError, UnknownJob, load_client_keys
 
@@ -152,8 +172,11 @@ def _on_server(remote: Remote, clip_frames, settings: TransferSettings,
         if known:
             say(f"Job {job_id}: re-attached ({known['state']}).")
         else:
+            regions = None if masks is None else [
+                [encode_png(np.rint(mask * 255).astype(np.uint8)) for mask in region]
+                for region in masks]
             client.submit(job_id, settings.to_dict(),
-                          [encode_png(frame) for frame in clip_frames])
+                          [encode_png(frame) for frame in clip_frames], masks=regions)
             say(f"Job {job_id}: submitted; if this command stops, fetch the result with "
                 f"--server {remote.address} --job-id {job_id}.")
         try:

@@ -10,7 +10,7 @@ Blender extension can import.
 from shared.errors import BadSettingsError, UnderstudyError
 from shared.protocol import ErrorCode
 
-__all__ = ["BadClipError", "BadSettingsError", "JobCancelled", "ModelNotFoundError",
+__all__ = ["BadClipError", "BadMaskError", "BadSettingsError", "JobCancelled", "ModelNotFoundError",
            "OutOfMemoryError", "UnderstudyError"]
 
 
@@ -18,6 +18,13 @@ class BadClipError(UnderstudyError):
     """The input video cannot be used (unreadable, empty, too short, absurd size)."""
 
     code = ErrorCode.BAD_CLIP
+
+
+class BadMaskError(BadClipError):
+    """A region's mask cannot be used with its clip (unreadable, wrong frame count or
+    size, black everywhere, white everywhere); backend/method/regions.py checks."""
+
+    code = ErrorCode.BAD_MASK  # the code a server's refusal of the same mask carries
 
 
 class ModelNotFoundError(UnderstudyError):

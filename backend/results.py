@@ -26,13 +26,39 @@ edit (engine, server, Ray actor, command line). Phases in order: "encode", "inve
 "invert", "features" and "sample" count windows within steps: total = steps × windows;
 "upscale" counts its encode, its steps × windows and its decode slices."""
 
+RegionMasks = np.ndarray
+"""The masks of one edit: (R, N, H, W) float32 in [0, 1], one region per mask input
+(`--mask`, repeatable), one frame per clip frame, at the clip's resolution; white (≥ ½)
+is the subject. backend/method/regions.py reads and checks them (`read_masks`,
+`check_region_masks`); `Engine.transfer(..., masks=)` takes them (None: no region)."""
+
 CancelCheck = Callable[[], bool]
 """Returns True when the caller wants the edit stopped; checked between windows."""
 
 
 @dataclass
 class TransferResult:
-    """A finished edit: its frames and the record of how they were made."""
+    """A finished edit: its frames and the record of how they were made.
+
+    `alpha`: when the frames are composited through a region (they keep the plate),
+    the feathered region m of each frame as 0…255 (`plate_alpha`), the one record of
+    where the result was generated; the server sends it as the result PNGs' alpha, so
+    an editor can lay the result over the source through it. None otherwise."""
 
     frames: np.ndarray  # (F_out, H, W, 3) uint8
     sidecar: Sidecar
+    alpha: np.ndarray | None = None  # (F_out, H, W) uint8
+
+
+def plate_alpha(plate: np.ndarray, box: tuple[int, int, int, int],
+                size: tuple[int, int]) -> np.ndarray:
+    """The feathered region m (F, box h, box w) in [0, 1], placed in its box of whole
+    frames of size = (width, height), as 8-bit alpha:
+
+        α[f, y, x] = round(255 · m[f, y − top, x − left]) inside the box, 0 outside
+
+    so α = 0 exactly where the composite is the source's pixel (m = 0)."""
+    left, top, right, bottom = box
+    alpha = np.zeros((len(plate), size[1], size[0]), np.uint8)
+    alpha[:, top:bottom, left:right] = np.rint(np.clip(plate, 0, 1) * 255).astype(np.uint8)
+    return alpha

@@ -104,20 +104,32 @@ def frames_on_disk(job) -> bool:
 
 
 def prepare_frames(job, indices) -> None:
-    """Give these result frames their place (a crop's canvas) and the source's
-    transparency, where the source had any."""
+    """Give these result frames their place (a crop's canvas), the source's
+    transparency where the source had any, and, edited in a region, the layer that
+    gives the composite over the source."""
     folder = bpy.path.abspath(job.frames_dir)
     files = plan.frame_file_names(job.length)
     try:
         canvas = result_canvas(job)
+        region = composited(job)
         for index in indices:
             strip_io.finish_result_frame(
                 os.path.join(folder, files[index]),
                 os.path.join(folder, rendering.SOURCE_SUBFOLDER, strip_io.RENDER_FILE.format(index + 1)),
-                canvas)
+                canvas, region)
     except OSError as error:
         raise unplaced(job, f"Could not rewrite the result frames in {folder} ({plan.os_reason(error)}); "
                             f"make the folder writable, then {COLLECT_HINT}.") from error
+
+
+def composited(job) -> bool:
+    """Whether the result was composited through a region (its sidecar says so)."""
+    try:
+        sidecar = json.loads(job.sidecar) if job.sidecar else {}
+    except ValueError:
+        return False
+    regions = sidecar.get("regions") if isinstance(sidecar, dict) else None
+    return isinstance(regions, dict) and bool(regions.get("composited"))
 
 
 def result_canvas(job) -> placement.Canvas | None:
@@ -146,9 +158,11 @@ def add_result(scene, job) -> None:
                   placement.Placement(placement.CANVAS, scene.render.resolution_x,
                                       scene.render.resolution_y))
     width, height = strip_io.png_file_size(os.path.join(folder, files[0]))
+    look = placement.result_look(place_info, width, height)
+    if composited(job):  # a layer over the source, seen through its feathered region
+        look["blend_type"] = "ALPHA_OVER"
     strip = strip_io.add_result_strip(scene, plan.strip_name(job.prompt), folder, job.frames_dir,
-                                      files, channel, job.frame_start,
-                                      placement.result_look(place_info, width, height))
+                                      files, channel, job.frame_start, look)
     job.status, job.phase, job.percent = Status.DONE, Phase.NONE, 100.0
     job.result_strip = strip.name
     job.message = (f"The file is unsaved, so the frames are in the temporary folder {folder}; "

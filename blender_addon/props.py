@@ -180,6 +180,19 @@ class UnderstudySettings(bpy.types.PropertyGroup):
                         description="0: the server's model's own height (Test Connection shows it)")
     negative_prompt: StringProperty(name="Negative prompt", default="",
                                     description="Empty: the model's own negative prompt")
+    # Keep the plate: the subject changes inside the region, the rest stays the source's.
+    region_kind: EnumProperty(name="Region", items=plan.REGION_KINDS, default=plan.REGION_NONE,
+                              description="Where the subject is: only there does the picture "
+                                          "change")
+    region_mask: PointerProperty(name="Mask", type=bpy.types.Mask,
+                                 description="The Mask that outlines the subject (white = subject)")
+    region_strip: StringProperty(name="Matte strip", default="",
+                                 description="The strip that shows the subject in white")
+    region_grow: IntProperty(name="Grow (px)", **plan.int_property_range("region_grow"),
+                             description=plan.SETTINGS.spec_of("region_grow").help)
+    region_feather: IntProperty(name="Feather (px)", **plan.int_property_range("region_feather"),
+                                description=plan.SETTINGS.spec_of("region_feather").help)
+    motion: EnumProperty(name="Motion", **plan.choice_property("motion"))
 
     def values(self, prompt: str = "") -> dict:
         """The settings to send, as plain values (prompt from the operator if given)."""
@@ -240,6 +253,15 @@ class UnderstudyJob(bpy.types.PropertyGroup):
         except ValueError:
             return ""
         return plan.sidecar_summary(sidecar) if isinstance(sidecar, dict) else ""
+
+    def region_summary(self) -> str:
+        import json
+
+        try:
+            sidecar = json.loads(self.sidecar) if self.sidecar else {}
+        except ValueError:
+            return ""
+        return plan.region_summary(sidecar)
 
     def span(self) -> plan.Span:
         return plan.Span(self.channel, self.frame_start, self.frame_start + self.length)

@@ -1,8 +1,11 @@
 """Rendering a strip for a job: check everything, render its frames, submit them.
 
-Every check that can fail (the strip, the settings, the result's channel, the result
-folder, the server and its limits) runs before the first frame is rendered. Then the
-strip's frames are rendered: in the interface a few per work-timer tick (batches.py,
+Every check that can fail (the strip, the region, the settings, the result's channel,
+the result folder, the server and its limits) runs before the first frame is
+rendered. With a region (a Mask or a matte strip), the region is rendered first, over
+the same frames and at the same size as the strip, and its pixels are checked (it
+must mark a subject and keep a plate) before the strip is rendered and anything is
+sent. Frames are rendered in the interface a few per work-timer tick (batches.py,
 jobs.work_tick), so the progress bar and Cancel are live from the first frame; in
 background mode (`blender -b`, the bpy module) timers never fire, so there it blocks.
 """
@@ -12,7 +15,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import bpy
@@ -21,6 +24,7 @@ from . import batches, compat, following, jobs, link, placement, plan, props, st
 from .states import Phase, Status
 
 SOURCE_SUBFOLDER = "source"  # <result folder>/source/: the frames sent, until collected
+REGION_SUBFOLDER = "region"  # <result folder>/region/: the region's masks, until sent
 
 
 @dataclass
@@ -38,10 +42,25 @@ class RenderSession:
     settings: dict
     config: link.ServerConfig
     previous_index: int = 0  # the job list's selection before this job was added
+    region: plan.Region | None = None
+    region_renderer: batches.BatchRenderer | None = None  # rendered before the strip
+    region_frames: list[plan.MatteFrame] = field(default_factory=list)
+    size: tuple[int, int] = (0, 0)  # the frames' (width, height)
 
     @property
     def source_folder(self) -> str:
         return os.path.join(self.folder, SOURCE_SUBFOLDER)
+
+    @property
+    def region_folder(self) -> str:
+        return os.path.join(self.folder, REGION_SUBFOLDER)
+
+    @property
+    def percent(self) -> float:
+        """Rendering progress over the region's frames and the strip's."""
+        parts = [self.renderer] + ([self.region_renderer] if self.region_renderer else [])
+        total = sum(part.total for part in parts)
+        return 100.0 * sum(part.done for part in parts) / total if total else 100.0
 
 
 _sessions: dict[str, RenderSession] = {}  # job id -> its render, while it renders
@@ -79,10 +98,11 @@ def check_writable(folder: str) -> None:
 
 
 def check_place(context) -> None:
-    """The quick checks that need no server: a usable source with a place for its result
-    (so a refusal comes before a backend is started)."""
+    """The quick checks that need no server: a usable source and region, with a place
+    for its result (so a refusal comes before a backend is started)."""
     scene = compat.sequencer_scene(context)
     strip = strip_io.source_strip(scene)
+    region_of(scene, strip, strip_io.strip_span(strip))
     plan.result_channel(strip_io.strip_span(strip), strip.name, strip_io.neighbours(scene))
 
 
@@ -100,6 +120,7 @@ def start(context, prompt: str = "", tick_budget_s: float | None = None) -> Rend
         values.update(prefs.memory_settings())
     span = strip_io.strip_span(strip)
     settings = plan.transfer_settings(values, span.length)  # a bad prompt fails before any network
+    region = region_of(scene, strip, span)
     plan.result_channel(span, strip.name, strip_io.neighbours(scene))
     place = strip_io.placement_of(scene, strip)
     size = strip_io.render_size(scene, place, int(prefs.max_render_size))
@@ -114,7 +135,7 @@ def start(context, prompt: str = "", tick_budget_s: float | None = None) -> Rend
         link.forget(config)
         raise
     frames = plan.frames_to_render(span, plan.server_frame_limit(hello), repr(strip.name))
-    plan.check_server_limits(hello, settings, size)
+    plan.check_server_limits(hello, settings, size, region)
 
     previous_index = scene.understudy_job_index
     job = scene.understudy_jobs.add()
@@ -127,9 +148,28 @@ def start(context, prompt: str = "", tick_budget_s: float | None = None) -> Rend
     scene.understudy_job_index = len(scene.understudy_jobs) - 1
     session = RenderSession(job_id, scene.name, strip.name, span,
                             batches.BatchRenderer(frames, tick_budget_s), folder, place,
-                            int(prefs.max_render_size), settings, config, previous_index)
+                            int(prefs.max_render_size), settings, config, previous_index,
+                            region, batches.BatchRenderer(frames, tick_budget_s) if region else None,
+                            size=size)
     _sessions[job_id] = session
     return session
+
+
+def region_of(scene, strip, span: plan.Span) -> plan.Region | None:
+    """The panel's region for this strip, checked before anything is rendered (None:
+    the whole frame changes); plan.UserError when it cannot mark the subject."""
+    settings = scene.understudy
+    kind = settings.region_kind
+    if kind == plan.REGION_MASK:
+        mask = settings.region_mask
+        shapes = 0 if mask is None else sum(len(spline.points) for layer in mask.layers
+                                            for spline in layer.splines)
+        return plan.check_region(kind, mask.name if mask else "", strip.name, span,
+                                 shapes=shapes)
+    matte = next((other for other in compat.top_strips(scene.sequence_editor)
+                  if other.name == settings.region_strip), None) if kind == plan.REGION_STRIP else None
+    return plan.check_region(kind, settings.region_strip, strip.name, span,
+                             matte=strip_io.strip_span(matte) if matte else None)
 
 
 def _locate(session: RenderSession):
@@ -156,6 +196,22 @@ def advance(session: RenderSession) -> bool:
     renderer = session.renderer
     if renderer.cancelled:
         return False
+    region_renderer = session.region_renderer
+    if region_renderer is not None and not region_renderer.finished:
+        frames = region_renderer.next_batch()
+        started = time.perf_counter()
+        try:
+            session.region_frames += strip_io.render_region_frames(
+                scene, session.region, session.span, frames, session.region_folder,
+                region_renderer.done, session.place, session.max_size)
+        except RuntimeError as error:  # bpy.ops.render.render's own failure
+            raise plan.UserError(f"Blender could not render {session.region.label} ({error}); "
+                                 f"check that it shows in the preview.") from error
+        region_renderer.record(len(frames), time.perf_counter() - started)
+        if region_renderer.finished:  # the region is whole: check it before the strip renders
+            plan.check_region_frames(session.region, session.region_frames, session.size)
+        job.percent = session.percent
+        return True
     if not renderer.finished:
         frames = renderer.next_batch()
         started = time.perf_counter()
@@ -166,13 +222,18 @@ def advance(session: RenderSession) -> bool:
             raise plan.UserError(f"Blender could not render {strip.name!r} ({error}); check "
                                  f"that the strip plays in the preview.") from error
         renderer.record(len(frames), time.perf_counter() - started)
-        job.percent = renderer.percent
+        job.percent = session.percent
         return True  # the next call submits, so the bar shows 100% rendered first
     paths = [os.path.join(session.source_folder, strip_io.RENDER_FILE.format(index + 1))
              for index in range(renderer.total)]
     frames = [Path(path).read_bytes() for path in paths]
+    masks = None
+    if session.region is not None:
+        masks = [[Path(session.region_folder, strip_io.REGION_FILE.format(index + 1)).read_bytes()
+                  for index in range(renderer.total)]]
     client = link.client_for(session.config)
-    link.guarded(lambda: client.submit(session.job_id, session.settings, frames))
+    link.guarded(lambda: client.submit(session.job_id, session.settings, frames, masks=masks))
+    strip_io.remove_folder(session.region_folder)  # the server keeps them with the job
     job.status, job.phase, job.percent = Status.SUBMITTED, Phase.NONE, 0.0
     return False
 

@@ -221,6 +221,57 @@ def render_frames(scene, strip, frames: list[int], folder: str, first_index: int
     return paths
 
 
+REGION_FILE = "region_{:05d}.png"
+TEMPORARY_MASK_STRIP = "Understudy region"  # a Mask's strip, only while it renders
+
+
+def render_region_frames(scene, region: plan.Region, span: plan.Span, frames: list[int],
+                         folder: str, first_index: int, place: placement.Placement,
+                         max_size: int) -> list[plan.MatteFrame]:
+    """Render the region over these timeline frames, as the source is rendered (same
+    size and framing, the region alone), and keep each frame as a grey PNG (white =
+    subject, REGION_FILE numbered from first_index + 1); returns what the checks need.
+
+    A Mask data-block is rendered through a mask strip added on a free channel from the
+    source's first frame (its frame 1 there) and removed again, also on failure.
+    """
+    import bpy
+
+    editor = scene.sequence_editor
+    added = None
+    shown = Snapshot()  # a muted matte (or its muted channel) shows while it renders
+    try:
+        if region.kind == plan.REGION_MASK:
+            mask = bpy.data.masks.get(region.name)
+            if mask is None:
+                raise plan.UserError(f"The mask {region.name!r} was deleted; pick the Mask that "
+                                     f"outlines the subject again.")
+            added = compat.top_strips(editor).new_mask(
+                name=TEMPORARY_MASK_STRIP, mask=mask, channel=plan.free_channel(span, neighbours(scene)),
+                frame_start=span.start)
+            strip = added
+        else:
+            strip = next((other for other in compat.top_strips(editor)
+                          if other.name == region.name), None)
+            if strip is None:
+                raise plan.UserError(f"The matte strip {region.name!r} was deleted; pick the "
+                                     f"strip that shows the subject again.")
+            shown.set(strip, "mute", False)
+            shown.set(editor.channels[strip.channel], "mute", False)
+        paths = render_frames(scene, strip, frames, folder, first_index, place, max_size)
+    finally:
+        if added is not None:
+            compat.top_strips(editor).remove(added)
+        shown.restore()
+    checked = []
+    for index, path in enumerate(paths, start=first_index):
+        grey = pngio.matte_grey(read_rgba(path))
+        Path(folder, REGION_FILE.format(index + 1)).write_bytes(pngio.encode_grey(grey))
+        os.remove(path)
+        checked.append(plan.MatteFrame.of(grey))
+    return checked
+
+
 def write_result_frames(frames: list[bytes], folder: str, length: int) -> list[str]:
     """Write the result's PNGs (one per source frame); return the file names.
 
@@ -250,11 +301,13 @@ def read_rgba(path: str):
 
 
 def finish_result_frame(result_path: str, source_path: str,
-                        canvas: placement.Canvas | None = None) -> bool:
+                        canvas: placement.Canvas | None = None, region: bool = False) -> bool:
     """Give a result frame its place and the source's transparency, in place.
 
     Under crop the frame goes on its transparent canvas (placement.result_canvas);
     where the frame sent was transparent (the source showed nothing), so is the result.
+    A result edited in a region (composited, its alpha the feathered region) becomes
+    the layer that gives that composite over the source (pngio.layer_over_source).
     Doing it twice changes nothing (a frame already on its canvas is not moved again,
     and the frame sent is gone once the strip is placed). False when nothing was
     rewritten.
@@ -262,6 +315,10 @@ def finish_result_frame(result_path: str, source_path: str,
     import numpy as np
 
     pixels = None
+    if region and os.path.isfile(source_path):
+        pixels, source = read_rgba(result_path), read_rgba(source_path)
+        if pixels.shape[:2] == source.shape[:2]:
+            pixels = pngio.layer_over_source(pixels, source)
     if canvas is not None and png_file_size(result_path) == (canvas.result_width,
                                                             canvas.result_height):
         pixels = pngio.on_canvas(read_rgba(result_path), canvas.width, canvas.height,

@@ -22,6 +22,17 @@ def frames_text(scene) -> str:
     return f"Sends all {strip.frame_final_duration} visible frames of {strip.name!r}"
 
 
+def region_text(settings) -> str:
+    """What the region is, by name: where the picture changes."""
+    if settings.region_kind == plan.REGION_MASK and settings.region_mask is not None:
+        return f"Changes only inside the mask {settings.region_mask.name!r}"
+    if settings.region_kind == plan.REGION_STRIP and settings.region_strip:
+        return f"Changes only inside the matte {settings.region_strip!r}"
+    if settings.region_kind != plan.REGION_NONE:
+        return "Pick the region that outlines the subject"
+    return "Changes the whole frame"
+
+
 class UNDERSTUDY_PT_panel(bpy.types.Panel):
     bl_label = "Understudy"
     bl_idname = "UNDERSTUDY_PT_panel"
@@ -47,6 +58,7 @@ class UNDERSTUDY_PT_panel(bpy.types.Panel):
         if settings.last_seed:
             layout.label(text=f"Last seed: {settings.last_seed}")
         layout.prop(settings, "framing")
+        self.draw_region(layout, scene, settings)
 
         layout.prop(settings, "show_advanced", icon="PREFERENCES")
         if settings.show_advanced:
@@ -64,6 +76,22 @@ class UNDERSTUDY_PT_panel(bpy.types.Panel):
             box.operator("understudy.make_room", icon="TRIA_UP")
         self.draw_backend(layout, context)
         self.draw_jobs(layout, scene)
+
+    def draw_region(self, layout, scene, settings) -> None:
+        """Keep the plate: the region (a Mask or a matte strip), its name, grow, feather
+        and motion (their ranges and help from shared/settings.py)."""
+        box = layout.box()
+        box.prop(settings, "region_kind")
+        if settings.region_kind == plan.REGION_MASK:
+            box.prop(settings, "region_mask")
+        elif settings.region_kind == plan.REGION_STRIP and scene.sequence_editor is not None:
+            box.prop_search(settings, "region_strip", scene.sequence_editor,
+                            "strips" if hasattr(scene.sequence_editor, "strips") else "sequences")
+        box.label(text=region_text(settings), icon="MOD_MASK")
+        row = box.row(align=True)
+        row.prop(settings, "region_grow")
+        row.prop(settings, "region_feather")
+        box.prop(settings, "motion")
 
     def draw_backend(self, layout, context) -> None:
         """The backend on this computer: starting, ready, busy, stopped or exited (with the
@@ -98,6 +126,9 @@ class UNDERSTUDY_PT_panel(bpy.types.Panel):
             summary = job.sidecar_summary()
             if summary:
                 col.label(text=summary)
+            region = job.region_summary()
+            if region:
+                col.label(text=region)
             if job.message:
                 col.label(text=job.message, icon="INFO")
         layout.operator("understudy.collect", icon="FILE_REFRESH")

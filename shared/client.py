@@ -3,6 +3,7 @@
     client = Client("tcp://127.0.0.1:5555", **load_client_keys("keys"))  # keys optional
     client.hello()                                  # version, model, device, limits
     client.submit("job-1", {"prompt": "a bear"}, png_frames)
+    client.submit("job-2", {"prompt": "a bear"}, png_frames, masks=[subject_pngs])  # a region
     result = client.wait("job-1", on_event=print)   # or poll() from a UI timer
     result.frames, result.sidecar                   # PNG bytes, JSON metadata
     client.close()
@@ -246,27 +247,48 @@ class Client:
             self.hello()
         return {**protocol.DEFAULT_LIMITS, **self.server_info.get("limits", {})}
 
-    def submit(self, job_id: str, settings: dict[str, Any], frames: list[bytes]) -> dict[str, Any]:
+    @property
+    def takes_regions(self) -> bool:
+        """Whether the server reads a submit's regions (its welcome names max_regions);
+        an older one would take the mask frames for more clip frames."""
+        if self.server_info is None:
+            self.hello()
+        return "max_regions" in (self.server_info.get("limits") or {})
+
+    def submit(self, job_id: str, settings: dict[str, Any], frames: list[bytes],
+               masks: list[list[bytes]] | None = None) -> dict[str, Any]:
         """Send a job (PNG-encoded frames, in order). Returns the accepted header
         (state, queue_position, duplicate); raises JobRejected or another ClientError.
 
+        `masks`: the edit's regions, each a list of greyscale PNGs (white = subject), one
+        per frame; the server edits inside them and keeps the rest of the picture.
         Safe to repeat: the same job id with the same request is never run twice.
         """
+        masks = [list(region) for region in masks or []]
         try:
             protocol.check_job_id(job_id)
             if not isinstance(settings, dict):
                 raise ProtocolError("bad_settings", "Settings must be a dict of setting names.")
             if not all(isinstance(f, bytes | bytearray | memoryview) for f in frames):
                 raise ProtocolError("bad_frames", "Frames must be PNG-encoded bytes.")
+            if not all(isinstance(f, bytes | bytearray | memoryview)
+                       for region in masks for f in region):
+                raise ProtocolError("bad_mask", "Mask frames must be PNG-encoded bytes.")
+            if masks and not self.takes_regions:
+                raise ProtocolError("bad_mask", f"The server at {self.address} does not take "
+                                    "regions (it is older than this client); update it, or "
+                                    "edit the whole frame without a mask.")
             protocol.check_submit_limits(settings, list(frames), protocol.MAX_HEADER_BYTES,
-                                         self.limits)
+                                         self.limits, masks)
         except ProtocolError as error:
             raise JobRejected(error.message, error.code) from None
-        extra_s = protocol.payload_size(frames) / SEND_RATE_BYTES_PER_S
+        payload = [*frames, *(frame for region in masks for frame in region)]
+        header = {"type": RequestType.SUBMIT, "job_id": job_id, "settings": settings}
+        if masks:  # an older server reads no regions, and a job without them is as before
+            header["regions"] = len(masks)
+        extra_s = protocol.payload_size(payload) / SEND_RATE_BYTES_PER_S
         try:
-            reply, _ = self._request(
-                {"type": RequestType.SUBMIT, "job_id": job_id, "settings": settings},
-                list(frames), timeout_s=self.timeout_s + extra_s)
+            reply, _ = self._request(header, payload, timeout_s=self.timeout_s + extra_s)
         except ProtocolError as error:  # settings that are not strict JSON (NaN, surrogates)
             raise JobRejected(error.message, error.code) from None
         return reply

@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Sequence
 from enum import StrEnum
 from typing import Any
 
@@ -42,6 +43,12 @@ DEFAULT_LIMITS: dict[str, int] = {
     "max_prompt_chars": 1000,
     "max_queue": 16,
 }
+# Regions one job may carry (docs/protocol.md §4, "Regions"): each is one mask frame per
+# clip frame, after the clip's frames in the submit's payload. A server announces it in
+# its limits: an older server would read mask frames as more clip frames, so a client
+# sends regions only to a server whose welcome names `max_regions`.
+MAX_REGIONS = 8
+DEFAULT_LIMITS["max_regions"] = MAX_REGIONS
 
 
 class RequestType(StrEnum):
@@ -102,6 +109,7 @@ class ErrorCode(StrEnum):
     BAD_SETTINGS = "bad_settings"
     BAD_FRAMES = "bad_frames"
     BAD_CLIP = "bad_clip"
+    BAD_MASK = "bad_mask"  # a region's mask frames: wrong count or size, unreadable, empty, all white
     TOO_MANY_FRAMES = "too_many_frames"
     TOO_LARGE = "too_large"
     QUEUE_FULL = "queue_full"
@@ -311,10 +319,14 @@ def is_png(frame: bytes) -> bool:
     return bytes(frame[:8]) == PNG_SIGNATURE
 
 
-def request_digest(settings: dict[str, Any], frames: list[bytes]) -> str:
-    """SHA-256 over canonical settings JSON and every frame: same request, same digest."""
+def request_digest(settings: dict[str, Any], frames: list[bytes], regions: int = 0) -> str:
+    """SHA-256 over canonical settings JSON, the region count and every payload frame
+    (clip, then masks): same request, same digest. Without regions it is the digest
+    jobs stored before regions existed have, so they still match their duplicates."""
     digest = hashlib.sha256()
     digest.update(json_text(settings, sort_keys=True, separators=(",", ":")).encode("utf-8"))
+    if regions:  # 12 clip frames and 6 + 6 mask frames are different requests
+        digest.update(f"regions:{regions}".encode("ascii"))
     for frame in frames:
         digest.update(len(frame).to_bytes(8, "big"))
         digest.update(frame)
@@ -326,31 +338,80 @@ def payload_size(frames: list[bytes]) -> int:
     return sum(len(frame) for frame in frames)
 
 
-def check_message_limits(frame_count: int, total_bytes: int, limits: dict[str, int]) -> None:
+def max_payload_frames(limits: dict[str, int]) -> int:
+    """The most payload frames a message may have: a clip of max_frames frames and one
+    mask frame per clip frame for each of MAX_REGIONS regions."""
+    return limits["max_frames"] * (1 + MAX_REGIONS)
+
+
+def check_message_limits(frame_count: int, total_bytes: int, limits: dict[str, int],
+                         frame_limit: int | None = None) -> None:
     """Refuse a message over the size limits; needs only counts, so a server can call
-    it before it copies anything."""
+    it before it copies anything. `frame_limit`: the most frames (default max_frames)."""
+    frame_limit = limits["max_frames"] if frame_limit is None else frame_limit
     if total_bytes > limits["max_message_bytes"]:
         raise ProtocolError(
             ErrorCode.TOO_LARGE, f"The job is {total_bytes / 2**20:.1f} MiB; the server "
             f"accepts at most {limits['max_message_bytes'] / 2**20:.0f} MiB, so send fewer or "
             "smaller frames.")
-    if frame_count > limits["max_frames"]:
+    if frame_count > frame_limit:
         raise ProtocolError(
             ErrorCode.TOO_MANY_FRAMES, f"The job has {frame_count} frames; the server accepts "
-            f"at most {limits['max_frames']}, so send a shorter range.")
+            f"at most {frame_limit}, so send a shorter range.")
+
+
+def check_regions(value: Any) -> int:
+    """The submit header's `regions` field (absent: 0), or ProtocolError("bad_request")."""
+    if value is None:
+        return 0
+    if type(value) is not int or not 0 <= value <= MAX_REGIONS:
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, f"The submit's 'regions' is {value!r}; send a whole number "
+            f"from 0 to {MAX_REGIONS} (how many regions' mask frames follow the clip).")
+    return value
+
+
+def split_payload(payload: list[bytes], regions: int) -> tuple[list[bytes], list[list[bytes]]]:
+    """A submit's payload → (clip frames, each region's mask frames).
+
+    The payload is the clip's F frames, then F mask frames for each region in turn, so
+    it holds F × (1 + regions) frames; another count is ProtocolError("bad_mask").
+    """
+    if regions == 0:
+        return list(payload), []
+    if len(payload) % (1 + regions):
+        raise ProtocolError(
+            ErrorCode.BAD_MASK, f"The job has {len(payload)} frames for a clip and {regions} "
+            f"region{'s' if regions > 1 else ''}, which is not {1 + regions} equal parts; send "
+            "one mask frame per clip frame for every region.")
+    count = len(payload) // (1 + regions)
+    return (list(payload[:count]),
+            [list(payload[count * (1 + region):count * (2 + region)])
+             for region in range(regions)])
 
 
 def check_submit_limits(settings: dict[str, Any], frames: list[bytes], header_bytes: int,
-                        limits: dict[str, int]) -> None:
+                        limits: dict[str, int], masks: Sequence[list[bytes]] = ()) -> None:
     """Refuse a submit over the server's limits, before anything is stored or sent.
 
     Shared by the client (to fail early with a clear sentence) and the server (to
-    enforce). Also bounds the reply: the result's frame count and its raw pixels.
+    enforce). `masks`: each region's mask frames, one per clip frame; they count in
+    the message size, and a region of another length is "bad_mask". Also bounds the
+    reply: the result's frame count and its raw pixels.
     """
-    check_message_limits(len(frames), header_bytes + payload_size(frames), limits)
+    mask_bytes = sum(payload_size(region) for region in masks)
+    check_message_limits(len(frames), header_bytes + payload_size(frames) + mask_bytes, limits)
     if not frames:
         raise ProtocolError(ErrorCode.BAD_FRAMES,
                             "The job has no frames; send the clip as PNG frames.")
+    if len(masks) > MAX_REGIONS:
+        raise ProtocolError(ErrorCode.BAD_MASK, f"The job has {len(masks)} regions; the server "
+                            f"takes at most {MAX_REGIONS}, so merge some of their masks.")
+    for index, region in enumerate(masks):
+        if len(region) != len(frames):
+            raise ProtocolError(
+                ErrorCode.BAD_MASK, f"Region {index + 1} has {len(region)} mask frames but the "
+                f"clip has {len(frames)}; send one mask frame per clip frame.")
     for name in TEXT_SETTINGS:
         text = settings.get(name)
         if isinstance(text, str) and len(text) > limits["max_prompt_chars"]:

@@ -27,6 +27,7 @@ TEXT_SETTINGS = ("prompt", "source_prompt", "negative_prompt", "prompt_prefix")
 FRAMINGS = ("fit", "crop", "stretch")
 INITS = ("lowfreq", "noise")
 UPSCALERS = ("none", "xl")
+MOTIONS = ("subject", "camera")
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,22 @@ class TransferSettings:
     window_overlap: int = _setting(8, Spec(
         "int", 0, 999, flag="--window-overlap",
         help="the least frames neighbouring windows share; less than --window-frames"))
+
+    # Regions: keep the plate (docs/method.md, "Regions"). The masks themselves are an
+    # input of the edit (`--mask`), not a setting; these say how they are used.
+    region_grow: int = _setting(16, Spec(
+        "int", 0, 256, flag="--region-grow",
+        help="grow the region by this many pixels before feathering (room for the new "
+             "subject to change shape)"))
+    region_feather: int = _setting(8, Spec(
+        "int", 0, 128, flag="--region-feather",
+        help="soften the grown region's edge over about this many pixels, inside it (outside "
+             "the grown region the result is the source's, exactly)"))
+    motion: str = _setting("subject", Spec(
+        "choice", choices=MOTIONS, flag="--motion",
+        help="subject: each region's own motion guides it and the plate outside is kept; "
+             "camera: the motion outside every region (the whole frame without one) guides "
+             "a whole new frame"))
 
     # Memory.
     gradient_checkpointing: bool = _setting(False, Spec(

@@ -55,6 +55,9 @@ class Sidecar:
     framing: dict[str, Any] | None = None  # backend/method/framing.py Framing.to_dict(); None: older
     upscaler: dict[str, Any] | None = None  # {"model", "steps"} when the XL stage ran
     backbone: str | None = None  # "zeroscope" or "wan" (backend/backbones/); None: older
+    # {"count", "grow", "feather", "motion", "composited"} when the edit had regions or
+    # camera motion (backend/method/regions.py); None: the whole frame, as before
+    regions: dict[str, Any] | None = None
     worker: dict[str, Any] | None = None  # where a Ray worker ran the job (backend/cluster)
     version: int = SIDECAR_VERSION
 
@@ -104,7 +107,7 @@ _JSON_TYPES: dict[str, type | tuple[type, ...]] = {
     "settings": dict, "seed": int, "model": str, "steps": int, "guided_steps": int,
     "device": str, "dtype": str, "input_frame_indices": list, "windows": list,
     "inversion_from_cache": bool, "timings_s": dict, "framing": dict, "upscaler": dict,
-    "backbone": str, "worker": dict,
+    "backbone": str, "regions": dict, "worker": dict,
 }
 
 

@@ -359,6 +359,10 @@ class FakeLayout:
     def progress(self, text="", factor=0.0, **_):
         self.log["progress"].append([text, factor])
 
+    def prop_search(self, data, name, search_data, search_name, **_):
+        assert name in data.bl_rna.properties and search_name in search_data.bl_rna.properties
+        self.log["props"].append(name)
+
     def template_list(self, list_type, _id, data, prop, active_data, active_prop, **_):
         assert hasattr(bpy.types, list_type) and prop in data.bl_rna.properties
         self.log["lists"].append(prop)
@@ -435,6 +439,91 @@ def scenario_composite(args: dict) -> dict:
                   source=source.name)
 
 
+def new_mask(name: str, corners: list[tuple[float, float]]):
+    """A Mask data-block with one closed polygon (corners in the mask's 0..1 space);
+    no corners: a mask with no shapes."""
+    mask = bpy.data.masks.new(name)
+    if corners:
+        spline = mask.layers.new(name="subject").splines.new()
+        spline.points.add(len(corners) - 1)
+        for point, corner in zip(spline.points, corners, strict=True):
+            point.co, point.handle_type = corner, "VECTOR"
+    return mask
+
+
+def scenario_region(args: dict) -> dict:
+    """Keep the plate: a movie strip with a region. Each entry of args["masks"] is one
+    Transfer: a Mask data-block ("square", or "empty": no shapes) or a matte strip
+    ("white strip": white over the whole picture); the edit is rendered before and after
+    (every channel) to compare pixels."""
+    install(args["zip"])
+    configure(args)
+    bpy.context.preferences.addons[ADDON].preferences.max_render_size = 160  # no rescaling
+    scene = bpy.context.scene
+    scene.render.resolution_x, scene.render.resolution_y = 160, 128
+    scene.render.resolution_percentage = 100
+    small_settings(scene, {"region_grow": 4, "region_feather": 2})
+    source = movie_strip(scene, args["clip"])
+    shapes = {"square": [(0.35, 0.35), (0.65, 0.35), (0.65, 0.65), (0.35, 0.65)], "empty": []}
+    frame = source.frame_final_start + 5
+    out = Path(args["out"])
+    runs = []
+    for kind in args["masks"]:
+        if kind == "white strip":  # a matte strip that is white over the whole picture
+            matte = new_effect(scene, kind, "COLOR", source.channel + 3, 1, 40)
+            matte.color = (1.0, 1.0, 1.0)
+            matte.mute = True  # a matte is not part of the edit; it renders all the same
+            scene.understudy.region_kind, scene.understudy.region_strip = "STRIP", kind
+        else:
+            scene.understudy.region_kind = "MASK"
+            scene.understudy.region_mask = new_mask(kind, shapes[kind])
+        before_png = render_composite(scene, str(out / f"{kind}-before.png"), frame, "RGBA")
+        before = scene_state(scene)
+        outcome = run_operator(bpy.ops.understudy.transfer, prompt="a red fox")
+        after_png = render_composite(scene, str(out / f"{kind}-after.png"), frame, "RGBA")
+        runs.append(finish(scene, before, outcome, before_png=before_png, after_png=after_png,
+                           frame_index=frame - source.frame_final_start))
+    return {"runs": runs, "source": source.name}
+
+
+def scenario_region_interface(args: dict) -> dict:
+    """The interface's path with a Mask region: the region renders in batches first,
+    then the strip, each ticked as Blender's timers would; then the job is followed."""
+    install(args["zip"])
+    jobs = importlib.import_module(f"{ADDON}.jobs")
+    rendering = importlib.import_module(f"{ADDON}.rendering")
+    following = importlib.import_module(f"{ADDON}.following")
+    batches = importlib.import_module(f"{ADDON}.batches")
+    jobs.BATCHED = True
+    configure(args)
+    scene = bpy.context.scene
+    small_settings(scene, {"region_grow": 4, "region_feather": 2})
+    movie_strip(scene, args["clip"])
+    scene.understudy.region_kind = "MASK"
+    scene.understudy.region_mask = new_mask("subject", [(0.35, 0.35), (0.65, 0.35),
+                                                        (0.65, 0.65), (0.35, 0.65)])
+    before = scene_state(scene)
+    session = rendering.start(bpy.context, "a red fox", tick_budget_s=batches.TICK_BUDGET_S)
+    jobs.work_in_batches()
+    ticks = []
+    while True:
+        interval = jobs.work_tick()
+        job = scene.understudy_jobs[0]
+        ticks.append({"region": session.region_renderer.done, "frames": session.renderer.done,
+                      "percent": job.percent, "status": job.status,
+                      "scene_as_before": untouched(scene_state(scene)) == untouched(before)})
+        if interval is None:
+            break
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        polling, working = following.poll_once(), jobs.work_tick()
+        if polling is None and working is None:
+            break
+        if working is None:
+            time.sleep(following.POLL_INTERVAL_S)
+    return finish(scene, before, {"ok": True}, ticks=ticks)
+
+
 def scenario_area(args: dict) -> dict:
     """A movie strip fit into a project of another shape; renders the source alone and the
     result alone (RGBA, transparent where nothing is drawn) to compare the areas covered."""
@@ -479,8 +568,11 @@ def scenario_draw(args: dict) -> dict:
         "version": 1, "settings": {"steps": 3, "guided_steps": None}, "seed": 7, "model": "tiny",
         "steps": 3, "guided_steps": 2, "device": "cpu", "dtype": "float32",
         "input_frame_indices": [0, 1], "windows": [[0, 2]], "inversion_from_cache": True,
-        "timings_s": {"sample": 1.25, "decode": 0.25}})
+        "timings_s": {"sample": 1.25, "decode": 0.25},
+        "regions": {"count": 1, "grow": 16, "feather": 8, "motion": "subject",
+                    "composited": True}})
     scene.understudy_job_index = 2
+    scene.understudy.region_kind, scene.understudy.region_strip = "STRIP", "dog matte"
     log = {"props": [], "operators": [], "labels": [], "progress": [], "lists": []}
     layout = FakeLayout(log)
     panel = bpy.types.UNDERSTUDY_PT_panel

@@ -46,8 +46,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "a job's inputs are written after the status that names them",
         'backend/server/store.py',
-        '            (folder / "input").mkdir(parents=True)\n            for index, frame in enumerate(frames):\n                atomic_write(folder / "input" / f"{index:05d}.png", frame)\n            fsync_dir(folder / "input")\n            atomic_write(folder / "request.json",\n                         json_bytes(job.request_record(settings, frame_digests(frames))))\n            self._write_status(job)',
-        '            (folder / "input").mkdir(parents=True)\n            atomic_write(folder / "request.json",\n                         json_bytes(job.request_record(settings, frame_digests(frames))))\n            self._write_status(job)\n            for index, frame in enumerate(frames):\n                atomic_write(folder / "input" / f"{index:05d}.png", frame)\n            fsync_dir(folder / "input")',
+        '            (folder / "input").mkdir(parents=True)\n            for index, frame in enumerate(frames):\n                atomic_write(folder / "input" / f"{index:05d}.png", frame)\n            fsync_dir(folder / "input")\n',
+        '            (folder / "input").mkdir(parents=True)\n            self._write_status(job)\n            for index, frame in enumerate(frames):\n                atomic_write(folder / "input" / f"{index:05d}.png", frame)\n            fsync_dir(folder / "input")\n',
         ('tests/test_store.py::test_inputs_and_request_are_on_disk_before_the_status_that_names_them', 'tests/test_store.py::test_a_job_interrupted_while_being_created_is_never_listed',),
     ),
     Mutant(
@@ -138,7 +138,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "a message's frames are all kept before its limits are checked",
         'backend/server/transport.py',
-        '                protocol.check_message_limits(count - 1, total, self.limits)',
+        '                protocol.check_message_limits(count - 1, total, self.limits,\n                                              protocol.max_payload_frames(self.limits))',
         '                pass',
         ('tests/test_server.py::test_a_flood_of_frames_is_refused_without_being_kept',),
     ),
@@ -413,6 +413,45 @@ MUTANTS: tuple[Mutant, ...] = (
         "                moving[other.name] = other\n                grown = True",
         "                grown = False",
         ("tests/test_blender_plan.py::test_make_room_also_moves_what_a_moved_strip_would_land_on",),
+    ),
+    # --- regions (issue 20, backend/method/regions.py, backend/method/engine.py)
+    Mutant(
+        "the feather blurs the grown region outward, past its edge",
+        "backend/method/regions.py",
+        "    return box_blur(erode(grown, radius), radius).clamp_(0, 1)",
+        "    return box_blur(grown, radius).clamp_(0, 1)",
+        ("tests/test_regions.py::test_feather_ramps_inside_the_grown_region_and_is_exactly_zero_outside",
+         "tests/test_regions.py::test_a_moving_region_keeps_the_plate_and_the_edit_inside_it"),
+    ),
+    Mutant(
+        "the masked SMM averages every cell, not the region's",
+        "backend/method/regions.py",
+        "    weights = weights.to(features.dtype)",
+        "    weights = torch.ones_like(weights, dtype=features.dtype)",
+        ("tests/test_regions.py::test_masked_smm_hand_values",
+         "tests/test_regions.py::test_two_regions_give_two_loss_terms_each_read_from_its_own_cells"),
+    ),
+    Mutant(
+        "the sampled latent is never blended with the source's inverted latent",
+        "backend/method/engine.py",
+        "        if regions is None or regions.latent is None:\n            return latent",
+        "        if True:\n            return latent",
+        ("tests/test_regions.py::test_outside_the_region_the_sampled_latent_is_the_source_latent_exactly",),
+    ),
+    # --- regions (issue 20): the server's mask checks, the extension's layer over the source
+    Mutant(
+        "a region white over every frame is queued: no plate would be kept",
+        "backend/server/frames.py",
+        '            check_masks(decoded.region(0, size), frame_count, size, f"of region {number}")',
+        "            pass",
+        ("tests/test_server.py::test_bad_masks_are_refused_in_one_sentence_before_queueing",),
+    ),
+    Mutant(
+        "the Blender result lays the composite itself over the source (the edge mixed twice)",
+        "blender_addon/pngio.py",
+        "    out[..., :3] = np.clip(np.rint(layer), 0, 255).astype(np.uint8)",
+        "    out[..., :3] = composite[..., :3]",
+        ("tests/test_blender_plan.py::test_the_layer_over_the_source_gives_the_servers_composite",),
     ),
     Mutant(
         "a peer accepts any protocol version",

@@ -7,6 +7,7 @@ the timeouts only turn a hang into a failure.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import queue
@@ -42,6 +43,23 @@ def clip_pngs(count: int = 6, width: int = 48, height: int = 32, shade: int = 0)
         x = index * (width - 8) // max(1, count - 1)
         frame[height // 2 - 4:height // 2 + 4, x:x + 8] = 255
         frames.append(encode_png(frame))
+    return frames
+
+
+def mask_pngs(count: int = 6, width: int = 48, height: int = 32, box: tuple[int, int, int, int]
+              = (16, 8, 32, 24), value: int = 255) -> list[bytes]:
+    """A region as greyscale PNG masks: `value` inside box (left, top, right, bottom),
+    black elsewhere, in every frame."""
+    from PIL import Image
+
+    frames = []
+    for _ in range(count):
+        mask = np.zeros((height, width), np.uint8)
+        left, top, right, bottom = box
+        mask[top:bottom, left:right] = value
+        buffer = io.BytesIO()
+        Image.fromarray(mask, mode="L").save(buffer, format="PNG")
+        frames.append(buffer.getvalue())
     return frames
 
 

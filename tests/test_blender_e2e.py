@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -571,3 +572,92 @@ def test_make_room_places_the_result_under_the_grade_and_undo_puts_every_strip_b
     new = assert_result_strip(result, "source", channel=3)  # under the grade
     assert result["moved"] == {**start, "grade": 4, "title": 5, new["name"]: 3}
     assert result["undone"] == start  # one undo: every strip back, the result gone
+
+
+# --------------------------------------------------------------------------- keep the plate (issue 20)
+
+
+def test_a_mask_region_keeps_the_plate_outside_it_in_the_composite(extension_zip, clip, server,
+                                                                    tmp_path, blender):
+    import numpy as np
+    from PIL import Image
+
+    python, version = blender
+    result = run_blender({"scenario": "region", "zip": extension_zip, "clip": clip,
+                          "address": server.address, "masks": ["square"],
+                          "out": str(tmp_path)}, tmp_path, python=python)
+    assert result["blender_version"][:2] == version
+    [run] = result["runs"]
+    new = assert_result_strip(run, "source", channel=3)
+    assert new["blend_type"] == "ALPHA_OVER"  # a layer over the source, through its alpha
+    [job] = run["jobs"]
+    sidecar = json.loads(job["sidecar"])
+    assert sidecar["regions"] == {"count": 1, "grow": 4, "feather": 2, "motion": "subject",
+                                  "composited": True}
+    # The result frame's alpha is the feathered, grown region: 0 outside it.
+    layer = np.asarray(Image.open(Path(job["frames_path"]) /
+                                  f"frame_{run['frame_index'] + 1:05d}.png").convert("RGBA"))
+    outside = layer[..., 3] == 0
+    assert layer.shape == (128, 160, 4)
+    assert 0.4 < outside.mean() < 0.95 and (layer[..., 3] == 255).any()
+    # The square's corners are at 35% and 65% of the frame: grown by 4 px, nothing beyond.
+    assert outside[:, :int(0.35 * 160) - 6].all() and outside[:, int(0.65 * 160) + 6:].all()
+    # Rendered with every channel, the edit shows the source's own pixels outside the
+    # grown region, exactly, and something else inside it.
+    before, after = (np.asarray(Image.open(run[name]).convert("RGB")).astype(int)
+                     for name in ("before_png", "after_png"))
+    assert (after[outside] == before[outside]).all()
+    assert (after[~outside] != before[~outside]).any()
+    # Everywhere, feathered edge included, Blender shows the layer over the source:
+    # m·S + (1 − m)·source, which is the server's composite (pngio.layer_over_source).
+    assert ((layer[..., 3] > 0) & (layer[..., 3] < 255)).any()  # there is an edge
+    weight = layer[..., 3:4] / 255.0
+    expected = weight * layer[..., :3] + (1 - weight) * before
+    assert np.abs(after - expected).max() <= 2
+    with Client(server.address, timeout_s=30.0) as client:  # the server's own composite
+        served = client.fetch(job["job_id"]).frames[run["frame_index"]]
+    composite = np.asarray(Image.open(io.BytesIO(served)).convert("RGBA")).astype(int)
+    assert (composite[..., 3] == layer[..., 3]).all()
+    assert np.abs(after - composite[..., :3]).max() <= 2
+    assert_source_unchanged(run)
+
+
+def test_a_bad_mask_is_one_sentence_before_anything_is_sent(extension_zip, clip, server,
+                                                            tmp_path):
+    jobs_before = jobs_on(server)
+    result = run_blender({"scenario": "region", "zip": extension_zip, "clip": clip,
+                          "address": server.address, "masks": ["empty", "white strip"],
+                          "out": str(tmp_path)}, tmp_path)
+    empty, everything = result["runs"]
+    # A mask without shapes is refused before anything is rendered ...
+    assert not empty["outcome"]["ok"]
+    assert "The mask 'empty' has no shapes" in empty["outcome"]["error"]
+    # ... and a (muted) matte covering the whole picture once rendered, before the strip is.
+    assert not everything["outcome"]["ok"]
+    assert ("The matte strip 'white strip' is white over the whole picture in every frame"
+            in everything["outcome"]["error"])
+    for run in (empty, everything):
+        assert run["outcome"]["error"].count(". ") == 0, run["outcome"]["error"]
+        assert run["new_strips"] == [] and run["jobs"] == []
+        assert_source_unchanged(run)
+    assert_nothing_reached(server, jobs_before)
+
+
+def test_in_the_interface_the_region_renders_in_batches_before_the_strip(extension_zip, clip,
+                                                                         server, tmp_path):
+    result = run_blender({"scenario": "region_interface", "zip": extension_zip, "clip": clip,
+                          "address": server.address}, tmp_path)
+    ticks = result["ticks"]
+    # The region first, one frame on the first tick, then the strip's 23 frames.
+    assert (ticks[0]["region"], ticks[0]["frames"]) == (1, 0)
+    assert ticks[0]["percent"] == pytest.approx(100 / 46)
+    first_strip = next(index for index, tick in enumerate(ticks) if tick["frames"])
+    assert ticks[first_strip - 1]["region"] == 23 and first_strip > 1
+    rendering = [tick["percent"] for tick in ticks[:-1]]  # the last tick submits
+    assert rendering == sorted(rendering) and rendering[-1] == 100.0
+    assert ticks[-1]["status"] == "submitted"
+    # Between ticks the scene is as the editor left it: no mask strip left behind.
+    assert all(tick["scene_as_before"] for tick in ticks)
+    new = assert_result_strip(result, "source", channel=3)
+    assert new["blend_type"] == "ALPHA_OVER"
+    assert_source_unchanged(result)

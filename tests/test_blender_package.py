@@ -76,3 +76,9 @@ def test_panel_and_preferences_draw(dist, tmp_path):
     # The selected job's sidecar: the guided count used, not the request's automatic None.
     assert ("model tiny, seed 7, 3 steps, 2 guided, inversion from cache, 1.5 s on the server"
             in log["labels"])
+    # Keep the plate: the region by name, its settings, and how the selected job used it.
+    assert {"region_kind", "region_strip", "region_grow", "region_feather",
+            "motion"} <= set(log["props"])
+    assert "Changes only inside the matte 'dog matte'" in log["labels"]
+    assert ("1 region(s), grown 16 px, feathered 8 px: the plate is kept outside"
+            in log["labels"])

@@ -574,6 +574,126 @@ def test_alpha_is_resampled_to_the_result_size():
     assert small[16:48, 16:48].min() == 255 and small[:16].max() == 0 and small[:, 48:].max() == 0
 
 
+# --------------------------------------------------------------------------- regions (issue 20)
+
+
+def test_a_region_that_cannot_mark_a_subject_is_one_sentence_before_rendering():
+    source = Span(2, 10, 30)
+    assert plan.check_region(plan.REGION_NONE, "", "clip", source) is None
+    assert plan.check_region(plan.REGION_MASK, "Dog", "clip", source, shapes=4) == plan.Region(
+        plan.REGION_MASK, "Dog")
+    assert plan.check_region(plan.REGION_STRIP, "matte", "clip", source,
+                             matte=Span(5, 1, 40)).label == "the matte strip 'matte'"
+    refusals = [
+        (dict(kind=plan.REGION_MASK, name=""), "no mask is chosen"),
+        (dict(kind=plan.REGION_MASK, name="Dog"), "The mask 'Dog' has no shapes"),
+        (dict(kind=plan.REGION_STRIP, name=""), "no strip is chosen"),
+        (dict(kind=plan.REGION_STRIP, name="gone"), "'gone' is not in this scene"),
+        (dict(kind=plan.REGION_STRIP, name="clip", matte=source), "cannot be its own matte"),
+        # The frame count: the matte must show every frame of the strip.
+        (dict(kind=plan.REGION_STRIP, name="short", matte=Span(5, 10, 29)),
+         "shows frames 10-28 but 'clip' shows frames 10-29"),
+    ]
+    for arguments, words in refusals:
+        with pytest.raises(UserError, match=re.escape(words)) as caught:
+            plan.check_region(source_name="clip", source=source, **arguments)
+        assert str(caught.value).endswith(".") and ". " not in str(caught.value)
+
+
+def test_a_rendered_region_must_fit_the_frames_mark_a_subject_and_keep_a_plate():
+    import numpy as np
+
+    region = plan.Region(plan.REGION_MASK, "Dog")
+    black, white = np.zeros((4, 6), np.uint8), np.full((4, 6), 255, np.uint8)
+    half, under = black.copy(), black.copy()
+    half[:, :3] = plan.SUBJECT_GREY  # half way to white is the subject
+    under[:, :3] = plan.SUBJECT_GREY - 1
+    frames = [plan.MatteFrame.of(grey) for grey in (black, half)]
+    assert frames[1] == plan.MatteFrame(6, 4, subject=True, plate=True)
+    plan.check_region_frames(region, frames, (6, 4))  # one frame with a subject is enough
+    cases = [([black, black], (6, 4), "The mask 'Dog' is black in every frame"),
+             ([white, white], (6, 4), "The mask 'Dog' is white over the whole picture"),
+             ([under, under], (6, 4), "black in every frame"),  # 127 is not the subject
+             ([half, half], (5, 4), "rendered at 6x4, not at the strip's 5x4")]
+    for greys, size, words in cases:
+        with pytest.raises(UserError, match=re.escape(words)):
+            plan.check_region_frames(region, [plan.MatteFrame.of(grey) for grey in greys], size)
+
+
+def test_the_extensions_subject_grey_is_the_engines_region_threshold():
+    from backend.method.regions import REGION_THRESHOLD
+
+    assert plan.SUBJECT_GREY == round(REGION_THRESHOLD * 255 + 0.5)  # 127.5 → 128
+
+
+def test_a_matte_is_its_brightest_channel_over_black():
+    import numpy as np
+
+    rgba = np.array([[[255, 255, 255, 255], [255, 255, 255, 0], [0, 200, 10, 255],
+                      [255, 0, 0, 128]]], np.uint8)
+    assert pngio.matte_grey(rgba).tolist() == [[255, 0, 200, 128]]
+
+
+def test_grey_png_round_trips_through_pillow():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    grey = np.random.default_rng(1).integers(0, 256, (5, 7), dtype=np.uint8)
+    with Image.open(io.BytesIO(pngio.encode_grey(grey))) as image:
+        assert image.mode == "L" and (np.asarray(image) == grey).all()
+
+
+def test_the_layer_over_the_source_gives_the_servers_composite():
+    import numpy as np
+
+    # Hand values: m = 0 (the plate), ½ (the feathered edge), 1 (the subject).
+    source = np.array([[[100, 100, 100], [100, 0, 200], [10, 20, 30]]], np.uint8)
+    generated = np.array([[[7, 7, 7], [200, 100, 0], [250, 240, 230]]], np.float32)
+    alpha = np.array([[0, 128, 255]], np.uint8)
+    weight = alpha[..., None] / 255.0
+    composite = np.rint(weight * generated + (1 - weight) * source).astype(np.uint8)
+    layer = pngio.layer_over_source(np.dstack([composite, alpha]), source)
+    assert layer[0, 0].tolist() == [0, 0, 0, 0]  # transparent: the source shows
+    assert layer[0, 2].tolist() == [250, 240, 230, 255]  # the generated subject
+    assert np.abs(layer[0, 1, :3].astype(int) - [200, 100, 0]).max() <= 1  # gen, to rounding
+    # Over the source (straight alpha) the layer gives the composite back, to rounding;
+    # laying the composite itself over the source would mix the edge twice.
+    over = weight * layer[..., :3] + (1 - weight) * source
+    assert np.abs(over - composite).max() <= 0.5
+    twice = weight * composite + (1 - weight) * source
+    assert np.abs(twice - composite).max() > 20
+
+
+def test_a_mask_renders_on_a_free_channel():
+    others = [plan.Neighbour("a", Span(128, 1, 50)), plan.Neighbour("b", Span(127, 60, 90))]
+    assert plan.free_channel(Span(2, 10, 30), others) == 127
+    busy = [plan.Neighbour(f"s{channel}", Span(channel, 1, 50)) for channel in range(1, 129)]
+    with pytest.raises(UserError, match="Every channel is taken between frames 10 and 29"):
+        plan.free_channel(Span(2, 10, 30), busy)
+
+
+def test_a_region_goes_only_to_a_server_that_announces_it_takes_regions():
+    region = plan.Region(plan.REGION_MASK, "Dog")
+    settings = {"prompt": "a fox"}
+    plan.check_server_limits({"limits": {"max_regions": 8}}, settings, (96, 64), region)
+    plan.check_server_limits({"limits": {}}, settings, (96, 64))  # no region: as before
+    with pytest.raises(UserError, match=re.escape(
+            "The server does not take regions (it is older than this extension), so it "
+            "cannot keep the plate outside the mask 'Dog'; update the server")):
+        plan.check_server_limits({"limits": {"max_side": 4096}}, settings, (96, 64), region)
+
+
+def test_the_panel_says_how_a_region_was_used():
+    assert plan.region_summary({}) == ""
+    assert plan.region_summary({"regions": {"count": 1, "grow": 16, "feather": 8,
+                                            "motion": "subject", "composited": True}}) == (
+        "1 region(s), grown 16 px, feathered 8 px: the plate is kept outside")
+    assert "whole frame was regenerated" in plan.region_summary(
+        {"regions": {"count": 0, "motion": "camera", "composited": False}})
+
+
 # --------------------------------------------------------------------------- snapshot
 
 

@@ -52,6 +52,7 @@ from tests.delivery import SCENARIOS
 from tests.server_support import (
     ServerProcess,
     clip_pngs,
+    mask_pngs,
     settings,
     subprocess_env,
     wait_for_event,
@@ -325,6 +326,32 @@ def test_jobs_from_several_clients_run_on_different_workers_at_once(gateway, con
     assert any(events[a][0] < events[b][-1] and events[b][0] < events[a][-1]
                and status[a]["started_at"] < status[b]["finished_at"]
                and status[b]["started_at"] < status[a]["finished_at"] for a, b in pairs)
+
+
+def test_a_job_with_a_region_keeps_the_plate_on_a_worker(gateway, connect_client):
+    """The masks travel to the Ray worker with the clip, and the feathered region comes
+    back as the result's alpha, as on one box (tests/test_server.py)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from backend.video import decode_pngs
+
+    client = connect_client(gateway.address)
+    clip = clip_pngs(6)
+    client.submit("region-ray", settings(region_grow=2, region_feather=2), clip,
+                  masks=[mask_pngs(6)])
+    result = client.wait("region-ray", timeout_s=WAIT_S)
+    assert result.sidecar["worker"]["actor"] in ("worker-0", "worker-1")
+    assert result.sidecar["regions"]["composited"]
+    source = decode_pngs(clip)[result.sidecar["input_frame_indices"]]
+    outside = np.ones((32, 48), bool)
+    outside[8 - 2:24 + 2, 16 - 2:32 + 2] = False  # the mask's box, grown by 2 px
+    for frame, plate in zip(result.frames, source, strict=True):
+        pixels = np.asarray(Image.open(io.BytesIO(frame)))
+        assert (pixels[..., :3][outside] == plate[outside]).all()
+        assert (pixels[..., 3][outside] == 0).all() and pixels[..., 3].max() == 255
 
 
 def test_cancel_a_job_running_on_a_worker(gateway, connect_client):

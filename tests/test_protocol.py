@@ -274,3 +274,70 @@ def test_client_ids_in_the_log_cannot_forge_lines():
     forged = printable(b"x\n2026-12-01 INFO Accepted job admin\r\x00 \\")
     assert "\n" not in forged and "\r" not in forged and " " not in forged
     assert forged.startswith("x\\x0a2026-12-01")
+
+
+# --------------------------------------------------------------------------- regions (issue 20)
+
+
+def test_a_submit_payload_is_the_clip_then_each_regions_masks():
+    clip, first, second = [b"c0", b"c1"], [b"a0", b"a1"], [b"b0", b"b1"]
+    assert protocol.split_payload(clip, 0) == (clip, [])
+    assert protocol.split_payload(clip + first + second, 2) == (clip, [first, second])
+    with pytest.raises(ProtocolError, match="not 3 equal parts") as caught:
+        protocol.split_payload(clip + first + [b"b0"], 2)
+    assert caught.value.code == ErrorCode.BAD_MASK
+    for bad in (-1, protocol.MAX_REGIONS + 1, True, 1.0, "1"):
+        with pytest.raises(ProtocolError) as caught:
+            protocol.check_regions(bad)
+        assert caught.value.code == ErrorCode.BAD_REQUEST
+    assert protocol.check_regions(None) == 0
+
+
+def test_regions_change_the_request_digest_and_count_in_the_message_size():
+    settings = {"prompt": "a fox"}
+    frames = [b"x" * 10] * 4
+    assert protocol.request_digest(settings, frames) == protocol.request_digest(settings, frames, 0)
+    assert protocol.request_digest(settings, frames) != protocol.request_digest(settings, frames, 1)
+    limits = {**protocol.DEFAULT_LIMITS, "max_message_bytes": 50}
+    protocol.check_submit_limits(settings, frames[:2], 0, limits)
+    with pytest.raises(ProtocolError) as caught:
+        protocol.check_submit_limits(settings, frames[:2], 0, limits, [frames[2:]] * 2)
+    assert caught.value.code == ErrorCode.TOO_LARGE
+    with pytest.raises(ProtocolError, match="Region 1 has 1 mask frames but the clip has 2"):
+        protocol.check_submit_limits(settings, frames[:2], 0, protocol.DEFAULT_LIMITS, [[b"m"]])
+
+
+def test_stored_masks_decode_only_the_frames_the_engine_picks(tmp_path):
+    import numpy as np
+
+    from backend.server.frames import PngMasks
+    from tests.server_support import mask_pngs
+
+    paths = []
+    for index, png in enumerate(mask_pngs(3, 8, 6, box=(2, 1, 6, 5), value=128)):
+        paths.append(tmp_path / f"{index}.png")
+        paths[-1].write_bytes(png)
+    paths[1].write_bytes(b"broken")  # never picked, so never read
+    masks = PngMasks([paths], "job j")
+    assert masks.shape == (1, 3, 6, 8) and len(masks) == 1
+    picked = masks[:, np.array([0, 2])]
+    assert picked.shape == (1, 2, 6, 8) and picked.dtype == np.float32
+    assert picked[0, 0, 1:5, 2:6].min() == np.float32(128 / 255) and picked[0, 0, 0].max() == 0
+    with pytest.raises(ProtocolError, match="mask of frame 1 of region 1 of job j is not a "
+                                            "readable PNG") as caught:
+        np.asarray(masks)
+    assert caught.value.code == ErrorCode.BAD_MASK
+
+
+def test_the_results_alpha_is_the_feathered_region_in_its_box_of_whole_frames():
+    import numpy as np
+
+    from backend.results import plate_alpha
+
+    plate = np.array([[[0.0, 0.5, 1.0], [0.2, 1.0, 0.0]]], np.float32)  # (1, 2, 3) in a box
+    alpha = plate_alpha(plate, (1, 2, 4, 4), (5, 5))  # box x 1-4, y 2-4 of 5×5 frames
+    assert alpha.dtype == np.uint8 and alpha.shape == (1, 5, 5)
+    assert alpha[0, 2:4, 1:4].tolist() == [[0, 128, 255], [51, 255, 0]]  # round(255·m)
+    outside = np.ones((5, 5), bool)
+    outside[2:4, 1:4] = False
+    assert (alpha[0][outside] == 0).all()

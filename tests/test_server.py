@@ -8,6 +8,7 @@ first job (torch warm-up), so the tests start as few as they can.
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
+from PIL import Image
 from zmq.utils.monitor import recv_monitor_message
 
 from backend.video import decode_pngs
@@ -39,6 +41,7 @@ from tests.conftest import REPO_ROOT
 from tests.server_support import (
     ServerProcess,
     clip_pngs,
+    mask_pngs,
     one_reply_server,
     settings,
     subprocess_env,
@@ -169,6 +172,84 @@ def test_three_clients_at_once_each_get_their_own_result(server, connect):
         assert len(result.frames) == 3 + index
         # each client sees only its own job
         assert [job["job_id"] for job in clients[index].status()["jobs"]] == [f"many-{index}"]
+
+
+# --------------------------------------------------------------------------- regions (issue 20)
+
+
+def test_a_job_with_a_region_is_stored_with_its_masks_and_runs(server, connect):
+    client = connect(server.address)
+    clip, region = clip_pngs(6), mask_pngs(6)  # the region: x 16-32, y 8-24 of 48×32
+    job_settings = settings(region_grow=2, region_feather=2)
+    accepted = client.submit("region-1", job_settings, clip, masks=[region])
+    assert accepted["state"] in ("queued", "running") and not accepted["duplicate"]
+    folder = server.state_dir / "jobs" / "region-1"
+    assert [path.read_bytes() for path in sorted((folder / "mask" / "0").glob("*.png"))] == region
+    request = json.loads((folder / "request.json").read_text())
+    assert request["frames_in"] == 6 and [len(digests) for digests in request["masks"]] == [6]
+    # The same request again is a duplicate; the clip without its region is another request.
+    assert client.submit("region-1", job_settings, clip, masks=[region])["duplicate"]
+    with pytest.raises(JobRejected) as caught:
+        client.submit("region-1", job_settings, clip)
+    assert caught.value.code == "job_exists"
+    result = client.wait("region-1", timeout_s=WAIT_S)
+    assert result.sidecar["regions"]["count"] == 1 and result.sidecar["regions"]["composited"]
+    # Whole source frames, kept outside the grown region; their alpha is the feathered
+    # region: 0 outside it, 255 well inside.
+    source = decode_pngs(clip)[result.sidecar["input_frame_indices"]]
+    outside = np.ones((32, 48), bool)
+    outside[8 - 2:24 + 2, 16 - 2:32 + 2] = False
+    assert len(result.frames) == 4
+    for frame, plate in zip(result.frames, source, strict=True):
+        pixels = np.asarray(Image.open(io.BytesIO(frame)))
+        assert pixels.shape == (32, 48, 4)
+        assert (pixels[..., :3][outside] == plate[outside]).all()
+        assert (pixels[..., 3][outside] == 0).all() and pixels[12:20, 20:28, 3].min() == 255
+
+
+def test_bad_masks_are_refused_in_one_sentence_before_queueing(server, connect):
+    submit = {"v": 1, "type": "submit", "req": 7, "settings": settings()}
+    clip = clip_pngs(6)
+    cases = [  # (job id, regions field, mask frames, code, words of its sentence)
+        ("m-count", 1, mask_pngs(5), "bad_mask", "not 2 equal parts"),
+        ("m-field", "one", mask_pngs(6), "bad_request", "'regions'"),
+        ("m-many", 9, mask_pngs(6), "bad_request", "from 0 to 8"),
+        ("m-size", 1, mask_pngs(6, width=40), "bad_mask", "40×32"),
+        ("m-empty", 1, mask_pngs(6, value=0), "bad_mask", "black in every frame"),
+        ("m-white", 1, mask_pngs(6, box=(0, 0, 48, 32)), "bad_mask", "white over every pixel"),
+        ("m-broken", 1, [b"garbage"] * 6, "bad_mask", "not a readable PNG"),
+        # The clip alone fits the pixel budget (0.1 megapixels); with its region it does not.
+        ("m-budget", 1, mask_pngs(6, 128, 128), "too_large", "and 6 mask frames"),
+    ]
+    socket = raw_socket(server.address)
+    try:
+        for job_id, regions, masks, code, words in cases:
+            frames = clip_pngs(6, 128, 128) if job_id == "m-budget" else clip
+            header = json.dumps({**submit, "job_id": job_id, "regions": regions}).encode()
+            reply = ask(socket, [header, *frames, *masks])
+            assert reply["type"] == "rejected" and reply["code"] == code, (job_id, reply)
+            assert words in reply["message"] and reply["message"].endswith("."), reply
+            assert reply["message"].count(". ") == 0, reply
+    finally:
+        socket.close()
+    client = connect(server.address)
+    with pytest.raises(JobRejected, match="Region 1 has 5 mask frames") as caught:
+        client.submit("m-client", settings(), clip, masks=[mask_pngs(5)])  # refused here
+    assert caught.value.code == "bad_mask"
+    stored = {path.name for path in (server.state_dir / "jobs").iterdir()}
+    assert not stored & ({case[0] for case in cases} | {"m-client"})
+
+
+def test_regions_go_only_to_a_server_that_announces_it_takes_them(server, connect):
+    assert connect(server.address).hello()["limits"]["max_regions"] == protocol.MAX_REGIONS
+    # An older server (no max_regions) would read the masks as more clip frames.
+    older = {"type": "welcome", "server": "understudy", "limits": {"max_frames": 8}}
+    with one_reply_server(lambda header: protocol.encode({**older, "req": header["req"]})
+                          ) as address:
+        with Client(address, timeout_s=30.0) as client:
+            with pytest.raises(JobRejected, match="does not take regions") as caught:
+                client.submit("m-old", settings(), clip_pngs(6), masks=[mask_pngs(6)])
+    assert caught.value.code == "bad_mask"
 
 
 # --------------------------------------------------------------------------- cancel, disconnect
@@ -532,7 +613,8 @@ def test_network_bind_without_keys_refused(tmp_path):
 # --------------------------------------------------------------------------- command line
 
 
-def test_remote_transfer_writes_the_same_files_as_a_local_run(server, tmp_path):
+@pytest.mark.parametrize("region", [False, True], ids=["whole frame", "region"])
+def test_remote_transfer_writes_the_same_files_as_a_local_run(server, tmp_path, region):
     from backend.video import write_frames_dir
 
     frames = decode_pngs(clip_pngs(8))
@@ -541,6 +623,12 @@ def test_remote_transfer_writes_the_same_files_as_a_local_run(server, tmp_path):
               "--prompt", "a train", "--seed", "11", "--frames", "4", "--width", "64",
               "--height", "64", "--steps", "1", "--guided-steps", "0", "--iterations", "0",
               "--inversion-steps", "1"]
+    if region:  # --mask goes to the server as grey PNGs, and the plate comes back kept
+        (tmp_path / "mask").mkdir()
+        for index, png in enumerate(mask_pngs(8)):
+            (tmp_path / "mask" / f"{index:05d}.png").write_bytes(png)
+        common += ["--mask", str(tmp_path / "mask"), "--region-grow", "2",
+                   "--region-feather", "2"]
     outputs = {}
     for name, extra in (("local", ["--model", "tiny", "--device", "cpu",
                                    "--cache-dir", str(tmp_path / "cache")]),
@@ -563,6 +651,7 @@ def test_remote_transfer_writes_the_same_files_as_a_local_run(server, tmp_path):
     assert [p.name for p in local_frames] == [p.name for p in remote_frames]
     for local, remote in zip(local_frames, remote_frames, strict=True):
         assert local.read_bytes() == remote.read_bytes()
+    assert (outputs["remote"][0]["regions"] is not None) == region
 
 
 def test_remote_transfer_without_a_server_is_one_line(tmp_path):

@@ -237,6 +237,28 @@ def test_a_damaged_status_is_rebuilt_from_what_the_files_prove(tmp_path):
         assert caught.value.message.count(";") == 1 and caught.value.message.endswith(".")
 
 
+def test_a_job_with_regions_keeps_its_masks_and_is_rebuilt_only_when_they_verify(tmp_path):
+    store = JobStore(tmp_path)
+    for seq, job_id in enumerate(["masked", "lost-mask", "changed-mask"]):
+        store.create(make_job(job_id, seq), {"prompt": "p"}, [b"a", b"b"],
+                     [[b"m0", b"m1"], [b"n0", b"n1"]])
+    assert [[path.read_bytes() for path in region] for region in store.mask_paths("masked", 2)] == [
+        [b"m0", b"m1"], [b"n0", b"n1"]]
+    assert len(store.read_request("masked")["masks"]) == 2
+    (store.folder("lost-mask") / "mask" / "1" / "00001.png").unlink()
+    (store.folder("changed-mask") / "mask" / "0" / "00000.png").write_bytes(b"x")
+    for job_id in ["masked", "lost-mask", "changed-mask"]:
+        status = store.folder(job_id) / "status.json"
+        status.write_text(status.read_text()[:15])
+    book = JobBook(JobStore(tmp_path), max_queue=16, retention=Retention())
+    book.recover()
+    assert book.view("masked", None)["state"] == "queued"  # its inputs and masks verify
+    for job_id in ["lost-mask", "changed-mask"]:
+        with pytest.raises(ProtocolError) as caught:
+            book.view(job_id, None)
+        assert caught.value.code == "damaged"
+
+
 @pytest.mark.parametrize("damage", ["missing", "changed", "unlisted"])
 def test_a_result_with_a_missing_or_changed_frame_is_an_error_never_a_shorter_result(
         tmp_path, damage):

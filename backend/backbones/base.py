@@ -185,8 +185,9 @@ class Backbone(ABC):
 
     @abstractmethod
     def taps(self, latent: torch.Tensor, timestep: Timestep, embedding: torch.Tensor,
-             truncated: bool) -> list[torch.Tensor]:
-        """SMM of each feature tap, one (B, F', D) float32 tensor per name in tap_names.
+             truncated: bool, spatial: bool = False) -> list[torch.Tensor]:
+        """SMM of each feature tap, one (B, F', D) float32 tensor per name in tap_names;
+        spatial: the features themselves, (B, F', D, h', w'), for a masked SMM.
 
         truncated: the model stops right after the taps (gradients still flow back
         through what ran); else the whole model runs and the taps are read on the way."""

@@ -354,9 +354,10 @@ class Wan(Backbone):
         return self.transformer.blocks[block]
 
     def taps(self, latent: torch.Tensor, timestep: Timestep, embedding: torch.Tensor,
-             truncated: bool, block: int | None = None) -> list[torch.Tensor]:
+             truncated: bool, block: int | None = None, spatial: bool = False) -> list[torch.Tensor]:
         """SMM of blocks[k]'s output: (B, F'·h'·w', D) → (B, F', D), the spatial mean per
-        latent frame. truncated: the transformer stops right after block k."""
+        latent frame. truncated: the transformer stops right after block k. spatial: the
+        tokens on their grid instead, (B, F', D, h', w'), for a masked SMM."""
         index = self.guidance_block if block is None else block
         module = self.tapped_block(index)
         captured: dict[str, torch.Tensor] = {}
@@ -374,7 +375,8 @@ class Wan(Backbone):
         batch, _, frames, height, width = latent.shape
         _, patch_h, patch_w = self.transformer.config.patch_size
         tokens = captured["out"].reshape(batch, frames, height // patch_h, width // patch_w, -1)
-        return [smm(tokens.permute(0, 1, 4, 2, 3).float())]
+        features = tokens.permute(0, 1, 4, 2, 3).float()
+        return [features if spatial else smm(features)]
 
     def use_settings(self, settings: Any) -> None:
         """The engine hands each edit's resolved settings here: the guided block."""

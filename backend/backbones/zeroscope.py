@@ -154,12 +154,13 @@ class ZeroScope(Backbone):
             return self.unet(self.model_input(latent), timestep, encoder_hidden_states=embedding).sample
 
     def taps(self, latent: torch.Tensor, timestep: Timestep, embedding: torch.Tensor,
-             truncated: bool) -> list[torch.Tensor]:
+             truncated: bool, spatial: bool = False) -> list[torch.Tensor]:
         """The three up_blocks[1] taps (backend/backbones/zeroscope_taps.py)."""
         with self.precision():
             if truncated:
-                return truncated_smm(self.unet, self.model_input(latent), timestep, embedding)
-            return full_pass_smm(self.unet, self.model_input(latent), timestep, embedding)
+                return truncated_smm(self.unet, self.model_input(latent), timestep, embedding,
+                                     spatial)
+            return full_pass_smm(self.unet, self.model_input(latent), timestep, embedding, spatial)
 
     def checkpointing(self, enabled: bool) -> AbstractContextManager:
         return checkpointed_blocks(self.unet, enabled)

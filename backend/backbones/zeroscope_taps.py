@@ -61,11 +61,13 @@ def capture_taps(unet: torch.nn.Module, stop_after: bool) -> Iterator[dict[str, 
 
 def truncated_smm(
     unet: torch.nn.Module, latents: torch.Tensor, timestep: int, text_embeddings: torch.Tensor,
+    spatial: bool = False,
 ) -> list[torch.Tensor]:
     """SMM of each tap for a UNet pass that stops after up_blocks[1].
 
     latents (B, C, F, h, w), text_embeddings (B, L, E) → one (B, F, D) tensor per tap,
-    in TAP_NAMES order, in float32.
+    in TAP_NAMES order, in float32; spatial: the features themselves, (B, F, D, h', w'),
+    for a masked SMM (backend/method/regions.py).
     """
     batch, _, frames = latents.shape[:3]
     with capture_taps(unet, stop_after=True) as captured:
@@ -77,19 +79,21 @@ def truncated_smm(
     for name in TAP_NAMES:
         feature = captured[name]  # (B·F, D, h, w)
         feature = feature.reshape(batch, frames, *feature.shape[1:]).float()
-        out.append(smm(feature))
+        out.append(feature if spatial else smm(feature))
     return out
 
 
 def full_pass_smm(
     unet: torch.nn.Module, latents: torch.Tensor, timestep: int, text_embeddings: torch.Tensor,
+    spatial: bool = False,
 ) -> list[torch.Tensor]:
     """The reference's guidance pass: the whole UNet runs, the taps are read on the way.
     Same shapes as truncated_smm."""
     batch, _, frames = latents.shape[:3]
     with capture_taps(unet, stop_after=False) as captured:
         unet(latents, timestep, encoder_hidden_states=text_embeddings)
-    return [smm(captured[n].reshape(batch, frames, *captured[n].shape[1:]).float()) for n in TAP_NAMES]
+    features = [captured[n].reshape(batch, frames, *captured[n].shape[1:]).float() for n in TAP_NAMES]
+    return features if spatial else [smm(feature) for feature in features]
 
 
 @contextlib.contextmanager

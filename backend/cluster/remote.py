@@ -60,12 +60,15 @@ class ActorEngine:
 
     def transfer(self, clip_frames: Any, settings: TransferSettings,
                  progress: ProgressCallback | None = None,
-                 cancelled: CancelCheck | None = None) -> TransferResult:
-        """Run the edit on the actor; raises what a local edit raises, or ActorLost."""
+                 cancelled: CancelCheck | None = None, masks: Any | None = None
+                 ) -> TransferResult:
+        """Run the edit on the actor; raises what a local edit raises, or ActorLost.
+        `masks` (a PngMasks) travel as their PNG bytes, like the clip."""
         # The id only pairs a cancel with this run on the actor.
         run_id = f"run-{uuid.uuid4().hex}"
         return self.runner.run(run_id, settings.to_dict(), png_frames(clip_frames),
-                               progress or _ignore_progress, cancelled or _never_cancelled)
+                               progress or _ignore_progress, cancelled or _never_cancelled,
+                               masks.png_bytes() if masks is not None else None)
 
 
 def actor_engines(pool: ActorPool) -> list[ActorEngine]:

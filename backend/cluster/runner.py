@@ -68,12 +68,15 @@ class ActorRunner:
             raise UnderstudyError(refused["message"], refused["code"])
 
     def run(self, job_id: str, settings: dict[str, Any], inputs: list[bytes],
-            progress: ProgressCallback, cancelled: CancelCheck) -> TransferResult:
-        """Run one job on the actor; see the module docstring for what it raises."""
+            progress: ProgressCallback, cancelled: CancelCheck,
+            masks: list[list[bytes]] | None = None) -> TransferResult:
+        """Run one job on the actor (`masks`: each region's mask PNGs, None for none);
+        see the module docstring for what it raises."""
         import ray
         from ray.exceptions import ActorUnavailableError, RayError
 
-        events = self.actor.run.options(num_returns="streaming").remote(job_id, settings, inputs)
+        events = self.actor.run.options(num_returns="streaming").remote(job_id, settings, inputs,
+                                                                        masks)
         started = False
         cancel_sent_at: float | None = None
         killed = False
@@ -112,7 +115,8 @@ class ActorRunner:
             elif kind == "progress":
                 progress(event["phase"], event["step"], event["total"])
             elif kind == "done":
-                return TransferResult(event["frames"], Sidecar.from_dict(event["sidecar"]))
+                return TransferResult(event["frames"], Sidecar.from_dict(event["sidecar"]),
+                                      event.get("alpha"))
             elif kind == "cancelled":
                 raise JobCancelled("The edit was cancelled.")
             elif kind == "failed":

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from backend.errors import JobCancelled, UnderstudyError
-from backend.server.frames import PngClip
+from backend.server.frames import PngClip, PngMasks
 from shared.protocol import ErrorCode, failure_reply
 
 log = logging.getLogger("understudy.cluster.worker")
@@ -119,9 +119,10 @@ class EngineActor:
 
     # ----------------------------------------------------------------- the job
 
-    def run(self, job_id: str, settings: dict[str, Any], inputs: list[bytes]
-            ) -> Iterator[dict[str, Any]]:
-        """Run one job, yielding its events (see the module docstring)."""
+    def run(self, job_id: str, settings: dict[str, Any], inputs: list[bytes],
+            masks: list[list[bytes]] | None = None) -> Iterator[dict[str, Any]]:
+        """Run one job (`masks`: each region's mask PNGs, None for none), yielding its
+        events (see the module docstring)."""
         yield {"event": "started", "worker": self.identity()}
         if self.engine is None:
             yield {"event": "failed", **self._load_error}
@@ -129,7 +130,8 @@ class EngineActor:
         events: queue.Queue[dict[str, Any]] = queue.Queue()
         # The engine reports through callbacks; a generator cannot yield from inside
         # them, so the edit runs on its own thread and this one relays its events.
-        thread = threading.Thread(target=self._edit, args=(job_id, settings, inputs, events),
+        thread = threading.Thread(target=self._edit,
+                                  args=(job_id, settings, inputs, masks, events),
                                   name=f"edit-{job_id}", daemon=True)
         thread.start()
         while True:
@@ -142,7 +144,7 @@ class EngineActor:
             self._cancel_requested.discard(job_id)
 
     def _edit(self, job_id: str, settings: dict[str, Any], inputs: list[bytes],
-              events: queue.Queue) -> None:
+              masks: list[list[bytes]] | None, events: queue.Queue) -> None:
         def progress(phase: str, step: int, total: int) -> None:
             events.put({"event": "progress", "phase": phase, "step": step, "total": total})
             if self.spec.step_delay_s:
@@ -155,12 +157,14 @@ class EngineActor:
         from shared.settings import TransferSettings
 
         try:
+            with_masks = {"masks": PngMasks(masks, "the job's regions")} if masks else {}
             result = self.engine.transfer(PngClip(inputs, "the job's clip"),
                                           TransferSettings.from_dict(settings),
-                                          progress=progress, cancelled=cancelled)
+                                          progress=progress, cancelled=cancelled, **with_masks)
             sidecar = replace(result.sidecar, worker=self._sidecar_worker())
             # Raw frames, not PNGs: the gateway encodes them once, as it does for a local job.
-            events.put({"event": "done", "frames": result.frames, "sidecar": sidecar.to_dict()})
+            events.put({"event": "done", "frames": result.frames, "alpha": result.alpha,
+                        "sidecar": sidecar.to_dict()})
         except JobCancelled:
             events.put({"event": "cancelled"})
         except Exception as error:  # a bad clip, or an engine bug: fails this job, not the actor

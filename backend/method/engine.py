@@ -23,6 +23,12 @@ One edit, as Understudy runs it (docs/method.md):
                    resized result part of the way and denoises it (video-to-video); then
                    retime if asked
 
+With regions (`masks`, backend/method/regions.py): guidance reads each region's masked
+SMM; under subject motion every latent the sampler reaches at a timestep is blended with
+the source's inverted latent there outside the grown region, and 6. composite puts the
+decoded frames back into the source frames, at the source's size, through the feathered
+region (outside the grown region the source's pixels, exactly).
+
 Everything model-specific is the backbone's (backend/backbones/base.py): the engine
 sees a Backbone (encode, decode, embed, predict, taps, geometry, defaults) and its
 Schedule (timesteps, inversion, step, restart). Settings left None ("the model's") are
@@ -56,8 +62,25 @@ from backend.errors import BadClipError, BadSettingsError, JobCancelled, OutOfMe
 from backend.method.framing import Framing, frames_for_model, plan_framing
 from backend.method.guidance import lowfreq_init, pairwise_smm_loss
 from backend.method.inversion import DEFAULT_CACHE_MAX_BYTES, InversionCache, SourceState, cache_key
+from backend.method.regions import (
+    EditRegions,
+    blend_latents,
+    check_region_masks,
+    composite_into_frames,
+    masked_smm,
+    prepare_regions,
+    present_frames,
+    regions_loss,
+    weights_at,
+)
 from backend.method.windows import Window, blend_windowed, place_windows, window_slice
-from backend.results import CancelCheck, ProgressCallback, TransferResult
+from backend.results import (
+    CancelCheck,
+    ProgressCallback,
+    RegionMasks,
+    TransferResult,
+    plate_alpha,
+)
 from backend.video import resize_frames, retime_frames, sample_indices
 from shared.settings import TransferSettings
 from shared.sidecar import Sidecar
@@ -84,7 +107,8 @@ class Procedure:
 
 
 SourceFeatures = list[list[torch.Tensor]]
-"""Per window, per tap (the backbone's tap_names order): the source SMM, (window frames, D)."""
+"""Per window, per tap (the backbone's tap_names order): the source SMM, (window frames, D);
+with regions, each region's masked SMM, (R, window frames, D)."""
 
 
 class Engine:
@@ -126,6 +150,7 @@ class Engine:
         progress: ProgressCallback | None = None,
         cancelled: CancelCheck | None = None,
         procedure: Procedure | None = None,
+        masks: RegionMasks | None = None,
     ) -> TransferResult:
         """Edit a clip.
 
@@ -133,7 +158,14 @@ class Engine:
         [index array], like the server's lazily decoded clip); frames are sampled from
         it by settings.num_frames / settings.start and framed by settings.framing.
         Returns frames of the framing's result size covering its crop box of the source.
-        Raises BadClipError, BadSettingsError, OutOfMemoryError, JobCancelled.
+
+        masks: the edit's regions (backend/results.py RegionMasks, at the clip's size), or
+        None. With regions and motion "subject", each region's own motion guides it,
+        the latent outside the grown region follows the source's inverted latent, and
+        the frames returned are whole source frames (the source's size, whatever the
+        framing) composited through the feathered region (backend/method/regions.py).
+        With motion "camera", the motion outside every region guides a whole new frame.
+        Raises BadClipError (BadMaskError), BadSettingsError, OutOfMemoryError, JobCancelled.
         """
         # 0. Check everything, choose the frames and frame them, before any model work.
         procedure = procedure or Procedure()
@@ -145,22 +177,32 @@ class Engine:
         indices = sample_indices(len(clip_frames), frames_to_edit(settings, len(clip_frames)),
                                  settings.start)
         chosen = np.asarray(clip_frames[indices])
+        if masks is not None:
+            check_region_masks(masks, len(clip_frames), (chosen.shape[2], chosen.shape[1]))
         framing = self.framing_for(settings, (chosen.shape[2], chosen.shape[1]))
         frames = self._padded(frames_for_model(chosen, framing))
-        del chosen
         windows = self.windows_for(len(frames), settings)
+        regions = self._regions_for(masks, indices, settings, framing, len(frames))
+        if regions is None or not regions.keeps_plate():
+            del chosen  # the composite needs the source frames; nothing else does
         timings: dict[str, float] = {}
         try:
             with _timed(timings, "encode_invert"):
                 source, from_cache = self._source_state(frames, windows, settings, procedure, report)
             with _timed(timings, "sample"):
-                latent = self._sample(source, windows, settings, seed, procedure, report)
+                latent = self._sample(source, windows, settings, seed, procedure, report, regions)
             with _timed(timings, "decode"):
                 out = self._decode(latent, settings.vae_slice, report)[: len(indices)]
             if framing.upscale_size is not None:
                 with _timed(timings, "upscale"):
                     out = self.upscaler.video_to_video(out, framing.upscale_size, settings, seed,
                                                        report)
+            alpha = None
+            if regions is not None and regions.keeps_plate():
+                with _timed(timings, "composite"):
+                    out = composite_into_frames(chosen, out, regions.plate, _box(framing))
+                    alpha = plate_alpha(regions.plate.cpu().numpy(), _box(framing),
+                                        (chosen.shape[2], chosen.shape[1]))
         except torch.cuda.OutOfMemoryError as error:
             raise OutOfMemoryError(OUT_OF_MEMORY) from error
         finally:
@@ -168,11 +210,28 @@ class Engine:
                 torch.cuda.empty_cache()
         out = retime_frames(out, settings.output_frames or len(out))
         return TransferResult(out, self._sidecar(settings, seed, framing, indices, windows,
-                                                 from_cache, timings))
+                                                 from_cache, timings, regions),
+                              None if alpha is None else retime_frames(alpha, len(out)))
+
+    def _regions_for(self, masks: RegionMasks | None, indices: np.ndarray,
+                     settings: TransferSettings, framing: Framing,
+                     model_frames: int) -> EditRegions | None:
+        """The edit's regions, framed as its frames. None without a region: the edit as
+        it always was (camera motion without a region guides by the whole frame's SMM,
+        which is today's guidance)."""
+        if masks is None:
+            return None
+        b = self.backbone
+        width, height = framing.model_size
+        return prepare_regions(
+            np.asarray(masks[:, indices]), settings.motion,  # only the frames used are read
+            settings.region_grow, settings.region_feather, _box(framing), model_frames,
+            b.latent_frames(model_frames), (width // b.latent_cell, height // b.latent_cell),
+            b.device)
 
     def _sidecar(self, settings: TransferSettings, seed: int, framing: Framing,
                  indices: np.ndarray, windows: list[Window], from_cache: bool,
-                 timings: dict[str, float]) -> Sidecar:
+                 timings: dict[str, float], regions: EditRegions | None = None) -> Sidecar:
         """The record of how this edit was made (shared/sidecar.py): the counts it used,
         not only the request (an automatic guided count is None in `settings`; the
         settings the model decides are recorded with the values it gave them)."""
@@ -192,6 +251,10 @@ class Engine:
             upscaler=None if framing.upscale_size is None else {
                 "model": self.upscaler.backbone.model_id, "steps": settings.upscale_step_count()},
             backbone=self.backbone.facts.name,
+            regions=None if regions is None and settings.motion == "subject" else {
+                "count": 0 if regions is None else regions.count, "grow": settings.region_grow,
+                "feather": settings.region_feather, "motion": settings.motion,
+                "composited": regions is not None and regions.keeps_plate()},
         )
 
     def check_settings(self, settings: TransferSettings, clip_length: int,
@@ -323,12 +386,17 @@ class Engine:
 
     def _source_features(
         self, state: SourceState, timestep: Timestep, source_embedding: torch.Tensor, window: Window,
-        report: _Reporter,
+        report: _Reporter, regions: EditRegions | None = None,
     ) -> list[torch.Tensor]:
         """Source SMM features of one window: the backbone's taps on the inverted x_t at t,
-        source prompt. (window frames, D) per tap."""
+        source prompt. (window frames, D) per tap; with regions, each guiding region's
+        masked SMM, (R, window frames, D)."""
         report.check()
         self.model_passes["features", "truncated"] += 1
+        if regions is not None:
+            taps = self.backbone.taps(window_slice(state.inverted[timestep], window), timestep,
+                                      source_embedding, truncated=True, spatial=True)
+            return [_region_smms(tap[0], regions, window) for tap in taps]
         taps = self.backbone.taps(window_slice(state.inverted[timestep], window), timestep,
                                   source_embedding, truncated=True)
         return [tap[0] for tap in taps]
@@ -337,9 +405,14 @@ class Engine:
 
     def _sample(
         self, source: SourceState, windows: list[Window], settings: TransferSettings, seed: int,
-        procedure: Procedure, report: _Reporter,
+        procedure: Procedure, report: _Reporter, regions: EditRegions | None = None,
     ) -> torch.Tensor:
-        """The guided, restarted sampling loop; returns the final latent z₀."""
+        """The guided, restarted sampling loop; returns the final latent z₀.
+
+        With regions, guidance reads each region's masked SMM (the source's computed here
+        from the cached inverted latents, which do not depend on the region), and where
+        the plate is kept every latent the sampler reaches at a timestep is blended with
+        the source's inverted latent there: z = m_lat·z + (1 − m_lat)·z_src(t)."""
         settings = self.resolve(settings)
         self.backbone.use_settings(settings)
         b = self.backbone
@@ -350,8 +423,8 @@ class Engine:
 
         target = self._embed([_full_prompt(settings, settings.prompt)])
         negative = self._embed([settings.negative_prompt])
-        source_embedding = None if procedure.cache_source_features else self._embed(
-            [_full_prompt(settings, settings.source_prompt)])
+        source_embedding = None if procedure.cache_source_features and regions is None else \
+            self._embed([_full_prompt(settings, settings.source_prompt)])
         learning_rates = settings.guidance_learning_rates()
         guided_steps = len(learning_rates)
 
@@ -365,6 +438,7 @@ class Engine:
             start = schedule.start_latent(source.source_latent.float(), source.noisiest.float(),
                                           source.noisiest_timestep, timesteps[0])
             latent = lowfreq_init(start, fresh_noise, settings.lowfreq_factor)
+        latent = self._keep_plate(latent, source, timesteps[0], regions)
 
         total = len(timesteps) * len(windows)
         report("sample", 0, total)
@@ -378,28 +452,49 @@ class Engine:
 
             # 3b. Guidance: Adam on x_t towards the source's SMM-difference pattern.
             if index < guided_steps:
-                if procedure.cache_source_features:
+                if regions is not None:
+                    with torch.no_grad():
+                        source_features = [self._source_features(source, timestep, source_embedding,
+                                                                 window, report, regions)
+                                           for window in windows]
+                elif procedure.cache_source_features:
                     source_features = source.features[timestep]
                 else:
                     with torch.no_grad():
                         source_features = [self._source_features(source, timestep, source_embedding,
                                                                  window, report) for window in windows]
                 latent = self._guide(latent, timestep, target, source_features, windows,
-                                     learning_rates[index], settings, procedure, report)
-            # 3c. One CFG step, t → t_next.
+                                     learning_rates[index], settings, procedure, report, regions)
+            # 3c. One CFG step, t → t_next (then, with a kept plate, the blend at t_next).
+            next_timestep = None if is_last else timesteps[index + 1]
             latent = self._denoise(latent, steps, index, target, negative, settings.cfg_scale,
                                    windows, report, None if restarts else step_done)
+            latent = self._keep_plate(latent, source, next_timestep, regions)
             # 3d. Restart: re-noise t_next → t (the schedule's forward process), then step again.
             if restarts:
                 latent = schedule.restart(latent, steps, index, generator)
                 latent = self._denoise(latent, steps, index, target, negative, settings.cfg_scale,
                                        windows, report, step_done)
+                latent = self._keep_plate(latent, source, next_timestep, regions)
         return latent
+
+    @staticmethod
+    def _keep_plate(latent: torch.Tensor, source: SourceState, timestep: Timestep | None,
+                    regions: EditRegions | None) -> torch.Tensor:
+        """z = m_lat·z + (1 − m_lat)·z_src(t) with z_src(t) the source's inverted latent at
+        `timestep` (None: the clean end, z₀); the latent itself without a kept plate."""
+        if regions is None or regions.latent is None:
+            return latent
+        reference = source.source_latent if timestep is None else source.inverted.get(timestep)
+        if reference is None:  # a timestep the inversion did not keep: nothing to follow
+            return latent
+        return blend_latents(latent, reference.to(latent.device), regions.latent)
 
     def _guide(
         self, latent: torch.Tensor, timestep: int, target: torch.Tensor,
         source_features: SourceFeatures, windows: list[Window], learning_rate: float,
         settings: TransferSettings, procedure: Procedure, report: _Reporter,
+        regions: EditRegions | None = None,
     ) -> torch.Tensor:
         """Adam on a copy of x_t so its SMM-difference pattern matches the source's.
 
@@ -419,7 +514,7 @@ class Engine:
                 for window, window_source in zip(windows, source_features, strict=True):
                     report.check()
                     loss = self._window_loss(window_slice(x, window), timestep, target, window_source,
-                                             settings.loss, procedure)
+                                             settings.loss, procedure, regions, window)
                     scaler.scale(loss).backward()
                     self.model_passes["guide", kind] += 1
                     self.model_passes["guide", f"{kind}_backward"] += 1
@@ -430,21 +525,33 @@ class Engine:
     def guidance_loss(
         self, latent: torch.Tensor, timestep: int, target: torch.Tensor,
         source_features: SourceFeatures, windows: list[Window], loss_kind: str = "cosine",
-        procedure: Procedure | None = None,
+        procedure: Procedure | None = None, regions: EditRegions | None = None,
     ) -> float:
         """L = Σ_k L_k at `latent`: the quantity `_guide` lowers (no gradients kept)."""
         procedure = procedure or Procedure()
         with torch.no_grad():
             return sum(self._window_loss(window_slice(latent.float(), window), timestep, target,
-                                         window_source, loss_kind, procedure).item()
+                                         window_source, loss_kind, procedure, regions,
+                                         window).item()
                        for window, window_source in zip(windows, source_features, strict=True))
 
     def _window_loss(
         self, x: torch.Tensor, timestep: int, target: torch.Tensor, source: list[torch.Tensor],
-        loss_kind: str, procedure: Procedure,
+        loss_kind: str, procedure: Procedure, regions: EditRegions | None = None,
+        window: Window | None = None,
     ) -> torch.Tensor:
         """One window's loss: the pairwise SMM loss summed over the backbone's taps (the
-        model truncated after them, or, for the reference procedure, run whole)."""
+        model truncated after them, or, for the reference procedure, run whole); with
+        regions, summed over the regions too, each read from its own cells only."""
+        if regions is not None:
+            taps = self.backbone.taps(x, timestep, target, truncated=procedure.truncate_guidance,
+                                      spatial=True)
+            total = x.new_zeros(())
+            for tap_source, tap in zip(source, taps, strict=True):
+                weights = _window_weights(regions, window, tap.shape[-2:])
+                total = total + regions_loss(tap_source, masked_smm(tap[0], weights),
+                                             present_frames(weights), loss_kind)
+            return total
         taps = self.backbone.taps(x, timestep, target, truncated=procedure.truncate_guidance)
         return sum(pairwise_smm_loss(tap_source, tap[0], loss_kind)
                    for tap_source, tap in zip(source, taps, strict=True))
@@ -564,6 +671,21 @@ class _Reporter:
     def check(self) -> None:
         if self.cancelled is not None and self.cancelled():
             raise JobCancelled("The edit was cancelled.")
+
+
+def _box(framing: Framing) -> tuple[int, int, int, int]:
+    box = framing.box
+    return box.left, box.top, box.right, box.bottom
+
+
+def _window_weights(regions: EditRegions, window: Window, size: tuple[int, int]) -> torch.Tensor:
+    """w: the guiding masks of one window's latent frames at a tap's (h, w), (R, F_k, h, w)."""
+    return weights_at(window_slice(regions.guidance, window, frame_dim=1), tuple(size))
+
+
+def _region_smms(features: torch.Tensor, regions: EditRegions, window: Window) -> torch.Tensor:
+    """Each guiding region's masked SMM of one window's features (F_k, D, h, w): (R, F_k, D)."""
+    return masked_smm(features, _window_weights(regions, window, features.shape[-2:]))
 
 
 def frames_to_edit(settings: TransferSettings, clip_length: int) -> int:

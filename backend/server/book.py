@@ -114,8 +114,10 @@ class JobBook:
                 self._record(ledger, job, client=client)  # events go to the resubmitter
             return self._accepted(ledger, job, duplicate=True)
 
-    def add(self, job: Job, settings: dict[str, Any], frames: list[bytes]) -> dict[str, Any]:
-        """Store a new job and queue it; returns the accepted reply fields.
+    def add(self, job: Job, settings: dict[str, Any], frames: list[bytes],
+            masks: list[list[bytes]] | None = None) -> dict[str, Any]:
+        """Store a new job (its clip, and each region's mask frames) and queue it;
+        returns the accepted reply fields.
 
         Raises ProtocolError queue_full / job_exists, or StoreUnavailable (nothing kept).
         """
@@ -130,7 +132,7 @@ class JobBook:
             self._writable(ledger)
             job.seq = ledger.next_seq
             try:
-                self.store.create(job, settings, frames)
+                self.store.create(job, settings, frames, masks)
             except StoreUnavailable as error:
                 ledger.store_problem = str(error)
                 raise

@@ -40,8 +40,11 @@ class TransferEngine(Protocol):
 
     def transfer(self, clip_frames: Any, settings: TransferSettings,
                  progress: ProgressCallback | None = None,
-                 cancelled: CancelCheck | None = None) -> TransferResult:
-        """Edit a clip; clip_frames needs len() and [index array] (see PngClip)."""
+                 cancelled: CancelCheck | None = None, masks: Any | None = None
+                 ) -> TransferResult:
+        """Edit a clip; clip_frames needs len() and [index array] (see PngClip). `masks`:
+        the edit's regions, None for none; len() is the clip's and [index array] gives
+        (R, n, H, W) float32 in [0, 1] at the clip's resolution (see PngMasks)."""
 
 
 class PooledEngine(TransferEngine, Protocol):

@@ -2,8 +2,10 @@
 
 A PNG of a few hundred bytes can hold a 4096×4096 picture, so the server never
 trusts the wire size: submit reads headers only and checks the job's pixel budget
-(frames used × width × height ≤ max_job_pixels), and the worker decodes only the
-frames the settings choose.
+((frames used + mask frames) × width × height ≤ max_job_pixels), and the worker
+decodes only the frames the settings choose. A region's mask frames (white = subject)
+are decoded at submit, one region at a time, to refuse an empty or all-white region
+before the job is queued; the worker reads them again as the engine asks (PngMasks).
 """
 
 from __future__ import annotations
@@ -48,12 +50,56 @@ def check_png_frames(frames: list[bytes], max_side: int) -> tuple[int, int]:
     return size or (0, 0)
 
 
-def check_pixel_budget(frames_used: int, size: tuple[int, int], max_job_pixels: int) -> None:
-    """Refuse a job whose used frames would decode to more than max_job_pixels."""
-    pixels = frames_used * size[0] * size[1]
-    if pixels > max_job_pixels:
+def check_mask_frames(masks: list[list[bytes]], frame_count: int, size: tuple[int, int]
+                      ) -> None:
+    """Check each region's mask frames as the engine will (backend/method/regions.py
+    check_masks: one frame per clip frame, the clip's size, neither black nor white
+    everywhere); ProtocolError("bad_mask") with its one sentence otherwise. Each frame's
+    size is read from its header before it is decoded; one region is decoded at a time."""
+    from backend.errors import BadMaskError
+    from backend.method.regions import check_masks
+
+    for number, region in enumerate(masks, start=1):
+        decoded = PngMasks([region], "the job")
+        try:
+            check_masks(decoded.region(0, size), frame_count, size, f"of region {number}")
+        except BadMaskError as error:  # the engine's own sentence and code
+            raise ProtocolError(error.code, str(error)) from None
+
+
+def decode_mask(frame: bytes, what: str, size: tuple[int, int] | None = None) -> np.ndarray:
+    """One mask PNG → (H, W) uint8 grey (white = subject); ProtocolError("bad_mask")
+    when it is not a readable PNG, or (given `size`, (w, h)) not of that size, which is
+    read from its header before anything is decoded."""
+    from PIL import Image
+
+    try:
+        if not is_png(frame):
+            raise ValueError("not a PNG")
+        with Image.open(io.BytesIO(frame)) as image:
+            if size is not None and image.size != tuple(size):
+                raise ProtocolError(
+                    ErrorCode.BAD_MASK, f"The {what} is {image.size[0]}×{image.size[1]} but "
+                    f"the clip's frames are {size[0]}×{size[1]}; render the mask at the "
+                    "clip's size.")
+            return np.asarray(image.convert("L"))
+    except ProtocolError:
+        raise
+    except Exception as error:  # Pillow raises many types for broken images
         raise ProtocolError(
-            ErrorCode.TOO_LARGE, f"The job would decode {frames_used} frames of "
+            ErrorCode.BAD_MASK, f"The {what} is not a readable PNG ({type(error).__name__}); "
+            "send masks as greyscale PNGs.") from None
+
+
+def check_pixel_budget(frames_used: int, size: tuple[int, int], max_job_pixels: int,
+                       mask_frames: int = 0) -> None:
+    """Refuse a job whose used frames and mask frames (every region's, all of which are
+    read) would decode to more than max_job_pixels."""
+    pixels = (frames_used + mask_frames) * size[0] * size[1]
+    if pixels > max_job_pixels:
+        masks = f" and {mask_frames} mask frames" if mask_frames else ""
+        raise ProtocolError(
+            ErrorCode.TOO_LARGE, f"The job would decode {frames_used} frames{masks} of "
             f"{size[0]}×{size[1]} ({pixels / 1e6:.0f} megapixels); the server decodes at most "
             f"{max_job_pixels / 1e6:.0f} megapixels a job, so send smaller frames or use "
             "fewer frames (num_frames).")
@@ -85,3 +131,63 @@ class PngClip:
         chosen = np.atleast_1d(np.arange(len(self.images))[indices])
         picked = PngClip([self.images[index] for index in chosen], self.source).png_bytes()
         return check_frames(decode_pngs(picked, self.source), self.source)
+
+
+class PngMasks:
+    """A job's regions as mask PNGs, decoded only when read: the engine's RegionMasks
+    (backend/results.py, (R, F, H, W) float32 in [0, 1], white = subject) in the shape
+    of an array. `masks[:, indices]` decodes only those frames of every region;
+    `np.asarray(masks)` decodes them all.
+
+    `regions[r][f]` is region r's mask of clip frame f: PNG bytes, or the path of a
+    stored file (the job store's masks), read only when decoded.
+    """
+
+    def __init__(self, regions: list[list[Path]] | list[list[bytes]], source: str) -> None:
+        self.regions = regions
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.regions)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(R, F, H, W), H and W read from the first mask's PNG header."""
+        from PIL import Image
+
+        first = self._bytes(0, 0)
+        with Image.open(io.BytesIO(first)) as image:
+            width, height = image.size
+        return len(self.regions), len(self.regions[0]), height, width
+
+    def png_bytes(self) -> list[list[bytes]]:
+        """Every region's mask PNGs, undecoded (to hand them on, e.g. to a Ray worker)."""
+        return [[self._bytes(number, index) for index in range(len(region))]
+                for number, region in enumerate(self.regions)]
+
+    def region(self, number: int, size: tuple[int, int] | None = None,
+               indices=slice(None)) -> np.ndarray:
+        """Region `number`'s masks of the frames `indices`, (n, H, W) float32 in [0, 1];
+        given `size` (w, h), a mask of another size is one sentence, before decoding."""
+        chosen = np.atleast_1d(np.arange(len(self.regions[number]))[indices])
+        frames = [decode_mask(self._bytes(number, index),
+                              f"mask of frame {index} of region {number + 1} of {self.source}",
+                              size) for index in chosen]
+        return np.stack(frames).astype(np.float32) / 255.0
+
+    def __getitem__(self, key) -> np.ndarray:
+        """masks[r], masks[r_index, frame_index] as on the (R, F, H, W) array."""
+        regions, frames = (key + (slice(None),))[:2] if isinstance(key, tuple) else (
+            key, slice(None))
+        numbers = np.arange(len(self.regions))[regions]
+        if np.ndim(numbers) == 0:
+            return self.region(int(numbers), indices=frames)
+        return np.stack([self.region(int(number), indices=frames) for number in numbers])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        masks = self[:, :]
+        return masks if dtype is None else masks.astype(dtype)
+
+    def _bytes(self, number: int, index: int) -> bytes:
+        image = self.regions[number][index]
+        return image.read_bytes() if isinstance(image, Path) else image

@@ -16,7 +16,7 @@ from typing import Any
 from backend.errors import UnderstudyError
 from backend.server.book import JobBook
 from backend.server.engine_api import TransferEngine
-from backend.server.frames import check_pixel_budget, check_png_frames
+from backend.server.frames import check_mask_frames, check_pixel_budget, check_png_frames
 from backend.server.store import Job, StoreUnavailable
 from backend.server.transport import Incoming, client_name, printable
 from shared import protocol
@@ -120,10 +120,12 @@ class Requests:
         job_id = protocol.check_job_id(header.get("job_id"))
         try:
             settings = protocol.require(header, "settings", dict)
+            regions = protocol.check_regions(header.get("regions"))
+            clip, masks = protocol.split_payload(payload, regions)
             header_bytes = len(protocol.json_text(header))
-            protocol.check_submit_limits(self._with_model_size(settings), payload, header_bytes,
-                                         self.limits)
-            digest = protocol.request_digest(settings, payload)
+            protocol.check_submit_limits(self._with_model_size(settings), clip, header_bytes,
+                                         self.limits, masks)
+            digest = protocol.request_digest(settings, payload, regions)
             repeated = self.book.existing(job_id, client, owner, digest)
             if repeated is not None:
                 return {"type": ReplyType.ACCEPTED, **repeated}
@@ -134,21 +136,23 @@ class Requests:
             except TypeError as error:  # from_dict passes values to the dataclass
                 raise ProtocolError(ErrorCode.BAD_SETTINGS,
                                     f"The settings are not valid ({error}).") from None
-            size = check_png_frames(payload, self.limits["max_side"])
-            frames_used = len(payload) if parsed.num_frames is None else min(parsed.num_frames,
-                                                                             len(payload))
-            check_pixel_budget(frames_used, size,
-                               self.limits["max_job_pixels"])
-            self.engine.check_settings(parsed, len(payload), size)
+            size = check_png_frames(clip, self.limits["max_side"])
+            frames_used = len(clip) if parsed.num_frames is None else min(parsed.num_frames,
+                                                                          len(clip))
+            check_pixel_budget(frames_used, size, self.limits["max_job_pixels"],
+                               regions * len(clip))
+            check_mask_frames(masks, len(clip), size)
+            self.engine.check_settings(parsed, len(clip), size)
             job = Job(job_id=job_id, seq=-1, client=client, owner=owner, digest=digest,
-                      submitted_at=time.time(), frames_in=len(payload))
-            accepted = self.book.add(job, settings, payload)
+                      submitted_at=time.time(), frames_in=len(clip))
+            accepted = self.book.add(job, settings, clip, masks)
         except UnderstudyError as error:  # bad settings or clip, store unavailable
             return _rejected(job_id, error.code, str(error))
         except ProtocolError as error:
             return _rejected(job_id, error.code, error.message)
-        log.info("Accepted job %s from %s (%d frames, queue position %s).", job_id,
-                 printable(client.encode("latin-1")), len(payload), accepted["queue_position"])
+        log.info("Accepted job %s from %s (%d frames, %d regions, queue position %s).", job_id,
+                 printable(client.encode("latin-1")), len(clip), regions,
+                 accepted["queue_position"])
         return {"type": ReplyType.ACCEPTED, **accepted}
 
 

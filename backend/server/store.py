@@ -3,6 +3,9 @@
     STATE_DIR/jobs/<job_id>/request.json      settings, owner, client id, digest, order,
                                               and the SHA-256 of every input frame
                             input/00000.png … the submitted frames, byte for byte
+                            mask/<r>/00000.png … region r's mask frames (r from 0), when
+                                              the job has regions; request.json keeps
+                                              their SHA-256 too
                             status.json       state, attempts, times, error, cancel flag
                             result/00000.png … result/frames.json (each frame's SHA-256),
                             result/sidecar.json (written last: the result is complete)
@@ -38,6 +41,7 @@ from shared.protocol import ErrorCode, JobState, ProtocolError, check_job_id, js
 log = logging.getLogger("understudy.server")
 
 PROBE_NAME = ".write-probe"
+MASK_FOLDER = "mask"  # mask/<region>/00000.png …
 
 
 class StoreUnavailable(UnderstudyError):
@@ -91,13 +95,18 @@ class Job:
     def status_record(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.PERSISTENT}
 
-    def request_record(self, settings: dict[str, Any], inputs: list[str]) -> dict[str, Any]:
+    def request_record(self, settings: dict[str, Any], inputs: list[str],
+                       masks: list[list[str]] | None = None) -> dict[str, Any]:
         """request.json; `inputs`: each input frame's SHA-256, to prove them intact;
+        `masks`: each region's mask frames' SHA-256 (only when the job has regions);
         `client`: the submitting client id, for a rebuilt job's events."""
-        return {"job_id": self.job_id, "seq": self.seq, "owner": self.owner,
-                "client": self.client,
-                "digest": self.digest, "submitted_at": self.submitted_at,
-                "frames_in": self.frames_in, "settings": settings, "inputs": inputs}
+        record = {"job_id": self.job_id, "seq": self.seq, "owner": self.owner,
+                  "client": self.client,
+                  "digest": self.digest, "submitted_at": self.submitted_at,
+                  "frames_in": self.frames_in, "settings": settings, "inputs": inputs}
+        if masks:
+            record["masks"] = masks
+        return record
 
 
 def frame_digests(frames: list[bytes]) -> list[str]:
@@ -180,8 +189,10 @@ class JobStore:
         atomic_write(self.root / PROBE_NAME, b"ok")
         os.remove(self.root / PROBE_NAME)
 
-    def create(self, job: Job, settings: dict[str, Any], frames: list[bytes]) -> None:
-        """Store inputs, request, then status (queued): after this the job is accepted.
+    def create(self, job: Job, settings: dict[str, Any], frames: list[bytes],
+               masks: list[list[bytes]] | None = None) -> None:
+        """Store inputs (clip, then each region's masks), request, then status (queued):
+        after this the job is accepted.
 
         On failure nothing of the job is left behind and StoreUnavailable is raised.
         """
@@ -193,8 +204,15 @@ class JobStore:
             for index, frame in enumerate(frames):
                 atomic_write(folder / "input" / f"{index:05d}.png", frame)
             fsync_dir(folder / "input")
-            atomic_write(folder / "request.json",
-                         json_bytes(job.request_record(settings, frame_digests(frames))))
+            for region, mask_frames in enumerate(masks or []):
+                region_folder = folder / MASK_FOLDER / str(region)
+                region_folder.mkdir(parents=True)
+                for index, frame in enumerate(mask_frames):
+                    atomic_write(region_folder / f"{index:05d}.png", frame)
+                fsync_dir(region_folder)
+            atomic_write(folder / "request.json", json_bytes(job.request_record(
+                settings, frame_digests(frames),
+                [frame_digests(mask_frames) for mask_frames in masks or []])))
             self._write_status(job)
             fsync_dir(self.root)
         except OSError as error:
@@ -236,6 +254,11 @@ class JobStore:
 
     def input_paths(self, job_id: str) -> list[Path]:
         return sorted((self.folder(job_id) / "input").glob("*.png"))
+
+    def mask_paths(self, job_id: str, regions: int) -> list[list[Path]]:
+        """Each region's stored mask frames, in order ([] for a job without regions)."""
+        return [sorted((self.folder(job_id) / MASK_FOLDER / str(region)).glob("*.png"))
+                for region in range(regions)]
 
     def read_result(self, job_id: str, frame_count: int | None
                     ) -> tuple[dict[str, Any], list[bytes]]:
@@ -341,20 +364,36 @@ def _owner_of(folder: Path) -> str | None:
 
 
 def _inputs_problem(folder: Path, request: dict[str, Any]) -> str | None:
-    """None when every input frame is there and has the SHA-256 request.json recorded,
-    else what is wrong (for the log)."""
+    """None when every input frame (and every region's mask frame) is there and has
+    the SHA-256 request.json recorded, else what is wrong (for the log)."""
     recorded = request.get("inputs")
     if not isinstance(recorded, list) or not recorded:
         return "request.json records no input digests to check the inputs against"
-    paths = sorted((folder / "input").glob("*.png"))
+    problem = _files_problem(sorted((folder / "input").glob("*.png")), recorded, "input")
+    masks = request.get("masks", [])
+    if problem is None and not isinstance(masks, list):
+        return "request.json records its masks' digests wrongly"
+    for region, digests in enumerate(masks):
+        if problem is not None:
+            break
+        if not isinstance(digests, list):
+            return f"request.json records region {region}'s mask digests wrongly"
+        problem = _files_problem(sorted((folder / MASK_FOLDER / str(region)).glob("*.png")),
+                                 digests, f"region {region} mask")
+    return problem
+
+
+def _files_problem(paths: list[Path], recorded: list, what: str) -> str | None:
+    """None when each file has its recorded SHA-256, else what is wrong; `what` names
+    the frames ("input", "region 0 mask")."""
     if len(paths) != len(recorded):
-        return f"{len(paths)} of its {len(recorded)} input frames are there"
+        return f"{len(paths)} of its {len(recorded)} {what} frames are there"
     for index, (path, digest) in enumerate(zip(paths, recorded, strict=True)):
         try:
             if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
-                return f"input frame {index} is not the frame submitted"
+                return f"{what} frame {index} is not the frame submitted"
         except OSError as error:
-            return f"input frame {index} cannot be read ({_reason(error)})"
+            return f"{what} frame {index} cannot be read ({_reason(error)})"
     return None
 
 

@@ -155,7 +155,8 @@ class Transport:
             total += len(frame)
             frames.append(frame)
             try:
-                protocol.check_message_limits(count - 1, total, self.limits)
+                protocol.check_message_limits(count - 1, total, self.limits,
+                                              protocol.max_payload_frames(self.limits))
             except ProtocolError as error:
                 refusal = error
                 del frames[1:]

@@ -18,9 +18,10 @@ from collections.abc import Callable
 from typing import Any
 
 from backend.errors import JobCancelled
+from backend.results import TransferResult
 from backend.server.book import WORKER_LOST_TWICE, JobBook
 from backend.server.engine_api import EngineLost, TransferEngine
-from backend.server.frames import PngClip
+from backend.server.frames import PngClip, PngMasks
 from backend.server.store import Job, JobStore, StoreUnavailable
 from shared.protocol import ErrorCode, EventType, JobState, error_header, failure_reply
 
@@ -85,8 +86,12 @@ class JobThread:
             request = self.store.read_request(job.job_id)
             settings = TransferSettings.from_dict(request["settings"])
             clip = PngClip(self.store.input_paths(job.job_id), f"the clip of job {job.job_id}")
-            result = self.engine.transfer(clip, settings, progress=progress, cancelled=cancelled)
-            images = [encode_png(frame) for frame in result.frames]
+            regions = self.store.mask_paths(job.job_id, len(request.get("masks", [])))
+            # Only a job with regions passes masks, so an engine without them runs as before.
+            with_masks = {"masks": PngMasks(regions, f"job {job.job_id}")} if regions else {}
+            result = self.engine.transfer(clip, settings, progress=progress, cancelled=cancelled,
+                                          **with_masks)
+            images = [encode_png(frame) for frame in result_pixels(result)]
             sidecar = result.sidecar.to_dict()
             self.store.write_result(job.job_id, images, sidecar)
             progress("save", len(images), len(images))
@@ -129,3 +134,13 @@ class JobThread:
         else:
             log.error("Job %s ended (%s) but the store could not record it; it runs again "
                       "once the store is writable.", job.job_id, state)
+
+
+def result_pixels(result: TransferResult) -> Any:
+    """The result frames as the server sends them: RGB, or RGBA whose alpha is the
+    feathered region when the frames are composited through one (docs/protocol.md §4)."""
+    import numpy as np
+
+    if result.alpha is None:
+        return result.frames
+    return np.concatenate([result.frames, result.alpha[..., None]], axis=-1)
