@@ -105,6 +105,7 @@ class ErrorCode(StrEnum):
     TOO_MANY_FRAMES = "too_many_frames"
     TOO_LARGE = "too_large"
     QUEUE_FULL = "queue_full"
+    TOO_BIG_FOR_GPU = "too_big_for_gpu"  # the memory plan: it cannot fit even with every saver
     STORE_UNAVAILABLE = "store_unavailable"
     JOB_EXISTS = "job_exists"
     UNKNOWN_JOB = "unknown_job"

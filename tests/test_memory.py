@@ -188,7 +188,7 @@ def test_memory_command_prints_the_plan(capsys: pytest.CaptureFixture[str]) -> N
 
 def test_memory_auto_takes_the_cheapest_savers_that_fit() -> None:
     """Peak 20, checkpointing → 12, VAE slice 1 → 11, offloads (predicted only) → 9."""
-    from backend.errors import BadSettingsError
+    from backend.errors import TooBigForGpuError
     from backend.memory_plan import MemoryPlan, SaverChoice, choose_savers
 
     gib = 2**30
@@ -201,14 +201,14 @@ def test_memory_auto_takes_the_cheapest_savers_that_fit() -> None:
     assert choose_savers(plan, 12 * gib) == SaverChoice(("gradient_checkpointing",), 12 * gib)
     assert choose_savers(plan, 11 * gib) == SaverChoice(("gradient_checkpointing", "vae_slice_1"),
                                                         11 * gib)
-    assert choose_savers(plan, 9 * gib, allowed=("gradient_checkpointing", "vae_slice_1",
-                                                 "vae_offload")).savers[-1] == "vae_offload"
-    with pytest.raises(BadSettingsError) as refused:
-        choose_savers(plan, 10 * gib)
+    assert choose_savers(plan, 9 * gib).savers[-1] == "vae_offload"  # every saver is applied now
+    with pytest.raises(TooBigForGpuError) as refused:
+        choose_savers(plan, 10 * gib, allowed=("gradient_checkpointing", "vae_slice_1"))
     assert str(refused.value) == (
         "This edit needs about 11.0 GiB of GPU memory even with gradient_checkpointing, "
         "vae_slice_1 on, and 10.0 GiB are free; edit fewer frames per window (--window-frames), "
         "a smaller --width/--height, or use a GPU with more memory.")
+    assert refused.value.code == "too_big_for_gpu"
 
 
 def test_memory_command_plans_a_clip(capsys: pytest.CaptureFixture[str], clip_path) -> None:  # noqa: ANN001

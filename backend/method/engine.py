@@ -36,6 +36,7 @@ fits one window runs exactly as it would without windows.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -44,7 +45,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -61,6 +62,9 @@ from backend.results import CancelCheck, ProgressCallback, TransferResult
 from backend.video import resize_frames, retime_frames, sample_indices
 from shared.settings import TransferSettings
 from shared.sidecar import Sidecar
+
+if TYPE_CHECKING:  # backend/memory_savers.py imports the engine (the plan runs its calls)
+    from backend.memory_savers import MemoryPlanner
 
 OUT_OF_MEMORY = (
     "The GPU ran out of memory; try --gradient-checkpointing, fewer --frames, a smaller "
@@ -102,6 +106,9 @@ class Engine:
         self.cache = InversionCache(cache_dir, cache_max_bytes or DEFAULT_CACHE_MAX_BYTES)
         self.model_passes: Counter[tuple[str, str]] = Counter()
         self.upscaler = upscaler
+        # `--memory auto` (backend/memory_savers.py): set by the server and the command
+        # line when there is a GPU to fit; None plans nothing.
+        self.memory: MemoryPlanner | None = None
 
     def describe(self) -> dict[str, Any]:
         """What the server reports in its hello: model id, device, dtype, the backbone
@@ -146,29 +153,37 @@ class Engine:
                                  settings.start)
         chosen = np.asarray(clip_frames[indices])
         framing = self.framing_for(settings, (chosen.shape[2], chosen.shape[1]))
+        from backend.memory_savers import offloads_applied, out_of_memory_sentence, with_savers
+
+        memory = None if self.memory is None else self.memory.decide(
+            self.backbone, settings, len(indices), (chosen.shape[2], chosen.shape[1]))
+        settings = with_savers(settings, memory.savers) if memory else settings
         frames = self._padded(frames_for_model(chosen, framing))
         del chosen
         windows = self.windows_for(len(frames), settings)
         timings: dict[str, float] = {}
         try:
-            with _timed(timings, "encode_invert"):
-                source, from_cache = self._source_state(frames, windows, settings, procedure, report)
-            with _timed(timings, "sample"):
-                latent = self._sample(source, windows, settings, seed, procedure, report)
-            with _timed(timings, "decode"):
-                out = self._decode(latent, settings.vae_slice, report)[: len(indices)]
+            with offloads_applied(self.backbone, memory.savers if memory else ()):
+                with _timed(timings, "encode_invert"):
+                    source, from_cache = self._source_state(frames, windows, settings, procedure,
+                                                            report)
+                with _timed(timings, "sample"):
+                    latent = self._sample(source, windows, settings, seed, procedure, report)
+                with _timed(timings, "decode"):
+                    out = self._decode(latent, settings.vae_slice, report)[: len(indices)]
             if framing.upscale_size is not None:
                 with _timed(timings, "upscale"):
                     out = self.upscaler.video_to_video(out, framing.upscale_size, settings, seed,
                                                        report)
         except torch.cuda.OutOfMemoryError as error:
-            raise OutOfMemoryError(OUT_OF_MEMORY) from error
+            raise OutOfMemoryError(out_of_memory_sentence(memory, OUT_OF_MEMORY)) from error
         finally:
             if self.backbone.device.type == "cuda":
                 torch.cuda.empty_cache()
         out = retime_frames(out, settings.output_frames or len(out))
-        return TransferResult(out, self._sidecar(settings, seed, framing, indices, windows,
-                                                 from_cache, timings))
+        sidecar = self._sidecar(settings, seed, framing, indices, windows, from_cache, timings)
+        return TransferResult(out, dataclasses.replace(sidecar, memory=memory.to_dict()) if memory
+                              else sidecar)
 
     def _sidecar(self, settings: TransferSettings, seed: int, framing: Framing,
                  indices: np.ndarray, windows: list[Window], from_cache: bool,

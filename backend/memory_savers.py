@@ -1,0 +1,231 @@
+"""The memory savers, applied: `--memory auto` plans an edit and turns on what it needs.
+
+    planner = MemoryPlanner(lambda: gpu_description("cuda", None))  # or assume_gb=16
+    decision = planner.decide(backbone, settings, frames, (width, height))
+    settings = with_savers(settings, decision.savers)
+    with offloads_applied(backbone, decision.savers):
+        ...the edit...
+
+The savers, cheapest first (shared/settings.py MEMORY_SAVERS; each is taken only with
+every one before it, as the plan predicts them, backend/memory_plan.py):
+
+    gradient_checkpointing   the setting: guidance recomputes activations in backward
+    vae_slice_1              the setting vae_slice = 1: the VAE takes one frame at a time
+    text_encoder_offload     the text encoder lives in host memory, on the GPU only to embed
+    vae_offload              the VAE lives in host memory, on the GPU only to encode and
+                             to decode each slice
+    sequential_offload       accelerate's cpu_offload: every network's weights in host
+                             memory, each module's brought to the GPU for its own forward
+
+The first two are settings; the offloads move modules. On a CPU the device is the host,
+so the offloads are accepted and move nothing. A Wan model's text encoder already lives
+in host memory on CUDA (backend/backbones/wan.py), so its plan never offers that saver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from backend.backbones.base import Backbone
+from backend.memory_plan import MemoryPlan, choose_savers, plan_edit, readable
+from shared.settings import MEMORY_SAVERS, TransferSettings
+
+log = logging.getLogger("understudy.memory")
+
+SETTING_SAVERS = {"gradient_checkpointing": {"gradient_checkpointing": True},
+                  "vae_slice_1": {"vae_slice": 1}}
+OFFLOAD_SAVERS = ("text_encoder_offload", "vae_offload", "sequential_offload")
+# Settings that change no memory figure: left out of the plan cache's key.
+NOT_PLANNED = ("prompt", "source_prompt", "negative_prompt", "prompt_prefix", "seed", "lr_start",
+               "lr_end", "cfg_scale", "loss", "init", "restart", "memory", "output_frames",
+               "upscale_strength")
+
+Move = Callable[[torch.nn.Module, torch.device], Any]
+
+
+def with_savers(settings: TransferSettings, savers: tuple[str, ...]) -> TransferSettings:
+    """The settings with the setting savers among `savers` turned on."""
+    changes: dict[str, Any] = {}
+    for saver in savers:
+        changes.update(SETTING_SAVERS.get(saver, {}))
+    return dataclasses.replace(settings, **changes) if changes else settings
+
+
+def check_saver_names(savers: tuple[str, ...]) -> None:
+    unknown = [saver for saver in savers if saver not in MEMORY_SAVERS]
+    if unknown:
+        raise ValueError(f"Unknown memory saver {unknown[0]!r}; known: {', '.join(MEMORY_SAVERS)}.")
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+@contextlib.contextmanager
+def offloads_applied(backbone: Backbone, savers: tuple[str, ...], *,
+                     host: torch.device | None = None, move: Move | None = None,
+                     active: bool | None = None) -> Iterator[list[str]]:
+    """While the block runs, the offload savers among `savers` act on `backbone`'s
+    networks; after it every network is back where it was and every hook is gone.
+
+    Yields the offloads installed. They act when the model runs on another device than
+    the host (`active`, default: the backbone's device is not the host's); on a CPU they
+    are accepted and install nothing. `move(module, device)` moves a network (default
+    module.to; tests pass a recorder)."""
+    check_saver_names(savers)
+    host = host or torch.device("cpu")
+    move = move or (lambda module, device: module.to(device))
+    active = backbone.device.type != host.type if active is None else active
+    wanted = [saver for saver in OFFLOAD_SAVERS if saver in savers]
+    if not active or not wanted:
+        yield []
+        return
+    device = backbone.device
+    denoiser, vae, text_encoder = backbone.modules()
+    homes = {id(module): _device_of(module) for module in (denoiser, vae, text_encoder)}
+    patched: dict[str, Any] = {}  # instance attributes set here, removed on the way out
+
+    def visiting(module: torch.nn.Module, call: Callable[..., Any]) -> Callable[..., Any]:
+        """`call`, with `module` on the GPU while it runs and in host memory after."""
+        def run(*args: Any, **kwargs: Any) -> Any:
+            move(module, device)
+            try:
+                return call(*args, **kwargs)
+            finally:
+                move(module, host)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        return run
+
+    try:
+        if "sequential_offload" in wanted:
+            from accelerate import cpu_offload
+
+            for module in (denoiser, vae, text_encoder):
+                move(module, host)
+                cpu_offload(module, execution_device=device)
+            if hasattr(backbone, "_text_encoder_on_device"):  # Wan's own visits: now per module
+                patched["_text_encoder_on_device"] = contextlib.nullcontext
+        else:
+            if "text_encoder_offload" in wanted:
+                move(text_encoder, host)
+                patched["embed"] = visiting(text_encoder, backbone.embed)
+            if "vae_offload" in wanted:
+                move(vae, host)
+                original_decode_slices = backbone.decode_slices
+
+                def decode_slices(latent: torch.Tensor, frames_per_slice: int) -> list:
+                    return [visiting(vae, one) for one in original_decode_slices(latent, frames_per_slice)]
+
+                patched["encode"] = visiting(vae, backbone.encode)
+                patched["decode_slices"] = decode_slices
+        for name, value in patched.items():
+            setattr(backbone, name, value)
+        yield wanted
+    finally:
+        for name in patched:
+            backbone.__dict__.pop(name, None)
+        if "sequential_offload" in wanted:
+            from accelerate.hooks import remove_hook_from_module
+
+            for module in (denoiser, vae, text_encoder):
+                remove_hook_from_module(module, recurse=True)
+        for module in (denoiser, vae, text_encoder):
+            move(module, homes[id(module)])
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- the decision
+
+
+@dataclass(frozen=True)
+class MemoryDecision:
+    """What `--memory auto` chose for one edit: the savers (cheapest first), the peak
+    the plan predicts with them, and the GPU memory it was fitted into."""
+
+    savers: tuple[str, ...]
+    predicted_peak_bytes: int
+    budget_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """The sidecar's `memory` record."""
+        return {"savers": list(self.savers), "predicted_peak_bytes": self.predicted_peak_bytes,
+                "budget_bytes": self.budget_bytes}
+
+
+class MemoryPlanner:
+    """Plans edits against one GPU's memory and keeps the plans (a plan runs the
+    engine's calls on fake tensors: seconds for a tiny model, tens of seconds for a
+    full one), keyed by the model, the frames, the clip's size and every setting that
+    changes a figure. Thread-safe: the server plans on its main thread and the job
+    thread asks again (a cache hit) when the job runs.
+
+    gpu: the GPU as it is now (gpu_description); its budget_bytes is the memory an edit
+    may take (serve --assume-gpu-memory-gb, or the CUDA device's free memory plus what
+    this process already holds). None: no GPU to fit, nothing is planned."""
+
+    def __init__(self, gpu: Callable[[], dict[str, Any] | None], device: str | None = None) -> None:
+        self.gpu = gpu
+        self.device = device  # the device planned for; None: the backbone's
+        self._plans: dict[str, MemoryPlan] = {}
+        self._lock = threading.Lock()
+
+    def plan(self, backbone: Backbone, settings: TransferSettings, frames: int,
+             frame_size: tuple[int, int] | None) -> MemoryPlan:
+        """The plan of editing `frames` frames of a clip of frame_size (width, height)."""
+        device = self.device or str(backbone.device)
+        relevant = {name: value for name, value in settings.to_dict().items() if name not in NOT_PLANNED}
+        key = json.dumps([backbone.model_id, str(backbone.dtype), device, frames, frame_size, relevant],
+                         sort_keys=True)
+        with self._lock:
+            if key not in self._plans:
+                self._plans[key] = plan_edit(backbone, frames, None, device, None, settings, frame_size)
+            return self._plans[key]
+
+    def decide(self, backbone: Backbone, settings: TransferSettings, frames: int,
+               frame_size: tuple[int, int] | None) -> MemoryDecision | None:
+        """The savers this edit needs on this GPU; None with `memory` "off" or no budget.
+        TooBigForGpuError (one sentence) when even every saver leaves it too big."""
+        gpu = self.gpu() if settings.memory == "auto" else None
+        if gpu is None:
+            return None
+        plan = self.plan(backbone, settings, frames, frame_size)
+        choice = choose_savers(plan, gpu["budget_bytes"], MEMORY_SAVERS)
+        return MemoryDecision(choice.savers, choice.peak_bytes, gpu["budget_bytes"])
+
+
+def out_of_memory_sentence(decision: MemoryDecision | None, base: str) -> str:
+    """The out-of-memory sentence with the plan's figure, so the estimate can be corrected."""
+    if decision is None:
+        return base
+    savers = ", ".join(decision.savers) or "no saver"
+    return (base.removesuffix(".") + f" (the memory plan predicted {readable(decision.predicted_peak_bytes)} "
+            f"with {savers} on, against {readable(decision.budget_bytes)}; please report both "
+            f"figures so the plan can be corrected).")
+
+
+def gpu_description(device: str | None, assume_gb: float | None) -> dict[str, Any] | None:
+    """The GPU as the hello reports it: {"name", "total_bytes", "free_bytes", "budget_bytes",
+    "assumed"}; with `assume_gb` (serve --assume-gpu-memory-gb) that many GB, whatever
+    the device; on CUDA the real device's; None on a CPU."""
+    if assume_gb is not None:
+        total = int(assume_gb * 10**9)
+        return {"name": f"assumed {assume_gb:g} GB", "total_bytes": total, "free_bytes": total,
+                "budget_bytes": total, "assumed": True}
+    if device is None or not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    index = torch.device(device).index or 0
+    free, total = torch.cuda.mem_get_info(index)
+    held = torch.cuda.memory_reserved(index)  # this process's own, reused by its edits
+    return {"name": torch.cuda.get_device_name(index), "total_bytes": int(total),
+            "free_bytes": int(free), "budget_bytes": int(free + held), "assumed": False}
