@@ -1,7 +1,7 @@
 """The memory savers, applied: `--memory auto` plans an edit and turns on what it needs.
 
     planner = MemoryPlanner(lambda: gpu_description("cuda", None))  # or assume_gb=16
-    decision = planner.decide(backbone, settings, frames, (width, height))
+    decision = planner.decide(backbone, settings, clip_length, (width, height))
     settings = with_savers(settings, decision.savers)
     with offloads_applied(backbone, decision.savers):
         ...the edit...
@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from backend.backbones.base import Backbone
-from backend.memory_plan import MemoryPlan, choose_savers, plan_edit, readable
+from backend.memory_plan import MemoryPlan, choose_savers, plan_edit, readable, shell_backbone
 from shared.settings import MEMORY_SAVERS, TransferSettings
 
 log = logging.getLogger("understudy.memory")
@@ -47,7 +47,7 @@ OFFLOAD_SAVERS = ("text_encoder_offload", "vae_offload", "sequential_offload")
 # Settings that change no memory figure: left out of the plan cache's key.
 NOT_PLANNED = ("prompt", "source_prompt", "negative_prompt", "prompt_prefix", "seed", "lr_start",
                "lr_end", "cfg_scale", "loss", "init", "restart", "memory", "output_frames",
-               "upscale_strength")
+               "upscale_strength", "frame_limit", "num_frames", "start")  # frames: keyed apart
 
 Move = Callable[[torch.nn.Module, torch.device], Any]
 
@@ -180,26 +180,38 @@ class MemoryPlanner:
         self._plans: dict[str, MemoryPlan] = {}
         self._lock = threading.Lock()
 
-    def plan(self, backbone: Backbone, settings: TransferSettings, frames: int,
-             frame_size: tuple[int, int] | None) -> MemoryPlan:
-        """The plan of editing `frames` frames of a clip of frame_size (width, height)."""
-        device = self.device or str(backbone.device)
+    def plan(self, model: Backbone | str, settings: TransferSettings, frames: int,
+             frame_size: tuple[int, int] | None, device: str | None = None,
+             dtype: str | None = None) -> MemoryPlan:
+        """The plan of editing `frames` frames of a clip of frame_size (width, height) with
+        a loaded backbone, or with a model not loaded yet (a PLANNABLE name, on `device`
+        in `dtype`): the same plan either way, so the command line's check before
+        loading is the engine's cache hit after."""
+        shell = model if isinstance(model, Backbone) else shell_backbone(
+            model, torch.device(device or "cuda"), dtype)
+        device = device or self.device or str(shell.device)
+        settings = settings.resolved(shell.facts.defaults)
         relevant = {name: value for name, value in settings.to_dict().items() if name not in NOT_PLANNED}
-        key = json.dumps([backbone.model_id, str(backbone.dtype), device, frames, frame_size, relevant],
+        key = json.dumps([shell.model_id, str(shell.dtype), device, frames, frame_size, relevant],
                          sort_keys=True)
         with self._lock:
             if key not in self._plans:
-                self._plans[key] = plan_edit(backbone, frames, None, device, None, settings, frame_size)
+                self._plans[key] = plan_edit(shell, frames, None, device, None, settings, frame_size)
             return self._plans[key]
 
-    def decide(self, backbone: Backbone, settings: TransferSettings, frames: int,
-               frame_size: tuple[int, int] | None) -> MemoryDecision | None:
-        """The savers this edit needs on this GPU; None with `memory` "off" or no budget.
-        TooBigForGpuError (one sentence) when even every saver leaves it too big."""
+    def decide(self, model: Backbone | str, settings: TransferSettings, clip_length: int,
+               frame_size: tuple[int, int] | None, device: str | None = None,
+               dtype: str | None = None) -> MemoryDecision | None:
+        """The savers an edit of a clip of `clip_length` frames of frame_size needs on
+        this GPU; None with `memory` "off" or no GPU. TooBigForGpuError (one sentence)
+        when even every saver leaves it too big."""
+        from backend.method.engine import frames_to_edit
+
         gpu = self.gpu() if settings.memory == "auto" else None
         if gpu is None:
             return None
-        plan = self.plan(backbone, settings, frames, frame_size)
+        frames = frames_to_edit(settings, clip_length)
+        plan = self.plan(model, settings, frames, frame_size, device, dtype)
         choice = choose_savers(plan, gpu["budget_bytes"], MEMORY_SAVERS)
         return MemoryDecision(choice.savers, choice.peak_bytes, gpu["budget_bytes"])
 

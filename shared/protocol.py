@@ -53,6 +53,7 @@ class RequestType(StrEnum):
     CANCEL = "cancel"
     FETCH = "fetch"
     HEARTBEAT = "heartbeat"
+    PLAN = "plan"  # the memory plan of a job not sent: predicted peak and savers (§4)
 
 
 class ReplyType(StrEnum):
@@ -64,6 +65,7 @@ class ReplyType(StrEnum):
     STATUS = "status"
     RESULT = "result"
     HEARTBEAT = "heartbeat"
+    PLAN = "plan"
     ERROR = "error"
 
 

@@ -156,7 +156,7 @@ class Engine:
         from backend.memory_savers import offloads_applied, out_of_memory_sentence, with_savers
 
         memory = None if self.memory is None else self.memory.decide(
-            self.backbone, settings, len(indices), (chosen.shape[2], chosen.shape[1]))
+            self.backbone, settings, len(clip_frames), (chosen.shape[2], chosen.shape[1]))
         settings = with_savers(settings, memory.savers) if memory else settings
         frames = self._padded(frames_for_model(chosen, framing))
         del chosen
