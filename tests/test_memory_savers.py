@@ -134,3 +134,30 @@ def test_memory_auto_in_the_engine_records_its_choice_and_refuses_what_cannot_fi
         assert off.sidecar.memory is None
     finally:
         engine.memory = None
+
+
+def test_an_out_of_memory_error_names_the_plans_figure(engine) -> None:  # noqa: ANN001
+    """A CUDA out-of-memory error that still happens is one sentence with the plan's
+    prediction and the budget, so the estimate can be corrected."""
+    from backend.errors import OutOfMemoryError
+    from backend.memory_plan import readable
+
+    settings = TransferSettings(**QUICK)
+    engine.memory = MemoryPlanner(lambda: {"budget_bytes": 10**12})
+
+    def out_of_memory(*_args) -> None:  # noqa: ANN002
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    hook = engine.backbone.unet.register_forward_pre_hook(out_of_memory)
+    try:
+        predicted = engine.memory.decide(engine.backbone, engine.resolve(settings), 4, (64, 48))
+        with pytest.raises(OutOfMemoryError) as ran_out:
+            engine.transfer(clip(), settings)
+    finally:
+        hook.remove()
+        engine.memory = None
+    message = str(ran_out.value)
+    assert message.startswith("The GPU ran out of memory; try ")
+    assert (f"the memory plan predicted {readable(predicted.predicted_peak_bytes)} with no saver on, "
+            f"against 931.3 GiB; please report both figures") in message
+    assert message.endswith(").") and message.count(". ") == 0
