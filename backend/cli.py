@@ -331,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--upscale", action="store_true",
                        help="the upscaling stage's cost instead: one edit with it, both stages "
                             "at their native sizes")
+    bench.add_argument("--memory", action="store_true",
+                       help="GPU memory instead (CUDA only): the memory plan of one edit against "
+                            "torch.cuda.max_memory_allocated in each phase")
     bench.add_argument("-o", "--output", help="write the JSON report here")
     bench.set_defaults(func=command_bench)
 

@@ -220,3 +220,49 @@ def test_memory_command_plans_a_clip(capsys: pytest.CaptureFixture[str], clip_pa
     plan = json.loads(capsys.readouterr().out)
     assert plan["frames"] == 8
     assert plan["size"][0] * plan["size"][1] <= 576 * 320
+
+
+class LiveBytesAllocator:
+    """bench --memory's Allocator on the CPU: the plan's tensor counter over real tensors."""
+
+    def __init__(self, tracker: LiveBytes) -> None:
+        self.tracker = tracker
+
+    def allocated(self) -> int:
+        return self.tracker.current
+
+    def reset_peak(self) -> None:
+        self.tracker.reset_peak()
+
+    def peak(self) -> int:
+        return self.tracker.peak
+
+
+def test_bench_memory_sets_each_phase_against_the_plan_on_a_cpu() -> None:
+    """bench --memory's own measuring code, run on the CPU with LiveBytes standing in for
+    CUDA's counters: every phase is read, and the peak is the plan's within 3 %."""
+    from backend.tools.bench_memory import format_memory_report, run_memory_bench
+
+    engine = load_engine("tiny", device="cpu")
+    settings = TransferSettings(**SHORT, width=96, height=64, memory="off")
+    tracker = LiveBytes()
+    with tracker:
+        for module in engine.backbone.modules():
+            tracker.track_module(module)
+        report = run_memory_bench(engine, 12, (96, 64), settings, LiveBytesAllocator(tracker))
+    phases = report["phases"]
+    assert list(phases) == ["weights", "embed", "encode", "invert", "features", "guide", "cfg",
+                            "decode", "peak"]
+    # The plan runs inside the tracker here, so a few small tensors it keeps count too.
+    assert 1.0 <= phases["weights"]["ratio"] <= 1.01
+    assert 0.97 <= phases["peak"]["ratio"] <= 1.03
+    print(format_memory_report(report))
+
+
+def test_bench_memory_needs_cuda(capsys: pytest.CaptureFixture[str]) -> None:
+    from backend.cli import main
+
+    assert main(["bench", "--memory", "--arch", "tiny", "--device", "cpu"]) == 1
+    assert capsys.readouterr().err == (
+        "error: bench --memory measures GPU memory and needs a CUDA GPU, which this machine "
+        "does not have; run `python -m backend memory` here for the plan alone.\n")
