@@ -137,8 +137,11 @@ def offloads_applied(backbone: Backbone, savers: tuple[str, ...], *,
         if "sequential_offload" in wanted:
             from accelerate.hooks import remove_hook_from_module
 
-            for module in (denoiser, vae, text_encoder):
-                remove_hook_from_module(module, recurse=True)
+            for network in (denoiser, vae, text_encoder):
+                remove_hook_from_module(network, recurse=True)
+                for module in network.modules():  # accelerate leaves the class's forward bound
+                    if module.__dict__.get("forward") == type(module).forward.__get__(module):
+                        del module.forward
         for module in (denoiser, vae, text_encoder):
             move(module, homes[id(module)])
         if device.type == "cuda":

@@ -44,6 +44,13 @@ MUTANTS: tuple[Mutant, ...] = (
         ('tests/test_memory_server.py::test_the_server_refuses_what_cannot_fit_before_queueing',),
     ),
     Mutant(
+        "Wan's gradient checkpointing drops sequential offload's hook after guidance",
+        'backend/backbones/wan.py',
+        '                block.forward = forward  # back to accelerate\'s hook',
+        '                del block.forward',
+        ('tests/test_memory_savers.py::test_sequential_offload_survives_gradient_checkpointing_on_wan',),
+    ),
+    Mutant(
         'the VAE offload leaves the VAE on the GPU while sampling',
         'backend/memory_savers.py',
         '            if "vae_offload" in wanted:\n                move(vae, host)',

@@ -161,3 +161,28 @@ def test_an_out_of_memory_error_names_the_plans_figure(engine) -> None:  # noqa:
     assert (f"the memory plan predicted {readable(predicted.predicted_peak_bytes)} with no saver on, "
             f"against 931.3 GiB; please report both figures") in message
     assert message.endswith(").") and message.count(". ") == 0
+
+
+def test_sequential_offload_survives_gradient_checkpointing_on_wan() -> None:
+    """Checkpointing wraps the guided blocks' forward and unwraps it after guidance; under
+    sequential offload that forward is accelerate's hook, which must come back (a Wan
+    block holds a weight of its own, so it is hooked): the CFG steps after guidance
+    run hooked, and the frames are those of the same edit without offload."""
+    wan = load_engine("wan-tiny", device="cpu")
+    settings = with_savers(TransferSettings(**{**QUICK, "num_frames": 5, "guidance_block": 2}),
+                           ("gradient_checkpointing",))  # blocks 0 and 1 checkpointed
+    frames = np.random.default_rng(1).integers(0, 255, (5, 48, 64, 3), dtype=np.uint8)
+    plain = wan.transfer(frames, settings).frames
+    block = wan.backbone.transformer.blocks[0]
+    hooked: list[bool] = []  # per call of the first block: does accelerate's hook run it?
+    watch = block.register_forward_pre_hook(
+        lambda module, _args: hooked.append("forward" in module.__dict__))
+    try:
+        with offloads_applied(wan.backbone, ("gradient_checkpointing", "sequential_offload"),
+                              host=HOST, move=Recorder(wan.backbone), active=True):
+            offloaded = wan.transfer(frames, settings).frames
+    finally:
+        watch.remove()
+    assert hooked and all(hooked), hooked
+    assert "forward" not in block.__dict__  # and gone after the edit
+    np.testing.assert_array_equal(plain, offloaded)
