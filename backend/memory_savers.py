@@ -37,6 +37,7 @@ import torch
 
 from backend.backbones.base import Backbone
 from backend.memory_plan import MemoryPlan, choose_savers, plan_edit, readable, shell_backbone
+from backend.method.engine import Engine
 from shared.settings import MEMORY_SAVERS, TransferSettings
 
 log = logging.getLogger("understudy.memory")
@@ -189,18 +190,37 @@ class MemoryPlanner:
         """The plan of editing `frames` frames of a clip of frame_size (width, height) with
         a loaded backbone, or with a model not loaded yet (a PLANNABLE name, on `device`
         in `dtype`): the same plan either way, so the command line's check before
-        loading is the engine's cache hit after."""
+        loading is the engine's cache hit after.
+
+        Planned for planned_frames(frames) frames (a bound from above: memory grows with
+        the frames) at the size the framing gives the model, so clips of many lengths and
+        sizes share a few plans."""
         shell = model if isinstance(model, Backbone) else shell_backbone(
             model, torch.device(device or "cuda"), dtype)
         device = device or self.device or str(shell.device)
         settings = settings.resolved(shell.facts.defaults)
+        size = (Engine(shell).framing_for(settings, frame_size).model_size if frame_size
+                else (settings.width, settings.height))
+        frames = planned_frames(frames, settings.window_frames, settings.window_overlap)
         relevant = {name: value for name, value in settings.to_dict().items() if name not in NOT_PLANNED}
-        key = json.dumps([shell.model_id, str(shell.dtype), device, frames, frame_size, relevant],
+        key = json.dumps([shell.model_id, str(shell.dtype), device, frames, size, relevant],
                          sort_keys=True)
         with self._lock:
             if key not in self._plans:
-                self._plans[key] = plan_edit(shell, frames, None, device, None, settings, frame_size)
+                self._plans[key] = plan_edit(shell, frames, size, device, None, settings)
             return self._plans[key]
+
+    def warm(self, backbone: Backbone) -> None:
+        """Plan the model's own clip (its window at its native size, default settings)
+        ahead of the first job, when there is a GPU to plan for (serve runs this in a
+        thread at start, so the usual first submit finds its plan made)."""
+        if self.gpu() is None:
+            return
+        settings = TransferSettings(prompt="a plan").resolved(backbone.facts.defaults)
+        try:
+            self.plan(backbone, settings, settings.window_frames, None)
+        except Exception:  # a plan that fails here fails again, in one sentence, at submit
+            log.exception("Planning the model's own clip ahead of the first job failed.")
 
     def decide(self, model: Backbone | str, settings: TransferSettings, clip_length: int,
                frame_size: tuple[int, int] | None, device: str | None = None,
@@ -217,6 +237,17 @@ class MemoryPlanner:
         plan = self.plan(model, settings, frames, frame_size, device, dtype)
         choice = choose_savers(plan, gpu["budget_bytes"], MEMORY_SAVERS)
         return MemoryDecision(choice.savers, choice.peak_bytes, gpu["budget_bytes"])
+
+
+def planned_frames(frames: int, window: int, overlap: int) -> int:
+    """The frame count a clip of `frames` is planned for: the next power of two up to
+    one window (2, 4, 8, 16, …, window), then whole strides of windows, window + k·(window
+    − overlap). Memory only grows with the frames, so the plan bounds the clip's from
+    above; 24-frame ZeroScope windows give 2, 4, 8, 16, 24, 40, 56, …, 248."""
+    if frames <= window:
+        return min(window, 1 << max(1, (frames - 1).bit_length()))
+    stride = max(1, window - overlap)
+    return window + -(-(frames - window) // stride) * stride
 
 
 def out_of_memory_sentence(decision: MemoryDecision | None, base: str) -> str:

@@ -188,6 +188,8 @@ def serve(config: ServerConfig, model: str, device: str | None = None, dtype: st
                                              upscale_model=upscale_model), None, ""
         engine_device, assumed = str(engine.backbone.device), config.assume_gpu_memory_gb
         engine.memory = MemoryPlanner(lambda: gpu_description(engine_device, assumed))
+        threading.Thread(target=engine.memory.warm, args=(engine.backbone,), daemon=True,
+                         name="understudy-plan-warm-up").start()
     else:  # the models load on the Ray workers; this process needs neither torch nor a GPU
         from backend.cluster.gateway import start_actors
         from backend.cluster.worker import ActorSpec
