@@ -122,6 +122,9 @@ def command_serve(args: argparse.Namespace) -> int:
     from backend.server import ServerConfig, serve
     from shared.protocol import DEFAULT_LIMITS
 
+    if args.ray is not None and args.assume_gpu_memory_gb is not None:
+        raise UnderstudyError("--assume-gpu-memory-gb plans the jobs of this server's own engine; "
+                              "with --ray the workers' GPUs are not planned yet, so leave it out.")
     limits = dict(DEFAULT_LIMITS)
     limits.update(max_message_bytes=int(args.max_message_mb * 2**20), max_frames=args.max_frames,
                   max_side=args.max_side, max_job_pixels=int(args.max_job_megapixels * 1e6),

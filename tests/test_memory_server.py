@@ -110,3 +110,13 @@ def test_the_command_line_refuses_before_loading_the_model(clip_path, tmp_path, 
     assert code == 1
     error = capsys.readouterr().err
     assert error.startswith("error: This edit needs about ") and error.count("\n") == 1
+
+
+def test_assumed_gpu_memory_is_checked(capsys) -> None:  # noqa: ANN001
+    from backend.cli import main
+
+    assert main(["serve", "--assume-gpu-memory-gb", "0"]) == 1
+    assert capsys.readouterr().err == ("error: --assume-gpu-memory-gb is 0.0; give a positive "
+                                       "size in GB.\n")
+    assert main(["serve", "--ray", "local:1", "--assume-gpu-memory-gb", "8"]) == 1
+    assert "with --ray the workers' GPUs are not planned yet" in capsys.readouterr().err
