@@ -100,7 +100,8 @@ def command_transfer(args: argparse.Namespace) -> int:
                               "tcp://HOST:PORT.")
     where = (Remote(args.server, args.keys, args.timeout, args.job_id) if args.server else
              Local(args.model, args.device, args.dtype, Path(args.cache_dir),
-                   cache_max_bytes(args.cache_max_gb), args.upscale_model))
+                   cache_max_bytes(args.cache_max_gb), args.upscale_model,
+                   gpu_gigabytes(args.assume_gpu_memory_gb)))
     progress = ProgressBar()
     try:
         outcome = edit_clip(Path(args.clip), settings_values(args), Path(args.output), where,
@@ -122,6 +123,9 @@ def command_serve(args: argparse.Namespace) -> int:
     from backend.server import ServerConfig, serve
     from shared.protocol import DEFAULT_LIMITS
 
+    if args.ray is not None and args.assume_gpu_memory_gb is not None:
+        raise UnderstudyError("--assume-gpu-memory-gb plans the jobs of this server's own engine; "
+                              "with --ray the workers' GPUs are not planned yet, so leave it out.")
     limits = dict(DEFAULT_LIMITS)
     limits.update(max_message_bytes=int(args.max_message_mb * 2**20), max_frames=args.max_frames,
                   max_side=args.max_side, max_job_pixels=int(args.max_job_megapixels * 1e6),
@@ -130,10 +134,18 @@ def command_serve(args: argparse.Namespace) -> int:
                           keys_dir=Path(args.keys) if args.keys else None,
                           insecure=args.insecure, limits=limits, keep_hours=args.keep_hours,
                           keep_jobs=args.keep_jobs, test_step_delay_s=args.test_step_delay,
-                          cluster=cluster_options(args))
+                          cluster=cluster_options(args),
+                          assume_gpu_memory_gb=gpu_gigabytes(args.assume_gpu_memory_gb))
     serve(config, args.model, device=args.device, dtype=args.dtype,
           cache_dir=Path(args.cache_dir), upscale_model=args.upscale_model)
     return 0
+
+
+def gpu_gigabytes(gigabytes: float | None) -> float | None:
+    """--assume-gpu-memory-gb, checked: a positive size or None."""
+    if gigabytes is not None and not gigabytes > 0:
+        raise UnderstudyError(f"--assume-gpu-memory-gb is {gigabytes}; give a positive size in GB.")
+    return gigabytes
 
 
 def cluster_options(args: argparse.Namespace):
@@ -276,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_argument("--upscale-model", default=None,
                           help="the upscaler for --upscale xl: hub id, local diffusers folder or "
                                "'tiny' (default: cerspense/zeroscope_v2_XL)")
+    transfer.add_argument("--assume-gpu-memory-gb", type=float, default=None, metavar="N",
+                          help="plan the edit (--memory auto) for a GPU with N GB (10^9 bytes) "
+                               "(default: the CUDA device's free memory; on a CPU nothing is "
+                               "planned)")
     add_settings_flags(transfer)
     transfer.set_defaults(func=command_transfer)
 
@@ -323,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--upscale", action="store_true",
                        help="the upscaling stage's cost instead: one edit with it, both stages "
                             "at their native sizes")
+    bench.add_argument("--memory", action="store_true",
+                       help="GPU memory instead (CUDA only): the memory plan of one edit against "
+                            "torch.cuda.max_memory_allocated in each phase")
     bench.add_argument("-o", "--output", help="write the JSON report here")
     bench.set_defaults(func=command_bench)
 
@@ -351,6 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep finished results this long (default: %(default)s)")
     serve.add_argument("--keep-jobs", type=int, default=200,
                        help="keep at most this many finished jobs (default: %(default)s)")
+    serve.add_argument("--assume-gpu-memory-gb", type=float, default=None, metavar="N",
+                       help="plan jobs (--memory auto) for a GPU with N GB (10^9 bytes) for "
+                       "this server, for sharing a GPU and for tests (default: the CUDA "
+                       "device's free memory; on a CPU nothing is planned)")
     serve.add_argument("--test-step-delay", type=float, default=0.0,
                        help="testing only: sleep this many seconds at every progress step, "
                        "so tests can catch a job mid-run")

@@ -37,6 +37,7 @@ class Local:
     cache_dir: Path = DEFAULT_CACHE
     cache_max_bytes: int | None = None  # None: the engine's default cap
     upscale_model: str | None = None  # for upscale "xl"; None: ZeroScope XL
+    assume_gpu_memory_gb: float | None = None  # `--memory auto` fits into this; None: the GPU's
 
 
 @dataclass
@@ -88,9 +89,11 @@ def edit_clip(clip_path: Path, settings: dict[str, Any], output: Path, where: Lo
         from backend.method.engine import load_engine
 
         upscaler = None if parsed.upscale == "none" else where.upscale_model or ZEROSCOPE_XL
+        memory = _memory_checked(where, parsed, clip.frames)
         engine = load_engine(where.model, device=where.device, dtype=where.dtype,
                              cache_dir=Path(where.cache_dir), cache_max_bytes=where.cache_max_bytes,
                              upscale_model=upscaler)
+        engine.memory = memory
         result = engine.transfer(clip.frames, parsed, progress=progress, masks=masks)
         frames, sidecar = result.frames, result.sidecar
     frames = _frames_for_files(clip.frames, frames, sidecar)
@@ -108,6 +111,25 @@ def read_region_masks(paths: Sequence[Path], clip_frames) -> RegionMasks:
 
     size = (clip_frames.shape[2], clip_frames.shape[1])
     return np.stack([read_masks(path, len(clip_frames), size) for path in paths])
+
+
+def _memory_checked(where: Local, settings: TransferSettings, clip_frames):
+    """`--memory auto` before anything heavy loads: the plan of this clip on this GPU
+    (the model's architecture on the meta device), so an edit that cannot fit is
+    refused in one sentence (TooBigForGpuError) before the weights are read. Returns
+    the planner the engine then uses (its plan cached). A model the plan cannot name
+    before loading (a local folder) is planned by the engine once loaded."""
+    import torch
+
+    from backend.memory_plan import PLANNABLE
+    from backend.memory_savers import MemoryPlanner, gpu_description
+
+    device = where.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    planner = MemoryPlanner(lambda: gpu_description(device, where.assume_gpu_memory_gb))
+    if where.model in PLANNABLE:
+        planner.decide(where.model, settings, len(clip_frames),
+                       (clip_frames.shape[2], clip_frames.shape[1]), device, where.dtype)
+    return planner
 
 
 def _frames_for_files(clip_frames, frames, sidecar: Sidecar):

@@ -11,7 +11,7 @@ from shared.errors import BadSettingsError, UnderstudyError
 from shared.protocol import ErrorCode
 
 __all__ = ["BadClipError", "BadMaskError", "BadSettingsError", "JobCancelled", "ModelNotFoundError",
-           "OutOfMemoryError", "UnderstudyError"]
+           "OutOfMemoryError", "TooBigForGpuError", "UnderstudyError"]
 
 
 class BadClipError(UnderstudyError):
@@ -37,6 +37,13 @@ class OutOfMemoryError(UnderstudyError):
     """The GPU ran out of memory; the message names the settings that help."""
 
     code = ErrorCode.OUT_OF_MEMORY
+
+
+class TooBigForGpuError(UnderstudyError):
+    """The memory plan says the edit cannot fit the GPU even with every saver on; the
+    message names what would make it fit."""
+
+    code = ErrorCode.TOO_BIG_FOR_GPU
 
 
 class JobCancelled(UnderstudyError):

@@ -36,14 +36,15 @@ A plan for CUDA runs on fake CPU tensors with CUDA's autocast rules (CudaAutocas
 place of the backbone's torch.autocast("cuda"), and the allocator's 512-byte blocks.
 
 While it plans, Tensor.numpy and the backbones' `checkpoint` name are swapped for the
-planner's (_no_numpy, _recompute_as_on_cuda): plan in a process, or at a time, where no
-real edit runs.
+planner's (_no_numpy, _recompute_as_on_cuda); the swaps act only in the planning
+thread (PyTorch's modes are per thread too), so a server can plan a job on its main
+thread while its job thread runs a real edit.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -65,11 +66,10 @@ from backend.backbones.zeroscope import (
 from backend.errors import ModelNotFoundError
 from backend.memory import CUDA_BLOCK_BYTES, CudaAutocast, LiveBytes, fake_world, measure
 from backend.method.engine import Engine, Procedure, _full_prompt, _Reporter
-from shared.settings import TransferSettings
+from shared.settings import MEMORY_SAVERS, TransferSettings
 
 PHASES = ("weights", "embed", "encode", "invert", "features", "guide", "cfg", "decode")
-SAVERS = ("gradient_checkpointing", "vae_slice_1", "text_encoder_offload", "vae_offload",
-          "sequential_offload")
+SAVERS = MEMORY_SAVERS  # shared/settings.py: the names, cheapest first
 WAN_ARCHITECTURES = {WAN_RANDOM: "Wan2.1-T2V-1.3B", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": "Wan2.1-T2V-1.3B",
                      "Wan-AI/Wan2.1-T2V-14B-Diffusers": "Wan2.1-T2V-14B",
                      "Wan-AI/Wan2.2-TI2V-5B-Diffusers": "Wan2.2-TI2V-5B"}
@@ -104,17 +104,19 @@ class MemoryPlan:
                 "windows": self.windows}
 
 
-def plan_edit(model: str, frames: int | None = None, size: tuple[int, int] | None = None,
+def plan_edit(model: str | Backbone, frames: int | None = None, size: tuple[int, int] | None = None,
               device: str = "cuda", dtype: str | None = None,
               settings: TransferSettings | None = None,
               source_size: tuple[int, int] | None = None) -> MemoryPlan:
     """The memory plan of editing `frames` frames (default: the model's window) at `size` =
     (width, height) (default: the model's; or, given a clip's `source_size`, the size its
     framing gives the model) with `model` on `device` (present or not) in `dtype`
-    (default: the backbone's for that device)."""
+    (default: the backbone's for that device). `model` is a name (PLANNABLE) or a loaded
+    backbone, whose architecture is planned in its own dtype (`dtype` is not read)."""
     torch_device = torch.device(device)
     settings = settings or TransferSettings(prompt="a plan", source_prompt="a plan")
-    shell = shell_backbone(model, torch_device, dtype)
+    shell = shell_backbone(model, torch_device, dtype) if isinstance(model, str) else shell_of(model)
+    model = model if isinstance(model, str) else model.model_id
     resolved = Engine(shell).resolve(settings)
     frames = frames or resolved.window_frames
     if size is None:
@@ -129,10 +131,12 @@ def plan_edit(model: str, frames: int | None = None, size: tuple[int, int] | Non
         if gpu:
             _as_on_cuda(shell)
         engine = Engine(shell)
-        resolved = engine.resolve(dataclasses.replace(settings, width=size[0], height=size[1]))
+        # The framed size can be under the settings' least side (a wide clip 64 px high
+        # under fit): set as the engine's framing sets it, without checking it again.
+        resolved = _unchecked(engine.resolve(settings), width=size[0], height=size[1])
         measured, kept = _measure_phases(engine, resolved, frames, size, tracker,
                                          sum(modules.values()))
-        saving = dataclasses.replace(resolved, gradient_checkpointing=True, vae_slice=1)
+        saving = _unchecked(resolved, gradient_checkpointing=True, vae_slice=1)
         with_savers = _measure_guide_decode(engine, saving, kept, tracker, ("encode", "guide", "decode"),
                                             engine.windows_for(shell.model_frames(frames), resolved))
     windows = len(engine.windows_for(shell.model_frames(frames), resolved))
@@ -177,6 +181,46 @@ def shell_backbone(model: str, device: torch.device, dtype: str | None) -> Backb
         f"plan the one with the same architecture.")
 
 
+def _unchecked(settings: TransferSettings, **changes: Any) -> TransferSettings:
+    """A copy of the settings with `changes`, not validated again (see plan_edit)."""
+    import copy
+
+    changed = copy.copy(settings)
+    for name, value in changes.items():
+        setattr(changed, name, value)
+    return changed
+
+
+def shell_of(backbone: Backbone) -> Backbone:
+    """A loaded backbone's architecture rebuilt on the meta device from its networks'
+    configs (any ZeroScope or Wan folder, not only the PLANNABLE names), in its dtypes,
+    with a schedule of its own: planning never touches the loaded model."""
+    import copy
+
+    from backend.backbones.wan import Wan
+
+    def meta_copy(module: torch.nn.Module) -> torch.nn.Module:
+        with torch.device("meta"):
+            if hasattr(type(module), "from_config"):  # diffusers
+                rebuilt = type(module).from_config(module.config)
+            else:  # transformers
+                rebuilt = type(module)(module.config)
+        dtype = next(module.parameters()).dtype
+        return torch.nn.Module.to(rebuilt, "meta", dtype).eval().requires_grad_(False)
+
+    cpu = torch.device("cpu")
+    if isinstance(backbone, Wan):
+        return Wan(meta_copy(backbone.transformer), meta_copy(backbone.vae),
+                   meta_copy(backbone.text_encoder), backbone.tokenizer, backbone.schedule.shift,
+                   backbone.expand_timesteps, backbone.model_id, cpu, backbone.dtype)
+    if isinstance(backbone, ZeroScope):
+        return ZeroScope(meta_copy(backbone.unet), meta_copy(backbone.vae),
+                         meta_copy(backbone.text_encoder), backbone.tokenizer,
+                         copy.deepcopy(backbone.scheduler), backbone.model_id, cpu, backbone.dtype,
+                         backbone.facts)
+    raise ModelNotFoundError(f"The memory plan knows ZeroScope and Wan, not {type(backbone).__name__}.")
+
+
 def _materialise(backbone: Backbone, tracker: LiveBytes) -> dict[str, int]:
     """Give each network fake storage; returns its weight bytes by role."""
     roles = ("denoiser", "vae", "text_encoder")
@@ -197,46 +241,74 @@ def _as_on_cuda(backbone: Backbone) -> None:
     backbone.scales_loss = lambda: False  # type: ignore[method-assign]
 
 
+_PLANNING = threading.local()  # .autocast_dtype, .numpy: what this thread's plan swaps in
+_SWAP_LOCK = threading.Lock()
+_SWAPPED = {"count": 0}
+
+
 @contextlib.contextmanager
-def _recompute_as_on_cuda(dtype: torch.dtype | None) -> Iterator[None]:
-    """Gradient checkpointing recomputes during backward, outside the backbone's
-    precision(): checkpoint restores torch.autocast there by itself, CudaAutocast it must
-    be given (context_fn) in the backbones' checkpoint calls."""
-    if dtype is None:
-        yield
-        return
+def _planning_swaps() -> Iterator[None]:
+    """Install the swaps (once, however many threads plan): Tensor.numpy and the
+    backbones' `checkpoint` become functions that act as the planner's in a planning
+    thread and as the originals everywhere else."""
     from torch.utils import checkpoint as torch_checkpoint
 
     from backend.backbones import wan, zeroscope_taps
 
-    def with_autocast(*args: Any, **kwargs: Any) -> Any:
-        kwargs["context_fn"] = lambda: (contextlib.nullcontext(), CudaAutocast(dtype))
-        return torch_checkpoint.checkpoint(*args, **kwargs)
+    with _SWAP_LOCK:
+        if _SWAPPED["count"] == 0:
+            _SWAPPED["numpy"] = original_numpy = torch.Tensor.numpy
 
-    originals = [(module, module.checkpoint) for module in (wan, zeroscope_taps)]
-    for module, _original in originals:
-        module.checkpoint = with_autocast
+            def numpy(self: torch.Tensor, *args: Any, **kwargs: Any) -> np.ndarray:
+                if not getattr(_PLANNING, "numpy", False):
+                    return original_numpy(self, *args, **kwargs)
+                dtype = np.dtype(str(self.dtype).removeprefix("torch."))
+                return np.broadcast_to(np.zeros((), dtype), tuple(self.shape))
+
+            def checkpoint(*args: Any, **kwargs: Any) -> Any:
+                dtype = getattr(_PLANNING, "autocast_dtype", None)
+                if dtype is not None:
+                    kwargs["context_fn"] = lambda: (contextlib.nullcontext(), CudaAutocast(dtype))
+                return torch_checkpoint.checkpoint(*args, **kwargs)
+
+            torch.Tensor.numpy = numpy  # type: ignore[method-assign]
+            for module in (wan, zeroscope_taps):
+                module.checkpoint = checkpoint
+        _SWAPPED["count"] += 1
     try:
         yield
     finally:
-        for module, original in originals:
-            module.checkpoint = original
+        with _SWAP_LOCK:
+            _SWAPPED["count"] -= 1
+            if _SWAPPED["count"] == 0:
+                torch.Tensor.numpy = _SWAPPED.pop("numpy")  # type: ignore[method-assign]
+                for module in (wan, zeroscope_taps):
+                    module.checkpoint = torch_checkpoint.checkpoint
+
+
+@contextlib.contextmanager
+def _recompute_as_on_cuda(dtype: torch.dtype | None) -> Iterator[None]:
+    """Gradient checkpointing recomputes during backward, outside the backbone's
+    precision(): checkpoint restores torch.autocast there by itself, CudaAutocast it must
+    be given (context_fn) in the backbones' checkpoint calls (this thread's only)."""
+    _PLANNING.autocast_dtype = dtype
+    try:
+        with _planning_swaps():
+            yield
+    finally:
+        _PLANNING.autocast_dtype = None
 
 
 @contextlib.contextmanager
 def _no_numpy() -> Iterator[None]:
-    """Fake tensors have no data: .numpy() gives zeros of the shape (a broadcast view, no memory)."""
-    original = torch.Tensor.numpy
-
-    def numpy(self: torch.Tensor, *args: Any, **kwargs: Any) -> np.ndarray:
-        dtype = np.dtype(str(self.dtype).removeprefix("torch."))
-        return np.broadcast_to(np.zeros((), dtype), tuple(self.shape))
-
-    torch.Tensor.numpy = numpy  # type: ignore[method-assign]
+    """Fake tensors have no data: .numpy() gives zeros of the shape (a broadcast view, no
+    memory), in this thread only."""
+    _PLANNING.numpy = True
     try:
-        yield
+        with _planning_swaps():
+            yield
     finally:
-        torch.Tensor.numpy = original  # type: ignore[method-assign]
+        _PLANNING.numpy = False
 
 
 # --------------------------------------------------------------------------- the phases
@@ -331,7 +403,7 @@ def _measure_guide_decode(engine: Engine, settings: TransferSettings, kept: _Kep
     if "guide" in names and kept.guided:
         timestep = kept.guided[0]
         latent = torch.empty_like(kept.source_latent, dtype=torch.float32)
-        one_iteration = dataclasses.replace(settings, guidance_iterations=1)
+        one_iteration = _unchecked(settings, guidance_iterations=1)
         peaks["guide"], _ = measure(lambda: engine._guide(
             latent, timestep, target, kept.state.features[timestep][:1], first, 0.001,
             one_iteration, Procedure(), report), tracker)
@@ -422,9 +494,8 @@ def format_plan(plan: MemoryPlan) -> str:
 
 # --------------------------------------------------------------------------- --memory auto
 
-APPLIED_SAVERS = ("gradient_checkpointing", "vae_slice_1")
-"""The savers the engine can turn on today (settings gradient_checkpointing, vae_slice);
-the offloads are predicted only."""
+APPLIED_SAVERS = SAVERS
+"""The savers the engine turns on (backend/memory_savers.py): all of them."""
 
 
 @dataclass(frozen=True)
@@ -439,11 +510,11 @@ class SaverChoice:
 def choose_savers(plan: MemoryPlan, budget_bytes: int,
                   allowed: tuple[str, ...] = APPLIED_SAVERS) -> SaverChoice:
     """The fewest savers, cheapest first (SAVERS' order), that bring the plan's peak
-    within `budget_bytes`; BadSettingsError with one sentence when even all the allowed
+    within `budget_bytes`; TooBigForGpuError with one sentence when even all the allowed
     ones do not, naming what would make it fit.
 
     Savers are cumulative: saver k is only taken with savers 1…k−1 (those allowed)."""
-    from backend.errors import BadSettingsError
+    from backend.errors import TooBigForGpuError
 
     if plan.peak_bytes <= budget_bytes:
         return SaverChoice((), plan.peak_bytes)
@@ -456,7 +527,7 @@ def choose_savers(plan: MemoryPlan, budget_bytes: int,
         lowest = saver["peak_bytes"]
         if lowest <= budget_bytes:
             return SaverChoice(tuple(taken), lowest)
-    raise BadSettingsError(
+    raise TooBigForGpuError(
         f"This edit needs about {readable(lowest)} of GPU memory even with "
         f"{', '.join(taken) or 'every saver'} on, and {readable(budget_bytes)} are free; "
         f"edit fewer frames per window (--window-frames), a smaller --width/--height, "

@@ -25,6 +25,7 @@ from collections import deque
 from enum import StrEnum
 from pathlib import Path
 
+from . import plan
 from .backend_install import (
     SETUP_COMMAND,
     Install,
@@ -68,12 +69,11 @@ def ready_line(line: str) -> bool:
 
 
 def describe_hello(hello: dict) -> tuple[BackendState, str]:
-    """(ready or busy, "model M on D, GPU memory ...") from the server's hello."""
-    engine = hello.get("engine") if isinstance(hello.get("engine"), dict) else {}
+    """(ready or busy, "model M on D, GPU NAME, SIZE (FREE free), …") from the server's hello."""
     parts = [f"model {hello.get('model', '?')} on {hello.get('device', '?')}"]
-    memory = engine.get("gpu_memory") or hello.get("gpu_memory")
-    if memory:
-        parts.append(f"GPU memory {memory}")
+    gpu = plan.gpu_text(hello)  # the hello's `gpu` (docs/protocol.md §4)
+    if gpu:
+        parts.append(gpu)
     queued = hello.get("queue_length")
     busy = isinstance(queued, int) and queued > 0
     if busy:

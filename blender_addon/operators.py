@@ -273,7 +273,27 @@ def test_connection(prefs) -> str:
     return report
 
 
+class UNDERSTUDY_OT_check_memory(bpy.types.Operator):
+    """Ask the server how much GPU memory transferring the active strip would take, as set"""
+
+    bl_idname = "understudy.check_memory"
+    bl_label = "Check GPU Memory"
+
+    @classmethod
+    def poll(cls, context):
+        return has_sequencer(context)
+
+    @reports_user_errors
+    def execute(self, context):
+        settings = compat.sequencer_scene(context).understudy
+        if not local_backend.prepare(context):
+            settings.memory_report = "The backend is starting; check again once it is ready."
+            return {"FINISHED"}
+        self.report({"INFO"}, rendering.plan_memory(context))
+        return {"FINISHED"}
+
+
 CLASSES = (UNDERSTUDY_OT_transfer, UNDERSTUDY_OT_make_room, UNDERSTUDY_OT_cancel,
-           UNDERSTUDY_OT_collect, UNDERSTUDY_OT_test_connection)
+           UNDERSTUDY_OT_collect, UNDERSTUDY_OT_test_connection, UNDERSTUDY_OT_check_memory)
 
 register, unregister = bpy.utils.register_classes_factory(CLASSES)

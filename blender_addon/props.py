@@ -161,6 +161,10 @@ class UnderstudySettings(bpy.types.PropertyGroup):
     last_seed: StringProperty(name="Last seed", default="",
                               description="The seed of the last finished run")
     show_advanced: BoolProperty(name="Advanced", default=False)
+    memory_report: StringProperty(
+        name="GPU memory", default="",
+        description="The server's memory plan of the last Check GPU Memory: the predicted "
+                    "peak against its GPU")
     room_strip: StringProperty(
         name="Needs room", default="",
         description="The strip whose transfer was refused for want of a channel under its "

@@ -106,6 +106,31 @@ def check_place(context) -> None:
     plan.result_channel(strip_io.strip_span(strip), strip.name, strip_io.neighbours(scene))
 
 
+def plan_memory(context) -> str:
+    """Ask the server for the memory plan of transferring the active strip as the panel
+    is set (docs/protocol.md §4, `plan`): the line the panel shows, also kept in
+    scene.understudy.memory_report. Nothing is rendered or sent but the numbers."""
+    scene = compat.sequencer_scene(context)
+    strip = strip_io.source_strip(scene)
+    prefs = props.preferences(context)
+    values = scene.understudy.values()
+    values["prompt"] = values["prompt"] or "a plan"  # the plan does not depend on the words
+    if prefs.local:
+        values.update(prefs.memory_settings())
+    span = strip_io.strip_span(strip)
+    settings = plan.transfer_settings(values, span.length)
+    size = strip_io.render_size(scene, strip_io.placement_of(scene, strip), int(prefs.max_render_size))
+    config = prefs.server_config()
+    try:
+        client = link.client_for(config)
+        reply = link.guarded(lambda: client.plan(settings, span.length, size))
+    except plan.UserError:
+        link.forget(config)
+        raise
+    scene.understudy.memory_report = plan.memory_line(reply)
+    return scene.understudy.memory_report
+
+
 def start(context, prompt: str = "", tick_budget_s: float | None = None) -> RenderSession:
     """Check everything, record the job (rendering) and return its render session.
 

@@ -67,6 +67,9 @@ class UNDERSTUDY_PT_panel(bpy.types.Panel):
                          "width", "height", "negative_prompt"):
                 box.prop(settings, name)
         layout.label(text=frames_text(scene), icon="SEQUENCE")
+        row = layout.row(align=True)  # the predicted peak against the server's GPU
+        row.label(text=settings.memory_report or "GPU memory: not checked yet", icon="MEMORY")
+        row.operator("understudy.check_memory", text="", icon="FILE_REFRESH")
 
         layout.operator("understudy.transfer", icon="PLAY")
         strip = compat.active_strip(scene)

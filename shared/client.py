@@ -293,6 +293,16 @@ class Client:
             raise JobRejected(error.message, error.code) from None
         return reply
 
+    def plan(self, settings: dict[str, Any], frame_count: int,
+             frame_size: tuple[int, int]) -> dict[str, Any]:
+        """The server's memory plan of a job not sent (docs/protocol.md §4, `plan`): its
+        GPU (`gpu`, null without one), whether the job fits (`fits`), the savers
+        `--memory auto` would turn on, the predicted peak with them, and the refusal
+        sentence (`message`) when it cannot fit."""
+        reply, _ = self._request({"type": RequestType.PLAN, "settings": settings,
+                                  "frame_count": frame_count, "frame_size": list(frame_size)})
+        return reply
+
     def poll(self, timeout_s: float = 0.0) -> list[dict[str, Any]]:
         """Events that arrived (progress, result_ready, error, cancelled headers, each
         with "job_id" and "type"), waiting at most `timeout_s` for the first one.

@@ -60,6 +60,7 @@ class RequestType(StrEnum):
     CANCEL = "cancel"
     FETCH = "fetch"
     HEARTBEAT = "heartbeat"
+    PLAN = "plan"  # the memory plan of a job not sent: predicted peak and savers (§4)
 
 
 class ReplyType(StrEnum):
@@ -71,6 +72,7 @@ class ReplyType(StrEnum):
     STATUS = "status"
     RESULT = "result"
     HEARTBEAT = "heartbeat"
+    PLAN = "plan"
     ERROR = "error"
 
 
@@ -113,6 +115,7 @@ class ErrorCode(StrEnum):
     TOO_MANY_FRAMES = "too_many_frames"
     TOO_LARGE = "too_large"
     QUEUE_FULL = "queue_full"
+    TOO_BIG_FOR_GPU = "too_big_for_gpu"  # the memory plan: it cannot fit even with every saver
     STORE_UNAVAILABLE = "store_unavailable"
     JOB_EXISTS = "job_exists"
     UNKNOWN_JOB = "unknown_job"

@@ -28,6 +28,13 @@ FRAMINGS = ("fit", "crop", "stretch")
 INITS = ("lowfreq", "noise")
 UPSCALERS = ("none", "xl")
 MOTIONS = ("subject", "camera")
+MEMORY_MODES = ("auto", "off")
+# The GPU-memory savers, cheapest first: the order `--memory auto` turns them on in, each
+# with every one before it. The plan (backend/memory_plan.py), the engine
+# (backend/memory_savers.py), the server's hello, the command line and the sidecar all
+# name them from here.
+MEMORY_SAVERS = ("gradient_checkpointing", "vae_slice_1", "text_encoder_offload", "vae_offload",
+                 "sequential_offload")
 
 
 @dataclass(frozen=True)
@@ -184,6 +191,10 @@ class TransferSettings:
     gradient_checkpointing: bool = _setting(False, Spec(
         "bool", flag="--gradient-checkpointing", help="less GPU memory, slower guidance"))
     vae_slice: int = _setting(4, Spec("int", 1, 256, flag="--vae-slice", help="frames per VAE slice"))
+    memory: str = _setting("auto", Spec(
+        "choice", choices=MEMORY_MODES, flag="--memory",
+        help="auto: plan the edit's GPU memory first, turn on the savers it needs (cheapest "
+             "first) and refuse an edit that cannot fit; off: run as set"))
 
     def __post_init__(self) -> None:
         self.validate()

@@ -59,6 +59,9 @@ class Sidecar:
     # camera motion (backend/method/regions.py); None: the whole frame, as before
     regions: dict[str, Any] | None = None
     worker: dict[str, Any] | None = None  # where a Ray worker ran the job (backend/cluster)
+    # `--memory auto`'s choice: {"savers": [...], "predicted_peak_bytes", "budget_bytes"};
+    # None: nothing planned (memory "off", or no GPU to fit)
+    memory: dict[str, Any] | None = None
     version: int = SIDECAR_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -107,7 +110,7 @@ _JSON_TYPES: dict[str, type | tuple[type, ...]] = {
     "settings": dict, "seed": int, "model": str, "steps": int, "guided_steps": int,
     "device": str, "dtype": str, "input_frame_indices": list, "windows": list,
     "inversion_from_cache": bool, "timings_s": dict, "framing": dict, "upscaler": dict,
-    "backbone": str, "regions": dict, "worker": dict,
+    "backbone": str, "regions": dict, "worker": dict, "memory": dict,
 }
 
 

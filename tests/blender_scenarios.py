@@ -650,6 +650,17 @@ def scenario_test_connection(args: dict) -> dict:
     return {"outcome": outcome, "report": prefs.connection_report}
 
 
+def scenario_check_memory(args: dict) -> dict:
+    """Check GPU Memory on a trimmed movie strip: the panel's line from the server's plan."""
+    install(args["zip"])
+    configure(args)
+    scene = bpy.context.scene
+    small_settings(scene)
+    movie_strip(scene, args["clip"])
+    outcome = run_operator(bpy.ops.understudy.check_memory)
+    return {"outcome": outcome, "report": scene.understudy.memory_report}
+
+
 def configure_local(args: dict):
     """Preferences for "this computer": the project, the tiny model on the CPU, a state
     folder of the test's own; the project is checked as it is entered."""

@@ -28,6 +28,35 @@ class Mutant:
 
 
 MUTANTS: tuple[Mutant, ...] = (
+    # --- GPU memory (backend/memory_plan.py, backend/memory_savers.py, the server's submit)
+    Mutant(
+        '--memory auto takes the dearest savers first',
+        'backend/memory_plan.py',
+        '    for saver in plan.savers:\n        if saver["name"] not in allowed:',
+        '    for saver in reversed(plan.savers):\n        if saver["name"] not in allowed:',
+        ('tests/test_memory.py::test_memory_auto_takes_the_cheapest_savers_that_fit',),
+    ),
+    Mutant(
+        'the server queues a job too big for its GPU instead of refusing it',
+        'backend/server/requests.py',
+        '            self._decide_memory(parsed, len(clip), size)  # before queueing: too_big_for_gpu',
+        '            pass',
+        ('tests/test_memory_server.py::test_the_server_refuses_what_cannot_fit_before_queueing',),
+    ),
+    Mutant(
+        "Wan's gradient checkpointing drops sequential offload's hook after guidance",
+        'backend/backbones/wan.py',
+        '                block.forward = forward  # back to accelerate\'s hook',
+        '                del block.forward',
+        ('tests/test_memory_savers.py::test_sequential_offload_survives_gradient_checkpointing_on_wan',),
+    ),
+    Mutant(
+        'the VAE offload leaves the VAE on the GPU while sampling',
+        'backend/memory_savers.py',
+        '            if "vae_offload" in wanted:\n                move(vae, host)',
+        '            if "vae_offload" in wanted:\n                pass',
+        ('tests/test_memory_savers.py::test_the_offloads_keep_each_network_on_the_gpu_only_while_it_works',),
+    ),
     # --- the job server's promises (backend/server/, shared/protocol.py, shared/client.py)
     Mutant(
         'job files are written in place, not to a temporary name',

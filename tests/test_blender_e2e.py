@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -300,6 +301,20 @@ def test_test_connection_reports_model_device_protocol(extension_zip, server, tm
     assert result["outcome"]["ok"]
     assert result["report"] == ("Connected: model tiny (zeroscope, 576x320, 24-frame windows) on "
                                 "cpu, protocol 1.")
+
+
+def test_check_memory_shows_the_predicted_peak_against_the_servers_gpu(extension_zip, clip,
+                                                                      tmp_path):
+    """The panel's GPU line: the strip as it would be sent, planned by a server told its
+    GPU has 1 GB (a tiny model's edit fits with no saver)."""
+    gpu_server = ServerProcess(tmp_path / "gpu-server", "--assume-gpu-memory-gb", "1").start()
+    try:
+        result = run_blender({"scenario": "check_memory", "zip": extension_zip, "clip": clip,
+                              "address": gpu_server.address, "timeout_s": 120.0}, tmp_path)
+    finally:
+        gpu_server.stop()
+    assert result["outcome"]["ok"], result
+    assert re.fullmatch(r"Predicted peak \d+\.\d MiB of 953\.7 MiB GPU memory\.", result["report"])
 
 
 def test_curve_keys_right_and_wrong(extension_zip, tmp_path):

@@ -69,7 +69,8 @@ def test_panel_and_preferences_draw(dist, tmp_path):
             "keep_running"} <= set(log["props"])
     assert {"understudy.transfer", "understudy.cancel", "understudy.collect",
             "understudy.test_connection", "understudy.backend_start", "understudy.backend_stop",
-            "understudy.backend_restart"} <= set(log["operators"])
+            "understudy.backend_restart", "understudy.check_memory"} <= set(log["operators"])
+    assert "GPU memory: not checked yet" in log["labels"]  # the predicted peak, once checked
     assert "Backend stopped" in log["labels"]
     assert log["progress"] == [["rendering 25%", 0.25], ["guide 40%", 0.4]]
     assert log["lists"] == ["understudy_jobs"] and "Seed 7" in log["labels"]

@@ -848,3 +848,32 @@ def test_make_room_at_the_top_channel_is_one_sentence():
     others = [plan.Neighbour("grade", Span(plan.MAX_CHANNEL, 0, 10), "ADJUSTMENT")]
     with pytest.raises(UserError, match="'grade' is on channel 128, the top channel"):
         plan.make_room(Span(plan.MAX_CHANNEL - 1, 0, 10), "s", others)
+
+
+# --------------------------------------------------------------------------- GPU memory
+
+
+GPU = {"name": "NVIDIA L4", "total_bytes": 24 * 2**30, "free_bytes": 23 * 2**30,
+       "budget_bytes": 23 * 2**30, "assumed": False}
+
+
+def test_the_servers_gpu_in_one_line():
+    assert plan.gpu_text({"gpu": GPU}) == "GPU NVIDIA L4, 24.0 GiB (23.0 GiB free)"
+    assert plan.gpu_text({"gpu": {**GPU, "name": "assumed 16 GB", "total_bytes": 16 * 10**9,
+                                  "assumed": True}}) == "GPU assumed 16 GB, 14.9 GiB"
+    assert plan.gpu_text({"gpu": None}) == plan.gpu_text({}) == ""
+
+
+def test_the_memory_line_sets_the_predicted_peak_against_the_servers_gpu():
+    fits = {"type": "plan", "gpu": GPU, "fits": True, "peak_bytes": 30 * 2**30,
+            "predicted_peak_bytes": int(12.8 * 2**30),
+            "savers": ["gradient_checkpointing", "vae_slice_1"], "message": None}
+    assert plan.memory_line(fits) == ("Predicted peak 12.8 GiB of 23.0 GiB GPU memory, with "
+                                      "gradient checkpointing, vae slice 1.")
+    assert plan.memory_line({**fits, "savers": []}) == "Predicted peak 12.8 GiB of 23.0 GiB GPU memory."
+    refusal = "This edit needs about 30.0 GiB of GPU memory even with every saver on, and 23.0 GiB are free; edit fewer frames per window (--window-frames), a smaller --width/--height, or use a GPU with more memory."
+    assert plan.memory_line({**fits, "fits": False, "message": refusal}) == refusal
+    assert plan.memory_line({**fits, "predicted_peak_bytes": None}) == (
+        "Not planned (memory 'off'); the server's GPU has 23.0 GiB.")
+    assert plan.memory_line({"type": "plan", "gpu": None, "fits": True}) == (
+        "The server has no GPU to plan for (it runs on a CPU).")

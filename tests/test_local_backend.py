@@ -158,10 +158,12 @@ def test_hello_descriptions():
         {"model": "tiny", "device": "cpu", "queue_length": 0, "engine": {}})
     assert (state, text) == (BackendState.READY, "model tiny on cpu")
     state, text = backend_process.describe_hello(
-        {"model": "m", "device": "cuda:0", "queue_length": 2,
-         "engine": {"gpu_memory": "10.1 of 80 GB"}})
+        {"model": "m", "device": "cuda:0", "queue_length": 2, "engine": {},
+         "gpu": {"name": "NVIDIA A100", "total_bytes": 80 * 2**30, "free_bytes": 10 * 2**30,
+                 "budget_bytes": 12 * 2**30, "assumed": False}})
     assert state == BackendState.BUSY
-    assert text == "model m on cuda:0, GPU memory 10.1 of 80 GB, 2 jobs queued or running"
+    assert text == ("model m on cuda:0, GPU NVIDIA A100, 80.0 GiB (10.0 GiB free), "
+                    "2 jobs queued or running")
 
 
 # ------------------------------------------------------------------ real backends

@@ -188,7 +188,7 @@ def test_memory_command_prints_the_plan(capsys: pytest.CaptureFixture[str]) -> N
 
 def test_memory_auto_takes_the_cheapest_savers_that_fit() -> None:
     """Peak 20, checkpointing → 12, VAE slice 1 → 11, offloads (predicted only) → 9."""
-    from backend.errors import BadSettingsError
+    from backend.errors import TooBigForGpuError
     from backend.memory_plan import MemoryPlan, SaverChoice, choose_savers
 
     gib = 2**30
@@ -201,14 +201,14 @@ def test_memory_auto_takes_the_cheapest_savers_that_fit() -> None:
     assert choose_savers(plan, 12 * gib) == SaverChoice(("gradient_checkpointing",), 12 * gib)
     assert choose_savers(plan, 11 * gib) == SaverChoice(("gradient_checkpointing", "vae_slice_1"),
                                                         11 * gib)
-    assert choose_savers(plan, 9 * gib, allowed=("gradient_checkpointing", "vae_slice_1",
-                                                 "vae_offload")).savers[-1] == "vae_offload"
-    with pytest.raises(BadSettingsError) as refused:
-        choose_savers(plan, 10 * gib)
+    assert choose_savers(plan, 9 * gib).savers[-1] == "vae_offload"  # every saver is applied now
+    with pytest.raises(TooBigForGpuError) as refused:
+        choose_savers(plan, 10 * gib, allowed=("gradient_checkpointing", "vae_slice_1"))
     assert str(refused.value) == (
         "This edit needs about 11.0 GiB of GPU memory even with gradient_checkpointing, "
         "vae_slice_1 on, and 10.0 GiB are free; edit fewer frames per window (--window-frames), "
         "a smaller --width/--height, or use a GPU with more memory.")
+    assert refused.value.code == "too_big_for_gpu"
 
 
 def test_memory_command_plans_a_clip(capsys: pytest.CaptureFixture[str], clip_path) -> None:  # noqa: ANN001
@@ -220,3 +220,49 @@ def test_memory_command_plans_a_clip(capsys: pytest.CaptureFixture[str], clip_pa
     plan = json.loads(capsys.readouterr().out)
     assert plan["frames"] == 8
     assert plan["size"][0] * plan["size"][1] <= 576 * 320
+
+
+class LiveBytesAllocator:
+    """bench --memory's Allocator on the CPU: the plan's tensor counter over real tensors."""
+
+    def __init__(self, tracker: LiveBytes) -> None:
+        self.tracker = tracker
+
+    def allocated(self) -> int:
+        return self.tracker.current
+
+    def reset_peak(self) -> None:
+        self.tracker.reset_peak()
+
+    def peak(self) -> int:
+        return self.tracker.peak
+
+
+def test_bench_memory_sets_each_phase_against_the_plan_on_a_cpu() -> None:
+    """bench --memory's own measuring code, run on the CPU with LiveBytes standing in for
+    CUDA's counters: every phase is read, and the peak is the plan's within 3 %."""
+    from backend.tools.bench_memory import format_memory_report, run_memory_bench
+
+    engine = load_engine("tiny", device="cpu")
+    settings = TransferSettings(**SHORT, width=96, height=64, memory="off")
+    tracker = LiveBytes()
+    with tracker:
+        for module in engine.backbone.modules():
+            tracker.track_module(module)
+        report = run_memory_bench(engine, 12, (96, 64), settings, LiveBytesAllocator(tracker))
+    phases = report["phases"]
+    assert list(phases) == ["weights", "embed", "encode", "invert", "features", "guide", "cfg",
+                            "decode", "peak"]
+    # The plan runs inside the tracker here, so a few small tensors it keeps count too.
+    assert 1.0 <= phases["weights"]["ratio"] <= 1.01
+    assert 0.97 <= phases["peak"]["ratio"] <= 1.03
+    print(format_memory_report(report))
+
+
+def test_bench_memory_needs_cuda(capsys: pytest.CaptureFixture[str]) -> None:
+    from backend.cli import main
+
+    assert main(["bench", "--memory", "--arch", "tiny", "--device", "cpu"]) == 1
+    assert capsys.readouterr().err == (
+        "error: bench --memory measures GPU memory and needs a CUDA GPU, which this machine "
+        "does not have; run `python -m backend memory` here for the plan alone.\n")

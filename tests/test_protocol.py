@@ -164,7 +164,7 @@ def test_the_enums_are_the_wire_strings():
                        "code": ErrorCode.UNKNOWN_JOB}) == (
         '{"state": "done", "type": "submit", "code": "unknown_job"}')
     assert {t.value for t in RequestType} == {"hello", "submit", "status", "cancel", "fetch",
-                                              "heartbeat"}
+                                              "heartbeat", "plan"}
     assert {t.value for t in EventType} == {"progress", "result_ready", "error", "cancelled"}
     assert ReplyType.ERROR == EventType.ERROR == "error"
 

@@ -395,6 +395,7 @@ def checkpointed_blocks(blocks: Any, enabled: bool) -> Iterator[None]:
         yield
         return
     blocks = list(blocks)
+    own = [block.__dict__.get("forward") for block in blocks]  # a hook's (sequential offload)
     for block in blocks:
         original = block.forward
 
@@ -404,8 +405,11 @@ def checkpointed_blocks(blocks: Any, enabled: bool) -> Iterator[None]:
     try:
         yield
     finally:
-        for block in blocks:
-            del block.forward  # back to the class's method
+        for block, forward in zip(blocks, own, strict=True):
+            if forward is None:
+                del block.forward  # back to the class's method
+            else:
+                block.forward = forward  # back to accelerate's hook
 
 
 def load_wan(model: str, device: torch.device, dtype: torch.dtype, flag: str = "--model") -> Wan:

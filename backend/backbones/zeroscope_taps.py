@@ -108,6 +108,7 @@ def checkpointed_blocks(unet: torch.nn.Module, enabled: bool) -> Iterator[None]:
         yield
         return
     blocks = [*unet.down_blocks, unet.mid_block, unet.up_blocks[0]]
+    own = [block.__dict__.get("forward") for block in blocks]  # a hook's (sequential offload)
     originals = [block.forward for block in blocks]
     for block, original in zip(blocks, originals, strict=True):
         def run(*args, _original=original, **kwargs):
@@ -116,5 +117,8 @@ def checkpointed_blocks(unet: torch.nn.Module, enabled: bool) -> Iterator[None]:
     try:
         yield
     finally:
-        for block in blocks:
-            del block.forward  # back to the class's method
+        for block, forward in zip(blocks, own, strict=True):
+            if forward is None:
+                del block.forward  # back to the class's method
+            else:
+                block.forward = forward  # back to accelerate's hook

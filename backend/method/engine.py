@@ -42,6 +42,7 @@ fits one window runs exactly as it would without windows.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -50,7 +51,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -84,6 +85,9 @@ from backend.results import (
 from backend.video import resize_frames, retime_frames, sample_indices
 from shared.settings import TransferSettings
 from shared.sidecar import Sidecar
+
+if TYPE_CHECKING:  # backend/memory_savers.py imports the engine (the plan runs its calls)
+    from backend.memory_savers import MemoryPlanner
 
 OUT_OF_MEMORY = (
     "The GPU ran out of memory; try --gradient-checkpointing, fewer --frames, a smaller "
@@ -126,6 +130,9 @@ class Engine:
         self.cache = InversionCache(cache_dir, cache_max_bytes or DEFAULT_CACHE_MAX_BYTES)
         self.model_passes: Counter[tuple[str, str]] = Counter()
         self.upscaler = upscaler
+        # `--memory auto` (backend/memory_savers.py): set by the server and the command
+        # line when there is a GPU to fit; None plans nothing.
+        self.memory: MemoryPlanner | None = None
 
     def describe(self) -> dict[str, Any]:
         """What the server reports in its hello: model id, device, dtype, the backbone
@@ -180,6 +187,11 @@ class Engine:
         if masks is not None:
             check_region_masks(masks, len(clip_frames), (chosen.shape[2], chosen.shape[1]))
         framing = self.framing_for(settings, (chosen.shape[2], chosen.shape[1]))
+        from backend.memory_savers import offloads_applied, out_of_memory_sentence, with_savers
+
+        memory = None if self.memory is None else self.memory.decide(
+            self.backbone, settings, len(clip_frames), (chosen.shape[2], chosen.shape[1]))
+        settings = with_savers(settings, memory.savers) if memory else settings
         frames = self._padded(frames_for_model(chosen, framing))
         windows = self.windows_for(len(frames), settings)
         regions = self._regions_for(masks, indices, settings, framing, len(frames))
@@ -187,12 +199,15 @@ class Engine:
             del chosen  # the composite needs the source frames; nothing else does
         timings: dict[str, float] = {}
         try:
-            with _timed(timings, "encode_invert"):
-                source, from_cache = self._source_state(frames, windows, settings, procedure, report)
-            with _timed(timings, "sample"):
-                latent = self._sample(source, windows, settings, seed, procedure, report, regions)
-            with _timed(timings, "decode"):
-                out = self._decode(latent, settings.vae_slice, report)[: len(indices)]
+            with offloads_applied(self.backbone, memory.savers if memory else ()):
+                with _timed(timings, "encode_invert"):
+                    source, from_cache = self._source_state(frames, windows, settings, procedure,
+                                                            report)
+                with _timed(timings, "sample"):
+                    latent = self._sample(source, windows, settings, seed, procedure, report,
+                                          regions)
+                with _timed(timings, "decode"):
+                    out = self._decode(latent, settings.vae_slice, report)[: len(indices)]
             if framing.upscale_size is not None:
                 with _timed(timings, "upscale"):
                     out = self.upscaler.video_to_video(out, framing.upscale_size, settings, seed,
@@ -204,13 +219,16 @@ class Engine:
                     alpha = plate_alpha(regions.plate.cpu().numpy(), _box(framing),
                                         (chosen.shape[2], chosen.shape[1]))
         except torch.cuda.OutOfMemoryError as error:
-            raise OutOfMemoryError(OUT_OF_MEMORY) from error
+            raise OutOfMemoryError(out_of_memory_sentence(memory, OUT_OF_MEMORY)) from error
         finally:
             if self.backbone.device.type == "cuda":
                 torch.cuda.empty_cache()
         out = retime_frames(out, settings.output_frames or len(out))
-        return TransferResult(out, self._sidecar(settings, seed, framing, indices, windows,
-                                                 from_cache, timings, regions),
+        sidecar = self._sidecar(settings, seed, framing, indices, windows, from_cache, timings,
+                                regions)
+        if memory:
+            sidecar = dataclasses.replace(sidecar, memory=memory.to_dict())
+        return TransferResult(out, sidecar,
                               None if alpha is None else retime_frames(alpha, len(out)))
 
     def _regions_for(self, masks: RegionMasks | None, indices: np.ndarray,

@@ -53,6 +53,7 @@ class ServerConfig:
     heartbeat_s: float = protocol.HEARTBEAT_INTERVAL_S
     test_step_delay_s: float = 0.0  # testing only: sleep per progress step (see cli help)
     cluster: ClusterOptions | None = None  # `--ray`: jobs run on Ray workers
+    assume_gpu_memory_gb: float | None = None  # `--memory auto` fits jobs into this (tests, sharing)
 
 
 class Server:
@@ -78,7 +79,8 @@ class Server:
                                    config.limits)
         self.requests = Requests(self.book, engine, config.limits, config.heartbeat_s,
                                  secure=lambda: self.transport.secure,
-                                 dropped=lambda: self.transport.dropped)
+                                 dropped=lambda: self.transport.dropped,
+                                 memory=getattr(engine, "memory", None))
         self.stopping = threading.Event()
 
     def recover(self) -> None:
@@ -178,11 +180,16 @@ def serve(config: ServerConfig, model: str, device: str | None = None, dtype: st
                     "submit jobs and read results.", config.bind)
     JobStore(config.state_dir)  # a state folder that cannot be written: say so before loading
     if config.cluster is None:
+        from backend.memory_savers import MemoryPlanner, gpu_description
         from backend.method.engine import load_engine
 
         engine, cluster, where = load_engine(model, device=device, dtype=dtype,
                                              cache_dir=cache_dir,
                                              upscale_model=upscale_model), None, ""
+        engine_device, assumed = str(engine.backbone.device), config.assume_gpu_memory_gb
+        engine.memory = MemoryPlanner(lambda: gpu_description(engine_device, assumed))
+        threading.Thread(target=engine.memory.warm, args=(engine.backbone,), daemon=True,
+                         name="understudy-plan-warm-up").start()
     else:  # the models load on the Ray workers; this process needs neither torch nor a GPU
         from backend.cluster.gateway import start_actors
         from backend.cluster.worker import ActorSpec

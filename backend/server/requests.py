@@ -11,7 +11,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from backend.errors import UnderstudyError
 from backend.server.book import JobBook
@@ -21,6 +21,9 @@ from backend.server.store import Job, StoreUnavailable
 from backend.server.transport import Incoming, client_name, printable
 from shared import protocol
 from shared.protocol import ErrorCode, ProtocolError, ReplyType, RequestType
+
+if TYPE_CHECKING:
+    from backend.memory_savers import MemoryPlanner
 
 log = logging.getLogger("understudy.server")
 
@@ -39,9 +42,10 @@ class Requests:
 
     def __init__(self, book: JobBook, engine: TransferEngine, limits: dict[str, int],
                  heartbeat_s: float, secure: Callable[[], bool],
-                 dropped: Callable[[], int]) -> None:
+                 dropped: Callable[[], int], memory: MemoryPlanner | None = None) -> None:
         self.book = book
         self.engine = engine
+        self.memory = memory  # `--memory auto`: plans jobs before they are queued
         self.limits = limits
         self.heartbeat_s = heartbeat_s
         self.secure = secure
@@ -87,6 +91,8 @@ class Requests:
         if kind == RequestType.CANCEL:
             info, cancelled = self.book.cancel(protocol.check_job_id(header.get("job_id")), owner)
             return Answer({"type": ReplyType.STATUS, "job": info}, cancelled=cancelled)
+        if kind == RequestType.PLAN:
+            return Answer(self._plan(header))
         if kind == RequestType.FETCH:
             job_id = protocol.check_job_id(header.get("job_id"))
             sidecar, frames = self.book.result(job_id, owner)
@@ -104,7 +110,65 @@ class Requests:
                 "model": described.get("model"), "device": described.get("device"),
                 "engine": described, "limits": self.limits, "heartbeat_s": self.heartbeat_s,
                 "queue_length": self.book.queue_length(), "secure": self.secure(),
-                "degraded": problem, "dropped_messages": self.dropped()}
+                "degraded": problem, "dropped_messages": self.dropped(), **self._gpu()}
+
+    def _gpu(self) -> dict[str, Any]:
+        """The hello's GPU fields: `gpu` (name, total_bytes, free_bytes, budget_bytes,
+        assumed; null without one) and the savers `--memory auto` may turn on."""
+        from shared.settings import MEMORY_SAVERS
+
+        gpu = self.memory.gpu() if self.memory is not None else None
+        return {"gpu": gpu, "memory_savers": list(MEMORY_SAVERS) if gpu is not None else []}
+
+    def _decide_memory(self, settings: Any, clip_length: int, size: tuple[int, int]) -> Any:
+        """The savers a job needs on this GPU (None: nothing planned); TooBigForGpuError
+        with one sentence when it cannot fit even with every saver."""
+        if self.memory is None:
+            return None
+        return self.memory.decide(self.engine.backbone, settings, clip_length, size)
+
+    def _plan(self, header: dict[str, Any]) -> dict[str, Any]:
+        """The memory plan of a job described, not sent (docs/protocol.md §4, `plan`)."""
+        from backend.errors import TooBigForGpuError
+        from shared.settings import TransferSettings
+
+        settings = protocol.require(header, "settings", dict)
+        frame_count = protocol.require(header, "frame_count", int)
+        frame_size = protocol.require(header, "frame_size", list)
+        if (isinstance(frame_count, bool) or not 1 <= frame_count <= self.limits["max_frames"]
+                or len(frame_size) != 2 or not all(
+                    isinstance(side, int) and not isinstance(side, bool)
+                    and 1 <= side <= self.limits["max_side"] for side in frame_size)):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, (
+                f"A plan request needs frame_count (1 to {self.limits['max_frames']}) and "
+                f"frame_size [width, height] (1 to {self.limits['max_side']} px)."))
+        size = (frame_size[0], frame_size[1])
+        try:
+            parsed = TransferSettings.from_dict({"frame_limit": self.limits["max_frames"], **settings})
+            self.engine.check_settings(parsed, frame_count, size)
+            reply: dict[str, Any] = {"type": ReplyType.PLAN, **self._gpu(), "fits": True,
+                                     "savers": [], "predicted_peak_bytes": None, "message": None}
+            if self.memory is None or reply["gpu"] is None or parsed.memory == "off":
+                return reply
+            from backend.method.engine import frames_to_edit
+
+            resolved = self.engine.resolve(parsed)
+            plan = self.memory.plan(self.engine.backbone, resolved,
+                                    frames_to_edit(resolved, frame_count), size)  # decide's, cached
+            reply["peak_bytes"] = plan.peak_bytes
+            try:
+                decision = self._decide_memory(parsed, frame_count, size)
+                reply.update(savers=list(decision.savers),
+                             predicted_peak_bytes=decision.predicted_peak_bytes)
+            except TooBigForGpuError as refusal:
+                reply.update(fits=False, message=str(refusal), savers=[s["name"] for s in plan.savers],
+                             predicted_peak_bytes=min([plan.peak_bytes,
+                                                       *(s["peak_bytes"] for s in plan.savers)]))
+            return reply
+        except TypeError as error:
+            raise ProtocolError(ErrorCode.BAD_SETTINGS, f"The settings are not valid ({error}).") from None
+        except UnderstudyError as error:
+            raise ProtocolError(error.code, str(error)) from None
 
     def _with_model_size(self, settings: dict[str, Any]) -> dict[str, Any]:
         """The settings with the model's width and height where they are left to it, so the
@@ -143,6 +207,7 @@ class Requests:
                                regions * len(clip))
             check_mask_frames(masks, len(clip), size)
             self.engine.check_settings(parsed, len(clip), size)
+            self._decide_memory(parsed, len(clip), size)  # before queueing: too_big_for_gpu
             job = Job(job_id=job_id, seq=-1, client=client, owner=owner, digest=digest,
                       submitted_at=time.time(), frames_in=len(clip))
             accepted = self.book.add(job, settings, clip, masks)

@@ -427,6 +427,10 @@ def _device_name(device: torch.device) -> str:
 
 
 def main_bench(args) -> int:
+    if args.memory:
+        from backend.tools.bench_memory import main_memory_bench
+
+        return main_memory_bench(args, build_backbone, default_sizes)
     if args.upscale:
         report = run_upscale(args.arch, args.random_weights, args.frames, args.device, args.dtype)
         print(format_upscale(report))

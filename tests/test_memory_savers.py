@@ -1,0 +1,188 @@
+"""The memory savers applied to a real (tiny) engine: where the networks are while each
+phase runs, accelerate's hooks, the settings savers, and `--memory auto` in the engine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from backend.errors import TooBigForGpuError
+from backend.memory_savers import MemoryPlanner, offloads_applied, with_savers
+from backend.method.engine import load_engine
+from shared.settings import MEMORY_SAVERS, TransferSettings
+
+QUICK = dict(prompt="a cat", source_prompt="a dog", num_frames=4, width=64, height=64, steps=1,
+             guided_steps=1, guidance_iterations=1, inversion_steps=1, seed=3)
+HOST = torch.device("meta")  # a label for "host memory": the recorder moves nothing
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return load_engine("tiny", device="cpu")
+
+
+def clip() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 255, (4, 48, 64, 3), dtype=np.uint8)
+
+
+class Recorder:
+    """Stands in for module.to: remembers where each network was sent, in order."""
+
+    def __init__(self, backbone) -> None:  # noqa: ANN001
+        self.names = dict(zip(map(id, backbone.modules()), ("denoiser", "vae", "text_encoder"),
+                              strict=True))
+        self.where = dict.fromkeys(self.names.values(), "device")
+        self.moves: list[tuple[str, str]] = []
+
+    def __call__(self, module: torch.nn.Module, device: torch.device) -> None:
+        name = self.names[id(module)]
+        self.where[name] = "host" if device == HOST else "device"
+        self.moves.append((name, self.where[name]))
+
+
+def test_the_offloads_keep_each_network_on_the_gpu_only_while_it_works(engine) -> None:  # noqa: ANN001
+    """text_encoder_offload and vae_offload, acted out on the CPU with a recorder: while
+    the denoiser runs, the VAE and the text encoder are in host memory; each visits the
+    device for its own calls; afterwards all are home and the backbone is unpatched."""
+    backbone = engine.backbone
+    recorder = Recorder(backbone)
+    seen_while_denoising: set[tuple[str, str]] = set()
+    hook = backbone.unet.register_forward_pre_hook(lambda *_: seen_while_denoising.update(
+        (name, recorder.where[name]) for name in ("vae", "text_encoder")))
+    try:
+        savers = MEMORY_SAVERS[:4]
+        with offloads_applied(backbone, savers, host=HOST, move=recorder, active=True) as installed:
+            assert installed == ["text_encoder_offload", "vae_offload"]
+            engine.transfer(clip(), with_savers(TransferSettings(**QUICK), savers))
+    finally:
+        hook.remove()
+    assert seen_while_denoising == {("vae", "host"), ("text_encoder", "host")}
+    assert recorder.moves[:2] == [("text_encoder", "host"), ("vae", "host")]
+    visits = recorder.moves[2:-3]
+    assert ("vae", "device") in visits and ("text_encoder", "device") in visits
+    assert all(visits[i + 1] == (name, "host") for i, (name, where) in enumerate(visits)
+               if where == "device")  # every visit ends in host memory
+    assert recorder.moves[-3:] == [("denoiser", "device"), ("vae", "device"), ("text_encoder", "device")]
+    assert not {"embed", "encode", "decode_slices"} & set(vars(backbone))
+
+
+def test_sequential_offload_hooks_every_network_and_changes_no_pixel(engine) -> None:  # noqa: ANN001
+    """accelerate's cpu_offload on each network while the edit runs (the same frames as
+    without it), and no hook left after."""
+    backbone = engine.backbone
+    plain = engine.transfer(clip(), TransferSettings(**QUICK)).frames
+    hooked: list[bool] = []
+    hook = backbone.unet.register_forward_pre_hook(
+        lambda module, _args: hooked.append(hasattr(module.conv_in, "_hf_hook")))
+    try:
+        with offloads_applied(backbone, ("sequential_offload",), host=HOST, move=Recorder(backbone),
+                              active=True) as installed:
+            assert installed == ["sequential_offload"]
+            offloaded = engine.transfer(clip(), TransferSettings(**QUICK)).frames
+    finally:
+        hook.remove()
+    assert hooked and all(hooked)
+    assert not any(hasattr(module, "_hf_hook") for network in backbone.modules()
+                   for module in network.modules())
+    np.testing.assert_array_equal(plain, offloaded)
+
+
+def test_on_a_cpu_the_offloads_are_accepted_and_move_nothing(engine) -> None:  # noqa: ANN001
+    recorder = Recorder(engine.backbone)
+    with offloads_applied(engine.backbone, MEMORY_SAVERS, move=recorder) as installed:
+        assert installed == []
+    assert recorder.moves == []
+    with pytest.raises(ValueError, match="Unknown memory saver 'vae_slice_2'"):
+        with offloads_applied(engine.backbone, ("vae_slice_2",)):
+            pass
+
+
+def test_setting_savers() -> None:
+    settings = TransferSettings(**QUICK)
+    assert with_savers(settings, ()) is settings
+    saved = with_savers(settings, ("gradient_checkpointing", "vae_slice_1"))
+    assert (saved.gradient_checkpointing, saved.vae_slice) == (True, 1)
+
+
+def test_memory_auto_in_the_engine_records_its_choice_and_refuses_what_cannot_fit(engine) -> None:  # noqa: ANN001
+    """A GPU just under the plan's peak: the cheapest saver that fits is taken and the
+    sidecar records it; a GPU of 1 kB refuses before any model work; memory "off" plans
+    nothing."""
+    settings = TransferSettings(**QUICK)
+    budget = {"budget_bytes": 10**12}
+    engine.memory = MemoryPlanner(lambda: dict(budget))
+    try:
+        plan = engine.memory.plan(engine.backbone, engine.resolve(settings), 4, (64, 48))
+        first = plan.savers[0]["peak_bytes"]
+        budget["budget_bytes"] = plan.peak_bytes - 1
+        if first >= plan.peak_bytes:  # checkpointing saves nothing here: the next saver fits
+            first = next(s["peak_bytes"] for s in plan.savers if s["peak_bytes"] < plan.peak_bytes)
+        result = engine.transfer(clip(), settings)
+        memory = result.sidecar.memory
+        assert memory["budget_bytes"] == plan.peak_bytes - 1
+        assert memory["predicted_peak_bytes"] == first < plan.peak_bytes
+        assert memory["savers"] == list(MEMORY_SAVERS[:len(memory["savers"])])  # cheapest first
+        assert result.sidecar.settings["gradient_checkpointing"] is True
+        budget["budget_bytes"] = 1000
+        passes = sum(engine.model_passes.values())
+        with pytest.raises(TooBigForGpuError, match=r"^This edit needs about .* with gradient_checkpoint"
+                           r"ing, vae_slice_1, text_encoder_offload, vae_offload, sequential_offload on"):
+            engine.transfer(clip(), settings)
+        assert sum(engine.model_passes.values()) == passes  # refused before any model work
+        off = engine.transfer(clip(), TransferSettings(**QUICK, memory="off"))
+        assert off.sidecar.memory is None
+    finally:
+        engine.memory = None
+
+
+def test_an_out_of_memory_error_names_the_plans_figure(engine) -> None:  # noqa: ANN001
+    """A CUDA out-of-memory error that still happens is one sentence with the plan's
+    prediction and the budget, so the estimate can be corrected."""
+    from backend.errors import OutOfMemoryError
+    from backend.memory_plan import readable
+
+    settings = TransferSettings(**QUICK)
+    engine.memory = MemoryPlanner(lambda: {"budget_bytes": 10**12})
+
+    def out_of_memory(*_args) -> None:  # noqa: ANN002
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    hook = engine.backbone.unet.register_forward_pre_hook(out_of_memory)
+    try:
+        predicted = engine.memory.decide(engine.backbone, engine.resolve(settings), 4, (64, 48))
+        with pytest.raises(OutOfMemoryError) as ran_out:
+            engine.transfer(clip(), settings)
+    finally:
+        hook.remove()
+        engine.memory = None
+    message = str(ran_out.value)
+    assert message.startswith("The GPU ran out of memory; try ")
+    assert (f"the memory plan predicted {readable(predicted.predicted_peak_bytes)} with no saver on, "
+            f"against 931.3 GiB; please report both figures") in message
+    assert message.endswith(").") and message.count(". ") == 0
+
+
+def test_sequential_offload_survives_gradient_checkpointing_on_wan() -> None:
+    """Checkpointing wraps the guided blocks' forward and unwraps it after guidance; under
+    sequential offload that forward is accelerate's hook, which must come back (a Wan
+    block holds a weight of its own, so it is hooked): the CFG steps after guidance
+    run hooked, and the frames are those of the same edit without offload."""
+    wan = load_engine("wan-tiny", device="cpu")
+    settings = with_savers(TransferSettings(**{**QUICK, "num_frames": 5, "guidance_block": 2}),
+                           ("gradient_checkpointing",))  # blocks 0 and 1 checkpointed
+    frames = np.random.default_rng(1).integers(0, 255, (5, 48, 64, 3), dtype=np.uint8)
+    plain = wan.transfer(frames, settings).frames
+    block = wan.backbone.transformer.blocks[0]
+    hooked: list[bool] = []  # per call of the first block: does accelerate's hook run it?
+    watch = block.register_forward_pre_hook(
+        lambda module, _args: hooked.append("forward" in module.__dict__))
+    try:
+        with offloads_applied(wan.backbone, ("gradient_checkpointing", "sequential_offload"),
+                              host=HOST, move=Recorder(wan.backbone), active=True):
+            offloaded = wan.transfer(frames, settings).frames
+    finally:
+        watch.remove()
+    assert hooked and all(hooked), hooked
+    assert "forward" not in block.__dict__  # and gone after the edit
+    np.testing.assert_array_equal(plain, offloaded)

@@ -1,0 +1,122 @@
+"""`--memory auto` on a real server told its GPU has N GB (`serve --assume-gpu-memory-gb`):
+it picks the savers cheapest first, refuses in one sentence before queueing what
+cannot fit, answers `plan`, reports its GPU in the hello and records the choice in the
+sidecar; the command line refuses before loading the model."""
+
+from __future__ import annotations
+
+import pytest
+
+from backend.memory_savers import MemoryPlanner
+from shared.client import Client, JobRejected, UnknownJob
+from shared.settings import MEMORY_SAVERS, TransferSettings
+from tests.server_support import ServerProcess, clip_pngs, settings, wait_for_event
+
+CLIP_SIZE = (48, 32)  # clip_pngs' frames
+BIG = {"width": 256, "height": 256}  # 16× the pixels of QUICK_SETTINGS' 64×64
+
+
+def tiny_plan(**overrides):
+    """The plan the server makes of settings(**overrides) on a clip_pngs() clip."""
+    parsed = TransferSettings.from_dict(settings(**overrides))
+    return MemoryPlanner(lambda: None).plan("tiny", parsed, parsed.num_frames, CLIP_SIZE, "cpu")
+
+
+@pytest.fixture(scope="module")
+def plans():
+    return {"quick": tiny_plan(), "big": tiny_plan(**BIG)}
+
+
+@pytest.fixture(scope="module")
+def budget(plans) -> int:
+    """Room for the quick job with the first four savers, not with three."""
+    peaks = {saver["name"]: saver["peak_bytes"] for saver in plans["quick"].savers}
+    budget = peaks["vae_offload"] + 256
+    assert budget < peaks["text_encoder_offload"]
+    assert min(peaks.values()) < budget < min(s["peak_bytes"] for s in plans["big"].savers)
+    return budget
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, budget):
+    process = ServerProcess(tmp_path_factory.mktemp("memory") / "state",
+                            "--assume-gpu-memory-gb", repr(budget / 1e9)).start()
+    yield process
+    process.stop()
+
+
+def test_the_server_picks_savers_in_order_and_the_sidecar_records_them(server, plans, budget) -> None:  # noqa: ANN001
+    peaks = {saver["name"]: saver["peak_bytes"] for saver in plans["quick"].savers}
+    with Client(server.address, timeout_s=120.0) as client:
+        hello = client.hello()
+        assert hello["gpu"]["assumed"] is True
+        assert hello["gpu"]["total_bytes"] == hello["gpu"]["budget_bytes"] == budget
+        assert hello["memory_savers"] == list(MEMORY_SAVERS)
+        planned = client.plan(settings(), 6, CLIP_SIZE)
+        assert planned["fits"] is True and planned["message"] is None
+        assert planned["savers"] == list(MEMORY_SAVERS[:4])
+        assert planned["predicted_peak_bytes"] == peaks["vae_offload"]
+        assert planned["peak_bytes"] == plans["quick"].peak_bytes
+        client.submit("fits", settings(), clip_pngs())
+        wait_for_event(client, "fits", "result_ready")
+        memory = client.fetch("fits").sidecar["memory"]
+    assert memory == {"savers": list(MEMORY_SAVERS[:4]), "predicted_peak_bytes": peaks["vae_offload"],
+                      "budget_bytes": budget}
+
+
+def test_the_server_refuses_what_cannot_fit_before_queueing(server, plans) -> None:  # noqa: ANN001
+    with Client(server.address, timeout_s=120.0) as client:
+        planned = client.plan(settings(**BIG), 6, CLIP_SIZE)
+        assert planned["fits"] is False
+        assert planned["predicted_peak_bytes"] == plans["big"].savers[-1]["peak_bytes"]
+        with pytest.raises(JobRejected) as refused:
+            client.submit("too-big", settings(**BIG), clip_pngs())
+        assert refused.value.code == "too_big_for_gpu"
+        assert str(refused.value) == planned["message"]
+        message = str(refused.value)
+        assert message.startswith("This edit needs about ") and message.count(". ") == 0
+        assert "fewer frames per window" in message and "a GPU with more memory" in message
+        with pytest.raises(UnknownJob):
+            client.status("too-big")  # nothing was queued
+        assert client.hello()["queue_length"] == 0
+        off = client.plan(settings(**BIG, memory="off"), 6, CLIP_SIZE)
+        assert off["fits"] is True and off["savers"] == []
+
+
+def test_a_server_without_a_gpu_plans_nothing(tmp_path) -> None:  # noqa: ANN001
+    process = ServerProcess(tmp_path / "state").start()
+    try:
+        with Client(process.address, timeout_s=60.0) as client:
+            hello = client.hello()
+            assert (hello["gpu"], hello["memory_savers"]) == (None, [])
+            planned = client.plan(settings(**BIG), 6, CLIP_SIZE)
+            assert (planned["fits"], planned["predicted_peak_bytes"]) == (True, None)
+    finally:
+        process.stop()
+
+
+def test_the_command_line_refuses_before_loading_the_model(clip_path, tmp_path, monkeypatch,
+                                                          capsys) -> None:  # noqa: ANN001
+    import backend.method.engine as engine_module
+    from backend.cli import main
+
+    def no_loading(*_args, **_kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(engine_module, "load_engine", no_loading)
+    code = main(["transfer", str(clip_path), "-o", str(tmp_path / "out.mp4"), "--model", "tiny",
+                 "--device", "cpu", "--prompt", "a cat", "--width", "64", "--height", "64",
+                 "--steps", "1", "--inversion-steps", "1", "--assume-gpu-memory-gb", "0.000001"])
+    assert code == 1
+    error = capsys.readouterr().err
+    assert error.startswith("error: This edit needs about ") and error.count("\n") == 1
+
+
+def test_assumed_gpu_memory_is_checked(capsys) -> None:  # noqa: ANN001
+    from backend.cli import main
+
+    assert main(["serve", "--assume-gpu-memory-gb", "0"]) == 1
+    assert capsys.readouterr().err == ("error: --assume-gpu-memory-gb is 0.0; give a positive "
+                                       "size in GB.\n")
+    assert main(["serve", "--ray", "local:1", "--assume-gpu-memory-gb", "8"]) == 1
+    assert "with --ray the workers' GPUs are not planned yet" in capsys.readouterr().err
