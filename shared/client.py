@@ -202,35 +202,57 @@ class Client:
         self._handshake_failure: str | None = None
         self._closed = False
 
+        if self.secure and (client_public_key is None or client_secret_key is None):
+            raise KeyFileError("A server key was given without this client's key pair; "
+                               "load both with load_client_keys(DIR).")
+        self._keys = (server_public_key, client_public_key, client_secret_key)
+        self._socket, self._monitor = self._open_socket()
+
+    def _open_socket(self) -> tuple[zmq.Socket, zmq.Socket]:
+        """A DEALER socket connected to the server under this client's id, and the PAIR
+        socket that reads its handshake monitor."""
         context = zmq.Context.instance()
-        self._socket = context.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.IMMEDIATE, 1)  # no queueing while disconnected
-        self._socket.setsockopt(zmq.ROUTING_ID, self.client_id.encode("ascii"))
-        self._socket.setsockopt(zmq.HEARTBEAT_IVL, protocol.ZMTP_HEARTBEAT_IVL_MS)
-        self._socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, protocol.ZMTP_HEARTBEAT_TIMEOUT_MS)
+        socket = context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.IMMEDIATE, 1)  # no queueing while disconnected
+        socket.setsockopt(zmq.ROUTING_ID, self.client_id.encode("ascii"))
+        socket.setsockopt(zmq.HEARTBEAT_IVL, protocol.ZMTP_HEARTBEAT_IVL_MS)
+        socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, protocol.ZMTP_HEARTBEAT_TIMEOUT_MS)
         if self.secure:
-            if client_public_key is None or client_secret_key is None:
-                self._socket.close()
-                raise KeyFileError("A server key was given without this client's key pair; "
-                                   "load both with load_client_keys(DIR).")
-            self._socket.curve_serverkey = server_public_key
-            self._socket.curve_publickey = client_public_key
-            self._socket.curve_secretkey = client_secret_key
+            socket.curve_serverkey, socket.curve_publickey, socket.curve_secretkey = self._keys
         monitor_address = f"inproc://understudy-monitor-{uuid.uuid4().hex}"
-        self._socket.monitor(monitor_address, zmq.EVENT_HANDSHAKE_SUCCEEDED
-                             | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-                             | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                             | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
-        self._monitor = context.socket(zmq.PAIR)
-        self._monitor.setsockopt(zmq.LINGER, 0)
-        self._monitor.connect(monitor_address)
+        socket.monitor(monitor_address, zmq.EVENT_HANDSHAKE_SUCCEEDED
+                       | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                       | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                       | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        monitor = context.socket(zmq.PAIR)
+        monitor.setsockopt(zmq.LINGER, 0)
+        monitor.connect(monitor_address)
         try:
-            self._socket.connect(address)
+            socket.connect(self.address)
         except zmq.ZMQError as error:
-            self.close()
-            raise ClientError(f"Cannot connect to {address!r} ({error}); give an address "
+            self._close_sockets(socket, monitor)
+            raise ClientError(f"Cannot connect to {self.address!r} ({error}); give an address "
                               "like tcp://HOST:5555.") from None
+        return socket, monitor
+
+    def _reopen(self) -> None:
+        """Drop the connection and make a new one under the same id (the ZeroMQ guide's
+        Lazy Pirate). A request that went unanswered may sit on a connection the server
+        will never read: a ROUTER ignores a connection whose id was still held by an
+        older one (this client restarted before the server saw the old socket go), and
+        keeps ignoring it after the old one is gone. A new connection is read."""
+        self._close_sockets(self._socket, self._monitor)
+        self._socket, self._monitor = self._open_socket()
+
+    @staticmethod
+    def _close_sockets(socket: zmq.Socket, monitor: zmq.Socket) -> None:
+        try:
+            socket.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        monitor.close(0)
+        socket.close(0)
 
     # ----------------------------------------------------------------- public API
 
@@ -396,12 +418,7 @@ class Client:
         if self._closed:
             return
         self._closed = True
-        try:
-            self._socket.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        self._monitor.close(0)
-        self._socket.close(0)
+        self._close_sockets(self._socket, self._monitor)
 
     def __enter__(self) -> Client:
         return self
@@ -425,6 +442,7 @@ class Client:
             self._check_handshake()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                self._reopen()  # the next request goes over a connection the server reads
                 raise ServerUnavailable(
                     f"The server at {self.address} did not answer within {timeout_s:.0f} s; "
                     "check that `python -m backend serve` is running there.")

@@ -305,6 +305,32 @@ def test_client_disconnects_mid_job_and_fetches_later(server, connect):
     assert len(result.frames) == 4
 
 
+def test_a_client_restarted_before_the_server_saw_it_go_is_answered_once_it_has(
+        tmp_path, connect):
+    """Blender restarted quickly with its keys and client id: the new connection arrives
+    while the server still holds the old one under that id. With keys an id in use stays
+    with its connection, and ZeroMQ's ROUTER never reads the newcomer, even after the
+    old one closes; the client must connect again to be heard."""
+    keys = tmp_path / "keys"
+    make_keys(keys)
+    server = ServerProcess(tmp_path / "state", "--keys", str(keys)).start()
+    try:
+        old = connect(server.address, **load_client_keys(keys))
+        old.hello()
+        restarted = Client(server.address, timeout_s=2.0, client_id=old.client_id,
+                           **load_client_keys(keys))
+        try:
+            with pytest.raises(ServerUnavailable):  # the id is still the old connection's
+                restarted.hello()
+            old.close()
+            assert wait_until(lambda: jobs_seen_by(restarted), "the restarted client heard") \
+                == {"jobs": []}
+        finally:
+            restarted.close()
+    finally:
+        server.stop()
+
+
 def test_settings_the_engine_cannot_run_are_rejected_at_submit(server, connect):
     client = connect(server.address)
     refused = settings(steps=2, inversion_steps=3)  # inversion must visit the sampling steps

@@ -129,8 +129,8 @@ class JobThread:
                 frame_count: int | None, event: dict[str, Any], notify: Notify) -> None:
         """Record the outcome, then tell the client; an unrecorded outcome is not told."""
         if self.book.finish(job.job_id, state, error, frame_count):
-            notify(event)
             log.info("Job %s %s.", job.job_id, state)
+            notify(event)
         else:
             log.error("Job %s ended (%s) but the store could not record it; it runs again "
                       "once the store is writable.", job.job_id, state)
