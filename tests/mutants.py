@@ -39,8 +39,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         'the server queues a job too big for its GPU instead of refusing it',
         'backend/server/requests.py',
-        '            self._decide_memory(parsed, len(clip), size)  # before queueing: too_big_for_gpu',
-        '            pass',
+        '            if not self._planned(parsed):\n                return queue_job()',
+        '            if True:\n                return queue_job()',
         ('tests/test_memory_server.py::test_the_server_refuses_what_cannot_fit_before_queueing',),
     ),
     Mutant(

@@ -118,5 +118,3 @@ def test_assumed_gpu_memory_is_checked(capsys) -> None:  # noqa: ANN001
     assert main(["serve", "--assume-gpu-memory-gb", "0"]) == 1
     assert capsys.readouterr().err == ("error: --assume-gpu-memory-gb is 0.0; give a positive "
                                        "size in GB.\n")
-    assert main(["serve", "--ray", "local:1", "--assume-gpu-memory-gb", "8"]) == 1
-    assert "with --ray the workers' GPUs are not planned yet" in capsys.readouterr().err
