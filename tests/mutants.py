@@ -44,6 +44,13 @@ MUTANTS: tuple[Mutant, ...] = (
         ('tests/test_memory_server.py::test_the_server_refuses_what_cannot_fit_before_queueing',),
     ),
     Mutant(
+        'the server makes a memory plan on its socket loop, holding up every other client',
+        'backend/server/planning.py',
+        '        self._todo.put(work)\n        return True',
+        '        self._hold(threading.Event())\n        work.outcome = work.make()\n        return True',
+        ('tests/test_memory_server.py::test_a_plan_holds_up_nobody_but_its_own_request',),
+    ),
+    Mutant(
         "Wan's gradient checkpointing drops sequential offload's hook after guidance",
         'backend/backbones/wan.py',
         '                block.forward = forward  # back to accelerate\'s hook',
