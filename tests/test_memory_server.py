@@ -14,7 +14,8 @@ import pytest
 
 from backend.memory_savers import MemoryPlanner
 from backend.server.requests import PLANNING_BUG
-from shared.client import Client, JobRejected, UnknownJob
+from shared import protocol
+from shared.client import Client, JobRejected, ServerUnavailable, UnknownJob
 from shared.settings import MEMORY_SAVERS, TransferSettings
 from tests.server_support import ServerProcess, clip_pngs, settings, wait_for_event, wait_until
 
@@ -194,3 +195,58 @@ def test_a_plan_holds_up_nobody_but_its_own_request(tmp_path, plans) -> None:  #
         assert "Planning a request's memory failed" in log and "--test-plan-gate said so" in log
     finally:
         process.stop()
+
+
+class PlanNeverAnswered:
+    """A fake server that never answers `plan` and answers the first `heartbeats`
+    heartbeats (all of them: None), as a server still planning does."""
+
+    def __init__(self, heartbeats: int | None) -> None:
+        import threading
+
+        import zmq
+
+        self.heartbeats = heartbeats
+        self.answered = 0
+        self.router = zmq.Context.instance().socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.address = f"tcp://127.0.0.1:{self.router.bind_to_random_port('tcp://127.0.0.1')}"
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            if not self.router.poll(50):
+                continue
+            routing_id, *frames = self.router.recv_multipart()
+            header = protocol.decode_header(frames[0])
+            if header["type"] == "heartbeat" and (self.heartbeats is None
+                                                  or self.answered < self.heartbeats):
+                self.answered += 1
+                self.router.send_multipart([routing_id, *protocol.encode(
+                    {"type": "heartbeat", "req": header["req"], "queue_length": 0, "time": 0})])
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.router.close()
+
+
+def test_the_client_waits_for_a_plan_while_the_server_answers_and_no_longer(monkeypatch) -> None:  # noqa: ANN001
+    quiet = PlanNeverAnswered(heartbeats=5)
+    try:
+        with Client(quiet.address, timeout_s=1.0, heartbeat_s=0.2) as client, \
+                pytest.raises(ServerUnavailable, match="did not answer within 1 s"):
+            client.plan(settings(), 6, CLIP_SIZE)
+        assert quiet.answered == 5  # it waited on past its timeout while they were answered
+    finally:
+        quiet.close()
+    monkeypatch.setattr(protocol, "PLAN_WAIT_S", 2.0)
+    alive = PlanNeverAnswered(heartbeats=None)
+    try:
+        with Client(alive.address, timeout_s=1.0, heartbeat_s=0.2) as client, \
+                pytest.raises(ServerUnavailable, match="answered other requests but not this plan"):
+            client.plan(settings(), 6, CLIP_SIZE)
+    finally:
+        alive.close()
