@@ -124,9 +124,7 @@ class PlanDesk:
             try:
                 self._hold(stopping)
                 work.outcome = work.make()
-            except BaseException as failure:  # a plan's bug ends its request, not the thread
-                if isinstance(failure, (KeyboardInterrupt, SystemExit)):
-                    raise
+            except Exception as failure:  # a plan's bug ends its request, not the thread
                 work.failure = failure
             with self._lock:
                 self._made.append(work)
