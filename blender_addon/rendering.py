@@ -25,6 +25,12 @@ from .states import Phase, Status
 
 SOURCE_SUBFOLDER = "source"  # <result folder>/source/: the frames sent, until collected
 REGION_SUBFOLDER = "region"  # <result folder>/region/: the region's masks, until sent
+# Check GPU Memory waits this long for a plan the server is still making (the first plan of
+# a new size takes it up to a minute on its CPU), so the interface never freezes longer;
+# the server keeps the plan, so pressing again later answers at once.
+PLAN_WAIT_IN_PANEL_S = 4.0
+PLAN_PENDING = ("The server is still working out the GPU memory of this size (its first plan "
+                "of a size can take a minute); press Check GPU Memory again in a moment.")
 
 
 @dataclass
@@ -121,10 +127,14 @@ def plan_memory(context) -> str:
     settings = plan.transfer_settings(values, span.length)
     size = strip_io.render_size(scene, strip_io.placement_of(scene, strip), int(prefs.max_render_size))
     config = prefs.server_config()
+    pending = link.client_api().PlanPending
     try:
         client = link.client_for(config)
-        reply = link.guarded(lambda: client.plan(settings, span.length, size))
-    except plan.UserError:
+        reply = link.guarded(lambda: client.plan(settings, span.length, size,
+                                                 wait_s=PLAN_WAIT_IN_PANEL_S))
+    except plan.UserError as error:
+        if isinstance(error.__cause__, pending):
+            raise plan.UserError(PLAN_PENDING) from None  # the connection is fine: keep it
         link.forget(config)
         raise
     scene.understudy.memory_report = plan.memory_line(reply)

@@ -47,6 +47,12 @@ class ServerUnavailable(ClientError):
     code = ErrorCode.SERVER_UNAVAILABLE
 
 
+class PlanPending(ServerUnavailable):
+    """The server answers, but the memory plan a submit or plan request waits for did not
+    come within the wait; the server keeps the plan it is making, so asking again later
+    is quick."""
+
+
 class ProtocolMismatch(ClientError):
     """The server speaks another protocol version."""
 
@@ -313,21 +319,28 @@ class Client:
             header["regions"] = len(masks)
         extra_s = protocol.payload_size(payload) / SEND_RATE_BYTES_PER_S
         try:
-            reply, _ = self._request(header, payload, timeout_s=self.timeout_s + extra_s,
-                                     planned=True)
+            timeout_s = self.timeout_s + extra_s
+            reply, _ = self._request(header, payload, timeout_s=timeout_s,
+                                     plan_wait_s=timeout_s + protocol.PLAN_WAIT_S)
         except ProtocolError as error:  # settings that are not strict JSON (NaN, surrogates)
             raise JobRejected(error.message, error.code) from None
         return reply
 
-    def plan(self, settings: dict[str, Any], frame_count: int,
-             frame_size: tuple[int, int]) -> dict[str, Any]:
+    def plan(self, settings: dict[str, Any], frame_count: int, frame_size: tuple[int, int],
+             wait_s: float | None = None) -> dict[str, Any]:
         """The server's memory plan of a job not sent (docs/protocol.md §4, `plan`): its
         GPU (`gpu`, null without one), whether the job fits (`fits`), the savers
         `--memory auto` would turn on, the predicted peak with them, and the refusal
-        sentence (`message`) when it cannot fit."""
+        sentence (`message`) when it cannot fit.
+
+        `wait_s`: how long to wait in all for a plan the server is still making while it
+        answers (then PlanPending); by default the client's timeout plus PLAN_WAIT_S. An
+        interface that must not freeze gives a few seconds and asks again later."""
+        if wait_s is None:
+            wait_s = self.timeout_s + protocol.PLAN_WAIT_S
         reply, _ = self._request({"type": RequestType.PLAN, "settings": settings,
                                   "frame_count": frame_count, "frame_size": list(frame_size)},
-                                 planned=True)
+                                 plan_wait_s=wait_s)
         return reply
 
     def poll(self, timeout_s: float = 0.0) -> list[dict[str, Any]]:
@@ -434,35 +447,32 @@ class Client:
     # ----------------------------------------------------------------- internals
 
     def _request(self, header: dict[str, Any], payload: list[bytes] | None = None,
-                 timeout_s: float | None = None, planned: bool = False
+                 timeout_s: float | None = None, plan_wait_s: float | None = None
                  ) -> tuple[dict[str, Any], list[bytes]]:
         """Send one request and wait for its reply; events meanwhile are kept.
 
-        `planned`: the reply may wait for the server's memory plan (submit, plan). Then
-        heartbeats go out while waiting, and the wait goes on as long as the server
-        answers something within `timeout_s`, up to protocol.PLAN_WAIT_S longer."""
+        `plan_wait_s`: the reply may wait for the server's memory plan (submit, plan).
+        Then heartbeats go out while waiting, and the wait goes on up to plan_wait_s in
+        all as long as the server answers something within `timeout_s`."""
         if self._closed:
             raise ClientError("This client is closed; make a new one.")
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         sent_at = time.monotonic()
-        deadline = sent_at + timeout_s
-        req = self._next_req
-        self._next_req += 1
-        self._send({**header, "req": req}, payload, deadline)
-        latest = sent_at + timeout_s + (protocol.PLAN_WAIT_S if planned else 0.0)
+        self._send({**header, "req": (req := self._take_req())}, payload, sent_at + timeout_s)
+        planned = plan_wait_s is not None
+        latest = sent_at + (plan_wait_s if planned else timeout_s)
         while True:
             self._check_handshake()
             now = time.monotonic()
-            # Without `planned`, latest is sent_at + timeout_s and this is the plain timeout.
             silent_s = now - max(sent_at, self._last_heard)
             if now >= latest or silent_s >= timeout_s:
                 self._reopen()  # the next request goes over a connection the server reads
-                if planned and silent_s < timeout_s:  # alive, but the plan did not come
-                    raise ServerUnavailable(
+                if planned and self._last_heard > sent_at and silent_s < timeout_s:
+                    raise PlanPending(  # alive, but the plan did not come
                         f"The server at {self.address} answered other requests but not this "
-                        f"{header['type']} within {latest - sent_at:.0f} s (its memory plans "
-                        "are slow or many wait); send it again later (a submit with the same "
-                        "job id is never run twice).")
+                        f"{header['type']} within {latest - sent_at:.0f} s (it is still making "
+                        "the memory plan, which it keeps); send it again in a moment (a "
+                        "submit with the same job id is never run twice).")
                 raise ServerUnavailable(
                     f"The server at {self.address} did not answer within {timeout_s:.0f} s; "
                     "check that `python -m backend serve` is running there.")
@@ -475,6 +485,12 @@ class Client:
                 if reply_header["type"] in (ReplyType.ERROR, ReplyType.REJECTED):
                     raise error_from_reply(reply_header)
                 return reply_header, reply_payload
+
+    def _take_req(self) -> int:
+        """The next request number (replies carry it back)."""
+        req = self._next_req
+        self._next_req += 1
+        return req
 
     def _send(self, header: dict[str, Any], payload: list[bytes] | None, deadline: float) -> None:
         """Send once the connection is up (IMMEDIATE: nothing queues while it is down)."""
@@ -536,11 +552,9 @@ class Client:
     def _heartbeat_if_due(self) -> None:
         if time.monotonic() - self._last_sent < self.heartbeat_s:
             return
-        req = self._next_req
-        self._next_req += 1
         try:
-            self._socket.send_multipart(
-                protocol.encode({"type": RequestType.HEARTBEAT, "req": req}), flags=zmq.NOBLOCK)
+            self._socket.send_multipart(protocol.encode(
+                {"type": RequestType.HEARTBEAT, "req": self._take_req()}), flags=zmq.NOBLOCK)
             self._last_sent = time.monotonic()
         except zmq.Again:
             pass  # not connected: try again next time; the liveness check reports it

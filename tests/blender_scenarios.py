@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -657,8 +658,26 @@ def scenario_check_memory(args: dict) -> dict:
     scene = bpy.context.scene
     small_settings(scene)
     movie_strip(scene, args["clip"])
-    outcome = run_operator(bpy.ops.understudy.check_memory)
-    return {"outcome": outcome, "report": scene.understudy.memory_report}
+    gate = Path(args["gate"])  # the server holds each plan until this file appears
+    pending = run_operator(bpy.ops.understudy.check_memory)  # held: the panel does not wait
+    released = threading.Event()
+
+    def release_every_plan() -> None:  # each plan takes (deletes) the gate; put it back
+        while not released.wait(0.02):
+            if not gate.exists():
+                gate.write_text("go")
+
+    releaser = threading.Thread(target=release_every_plan)
+    releaser.start()
+    try:
+        for _ in range(30):  # press again until the plan is made
+            outcome = run_operator(bpy.ops.understudy.check_memory)
+            if outcome["ok"]:
+                break
+    finally:
+        released.set()
+        releaser.join()
+    return {"pending": pending, "outcome": outcome, "report": scene.understudy.memory_report}
 
 
 def configure_local(args: dict):

@@ -306,13 +306,19 @@ def test_test_connection_reports_model_device_protocol(extension_zip, server, tm
 def test_check_memory_shows_the_predicted_peak_against_the_servers_gpu(extension_zip, clip,
                                                                       tmp_path):
     """The panel's GPU line: the strip as it would be sent, planned by a server told its
-    GPU has 1 GB (a tiny model's edit fits with no saver)."""
-    gpu_server = ServerProcess(tmp_path / "gpu-server", "--assume-gpu-memory-gb", "1").start()
+    GPU has 1 GB (a tiny model's edit fits with no saver). While the server is still
+    making the plan, the button does not freeze Blender waiting: it says to press again."""
+    gate = tmp_path / "plan-gate"
+    gpu_server = ServerProcess(tmp_path / "gpu-server", "--assume-gpu-memory-gb", "1",
+                               "--test-plan-gate", str(gate)).start()
     try:
         result = run_blender({"scenario": "check_memory", "zip": extension_zip, "clip": clip,
-                              "address": gpu_server.address, "timeout_s": 120.0}, tmp_path)
+                              "address": gpu_server.address, "gate": str(gate)}, tmp_path)
     finally:
         gpu_server.stop()
+    assert not result["pending"]["ok"], result
+    assert ("The server is still working out the GPU memory of this size" in
+            result["pending"]["error"]), result
     assert result["outcome"]["ok"], result
     assert re.fullmatch(r"Predicted peak \d+\.\d MiB of 953\.7 MiB GPU memory\.", result["report"])
 

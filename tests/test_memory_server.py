@@ -15,7 +15,7 @@ import pytest
 from backend.memory_savers import MemoryPlanner
 from backend.server.requests import PLANNING_BUG
 from shared import protocol
-from shared.client import Client, JobRejected, ServerUnavailable, UnknownJob
+from shared.client import Client, JobRejected, PlanPending, ServerUnavailable, UnknownJob
 from shared.settings import MEMORY_SAVERS, TransferSettings
 from tests.server_support import ServerProcess, clip_pngs, settings, wait_for_event, wait_until
 
@@ -233,20 +233,28 @@ class PlanNeverAnswered:
         self.router.close()
 
 
-def test_the_client_waits_for_a_plan_while_the_server_answers_and_no_longer(monkeypatch) -> None:  # noqa: ANN001
+def test_the_client_waits_for_a_plan_while_the_server_answers_and_no_longer() -> None:
     quiet = PlanNeverAnswered(heartbeats=5)
     try:
         with Client(quiet.address, timeout_s=1.0, heartbeat_s=0.2) as client, \
-                pytest.raises(ServerUnavailable, match="did not answer within 1 s"):
+                pytest.raises(ServerUnavailable, match="did not answer within 1 s") as caught:
             client.plan(settings(), 6, CLIP_SIZE)
+        assert not isinstance(caught.value, PlanPending)  # silent at the end: gone
         assert quiet.answered == 5  # it waited on past its timeout while they were answered
     finally:
         quiet.close()
-    monkeypatch.setattr(protocol, "PLAN_WAIT_S", 2.0)
     alive = PlanNeverAnswered(heartbeats=None)
     try:
         with Client(alive.address, timeout_s=1.0, heartbeat_s=0.2) as client, \
-                pytest.raises(ServerUnavailable, match="answered other requests but not this plan"):
-            client.plan(settings(), 6, CLIP_SIZE)
+                pytest.raises(PlanPending, match="answered other requests but not this plan"):
+            client.plan(settings(), 6, CLIP_SIZE, wait_s=3.0)  # an interface's short wait
     finally:
         alive.close()
+    silent = PlanNeverAnswered(heartbeats=0)
+    try:
+        with Client(silent.address, timeout_s=1.0, heartbeat_s=0.2) as client, \
+                pytest.raises(ServerUnavailable) as caught:
+            client.plan(settings(), 6, CLIP_SIZE, wait_s=0.5)  # never heard: not "pending"
+        assert not isinstance(caught.value, PlanPending)
+    finally:
+        silent.close()
