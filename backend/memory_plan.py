@@ -603,6 +603,9 @@ def format_plan(plan: MemoryPlan) -> str:
     lines.append(f"  {'peak':<28}{plan.peak_bytes / scale:>9.2f}")
     lines.append("  with savers, cheapest first")
     lines += [f"  + {saver['name']:<26}{saver['peak_bytes'] / scale:>9.2f}" for saver in plan.savers]
+    if plan.host_bytes and plan.device.startswith("cuda"):
+        lines.append(f"  host memory of the {plan.regions} region(s), not on the GPU")
+        lines += [f"  {name:<28}{nbytes / scale:>9.2f}" for name, nbytes in plan.host_bytes.items()]
     return "\n".join(lines)
 
 
