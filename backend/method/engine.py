@@ -217,7 +217,11 @@ class Engine:
             alpha = None
             if regions is not None and regions.keeps_plate():
                 with _timed(timings, "composite"):
-                    out = composite_into_frames(chosen, out, regions.plate, _box(framing))
+                    # Over the engine's own copy of the frames (one that owns its data: not
+                    # a view of the caller's clip), which nothing reads after.
+                    out = composite_into_frames(chosen, out, regions.plate, _box(framing),
+                                                in_place=chosen.flags.owndata
+                                                and chosen.flags.writeable)
                     alpha = plate_alpha_frames(regions.plate, _box(framing), frame_size)
         except torch.cuda.OutOfMemoryError as error:
             raise OutOfMemoryError(out_of_memory_sentence(memory, OUT_OF_MEMORY)) from error

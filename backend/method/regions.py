@@ -362,15 +362,16 @@ def prepare_regions(frames: Iterable[np.ndarray | torch.Tensor], count: int, mot
 
 
 def composite_into_frames(source: np.ndarray, result: np.ndarray, plate: Plate,
-                          box: tuple[int, int, int, int]) -> np.ndarray:
+                          box: tuple[int, int, int, int], in_place: bool = False) -> np.ndarray:
     """The source frames (F, H, W, 3) with the result (F, h, w, 3, covering `box`) resized
     to the box and composited through m inside it: out = m·gen + (1 − m)·source. Outside
     the box, and wherever m = 0, every pixel is the source's. One frame at a time (the
-    float work of a frame, never of the clip)."""
+    float work of a frame, never of the clip); `in_place`: written over `source` (whose
+    frame is read before it is written), when the caller needs the source no more."""
     from backend.video import resize_frames
 
     left, top, right, bottom = box
-    out = source.copy()
+    out = source if in_place else source.copy()
     for index in range(len(source)):
         inside = np.ascontiguousarray(source[index:index + 1, top:bottom, left:right])
         generated = resize_frames(result[index:index + 1], right - left, bottom - top)
