@@ -524,7 +524,7 @@ def _measure_regions(engine: Engine, settings: TransferSettings, frames: int,
 
     before = tracker.current
     peak, regions = measure(lambda: prepare_regions(
-        one_frame_at_a_time(), to_plan.count, settings.motion, settings.region_grow,
+        one_frame_at_a_time(), frames, to_plan.count, settings.motion, settings.region_grow,
         settings.region_feather, to_plan.box, model_frames, b.latent_frames(model_frames),
         (settings.width // b.latent_cell, settings.height // b.latent_cell), b.device), tracker)
     plate = 0 if regions.plate is None else rounded(

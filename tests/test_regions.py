@@ -431,14 +431,14 @@ def test_prepare_regions_frame_by_frame_equals_the_whole_clip_bit_for_bit(
     plate, latent, guidance = whole_clip_regions(masks, "subject", grow_px, feather_px, box,
                                                  model_frames, latent_frames, latent_size)
     frames = (masks[:, f].numpy() >= 0.5 for f in range(6))
-    regions = prepare_regions(frames, 2, "subject", grow_px, feather_px, box, model_frames,
+    regions = prepare_regions(frames, 6, 2, "subject", grow_px, feather_px, box, model_frames,
                               latent_frames, latent_size)
     assert torch.equal(regions.latent, latent) and torch.equal(regions.guidance, guidance)
     assert all(torch.equal(regions.plate.frame(f), plate[f]) for f in range(6))
     expected_dtype = torch.int16 if feather_px == 20 else torch.uint8
     assert regions.plate.counts.dtype == expected_dtype  # 1 or 2 bytes a pixel, not 4
     assert torch.equal(Plate.of(plate, feather_px).frame(5), plate[5])
-    camera = prepare_regions((masks[:, f].numpy() >= 0.5 for f in range(6)), 2, "camera", grow_px,
+    camera = prepare_regions((masks[:, f].numpy() >= 0.5 for f in range(6)), 6, 2, "camera", grow_px,
                              feather_px, box, model_frames, latent_frames, latent_size)
     assert camera.plate is None and camera.latent is None
     assert torch.equal(camera.guidance, whole_clip_regions(

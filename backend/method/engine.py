@@ -260,7 +260,7 @@ class Engine:
                                       zip(tallies, decoded, strict=True)])
 
         regions = prepare_regions(
-            checked_frames(), len(masks), settings.motion, settings.region_grow,
+            checked_frames(), len(indices), len(masks), settings.motion, settings.region_grow,
             settings.region_feather, _box(framing), model_frames, b.latent_frames(model_frames),
             (width // b.latent_cell, height // b.latent_cell), b.device)
         for tally in tallies:

@@ -264,12 +264,24 @@ class Plate:
     divisor: int  # (2r + 1)²
 
     @classmethod
-    def of(cls, feathered: torch.Tensor, feather_px: int) -> Plate:
-        """Keep `feather(…, feather_px)`'s output m exactly: c = round(m·(2r + 1)²)."""
+    def empty(cls, frames: int, size: tuple[int, int], feather_px: int) -> Plate:
+        """A plate of `frames` frames of size = (h, w) for `feather_px`, to fill (`put`)."""
         divisor = (2 * math.ceil(feather_px / 2) + 1) ** 2
         dtype = next(t for t in (torch.uint8, torch.int16, torch.int32)
                      if divisor <= torch.iinfo(t).max)
-        return cls(torch.round(feathered * divisor).to(dtype), divisor)
+        return cls(torch.empty((frames, *size), dtype=dtype), divisor)
+
+    @classmethod
+    def of(cls, feathered: torch.Tensor, feather_px: int) -> Plate:
+        """Keep `feather(…, feather_px)`'s output m (F, h, w) exactly."""
+        plate = cls.empty(len(feathered), tuple(feathered.shape[1:]), feather_px)
+        for index, frame in enumerate(feathered):
+            plate.put(index, frame)
+        return plate
+
+    def put(self, index: int, feathered: torch.Tensor) -> None:
+        """Keep frame `index` of m: c = round(m·(2r + 1)²), exact (m is c / (2r + 1)²)."""
+        self.counts[index] = torch.round(feathered * self.divisor)
 
     def __len__(self) -> int:
         return len(self.counts)
@@ -300,17 +312,18 @@ class EditRegions:
         return self.plate is not None
 
 
-def prepare_regions(frames: Iterable[np.ndarray | torch.Tensor], count: int, motion: str,
-                    grow_px: int, feather_px: int, box: tuple[int, int, int, int],
+def prepare_regions(frames: Iterable[np.ndarray | torch.Tensor], frame_count: int, count: int,
+                    motion: str, grow_px: int, feather_px: int, box: tuple[int, int, int, int],
                     model_frames: int, latent_frames: int, latent_size: tuple[int, int],
                     device: torch.device | str = "cpu") -> EditRegions:
     """The regions of the frames an edit uses, framed as the frames are.
 
-    frames: for each frame the edit uses, in order, its `count` regions' pixels (R, H, W)
-    (bool, or 0/1) at the source's resolution. They are read one at a time, so only one
-    frame's masks are ever held at the source's size (host memory); what the sampler
-    needs, at latent resolution, goes to `device`. Camera motion without a region is the
-    whole-frame SMM, the edit without regions (no call here).
+    frames: for each of the `frame_count` frames the edit uses, in order, its `count`
+    regions' pixels (R, H, W) (bool, or 0/1) at the source's resolution. They are read
+    one at a time, so only one frame's masks are ever held at the source's size (host
+    memory), beside the plate; what the sampler needs, at latent resolution, goes to
+    `device`. Camera motion without a region is the whole-frame SMM, the edit without
+    regions (no call here).
 
     box: (left, top, right, bottom), the source pixels the model sees. model_frames:
     the frames the VAE gets (the chosen ones, the last repeated); latent_frames,
@@ -327,22 +340,19 @@ def prepare_regions(frames: Iterable[np.ndarray | torch.Tensor], count: int, mot
     """
     left, top, right, bottom = box
     guidance_cells: list[torch.Tensor] = []
-    plate_counts: list[torch.Tensor] = []
     plate_cells: list[torch.Tensor] = []
-    divisor = 1
-    for pixels in frames:
+    plate = Plate.empty(frame_count if motion == "subject" else 0, (bottom - top, right - left),
+                        feather_px)
+    for index, pixels in enumerate(frames):
         regions = torch.as_tensor(pixels).to(torch.float32)[:, None]  # (R, 1, H, W): M_r
         boxed = regions[..., top:bottom, left:right]
         guidance_cells.append(to_latent(guidance_masks(boxed, motion, boxed.shape[1:]), 1,
                                         latent_size))
         if motion == "subject":
-            plate = Plate.of(feather(grow(regions.amax(dim=0), grow_px)[:, top:bottom, left:right],
-                                     feather_px), feather_px)
-            plate_counts.append(plate.counts)
-            divisor = plate.divisor
-            plate_cells.append(to_latent(plate.frame(0)[None], 1, latent_size))
-            del plate
-        del regions, boxed
+            grown = grow(regions.amax(dim=0), grow_px)[:, top:bottom, left:right]  # (1, h, w)
+            plate.put(index, feather(grown, feather_px)[0])
+            plate_cells.append(to_latent(plate.frame(index)[None], 1, latent_size))
+        del regions, boxed  # one frame's masks at the source's size at a time
 
     def latent_of(cells: list[torch.Tensor], frame_dim: int) -> torch.Tensor:
         """The per-frame latent cells, padded to the VAE's frames and pooled per latent
@@ -357,7 +367,6 @@ def prepare_regions(frames: Iterable[np.ndarray | torch.Tensor], count: int, mot
     guidance = latent_of(guidance_cells, 1)
     if motion == "camera":
         return EditRegions(count, motion, None, None, guidance)
-    plate = Plate(torch.cat(plate_counts), divisor)
     return EditRegions(count, motion, plate, latent_of(plate_cells, 0), guidance)
 
 
