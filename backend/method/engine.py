@@ -186,6 +186,7 @@ class Engine:
         chosen = np.asarray(clip_frames[indices])
         frame_size = (chosen.shape[2], chosen.shape[1])
         if masks is not None:  # the shapes now, from headers; the values as they are read
+            masks = masks if hasattr(masks, "shape") else np.asarray(masks)  # (a list of arrays)
             check_region_masks_shape(masks.shape, len(clip_frames), frame_size)
         framing = self.framing_for(settings, frame_size)
         from backend.memory_savers import offloads_applied, out_of_memory_sentence, with_savers
