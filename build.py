@@ -428,7 +428,8 @@ def package_extension(output_dir: Path, python: str, cache: Path = WHEEL_CACHE) 
 # The whole suite runs in three processes (pytest-xdist): most tests wait on servers,
 # Blender and subprocesses rather than compute, so three overlap well on two cores. Tests
 # sharing one Ray instance stay in one process (their xdist group, tests/conftest.py).
-SUITE_PARALLEL_ARGS = ["-n", "3", "--dist", "loadgroup"]
+# The 30 slowest tests are listed at the end, so a CI log shows where the time went.
+SUITE_PARALLEL_ARGS = ["-n", "3", "--dist", "loadgroup", "--durations=30"]
 
 
 def command_test(pytest_args: list[str]) -> int:

@@ -123,9 +123,6 @@ def command_serve(args: argparse.Namespace) -> int:
     from backend.server import ServerConfig, serve
     from shared.protocol import DEFAULT_LIMITS
 
-    if args.ray is not None and args.assume_gpu_memory_gb is not None:
-        raise UnderstudyError("--assume-gpu-memory-gb plans the jobs of this server's own engine; "
-                              "with --ray the workers' GPUs are not planned yet, so leave it out.")
     limits = dict(DEFAULT_LIMITS)
     limits.update(max_message_bytes=int(args.max_message_mb * 2**20), max_frames=args.max_frames,
                   max_side=args.max_side, max_job_pixels=int(args.max_job_megapixels * 1e6),
@@ -134,6 +131,7 @@ def command_serve(args: argparse.Namespace) -> int:
                           keys_dir=Path(args.keys) if args.keys else None,
                           insecure=args.insecure, limits=limits, keep_hours=args.keep_hours,
                           keep_jobs=args.keep_jobs, test_step_delay_s=args.test_step_delay,
+                          test_plan_gate=Path(args.test_plan_gate) if args.test_plan_gate else None,
                           cluster=cluster_options(args),
                           assume_gpu_memory_gb=gpu_gigabytes(args.assume_gpu_memory_gb))
     serve(config, args.model, device=args.device, dtype=args.dtype,
@@ -372,11 +370,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep at most this many finished jobs (default: %(default)s)")
     serve.add_argument("--assume-gpu-memory-gb", type=float, default=None, metavar="N",
                        help="plan jobs (--memory auto) for a GPU with N GB (10^9 bytes) for "
-                       "this server, for sharing a GPU and for tests (default: the CUDA "
-                       "device's free memory; on a CPU nothing is planned)")
+                       "this server (with --ray: for each worker), for sharing a GPU and for "
+                       "tests (default: the CUDA device's free memory; on a CPU nothing is "
+                       "planned)")
     serve.add_argument("--test-step-delay", type=float, default=0.0,
                        help="testing only: sleep this many seconds at every progress step, "
                        "so tests can catch a job mid-run")
+    serve.add_argument("--test-plan-gate", default=None, metavar="FILE",
+                       help="testing only: hold each memory plan until FILE exists, then "
+                       "delete it and plan (a FILE saying `raise` makes the plan fail)")
     cluster = serve.add_argument_group("many GPUs (README: Many GPUs; needs the cluster extra)")
     cluster.add_argument("--ray", metavar="ADDRESS",
                          help="run jobs on Ray workers, one per GPU: `auto` (the cluster "

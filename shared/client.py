@@ -180,7 +180,10 @@ class Client:
     """A connection to one Understudy server (a ZeroMQ DEALER socket).
 
     Requests (hello, submit, status, cancel, fetch) block up to `timeout_s` for their
-    reply; events for this client's jobs are kept until `poll()` returns them. ZeroMQ
+    reply. A submit or plan may wait for the server's memory plan: it waits on while the
+    server answers heartbeats, up to protocol.PLAN_WAIT_S more, and gives up after
+    `timeout_s` of silence. Events for this client's jobs are kept until `poll()`
+    returns them. ZeroMQ
     reconnects by itself; the client's id stays the same, so events keep coming after
     a reconnect or a server restart.
     """
@@ -310,7 +313,8 @@ class Client:
             header["regions"] = len(masks)
         extra_s = protocol.payload_size(payload) / SEND_RATE_BYTES_PER_S
         try:
-            reply, _ = self._request(header, payload, timeout_s=self.timeout_s + extra_s)
+            reply, _ = self._request(header, payload, timeout_s=self.timeout_s + extra_s,
+                                     planned=True)
         except ProtocolError as error:  # settings that are not strict JSON (NaN, surrogates)
             raise JobRejected(error.message, error.code) from None
         return reply
@@ -322,7 +326,8 @@ class Client:
         `--memory auto` would turn on, the predicted peak with them, and the refusal
         sentence (`message`) when it cannot fit."""
         reply, _ = self._request({"type": RequestType.PLAN, "settings": settings,
-                                  "frame_count": frame_count, "frame_size": list(frame_size)})
+                                  "frame_count": frame_count, "frame_size": list(frame_size)},
+                                 planned=True)
         return reply
 
     def poll(self, timeout_s: float = 0.0) -> list[dict[str, Any]]:
@@ -429,23 +434,41 @@ class Client:
     # ----------------------------------------------------------------- internals
 
     def _request(self, header: dict[str, Any], payload: list[bytes] | None = None,
-                 timeout_s: float | None = None) -> tuple[dict[str, Any], list[bytes]]:
-        """Send one request and wait for its reply; events meanwhile are kept."""
+                 timeout_s: float | None = None, planned: bool = False
+                 ) -> tuple[dict[str, Any], list[bytes]]:
+        """Send one request and wait for its reply; events meanwhile are kept.
+
+        `planned`: the reply may wait for the server's memory plan (submit, plan). Then
+        heartbeats go out while waiting, and the wait goes on as long as the server
+        answers something within `timeout_s`, up to protocol.PLAN_WAIT_S longer."""
         if self._closed:
             raise ClientError("This client is closed; make a new one.")
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + timeout_s
+        sent_at = time.monotonic()
+        deadline = sent_at + timeout_s
         req = self._next_req
         self._next_req += 1
         self._send({**header, "req": req}, payload, deadline)
+        latest = sent_at + timeout_s + (protocol.PLAN_WAIT_S if planned else 0.0)
         while True:
             self._check_handshake()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            now = time.monotonic()
+            # Without `planned`, latest is sent_at + timeout_s and this is the plain timeout.
+            silent_s = now - max(sent_at, self._last_heard)
+            if now >= latest or silent_s >= timeout_s:
                 self._reopen()  # the next request goes over a connection the server reads
+                if planned and silent_s < timeout_s:  # alive, but the plan did not come
+                    raise ServerUnavailable(
+                        f"The server at {self.address} answered other requests but not this "
+                        f"{header['type']} within {latest - sent_at:.0f} s (its memory plans "
+                        "are slow or many wait); send it again later (a submit with the same "
+                        "job id is never run twice).")
                 raise ServerUnavailable(
                     f"The server at {self.address} did not answer within {timeout_s:.0f} s; "
                     "check that `python -m backend serve` is running there.")
+            if planned:
+                self._heartbeat_if_due()
+            remaining = min(latest - now, timeout_s - silent_s)
             reply = self._receive(min(remaining, SLICE_S), wanted_req=req)
             if isinstance(reply, tuple):
                 reply_header, reply_payload = reply

@@ -28,6 +28,11 @@ DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 HEARTBEAT_INTERVAL_S = 1.0
 HEARTBEAT_LIVENESS = 3  # silent intervals before the client calls the server gone
 CLIENT_EXPIRY_INTERVALS = 10  # silent intervals before the server forgets a client
+# A submit or plan that needs a memory plan is answered once the plan is made (seconds
+# to tens of seconds on the server's CPU, more while other plans wait first); the server
+# answers everything else meanwhile. A client waits this long for such a reply while the
+# server answers its heartbeats, and its usual timeout when the server is silent.
+PLAN_WAIT_S = 600.0
 ZMTP_HEARTBEAT_IVL_MS = 1000
 ZMTP_HEARTBEAT_TIMEOUT_MS = 3000
 

@@ -39,9 +39,16 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         'the server queues a job too big for its GPU instead of refusing it',
         'backend/server/requests.py',
-        '            self._decide_memory(parsed, len(clip), size)  # before queueing: too_big_for_gpu',
-        '            pass',
+        '            if not self._planned(parsed):\n                return queue_job()',
+        '            if True:\n                return queue_job()',
         ('tests/test_memory_server.py::test_the_server_refuses_what_cannot_fit_before_queueing',),
+    ),
+    Mutant(
+        'the server makes a memory plan on its socket loop, holding up every other client',
+        'backend/server/planning.py',
+        '        self._todo.put(work)\n        return True',
+        '        self._hold(threading.Event())\n        work.outcome = work.make()\n        return True',
+        ('tests/test_memory_server.py::test_a_plan_holds_up_nobody_but_its_own_request',),
     ),
     Mutant(
         "Wan's gradient checkpointing drops sequential offload's hook after guidance",

@@ -107,7 +107,8 @@ def test_missing_weights_name_the_fetch_command(tmp_path, clip_path):
     result = backend("transfer", str(clip_path), "--prompt", "x", "--device", "cpu",
                      "--model", "cerspense/zeroscope_v2_576w", "-o", str(tmp_path / "o.mp4"),
                      env=offline)
-    assert_one_sentence_error(result, "hf download cerspense/zeroscope_v2_576w")
+    assert_one_sentence_error(result, "hf download cerspense/zeroscope_v2_576w",
+                              "--model on the command line or the Model setting")
     result = backend("transfer", str(clip_path), "--prompt", "x", "--model",
                      str(tmp_path / "no-such-folder"), "-o", str(tmp_path / "o.mp4"))
     assert_one_sentence_error(result, "no model folder")

@@ -40,13 +40,14 @@ from backend.cluster.connect import (
     parse_ray_target,
     refuses_strangers,
 )
+from backend.cluster.gateway import smallest_gpu
 from backend.cluster.pool import ActorPool
 from backend.cluster.worker import ActorSpec
 from backend.errors import JobCancelled, UnderstudyError
 from backend.server.book import WORKER_LOST_TWICE, JobBook, Retention
 from backend.server.store import Job, JobStore
-from shared.client import Client, JobCancelledError
-from shared.settings import TransferSettings
+from shared.client import Client, JobCancelledError, JobRejected, UnknownJob
+from shared.settings import MEMORY_SAVERS, TransferSettings
 from tests.conftest import REPO_ROOT
 from tests.delivery import SCENARIOS
 from tests.server_support import (
@@ -443,6 +444,53 @@ def test_the_gateway_killed_with_jobs_in_flight_finishes_every_job_exactly_once(
             assert done_lines() == {job_id: 1 for job_id in job_ids}
         finally:
             gateway.stop()
+
+
+def test_a_gateway_plans_each_job_for_its_workers_gpus(tmp_path, connect_client):
+    """`--memory auto` behind `--ray`: the worker reports the GPU it was told it has, the
+    gateway plans for it, refuses before queueing what cannot fit, and the savers it
+    chose reach the worker and the sidecar (as on one box, tests/test_memory_server.py)."""
+    from tests.test_memory_server import BIG, CLIP_SIZE, tiny_plan
+
+    peaks = {saver["name"]: saver["peak_bytes"] for saver in tiny_plan().savers}
+    budget = peaks["vae_offload"] + 256  # the quick job fits with the first four savers
+    assert budget < min(saver["peak_bytes"] for saver in tiny_plan(**BIG).savers)
+    gateway = ServerProcess(tmp_path / "state", "--ray", "local:1", "--assume-gpu-memory-gb",
+                            repr(budget / 1e9)).start()
+    try:
+        client = connect_client(gateway.address)
+        hello = client.hello()
+        assert (hello["gpu"]["budget_bytes"], hello["gpu"]["assumed"]) == (budget, True)
+        assert hello["memory_savers"] == list(MEMORY_SAVERS)
+        planned = client.plan(settings(), 6, CLIP_SIZE)
+        assert (planned["fits"], planned["savers"]) == (True, list(MEMORY_SAVERS[:4]))
+        assert planned["predicted_peak_bytes"] == peaks["vae_offload"]
+        with pytest.raises(JobRejected) as refused:
+            client.submit("too-big-for-every-worker", settings(**BIG), clip_pngs())
+        assert refused.value.code == "too_big_for_gpu"
+        assert str(refused.value).startswith("This edit needs about ")
+        with pytest.raises(UnknownJob):
+            client.status("too-big-for-every-worker")  # nothing was queued
+        client.submit("fits-the-workers", settings(), clip_pngs())
+        result = client.wait("fits-the-workers", timeout_s=WAIT_S)
+        assert result.sidecar["worker"]["actor"] == "worker-0"
+        assert result.sidecar["memory"] == {"savers": list(MEMORY_SAVERS[:4]),
+                                            "predicted_peak_bytes": peaks["vae_offload"],
+                                            "budget_bytes": budget}
+    finally:
+        gateway.stop()
+
+
+def test_the_gateway_plans_for_the_smallest_gpu_among_its_workers():
+    def worker(name: str, budget: int) -> dict:
+        return {"memory": {"name": name, "total_bytes": budget + 10, "free_bytes": budget,
+                           "budget_bytes": budget, "assumed": False}}
+
+    workers = [worker("A", 24 * 10**9), worker("B", 16 * 10**9), worker("C", 80 * 10**9)]
+    assert smallest_gpu(workers)["name"] == "B"
+    # a worker not heard from yet, or on a CPU, sets no bound; none with a GPU: no plan
+    assert smallest_gpu([None, {"memory": None}, *workers]) == workers[1]["memory"]
+    assert smallest_gpu([None, {"memory": None}]) is None
 
 
 def test_a_job_whose_worker_dies_twice_fails_and_a_try_that_never_began_is_free(tmp_path):

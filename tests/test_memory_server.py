@@ -1,16 +1,23 @@
 """`--memory auto` on a real server told its GPU has N GB (`serve --assume-gpu-memory-gb`):
 it picks the savers cheapest first, refuses in one sentence before queueing what
 cannot fit, answers `plan`, reports its GPU in the hello and records the choice in the
-sidecar; the command line refuses before loading the model."""
+sidecar; a plan is made off the socket loop, so nobody else waits for it; the command
+line refuses before loading the model."""
 
 from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
 from backend.memory_savers import MemoryPlanner
-from shared.client import Client, JobRejected, UnknownJob
+from backend.server.requests import PLANNING_BUG
+from shared import protocol
+from shared.client import Client, JobRejected, ServerUnavailable, UnknownJob
 from shared.settings import MEMORY_SAVERS, TransferSettings
-from tests.server_support import ServerProcess, clip_pngs, settings, wait_for_event
+from tests.server_support import ServerProcess, clip_pngs, settings, wait_for_event, wait_until
 
 CLIP_SIZE = (48, 32)  # clip_pngs' frames
 BIG = {"width": 256, "height": 256}  # 16× the pixels of QUICK_SETTINGS' 64×64
@@ -118,5 +125,128 @@ def test_assumed_gpu_memory_is_checked(capsys) -> None:  # noqa: ANN001
     assert main(["serve", "--assume-gpu-memory-gb", "0"]) == 1
     assert capsys.readouterr().err == ("error: --assume-gpu-memory-gb is 0.0; give a positive "
                                        "size in GB.\n")
-    assert main(["serve", "--ray", "local:1", "--assume-gpu-memory-gb", "8"]) == 1
-    assert "with --ray the workers' GPUs are not planned yet" in capsys.readouterr().err
+
+
+def release(gate: Path, word: str = "go") -> None:
+    """Let the held plan go (`serve --test-plan-gate`); renamed into place, so the server
+    never reads half a word. `raise` makes the plan fail as a planning bug would."""
+    written = gate.with_name(gate.name + ".new")
+    written.write_text(word)
+    written.rename(gate)
+
+
+def plans_waiting(client: Client, count: int) -> bool:
+    return client.hello()["plans_waiting"] == count
+
+
+def test_a_plan_holds_up_nobody_but_its_own_request(tmp_path, plans) -> None:  # noqa: ANN001
+    gate = tmp_path / "plan-gate"
+    process = ServerProcess(tmp_path / "state", "--assume-gpu-memory-gb", "1000",
+                            "--test-plan-gate", str(gate)).start()
+    try:
+        with Client(process.address, timeout_s=60.0) as other, \
+                Client(process.address, timeout_s=3.0) as editor, \
+                ThreadPoolExecutor(max_workers=1) as editor_thread:
+            other.submit("unplanned", settings(memory="off"), clip_pngs())  # queued at once
+            wait_for_event(other, "unplanned", "result_ready")
+            asked_at = time.monotonic()
+            submitted = editor_thread.submit(editor.submit, "planned", settings(), clip_pngs())
+            wait_until(lambda: plans_waiting(other, 1), "the submit waiting for its plan")
+            # While the plan is held the server answers everyone else and runs their jobs.
+            assert other.fetch("unplanned").sidecar["memory"] is None
+            assert other.status("unplanned")["state"] == "done"
+            with pytest.raises(UnknownJob):
+                other.status("planned")  # nothing is stored before its plan says it fits
+            other.submit("meanwhile", settings(memory="off", seed=3), clip_pngs())
+            wait_for_event(other, "meanwhile", "progress")
+            wait_for_event(other, "meanwhile", "result_ready")
+            # The editor waits past its own timeout: the server answers its heartbeats.
+            wait_until(lambda: time.monotonic() - asked_at > 3 * editor.timeout_s
+                       and plans_waiting(other, 1), "the plan held past the editor's timeout")
+            assert not submitted.done()
+            release(gate)
+            assert submitted.result(timeout=300)["duplicate"] is False
+            assert plans_waiting(other, 0)
+            wait_for_event(editor, "planned", "result_ready")
+            assert editor.fetch("planned").sidecar["memory"] == {
+                "savers": [], "predicted_peak_bytes": plans["quick"].peak_bytes,
+                "budget_bytes": 1000 * 10**9}
+
+            asked = editor_thread.submit(editor.plan, settings(**BIG), 6, CLIP_SIZE)
+            wait_until(lambda: plans_waiting(other, 1), "the plan request waiting")
+            assert not asked.done()
+            release(gate)
+            assert asked.result(timeout=300)["peak_bytes"] == plans["big"].peak_bytes
+
+            # A plan that fails (a bug) answers its request in one sentence; nothing is
+            # stored and the server goes on.
+            failing = editor_thread.submit(editor.submit, "unlucky", settings(seed=5), clip_pngs())
+            wait_until(lambda: plans_waiting(other, 1), "the unlucky submit waiting")
+            release(gate, "raise")
+            with pytest.raises(JobRejected) as refused:
+                failing.result(timeout=300)
+            assert (refused.value.code, str(refused.value)) == ("internal", PLANNING_BUG)
+            with pytest.raises(UnknownJob):
+                other.status("unlucky")
+            assert plans_waiting(other, 0)
+            release(gate)  # the next plan may go as soon as it is asked for
+            assert editor.submit("unlucky", settings(seed=5), clip_pngs())["duplicate"] is False
+        log = process.log()
+        assert "Planning a request's memory failed" in log and "--test-plan-gate said so" in log
+    finally:
+        process.stop()
+
+
+class PlanNeverAnswered:
+    """A fake server that never answers `plan` and answers the first `heartbeats`
+    heartbeats (all of them: None), as a server still planning does."""
+
+    def __init__(self, heartbeats: int | None) -> None:
+        import threading
+
+        import zmq
+
+        self.heartbeats = heartbeats
+        self.answered = 0
+        self.router = zmq.Context.instance().socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.address = f"tcp://127.0.0.1:{self.router.bind_to_random_port('tcp://127.0.0.1')}"
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            if not self.router.poll(50):
+                continue
+            routing_id, *frames = self.router.recv_multipart()
+            header = protocol.decode_header(frames[0])
+            if header["type"] == "heartbeat" and (self.heartbeats is None
+                                                  or self.answered < self.heartbeats):
+                self.answered += 1
+                self.router.send_multipart([routing_id, *protocol.encode(
+                    {"type": "heartbeat", "req": header["req"], "queue_length": 0, "time": 0})])
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.router.close()
+
+
+def test_the_client_waits_for_a_plan_while_the_server_answers_and_no_longer(monkeypatch) -> None:  # noqa: ANN001
+    quiet = PlanNeverAnswered(heartbeats=5)
+    try:
+        with Client(quiet.address, timeout_s=1.0, heartbeat_s=0.2) as client, \
+                pytest.raises(ServerUnavailable, match="did not answer within 1 s"):
+            client.plan(settings(), 6, CLIP_SIZE)
+        assert quiet.answered == 5  # it waited on past its timeout while they were answered
+    finally:
+        quiet.close()
+    monkeypatch.setattr(protocol, "PLAN_WAIT_S", 2.0)
+    alive = PlanNeverAnswered(heartbeats=None)
+    try:
+        with Client(alive.address, timeout_s=1.0, heartbeat_s=0.2) as client, \
+                pytest.raises(ServerUnavailable, match="answered other requests but not this plan"):
+            client.plan(settings(), 6, CLIP_SIZE)
+    finally:
+        alive.close()

@@ -210,11 +210,14 @@ def model_location(model: str, flag: str) -> str:
 
 
 def missing_weights(model: str, flag: str) -> ModelNotFoundError:
-    """The one sentence for weights that are neither here nor downloadable."""
+    """The one sentence for weights that are neither here nor downloadable. The main
+    model is also Blender's Model preference (the extension starts `serve --model`)."""
+    where = (f"{flag} on the command line or the Model setting of the Blender extension's "
+             "preferences" if flag == "--model" else flag)
     return ModelNotFoundError(
         f"The weights of {model!r} are not on this machine and could not be downloaded; "
         f"on a machine with internet run `hf download {model}` (or copy the folder here "
-        f"and pass it as {flag})."
+        f"and give its path as {where})."
     )
 
 

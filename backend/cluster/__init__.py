@@ -17,7 +17,8 @@ actor (backend/server/worker.py), each claiming the head of the FIFO queue:
 - `remote.py`   one actor in the shape of the server's engine (describe,
                 check_settings, transfer) plus `wait_ready`
 - `pool.py`     the actors of one gateway: created, waited for, closed
-- `gateway.py`  what `serve --ray` adds to the server: the options, start and close
+- `gateway.py`  what `serve --ray` adds to the server: the options, start and close,
+                and the memory plan, for the smallest GPU among the workers
 - `bench.py`    throughput of K small jobs through real gateways with 1, 2, 3 workers
 
 Ray is an optional dependency (`pip install .[cluster]`): nothing outside this package

@@ -1,21 +1,36 @@
 """What `serve --ray ADDRESS` adds to the server: Ray, the workers, and their engines.
 
     cluster = start_actors(ClusterOptions("local:2"), spec, state_dir)
-    Server(config, cluster.engines[0], pool_engines=cluster.engines)
+    Server(config, cluster.engines[0], pool_engines=cluster.engines, memory=cluster.memory)
     ...
     cluster.close()
+
+The gateway plans GPU memory as one box does (`--memory auto`), for the smallest GPU
+among its workers: each worker reports its device's memory (`identity()["memory"]`,
+CUDA's free memory or the `--assume-gpu-memory-gb` figure), any worker may take any
+job (FIFO), so a job planned for the smallest fits every one. The plan runs here, on
+the gateway's CPU, on the workers' model by name (backend/memory_plan.py PLANNABLE)
+for their device and dtype; no weights are needed. The hello reports that smallest
+GPU, a submit or plan request is planned off the socket loop (backend/server/planning.py),
+a job that cannot fit is refused before it is queued, and the savers chosen travel
+with the job to the worker (backend/cluster/remote.py) and into its sidecar.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from backend.cluster.connect import RayConnection, connect, parse_ray_target
 from backend.cluster.pool import DEFAULT_CANCEL_GRACE_S, ActorPool
 from backend.cluster.remote import ActorEngine, actor_engines
 from backend.cluster.worker import ActorSpec
+
+if TYPE_CHECKING:
+    from backend.server.planning import ServerMemory
 
 log = logging.getLogger("understudy.cluster")
 
@@ -36,6 +51,7 @@ class ClusterActors:
     connection: RayConnection
     pool: ActorPool
     engines: list[ActorEngine]
+    memory: ServerMemory | None = None  # what `--memory auto` plans against; None: nothing
 
     def summary(self) -> str:
         """For the start-up line: "2 workers on Ray local:2 (2 worker slots on CPU)"."""
@@ -61,4 +77,36 @@ def start_actors(options: ClusterOptions, spec: ActorSpec, token_dir: Path) -> C
     for identity in identities:
         log.info("Worker %s ready on %s (pid %d%s).", identity["actor"], identity["host"],
                  identity["pid"], f", GPU {identity['gpu']['name']}" if identity["gpu"] else "")
-    return ClusterActors(connection, pool, actor_engines(pool))
+    memory = gateway_memory(spec, identities,
+                            lambda: smallest_gpu([runner.identity for runner in pool.runners]))
+    return ClusterActors(connection, pool, actor_engines(pool, memory), memory)
+
+
+def smallest_gpu(identities: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The GPU the gateway plans for: the workers' reported memory (gpu_description,
+    backend/memory_savers.py) with the smallest `budget_bytes`, the hello's `gpu`. A
+    worker not heard from yet, or without a GPU (a CPU worker), sets no bound; None when
+    no worker has a GPU: nothing is planned."""
+    gpus = [identity["memory"] for identity in identities
+            if identity is not None and identity.get("memory") is not None]
+    return min(gpus, key=lambda gpu: gpu["budget_bytes"]) if gpus else None
+
+
+def gateway_memory(spec: ActorSpec, identities: list[dict[str, Any]],
+                   gpu: Callable[[], dict[str, Any] | None]) -> ServerMemory | None:
+    """The gateway's planner: for the workers' model by name, on their device in their
+    dtype, fitting `gpu()`; None when no worker reports a GPU, or when the model is not
+    one the plan can build by name (logged: its jobs run without planned savers)."""
+    if gpu() is None:
+        return None  # CPU workers: nothing to fit, and no torch needed here
+    from backend.memory_plan import PLANNABLE
+    from backend.memory_savers import MemoryPlanner
+    from backend.server.planning import ServerMemory
+
+    if spec.model not in PLANNABLE:
+        log.warning("The gateway plans GPU memory by model name and knows %s, not %r; its "
+                    "jobs run without --memory auto's savers, so give --model as one of those "
+                    "names to plan them.", ", ".join(PLANNABLE), spec.model)
+        return None
+    device = identities[0].get("engine", {}).get("device") or "cuda"
+    return ServerMemory(MemoryPlanner(gpu), spec.model, device, spec.dtype)

@@ -4,6 +4,11 @@ The pool makes it a threaded actor with two threads: one runs `run` (the job), t
 other answers `cancel`, `identity` and `check_settings` while a job runs, so a
 cancel reaches the engine's between-steps check instead of waiting behind the job.
 
+`identity` reports the worker's GPU memory (`memory`: gpu_description of its device,
+or the `serve --assume-gpu-memory-gb` figure passed through): the gateway plans every
+job for the smallest of them (backend/cluster/gateway.py) and hands `run` its decision,
+so the savers it chose are the ones this worker turns on and records in the sidecar.
+
 `run` is a streaming generator: it yields small event dicts as the edit goes (first
 "started", then "progress" per engine step) and ends with exactly one of "done"
 (the result frames and the sidecar), "failed" (code and sentence) or "cancelled". Errors are
@@ -48,6 +53,7 @@ class ActorSpec:
     shared_cache: bool = False  # all workers use cache_dir itself (a shared folder)
     torch_threads: int | None = None
     step_delay_s: float = 0.0  # testing only, as `serve --test-step-delay`
+    assume_gpu_memory_gb: float | None = None  # as `serve --assume-gpu-memory-gb`, per worker
 
     def cache_for(self, worker_name: str) -> Path | None:
         """The inversion cache folder: per worker unless the cache is shared."""
@@ -93,7 +99,7 @@ class EngineActor:
         info = {"actor": self.name, "actor_id": context.get_actor_id(),
                 "host": socket.gethostname(), "node_ip": ray.util.get_node_ip_address(),
                 "node_id": context.get_node_id(), "pid": os.getpid(), "gpu": self._gpu(),
-                "restarted": context.was_current_actor_reconstructed}
+                "memory": self._memory(), "restarted": context.was_current_actor_reconstructed}
         if self._load_error is not None:
             info["load_error"] = self._load_error
         else:
@@ -120,9 +126,11 @@ class EngineActor:
     # ----------------------------------------------------------------- the job
 
     def run(self, job_id: str, settings: dict[str, Any], inputs: list[bytes],
-            masks: list[list[bytes]] | None = None) -> Iterator[dict[str, Any]]:
-        """Run one job (`masks`: each region's mask PNGs, None for none), yielding its
-        events (see the module docstring)."""
+            masks: list[list[bytes]] | None = None, memory: dict[str, Any] | None = None
+            ) -> Iterator[dict[str, Any]]:
+        """Run one job (`masks`: each region's mask PNGs, None for none; `memory`: the
+        gateway's `--memory auto` decision, MemoryDecision.to_dict(), None for none),
+        yielding its events (see the module docstring)."""
         yield {"event": "started", "worker": self.identity()}
         if self.engine is None:
             yield {"event": "failed", **self._load_error}
@@ -131,7 +139,7 @@ class EngineActor:
         # The engine reports through callbacks; a generator cannot yield from inside
         # them, so the edit runs on its own thread and this one relays its events.
         thread = threading.Thread(target=self._edit,
-                                  args=(job_id, settings, inputs, masks, events),
+                                  args=(job_id, settings, inputs, masks, memory, events),
                                   name=f"edit-{job_id}", daemon=True)
         thread.start()
         while True:
@@ -144,7 +152,8 @@ class EngineActor:
             self._cancel_requested.discard(job_id)
 
     def _edit(self, job_id: str, settings: dict[str, Any], inputs: list[bytes],
-              masks: list[list[bytes]] | None, events: queue.Queue) -> None:
+              masks: list[list[bytes]] | None, memory: dict[str, Any] | None,
+              events: queue.Queue) -> None:
         def progress(phase: str, step: int, total: int) -> None:
             events.put({"event": "progress", "phase": phase, "step": step, "total": total})
             if self.spec.step_delay_s:
@@ -158,9 +167,15 @@ class EngineActor:
 
         try:
             with_masks = {"masks": PngMasks(masks, "the job's regions")} if masks else {}
-            result = self.engine.transfer(PngClip(inputs, "the job's clip"),
-                                          TransferSettings.from_dict(settings),
-                                          progress=progress, cancelled=cancelled, **with_masks)
+            # One job at a time: the engine asks this for the job's savers (Engine.memory).
+            self.engine.memory = None if memory is None else DecidedMemory.from_dict(memory)
+            try:
+                result = self.engine.transfer(PngClip(inputs, "the job's clip"),
+                                              TransferSettings.from_dict(settings),
+                                              progress=progress, cancelled=cancelled,
+                                              **with_masks)
+            finally:
+                self.engine.memory = None
             sidecar = replace(result.sidecar, worker=self._sidecar_worker())
             # Raw frames, not PNGs: the gateway encodes them once, as it does for a local job.
             events.put({"event": "done", "frames": result.frames, "alpha": result.alpha,
@@ -181,6 +196,15 @@ class EngineActor:
         return {"actor": self.name, "actor_id": ray.get_runtime_context().get_actor_id(),
                 "host": socket.gethostname(), "gpu": self._gpu(), "pid": os.getpid()}
 
+    def _memory(self) -> dict[str, Any] | None:
+        """This worker's GPU memory as the hello reports a GPU (gpu_description); None on
+        a CPU without an assumed figure, or without a model."""
+        if self.engine is None:
+            return None
+        from backend.memory_savers import gpu_description
+
+        return gpu_description(str(self.engine.backbone.device), self.spec.assume_gpu_memory_gb)
+
     def _gpu(self) -> dict[str, Any] | None:
         if self.engine is None or self.engine.backbone.device.type != "cuda":
             return None
@@ -190,3 +214,21 @@ class EngineActor:
         device = self.engine.backbone.device
         return {"name": torch.cuda.get_device_name(device), "device": str(device),
                 "ray_gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()]}
+
+
+class DecidedMemory:
+    """The gateway's `--memory auto` decision for one job, where the engine asks for its
+    savers (Engine.memory.decide): the worker does not plan again."""
+
+    def __init__(self, decision: Any) -> None:
+        self.decision = decision
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> DecidedMemory:
+        from backend.memory_savers import MemoryDecision
+
+        return cls(MemoryDecision(tuple(record["savers"]), int(record["predicted_peak_bytes"]),
+                                  int(record["budget_bytes"])))
+
+    def decide(self, *_job: Any, **_more: Any) -> Any:
+        return self.decision

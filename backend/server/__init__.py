@@ -6,6 +6,7 @@ The wire protocol, job states and store guarantees are in docs/protocol.md. By d
 
     transport.py   the ROUTER socket: reading within limits, bounded sending
     requests.py    one answer per request (validation happens here)
+    planning.py    memory plans on their own thread; submit and plan wait for theirs
     book.py        jobs, the queue and ownership, under one lock, mirrored to disk
     store.py       the on-disk job store, its write order and its recovery
     worker.py      runs queued jobs on the engine (engine_api.py: what it needs)

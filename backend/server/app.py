@@ -2,8 +2,10 @@
 
 The main thread owns the ROUTER socket: it reads requests, answers them and forwards
 the job threads' events. A job thread (backend/server/worker.py; one, or one per Ray
-actor on a gateway) runs jobs; it reaches the main thread only through an inproc PUSH
-socket, and the book (under its lock) is the only state the threads share.
+actor on a gateway) runs jobs; the planning thread (backend/server/planning.py) makes
+the memory plans that a submit or plan request waits for. Both reach the main thread
+only through an inproc PUSH socket; the book (under its lock) and the planning desk
+(under its own) are the only state the threads share.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import zmq
 
 from backend.server.book import JobBook, Retention
 from backend.server.engine_api import PooledEngine, TransferEngine
+from backend.server.planning import PLANNED, PlanDesk, ServerMemory
 from backend.server.requests import Requests
 from backend.server.security import check_bind_allowed, is_loopback
 from backend.server.store import JobStore
@@ -52,6 +55,7 @@ class ServerConfig:
     keep_jobs: int = 200
     heartbeat_s: float = protocol.HEARTBEAT_INTERVAL_S
     test_step_delay_s: float = 0.0  # testing only: sleep per progress step (see cli help)
+    test_plan_gate: Path | None = None  # testing only: each memory plan waits for this file
     cluster: ClusterOptions | None = None  # `--ray`: jobs run on Ray workers
     assume_gpu_memory_gb: float | None = None  # `--memory auto` fits jobs into this (tests, sharing)
 
@@ -60,9 +64,11 @@ class Server:
     """Wires the parts together and runs the main loop."""
 
     def __init__(self, config: ServerConfig, engine: TransferEngine,
-                 pool_engines: Sequence[PooledEngine] = ()) -> None:
+                 pool_engines: Sequence[PooledEngine] = (),
+                 memory: ServerMemory | None = None) -> None:
         """`pool_engines`: one per Ray actor (`--ray`), each driven by its own job
-        thread; without them one job thread drives `engine` in this process."""
+        thread; without them one job thread drives `engine` in this process. `memory`:
+        what `--memory auto` plans jobs against (None: nothing is planned)."""
         self.config = config
         self.engine = engine
         self.store = JobStore(config.state_dir)
@@ -77,10 +83,11 @@ class Server:
         self.context = zmq.Context.instance()
         self.transport = Transport(self.context, config.bind, config.keys_dir, config.insecure,
                                    config.limits)
+        self.desk = PlanDesk(config.limits["max_queue"], config.test_plan_gate)
         self.requests = Requests(self.book, engine, config.limits, config.heartbeat_s,
                                  secure=lambda: self.transport.secure,
                                  dropped=lambda: self.transport.dropped,
-                                 memory=getattr(engine, "memory", None))
+                                 memory=memory, desk=self.desk)
         self.stopping = threading.Event()
 
     def recover(self) -> None:
@@ -99,6 +106,8 @@ class Server:
         threads = [threading.Thread(target=self._run_job_thread, args=(job_thread,),
                                     name=f"understudy-jobs-{index}", daemon=True)
                    for index, job_thread in enumerate(self.job_threads)]
+        threads.append(threading.Thread(target=self._run_planning_thread,
+                                        name="understudy-planning", daemon=True))
         for thread in threads:
             thread.start()
         poller = zmq.Poller()
@@ -142,9 +151,21 @@ class Server:
         finally:
             events.close(0)
 
+    def _run_planning_thread(self) -> None:
+        events = self.context.socket(zmq.PUSH)
+        events.setsockopt(zmq.LINGER, 0)
+        events.connect(JOB_EVENTS)
+        try:
+            self.desk.run(self.stopping, lambda: events.send(
+                protocol.json_text({"type": PLANNED}).encode()))
+        finally:
+            events.close(0)
+
     def _answer_waiting(self) -> None:
         while (message := self.transport.receive()) is not None:
             answer = self.requests.answer(message)
+            if answer.deferred:  # the planning thread has it; answered in _answer_planned
+                continue
             self.transport.send_reply(message.routing_id, answer.reply, answer.payload)
             if answer.cancelled is not None:
                 job = answer.cancelled
@@ -157,9 +178,18 @@ class Server:
         if event["type"] == QUEUE_CHANGED:
             self._send_queue_positions()
             return
+        if event["type"] == PLANNED:
+            self._answer_planned()
+            return
         recipient = self.book.client_of(event["job_id"])
         if recipient is not None:
             self.transport.send_event(*recipient, event)
+
+    def _answer_planned(self) -> None:
+        """Reply to the requests whose memory plans are made (a submit is queued or
+        refused now)."""
+        for work in self.desk.made():
+            self.transport.send_reply(work.routing_id, self.requests.complete(work).reply)
 
     def _send_queue_positions(self) -> None:
         """Tell each queued job's client where it now stands."""
@@ -188,6 +218,7 @@ def serve(config: ServerConfig, model: str, device: str | None = None, dtype: st
                                              upscale_model=upscale_model), None, ""
         engine_device, assumed = str(engine.backbone.device), config.assume_gpu_memory_gb
         engine.memory = MemoryPlanner(lambda: gpu_description(engine_device, assumed))
+        memory = ServerMemory(engine.memory, engine.backbone)
         threading.Thread(target=engine.memory.warm, args=(engine.backbone,), daemon=True,
                          name="understudy-plan-warm-up").start()
     else:  # the models load on the Ray workers; this process needs neither torch nor a GPU
@@ -196,15 +227,16 @@ def serve(config: ServerConfig, model: str, device: str | None = None, dtype: st
 
         cluster = start_actors(config.cluster, ActorSpec(
             model, device, dtype, cache_dir, upscale_model=upscale_model,
-            step_delay_s=config.test_step_delay_s),
+            step_delay_s=config.test_step_delay_s,
+            assume_gpu_memory_gb=config.assume_gpu_memory_gb),
             token_dir=config.state_dir)
-        engine, where = cluster.engines[0], f", {cluster.summary()}"
+        engine, memory, where = cluster.engines[0], cluster.memory, f", {cluster.summary()}"
         if config.limits["max_queue"] < 2 * len(cluster.engines):  # it counts running jobs
             log.warning("--max-queue %d is under twice the %d workers: raise it, or workers "
                         "sit idle while editors are told queue_full.",
                         config.limits["max_queue"], len(cluster.engines))
     try:
-        server = Server(config, engine, cluster.engines if cluster else ())
+        server = Server(config, engine, cluster.engines if cluster else (), memory)
         server.recover()
         address = server.bind()
         described = engine.describe()

@@ -1,7 +1,9 @@
 """Answers to requests: one method per request type, each returning its reply.
 
 Runs in the main thread. Validation happens here, before the book is asked to keep
-anything; the book decides what a caller may see.
+anything; the book decides what a caller may see. A `submit` or `plan` that needs a
+memory plan is answered later: its answer is `deferred` to the planning thread
+(backend/server/planning.py) and `complete` gives the reply once the plan is made.
 """
 
 from __future__ import annotations
@@ -17,24 +19,30 @@ from backend.errors import UnderstudyError
 from backend.server.book import JobBook
 from backend.server.engine_api import TransferEngine
 from backend.server.frames import check_mask_frames, check_pixel_budget, check_png_frames
+from backend.server.planning import PlanDesk, PlanWork, ServerMemory, log_planning_bug
 from backend.server.store import Job, StoreUnavailable
 from backend.server.transport import Incoming, client_name, printable
 from shared import protocol
 from shared.protocol import ErrorCode, ProtocolError, ReplyType, RequestType
 
 if TYPE_CHECKING:
-    from backend.memory_savers import MemoryPlanner
+    from shared.settings import TransferSettings
 
 log = logging.getLogger("understudy.server")
+
+PLANNING_BUG = "The server failed planning this job's GPU memory; see the server log."
+
 
 @dataclass
 class Answer:
     """The reply to one request, and what it changed for others: a queued job it
-    cancelled (whose client is told, and the queue behind it moved)."""
+    cancelled (whose client is told, and the queue behind it moved). `deferred`: no
+    reply now; the request waits on the planning desk for its plan."""
 
     reply: dict[str, Any]
     payload: list[bytes] = field(default_factory=list)
     cancelled: Job | None = None
+    deferred: bool = False
 
 
 class Requests:
@@ -42,10 +50,12 @@ class Requests:
 
     def __init__(self, book: JobBook, engine: TransferEngine, limits: dict[str, int],
                  heartbeat_s: float, secure: Callable[[], bool],
-                 dropped: Callable[[], int], memory: MemoryPlanner | None = None) -> None:
+                 dropped: Callable[[], int], memory: ServerMemory | None = None,
+                 desk: PlanDesk | None = None) -> None:
         self.book = book
         self.engine = engine
         self.memory = memory  # `--memory auto`: plans jobs before they are queued
+        self.desk = desk or PlanDesk(limits["max_queue"])  # where plans wait for the thread
         self.limits = limits
         self.heartbeat_s = heartbeat_s
         self.secure = secure
@@ -58,7 +68,7 @@ class Requests:
             if message.refusal is not None:
                 raise message.refusal
             header, payload = protocol.decode(message.frames)
-            answer = self._dispatch(message, header, payload)
+            answer = self._dispatch(message, req, header, payload)
         except ProtocolError as error:
             answer = Answer(protocol.error_header(error.code, error.message))
         except StoreUnavailable as error:
@@ -72,8 +82,28 @@ class Requests:
             answer.reply["req"] = req
         return answer
 
-    def _dispatch(self, message: Incoming, header: dict[str, Any], payload: list[bytes]
-                  ) -> Answer:
+    def complete(self, work: PlanWork) -> Answer:
+        """The reply to a request whose plan the planning thread has made (or failed to
+        make); like `answer`, never raises."""
+        try:
+            if isinstance(work.failure, UnderstudyError):  # too big, a bad clip: its sentence
+                reply = work.refuse(work.failure.code, str(work.failure))
+            elif work.failure is not None:
+                log_planning_bug(work.failure)
+                reply = work.refuse(ErrorCode.INTERNAL, PLANNING_BUG)
+            else:
+                reply = work.finish(work.outcome)
+        except Exception:  # a server bug must not take the other clients down
+            log.error("Finishing a planned request from %s failed:\n%s",
+                      printable(work.routing_id), traceback.format_exc())
+            reply = protocol.error_header(
+                ErrorCode.INTERNAL, "The server failed on this request; see the server log.")
+        if work.req is not None:
+            reply["req"] = work.req
+        return Answer(reply)
+
+    def _dispatch(self, message: Incoming, req: int | None, header: dict[str, Any],
+                  payload: list[bytes]) -> Answer:
         kind = header["type"]
         client, owner = client_name(message.routing_id), message.owner
         if kind == RequestType.HEARTBEAT:
@@ -82,7 +112,8 @@ class Requests:
         if kind == RequestType.HELLO:
             return Answer(self._welcome())
         if kind == RequestType.SUBMIT:
-            return Answer(self._submit(client, owner, header, payload))
+            reply = self._submit(message, req, header, payload)
+            return Answer({}, deferred=True) if reply is None else Answer(reply)
         if kind == RequestType.STATUS:
             if header.get("job_id") is None:
                 return Answer({"type": ReplyType.STATUS, "jobs": self.book.jobs_of(client, owner)})
@@ -92,7 +123,8 @@ class Requests:
             info, cancelled = self.book.cancel(protocol.check_job_id(header.get("job_id")), owner)
             return Answer({"type": ReplyType.STATUS, "job": info}, cancelled=cancelled)
         if kind == RequestType.PLAN:
-            return Answer(self._plan(header))
+            reply = self._plan(message, req, header)
+            return Answer({}, deferred=True) if reply is None else Answer(reply)
         if kind == RequestType.FETCH:
             job_id = protocol.check_job_id(header.get("job_id"))
             sidecar, frames = self.book.result(job_id, owner)
@@ -110,7 +142,8 @@ class Requests:
                 "model": described.get("model"), "device": described.get("device"),
                 "engine": described, "limits": self.limits, "heartbeat_s": self.heartbeat_s,
                 "queue_length": self.book.queue_length(), "secure": self.secure(),
-                "degraded": problem, "dropped_messages": self.dropped(), **self._gpu()}
+                "degraded": problem, "dropped_messages": self.dropped(),
+                "plans_waiting": self.desk.waiting(), **self._gpu()}
 
     def _gpu(self) -> dict[str, Any]:
         """The hello's GPU fields: `gpu` (name, total_bytes, free_bytes, budget_bytes,
@@ -120,16 +153,24 @@ class Requests:
         gpu = self.memory.gpu() if self.memory is not None else None
         return {"gpu": gpu, "memory_savers": list(MEMORY_SAVERS) if gpu is not None else []}
 
-    def _decide_memory(self, settings: Any, clip_length: int, size: tuple[int, int]) -> Any:
-        """The savers a job needs on this GPU (None: nothing planned); TooBigForGpuError
-        with one sentence when it cannot fit even with every saver."""
-        if self.memory is None:
-            return None
-        return self.memory.decide(self.engine.backbone, settings, clip_length, size)
+    def _planned(self, settings: TransferSettings) -> bool:
+        """Whether `--memory auto` plans this job: a planner, a GPU to fit, memory "auto"."""
+        return (self.memory is not None and settings.memory == "auto"
+                and self.memory.gpu() is not None)
 
-    def _plan(self, header: dict[str, Any]) -> dict[str, Any]:
-        """The memory plan of a job described, not sent (docs/protocol.md §4, `plan`)."""
-        from backend.errors import TooBigForGpuError
+    def _defer(self, message: Incoming, req: int | None, make: Callable[[], Any],
+               finish: Callable[[Any], dict[str, Any]],
+               refuse: Callable[[str, str], dict[str, Any]]) -> None:
+        """Hand a request's plan to the planning thread; queue_full when too many wait."""
+        if not self.desk.put(PlanWork(message.routing_id, req, make, finish, refuse)):
+            raise ProtocolError(ErrorCode.QUEUE_FULL, (
+                f"The server is already planning {self.desk.capacity} jobs; send this again "
+                "when one of them is answered."))
+
+    def _plan(self, message: Incoming, req: int | None, header: dict[str, Any]
+              ) -> dict[str, Any] | None:
+        """The memory plan of a job described, not sent (docs/protocol.md §4, `plan`);
+        None when the reply waits for the planning thread."""
         from shared.settings import TransferSettings
 
         settings = protocol.require(header, "settings", dict)
@@ -146,29 +187,38 @@ class Requests:
         try:
             parsed = TransferSettings.from_dict({"frame_limit": self.limits["max_frames"], **settings})
             self.engine.check_settings(parsed, frame_count, size)
-            reply: dict[str, Any] = {"type": ReplyType.PLAN, **self._gpu(), "fits": True,
-                                     "savers": [], "predicted_peak_bytes": None, "message": None}
-            if self.memory is None or reply["gpu"] is None or parsed.memory == "off":
-                return reply
-            from backend.method.engine import frames_to_edit
-
-            resolved = self.engine.resolve(parsed)
-            plan = self.memory.plan(self.engine.backbone, resolved,
-                                    frames_to_edit(resolved, frame_count), size)  # decide's, cached
-            reply["peak_bytes"] = plan.peak_bytes
-            try:
-                decision = self._decide_memory(parsed, frame_count, size)
-                reply.update(savers=list(decision.savers),
-                             predicted_peak_bytes=decision.predicted_peak_bytes)
-            except TooBigForGpuError as refusal:
-                reply.update(fits=False, message=str(refusal), savers=[s["name"] for s in plan.savers],
-                             predicted_peak_bytes=min([plan.peak_bytes,
-                                                       *(s["peak_bytes"] for s in plan.savers)]))
-            return reply
         except TypeError as error:
             raise ProtocolError(ErrorCode.BAD_SETTINGS, f"The settings are not valid ({error}).") from None
         except UnderstudyError as error:
             raise ProtocolError(error.code, str(error)) from None
+        if not self._planned(parsed):
+            return {"type": ReplyType.PLAN, **self._gpu(), "fits": True, "savers": [],
+                    "predicted_peak_bytes": None, "message": None}
+        self._defer(message, req, lambda: self._plan_reply(parsed, frame_count, size),
+                    finish=lambda reply: reply,
+                    refuse=lambda code, sentence: protocol.error_header(code, sentence))
+        return None
+
+    def _plan_reply(self, settings: TransferSettings, frame_count: int,
+                    size: tuple[int, int]) -> dict[str, Any]:
+        """The `plan` reply of a planned job (planning thread): the plan without savers,
+        and what `--memory auto` turns on, from the same cache a submit's decision uses."""
+        from backend.errors import TooBigForGpuError
+        from backend.method.engine import frames_to_edit
+
+        reply: dict[str, Any] = {"type": ReplyType.PLAN, **self._gpu(), "fits": True,
+                                 "savers": [], "predicted_peak_bytes": None, "message": None}
+        plan = self.memory.plan(settings, frames_to_edit(settings, frame_count), size)
+        reply["peak_bytes"] = plan.peak_bytes
+        try:
+            decision = self.memory.decide(settings, frame_count, size)  # the plan above, cached
+            reply.update(savers=list(decision.savers),
+                         predicted_peak_bytes=decision.predicted_peak_bytes)
+        except TooBigForGpuError as refusal:
+            reply.update(fits=False, message=str(refusal), savers=[s["name"] for s in plan.savers],
+                         predicted_peak_bytes=min([plan.peak_bytes,
+                                                   *(s["peak_bytes"] for s in plan.savers)]))
+        return reply
 
     def _with_model_size(self, settings: dict[str, Any]) -> dict[str, Any]:
         """The settings with the model's width and height where they are left to it, so the
@@ -177,10 +227,12 @@ class Requests:
         sizes = {name: defaults[name] for name in ("width", "height") if name in defaults}
         return {**sizes, **{name: value for name, value in settings.items() if value is not None}}
 
-    def _submit(self, client: str, owner: str | None, header: dict[str, Any],
-                payload: list[bytes]) -> dict[str, Any]:
+    def _submit(self, message: Incoming, req: int | None, header: dict[str, Any],
+                payload: list[bytes]) -> dict[str, Any] | None:
+        """Check a submit and queue it: now, or (None) once its memory plan says it fits."""
         from shared.settings import TransferSettings
 
+        client, owner = client_name(message.routing_id), message.owner
         job_id = protocol.check_job_id(header.get("job_id"))
         try:
             settings = protocol.require(header, "settings", dict)
@@ -207,19 +259,41 @@ class Requests:
                                regions * len(clip))
             check_mask_frames(masks, len(clip), size)
             self.engine.check_settings(parsed, len(clip), size)
-            self._decide_memory(parsed, len(clip), size)  # before queueing: too_big_for_gpu
             job = Job(job_id=job_id, seq=-1, client=client, owner=owner, digest=digest,
                       submitted_at=time.time(), frames_in=len(clip))
-            accepted = self.book.add(job, settings, clip, masks)
+
+            def queue_job(_decision: Any = None) -> dict[str, Any]:
+                return self._queue(job, settings, clip, masks, regions)
+
+            if not self._planned(parsed):
+                return queue_job()
+            # too_big_for_gpu (the plan's sentence) or queued, once the plan is made
+            self._defer(message, req, lambda: self.memory.decide(parsed, len(clip), size),
+                        finish=queue_job,
+                        refuse=lambda code, sentence: _rejected(job_id, code, sentence))
+            return None
         except UnderstudyError as error:  # bad settings or clip, store unavailable
             return _rejected(job_id, error.code, str(error))
         except ProtocolError as error:
             return _rejected(job_id, error.code, error.message)
-        log.info("Accepted job %s from %s (%d frames, %d regions, queue position %s).", job_id,
-                 printable(client.encode("latin-1")), len(clip), regions,
+
+    def _queue(self, job: Job, settings: dict[str, Any], clip: list[bytes],
+               masks: list[list[bytes]], regions: int) -> dict[str, Any]:
+        """Store and queue a checked job (its plan, if any, says it fits): the reply."""
+        try:
+            # The same request may have been accepted while this one waited for its plan.
+            repeated = self.book.existing(job.job_id, job.client, job.owner, job.digest)
+            if repeated is not None:
+                return {"type": ReplyType.ACCEPTED, **repeated}
+            accepted = self.book.add(job, settings, clip, masks)
+        except UnderstudyError as error:  # the store unavailable
+            return _rejected(job.job_id, error.code, str(error))
+        except ProtocolError as error:  # queue full, the id taken meanwhile
+            return _rejected(job.job_id, error.code, error.message)
+        log.info("Accepted job %s from %s (%d frames, %d regions, queue position %s).",
+                 job.job_id, printable(job.client.encode("latin-1")), len(clip), regions,
                  accepted["queue_position"])
         return {"type": ReplyType.ACCEPTED, **accepted}
-
 
 def _rejected(job_id: str, code: str, message: str) -> dict[str, Any]:
     return {"type": ReplyType.REJECTED, "job_id": job_id, "code": code, "message": message}
