@@ -597,7 +597,8 @@ def format_plan(plan: MemoryPlan) -> str:
     """The plan as a table: each phase's peak, then each saver's (cumulative) peak."""
     unit, scale = ("GiB", 2**30) if plan.peak_bytes >= 2**30 else ("MiB", 2**20)
     lines = [f"Memory plan: {plan.model}, {plan.frames} frames at {plan.size[0]}x{plan.size[1]}, "
-             f"{plan.windows} window(s), {plan.device} {plan.dtype} (predicted, {unit})",
+             f"{plan.windows} window(s), " + (f"{plan.regions} region(s), " if plan.regions else "")
+             + f"{plan.device} {plan.dtype} (predicted, {unit})",
              f"  {'phase':<28}{'peak':>9}"]
     lines += [f"  {name:<28}{peak / scale:>9.2f}" for name, peak in plan.phases.items()]
     lines.append(f"  {'peak':<28}{plan.peak_bytes / scale:>9.2f}")
