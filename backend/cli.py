@@ -412,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--gradient-checkpointing", action="store_true")
     memory.add_argument("--vae-slice", type=int, default=DEFAULTS["vae_slice"], help="frames per VAE slice")
     memory.add_argument("--window-frames", type=int, default=None, help="default: the model's")
+    memory.add_argument("--regions", type=int, default=0,
+                        help="plan an edit with this many regions (--mask), at the clip's size "
+                             "(default: %(default)s)")
     memory.add_argument("--gpu-memory-gb", type=float, default=None,
                         help="also choose the savers (cheapest first) that fit a GPU with this "
                              "many GB free, or say why none do")
@@ -445,7 +448,10 @@ def command_memory(args: argparse.Namespace) -> int:
     settings = TransferSettings(prompt="a plan", source_prompt="a plan",
                                 gradient_checkpointing=args.gradient_checkpointing,
                                 vae_slice=args.vae_slice, window_frames=args.window_frames)
-    plan = plan_edit(args.model, frames, size, args.device, args.dtype, settings, source_size)
+    if args.regions < 0:
+        raise BadSettingsError(f"--regions {args.regions} is negative; give 0 or more regions.")
+    plan = plan_edit(args.model, frames, size, args.device, args.dtype, settings, source_size,
+                     regions=args.regions)
     report = plan.to_dict()
     if args.gpu_memory_gb is not None:
         from backend.memory_plan import choose_savers

@@ -89,7 +89,7 @@ def edit_clip(clip_path: Path, settings: dict[str, Any], output: Path, where: Lo
         from backend.method.engine import load_engine
 
         upscaler = None if parsed.upscale == "none" else where.upscale_model or ZEROSCOPE_XL
-        memory = _memory_checked(where, parsed, clip.frames)
+        memory = _memory_checked(where, parsed, clip.frames, 0 if masks is None else len(masks))
         engine = load_engine(where.model, device=where.device, dtype=where.dtype,
                              cache_dir=Path(where.cache_dir), cache_max_bytes=where.cache_max_bytes,
                              upscale_model=upscaler)
@@ -103,17 +103,18 @@ def edit_clip(clip_path: Path, settings: dict[str, Any], output: Path, where: Lo
 
 
 def read_region_masks(paths: Sequence[Path], clip_frames) -> RegionMasks:
-    """One region per path (backend/method/regions.py read_masks), stacked as the edit's
-    RegionMasks (R, N, H, W); BadMaskError with one sentence for any unusable mask."""
+    """One region per path (backend/method/region_checks.py read_mask_levels), stacked as
+    the edit's RegionMasks (R, N, H, W) uint8 grey levels (a quarter of float32's bytes);
+    BadMaskError with one sentence for any unusable mask."""
     import numpy as np
 
-    from backend.method.regions import read_masks
+    from backend.method.region_checks import read_mask_levels
 
     size = (clip_frames.shape[2], clip_frames.shape[1])
-    return np.stack([read_masks(path, len(clip_frames), size) for path in paths])
+    return np.stack([read_mask_levels(path, len(clip_frames), size) for path in paths])
 
 
-def _memory_checked(where: Local, settings: TransferSettings, clip_frames):
+def _memory_checked(where: Local, settings: TransferSettings, clip_frames, regions: int = 0):
     """`--memory auto` before anything heavy loads: the plan of this clip on this GPU
     (the model's architecture on the meta device), so an edit that cannot fit is
     refused in one sentence (TooBigForGpuError) before the weights are read. Returns
@@ -128,7 +129,8 @@ def _memory_checked(where: Local, settings: TransferSettings, clip_frames):
     planner = MemoryPlanner(lambda: gpu_description(device, where.assume_gpu_memory_gb))
     if where.model in PLANNABLE:
         planner.decide(where.model, settings, len(clip_frames),
-                       (clip_frames.shape[2], clip_frames.shape[1]), device, where.dtype)
+                       (clip_frames.shape[2], clip_frames.shape[1]), device, where.dtype,
+                       regions)
     return planner
 
 
@@ -167,13 +169,12 @@ def _on_server(remote: Remote, clip_frames, settings: TransferSettings,
     """Run one edit through a job server; returns (frames, sidecar) like a local run.
 
     The whole clip goes over as PNGs (the server samples and resizes, as the engine
-    does locally), and each region's masks as grey PNGs (round(255·m); the server
-    reads them back as m to within 1/510, on the same side of ½). The job id is
+    does locally), and each region's masks as grey PNGs (their levels, as read; the
+    server reads them back on the same side of ½). The job id is
     printed first, so a result outlives this process: `--job-id ID` asks for that job
     instead of submitting a new one. Ctrl-C cancels.
     """
-    import numpy as np
-
+    from backend.method.region_checks import as_levels
     from backend.video import decode_pngs, encode_png
     from shared.client import Client, ClientError, UnknownJob, load_client_keys
 
@@ -195,7 +196,7 @@ def _on_server(remote: Remote, clip_frames, settings: TransferSettings,
             say(f"Job {job_id}: re-attached ({known['state']}).")
         else:
             regions = None if masks is None else [
-                [encode_png(np.rint(mask * 255).astype(np.uint8)) for mask in region]
+                [encode_png(as_levels(mask)) for mask in region]
                 for region in masks]
             client.submit(job_id, settings.to_dict(),
                           [encode_png(frame) for frame in clip_frames], masks=regions)

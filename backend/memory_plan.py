@@ -21,6 +21,19 @@ LiveBytes counts what is alive:
     cfg        Engine._denoise: one sampling step with both prompts, first window
     decode     the backbone's first decode slice (the largest)
 
+With regions (`regions=K`, `_measure_regions`), Engine._regions_for's own work runs too:
+
+    regions    prepare_regions over the edit's frames, one frame of K masks at a time at
+               the source's size (what the engine reads), to the plate m (kept as whole
+               counts) and the masks at latent size
+    features   also the K regions' masked SMMs of every window (computed at each guided
+               step from the inverted latents)
+    guide      with the regions' loss (spatial taps, masked SMM of each region)
+    cfg        also the blend with the source's latent outside the region (Engine._keep_plate)
+
+The plate lives in host memory (only the composite reads it): a CUDA plan counts it
+in `host_bytes`, not on the GPU; a CPU plan, where host and device are one, in the phases.
+
 Everything the engine keeps between phases (embeddings, the source latent, the inverted
 latents of every sampling step, the source features) stays alive, so a long clip's
 growth beyond one window is counted. The text encoder's and the VAE's weights count
@@ -35,8 +48,8 @@ in every phase they are resident; the savers move them:
 A plan for CUDA runs on fake CPU tensors with CUDA's autocast rules (CudaAutocast) in
 place of the backbone's torch.autocast("cuda"), and the allocator's 512-byte blocks.
 
-While it plans, Tensor.numpy and the backbones' `checkpoint` name are swapped for the
-planner's (_no_numpy, _recompute_as_on_cuda); the swaps act only in the planning
+While it plans, Tensor.numpy, the backbones' `checkpoint` name and the engine's
+`present_frames` (regions) are swapped for the planner's (_no_numpy, _recompute_as_on_cuda); the swaps act only in the planning
 thread (PyTorch's modes are per thread too), so a server can plan a job on its main
 thread while its job thread runs a real edit.
 """
@@ -64,7 +77,7 @@ from backend.backbones.zeroscope import (
     build_zeroscope_random_components,
 )
 from backend.errors import ModelNotFoundError
-from backend.memory import CUDA_BLOCK_BYTES, CudaAutocast, LiveBytes, fake_world, measure
+from backend.memory import CUDA_BLOCK_BYTES, CudaAutocast, LiveBytes, fake_world, measure, rounded
 from backend.method.engine import Engine, Procedure, _full_prompt, _Reporter
 from shared.settings import MEMORY_SAVERS, TransferSettings
 
@@ -92,6 +105,9 @@ class MemoryPlan:
     phases: dict[str, int]
     modules: dict[str, int]
     savers: list[dict[str, Any]] = field(default_factory=list)
+    regions: int = 0
+    # Region work held in host memory when the device is a GPU (`_measure_regions`).
+    host_bytes: dict[str, int] = field(default_factory=dict)
 
     @property
     def peak_bytes(self) -> int:
@@ -101,18 +117,19 @@ class MemoryPlan:
         return {"peak_bytes": self.peak_bytes, "phases": dict(self.phases), "savers": list(self.savers),
                 "modules": dict(self.modules), "model": self.model, "device": self.device,
                 "dtype": self.dtype, "frames": self.frames, "size": list(self.size),
-                "windows": self.windows}
+                "windows": self.windows, "regions": self.regions, "host_bytes": dict(self.host_bytes)}
 
 
 def plan_edit(model: str | Backbone, frames: int | None = None, size: tuple[int, int] | None = None,
               device: str = "cuda", dtype: str | None = None,
               settings: TransferSettings | None = None,
-              source_size: tuple[int, int] | None = None) -> MemoryPlan:
+              source_size: tuple[int, int] | None = None, regions: int = 0) -> MemoryPlan:
     """The memory plan of editing `frames` frames (default: the model's window) at `size` =
     (width, height) (default: the model's; or, given a clip's `source_size`, the size its
     framing gives the model) with `model` on `device` (present or not) in `dtype`
     (default: the backbone's for that device). `model` is a name (PLANNABLE) or a loaded
-    backbone, whose architecture is planned in its own dtype (`dtype` is not read)."""
+    backbone, whose architecture is planned in its own dtype (`dtype` is not read).
+    `regions`: the edit's region count (masks of the clip's `source_size`, else `size`)."""
     torch_device = torch.device(device)
     settings = settings or TransferSettings(prompt="a plan", source_prompt="a plan")
     shell = shell_backbone(model, torch_device, dtype) if isinstance(model, str) else shell_of(model)
@@ -123,6 +140,7 @@ def plan_edit(model: str | Backbone, frames: int | None = None, size: tuple[int,
         size = (Engine(shell).framing_for(resolved, source_size).model_size if source_size
                 else (resolved.width, resolved.height))
     gpu = torch_device.type == "cuda"
+    box = _region_box(Engine(shell), resolved, source_size, size) if regions else None
     with fake_world(CUDA_BLOCK_BYTES if gpu else 1) as (_fake, tracker), _no_numpy(), \
             _recompute_as_on_cuda(shell.dtype if gpu else None), warnings.catch_warnings():
         # The planned clip is a read-only broadcast view; torch warns on wrapping it.
@@ -134,14 +152,17 @@ def plan_edit(model: str | Backbone, frames: int | None = None, size: tuple[int,
         # The framed size can be under the settings' least side (a wide clip 64 px high
         # under fit): set as the engine's framing sets it, without checking it again.
         resolved = _unchecked(engine.resolve(settings), width=size[0], height=size[1])
+        to_plan = None if not regions else _RegionsToPlan(regions, source_size or size, box, gpu)
         measured, kept = _measure_phases(engine, resolved, frames, size, tracker,
-                                         sum(modules.values()))
+                                         sum(modules.values()), to_plan)
         saving = _unchecked(resolved, gradient_checkpointing=True, vae_slice=1)
         with_savers = _measure_guide_decode(engine, saving, kept, tracker, ("encode", "guide", "decode"),
                                             engine.windows_for(shell.model_frames(frames), resolved))
     windows = len(engine.windows_for(shell.model_frames(frames), resolved))
-    return _plan(model, torch_device, shell, frames, size, windows, measured, with_savers,
+    plan = _plan(model, torch_device, shell, frames, size, windows, measured, with_savers,
                  modules, resolved)
+    plan.regions, plan.host_bytes = regions, kept.host_bytes
+    return plan
 
 
 # --------------------------------------------------------------------------- the backbone shell
@@ -254,6 +275,7 @@ def _planning_swaps() -> Iterator[None]:
     from torch.utils import checkpoint as torch_checkpoint
 
     from backend.backbones import wan, zeroscope_taps
+    from backend.method import engine as engine_module
 
     with _SWAP_LOCK:
         if _SWAPPED["count"] == 0:
@@ -274,6 +296,16 @@ def _planning_swaps() -> Iterator[None]:
             torch.Tensor.numpy = numpy  # type: ignore[method-assign]
             for module in (wan, zeroscope_taps):
                 module.checkpoint = checkpoint
+            _SWAPPED["present_frames"] = original_present = engine_module.present_frames
+
+            def present_frames(weights: torch.Tensor) -> torch.Tensor:
+                """Fake weights hold no values to say in which frames a region is: it
+                is in all of them (the most the loss reads)."""
+                if not getattr(_PLANNING, "numpy", False):
+                    return original_present(weights)
+                return torch.ones(tuple(weights.shape[:2]), dtype=torch.bool)
+
+            engine_module.present_frames = present_frames
         _SWAPPED["count"] += 1
     try:
         yield
@@ -282,6 +314,7 @@ def _planning_swaps() -> Iterator[None]:
             _SWAPPED["count"] -= 1
             if _SWAPPED["count"] == 0:
                 torch.Tensor.numpy = _SWAPPED.pop("numpy")  # type: ignore[method-assign]
+                engine_module.present_frames = _SWAPPED.pop("present_frames")
                 for module in (wan, zeroscope_taps):
                     module.checkpoint = torch_checkpoint.checkpoint
 
@@ -323,10 +356,14 @@ class _Kept:
     source_latent: torch.Tensor
     state: Any = None
     guided: list = field(default_factory=list)
+    regions: Any = None  # EditRegions (its latent-size masks; the plate on a CPU only)
+    region_features: list = field(default_factory=list)  # per window, per tap: (K, F_k, D)
+    host_bytes: dict[str, int] = field(default_factory=dict)
 
 
 def _measure_phases(engine: Engine, settings: TransferSettings, frames: int, size: tuple[int, int],
-                    tracker: LiveBytes, weights: int) -> tuple[dict[str, int], _Kept]:
+                    tracker: LiveBytes, weights: int,
+                    to_plan: _RegionsToPlan | None = None) -> tuple[dict[str, int], _Kept]:
     """Peak live bytes of each phase, run through the engine's calls in its order."""
     from backend.method.inversion import SourceState
     from backend.method.windows import blend_windowed
@@ -343,13 +380,15 @@ def _measure_phases(engine: Engine, settings: TransferSettings, frames: int, siz
         peaks[name] = peak
         return result
 
+    region_peaks, regions, host_bytes = _measure_regions(engine, settings, frames, to_plan, tracker)
+    peaks.update(region_peaks)
     prompts = [_full_prompt(settings, settings.source_prompt), _full_prompt(settings, settings.prompt),
                settings.negative_prompt]
     embeddings = phase("embed", lambda: [engine._embed([p]) for p in prompts])
     source_embedding = embeddings[0]
     clip = np.broadcast_to(np.zeros((), np.uint8), (b.model_frames(frames), size[1], size[0], 3))
     source_latent = phase("encode", lambda: engine._encode(clip, settings.vae_slice))
-    kept = _Kept(clip, embeddings, source_latent)
+    kept = _Kept(clip, embeddings, source_latent, regions=regions, host_bytes=host_bytes)
 
     steps = settings.steps
     sampling = b.schedule.timesteps(steps)
@@ -381,6 +420,10 @@ def _measure_phases(engine: Engine, settings: TransferSettings, frames: int, siz
             one = engine._source_features(kept.state, kept.guided[0], source_embedding, first[0], report)
             for timestep in kept.guided:
                 kept.state.features[timestep] = [[t.clone() for t in one] for _ in windows]
+            if kept.regions is not None:  # the sampler's, at each guided step, every window
+                one = engine._source_features(kept.state, kept.guided[0], source_embedding, first[0],
+                                              report, kept.regions)
+                kept.region_features = [[t.clone() for t in one] for _ in windows]
 
     phase("features", features)
     peaks.update(_measure_guide_decode(engine, settings, kept, tracker, ("guide", "cfg", "decode"),
@@ -404,9 +447,10 @@ def _measure_guide_decode(engine: Engine, settings: TransferSettings, kept: _Kep
         timestep = kept.guided[0]
         latent = torch.empty_like(kept.source_latent, dtype=torch.float32)
         one_iteration = _unchecked(settings, guidance_iterations=1)
+        source = kept.region_features[:1] if kept.regions else kept.state.features[timestep][:1]
         peaks["guide"], _ = measure(lambda: engine._guide(
-            latent, timestep, target, kept.state.features[timestep][:1], first, 0.001,
-            one_iteration, Procedure(), report), tracker)
+            latent, timestep, target, source, first, 0.001, one_iteration, Procedure(), report,
+            kept.regions), tracker)
     if "cfg" in names:
         latent = torch.empty_like(kept.source_latent, dtype=torch.float32)
         start, end = first[0]
@@ -414,12 +458,82 @@ def _measure_guide_decode(engine: Engine, settings: TransferSettings, kept: _Kep
         peaks["cfg"], _ = measure(lambda: engine._denoise(
             piece, settings.steps, 0, target, negative, settings.cfg_scale, [(0, end - start)],
             report), tracker)
+        if kept.regions is not None:  # then the whole latent's blend with the source's
+            blend, _ = measure(lambda: engine._keep_plate(latent, kept.state, None, kept.regions),
+                               tracker)
+            peaks["cfg"] = max(peaks["cfg"], blend)
     if "decode" in names:
         latent = torch.empty_like(kept.source_latent, dtype=torch.float32)
         with torch.no_grad():
             peaks["decode"], _ = measure(
                 lambda: b.decode_slices(latent, settings.vae_slice)[0](), tracker)
     return peaks
+
+
+# --------------------------------------------------------------------------- regions
+
+
+@dataclass(frozen=True)
+class _RegionsToPlan:
+    """An edit's regions as the plan sees them: how many, the clip's frame size (the
+    masks'), the framing's box of it, and whether the device is a GPU (then the plate
+    is host memory)."""
+
+    count: int
+    source_size: tuple[int, int]
+    box: tuple[int, int, int, int]
+    gpu: bool
+
+
+def _region_box(engine: Engine, settings: TransferSettings, source_size: tuple[int, int] | None,
+                size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The source pixels the model sees: the framing's box of a clip of source_size, or
+    the whole frame when the plan is for the model's size."""
+    if source_size is None:
+        return 0, 0, size[0], size[1]
+    box = engine.framing_for(settings, source_size).box
+    return box.left, box.top, box.right, box.bottom
+
+
+def _measure_regions(engine: Engine, settings: TransferSettings, frames: int,
+                     to_plan: _RegionsToPlan | None, tracker: LiveBytes
+                     ) -> tuple[dict[str, int], Any, dict[str, int]]:
+    """The "regions" phase: the engine's own preparation (prepare_regions, as
+    Engine._regions_for calls it) over `frames` frames of `count` masks at the source's
+    size, fed one frame at a time as the engine reads them. Returns the phase peak, the
+    EditRegions (kept alive for the later phases) and the host-memory figures:
+
+        regions   the preparation's own peak above what was alive before (one frame's
+                  masks at the source's size, the plate's counts as they grow)
+        plate     the plate m's counts, held until the composite
+
+    On a GPU the preparation runs in host memory and only the latent-size masks reach
+    the device: the phase is what is alive after it without the plate, which is
+    dropped from what later phases count (it is not on the GPU)."""
+    if to_plan is None:
+        return {}, None, {}
+    from backend.method.regions import prepare_regions
+
+    b = engine.backbone
+    model_frames = b.model_frames(frames)
+    mask_shape = (to_plan.count, to_plan.source_size[1], to_plan.source_size[0])
+
+    def one_frame_at_a_time() -> Iterator[torch.Tensor]:
+        for _ in range(frames):
+            yield torch.zeros(mask_shape, dtype=torch.bool)  # a frame's K masks, as read
+
+    before = tracker.current
+    peak, regions = measure(lambda: prepare_regions(
+        one_frame_at_a_time(), frames, to_plan.count, settings.motion, settings.region_grow,
+        settings.region_feather, to_plan.box, model_frames, b.latent_frames(model_frames),
+        (settings.width // b.latent_cell, settings.height // b.latent_cell), b.device), tracker)
+    plate = 0 if regions.plate is None else rounded(
+        regions.plate.counts.untyped_storage().nbytes(), tracker.block)
+    host = {"regions": peak - before, "plate": plate}
+    if to_plan.gpu:
+        regions.plate = None
+        peak = tracker.current
+    return {"regions": peak}, regions, host
 
 
 # --------------------------------------------------------------------------- the plan
@@ -483,12 +597,16 @@ def format_plan(plan: MemoryPlan) -> str:
     """The plan as a table: each phase's peak, then each saver's (cumulative) peak."""
     unit, scale = ("GiB", 2**30) if plan.peak_bytes >= 2**30 else ("MiB", 2**20)
     lines = [f"Memory plan: {plan.model}, {plan.frames} frames at {plan.size[0]}x{plan.size[1]}, "
-             f"{plan.windows} window(s), {plan.device} {plan.dtype} (predicted, {unit})",
+             f"{plan.windows} window(s), " + (f"{plan.regions} region(s), " if plan.regions else "")
+             + f"{plan.device} {plan.dtype} (predicted, {unit})",
              f"  {'phase':<28}{'peak':>9}"]
     lines += [f"  {name:<28}{peak / scale:>9.2f}" for name, peak in plan.phases.items()]
     lines.append(f"  {'peak':<28}{plan.peak_bytes / scale:>9.2f}")
     lines.append("  with savers, cheapest first")
     lines += [f"  + {saver['name']:<26}{saver['peak_bytes'] / scale:>9.2f}" for saver in plan.savers]
+    if plan.host_bytes and plan.device.startswith("cuda"):
+        lines.append(f"  host memory of the {plan.regions} region(s), not on the GPU")
+        lines += [f"  {name:<28}{nbytes / scale:>9.2f}" for name, nbytes in plan.host_bytes.items()]
     return "\n".join(lines)
 
 

@@ -186,7 +186,7 @@ class MemoryPlanner:
 
     def plan(self, model: Backbone | str, settings: TransferSettings, frames: int,
              frame_size: tuple[int, int] | None, device: str | None = None,
-             dtype: str | None = None) -> MemoryPlan:
+             dtype: str | None = None, regions: int = 0) -> MemoryPlan:
         """The plan of editing `frames` frames of a clip of frame_size (width, height) with
         a loaded backbone, or with a model not loaded yet (a PLANNABLE name, on `device`
         in `dtype`): the same plan either way, so the command line's check before
@@ -194,7 +194,7 @@ class MemoryPlanner:
 
         Planned for planned_frames(frames) frames (a bound from above: memory grows with
         the frames) at the size the framing gives the model, so clips of many lengths and
-        sizes share a few plans."""
+        sizes share a few plans. `regions`: how many regions (masks) the edit has."""
         shell = model if isinstance(model, Backbone) else shell_backbone(
             model, torch.device(device or "cuda"), dtype)
         device = device or self.device or str(shell.device)
@@ -203,11 +203,12 @@ class MemoryPlanner:
                 else (settings.width, settings.height))
         frames = planned_frames(frames, settings.window_frames, settings.window_overlap)
         relevant = {name: value for name, value in settings.to_dict().items() if name not in NOT_PLANNED}
-        key = json.dumps([shell.model_id, str(shell.dtype), device, frames, size, relevant],
-                         sort_keys=True)
+        key = json.dumps([shell.model_id, str(shell.dtype), device, frames, size, relevant,
+                          regions, frame_size if regions else None], sort_keys=True)
         with self._lock:
             if key not in self._plans:
-                self._plans[key] = plan_edit(shell, frames, size, device, None, settings)
+                self._plans[key] = plan_edit(shell, frames, size, device, None, settings,
+                                             frame_size if regions else None, regions=regions)
             return self._plans[key]
 
     def warm(self, backbone: Backbone) -> None:
@@ -224,17 +225,17 @@ class MemoryPlanner:
 
     def decide(self, model: Backbone | str, settings: TransferSettings, clip_length: int,
                frame_size: tuple[int, int] | None, device: str | None = None,
-               dtype: str | None = None) -> MemoryDecision | None:
-        """The savers an edit of a clip of `clip_length` frames of frame_size needs on
-        this GPU; None with `memory` "off" or no GPU. TooBigForGpuError (one sentence)
-        when even every saver leaves it too big."""
+               dtype: str | None = None, regions: int = 0) -> MemoryDecision | None:
+        """The savers an edit of a clip of `clip_length` frames of frame_size with
+        `regions` regions needs on this GPU; None with `memory` "off" or no GPU.
+        TooBigForGpuError (one sentence) when even every saver leaves it too big."""
         from backend.method.engine import frames_to_edit
 
         gpu = self.gpu() if settings.memory == "auto" else None
         if gpu is None:
             return None
         frames = frames_to_edit(settings, clip_length)
-        plan = self.plan(model, settings, frames, frame_size, device, dtype)
+        plan = self.plan(model, settings, frames, frame_size, device, dtype, regions)
         choice = choose_savers(plan, gpu["budget_bytes"], MEMORY_SAVERS)
         return MemoryDecision(choice.savers, choice.peak_bytes, gpu["budget_bytes"])
 

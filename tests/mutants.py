@@ -474,6 +474,20 @@ MUTANTS: tuple[Mutant, ...] = (
         "        if True:\n            return latent",
         ("tests/test_regions.py::test_outside_the_region_the_sampled_latent_is_the_source_latent_exactly",),
     ),
+    Mutant(
+        "the plate's whole counts are kept in uint8 whatever the feather (a wide one wraps)",
+        "backend/method/regions.py",
+        "                     if divisor <= torch.iinfo(t).max)",
+        "                     if True)",
+        ("tests/test_regions.py::test_prepare_regions_frame_by_frame_equals_the_whole_clip_bit_for_bit",),
+    ),
+    Mutant(
+        "the engine checks no mask value as it reads the frames",
+        "backend/method/engine.py",
+        "        for tally in tallies:\n            tally.finish()",
+        "        pass",
+        ("tests/test_regions.py::test_a_mask_black_in_every_frame_used_is_refused_before_any_model_work",),
+    ),
     # --- regions (issue 20): the server's mask checks, the extension's layer over the source
     Mutant(
         "a region white over every frame is queued: no plate would be kept",

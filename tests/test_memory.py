@@ -266,3 +266,77 @@ def test_bench_memory_needs_cuda(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().err == (
         "error: bench --memory measures GPU memory and needs a CUDA GPU, which this machine "
         "does not have; run `python -m backend memory` here for the plan alone.\n")
+
+
+# --------------------------------------------------------------------------- regions
+
+
+def moving_square_masks(regions: int, frames: int, size: tuple[int, int]) -> np.ndarray:
+    """`regions` masks (uint8 levels, as the command line reads them) of squares moving
+    across a clip of `frames` frames of size (width, height)."""
+    width, height = size
+    masks = np.zeros((regions, frames, height, width), np.uint8)
+    for region in range(regions):
+        for frame in range(frames):
+            left = (3 * frame + 20 * region) % (width - 16)
+            masks[region, frame, 8 + 20 * region:24 + 20 * region, left:left + 16] = 255
+    return masks
+
+
+@pytest.mark.parametrize("model, frames, regions, source_size", [
+    ("tiny", 12, 1, (96, 64)),
+    ("tiny", 12, 2, (96, 64)),
+    ("tiny", 12, 2, (384, 256)),  # masks and plate at 4× the model's sides (fit)
+    ("tiny", 40, 2, (96, 64)),  # two windows of ZeroScope's 24
+    ("wan-tiny", 9, 1, (96, 64)),
+    ("wan-tiny", 9, 2, (96, 64)),
+])
+def test_plan_of_a_region_edit_predicts_its_peak(model: str, frames: int, regions: int,
+                                                 source_size: tuple[int, int]) -> None:
+    """The plan with `regions` (the engine's own region functions on fake tensors) against
+    the tensor counter over a real Engine.transfer with that many masks: within 3 %."""
+    size = (96, 64)
+    settings = TransferSettings(**SHORT, width=size[0], height=size[1], region_grow=4,
+                                region_feather=4)
+    plan = plan_edit(model, frames, None, "cpu", settings=settings, regions=regions,
+                     source_size=source_size)
+    assert plan.size == size
+    engine = load_engine(model, device="cpu")
+    tracker = LiveBytes()
+    with tracker:
+        for module in engine.backbone.modules():
+            tracker.track_module(module)
+        engine.transfer(np.zeros((frames, source_size[1], source_size[0], 3), np.uint8), settings,
+                        masks=moving_square_masks(regions, frames, source_size))
+    print(f"{model}, {frames} frames, {regions} region(s): planned {plan.peak_bytes}, "
+          f"counted {tracker.peak}, ratio {plan.peak_bytes / tracker.peak:.4f}")
+    assert abs(plan.peak_bytes - tracker.peak) <= 0.03 * tracker.peak
+    assert list(plan.phases)[:3] == ["weights", "regions", "embed"]
+    assert plan.regions == regions
+    assert plan.host_bytes["plate"] == frames * source_size[0] * source_size[1]  # 1 byte a pixel
+
+
+def test_a_cuda_plan_keeps_the_plate_in_host_memory() -> None:
+    """On a GPU the plate (m at the source's size, whole counts: 1 byte a pixel at the
+    default feather) is host memory; the GPU holds the latent-size masks; the regions'
+    loss and blend add to the guidance and sampling phases."""
+    settings = TransferSettings(**SHORT, width=96, height=64)
+    plain = plan_edit("tiny", 8, (96, 64), "cuda", settings=settings)
+    region = plan_edit("tiny", 8, (96, 64), "cuda", settings=settings, regions=2,
+                       source_size=(192, 128))
+    assert region.host_bytes["plate"] == 8 * 128 * 192  # uint8 counts of the whole frame
+    assert region.host_bytes["regions"] >= region.host_bytes["plate"]
+    assert region.phases["regions"] - region.phases["weights"] < region.host_bytes["plate"]
+    assert region.phases["guide"] >= plain.phases["guide"]
+    assert region.phases["cfg"] >= plain.phases["cfg"]
+    assert plain.host_bytes == {} and plain.regions == 0
+
+
+def test_memory_command_plans_regions(capsys: pytest.CaptureFixture[str]) -> None:
+    from backend.cli import main
+
+    tiny = ["memory", "--model", "tiny", "--frames", "8", "--size", "96x64", "--device", "cpu"]
+    assert main([*tiny, "--regions", "2", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["regions"] == 2 and "regions" in plan["phases"]
+    assert plan["host_bytes"]["plate"] == 8 * 64 * 96  # the model's size: no clip given

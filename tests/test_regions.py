@@ -395,3 +395,121 @@ def test_cli_bad_masks_end_in_one_sentence_before_any_work(tmp_path, make_mask, 
                      "-o", str(tmp_path / "o.mp4"))
     assert_one_sentence_error(result, fragment)
     assert "encode" not in result.stderr and not (tmp_path / "o.mp4").exists()
+
+
+# ---------------------------------------------------------------- one frame at a time, exactly
+
+
+def whole_clip_regions(masks: torch.Tensor, motion: str, grow_px: int, feather_px: int,
+                       box: tuple[int, int, int, int], model_frames: int, latent_frames: int,
+                       latent_size: tuple[int, int]):
+    """The regions as whole-clip compositions of the pure pieces (the reference)."""
+    from backend.method.regions import binary, pad_frames, to_latent
+
+    left, top, right, bottom = box
+    boxed = binary(masks)[..., top:bottom, left:right]
+    guidance = to_latent(pad_frames(guidance_masks(boxed, motion, boxed.shape[1:]), model_frames),
+                         latent_frames, latent_size)
+    plate = feather(grow(binary(masks).amax(dim=0), grow_px)[:, top:bottom, left:right], feather_px)
+    latent = to_latent(pad_frames(plate, model_frames), latent_frames, latent_size)
+    return plate, latent, guidance
+
+
+@pytest.mark.parametrize(("grow_px", "feather_px", "box", "model_frames", "latent_frames"), [
+    (4, 4, (0, 0, 40, 24), 6, 6),  # ZeroScope: a latent frame a frame
+    (0, 0, (8, 0, 32, 24), 6, 6),  # crop box, no grow nor feather
+    (3, 5, (0, 0, 40, 24), 9, 3),  # Wan: 4 frames a latent frame, the last 3 frames repeated
+    (2, 20, (4, 2, 36, 22), 6, 6),  # (2r + 1)² = 441: counts in int16
+])
+def test_prepare_regions_frame_by_frame_equals_the_whole_clip_bit_for_bit(
+        grow_px, feather_px, box, model_frames, latent_frames):
+    from backend.method.regions import Plate, prepare_regions
+
+    generator = torch.Generator().manual_seed(grow_px + feather_px)
+    masks = torch.rand(2, 6, 24, 40, generator=generator)  # grey levels: ½ decides
+    latent_size = ((box[2] - box[0]) // 4, (box[3] - box[1]) // 4)
+    plate, latent, guidance = whole_clip_regions(masks, "subject", grow_px, feather_px, box,
+                                                 model_frames, latent_frames, latent_size)
+    frames = (masks[:, f].numpy() >= 0.5 for f in range(6))
+    regions = prepare_regions(frames, 6, 2, "subject", grow_px, feather_px, box, model_frames,
+                              latent_frames, latent_size)
+    assert torch.equal(regions.latent, latent) and torch.equal(regions.guidance, guidance)
+    assert all(torch.equal(regions.plate.frame(f), plate[f]) for f in range(6))
+    expected_dtype = torch.int16 if feather_px == 20 else torch.uint8
+    assert regions.plate.counts.dtype == expected_dtype  # 1 or 2 bytes a pixel, not 4
+    assert torch.equal(Plate.of(plate, feather_px).frame(5), plate[5])
+    camera = prepare_regions((masks[:, f].numpy() >= 0.5 for f in range(6)), 6, 2, "camera", grow_px,
+                             feather_px, box, model_frames, latent_frames, latent_size)
+    assert camera.plate is None and camera.latent is None
+    assert torch.equal(camera.guidance, whole_clip_regions(
+        masks, "camera", grow_px, feather_px, box, model_frames, latent_frames, latent_size)[2])
+
+
+class CountingMasks:
+    """RegionMasks that count the frames read and refuse to be read whole."""
+
+    def __init__(self, masks: np.ndarray) -> None:
+        self.masks, self.shape, self.reads = masks, masks.shape, []
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def __getitem__(self, key):
+        self.reads.extend(np.atleast_1d(key[1]).tolist())
+        return self.masks[key]
+
+    def __array__(self, dtype=None, copy=None):
+        raise AssertionError("the masks were read whole")
+
+
+def test_the_engine_reads_each_used_mask_frame_once_and_as_levels(engine):
+    """Every frame the edit uses is read once (the check and the regions share the read),
+    none it skips; uint8 levels give the float masks' result exactly."""
+    clip, masks = square_clip(6)
+    levels = (masks * 255).astype(np.uint8)
+    counting = CountingMasks(levels[None])
+    chosen = settings(num_frames=3)
+    by_levels = engine.transfer(clip, chosen, masks=counting)
+    assert sorted(counting.reads) == by_levels.sidecar.input_frame_indices == [0, 2, 5]
+    by_floats = engine.transfer(clip, chosen, masks=masks[None])
+    assert np.array_equal(by_levels.frames, by_floats.frames)
+    assert np.array_equal(by_levels.alpha, by_floats.alpha)
+
+
+def test_a_mask_black_in_every_frame_used_is_refused_before_any_model_work(engine):
+    clip, masks = square_clip(4)
+    masks[1:] = 0  # the subject only in frame 0, which the edit skips
+    engine.model_passes.clear()
+    with pytest.raises(BadMaskError, match="The mask 1 is black in every frame"):
+        engine.transfer(clip, settings(num_frames=2, start=1), masks=masks[None])
+    assert not engine.model_passes
+
+
+def test_the_checks_need_no_torch(tmp_path):
+    """The server's front (and a Ray gateway) checks masks without importing torch."""
+    import subprocess
+    import sys
+
+    script = (
+        "import io, sys\n"
+        "import numpy as np\n"
+        "from PIL import Image\n"
+        "from backend.server.frames import check_mask_frames\n"
+        "from shared.protocol import ProtocolError\n"
+        "def png(level):\n"
+        "    out = io.BytesIO()\n"
+        "    frame = np.zeros((8, 8), np.uint8)\n"
+        "    frame[2:5, 2:5] = level\n"
+        "    Image.fromarray(frame).save(out, format='PNG')\n"
+        "    return out.getvalue()\n"
+        "check_mask_frames([[png(255), png(0)]], 2, (8, 8))\n"
+        "try:\n"
+        "    check_mask_frames([[png(0), png(127)]], 2, (8, 8))\n"
+        "except ProtocolError as error:\n"
+        "    print(error)\n"
+        "print('torch' in sys.modules)\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True)
+    refusal, torch_imported = run.stdout.strip().splitlines()
+    assert "The mask of region 1 is black in every frame" in refusal
+    assert torch_imported == "False"

@@ -63,12 +63,13 @@ from backend.errors import BadClipError, BadSettingsError, JobCancelled, OutOfMe
 from backend.method.framing import Framing, frames_for_model, plan_framing
 from backend.method.guidance import lowfreq_init, pairwise_smm_loss
 from backend.method.inversion import DEFAULT_CACHE_MAX_BYTES, InversionCache, SourceState, cache_key
+from backend.method.region_checks import MaskTally, check_region_masks_shape, region_name
 from backend.method.regions import (
     EditRegions,
     blend_latents,
-    check_region_masks,
     composite_into_frames,
     masked_smm,
+    plate_alpha_frames,
     prepare_regions,
     present_frames,
     regions_loss,
@@ -80,7 +81,6 @@ from backend.results import (
     ProgressCallback,
     RegionMasks,
     TransferResult,
-    plate_alpha,
 )
 from backend.video import resize_frames, retime_frames, sample_indices
 from shared.settings import TransferSettings
@@ -184,13 +184,16 @@ class Engine:
         indices = sample_indices(len(clip_frames), frames_to_edit(settings, len(clip_frames)),
                                  settings.start)
         chosen = np.asarray(clip_frames[indices])
-        if masks is not None:
-            check_region_masks(masks, len(clip_frames), (chosen.shape[2], chosen.shape[1]))
-        framing = self.framing_for(settings, (chosen.shape[2], chosen.shape[1]))
+        frame_size = (chosen.shape[2], chosen.shape[1])
+        if masks is not None:  # the shapes now, from headers; the values as they are read
+            masks = masks if hasattr(masks, "shape") else np.asarray(masks)  # (a list of arrays)
+            check_region_masks_shape(masks.shape, len(clip_frames), frame_size)
+        framing = self.framing_for(settings, frame_size)
         from backend.memory_savers import offloads_applied, out_of_memory_sentence, with_savers
 
         memory = None if self.memory is None else self.memory.decide(
-            self.backbone, settings, len(clip_frames), (chosen.shape[2], chosen.shape[1]))
+            self.backbone, settings, len(clip_frames), frame_size,
+            regions=0 if masks is None else len(masks))
         settings = with_savers(settings, memory.savers) if memory else settings
         frames = self._padded(frames_for_model(chosen, framing))
         windows = self.windows_for(len(frames), settings)
@@ -215,9 +218,12 @@ class Engine:
             alpha = None
             if regions is not None and regions.keeps_plate():
                 with _timed(timings, "composite"):
-                    out = composite_into_frames(chosen, out, regions.plate, _box(framing))
-                    alpha = plate_alpha(regions.plate.cpu().numpy(), _box(framing),
-                                        (chosen.shape[2], chosen.shape[1]))
+                    # Over the engine's own copy of the frames (one that owns its data: not
+                    # a view of the caller's clip), which nothing reads after.
+                    out = composite_into_frames(chosen, out, regions.plate, _box(framing),
+                                                in_place=chosen.flags.owndata
+                                                and chosen.flags.writeable)
+                    alpha = plate_alpha_frames(regions.plate, _box(framing), frame_size)
         except torch.cuda.OutOfMemoryError as error:
             raise OutOfMemoryError(out_of_memory_sentence(memory, OUT_OF_MEMORY)) from error
         finally:
@@ -236,16 +242,31 @@ class Engine:
                      model_frames: int) -> EditRegions | None:
         """The edit's regions, framed as its frames. None without a region: the edit as
         it always was (camera motion without a region guides by the whole frame's SMM,
-        which is today's guidance)."""
+        which is today's guidance).
+
+        Only the frames the edit uses are read, one frame of every region at a time, and
+        each once: `MaskTally` checks its values as `prepare_regions` takes its pixels
+        (the shapes were checked before, from headers), so a mask is never decoded for
+        a check alone, nor held whole. A bad mask is refused here, before any model work."""
         if masks is None:
             return None
         b = self.backbone
         width, height = framing.model_size
-        return prepare_regions(
-            np.asarray(masks[:, indices]), settings.motion,  # only the frames used are read
-            settings.region_grow, settings.region_feather, _box(framing), model_frames,
-            b.latent_frames(model_frames), (width // b.latent_cell, height // b.latent_cell),
-            b.device)
+        tallies = [MaskTally(region_name(index)) for index in range(len(masks))]
+
+        def checked_frames() -> Iterator[np.ndarray]:
+            for index in indices:
+                decoded = np.asarray(masks[:, [index]])  # (R, 1, H, W): this frame, every region
+                yield np.concatenate([tally.add(region) for tally, region in
+                                      zip(tallies, decoded, strict=True)])
+
+        regions = prepare_regions(
+            checked_frames(), len(indices), len(masks), settings.motion, settings.region_grow,
+            settings.region_feather, _box(framing), model_frames, b.latent_frames(model_frames),
+            (width // b.latent_cell, height // b.latent_cell), b.device)
+        for tally in tallies:
+            tally.finish()
+        return regions
 
     def _sidecar(self, settings: TransferSettings, seed: int, framing: Framing,
                  indices: np.ndarray, windows: list[Window], from_cache: bool,

@@ -2,10 +2,12 @@
 
 A region is one per-frame mask of the clip (white = subject), given as a video, a folder
 of numbered PNGs, or one PNG for every frame (`--mask`, repeatable: one region each).
-An edit's masks travel as `RegionMasks` (backend/results.py): (R, N, H, W) float32 in
-[0, 1] at the clip's resolution. A pixel belongs to the region where its value is at
-least ½ (`binary`), so compression noise in a black mask is no region; the soft edge is
-ours (`feather`).
+An edit's masks travel as `RegionMasks` (backend/results.py): (R, N, H, W) grey levels
+(uint8 0…255, or float in [0, 1]) at the clip's resolution. A pixel belongs to the region
+where its value is at least ½ of white (`binary`, region_checks.inside), so compression
+noise in a black mask is no region; the soft edge is ours (`feather`). Only the
+region's pixels matter, so an edit reads each frame's masks once, as bools, one frame
+at a time (`prepare_regions`), and keeps m exactly in whole counts (`Plate`).
 
 Notation (docs/method.md):
 
@@ -26,104 +28,32 @@ Pieces, each a small pure function:
     blend_latents z = m_lat·z_gen + (1 − m_lat)·z_src(t)
     composite     out = m·gen + (1 − m)·source                      (source resolution)
 
-The checks (`check_masks`) are the one place a mask is refused; the command line, the
-server and the engine all call them, so each failure is the same one sentence.
+The checks (backend/method/region_checks.py, no torch) are the one place a mask is
+refused; the command line, the server and the engine all call them, so each failure is
+the same one sentence.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as functional
 
-from backend.errors import BadClipError, BadMaskError
 from backend.method.guidance import pairwise_smm_loss
+from backend.method.region_checks import (  # noqa: F401  (the checks, re-exported)
+    REGION_THRESHOLD,
+    check_masks,
+    check_region_masks,
+    read_masks,
+)
 from shared.settings import MOTIONS
 
-REGION_THRESHOLD = 0.5  # a mask pixel at least this bright is inside its region
-
-# --------------------------------------------------------------------------- reading and checks
-
-
-def read_masks(path: str | Path, frame_count: int, size: tuple[int, int]) -> np.ndarray:
-    """One region's mask for a clip of `frame_count` frames of `size` = (width, height).
-
-    `path`: a video file, a folder of numbered PNG/JPG frames, or one image used for
-    every frame. A pixel's value is its brightest channel / 255. Returns (F, H, W)
-    float32 in [0, 1], checked by `check_masks`. Raises BadMaskError with one sentence.
-    """
-    from backend.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, _read_frame_folder, _read_video_file
-
-    path = Path(path)
-    if not path.exists():
-        raise BadMaskError(f"There is no mask at {path}; check the --mask path.")
-    try:
-        if path.is_dir():
-            frames = _read_frame_folder(path)
-        elif path.suffix.lower() in VIDEO_SUFFIXES:
-            frames, _fps = _read_video_file(path)
-        elif path.suffix.lower() in IMAGE_SUFFIXES:
-            from PIL import Image
-
-            with Image.open(path) as image:
-                one = np.asarray(image.convert("RGB"))
-            frames = np.broadcast_to(one, (frame_count, *one.shape))
-        else:
-            raise BadMaskError(f"The mask {path.name} is not a video, an image or a folder of "
-                               "numbered PNG frames; give one of those.")
-    except BadClipError as error:
-        raise BadMaskError(f"Could not read the mask {path.name}: {error}") from None
-    except OSError as error:
-        raise BadMaskError(f"Could not read the mask {path.name} ({type(error).__name__}); "
-                           "check that it is a complete image, video or folder of PNGs.") from None
-    masks = np.asarray(frames).max(axis=-1).astype(np.float32) / 255.0
-    check_masks(masks, frame_count, size, path.name)
-    return masks
-
-
-def check_masks(masks: np.ndarray, frame_count: int, size: tuple[int, int],
-                name: str = "the mask") -> None:
-    """Refuse a region's masks (F, H, W) the edit cannot use, with one sentence:
-    the wrong frame count or size, not numbers in [0, 1], black everywhere (no subject)
-    or white everywhere (no plate to keep). `size` is the clip's (width, height)."""
-    masks = np.asarray(masks)
-    width, height = size
-    if masks.ndim != 3:
-        raise BadMaskError(f"The mask {name} is not a sequence of grey frames (shape "
-                           f"{masks.shape}); give one frame per clip frame.")
-    if len(masks) != frame_count:
-        raise BadMaskError(f"The mask {name} has {len(masks)} frames but the clip has "
-                           f"{frame_count}; give one mask frame per clip frame, or one image "
-                           "for all of them.")
-    if masks.shape[1:] != (height, width):
-        raise BadMaskError(f"The mask {name} is {masks.shape[2]}x{masks.shape[1]} but the clip "
-                           f"is {width}x{height}; render the mask at the clip's size.")
-    if not np.issubdtype(masks.dtype, np.floating) or not np.isfinite(masks).all() or (
-            masks.size and (masks.min() < 0 or masks.max() > 1)):
-        raise BadMaskError(f"The mask {name} holds values outside 0 to 1; send grey levels "
-                           "scaled to 0 (plate) to 1 (subject).")
-    inside = masks >= REGION_THRESHOLD
-    if not inside.any():
-        raise BadMaskError(f"The mask {name} is black in every frame, so it marks no subject; "
-                           "paint the subject white.")
-    if inside.all():
-        raise BadMaskError(f"The mask {name} is white over every pixel of every frame, so no "
-                           "plate would be kept; mark only the subject.")
-
-
-def check_region_masks(masks: np.ndarray, frame_count: int, size: tuple[int, int]) -> None:
-    """`check_masks` for each region of an edit's RegionMasks (R, F, H, W)."""
-    masks = np.asarray(masks)
-    if masks.ndim != 4 or len(masks) == 0:
-        raise BadMaskError(f"The masks of an edit must be regions × frames × height × width, "
-                           f"not shape {masks.shape}; give at least one mask per region.")
-    for index, region in enumerate(masks):
-        check_masks(region, frame_count, size, f"{index + 1}")
-
+# --------------------------------------------------------------------------- reading and checks:
+# backend/method/region_checks.py (no torch there: the server's front imports them).
 
 # --------------------------------------------------------------------------- grow, feather, resample
 
@@ -292,9 +222,12 @@ def regions_loss(source: torch.Tensor, target: torch.Tensor, present: torch.Tens
     """
     total = target.new_zeros(())
     for region_source, region_target, frames in zip(source, target, present, strict=True):
-        if int(frames.sum()) < 2:
+        count = int(frames.sum())
+        if count < 2:
             continue
-        total = total + pairwise_smm_loss(region_source[frames], region_target[frames], kind)
+        if count < len(frames):  # a region present throughout is read as it is (no copy)
+            region_source, region_target = region_source[frames], region_target[frames]
+        total = total + pairwise_smm_loss(region_source, region_target, kind)
     return total
 
 
@@ -321,18 +254,57 @@ def composite(generated: np.ndarray, source: np.ndarray, mask: np.ndarray | torc
 
 
 @dataclass
+class Plate:
+    """m (F, box h, box w), held exactly in the fewest bytes: m = c / (2r + 1)² with c the
+    feather's whole box count (`feather`), so `counts` keeps c in the smallest integer
+    type that holds (2r + 1)² (uint8 up to r = 7: the default feather's r = 4 gives 81),
+    a quarter of float32's bytes, and `frame(f)` gives m[f] back bit for bit."""
+
+    counts: torch.Tensor  # (F, box h, box w) uint8, int16 or int32
+    divisor: int  # (2r + 1)²
+
+    @classmethod
+    def empty(cls, frames: int, size: tuple[int, int], feather_px: int) -> Plate:
+        """A plate of `frames` frames of size = (h, w) for `feather_px`, to fill (`put`)."""
+        divisor = (2 * math.ceil(feather_px / 2) + 1) ** 2
+        dtype = next(t for t in (torch.uint8, torch.int16, torch.int32)
+                     if divisor <= torch.iinfo(t).max)
+        return cls(torch.empty((frames, *size), dtype=dtype), divisor)
+
+    @classmethod
+    def of(cls, feathered: torch.Tensor, feather_px: int) -> Plate:
+        """Keep `feather(…, feather_px)`'s output m (F, h, w) exactly."""
+        plate = cls.empty(len(feathered), tuple(feathered.shape[1:]), feather_px)
+        for index, frame in enumerate(feathered):
+            plate.put(index, frame)
+        return plate
+
+    def put(self, index: int, feathered: torch.Tensor) -> None:
+        """Keep frame `index` of m: c = round(m·(2r + 1)²), exact (m is c / (2r + 1)²)."""
+        self.counts[index] = torch.round(feathered * self.divisor)
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def frame(self, index: int) -> torch.Tensor:
+        """m[index], float32: c / (2r + 1)², as box_blur divides (the same bits)."""
+        return (self.counts[index].to(torch.float32) / self.divisor).clamp_(0, 1)
+
+
+@dataclass
 class EditRegions:
     """An edit's regions, prepared once for the frames it edits (`prepare_regions`).
 
-    plate:    m inside the framing's box at the source's resolution, (F, box h, box w);
-              None under camera motion (the whole frame is regenerated)
+    plate:    m inside the framing's box at the source's resolution (a Plate, in host
+              memory: only the composite reads it); None under camera motion (the whole
+              frame is regenerated)
     latent:   m_lat, (F', h, w) at latent resolution; None under camera motion
     guidance: the masks whose motions guide the edit at latent resolution, (R', F', h, w)
     """
 
     count: int
     motion: str
-    plate: torch.Tensor | None
+    plate: Plate | None
     latent: torch.Tensor | None
     guidance: torch.Tensor
 
@@ -340,41 +312,90 @@ class EditRegions:
         return self.plate is not None
 
 
-def prepare_regions(masks: np.ndarray, motion: str, grow_px: int, feather_px: int,
-                    box: tuple[int, int, int, int], model_frames: int, latent_frames: int,
-                    latent_size: tuple[int, int], device: torch.device | str = "cpu") -> EditRegions:
+def prepare_regions(frames: Iterable[np.ndarray | torch.Tensor], frame_count: int, count: int,
+                    motion: str, grow_px: int, feather_px: int, box: tuple[int, int, int, int],
+                    model_frames: int, latent_frames: int, latent_size: tuple[int, int],
+                    device: torch.device | str = "cpu") -> EditRegions:
     """The regions of the frames an edit uses, framed as the frames are.
 
-    masks: (R, F, H, W) of the chosen frames at the source's resolution (camera motion
-    without a region is the whole-frame SMM, the edit without regions). box: (left, top, right, bottom), the source pixels the model sees.
-    model_frames: the frames the VAE gets (the chosen ones, the last repeated);
-    latent_frames, latent_size = (w, h): the latent's. Grow is measured on the whole
-    source frame, then the box is cut out and feathered (so m is 0 outside the box too),
-    then resampled to the latent (the mask follows the crop box and the fit size).
+    frames: for each of the `frame_count` frames the edit uses, in order, its `count`
+    regions' pixels (R, H, W) (bool, or 0/1) at the source's resolution. They are read
+    one at a time, so only one frame's masks are ever held at the source's size (host
+    memory), beside the plate; what the sampler needs, at latent resolution, goes to
+    `device`. Camera motion without a region is the whole-frame SMM, the edit without
+    regions (no call here).
+
+    box: (left, top, right, bottom), the source pixels the model sees. model_frames:
+    the frames the VAE gets (the chosen ones, the last repeated); latent_frames,
+    latent_size = (w, h): the latent's. Grow is measured on the whole source frame,
+    then the box is cut out and feathered (so m is 0 outside the box too), then
+    resampled to the latent (the mask follows the crop box and the fit size). Every
+    piece works frame by frame, so this equals the whole-clip composition
+
+        plate    = feather(grow(U, g)[box], f)
+        latent   = to_latent(pad_frames(plate, model_frames), latent_frames, latent_size)
+        guidance = to_latent(pad_frames(guidance_masks(M[box]), model_frames), …)
+
+    bit for bit (tests/test_regions.py).
     """
     left, top, right, bottom = box
-    regions = torch.as_tensor(np.asarray(masks, np.float32), device=device)
-    boxed = binary(regions)[..., top:bottom, left:right]
-    guidance = to_latent(pad_frames(guidance_masks(boxed, motion, boxed.shape[1:]), model_frames),
-                         latent_frames, latent_size)
+    guidance_cells: list[torch.Tensor] = []
+    plate_cells: list[torch.Tensor] = []
+    plate = Plate.empty(frame_count if motion == "subject" else 0, (bottom - top, right - left),
+                        feather_px)
+    for index, pixels in enumerate(frames):
+        regions = torch.as_tensor(pixels).to(torch.float32)[:, None]  # (R, 1, H, W): M_r
+        boxed = regions[..., top:bottom, left:right]
+        guidance_cells.append(to_latent(guidance_masks(boxed, motion, boxed.shape[1:]), 1,
+                                        latent_size))
+        if motion == "subject":
+            grown = grow(regions.amax(dim=0), grow_px)[:, top:bottom, left:right]  # (1, h, w)
+            plate.put(index, feather(grown, feather_px)[0])
+            plate_cells.append(to_latent(plate.frame(index)[None], 1, latent_size))
+        del regions, boxed  # one frame's masks at the source's size at a time
+
+    def latent_of(cells: list[torch.Tensor], frame_dim: int) -> torch.Tensor:
+        """The per-frame latent cells, padded to the VAE's frames and pooled per latent
+        frame (to_latent's max over each latent frame's pixel frames), on `device`."""
+        padded = pad_frames(torch.cat(cells, dim=frame_dim), model_frames)
+        groups = latent_frame_groups(padded.shape[-3], latent_frames)
+        if len(groups) != padded.shape[-3]:
+            padded = torch.stack([padded[..., start:end, :, :].amax(dim=-3)
+                                  for start, end in groups], dim=-3)
+        return padded.to(device)
+
+    guidance = latent_of(guidance_cells, 1)
     if motion == "camera":
-        return EditRegions(len(regions), motion, None, None, guidance)
-    union = binary(regions).amax(dim=0)
-    plate = feather(grow(union, grow_px)[:, top:bottom, left:right], feather_px)
-    latent = to_latent(pad_frames(plate, model_frames), latent_frames, latent_size)
-    return EditRegions(len(regions), motion, plate, latent, guidance)
+        return EditRegions(count, motion, None, None, guidance)
+    return EditRegions(count, motion, plate, latent_of(plate_cells, 0), guidance)
 
 
-def composite_into_frames(source: np.ndarray, result: np.ndarray, plate: torch.Tensor,
-                          box: tuple[int, int, int, int]) -> np.ndarray:
+def composite_into_frames(source: np.ndarray, result: np.ndarray, plate: Plate,
+                          box: tuple[int, int, int, int], in_place: bool = False) -> np.ndarray:
     """The source frames (F, H, W, 3) with the result (F, h, w, 3, covering `box`) resized
     to the box and composited through m inside it: out = m·gen + (1 − m)·source. Outside
-    the box, and wherever m = 0, every pixel is the source's."""
+    the box, and wherever m = 0, every pixel is the source's. One frame at a time (the
+    float work of a frame, never of the clip); `in_place`: written over `source` (whose
+    frame is read before it is written), when the caller needs the source no more."""
     from backend.video import resize_frames
 
     left, top, right, bottom = box
-    out = source.copy()
-    inside = np.ascontiguousarray(source[:, top:bottom, left:right])
-    generated = resize_frames(result, right - left, bottom - top)
-    out[:, top:bottom, left:right] = composite(generated, inside, plate)
+    out = source if in_place else source.copy()
+    for index in range(len(source)):
+        inside = np.ascontiguousarray(source[index:index + 1, top:bottom, left:right])
+        generated = resize_frames(result[index:index + 1], right - left, bottom - top)
+        out[index:index + 1, top:bottom, left:right] = composite(generated, inside,
+                                                                 plate.frame(index)[None])
     return out
+
+
+def plate_alpha_frames(plate: Plate, box: tuple[int, int, int, int],
+                       size: tuple[int, int]) -> np.ndarray:
+    """backend/results.py plate_alpha of the whole plate, (F, H, W) uint8, one frame at a
+    time (no float copy of the clip's plate)."""
+    from backend.results import plate_alpha
+
+    alpha = np.empty((len(plate), size[1], size[0]), np.uint8)
+    for index in range(len(plate)):
+        alpha[index] = plate_alpha(plate.frame(index).numpy()[None], box, size)[0]
+    return alpha

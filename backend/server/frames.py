@@ -57,7 +57,7 @@ def check_mask_frames(masks: list[list[bytes]], frame_count: int, size: tuple[in
     everywhere); ProtocolError("bad_mask") with its one sentence otherwise. Each frame's
     size is read from its header before it is decoded; one region is decoded at a time."""
     from backend.errors import BadMaskError
-    from backend.method.regions import check_masks
+    from backend.method.region_checks import check_masks  # no torch: a gateway has none to spare
 
     for number, region in enumerate(masks, start=1):
         decoded = PngMasks([region], "the job")
