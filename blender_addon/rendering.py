@@ -124,6 +124,7 @@ def plan_memory(context) -> str:
     if prefs.local:
         values.update(prefs.memory_settings())
     span = strip_io.strip_span(strip)
+    regions = 0 if region_of(scene, strip, span) is None else 1  # its masks count too
     settings = plan.transfer_settings(values, span.length)
     size = strip_io.render_size(scene, strip_io.placement_of(scene, strip), int(prefs.max_render_size))
     config = prefs.server_config()
@@ -131,7 +132,7 @@ def plan_memory(context) -> str:
     try:
         client = link.client_for(config)
         reply = link.guarded(lambda: client.plan(settings, span.length, size,
-                                                 wait_s=PLAN_WAIT_IN_PANEL_S))
+                                                 wait_s=PLAN_WAIT_IN_PANEL_S, regions=regions))
     except plan.UserError as error:
         if isinstance(error.__cause__, pending):
             raise plan.UserError(PLAN_PENDING) from None  # the connection is fine: keep it

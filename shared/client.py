@@ -327,20 +327,23 @@ class Client:
         return reply
 
     def plan(self, settings: dict[str, Any], frame_count: int, frame_size: tuple[int, int],
-             wait_s: float | None = None) -> dict[str, Any]:
+             wait_s: float | None = None, regions: int = 0) -> dict[str, Any]:
         """The server's memory plan of a job not sent (docs/protocol.md §4, `plan`): its
         GPU (`gpu`, null without one), whether the job fits (`fits`), the savers
         `--memory auto` would turn on, the predicted peak with them, and the refusal
         sentence (`message`) when it cannot fit.
 
+        `regions`: how many regions (masks) the job would have.
         `wait_s`: how long to wait in all for a plan the server is still making while it
         answers (then PlanPending); by default the client's timeout plus PLAN_WAIT_S. An
         interface that must not freeze gives a few seconds and asks again later."""
         if wait_s is None:
             wait_s = self.timeout_s + protocol.PLAN_WAIT_S
-        reply, _ = self._request({"type": RequestType.PLAN, "settings": settings,
-                                  "frame_count": frame_count, "frame_size": list(frame_size)},
-                                 plan_wait_s=wait_s)
+        header = {"type": RequestType.PLAN, "settings": settings, "frame_count": frame_count,
+                  "frame_size": list(frame_size)}
+        if regions:  # the masks the job would carry (an older server reads none)
+            header["regions"] = regions
+        reply, _ = self._request(header, plan_wait_s=wait_s)
         return reply
 
     def poll(self, timeout_s: float = 0.0) -> list[dict[str, Any]]:

@@ -369,13 +369,14 @@ def check_message_limits(frame_count: int, total_bytes: int, limits: dict[str, i
 
 
 def check_regions(value: Any) -> int:
-    """The submit header's `regions` field (absent: 0), or ProtocolError("bad_request")."""
+    """A submit's or plan request's `regions` field (absent: 0), or
+    ProtocolError("bad_request")."""
     if value is None:
         return 0
     if type(value) is not int or not 0 <= value <= MAX_REGIONS:
         raise ProtocolError(
-            ErrorCode.BAD_REQUEST, f"The submit's 'regions' is {value!r}; send a whole number "
-            f"from 0 to {MAX_REGIONS} (how many regions' mask frames follow the clip).")
+            ErrorCode.BAD_REQUEST, f"The request's 'regions' is {value!r}; send a whole number "
+            f"from 0 to {MAX_REGIONS} (how many regions the job has).")
     return value
 
 

@@ -23,10 +23,11 @@ CLIP_SIZE = (48, 32)  # clip_pngs' frames
 BIG = {"width": 256, "height": 256}  # 16× the pixels of QUICK_SETTINGS' 64×64
 
 
-def tiny_plan(**overrides):
+def tiny_plan(regions: int = 0, **overrides):
     """The plan the server makes of settings(**overrides) on a clip_pngs() clip."""
     parsed = TransferSettings.from_dict(settings(**overrides))
-    return MemoryPlanner(lambda: None).plan("tiny", parsed, parsed.num_frames, CLIP_SIZE, "cpu")
+    return MemoryPlanner(lambda: None).plan("tiny", parsed, parsed.num_frames, CLIP_SIZE, "cpu",
+                                            regions=regions)
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,9 @@ def test_the_server_picks_savers_in_order_and_the_sidecar_records_them(server, p
         assert planned["savers"] == list(MEMORY_SAVERS[:4])
         assert planned["predicted_peak_bytes"] == peaks["vae_offload"]
         assert planned["peak_bytes"] == plans["quick"].peak_bytes
+        with_region = client.plan(settings(), 6, CLIP_SIZE, regions=1)  # its masks count
+        assert with_region["peak_bytes"] == tiny_plan(regions=1).peak_bytes
+        assert with_region["peak_bytes"] != plans["quick"].peak_bytes
         client.submit("fits", settings(), clip_pngs())
         wait_for_event(client, "fits", "result_ready")
         memory = client.fetch("fits").sidecar["memory"]

@@ -75,7 +75,8 @@ class ActorEngine:
         frames = png_frames(clip_frames)
         decision = None
         if self.memory is not None and frames:
-            decision = self.memory.decide(settings, len(frames), png_size(frames[0]))
+            decision = self.memory.decide(settings, len(frames), png_size(frames[0]),
+                                          0 if masks is None else len(masks))
         # The id only pairs a cancel with this run on the actor.
         run_id = f"run-{uuid.uuid4().hex}"
         return self.runner.run(run_id, settings.to_dict(), frames,

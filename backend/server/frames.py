@@ -52,17 +52,24 @@ def check_png_frames(frames: list[bytes], max_side: int) -> tuple[int, int]:
 
 def check_mask_frames(masks: list[list[bytes]], frame_count: int, size: tuple[int, int]
                       ) -> None:
-    """Check each region's mask frames as the engine will (backend/method/regions.py
-    check_masks: one frame per clip frame, the clip's size, neither black nor white
-    everywhere); ProtocolError("bad_mask") with its one sentence otherwise. Each frame's
-    size is read from its header before it is decoded; one region is decoded at a time."""
+    """Check each region's mask frames as the engine will (backend/method/region_checks.py:
+    one frame per clip frame, the clip's size, neither black nor white everywhere);
+    ProtocolError("bad_mask") with its one sentence otherwise. Each frame's size is read
+    from its header before it is decoded, and frames are decoded one at a time as uint8
+    grey, so a long 1080p region costs one frame of memory, not the whole clip's."""
     from backend.errors import BadMaskError
-    from backend.method.region_checks import check_masks  # no torch: a gateway has none to spare
+    from backend.method.region_checks import MaskTally, check_mask_shape  # no torch
 
+    width, height = size
     for number, region in enumerate(masks, start=1):
-        decoded = PngMasks([region], "the job")
+        name = f"of region {number}"
         try:
-            check_masks(decoded.region(0, size), frame_count, size, f"of region {number}")
+            check_mask_shape((len(region), height, width), frame_count, size, name)
+            tally = MaskTally(name)
+            for index, frame in enumerate(region):
+                tally.add(decode_mask(frame, f"mask of frame {index} of region {number} of "
+                                      "the job", size)[None])
+            tally.finish()
         except BadMaskError as error:  # the engine's own sentence and code
             raise ProtocolError(error.code, str(error)) from None
 

@@ -55,13 +55,14 @@ class ServerMemory:
         return self.planner.gpu()
 
     def decide(self, settings: TransferSettings, clip_length: int,
-               size: tuple[int, int] | None) -> MemoryDecision | None:
+               size: tuple[int, int] | None, regions: int = 0) -> MemoryDecision | None:
         return self.planner.decide(self.model, settings, clip_length, size, self.device,
-                                   self.dtype)
+                                   self.dtype, regions)
 
     def plan(self, settings: TransferSettings, frames: int,
-             size: tuple[int, int] | None) -> MemoryPlan:
-        return self.planner.plan(self.model, settings, frames, size, self.device, self.dtype)
+             size: tuple[int, int] | None, regions: int = 0) -> MemoryPlan:
+        return self.planner.plan(self.model, settings, frames, size, self.device, self.dtype,
+                                 regions)
 
 
 @dataclass

@@ -184,6 +184,7 @@ class Requests:
                 f"A plan request needs frame_count (1 to {self.limits['max_frames']}) and "
                 f"frame_size [width, height] (1 to {self.limits['max_side']} px)."))
         size = (frame_size[0], frame_size[1])
+        regions = protocol.check_regions(header.get("regions"))  # masks the job would carry
         try:
             parsed = TransferSettings.from_dict({"frame_limit": self.limits["max_frames"], **settings})
             self.engine.check_settings(parsed, frame_count, size)
@@ -194,13 +195,13 @@ class Requests:
         if not self._planned(parsed):
             return {"type": ReplyType.PLAN, **self._gpu(), "fits": True, "savers": [],
                     "predicted_peak_bytes": None, "message": None}
-        self._defer(message, req, lambda: self._plan_reply(parsed, frame_count, size),
+        self._defer(message, req, lambda: self._plan_reply(parsed, frame_count, size, regions),
                     finish=lambda reply: reply,
                     refuse=lambda code, sentence: protocol.error_header(code, sentence))
         return None
 
     def _plan_reply(self, settings: TransferSettings, frame_count: int,
-                    size: tuple[int, int]) -> dict[str, Any]:
+                    size: tuple[int, int], regions: int) -> dict[str, Any]:
         """The `plan` reply of a planned job (planning thread): the plan without savers,
         and what `--memory auto` turns on, from the same cache a submit's decision uses."""
         from backend.errors import TooBigForGpuError
@@ -208,10 +209,10 @@ class Requests:
 
         reply: dict[str, Any] = {"type": ReplyType.PLAN, **self._gpu(), "fits": True,
                                  "savers": [], "predicted_peak_bytes": None, "message": None}
-        plan = self.memory.plan(settings, frames_to_edit(settings, frame_count), size)
+        plan = self.memory.plan(settings, frames_to_edit(settings, frame_count), size, regions)
         reply["peak_bytes"] = plan.peak_bytes
         try:
-            decision = self.memory.decide(settings, frame_count, size)  # the plan above, cached
+            decision = self.memory.decide(settings, frame_count, size, regions)  # cached above
             reply.update(savers=list(decision.savers),
                          predicted_peak_bytes=decision.predicted_peak_bytes)
         except TooBigForGpuError as refusal:
@@ -268,7 +269,8 @@ class Requests:
             if not self._planned(parsed):
                 return queue_job()
             # too_big_for_gpu (the plan's sentence) or queued, once the plan is made
-            self._defer(message, req, lambda: self.memory.decide(parsed, len(clip), size),
+            self._defer(message, req, lambda: self.memory.decide(parsed, len(clip), size,
+                                                                 regions),
                         finish=queue_job,
                         refuse=lambda code, sentence: _rejected(job_id, code, sentence))
             return None
