@@ -65,6 +65,7 @@ from backend.backbones.zeroscope import (
 )
 from backend.errors import ModelNotFoundError
 from backend.memory import CUDA_BLOCK_BYTES, CudaAutocast, LiveBytes, fake_world, measure
+from backend.memory_cpu import CpuConvolutionScratch, host_frames
 from backend.method.engine import Engine, Procedure, _full_prompt, _Reporter
 from shared.settings import MEMORY_SAVERS, TransferSettings
 
@@ -124,6 +125,7 @@ def plan_edit(model: str | Backbone, frames: int | None = None, size: tuple[int,
                 else (resolved.width, resolved.height))
     gpu = torch_device.type == "cuda"
     with fake_world(CUDA_BLOCK_BYTES if gpu else 1) as (_fake, tracker), _no_numpy(), \
+            contextlib.nullcontext() if gpu else CpuConvolutionScratch(tracker), \
             _recompute_as_on_cuda(shell.dtype if gpu else None), warnings.catch_warnings():
         # The planned clip is a read-only broadcast view; torch warns on wrapping it.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -139,6 +141,8 @@ def plan_edit(model: str | Backbone, frames: int | None = None, size: tuple[int,
         saving = _unchecked(resolved, gradient_checkpointing=True, vae_slice=1)
         with_savers = _measure_guide_decode(engine, saving, kept, tracker, ("encode", "guide", "decode"),
                                             engine.windows_for(shell.model_frames(frames), resolved))
+    if not gpu:
+        measured, with_savers = host_frames(shell.model_frames(frames), size, measured, with_savers)
     windows = len(engine.windows_for(shell.model_frames(frames), resolved))
     return _plan(model, torch_device, shell, frames, size, windows, measured, with_savers,
                  modules, resolved)
