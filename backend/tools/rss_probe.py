@@ -9,11 +9,14 @@ ratio; `--json` prints them as JSON lines. docs/memory.md gives the protocol's r
 The protocol, for each edit:
 
 1. The allocator. glibc's thresholds are fixed in the measuring process's environment
-   (ALLOCATOR_ENVIRONMENT): every block of 64 KiB or more gets its own mapping, given
-   back to the kernel when freed, and the heap's top is trimmed above 128 KiB. With the
-   defaults, glibc raises its mapping threshold to 32 MiB after the first large free, so
-   tensors freed later stay in heap arenas that are never returned: resident memory
-   would then measure the arenas' history, not the memory alive.
+   (ALLOCATOR_ENVIRONMENT): every block of a page (4 KiB) or more gets its own mapping,
+   given back to the kernel when freed, and the heap's top is trimmed above 128 KiB.
+   With the defaults, glibc raises its mapping threshold to 32 MiB after the first
+   large free, so tensors freed later stay in the heap, whose free pages below its top
+   are never returned: resident memory would then measure the heap's history, not the
+   memory alive. A 64 KiB threshold still left the many small tensors of a small edit
+   in the heap (tiny ZeroScope, 40 frames at 128×96: 42.4 MiB measured, 36.8 MiB with
+   4 KiB; the plan says 33.8).
 2. One intra-op thread (OMP_NUM_THREADS=1, torch.set_num_threads(1)): every thread keeps
    its own kernel scratch and its own malloc arena, so with more threads the figure
    would depend on the machine's cores; the plan counts tensors, which do not.
@@ -46,7 +49,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # glibc's tunables (mallopt(3)); fixing them also turns off glibc's dynamic thresholds.
 ALLOCATOR_ENVIRONMENT = {
-    "MALLOC_MMAP_THRESHOLD_": "65536",
+    "MALLOC_MMAP_THRESHOLD_": "4096",
     "MALLOC_TRIM_THRESHOLD_": "131072",
     "MALLOC_TOP_PAD_": "0",
     "OMP_NUM_THREADS": "1",
