@@ -72,7 +72,7 @@ def test_scratch_raises_the_peak_by_the_columns_of_the_kernel_pytorch_picks() ->
             assert tracker.peak == before + out.numel() * 4 + 42_467_328
             images, kernel2d = torch.empty(4, 64, 96, 128), torch.empty(64, 64, 3, 3)
             tracker.reset_peak()
-            out = F.conv2d(images, kernel2d, padding=1)
+            convolved = F.conv2d(images, kernel2d, padding=1)
             assert tracker.peak == tracker.current  # oneDNN: no columns
-            assert scratch.tracker is tracker
+            assert convolved.shape == (4, 64, 96, 128)
 
