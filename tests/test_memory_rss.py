@@ -18,8 +18,8 @@ from backend.tools.rss_probe import Edit, measurements, planned_growth, start_me
 # Each model at two frame counts (the second over one window: ZeroScope's window is 24
 # frames, Wan's set to 17 here), two sizes, with and without checkpointing.
 EDITS = [
-    Edit("tiny", 16, (128, 96)),
-    Edit("tiny", 40, (96, 64), gradient_checkpointing=True),
+    Edit("tiny", 16, (192, 128)),
+    Edit("tiny", 40, (128, 96), gradient_checkpointing=True),
     Edit("wan-tiny", 9, (128, 96), gradient_checkpointing=True, window_frames=17),
     Edit("wan-tiny", 33, (96, 64), window_frames=17),
 ]
