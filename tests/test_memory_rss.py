@@ -48,12 +48,16 @@ def test_plan_predicts_the_resident_memory_of_a_real_edit(
 
 def test_columns_of_a_slow_convolution_by_hand() -> None:
     """Wan's tiny VAE: 8 channels, 3×3×3, 6 padded frames of 98×130 → 4×96×128 out:
-    1 · 8 · 27 · (4·96·128) · 4 bytes = 42 467 328; a 1×1×1 kernel unfolds nothing."""
+    1 · 8 · 27 · (4·96·128) · 4 bytes = 42 467 328; a 1×1×1 kernel unfolds nothing;
+    oneDNN's kernels unfold nothing the plan counts."""
     slow3d = torch._C._ConvBackend.Slow3d
     assert columns_bytes(slow3d, (1, 8, 6, 98, 130), (8, 8, 3, 3, 3), (1, 8, 4, 96, 128),
                          (1, 1, 1), (0, 0, 0), False, 4) == 42_467_328
     assert columns_bytes(slow3d, (1, 8, 6, 98, 130), (8, 8, 1, 1, 1), (1, 8, 6, 98, 130),
                          (1, 1, 1), (0, 0, 0), False, 4) == 0
+    # A batch unfolds whole: 2 · 3 · 9 · (64·64) · 4 bytes.
+    assert columns_bytes(torch._C._ConvBackend.Slow2d, (2, 3, 64, 64), (8, 3, 3, 3), (2, 8, 64, 64),
+                         (1, 1), (1, 1), False, 4) == 884_736
     assert columns_bytes(torch._C._ConvBackend.Mkldnn, (4, 8, 96, 128), (8, 8, 3, 3), (4, 8, 96, 128),
                          (1, 1), (1, 1), False, 4) == 0
 
