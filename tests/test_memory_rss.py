@@ -15,6 +15,11 @@ from backend.memory import fake_world
 from backend.memory_cpu import CpuConvolutionScratch, columns_bytes
 from backend.tools.rss_probe import Edit, measurements, planned_growth, start_measuring
 
+# One xdist worker takes the whole module (build.py test runs with --dist loadgroup):
+# its cases share one measuring process and one fixture, which split across workers
+# would each run in full.
+pytestmark = pytest.mark.xdist_group("memory_rss")
+
 # Each model at two frame counts (the second over one window: ZeroScope's window is 24
 # frames, Wan's set to 17 here), two sizes, with and without checkpointing.
 EDITS = [
