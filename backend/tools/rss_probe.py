@@ -17,6 +17,9 @@ The protocol, for each edit:
    memory alive. A 64 KiB threshold still left the many small tensors of a small edit
    in the heap (tiny ZeroScope, 40 frames at 128×96: 42.4 MiB measured, 36.8 MiB with
    4 KiB; the plan says 33.8).
+   Transparent huge pages are turned off for the process (prctl PR_SET_THP_DISABLE):
+   where the kernel's setting is "always", large mappings would be resident in 2 MiB
+   steps.
 2. One intra-op thread (OMP_NUM_THREADS=1, torch.set_num_threads(1)): every thread keeps
    its own kernel scratch and its own malloc arena, so with more threads the figure
    would depend on the machine's cores; the plan counts tensors, which do not.
@@ -24,8 +27,9 @@ The protocol, for each edit:
    runs nothing), then forks a child per edit, so no edit sees another's leftovers and
    the imports are paid once.
 4. In the child: the model loaded and the clip made (both in the baseline), a warm-up
-   edit (two frames at 64×64, same settings) pulls in the lazily imported modules and
-   the kernels' code; then Python's garbage is collected, glibc's free pages returned
+   edit of one window at the same size and settings pulls in the lazily imported
+   modules and builds the kernels for every shape the edit uses (a warm-up at another
+   size left their first use, a few MiB, in the measurement); then Python's garbage is collected, glibc's free pages returned
    (malloc_trim), the kernel's peak mark reset (`5` to /proc/self/clear_refs resets
    VmHWM) and VmRSS read as the baseline. The measured edit is Engine.transfer of the
    clip without the inversion cache; then VmHWM is read.
@@ -56,6 +60,7 @@ ALLOCATOR_ENVIRONMENT = {
     "MKL_NUM_THREADS": "1",
 }
 MEASURING_FLAG = "--measure-in-children"
+PR_SET_THP_DISABLE = 41  # linux/prctl.h
 
 # A short edit that still runs every phase: inversion, source features, one Adam
 # iteration of guidance, CFG sampling, decode.
@@ -156,7 +161,13 @@ def _measure_one(edit: Edit) -> int:
 
 def _measure_in_children(edits: list[Edit]) -> None:
     """Import once, then one forked child per edit; each prints a JSON line."""
+    import ctypes
+
     import backend.method.engine  # noqa: F401  (the imports every child shares)
+
+    # No transparent huge pages (inherited by the children): where the kernel's setting
+    # is "always", a large tensor's mapping would be resident in 2 MiB steps.
+    ctypes.CDLL("libc.so.6").prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
 
     for edit in edits:
         read_end, write_end = os.pipe()
@@ -199,9 +210,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    edits = [Edit(args.model, frames, tuple(int(side) for side in size.split("x")),  # type: ignore[arg-type]
-                  args.gradient_checkpointing, args.window_frames)
-             for size in args.size for frames in args.frames]
+    if not Path("/proc/self/clear_refs").exists():
+        parser.error("the memory probe reads the kernel's counters in /proc/self; run it on Linux.")
+    sizes = []
+    for size in args.size:
+        width, _, height = size.partition("x")
+        if not (width.isdigit() and height.isdigit()):
+            parser.error(f"--size {size!r} is not WxH; give it as 128x96.")
+        sizes.append((int(width), int(height)))
+    edits = [Edit(args.model, frames, size, args.gradient_checkpointing, args.window_frames)
+             for size in sizes for frames in args.frames]
     process = start_measuring(edits)
     planned = [planned_growth(edit) for edit in edits]
     for edit, measured, plan in zip(edits, measurements(process), planned, strict=True):
