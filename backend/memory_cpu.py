@@ -12,6 +12,9 @@ things are sized by the code and grow with the clip, so a CPU plan counts them t
   `CpuConvolutionScratch` asks PyTorch which kernel it would run each convolution on
   (the same choice, made from the same shapes) and counts the columns beside what is
   alive while it runs.
+- oneDNN's copy of a convolution's weight: the convolutions PyTorch gives to oneDNN
+  have their plain weight reordered into oneDNN's blocked layout on every call
+  (`reordered_weight_bytes`), 59 MB for ZeroScope's largest.
 - The clip's frames, uint8 numpy arrays the engine keeps for the whole edit
   (`host_frames`).
 
@@ -67,8 +70,8 @@ def columns_bytes(backend: _Backend, input_shape: Sequence[int], weight_shape: S
 
 
 class CpuConvolutionScratch(TorchDispatchMode):
-    """Counts each convolution's column buffer (`columns_bytes`, BACKWARD_BUFFERS of them
-    in backward) on top of the tensors `tracker` holds when the kernel has made its
+    """Counts each convolution's scratch (a slow kernel's column buffers, `columns_bytes`,
+    BACKWARD_BUFFERS of them in backward; oneDNN's reordered weight) on top of the tensors `tracker` holds when the kernel has made its
     outputs: the buffer lives only while the kernel runs, so it raises the peak, never
     the current count. Entered inside the tracker (so it sees each call first)."""
 
@@ -96,8 +99,17 @@ def _scratch(data: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """The column buffers of one convolution call, on the kernel PyTorch picks for it."""
     backend = torch._C._select_conv_backend(data, weight, bias, stride, padding, dilation, transposed,
                                             output_padding, groups, None)
+    if backend == _Backend.Mkldnn:
+        return reordered_weight_bytes(weight.shape, weight.element_size())
     return buffers * columns_bytes(backend, data.shape, weight.shape, output_shape, stride, padding,
                                    transposed, data.element_size())
+
+
+def reordered_weight_bytes(weight_shape: Sequence[int], element_size: int) -> int:
+    """oneDNN's copy of a convolution's weight in its blocked layout: PyTorch keeps the
+    weight plain, so each call reorders it (forward and the input's gradient alike):
+    ∏ weight shape · element size."""
+    return math.prod(weight_shape) * element_size
 
 
 def host_frames(model_frames: int, size: tuple[int, int], *peaks: dict[str, int]
