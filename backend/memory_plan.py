@@ -78,6 +78,7 @@ from backend.backbones.zeroscope import (
 )
 from backend.errors import ModelNotFoundError
 from backend.memory import CUDA_BLOCK_BYTES, CudaAutocast, LiveBytes, fake_world, measure, rounded
+from backend.memory_cpu import CpuConvolutionScratch, host_frames
 from backend.method.engine import Engine, Procedure, _full_prompt, _Reporter
 from shared.settings import MEMORY_SAVERS, TransferSettings
 
@@ -123,13 +124,16 @@ class MemoryPlan:
 def plan_edit(model: str | Backbone, frames: int | None = None, size: tuple[int, int] | None = None,
               device: str = "cuda", dtype: str | None = None,
               settings: TransferSettings | None = None,
-              source_size: tuple[int, int] | None = None, regions: int = 0) -> MemoryPlan:
+              source_size: tuple[int, int] | None = None, regions: int = 0,
+              host_terms: bool = True) -> MemoryPlan:
     """The memory plan of editing `frames` frames (default: the model's window) at `size` =
     (width, height) (default: the model's; or, given a clip's `source_size`, the size its
     framing gives the model) with `model` on `device` (present or not) in `dtype`
     (default: the backbone's for that device). `model` is a name (PLANNABLE) or a loaded
     backbone, whose architecture is planned in its own dtype (`dtype` is not read).
-    `regions`: the edit's region count (masks of the clip's `source_size`, else `size`)."""
+    `regions`: the edit's region count (masks of the clip's `source_size`, else `size`).
+    A CPU plan adds the memory no tensor holds (backend/memory_cpu.py) unless
+    `host_terms` is False: tensors only, to set against a counter of tensors."""
     torch_device = torch.device(device)
     settings = settings or TransferSettings(prompt="a plan", source_prompt="a plan")
     shell = shell_backbone(model, torch_device, dtype) if isinstance(model, str) else shell_of(model)
@@ -141,7 +145,9 @@ def plan_edit(model: str | Backbone, frames: int | None = None, size: tuple[int,
                 else (resolved.width, resolved.height))
     gpu = torch_device.type == "cuda"
     box = _region_box(Engine(shell), resolved, source_size, size) if regions else None
+    cpu_terms = host_terms and not gpu
     with fake_world(CUDA_BLOCK_BYTES if gpu else 1) as (_fake, tracker), _no_numpy(), \
+            CpuConvolutionScratch(tracker) if cpu_terms else contextlib.nullcontext(), \
             _recompute_as_on_cuda(shell.dtype if gpu else None), warnings.catch_warnings():
         # The planned clip is a read-only broadcast view; torch warns on wrapping it.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -158,6 +164,8 @@ def plan_edit(model: str | Backbone, frames: int | None = None, size: tuple[int,
         saving = _unchecked(resolved, gradient_checkpointing=True, vae_slice=1)
         with_savers = _measure_guide_decode(engine, saving, kept, tracker, ("encode", "guide", "decode"),
                                             engine.windows_for(shell.model_frames(frames), resolved))
+    if cpu_terms:
+        measured, with_savers = host_frames(shell.model_frames(frames), size, measured, with_savers)
     windows = len(engine.windows_for(shell.model_frames(frames), resolved))
     plan = _plan(model, torch_device, shell, frames, size, windows, measured, with_savers,
                  modules, resolved)

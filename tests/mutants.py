@@ -37,6 +37,13 @@ MUTANTS: tuple[Mutant, ...] = (
         ('tests/test_memory.py::test_memory_auto_takes_the_cheapest_savers_that_fit',),
     ),
     Mutant(
+        "a slow convolution's columns leave out the batch (the CPU plan's scratch term)",
+        'backend/memory_cpu.py',
+        '        return input_shape[0] * input_shape[1] * kernel * math.prod(output_shape[2:]) * element_size',
+        '        return input_shape[1] * kernel * math.prod(output_shape[2:]) * element_size',
+        ('tests/test_memory_rss.py::test_columns_of_a_slow_convolution_by_hand',),
+    ),
+    Mutant(
         'the server queues a job too big for its GPU instead of refusing it',
         'backend/server/requests.py',
         '            if not self._planned(parsed):\n                return queue_job()',

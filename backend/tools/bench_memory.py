@@ -119,7 +119,9 @@ def run_memory_bench(engine: Engine, frames: int, size: tuple[int, int], setting
     """Plan the edit (the loaded model's architecture, on its device), run it, compare."""
     backbone = engine.backbone
     settings = engine.resolve(settings)
-    plan = plan_edit(backbone, frames, size, str(backbone.device), settings=settings)
+    # The allocator's counters see tensors only (a CPU plan's host terms are not theirs).
+    plan = plan_edit(backbone, frames, size, str(backbone.device), settings=settings,
+                     host_terms=False)
     clip = np.random.default_rng(0).integers(0, 255, (frames, size[1], size[0], 3), dtype=np.uint8)
     measured = measured_phase_peaks(engine, clip, settings, allocator)
     return {"model": backbone.model_id, "device": str(backbone.device),
