@@ -148,7 +148,7 @@ def test_a_plan_holds_up_nobody_but_its_own_request(tmp_path, plans) -> None:  #
     process = ServerProcess(tmp_path / "state", "--assume-gpu-memory-gb", "1000",
                             "--test-plan-gate", str(gate)).start()
     try:
-        with Client(process.address, timeout_s=60.0) as other, \
+        with Client(process.address, timeout_s=20.0) as other, \
                 Client(process.address, timeout_s=3.0) as editor, \
                 ThreadPoolExecutor(max_workers=1) as editor_thread:
             other.submit("unplanned", settings(memory="off"), clip_pngs())  # queued at once
