@@ -10,11 +10,12 @@ only through an inproc PUSH socket; the book (under its lock) and the planning d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -142,22 +143,22 @@ class Server:
         self.transport.close()
 
     def _run_job_thread(self, job_thread: JobThread) -> None:
-        events = self.context.socket(zmq.PUSH)
-        events.setsockopt(zmq.LINGER, 0)
-        events.connect(JOB_EVENTS)
-        try:
-            job_thread.run(self.stopping,
-                       lambda header: events.send(protocol.json_text(header).encode()))
-        finally:
-            events.close(0)
+        with self._events_to_main() as tell:
+            job_thread.run(self.stopping, tell)
 
     def _run_planning_thread(self) -> None:
+        with self._events_to_main() as tell:
+            self.desk.run(self.stopping, lambda: tell({"type": PLANNED}))
+
+    @contextlib.contextmanager
+    def _events_to_main(self) -> Iterator[Callable[[dict], None]]:
+        """A thread's way to the main loop: tell(header) over its own inproc PUSH socket
+        (ZeroMQ sockets are not shared between threads)."""
         events = self.context.socket(zmq.PUSH)
         events.setsockopt(zmq.LINGER, 0)
         events.connect(JOB_EVENTS)
         try:
-            self.desk.run(self.stopping, lambda: events.send(
-                protocol.json_text({"type": PLANNED}).encode()))
+            yield lambda header: events.send(protocol.json_text(header).encode())
         finally:
             events.close(0)
 

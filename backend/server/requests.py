@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("understudy.server")
 
 PLANNING_BUG = "The server failed planning this job's GPU memory; see the server log."
+REQUEST_BUG = "The server failed on this request; see the server log."
 
 
 @dataclass
@@ -77,7 +78,7 @@ class Requests:
             log.error("Request from %s failed:\n%s", printable(message.routing_id),
                       traceback.format_exc())
             answer = Answer(protocol.error_header(
-                ErrorCode.INTERNAL, "The server failed on this request; see the server log."))
+                ErrorCode.INTERNAL, REQUEST_BUG))
         if req is not None:
             answer.reply["req"] = req
         return answer
@@ -97,7 +98,7 @@ class Requests:
             log.error("Finishing a planned request from %s failed:\n%s",
                       printable(work.routing_id), traceback.format_exc())
             reply = protocol.error_header(
-                ErrorCode.INTERNAL, "The server failed on this request; see the server log.")
+                ErrorCode.INTERNAL, REQUEST_BUG)
         if work.req is not None:
             reply["req"] = work.req
         return Answer(reply)
