@@ -7,7 +7,7 @@ Every change of a job's state goes through `_record`, which writes status.json f
 and changes memory only once the disk has it: what clients are told is what a
 restart reads back.
 
-The book does not run jobs. A runner (a JobThread, backend/server/worker.py) calls `claim_next`,
+The book does not run jobs. A runner (a JobThread, backend/server/job_thread.py) calls `claim_next`,
 `report_progress`, `cancel_wanted` and one of the `finish_*`/`put_back` calls.
 """
 

@@ -2,10 +2,10 @@
 
 A PNG of a few hundred bytes can hold a 4096×4096 picture, so the server never
 trusts the wire size: submit reads headers only and checks the job's pixel budget
-((frames used + mask frames) × width × height ≤ max_job_pixels), and the worker
+((frames used + mask frames) × width × height ≤ max_job_pixels), and the engine
 decodes only the frames the settings choose. A region's mask frames (white = subject)
 are decoded at submit, one region at a time, to refuse an empty or all-white region
-before the job is queued; the worker reads them again as the engine asks (PngMasks).
+before the job is queued; they are read again as the engine asks (PngMasks).
 """
 
 from __future__ import annotations

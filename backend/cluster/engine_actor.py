@@ -38,7 +38,7 @@ from backend.errors import JobCancelled, UnderstudyError
 from backend.server.frames import PngClip, PngMasks
 from shared.protocol import ErrorCode, failure_reply
 
-log = logging.getLogger("understudy.cluster.worker")
+log = logging.getLogger("understudy.cluster.engine_actor")
 
 
 @dataclass(frozen=True)
