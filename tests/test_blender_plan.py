@@ -18,7 +18,8 @@ from blender_addon import batches, link, placement, plan, pngio, states
 from blender_addon.plan import Span, UserError
 from blender_addon.states import Phase, Status
 from blender_addon.strip_io import Snapshot
-from shared.protocol import JOB_ID_PATTERN, ErrorCode, EventType, JobState, check_job_id
+from shared.errors import ErrorCode
+from shared.protocol import JOB_ID_PATTERN, EventType, JobState, check_job_id
 from shared.settings import TransferSettings
 from tests.conftest import REPO_ROOT
 

@@ -7,8 +7,8 @@ import importlib
 
 import pytest
 
-from shared.errors import UnderstudyError
-from shared.protocol import ErrorCode, ProtocolError, failure_reply
+from shared.errors import ErrorCode, UnderstudyError
+from shared.protocol import ProtocolError, failure_reply
 from tests.conftest import REPO_ROOT
 
 # Every module that defines an error class: importing them fills UnderstudyError's tree.
@@ -49,7 +49,8 @@ def test_the_client_the_protocol_and_the_extension_share_one_root():
         assert issubclass(cls, UnderstudyError)
     carried = JobFailed("The GPU ran out of memory; try fewer frames.", "out_of_memory")
     assert carried.code == "out_of_memory" and JobFailed("x").code == "job_failed"
-    assert ProtocolError(ErrorCode.BAD_HEADER, "The header must be a JSON object.").code == "bad_header"
+    error = ProtocolError("The header must be a JSON object.", ErrorCode.BAD_HEADER)
+    assert error.code == "bad_header"
 
 
 def test_failure_reply_keeps_a_user_error_and_names_a_bug():
