@@ -20,7 +20,7 @@ from enum import StrEnum
 from typing import Any
 
 from .errors import ErrorCode, UnderstudyError
-from .settings import DEFAULTS, TEXT_SETTINGS
+from .settings import DEFAULTS, MAX_PROMPT_CHARS, TEXT_SETTINGS, text_length_problem
 
 PROTOCOL_VERSION = 1
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
@@ -45,7 +45,7 @@ DEFAULT_LIMITS: dict[str, int] = {
     # Decoded pixels of the frames one job uses (frames used × width × height): the
     # bound on the memory a job's input takes on the server, 3 bytes a pixel.
     "max_job_pixels": 128 * 2**20,
-    "max_prompt_chars": 1000,
+    "max_prompt_chars": MAX_PROMPT_CHARS,
     "max_queue": 16,
 }
 # Regions one job may carry (docs/protocol.md §4, "Regions"): each is one mask frame per
@@ -376,10 +376,9 @@ def check_submit_limits(settings: dict[str, Any], frames: list[bytes], header_by
                 f"clip has {len(frames)}; send one mask frame per clip frame.", ErrorCode.BAD_MASK)
     for name in TEXT_SETTINGS:
         text = settings.get(name)
-        if isinstance(text, str) and len(text) > limits["max_prompt_chars"]:
-            raise ProtocolError(
-                f"Setting {name!r} is {len(text)} characters long; "
-                f"keep it under {limits['max_prompt_chars']}.", ErrorCode.BAD_SETTINGS)
+        if isinstance(text, str) and (
+                problem := text_length_problem(name, text, limits["max_prompt_chars"])):
+            raise ProtocolError(problem, ErrorCode.BAD_SETTINGS)
     check_reply_size(settings, limits)
 
 

@@ -134,7 +134,7 @@ def test_server_limits_are_checked_before_rendering():
     plan.check_server_limits(hello, {"prompt": "a fox"}, (512, 288))
     with pytest.raises(UserError, match="768x432 pixels .* at most 512 .* render size limit"):
         plan.check_server_limits(hello, {"prompt": "a fox"}, (768, 432))
-    with pytest.raises(UserError, match="prompt is 20 characters long"):
+    with pytest.raises(UserError, match="prompt is 20 characters long; shorten it to 10 or fewer"):
         plan.check_server_limits(hello, {"prompt": "x" * 20}, (64, 64))
     with pytest.raises(UserError, match="already has 2 jobs"):
         plan.check_server_limits({**hello, "queue_length": 2}, {"prompt": "a"}, (64, 64))
