@@ -34,8 +34,6 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
         if spec.kind == "bool":
             action = "store_false" if default else "store_true"
             parser.add_argument(spec.flag, dest=name, action=action, help=spec.help)
-        elif name == "prompt":
-            parser.add_argument(spec.flag, dest=name, required=True, help=spec.help)
         else:
             kind = {"int": int, "float": float}.get(spec.kind, str)
             parser.add_argument(spec.flag, dest=name, type=kind, default=default,

@@ -2,13 +2,12 @@
 
 Every exception here carries one sentence that says what went wrong and what to do;
 the command line prints it without a traceback and the server sends it as an error
-reply with the class's `code` (a member of the registry, shared/protocol.py's
-ErrorCode). The root class and the settings error live in shared/errors.py, which the
-Blender extension can import.
+reply with the class's `code` (a member of the registry, shared/errors.py's
+ErrorCode). The root class, the registry and the settings error live in
+shared/errors.py, which the Blender extension can import.
 """
 
-from shared.errors import BadSettingsError, UnderstudyError
-from shared.protocol import ErrorCode
+from shared.errors import BadSettingsError, ErrorCode, UnderstudyError
 
 __all__ = ["BadClipError", "BadMaskError", "BadSettingsError", "JobCancelled", "ModelNotFoundError",
            "OutOfMemoryError", "TooBigForGpuError", "UnderstudyError"]

@@ -1,7 +1,7 @@
 """What one edit returns, in every layer that runs one, and how it reports progress.
 
 The engine returns a TransferResult; so do the server's engine interface
-(backend/server/engine_api.py) and a Ray actor's handle (backend/cluster/remote.py),
+(backend/server/engine_api.py) and a Ray actor's handle (backend/cluster/engine_handles.py),
 so the server's job thread handles a local and a remote edit alike. The layers above
 have their own: the command line's EditOutcome (the files it wrote, backend/edit.py)
 and the client's JobResult (PNG bytes as fetched, shared/client.py).

@@ -271,9 +271,9 @@ def check_server_limits(hello: dict, settings: dict, render_size: tuple[int, int
     max_chars = limits.get("max_prompt_chars")
     for name in SETTINGS.TEXT_SETTINGS:
         text = settings.get(name)
-        if isinstance(max_chars, int) and isinstance(text, str) and len(text) > max_chars:
-            raise UserError(f"The {name.replace('_', ' ')} is {len(text)} characters long and the "
-                            f"server takes at most {max_chars}; shorten it.")
+        if isinstance(max_chars, int) and isinstance(text, str) and (
+                problem := SETTINGS.text_length_problem(name, text, max_chars)):
+            raise UserError(problem)
     side = server_backbone(hello).get("side_multiple")
     for name in ("width", "height"):
         value = settings.get(name)
@@ -360,8 +360,6 @@ def transfer_settings(values: dict, frames_sent: int) -> dict:
     for optional_text in ("source_prompt", "negative_prompt"):
         if optional_text in settings and not settings[optional_text].strip():
             del settings[optional_text]
-    if not settings.get("prompt", "").strip():
-        raise UserError("The prompt is empty; type what the subject should become.")
     settings["num_frames"] = settings["output_frames"] = frames_sent
     try:
         SETTINGS.TransferSettings.from_dict(settings)

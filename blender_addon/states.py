@@ -15,7 +15,7 @@ from enum import StrEnum
 
 from .vendored import shared_module
 
-PROTOCOL = shared_module("protocol")  # shared/protocol.py: JobState, EventType, ErrorCode
+PROTOCOL = shared_module("protocol")  # shared/protocol.py: JobState, EventType
 
 
 class Status(StrEnum):

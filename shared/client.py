@@ -28,8 +28,8 @@ from typing import Any
 import zmq
 
 from . import protocol  # relative: the extension vendors this package under its own name
-from .errors import UnderstudyError
-from .protocol import ErrorCode, EventType, JobState, ProtocolError, ReplyType, RequestType
+from .errors import ErrorCode, UnderstudyError
+from .protocol import EventType, JobState, ProtocolError, ReplyType, RequestType
 
 # --------------------------------------------------------------------------- errors
 
@@ -299,16 +299,16 @@ class Client:
         try:
             protocol.check_job_id(job_id)
             if not isinstance(settings, dict):
-                raise ProtocolError("bad_settings", "Settings must be a dict of setting names.")
+                raise ProtocolError("Settings must be a dict of setting names.", "bad_settings")
             if not all(isinstance(f, bytes | bytearray | memoryview) for f in frames):
-                raise ProtocolError("bad_frames", "Frames must be PNG-encoded bytes.")
+                raise ProtocolError("Frames must be PNG-encoded bytes.", "bad_frames")
             if not all(isinstance(f, bytes | bytearray | memoryview)
                        for region in masks for f in region):
-                raise ProtocolError("bad_mask", "Mask frames must be PNG-encoded bytes.")
+                raise ProtocolError("Mask frames must be PNG-encoded bytes.", "bad_mask")
             if masks and not self.takes_regions:
-                raise ProtocolError("bad_mask", f"The server at {self.address} does not take "
+                raise ProtocolError(f"The server at {self.address} does not take "
                                     "regions (it is older than this client); update it, or "
-                                    "edit the whole frame without a mask.")
+                                    "edit the whole frame without a mask.", "bad_mask")
             protocol.check_submit_limits(settings, list(frames), protocol.MAX_HEADER_BYTES,
                                          self.limits, masks)
         except ProtocolError as error:

@@ -3,9 +3,9 @@
 Spec: docs/protocol.md. A message is a list of ZeroMQ frames: a UTF-8 JSON header
 (always with "v" and "type") followed by binary payload frames (PNG images).
 
-The vocabulary (message types, job states, error codes) is a set of `str` enums: a
-member *is* its wire string, so `JobState.DONE == "done"` and JSON carries the plain
-string. Standard library only (pyzmq is needed by the client, not here): this module
+The vocabulary (message types, job states) is a set of `str` enums: a member *is*
+its wire string, so `JobState.DONE == "done"` and JSON carries the plain string. The
+error codes are one more (ErrorCode), kept with the errors' root in shared/errors.py. Standard library only (pyzmq is needed by the client, not here): this module
 rides inside the Blender extension.
 """
 
@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from enum import StrEnum
 from typing import Any
 
-from .errors import UnderstudyError
-from .settings import DEFAULTS, TEXT_SETTINGS
+from .errors import ErrorCode, UnderstudyError
+from .settings import DEFAULTS, MAX_PROMPT_CHARS, TEXT_SETTINGS, text_length_problem
 
 PROTOCOL_VERSION = 1
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
@@ -45,7 +45,7 @@ DEFAULT_LIMITS: dict[str, int] = {
     # Decoded pixels of the frames one job uses (frames used × width × height): the
     # bound on the memory a job's input takes on the server, 3 bytes a pixel.
     "max_job_pixels": 128 * 2**20,
-    "max_prompt_chars": 1000,
+    "max_prompt_chars": MAX_PROMPT_CHARS,
     "max_queue": 16,
 }
 # Regions one job may carry (docs/protocol.md §4, "Regions"): each is one mask frame per
@@ -101,55 +101,6 @@ class JobState(StrEnum):
 FINISHED_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
 
 
-class ErrorCode(StrEnum):
-    """The registry of error codes: every `code` an UnderstudyError can carry, whichever
-    layer raises it (docs/protocol.md §10). Each exception class names its member's
-    value as its `code`; tests/test_protocol.py checks that every class's code is here.
-    """
-
-    # Envelope and request checks (the server's reply to a malformed or refused request).
-    BAD_HEADER = "bad_header"
-    PROTOCOL_VERSION = "protocol_version"
-    UNKNOWN_TYPE = "unknown_type"
-    BAD_REQUEST = "bad_request"
-    BAD_JOB_ID = "bad_job_id"
-    BAD_SETTINGS = "bad_settings"
-    BAD_FRAMES = "bad_frames"
-    BAD_CLIP = "bad_clip"
-    BAD_MASK = "bad_mask"  # a region's mask frames: wrong count or size, unreadable, empty, all white
-    TOO_MANY_FRAMES = "too_many_frames"
-    TOO_LARGE = "too_large"
-    QUEUE_FULL = "queue_full"
-    TOO_BIG_FOR_GPU = "too_big_for_gpu"  # the memory plan: it cannot fit even with every saver
-    STORE_UNAVAILABLE = "store_unavailable"
-    JOB_EXISTS = "job_exists"
-    UNKNOWN_JOB = "unknown_job"
-    DAMAGED = "damaged"  # the server's copy of the job is damaged; the message names where it lies
-    NOT_READY = "not_ready"
-    JOB_FAILED = "job_failed"
-    JOB_CANCELLED = "job_cancelled"
-    INTERRUPTED = "interrupted"
-    INTERNAL = "internal"
-    # A job's own failure, as the engine (or the process running it) raises it; the
-    # server sends it in the job's error event and status.
-    MODEL_MISSING = "model_missing"
-    OUT_OF_MEMORY = "out_of_memory"
-    CANCELLED = "cancelled"
-    WORKER_LOST = "worker_lost"
-    BAD_SIDECAR = "bad_sidecar"  # a result's record that this side cannot read
-    # Raised where they happen and never sent: a bad server or cluster setup (at start),
-    # and what a client finds on its own side of the connection.
-    ERROR = "error"  # an UnderstudyError without a more specific class
-    SERVER_CONFIG = "server_config"
-    CLUSTER_CONFIG = "cluster_config"
-    CLIENT_ERROR = "client_error"
-    SERVER_UNAVAILABLE = "server_unavailable"
-    AUTHENTICATION_FAILED = "authentication_failed"
-    BAD_KEY_FILE = "bad_key_file"
-    REJECTED = "rejected"
-    WAIT_TIMEOUT = "wait_timeout"
-
-
 REQUEST_TYPES = frozenset(RequestType)
 EVENT_TYPES = frozenset(EventType)
 
@@ -161,9 +112,10 @@ _REQ_FIELD = re.compile(rb'"req"\s*:\s*(\d{1,15})[\s,}]')
 
 
 class ProtocolError(UnderstudyError):
-    """A message breaks the protocol. `code` is one of docs/protocol.md §10."""
+    """A message breaks the protocol: `str(error)` (also `message`) is the sentence, `code`
+    one of docs/protocol.md §10 (ErrorCode)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, message: str, code: str) -> None:
         super().__init__(message, code)
         self.message = message
 
@@ -176,16 +128,16 @@ def json_text(value: Any, **options: Any) -> str:
         text.encode("utf-8")
     except ValueError as error:  # UnicodeEncodeError is a ValueError too
         raise ProtocolError(
-            ErrorCode.BAD_REQUEST, "The message holds a number that is not finite (NaN or "
+            "The message holds a number that is not finite (NaN or "
             f"Infinity) or text that is not valid Unicode ({error}); send finite numbers and "
-            "UTF-8 text.") from None
+            "UTF-8 text.", ErrorCode.BAD_REQUEST) from None
     return text
 
 
 def encode(header: dict[str, Any], payload: list[bytes] | None = None) -> list[bytes]:
     """Header dict (+ payload frames) → frames to send; adds "v" when missing.
 
-    Raises ProtocolError("bad_request") for a header that is not strict JSON.
+    Raises ProtocolError (bad_request) for a header that is not strict JSON.
     """
     header = {"v": PROTOCOL_VERSION, **header}
     return [json_text(header, separators=(",", ":")).encode("utf-8"), *(payload or [])]
@@ -194,53 +146,53 @@ def encode(header: dict[str, Any], payload: list[bytes] | None = None) -> list[b
 def decode(frames: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
     """Frames → (header, payload). Checks only the envelope: JSON object, v, type.
 
-    A wrong version raises ProtocolError("protocol_version"); the header is still
+    A wrong version raises ProtocolError (protocol_version); the header is still
     readable via `decode_header` for error replies that carry `req`.
     """
     if not frames:
-        raise ProtocolError(ErrorCode.BAD_HEADER,
-                            "The message is empty; send a JSON header frame first.")
+        raise ProtocolError("The message is empty; send a JSON header frame first.",
+                            ErrorCode.BAD_HEADER)
     header = decode_header(frames[0])
     version = header.get("v")
     if type(version) is not int or version != PROTOCOL_VERSION:  # true and 1.0 are not 1
         raise ProtocolError(
-            ErrorCode.PROTOCOL_VERSION,
             f"This peer speaks Understudy protocol version {PROTOCOL_VERSION} but the message "
             f"uses version {version!r}; update the older side.",
+            ErrorCode.PROTOCOL_VERSION,
         )
     if not isinstance(header.get("type"), str):
-        raise ProtocolError(ErrorCode.BAD_HEADER,
-                            "The header has no 'type'; say what the message is.")
+        raise ProtocolError("The header has no 'type'; say what the message is.",
+                            ErrorCode.BAD_HEADER)
     return header, list(frames[1:])
 
 
 def decode_header(frame: bytes) -> dict[str, Any]:
-    """The JSON header frame → dict, or ProtocolError("bad_header").
+    """The JSON header frame → dict, or ProtocolError (bad_header).
 
     Strict JSON only: no NaN/Infinity (not even as an overflowing 1e999), nesting at
     most MAX_HEADER_DEPTH deep, and text that encodes as UTF-8 (no lone surrogates).
     """
     if len(frame) > MAX_HEADER_BYTES:
         raise ProtocolError(
-            ErrorCode.BAD_HEADER,
-            f"The header is {len(frame)} bytes; keep it under {MAX_HEADER_BYTES}.")
+            f"The header is {len(frame)} bytes; keep it under {MAX_HEADER_BYTES}.",
+            ErrorCode.BAD_HEADER)
     try:
         text = bytes(frame).decode("utf-8")
     except UnicodeDecodeError:
-        raise ProtocolError(ErrorCode.BAD_HEADER, "The first frame is not UTF-8 JSON; send a "
-                            "JSON object header.") from None
+        raise ProtocolError("The first frame is not UTF-8 JSON; send a "
+                            "JSON object header.", ErrorCode.BAD_HEADER) from None
     if _nesting_depth(text) > MAX_HEADER_DEPTH:
-        raise ProtocolError(ErrorCode.BAD_HEADER, f"The header nests deeper than "
-                            f"{MAX_HEADER_DEPTH} levels; send a flat JSON object.")
+        raise ProtocolError(f"The header nests deeper than {MAX_HEADER_DEPTH} levels; send a "
+                            "flat JSON object.", ErrorCode.BAD_HEADER)
     try:
         header = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except ValueError as error:
         if isinstance(error, ProtocolError):
             raise
-        raise ProtocolError(ErrorCode.BAD_HEADER, "The first frame is not UTF-8 JSON; send a "
-                            "JSON object header.") from None
+        raise ProtocolError("The first frame is not UTF-8 JSON; send a "
+                            "JSON object header.", ErrorCode.BAD_HEADER) from None
     if not isinstance(header, dict):
-        raise ProtocolError(ErrorCode.BAD_HEADER, "The header must be a JSON object.")
+        raise ProtocolError("The header must be a JSON object.", ErrorCode.BAD_HEADER)
     json_text(header)  # lone surrogates (from \ud800 escapes) cannot be stored or echoed
     return header
 
@@ -250,15 +202,15 @@ class _NotJson(ProtocolError, ValueError):
 
 
 def _refuse_constant(name: str) -> Any:
-    raise _NotJson(ErrorCode.BAD_HEADER, f"The header holds {name}, which is not JSON; send "
-                   "finite numbers.")
+    raise _NotJson(f"The header holds {name}, which is not JSON; send "
+                   "finite numbers.", ErrorCode.BAD_HEADER)
 
 
 def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise _NotJson(ErrorCode.BAD_HEADER, f"The header holds the number {text[:20]}, which "
-                       "is too large; send finite numbers.")
+        raise _NotJson(f"The header holds the number {text[:20]}, which "
+                       "is too large; send finite numbers.", ErrorCode.BAD_HEADER)
     return value
 
 
@@ -295,23 +247,23 @@ def peek_req(frame: bytes) -> int | None:
 
 
 def check_job_id(value: Any) -> str:
-    """Return a valid job id or raise ProtocolError("bad_job_id")."""
+    """Return a valid job id or raise ProtocolError (bad_job_id)."""
     if not isinstance(value, str) or not JOB_ID_PATTERN.fullmatch(value):
         raise ProtocolError(
-            ErrorCode.BAD_JOB_ID,
             f"The job id {value!r} is not valid; use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit.",
+            ErrorCode.BAD_JOB_ID,
         )
     return value
 
 
 def require(header: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
-    """header[name] if present with the right JSON type, else ProtocolError("bad_request")."""
+    """header[name] if present with the right JSON type, else ProtocolError (bad_request)."""
     value = header.get(name)
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ProtocolError(
-            ErrorCode.BAD_REQUEST, f"The {header.get('type')!r} message needs a field {name!r} "
-            f"of type {_type_name(kind)}.")
+            f"The {header.get('type')!r} message needs a field {name!r} "
+            f"of type {_type_name(kind)}.", ErrorCode.BAD_REQUEST)
     return value
 
 
@@ -359,24 +311,24 @@ def check_message_limits(frame_count: int, total_bytes: int, limits: dict[str, i
     frame_limit = limits["max_frames"] if frame_limit is None else frame_limit
     if total_bytes > limits["max_message_bytes"]:
         raise ProtocolError(
-            ErrorCode.TOO_LARGE, f"The job is {total_bytes / 2**20:.1f} MiB; the server "
+            f"The job is {total_bytes / 2**20:.1f} MiB; the server "
             f"accepts at most {limits['max_message_bytes'] / 2**20:.0f} MiB, so send fewer or "
-            "smaller frames.")
+            "smaller frames.", ErrorCode.TOO_LARGE)
     if frame_count > frame_limit:
         raise ProtocolError(
-            ErrorCode.TOO_MANY_FRAMES, f"The job has {frame_count} frames; the server accepts "
-            f"at most {frame_limit}, so send a shorter range.")
+            f"The job has {frame_count} frames; the server accepts "
+            f"at most {frame_limit}, so send a shorter range.", ErrorCode.TOO_MANY_FRAMES)
 
 
 def check_regions(value: Any) -> int:
     """A submit's or plan request's `regions` field (absent: 0), or
-    ProtocolError("bad_request")."""
+    ProtocolError (bad_request)."""
     if value is None:
         return 0
     if type(value) is not int or not 0 <= value <= MAX_REGIONS:
         raise ProtocolError(
-            ErrorCode.BAD_REQUEST, f"The request's 'regions' is {value!r}; send a whole number "
-            f"from 0 to {MAX_REGIONS} (how many regions the job has).")
+            f"The request's 'regions' is {value!r}; send a whole number "
+            f"from 0 to {MAX_REGIONS} (how many regions the job has).", ErrorCode.BAD_REQUEST)
     return value
 
 
@@ -384,15 +336,15 @@ def split_payload(payload: list[bytes], regions: int) -> tuple[list[bytes], list
     """A submit's payload → (clip frames, each region's mask frames).
 
     The payload is the clip's F frames, then F mask frames for each region in turn, so
-    it holds F × (1 + regions) frames; another count is ProtocolError("bad_mask").
+    it holds F × (1 + regions) frames; another count is ProtocolError (bad_mask).
     """
     if regions == 0:
         return list(payload), []
     if len(payload) % (1 + regions):
         raise ProtocolError(
-            ErrorCode.BAD_MASK, f"The job has {len(payload)} frames for a clip and {regions} "
+            f"The job has {len(payload)} frames for a clip and {regions} "
             f"region{'s' if regions > 1 else ''}, which is not {1 + regions} equal parts; send "
-            "one mask frame per clip frame for every region.")
+            "one mask frame per clip frame for every region.", ErrorCode.BAD_MASK)
     count = len(payload) // (1 + regions)
     return (list(payload[:count]),
             [list(payload[count * (1 + region):count * (2 + region)])
@@ -411,22 +363,22 @@ def check_submit_limits(settings: dict[str, Any], frames: list[bytes], header_by
     mask_bytes = sum(payload_size(region) for region in masks)
     check_message_limits(len(frames), header_bytes + payload_size(frames) + mask_bytes, limits)
     if not frames:
-        raise ProtocolError(ErrorCode.BAD_FRAMES,
-                            "The job has no frames; send the clip as PNG frames.")
+        raise ProtocolError("The job has no frames; send the clip as PNG frames.",
+                            ErrorCode.BAD_FRAMES)
     if len(masks) > MAX_REGIONS:
-        raise ProtocolError(ErrorCode.BAD_MASK, f"The job has {len(masks)} regions; the server "
-                            f"takes at most {MAX_REGIONS}, so merge some of their masks.")
+        raise ProtocolError(f"The job has {len(masks)} regions; the server "
+                            f"takes at most {MAX_REGIONS}, so merge some of their masks.",
+                            ErrorCode.BAD_MASK)
     for index, region in enumerate(masks):
         if len(region) != len(frames):
             raise ProtocolError(
-                ErrorCode.BAD_MASK, f"Region {index + 1} has {len(region)} mask frames but the "
-                f"clip has {len(frames)}; send one mask frame per clip frame.")
+                f"Region {index + 1} has {len(region)} mask frames but the "
+                f"clip has {len(frames)}; send one mask frame per clip frame.", ErrorCode.BAD_MASK)
     for name in TEXT_SETTINGS:
         text = settings.get(name)
-        if isinstance(text, str) and len(text) > limits["max_prompt_chars"]:
-            raise ProtocolError(
-                ErrorCode.BAD_SETTINGS, f"Setting {name!r} is {len(text)} characters long; "
-                f"keep it under {limits['max_prompt_chars']}.")
+        if isinstance(text, str) and (
+                problem := text_length_problem(name, text, limits["max_prompt_chars"])):
+            raise ProtocolError(problem, ErrorCode.BAD_SETTINGS)
     check_reply_size(settings, limits)
 
 
@@ -447,13 +399,14 @@ def check_reply_size(settings: dict[str, Any], limits: dict[str, int]) -> None:
         return  # defaults or wrong types: the settings check answers those
     if count > limits["max_frames"]:
         raise ProtocolError(
-            ErrorCode.BAD_SETTINGS, f"The result would have {count} frames; the server "
-            f"returns at most {limits['max_frames']}, so ask for fewer output frames.")
+            f"The result would have {count} frames; the server "
+            f"returns at most {limits['max_frames']}, so ask for fewer output frames.",
+            ErrorCode.BAD_SETTINGS)
     if count * width * height * 3 > limits["max_message_bytes"]:
         raise ProtocolError(
-            ErrorCode.BAD_SETTINGS, f"The result ({count} frames of {width}×{height}) would "
+            f"The result ({count} frames of {width}×{height}) would "
             f"exceed the server's {limits['max_message_bytes'] / 2**20:.0f} MiB message "
-            "limit; ask for fewer or smaller output frames.")
+            "limit; ask for fewer or smaller output frames.", ErrorCode.BAD_SETTINGS)
 
 
 def error_header(code: str, message: str, **fields: Any) -> dict[str, Any]:

@@ -203,6 +203,8 @@ class TransferSettings:
         """Raise BadSettingsError with one sentence for the first bad value."""
         for item in dataclasses.fields(self):
             check_value(item.name, getattr(self, item.name), spec_of(item.name), self)
+        # The one check that an edit has a prompt: the CLI, the server and the extension
+        # all reach it through from_dict, where a missing prompt is the default "".
         if not self.prompt.strip():
             raise BadSettingsError("The prompt is empty; describe what the subject should become.")
         if self.window_frames is not None and self.window_overlap >= self.window_frames:
@@ -226,8 +228,6 @@ class TransferSettings:
             raise BadSettingsError(
                 f"Unknown setting {unknown[0]!r}; known settings are: {', '.join(sorted(known))}."
             )
-        if "prompt" not in values:
-            raise BadSettingsError("The prompt is missing; describe what the subject should become.")
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -306,12 +306,22 @@ def check_value(name: str, value: Any, spec: Spec, settings: Any = None) -> None
             f"Setting {name!r} is {value}; it must be a multiple of {spec.multiple_of}.")
 
 
+def text_length_problem(name: str, text: str, max_chars: int = MAX_PROMPT_CHARS) -> str | None:
+    """The one sentence for a text setting (a prompt, TEXT_SETTINGS) longer than
+    `max_chars`, else None. The bound is this module's, or a server's (its hello's
+    limits.max_prompt_chars), which the client and the extension check before sending;
+    each layer raises its own error with this sentence."""
+    if len(text) > max_chars:
+        return (f"The {name.replace('_', ' ')} is {len(text)} characters long; shorten it to "
+                f"{max_chars} or fewer.")
+    return None
+
+
 def _check_text(name: str, value: Any) -> None:
     if not isinstance(value, str):
         raise BadSettingsError(f"Setting {name!r} must be text.")
-    if len(value) > MAX_PROMPT_CHARS:
-        raise BadSettingsError(
-            f"Setting {name!r} is {len(value)} characters long; keep it under {MAX_PROMPT_CHARS}.")
+    if problem := text_length_problem(name, value):
+        raise BadSettingsError(problem)
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:

@@ -123,7 +123,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "the client hears a job's end before the store has it",
-        'backend/server/worker.py',
+        'backend/server/job_thread.py',
         '        if self.book.finish(job.job_id, state, error, frame_count):\n            log.info("Job %s %s.", job.job_id, state)\n            notify(event)',
         '        notify(event)\n        if self.book.finish(job.job_id, state, error, frame_count):\n            log.info("Job %s %s.", job.job_id, state)',
         ('tests/test_server_faults.py::test_the_server_survives_a_failing_disk_and_resumes_by_itself',),

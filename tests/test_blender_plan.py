@@ -18,7 +18,8 @@ from blender_addon import batches, link, placement, plan, pngio, states
 from blender_addon.plan import Span, UserError
 from blender_addon.states import Phase, Status
 from blender_addon.strip_io import Snapshot
-from shared.protocol import JOB_ID_PATTERN, ErrorCode, EventType, JobState, check_job_id
+from shared.errors import ErrorCode
+from shared.protocol import JOB_ID_PATTERN, EventType, JobState, check_job_id
 from shared.settings import TransferSettings
 from tests.conftest import REPO_ROOT
 
@@ -133,7 +134,7 @@ def test_server_limits_are_checked_before_rendering():
     plan.check_server_limits(hello, {"prompt": "a fox"}, (512, 288))
     with pytest.raises(UserError, match="768x432 pixels .* at most 512 .* render size limit"):
         plan.check_server_limits(hello, {"prompt": "a fox"}, (768, 432))
-    with pytest.raises(UserError, match="prompt is 20 characters long"):
+    with pytest.raises(UserError, match="prompt is 20 characters long; shorten it to 10 or fewer"):
         plan.check_server_limits(hello, {"prompt": "x" * 20}, (64, 64))
     with pytest.raises(UserError, match="already has 2 jobs"):
         plan.check_server_limits({**hello, "queue_length": 2}, {"prompt": "a"}, (64, 64))

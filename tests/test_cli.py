@@ -100,6 +100,11 @@ def test_bad_settings_and_outputs_end_in_one_sentence(tmp_path, clip_path):
     result = backend("transfer", str(clip_path), "--prompt", "x", "--model", "tiny",
                      "--cache-max-gb", "-1", "-o", str(tmp_path / "o.mp4"))
     assert_one_sentence_error(result, "--cache-max-gb is -1.0; give a positive size")
+    for no_prompt in ((), ("--prompt", "  ")):  # the settings' one check and wording
+        result = backend("transfer", str(clip_path), *no_prompt, "--model", "tiny",
+                         "-o", str(tmp_path / "o.mp4"))
+        assert_one_sentence_error(result, "The prompt is empty; describe what the subject "
+                                  "should become.")
 
 
 def test_missing_weights_name_the_fetch_command(tmp_path, clip_path):

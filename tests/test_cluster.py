@@ -40,9 +40,9 @@ from backend.cluster.connect import (
     parse_ray_target,
     refuses_strangers,
 )
+from backend.cluster.engine_actor import ActorSpec
 from backend.cluster.gateway import smallest_gpu
 from backend.cluster.pool import ActorPool
-from backend.cluster.worker import ActorSpec
 from backend.errors import JobCancelled, UnderstudyError
 from backend.server.book import WORKER_LOST_TWICE, JobBook, Retention
 from backend.server.store import Job, JobStore

@@ -7,8 +7,8 @@ import importlib
 
 import pytest
 
-from shared.errors import UnderstudyError
-from shared.protocol import ErrorCode, ProtocolError, failure_reply
+from shared.errors import ErrorCode, UnderstudyError
+from shared.protocol import ProtocolError, failure_reply
 from tests.conftest import REPO_ROOT
 
 # Every module that defines an error class: importing them fills UnderstudyError's tree.
@@ -49,7 +49,8 @@ def test_the_client_the_protocol_and_the_extension_share_one_root():
         assert issubclass(cls, UnderstudyError)
     carried = JobFailed("The GPU ran out of memory; try fewer frames.", "out_of_memory")
     assert carried.code == "out_of_memory" and JobFailed("x").code == "job_failed"
-    assert ProtocolError(ErrorCode.BAD_HEADER, "The header must be a JSON object.").code == "bad_header"
+    error = ProtocolError("The header must be a JSON object.", ErrorCode.BAD_HEADER)
+    assert error.code == "bad_header"
 
 
 def test_failure_reply_keeps_a_user_error_and_names_a_bug():
@@ -65,7 +66,7 @@ def test_failure_reply_keeps_a_user_error_and_names_a_bug():
         "internal", "Worker worker-0 failed on this job (KeyError); see its Ray worker log.")
 
 
-@pytest.mark.parametrize("path", ["backend/server/worker.py", "backend/cluster/worker.py"])
+@pytest.mark.parametrize("path", ["backend/server/job_thread.py", "backend/cluster/engine_actor.py"])
 def test_the_job_thread_and_the_ray_actor_reply_through_failure_reply(path):
     source = (REPO_ROOT / path).read_text()
     assert "failure_reply(" in source and '"internal"' not in source
@@ -83,5 +84,5 @@ def imported_modules(path: str) -> set[str]:
 
 
 def test_the_pool_and_the_actor_handles_do_not_import_each_other():
-    assert "backend.cluster.pool" in imported_modules("backend/cluster/remote.py")
-    assert "backend.cluster.remote" not in imported_modules("backend/cluster/pool.py")
+    assert "backend.cluster.pool" in imported_modules("backend/cluster/engine_handles.py")
+    assert "backend.cluster.engine_handles" not in imported_modules("backend/cluster/pool.py")

@@ -14,7 +14,8 @@ from backend.server import ServerConfigError, check_bind_allowed, is_loopback
 from backend.server.frames import PngClip, check_pixel_budget, check_png_frames
 from backend.server.transport import printable
 from shared import protocol
-from shared.protocol import ErrorCode, EventType, JobState, ProtocolError, ReplyType, RequestType
+from shared.errors import ErrorCode
+from shared.protocol import EventType, JobState, ProtocolError, ReplyType, RequestType
 from tests.conftest import REPO_ROOT
 from tests.server_support import clip_pngs
 

@@ -102,7 +102,7 @@ def test_a_bound_may_name_another_setting():
 def test_unknown_and_missing_names():
     with pytest.raises(BadSettingsError, match="Unknown setting 'stepz'"):
         TransferSettings.from_dict({"prompt": "a train", "stepz": 3})
-    with pytest.raises(BadSettingsError, match="prompt is missing"):
+    with pytest.raises(BadSettingsError, match="prompt is empty"):
         TransferSettings.from_dict({})
     with pytest.raises(BadSettingsError, match="prompt is empty"):
         TransferSettings.from_dict({"prompt": "   "})

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from backend.errors import UnderstudyError
-from shared.protocol import ErrorCode
+from shared.errors import ErrorCode
 
 SLOT_RESOURCE = "understudy_slot"
 TOKEN_FILE_NAME = "ray_auth_token"

@@ -13,7 +13,7 @@ the gateway's CPU, on the workers' model by name (backend/memory_plan.py PLANNAB
 for their device and dtype; no weights are needed. The hello reports that smallest
 GPU, a submit or plan request is planned off the socket loop (backend/server/planning.py),
 a job that cannot fit is refused before it is queued, and the savers chosen travel
-with the job to the worker (backend/cluster/remote.py) and into its sidecar.
+with the job to the worker (backend/cluster/engine_handles.py) and into its sidecar.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from backend.cluster.connect import RayConnection, connect, parse_ray_target
+from backend.cluster.engine_actor import ActorSpec
+from backend.cluster.engine_handles import ActorEngine, actor_engines
 from backend.cluster.pool import DEFAULT_CANCEL_GRACE_S, ActorPool
-from backend.cluster.remote import ActorEngine, actor_engines
-from backend.cluster.worker import ActorSpec
 
 if TYPE_CHECKING:
     from backend.server.planning import ServerMemory

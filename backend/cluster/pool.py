@@ -4,7 +4,7 @@ Ray places the actors (one per GPU or worker slot), restarts a dead one
 (`max_restarts=-1`) and never re-runs a job behind the gateway's back
 (`max_task_retries=0`): the gateway's job store decides whether a job runs again.
 
-The hand-off is the gateway's: one job thread per actor (backend/server/worker.py)
+The hand-off is the gateway's: one job thread per actor (backend/server/job_thread.py)
 waits until its actor is up, claims the job at the head of the FIFO queue, runs it
 there and goes back for another. A free actor therefore takes the oldest queued job,
 first come first served across the pool, one job per actor at a time; there is no
@@ -23,8 +23,8 @@ from dataclasses import replace
 from typing import Any
 
 from backend.cluster.connect import ClusterConfigError, RayConnection
+from backend.cluster.engine_actor import ActorSpec, EngineActor
 from backend.cluster.runner import ActorRunner
-from backend.cluster.worker import ActorSpec, EngineActor
 from shared.settings import TransferSettings
 
 log = logging.getLogger("understudy.cluster")

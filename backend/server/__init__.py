@@ -1,4 +1,5 @@
-"""The job server: one warm model, a FIFO queue, one GPU worker, many clients.
+"""The job server: many clients, one FIFO queue, and the engines that run its jobs: one
+warm engine in this process, or a pool of Ray actors, one per GPU (backend/cluster/).
 
     python -m backend serve --model tiny --bind tcp://127.0.0.1:5555
 
@@ -9,7 +10,8 @@ The wire protocol, job states and store guarantees are in docs/protocol.md. By d
     planning.py    memory plans on their own thread; submit and plan wait for theirs
     book.py        jobs, the queue and ownership, under one lock, mirrored to disk
     store.py       the on-disk job store, its write order and its recovery
-    worker.py      runs queued jobs on the engine (engine_api.py: what it needs)
+    job_thread.py  runs queued jobs on one engine, one thread per engine (engine_api.py:
+                   what it needs)
     frames.py      PNG checks and decoding only the frames a job uses
     security.py    keys and the bind policy
     app.py         wires them together; `serve`

@@ -1,7 +1,7 @@
 """The server assembled: store, book, job threads and socket loop, and `serve`.
 
 The main thread owns the ROUTER socket: it reads requests, answers them and forwards
-the job threads' events. A job thread (backend/server/worker.py; one, or one per Ray
+the job threads' events. A job thread (backend/server/job_thread.py; one, or one per Ray
 actor on a gateway) runs jobs; the planning thread (backend/server/planning.py) makes
 the memory plans that a submit or plan request waits for. Both reach the main thread
 only through an inproc PUSH socket; the book (under its lock) and the planning desk
@@ -24,12 +24,12 @@ import zmq
 
 from backend.server.book import JobBook, Retention
 from backend.server.engine_api import PooledEngine, TransferEngine
+from backend.server.job_thread import QUEUE_CHANGED, JobThread
 from backend.server.planning import PLANNED, PlanDesk, ServerMemory
 from backend.server.requests import Requests
 from backend.server.security import check_bind_allowed, is_loopback
 from backend.server.store import JobStore
 from backend.server.transport import Transport
-from backend.server.worker import QUEUE_CHANGED, JobThread
 from shared import protocol
 from shared.protocol import EventType
 
@@ -223,8 +223,8 @@ def serve(config: ServerConfig, model: str, device: str | None = None, dtype: st
         threading.Thread(target=engine.memory.warm, args=(engine.backbone,), daemon=True,
                          name="understudy-plan-warm-up").start()
     else:  # the models load on the Ray workers; this process needs neither torch nor a GPU
+        from backend.cluster.engine_actor import ActorSpec
         from backend.cluster.gateway import start_actors
-        from backend.cluster.worker import ActorSpec
 
         cluster = start_actors(config.cluster, ActorSpec(
             model, device, dtype, cache_dir, upscale_model=upscale_model,

@@ -7,7 +7,7 @@ Every change of a job's state goes through `_record`, which writes status.json f
 and changes memory only once the disk has it: what clients are told is what a
 restart reads back.
 
-The book does not run jobs. A runner (a JobThread, backend/server/worker.py) calls `claim_next`,
+The book does not run jobs. A runner (a JobThread, backend/server/job_thread.py) calls `claim_next`,
 `report_progress`, `cancel_wanted` and one of the `finish_*`/`put_back` calls.
 """
 
@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from backend.server.store import DamagedResult, Job, JobStore, StoreUnavailable
-from shared.protocol import FINISHED_STATES, ErrorCode, JobState, ProtocolError
+from shared.errors import ErrorCode
+from shared.protocol import FINISHED_STATES, JobState, ProtocolError
 
 log = logging.getLogger("understudy.server")
 
@@ -108,8 +109,8 @@ class JobBook:
             if job is None:
                 return None
             if job.owner != owner or job.digest != digest:
-                raise ProtocolError(ErrorCode.JOB_EXISTS, f"A different job with the id "
-                                    f"{job_id} exists; choose a new job id.")
+                raise ProtocolError(f"A different job with the id {job_id} exists; choose a "
+                                    "new job id.", ErrorCode.JOB_EXISTS)
             if job.client != client:
                 self._record(ledger, job, client=client)  # events go to the resubmitter
             return self._accepted(ledger, job, duplicate=True)
@@ -123,12 +124,12 @@ class JobBook:
         """
         with self._locked() as ledger:
             if job.job_id in ledger.jobs:  # submitted meanwhile by another request
-                raise ProtocolError(ErrorCode.JOB_EXISTS, f"A different job with the id "
-                                    f"{job.job_id} exists; choose a new job id.")
+                raise ProtocolError(f"A different job with the id {job.job_id} exists; choose a "
+                                    "new job id.", ErrorCode.JOB_EXISTS)
             if self._queue_length(ledger) >= self.max_queue:
-                raise ProtocolError(ErrorCode.QUEUE_FULL, (
+                raise ProtocolError(
                     f"The server already has {self.max_queue} jobs queued or running; submit "
-                    "again when one finishes."))
+                    "again when one finishes.", ErrorCode.QUEUE_FULL)
             self._writable(ledger)
             job.seq = ledger.next_seq
             try:
@@ -173,21 +174,21 @@ class JobBook:
             job = self._find(ledger, job_id, owner)
             if job.state == JobState.FAILED:
                 error = job.error or {}
-                raise ProtocolError(ErrorCode.JOB_FAILED,
-                                    error.get("message", f"Job {job_id} failed."))
+                raise ProtocolError(error.get("message", f"Job {job_id} failed."),
+                                    ErrorCode.JOB_FAILED)
             if job.state == JobState.CANCELLED:
-                raise ProtocolError(ErrorCode.JOB_CANCELLED,
-                                    f"Job {job_id} was cancelled; there is no result.")
+                raise ProtocolError(f"Job {job_id} was cancelled; there is no result.",
+                                    ErrorCode.JOB_CANCELLED)
             if job.state != JobState.DONE:
-                raise ProtocolError(ErrorCode.NOT_READY, f"Job {job_id} is {job.state}; fetch "
-                                    "it after its result_ready event.")
+                raise ProtocolError(f"Job {job_id} is {job.state}; fetch "
+                                    "it after its result_ready event.", ErrorCode.NOT_READY)
             try:
                 return self.store.read_result(job_id, job.frame_count)
             except DamagedResult as damage:
                 log.error("Fetch of job %s: its result is damaged (%s).", job_id, damage)
-                raise ProtocolError(ErrorCode.DAMAGED, f"The result of job {job_id} is damaged "
+                raise ProtocolError(f"The result of job {job_id} is damaged "
                                     f"on the server ({damage}); submit the job again with a "
-                                    "new id.") from None
+                                    "new id.", ErrorCode.DAMAGED) from None
 
     def client_of(self, job_id: str) -> tuple[str, str | None] | None:
         """(routing id, owner key) that a job's events go to; None for a pruned job."""
@@ -356,14 +357,14 @@ class JobBook:
         job = ledger.jobs.get(job_id)
         quarantined = self.store.quarantined.get(job_id) if job is None else None
         if quarantined is not None and quarantined.owner in (None, owner):
-            raise ProtocolError(ErrorCode.DAMAGED, f"The server's files of job {job_id} are "
+            raise ProtocolError(f"The server's files of job {job_id} are "
                                 f"damaged and were moved to {quarantined.folder}; ask the "
                                 "server's operator to look there, and submit the job again "
-                                "with a new id.")
+                                "with a new id.", ErrorCode.DAMAGED)
         if job is None or (job.owner is not None and job.owner != owner):
-            raise ProtocolError(ErrorCode.UNKNOWN_JOB, f"The server has no job {job_id}; it "
+            raise ProtocolError(f"The server has no job {job_id}; it "
                                 "was never accepted, or its result was pruned after the "
-                                "retention time.")
+                                "retention time.", ErrorCode.UNKNOWN_JOB)
         return job
 
     def _queue_length(self, ledger: _Ledger) -> int:

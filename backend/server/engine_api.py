@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 from backend.errors import UnderstudyError
 from backend.results import CancelCheck, ProgressCallback, TransferResult
-from shared.protocol import ErrorCode
+from shared.errors import ErrorCode
 from shared.settings import TransferSettings
 
 

@@ -2,10 +2,10 @@
 
 A PNG of a few hundred bytes can hold a 4096×4096 picture, so the server never
 trusts the wire size: submit reads headers only and checks the job's pixel budget
-((frames used + mask frames) × width × height ≤ max_job_pixels), and the worker
+((frames used + mask frames) × width × height ≤ max_job_pixels), and the engine
 decodes only the frames the settings choose. A region's mask frames (white = subject)
 are decoded at submit, one region at a time, to refuse an empty or all-white region
-before the job is queued; the worker reads them again as the engine asks (PngMasks).
+before the job is queued; they are read again as the engine asks (PngMasks).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.protocol import ErrorCode, ProtocolError, is_png
+from shared.errors import ErrorCode
+from shared.protocol import ProtocolError, is_png
 
 
 def check_png_frames(frames: list[bytes], max_side: int) -> tuple[int, int]:
@@ -28,24 +29,25 @@ def check_png_frames(frames: list[bytes], max_side: int) -> tuple[int, int]:
     size = None
     for index, frame in enumerate(frames):
         if not is_png(frame):
-            raise ProtocolError(ErrorCode.BAD_FRAMES,
-                                f"Frame {index} is not a PNG; send PNG-encoded frames.")
+            raise ProtocolError(f"Frame {index} is not a PNG; send PNG-encoded frames.",
+                                ErrorCode.BAD_FRAMES)
         try:
             with Image.open(io.BytesIO(frame)) as image:
                 image.verify()
                 frame_size = image.size
         except Exception as error:  # Pillow raises many types for broken images
             raise ProtocolError(
-                ErrorCode.BAD_FRAMES, f"Frame {index} is a damaged PNG "
-                f"({type(error).__name__}); send it again.") from None
+                f"Frame {index} is a damaged PNG "
+                f"({type(error).__name__}); send it again.", ErrorCode.BAD_FRAMES) from None
         if max(frame_size) > max_side:
             raise ProtocolError(
-                ErrorCode.BAD_FRAMES, f"Frame {index} is {frame_size[0]}×{frame_size[1]}; the "
-                f"server accepts at most {max_side} pixels a side, so scale the clip down.")
+                f"Frame {index} is {frame_size[0]}×{frame_size[1]}; the "
+                f"server accepts at most {max_side} pixels a side, so scale the clip down.",
+                ErrorCode.BAD_FRAMES)
         if size is not None and frame_size != size:
             raise ProtocolError(
-                ErrorCode.BAD_FRAMES, f"Frame {index} is {frame_size[0]}×{frame_size[1]} but "
-                f"frame 0 is {size[0]}×{size[1]}; send frames of one size.")
+                f"Frame {index} is {frame_size[0]}×{frame_size[1]} but "
+                f"frame 0 is {size[0]}×{size[1]}; send frames of one size.", ErrorCode.BAD_FRAMES)
         size = frame_size
     return size or (0, 0)
 
@@ -54,7 +56,7 @@ def check_mask_frames(masks: list[list[bytes]], frame_count: int, size: tuple[in
                       ) -> None:
     """Check each region's mask frames as the engine will (backend/method/region_checks.py:
     one frame per clip frame, the clip's size, neither black nor white everywhere);
-    ProtocolError("bad_mask") with its one sentence otherwise. Each frame's size is read
+    ProtocolError (bad_mask) with its one sentence otherwise. Each frame's size is read
     from its header before it is decoded, and frames are decoded one at a time as uint8
     grey, so a long 1080p region costs one frame of memory, not the whole clip's."""
     from backend.errors import BadMaskError
@@ -71,11 +73,11 @@ def check_mask_frames(masks: list[list[bytes]], frame_count: int, size: tuple[in
                                       "the job", size)[None])
             tally.finish()
         except BadMaskError as error:  # the engine's own sentence and code
-            raise ProtocolError(error.code, str(error)) from None
+            raise ProtocolError(str(error), error.code) from None
 
 
 def decode_mask(frame: bytes, what: str, size: tuple[int, int] | None = None) -> np.ndarray:
-    """One mask PNG → (H, W) uint8 grey (white = subject); ProtocolError("bad_mask")
+    """One mask PNG → (H, W) uint8 grey (white = subject); ProtocolError (bad_mask)
     when it is not a readable PNG, or (given `size`, (w, h)) not of that size, which is
     read from its header before anything is decoded."""
     from PIL import Image
@@ -86,16 +88,16 @@ def decode_mask(frame: bytes, what: str, size: tuple[int, int] | None = None) ->
         with Image.open(io.BytesIO(frame)) as image:
             if size is not None and image.size != tuple(size):
                 raise ProtocolError(
-                    ErrorCode.BAD_MASK, f"The {what} is {image.size[0]}×{image.size[1]} but "
+                    f"The {what} is {image.size[0]}×{image.size[1]} but "
                     f"the clip's frames are {size[0]}×{size[1]}; render the mask at the "
-                    "clip's size.")
+                    "clip's size.", ErrorCode.BAD_MASK)
             return np.asarray(image.convert("L"))
     except ProtocolError:
         raise
     except Exception as error:  # Pillow raises many types for broken images
         raise ProtocolError(
-            ErrorCode.BAD_MASK, f"The {what} is not a readable PNG ({type(error).__name__}); "
-            "send masks as greyscale PNGs.") from None
+            f"The {what} is not a readable PNG ({type(error).__name__}); "
+            "send masks as greyscale PNGs.", ErrorCode.BAD_MASK) from None
 
 
 def check_pixel_budget(frames_used: int, size: tuple[int, int], max_job_pixels: int,
@@ -106,10 +108,10 @@ def check_pixel_budget(frames_used: int, size: tuple[int, int], max_job_pixels: 
     if pixels > max_job_pixels:
         masks = f" and {mask_frames} mask frames" if mask_frames else ""
         raise ProtocolError(
-            ErrorCode.TOO_LARGE, f"The job would decode {frames_used} frames{masks} of "
+            f"The job would decode {frames_used} frames{masks} of "
             f"{size[0]}×{size[1]} ({pixels / 1e6:.0f} megapixels); the server decodes at most "
             f"{max_job_pixels / 1e6:.0f} megapixels a job, so send smaller frames or use "
-            "fewer frames (num_frames).")
+            "fewer frames (num_frames).", ErrorCode.TOO_LARGE)
 
 
 class PngClip:

@@ -23,7 +23,8 @@ from backend.server.planning import PlanDesk, PlanWork, ServerMemory, log_planni
 from backend.server.store import Job, StoreUnavailable
 from backend.server.transport import Incoming, client_name, printable
 from shared import protocol
-from shared.protocol import ErrorCode, ProtocolError, ReplyType, RequestType
+from shared.errors import ErrorCode
+from shared.protocol import ProtocolError, ReplyType, RequestType
 
 if TYPE_CHECKING:
     from shared.settings import TransferSettings
@@ -131,8 +132,9 @@ class Requests:
             sidecar, frames = self.book.result(job_id, owner)
             return Answer({"type": ReplyType.RESULT, "job_id": job_id, "sidecar": sidecar,
                            "frame_count": len(frames)}, frames)
-        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"Unknown message type {kind!r}; this "
-                            f"server understands {', '.join(sorted(protocol.REQUEST_TYPES))}.")
+        raise ProtocolError(f"Unknown message type {kind!r}; this server understands "
+                            f"{', '.join(sorted(protocol.REQUEST_TYPES))}.",
+                            ErrorCode.UNKNOWN_TYPE)
 
     def _welcome(self) -> dict[str, Any]:
         from backend import __version__
@@ -164,9 +166,9 @@ class Requests:
                refuse: Callable[[str, str], dict[str, Any]]) -> None:
         """Hand a request's plan to the planning thread; queue_full when too many wait."""
         if not self.desk.put(PlanWork(message.routing_id, req, make, finish, refuse)):
-            raise ProtocolError(ErrorCode.QUEUE_FULL, (
+            raise ProtocolError(
                 f"The server is already planning {self.desk.capacity} jobs; send this again "
-                "when one of them is answered."))
+                "when one of them is answered.", ErrorCode.QUEUE_FULL)
 
     def _plan(self, message: Incoming, req: int | None, header: dict[str, Any]
               ) -> dict[str, Any] | None:
@@ -181,18 +183,20 @@ class Requests:
                 or len(frame_size) != 2 or not all(
                     isinstance(side, int) and not isinstance(side, bool)
                     and 1 <= side <= self.limits["max_side"] for side in frame_size)):
-            raise ProtocolError(ErrorCode.BAD_REQUEST, (
+            raise ProtocolError(
                 f"A plan request needs frame_count (1 to {self.limits['max_frames']}) and "
-                f"frame_size [width, height] (1 to {self.limits['max_side']} px)."))
+                f"frame_size [width, height] (1 to {self.limits['max_side']} px).",
+                ErrorCode.BAD_REQUEST)
         size = (frame_size[0], frame_size[1])
         regions = protocol.check_regions(header.get("regions"))  # masks the job would carry
         try:
             parsed = TransferSettings.from_dict({"frame_limit": self.limits["max_frames"], **settings})
             self.engine.check_settings(parsed, frame_count, size)
         except TypeError as error:
-            raise ProtocolError(ErrorCode.BAD_SETTINGS, f"The settings are not valid ({error}).") from None
+            raise ProtocolError(f"The settings are not valid ({error}).",
+                                ErrorCode.BAD_SETTINGS) from None
         except UnderstudyError as error:
-            raise ProtocolError(error.code, str(error)) from None
+            raise ProtocolError(str(error), error.code) from None
         if not self._planned(parsed):
             return {"type": ReplyType.PLAN, **self._gpu(), "fits": True, "savers": [],
                     "predicted_peak_bytes": None, "message": None}
@@ -252,8 +256,8 @@ class Requests:
             try:
                 parsed = TransferSettings.from_dict(settings)
             except TypeError as error:  # from_dict passes values to the dataclass
-                raise ProtocolError(ErrorCode.BAD_SETTINGS,
-                                    f"The settings are not valid ({error}).") from None
+                raise ProtocolError(f"The settings are not valid ({error}).",
+                                    ErrorCode.BAD_SETTINGS) from None
             size = check_png_frames(clip, self.limits["max_side"])
             frames_used = len(clip) if parsed.num_frames is None else min(parsed.num_frames,
                                                                           len(clip))

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import zmq
 
 from backend.errors import UnderstudyError
-from shared.protocol import ErrorCode
+from shared.errors import ErrorCode
 
 log = logging.getLogger("understudy.server")
 

@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from backend.errors import UnderstudyError
-from shared.protocol import ErrorCode, JobState, ProtocolError, check_job_id, json_text
+from shared.errors import ErrorCode
+from shared.protocol import JobState, ProtocolError, check_job_id, json_text
 
 log = logging.getLogger("understudy.server")
 

@@ -29,7 +29,8 @@ import zmq
 
 from backend.server.security import ServerConfigError, check_bind_allowed, client_key, enable_curve
 from shared import protocol
-from shared.protocol import ErrorCode, EventType, ProtocolError
+from shared.errors import ErrorCode
+from shared.protocol import EventType, ProtocolError
 
 log = logging.getLogger("understudy.server")
 

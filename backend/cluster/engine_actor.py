@@ -36,9 +36,10 @@ from typing import Any
 
 from backend.errors import JobCancelled, UnderstudyError
 from backend.server.frames import PngClip, PngMasks
-from shared.protocol import ErrorCode, failure_reply
+from shared.errors import ErrorCode
+from shared.protocol import failure_reply
 
-log = logging.getLogger("understudy.cluster.worker")
+log = logging.getLogger("understudy.cluster.engine_actor")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ from backend.server.book import WORKER_LOST_TWICE, JobBook
 from backend.server.engine_api import EngineLost, TransferEngine
 from backend.server.frames import PngClip, PngMasks
 from backend.server.store import Job, JobStore, StoreUnavailable
-from shared.protocol import ErrorCode, EventType, JobState, error_header, failure_reply
+from shared.errors import ErrorCode
+from shared.protocol import EventType, JobState, error_header, failure_reply
 
 log = logging.getLogger("understudy.server")
 

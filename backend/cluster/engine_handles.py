@@ -1,6 +1,6 @@
 """One worker actor in the shape of the server's engine: describe, check_settings, transfer.
 
-The gateway's job threads (backend/server/worker.py) call `transfer` exactly as they
+The gateway's job threads (backend/server/job_thread.py) call `transfer` exactly as they
 call a local Engine, one thread per actor; the job runs on the actor and the call
 returns (or raises) when it ends there. `wait_ready` lets a thread hold back from the
 queue while its actor is being restarted, so the other actors take the waiting jobs.
