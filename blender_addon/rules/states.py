@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from .vendored import shared_module
+from ..vendored import shared_module
 
 PROTOCOL = shared_module("protocol")  # shared/protocol.py: JobState, EventType, ErrorCode
 
