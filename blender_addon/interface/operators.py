@@ -42,12 +42,6 @@ def has_sequencer(context) -> bool:
     return scene is not None and scene.sequence_editor is not None
 
 
-def file_jobs(condition) -> bool:
-    """True when some job of the open file meets the condition."""
-    return any(condition(job) for scene in bpy.data.scenes
-               for job in getattr(scene, "understudy_jobs", ()))
-
-
 def render_in_batches(context, prompt: str) -> rendering.RenderSession:
     """Interface: check and start rendering from the work timer, a batch per tick."""
     session = jobs.start_render(context, prompt, tick_budget_s=TICK_BUDGET_S)
@@ -174,7 +168,7 @@ class UNDERSTUDY_OT_cancel(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
-        if file_jobs(lambda job: job.cancellable):
+        if jobs.any_job(lambda job: job.cancellable):
             return True
         cls.poll_message_set("No Understudy job is rendering or running.")
         return False
@@ -198,7 +192,7 @@ class UNDERSTUDY_OT_collect(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
-        if file_jobs(lambda job: job.active or job.status == Status.UNPLACED):
+        if jobs.any_job(lambda job: job.active or job.status == Status.UNPLACED):
             return True
         cls.poll_message_set("There are no results to collect: no job is running or waiting to "
                              "be placed.")

@@ -47,6 +47,12 @@ def find_job(job_id: str):
     return None, None
 
 
+def any_job(condition) -> bool:
+    """True when some job of the open file meets the condition."""
+    return any(condition(job) for scene in bpy.data.scenes
+               for job in getattr(scene, "understudy_jobs", ()))
+
+
 def active_jobs():
     """(scene, job) for every job the server has and has not finished, in the open file."""
     return [(scene, job) for scene in bpy.data.scenes
@@ -229,11 +235,16 @@ def work_in_batches() -> None:
 # --------------------------------------------------------------------------- following
 
 
+def apply_update(job, update: dict) -> None:
+    """Set the record's fields to what a server event or status reply says (job_update)."""
+    for name, value in update.items():
+        setattr(job, name, value)
+
+
 def apply_reply(scene, job, client, reply: dict) -> None:
     """Apply an event or a status reply to the job record; collect the result when ready."""
     update, ready = job_update(reply)
-    for name, value in update.items():
-        setattr(job, name, value)
+    apply_update(job, update)
     if ready:
         fetch_and_collect(scene, job, client)
 
@@ -260,9 +271,7 @@ def wait_and_collect(scene, job, timeout_s: float | None = None) -> None:
     last_print = [0.0]
 
     def progress(event: dict) -> None:
-        update, _ = job_update(event)
-        for name, value in update.items():
-            setattr(job, name, value)
+        apply_update(job, job_update(event)[0])
         if time.monotonic() - last_print[0] > 1.0:
             last_print[0] = time.monotonic()
             print(f"Understudy {job.job_id}: {progress_text(job.status, job.phase, job.percent)}",
