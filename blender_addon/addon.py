@@ -2,8 +2,10 @@
 runs in timer ticks, and redrawing the sequencer.
 
 It sits at the top of the package because Blender knows the extension by the
-package's own name (`__package__` here), and every layer may read it: the preferences
-and the job records are Blender data, read through bpy, whichever module defined them.
+package's own name (`__package__` here). Every Blender-facing layer may import it (it
+imports nothing of the extension): the preferences, like the job records, are Blender
+data, read through bpy by any module, whichever module defined their class
+(interface/props.py).
 """
 
 from __future__ import annotations
