@@ -3,7 +3,7 @@
 Every failure a user can cause or fix is an UnderstudyError: the engine's
 (backend/errors.py), the server's, the cluster's, the client's (ClientError,
 shared/client.py), the protocol's (ProtocolError, shared/protocol.py) and the Blender
-extension's (UserError, blender_addon/plan.py). `str(error)` is the one sentence to
+extension's (UserError, blender_addon/rules/errors.py). `str(error)` is the one sentence to
 show; `code` is its word in the registry of error codes (ErrorCode, below),
 the same word whichever layer raised it or carried it across a network.
 

@@ -145,7 +145,7 @@ def scenario_install(args: dict) -> dict:
     install(args["zip"])
     import importlib
 
-    link = importlib.import_module(f"{ADDON}.link")
+    link = importlib.import_module(f"{ADDON}.backend.link")
     prefs = bpy.context.preferences.addons[ADDON].preferences
     result = {
         "operators": [hasattr(bpy.ops.understudy, name)
@@ -224,20 +224,21 @@ def scenario_transfer(args: dict) -> dict:
         import signal
 
         os.kill(args["kill_pid"], signal.SIGKILL)
-        following = importlib.import_module(f"{ADDON}.following")
-        plan = importlib.import_module(f"{ADDON}.plan")
-        states = importlib.import_module(f"{ADDON}.states")
+        jobs = importlib.import_module(f"{ADDON}.job_flow.jobs")
+        following = importlib.import_module(f"{ADDON}.job_flow.following")
+        messages = importlib.import_module(f"{ADDON}.rules.messages")
+        states = importlib.import_module(f"{ADDON}.rules.states")
         job = scene.understudy_jobs[-1]
         # The interface's polling timer notices first (ticked here as Blender would) ...
         deadline = time.monotonic() + 60
         while job.phase != states.Phase.WAITING and time.monotonic() < deadline:
-            following.poll_once()
+            jobs.poll_once()
             time.sleep(following.POLL_INTERVAL_S)
         extra = {"interface": [job.phase, job.message,
-                               plan.progress_text(job.status, job.phase, job.percent)]}
+                               messages.progress_text(job.status, job.phase, job.percent)]}
         # ... then Collect Results, which in background mode waits and gives up.
         outcome["collect"] = run_operator(bpy.ops.understudy.collect)
-        extra["progress"] = plan.progress_text(job.status, job.phase, job.percent)
+        extra["progress"] = messages.progress_text(job.status, job.phase, job.percent)
     else:
         extra = {}
     if args.get("block_then_collect"):  # every channel above is taken while the job runs
@@ -263,17 +264,17 @@ def scenario_interface_polling(args: dict) -> dict:
     never fire in background mode, so the scenario calls the timer functions itself).
     Then a second transfer is cancelled between two batches."""
     install(args["zip"])
-    jobs = importlib.import_module(f"{ADDON}.jobs")
-    rendering = importlib.import_module(f"{ADDON}.rendering")
-    following = importlib.import_module(f"{ADDON}.following")
-    batches = importlib.import_module(f"{ADDON}.batches")
-    jobs.BATCHED = True  # the interface's path: work in timer ticks
+    addon = importlib.import_module(f"{ADDON}.addon")
+    jobs = importlib.import_module(f"{ADDON}.job_flow.jobs")
+    following = importlib.import_module(f"{ADDON}.job_flow.following")
+    batches = importlib.import_module(f"{ADDON}.job_flow.batches")
+    addon.BATCHED = True  # the interface's path: work in timer ticks
     configure(args)
     scene = bpy.context.scene
     small_settings(scene, args.get("settings"))
     movie_strip(scene, args["clip"])
     before = scene_state(scene)
-    session = rendering.start(bpy.context, "a red fox", tick_budget_s=batches.TICK_BUDGET_S)
+    session = jobs.start_render(bpy.context, "a red fox", tick_budget_s=batches.TICK_BUDGET_S)
     jobs.work_in_batches()
     render_timer = bpy.app.timers.is_registered(jobs.work_tick)
     ticks = []
@@ -287,9 +288,9 @@ def scenario_interface_polling(args: dict) -> dict:
         if interval is None:
             break
     outcome = {"ok": scene.understudy_jobs[0].status == "submitted"}
-    timer_registered = bpy.app.timers.is_registered(following.poll_once)
+    timer_registered = bpy.app.timers.is_registered(jobs.poll_once)
     applied = []  # (event type or job state, the record's status after it), per message
-    apply_reply = following.apply_reply
+    apply_reply = jobs.apply_reply
 
     def recording_apply(scene_, job_, client, reply):
         try:
@@ -297,22 +298,22 @@ def scenario_interface_polling(args: dict) -> dict:
         finally:
             applied.append([str(reply.get("type", reply.get("state"))), str(job_.status)])
 
-    following.apply_reply = recording_apply
+    jobs.apply_reply = recording_apply
     seen = []
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # both timers, as Blender would run them
-        polling, working = following.poll_once(), jobs.work_tick()
+        polling, working = jobs.poll_once(), jobs.work_tick()
         job = scene.understudy_jobs[0]
         seen.append([job.status, job.phase, round(job.percent)])
         if polling is None and working is None:
             break
         if working is None:
             time.sleep(following.POLL_INTERVAL_S)
-    following.apply_reply = apply_reply
+    jobs.apply_reply = apply_reply
     result = finish(scene, before, outcome, timer_registered=timer_registered,
                     render_timer=render_timer, ticks=ticks, seen=seen, applied=applied)
     # Cancel between batches: one batch rendered, then Cancel, then the next tick.
-    second = rendering.start(bpy.context, "a blue fox", tick_budget_s=batches.TICK_BUDGET_S)
+    second = jobs.start_render(bpy.context, "a blue fox", tick_budget_s=batches.TICK_BUDGET_S)
     jobs.work_in_batches()
     jobs.work_tick()
     rendered_before_cancel = second.renderer.done
@@ -324,7 +325,7 @@ def scenario_interface_polling(args: dict) -> dict:
                         "job": cancelled,
                         "folder_left": Path(cancelled["frames_path"]).exists()}
     # Saved while a third strip renders, then reopened: that job was never sent.
-    third = rendering.start(bpy.context, "a green fox", tick_budget_s=batches.TICK_BUDGET_S)
+    third = jobs.start_render(bpy.context, "a green fox", tick_budget_s=batches.TICK_BUDGET_S)
     jobs.work_tick()
     rendering_status = job_state(scene.understudy_jobs[-1])["status"]
     blend = str(Path(args["out"]) / "while-rendering.blend")
@@ -491,11 +492,11 @@ def scenario_region_interface(args: dict) -> dict:
     """The interface's path with a Mask region: the region renders in batches first,
     then the strip, each ticked as Blender's timers would; then the job is followed."""
     install(args["zip"])
-    jobs = importlib.import_module(f"{ADDON}.jobs")
-    rendering = importlib.import_module(f"{ADDON}.rendering")
-    following = importlib.import_module(f"{ADDON}.following")
-    batches = importlib.import_module(f"{ADDON}.batches")
-    jobs.BATCHED = True
+    addon = importlib.import_module(f"{ADDON}.addon")
+    jobs = importlib.import_module(f"{ADDON}.job_flow.jobs")
+    following = importlib.import_module(f"{ADDON}.job_flow.following")
+    batches = importlib.import_module(f"{ADDON}.job_flow.batches")
+    addon.BATCHED = True
     configure(args)
     scene = bpy.context.scene
     small_settings(scene, {"region_grow": 4, "region_feather": 2})
@@ -504,7 +505,7 @@ def scenario_region_interface(args: dict) -> dict:
     scene.understudy.region_mask = new_mask("subject", [(0.35, 0.35), (0.65, 0.35),
                                                         (0.65, 0.65), (0.35, 0.65)])
     before = scene_state(scene)
-    session = rendering.start(bpy.context, "a red fox", tick_budget_s=batches.TICK_BUDGET_S)
+    session = jobs.start_render(bpy.context, "a red fox", tick_budget_s=batches.TICK_BUDGET_S)
     jobs.work_in_batches()
     ticks = []
     while True:
@@ -517,7 +518,7 @@ def scenario_region_interface(args: dict) -> dict:
             break
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        polling, working = following.poll_once(), jobs.work_tick()
+        polling, working = jobs.poll_once(), jobs.work_tick()
         if polling is None and working is None:
             break
         if working is None:
@@ -699,7 +700,8 @@ def scenario_local(args: dict) -> dict:
     install(args["zip"])
     configure(args)
     prefs = configure_local(args)
-    local_backend = importlib.import_module(f"{ADDON}.local_backend")
+    jobs = importlib.import_module(f"{ADDON}.job_flow.jobs")
+    local_backend = importlib.import_module(f"{ADDON}.backend.local")
     backend = local_backend.BACKEND
     scene = bpy.context.scene
     small_settings(scene, args.get("settings"))
@@ -711,7 +713,8 @@ def scenario_local(args: dict) -> dict:
         outcome = run_operator(bpy.ops.understudy.test_connection)
         outcome["report"] = prefs.connection_report
     used = {"pid": backend.pid, "owned": backend.owned, "state": str(backend.state),
-            "status": local_backend.status_lines(), "restarts_left": backend.restarts_left,
+            "status": local_backend.status_lines(bool(jobs.active_jobs())),
+            "restarts_left": backend.restarts_left,
             "log": str(backend.log_path) if backend.log_path else ""}
     extra = {"project_report": prefs.project_report, "backend": used}
     if args.get("stop_button"):
@@ -729,10 +732,11 @@ def scenario_local_interface(args: dict) -> dict:
     once; the backend timer (ticked here as Blender would) starts the render when the
     backend answers, then the work and polling timers carry the job to its result."""
     install(args["zip"])
-    jobs = importlib.import_module(f"{ADDON}.jobs")
-    following = importlib.import_module(f"{ADDON}.following")
-    local_backend = importlib.import_module(f"{ADDON}.local_backend")
-    jobs.BATCHED = True  # the interface's path: timers, never blocking
+    addon = importlib.import_module(f"{ADDON}.addon")
+    jobs = importlib.import_module(f"{ADDON}.job_flow.jobs")
+    following = importlib.import_module(f"{ADDON}.job_flow.following")
+    local_backend = importlib.import_module(f"{ADDON}.backend.local")
+    addon.BATCHED = True  # the interface's path: timers, never blocking
     configure(args)
     configure_local(args)
     scene = bpy.context.scene
@@ -747,8 +751,8 @@ def scenario_local_interface(args: dict) -> dict:
     while time.monotonic() < deadline:  # the three timers, as Blender would run them
         backend_tick, working = local_backend.tick(), jobs.work_tick()
         if scene.understudy_jobs:
-            following.poll_once()
-        line = local_backend.status_lines()[0]
+            jobs.poll_once()
+        line = local_backend.status_lines(bool(jobs.active_jobs()))[0]
         if not said or said[-1] != line:
             said.append(line)
         if scene.understudy_jobs and scene.understudy_jobs[0].status == "done":

@@ -294,7 +294,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "the panel's summary shows the requested guided count, not the one used",
-        "blender_addon/plan.py",
+        "blender_addon/rules/messages.py",
         '             f"{record.steps} steps, {record.guided_steps} guided",',
         '             f"{record.steps} steps, {record.settings.get(\'guided_steps\')} guided",',
         # Only the end-to-end test: the whole summary of a real job must catch it.
@@ -438,24 +438,24 @@ MUTANTS: tuple[Mutant, ...] = (
     # --- the extension: its own backend and Make Room (blender_addon/)
     Mutant(
         "a lock whose process is gone (or is no backend) is trusted",
-        "blender_addon/backend_lock.py",
+        "blender_addon/backend/lock.py",
         "    if lock is not None and is_backend_process(lock.pid):",
         "    if lock is not None:",
         ("tests/test_local_backend.py::test_a_stale_lock_is_removed_and_claimed_again",),
     ),
     Mutant(
         "Make Room moves only the grade, not what is above it",
-        "blender_addon/plan.py",
+        "blender_addon/rules/channels.py",
         "moving = {other.name: other for other in over if other.span.channel >= floor}",
         "moving = {other.name: other for other in over if other.span.channel == floor}",
-        ("tests/test_blender_plan.py::test_make_room_moves_the_grade_and_everything_above_it_over_the_frames_up_one",),
+        ("tests/test_blender_rules.py::test_make_room_moves_the_grade_and_everything_above_it_over_the_frames_up_one",),
     ),
     Mutant(
         "Make Room lets a moved strip land on the one above it",
-        "blender_addon/plan.py",
+        "blender_addon/rules/channels.py",
         "                moving[other.name] = other\n                grown = True",
         "                grown = False",
-        ("tests/test_blender_plan.py::test_make_room_also_moves_what_a_moved_strip_would_land_on",),
+        ("tests/test_blender_rules.py::test_make_room_also_moves_what_a_moved_strip_would_land_on",),
     ),
     # --- regions (issue 20, backend/method/regions.py, backend/method/engine.py)
     Mutant(
@@ -505,10 +505,10 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "the Blender result lays the composite itself over the source (the edge mixed twice)",
-        "blender_addon/pngio.py",
+        "blender_addon/vse/pngio.py",
         "    out[..., :3] = np.clip(np.rint(layer), 0, 255).astype(np.uint8)",
         "    out[..., :3] = composite[..., :3]",
-        ("tests/test_blender_plan.py::test_the_layer_over_the_source_gives_the_servers_composite",),
+        ("tests/test_blender_rules.py::test_the_layer_over_the_source_gives_the_servers_composite",),
     ),
     Mutant(
         "a peer accepts any protocol version",

@@ -38,7 +38,8 @@ def test_one_zip_per_platform_each_with_its_wheel(dist):
 def test_zip_vendors_the_client_with_relative_imports(dist):
     with zipfile.ZipFile(dist / "understudy-0.1.0-linux_x64.zip") as archive:
         names = archive.namelist()
-        assert {"__init__.py", "shared/client.py", "shared/protocol.py", "plan.py"} <= set(names)
+        assert {"__init__.py", "shared/client.py", "shared/protocol.py",
+                "rules/channels.py", "job_flow/jobs.py", "vendored.py"} <= set(names)
         assert not [name for name in names if "__pycache__" in name or name.startswith("tests")]
         client = archive.read("shared/client.py").decode()
         assert "from shared" not in client and "from . import protocol" in client

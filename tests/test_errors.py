@@ -15,7 +15,8 @@ from tests.conftest import REPO_ROOT
 ERROR_MODULES = (
     "shared.errors", "shared.protocol", "shared.client", "shared.sidecar", "backend.errors",
     "backend.server.engine_api", "backend.server.security", "backend.server.store",
-    "backend.cluster.connect", "backend.cluster.runner", "blender_addon.plan",
+    "backend.cluster.connect", "backend.cluster.runner", "blender_addon.rules.errors",
+    "blender_addon.rules.channels",
 )
 
 
@@ -42,7 +43,7 @@ def test_every_error_class_carries_a_registered_code():
 
 
 def test_the_client_the_protocol_and_the_extension_share_one_root():
-    from blender_addon.plan import UserError
+    from blender_addon.rules.errors import UserError
     from shared.client import ClientError, JobFailed
 
     for cls in (ClientError, ProtocolError, UserError):

@@ -1,4 +1,4 @@
-"""The backend on this computer, as the extension runs it (blender_addon/backend_*.py):
+"""The backend on this computer, as the extension runs it (blender_addon/backend/):
 finding the project, the lock, starting, adopting, restarting once, stopping. Plain
 Python against real `python -m backend serve --model tiny` processes; no Blender."""
 
@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from blender_addon import backend_install, backend_lock, backend_process
-from blender_addon.backend_install import LocalSettings
-from blender_addon.backend_lock import Lock
-from blender_addon.backend_process import BackendState, LocalBackend
-from blender_addon.plan import UserError
+from blender_addon.backend import install as backend_install
+from blender_addon.backend import lock as backend_lock
+from blender_addon.backend import process as backend_process
+from blender_addon.backend.install import LocalSettings
+from blender_addon.backend.lock import Lock
+from blender_addon.backend.process import BackendState, LocalBackend
+from blender_addon.rules.errors import UserError
 from tests.conftest import REPO_ROOT
 from tests.server_support import ServerProcess, unused_address
 

@@ -1,9 +1,8 @@
 """The backend on this computer, from Blender: preferences, the operators' first step,
 the watching timer, stopping it when Blender quits or the extension is disabled.
 
-The decisions live in backend_install.py, backend_lock.py and backend_process.py (plain
-Python); this module only reads the
-preferences and runs them. Before an operator talks to the server, `prepare` makes
+The decisions live in install.py, lock.py and process.py (plain Python); this module
+only reads the preferences and runs them. Before an operator talks to the server, `prepare` makes
 sure something answers: it finds a running backend (another Blender's, or one started
 by hand) or starts one. In the interface the operator's work then waits in a list and
 a timer runs it once the backend is ready, so Blender never freezes; in background
@@ -17,22 +16,25 @@ from collections.abc import Callable
 
 import bpy
 
-from . import backend_install, backend_process, jobs, link, plan, props
-from .backend_process import BackendState
+from .. import addon
+from ..rules.errors import UserError
+from . import link
+from .install import Install, LocalSettings, find_install
+from .process import RESTARTS, BackendState, LocalBackend, describe_hello
 
 TICK_S = 0.25  # how often the timer reads the backend's log while it starts or runs
-BACKEND = backend_process.LocalBackend()
-_installs: dict[str, backend_install.Install] = {}  # entered path -> its checked install
+BACKEND = LocalBackend()
+_installs: dict[str, Install] = {}  # entered path -> its checked install
 _pending: list[Callable[[], None]] = []  # what the operators asked for, once it is ready
 _keep_running = [False]  # the preference, remembered for the moment Blender quits
 _last_problem = [""]  # a deferred action's failure, shown in the panel
 
 
-def install_for(prefs) -> backend_install.Install:
+def install_for(prefs) -> Install:
     """The checked project of the preferences (checked once per path entered)."""
     entered = bpy.path.abspath(prefs.project_path) if prefs.project_path else ""
     if entered not in _installs:
-        _installs[entered] = backend_install.find_install(entered)
+        _installs[entered] = find_install(entered)
     return _installs[entered]
 
 
@@ -42,7 +44,7 @@ def check_entered(prefs) -> None:
     _installs.pop(entered, None)
     try:
         install = install_for(prefs)
-    except plan.UserError as error:
+    except UserError as error:
         prefs.project_report = str(error)
         return
     prefs.project_report = f"Backend found: {install.python}"
@@ -52,11 +54,11 @@ def remember(prefs) -> None:
     _keep_running[0] = bool(prefs.keep_running)
 
 
-def local_settings(prefs) -> backend_install.LocalSettings:
+def local_settings(prefs) -> LocalSettings:
     def folder(path: str) -> str:
         return bpy.path.abspath(path) if path else ""
 
-    return backend_install.LocalSettings(
+    return LocalSettings(
         address=prefs.server_address, model=prefs.local_model, device=prefs.local_device,
         state_dir=folder(prefs.local_state_dir), cache_dir=folder(prefs.local_cache_dir),
         extra_args=prefs.local_extra_args)
@@ -73,7 +75,7 @@ def prepare(context, then: Callable[[], None] | None = None, start: bool = False
     "start when needed"); in background mode this blocks until it answers, in the
     interface `then` runs from the timer once it does and this returns False. A project
     that cannot run the backend is refused in one sentence before anything runs."""
-    prefs = props.preferences(context)
+    prefs = addon.preferences(context)
     if not prefs.local:
         return True
     install = install_for(prefs)
@@ -86,15 +88,15 @@ def prepare(context, then: Callable[[], None] | None = None, start: bool = False
         BACKEND.stop()
     if not (BACKEND.running and same_place) and not BACKEND.find(install, settings):
         if not (start or prefs.start_when_needed):
-            raise plan.UserError(f"No backend runs at {settings.address}; click Start under "
+            raise UserError(f"No backend runs at {settings.address}; click Start under "
                                  f"Backend in the Understudy preferences, or turn on Start "
                                  f"when needed.")
-        BACKEND.restarts_left = backend_process.RESTARTS
+        BACKEND.restarts_left = RESTARTS
         BACKEND.start(install, settings)
     if BACKEND.answering:
         describe(prefs)
         return True
-    if not jobs.BATCHED:
+    if not addon.BATCHED:
         BACKEND.wait_ready(report_loading)
         describe(prefs)
         return True
@@ -109,10 +111,10 @@ def describe(prefs) -> None:
     config = prefs.server_config()
     try:
         hello = link.guarded(link.client_for(config).hello)
-    except plan.UserError:
+    except UserError:
         link.forget(config)
         return
-    _state, BACKEND.detail = backend_process.describe_hello(hello)
+    _state, BACKEND.detail = describe_hello(hello)
 
 
 def revive() -> bool:
@@ -132,19 +134,19 @@ def tick() -> float | None:
     own (once), run what waited for it."""
     state = BACKEND.poll()
     if _pending and BACKEND.answering:
-        describe(props.preferences())
+        describe(addon.preferences())
         waiting = list(_pending)
         _pending.clear()
         for action in waiting:
             try:
                 action()
-            except plan.UserError as error:
+            except UserError as error:
                 _last_problem[0] = str(error)
                 print(f"Understudy: {error}", flush=True)
     elif _pending and state not in (BackendState.STARTING,):
         _pending.clear()
         _last_problem[0] = BACKEND.failure()
-    jobs.redraw_sequencers()
+    addon.redraw_sequencers()
     return TICK_S if _pending or (BACKEND.owned and BACKEND.running) else None
 
 
@@ -153,11 +155,11 @@ def watch() -> None:
         bpy.app.timers.register(tick, first_interval=TICK_S)
 
 
-def status_lines() -> list[str]:
-    """What the panel says about the backend: its state, and after an exit the last log
-    lines and where the whole log is."""
-    if BACKEND.answering:  # busy while this file has jobs on it
-        BACKEND.state = BackendState.BUSY if jobs.active_jobs() else BackendState.READY
+def status_lines(file_has_jobs: bool) -> list[str]:
+    """What the panel says about the backend: its state (busy while the open file has jobs
+    on it), and after an exit the last log lines and where the whole log is."""
+    if BACKEND.answering:
+        BACKEND.state = BackendState.BUSY if file_has_jobs else BackendState.READY
     lines = [BACKEND.status_text()]
     if _last_problem[0]:
         lines.append(_last_problem[0])
@@ -166,33 +168,11 @@ def status_lines() -> list[str]:
     return lines
 
 
-def draw_preferences(prefs, layout) -> None:
-    layout.prop(prefs, "project_path")
-    if prefs.project_report:
-        layout.label(text=prefs.project_report,
-                     icon="CHECKMARK" if prefs.project_report.startswith("Backend found")
-                     else "ERROR")
+def install_defaults(prefs) -> dict:
+    """The command line's defaults of the project entered (model, state and cache folders),
+    once it has been checked; {} before."""
     entered = bpy.path.abspath(prefs.project_path) if prefs.project_path else ""
-    defaults = _installs[entered].defaults if entered in _installs else {}
-    box = layout.box()
-    for name, default_key in (("local_model", "model"), ("local_device", ""),
-                              ("local_state_dir", "state_dir"), ("local_cache_dir", "cache_dir")):
-        box.prop(prefs, name)
-        if not getattr(prefs, name) and defaults.get(default_key):
-            box.label(text=f"empty: {defaults[default_key]}")
-    box.prop(prefs, "local_extra_args")
-    row = box.row()
-    row.prop(prefs, "vae_slice")
-    row.prop(prefs, "gradient_checkpointing")
-    row = layout.row()
-    row.prop(prefs, "start_when_needed")
-    row.prop(prefs, "keep_running")
-    row = layout.row(align=True)
-    row.operator("understudy.backend_start", icon="PLAY")
-    row.operator("understudy.backend_stop", icon="PAUSE")
-    row.operator("understudy.backend_restart", icon="FILE_REFRESH")
-    for line in status_lines():
-        layout.label(text=line)
+    return _installs[entered].defaults if entered in _installs else {}
 
 
 def stop_owned() -> None:
@@ -208,70 +188,7 @@ def quitting() -> None:
     stop_owned()
 
 
-class UNDERSTUDY_OT_backend_start(bpy.types.Operator):
-    """Start the backend on this computer (or use the one that runs already)"""
-
-    bl_idname = "understudy.backend_start"
-    bl_label = "Start"
-
-    def execute(self, context):
-        from .operators import report_error
-
-        try:
-            ready = prepare(context, start=True)
-        except plan.UserError as error:
-            return report_error(self, error)
-        self.report({"INFO"}, BACKEND.status_text() if ready else
-                    "Starting the backend: loading the model.")
-        return {"FINISHED"}
-
-
-class UNDERSTUDY_OT_backend_stop(bpy.types.Operator):
-    """Stop the backend this Blender started (one it did not start is left running)"""
-
-    bl_idname = "understudy.backend_stop"
-    bl_label = "Stop"
-
-    def execute(self, context):
-        owned = BACKEND.owned
-        address = BACKEND.address
-        BACKEND.stop()
-        link.close_all()
-        self.report({"INFO"}, "Stopped the backend." if owned else
-                    f"The backend at {address or 'its address'} was not started by this "
-                    f"Blender, so it is left running.")
-        return {"FINISHED"}
-
-
-class UNDERSTUDY_OT_backend_restart(bpy.types.Operator):
-    """Stop the backend this Blender started and start it again"""
-
-    bl_idname = "understudy.backend_restart"
-    bl_label = "Restart"
-
-    def execute(self, context):
-        from .operators import report_error
-
-        if BACKEND.running and not BACKEND.owned:
-            return report_error(self, plan.UserError(
-                f"The backend at {BACKEND.address} was not started by this Blender; restart "
-                f"it where it was started."))
-        BACKEND.stop()
-        link.close_all()
-        try:
-            prepare(context, start=True)
-        except plan.UserError as error:
-            return report_error(self, error)
-        return {"FINISHED"}
-
-
-CLASSES = (UNDERSTUDY_OT_backend_start, UNDERSTUDY_OT_backend_stop,
-           UNDERSTUDY_OT_backend_restart)
-
-
 def register() -> None:
-    for cls in CLASSES:
-        bpy.utils.register_class(cls)
     atexit.register(quitting)
 
 
@@ -280,5 +197,3 @@ def unregister() -> None:
     if bpy.app.timers.is_registered(tick):
         bpy.app.timers.unregister(tick)
     stop_owned()
-    for cls in reversed(CLASSES):
-        bpy.utils.unregister_class(cls)

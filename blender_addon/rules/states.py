@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from .vendored import shared_module
+from ..vendored import shared_module
 
 PROTOCOL = shared_module("protocol")  # shared/protocol.py: JobState, EventType
 
 
 class Status(StrEnum):
-    """A job record's status (props.UnderstudyJob.status)."""
+    """A job record's status (interface/props.py UnderstudyJob.status)."""
 
     RENDERING = "rendering"  # the strip's frames are being rendered; nothing is sent yet
     SUBMITTED = "submitted"  # the server has the job and has not said it runs it
@@ -38,7 +38,7 @@ NO_RESULT = frozenset({Status.FAILED, Status.CANCELLED})
 
 
 class Phase(StrEnum):
-    """What a job is doing within its status (props.UnderstudyJob.phase); the server's
+    """What a job is doing within its status (interface/props.py UnderstudyJob.phase); the server's
     progress events bring their own phases (invert, guide, ...), shown as they come."""
 
     NONE = ""

@@ -1,6 +1,7 @@
 """File events: reopening a file follows its jobs; the first save moves its results.
 
-Results of a transfer made in an unsaved file go to a temporary folder; the first save
+On reopening, jobs.py records what did not survive the file being closed and follows
+the rest. Results of a transfer made in an unsaved file go to a temporary folder; the first save
 moves them to `//understudy/<job>/` beside the file and points their strips there.
 """
 
@@ -11,38 +12,17 @@ import shutil
 
 import bpy
 
-from . import compat, following, jobs, plan, rendering
-from .states import COLLECT_HINT, NO_RESULT, Phase, Status
+from ..rules.errors import os_reason
+from ..rules.names import result_folder
+from ..rules.states import NO_RESULT
+from ..vse import compat
+from . import jobs
 
 
 @bpy.app.handlers.persistent
 def on_file_loaded(_filepath) -> None:
-    """Reopening a file reconnects to its unfinished jobs and collects finished results.
-
-    A job recorded while its strip was still rendering was never sent: it is marked
-    cancelled (the render session did not survive the file being closed)."""
-    jobs.forget_sessions()
-    for scene in bpy.data.scenes:
-        for job in getattr(scene, "understudy_jobs", ()):
-            if job.status == Status.RENDERING:
-                job.status, job.phase = Status.CANCELLED, Phase.NONE
-                job.message = "The file was closed while the strip was rendering; nothing was sent."
-            elif job.status == Status.PLACING:  # the frames are here: Collect Results ends it
-                job.status, job.phase = Status.UNPLACED, Phase.NONE
-                job.message = (f"The file was closed while the result was being placed; "
-                               f"{COLLECT_HINT} to place it.")
-    pending = jobs.active_jobs()
-    if not pending:
-        return
-    if not jobs.BATCHED:  # background mode: timers never fire, so catch up now
-        for scene, job in pending:
-            try:
-                client, _ = following.client_for_job(job)
-                following.resync(scene, job, client)
-            except plan.UserError as error:
-                job.message = str(error)
-        return
-    following.follow()
+    """Reopening a file reconnects to its unfinished jobs and collects finished results."""
+    jobs.file_loaded()
 
 
 _moved: list[tuple[str, str, str]] = []  # (job id, new absolute folder, folder as stored)
@@ -68,14 +48,14 @@ def on_save_pre(filepath, *_args) -> None:
             if not _in_temp_folder(job) or job.status in NO_RESULT:
                 continue  # failed and cancelled jobs left no frames
             old = bpy.path.abspath(job.frames_dir).rstrip("/\\")
-            new, stored, _ = plan.result_folder(filepath, job.job_id, "")
+            new, stored, _ = result_folder(filepath, job.job_id, "")
             try:
                 move_folder(old, new)
             except OSError as error:
-                job.message = (f"Could not move the frames from {old} to {new} ({plan.os_reason(error)}); "
+                job.message = (f"Could not move the frames from {old} to {new} ({os_reason(error)}); "
                                f"copy the folder there and relink the strip.")
                 continue
-            session = rendering.session_of(job.job_id)
+            session = jobs.render_session(job.job_id)
             if session is not None:
                 session.folder = new
             for strip in compat.all_strips(scene.sequence_editor) if scene.sequence_editor else ():

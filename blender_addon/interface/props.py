@@ -16,26 +16,35 @@ from bpy.props import (
     StringProperty,
 )
 
-from . import link, plan
-from .states import ACTIVE, Status
-
-ADDON_ID = __package__
+from .. import addon
+from ..backend import link
+from ..backend import local as local_backend
+from ..job_flow import jobs
+from ..rules.channels import Span
+from ..rules.frames import DEFAULT_MAX_RENDER_SIZE
+from ..rules.messages import region_summary, sidecar_summary
+from ..rules.panel_settings import (
+    PANEL_CHOICE_SETTINGS,
+    PANEL_INT_SETTINGS,
+    SETTINGS,
+    choice_property,
+    int_property_range,
+    setting_from_panel,
+)
+from ..rules.regions import REGION_KINDS, REGION_NONE
+from ..rules.states import ACTIVE, Status
 
 
 def _check_project(self, _context) -> None:
-    from . import local_backend  # bpy edge of backend_process; imported late (it needs prefs)
-
     local_backend.check_entered(self)
 
 
 def _remember_keep_running(self, _context) -> None:
-    from . import local_backend
-
     local_backend.remember(self)
 
 
 class UnderstudyPreferences(bpy.types.AddonPreferences):
-    bl_idname = ADDON_ID
+    bl_idname = addon.ADDON_ID
 
     backend_kind: EnumProperty(
         name="Backend", default="LOCAL",
@@ -65,12 +74,12 @@ class UnderstudyPreferences(bpy.types.AddonPreferences):
     local_extra_args: StringProperty(
         name="More serve flags", default="",
         description="Further `python -m backend serve` flags, as on a command line")
-    vae_slice: IntProperty(name="VAE slice", **plan.int_property_range("vae_slice"),
-                           description=plan.SETTINGS.spec_of("vae_slice").help)
+    vae_slice: IntProperty(name="VAE slice", **int_property_range("vae_slice"),
+                           description=SETTINGS.spec_of("vae_slice").help)
     gradient_checkpointing: BoolProperty(
         name="Gradient checkpointing",
-        default=plan.SETTINGS.DEFAULTS["gradient_checkpointing"],
-        description=plan.SETTINGS.spec_of("gradient_checkpointing").help)
+        default=SETTINGS.DEFAULTS["gradient_checkpointing"],
+        description=SETTINGS.spec_of("gradient_checkpointing").help)
     start_when_needed: BoolProperty(
         name="Start when needed", default=True,
         description="Transfer, Test Connection and Collect Results start the backend when "
@@ -98,7 +107,7 @@ class UnderstudyPreferences(bpy.types.AddonPreferences):
         description="Background mode only: give up waiting for a result after this long "
                     "(0 waits as long as the job runs)")
     max_render_size: IntProperty(
-        name="Render size limit (px)", default=plan.DEFAULT_MAX_RENDER_SIZE, min=64, max=4096,
+        name="Render size limit (px)", default=DEFAULT_MAX_RENDER_SIZE, min=64, max=4096,
         description="Long side of the frames sent to the server")
     connection_report: StringProperty(name="Last connection test", default="")
 
@@ -122,13 +131,11 @@ class UnderstudyPreferences(bpy.types.AddonPreferences):
                 "gradient_checkpointing": bool(self.gradient_checkpointing)}
 
     def draw(self, context):
-        from . import local_backend
-
         layout = self.layout
         layout.prop(self, "backend_kind", expand=True)
         layout.prop(self, "server_address")
         if self.local:
-            local_backend.draw_preferences(self, layout)
+            self.draw_local(layout)
         else:
             layout.prop(self, "server_key_file")
             layout.prop(self, "client_key_file")
@@ -141,11 +148,34 @@ class UnderstudyPreferences(bpy.types.AddonPreferences):
         if self.connection_report:
             row.label(text=self.connection_report)
 
-
-def preferences(context=None):
-    """This add-on's preferences."""
-    context = context or bpy.context
-    return context.preferences.addons[ADDON_ID].preferences
+    def draw_local(self, layout) -> None:
+        """The backend on this computer: its project, settings, buttons and state."""
+        layout.prop(self, "project_path")
+        if self.project_report:
+            layout.label(text=self.project_report,
+                         icon="CHECKMARK" if self.project_report.startswith("Backend found")
+                         else "ERROR")
+        defaults = local_backend.install_defaults(self)
+        box = layout.box()
+        for name, default_key in (("local_model", "model"), ("local_device", ""),
+                                  ("local_state_dir", "state_dir"),
+                                  ("local_cache_dir", "cache_dir")):
+            box.prop(self, name)
+            if not getattr(self, name) and defaults.get(default_key):
+                box.label(text=f"empty: {defaults[default_key]}")
+        box.prop(self, "local_extra_args")
+        row = box.row()
+        row.prop(self, "vae_slice")
+        row.prop(self, "gradient_checkpointing")
+        row = layout.row()
+        row.prop(self, "start_when_needed")
+        row.prop(self, "keep_running")
+        row = layout.row(align=True)
+        row.operator("understudy.backend_start", icon="PLAY")
+        row.operator("understudy.backend_stop", icon="PAUSE")
+        row.operator("understudy.backend_restart", icon="FILE_REFRESH")
+        for line in local_backend.status_lines(bool(jobs.active_jobs())):
+            layout.label(text=line)
 
 
 class UnderstudySettings(bpy.types.PropertyGroup):
@@ -169,34 +199,34 @@ class UnderstudySettings(bpy.types.PropertyGroup):
         name="Needs room", default="",
         description="The strip whose transfer was refused for want of a channel under its "
                     "grade (the panel offers Make Room)")
-    steps: IntProperty(name="Steps", **plan.int_property_range("steps"))
-    guided_steps: IntProperty(name="Guided steps", **plan.int_property_range("guided_steps"),
+    steps: IntProperty(name="Steps", **int_property_range("steps"))
+    guided_steps: IntProperty(name="Guided steps", **int_property_range("guided_steps"),
                               description="0: the reference's first 40% of the steps")
     guidance_iterations: IntProperty(
-        name="Iterations", **plan.int_property_range("guidance_iterations"),
+        name="Iterations", **int_property_range("guidance_iterations"),
         description="Optimisation iterations per guided step")
     inversion_steps: IntProperty(name="Inversion steps",
-                                 **plan.int_property_range("inversion_steps"))
-    framing: EnumProperty(name="Framing", **plan.choice_property("framing"))
-    width: IntProperty(name="Model width", **plan.int_property_range("width"),
+                                 **int_property_range("inversion_steps"))
+    framing: EnumProperty(name="Framing", **choice_property("framing"))
+    width: IntProperty(name="Model width", **int_property_range("width"),
                        description="0: the server's model's own width (Test Connection shows it)")
-    height: IntProperty(name="Model height", **plan.int_property_range("height"),
+    height: IntProperty(name="Model height", **int_property_range("height"),
                         description="0: the server's model's own height (Test Connection shows it)")
     negative_prompt: StringProperty(name="Negative prompt", default="",
                                     description="Empty: the model's own negative prompt")
     # Keep the plate: the subject changes inside the region, the rest stays the source's.
-    region_kind: EnumProperty(name="Region", items=plan.REGION_KINDS, default=plan.REGION_NONE,
+    region_kind: EnumProperty(name="Region", items=REGION_KINDS, default=REGION_NONE,
                               description="Where the subject is: only there does the picture "
                                           "change")
     region_mask: PointerProperty(name="Mask", type=bpy.types.Mask,
                                  description="The Mask that outlines the subject (white = subject)")
     region_strip: StringProperty(name="Matte strip", default="",
                                  description="The strip that shows the subject in white")
-    region_grow: IntProperty(name="Grow (px)", **plan.int_property_range("region_grow"),
-                             description=plan.SETTINGS.spec_of("region_grow").help)
-    region_feather: IntProperty(name="Feather (px)", **plan.int_property_range("region_feather"),
-                                description=plan.SETTINGS.spec_of("region_feather").help)
-    motion: EnumProperty(name="Motion", **plan.choice_property("motion"))
+    region_grow: IntProperty(name="Grow (px)", **int_property_range("region_grow"),
+                             description=SETTINGS.spec_of("region_grow").help)
+    region_feather: IntProperty(name="Feather (px)", **int_property_range("region_feather"),
+                                description=SETTINGS.spec_of("region_feather").help)
+    motion: EnumProperty(name="Motion", **choice_property("motion"))
 
     def values(self, prompt: str = "") -> dict:
         """The settings to send, as plain values (prompt from the operator if given)."""
@@ -205,9 +235,9 @@ class UnderstudySettings(bpy.types.PropertyGroup):
             "source_prompt": self.source_prompt,
             "negative_prompt": self.negative_prompt,
             "seed": None if self.use_random_seed else int(self.seed),
-            **{name: plan.setting_from_panel(name, int(getattr(self, name)))
-               for name in plan.PANEL_INT_SETTINGS},
-            **{name: str(getattr(self, name)) for name in plan.PANEL_CHOICE_SETTINGS},
+            **{name: setting_from_panel(name, int(getattr(self, name)))
+               for name in PANEL_INT_SETTINGS},
+            **{name: str(getattr(self, name)) for name in PANEL_CHOICE_SETTINGS},
         }
 
 
@@ -256,7 +286,7 @@ class UnderstudyJob(bpy.types.PropertyGroup):
             sidecar = json.loads(self.sidecar) if self.sidecar else {}
         except ValueError:
             return ""
-        return plan.sidecar_summary(sidecar) if isinstance(sidecar, dict) else ""
+        return sidecar_summary(sidecar) if isinstance(sidecar, dict) else ""
 
     def region_summary(self) -> str:
         import json
@@ -265,10 +295,10 @@ class UnderstudyJob(bpy.types.PropertyGroup):
             sidecar = json.loads(self.sidecar) if self.sidecar else {}
         except ValueError:
             return ""
-        return plan.region_summary(sidecar)
+        return region_summary(sidecar)
 
-    def span(self) -> plan.Span:
-        return plan.Span(self.channel, self.frame_start, self.frame_start + self.length)
+    def span(self) -> Span:
+        return Span(self.channel, self.frame_start, self.frame_start + self.length)
 
 
 CLASSES = (UnderstudyPreferences, UnderstudySettings, UnderstudyJob)

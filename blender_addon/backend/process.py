@@ -1,10 +1,10 @@
 """The backend on this computer: find the project, start it, watch it, share it, stop it.
 
-Plain Python (no bpy), so every decision is tested without Blender; local_backend.py
-carries it out from Blender's preferences, operators and timers.
+Plain Python (no bpy), so every decision is tested without Blender; local.py
+carries it out from Blender's preferences, timers and the interface's operators.
 
-- The project and the command come from backend_install.py; the lock that lets a
-  second Blender find the running backend, from backend_lock.py.
+- The project and the command come from install.py; the lock that lets a second
+  Blender find the running backend, from lock.py.
 - `python -m backend serve --bind ADDRESS` runs as a child process, in its own session
   (so it can outlive Blender when asked to keep running), writing everything it says
   to a log file in its state folder. It is ready when the log says "ready on".
@@ -25,8 +25,9 @@ from collections import deque
 from enum import StrEnum
 from pathlib import Path
 
-from . import plan
-from .backend_install import (
+from ..rules.errors import UserError
+from ..rules.server_hello import gpu_text
+from .install import (
     SETUP_COMMAND,
     Install,
     LocalSettings,
@@ -34,7 +35,7 @@ from .backend_install import (
     serve_command,
     state_folder,
 )
-from .backend_lock import (
+from .lock import (
     LOCK_NAME,
     Lock,
     claim_lock,
@@ -43,7 +44,6 @@ from .backend_lock import (
     pid_alive,
     rewrite_lock,
 )
-from .plan import UserError
 
 LOG_NAME = "blender-backend.log"  # in the state folder: everything the backend printed
 READY_MARK = "ready on "  # the server's "Understudy server ready on ADDRESS (...)" line
@@ -71,7 +71,7 @@ def ready_line(line: str) -> bool:
 def describe_hello(hello: dict) -> tuple[BackendState, str]:
     """(ready or busy, "model M on D, GPU NAME, SIZE (FREE free), …") from the server's hello."""
     parts = [f"model {hello.get('model', '?')} on {hello.get('device', '?')}"]
-    gpu = plan.gpu_text(hello)  # the hello's `gpu` (docs/protocol.md §4)
+    gpu = gpu_text(hello)  # the hello's `gpu` (docs/protocol.md §4)
     if gpu:
         parts.append(gpu)
     queued = hello.get("queue_length")

@@ -1,8 +1,9 @@
-"""Operators: transfer, cancel, collect, test connection.
+"""Operators: transfer, make room, cancel, collect, test connection, check GPU memory,
+and start, stop or restart the backend on this computer.
 
-Each one's execute is wrapped by `reports_user_errors`, which turns plan.UserError
-into a single-sentence report, so a failure shows up in Blender's interface (or as
-the RuntimeError of `bpy.ops…` in a script) and nothing else happens.
+Each one's execute is wrapped by `reports_user_errors`, which turns a UserError into a
+single-sentence report, so a failure shows up in Blender's interface (or as the
+RuntimeError of `bpy.ops…` in a script) and nothing else happens.
 """
 
 import functools
@@ -10,38 +11,28 @@ import functools
 import bpy
 from bpy.props import BoolProperty, StringProperty
 
-from . import (
-    collecting,
-    compat,
-    following,
-    jobs,
-    link,
-    local_backend,
-    plan,
-    props,
-    rendering,
-    strip_io,
-)
-from .batches import TICK_BUDGET_S
-from .states import Status
-
-
-def report_error(operator, error: plan.UserError) -> set[str]:
-    """Report a user's error as its one sentence; the operator ends CANCELLED."""
-    operator.report({"ERROR"}, str(error))
-    return {"CANCELLED"}
+from .. import addon
+from ..backend import link
+from ..backend import local as local_backend
+from ..job_flow import jobs, rendering
+from ..job_flow.batches import TICK_BUDGET_S
+from ..rules.channels import NoRoomUnderGrade, make_room
+from ..rules.errors import UserError
+from ..rules.states import Status
+from ..vse import compat, strip_io
 
 
 def reports_user_errors(execute):
-    """An operator's execute that reports a plan.UserError as its one sentence and
-    ends CANCELLED (the one place the operators handle a user's error)."""
+    """An operator's execute that reports a UserError as its one sentence and ends
+    CANCELLED (the one place the operators handle a user's error)."""
 
     @functools.wraps(execute)
     def guarded_execute(self, context):
         try:
             return execute(self, context)
-        except plan.UserError as error:
-            return report_error(self, error)
+        except UserError as error:
+            self.report({"ERROR"}, str(error))
+            return {"CANCELLED"}
 
     return guarded_execute
 
@@ -51,15 +42,9 @@ def has_sequencer(context) -> bool:
     return scene is not None and scene.sequence_editor is not None
 
 
-def file_jobs(condition) -> bool:
-    """True when some job of the open file meets the condition."""
-    return any(condition(job) for scene in bpy.data.scenes
-               for job in getattr(scene, "understudy_jobs", ()))
-
-
 def render_in_batches(context, prompt: str) -> rendering.RenderSession:
     """Interface: check and start rendering from the work timer, a batch per tick."""
-    session = rendering.start(context, prompt, tick_budget_s=TICK_BUDGET_S)
+    session = jobs.start_render(context, prompt, tick_budget_s=TICK_BUDGET_S)
     jobs.work_in_batches()
     return session
 
@@ -88,32 +73,32 @@ class UNDERSTUDY_OT_transfer(bpy.types.Operator):
     def execute(self, context):
         try:
             return run_transfer(self, context, self.prompt, self.wait)
-        except plan.NoRoomUnderGrade as error:  # the panel offers Make Room for this strip
+        except NoRoomUnderGrade as error:  # the panel offers Make Room for this strip
             compat.sequencer_scene(context).understudy.room_strip = error.source_name
             raise
 
 
 def run_transfer(operator, context, prompt: str, wait: bool) -> set[str]:
     """Transfer the active strip: start the backend if needed, render, submit; in background
-    mode also wait for the result (unless not `wait`). Raises plan.UserError."""
+    mode also wait for the result (unless not `wait`). Raises UserError."""
     compat.sequencer_scene(context).understudy.room_strip = ""
     rendering.check_place(context)
     if not local_backend.prepare(context, then=lambda: render_in_batches(bpy.context, prompt)):
         operator.report({"INFO"}, "Starting the backend: loading the model; the transfer "
                                   "starts when it is ready.")
         return {"FINISHED"}
-    if jobs.BATCHED:
+    if addon.BATCHED:
         session = render_in_batches(context, prompt)
         operator.report({"INFO"}, f"Rendering {session.renderer.total} frames for "
                                   f"{session.job_id}; the result lands above the source.")
         return {"FINISHED"}
-    session = rendering.start(context, prompt)
+    session = jobs.start_render(context, prompt)
     job_id = session.job_id
-    rendering.render_blocking(session)
+    jobs.render_blocking(session)
     if not wait:
         return {"FINISHED"}
     scene, job = jobs.find_job(job_id)
-    following.wait_and_collect(scene, job, props.preferences(context).job_timeout_s)
+    jobs.wait_and_collect(scene, job, addon.preferences(context).job_timeout_s)
     operator.report({"INFO"}, f"Added strip {job.result_strip!r} (seed {job.seed}).")
     if job.message:  # the file is unsaved: the frames went to a temporary folder
         operator.report({"WARNING"}, job.message)
@@ -140,10 +125,10 @@ class UNDERSTUDY_OT_make_room(bpy.types.Operator):
     def execute(self, context):
         scene = compat.sequencer_scene(context)
         strip = strip_io.source_strip(scene)
-        moves = plan.make_room(strip_io.strip_span(strip), strip.name, strip_io.neighbours(scene))
+        moves = make_room(strip_io.strip_span(strip), strip.name, strip_io.neighbours(scene))
         if not moves:
             scene.understudy.room_strip = ""
-            raise plan.UserError(f"No adjustment layer is in the way of {strip.name!r}'s result; "
+            raise UserError(f"No adjustment layer is in the way of {strip.name!r}'s result; "
                                  f"click Transfer Motion.")
         by_name = {other.name: other for other in compat.top_strips(scene.sequence_editor)}
         before = {name: by_name[name].channel for name, _ in moves}
@@ -152,7 +137,7 @@ class UNDERSTUDY_OT_make_room(bpy.types.Operator):
         jobs_before = len(scene.understudy_jobs)
         try:
             return run_transfer(self, context, self.prompt, self.wait)
-        except plan.UserError:
+        except UserError:
             if len(scene.understudy_jobs) == jobs_before:  # refused before any work: undo
                 for name, _ in reversed(moves):  # lowest first, back down
                     by_name[name].channel = before[name]
@@ -164,13 +149,13 @@ def chosen_job(context, job_id: str):
     if job_id:
         scene, job = jobs.find_job(job_id)
         if job is None:
-            raise plan.UserError(f"There is no job {job_id!r} in this file.")
+            raise UserError(f"There is no job {job_id!r} in this file.")
         return scene, job
     scene = compat.sequencer_scene(context)
     for job in reversed(scene.understudy_jobs):
         if job.cancellable:
             return scene, job
-    raise plan.UserError("No Understudy job is running in this scene.")
+    raise UserError("No Understudy job is running in this scene.")
 
 
 class UNDERSTUDY_OT_cancel(bpy.types.Operator):
@@ -183,7 +168,7 @@ class UNDERSTUDY_OT_cancel(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
-        if file_jobs(lambda job: job.cancellable):
+        if jobs.any_job(lambda job: job.cancellable):
             return True
         cls.poll_message_set("No Understudy job is rendering or running.")
         return False
@@ -191,7 +176,7 @@ class UNDERSTUDY_OT_cancel(bpy.types.Operator):
     @reports_user_errors
     def execute(self, context):
         scene, job = chosen_job(context, self.job_id)
-        following.cancel(scene, job)
+        jobs.cancel(scene, job)
         self.report({"INFO"}, f"Cancelled {job.job_id}.")
         return {"FINISHED"}
 
@@ -207,7 +192,7 @@ class UNDERSTUDY_OT_collect(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
-        if file_jobs(lambda job: job.active or job.status == Status.UNPLACED):
+        if jobs.any_job(lambda job: job.active or job.status == Status.UNPLACED):
             return True
         cls.poll_message_set("There are no results to collect: no job is running or waiting to "
                              "be placed.")
@@ -219,21 +204,21 @@ class UNDERSTUDY_OT_collect(bpy.types.Operator):
         # Results that came back but could not be placed: place them now (no waiting).
         for scene, job in jobs.unplaced_jobs():
             try:
-                collecting.collect_again(scene, job)
-            except plan.UserError as error:  # recorded on the job; the others go on
+                jobs.collect_again(scene, job)
+            except UserError as error:  # recorded on the job; the others go on
                 self.report({"WARNING"}, f"{job.job_id}: {error}")
             if job.status == Status.DONE:  # in the interface it may still be being placed
                 ended[Status.DONE] += 1
         pending = jobs.active_jobs()
-        if pending and not local_backend.prepare(context, then=following.follow):
+        if pending and not local_backend.prepare(context, then=jobs.follow):
             return {"FINISHED"}  # the backend starts; the timer follows the jobs once it answers
-        if jobs.BATCHED:
-            following.follow()
+        if addon.BATCHED:
+            jobs.follow()
             return {"FINISHED"}
-        timeout = props.preferences(context).job_timeout_s
+        timeout = addon.preferences(context).job_timeout_s
         for job_id in [job.job_id for _, job in pending]:
             scene, job = jobs.find_job(job_id)
-            following.catch_up(scene, job, self.wait, timeout)
+            jobs.catch_up(scene, job, self.wait, timeout)
             if job.status in ended:
                 ended[job.status] += 1
             if job.status in (Status.FAILED, Status.UNPLACED):
@@ -250,8 +235,8 @@ class UNDERSTUDY_OT_test_connection(bpy.types.Operator):
 
     @reports_user_errors
     def execute(self, context):
-        prefs = props.preferences(context)
-        if not local_backend.prepare(context, then=lambda: test_connection(props.preferences())):
+        prefs = addon.preferences(context)
+        if not local_backend.prepare(context, then=lambda: test_connection(addon.preferences())):
             prefs.connection_report = "Starting the backend: loading the model."
             return {"FINISHED"}
         report = test_connection(prefs)
@@ -265,7 +250,7 @@ def test_connection(prefs) -> str:
     try:
         client = link.client_for(config)
         report = link.describe_server(link.guarded(client.hello))
-    except plan.UserError as error:
+    except UserError as error:
         link.forget(config)
         prefs.connection_report = str(error)
         raise
@@ -293,7 +278,58 @@ class UNDERSTUDY_OT_check_memory(bpy.types.Operator):
         return {"FINISHED"}
 
 
+class UNDERSTUDY_OT_backend_start(bpy.types.Operator):
+    """Start the backend on this computer (or use the one that runs already)"""
+
+    bl_idname = "understudy.backend_start"
+    bl_label = "Start"
+
+    @reports_user_errors
+    def execute(self, context):
+        ready = local_backend.prepare(context, start=True)
+        self.report({"INFO"}, local_backend.BACKEND.status_text() if ready else
+                    "Starting the backend: loading the model.")
+        return {"FINISHED"}
+
+
+class UNDERSTUDY_OT_backend_stop(bpy.types.Operator):
+    """Stop the backend this Blender started (one it did not start is left running)"""
+
+    bl_idname = "understudy.backend_stop"
+    bl_label = "Stop"
+
+    def execute(self, context):
+        backend = local_backend.BACKEND
+        owned, address = backend.owned, backend.address
+        backend.stop()
+        link.close_all()
+        self.report({"INFO"}, "Stopped the backend." if owned else
+                    f"The backend at {address or 'its address'} was not started by this "
+                    f"Blender, so it is left running.")
+        return {"FINISHED"}
+
+
+class UNDERSTUDY_OT_backend_restart(bpy.types.Operator):
+    """Stop the backend this Blender started and start it again"""
+
+    bl_idname = "understudy.backend_restart"
+    bl_label = "Restart"
+
+    @reports_user_errors
+    def execute(self, context):
+        backend = local_backend.BACKEND
+        if backend.running and not backend.owned:
+            raise UserError(f"The backend at {backend.address} was not started by this "
+                            f"Blender; restart it where it was started.")
+        backend.stop()
+        link.close_all()
+        local_backend.prepare(context, start=True)
+        return {"FINISHED"}
+
+
 CLASSES = (UNDERSTUDY_OT_transfer, UNDERSTUDY_OT_make_room, UNDERSTUDY_OT_cancel,
-           UNDERSTUDY_OT_collect, UNDERSTUDY_OT_test_connection, UNDERSTUDY_OT_check_memory)
+           UNDERSTUDY_OT_collect, UNDERSTUDY_OT_test_connection, UNDERSTUDY_OT_check_memory,
+           UNDERSTUDY_OT_backend_start, UNDERSTUDY_OT_backend_stop,
+           UNDERSTUDY_OT_backend_restart)
 
 register, unregister = bpy.utils.register_classes_factory(CLASSES)

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .plan import UserError
+from ..rules.errors import UserError
 
 SETUP_COMMAND = "python build.py"  # what sets up the project's environment
 # Asks the project's Python for the command line's defaults: the one place they live.

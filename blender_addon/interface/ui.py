@@ -2,7 +2,12 @@
 
 import bpy
 
-from . import compat, local_backend, plan, props
+from .. import addon
+from ..backend import local as local_backend
+from ..job_flow import jobs
+from ..rules.messages import progress_text
+from ..rules.regions import REGION_MASK, REGION_NONE, REGION_STRIP
+from ..vse import compat
 
 
 class UNDERSTUDY_UL_jobs(bpy.types.UIList):
@@ -11,7 +16,7 @@ class UNDERSTUDY_UL_jobs(bpy.types.UIList):
     def draw_item(self, context, layout, data, job, icon, active_data, active_property, index=0):
         row = layout.row(align=True)
         row.label(text=job.prompt or job.job_id, icon="SEQUENCE")
-        row.label(text=plan.progress_text(job.status, job.phase, job.percent))
+        row.label(text=progress_text(job.status, job.phase, job.percent))
 
 
 def frames_text(scene) -> str:
@@ -24,11 +29,11 @@ def frames_text(scene) -> str:
 
 def region_text(settings) -> str:
     """What the region is, by name: where the picture changes."""
-    if settings.region_kind == plan.REGION_MASK and settings.region_mask is not None:
+    if settings.region_kind == REGION_MASK and settings.region_mask is not None:
         return f"Changes only inside the mask {settings.region_mask.name!r}"
-    if settings.region_kind == plan.REGION_STRIP and settings.region_strip:
+    if settings.region_kind == REGION_STRIP and settings.region_strip:
         return f"Changes only inside the matte {settings.region_strip!r}"
-    if settings.region_kind != plan.REGION_NONE:
+    if settings.region_kind != REGION_NONE:
         return "Pick the region that outlines the subject"
     return "Changes the whole frame"
 
@@ -85,9 +90,9 @@ class UNDERSTUDY_PT_panel(bpy.types.Panel):
         and motion (their ranges and help from shared/settings.py)."""
         box = layout.box()
         box.prop(settings, "region_kind")
-        if settings.region_kind == plan.REGION_MASK:
+        if settings.region_kind == REGION_MASK:
             box.prop(settings, "region_mask")
-        elif settings.region_kind == plan.REGION_STRIP and scene.sequence_editor is not None:
+        elif settings.region_kind == REGION_STRIP and scene.sequence_editor is not None:
             box.prop_search(settings, "region_strip", scene.sequence_editor,
                             "strips" if hasattr(scene.sequence_editor, "strips") else "sequences")
         box.label(text=region_text(settings), icon="MOD_MASK")
@@ -99,29 +104,29 @@ class UNDERSTUDY_PT_panel(bpy.types.Panel):
     def draw_backend(self, layout, context) -> None:
         """The backend on this computer: starting, ready, busy, stopped or exited (with the
         last log lines and where the whole log is)."""
-        if not props.preferences(context).local:
+        if not addon.preferences(context).local:
             return
         col = layout.column(align=True)
-        for index, line in enumerate(local_backend.status_lines()):
+        for index, line in enumerate(local_backend.status_lines(bool(jobs.active_jobs()))):
             col.label(text=line, icon="CONSOLE" if index == 0 else "NONE")
 
     def draw_jobs(self, layout, scene) -> None:
-        jobs = scene.understudy_jobs
-        running = [job for job in jobs if job.in_progress]
+        records = scene.understudy_jobs
+        running = [job for job in records if job.in_progress]
         for job in running:
             row = layout.row(align=True)
             row.progress(factor=job.percent / 100.0, type="BAR",
-                         text=plan.progress_text(job.status, job.phase, job.percent))
+                         text=progress_text(job.status, job.phase, job.percent))
             if job.cancellable:
                 cancel = row.operator("understudy.cancel", text="", icon="CANCEL")
                 cancel.job_id = job.job_id
-        if not jobs:
+        if not records:
             return
         layout.label(text="Jobs in this file")
         layout.template_list("UNDERSTUDY_UL_jobs", "", scene, "understudy_jobs",
                              scene, "understudy_job_index", rows=3)
-        if 0 <= scene.understudy_job_index < len(jobs):
-            job = jobs[scene.understudy_job_index]
+        if 0 <= scene.understudy_job_index < len(records):
+            job = records[scene.understudy_job_index]
             col = layout.column(align=True)
             col.label(text=f"{job.job_id}: {job.status}")
             if job.seed:

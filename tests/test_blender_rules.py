@@ -1,5 +1,6 @@
-"""The extension's plain-Python rules (no Blender needed): ranges, channels, names,
-paths, retiming, settings, job updates, the settings snapshot, and the packaging helpers."""
+"""The extension's plain-Python rules (blender_addon/rules/, no Blender needed): ranges,
+channels, names, paths, retiming, settings, job updates, the server's hello and memory
+plan, regions; the settings snapshot, and the packaging helpers."""
 
 from __future__ import annotations
 
@@ -14,10 +15,25 @@ import pytest
 
 import build  # the repository's build.py (stdlib only)
 from backend.video import retime_indices as backend_retime_indices
-from blender_addon import batches, link, placement, plan, pngio, states
-from blender_addon.plan import Span, UserError
-from blender_addon.states import Phase, Status
-from blender_addon.strip_io import Snapshot
+from blender_addon.backend import link
+from blender_addon.job_flow import batches
+from blender_addon.rules import (
+    channels,
+    frames,
+    job_updates,
+    memory_plan,
+    messages,
+    names,
+    panel_settings,
+    regions,
+    server_hello,
+    states,
+)
+from blender_addon.rules.channels import Span
+from blender_addon.rules.errors import UserError
+from blender_addon.rules.states import Phase, Status
+from blender_addon.vse import placement, pngio
+from blender_addon.vse.strip_io import Snapshot
 from shared.errors import ErrorCode
 from shared.protocol import JOB_ID_PATTERN, EventType, JobState, check_job_id
 from shared.settings import TransferSettings
@@ -28,67 +44,67 @@ from tests.conftest import REPO_ROOT
 
 def test_nothing_selected_is_one_sentence():
     with pytest.raises(UserError, match="No strip is selected"):
-        plan.check_source(None, "", None, False)
+        channels.check_source(None, "", None, False)
 
 
 @pytest.mark.parametrize("strip_type", ["SOUND", "ADJUSTMENT"])
 def test_strips_without_picture_are_refused(strip_type):
     with pytest.raises(UserError, match="shows no picture"):
-        plan.check_source(strip_type, "s", Span(1, 1, 10), False)
+        channels.check_source(strip_type, "s", Span(1, 1, 10), False)
 
 
 def test_colour_strips_are_refused_in_one_sentence():
     with pytest.raises(UserError, match="colour strip, in which nothing moves"):
-        plan.check_source("COLOR", "s", Span(1, 1, 10), False)
+        channels.check_source("COLOR", "s", Span(1, 1, 10), False)
 
 
 def test_muted_and_single_frame_strips_are_refused():
     with pytest.raises(UserError, match="muted"):
-        plan.check_source("MOVIE", "s", Span(1, 1, 10), True)
+        channels.check_source("MOVIE", "s", Span(1, 1, 10), True)
     with pytest.raises(UserError, match="at least 2 frames"):
-        plan.check_source("IMAGE", "s", Span(1, 5, 6), False)
-    plan.check_source("META", "s", Span(1, 5, 7), False)
+        channels.check_source("IMAGE", "s", Span(1, 5, 6), False)
+    channels.check_source("META", "s", Span(1, 5, 7), False)
     with pytest.raises(UserError, match="does not exist; relink"):
-        plan.check_source("MOVIE", "s", Span(1, 5, 70), False, "/gone/clip.mp4")
+        channels.check_source("MOVIE", "s", Span(1, 5, 70), False, "/gone/clip.mp4")
 
 
 # --------------------------------------------------------------------------- channels
 
 
-def strips_at(*spans: tuple[int, int, int], kind: str = "MOVIE") -> list[plan.Neighbour]:
-    return [plan.Neighbour(f"{kind.lower()}-{index}", Span(*span), kind)
+def strips_at(*spans: tuple[int, int, int], kind: str = "MOVIE") -> list[channels.Neighbour]:
+    return [channels.Neighbour(f"{kind.lower()}-{index}", Span(*span), kind)
             for index, span in enumerate(spans)]
 
 
 def test_free_channel_is_first_empty_one_above_over_the_visible_range():
     source = Span(2, 10, 20)
-    others = [plan.Neighbour("source", source), *strips_at((3, 15, 30), (4, 0, 5), (5, 19, 21))]
+    others = [channels.Neighbour("source", source), *strips_at((3, 15, 30), (4, 0, 5), (5, 19, 21))]
     # 3 overlaps; 4 ends before the source starts; so 4 is free.
-    assert plan.result_channel(source, "source", others) == 4
+    assert channels.result_channel(source, "source", others) == 4
 
 
 def test_touching_strips_do_not_overlap():
     source = Span(1, 10, 20)
-    assert plan.result_channel(source, "s", strips_at((2, 0, 10), (2, 20, 30))) == 2
+    assert channels.result_channel(source, "s", strips_at((2, 0, 10), (2, 20, 30))) == 2
 
 
 def test_no_free_channel_is_a_user_error_saying_what_to_do():
-    source = Span(plan.MAX_CHANNEL - 1, 0, 10)
+    source = Span(channels.MAX_CHANNEL - 1, 0, 10)
     with pytest.raises(UserError, match="Every channel above channel 127 .* free one then click"):
-        plan.result_channel(source, "s", strips_at((plan.MAX_CHANNEL, 5, 6)),
+        channels.result_channel(source, "s", strips_at((channels.MAX_CHANNEL, 5, 6)),
                             then="then click Collect Results")
 
 
 def test_a_source_on_the_top_channel_is_told_to_move_down():
     with pytest.raises(UserError, match="on channel 128, the top channel.*move it down") as error:
-        plan.result_channel(Span(plan.MAX_CHANNEL, 0, 10), "s", [])
+        channels.result_channel(Span(channels.MAX_CHANNEL, 0, 10), "s", [])
     assert "above 128" not in str(error.value)
 
 
 def test_the_result_goes_below_the_adjustment_layer_that_grades_the_source():
     source = Span(2, 0, 50)
     others = [*strips_at((6, 0, 50), kind="ADJUSTMENT"), *strips_at((3, 0, 50))]
-    assert plan.result_channel(source, "s", others) == 4
+    assert channels.result_channel(source, "s", others) == 4
 
 
 def test_no_room_below_the_adjustment_layer_is_refused_in_one_sentence():
@@ -96,59 +112,59 @@ def test_no_room_below_the_adjustment_layer_is_refused_in_one_sentence():
     others = strips_at((3, 10, 20), kind="ADJUSTMENT")
     with pytest.raises(UserError, match="no free channel between 's' .*adjustment layer "
                                         "'adjustment-0' .*move the adjustment layer up"):
-        plan.result_channel(source, "s", others)
+        channels.result_channel(source, "s", others)
     # An adjustment layer below the source, or elsewhere in time, does not count.
-    assert plan.result_channel(source, "s", strips_at((1, 0, 50), (3, 60, 70),
+    assert channels.result_channel(source, "s", strips_at((1, 0, 50), (3, 60, 70),
                                                        kind="ADJUSTMENT")) == 3
 
 
 def test_an_effect_fed_by_the_source_is_refused_before_any_work():
-    effect = plan.Neighbour("glow", Span(3, 0, 50), "GLOW", inputs=("s",))
+    effect = channels.Neighbour("glow", Span(3, 0, 50), "GLOW", inputs=("s",))
     with pytest.raises(UserError, match="'glow' takes 's' as its input.*transfer 'glow' itself"):
-        plan.result_channel(Span(2, 0, 50), "s", [effect])
+        channels.result_channel(Span(2, 0, 50), "s", [effect])
 
 
 # --------------------------------------------------------------------------- frames and sizes
 
 
 def test_every_visible_frame_is_rendered():
-    assert plan.frames_to_render(Span(1, 4, 9), 240) == [4, 5, 6, 7, 8]
-    assert len(plan.frames_to_render(Span(1, 1, 61), 60)) == 60
+    assert server_hello.frames_to_render(Span(1, 4, 9), 240) == [4, 5, 6, 7, 8]
+    assert len(server_hello.frames_to_render(Span(1, 1, 61), 60)) == 60
 
 
 def test_a_strip_over_the_servers_frame_limit_is_one_sentence_naming_the_limit():
     with pytest.raises(UserError, match=r"shows 61 frames .* at most 60 frames per job; trim") \
             as error:
-        plan.frames_to_render(Span(1, 1, 62), 60)
+        server_hello.frames_to_render(Span(1, 1, 62), 60)
     assert str(error.value).count(".") == 1 and str(error.value).endswith(".")
 
 
 def test_the_frame_limit_comes_from_hello():
-    assert plan.server_frame_limit({"limits": {"max_frames": 240}}) == 240
-    assert plan.server_frame_limit({}) == plan.SETTINGS.MAX_FRAMES_CEILING
+    assert server_hello.server_frame_limit({"limits": {"max_frames": 240}}) == 240
+    assert server_hello.server_frame_limit({}) == panel_settings.SETTINGS.MAX_FRAMES_CEILING
 
 
 def test_server_limits_are_checked_before_rendering():
     hello = {"limits": {"max_side": 512, "max_prompt_chars": 10, "max_queue": 2},
              "queue_length": 0}
-    plan.check_server_limits(hello, {"prompt": "a fox"}, (512, 288))
+    server_hello.check_server_limits(hello, {"prompt": "a fox"}, (512, 288))
     with pytest.raises(UserError, match="768x432 pixels .* at most 512 .* render size limit"):
-        plan.check_server_limits(hello, {"prompt": "a fox"}, (768, 432))
+        server_hello.check_server_limits(hello, {"prompt": "a fox"}, (768, 432))
     with pytest.raises(UserError, match="prompt is 20 characters long; shorten it to 10 or fewer"):
-        plan.check_server_limits(hello, {"prompt": "x" * 20}, (64, 64))
+        server_hello.check_server_limits(hello, {"prompt": "x" * 20}, (64, 64))
     with pytest.raises(UserError, match="already has 2 jobs"):
-        plan.check_server_limits({**hello, "queue_length": 2}, {"prompt": "a"}, (64, 64))
+        server_hello.check_server_limits({**hello, "queue_length": 2}, {"prompt": "a"}, (64, 64))
 
 
 @pytest.mark.parametrize(("size", "limit", "percent"), [
     ((1920, 1080), 768, 40), ((640, 360), 768, 100), ((100, 5000), 50, 1)])
 def test_render_percentage_bounds_the_long_side(size, limit, percent):
-    assert plan.render_percentage(*size, limit) == percent
+    assert frames.render_percentage(*size, limit) == percent
 
 
 @pytest.mark.parametrize(("count_in", "count_out"), [(4, 23), (24, 24), (30, 7), (1, 5)])
 def test_retiming_matches_the_backend(count_in, count_out):
-    assert plan.retime_indices(count_in, count_out) == \
+    assert frames.retime_indices(count_in, count_out) == \
         backend_retime_indices(count_in, count_out).tolist()
 
 
@@ -156,14 +172,14 @@ def test_retiming_matches_the_backend(count_in, count_out):
 
 
 def test_strip_name_is_the_prompt_within_blenders_limit():
-    assert plan.strip_name("  a  bear\nin snow ") == "a bear in snow"
-    long_name = plan.strip_name("ü" * 100)
-    assert len(long_name.encode()) <= plan.MAX_NAME_BYTES and long_name.endswith("…")
-    assert plan.strip_name("   ") == "Understudy result"
+    assert names.strip_name("  a  bear\nin snow ") == "a bear in snow"
+    long_name = names.strip_name("ü" * 100)
+    assert len(long_name.encode()) <= names.MAX_NAME_BYTES and long_name.endswith("…")
+    assert names.strip_name("   ") == "Understudy result"
 
 
 def test_job_ids_follow_the_protocols_rule_and_are_unique():
-    ids = {plan.new_job_id(now=0) for _ in range(20)}
+    ids = {names.new_job_id(now=0) for _ in range(20)}
     assert len(ids) == 20
     assert all(re.fullmatch(r"us-19700101-000000-[0-9a-f]{6}", job_id) for job_id in ids)
     assert all(check_job_id(job_id) == job_id for job_id in ids)
@@ -173,31 +189,31 @@ def test_job_ids_follow_the_protocols_rule_and_are_unique():
 def test_a_job_id_the_protocol_refuses_gets_no_folder(tmp_path, job_id):
     assert not JOB_ID_PATTERN.fullmatch(job_id)
     with pytest.raises(ValueError):
-        plan.result_folder(str(tmp_path / "edit.blend"), job_id, str(tmp_path))
+        names.result_folder(str(tmp_path / "edit.blend"), job_id, str(tmp_path))
 
 
 def test_every_id_the_protocol_accepts_is_a_folder_inside_the_result_folder(tmp_path):
     for job_id in ("a..", "a.b-c_d", "9" * 64, "us-20261201-120000-abcdef"):
-        folder, _, _ = plan.result_folder(str(tmp_path / "edit.blend"), job_id, "")
-        assert os.path.dirname(folder) == str(tmp_path / plan.RESULT_FOLDER)
+        folder, _, _ = names.result_folder(str(tmp_path / "edit.blend"), job_id, "")
+        assert os.path.dirname(folder) == str(tmp_path / names.RESULT_FOLDER)
 
 
 def test_result_folder_beside_a_saved_file_is_relative(tmp_path):
-    folder, stored, temporary = plan.result_folder(str(tmp_path / "edit.blend"), "us-1", "/tmp")
+    folder, stored, temporary = names.result_folder(str(tmp_path / "edit.blend"), "us-1", "/tmp")
     assert folder == str(tmp_path / "understudy" / "us-1")
     assert stored == "//understudy/us-1/" and not temporary
 
 
 def test_result_folder_of_an_unsaved_file_is_temporary(tmp_path):
-    folder, stored, temporary = plan.result_folder("", "us-1", str(tmp_path))
+    folder, stored, temporary = names.result_folder("", "us-1", str(tmp_path))
     assert folder == str(tmp_path / "understudy" / "us-1") and temporary
     assert stored.startswith(str(tmp_path))
     with pytest.raises(ValueError):
-        plan.result_folder("", "../../etc", str(tmp_path))
+        names.result_folder("", "../../etc", str(tmp_path))
 
 
 def test_frame_file_names_are_numbered_in_order():
-    assert plan.frame_file_names(3) == ["frame_00001.png", "frame_00002.png", "frame_00003.png"]
+    assert names.frame_file_names(3) == ["frame_00001.png", "frame_00002.png", "frame_00003.png"]
 
 
 # --------------------------------------------------------------------------- settings
@@ -205,25 +221,25 @@ def test_frame_file_names_are_numbered_in_order():
 
 def test_panel_ranges_come_from_the_shared_settings():
     # The model's size is the server's (its hello): 0 in the panel means "the model's".
-    assert plan.int_property_range("width") == {"default": 0, "min": 0, "max": 2048}
-    assert plan.setting_from_panel("width", 0) is None and plan.setting_from_panel("width", 832) == 832
+    assert panel_settings.int_property_range("width") == {"default": 0, "min": 0, "max": 2048}
+    assert panel_settings.setting_from_panel("width", 0) is None and panel_settings.setting_from_panel("width", 832) == 832
     # guided_steps is bounded by steps, so the panel allows steps' maximum
-    assert plan.int_property_range("guided_steps")["max"] == plan.int_property_range("steps")["max"]
-    for name in plan.PANEL_INT_SETTINGS:
-        default = plan.setting_from_panel(name, plan.int_property_range(name)["default"])
+    assert panel_settings.int_property_range("guided_steps")["max"] == panel_settings.int_property_range("steps")["max"]
+    for name in panel_settings.PANEL_INT_SETTINGS:
+        default = panel_settings.setting_from_panel(name, panel_settings.int_property_range(name)["default"])
         assert default == getattr(TransferSettings(prompt="x"), name)
 
 
 def test_panel_refuses_unrunnable_settings_before_anything_is_sent():
     with pytest.raises(UserError, match="'steps' is 0"):
-        plan.transfer_settings({"prompt": "a fox", "steps": 0}, 10)
+        panel_settings.transfer_settings({"prompt": "a fox", "steps": 0}, 10)
 
 
 def test_settings_sent_are_valid_backend_settings():
     values = {"prompt": "a fox", "source_prompt": " ", "negative_prompt": "", "seed": None,
-              **{name: plan.setting_from_panel(name, plan.int_property_range(name)["default"])
-                 for name in plan.PANEL_INT_SETTINGS}}
-    settings = plan.transfer_settings(values, frames_sent=23)
+              **{name: panel_settings.setting_from_panel(name, panel_settings.int_property_range(name)["default"])
+                 for name in panel_settings.PANEL_INT_SETTINGS}}
+    settings = panel_settings.transfer_settings(values, frames_sent=23)
     assert settings["output_frames"] == settings["num_frames"] == 23
     assert "seed" not in settings and "source_prompt" not in settings
     assert "negative_prompt" not in settings
@@ -233,71 +249,71 @@ def test_settings_sent_are_valid_backend_settings():
 
 def test_every_frame_sent_is_edited_and_comes_back():
     for sent in (10, 60):  # no panel value limits it: one generated frame per source frame
-        settings = plan.transfer_settings({"prompt": "a fox", "num_frames": 24}, sent)
+        settings = panel_settings.transfer_settings({"prompt": "a fox", "num_frames": 24}, sent)
         assert settings["num_frames"] == settings["output_frames"] == sent
 
 
 def test_empty_prompt_is_a_user_error():
     with pytest.raises(UserError, match="prompt is empty"):
-        plan.transfer_settings({"prompt": "  "}, 10)
+        panel_settings.transfer_settings({"prompt": "  "}, 10)
 
 
 def test_panel_fields_are_backend_fields():
     names = {field.name for field in dataclasses.fields(TransferSettings)}
-    assert set(plan.PANEL_INT_SETTINGS) <= names
-    assert set(plan.PANEL_CHOICE_SETTINGS) <= names
+    assert set(panel_settings.PANEL_INT_SETTINGS) <= names
+    assert set(panel_settings.PANEL_CHOICE_SETTINGS) <= names
 
 
 def test_the_framing_choice_comes_from_the_shared_settings():
     from shared import settings
 
-    framing = plan.choice_property("framing")
+    framing = panel_settings.choice_property("framing")
     assert [item[0] for item in framing["items"]] == list(settings.spec_of("framing").choices)
     assert framing["default"] == settings.DEFAULTS["framing"] == "fit"
-    sent = plan.transfer_settings({"prompt": "a fox", "framing": "crop"}, 8)
+    sent = panel_settings.transfer_settings({"prompt": "a fox", "framing": "crop"}, 8)
     assert TransferSettings.from_dict(sent).framing == "crop"
-    assert "num_frames" not in plan.PANEL_INT_SETTINGS  # set from the strip, not the panel
+    assert "num_frames" not in panel_settings.PANEL_INT_SETTINGS  # set from the strip, not the panel
 
 
 # --------------------------------------------------------------------------- job updates
 
 
 def test_progress_event_sets_phase_and_percent():
-    update, fetch = plan.job_update({"type": "progress", "job_id": "j", "phase": "guide",
+    update, fetch = job_updates.job_update({"type": "progress", "job_id": "j", "phase": "guide",
                                      "step": 5, "total": 20})
     assert update == {"status": "running", "phase": "guide", "percent": 25.0} and not fetch
-    assert plan.progress_text("running", "guide", 25.0) == "guide 25%"
+    assert messages.progress_text("running", "guide", 25.0) == "guide 25%"
 
 
 def test_result_ready_event_and_done_status_fetch():
-    assert plan.job_update({"type": "result_ready", "job_id": "j"})[1]
-    assert plan.job_update({"job_id": "j", "state": "done"})[1]
+    assert job_updates.job_update({"type": "result_ready", "job_id": "j"})[1]
+    assert job_updates.job_update({"job_id": "j", "state": "done"})[1]
 
 
 def test_failed_status_carries_the_servers_sentence():
-    update, fetch = plan.job_update({"job_id": "j", "state": "failed",
+    update, fetch = job_updates.job_update({"job_id": "j", "state": "failed",
                                      "error": {"code": "out_of_memory", "message": "Use fewer frames."}})
     assert update == {"status": "failed", "message": "Use fewer frames."} and not fetch
 
 
 def test_cancelled_queued_and_unknown_updates():
-    assert plan.job_update({"type": "cancelled"})[0]["status"] == "cancelled"
-    assert plan.job_update({"state": "queued"})[0] == {"status": "submitted"}
-    queued = plan.job_update({"type": "progress", "phase": "queued", "step": 0, "total": 1})[0]
+    assert job_updates.job_update({"type": "cancelled"})[0]["status"] == "cancelled"
+    assert job_updates.job_update({"state": "queued"})[0] == {"status": "submitted"}
+    queued = job_updates.job_update({"type": "progress", "phase": "queued", "step": 0, "total": 1})[0]
     assert queued["status"] == "submitted"
-    assert plan.job_update({"type": "something-new"}) == ({}, False)
-    assert plan.progress_text("submitted", "", 0) == "queued"
-    assert plan.progress_text(Status.RENDERING, Phase.RENDERING, 25) == "rendering 25%"
-    assert plan.progress_text(Status.PLACING, Phase.PLACING, 50) == "placing 50%"
-    assert plan.progress_text("running", Phase.WAITING, 40) == "waiting for the server"
-    assert plan.progress_text(Status.UNPLACED, "", 100) == "not placed"
+    assert job_updates.job_update({"type": "something-new"}) == ({}, False)
+    assert messages.progress_text("submitted", "", 0) == "queued"
+    assert messages.progress_text(Status.RENDERING, Phase.RENDERING, 25) == "rendering 25%"
+    assert messages.progress_text(Status.PLACING, Phase.PLACING, 50) == "placing 50%"
+    assert messages.progress_text("running", Phase.WAITING, 40) == "waiting for the server"
+    assert messages.progress_text(Status.UNPLACED, "", 100) == "not placed"
 
 
 def test_every_server_event_and_job_state_updates_the_record():
     """The extension reads the server's whole vocabulary (shared/protocol.py), not a copy."""
     for kind in [*({"type": event} for event in EventType),
                  *({"state": state} for state in JobState)]:
-        update, fetch = plan.job_update({"job_id": "j", "step": 1, "total": 2, **kind})
+        update, fetch = job_updates.job_update({"job_id": "j", "step": 1, "total": 2, **kind})
         assert update["status"] in Status, kind
         assert fetch == (kind in ({"type": EventType.RESULT_READY}, {"state": JobState.DONE}))
     # A status the server decides is the server's word for it.
@@ -307,13 +323,15 @@ def test_every_server_event_and_job_state_updates_the_record():
 
 
 def test_the_extension_compares_statuses_only_through_the_vocabularies():
-    """No module but states.py writes a status or phase as bare text: each word has one place."""
+    """No module but rules/states.py writes a status or phase as bare text: each word has
+    one place."""
     import ast
 
     words = ({*Status, *Phase, *JobState, *EventType, *ErrorCode} - {""}) | {"finished"}
     found = []
-    for path in sorted((REPO_ROOT / "blender_addon").glob("*.py")):
-        if path.name == "states.py":
+    addon = REPO_ROOT / "blender_addon"
+    for path in sorted(addon.rglob("*.py")):
+        if path == addon / "rules" / "states.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Compare):
@@ -327,12 +345,12 @@ def test_the_extension_compares_statuses_only_through_the_vocabularies():
                 for item in (value.elts if isinstance(value, ast.Tuple | ast.Set | ast.List)
                              else [value]):
                     if isinstance(item, ast.Constant) and item.value in words:
-                        found.append(f"{path.name}:{node.lineno} {item.value!r}")
+                        found.append(f"{path.relative_to(addon)}:{node.lineno} {item.value!r}")
     assert found == []
 
 
 def test_lost_server_message_names_collect_results():
-    text = plan.lost_server_message("The server at tcp://x stopped answering.")
+    text = messages.lost_server_message("The server at tcp://x stopped answering.")
     assert "stopped answering; the job may still finish" in text and "Collect Results" in text
     assert text.count(".") == 0 or text.endswith(".")
 
@@ -347,7 +365,7 @@ SIDECAR_V1 = {
 
 def test_sidecar_summary_says_the_steps_the_edit_used_not_the_request():
     # The request left the guided count automatic (None); the engine used 2.
-    assert plan.sidecar_summary(SIDECAR_V1) == (
+    assert messages.sidecar_summary(SIDECAR_V1) == (
         "model tiny, seed 5, 3 steps, 2 guided, inversion from cache, 1.5 s on the server")
 
 
@@ -355,18 +373,18 @@ def test_sidecar_summary_reads_an_older_sidecar_without_a_version():
     older = {key: value for key, value in SIDECAR_V1.items()
              if key not in ("version", "steps", "framing", "upscaler", "worker")}
     older["inversion_from_cache"] = False
-    assert plan.sidecar_summary(older) == (
+    assert messages.sidecar_summary(older) == (
         "model tiny, seed 5, 3 steps, 2 guided, inversion computed, 1.5 s on the server")
 
 
 def test_sidecar_summary_of_an_unreadable_sidecar_is_one_sentence():
-    assert plan.sidecar_summary({**SIDECAR_V1, "version": 2}) == (
+    assert messages.sidecar_summary({**SIDECAR_V1, "version": 2}) == (
         "The result's sidecar has version 2, newer than this Understudy reads (1); update "
         "Understudy on this side.")
-    assert plan.sidecar_summary({"model": "tiny", "seed": 7}) == (
+    assert messages.sidecar_summary({"model": "tiny", "seed": 7}) == (
         "The result's sidecar lacks 'settings'; it was not written by this Understudy's engine, "
         "so run the job again.")
-    assert plan.sidecar_summary({}) == ""  # no result yet: nothing to say
+    assert messages.sidecar_summary({}) == ""  # no result yet: nothing to say
 
 
 def test_describe_server_reports_model_device_protocol():
@@ -381,10 +399,10 @@ def test_describe_server_reports_model_device_protocol():
 def test_a_model_size_off_the_servers_grid_is_refused_before_rendering():
     hello = {"engine": {"backbone": {"name": "wan", "native_size": [832, 480], "side_multiple": 16}}}
     with pytest.raises(UserError, match="model width is 72 and the server's model takes multiples of 16"):
-        plan.check_server_limits(hello, {"prompt": "x", "width": 72}, (64, 64))
-    plan.check_server_limits(hello, {"prompt": "x", "width": 64}, (64, 64))
-    plan.check_server_limits(hello, {"prompt": "x"}, (64, 64))  # the model's own size
-    plan.check_server_limits({}, {"prompt": "x", "width": 72}, (64, 64))  # an older server
+        server_hello.check_server_limits(hello, {"prompt": "x", "width": 72}, (64, 64))
+    server_hello.check_server_limits(hello, {"prompt": "x", "width": 64}, (64, 64))
+    server_hello.check_server_limits(hello, {"prompt": "x"}, (64, 64))  # the model's own size
+    server_hello.check_server_limits({}, {"prompt": "x", "width": 72}, (64, 64))  # an older server
 
 
 def test_one_key_file_without_the_other_is_a_user_error():
@@ -396,8 +414,22 @@ def test_one_key_file_without_the_other_is_a_user_error():
 def test_missing_key_file_is_a_user_error(tmp_path):
     config = link.ServerConfig("tcp://127.0.0.1:1", str(tmp_path / "server.key"),
                                str(tmp_path / "client.key_secret"))
-    with pytest.raises(UserError, match="no key file"):
+    with pytest.raises(UserError, match="no key file") as caught:
         link.load_keys(config)
+    assert caught.value.code == ErrorCode.BAD_KEY_FILE
+
+
+@pytest.mark.parametrize("code", [ErrorCode.QUEUE_FULL, ErrorCode.TOO_BIG_FOR_GPU,
+                                  ErrorCode.UNKNOWN_JOB, ErrorCode.SERVER_UNAVAILABLE])
+def test_a_client_error_keeps_its_code_as_the_extensions_error(code):
+    """link.guarded turns a client error into the extension's one sentence and keeps its
+    code, so a caller can tell one failure from another."""
+    def refused():
+        raise link.client_api().error_from_reply({"code": code, "message": "Refused."})
+
+    with pytest.raises(UserError, match="Refused.") as caught:
+        link.guarded(refused)
+    assert caught.value.code == code and isinstance(caught.value.__cause__, Exception)
 
 
 # --------------------------------------------------------------------------- render batches
@@ -580,51 +612,51 @@ def test_alpha_is_resampled_to_the_result_size():
 
 def test_a_region_that_cannot_mark_a_subject_is_one_sentence_before_rendering():
     source = Span(2, 10, 30)
-    assert plan.check_region(plan.REGION_NONE, "", "clip", source) is None
-    assert plan.check_region(plan.REGION_MASK, "Dog", "clip", source, shapes=4) == plan.Region(
-        plan.REGION_MASK, "Dog")
-    assert plan.check_region(plan.REGION_STRIP, "matte", "clip", source,
+    assert regions.check_region(regions.REGION_NONE, "", "clip", source) is None
+    assert regions.check_region(regions.REGION_MASK, "Dog", "clip", source, shapes=4) == regions.Region(
+        regions.REGION_MASK, "Dog")
+    assert regions.check_region(regions.REGION_STRIP, "matte", "clip", source,
                              matte=Span(5, 1, 40)).label == "the matte strip 'matte'"
     refusals = [
-        (dict(kind=plan.REGION_MASK, name=""), "no mask is chosen"),
-        (dict(kind=plan.REGION_MASK, name="Dog"), "The mask 'Dog' has no shapes"),
-        (dict(kind=plan.REGION_STRIP, name=""), "no strip is chosen"),
-        (dict(kind=plan.REGION_STRIP, name="gone"), "'gone' is not in this scene"),
-        (dict(kind=plan.REGION_STRIP, name="clip", matte=source), "cannot be its own matte"),
+        (dict(kind=regions.REGION_MASK, name=""), "no mask is chosen"),
+        (dict(kind=regions.REGION_MASK, name="Dog"), "The mask 'Dog' has no shapes"),
+        (dict(kind=regions.REGION_STRIP, name=""), "no strip is chosen"),
+        (dict(kind=regions.REGION_STRIP, name="gone"), "'gone' is not in this scene"),
+        (dict(kind=regions.REGION_STRIP, name="clip", matte=source), "cannot be its own matte"),
         # The frame count: the matte must show every frame of the strip.
-        (dict(kind=plan.REGION_STRIP, name="short", matte=Span(5, 10, 29)),
+        (dict(kind=regions.REGION_STRIP, name="short", matte=Span(5, 10, 29)),
          "shows frames 10-28 but 'clip' shows frames 10-29"),
     ]
     for arguments, words in refusals:
         with pytest.raises(UserError, match=re.escape(words)) as caught:
-            plan.check_region(source_name="clip", source=source, **arguments)
+            regions.check_region(source_name="clip", source=source, **arguments)
         assert str(caught.value).endswith(".") and ". " not in str(caught.value)
 
 
 def test_a_rendered_region_must_fit_the_frames_mark_a_subject_and_keep_a_plate():
     import numpy as np
 
-    region = plan.Region(plan.REGION_MASK, "Dog")
+    region = regions.Region(regions.REGION_MASK, "Dog")
     black, white = np.zeros((4, 6), np.uint8), np.full((4, 6), 255, np.uint8)
     half, under = black.copy(), black.copy()
-    half[:, :3] = plan.SUBJECT_GREY  # half way to white is the subject
-    under[:, :3] = plan.SUBJECT_GREY - 1
-    frames = [plan.MatteFrame.of(grey) for grey in (black, half)]
-    assert frames[1] == plan.MatteFrame(6, 4, subject=True, plate=True)
-    plan.check_region_frames(region, frames, (6, 4))  # one frame with a subject is enough
+    half[:, :3] = regions.SUBJECT_GREY  # half way to white is the subject
+    under[:, :3] = regions.SUBJECT_GREY - 1
+    frames = [regions.MatteFrame.of(grey) for grey in (black, half)]
+    assert frames[1] == regions.MatteFrame(6, 4, subject=True, plate=True)
+    regions.check_region_frames(region, frames, (6, 4))  # one frame with a subject is enough
     cases = [([black, black], (6, 4), "The mask 'Dog' is black in every frame"),
              ([white, white], (6, 4), "The mask 'Dog' is white over the whole picture"),
              ([under, under], (6, 4), "black in every frame"),  # 127 is not the subject
              ([half, half], (5, 4), "rendered at 6x4, not at the strip's 5x4")]
     for greys, size, words in cases:
         with pytest.raises(UserError, match=re.escape(words)):
-            plan.check_region_frames(region, [plan.MatteFrame.of(grey) for grey in greys], size)
+            regions.check_region_frames(region, [regions.MatteFrame.of(grey) for grey in greys], size)
 
 
 def test_the_extensions_subject_grey_is_the_engines_region_threshold():
     from backend.method.regions import REGION_THRESHOLD
 
-    assert plan.SUBJECT_GREY == round(REGION_THRESHOLD * 255 + 0.5)  # 127.5 → 128
+    assert regions.SUBJECT_GREY == round(REGION_THRESHOLD * 255 + 0.5)  # 127.5 → 128
 
 
 def test_a_matte_is_its_brightest_channel_over_black():
@@ -668,30 +700,30 @@ def test_the_layer_over_the_source_gives_the_servers_composite():
 
 
 def test_a_mask_renders_on_a_free_channel():
-    others = [plan.Neighbour("a", Span(128, 1, 50)), plan.Neighbour("b", Span(127, 60, 90))]
-    assert plan.free_channel(Span(2, 10, 30), others) == 127
-    busy = [plan.Neighbour(f"s{channel}", Span(channel, 1, 50)) for channel in range(1, 129)]
+    others = [channels.Neighbour("a", Span(128, 1, 50)), channels.Neighbour("b", Span(127, 60, 90))]
+    assert channels.free_channel(Span(2, 10, 30), others) == 127
+    busy = [channels.Neighbour(f"s{channel}", Span(channel, 1, 50)) for channel in range(1, 129)]
     with pytest.raises(UserError, match="Every channel is taken between frames 10 and 29"):
-        plan.free_channel(Span(2, 10, 30), busy)
+        channels.free_channel(Span(2, 10, 30), busy)
 
 
 def test_a_region_goes_only_to_a_server_that_announces_it_takes_regions():
-    region = plan.Region(plan.REGION_MASK, "Dog")
+    region = regions.Region(regions.REGION_MASK, "Dog")
     settings = {"prompt": "a fox"}
-    plan.check_server_limits({"limits": {"max_regions": 8}}, settings, (96, 64), region)
-    plan.check_server_limits({"limits": {}}, settings, (96, 64))  # no region: as before
+    server_hello.check_server_limits({"limits": {"max_regions": 8}}, settings, (96, 64), region)
+    server_hello.check_server_limits({"limits": {}}, settings, (96, 64))  # no region: as before
     with pytest.raises(UserError, match=re.escape(
             "The server does not take regions (it is older than this extension), so it "
             "cannot keep the plate outside the mask 'Dog'; update the server")):
-        plan.check_server_limits({"limits": {"max_side": 4096}}, settings, (96, 64), region)
+        server_hello.check_server_limits({"limits": {"max_side": 4096}}, settings, (96, 64), region)
 
 
 def test_the_panel_says_how_a_region_was_used():
-    assert plan.region_summary({}) == ""
-    assert plan.region_summary({"regions": {"count": 1, "grow": 16, "feather": 8,
+    assert messages.region_summary({}) == ""
+    assert messages.region_summary({"regions": {"count": 1, "grow": 16, "feather": 8,
                                             "motion": "subject", "composited": True}}) == (
         "1 region(s), grown 16 px, feathered 8 px: the plate is kept outside")
-    assert "whole frame was regenerated" in plan.region_summary(
+    assert "whole frame was regenerated" in messages.region_summary(
         {"regions": {"count": 0, "motion": "camera", "composited": False}})
 
 
@@ -759,13 +791,68 @@ def test_manifest_declares_id_versions_platforms_and_network():
 def test_extension_modules_without_bpy_do_not_import_it():
     import subprocess
 
-    code = ("import sys; import blender_addon.plan, blender_addon.link, blender_addon.strip_io, "
-            "blender_addon.compat, blender_addon.batches, blender_addon.placement, "
-            "blender_addon.pngio, blender_addon.backend_install, "
-            "blender_addon.backend_lock, blender_addon.backend_process; print('bpy' in sys.modules)")
+    rules = sorted(f"blender_addon.rules.{path.stem}"
+                   for path in (REPO_ROOT / "blender_addon" / "rules").glob("*.py"))
+    plain = [*rules, "blender_addon.backend.link", "blender_addon.backend.install",
+             "blender_addon.backend.lock", "blender_addon.backend.process",
+             "blender_addon.vse.strip_io", "blender_addon.vse.compat",
+             "blender_addon.vse.placement", "blender_addon.vse.pngio",
+             "blender_addon.job_flow.batches"]
+    code = f"import sys; import {', '.join(plain)}; print('bpy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
                          text=True, env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"})
     assert out.stdout.strip() == "False", out.stderr
+
+
+def extension_imports() -> dict[str, set[str]]:
+    """module -> the extension's modules it imports (function-local imports included), by
+    dotted name under blender_addon ("job_flow.jobs")."""
+    import ast
+
+    root = REPO_ROOT / "blender_addon"
+    modules = {".".join(path.relative_to(root).with_suffix("").parts): path
+               for path in root.rglob("*.py")}
+    modules = {name.removesuffix(".__init__").removesuffix("__init__"): path
+               for name, path in modules.items()}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom) or not node.level:
+                continue  # the extension imports itself only relatively
+            base = package[:len(package) - (node.level - 1)] + (node.module or "").split(".")
+            prefix = ".".join(part for part in base if part)
+            for alias in node.names:
+                for target in (f"{prefix}.{alias.name}".strip("."), prefix):
+                    if target in modules and target != name:
+                        found.add(target)
+                        break
+        graph[name] = found
+    return graph
+
+
+def test_the_extensions_imports_run_one_way():
+    """No import circle in the extension, and the job flow's steps import neither jobs.py
+    nor each other: jobs.py calls them and records what came of them."""
+    graph = extension_imports()
+    assert "job_flow.jobs" in graph and graph["job_flow.jobs"] >= {
+        "job_flow.rendering", "job_flow.following", "job_flow.collecting"}
+    steps = {"job_flow.rendering", "job_flow.following", "job_flow.collecting"}
+    for step in steps:
+        assert not graph[step] & (steps | {"job_flow.jobs"}), (step, graph[step])
+    done: set[str] = set()
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        assert module not in path, f"import circle: {' -> '.join((*path, module))}"
+        if module in done:
+            return
+        for imported in sorted(graph[module]):
+            visit(imported, (*path, module))
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, ())
 
 
 # --------------------------------------------------------------------------- demo
@@ -809,46 +896,46 @@ def test_cached_wheels_need_no_network(tmp_path, monkeypatch):
 
 
 def test_the_refusal_under_a_grade_names_its_source_for_make_room():
-    with pytest.raises(plan.NoRoomUnderGrade) as caught:
-        plan.result_channel(Span(2, 0, 50), "s", strips_at((3, 0, 50), kind="ADJUSTMENT"))
+    with pytest.raises(channels.NoRoomUnderGrade) as caught:
+        channels.result_channel(Span(2, 0, 50), "s", strips_at((3, 0, 50), kind="ADJUSTMENT"))
     assert caught.value.source_name == "s" and isinstance(caught.value, UserError)
 
 
 def test_make_room_moves_the_grade_and_everything_above_it_over_the_frames_up_one():
     source = Span(2, 10, 50)
-    others = [plan.Neighbour("s", source),
-              plan.Neighbour("grade", Span(3, 0, 60), "ADJUSTMENT"),
-              plan.Neighbour("title", Span(4, 20, 30), "TEXT"),
-              plan.Neighbour("logo", Span(6, 0, 15)),  # above, though nothing lands on it
-              plan.Neighbour("later", Span(4, 70, 90)),  # not over the source's frames
-              plan.Neighbour("below", Span(1, 0, 60))]
-    moves = plan.make_room(source, "s", others)
+    others = [channels.Neighbour("s", source),
+              channels.Neighbour("grade", Span(3, 0, 60), "ADJUSTMENT"),
+              channels.Neighbour("title", Span(4, 20, 30), "TEXT"),
+              channels.Neighbour("logo", Span(6, 0, 15)),  # above, though nothing lands on it
+              channels.Neighbour("later", Span(4, 70, 90)),  # not over the source's frames
+              channels.Neighbour("below", Span(1, 0, 60))]
+    moves = channels.make_room(source, "s", others)
     assert moves == [("logo", 7), ("title", 5), ("grade", 4)]  # highest first
     # After the moves the result has channel 3, under the grade.
     moved = dict(moves)
-    after = [plan.Neighbour(o.name, Span(moved.get(o.name, o.span.channel), o.span.start,
+    after = [channels.Neighbour(o.name, Span(moved.get(o.name, o.span.channel), o.span.start,
                                          o.span.end), o.type) for o in others]
-    assert plan.result_channel(source, "s", after) == 3
+    assert channels.result_channel(source, "s", after) == 3
 
 
 def test_make_room_also_moves_what_a_moved_strip_would_land_on():
     source = Span(1, 0, 10)
-    others = [plan.Neighbour("grade", Span(2, 0, 30), "ADJUSTMENT"),
-              plan.Neighbour("tail", Span(3, 25, 40)),  # after the source, but on the grade's way
-              plan.Neighbour("tail top", Span(4, 35, 50)),
-              plan.Neighbour("apart", Span(3, 45, 60))]  # meets nothing that moves
-    assert plan.make_room(source, "s", others) == [("tail top", 5), ("tail", 4), ("grade", 3)]
+    others = [channels.Neighbour("grade", Span(2, 0, 30), "ADJUSTMENT"),
+              channels.Neighbour("tail", Span(3, 25, 40)),  # after the source, but on the grade's way
+              channels.Neighbour("tail top", Span(4, 35, 50)),
+              channels.Neighbour("apart", Span(3, 45, 60))]  # meets nothing that moves
+    assert channels.make_room(source, "s", others) == [("tail top", 5), ("tail", 4), ("grade", 3)]
 
 
 def test_make_room_without_a_grade_in_the_way_moves_nothing():
-    assert plan.make_room(Span(2, 0, 10), "s", strips_at((3, 0, 10))) == []
-    assert plan.make_room(Span(2, 0, 10), "s", strips_at((3, 20, 30), kind="ADJUSTMENT")) == []
+    assert channels.make_room(Span(2, 0, 10), "s", strips_at((3, 0, 10))) == []
+    assert channels.make_room(Span(2, 0, 10), "s", strips_at((3, 20, 30), kind="ADJUSTMENT")) == []
 
 
 def test_make_room_at_the_top_channel_is_one_sentence():
-    others = [plan.Neighbour("grade", Span(plan.MAX_CHANNEL, 0, 10), "ADJUSTMENT")]
+    others = [channels.Neighbour("grade", Span(channels.MAX_CHANNEL, 0, 10), "ADJUSTMENT")]
     with pytest.raises(UserError, match="'grade' is on channel 128, the top channel"):
-        plan.make_room(Span(plan.MAX_CHANNEL - 1, 0, 10), "s", others)
+        channels.make_room(Span(channels.MAX_CHANNEL - 1, 0, 10), "s", others)
 
 
 # --------------------------------------------------------------------------- GPU memory
@@ -859,22 +946,22 @@ GPU = {"name": "NVIDIA L4", "total_bytes": 24 * 2**30, "free_bytes": 23 * 2**30,
 
 
 def test_the_servers_gpu_in_one_line():
-    assert plan.gpu_text({"gpu": GPU}) == "GPU NVIDIA L4, 24.0 GiB (23.0 GiB free)"
-    assert plan.gpu_text({"gpu": {**GPU, "name": "assumed 16 GB", "total_bytes": 16 * 10**9,
+    assert server_hello.gpu_text({"gpu": GPU}) == "GPU NVIDIA L4, 24.0 GiB (23.0 GiB free)"
+    assert server_hello.gpu_text({"gpu": {**GPU, "name": "assumed 16 GB", "total_bytes": 16 * 10**9,
                                   "assumed": True}}) == "GPU assumed 16 GB, 14.9 GiB"
-    assert plan.gpu_text({"gpu": None}) == plan.gpu_text({}) == ""
+    assert server_hello.gpu_text({"gpu": None}) == server_hello.gpu_text({}) == ""
 
 
 def test_the_memory_line_sets_the_predicted_peak_against_the_servers_gpu():
     fits = {"type": "plan", "gpu": GPU, "fits": True, "peak_bytes": 30 * 2**30,
             "predicted_peak_bytes": int(12.8 * 2**30),
             "savers": ["gradient_checkpointing", "vae_slice_1"], "message": None}
-    assert plan.memory_line(fits) == ("Predicted peak 12.8 GiB of 23.0 GiB GPU memory, with "
+    assert memory_plan.memory_line(fits) == ("Predicted peak 12.8 GiB of 23.0 GiB GPU memory, with "
                                       "gradient checkpointing, vae slice 1.")
-    assert plan.memory_line({**fits, "savers": []}) == "Predicted peak 12.8 GiB of 23.0 GiB GPU memory."
+    assert memory_plan.memory_line({**fits, "savers": []}) == "Predicted peak 12.8 GiB of 23.0 GiB GPU memory."
     refusal = "This edit needs about 30.0 GiB of GPU memory even with every saver on, and 23.0 GiB are free; edit fewer frames per window (--window-frames), a smaller --width/--height, or use a GPU with more memory."
-    assert plan.memory_line({**fits, "fits": False, "message": refusal}) == refusal
-    assert plan.memory_line({**fits, "predicted_peak_bytes": None}) == (
+    assert memory_plan.memory_line({**fits, "fits": False, "message": refusal}) == refusal
+    assert memory_plan.memory_line({**fits, "predicted_peak_bytes": None}) == (
         "Not planned (memory 'off'); the server's GPU has 23.0 GiB.")
-    assert plan.memory_line({"type": "plan", "gpu": None, "fits": True}) == (
+    assert memory_plan.memory_line({"type": "plan", "gpu": None, "fits": True}) == (
         "The server has no GPU to plan for (it runs on a CPU).")

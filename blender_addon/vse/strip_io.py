@@ -14,7 +14,12 @@ import os
 import shutil
 from pathlib import Path
 
-from . import compat, placement, plan, pngio
+from ..rules.channels import Neighbour, Span, check_source, free_channel
+from ..rules.errors import UserError
+from ..rules.frames import render_percentage, rendered_size, retime_indices
+from ..rules.names import frame_file_names
+from ..rules.regions import REGION_MASK, MatteFrame, Region
+from . import compat, placement, pngio
 
 RENDER_FILE = "source_{:05d}.png"
 
@@ -46,14 +51,14 @@ class Snapshot:
             raise RuntimeError("could not restore " + "; ".join(failures))
 
 
-def strip_span(strip) -> plan.Span:
+def strip_span(strip) -> Span:
     """A strip's channel and visible frames."""
-    return plan.Span(strip.channel, strip.frame_final_start, strip.frame_final_end)
+    return Span(strip.channel, strip.frame_final_start, strip.frame_final_end)
 
 
-def neighbours(scene) -> list[plan.Neighbour]:
+def neighbours(scene) -> list[Neighbour]:
     """Every top-level strip, for choosing the result's channel."""
-    return [plan.Neighbour(other.name, strip_span(other), other.type,
+    return [Neighbour(other.name, strip_span(other), other.type,
                            tuple(source.name for source in (getattr(other, "input_1", None),
                                                             getattr(other, "input_2", None))
                                  if source is not None))
@@ -89,15 +94,15 @@ def missing_media(strip) -> str:
 
 
 def source_strip(scene):
-    """The active strip if it can be transferred; raise plan.UserError otherwise."""
+    """The active strip if it can be transferred; raise UserError otherwise."""
     strip = compat.active_strip(scene) if scene is not None else None
     if strip is None:
-        plan.check_source(None, "", None, False)
+        check_source(None, "", None, False)
     top_names = {other.name for other in compat.top_strips(scene.sequence_editor)}
     if strip.name not in top_names:
-        raise plan.UserError(f"The active strip {strip.name!r} is inside a meta strip; leave the "
+        raise UserError(f"The active strip {strip.name!r} is inside a meta strip; leave the "
                              f"meta strip (Tab) and select the meta strip itself.")
-    plan.check_source(strip.type, strip.name, strip_span(strip), strip_is_hidden(scene, strip),
+    check_source(strip.type, strip.name, strip_span(strip), strip_is_hidden(scene, strip),
                       missing_media(strip))
     return strip
 
@@ -142,8 +147,8 @@ def placement_of(scene, strip) -> placement.Placement:
 
 def render_size(scene, place: placement.Placement, max_size: int) -> tuple[int, int]:
     """The pixel size of the frames sent."""
-    percentage = plan.render_percentage(place.width, place.height, max_size)
-    return plan.rendered_size(place.width, place.height, percentage)
+    percentage = render_percentage(place.width, place.height, max_size)
+    return rendered_size(place.width, place.height, percentage)
 
 
 def _show_alone(snapshot: Snapshot, scene, strip, place: placement.Placement,
@@ -171,7 +176,7 @@ def _show_alone(snapshot: Snapshot, scene, strip, place: placement.Placement,
         snapshot.set(strip, "use_flip_x", False)
         snapshot.set(strip, "use_flip_y", False)
     snapshot.set(render, "resolution_percentage",
-                 plan.render_percentage(place.width, place.height, max_size))
+                 render_percentage(place.width, place.height, max_size))
     snapshot.set(render, "use_sequencer", True)
     snapshot.set(render, "use_compositing", False)
     snapshot.set(render, "use_stamp", False)
@@ -212,7 +217,7 @@ def render_frames(scene, strip, frames: list[int], folder: str, first_index: int
             scene.render.filepath = path
             bpy.ops.render.render(write_still=True, scene=scene.name)
             if not os.path.isfile(path):
-                raise plan.UserError(f"Blender rendered no image for frame {frame} of "
+                raise UserError(f"Blender rendered no image for frame {frame} of "
                                      f"{strip.name!r}; check that the strip shows a picture there.")
             paths.append(path)
     finally:
@@ -225,9 +230,9 @@ REGION_FILE = "region_{:05d}.png"
 TEMPORARY_MASK_STRIP = "Understudy region"  # a Mask's strip, only while it renders
 
 
-def render_region_frames(scene, region: plan.Region, span: plan.Span, frames: list[int],
+def render_region_frames(scene, region: Region, span: Span, frames: list[int],
                          folder: str, first_index: int, place: placement.Placement,
-                         max_size: int) -> list[plan.MatteFrame]:
+                         max_size: int) -> list[MatteFrame]:
     """Render the region over these timeline frames, as the source is rendered (same
     size and framing, the region alone), and keep each frame as a grey PNG (white =
     subject, REGION_FILE numbered from first_index + 1); returns what the checks need.
@@ -241,20 +246,20 @@ def render_region_frames(scene, region: plan.Region, span: plan.Span, frames: li
     added = None
     shown = Snapshot()  # a muted matte (or its muted channel) shows while it renders
     try:
-        if region.kind == plan.REGION_MASK:
+        if region.kind == REGION_MASK:
             mask = bpy.data.masks.get(region.name)
             if mask is None:
-                raise plan.UserError(f"The mask {region.name!r} was deleted; pick the Mask that "
+                raise UserError(f"The mask {region.name!r} was deleted; pick the Mask that "
                                      f"outlines the subject again.")
             added = compat.top_strips(editor).new_mask(
-                name=TEMPORARY_MASK_STRIP, mask=mask, channel=plan.free_channel(span, neighbours(scene)),
+                name=TEMPORARY_MASK_STRIP, mask=mask, channel=free_channel(span, neighbours(scene)),
                 frame_start=span.start)
             strip = added
         else:
             strip = next((other for other in compat.top_strips(editor)
                           if other.name == region.name), None)
             if strip is None:
-                raise plan.UserError(f"The matte strip {region.name!r} was deleted; pick the "
+                raise UserError(f"The matte strip {region.name!r} was deleted; pick the "
                                      f"strip that shows the subject again.")
             shown.set(strip, "mute", False)
             shown.set(editor.channels[strip.channel], "mute", False)
@@ -268,7 +273,7 @@ def render_region_frames(scene, region: plan.Region, span: plan.Span, frames: li
         grey = pngio.matte_grey(read_rgba(path))
         Path(folder, REGION_FILE.format(index + 1)).write_bytes(pngio.encode_grey(grey))
         os.remove(path)
-        checked.append(plan.MatteFrame.of(grey))
+        checked.append(MatteFrame.of(grey))
     return checked
 
 
@@ -279,8 +284,8 @@ def write_result_frames(frames: list[bytes], folder: str, length: int) -> list[s
     are held evenly so the strip still matches the source's length.
     """
     os.makedirs(folder, exist_ok=True)
-    names = plan.frame_file_names(length)
-    for name, index in zip(names, plan.retime_indices(len(frames), length), strict=True):
+    names = frame_file_names(length)
+    for name, index in zip(names, retime_indices(len(frames), length), strict=True):
         Path(folder, name).write_bytes(frames[index])
     return names
 

@@ -2,17 +2,18 @@
 
 The client lives in the project's `shared/` package. The built extension carries a
 copy of it inside (`<extension>/shared/`); a development checkout imports the
-project's own. Either way every failure leaves here as a plan.UserError whose text
-is the one sentence Blender shows.
+project's own. Either way every failure leaves here as a UserError whose text is the
+one sentence Blender shows, with the client's error code kept (`error.code`,
+shared/errors.py ErrorCode) so a caller can tell one failure from another.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import plan
-from .plan import UserError
-from .vendored import shared_module
+from ..rules.errors import UserError
+from ..rules.server_hello import server_backbone
+from ..vendored import shared_module
 
 
 def client_api():
@@ -77,14 +78,15 @@ def close_all() -> None:
 
 
 def guarded(action):
-    """Run a client call; turn its errors into plan.UserError with one sentence."""
+    """Run a client call; turn its errors into UserError with one sentence (a client
+    error's code kept)."""
     import zmq
 
     api = client_api()
     try:
         return action()
     except api.ClientError as error:
-        raise UserError(str(error)) from error
+        raise UserError(str(error), error.code) from error
     except (OSError, zmq.ZMQError) as error:
         raise UserError(f"Talking to the Understudy server failed ({error}); check that it is "
                         f"running and the address in the preferences.") from error
@@ -95,7 +97,7 @@ def describe_server(hello: dict) -> str:
     model = hello.get("model", "unknown model")
     device = hello.get("device", "unknown device")
     version = hello.get("v", "?")
-    backbone = plan.server_backbone(hello)
+    backbone = server_backbone(hello)
     if backbone:
         width, height = backbone["native_size"]
         model = (f"{model} ({backbone['name']}, {width}x{height}, "

@@ -1,0 +1,59 @@
+"""What the panel says of a job: its progress, a lost server, how its result was made.
+
+Plain Python (no bpy).
+"""
+
+from __future__ import annotations
+
+from ..vendored import shared_module
+from .states import ACTIVE, COLLECT_HINT, Phase, Status
+
+SIDECAR = shared_module("sidecar")  # shared/sidecar.py: how a result was made
+
+
+def progress_text(status: str, phase: str, percent: float) -> str:
+    """What the progress bar says: 'sampling 40%', 'queued', 'waiting for the server'."""
+    if phase == Phase.WAITING and status in ACTIVE:
+        return "waiting for the server"
+    if status == Status.SUBMITTED:
+        return "queued"
+    if status in (Status.RUNNING, Status.RENDERING, Status.PLACING):
+        return f"{phase or status} {percent:.0f}%"
+    if status == Status.UNPLACED:
+        return "not placed"
+    return str(status)
+
+
+def lost_server_message(error: str) -> str:
+    """After the server stopped answering: the error, and what brings the result in."""
+    return (f"{error.rstrip('.')}; the job may still finish there, so {COLLECT_HINT} once the "
+            f"server is back.")
+
+
+def sidecar_summary(sidecar: dict) -> str:
+    """One line about how a result was made, from the server's sidecar, for the panel:
+    the steps and guided steps the edit used (never the request's automatic None), or
+    the one sentence saying why the sidecar cannot be read; "" before there is one."""
+    if not sidecar:
+        return ""
+    try:
+        record = SIDECAR.Sidecar.from_dict(sidecar)
+    except SIDECAR.SidecarError as error:
+        return str(error)
+    parts = [f"model {record.model}", f"seed {record.seed}",
+             f"{record.steps} steps, {record.guided_steps} guided",
+             "inversion from cache" if record.inversion_from_cache else "inversion computed"]
+    total = sum(value for value in record.timings_s.values() if isinstance(value, int | float))
+    parts.append(f"{total:.1f} s on the server")
+    return ", ".join(parts)
+
+
+def region_summary(sidecar: dict) -> str:
+    """What the panel says of a result's region, from its sidecar ("" without one)."""
+    regions = sidecar.get("regions") if isinstance(sidecar, dict) else None
+    if not isinstance(regions, dict):
+        return ""
+    if not regions.get("composited"):
+        return f"motion {regions.get('motion')}: the whole frame was regenerated"
+    return (f"{regions.get('count')} region(s), grown {regions.get('grow')} px, feathered "
+            f"{regions.get('feather')} px: the plate is kept outside")
