@@ -1,7 +1,7 @@
 """Understudy for Blender's Video Sequence Editor: select a strip, type a prompt, get a new strip.
 
 Blender imports this package and calls `register()`. The Blender-facing modules are
-imported there, not at the top, so the plain-Python ones (rules/, backend/process.py,
+imported there, not at the top, so the plain-Python ones (rules/, connection/process.py,
 ...) can be imported and tested without Blender.
 
 The packages, each importing only those below it:
@@ -9,13 +9,13 @@ The packages, each importing only those below it:
     interface/      operators, panel, preferences and settings: what the editor touches
     job_flow/       jobs.py (the job lists and every state change) and its steps:
                     rendering, following, collecting; file events
-    backend/        the connection (link.py) and the backend on this computer
+    connection/     the client link to a server (link.py) and the backend on this computer
     vse/            the timeline: reading strips, rendering them, placing results
     rules/          plain Python (no bpy): checks, channels, names, the server's replies
     addon.py, vendored.py   this extension's name and preferences; the shared/ package
 """
 
-MODULE_NAMES = ("interface.props", "backend.local", "interface.operators", "job_flow.jobs",
+MODULE_NAMES = ("interface.props", "connection.local", "interface.operators", "job_flow.jobs",
                 "job_flow.files", "interface.ui")
 
 

@@ -438,7 +438,7 @@ MUTANTS: tuple[Mutant, ...] = (
     # --- the extension: its own backend and Make Room (blender_addon/)
     Mutant(
         "a lock whose process is gone (or is no backend) is trusted",
-        "blender_addon/backend/lock.py",
+        "blender_addon/connection/lock.py",
         "    if lock is not None and is_backend_process(lock.pid):",
         "    if lock is not None:",
         ("tests/test_local_backend.py::test_a_stale_lock_is_removed_and_claimed_again",),

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from blender_addon.backend import install as backend_install
-from blender_addon.backend import lock as backend_lock
-from blender_addon.backend import process as backend_process
+from blender_addon.connection import install as backend_install
+from blender_addon.connection import lock as backend_lock
+from blender_addon.connection import process as backend_process
 from tests.blender_support import (
     BLENDER_TIMEOUT_S,
     SCENARIOS,

@@ -15,7 +15,7 @@ import pytest
 
 import build  # the repository's build.py (stdlib only)
 from backend.video import retime_indices as backend_retime_indices
-from blender_addon.backend import link
+from blender_addon.connection import link
 from blender_addon.job_flow import batches
 from blender_addon.rules import (
     channels,
@@ -793,8 +793,8 @@ def test_extension_modules_without_bpy_do_not_import_it():
 
     rules = sorted(f"blender_addon.rules.{path.stem}"
                    for path in (REPO_ROOT / "blender_addon" / "rules").glob("*.py"))
-    plain = [*rules, "blender_addon.backend.link", "blender_addon.backend.install",
-             "blender_addon.backend.lock", "blender_addon.backend.process",
+    plain = [*rules, "blender_addon.connection.link", "blender_addon.connection.install",
+             "blender_addon.connection.lock", "blender_addon.connection.process",
              "blender_addon.vse.strip_io", "blender_addon.vse.compat",
              "blender_addon.vse.placement", "blender_addon.vse.pngio",
              "blender_addon.job_flow.batches"]

@@ -1,4 +1,4 @@
-"""The backend on this computer, as the extension runs it (blender_addon/backend/):
+"""The backend on this computer, as the extension runs it (blender_addon/connection/):
 finding the project, the lock, starting, adopting, restarting once, stopping. Plain
 Python against real `python -m backend serve --model tiny` processes; no Blender."""
 
@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from blender_addon.backend import install as backend_install
-from blender_addon.backend import lock as backend_lock
-from blender_addon.backend import process as backend_process
-from blender_addon.backend.install import LocalSettings
-from blender_addon.backend.lock import Lock
-from blender_addon.backend.process import BackendState, LocalBackend
+from blender_addon.connection import install as backend_install
+from blender_addon.connection import lock as backend_lock
+from blender_addon.connection import process as backend_process
+from blender_addon.connection.install import LocalSettings
+from blender_addon.connection.lock import Lock
+from blender_addon.connection.process import BackendState, LocalBackend
 from blender_addon.rules.errors import UserError
 from tests.conftest import REPO_ROOT
 from tests.server_support import ServerProcess, unused_address

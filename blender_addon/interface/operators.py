@@ -12,8 +12,8 @@ import bpy
 from bpy.props import BoolProperty, StringProperty
 
 from .. import addon
-from ..backend import link
-from ..backend import local as local_backend
+from ..connection import link
+from ..connection import local as local_backend
 from ..job_flow import jobs, rendering
 from ..job_flow.batches import TICK_BUDGET_S
 from ..rules.channels import NoRoomUnderGrade, make_room

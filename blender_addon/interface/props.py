@@ -17,8 +17,8 @@ from bpy.props import (
 )
 
 from .. import addon
-from ..backend import link
-from ..backend import local as local_backend
+from ..connection import link
+from ..connection import local as local_backend
 from ..job_flow import jobs
 from ..rules.channels import Span
 from ..rules.frames import DEFAULT_MAX_RENDER_SIZE

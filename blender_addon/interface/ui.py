@@ -3,7 +3,7 @@
 import bpy
 
 from .. import addon
-from ..backend import local as local_backend
+from ..connection import local as local_backend
 from ..job_flow import jobs
 from ..rules.messages import progress_text
 from ..rules.regions import REGION_MASK, REGION_NONE, REGION_STRIP

@@ -1,7 +1,7 @@
 """Following a job on the server: where it stands, its events, its result, cancelling it.
 
 A step of the job flow: this module only talks to the server about jobs (through
-backend/link.py, every failure one sentence); jobs.py decides what each answer changes
+connection/link.py, every failure one sentence); jobs.py decides what each answer changes
 in the job record, and runs the interface's polling timer. Events reach only the client
 that submitted a job, so jobs from a reopened file (or whose events were missed) are
 also asked about by status every few seconds (`status_due`).
@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .. import addon
-from ..backend import link
+from ..connection import link
 
 POLL_INTERVAL_S = 0.5
 STATUS_EVERY_S = 2.0

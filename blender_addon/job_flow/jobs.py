@@ -19,8 +19,8 @@ import time
 import bpy
 
 from .. import addon
-from ..backend import link
-from ..backend import local as local_backend
+from ..connection import link
+from ..connection import local as local_backend
 from ..rules.errors import UserError
 from ..rules.job_updates import job_update
 from ..rules.messages import lost_server_message, progress_text

@@ -25,7 +25,7 @@ from pathlib import Path
 import bpy
 
 from .. import addon
-from ..backend import link
+from ..connection import link
 from ..rules.channels import Span, result_channel
 from ..rules.errors import UserError, os_reason
 from ..rules.memory_plan import memory_line

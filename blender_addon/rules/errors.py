@@ -1,7 +1,7 @@
 """The extension's error: one sentence the user can act on, and the reason of a file error.
 
 Plain Python (no bpy). The extension's own failures and the client's (ClientError) share
-one root (shared/errors.py UnderstudyError), so one handler catches both; backend/link.py
+one root (shared/errors.py UnderstudyError), so one handler catches both; connection/link.py
 keeps the client's `code`, so a caller can tell one failure from another.
 """
 
