@@ -429,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def command_memory(args: argparse.Namespace) -> int:
     from backend.errors import BadSettingsError
-    from backend.memory_plan import format_plan, plan_edit
+    from backend.memory.planner import format_plan, plan_edit
 
     size = None
     if args.size is not None:
@@ -454,7 +454,7 @@ def command_memory(args: argparse.Namespace) -> int:
                      regions=args.regions)
     report = plan.to_dict()
     if args.gpu_memory_gb is not None:
-        from backend.memory_plan import choose_savers
+        from backend.memory.planner import choose_savers
 
         choice = choose_savers(plan, int(args.gpu_memory_gb * 1e9))
         report["chosen"] = {"savers": list(choice.savers), "peak_bytes": choice.peak_bytes}

@@ -122,8 +122,8 @@ def _memory_checked(where: Local, settings: TransferSettings, clip_frames, regio
     before loading (a local folder) is planned by the engine once loaded."""
     import torch
 
-    from backend.memory_plan import PLANNABLE
-    from backend.memory_savers import MemoryPlanner, gpu_description
+    from backend.memory.planner import PLANNABLE
+    from backend.memory.savers import MemoryPlanner, gpu_description
 
     device = where.device or ("cuda" if torch.cuda.is_available() else "cpu")
     planner = MemoryPlanner(lambda: gpu_description(device, where.assume_gpu_memory_gb))

@@ -30,8 +30,8 @@ UPSCALERS = ("none", "xl")
 MOTIONS = ("subject", "camera")
 MEMORY_MODES = ("auto", "off")
 # The GPU-memory savers, cheapest first: the order `--memory auto` turns them on in, each
-# with every one before it. The plan (backend/memory_plan.py), the engine
-# (backend/memory_savers.py), the server's hello, the command line and the sidecar all
+# with every one before it. The plan (backend/memory/planner.py), the engine
+# (backend/memory/savers.py), the server's hello, the command line and the sidecar all
 # name them from here.
 MEMORY_SAVERS = ("gradient_checkpointing", "vae_slice_1", "text_encoder_offload", "vae_offload",
                  "sequential_offload")

@@ -9,8 +9,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, UNet3DConditionModel
 
-from backend.memory import CudaAutocast, LiveBytes, fake_world, materialise, measure, rounded
-from backend.memory_plan import plan_edit
+from backend.memory.counter import CudaAutocast, LiveBytes, fake_world, materialise, measure, rounded
+from backend.memory.planner import plan_edit
 from backend.method.engine import load_engine
 from shared.settings import TransferSettings
 
@@ -191,7 +191,7 @@ def test_memory_command_prints_the_plan(capsys: pytest.CaptureFixture[str]) -> N
 def test_memory_auto_takes_the_cheapest_savers_that_fit() -> None:
     """Peak 20, checkpointing → 12, VAE slice 1 → 11, offloads (predicted only) → 9."""
     from backend.errors import TooBigForGpuError
-    from backend.memory_plan import MemoryPlan, SaverChoice, choose_savers
+    from backend.memory.planner import MemoryPlan, SaverChoice, choose_savers
 
     gib = 2**30
     plan = MemoryPlan(model="m", device="cuda", dtype="float16", frames=24, size=(576, 320), windows=1,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from backend.errors import TooBigForGpuError
-from backend.memory_savers import MemoryPlanner, offloads_applied, with_savers
+from backend.memory.savers import MemoryPlanner, offloads_applied, with_savers
 from backend.method.engine import load_engine
 from shared.settings import MEMORY_SAVERS, TransferSettings
 
@@ -140,7 +140,7 @@ def test_an_out_of_memory_error_names_the_plans_figure(engine) -> None:  # noqa:
     """A CUDA out-of-memory error that still happens is one sentence with the plan's
     prediction and the budget, so the estimate can be corrected."""
     from backend.errors import OutOfMemoryError
-    from backend.memory_plan import readable
+    from backend.memory.planner import readable
 
     settings = TransferSettings(**QUICK)
     engine.memory = MemoryPlanner(lambda: {"budget_bytes": 10**12})

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.memory_savers import MemoryPlanner
+from backend.memory.savers import MemoryPlanner
 from backend.server.requests import PLANNING_BUG
 from shared import protocol
 from shared.client import Client, JobRejected, PlanPending, ServerUnavailable, UnknownJob

@@ -201,7 +201,7 @@ class EngineActor:
         a CPU without an assumed figure, or without a model."""
         if self.engine is None:
             return None
-        from backend.memory_savers import gpu_description
+        from backend.memory.savers import gpu_description
 
         return gpu_description(str(self.engine.backbone.device), self.spec.assume_gpu_memory_gb)
 
@@ -225,7 +225,7 @@ class DecidedMemory:
 
     @classmethod
     def from_dict(cls, record: dict[str, Any]) -> DecidedMemory:
-        from backend.memory_savers import MemoryDecision
+        from backend.memory.savers import MemoryDecision
 
         return cls(MemoryDecision(tuple(record["savers"]), int(record["predicted_peak_bytes"]),
                                   int(record["budget_bytes"])))

@@ -86,8 +86,8 @@ from backend.video import resize_frames, retime_frames, sample_indices
 from shared.settings import TransferSettings
 from shared.sidecar import Sidecar
 
-if TYPE_CHECKING:  # backend/memory_savers.py imports the engine (the plan runs its calls)
-    from backend.memory_savers import MemoryPlanner
+if TYPE_CHECKING:  # backend/memory/savers.py imports the engine (the plan runs its calls)
+    from backend.memory.savers import MemoryPlanner
 
 OUT_OF_MEMORY = (
     "The GPU ran out of memory; try --gradient-checkpointing, fewer --frames, a smaller "
@@ -130,7 +130,7 @@ class Engine:
         self.cache = InversionCache(cache_dir, cache_max_bytes or DEFAULT_CACHE_MAX_BYTES)
         self.model_passes: Counter[tuple[str, str]] = Counter()
         self.upscaler = upscaler
-        # `--memory auto` (backend/memory_savers.py): set by the server and the command
+        # `--memory auto` (backend/memory/savers.py): set by the server and the command
         # line when there is a GPU to fit; None plans nothing.
         self.memory: MemoryPlanner | None = None
 
@@ -189,7 +189,7 @@ class Engine:
             masks = masks if hasattr(masks, "shape") else np.asarray(masks)  # (a list of arrays)
             check_region_masks_shape(masks.shape, len(clip_frames), frame_size)
         framing = self.framing_for(settings, frame_size)
-        from backend.memory_savers import offloads_applied, out_of_memory_sentence, with_savers
+        from backend.memory.savers import offloads_applied, out_of_memory_sentence, with_savers
 
         memory = None if self.memory is None else self.memory.decide(
             self.backbone, settings, len(clip_frames), frame_size,

@@ -1,6 +1,6 @@
 """`python -m backend bench --memory`: the memory plan against a real edit on a GPU.
 
-One process, one model (loaded on CUDA), one clip. The plan (backend/memory_plan.py)
+One process, one model (loaded on CUDA), one clip. The plan (backend/memory/planner.py)
 of the edit is made first, from the loaded model's architecture; then the edit runs
 for real while each of the engine's calls that the plan measures is wrapped to read
 `torch.cuda.max_memory_allocated` over that call alone:
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from backend.errors import UnderstudyError
-from backend.memory_plan import PHASES, plan_edit
+from backend.memory.planner import PHASES, plan_edit
 from backend.method.engine import Engine
 from shared.settings import TransferSettings
 

@@ -7,7 +7,7 @@
         ...the edit...
 
 The savers, cheapest first (shared/settings.py MEMORY_SAVERS; each is taken only with
-every one before it, as the plan predicts them, backend/memory_plan.py):
+every one before it, as the plan predicts them, backend/memory/planner.py):
 
     gradient_checkpointing   the setting: guidance recomputes activations in backward
     vae_slice_1              the setting vae_slice = 1: the VAE takes one frame at a time
@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from backend.backbones.base import Backbone
-from backend.memory_plan import MemoryPlan, choose_savers, plan_edit, readable, shell_backbone
+from backend.memory.planner import MemoryPlan, choose_savers, plan_edit, readable, shell_backbone
 from backend.method.engine import Engine
 from shared.settings import MEMORY_SAVERS, TransferSettings
 

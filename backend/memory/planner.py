@@ -6,7 +6,7 @@
     plan.savers              # what each saver, turned on cheapest first, brings the peak to
 
 The backbone is built on the meta device (no weights) and given fake storage
-(backend/memory.py); then the Engine's own calls run on it, once per phase, while
+(backend/memory/counter.py); then the Engine's own calls run on it, once per phase, while
 LiveBytes counts what is alive:
 
     embed      Engine._embed of the source, target and negative prompts
@@ -77,8 +77,8 @@ from backend.backbones.zeroscope import (
     build_zeroscope_random_components,
 )
 from backend.errors import ModelNotFoundError
-from backend.memory import CUDA_BLOCK_BYTES, CudaAutocast, LiveBytes, fake_world, measure, rounded
-from backend.memory_cpu import CpuConvolutionScratch, host_frames
+from backend.memory.counter import CUDA_BLOCK_BYTES, CudaAutocast, LiveBytes, fake_world, measure, rounded
+from backend.memory.cpu_terms import CpuConvolutionScratch, host_frames
 from backend.method.engine import Engine, Procedure, _full_prompt, _Reporter
 from shared.settings import MEMORY_SAVERS, TransferSettings
 
@@ -132,7 +132,7 @@ def plan_edit(model: str | Backbone, frames: int | None = None, size: tuple[int,
     (default: the backbone's for that device). `model` is a name (PLANNABLE) or a loaded
     backbone, whose architecture is planned in its own dtype (`dtype` is not read).
     `regions`: the edit's region count (masks of the clip's `source_size`, else `size`).
-    A CPU plan adds the memory no tensor holds (backend/memory_cpu.py) unless
+    A CPU plan adds the memory no tensor holds (backend/memory/cpu_terms.py) unless
     `host_terms` is False: tensors only, to set against a counter of tensors."""
     torch_device = torch.device(device)
     settings = settings or TransferSettings(prompt="a plan", source_prompt="a plan")
@@ -621,7 +621,7 @@ def format_plan(plan: MemoryPlan) -> str:
 # --------------------------------------------------------------------------- --memory auto
 
 APPLIED_SAVERS = SAVERS
-"""The savers the engine turns on (backend/memory_savers.py): all of them."""
+"""The savers the engine turns on (backend/memory/savers.py): all of them."""
 
 
 @dataclass(frozen=True)
