@@ -450,8 +450,10 @@ def command_memory(args: argparse.Namespace) -> int:
                                 vae_slice=args.vae_slice, window_frames=args.window_frames)
     if args.regions < 0:
         raise BadSettingsError(f"--regions {args.regions} is negative; give 0 or more regions.")
-    plan = plan_edit(args.model, frames, size, args.device, args.dtype, settings, source_size,
-                     regions=args.regions)
+    from backend.edit import engine_phases
+
+    plan = plan_edit(engine_phases, args.model, frames, size, args.device, args.dtype, settings,
+                     source_size, regions=args.regions)
     report = plan.to_dict()
     if args.gpu_memory_gb is not None:
         from backend.memory.planner import choose_savers

@@ -240,6 +240,11 @@ class TransferSettings:
                   if name in SPECS and getattr(self, name) is None}
         return dataclasses.replace(self, **chosen)
 
+    def full_prompt(self, prompt: str) -> str:
+        """A prompt as the model reads it: `prompt_prefix` + prompt (the reference
+        prefixes prompts with a quality phrase); an empty prompt stays empty."""
+        return self.prompt_prefix + prompt if prompt else ""
+
     def guided_step_count(self) -> int:
         """How many of the first steps are guided: `guided_steps` if set, else as the
         reference counts its fraction, steps − ⌊steps·(1 − guided_fraction)⌋

@@ -311,8 +311,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "the denoising step gets the unguided latent",
         "backend/method/engine.py",
-        "latent = self._guide(latent, timestep,",
-        "self._guide(latent, timestep,",
+        "latent = self.guide(latent, timestep,",
+        "self.guide(latent, timestep,",
         ("tests/test_engine.py::test_guided_steps_change_the_result_and_denoising_gets_the_guided_latent",),
     ),
     Mutant(

@@ -1,10 +1,10 @@
-"""The memory savers, applied: `--memory auto` plans an edit and turns on what it needs.
+"""The memory savers, applied: what `--memory auto` decided for an edit, turned on in it.
 
-    planner = MemoryPlanner(lambda: gpu_description("cuda", None))  # or assume_gb=16
-    decision = planner.decide(backbone, settings, clip_length, (width, height))
-    settings = with_savers(settings, decision.savers)
-    with offloads_applied(backbone, decision.savers):
-        ...the edit...
+    decision = planner.decide(...)          # by whoever plans (backend/memory/planner.py)
+    result = engine.transfer(clip, settings, savers=decision)   # which, inside, does
+        settings = with_savers(settings, decision.savers)
+        with offloads_applied(backbone, decision.savers):
+            ...the edit...
 
 The savers, cheapest first (shared/settings.py MEMORY_SAVERS; each is taken only with
 every one before it, as the plan predicts them, backend/memory/planner.py):
@@ -26,9 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import logging
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -36,19 +33,11 @@ from typing import Any
 import torch
 
 from backend.backbones.base import Backbone
-from backend.memory.planner import MemoryPlan, choose_savers, plan_edit, readable, shell_backbone
-from backend.method.engine import Engine
 from shared.settings import MEMORY_SAVERS, TransferSettings
-
-log = logging.getLogger("understudy.memory")
 
 SETTING_SAVERS = {"gradient_checkpointing": {"gradient_checkpointing": True},
                   "vae_slice_1": {"vae_slice": 1}}
 OFFLOAD_SAVERS = ("text_encoder_offload", "vae_offload", "sequential_offload")
-# Settings that change no memory figure: left out of the plan cache's key.
-NOT_PLANNED = ("prompt", "source_prompt", "negative_prompt", "prompt_prefix", "seed", "lr_start",
-               "lr_end", "cfg_scale", "loss", "init", "restart", "memory", "output_frames",
-               "upscale_strength", "frame_limit", "num_frames", "start")  # frames: keyed apart
 
 Move = Callable[[torch.nn.Module, torch.device], Any]
 
@@ -166,89 +155,11 @@ class MemoryDecision:
         return {"savers": list(self.savers), "predicted_peak_bytes": self.predicted_peak_bytes,
                 "budget_bytes": self.budget_bytes}
 
-
-class MemoryPlanner:
-    """Plans edits against one GPU's memory and keeps the plans (a plan runs the
-    engine's calls on fake tensors: seconds for a tiny model, tens of seconds for a
-    full one), keyed by the model, the frames, the clip's size and every setting that
-    changes a figure. Thread-safe: the server plans on its main thread and the job
-    thread asks again (a cache hit) when the job runs.
-
-    gpu: the GPU as it is now (gpu_description); its budget_bytes is the memory an edit
-    may take (serve --assume-gpu-memory-gb, or the CUDA device's free memory plus what
-    this process already holds). None: no GPU to fit, nothing is planned."""
-
-    def __init__(self, gpu: Callable[[], dict[str, Any] | None], device: str | None = None) -> None:
-        self.gpu = gpu
-        self.device = device  # the device planned for; None: the backbone's
-        self._plans: dict[str, MemoryPlan] = {}
-        self._lock = threading.Lock()
-
-    def plan(self, model: Backbone | str, settings: TransferSettings, frames: int,
-             frame_size: tuple[int, int] | None, device: str | None = None,
-             dtype: str | None = None, regions: int = 0) -> MemoryPlan:
-        """The plan of editing `frames` frames of a clip of frame_size (width, height) with
-        a loaded backbone, or with a model not loaded yet (a PLANNABLE name, on `device`
-        in `dtype`): the same plan either way, so the command line's check before
-        loading is the engine's cache hit after.
-
-        Planned for planned_frames(frames) frames (a bound from above: memory grows with
-        the frames) at the size the framing gives the model, so clips of many lengths and
-        sizes share a few plans. `regions`: how many regions (masks) the edit has."""
-        shell = model if isinstance(model, Backbone) else shell_backbone(
-            model, torch.device(device or "cuda"), dtype)
-        device = device or self.device or str(shell.device)
-        settings = settings.resolved(shell.facts.defaults)
-        size = (Engine(shell).framing_for(settings, frame_size).model_size if frame_size
-                else (settings.width, settings.height))
-        frames = planned_frames(frames, settings.window_frames, settings.window_overlap)
-        relevant = {name: value for name, value in settings.to_dict().items() if name not in NOT_PLANNED}
-        key = json.dumps([shell.model_id, str(shell.dtype), device, frames, size, relevant,
-                          regions, frame_size if regions else None], sort_keys=True)
-        with self._lock:
-            if key not in self._plans:
-                self._plans[key] = plan_edit(shell, frames, size, device, None, settings,
-                                             frame_size if regions else None, regions=regions)
-            return self._plans[key]
-
-    def warm(self, backbone: Backbone) -> None:
-        """Plan the model's own clip (its window at its native size, default settings)
-        ahead of the first job, when there is a GPU to plan for (serve runs this in a
-        thread at start, so the usual first submit finds its plan made)."""
-        if self.gpu() is None:
-            return
-        settings = TransferSettings(prompt="a plan").resolved(backbone.facts.defaults)
-        try:
-            self.plan(backbone, settings, settings.window_frames, None)
-        except Exception:  # a plan that fails here fails again, in one sentence, at submit
-            log.exception("Planning the model's own clip ahead of the first job failed.")
-
-    def decide(self, model: Backbone | str, settings: TransferSettings, clip_length: int,
-               frame_size: tuple[int, int] | None, device: str | None = None,
-               dtype: str | None = None, regions: int = 0) -> MemoryDecision | None:
-        """The savers an edit of a clip of `clip_length` frames of frame_size with
-        `regions` regions needs on this GPU; None with `memory` "off" or no GPU.
-        TooBigForGpuError (one sentence) when even every saver leaves it too big."""
-        from backend.method.engine import frames_to_edit
-
-        gpu = self.gpu() if settings.memory == "auto" else None
-        if gpu is None:
-            return None
-        frames = frames_to_edit(settings, clip_length)
-        plan = self.plan(model, settings, frames, frame_size, device, dtype, regions)
-        choice = choose_savers(plan, gpu["budget_bytes"], MEMORY_SAVERS)
-        return MemoryDecision(choice.savers, choice.peak_bytes, gpu["budget_bytes"])
-
-
-def planned_frames(frames: int, window: int, overlap: int) -> int:
-    """The frame count a clip of `frames` is planned for: the next power of two up to
-    one window (2, 4, 8, 16, …, window), then whole strides of windows, window + k·(window
-    − overlap). Memory only grows with the frames, so the plan bounds the clip's from
-    above; 24-frame ZeroScope windows give 2, 4, 8, 16, 24, 40, 56, …, 248."""
-    if frames <= window:
-        return min(window, 1 << max(1, (frames - 1).bit_length()))
-    stride = max(1, window - overlap)
-    return window + -(-(frames - window) // stride) * stride
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> MemoryDecision:
+        """The decision back from its record (as a Ray worker receives it)."""
+        return cls(tuple(record["savers"]), int(record["predicted_peak_bytes"]),
+                   int(record["budget_bytes"]))
 
 
 def out_of_memory_sentence(decision: MemoryDecision | None, base: str) -> str:
@@ -261,18 +172,6 @@ def out_of_memory_sentence(decision: MemoryDecision | None, base: str) -> str:
             f"figures so the plan can be corrected).")
 
 
-def gpu_description(device: str | None, assume_gb: float | None) -> dict[str, Any] | None:
-    """The GPU as the hello reports it: {"name", "total_bytes", "free_bytes", "budget_bytes",
-    "assumed"}; with `assume_gb` (serve --assume-gpu-memory-gb) that many GB, whatever
-    the device; on CUDA the real device's; None on a CPU."""
-    if assume_gb is not None:
-        total = int(assume_gb * 10**9)
-        return {"name": f"assumed {assume_gb:g} GB", "total_bytes": total, "free_bytes": total,
-                "budget_bytes": total, "assumed": True}
-    if device is None or not device.startswith("cuda") or not torch.cuda.is_available():
-        return None
-    index = torch.device(device).index or 0
-    free, total = torch.cuda.mem_get_info(index)
-    held = torch.cuda.memory_reserved(index)  # this process's own, reused by its edits
-    return {"name": torch.cuda.get_device_name(index), "total_bytes": int(total),
-            "free_bytes": int(free), "budget_bytes": int(free + held), "assumed": False}
+def readable(nbytes: int) -> str:
+    """11811160064 → "11.0 GiB"; under a GiB in MiB."""
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as functional
+from torch._subclasses.fake_tensor import is_fake
 
 from backend.method.guidance import pairwise_smm_loss
 from backend.method.region_checks import (  # noqa: F401  (the checks, re-exported)
@@ -207,7 +208,12 @@ def masked_smm(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 def present_frames(weights: torch.Tensor) -> torch.Tensor:
-    """(R, F) bool: the frames in which region r has any weight at a tap's resolution."""
+    """(R, F) bool: the frames in which region r has any weight at a tap's resolution.
+
+    Weights without values (the memory plan's fake tensors, backend/memory/counter.py)
+    cannot say in which frames a region is: it is in all of them, the most the loss reads."""
+    if is_fake(weights):
+        return torch.ones(tuple(weights.shape[:2]), dtype=torch.bool)
     return weights.sum(dim=(-2, -1)) > 0
 
 

@@ -11,7 +11,7 @@ and sends the reply with the request's `req`. The request's own client keeps wai
 (shared/client.py waits up to protocol.PLAN_WAIT_S while the server answers its
 heartbeats); nobody else waits.
 
-One thread is enough: the planner keeps one lock while it plans (backend/memory/savers.py),
+One thread is enough: the planner keeps one lock while it plans (backend/memory/planner.py),
 so a second thread would only queue there. A plan that raises (a bug) ends its own
 request with one sentence; the thread goes on with the next.
 """
@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from backend.memory.planner import MemoryPlan
-    from backend.memory.savers import MemoryDecision, MemoryPlanner
+    from backend.memory.planner import MemoryPlan, MemoryPlanner
+    from backend.memory.savers import MemoryDecision
     from shared.settings import TransferSettings
 
 log = logging.getLogger("understudy.server")

@@ -115,9 +115,10 @@ def measurements(process: subprocess.Popen, timeout_s: float = 900.0) -> list[in
 def planned_growth(edit: Edit) -> int:
     """The plan's prediction of the measured quantity: its peak less the weights resident
     before the edit starts."""
+    from backend.edit import engine_phases
     from backend.memory.planner import plan_edit
 
-    plan = plan_edit(edit.model, edit.frames, edit.size, "cpu", settings=edit.settings())
+    plan = plan_edit(engine_phases, edit.model, edit.frames, edit.size, "cpu", settings=edit.settings())
     return plan.peak_bytes - plan.phases["weights"]
 
 
