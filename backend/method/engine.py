@@ -66,7 +66,7 @@ from backend.memory.savers import (
     out_of_memory_sentence,
     with_savers,
 )
-from backend.method.framing import Framing, frames_for_model, plan_framing
+from backend.method.framing import Framing, choose_framing, frames_for_model
 from backend.method.guidance import lowfreq_init, pairwise_smm_loss
 from backend.method.inversion import DEFAULT_CACHE_MAX_BYTES, InversionCache, SourceState, cache_key
 from backend.method.region_checks import MaskTally, check_region_masks_shape, region_name
@@ -352,7 +352,7 @@ class Engine:
         settings = self.resolve(settings)
         upscale = None if settings.upscale == "none" else (settings.upscale_width, settings.upscale_height)
         try:
-            framing = plan_framing(settings.framing, frame_size, (settings.width, settings.height),
+            framing = choose_framing(settings.framing, frame_size, (settings.width, settings.height),
                                    self.backbone.facts.side_multiple, upscale)
         except ValueError as error:
             raise BadClipError(str(error)) from None
