@@ -192,13 +192,14 @@ def plan_edit(phases_of: PhasesOf, model: str | Backbone, frames: int | None = N
     settings = settings or TransferSettings(prompt="a plan", source_prompt="a plan")
     shell = shell_backbone(model, torch_device, dtype) if isinstance(model, str) else model.meta_copy()
     model = model if isinstance(model, str) else model.model_id
-    resolved = phases_of(shell).resolve(settings)
+    engine = phases_of(shell)
+    resolved = engine.resolve(settings)
     frames = frames or resolved.window_frames
     if size is None:
-        size = (phases_of(shell).framing_for(resolved, source_size).model_size if source_size
+        size = (engine.framing_for(resolved, source_size).model_size if source_size
                 else (resolved.width, resolved.height))
     gpu = torch_device.type == "cuda"
-    box = _region_box(phases_of(shell), resolved, source_size, size) if regions else None
+    box = _region_box(engine, resolved, source_size, size) if regions else None
     cpu_terms = host_terms and not gpu
     with fake_world(CUDA_BLOCK_BYTES if gpu else 1) as (_fake, tracker), _no_numpy(), \
             CpuConvolutionScratch(tracker) if cpu_terms else contextlib.nullcontext(), \
@@ -209,7 +210,6 @@ def plan_edit(phases_of: PhasesOf, model: str | Backbone, frames: int | None = N
         modules = _materialise(shell, tracker)
         if gpu:
             _as_on_cuda(shell)
-        engine = phases_of(shell)
         # The framed size can be under the settings' least side (a wide clip 64 px high
         # under fit): set as the engine's framing sets it, without checking it again.
         resolved = _unchecked(engine.resolve(settings), width=size[0], height=size[1])

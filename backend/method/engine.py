@@ -441,9 +441,12 @@ class Engine:
         window_output = window_output or model_output
 
         def inversion_output(latent: torch.Tensor, timestep: Timestep) -> torch.Tensor:
+            def window_done(k: int) -> None:
+                report("invert", step_of[timestep] * len(windows) + k + 1,
+                       len(inversion) * len(windows))
+
             return blend_windowed(lambda piece, _window: window_output(piece, timestep), latent,
-                                  windows, after_window=lambda k: report(
-                "invert", step_of[timestep] * len(windows) + k + 1, len(inversion) * len(windows)))
+                                  windows, after_window=window_done)
 
         inverted, noisiest_timestep, noisiest = b.schedule.invert(
             inversion_output, source_latent, settings.steps, settings.inversion_steps)
@@ -526,32 +529,32 @@ class Engine:
                 if regions is not None:
                     with torch.no_grad():
                         source_features = [self.source_features(source, timestep, source_embedding,
-                                                                 window, report, regions)
+                                                                window, report, regions)
                                            for window in windows]
                 elif procedure.cache_source_features:
                     source_features = source.features[timestep]
                 else:
                     with torch.no_grad():
                         source_features = [self.source_features(source, timestep, source_embedding,
-                                                                 window, report) for window in windows]
+                                                                window, report) for window in windows]
                 latent = self.guide(latent, timestep, target, source_features, windows,
                                     learning_rates[index], settings, report, regions, procedure)
             # 3c. One CFG step, t → t_next (then, with a kept plate, the blend at t_next).
             next_timestep = None if is_last else timesteps[index + 1]
             latent = self.denoise(latent, steps, index, target, negative, settings.cfg_scale,
-                                   windows, report, None if restarts else step_done)
+                                  windows, report, None if restarts else step_done)
             latent = self.keep_plate(latent, source, next_timestep, regions)
             # 3d. Restart: re-noise t_next → t (the schedule's forward process), then step again.
             if restarts:
                 latent = schedule.restart(latent, steps, index, generator)
                 latent = self.denoise(latent, steps, index, target, negative, settings.cfg_scale,
-                                       windows, report, step_done)
+                                      windows, report, step_done)
                 latent = self.keep_plate(latent, source, next_timestep, regions)
         return latent
 
     @staticmethod
     def keep_plate(latent: torch.Tensor, source: SourceState, timestep: Timestep | None,
-                    regions: EditRegions | None) -> torch.Tensor:
+                   regions: EditRegions | None) -> torch.Tensor:
         """z = m_lat·z + (1 − m_lat)·z_src(t) with z_src(t) the source's inverted latent at
         `timestep` (None: the clean end, z₀); the latent itself without a kept plate."""
         if regions is None or regions.latent is None:
@@ -655,11 +658,15 @@ class Engine:
         return self.backbone.scales_loss()
 
     def predict(self, latent: torch.Tensor, timestep: Timestep, embedding: torch.Tensor,
-                 phase: str) -> torch.Tensor:
+                phase: str) -> torch.Tensor:
+        """The model's output (ε or velocity) for a latent piece (B, C, F', h, w) at
+        `timestep` with one embedding (B, L, E): the piece's shape. Counted in
+        model_passes under (phase, "full")."""
         self.model_passes[phase, "full"] += latent.shape[0]
         return self.backbone.predict(latent, timestep, embedding)
 
     def embed(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts (already prefixed: TransferSettings.full_prompt) → (len(prompts), L, E)."""
         return self.backbone.embed(prompts)
 
     def encode(self, frames: np.ndarray, frames_per_slice: int) -> torch.Tensor:
@@ -667,7 +674,7 @@ class Engine:
         return self.backbone.encode(frames, frames_per_slice)
 
     def decode(self, latent: torch.Tensor, frames_per_slice: int, report: Reporter,
-                phase: str = "decode", done: int = 0, total: int | None = None) -> np.ndarray:
+               phase: str = "decode", done: int = 0, total: int | None = None) -> np.ndarray:
         """z₀ (1, C, F', h, w) → (F, H, W, 3) uint8; reports (phase, done + slices decoded,
         total or the slice count)."""
         slices = self.backbone.decode_slices(latent, frames_per_slice)
@@ -723,7 +730,7 @@ class Engine:
                 report("upscale", 1 + index * len(windows) + k + 1, total)
 
             latent = self.denoise(latent, steps, first + index, target, negative, settings.cfg_scale,
-                                   windows, report, step_done)
+                                  windows, report, step_done)
         # 5d.
         return self.decode(latent, settings.vae_slice, report, "upscale",
                             1 + len(timesteps) * len(windows), total)
