@@ -16,8 +16,15 @@
                    (`offloads_applied`) and the out-of-memory sentence
 
 Which way it imports: from backend.backbones, backend.errors, backend.results,
-backend.video and shared/ only, never from backend.method (the layer above: the engine
-applies the savers it is handed and plans nothing). Within the package, planner.py
-may import the other modules; savers.py, counter.py and cpu_terms.py import no
-planner; nothing imports planner.py back.
+backend.video and shared/ only, never from backend.method, directly or lazily. The
+method sits above: the engine imports savers.py (it applies the savers it is handed
+and plans nothing) and regions.py asks counter.py whether tensor values are known
+(`values_unknown`). Within the package planner.py imports the other modules and none
+imports it back; cpu_terms.py imports counter.py; savers.py, phases.py and counter.py
+import nothing of the package.
+
+Who plans: the command line (`memory`, and `transfer`'s check before loading), the
+server (backend/server/app.py, requests.py, worker.py through planning.py's
+ServerMemory), the Ray gateway (backend/cluster/gateway.py) and the tools; each hands
+the planner backend/edit.py `engine_phases`.
 """
