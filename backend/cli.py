@@ -427,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def command_memory(args: argparse.Namespace) -> int:
     from backend.errors import BadSettingsError
-    from backend.memory_plan import format_plan, plan_edit
+    from backend.memory.planner import format_plan, plan_edit
 
     size = None
     if args.size is not None:
@@ -448,11 +448,13 @@ def command_memory(args: argparse.Namespace) -> int:
                                 vae_slice=args.vae_slice, window_frames=args.window_frames)
     if args.regions < 0:
         raise BadSettingsError(f"--regions {args.regions} is negative; give 0 or more regions.")
-    plan = plan_edit(args.model, frames, size, args.device, args.dtype, settings, source_size,
-                     regions=args.regions)
+    from backend.edit import engine_phases
+
+    plan = plan_edit(engine_phases, args.model, frames, size, args.device, args.dtype, settings,
+                     source_size, regions=args.regions)
     report = plan.to_dict()
     if args.gpu_memory_gb is not None:
-        from backend.memory_plan import choose_savers
+        from backend.memory.planner import choose_savers
 
         choice = choose_savers(plan, int(args.gpu_memory_gb * 1e9))
         report["chosen"] = {"savers": list(choice.savers), "peak_bytes": choice.peak_bytes}

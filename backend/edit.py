@@ -17,12 +17,18 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from backend.errors import UnderstudyError
 from backend.results import ProgressCallback, RegionMasks
 from shared.settings import TransferSettings
 from shared.sidecar import Sidecar
+
+if TYPE_CHECKING:
+    from backend.backbones.base import Backbone
+    from backend.memory.phases import EditPhases
+    from backend.memory.planner import MemoryPlanner
+    from backend.memory.savers import MemoryDecision
 
 DEFAULT_MODEL = "cerspense/zeroscope_v2_576w"
 DEFAULT_CACHE = Path.home() / ".cache" / "understudy"
@@ -89,12 +95,14 @@ def edit_clip(clip_path: Path, settings: dict[str, Any], output: Path, where: Lo
         from backend.method.engine import load_engine
 
         upscaler = None if parsed.upscale == "none" else where.upscale_model or ZEROSCOPE_XL
-        memory = _memory_checked(where, parsed, clip.frames, 0 if masks is None else len(masks))
+        regions = 0 if masks is None else len(masks)
+        planner = _memory_checked(where, parsed, clip.frames, regions)
         engine = load_engine(where.model, device=where.device, dtype=where.dtype,
                              cache_dir=Path(where.cache_dir), cache_max_bytes=where.cache_max_bytes,
                              upscale_model=upscaler)
-        engine.memory = memory
-        result = engine.transfer(clip.frames, parsed, progress=progress, masks=masks)
+        savers = _savers_decided(planner, engine, parsed, clip.frames, regions)
+        result = engine.transfer(clip.frames, parsed, progress=progress, masks=masks,
+                                 savers=savers)
         frames, sidecar = result.frames, result.sidecar
     frames = _frames_for_files(clip.frames, frames, sidecar)
     fps = clip.fps * len(frames) / len(clip.frames)  # the clip's duration, whatever the count
@@ -114,24 +122,46 @@ def read_region_masks(paths: Sequence[Path], clip_frames) -> RegionMasks:
     return np.stack([read_mask_levels(path, len(clip_frames), size) for path in paths])
 
 
-def _memory_checked(where: Local, settings: TransferSettings, clip_frames, regions: int = 0):
+def engine_phases(backbone: Backbone) -> EditPhases:
+    """The phases of an edit on `backbone` that the memory plan runs: the Engine's
+    (backend/memory/phases.py EditPhases). Whoever plans hands this to the planner
+    (`plan_edit`, `MemoryPlanner`): the command line, the server, the Ray gateway, the
+    tools and the tests; the memory package never imports the engine."""
+    from backend.method.engine import Engine
+
+    return Engine(backbone)
+
+
+def _memory_checked(where: Local, settings: TransferSettings, clip_frames,
+                    regions: int = 0) -> MemoryPlanner:
     """`--memory auto` before anything heavy loads: the plan of this clip on this GPU
     (the model's architecture on the meta device), so an edit that cannot fit is
     refused in one sentence (TooBigForGpuError) before the weights are read. Returns
-    the planner the engine then uses (its plan cached). A model the plan cannot name
-    before loading (a local folder) is planned by the engine once loaded."""
+    the planner that decides the savers once the model is loaded (its plan cached). A
+    model the plan cannot name before loading (a local folder) is planned then."""
     import torch
 
-    from backend.memory_plan import PLANNABLE
-    from backend.memory_savers import MemoryPlanner, gpu_description
+    from backend.memory.planner import PLANNABLE, MemoryPlanner, gpu_description
 
     device = where.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    planner = MemoryPlanner(lambda: gpu_description(device, where.assume_gpu_memory_gb))
+    planner = MemoryPlanner(lambda: gpu_description(device, where.assume_gpu_memory_gb),
+                            engine_phases)
     if where.model in PLANNABLE:
         planner.decide(where.model, settings, len(clip_frames),
                        (clip_frames.shape[2], clip_frames.shape[1]), device, where.dtype,
                        regions)
     return planner
+
+
+def _savers_decided(planner: MemoryPlanner, engine: Any, settings: TransferSettings,
+                    clip_frames, regions: int) -> MemoryDecision | None:
+    """The savers `--memory auto` turns on for this edit on the loaded model (None: none),
+    decided before it runs and handed to Engine.transfer. The settings are checked
+    first, as the edit checks them, so a bad setting is refused in its own sentence."""
+    frame_size = (clip_frames.shape[2], clip_frames.shape[1])
+    engine.check_settings(settings, len(clip_frames), frame_size)
+    return planner.decide(engine.backbone, settings, len(clip_frames), frame_size,
+                          regions=regions)
 
 
 def _frames_for_files(clip_frames, frames, sidecar: Sidecar):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from backend.errors import JobCancelled
 from shared.sidecar import Sidecar
 
 ProgressCallback = Callable[[str, int, int], None]
@@ -37,6 +38,25 @@ reads only the frames it edits, one at a time."""
 
 CancelCheck = Callable[[], bool]
 """Returns True when the caller wants the edit stopped; checked between windows."""
+
+
+class Reporter:
+    """Progress out, cancellation in: what an edit calls between every unit of work
+    (`report(phase, step, total)` tells `progress`, `report.check()` raises
+    JobCancelled once `cancelled` says so). Reporter(None, None) reports to nobody."""
+
+    def __init__(self, progress: ProgressCallback | None, cancelled: CancelCheck | None) -> None:
+        self.progress = progress
+        self.cancelled = cancelled
+
+    def __call__(self, phase: str, step: int, total: int) -> None:
+        self.check()
+        if self.progress is not None:
+            self.progress(phase, step, total)
+
+    def check(self) -> None:
+        if self.cancelled is not None and self.cancelled():
+            raise JobCancelled("The edit was cancelled.")
 
 
 @dataclass

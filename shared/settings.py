@@ -30,8 +30,8 @@ UPSCALERS = ("none", "xl")
 MOTIONS = ("subject", "camera")
 MEMORY_MODES = ("auto", "off")
 # The GPU-memory savers, cheapest first: the order `--memory auto` turns them on in, each
-# with every one before it. The plan (backend/memory_plan.py), the engine
-# (backend/memory_savers.py), the server's hello, the command line and the sidecar all
+# with every one before it. The plan (backend/memory/planner.py), the engine
+# (backend/memory/savers.py), the server's hello, the command line and the sidecar all
 # name them from here.
 MEMORY_SAVERS = ("gradient_checkpointing", "vae_slice_1", "text_encoder_offload", "vae_offload",
                  "sequential_offload")
@@ -239,6 +239,11 @@ class TransferSettings:
         chosen = {name: value for name, value in defaults.items()
                   if name in SPECS and getattr(self, name) is None}
         return dataclasses.replace(self, **chosen)
+
+    def full_prompt(self, prompt: str) -> str:
+        """A prompt as the model reads it: `prompt_prefix` + prompt (the reference
+        prefixes prompts with a quality phrase); an empty prompt stays empty."""
+        return self.prompt_prefix + prompt if prompt else ""
 
     def guided_step_count(self) -> int:
         """How many of the first steps are guided: `guided_steps` if set, else as the

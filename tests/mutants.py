@@ -28,17 +28,17 @@ class Mutant:
 
 
 MUTANTS: tuple[Mutant, ...] = (
-    # --- GPU memory (backend/memory_plan.py, backend/memory_savers.py, the server's submit)
+    # --- GPU memory (backend/memory/planner.py, backend/memory/savers.py, the server's submit)
     Mutant(
         '--memory auto takes the dearest savers first',
-        'backend/memory_plan.py',
+        'backend/memory/planner.py',
         '    for saver in plan.savers:\n        if saver["name"] not in allowed:',
         '    for saver in reversed(plan.savers):\n        if saver["name"] not in allowed:',
         ('tests/test_memory.py::test_memory_auto_takes_the_cheapest_savers_that_fit',),
     ),
     Mutant(
         "a slow convolution's columns leave out the batch (the CPU plan's scratch term)",
-        'backend/memory_cpu.py',
+        'backend/memory/cpu_terms.py',
         '        return input_shape[0] * input_shape[1] * kernel * math.prod(output_shape[2:]) * element_size',
         '        return input_shape[1] * kernel * math.prod(output_shape[2:]) * element_size',
         ('tests/test_memory_rss.py::test_columns_of_a_slow_convolution_by_hand',),
@@ -66,7 +66,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         'the VAE offload leaves the VAE on the GPU while sampling',
-        'backend/memory_savers.py',
+        'backend/memory/savers.py',
         '            if "vae_offload" in wanted:\n                move(vae, host)',
         '            if "vae_offload" in wanted:\n                pass',
         ('tests/test_memory_savers.py::test_the_offloads_keep_each_network_on_the_gpu_only_while_it_works',),
@@ -311,8 +311,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "the denoising step gets the unguided latent",
         "backend/method/engine.py",
-        "latent = self._guide(latent, timestep,",
-        "self._guide(latent, timestep,",
+        "latent = self.guide(latent, timestep,",
+        "self.guide(latent, timestep,",
         ("tests/test_engine.py::test_guided_steps_change_the_result_and_denoising_gets_the_guided_latent",),
     ),
     Mutant(

@@ -162,8 +162,8 @@ def final_latent(engine: Engine, clip: np.ndarray, settings: TransferSettings,
                  monkeypatch) -> tuple[torch.Tensor, np.ndarray]:
     """The latent the edit decodes, and the edit's frames."""
     latents = []
-    original = engine._decode
-    monkeypatch.setattr(engine, "_decode", lambda latent, *a, **k: latents.append(latent) or original(latent, *a, **k))
+    original = engine.decode
+    monkeypatch.setattr(engine, "decode", lambda latent, *a, **k: latents.append(latent) or original(latent, *a, **k))
     result = engine.transfer(clip, settings)
     return latents[0], result.frames
 

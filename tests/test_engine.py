@@ -49,7 +49,7 @@ def test_taps_are_the_three_up_block_1_modules_with_smm_shapes(engine):
     handle = unet.up_blocks[2].register_forward_hook(lambda *_: later_blocks_ran.append(True))
     try:
         latents = torch.randn(1, 4, 3, 8, 8)
-        taps = truncated_smm(unet, latents, 500, engine._embed(["a cat"]))
+        taps = truncated_smm(unet, latents, 500, engine.embed(["a cat"]))
     finally:
         handle.remove()
     assert later_blocks_ran == []  # the pass stopped after up_blocks[1]
@@ -60,7 +60,7 @@ def test_taps_are_the_three_up_block_1_modules_with_smm_shapes(engine):
 def guidance_problem(engine, frames: int, windows):
     """A fixed latent and source features per window, at one guided timestep."""
     unet = engine.backbone.unet
-    text = engine._embed(["a red train"])
+    text = engine.embed(["a red train"])
     generator = torch.Generator().manual_seed(0)
     source_latent = torch.randn(1, 4, frames, 8, 8, generator=generator)
     latent = torch.randn(1, 4, frames, 8, 8, generator=generator)
@@ -74,8 +74,7 @@ def test_the_engines_guidance_step_lowers_the_pairwise_smm_loss(engine, frames, 
     latent, text, source = guidance_problem(engine, frames, windows)
     settings = resolved(engine, guidance_iterations=10)
     before = engine.guidance_loss(latent, 900, text, source, windows)
-    guided = engine._guide(latent, 900, text, source, windows, 0.05, settings, Procedure(),
-                           _no_report())
+    guided = engine.guide(latent, 900, text, source, windows, 0.05, settings, _no_report())
     after = engine.guidance_loss(guided, 900, text, source, windows)
     assert not torch.equal(guided, latent) and torch.equal(latent, latent.clone())
     assert after < before - 0.1 * (before - 3 * len(windows) / 4)  # 3 taps × 1/F: the floor
@@ -83,7 +82,7 @@ def test_the_engines_guidance_step_lowers_the_pairwise_smm_loss(engine, frames, 
 
 def test_gradient_checkpointing_gives_the_same_gradient(engine):
     unet = engine.backbone.unet
-    text = engine._embed(["a dog"])
+    text = engine.embed(["a dog"])
     latents = torch.randn(1, 4, 3, 8, 8)
     gradients = []
     for enabled in (False, True):
@@ -186,9 +185,9 @@ def test_inversion_grid_must_contain_the_sampling_timesteps(engine):
 
 
 def _no_report():
-    from backend.method.engine import _Reporter
+    from backend.results import Reporter
 
-    return _Reporter(None, None)
+    return Reporter(None, None)
 
 
 def test_out_of_gpu_memory_is_one_sentence_naming_what_helps(engine, monkeypatch):
@@ -216,7 +215,7 @@ def test_guided_steps_change_the_result_and_denoising_gets_the_guided_latent(eng
     frames = moving_square_frames(4, 64, 64)
     unguided = engine.transfer(frames, small(prompt="a fox", guided_steps=0))
     guide_outputs, denoise_inputs = [], []
-    original_guide, original_denoise = engine._guide, engine._denoise
+    original_guide, original_denoise = engine.guide, engine.denoise
 
     def guide(*args, **kwargs):
         guide_outputs.append(original_guide(*args, **kwargs))
@@ -226,8 +225,8 @@ def test_guided_steps_change_the_result_and_denoising_gets_the_guided_latent(eng
         denoise_inputs.append(latent)
         return original_denoise(latent, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "_guide", guide)
-    monkeypatch.setattr(engine, "_denoise", denoise)
+    monkeypatch.setattr(engine, "guide", guide)
+    monkeypatch.setattr(engine, "denoise", denoise)
     guided = engine.transfer(frames, small(prompt="a fox", guided_steps=1))
     assert len(guide_outputs) == 1
     assert denoise_inputs[0] is guide_outputs[0]  # the first step denoises the guided latent
@@ -365,7 +364,7 @@ def test_guidance_scales_the_loss_before_backward_where_fp16_gradients_could_und
     windows = [(0, 4), (2, 6)]
     latent, text, source = guidance_problem(engine, 6, windows)
     settings = resolved(engine, guidance_iterations=3)
-    plain = engine._guide(latent, 900, text, source, windows, 0.05, settings, Procedure(), _no_report())
+    plain = engine.guide(latent, 900, text, source, windows, 0.05, settings, _no_report())
     scaled_losses = []
     real_scaler = torch.amp.GradScaler
 
@@ -377,7 +376,7 @@ def test_guidance_scales_the_loss_before_backward_where_fp16_gradients_could_und
 
     monkeypatch.setattr(torch.amp, "GradScaler", SpyScaler)
     monkeypatch.setattr(engine, "_scales_loss", lambda: True)
-    scaled = engine._guide(latent, 900, text, source, windows, 0.05, settings, Procedure(), _no_report())
+    scaled = engine.guide(latent, 900, text, source, windows, 0.05, settings, _no_report())
     assert len(scaled_losses) == 3 * len(windows) and min(scaled_losses) > 1000
     assert torch.allclose(scaled, plain, atol=1e-6)
 
@@ -404,7 +403,7 @@ def spy_first_argument(monkeypatch, target, name: str, record: list) -> None:
 
 def test_fit_runs_a_4_3_clip_within_the_budget_at_its_own_aspect(engine, monkeypatch):
     encoded = []
-    spy_first_argument(monkeypatch, engine, "_encode", encoded)
+    spy_first_argument(monkeypatch, engine, "encode", encoded)
     clip = moving_square_frames(4, 160, 120)  # 4:3
     # A 16:9 budget of 128×72 = 9,216 pixels (ZeroScope's 576×320: tests/test_framing.py):
     # 80 rows · 4/3 = 106.7 → 112 columns, 8,960 pixels; 88 rows would need 112 × 88 = 9,856.
@@ -421,7 +420,7 @@ def test_crop_edits_the_centred_box_and_records_where_it_was(engine, monkeypatch
     from backend.video import resize_frames
 
     encoded = []
-    spy_first_argument(monkeypatch, engine, "_encode", encoded)
+    spy_first_argument(monkeypatch, engine, "encode", encoded)
     clip = moving_square_frames(4, 72, 128)  # 9:16
     result = engine.transfer(clip, small(width=128, height=72, framing="crop"))
     # The 128:72 band of a 72-wide frame: round(72·72/128) = 40 rows, from row (128 − 40)/2 = 44.
@@ -448,8 +447,8 @@ def test_upscaling_doubles_the_size_keeps_the_frame_count_and_starts_from_the_fi
 
     engine, folder = upscaling
     first_stage, upscaler_input = [], []
-    spy(monkeypatch, engine, "_decode", first_stage)
-    spy_first_argument(monkeypatch, engine.upscaler, "_encode", upscaler_input)
+    spy(monkeypatch, engine, "decode", first_stage)
+    spy_first_argument(monkeypatch, engine.upscaler, "encode", upscaler_input)
     engine.upscaler.model_passes.clear()
     events = []
     settings = small(num_frames=6, upscale="xl", upscale_width=128, upscale_height=128)

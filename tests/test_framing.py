@@ -9,10 +9,10 @@ from backend.method.framing import (
     Box,
     centre_crop_box,
     check_aspect,
+    choose_framing,
     fit_size,
     frames_for_model,
     paste_into_box,
-    plan_framing,
 )
 
 ZEROSCOPE_BUDGET = 576 * 320
@@ -75,15 +75,15 @@ XL = (1024, 576)
     ("stretch", (1080, 1920), (0, 0, 1080, 1920), (576, 320), (1024, 576)),
 ])
 def test_plan_framing_hand_computed(mode, source, box, model, upscale):
-    framing = plan_framing(mode, source, ZEROSCOPE, CELL, XL)
+    framing = choose_framing(mode, source, ZEROSCOPE, CELL, XL)
     assert (framing.box, framing.model_size, framing.upscale_size) == (Box(*box), model, upscale)
     assert framing.result_size == upscale
-    assert plan_framing(mode, source, ZEROSCOPE, CELL).upscale_size is None
-    assert plan_framing(mode, source, ZEROSCOPE, CELL).result_size == model
+    assert choose_framing(mode, source, ZEROSCOPE, CELL).upscale_size is None
+    assert choose_framing(mode, source, ZEROSCOPE, CELL).result_size == model
 
 
 def test_the_sidecar_record_holds_every_size_and_the_box():
-    framing = plan_framing("crop", (1080, 1920), ZEROSCOPE, CELL)
+    framing = choose_framing("crop", (1080, 1920), ZEROSCOPE, CELL)
     assert framing.to_dict() == {
         "mode": "crop", "source_size": [1080, 1920], "crop_box": [0, 660, 1080, 1260],
         "model_size": [576, 320], "upscale_size": None, "result_size": [576, 320]}
@@ -91,15 +91,15 @@ def test_the_sidecar_record_holds_every_size_and_the_box():
 
 def test_only_fit_refuses_an_elongated_frame_and_the_sentence_suggests_crop():
     with pytest.raises(ValueError, match=r"^The clip is 2000x400, [^.]*--framing crop\) to edit its centre\.$"):
-        plan_framing("fit", (2000, 400), ZEROSCOPE, CELL)
-    assert plan_framing("crop", (2000, 400), ZEROSCOPE, CELL).box == Box(640, 0, 1360, 400)
-    assert plan_framing("stretch", (2000, 400), ZEROSCOPE, CELL).model_size == ZEROSCOPE
+        choose_framing("fit", (2000, 400), ZEROSCOPE, CELL)
+    assert choose_framing("crop", (2000, 400), ZEROSCOPE, CELL).box == Box(640, 0, 1360, 400)
+    assert choose_framing("stretch", (2000, 400), ZEROSCOPE, CELL).model_size == ZEROSCOPE
 
 
 def test_frames_for_model_takes_the_box_and_paste_puts_a_result_back_into_it():
     frames = np.zeros((2, 40, 30, 3), np.uint8)
     frames[:, 10:30] = 200  # the crop box of a 30×40 frame at 3:2 is rows 10…29
-    framing = plan_framing("crop", (30, 40), (24, 16), CELL)
+    framing = choose_framing("crop", (30, 40), (24, 16), CELL)
     assert framing.box == Box(0, 10, 30, 30)
     model_frames = frames_for_model(frames, framing)
     assert model_frames.shape == (2, 16, 24, 3) and (model_frames == 200).all()

@@ -9,8 +9,16 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, UNet3DConditionModel
 
-from backend.memory import CudaAutocast, LiveBytes, fake_world, materialise, measure, rounded
-from backend.memory_plan import plan_edit
+from backend.edit import engine_phases
+from backend.memory.counter import (
+    CudaAutocast,
+    LiveBytes,
+    fake_world,
+    materialise,
+    measure,
+    rounded,
+)
+from backend.memory.planner import plan_edit
 from backend.method.engine import load_engine
 from shared.settings import TransferSettings
 
@@ -145,7 +153,7 @@ def test_plan_predicts_the_peak_of_a_real_edit(model: str, frames: int, checkpoi
     size = (96, 64)
     settings = TransferSettings(**SHORT, width=size[0], height=size[1],
                                 gradient_checkpointing=checkpointing)
-    plan = plan_edit(model, frames, size, "cpu", settings=settings, host_terms=False)
+    plan = plan_edit(engine_phases, model, frames, size, "cpu", settings=settings, host_terms=False)
     real = tracked_peak_of_real_edit(model, frames, size, settings)
     assert abs(plan.peak_bytes - real) <= 0.03 * real
     assert plan.phases["weights"] == sum(plan.modules.values())
@@ -158,8 +166,8 @@ def test_cuda_plan_on_a_machine_without_one() -> None:
     """A CUDA half-precision plan runs here: weights in fp16 (half the fp32 bytes, in
     512-byte blocks), checkpointing lowers the guidance peak."""
     settings = TransferSettings(**SHORT, width=96, height=64)
-    cpu = plan_edit("tiny", 8, (96, 64), "cpu", settings=settings)
-    cuda = plan_edit("tiny", 8, (96, 64), "cuda", settings=settings)
+    cpu = plan_edit(engine_phases, "tiny", 8, (96, 64), "cpu", settings=settings)
+    cuda = plan_edit(engine_phases, "tiny", 8, (96, 64), "cuda", settings=settings)
     assert cuda.dtype == "float16" and cpu.dtype == "float32"
     assert 0.5 * cpu.modules["denoiser"] <= cuda.modules["denoiser"] < 0.6 * cpu.modules["denoiser"]
     assert all(size % 512 == 0 for size in cuda.modules.values())
@@ -191,7 +199,7 @@ def test_memory_command_prints_the_plan(capsys: pytest.CaptureFixture[str]) -> N
 def test_memory_auto_takes_the_cheapest_savers_that_fit() -> None:
     """Peak 20, checkpointing → 12, VAE slice 1 → 11, offloads (predicted only) → 9."""
     from backend.errors import TooBigForGpuError
-    from backend.memory_plan import MemoryPlan, SaverChoice, choose_savers
+    from backend.memory.planner import MemoryPlan, SaverChoice, choose_savers
 
     gib = 2**30
     plan = MemoryPlan(model="m", device="cuda", dtype="float16", frames=24, size=(576, 320), windows=1,
@@ -300,7 +308,7 @@ def test_plan_of_a_region_edit_predicts_its_peak(model: str, frames: int, region
     size = (96, 64)
     settings = TransferSettings(**SHORT, width=size[0], height=size[1], region_grow=4,
                                 region_feather=4)
-    plan = plan_edit(model, frames, None, "cpu", settings=settings, regions=regions, host_terms=False,
+    plan = plan_edit(engine_phases, model, frames, None, "cpu", settings=settings, regions=regions, host_terms=False,
                      source_size=source_size)
     assert plan.size == size
     engine = load_engine(model, device="cpu")
@@ -323,8 +331,8 @@ def test_a_cuda_plan_keeps_the_plate_in_host_memory() -> None:
     default feather) is host memory; the GPU holds the latent-size masks; the regions'
     loss and blend add to the guidance and sampling phases."""
     settings = TransferSettings(**SHORT, width=96, height=64)
-    plain = plan_edit("tiny", 8, (96, 64), "cuda", settings=settings)
-    region = plan_edit("tiny", 8, (96, 64), "cuda", settings=settings, regions=2,
+    plain = plan_edit(engine_phases, "tiny", 8, (96, 64), "cuda", settings=settings)
+    region = plan_edit(engine_phases, "tiny", 8, (96, 64), "cuda", settings=settings, regions=2,
                        source_size=(192, 128))
     assert region.host_bytes["plate"] == 8 * 128 * 192  # uint8 counts of the whole frame
     assert region.host_bytes["regions"] >= region.host_bytes["plate"]

@@ -2,7 +2,7 @@
 
 The protocol is backend/tools/rss_probe.py's (glibc's thresholds fixed, one thread, a
 warm-up of the same shapes, VmHWM over the edit less the VmRSS before it); the CPU
-plan's own terms (convolution column buffers, the clip's frames) are backend/memory_cpu.py.
+plan's own terms (convolution column buffers, the clip's frames) are backend/memory/cpu_terms.py.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from backend.memory import fake_world
-from backend.memory_cpu import CpuConvolutionScratch, columns_bytes
+from backend.memory.counter import fake_world
+from backend.memory.cpu_terms import CpuConvolutionScratch, columns_bytes
 from backend.tools.rss_probe import Edit, measurements, planned_growth, start_measuring
 
 # Each model at two frame counts (the second over one window: ZeroScope's window is 24

@@ -1,5 +1,6 @@
 """The memory savers applied to a real (tiny) engine: where the networks are while each
-phase runs, accelerate's hooks, the settings savers, and `--memory auto` in the engine."""
+phase runs, accelerate's hooks, the settings savers, and `--memory auto`: decided before
+the edit, turned on and recorded by the engine."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from backend.edit import engine_phases
 from backend.errors import TooBigForGpuError
-from backend.memory_savers import MemoryPlanner, offloads_applied, with_savers
+from backend.memory.planner import MemoryPlanner
+from backend.memory.savers import offloads_applied, with_savers
 from backend.method.engine import load_engine
 from shared.settings import MEMORY_SAVERS, TransferSettings
 
@@ -105,57 +108,58 @@ def test_setting_savers() -> None:
     assert (saved.gradient_checkpointing, saved.vae_slice) == (True, 1)
 
 
-def test_memory_auto_in_the_engine_records_its_choice_and_refuses_what_cannot_fit(engine) -> None:  # noqa: ANN001
-    """A GPU just under the plan's peak: the cheapest saver that fits is taken and the
-    sidecar records it; a GPU of 1 kB refuses before any model work; memory "off" plans
-    nothing."""
+def test_memory_auto_records_its_choice_and_refuses_what_cannot_fit(engine) -> None:  # noqa: ANN001
+    """A GPU just under the plan's peak: the cheapest saver that fits is decided before
+    the edit, the engine turns it on and the sidecar records it; a GPU of 1 kB refuses
+    before any model work; memory "off" plans nothing."""
     settings = TransferSettings(**QUICK)
     budget = {"budget_bytes": 10**12}
-    engine.memory = MemoryPlanner(lambda: dict(budget))
-    try:
-        plan = engine.memory.plan(engine.backbone, engine.resolve(settings), 4, (64, 48))
-        first = plan.savers[0]["peak_bytes"]
-        budget["budget_bytes"] = plan.peak_bytes - 1
-        if first >= plan.peak_bytes:  # checkpointing saves nothing here: the next saver fits
-            first = next(s["peak_bytes"] for s in plan.savers if s["peak_bytes"] < plan.peak_bytes)
-        result = engine.transfer(clip(), settings)
-        memory = result.sidecar.memory
-        assert memory["budget_bytes"] == plan.peak_bytes - 1
-        assert memory["predicted_peak_bytes"] == first < plan.peak_bytes
-        assert memory["savers"] == list(MEMORY_SAVERS[:len(memory["savers"])])  # cheapest first
-        assert result.sidecar.settings["gradient_checkpointing"] is True
-        budget["budget_bytes"] = 1000
-        passes = sum(engine.model_passes.values())
-        with pytest.raises(TooBigForGpuError, match=r"^This edit needs about .* with gradient_checkpoint"
-                           r"ing, vae_slice_1, text_encoder_offload, vae_offload, sequential_offload on"):
-            engine.transfer(clip(), settings)
-        assert sum(engine.model_passes.values()) == passes  # refused before any model work
-        off = engine.transfer(clip(), TransferSettings(**QUICK, memory="off"))
-        assert off.sidecar.memory is None
-    finally:
-        engine.memory = None
+    planner = MemoryPlanner(lambda: dict(budget), engine_phases)
+
+    def edited(settings: TransferSettings):  # noqa: ANN202  (as the command line runs one)
+        savers = planner.decide(engine.backbone, settings, 4, (64, 48))
+        return engine.transfer(clip(), settings, savers=savers)
+
+    plan = planner.plan(engine.backbone, engine.resolve(settings), 4, (64, 48))
+    first = plan.savers[0]["peak_bytes"]
+    budget["budget_bytes"] = plan.peak_bytes - 1
+    if first >= plan.peak_bytes:  # checkpointing saves nothing here: the next saver fits
+        first = next(s["peak_bytes"] for s in plan.savers if s["peak_bytes"] < plan.peak_bytes)
+    result = edited(settings)
+    memory = result.sidecar.memory
+    assert memory["budget_bytes"] == plan.peak_bytes - 1
+    assert memory["predicted_peak_bytes"] == first < plan.peak_bytes
+    assert memory["savers"] == list(MEMORY_SAVERS[:len(memory["savers"])])  # cheapest first
+    assert result.sidecar.settings["gradient_checkpointing"] is True
+    budget["budget_bytes"] = 1000
+    passes = sum(engine.model_passes.values())
+    with pytest.raises(TooBigForGpuError, match=r"^This edit needs about .* with gradient_checkpoint"
+                       r"ing, vae_slice_1, text_encoder_offload, vae_offload, sequential_offload on"):
+        edited(settings)
+    assert sum(engine.model_passes.values()) == passes  # refused before any model work
+    off = edited(TransferSettings(**QUICK, memory="off"))
+    assert off.sidecar.memory is None
 
 
 def test_an_out_of_memory_error_names_the_plans_figure(engine) -> None:  # noqa: ANN001
     """A CUDA out-of-memory error that still happens is one sentence with the plan's
     prediction and the budget, so the estimate can be corrected."""
     from backend.errors import OutOfMemoryError
-    from backend.memory_plan import readable
+    from backend.memory.savers import readable
 
     settings = TransferSettings(**QUICK)
-    engine.memory = MemoryPlanner(lambda: {"budget_bytes": 10**12})
+    planner = MemoryPlanner(lambda: {"budget_bytes": 10**12}, engine_phases)
 
     def out_of_memory(*_args) -> None:  # noqa: ANN002
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     hook = engine.backbone.unet.register_forward_pre_hook(out_of_memory)
     try:
-        predicted = engine.memory.decide(engine.backbone, engine.resolve(settings), 4, (64, 48))
+        predicted = planner.decide(engine.backbone, engine.resolve(settings), 4, (64, 48))
         with pytest.raises(OutOfMemoryError) as ran_out:
-            engine.transfer(clip(), settings)
+            engine.transfer(clip(), settings, savers=predicted)
     finally:
         hook.remove()
-        engine.memory = None
     message = str(ran_out.value)
     assert message.startswith("The GPU ran out of memory; try ")
     assert (f"the memory plan predicted {readable(predicted.predicted_peak_bytes)} with no saver on, "

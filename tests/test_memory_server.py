@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from backend.memory_savers import MemoryPlanner
+from backend.edit import engine_phases
+from backend.memory.planner import MemoryPlanner
 from backend.server.requests import PLANNING_BUG
 from shared import protocol
 from shared.client import Client, JobRejected, PlanPending, ServerUnavailable, UnknownJob
@@ -26,7 +27,7 @@ BIG = {"width": 256, "height": 256}  # 16× the pixels of QUICK_SETTINGS' 64×64
 def tiny_plan(regions: int = 0, **overrides):
     """The plan the server makes of settings(**overrides) on a clip_pngs() clip."""
     parsed = TransferSettings.from_dict(settings(**overrides))
-    return MemoryPlanner(lambda: None).plan("tiny", parsed, parsed.num_frames, CLIP_SIZE, "cpu",
+    return MemoryPlanner(lambda: None, engine_phases).plan("tiny", parsed, parsed.num_frames, CLIP_SIZE, "cpu",
                                             regions=regions)
 
 

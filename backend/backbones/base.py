@@ -229,6 +229,26 @@ class Backbone(ABC):
         """fp16 gradients can underflow; the reference scales the loss on CUDA."""
         return self.device.type == "cuda" and self.dtype == torch.float16
 
+    # ---------------------------------------------------------------- memory plan
+
+    text_encoder_in_host_memory: bool = False
+    """True when, on a GPU, the text encoder lives in host memory and visits the GPU only
+    to embed (Wan): the memory plan counts its weights in the embed phase only and
+    offers no text_encoder_offload."""
+
+    checkpoint_modules: tuple[str, ...] = ()
+    """The modules whose module-level `checkpoint` (torch.utils.checkpoint's) this
+    backbone's `checkpointing` calls: a CUDA memory plan swaps each, in its own thread
+    only, for one that recomputes under its stand-in for CUDA autocast."""
+
+    def meta_copy(self) -> Backbone:
+        """This backbone's architecture rebuilt on the meta device (no weights) from its
+        networks' configs, in their dtypes, with a schedule of its own and the CPU as its
+        device: what the memory plan runs on, so planning never touches the loaded model."""
+        raise ModelNotFoundError(
+            f"The memory plan knows the backbones that make a meta copy of themselves, not "
+            f"{type(self).__name__}.")
+
 
 def choose_device(device: str | None) -> torch.device:
     if device is None:
@@ -247,6 +267,19 @@ def choose_dtype(dtype: str | None, device: torch.device, gpu_default: torch.dty
     if dtype is None:
         return gpu_default if device.type == "cuda" else torch.float32
     return DTYPES[dtype]
+
+
+def meta_network(network: torch.nn.Module) -> torch.nn.Module:
+    """`network` rebuilt from its config on the meta device (no weights), in its dtype,
+    in eval mode and frozen: diffusers' networks by from_config, transformers' by their
+    config class."""
+    with torch.device("meta"):
+        if hasattr(type(network), "from_config"):  # diffusers
+            rebuilt = type(network).from_config(network.config)
+        else:  # transformers
+            rebuilt = type(network)(network.config)
+    dtype = next(network.parameters()).dtype
+    return torch.nn.Module.to(rebuilt, "meta", dtype).eval().requires_grad_(False)
 
 
 class StopAfter(Exception):

@@ -40,6 +40,8 @@ from backend.backbones.base import (
     Schedule,
     StopAfter,
     Timestep,
+    choose_dtype,
+    meta_network,
     stop_after,
 )
 from backend.backbones.flow_matching import (
@@ -237,6 +239,33 @@ class Wan(Backbone):
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.transformer, self.vae, self.text_encoder]
+
+    # ---------------------------------------------------------------- memory plan
+
+    text_encoder_in_host_memory = True  # _text_encoder_on_device: on the GPU only to embed
+    checkpoint_modules = ("backend.backbones.wan",)
+
+    def meta_copy(self) -> Wan:
+        return Wan(meta_network(self.transformer), meta_network(self.vae),
+                   meta_network(self.text_encoder), self.tokenizer, self.schedule.shift,
+                   self.expand_timesteps, self.model_id, torch.device("cpu"), self.dtype)
+
+    @classmethod
+    def meta_shell(cls, model: str, parts: Callable[[torch.dtype], dict], device: torch.device,
+                   dtype: str | None) -> Wan:
+        """The Wan `model` (a name) on the meta device, in the dtypes it would run in on
+        `device` (the VAE in float32), the CPU as its own device: the memory plan's
+        shell of a model not loaded. `parts(dtype)` builds its networks (build_tiny_wan,
+        or build_wan_random of its architecture on meta)."""
+        torch_dtype = choose_dtype(dtype, device, torch.bfloat16)
+        built = parts(torch_dtype)
+        for name, module_dtype in (("transformer", torch_dtype), ("vae", torch.float32),
+                                   ("text_encoder", torch_dtype)):
+            torch.nn.Module.to(built[name], "meta", module_dtype).eval().requires_grad_(False)
+        shift = float(built["scheduler"].config.get("flow_shift", DEFAULT_FLOW_SHIFT))
+        return cls(built["transformer"], built["vae"], built["text_encoder"], built["tokenizer"],
+                   shift, bool(built.get("expand_timesteps", False)), model, torch.device("cpu"),
+                   torch_dtype)
 
     def check_settings(self, settings: Any) -> None:
         blocks = len(self.transformer.blocks)

@@ -23,7 +23,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from backend.backbones.base import Backbone, BackboneFacts, Timestep
+from backend.backbones.base import Backbone, BackboneFacts, Timestep, choose_dtype, meta_network
 from backend.backbones.ddim import DDIMSchedule
 from backend.backbones.zeroscope_taps import (
     TAP_NAMES,
@@ -113,6 +113,33 @@ class ZeroScope(Backbone):
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.unet, self.vae, self.text_encoder]
+
+    # ---------------------------------------------------------------- memory plan
+
+    checkpoint_modules = ("backend.backbones.zeroscope_taps",)
+
+    def meta_copy(self) -> ZeroScope:
+        import copy
+
+        return ZeroScope(meta_network(self.unet), meta_network(self.vae),
+                         meta_network(self.text_encoder), self.tokenizer,
+                         copy.deepcopy(self.scheduler), self.model_id, torch.device("cpu"),
+                         self.dtype, self.facts)
+
+    @classmethod
+    def meta_shell(cls, model: str, parts: Callable[[], tuple], device: torch.device,
+                   dtype: str | None) -> ZeroScope:
+        """The ZeroScope `model` (a name) on the meta device, in the dtype it would run in
+        on `device`, the CPU as its own device: the memory plan's shell of a model not
+        loaded. `parts()` builds (unet, vae, text_encoder, tokenizer, scheduler)
+        (build_tiny_components, or build_zeroscope_random_components on meta)."""
+        torch_dtype = choose_dtype(dtype, device)
+        unet, vae, text_encoder, tokenizer, scheduler = parts()
+        for module in (unet, vae, text_encoder):
+            # nn.Module.to: diffusers' own .to warns about dtype casts that are moot here.
+            torch.nn.Module.to(module, "meta", torch_dtype).eval().requires_grad_(False)
+        return cls(unet, vae, text_encoder, tokenizer, scheduler, model, torch.device("cpu"),
+                   torch_dtype)
 
     @torch.no_grad()
     def embed(self, prompts: list[str]) -> torch.Tensor:

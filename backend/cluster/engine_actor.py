@@ -164,19 +164,17 @@ class EngineActor:
             with self._cancel_lock:
                 return job_id in self._cancel_requested
 
+        from backend.memory.savers import MemoryDecision
         from shared.settings import TransferSettings
 
         try:
             with_masks = {"masks": PngMasks(masks, "the job's regions")} if masks else {}
-            # One job at a time: the engine asks this for the job's savers (Engine.memory).
-            self.engine.memory = None if memory is None else DecidedMemory.from_dict(memory)
-            try:
-                result = self.engine.transfer(PngClip(inputs, "the job's clip"),
-                                              TransferSettings.from_dict(settings),
-                                              progress=progress, cancelled=cancelled,
-                                              **with_masks)
-            finally:
-                self.engine.memory = None
+            # The gateway decided the job's savers; the worker plans nothing.
+            savers = None if memory is None else MemoryDecision.from_dict(memory)
+            result = self.engine.transfer(PngClip(inputs, "the job's clip"),
+                                          TransferSettings.from_dict(settings),
+                                          progress=progress, cancelled=cancelled,
+                                          savers=savers, **with_masks)
             sidecar = replace(result.sidecar, worker=self._sidecar_worker())
             # Raw frames, not PNGs: the gateway encodes them once, as it does for a local job.
             events.put({"event": "done", "frames": result.frames, "alpha": result.alpha,
@@ -202,7 +200,7 @@ class EngineActor:
         a CPU without an assumed figure, or without a model."""
         if self.engine is None:
             return None
-        from backend.memory_savers import gpu_description
+        from backend.memory.planner import gpu_description
 
         return gpu_description(str(self.engine.backbone.device), self.spec.assume_gpu_memory_gb)
 
@@ -215,21 +213,3 @@ class EngineActor:
         device = self.engine.backbone.device
         return {"name": torch.cuda.get_device_name(device), "device": str(device),
                 "ray_gpu_ids": [str(gpu) for gpu in ray.get_gpu_ids()]}
-
-
-class DecidedMemory:
-    """The gateway's `--memory auto` decision for one job, where the engine asks for its
-    savers (Engine.memory.decide): the worker does not plan again."""
-
-    def __init__(self, decision: Any) -> None:
-        self.decision = decision
-
-    @classmethod
-    def from_dict(cls, record: dict[str, Any]) -> DecidedMemory:
-        from backend.memory_savers import MemoryDecision
-
-        return cls(MemoryDecision(tuple(record["savers"]), int(record["predicted_peak_bytes"]),
-                                  int(record["budget_bytes"])))
-
-    def decide(self, *_job: Any, **_more: Any) -> Any:
-        return self.decision

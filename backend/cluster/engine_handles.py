@@ -22,7 +22,7 @@ from backend.results import CancelCheck, ProgressCallback, TransferResult
 from shared.settings import TransferSettings
 
 if TYPE_CHECKING:
-    from backend.server.planning import ServerMemory
+    from backend.memory.savers import MemoryDecision
 
 log = logging.getLogger("understudy.cluster")
 
@@ -31,14 +31,11 @@ BROKEN_RETRY_S = 60.0
 
 
 class ActorEngine:
-    """The server's engine interface, served by one actor of a ActorPool. `memory`: the
-    gateway's planner (backend/cluster/gateway.py), None when nothing is planned."""
+    """The server's engine interface, served by one actor of a ActorPool."""
 
-    def __init__(self, pool: ActorPool, runner: ActorRunner,
-                 memory: ServerMemory | None = None) -> None:
+    def __init__(self, pool: ActorPool, runner: ActorRunner) -> None:
         self.pool = pool
         self.runner = runner
-        self.memory = memory
 
     @property
     def name(self) -> str:
@@ -66,38 +63,23 @@ class ActorEngine:
 
     def transfer(self, clip_frames: Any, settings: TransferSettings,
                  progress: ProgressCallback | None = None,
-                 cancelled: CancelCheck | None = None, masks: Any | None = None
-                 ) -> TransferResult:
+                 cancelled: CancelCheck | None = None, masks: Any | None = None,
+                 savers: MemoryDecision | None = None) -> TransferResult:
         """Run the edit on the actor; raises what a local edit raises, or ActorLost.
-        `masks` (a PngMasks) travel as their PNG bytes, like the clip. With a planner,
-        the savers are decided here (the submit's plan, cached) and sent along, as the
-        engine on one box decides them (TooBigForGpuError when the GPUs shrank since)."""
+        `masks` (a PngMasks) travel as their PNG bytes, like the clip; `savers` (decided
+        by the gateway's job thread, backend/server/worker.py) as their record."""
         frames = png_frames(clip_frames)
-        decision = None
-        if self.memory is not None and frames:
-            decision = self.memory.decide(settings, len(frames), png_size(frames[0]),
-                                          0 if masks is None else len(masks))
         # The id only pairs a cancel with this run on the actor.
         run_id = f"run-{uuid.uuid4().hex}"
         return self.runner.run(run_id, settings.to_dict(), frames,
                                progress or _ignore_progress, cancelled or _never_cancelled,
                                masks.png_bytes() if masks is not None else None,
-                               decision.to_dict() if decision is not None else None)
+                               savers.to_dict() if savers is not None else None)
 
 
-def actor_engines(pool: ActorPool, memory: ServerMemory | None = None) -> list[ActorEngine]:
+def actor_engines(pool: ActorPool) -> list[ActorEngine]:
     """One engine-shaped handle per actor of the pool, for the gateway's job threads."""
-    return [ActorEngine(pool, runner, memory) for runner in pool.runners]
-
-
-def png_size(frame: bytes) -> tuple[int, int]:
-    """(width, height) of a PNG from its header (a stored frame, checked at submit)."""
-    import io
-
-    from PIL import Image
-
-    with Image.open(io.BytesIO(frame)) as image:
-        return image.size
+    return [ActorEngine(pool, runner) for runner in pool.runners]
 
 
 def png_frames(clip_frames: Any) -> list[bytes]:

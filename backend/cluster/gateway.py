@@ -9,7 +9,7 @@ The gateway plans GPU memory as one box does (`--memory auto`), for the smallest
 among its workers: each worker reports its device's memory (`identity()["memory"]`,
 CUDA's free memory or the `--assume-gpu-memory-gb` figure), any worker may take any
 job (FIFO), so a job planned for the smallest fits every one. The plan runs here, on
-the gateway's CPU, on the workers' model by name (backend/memory_plan.py PLANNABLE)
+the gateway's CPU, on the workers' model by name (backend/memory/planner.py PLANNABLE)
 for their device and dtype; no weights are needed. The hello reports that smallest
 GPU, a submit or plan request is planned off the socket loop (backend/server/planning.py),
 a job that cannot fit is refused before it is queued, and the savers chosen travel
@@ -79,12 +79,12 @@ def start_actors(options: ClusterOptions, spec: ActorSpec, token_dir: Path) -> C
                  identity["pid"], f", GPU {identity['gpu']['name']}" if identity["gpu"] else "")
     memory = gateway_memory(spec, identities,
                             lambda: smallest_gpu([runner.identity for runner in pool.runners]))
-    return ClusterActors(connection, pool, actor_engines(pool, memory), memory)
+    return ClusterActors(connection, pool, actor_engines(pool), memory)
 
 
 def smallest_gpu(identities: list[dict[str, Any] | None]) -> dict[str, Any] | None:
     """The GPU the gateway plans for: the workers' reported memory (gpu_description,
-    backend/memory_savers.py) with the smallest `budget_bytes`, the hello's `gpu`. A
+    backend/memory/planner.py) with the smallest `budget_bytes`, the hello's `gpu`. A
     worker not heard from yet, or without a GPU (a CPU worker), sets no bound; None when
     no worker has a GPU: nothing is planned."""
     gpus = [identity["memory"] for identity in identities
@@ -99,8 +99,8 @@ def gateway_memory(spec: ActorSpec, identities: list[dict[str, Any]],
     one the plan can build by name (logged: its jobs run without planned savers)."""
     if gpu() is None:
         return None  # CPU workers: nothing to fit, and no torch needed here
-    from backend.memory_plan import PLANNABLE
-    from backend.memory_savers import MemoryPlanner
+    from backend.edit import engine_phases
+    from backend.memory.planner import PLANNABLE, MemoryPlanner
     from backend.server.planning import ServerMemory
 
     if spec.model not in PLANNABLE:
@@ -109,4 +109,4 @@ def gateway_memory(spec: ActorSpec, identities: list[dict[str, Any]],
                     "names to plan them.", ", ".join(PLANNABLE), spec.model)
         return None
     device = identities[0].get("engine", {}).get("device") or "cuda"
-    return ServerMemory(MemoryPlanner(gpu), spec.model, device, spec.dtype)
+    return ServerMemory(MemoryPlanner(gpu, engine_phases), spec.model, device, spec.dtype)

@@ -51,7 +51,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,8 +59,14 @@ import torch
 from backend.backbones.base import Backbone, Timestep
 from backend.backbones.loading import load_backbone
 from backend.backbones.zeroscope import ZEROSCOPE_XL, ZEROSCOPE_XL_FACTS
-from backend.errors import BadClipError, BadSettingsError, JobCancelled, OutOfMemoryError
-from backend.method.framing import Framing, frames_for_model, plan_framing
+from backend.errors import BadClipError, BadSettingsError, OutOfMemoryError
+from backend.memory.savers import (
+    MemoryDecision,
+    offloads_applied,
+    out_of_memory_sentence,
+    with_savers,
+)
+from backend.method.framing import Framing, choose_framing, frames_for_model
 from backend.method.guidance import lowfreq_init, pairwise_smm_loss
 from backend.method.inversion import DEFAULT_CACHE_MAX_BYTES, InversionCache, SourceState, cache_key
 from backend.method.region_checks import MaskTally, check_region_masks_shape, region_name
@@ -80,14 +86,12 @@ from backend.results import (
     CancelCheck,
     ProgressCallback,
     RegionMasks,
+    Reporter,
     TransferResult,
 )
-from backend.video import resize_frames, retime_frames, sample_indices
+from backend.video import frames_to_edit, resize_frames, retime_frames, sample_indices
 from shared.settings import TransferSettings
 from shared.sidecar import Sidecar
-
-if TYPE_CHECKING:  # backend/memory_savers.py imports the engine (the plan runs its calls)
-    from backend.memory_savers import MemoryPlanner
 
 OUT_OF_MEMORY = (
     "The GPU ran out of memory; try --gradient-checkpointing, fewer --frames, a smaller "
@@ -130,9 +134,6 @@ class Engine:
         self.cache = InversionCache(cache_dir, cache_max_bytes or DEFAULT_CACHE_MAX_BYTES)
         self.model_passes: Counter[tuple[str, str]] = Counter()
         self.upscaler = upscaler
-        # `--memory auto` (backend/memory_savers.py): set by the server and the command
-        # line when there is a GPU to fit; None plans nothing.
-        self.memory: MemoryPlanner | None = None
 
     def describe(self) -> dict[str, Any]:
         """What the server reports in its hello: model id, device, dtype, the backbone
@@ -158,6 +159,7 @@ class Engine:
         cancelled: CancelCheck | None = None,
         procedure: Procedure | None = None,
         masks: RegionMasks | None = None,
+        savers: MemoryDecision | None = None,
     ) -> TransferResult:
         """Edit a clip.
 
@@ -172,11 +174,15 @@ class Engine:
         the frames returned are whole source frames (the source's size, whatever the
         framing) composited through the feathered region (backend/method/regions.py).
         With motion "camera", the motion outside every region guides a whole new frame.
+
+        savers: the memory savers decided for this edit before it (`--memory auto`, by
+        whoever plans it: backend/memory/planner.py MemoryPlanner.decide), turned on here
+        and recorded in the sidecar's `memory`; None turns none on. The engine never plans.
         Raises BadClipError (BadMaskError), BadSettingsError, OutOfMemoryError, JobCancelled.
         """
         # 0. Check everything, choose the frames and frame them, before any model work.
         procedure = procedure or Procedure()
-        report = _Reporter(progress, cancelled)
+        report = Reporter(progress, cancelled)
         settings = self.resolve(settings)
         self.check_settings(settings, len(clip_frames))
         self.backbone.use_settings(settings)
@@ -189,12 +195,7 @@ class Engine:
             masks = masks if hasattr(masks, "shape") else np.asarray(masks)  # (a list of arrays)
             check_region_masks_shape(masks.shape, len(clip_frames), frame_size)
         framing = self.framing_for(settings, frame_size)
-        from backend.memory_savers import offloads_applied, out_of_memory_sentence, with_savers
-
-        memory = None if self.memory is None else self.memory.decide(
-            self.backbone, settings, len(clip_frames), frame_size,
-            regions=0 if masks is None else len(masks))
-        settings = with_savers(settings, memory.savers) if memory else settings
+        settings = with_savers(settings, savers.savers) if savers else settings
         frames = self._padded(frames_for_model(chosen, framing))
         windows = self.windows_for(len(frames), settings)
         regions = self._regions_for(masks, indices, settings, framing, len(frames))
@@ -202,7 +203,7 @@ class Engine:
             del chosen  # the composite needs the source frames; nothing else does
         timings: dict[str, float] = {}
         try:
-            with offloads_applied(self.backbone, memory.savers if memory else ()):
+            with offloads_applied(self.backbone, savers.savers if savers else ()):
                 with _timed(timings, "encode_invert"):
                     source, from_cache = self._source_state(frames, windows, settings, procedure,
                                                             report)
@@ -210,7 +211,7 @@ class Engine:
                     latent = self._sample(source, windows, settings, seed, procedure, report,
                                           regions)
                 with _timed(timings, "decode"):
-                    out = self._decode(latent, settings.vae_slice, report)[: len(indices)]
+                    out = self.decode(latent, settings.vae_slice, report)[: len(indices)]
             if framing.upscale_size is not None:
                 with _timed(timings, "upscale"):
                     out = self.upscaler.video_to_video(out, framing.upscale_size, settings, seed,
@@ -225,15 +226,15 @@ class Engine:
                                                 and chosen.flags.writeable)
                     alpha = plate_alpha_frames(regions.plate, _box(framing), frame_size)
         except torch.cuda.OutOfMemoryError as error:
-            raise OutOfMemoryError(out_of_memory_sentence(memory, OUT_OF_MEMORY)) from error
+            raise OutOfMemoryError(out_of_memory_sentence(savers, OUT_OF_MEMORY)) from error
         finally:
             if self.backbone.device.type == "cuda":
                 torch.cuda.empty_cache()
         out = retime_frames(out, settings.output_frames or len(out))
         sidecar = self._sidecar(settings, seed, framing, indices, windows, from_cache, timings,
                                 regions)
-        if memory:
-            sidecar = dataclasses.replace(sidecar, memory=memory.to_dict())
+        if savers:
+            sidecar = dataclasses.replace(sidecar, memory=savers.to_dict())
         return TransferResult(out, sidecar,
                               None if alpha is None else retime_frames(alpha, len(out)))
 
@@ -250,8 +251,6 @@ class Engine:
         a check alone, nor held whole. A bad mask is refused here, before any model work."""
         if masks is None:
             return None
-        b = self.backbone
-        width, height = framing.model_size
         tallies = [MaskTally(region_name(index)) for index in range(len(masks))]
 
         def checked_frames() -> Iterator[np.ndarray]:
@@ -260,13 +259,27 @@ class Engine:
                 yield np.concatenate([tally.add(region) for tally, region in
                                       zip(tallies, decoded, strict=True)])
 
-        regions = prepare_regions(
-            checked_frames(), len(indices), len(masks), settings.motion, settings.region_grow,
-            settings.region_feather, _box(framing), model_frames, b.latent_frames(model_frames),
-            (width // b.latent_cell, height // b.latent_cell), b.device)
+        regions = self.edit_regions(checked_frames(), len(indices), len(masks), settings,
+                                    _box(framing), framing.model_size, model_frames)
         for tally in tallies:
             tally.finish()
         return regions
+
+    def edit_regions(self, mask_frames: Iterator[np.ndarray | torch.Tensor], frame_count: int,
+                     region_count: int, settings: TransferSettings,
+                     box: tuple[int, int, int, int], model_size: tuple[int, int],
+                     model_frames: int) -> EditRegions:
+        """The edit's regions prepared from `mask_frames`, one frame of every region at a
+        time ((R, H, W) at the source's size, `frame_count` of them), framed by `box`
+        (left, top, right, bottom) of the source, for a model of model_size (width,
+        height) editing `model_frames` frames (backend/method/regions.py prepare_regions:
+        the plate m, the guiding masks and the latent-size masks)."""
+        b = self.backbone
+        width, height = model_size
+        return prepare_regions(
+            mask_frames, frame_count, region_count, settings.motion, settings.region_grow,
+            settings.region_feather, box, model_frames, b.latent_frames(model_frames),
+            (width // b.latent_cell, height // b.latent_cell), b.device)
 
     def _sidecar(self, settings: TransferSettings, seed: int, framing: Framing,
                  indices: np.ndarray, windows: list[Window], from_cache: bool,
@@ -339,7 +352,7 @@ class Engine:
         settings = self.resolve(settings)
         upscale = None if settings.upscale == "none" else (settings.upscale_width, settings.upscale_height)
         try:
-            framing = plan_framing(settings.framing, frame_size, (settings.width, settings.height),
+            framing = choose_framing(settings.framing, frame_size, (settings.width, settings.height),
                                    self.backbone.facts.side_multiple, upscale)
         except ValueError as error:
             raise BadClipError(str(error)) from None
@@ -368,7 +381,7 @@ class Engine:
 
     def _source_state(
         self, frames: np.ndarray, windows: list[Window], settings: TransferSettings,
-        procedure: Procedure, report: _Reporter,
+        procedure: Procedure, report: Reporter,
     ) -> tuple[SourceState, bool]:
         """Inverted latents and source features of the whole clip: from the cache, or
         computed and cached."""
@@ -378,7 +391,7 @@ class Engine:
         sampling = b.schedule.timesteps(settings.steps)
         guided = sampling[: settings.guided_step_count()]
         key = cache_key(frames, {
-            "model": b.model_id, "dtype": str(b.dtype), "source_prompt": _full_prompt(settings, settings.source_prompt),
+            "model": b.model_id, "dtype": str(b.dtype), "source_prompt": settings.full_prompt(settings.source_prompt),
             "inversion_steps": settings.inversion_steps, "steps": settings.steps,
             "guided_steps": len(guided), "windows": windows,
         })
@@ -387,45 +400,67 @@ class Engine:
             if cached is not None:
                 return cached, True
         report("encode", 0, 1)
-        source_latent = self._encode(frames, settings.vae_slice)
+        source_latent = self.encode(frames, settings.vae_slice)
         report("encode", 1, 1)
-        source_embedding = self._embed([_full_prompt(settings, settings.source_prompt)])
-        inversion = b.schedule.inversion_timesteps(settings.steps, settings.inversion_steps)
-        step_of = {timestep: index for index, timestep in enumerate(inversion)}
-
-        def inversion_output(latent: torch.Tensor, timestep: Timestep) -> torch.Tensor:
-            def window_output(piece: torch.Tensor, _window: int) -> torch.Tensor:
-                report.check()
-                return self._predict(piece, timestep, source_embedding, "invert")
-
-            return blend_windowed(window_output, latent, windows, after_window=lambda k: report(
-                "invert", step_of[timestep] * len(windows) + k + 1, len(inversion) * len(windows)))
-
-        with torch.no_grad():
-            inverted, noisiest_timestep, noisiest = b.schedule.invert(
-                inversion_output, source_latent, settings.steps, settings.inversion_steps)
-        state = SourceState(
-            source_latent=source_latent,
-            inverted=inverted,
-            noisiest_timestep=noisiest_timestep,
-            noisiest=noisiest,
-            features={},
-        )
+        source_embedding = self.embed([settings.full_prompt(settings.source_prompt)])
+        state = self.invert(source_latent, source_embedding, windows, settings, report)
         if procedure.cache_source_features:
             with torch.no_grad():
                 for index, timestep in enumerate(guided):
                     state.features[timestep] = []
                     for k, window in enumerate(windows):
                         state.features[timestep].append(
-                            self._source_features(state, timestep, source_embedding, window, report))
+                            self.source_features(state, timestep, source_embedding, window, report))
                         report("features", index * len(windows) + k + 1, len(guided) * len(windows))
         if procedure.use_cache:
             self.cache.save(key, state)
         return state, False
 
-    def _source_features(
+    @torch.no_grad()
+    def invert(
+        self, source_latent: torch.Tensor, source_embedding: torch.Tensor, windows: list[Window],
+        settings: TransferSettings, report: Reporter,
+        window_output: Callable[[torch.Tensor, Timestep], torch.Tensor] | None = None,
+    ) -> SourceState:
+        """Invert z₀ (1, C, F', h, w) along the schedule's own ODE with the source prompt's
+        embedding (1, L, E), each model call per window of `windows` and blended; returns
+        the SourceState (the inverted latents at the sampling timesteps, the noisiest
+        one) with no features yet. Reports ("invert", windows done, timesteps × windows).
+
+        window_output(piece, timestep): the model output of one window's latent piece
+        (default: the model's, counted in model_passes; the memory plan passes one that
+        runs the model on the first window only, the others' being alike)."""
+        b = self.backbone
+        inversion = b.schedule.inversion_timesteps(settings.steps, settings.inversion_steps)
+        step_of = {timestep: index for index, timestep in enumerate(inversion)}
+
+        def model_output(piece: torch.Tensor, timestep: Timestep) -> torch.Tensor:
+            report.check()
+            return self.predict(piece, timestep, source_embedding, "invert")
+
+        window_output = window_output or model_output
+
+        def inversion_output(latent: torch.Tensor, timestep: Timestep) -> torch.Tensor:
+            def window_done(k: int) -> None:
+                report("invert", step_of[timestep] * len(windows) + k + 1,
+                       len(inversion) * len(windows))
+
+            return blend_windowed(lambda piece, _window: window_output(piece, timestep), latent,
+                                  windows, after_window=window_done)
+
+        inverted, noisiest_timestep, noisiest = b.schedule.invert(
+            inversion_output, source_latent, settings.steps, settings.inversion_steps)
+        return SourceState(
+            source_latent=source_latent,
+            inverted=inverted,
+            noisiest_timestep=noisiest_timestep,
+            noisiest=noisiest,
+            features={},
+        )
+
+    def source_features(
         self, state: SourceState, timestep: Timestep, source_embedding: torch.Tensor, window: Window,
-        report: _Reporter, regions: EditRegions | None = None,
+        report: Reporter, regions: EditRegions | None = None,
     ) -> list[torch.Tensor]:
         """Source SMM features of one window: the backbone's taps on the inverted x_t at t,
         source prompt. (window frames, D) per tap; with regions, each guiding region's
@@ -444,7 +479,7 @@ class Engine:
 
     def _sample(
         self, source: SourceState, windows: list[Window], settings: TransferSettings, seed: int,
-        procedure: Procedure, report: _Reporter, regions: EditRegions | None = None,
+        procedure: Procedure, report: Reporter, regions: EditRegions | None = None,
     ) -> torch.Tensor:
         """The guided, restarted sampling loop; returns the final latent z₀.
 
@@ -460,10 +495,10 @@ class Engine:
         timesteps = schedule.timesteps(steps)
         generator = torch.Generator("cpu").manual_seed(seed)
 
-        target = self._embed([_full_prompt(settings, settings.prompt)])
-        negative = self._embed([settings.negative_prompt])
+        target = self.embed([settings.full_prompt(settings.prompt)])
+        negative = self.embed([settings.negative_prompt])
         source_embedding = None if procedure.cache_source_features and regions is None else \
-            self._embed([_full_prompt(settings, settings.source_prompt)])
+            self.embed([settings.full_prompt(settings.source_prompt)])
         learning_rates = settings.guidance_learning_rates()
         guided_steps = len(learning_rates)
 
@@ -477,7 +512,7 @@ class Engine:
             start = schedule.start_latent(source.source_latent.float(), source.noisiest.float(),
                                           source.noisiest_timestep, timesteps[0])
             latent = lowfreq_init(start, fresh_noise, settings.lowfreq_factor)
-        latent = self._keep_plate(latent, source, timesteps[0], regions)
+        latent = self.keep_plate(latent, source, timesteps[0], regions)
 
         total = len(timesteps) * len(windows)
         report("sample", 0, total)
@@ -493,33 +528,33 @@ class Engine:
             if index < guided_steps:
                 if regions is not None:
                     with torch.no_grad():
-                        source_features = [self._source_features(source, timestep, source_embedding,
-                                                                 window, report, regions)
+                        source_features = [self.source_features(source, timestep, source_embedding,
+                                                                window, report, regions)
                                            for window in windows]
                 elif procedure.cache_source_features:
                     source_features = source.features[timestep]
                 else:
                     with torch.no_grad():
-                        source_features = [self._source_features(source, timestep, source_embedding,
-                                                                 window, report) for window in windows]
-                latent = self._guide(latent, timestep, target, source_features, windows,
-                                     learning_rates[index], settings, procedure, report, regions)
+                        source_features = [self.source_features(source, timestep, source_embedding,
+                                                                window, report) for window in windows]
+                latent = self.guide(latent, timestep, target, source_features, windows,
+                                    learning_rates[index], settings, report, regions, procedure)
             # 3c. One CFG step, t → t_next (then, with a kept plate, the blend at t_next).
             next_timestep = None if is_last else timesteps[index + 1]
-            latent = self._denoise(latent, steps, index, target, negative, settings.cfg_scale,
-                                   windows, report, None if restarts else step_done)
-            latent = self._keep_plate(latent, source, next_timestep, regions)
+            latent = self.denoise(latent, steps, index, target, negative, settings.cfg_scale,
+                                  windows, report, None if restarts else step_done)
+            latent = self.keep_plate(latent, source, next_timestep, regions)
             # 3d. Restart: re-noise t_next → t (the schedule's forward process), then step again.
             if restarts:
                 latent = schedule.restart(latent, steps, index, generator)
-                latent = self._denoise(latent, steps, index, target, negative, settings.cfg_scale,
-                                       windows, report, step_done)
-                latent = self._keep_plate(latent, source, next_timestep, regions)
+                latent = self.denoise(latent, steps, index, target, negative, settings.cfg_scale,
+                                      windows, report, step_done)
+                latent = self.keep_plate(latent, source, next_timestep, regions)
         return latent
 
     @staticmethod
-    def _keep_plate(latent: torch.Tensor, source: SourceState, timestep: Timestep | None,
-                    regions: EditRegions | None) -> torch.Tensor:
+    def keep_plate(latent: torch.Tensor, source: SourceState, timestep: Timestep | None,
+                   regions: EditRegions | None) -> torch.Tensor:
         """z = m_lat·z + (1 − m_lat)·z_src(t) with z_src(t) the source's inverted latent at
         `timestep` (None: the clean end, z₀); the latent itself without a kept plate."""
         if regions is None or regions.latent is None:
@@ -529,13 +564,14 @@ class Engine:
             return latent
         return blend_latents(latent, reference.to(latent.device), regions.latent)
 
-    def _guide(
+    def guide(
         self, latent: torch.Tensor, timestep: int, target: torch.Tensor,
         source_features: SourceFeatures, windows: list[Window], learning_rate: float,
-        settings: TransferSettings, procedure: Procedure, report: _Reporter,
-        regions: EditRegions | None = None,
+        settings: TransferSettings, report: Reporter, regions: EditRegions | None = None,
+        procedure: Procedure | None = None,
     ) -> torch.Tensor:
-        """Adam on a copy of x_t so its SMM-difference pattern matches the source's.
+        """Adam on a copy of x_t so its SMM-difference pattern matches the source's:
+        x_t (1, C, F', h, w) → the guided x_t, float32, same shape.
 
         Each iteration sums the windows' losses, L = Σ_k L_k, backpropagating one
         window at a time (memory holds one window's activations), then takes one Adam
@@ -543,6 +579,7 @@ class Engine:
         the model runs under autocast and the loss is scaled before backward (a fresh
         GradScaler per guided step), as the reference does.
         """
+        procedure = procedure or Procedure()
         x = latent.detach().float().clone().requires_grad_(True)
         optimizer = torch.optim.Adam([x], lr=learning_rate)
         scaler = torch.amp.GradScaler(self.backbone.device.type, enabled=self._scales_loss())
@@ -566,7 +603,7 @@ class Engine:
         source_features: SourceFeatures, windows: list[Window], loss_kind: str = "cosine",
         procedure: Procedure | None = None, regions: EditRegions | None = None,
     ) -> float:
-        """L = Σ_k L_k at `latent`: the quantity `_guide` lowers (no gradients kept)."""
+        """L = Σ_k L_k at `latent`: the quantity `guide` lowers (no gradients kept)."""
         procedure = procedure or Procedure()
         with torch.no_grad():
             return sum(self._window_loss(window_slice(latent.float(), window), timestep, target,
@@ -596,9 +633,9 @@ class Engine:
                    for tap_source, tap in zip(source, taps, strict=True))
 
     @torch.no_grad()
-    def _denoise(
+    def denoise(
         self, latent: torch.Tensor, steps: int, index: int, target: torch.Tensor,
-        negative: torch.Tensor, cfg_scale: float, windows: list[Window], report: _Reporter,
+        negative: torch.Tensor, cfg_scale: float, windows: list[Window], report: Reporter,
         after_window: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """One sampler step from timestep `index` of `steps` with classifier-free guidance,
@@ -620,20 +657,24 @@ class Engine:
         """fp16 gradients can underflow; the reference scales the loss on CUDA."""
         return self.backbone.scales_loss()
 
-    def _predict(self, latent: torch.Tensor, timestep: Timestep, embedding: torch.Tensor,
-                 phase: str) -> torch.Tensor:
+    def predict(self, latent: torch.Tensor, timestep: Timestep, embedding: torch.Tensor,
+                phase: str) -> torch.Tensor:
+        """The model's output (ε or velocity) for a latent piece (B, C, F', h, w) at
+        `timestep` with one embedding (B, L, E): the piece's shape. Counted in
+        model_passes under (phase, "full")."""
         self.model_passes[phase, "full"] += latent.shape[0]
         return self.backbone.predict(latent, timestep, embedding)
 
-    def _embed(self, prompts: list[str]) -> torch.Tensor:
+    def embed(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts (already prefixed: TransferSettings.full_prompt) → (len(prompts), L, E)."""
         return self.backbone.embed(prompts)
 
-    def _encode(self, frames: np.ndarray, frames_per_slice: int) -> torch.Tensor:
+    def encode(self, frames: np.ndarray, frames_per_slice: int) -> torch.Tensor:
         """(F, H, W, 3) uint8 → z₀ (1, C, F', h, w) (the backbone's VAE, deterministic)."""
         return self.backbone.encode(frames, frames_per_slice)
 
-    def _decode(self, latent: torch.Tensor, frames_per_slice: int, report: _Reporter,
-                phase: str = "decode", done: int = 0, total: int | None = None) -> np.ndarray:
+    def decode(self, latent: torch.Tensor, frames_per_slice: int, report: Reporter,
+               phase: str = "decode", done: int = 0, total: int | None = None) -> np.ndarray:
         """z₀ (1, C, F', h, w) → (F, H, W, 3) uint8; reports (phase, done + slices decoded,
         total or the slice count)."""
         slices = self.backbone.decode_slices(latent, frames_per_slice)
@@ -649,7 +690,7 @@ class Engine:
     @torch.no_grad()
     def video_to_video(
         self, frames: np.ndarray, size: tuple[int, int], settings: TransferSettings, seed: int,
-        report: _Reporter,
+        report: Reporter,
     ) -> np.ndarray:
         """The upscaling stage, run by the upscaler's engine: ZeroScope XL's documented
         workflow, video-to-video from the first stage's frames (SDEdit).
@@ -675,41 +716,24 @@ class Engine:
         report("upscale", 0, total)
 
         # 5a.
-        latent = self._encode(resize_frames(frames, *size), settings.vae_slice).float()
+        latent = self.encode(resize_frames(frames, *size), settings.vae_slice).float()
         report("upscale", 1, total)
         # 5b.
         generator = torch.Generator("cpu").manual_seed(seed)
         noise = torch.randn(latent.shape, generator=generator).to(b.device)
         latent = b.schedule.add_noise(latent, noise, timesteps[0])
         # 5c.
-        target = self._embed([_full_prompt(settings, settings.prompt)])
-        negative = self._embed([settings.negative_prompt])
+        target = self.embed([settings.full_prompt(settings.prompt)])
+        negative = self.embed([settings.negative_prompt])
         for index in range(len(timesteps)):
             def step_done(k: int, index: int = index) -> None:
                 report("upscale", 1 + index * len(windows) + k + 1, total)
 
-            latent = self._denoise(latent, steps, first + index, target, negative, settings.cfg_scale,
-                                   windows, report, step_done)
+            latent = self.denoise(latent, steps, first + index, target, negative, settings.cfg_scale,
+                                  windows, report, step_done)
         # 5d.
-        return self._decode(latent, settings.vae_slice, report, "upscale",
+        return self.decode(latent, settings.vae_slice, report, "upscale",
                             1 + len(timesteps) * len(windows), total)
-
-
-class _Reporter:
-    """Progress out, cancellation in: called between every unit of work."""
-
-    def __init__(self, progress: ProgressCallback | None, cancelled: CancelCheck | None) -> None:
-        self.progress = progress
-        self.cancelled = cancelled
-
-    def __call__(self, phase: str, step: int, total: int) -> None:
-        self.check()
-        if self.progress is not None:
-            self.progress(phase, step, total)
-
-    def check(self) -> None:
-        if self.cancelled is not None and self.cancelled():
-            raise JobCancelled("The edit was cancelled.")
 
 
 def _box(framing: Framing) -> tuple[int, int, int, int]:
@@ -727,20 +751,6 @@ def _region_smms(features: torch.Tensor, regions: EditRegions, window: Window) -
     return masked_smm(features, _window_weights(regions, window, features.shape[-2:]))
 
 
-def frames_to_edit(settings: TransferSettings, clip_length: int) -> int:
-    """How many frames the model edits: `num_frames` if set, else the whole clip; never
-    more than the frame limit (BadClipError with one sentence)."""
-    limit = settings.frame_limit
-    count = settings.num_frames if settings.num_frames is not None else clip_length
-    if count > limit:
-        raise BadClipError(
-            f"{count} frames is more than the limit of {limit} frames per edit; trim the clip, "
-            f"ask for fewer frames (--frames {limit} samples it evenly) or raise the limit "
-            f"with --frame-limit."
-        )
-    return count
-
-
 @contextmanager
 def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
     started = time.perf_counter()
@@ -748,11 +758,6 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
         yield
     finally:
         timings[name] = time.perf_counter() - started
-
-
-def _full_prompt(settings: TransferSettings, prompt: str) -> str:
-    """The reference prefixes prompts with a quality phrase; an empty prompt stays empty."""
-    return settings.prompt_prefix + prompt if prompt else ""
 
 
 def load_engine(

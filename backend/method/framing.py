@@ -9,7 +9,7 @@ Three modes (docs/method.md, "Framing and resolution"):
              edited at the native size, and put back where it was
     stretch  the whole frame is squeezed to the native size, whatever its shape
 
-`plan_framing` decides, once per edit, the box of the source the model sees and the
+`choose_framing` decides, once per edit, the box of the source the model sees and the
 sizes each stage runs at; the sidecar records it (`Framing.to_dict`). The upscaling
 stage keeps the box's aspect ratio within its own pixel budget (1024×576 = 589,824 for
 ZeroScope XL), except under stretch, where it too runs at its native size.
@@ -131,7 +131,7 @@ class Framing:
         }
 
 
-def plan_framing(mode: str, source_size: Size, native_size: Size, cell: int,
+def choose_framing(mode: str, source_size: Size, native_size: Size, cell: int,
                  upscale_native: Size | None = None) -> Framing:
     """Where and at which sizes a source_size clip is edited.
 

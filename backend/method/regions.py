@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as functional
 
+from backend.memory.counter import values_unknown
 from backend.method.guidance import pairwise_smm_loss
 from backend.method.region_checks import (  # noqa: F401  (the checks, re-exported)
     REGION_THRESHOLD,
@@ -207,7 +208,13 @@ def masked_smm(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 
 
 def present_frames(weights: torch.Tensor) -> torch.Tensor:
-    """(R, F) bool: the frames in which region r has any weight at a tap's resolution."""
+    """(R, F) bool: the frames in which region r has any weight at a tap's resolution.
+
+    Under the memory plan (fake tensors, backend/memory/counter.py) the weights hold no
+    values to say in which frames a region is: it is in all of them, the most the loss
+    reads."""
+    if values_unknown():
+        return torch.ones(tuple(weights.shape[:2]), dtype=torch.bool)
     return weights.sum(dim=(-2, -1)) > 0
 
 

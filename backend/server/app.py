@@ -76,11 +76,12 @@ class Server:
         self.book = JobBook(self.store, config.limits["max_queue"],
                             Retention(config.keep_hours, config.keep_jobs))
         if pool_engines:  # the Ray actors apply the step delay themselves
-            self.job_threads = [JobThread(self.book, self.store, pooled, ready=pooled.wait_ready)
+            self.job_threads = [JobThread(self.book, self.store, pooled, ready=pooled.wait_ready,
+                                          memory=memory)
                                 for pooled in pool_engines]
         else:
             self.job_threads = [JobThread(self.book, self.store, engine,
-                                          config.test_step_delay_s)]
+                                          config.test_step_delay_s, memory=memory)]
         self.context = zmq.Context.instance()
         self.transport = Transport(self.context, config.bind, config.keys_dir, config.insecure,
                                    config.limits)
@@ -211,16 +212,17 @@ def serve(config: ServerConfig, model: str, device: str | None = None, dtype: st
                     "submit jobs and read results.", config.bind)
     JobStore(config.state_dir)  # a state folder that cannot be written: say so before loading
     if config.cluster is None:
-        from backend.memory_savers import MemoryPlanner, gpu_description
+        from backend.edit import engine_phases
+        from backend.memory.planner import MemoryPlanner, gpu_description
         from backend.method.engine import load_engine
 
         engine, cluster, where = load_engine(model, device=device, dtype=dtype,
                                              cache_dir=cache_dir,
                                              upscale_model=upscale_model), None, ""
         engine_device, assumed = str(engine.backbone.device), config.assume_gpu_memory_gb
-        engine.memory = MemoryPlanner(lambda: gpu_description(engine_device, assumed))
-        memory = ServerMemory(engine.memory, engine.backbone)
-        threading.Thread(target=engine.memory.warm, args=(engine.backbone,), daemon=True,
+        planner = MemoryPlanner(lambda: gpu_description(engine_device, assumed), engine_phases)
+        memory = ServerMemory(planner, engine.backbone)
+        threading.Thread(target=planner.warm, args=(engine.backbone,), daemon=True,
                          name="understudy-plan-warm-up").start()
     else:  # the models load on the Ray workers; this process needs neither torch nor a GPU
         from backend.cluster.engine_actor import ActorSpec

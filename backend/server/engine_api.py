@@ -7,12 +7,15 @@ An engine in another process can also lose that process mid-job: it raises Engin
 from __future__ import annotations
 
 import threading
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from backend.errors import UnderstudyError
 from backend.results import CancelCheck, ProgressCallback, TransferResult
 from shared.errors import ErrorCode
 from shared.settings import TransferSettings
+
+if TYPE_CHECKING:
+    from backend.memory.savers import MemoryDecision
 
 
 class EngineLost(UnderstudyError):
@@ -40,11 +43,12 @@ class TransferEngine(Protocol):
 
     def transfer(self, clip_frames: Any, settings: TransferSettings,
                  progress: ProgressCallback | None = None,
-                 cancelled: CancelCheck | None = None, masks: Any | None = None
-                 ) -> TransferResult:
+                 cancelled: CancelCheck | None = None, masks: Any | None = None,
+                 savers: MemoryDecision | None = None) -> TransferResult:
         """Edit a clip; clip_frames needs len() and [index array] (see PngClip). `masks`:
         the edit's regions, None for none; len() is the clip's and [index array] gives
-        (R, n, H, W) float32 in [0, 1] at the clip's resolution (see PngMasks)."""
+        (R, n, H, W) float32 in [0, 1] at the clip's resolution (see PngMasks).
+        `savers`: the memory savers decided for this job (`--memory auto`), None for none."""
 
 
 class PooledEngine(TransferEngine, Protocol):

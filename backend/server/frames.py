@@ -19,6 +19,14 @@ from shared.errors import ErrorCode
 from shared.protocol import ProtocolError, is_png
 
 
+def png_size(frame: bytes) -> tuple[int, int]:
+    """(width, height) of a PNG from its header."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(frame)) as image:
+        return image.size
+
+
 def check_png_frames(frames: list[bytes], max_side: int) -> tuple[int, int]:
     """Check every payload frame is a PNG of one size within max_side; return (w, h).
 
@@ -130,9 +138,18 @@ class PngClip:
     def __len__(self) -> int:
         return len(self.images)
 
+    def frame_size(self) -> tuple[int, int]:
+        """(width, height) of the clip's frames, from the first one's header (a stored
+        clip's frames were checked to share one size at submit)."""
+        return png_size(self.png_bytes_of(0))
+
+    def png_bytes_of(self, index: int) -> bytes:
+        image = self.images[index]
+        return image.read_bytes() if isinstance(image, Path) else image
+
     def png_bytes(self) -> list[bytes]:
         """Every frame's PNG bytes, undecoded (to hand the clip on, e.g. to a Ray worker)."""
-        return [image.read_bytes() if isinstance(image, Path) else image for image in self.images]
+        return [self.png_bytes_of(index) for index in range(len(self.images))]
 
     def __getitem__(self, indices) -> np.ndarray:
         from backend.video import check_frames, decode_pngs

@@ -15,7 +15,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from backend.errors import JobCancelled
 from backend.results import TransferResult
@@ -25,6 +25,11 @@ from backend.server.frames import PngClip, PngMasks
 from backend.server.store import Job, JobStore, StoreUnavailable
 from shared.errors import ErrorCode
 from shared.protocol import EventType, JobState, error_header, failure_reply
+
+if TYPE_CHECKING:
+    from backend.memory.savers import MemoryDecision
+    from backend.server.planning import ServerMemory
+    from shared.settings import TransferSettings
 
 log = logging.getLogger("understudy.server")
 
@@ -39,13 +44,15 @@ class JobThread:
 
     def __init__(self, book: JobBook, store: JobStore, engine: TransferEngine,
                  step_delay_s: float = 0.0,
-                 ready: Callable[[threading.Event], bool] | None = None) -> None:
+                 ready: Callable[[threading.Event], bool] | None = None,
+                 memory: ServerMemory | None = None) -> None:
         self.book = book
         self.store = store
         self.engine = engine
         self.step_delay_s = step_delay_s  # testing only: catch a job mid-run
         # A remote engine that is restarting takes no job, so another job thread gets it.
         self.ready = ready or (lambda stopping: True)
+        self.memory = memory  # `--memory auto`: what each job's savers are decided with
 
     def run(self, stopping: threading.Event, notify: Notify) -> None:
         """The thread's body; `notify` hands events to the socket loop."""
@@ -90,8 +97,11 @@ class JobThread:
             regions = self.store.mask_paths(job.job_id, len(request.get("masks", [])))
             # Only a job with regions passes masks, so an engine without them runs as before.
             with_masks = {"masks": PngMasks(regions, f"job {job.job_id}")} if regions else {}
+            # Likewise savers: decided here, before the edit (the submit's plan, cached).
+            savers = self._savers(settings, clip, len(regions))
+            with_savers = {"savers": savers} if savers is not None else {}
             result = self.engine.transfer(clip, settings, progress=progress, cancelled=cancelled,
-                                          **with_masks)
+                                          **with_masks, **with_savers)
             images = [encode_png(frame) for frame in result_pixels(result)]
             sidecar = result.sidecar.to_dict()
             self.store.write_result(job.job_id, images, sidecar)
@@ -121,6 +131,14 @@ class JobThread:
         self._finish(job, JobState.DONE, None, len(images),
                      {"type": EventType.RESULT_READY, "job_id": job.job_id,
                       "frame_count": len(images), "sidecar": sidecar}, notify)
+
+    def _savers(self, settings: TransferSettings, clip: PngClip,
+                regions: int) -> MemoryDecision | None:
+        """The savers `--memory auto` turns on for a job (None: none), from the plan its
+        submit made (a cache hit; TooBigForGpuError when the GPU shrank since)."""
+        if self.memory is None or not len(clip):
+            return None
+        return self.memory.decide(settings, len(clip), clip.frame_size(), regions)
 
     def _fail(self, job: Job, code: str, message: str, notify: Notify) -> None:
         self._finish(job, JobState.FAILED, {"code": code, "message": message}, None,

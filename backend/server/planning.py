@@ -1,7 +1,7 @@
 """Memory plans off the socket loop: one planning thread and a FIFO of plans to make.
 
 A plan of a shape not planned before runs the engine's calls on fake tensors
-(backend/memory_plan.py): about 2.5 s for the tiny model and 25 s for ZeroScope's
+(backend/memory/planner.py): about 2.5 s for the tiny model and 25 s for ZeroScope's
 architecture on a CPU. Made on the main thread it would leave every other client
 unanswered meanwhile (hello, status, fetch, progress), so a `submit` or `plan` that
 needs one is answered later: `Requests` does every check that needs no plan, then
@@ -11,7 +11,7 @@ and sends the reply with the request's `req`. The request's own client keeps wai
 (shared/client.py waits up to protocol.PLAN_WAIT_S while the server answers its
 heartbeats); nobody else waits.
 
-One thread is enough: the planner keeps one lock while it plans (backend/memory_savers.py),
+One thread is enough: the planner keeps one lock while it plans (backend/memory/planner.py),
 so a second thread would only queue there. A plan that raises (a bug) ends its own
 request with one sentence; the thread goes on with the next.
 """
@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from backend.memory_plan import MemoryPlan
-    from backend.memory_savers import MemoryDecision, MemoryPlanner
+    from backend.memory.planner import MemoryPlan, MemoryPlanner
+    from backend.memory.savers import MemoryDecision
     from shared.settings import TransferSettings
 
 log = logging.getLogger("understudy.server")
@@ -44,7 +44,7 @@ GATE_RAISE = "raise"  # a gate file saying this makes the held plan fail as a bu
 class ServerMemory:
     """What a server plans its jobs against: the planner (its GPU and its cache) and
     the model planned, a loaded backbone (one box) or, on a gateway, the workers'
-    model by name (backend/memory_plan.py PLANNABLE) with their device and dtype."""
+    model by name (backend/memory/planner.py PLANNABLE) with their device and dtype."""
 
     planner: MemoryPlanner
     model: Any  # a Backbone, or a PLANNABLE name

@@ -105,7 +105,7 @@ def measure_truncated_share(engine: Engine, settings: TransferSettings, repeats:
     frames = min(settings.num_frames or settings.window_frames, settings.window_frames)
     latent = bench_latent(b, frames, (settings.width, settings.height))
     t = b.schedule.timesteps(settings.steps)[0]
-    text = engine._embed(["a benchmark"])
+    text = engine.embed(["a benchmark"])
     with torch.no_grad():
         full = _timed(b.device, lambda: b.predict(latent, t, text), repeats)
         truncated = _timed(b.device, lambda: b.taps(latent, t, text, truncated=True), repeats)
@@ -117,7 +117,7 @@ def full_pass_seconds(engine: Engine, frames: int, size: tuple[int, int], repeat
     b = engine.backbone
     latent = bench_latent(b, frames, size)
     t = b.schedule.timesteps(10)[0]
-    text = engine._embed(["a benchmark"])
+    text = engine.embed(["a benchmark"])
     with torch.no_grad():
         return _timed(b.device, lambda: b.predict(latent, t, text), repeats)
 

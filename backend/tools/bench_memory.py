@@ -1,15 +1,15 @@
 """`python -m backend bench --memory`: the memory plan against a real edit on a GPU.
 
-One process, one model (loaded on CUDA), one clip. The plan (backend/memory_plan.py)
+One process, one model (loaded on CUDA), one clip. The plan (backend/memory/planner.py)
 of the edit is made first, from the loaded model's architecture; then the edit runs
 for real while each of the engine's calls that the plan measures is wrapped to read
 `torch.cuda.max_memory_allocated` over that call alone:
 
     weights    memory_allocated once the model is loaded
-    embed      Engine._embed          encode     Engine._encode
-    invert     the schedule's invert  features   Engine._source_features
-    guide      Engine._guide          cfg        Engine._denoise
-    decode     Engine._decode
+    embed      Engine.embed           encode     Engine.encode
+    invert     Engine.invert          features   Engine.source_features
+    guide      Engine.guide           cfg        Engine.denoise
+    decode     Engine.decode
 
 Every reading counts what is alive then (weights, embeddings, the inverted latents …)
 as the plan's phases do, so the two are set side by side per phase: predicted,
@@ -33,8 +33,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from backend.edit import engine_phases
 from backend.errors import UnderstudyError
-from backend.memory_plan import PHASES, plan_edit
+from backend.memory.planner import PHASES, plan_edit
 from backend.method.engine import Engine
 from shared.settings import TransferSettings
 
@@ -43,8 +44,9 @@ NEEDS_CUDA = ("bench --memory measures GPU memory and needs a CUDA GPU, which th
 # Fewer steps than the defaults: a phase's peak does not grow with the step count
 # beyond the kept inverted latents, which the plan counts for the same settings.
 MEMORY_BENCH_STEPS = {"steps": 10, "inversion_steps": 10, "guidance_iterations": 2}
-PLANNED_CALLS = {"embed": "_embed", "encode": "_encode", "features": "_source_features",
-                 "guide": "_guide", "cfg": "_denoise", "decode": "_decode"}
+PLANNED_CALLS = {"embed": "embed", "encode": "encode", "invert": "invert",
+                 "features": "source_features", "guide": "guide", "cfg": "denoise",
+                 "decode": "decode"}
 
 
 class Allocator(Protocol):
@@ -79,7 +81,6 @@ def measured_phase_peaks(engine: Engine, clip: np.ndarray, settings: TransferSet
     """Run one edit; the peak bytes the allocator saw during each planned phase (the
     highest over its calls), and the weights resident before it."""
     peaks: dict[str, int] = {"weights": allocator.allocated()}
-    schedule = engine.backbone.schedule
 
     def wrapped(phase: str, call: Callable[..., Any]) -> Callable[..., Any]:
         def run(*args: Any, **kwargs: Any) -> Any:
@@ -92,13 +93,11 @@ def measured_phase_peaks(engine: Engine, clip: np.ndarray, settings: TransferSet
 
     for phase, name in PLANNED_CALLS.items():
         setattr(engine, name, wrapped(phase, getattr(engine, name)))
-    schedule.invert = wrapped("invert", schedule.invert)  # type: ignore[method-assign]
     try:
         engine.transfer(clip, settings)
     finally:
         for name in PLANNED_CALLS.values():
             engine.__dict__.pop(name, None)
-        schedule.__dict__.pop("invert", None)
     return peaks
 
 
@@ -120,7 +119,7 @@ def run_memory_bench(engine: Engine, frames: int, size: tuple[int, int], setting
     backbone = engine.backbone
     settings = engine.resolve(settings)
     # The allocator's counters see tensors only (a CPU plan's host terms are not theirs).
-    plan = plan_edit(backbone, frames, size, str(backbone.device), settings=settings,
+    plan = plan_edit(engine_phases, backbone, frames, size, str(backbone.device), settings=settings,
                      host_terms=False)
     clip = np.random.default_rng(0).integers(0, 255, (frames, size[1], size[0], 3), dtype=np.uint8)
     measured = measured_phase_peaks(engine, clip, settings, allocator)

@@ -3,7 +3,7 @@
     python -m backend.tools.rss_probe --model tiny --frames 16 40 --size 192x128 [--gradient-checkpointing]
 
 prints, per edit, the growth of the process's resident memory over the edit beside the
-plan's prediction of the same quantity (backend/memory_plan.py, device "cpu"), and their
+plan's prediction of the same quantity (backend/memory/planner.py, device "cpu"), and their
 ratio; `--json` prints them as JSON lines. docs/memory.md gives the protocol's reasons.
 
 The protocol, for each edit:
@@ -115,9 +115,10 @@ def measurements(process: subprocess.Popen, timeout_s: float = 900.0) -> list[in
 def planned_growth(edit: Edit) -> int:
     """The plan's prediction of the measured quantity: its peak less the weights resident
     before the edit starts."""
-    from backend.memory_plan import plan_edit
+    from backend.edit import engine_phases
+    from backend.memory.planner import plan_edit
 
-    plan = plan_edit(edit.model, edit.frames, edit.size, "cpu", settings=edit.settings())
+    plan = plan_edit(engine_phases, edit.model, edit.frames, edit.size, "cpu", settings=edit.settings())
     return plan.peak_bytes - plan.phases["weights"]
 
 

@@ -1,27 +1,29 @@
 """The memory plan of an edit: the peak GPU memory of each phase, before anything is loaded.
 
-    plan = plan_edit("zeroscope-random", frames=24, size=(576, 320), device="cuda")
+    plan = plan_edit(engine_phases, "zeroscope-random", frames=24, size=(576, 320),
+                     device="cuda")   # engine_phases: backend/edit.py, the Engine's phases
     plan.peak_bytes          # the highest phase
     plan.phases              # {"weights": …, "embed": …, "encode": …, "invert": …, …}
     plan.savers              # what each saver, turned on cheapest first, brings the peak to
 
 The backbone is built on the meta device (no weights) and given fake storage
-(backend/memory.py); then the Engine's own calls run on it, once per phase, while
-LiveBytes counts what is alive:
+(backend/memory/counter.py); then the edit's own calls (the engine's public phases,
+backend/memory/phases.py EditPhases, made by the `phases_of` its caller hands in) run
+on it, once per phase, while LiveBytes counts what is alive:
 
-    embed      Engine._embed of the source, target and negative prompts
-    encode     Engine._encode of the whole clip (the VAE, `vae_slice` frames at a time)
-    invert     the schedule's inversion over the whole clip, its model calls windowed
-               (one window's model pass is run; later calls reuse its output's shape,
-               the memory of every call being the same)
-    features   Engine._source_features of the first window at each guided timestep
-    guide      Engine._guide, one Adam iteration over the first window (forward,
+    embed      EditPhases.embed of the source, target and negative prompts
+    encode     EditPhases.encode of the whole clip (the VAE, `vae_slice` frames at a time)
+    invert     EditPhases.invert over the whole clip, its model calls windowed (one
+               window's model pass is run; later calls reuse its output's shape, the
+               memory of every call being the same)
+    features   EditPhases.source_features of the first window at each guided timestep
+    guide      EditPhases.guide, one Adam iteration over the first window (forward,
                truncated at the taps, and backward; each window's backward frees its
                activations before the next, so one window is the peak)
-    cfg        Engine._denoise: one sampling step with both prompts, first window
+    cfg        EditPhases.denoise: one sampling step with both prompts, first window
     decode     the backbone's first decode slice (the largest)
 
-With regions (`regions=K`, `_measure_regions`), Engine._regions_for's own work runs too:
+With regions (`regions=K`, `_measure_regions`), EditPhases.edit_regions runs too:
 
     regions    prepare_regions over the edit's frames, one frame of K masks at a time at
                the source's size (what the engine reads), to the plate m (kept as whole
@@ -29,7 +31,7 @@ With regions (`regions=K`, `_measure_regions`), Engine._regions_for's own work r
     features   also the K regions' masked SMMs of every window (computed at each guided
                step from the inverted latents)
     guide      with the regions' loss (spatial taps, masked SMM of each region)
-    cfg        also the blend with the source's latent outside the region (Engine._keep_plate)
+    cfg        also the blend with the source's latent outside the region (EditPhases.keep_plate)
 
 The plate lives in host memory (only the composite reads it): a CUDA plan counts it
 in `host_bytes`, not on the GPU; a CPU plan, where host and device are one, in the phases.
@@ -48,25 +50,30 @@ in every phase they are resident; the savers move them:
 A plan for CUDA runs on fake CPU tensors with CUDA's autocast rules (CudaAutocast) in
 place of the backbone's torch.autocast("cuda"), and the allocator's 512-byte blocks.
 
-While it plans, Tensor.numpy, the backbones' `checkpoint` name and the engine's
-`present_frames` (regions) are swapped for the planner's (_no_numpy, _recompute_as_on_cuda); the swaps act only in the planning
-thread (PyTorch's modes are per thread too), so a server can plan a job on its main
-thread while its job thread runs a real edit.
+While it plans, Tensor.numpy and the `checkpoint` name of the modules the backbone
+names (Backbone.checkpoint_modules) are swapped for the planner's (_no_numpy,
+_recompute_as_on_cuda); the swaps act only in the planning thread (PyTorch's modes are
+per thread too), so a server can plan a job on its main thread while its job thread
+runs a real edit. The backbone is the plan's own: a meta copy of a loaded one
+(Backbone.meta_copy), or a model by name built on meta (the backbone's meta_shell).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import json
+import logging
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from backend.backbones.base import Backbone, choose_dtype
+from backend.backbones.base import Backbone
 from backend.backbones.loading import WAN_RANDOM, WAN_TINY
 from backend.backbones.zeroscope import (
     TINY,
@@ -77,10 +84,22 @@ from backend.backbones.zeroscope import (
     build_zeroscope_random_components,
 )
 from backend.errors import ModelNotFoundError
-from backend.memory import CUDA_BLOCK_BYTES, CudaAutocast, LiveBytes, fake_world, measure, rounded
-from backend.memory_cpu import CpuConvolutionScratch, host_frames
-from backend.method.engine import Engine, Procedure, _full_prompt, _Reporter
+from backend.memory.counter import (
+    CUDA_BLOCK_BYTES,
+    CudaAutocast,
+    LiveBytes,
+    fake_world,
+    measure,
+    rounded,
+)
+from backend.memory.cpu_terms import CpuConvolutionScratch, host_frames
+from backend.memory.phases import EditPhases, PhasesOf
+from backend.memory.savers import MemoryDecision, readable
+from backend.results import Reporter
+from backend.video import frames_to_edit
 from shared.settings import MEMORY_SAVERS, TransferSettings
+
+log = logging.getLogger("understudy.memory")
 
 PHASES = ("weights", "embed", "encode", "invert", "features", "guide", "cfg", "decode")
 SAVERS = MEMORY_SAVERS  # shared/settings.py: the names, cheapest first
@@ -88,7 +107,38 @@ WAN_ARCHITECTURES = {WAN_RANDOM: "Wan2.1-T2V-1.3B", "Wan-AI/Wan2.1-T2V-1.3B-Diff
                      "Wan-AI/Wan2.1-T2V-14B-Diffusers": "Wan2.1-T2V-14B",
                      "Wan-AI/Wan2.2-TI2V-5B-Diffusers": "Wan2.2-TI2V-5B"}
 ZEROSCOPE_ARCHITECTURES = (ZEROSCOPE_RANDOM, ZEROSCOPE)
-PLANNABLE = (TINY, *ZEROSCOPE_ARCHITECTURES, WAN_TINY, *WAN_ARCHITECTURES)
+
+
+def _zeroscope_shell(model: str, device: torch.device, dtype: str | None) -> Backbone:
+    def parts() -> tuple:
+        if model == TINY:
+            return build_tiny_components()
+        return build_zeroscope_random_components(torch.device("meta"))
+    return ZeroScope.meta_shell(model, parts, device, dtype)
+
+
+def _wan_shell(model: str, device: torch.device, dtype: str | None) -> Backbone:
+    from backend.backbones.wan import Wan
+    from backend.backbones.wan_tiny import build_tiny_wan, build_wan_random
+
+    def parts(torch_dtype: torch.dtype) -> dict:
+        if model == WAN_TINY:
+            return build_tiny_wan()
+        return build_wan_random(WAN_ARCHITECTURES[model], "meta", torch_dtype)
+    return Wan.meta_shell(model, parts, device, dtype)
+
+
+# Each model the plan knows by name, and the function that builds its backbone on the meta
+# device (the backbone's own meta_shell, given the parts of that name).
+SHELLS: dict[str, Callable[[str, torch.device, str | None], Backbone]] = {
+    **dict.fromkeys((TINY, *ZEROSCOPE_ARCHITECTURES), _zeroscope_shell),
+    **dict.fromkeys((WAN_TINY, *WAN_ARCHITECTURES), _wan_shell),
+}
+PLANNABLE = tuple(SHELLS)
+# Settings that change no memory figure: left out of the plan cache's key.
+NOT_PLANNED = ("prompt", "source_prompt", "negative_prompt", "prompt_prefix", "seed", "lr_start",
+               "lr_end", "cfg_scale", "loss", "init", "restart", "memory", "output_frames",
+               "upscale_strength", "frame_limit", "num_frames", "start")  # frames: keyed apart
 
 
 @dataclass
@@ -121,7 +171,8 @@ class MemoryPlan:
                 "windows": self.windows, "regions": self.regions, "host_bytes": dict(self.host_bytes)}
 
 
-def plan_edit(model: str | Backbone, frames: int | None = None, size: tuple[int, int] | None = None,
+def plan_edit(phases_of: PhasesOf, model: str | Backbone, frames: int | None = None,
+              size: tuple[int, int] | None = None,
               device: str = "cuda", dtype: str | None = None,
               settings: TransferSettings | None = None,
               source_size: tuple[int, int] | None = None, regions: int = 0,
@@ -132,29 +183,33 @@ def plan_edit(model: str | Backbone, frames: int | None = None, size: tuple[int,
     (default: the backbone's for that device). `model` is a name (PLANNABLE) or a loaded
     backbone, whose architecture is planned in its own dtype (`dtype` is not read).
     `regions`: the edit's region count (masks of the clip's `source_size`, else `size`).
-    A CPU plan adds the memory no tensor holds (backend/memory_cpu.py) unless
-    `host_terms` is False: tensors only, to set against a counter of tensors."""
+    A CPU plan adds the memory no tensor holds (backend/memory/cpu_terms.py) unless
+    `host_terms` is False: tensors only, to set against a counter of tensors.
+
+    phases_of(backbone): the edit's phases on a backbone (backend/memory/phases.py; the
+    engine's, backend/edit.py engine_phases), run on the plan's own fake backbone."""
     torch_device = torch.device(device)
     settings = settings or TransferSettings(prompt="a plan", source_prompt="a plan")
-    shell = shell_backbone(model, torch_device, dtype) if isinstance(model, str) else shell_of(model)
+    shell = shell_backbone(model, torch_device, dtype) if isinstance(model, str) else model.meta_copy()
     model = model if isinstance(model, str) else model.model_id
-    resolved = Engine(shell).resolve(settings)
+    engine = phases_of(shell)
+    resolved = engine.resolve(settings)
     frames = frames or resolved.window_frames
     if size is None:
-        size = (Engine(shell).framing_for(resolved, source_size).model_size if source_size
+        size = (engine.framing_for(resolved, source_size).model_size if source_size
                 else (resolved.width, resolved.height))
     gpu = torch_device.type == "cuda"
-    box = _region_box(Engine(shell), resolved, source_size, size) if regions else None
+    box = _region_box(engine, resolved, source_size, size) if regions else None
     cpu_terms = host_terms and not gpu
     with fake_world(CUDA_BLOCK_BYTES if gpu else 1) as (_fake, tracker), _no_numpy(), \
             CpuConvolutionScratch(tracker) if cpu_terms else contextlib.nullcontext(), \
-            _recompute_as_on_cuda(shell.dtype if gpu else None), warnings.catch_warnings():
+            _recompute_as_on_cuda(shell.checkpoint_modules, shell.dtype if gpu else None), \
+            warnings.catch_warnings():
         # The planned clip is a read-only broadcast view; torch warns on wrapping it.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         modules = _materialise(shell, tracker)
         if gpu:
             _as_on_cuda(shell)
-        engine = Engine(shell)
         # The framed size can be under the settings' least side (a wide clip 64 px high
         # under fit): set as the engine's framing sets it, without checking it again.
         resolved = _unchecked(engine.resolve(settings), width=size[0], height=size[1])
@@ -177,37 +232,13 @@ def plan_edit(model: str | Backbone, frames: int | None = None, size: tuple[int,
 
 
 def shell_backbone(model: str, device: torch.device, dtype: str | None) -> Backbone:
-    """The backbone of `model` built on the meta device in the dtype it would run in."""
-    if model in (TINY, *ZEROSCOPE_ARCHITECTURES):
-        torch_dtype = choose_dtype(dtype, device)
-        if model == TINY:
-            parts = build_tiny_components()
-        else:
-            parts = build_zeroscope_random_components(torch.device("meta"))
-        unet, vae, text_encoder, tokenizer, scheduler = parts
-        for module in (unet, vae, text_encoder):
-            # nn.Module.to: diffusers' own .to warns about dtype casts that are moot here.
-            torch.nn.Module.to(module, "meta", torch_dtype).eval().requires_grad_(False)
-        return ZeroScope(unet, vae, text_encoder, tokenizer, scheduler, model, torch.device("cpu"),
-                         torch_dtype)
-    if model == WAN_TINY or model in WAN_ARCHITECTURES:
-        from backend.backbones.wan import DEFAULT_FLOW_SHIFT, Wan
-        from backend.backbones.wan_tiny import build_tiny_wan, build_wan_random
-
-        torch_dtype = choose_dtype(dtype, device, torch.bfloat16)
-        if model == WAN_TINY:
-            parts = build_tiny_wan()
-        else:
-            parts = build_wan_random(WAN_ARCHITECTURES[model], "meta", torch_dtype)
-        for name, module_dtype in (("transformer", torch_dtype), ("vae", torch.float32),
-                                   ("text_encoder", torch_dtype)):
-            torch.nn.Module.to(parts[name], "meta", module_dtype).eval().requires_grad_(False)
-        shift = float(parts["scheduler"].config.get("flow_shift", DEFAULT_FLOW_SHIFT))
-        return Wan(parts["transformer"], parts["vae"], parts["text_encoder"], parts["tokenizer"], shift,
-                   bool(parts.get("expand_timesteps", False)), model, torch.device("cpu"), torch_dtype)
-    raise ModelNotFoundError(
-        f"The memory plan knows the architectures of {', '.join(PLANNABLE)}, not {model!r}; "
-        f"plan the one with the same architecture.")
+    """The backbone of `model` (a name, SHELLS) built on the meta device in the dtype it
+    would run in on `device`."""
+    if model not in SHELLS:
+        raise ModelNotFoundError(
+            f"The memory plan knows the architectures of {', '.join(PLANNABLE)}, not {model!r}; "
+            f"plan the one with the same architecture.")
+    return SHELLS[model](model, device, dtype)
 
 
 def _unchecked(settings: TransferSettings, **changes: Any) -> TransferSettings:
@@ -218,36 +249,6 @@ def _unchecked(settings: TransferSettings, **changes: Any) -> TransferSettings:
     for name, value in changes.items():
         setattr(changed, name, value)
     return changed
-
-
-def shell_of(backbone: Backbone) -> Backbone:
-    """A loaded backbone's architecture rebuilt on the meta device from its networks'
-    configs (any ZeroScope or Wan folder, not only the PLANNABLE names), in its dtypes,
-    with a schedule of its own: planning never touches the loaded model."""
-    import copy
-
-    from backend.backbones.wan import Wan
-
-    def meta_copy(module: torch.nn.Module) -> torch.nn.Module:
-        with torch.device("meta"):
-            if hasattr(type(module), "from_config"):  # diffusers
-                rebuilt = type(module).from_config(module.config)
-            else:  # transformers
-                rebuilt = type(module)(module.config)
-        dtype = next(module.parameters()).dtype
-        return torch.nn.Module.to(rebuilt, "meta", dtype).eval().requires_grad_(False)
-
-    cpu = torch.device("cpu")
-    if isinstance(backbone, Wan):
-        return Wan(meta_copy(backbone.transformer), meta_copy(backbone.vae),
-                   meta_copy(backbone.text_encoder), backbone.tokenizer, backbone.schedule.shift,
-                   backbone.expand_timesteps, backbone.model_id, cpu, backbone.dtype)
-    if isinstance(backbone, ZeroScope):
-        return ZeroScope(meta_copy(backbone.unet), meta_copy(backbone.vae),
-                         meta_copy(backbone.text_encoder), backbone.tokenizer,
-                         copy.deepcopy(backbone.scheduler), backbone.model_id, cpu, backbone.dtype,
-                         backbone.facts)
-    raise ModelNotFoundError(f"The memory plan knows ZeroScope and Wan, not {type(backbone).__name__}.")
 
 
 def _materialise(backbone: Backbone, tracker: LiveBytes) -> dict[str, int]:
@@ -272,69 +273,60 @@ def _as_on_cuda(backbone: Backbone) -> None:
 
 _PLANNING = threading.local()  # .autocast_dtype, .numpy: what this thread's plan swaps in
 _SWAP_LOCK = threading.Lock()
-_SWAPPED = {"count": 0}
+_SWAPS: dict[tuple[int, str], list[Any]] = {}  # (id(owner), name) → [planners using it, original]
 
 
 @contextlib.contextmanager
-def _planning_swaps() -> Iterator[None]:
-    """Install the swaps (once, however many threads plan): Tensor.numpy and the
-    backbones' `checkpoint` become functions that act as the planner's in a planning
-    thread and as the originals everywhere else."""
-    from torch.utils import checkpoint as torch_checkpoint
-
-    from backend.backbones import wan, zeroscope_taps
-    from backend.method import engine as engine_module
-
+def _swapped(owner: Any, name: str, planners: Callable[[Any], Any]) -> Iterator[None]:
+    """owner.name replaced by planners(original) while any thread plans (installed
+    once, however many threads plan; the original back when the last one ends). The
+    replacement acts as the planner's in a planning thread, as the original elsewhere."""
+    key = (id(owner), name)
     with _SWAP_LOCK:
-        if _SWAPPED["count"] == 0:
-            _SWAPPED["numpy"] = original_numpy = torch.Tensor.numpy
-
-            def numpy(self: torch.Tensor, *args: Any, **kwargs: Any) -> np.ndarray:
-                if not getattr(_PLANNING, "numpy", False):
-                    return original_numpy(self, *args, **kwargs)
-                dtype = np.dtype(str(self.dtype).removeprefix("torch."))
-                return np.broadcast_to(np.zeros((), dtype), tuple(self.shape))
-
-            def checkpoint(*args: Any, **kwargs: Any) -> Any:
-                dtype = getattr(_PLANNING, "autocast_dtype", None)
-                if dtype is not None:
-                    kwargs["context_fn"] = lambda: (contextlib.nullcontext(), CudaAutocast(dtype))
-                return torch_checkpoint.checkpoint(*args, **kwargs)
-
-            torch.Tensor.numpy = numpy  # type: ignore[method-assign]
-            for module in (wan, zeroscope_taps):
-                module.checkpoint = checkpoint
-            _SWAPPED["present_frames"] = original_present = engine_module.present_frames
-
-            def present_frames(weights: torch.Tensor) -> torch.Tensor:
-                """Fake weights hold no values to say in which frames a region is: it
-                is in all of them (the most the loss reads)."""
-                if not getattr(_PLANNING, "numpy", False):
-                    return original_present(weights)
-                return torch.ones(tuple(weights.shape[:2]), dtype=torch.bool)
-
-            engine_module.present_frames = present_frames
-        _SWAPPED["count"] += 1
+        if key not in _SWAPS:
+            original = getattr(owner, name)
+            _SWAPS[key] = [0, original]
+            setattr(owner, name, planners(original))
+        _SWAPS[key][0] += 1
     try:
         yield
     finally:
         with _SWAP_LOCK:
-            _SWAPPED["count"] -= 1
-            if _SWAPPED["count"] == 0:
-                torch.Tensor.numpy = _SWAPPED.pop("numpy")  # type: ignore[method-assign]
-                engine_module.present_frames = _SWAPPED.pop("present_frames")
-                for module in (wan, zeroscope_taps):
-                    module.checkpoint = torch_checkpoint.checkpoint
+            _SWAPS[key][0] -= 1
+            if _SWAPS[key][0] == 0:
+                setattr(owner, name, _SWAPS.pop(key)[1])
+
+
+def _planners_numpy(original: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+    def numpy(self: torch.Tensor, *args: Any, **kwargs: Any) -> np.ndarray:
+        if not getattr(_PLANNING, "numpy", False):
+            return original(self, *args, **kwargs)
+        dtype = np.dtype(str(self.dtype).removeprefix("torch."))
+        return np.broadcast_to(np.zeros((), dtype), tuple(self.shape))
+    return numpy
+
+
+def _planners_checkpoint(original: Callable[..., Any]) -> Callable[..., Any]:
+    def checkpoint(*args: Any, **kwargs: Any) -> Any:
+        dtype = getattr(_PLANNING, "autocast_dtype", None)
+        if dtype is not None:
+            kwargs["context_fn"] = lambda: (contextlib.nullcontext(), CudaAutocast(dtype))
+        return original(*args, **kwargs)
+    return checkpoint
 
 
 @contextlib.contextmanager
-def _recompute_as_on_cuda(dtype: torch.dtype | None) -> Iterator[None]:
+def _recompute_as_on_cuda(modules: tuple[str, ...], dtype: torch.dtype | None) -> Iterator[None]:
     """Gradient checkpointing recomputes during backward, outside the backbone's
     precision(): checkpoint restores torch.autocast there by itself, CudaAutocast it must
-    be given (context_fn) in the backbones' checkpoint calls (this thread's only)."""
+    be given (context_fn) in the backbone's checkpoint calls, the `checkpoint` of each
+    of `modules` (Backbone.checkpoint_modules; this thread's only)."""
     _PLANNING.autocast_dtype = dtype
     try:
-        with _planning_swaps():
+        with contextlib.ExitStack() as swaps:
+            for name in modules:
+                swaps.enter_context(_swapped(importlib.import_module(name), "checkpoint",
+                                             _planners_checkpoint))
             yield
     finally:
         _PLANNING.autocast_dtype = None
@@ -346,7 +338,7 @@ def _no_numpy() -> Iterator[None]:
     memory), in this thread only."""
     _PLANNING.numpy = True
     try:
-        with _planning_swaps():
+        with _swapped(torch.Tensor, "numpy", _planners_numpy):
             yield
     finally:
         _PLANNING.numpy = False
@@ -369,16 +361,13 @@ class _Kept:
     host_bytes: dict[str, int] = field(default_factory=dict)
 
 
-def _measure_phases(engine: Engine, settings: TransferSettings, frames: int, size: tuple[int, int],
+def _measure_phases(engine: EditPhases, settings: TransferSettings, frames: int, size: tuple[int, int],
                     tracker: LiveBytes, weights: int,
                     to_plan: _RegionsToPlan | None = None) -> tuple[dict[str, int], _Kept]:
     """Peak live bytes of each phase, run through the engine's calls in its order."""
-    from backend.method.inversion import SourceState
-    from backend.method.windows import blend_windowed
-
     b = engine.backbone
     b.use_settings(settings)
-    report = _Reporter(None, None)
+    report = Reporter(None, None)
     windows = engine.windows_for(b.model_frames(frames), settings)
     first = windows[:1]
     peaks: dict[str, int] = {"weights": weights}
@@ -390,12 +379,12 @@ def _measure_phases(engine: Engine, settings: TransferSettings, frames: int, siz
 
     region_peaks, regions, host_bytes = _measure_regions(engine, settings, frames, to_plan, tracker)
     peaks.update(region_peaks)
-    prompts = [_full_prompt(settings, settings.source_prompt), _full_prompt(settings, settings.prompt),
+    prompts = [settings.full_prompt(settings.source_prompt), settings.full_prompt(settings.prompt),
                settings.negative_prompt]
-    embeddings = phase("embed", lambda: [engine._embed([p]) for p in prompts])
+    embeddings = phase("embed", lambda: [engine.embed([p]) for p in prompts])
     source_embedding = embeddings[0]
     clip = np.broadcast_to(np.zeros((), np.uint8), (b.model_frames(frames), size[1], size[0], 3))
-    source_latent = phase("encode", lambda: engine._encode(clip, settings.vae_slice))
+    source_latent = phase("encode", lambda: engine.encode(clip, settings.vae_slice))
     kept = _Kept(clip, embeddings, source_latent, regions=regions, host_bytes=host_bytes)
 
     steps = settings.steps
@@ -406,31 +395,26 @@ def _measure_phases(engine: Engine, settings: TransferSettings, frames: int, siz
     def window_output(piece: torch.Tensor, timestep: Any) -> torch.Tensor:
         """The model runs on the first window; the others' outputs are alike."""
         if not outputs:
-            outputs.append(engine._predict(piece, timestep, source_embedding, "invert"))
+            outputs.append(engine.predict(piece, timestep, source_embedding, "invert"))
             return outputs[0]
         return torch.empty_like(outputs[0])
 
-    def inversion_output(latent: torch.Tensor, timestep: Any) -> torch.Tensor:
-        return blend_windowed(lambda piece, _k: window_output(piece, timestep), latent, windows)
-
     with torch.no_grad():
-        inverted, noisiest_timestep, noisiest = phase("invert", lambda: b.schedule.invert(
-            inversion_output, source_latent, steps, settings.inversion_steps))
+        kept.state = phase("invert", lambda: engine.invert(source_latent, source_embedding, windows,
+                                                           settings, report, window_output))
     outputs.clear()
-    kept.state = SourceState(source_latent=source_latent, inverted=inverted,
-                             noisiest_timestep=noisiest_timestep, noisiest=noisiest, features={})
 
     def features() -> None:
         """One truncated pass; the other guided steps' and windows' features are alike."""
         if not kept.guided:
             return
         with torch.no_grad():
-            one = engine._source_features(kept.state, kept.guided[0], source_embedding, first[0], report)
+            one = engine.source_features(kept.state, kept.guided[0], source_embedding, first[0], report)
             for timestep in kept.guided:
                 kept.state.features[timestep] = [[t.clone() for t in one] for _ in windows]
             if kept.regions is not None:  # the sampler's, at each guided step, every window
-                one = engine._source_features(kept.state, kept.guided[0], source_embedding, first[0],
-                                              report, kept.regions)
+                one = engine.source_features(kept.state, kept.guided[0], source_embedding, first[0],
+                                             report, kept.regions)
                 kept.region_features = [[t.clone() for t in one] for _ in windows]
 
     phase("features", features)
@@ -439,35 +423,35 @@ def _measure_phases(engine: Engine, settings: TransferSettings, frames: int, siz
     return peaks, kept
 
 
-def _measure_guide_decode(engine: Engine, settings: TransferSettings, kept: _Kept, tracker: LiveBytes,
+def _measure_guide_decode(engine: EditPhases, settings: TransferSettings, kept: _Kept, tracker: LiveBytes,
                           names: tuple[str, ...], windows: list) -> dict[str, int]:
-    """guide (Engine._guide, one Adam iteration, first window), cfg (Engine._denoise of
+    """guide (EditPhases.guide, one Adam iteration, first window), cfg (EditPhases.denoise of
     the first window's frames), decode (the first, largest decode slice); encode too
     when named (the savers' re-measure)."""
     b = engine.backbone
-    report = _Reporter(None, None)
+    report = Reporter(None, None)
     target, negative = kept.embeddings[1], kept.embeddings[2]
     first = windows[:1]
     peaks: dict[str, int] = {}
     if "encode" in names:
-        peaks["encode"], _ = measure(lambda: engine._encode(kept.clip, settings.vae_slice), tracker)
+        peaks["encode"], _ = measure(lambda: engine.encode(kept.clip, settings.vae_slice), tracker)
     if "guide" in names and kept.guided:
         timestep = kept.guided[0]
         latent = torch.empty_like(kept.source_latent, dtype=torch.float32)
         one_iteration = _unchecked(settings, guidance_iterations=1)
         source = kept.region_features[:1] if kept.regions else kept.state.features[timestep][:1]
-        peaks["guide"], _ = measure(lambda: engine._guide(
-            latent, timestep, target, source, first, 0.001, one_iteration, Procedure(), report,
-            kept.regions), tracker)
+        peaks["guide"], _ = measure(lambda: engine.guide(
+            latent, timestep, target, source, first, 0.001, one_iteration, report, kept.regions),
+            tracker)
     if "cfg" in names:
         latent = torch.empty_like(kept.source_latent, dtype=torch.float32)
         start, end = first[0]
         piece = latent.narrow(2, start, end - start)
-        peaks["cfg"], _ = measure(lambda: engine._denoise(
+        peaks["cfg"], _ = measure(lambda: engine.denoise(
             piece, settings.steps, 0, target, negative, settings.cfg_scale, [(0, end - start)],
             report), tracker)
         if kept.regions is not None:  # then the whole latent's blend with the source's
-            blend, _ = measure(lambda: engine._keep_plate(latent, kept.state, None, kept.regions),
+            blend, _ = measure(lambda: engine.keep_plate(latent, kept.state, None, kept.regions),
                                tracker)
             peaks["cfg"] = max(peaks["cfg"], blend)
     if "decode" in names:
@@ -493,7 +477,7 @@ class _RegionsToPlan:
     gpu: bool
 
 
-def _region_box(engine: Engine, settings: TransferSettings, source_size: tuple[int, int] | None,
+def _region_box(engine: EditPhases, settings: TransferSettings, source_size: tuple[int, int] | None,
                 size: tuple[int, int]) -> tuple[int, int, int, int]:
     """The source pixels the model sees: the framing's box of a clip of source_size, or
     the whole frame when the plan is for the model's size."""
@@ -503,11 +487,11 @@ def _region_box(engine: Engine, settings: TransferSettings, source_size: tuple[i
     return box.left, box.top, box.right, box.bottom
 
 
-def _measure_regions(engine: Engine, settings: TransferSettings, frames: int,
+def _measure_regions(engine: EditPhases, settings: TransferSettings, frames: int,
                      to_plan: _RegionsToPlan | None, tracker: LiveBytes
                      ) -> tuple[dict[str, int], Any, dict[str, int]]:
-    """The "regions" phase: the engine's own preparation (prepare_regions, as
-    Engine._regions_for calls it) over `frames` frames of `count` masks at the source's
+    """The "regions" phase: the engine's own preparation (EditPhases.edit_regions)
+    over `frames` frames of `count` masks at the source's
     size, fed one frame at a time as the engine reads them. Returns the phase peak, the
     EditRegions (kept alive for the later phases) and the host-memory figures:
 
@@ -520,8 +504,6 @@ def _measure_regions(engine: Engine, settings: TransferSettings, frames: int,
     dropped from what later phases count (it is not on the GPU)."""
     if to_plan is None:
         return {}, None, {}
-    from backend.method.regions import prepare_regions
-
     b = engine.backbone
     model_frames = b.model_frames(frames)
     mask_shape = (to_plan.count, to_plan.source_size[1], to_plan.source_size[0])
@@ -531,10 +513,9 @@ def _measure_regions(engine: Engine, settings: TransferSettings, frames: int,
             yield torch.zeros(mask_shape, dtype=torch.bool)  # a frame's K masks, as read
 
     before = tracker.current
-    peak, regions = measure(lambda: prepare_regions(
-        one_frame_at_a_time(), frames, to_plan.count, settings.motion, settings.region_grow,
-        settings.region_feather, to_plan.box, model_frames, b.latent_frames(model_frames),
-        (settings.width // b.latent_cell, settings.height // b.latent_cell), b.device), tracker)
+    peak, regions = measure(lambda: engine.edit_regions(
+        one_frame_at_a_time(), frames, to_plan.count, settings, to_plan.box,
+        (settings.width, settings.height), model_frames), tracker)
     plate = 0 if regions.plate is None else rounded(
         regions.plate.counts.untyped_storage().nbytes(), tracker.block)
     host = {"regions": peak - before, "plate": plate}
@@ -552,8 +533,8 @@ def _plan(model: str, device: torch.device, backbone: Backbone, frames: int, siz
           settings: TransferSettings) -> MemoryPlan:
     """Phase peaks with each module's weights counted only where it is resident."""
     gpu = device.type == "cuda"
-    # Wan's text encoder already lives in host memory on CUDA and visits only to embed.
-    text_always_offloaded = gpu and type(backbone).__name__ == "Wan"
+    # A text encoder that lives in host memory on CUDA (Wan's) visits only to embed.
+    text_always_offloaded = gpu and backbone.text_encoder_in_host_memory
     largest_leaf = _largest_leaf_bytes(backbone)
 
     def phases_with(turned_on: set[str]) -> dict[str, int]:
@@ -621,7 +602,7 @@ def format_plan(plan: MemoryPlan) -> str:
 # --------------------------------------------------------------------------- --memory auto
 
 APPLIED_SAVERS = SAVERS
-"""The savers the engine turns on (backend/memory_savers.py): all of them."""
+"""The savers the engine turns on (backend/memory/savers.py): all of them."""
 
 
 @dataclass(frozen=True)
@@ -660,6 +641,112 @@ def choose_savers(plan: MemoryPlan, budget_bytes: int,
         f"or use a GPU with more memory.")
 
 
-def readable(nbytes: int) -> str:
-    """11811160064 → "11.0 GiB"; under a GiB in MiB."""
-    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+# --------------------------------------------------------------------------- the planner
+
+
+class MemoryPlanner:
+    """Plans edits against one GPU's memory and keeps the plans (a plan runs the
+    engine's calls on fake tensors: seconds for a tiny model, tens of seconds for a
+    full one), keyed by the model, the frames, the clip's size and every setting that
+    changes a figure; decides each edit's savers before it runs (`decide`, handed to
+    Engine.transfer). Thread-safe: the server plans on its main thread and the job
+    thread asks again (a cache hit) when the job runs.
+
+        planner = MemoryPlanner(lambda: gpu_description("cuda", None), engine_phases)
+        decision = planner.decide(backbone, settings, clip_length, (width, height))
+
+    gpu: the GPU as it is now (gpu_description); its budget_bytes is the memory an edit
+    may take (serve --assume-gpu-memory-gb, or the CUDA device's free memory plus what
+    this process already holds). None: no GPU to fit, nothing is planned.
+    phases_of: the edit's phases on a backbone (backend/edit.py engine_phases)."""
+
+    def __init__(self, gpu: Callable[[], dict[str, Any] | None], phases_of: PhasesOf,
+                 device: str | None = None) -> None:
+        self.gpu = gpu
+        self.phases_of = phases_of
+        self.device = device  # the device planned for; None: the backbone's
+        self._plans: dict[str, MemoryPlan] = {}
+        self._lock = threading.Lock()
+
+    def plan(self, model: Backbone | str, settings: TransferSettings, frames: int,
+             frame_size: tuple[int, int] | None, device: str | None = None,
+             dtype: str | None = None, regions: int = 0) -> MemoryPlan:
+        """The plan of editing `frames` frames of a clip of frame_size (width, height) with
+        a loaded backbone, or with a model not loaded yet (a PLANNABLE name, on `device`
+        in `dtype`): the same plan either way, so the command line's check before
+        loading is the engine's cache hit after.
+
+        Planned for planned_frames(frames) frames (a bound from above: memory grows with
+        the frames) at the size the framing gives the model, so clips of many lengths and
+        sizes share a few plans. `regions`: how many regions (masks) the edit has."""
+        shell = model if isinstance(model, Backbone) else shell_backbone(
+            model, torch.device(device or "cuda"), dtype)
+        device = device or self.device or str(shell.device)
+        settings = settings.resolved(shell.facts.defaults)
+        size = (self.phases_of(shell).framing_for(settings, frame_size).model_size if frame_size
+                else (settings.width, settings.height))
+        frames = planned_frames(frames, settings.window_frames, settings.window_overlap)
+        relevant = {name: value for name, value in settings.to_dict().items() if name not in NOT_PLANNED}
+        key = json.dumps([shell.model_id, str(shell.dtype), device, frames, size, relevant,
+                          regions, frame_size if regions else None], sort_keys=True)
+        with self._lock:
+            if key not in self._plans:
+                self._plans[key] = plan_edit(self.phases_of, shell, frames, size, device, None, settings,
+                                             frame_size if regions else None, regions=regions)
+            return self._plans[key]
+
+    def warm(self, backbone: Backbone) -> None:
+        """Plan the model's own clip (its window at its native size, default settings)
+        ahead of the first job, when there is a GPU to plan for (serve runs this in a
+        thread at start, so the usual first submit finds its plan made)."""
+        if self.gpu() is None:
+            return
+        settings = TransferSettings(prompt="a plan").resolved(backbone.facts.defaults)
+        try:
+            self.plan(backbone, settings, settings.window_frames, None)
+        except Exception:  # a plan that fails here fails again, in one sentence, at submit
+            log.exception("Planning the model's own clip ahead of the first job failed.")
+
+    def decide(self, model: Backbone | str, settings: TransferSettings, clip_length: int,
+               frame_size: tuple[int, int] | None, device: str | None = None,
+               dtype: str | None = None, regions: int = 0) -> MemoryDecision | None:
+        """The savers an edit of a clip of `clip_length` frames of frame_size with
+        `regions` regions needs on this GPU; None with `memory` "off" or no GPU.
+        TooBigForGpuError (one sentence) when even every saver leaves it too big."""
+        gpu = self.gpu() if settings.memory == "auto" else None
+        if gpu is None:
+            return None
+        frames = frames_to_edit(settings, clip_length)
+        plan = self.plan(model, settings, frames, frame_size, device, dtype, regions)
+        choice = choose_savers(plan, gpu["budget_bytes"], MEMORY_SAVERS)
+        return MemoryDecision(choice.savers, choice.peak_bytes, gpu["budget_bytes"])
+
+
+def planned_frames(frames: int, window: int, overlap: int) -> int:
+    """The frame count a clip of `frames` is planned for: the next power of two up to
+    one window (2, 4, 8, 16, …, window), then whole strides of windows, window + k·(window
+    − overlap). Memory only grows with the frames, so the plan bounds the clip's from
+    above; 24-frame ZeroScope windows give 2, 4, 8, 16, 24, 40, 56, …, 248."""
+    if frames <= window:
+        return min(window, 1 << max(1, (frames - 1).bit_length()))
+    stride = max(1, window - overlap)
+    return window + -(-(frames - window) // stride) * stride
+
+
+
+
+def gpu_description(device: str | None, assume_gb: float | None) -> dict[str, Any] | None:
+    """The GPU as the hello reports it: {"name", "total_bytes", "free_bytes", "budget_bytes",
+    "assumed"}; with `assume_gb` (serve --assume-gpu-memory-gb) that many GB, whatever
+    the device; on CUDA the real device's; None on a CPU."""
+    if assume_gb is not None:
+        total = int(assume_gb * 10**9)
+        return {"name": f"assumed {assume_gb:g} GB", "total_bytes": total, "free_bytes": total,
+                "budget_bytes": total, "assumed": True}
+    if device is None or not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    index = torch.device(device).index or 0
+    free, total = torch.cuda.mem_get_info(index)
+    held = torch.cuda.memory_reserved(index)  # this process's own, reused by its edits
+    return {"name": torch.cuda.get_device_name(index), "total_bytes": int(total),
+            "free_bytes": int(free), "budget_bytes": int(free + held), "assumed": False}

@@ -20,6 +20,7 @@ CUDA plan is rounded up to the caching allocator's 512-byte block.
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -31,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_map_only
 from torch.utils.weak import WeakIdKeyDictionary
 
+_THIS_THREAD = threading.local()  # .fake_worlds: how many fake_world blocks this thread is in
 CUDA_BLOCK_BYTES = 512  # the CUDA caching allocator rounds every block up to this
 
 
@@ -163,11 +165,23 @@ class RealScalars(TorchDispatchMode):
 @contextlib.contextmanager
 def fake_world(block: int = 1) -> Iterator[tuple[FakeTensorMode, LiveBytes]]:
     """Fake tensors (large real inputs such as a clip's pixels are faked on the way in,
-    small ones computed for real: RealScalars) and a LiveBytes counting them."""
+    small ones computed for real: RealScalars) and a LiveBytes counting them; while it
+    lasts, `values_unknown()` is True in this thread."""
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     tracker = LiveBytes(block)
-    with fake, RealScalars(), tracker:
-        yield fake, tracker
+    _THIS_THREAD.fake_worlds = getattr(_THIS_THREAD, "fake_worlds", 0) + 1
+    try:
+        with fake, RealScalars(), tracker:
+            yield fake, tracker
+    finally:
+        _THIS_THREAD.fake_worlds -= 1
+
+
+def values_unknown() -> bool:
+    """Whether this thread runs inside fake_world, where no tensor holds the code's own
+    values (fake storage, and small tensors computed from fakes): code that chooses by
+    values (which frames a region is in) takes the most it could read."""
+    return getattr(_THIS_THREAD, "fake_worlds", 0) > 0
 
 
 def materialise(module: torch.nn.Module, tracker: LiveBytes, device: str = "cpu") -> torch.nn.Module:

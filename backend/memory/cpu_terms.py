@@ -1,6 +1,6 @@
 """What a CPU edit's memory holds beyond its tensors: the terms a plan for device "cpu" adds.
 
-The memory plan (backend/memory_plan.py) counts tensor storages. On a CPU two more
+The memory plan (backend/memory/planner.py) counts tensor storages. On a CPU two more
 things are sized by the code and grow with the clip, so a CPU plan counts them too
 (docs/memory.md gives the measurements behind them):
 
@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from backend.memory import LiveBytes
+from backend.memory.counter import LiveBytes
 
 _Backend = torch._C._ConvBackend
 # The kernels that unfold the whole batch at once (compute_columns2d / compute_columns3d).
