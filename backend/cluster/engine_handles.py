@@ -67,7 +67,7 @@ class ActorEngine:
                  savers: MemoryDecision | None = None) -> TransferResult:
         """Run the edit on the actor; raises what a local edit raises, or ActorLost.
         `masks` (a PngMasks) travel as their PNG bytes, like the clip; `savers` (decided
-        by the gateway's job thread, backend/server/worker.py) as their record."""
+        by the gateway's job thread, backend/server/job_thread.py) as their record."""
         frames = png_frames(clip_frames)
         # The id only pairs a cancel with this run on the actor.
         run_id = f"run-{uuid.uuid4().hex}"
