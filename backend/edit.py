@@ -103,12 +103,12 @@ def edit_clip(clip_path: Path, settings: dict[str, Any], output: Path, where: Lo
 
 
 def read_region_masks(paths: Sequence[Path], clip_frames) -> RegionMasks:
-    """One region per path (backend/method/region_checks.py read_mask_levels), stacked as
+    """One region per path (backend/masks.py read_mask_levels), stacked as
     the edit's RegionMasks (R, N, H, W) uint8 grey levels (a quarter of float32's bytes);
     BadMaskError with one sentence for any unusable mask."""
     import numpy as np
 
-    from backend.method.region_checks import read_mask_levels
+    from backend.masks import read_mask_levels
 
     size = (clip_frames.shape[2], clip_frames.shape[1])
     return np.stack([read_mask_levels(path, len(clip_frames), size) for path in paths])
@@ -174,7 +174,7 @@ def _on_server(remote: Remote, clip_frames, settings: TransferSettings,
     printed first, so a result outlives this process: `--job-id ID` asks for that job
     instead of submitting a new one. Ctrl-C cancels.
     """
-    from backend.method.region_checks import as_levels
+    from backend.masks import as_levels
     from backend.video import decode_pngs, encode_png
     from shared.client import Client, ClientError, UnknownJob, load_client_keys
 

@@ -9,11 +9,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from backend.errors import BadClipError
+
+if TYPE_CHECKING:
+    from shared.settings import TransferSettings
 
 VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".webm", ".gif", ".avi"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -160,6 +164,20 @@ def sample_indices(clip_length: int, count: int, start: int | None = None) -> np
             f"frames (0…{clip_length - 1}); lower the start or the frame count."
         )
     return np.arange(start, start + count, dtype=np.int64)
+
+
+def frames_to_edit(settings: TransferSettings, clip_length: int) -> int:
+    """How many frames the model edits: `num_frames` if set, else the whole clip; never
+    more than the frame limit (BadClipError with one sentence)."""
+    limit = settings.frame_limit
+    count = settings.num_frames if settings.num_frames is not None else clip_length
+    if count > limit:
+        raise BadClipError(
+            f"{count} frames is more than the limit of {limit} frames per edit; trim the clip, "
+            f"ask for fewer frames (--frames {limit} samples it evenly) or raise the limit "
+            f"with --frame-limit."
+        )
+    return count
 
 
 def resize_frames(frames: np.ndarray, width: int, height: int) -> np.ndarray:

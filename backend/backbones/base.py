@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from backend.errors import ModelNotFoundError
 
@@ -247,6 +248,41 @@ def choose_dtype(dtype: str | None, device: torch.device, gpu_default: torch.dty
     if dtype is None:
         return gpu_default if device.type == "cuda" else torch.float32
     return DTYPES[dtype]
+
+
+def smm(features: torch.Tensor) -> torch.Tensor:
+    """Spatial marginal mean (the paper's SMM, what every feature tap returns): φ[f, d] = 1/(H·W) · Σ_{y,x} features[f, d, y, x].
+
+    (F, D, H, W) → (F, D).
+    """
+    return features.mean(dim=(-2, -1))
+
+
+@contextlib.contextmanager
+def checkpointed_blocks(blocks: Iterable[torch.nn.Module], enabled: bool) -> Iterator[None]:
+    """Gradient checkpointing for the blocks a truncated pass runs before the tapped one
+    (`Backbone.checkpointing` names them): each recomputes its activations during
+    backward instead of keeping them. The tapped block is left alone (its hooks hold the
+    taps and stop the pass)."""
+    if not enabled:
+        yield
+        return
+    blocks = list(blocks)
+    own = [block.__dict__.get("forward") for block in blocks]  # a hook's (sequential offload)
+    for block in blocks:
+        original = block.forward
+
+        def run(*args, _original=original, **kwargs):
+            return checkpoint(_original, *args, use_reentrant=False, **kwargs)
+        block.forward = run
+    try:
+        yield
+    finally:
+        for block, forward in zip(blocks, own, strict=True):
+            if forward is None:
+                del block.forward  # back to the class's method
+            else:
+                block.forward = forward  # back to accelerate's hook
 
 
 class StopAfter(Exception):

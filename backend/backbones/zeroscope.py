@@ -23,14 +23,9 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from backend.backbones.base import Backbone, BackboneFacts, Timestep
+from backend.backbones.base import Backbone, BackboneFacts, Timestep, checkpointed_blocks
 from backend.backbones.ddim import DDIMSchedule
-from backend.backbones.zeroscope_taps import (
-    TAP_NAMES,
-    checkpointed_blocks,
-    full_pass_smm,
-    truncated_smm,
-)
+from backend.backbones.zeroscope_taps import TAP_NAMES, full_pass_smm, truncated_smm
 from backend.errors import ModelNotFoundError
 
 TINY = "tiny"
@@ -163,7 +158,11 @@ class ZeroScope(Backbone):
             return full_pass_smm(self.unet, self.model_input(latent), timestep, embedding, spatial)
 
     def checkpointing(self, enabled: bool) -> AbstractContextManager:
-        return checkpointed_blocks(self.unet, enabled)
+        """UNet3DConditionModel has no checkpointing of its own: each down block, the mid
+        block and up_blocks[0] recompute their activations during backward; up_blocks[1]
+        itself is left alone (its hooks hold the taps)."""
+        return checkpointed_blocks([*self.unet.down_blocks, self.unet.mid_block,
+                                    self.unet.up_blocks[0]], enabled)
 
 
 def load_zeroscope(model: str, device: torch.device, dtype: torch.dtype, flag: str = "--model",

@@ -60,10 +60,10 @@ from backend.backbones.base import Backbone, Timestep
 from backend.backbones.loading import load_backbone
 from backend.backbones.zeroscope import ZEROSCOPE_XL, ZEROSCOPE_XL_FACTS
 from backend.errors import BadClipError, BadSettingsError, JobCancelled, OutOfMemoryError
+from backend.masks import MaskTally, check_region_masks_shape, region_name
 from backend.method.framing import Framing, frames_for_model, plan_framing
 from backend.method.guidance import lowfreq_init, pairwise_smm_loss
 from backend.method.inversion import DEFAULT_CACHE_MAX_BYTES, InversionCache, SourceState, cache_key
-from backend.method.region_checks import MaskTally, check_region_masks_shape, region_name
 from backend.method.regions import (
     EditRegions,
     blend_latents,
@@ -82,7 +82,7 @@ from backend.results import (
     RegionMasks,
     TransferResult,
 )
-from backend.video import resize_frames, retime_frames, sample_indices
+from backend.video import frames_to_edit, resize_frames, retime_frames, sample_indices
 from shared.settings import TransferSettings
 from shared.sidecar import Sidecar
 
@@ -725,20 +725,6 @@ def _window_weights(regions: EditRegions, window: Window, size: tuple[int, int])
 def _region_smms(features: torch.Tensor, regions: EditRegions, window: Window) -> torch.Tensor:
     """Each guiding region's masked SMM of one window's features (F_k, D, h, w): (R, F_k, D)."""
     return masked_smm(features, _window_weights(regions, window, features.shape[-2:]))
-
-
-def frames_to_edit(settings: TransferSettings, clip_length: int) -> int:
-    """How many frames the model edits: `num_frames` if set, else the whole clip; never
-    more than the frame limit (BadClipError with one sentence)."""
-    limit = settings.frame_limit
-    count = settings.num_frames if settings.num_frames is not None else clip_length
-    if count > limit:
-        raise BadClipError(
-            f"{count} frames is more than the limit of {limit} frames per edit; trim the clip, "
-            f"ask for fewer frames (--frames {limit} samples it evenly) or raise the limit "
-            f"with --frame-limit."
-        )
-    return count
 
 
 @contextmanager

@@ -206,7 +206,7 @@ class Requests:
         """The `plan` reply of a planned job (planning thread): the plan without savers,
         and what `--memory auto` turns on, from the same cache a submit's decision uses."""
         from backend.errors import TooBigForGpuError
-        from backend.method.engine import frames_to_edit
+        from backend.video import frames_to_edit
 
         reply: dict[str, Any] = {"type": ReplyType.PLAN, **self._gpu(), "fits": True,
                                  "savers": [], "predicted_peak_bytes": None, "message": None}
