@@ -17,12 +17,15 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from backend.errors import UnderstudyError
 from backend.results import ProgressCallback, RegionMasks
 from shared.settings import TransferSettings
 from shared.sidecar import Sidecar
+
+if TYPE_CHECKING:  # torch and the models load only when an engine is
+    from backend.method.engine import Engine
 
 DEFAULT_MODEL = "cerspense/zeroscope_v2_576w"
 DEFAULT_CACHE = Path.home() / ".cache" / "understudy"
@@ -36,7 +39,7 @@ class Local:
     dtype: str | None = None
     cache_dir: Path = DEFAULT_CACHE
     cache_max_bytes: int | None = None  # None: the engine's default cap
-    upscale_model: str | None = None  # for upscale "xl"; None: ZeroScope XL
+    upscale_model: str | None = None  # for upscale "xl"; None: the backbone's (ZeroScope XL)
     assume_gpu_memory_gb: float | None = None  # `--memory auto` fits into this; None: the GPU's
 
 
@@ -85,10 +88,10 @@ def edit_clip(clip_path: Path, settings: dict[str, Any], output: Path, where: Lo
     if isinstance(where, Remote):
         frames, sidecar = _on_server(where, clip.frames, parsed, progress, say, masks)
     else:
-        from backend.backbones.zeroscope import ZEROSCOPE_XL
-        from backend.method.engine import load_engine
+        from backend.backbones.loading import default_upscaler
 
-        upscaler = None if parsed.upscale == "none" else where.upscale_model or ZEROSCOPE_XL
+        upscaler = None if parsed.upscale == "none" else (
+            where.upscale_model or default_upscaler(where.model))
         memory = _memory_checked(where, parsed, clip.frames, 0 if masks is None else len(masks))
         engine = load_engine(where.model, device=where.device, dtype=where.dtype,
                              cache_dir=Path(where.cache_dir), cache_max_bytes=where.cache_max_bytes,
@@ -100,6 +103,26 @@ def edit_clip(clip_path: Path, settings: dict[str, Any], output: Path, where: Lo
     fps = clip.fps * len(frames) / len(clip.frames)  # the clip's duration, whatever the count
     _write_outputs(frames, sidecar, output, fps, frames_dir)
     return EditOutcome(output, sidecar_path(output), len(frames), sidecar)
+
+
+def load_engine(
+    model: str, device: str | None = None, dtype: str | None = None, cache_dir: Path | None = None,
+    cache_max_bytes: int | None = None, upscale_model: str | None = None,
+) -> Engine:
+    """Load a model ("tiny", "wan-tiny", a hub id, or a local diffusers folder; its
+    backbone from its model_index.json, backend/backbones/loading.py) once; the inversion
+    cache keeps at most `cache_max_bytes` (default: the engine's cap).
+
+    upscale_model (for upscale "xl": its backbone's upscaler, such as ZeroScope XL, a
+    local folder or "tiny"; None: no upscaler) is loaded first, so missing upscaler
+    weights end in one sentence before anything else loads."""
+    from backend.backbones.loading import load_backbone, load_upscaler
+    from backend.method.engine import Engine
+
+    upscaler = None
+    if upscale_model is not None:
+        upscaler = Engine(load_upscaler(upscale_model, device, dtype))
+    return Engine(load_backbone(model, device, dtype), cache_dir, cache_max_bytes, upscaler)
 
 
 def read_region_masks(paths: Sequence[Path], clip_frames) -> RegionMasks:

@@ -14,8 +14,9 @@ from backend.backbones.zeroscope_taps import (
     tap_modules,
     truncated_smm,
 )
+from backend.edit import load_engine
 from backend.errors import BadClipError, BadSettingsError, JobCancelled, OutOfMemoryError
-from backend.method.engine import Engine, Procedure, load_engine
+from backend.method.engine import Engine, Procedure
 from shared.settings import TransferSettings
 from shared.sidecar import Sidecar
 from tests.conftest import SMALL_SETTINGS, moving_square_frames

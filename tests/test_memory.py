@@ -9,9 +9,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, UNet3DConditionModel
 
+from backend.edit import load_engine
 from backend.memory import CudaAutocast, LiveBytes, fake_world, materialise, measure, rounded
 from backend.memory_plan import plan_edit
-from backend.method.engine import load_engine
 from shared.settings import TransferSettings
 
 TINY_UNET = dict(

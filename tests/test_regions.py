@@ -9,9 +9,10 @@ import torch
 from PIL import Image
 
 from backend.backbones.base import smm
+from backend.edit import load_engine
 from backend.errors import BadMaskError
 from backend.masks import check_masks, read_masks
-from backend.method.engine import Engine, Procedure, load_engine
+from backend.method.engine import Engine, Procedure
 from backend.method.guidance import pairwise_smm_loss
 from backend.method.regions import (
     composite,

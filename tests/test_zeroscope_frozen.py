@@ -10,7 +10,8 @@ import hashlib
 import numpy as np
 import pytest
 
-from backend.method.engine import Procedure, load_engine
+from backend.edit import load_engine
+from backend.method.engine import Procedure
 from shared.settings import TransferSettings
 from tests.conftest import SMALL_SETTINGS, moving_square_frames
 

@@ -24,13 +24,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from backend.errors import ModelNotFoundError
+from backend.errors import BadSettingsError, ModelNotFoundError
 
 Timestep = float
 """What the model is given as its time input: an int DDIM timestep (981, 961, …) or a
@@ -207,6 +208,19 @@ class Backbone(ABC):
         run, beyond what the engine checks for every backbone."""
         return None
 
+    def check_upscaler(self, upscaler: Backbone | None) -> None:
+        """BadSettingsError with one sentence unless `upscaler` (None: the engine has
+        none) can run the upscaling stage after this model (settings.upscale "xl"): a
+        second model of this backbone re-draws the first stage's result. A backbone
+        that offers one (ZeroScope: ZeroScope XL) says how to get it."""
+        if upscaler is None:
+            raise BadSettingsError(
+                f"The {self.facts.name} backbone has no upscaling stage; set upscale to 'none'.")
+        if upscaler.facts.name != self.facts.name:
+            raise BadSettingsError(
+                f"The upscaler ({upscaler.facts.name}) runs only after its own backbone, not "
+                f"after {self.facts.name}; set upscale to 'none'.")
+
     @abstractmethod
     def modules(self) -> list[torch.nn.Module]:
         """The model's networks (for tests that make them fail)."""
@@ -283,6 +297,27 @@ def checkpointed_blocks(blocks: Iterable[torch.nn.Module], enabled: bool) -> Ite
                 del block.forward  # back to the class's method
             else:
                 block.forward = forward  # back to accelerate's hook
+
+
+def model_location(model: str, flag: str) -> str:
+    """A local folder's path, or the hub id as given; a path that is not a folder is
+    one sentence."""
+    source = Path(model)
+    if model.startswith((".", "/", "~")) and not source.expanduser().is_dir():
+        raise ModelNotFoundError(f"There is no model folder at {model}; check the {flag} path.")
+    return str(source.expanduser()) if source.expanduser().is_dir() else model
+
+
+def missing_weights(model: str, flag: str) -> ModelNotFoundError:
+    """The one sentence for weights that are neither here nor downloadable. The main
+    model is also Blender's Model preference (the extension starts `serve --model`)."""
+    where = (f"{flag} on the command line or the Model setting of the Blender extension's "
+             "preferences" if flag == "--model" else flag)
+    return ModelNotFoundError(
+        f"The weights of {model!r} are not on this machine and could not be downloaded; "
+        f"on a machine with internet run `hf download {model}` (or copy the folder here "
+        f"and give its path as {where})."
+    )
 
 
 class StopAfter(Exception):

@@ -38,6 +38,9 @@ from backend.backbones.base import (
     StopAfter,
     Timestep,
     checkpointed_blocks,
+    choose_dtype,
+    missing_weights,
+    model_location,
     smm,
     stop_after,
 )
@@ -48,7 +51,10 @@ WAN_21_T2V_1_3B = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 WAN_21_T2V_14B = "Wan-AI/Wan2.1-T2V-14B-Diffusers"
 WAN_22_TI2V_5B = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
 WAN_TINY = "wan-tiny"
-WAN_RANDOM = "wan-random"
+WAN_RANDOM = "wan-random"  # Wan 2.1 T2V-1.3B's architecture, random weights (benchmarks)
+# The architecture (backend/backbones/wan_tiny.py wan_full_configs) of each named model.
+WAN_ARCHITECTURES = {WAN_RANDOM: "Wan2.1-T2V-1.3B", WAN_21_T2V_1_3B: "Wan2.1-T2V-1.3B",
+                     WAN_21_T2V_14B: "Wan2.1-T2V-14B", WAN_22_TI2V_5B: "Wan2.2-TI2V-5B"}
 
 # Wan's published negative prompt (the Wan repo's default sample_neg_prompt, as diffusers'
 # Wan documentation gives it in English).
@@ -81,6 +87,9 @@ def wan_facts(layers: int, ti2v: bool) -> BackboneFacts:
             "guidance_block": layers * GUIDED_BLOCK_OF_30 // 30,
         },
     )
+
+
+WAN_21_T2V_1_3B_FACTS = wan_facts(30, ti2v=False)  # the published 1.3B's 30 blocks
 
 
 class Wan(Backbone):
@@ -278,12 +287,12 @@ class Wan(Backbone):
         return checkpointed_blocks(self.transformer.blocks[: self.guidance_block], enabled)
 
 
-def load_wan(model: str, device: torch.device, dtype: torch.dtype, flag: str = "--model") -> Wan:
+def load_wan(model: str, device: torch.device, dtype: str | None, flag: str = "--model") -> Wan:
     """Load a Wan model: "wan-tiny" (random, tiny), "wan-random" (Wan 2.1 1.3B's
     architecture, random weights) or a diffusers folder / hub id whose model_index.json
-    names WanPipeline. Missing weights end in one sentence naming `hf download`."""
-    from backend.backbones.zeroscope import missing_weights, model_location
-
+    names WanPipeline, in `dtype` (None: bf16 on CUDA, fp32 on a CPU). Missing weights
+    end in one sentence naming `hf download`."""
+    dtype = choose_dtype(dtype, device, torch.bfloat16)
     if model == WAN_TINY:
         from backend.backbones.wan_tiny import build_tiny_wan
 
@@ -293,7 +302,7 @@ def load_wan(model: str, device: torch.device, dtype: torch.dtype, flag: str = "
     elif model == WAN_RANDOM:
         from backend.backbones.wan_tiny import build_wan_random
 
-        parts = build_wan_random("Wan2.1-T2V-1.3B", device, dtype)
+        parts = build_wan_random(WAN_ARCHITECTURES[WAN_RANDOM], device, dtype)
         shift, expand = DEFAULT_FLOW_SHIFT, bool(parts["expand_timesteps"])
     else:
         location = model_location(model, flag)
