@@ -9,10 +9,14 @@ prefix, negative prompt, CFG scale, guidance schedule). A `Schedule` is how its 
 levels are walked: timesteps, inversion, one step, re-noising to a timestep, restart.
 
 The engine's loop, the windows, the framing, the guidance maths and the inversion cache
-see only these two, so a second model is a second pair of classes:
+see only these two, so a second model is a second pair of classes in one file, and one
+line in backend/backbones/registry.py:
 
     ZeroScope v2   backend/backbones/zeroscope.py   DDIM         backend/backbones/ddim.py
     Wan 2.1        backend/backbones/wan.py         flow match   backend/backbones/flow_matching.py
+
+Also here, for every backbone: `smm` (the paper's spatial marginal mean, what a tap
+returns), `checkpointed_blocks`, and the model location / missing-weights sentences.
 
 Latents are (1, C, F', h, w) with F' = latent_frames(N) latent frames for N pixel frames.
 """
