@@ -1,9 +1,10 @@
 """One edit of one clip, on this machine or on a job server: what `transfer` and the
-demo both run.
+demo both run; and loading an engine, for them, the server and the Ray actors.
 
     outcome = edit_clip(Path("clip.mp4"), {"prompt": "a train"}, Path("out.mp4"),
                         Local(model="tiny"))                       # or Remote("tcp://…")
     outcome.sidecar.seed, outcome.frame_count   # shared/sidecar.py's record
+    engine = load_engine("tiny", device="cpu")  # one loaded model, many edits
 
 Writes out.mp4, the JSON sidecar out.json beside it and, when asked, numbered PNGs.
 Every failure is an UnderstudyError with one sentence.
