@@ -1,7 +1,7 @@
 """A third backbone in one file plus one registry line: a toy model (a few small torch
 modules behind the seam of backend/backbones/base.py, walked by the flow-matching
-schedule) runs `transfer` (the engine, and the command line in this process) and
-`bench` with no other change to the code."""
+schedule) runs `transfer` (the engine, and the command line in this process), `bench`
+and `memory` with no other change to the code."""
 
 from __future__ import annotations
 
@@ -160,3 +160,13 @@ def test_bench_runs_the_toy_backbone(toy, tmp_path):
     runs = report["runs"]
     assert runs["re-edit"]["forward_equivalents"]["invert"] == 0  # the cache served it
     assert runs["reference"]["forward_equivalents"]["invert"] >= 1000  # flow matching's grid
+
+
+def test_the_memory_plan_plans_the_toy_backbone(toy, capsys):
+    """Needs the memory package's per-backbone shells (issue 25's `memory` branch): on
+    the branch that adds the registry alone the planner still knows ZeroScope and Wan by
+    name and refuses the toy."""
+    assert main(["memory", "--model", toy, "--frames", "4", "--size", "64x64", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert (plan["model"], plan["frames"], plan["size"]) == (toy, 4, [64, 64])
+    assert plan["peak_bytes"] >= max(plan["phases"].values()) > 0
