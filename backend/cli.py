@@ -19,8 +19,6 @@ from backend.tools.metrics import DEFAULT_CLIP_MODEL
 from backend.tools.tracking import DEFAULT_GRID
 from shared.settings import DEFAULTS, SPECS, TransferSettings
 
-BENCH_ARCHES = ("tiny", "zeroscope", "wan-tiny", "wan", "wan-random")  # backend/tools/bench.py
-
 # --------------------------------------------------------------------------- transfer
 
 
@@ -318,8 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="for CLIP and CoTracker (default: cuda if available)")
     evaluate.set_defaults(func=command_evaluate)
     bench = commands.add_parser("bench", help="cost of an edit against the reference procedure")
-    bench.add_argument("--arch", choices=BENCH_ARCHES, default="tiny",
-                       help="tiny, zeroscope, wan-tiny, wan, wan-random (= wan --random-weights)")
+    bench.add_argument("--arch", default="tiny",
+                       help="a backbone (zeroscope, wan), its tiny model (tiny, wan-tiny) or its "
+                            "random-weight model (zeroscope-random, wan-random: the backbone "
+                            "with --random-weights); backend/backbones/registry.py lists them "
+                            "(default: %(default)s)")
     bench.add_argument("--random-weights", action="store_true",
                        help="zeroscope, wan: full architecture with random weights (no download)")
     bench.add_argument("--frames", type=int, default=None, help="default: 8 tiny, 24 zeroscope")

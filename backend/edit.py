@@ -1,9 +1,10 @@
 """One edit of one clip, on this machine or on a job server: what `transfer` and the
-demo both run.
+demo both run; and loading an engine, for them, the server and the Ray actors.
 
     outcome = edit_clip(Path("clip.mp4"), {"prompt": "a train"}, Path("out.mp4"),
                         Local(model="tiny"))                       # or Remote("tcp://…")
     outcome.sidecar.seed, outcome.frame_count   # shared/sidecar.py's record
+    engine = load_engine("tiny", device="cpu")  # one loaded model, many edits
 
 Writes out.mp4, the JSON sidecar out.json beside it and, when asked, numbered PNGs.
 Every failure is an UnderstudyError with one sentence.
@@ -24,11 +25,12 @@ from backend.results import ProgressCallback, RegionMasks
 from shared.settings import TransferSettings
 from shared.sidecar import Sidecar
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch and the models load only when an engine is
     from backend.backbones.base import Backbone
     from backend.memory.phases import EditPhases
     from backend.memory.planner import MemoryPlanner
     from backend.memory.savers import MemoryDecision
+    from backend.method.engine import Engine
 
 DEFAULT_MODEL = "cerspense/zeroscope_v2_576w"
 DEFAULT_CACHE = Path.home() / ".cache" / "understudy"
@@ -42,7 +44,7 @@ class Local:
     dtype: str | None = None
     cache_dir: Path = DEFAULT_CACHE
     cache_max_bytes: int | None = None  # None: the engine's default cap
-    upscale_model: str | None = None  # for upscale "xl"; None: ZeroScope XL
+    upscale_model: str | None = None  # for upscale "xl"; None: the backbone's (ZeroScope XL)
     assume_gpu_memory_gb: float | None = None  # `--memory auto` fits into this; None: the GPU's
 
 
@@ -91,10 +93,10 @@ def edit_clip(clip_path: Path, settings: dict[str, Any], output: Path, where: Lo
     if isinstance(where, Remote):
         frames, sidecar = _on_server(where, clip.frames, parsed, progress, say, masks)
     else:
-        from backend.backbones.zeroscope import ZEROSCOPE_XL
-        from backend.method.engine import load_engine
+        from backend.backbones.loading import default_upscaler
 
-        upscaler = None if parsed.upscale == "none" else where.upscale_model or ZEROSCOPE_XL
+        upscaler = None if parsed.upscale == "none" else (
+            where.upscale_model or default_upscaler(where.model))
         regions = 0 if masks is None else len(masks)
         planner = _memory_checked(where, parsed, clip.frames, regions)
         engine = load_engine(where.model, device=where.device, dtype=where.dtype,
@@ -110,13 +112,33 @@ def edit_clip(clip_path: Path, settings: dict[str, Any], output: Path, where: Lo
     return EditOutcome(output, sidecar_path(output), len(frames), sidecar)
 
 
+def load_engine(
+    model: str, device: str | None = None, dtype: str | None = None, cache_dir: Path | None = None,
+    cache_max_bytes: int | None = None, upscale_model: str | None = None,
+) -> Engine:
+    """Load a model ("tiny", "wan-tiny", a hub id, or a local diffusers folder; its
+    backbone from its model_index.json, backend/backbones/loading.py) once; the inversion
+    cache keeps at most `cache_max_bytes` (default: the engine's cap).
+
+    upscale_model (for upscale "xl": its backbone's upscaler, such as ZeroScope XL, a
+    local folder or "tiny"; None: no upscaler) is loaded first, so missing upscaler
+    weights end in one sentence before anything else loads."""
+    from backend.backbones.loading import load_backbone, load_upscaler
+    from backend.method.engine import Engine
+
+    upscaler = None
+    if upscale_model is not None:
+        upscaler = Engine(load_upscaler(upscale_model, device, dtype))
+    return Engine(load_backbone(model, device, dtype), cache_dir, cache_max_bytes, upscaler)
+
+
 def read_region_masks(paths: Sequence[Path], clip_frames) -> RegionMasks:
-    """One region per path (backend/method/region_checks.py read_mask_levels), stacked as
+    """One region per path (backend/masks.py read_mask_levels), stacked as
     the edit's RegionMasks (R, N, H, W) uint8 grey levels (a quarter of float32's bytes);
     BadMaskError with one sentence for any unusable mask."""
     import numpy as np
 
-    from backend.method.region_checks import read_mask_levels
+    from backend.masks import read_mask_levels
 
     size = (clip_frames.shape[2], clip_frames.shape[1])
     return np.stack([read_mask_levels(path, len(clip_frames), size) for path in paths])
@@ -141,12 +163,13 @@ def _memory_checked(where: Local, settings: TransferSettings, clip_frames,
     model the plan cannot name before loading (a local folder) is planned then."""
     import torch
 
-    from backend.memory.planner import PLANNABLE, MemoryPlanner, gpu_description
+    from backend.backbones.registry import plannable_models
+    from backend.memory.planner import MemoryPlanner, gpu_description
 
     device = where.device or ("cuda" if torch.cuda.is_available() else "cpu")
     planner = MemoryPlanner(lambda: gpu_description(device, where.assume_gpu_memory_gb),
                             engine_phases)
-    if where.model in PLANNABLE:
+    if where.model in plannable_models():
         planner.decide(where.model, settings, len(clip_frames),
                        (clip_frames.shape[2], clip_frames.shape[1]), device, where.dtype,
                        regions)
@@ -204,7 +227,7 @@ def _on_server(remote: Remote, clip_frames, settings: TransferSettings,
     printed first, so a result outlives this process: `--job-id ID` asks for that job
     instead of submitting a new one. Ctrl-C cancels.
     """
-    from backend.method.region_checks import as_levels
+    from backend.masks import as_levels
     from backend.video import decode_pngs, encode_png
     from shared.client import Client, ClientError, UnknownJob, load_client_keys
 

@@ -31,7 +31,7 @@ RegionMasks = np.ndarray
 """The masks of one edit: (R, N, H, W) grey levels, uint8 0…255 (the smallest exact form:
 what the command line reads) or float32 in [0, 1], one region per mask input (`--mask`,
 repeatable), one frame per clip frame, at the clip's resolution; white (≥ ½) is the
-subject. backend/method/region_checks.py reads and checks them (`read_mask_levels`,
+subject. backend/masks.py reads and checks them (`read_mask_levels`,
 `check_region_masks`); `Engine.transfer(..., masks=)` takes them (None: no region), or
 anything with their `shape`, len() and `masks[:, [frame]]` (the server's PngMasks): it
 reads only the frames it edits, one at a time."""

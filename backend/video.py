@@ -9,12 +9,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from backend.errors import BadClipError
 from shared.settings import TransferSettings
+
+if TYPE_CHECKING:
+    from shared.settings import TransferSettings
 
 VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".webm", ".gif", ".avi"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}

@@ -59,7 +59,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "Wan's gradient checkpointing drops sequential offload's hook after guidance",
-        'backend/backbones/wan.py',
+        'backend/backbones/base.py',
         '                block.forward = forward  # back to accelerate\'s hook',
         '                del block.forward',
         ('tests/test_memory_savers.py::test_sequential_offload_survives_gradient_checkpointing_on_wan',),
@@ -374,7 +374,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "the flow restart stays at the next level",
-        "backend/backbones/wan.py",
+        "backend/backbones/flow_matching.py",
         "restart_renoise(latent, float(sigmas[index + 1]), float(sigmas[index]), fresh)",
         "restart_renoise(latent, float(sigmas[index + 1]), float(sigmas[index + 1]), fresh)",
         ("tests/test_backbones.py::test_restart_re_noises_the_next_level_back_to_the_steps_own",),

@@ -264,7 +264,7 @@ def test_wan_guides_the_block_its_setting_names_and_stops_after_it(tiny_wan_dir)
 
 
 def test_the_zeroscope_upscaler_is_refused_after_wan(tiny_wan_dir):
-    from backend.method.engine import load_engine
+    from backend.edit import load_engine
 
     engine = load_engine(str(tiny_wan_dir), device="cpu", upscale_model="tiny")
     with pytest.raises(BadSettingsError, match=r"^The upscaler \(zeroscope\) runs only after its own "

@@ -654,7 +654,7 @@ def test_a_rendered_region_must_fit_the_frames_mark_a_subject_and_keep_a_plate()
 
 
 def test_the_extensions_subject_grey_is_the_engines_region_threshold():
-    from backend.method.regions import REGION_THRESHOLD
+    from backend.masks import REGION_THRESHOLD
 
     assert regions.SUBJECT_GREY == round(REGION_THRESHOLD * 255 + 0.5)  # 127.5 → 128
 

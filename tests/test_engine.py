@@ -11,12 +11,12 @@ import torch
 
 from backend.backbones.zeroscope_taps import (
     TAP_NAMES,
-    checkpointed_blocks,
     tap_modules,
     truncated_smm,
 )
+from backend.edit import load_engine
 from backend.errors import BadClipError, BadSettingsError, JobCancelled, OutOfMemoryError
-from backend.method.engine import Engine, Procedure, load_engine
+from backend.method.engine import Engine, Procedure
 from shared.settings import TransferSettings
 from shared.sidecar import Sidecar
 from tests.conftest import SMALL_SETTINGS, moving_square_frames
@@ -87,7 +87,7 @@ def test_gradient_checkpointing_gives_the_same_gradient(engine):
     gradients = []
     for enabled in (False, True):
         x = latents.clone().requires_grad_(True)
-        with checkpointed_blocks(unet, enabled), torch.enable_grad():
+        with engine.backbone.checkpointing(enabled), torch.enable_grad():
             sum(t.sum() for t in truncated_smm(unet, x, 700, text)).backward()
         gradients.append(x.grad)
     assert torch.allclose(gradients[0], gradients[1], atol=1e-5)

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as functional
 
+from backend.backbones.base import smm
 from backend.method.guidance import (
     lowfreq_init,
     lowpass,
     pairwise_smm_loss,
-    smm,
 )
 
 

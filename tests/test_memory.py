@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, UNet3DConditionModel
 
-from backend.edit import engine_phases
+from backend.edit import engine_phases, load_engine
 from backend.memory.counter import (
     CudaAutocast,
     LiveBytes,
@@ -19,7 +19,6 @@ from backend.memory.counter import (
     rounded,
 )
 from backend.memory.planner import plan_edit
-from backend.method.engine import load_engine
 from shared.settings import TransferSettings
 
 TINY_UNET = dict(

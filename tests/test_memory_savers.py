@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from backend.edit import engine_phases
+from backend.edit import engine_phases, load_engine
 from backend.errors import TooBigForGpuError
 from backend.memory.planner import MemoryPlanner
 from backend.memory.savers import offloads_applied, with_savers
-from backend.method.engine import load_engine
 from shared.settings import MEMORY_SAVERS, TransferSettings
 
 QUICK = dict(prompt="a cat", source_prompt="a dog", num_frames=4, width=64, height=64, steps=1,

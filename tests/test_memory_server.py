@@ -109,13 +109,13 @@ def test_a_server_without_a_gpu_plans_nothing(tmp_path) -> None:  # noqa: ANN001
 
 def test_the_command_line_refuses_before_loading_the_model(clip_path, tmp_path, monkeypatch,
                                                           capsys) -> None:  # noqa: ANN001
-    import backend.method.engine as engine_module
+    import backend.edit as edit_module
     from backend.cli import main
 
     def no_loading(*_args, **_kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(engine_module, "load_engine", no_loading)
+    monkeypatch.setattr(edit_module, "load_engine", no_loading)
     code = main(["transfer", str(clip_path), "-o", str(tmp_path / "out.mp4"), "--model", "tiny",
                  "--device", "cpu", "--prompt", "a cat", "--width", "64", "--height", "64",
                  "--steps", "1", "--inversion-steps", "1", "--assume-gpu-memory-gb", "0.000001"])

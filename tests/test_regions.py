@@ -8,11 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
+from backend.backbones.base import smm
+from backend.edit import load_engine
 from backend.errors import BadMaskError
-from backend.method.engine import Engine, Procedure, load_engine
-from backend.method.guidance import pairwise_smm_loss, smm
+from backend.masks import check_masks, read_masks
+from backend.method.engine import Engine, Procedure
+from backend.method.guidance import pairwise_smm_loss
 from backend.method.regions import (
-    check_masks,
     composite,
     erode,
     feather,
@@ -22,7 +24,6 @@ from backend.method.regions import (
     masked_smm,
     plate_mask,
     present_frames,
-    read_masks,
     regions_loss,
 )
 from shared.settings import TransferSettings

@@ -59,7 +59,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backend.method.engine import Procedure, load_engine
+from backend.edit import load_engine
+from backend.method.engine import Procedure
 from backend.results import TransferResult
 from shared.settings import TransferSettings
 from tests.conftest import SMALL_SETTINGS, moving_square_frames

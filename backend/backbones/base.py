@@ -9,10 +9,14 @@ prefix, negative prompt, CFG scale, guidance schedule). A `Schedule` is how its 
 levels are walked: timesteps, inversion, one step, re-noising to a timestep, restart.
 
 The engine's loop, the windows, the framing, the guidance maths and the inversion cache
-see only these two, so a second model is a second pair of classes:
+see only these two, so a second model is a second pair of classes in one file, and one
+line in backend/backbones/registry.py:
 
     ZeroScope v2   backend/backbones/zeroscope.py   DDIM         backend/backbones/ddim.py
     Wan 2.1        backend/backbones/wan.py         flow match   backend/backbones/flow_matching.py
+
+Also here, for every backbone: `smm` (the paper's spatial marginal mean, what a tap
+returns), `checkpointed_blocks`, and the model location / missing-weights sentences.
 
 Latents are (1, C, F', h, w) with F' = latent_frames(N) latent frames for N pixel frames.
 """
@@ -21,15 +25,17 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.checkpoint import checkpoint
 
-from backend.errors import ModelNotFoundError
+from backend.errors import BadSettingsError, ModelNotFoundError
 
 Timestep = float
 """What the model is given as its time input: an int DDIM timestep (981, 961, …) or a
@@ -206,9 +212,23 @@ class Backbone(ABC):
         run, beyond what the engine checks for every backbone."""
         return None
 
+    def check_upscaler(self, upscaler: Backbone | None) -> None:
+        """BadSettingsError with one sentence unless `upscaler` (None: the engine has
+        none) can run the upscaling stage after this model (settings.upscale "xl"): a
+        second model of this backbone re-draws the first stage's result. A backbone
+        that offers one (ZeroScope: ZeroScope XL) says how to get it."""
+        if upscaler is None:
+            raise BadSettingsError(
+                f"The {self.facts.name} backbone has no upscaling stage; set upscale to 'none'.")
+        if upscaler.facts.name != self.facts.name:
+            raise BadSettingsError(
+                f"The upscaler ({upscaler.facts.name}) runs only after its own backbone, not "
+                f"after {self.facts.name}; set upscale to 'none'.")
+
     @abstractmethod
     def modules(self) -> list[torch.nn.Module]:
-        """The model's networks (for tests that make them fail)."""
+        """The model's three networks, in this order: [denoiser, vae, text_encoder]. The
+        memory plan counts their weights by these roles, and the savers move them."""
 
     # ---------------------------------------------------------------- precision
 
@@ -236,10 +256,6 @@ class Backbone(ABC):
     to embed (Wan): the memory plan counts its weights in the embed phase only and
     offers no text_encoder_offload."""
 
-    checkpoint_modules: tuple[str, ...] = ()
-    """The modules whose module-level `checkpoint` (torch.utils.checkpoint's) this
-    backbone's `checkpointing` calls: a CUDA memory plan swaps each, in its own thread
-    only, for one that recomputes under its stand-in for CUDA autocast."""
 
     def meta_copy(self) -> Backbone:
         """This backbone's architecture rebuilt on the meta device (no weights) from its
@@ -280,6 +296,61 @@ def meta_network(network: torch.nn.Module) -> torch.nn.Module:
             rebuilt = type(network)(network.config)
     dtype = next(network.parameters()).dtype
     return torch.nn.Module.to(rebuilt, "meta", dtype).eval().requires_grad_(False)
+
+def smm(features: torch.Tensor) -> torch.Tensor:
+    """Spatial marginal mean (the paper's SMM, what every feature tap returns): φ[f, d] = 1/(H·W) · Σ_{y,x} features[f, d, y, x].
+
+    (F, D, H, W) → (F, D).
+    """
+    return features.mean(dim=(-2, -1))
+
+
+@contextlib.contextmanager
+def checkpointed_blocks(blocks: Iterable[torch.nn.Module], enabled: bool) -> Iterator[None]:
+    """Gradient checkpointing for the blocks a truncated pass runs before the tapped one
+    (`Backbone.checkpointing` names them): each recomputes its activations during
+    backward instead of keeping them. The tapped block is left alone (its hooks hold the
+    taps and stop the pass)."""
+    if not enabled:
+        yield
+        return
+    blocks = list(blocks)
+    own = [block.__dict__.get("forward") for block in blocks]  # a hook's (sequential offload)
+    for block in blocks:
+        original = block.forward
+
+        def run(*args, _original=original, **kwargs):
+            return checkpoint(_original, *args, use_reentrant=False, **kwargs)
+        block.forward = run
+    try:
+        yield
+    finally:
+        for block, forward in zip(blocks, own, strict=True):
+            if forward is None:
+                del block.forward  # back to the class's method
+            else:
+                block.forward = forward  # back to accelerate's hook
+
+
+def model_location(model: str, flag: str) -> str:
+    """A local folder's path, or the hub id as given; a path that is not a folder is
+    one sentence."""
+    source = Path(model)
+    if model.startswith((".", "/", "~")) and not source.expanduser().is_dir():
+        raise ModelNotFoundError(f"There is no model folder at {model}; check the {flag} path.")
+    return str(source.expanduser()) if source.expanduser().is_dir() else model
+
+
+def missing_weights(model: str, flag: str) -> ModelNotFoundError:
+    """The one sentence for weights that are neither here nor downloadable. The main
+    model is also Blender's Model preference (the extension starts `serve --model`)."""
+    where = (f"{flag} on the command line or the Model setting of the Blender extension's "
+             "preferences" if flag == "--model" else flag)
+    return ModelNotFoundError(
+        f"The weights of {model!r} are not on this machine and could not be downloaded; "
+        f"on a machine with internet run `hf download {model}` (or copy the folder here "
+        f"and give its path as {where})."
+    )
 
 
 class StopAfter(Exception):

@@ -1,4 +1,5 @@
-"""Rectified-flow (flow-matching) pieces as small pure functions, for the Wan backbone.
+"""Rectified-flow (flow-matching) pieces as small pure functions, and the schedule built
+on them (`FlowMatchingSchedule`, the Wan backbone's).
 
 The forward process interpolates a clean latent and Gaussian noise along a straight line,
 and the model predicts the line's velocity:
@@ -32,6 +33,9 @@ import math
 
 import numpy as np
 import torch
+
+from backend.backbones.base import Predict, Schedule, Timestep
+from backend.errors import BadSettingsError
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -154,3 +158,102 @@ def restart_renoise(sample: torch.Tensor, sigma_from: float, sigma_to: float,
     """
     scale, noise_scale = restart_coefficients(float(sigma_from), float(sigma_to))
     return scale * sample + noise_scale * fresh_noise.to(sample.dtype)
+
+
+class FlowMatchingSchedule(Schedule):
+    """Rectified flow with Euler steps on diffusers' shifted σ grid (FlowMatchEulerDiscrete).
+
+    Sampling: σ_0 = 1 > σ_1 > … > σ_N = 0, x ← x + (σ_{i+1} − σ_i)·v(x, t_i), t_i = σ_i·1000.
+    Inversion walks the same ODE upwards on the same grid, each sampling interval cut into
+    k = inversion_steps / steps equal σ sub-steps, v evaluated at the lower end:
+        x ← x + (σ_up − σ_low)·v(x, σ_low·1000)
+    and keeps the latent at every sampling σ; the top, σ_0 = 1, is the noise end.
+    """
+
+    def __init__(self, shift: float) -> None:
+        self.shift = shift
+        self._sigmas: dict[int, torch.Tensor] = {}
+        self._sigma_of: dict[Timestep, float] = {}
+
+    def sigmas(self, steps: int) -> torch.Tensor:
+        """The N + 1 float32 σ of an N-step sampler (diffusers' grid, ending in 0)."""
+        if steps not in self._sigmas:
+            sigmas = sampling_sigmas(steps, self.shift)
+            self._sigmas[steps] = sigmas
+            for sigma, timestep in zip(sigmas[:-1], sampling_timesteps(sigmas), strict=True):
+                self._sigma_of[float(timestep)] = float(sigma)
+        return self._sigmas[steps]
+
+    def timesteps(self, steps: int) -> list[Timestep]:
+        return [float(t) for t in sampling_timesteps(self.sigmas(steps))]
+
+    def check_grids(self, steps: int, inversion_steps: int) -> None:
+        if inversion_steps % steps:
+            raise BadSettingsError(
+                f"Inversion with {inversion_steps} steps does not visit the sampling "
+                f"timesteps of {steps} steps; use a multiple of {steps} "
+                f"(for example {steps} or {2 * steps})."
+            )
+
+    def inversion_grid(self, steps: int, inversion_steps: int) -> torch.Tensor:
+        """Ascending float32 σ from 0 to 1: the sampling σ with each interval cut in k."""
+        sigmas = self.sigmas(steps)
+        k = inversion_steps // steps
+        points = []
+        for j in range(steps - 1, -1, -1):  # from the clean end up
+            low, high = sigmas[j + 1], sigmas[j]
+            points.extend(low + (high - low) * (m / k) for m in range(k))
+        points.append(sigmas[0])
+        return torch.stack([torch.as_tensor(p, dtype=torch.float32) for p in points])
+
+    def inversion_timesteps(self, steps: int, inversion_steps: int) -> list[Timestep]:
+        grid = self.inversion_grid(steps, inversion_steps)
+        timesteps = [float(t) for t in sampling_timesteps(grid)]  # all but the top
+        for sigma, timestep in zip(grid[:-1], timesteps, strict=True):
+            self._sigma_of.setdefault(timestep, float(sigma))
+        return timesteps
+
+    def invert(self, predict: Predict, source_latent: torch.Tensor, steps: int,
+               inversion_steps: int) -> tuple[dict[Timestep, torch.Tensor], Timestep, torch.Tensor]:
+        grid = self.inversion_grid(steps, inversion_steps)
+        timesteps = self.inversion_timesteps(steps, inversion_steps)
+        sampling = self.timesteps(steps)
+        sampling_sigma_to_t = {float(s): t for s, t in zip(self.sigmas(steps)[:-1], sampling, strict=True)}
+        latent = source_latent
+        kept: dict[Timestep, torch.Tensor] = {}
+        for index, timestep in enumerate(timesteps):
+            velocity = predict(latent, timestep).float()
+            latent = euler_step(latent.float(), velocity, grid[index], grid[index + 1]).to(source_latent.dtype)
+            reached = float(grid[index + 1])
+            if reached in sampling_sigma_to_t:
+                kept[sampling_sigma_to_t[reached]] = latent
+        top = sampling[0]
+        return kept, top, kept[top]
+
+    def sigma_of(self, timestep: Timestep) -> float:
+        return self._sigma_of[float(timestep)]
+
+    def start_latent(self, source_latent: torch.Tensor, noisiest: torch.Tensor,
+                     noisiest_timestep: Timestep, first_timestep: Timestep) -> torch.Tensor:
+        """ε = (x_σT − (1 − σ_T)·z₀)/σ_T, then x = (1 − σ_0)·z₀ + σ_0·ε; with σ_T = σ_0 = 1
+        this is the inverted noise itself."""
+        noise = implied_noise(noisiest, source_latent, self.sigma_of(noisiest_timestep))
+        return add_noise(source_latent, noise, self.sigma_of(first_timestep))
+
+    def step(self, model_output: torch.Tensor, steps: int, index: int,
+             latent: torch.Tensor) -> torch.Tensor:
+        """x ← x + (σ_{i+1} − σ_i)·v in float32. (WanPipeline's step returns the velocity's
+        dtype, so in bf16 its latent turns bf16 after the first step; here it stays float32.
+        In float32 the two are the same, bit for bit.)"""
+        sigmas = self.sigmas(steps)
+        return euler_step(latent.float(), model_output.float(), sigmas[index], sigmas[index + 1])
+
+    def restart(self, latent: torch.Tensor, steps: int, index: int,
+                generator: torch.Generator) -> torch.Tensor:
+        """The exact forward transition from σ_{i+1} back up to σ_i, fresh noise n."""
+        sigmas = self.sigmas(steps)
+        fresh = torch.randn(latent.shape, generator=generator).to(latent.device)
+        return restart_renoise(latent, float(sigmas[index + 1]), float(sigmas[index]), fresh)
+
+    def add_noise(self, clean: torch.Tensor, noise: torch.Tensor, timestep: Timestep) -> torch.Tensor:
+        return add_noise(clean, noise, self.sigma_of(timestep))

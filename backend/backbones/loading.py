@@ -5,10 +5,11 @@
     load_backbone("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")      # Wan 2.1 (14B loads the same way)
     load_backbone("/models/my-folder")                     # a local diffusers folder
 
-A folder or hub repo is told apart by its diffusers `model_index.json`: `_class_name`
-"WanPipeline" is Wan, "TextToVideoSDPipeline" (or no model_index.json) is ZeroScope.
-The names "tiny" / "zeroscope-random" and "wan-tiny" / "wan-random" are built here,
-with random weights, for tests and benchmarks.
+A folder or hub repo is told apart by its diffusers `model_index.json`: its `_class_name`
+names the backbone that loads it (backend/backbones/registry.py: "WanPipeline" is Wan,
+"TextToVideoSDPipeline" is ZeroScope; a folder without one is the default backbone's).
+Each backbone's tiny and random-weight names ("tiny" / "zeroscope-random",
+"wan-tiny" / "wan-random") are built by its own loader, for tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -16,21 +17,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from backend.backbones.base import Backbone, BackboneFacts, choose_device, choose_dtype
-from backend.backbones.zeroscope import (
-    TINY,
-    ZEROSCOPE_FACTS,
-    ZEROSCOPE_RANDOM,
-    load_zeroscope,
-    missing_weights,
-    model_location,
+from backend.backbones.base import Backbone, choose_device, missing_weights, model_location
+from backend.backbones.registry import (
+    DEFAULT_BACKBONE,
+    BackboneEntry,
+    backbone_named,
+    backbone_of_model,
+    backbone_of_pipeline,
+    backbones,
 )
 from backend.errors import ModelNotFoundError
 
-WAN_TINY = "wan-tiny"
-WAN_RANDOM = "wan-random"  # Wan 2.1 T2V-1.3B's architecture, random weights (benchmarks)
-WAN_PIPELINES = ("WanPipeline",)
-ZEROSCOPE_PIPELINES = ("TextToVideoSDPipeline", "VideoToVideoSDPipeline")
+UPSCALE_FLAG = "--upscale-model"
 
 
 def pipeline_class(model: str, flag: str = "--model") -> str:
@@ -38,10 +36,6 @@ def pipeline_class(model: str, flag: str = "--model") -> str:
 
     Missing weights (no folder, no cached or downloadable hub file) end in one sentence
     naming the `hf download` command."""
-    if model in (TINY, ZEROSCOPE_RANDOM):
-        return "TextToVideoSDPipeline"
-    if model in (WAN_TINY, WAN_RANDOM):
-        return "WanPipeline"
     location = model_location(model, flag)
     if Path(location).is_dir():
         index = Path(location) / "model_index.json"
@@ -63,22 +57,44 @@ def pipeline_class(model: str, flag: str = "--model") -> str:
             f"with `hf download {model}`.") from None
 
 
-def load_backbone(model: str, device: str | None = None, dtype: str | None = None,
-                  flag: str = "--model", facts: BackboneFacts = ZEROSCOPE_FACTS) -> Backbone:
-    """Load `model` as its backbone, on `device` (default: CUDA if there is one) in
-    `dtype` (default: fp16 for ZeroScope, bf16 for Wan on CUDA; fp32 on a CPU).
-
-    `facts` are ZeroScope's to use (ZEROSCOPE_XL_FACTS for the upscaler)."""
+def backbone_entry(model: str, flag: str = "--model") -> BackboneEntry:
+    """The registered backbone that loads `model`: by its tiny or random-weight name, else
+    by its model_index.json. ModelNotFoundError (one sentence) for a pipeline no backbone
+    loads."""
+    named = backbone_of_model(model)
+    if named is not None:
+        return named
     kind = pipeline_class(model, flag)
-    torch_device = choose_device(device)
-    if kind in WAN_PIPELINES:
-        import torch
-
-        from backend.backbones.wan import load_wan
-
-        return load_wan(model, torch_device, choose_dtype(dtype, torch_device, torch.bfloat16), flag)
-    if kind and kind not in ZEROSCOPE_PIPELINES:
+    if not kind:
+        return backbone_named(DEFAULT_BACKBONE)
+    entry = backbone_of_pipeline(kind)
+    if entry is None:
+        runnable = " or ".join(f"{known.title} ({known.pipelines[0]})" for known in backbones())
         raise ModelNotFoundError(
-            f"{model!r} is a {kind}, which Understudy cannot run; give a ZeroScope "
-            f"(TextToVideoSDPipeline) or Wan (WanPipeline) model with {flag}.")
-    return load_zeroscope(model, torch_device, choose_dtype(dtype, torch_device), flag, facts)
+            f"{model!r} is a {kind}, which Understudy cannot run; give a {runnable} model "
+            f"with {flag}.")
+    return entry
+
+
+def load_backbone(model: str, device: str | None = None, dtype: str | None = None,
+                  flag: str = "--model") -> Backbone:
+    """Load `model` as its backbone, on `device` (default: CUDA if there is one) in
+    `dtype` (default: the backbone's for the device: fp16 for ZeroScope, bf16 for Wan on
+    CUDA; fp32 on a CPU)."""
+    return backbone_entry(model, flag).load(model, choose_device(device), dtype, flag)
+
+
+def load_upscaler(model: str, device: str | None = None, dtype: str | None = None) -> Backbone:
+    """Load `model` as the second stage of upscale "xl": through its backbone's upscaling
+    loader (ZeroScope XL's facts), or as a plain model of a backbone without one (the
+    engine then refuses to run it, backend/backbones/base.py check_upscaler)."""
+    entry = backbone_entry(model, UPSCALE_FLAG)
+    load = entry.upscaling.load if entry.upscaling is not None else entry.load
+    return load(model, choose_device(device), dtype, UPSCALE_FLAG)
+
+
+def default_upscaler(model: str) -> str | None:
+    """The upscale model `model`'s backbone loads when upscale "xl" names none (ZeroScope
+    XL for ZeroScope); None for a backbone without an upscaling stage."""
+    upscaling = backbone_entry(model).upscaling
+    return None if upscaling is None else upscaling.default_model

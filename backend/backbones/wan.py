@@ -31,35 +31,31 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from backend.backbones.base import (
     Backbone,
     BackboneFacts,
-    Predict,
-    Schedule,
     StopAfter,
     Timestep,
+    checkpointed_blocks,
     choose_dtype,
     meta_network,
+    missing_weights,
+    model_location,
+    smm,
     stop_after,
 )
-from backend.backbones.flow_matching import (
-    add_noise,
-    euler_step,
-    implied_noise,
-    restart_renoise,
-    sampling_sigmas,
-    sampling_timesteps,
-)
+from backend.backbones.flow_matching import FlowMatchingSchedule
 from backend.errors import BadSettingsError
-from backend.method.guidance import smm
 
 WAN_21_T2V_1_3B = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 WAN_21_T2V_14B = "Wan-AI/Wan2.1-T2V-14B-Diffusers"
 WAN_22_TI2V_5B = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
 WAN_TINY = "wan-tiny"
-WAN_RANDOM = "wan-random"
+WAN_RANDOM = "wan-random"  # Wan 2.1 T2V-1.3B's architecture, random weights (benchmarks)
+# The architecture (backend/backbones/wan_tiny.py wan_full_configs) of each named model.
+WAN_ARCHITECTURES = {WAN_RANDOM: "Wan2.1-T2V-1.3B", WAN_21_T2V_1_3B: "Wan2.1-T2V-1.3B",
+                     WAN_21_T2V_14B: "Wan2.1-T2V-14B", WAN_22_TI2V_5B: "Wan2.2-TI2V-5B"}
 
 # Wan's published negative prompt (the Wan repo's default sample_neg_prompt, as diffusers'
 # Wan documentation gives it in English).
@@ -94,103 +90,7 @@ def wan_facts(layers: int, ti2v: bool) -> BackboneFacts:
     )
 
 
-class FlowMatchingSchedule(Schedule):
-    """Rectified flow with Euler steps on diffusers' shifted σ grid (FlowMatchEulerDiscrete).
-
-    Sampling: σ_0 = 1 > σ_1 > … > σ_N = 0, x ← x + (σ_{i+1} − σ_i)·v(x, t_i), t_i = σ_i·1000.
-    Inversion walks the same ODE upwards on the same grid, each sampling interval cut into
-    k = inversion_steps / steps equal σ sub-steps, v evaluated at the lower end:
-        x ← x + (σ_up − σ_low)·v(x, σ_low·1000)
-    and keeps the latent at every sampling σ; the top, σ_0 = 1, is the noise end.
-    """
-
-    def __init__(self, shift: float) -> None:
-        self.shift = shift
-        self._sigmas: dict[int, torch.Tensor] = {}
-        self._sigma_of: dict[Timestep, float] = {}
-
-    def sigmas(self, steps: int) -> torch.Tensor:
-        """The N + 1 float32 σ of an N-step sampler (diffusers' grid, ending in 0)."""
-        if steps not in self._sigmas:
-            sigmas = sampling_sigmas(steps, self.shift)
-            self._sigmas[steps] = sigmas
-            for sigma, timestep in zip(sigmas[:-1], sampling_timesteps(sigmas), strict=True):
-                self._sigma_of[float(timestep)] = float(sigma)
-        return self._sigmas[steps]
-
-    def timesteps(self, steps: int) -> list[Timestep]:
-        return [float(t) for t in sampling_timesteps(self.sigmas(steps))]
-
-    def check_grids(self, steps: int, inversion_steps: int) -> None:
-        if inversion_steps % steps:
-            raise BadSettingsError(
-                f"Inversion with {inversion_steps} steps does not visit the sampling "
-                f"timesteps of {steps} steps; use a multiple of {steps} "
-                f"(for example {steps} or {2 * steps})."
-            )
-
-    def inversion_grid(self, steps: int, inversion_steps: int) -> torch.Tensor:
-        """Ascending float32 σ from 0 to 1: the sampling σ with each interval cut in k."""
-        sigmas = self.sigmas(steps)
-        k = inversion_steps // steps
-        points = []
-        for j in range(steps - 1, -1, -1):  # from the clean end up
-            low, high = sigmas[j + 1], sigmas[j]
-            points.extend(low + (high - low) * (m / k) for m in range(k))
-        points.append(sigmas[0])
-        return torch.stack([torch.as_tensor(p, dtype=torch.float32) for p in points])
-
-    def inversion_timesteps(self, steps: int, inversion_steps: int) -> list[Timestep]:
-        grid = self.inversion_grid(steps, inversion_steps)
-        timesteps = [float(t) for t in sampling_timesteps(grid)]  # all but the top
-        for sigma, timestep in zip(grid[:-1], timesteps, strict=True):
-            self._sigma_of.setdefault(timestep, float(sigma))
-        return timesteps
-
-    def invert(self, predict: Predict, source_latent: torch.Tensor, steps: int,
-               inversion_steps: int) -> tuple[dict[Timestep, torch.Tensor], Timestep, torch.Tensor]:
-        grid = self.inversion_grid(steps, inversion_steps)
-        timesteps = self.inversion_timesteps(steps, inversion_steps)
-        sampling = self.timesteps(steps)
-        sampling_sigma_to_t = {float(s): t for s, t in zip(self.sigmas(steps)[:-1], sampling, strict=True)}
-        latent = source_latent
-        kept: dict[Timestep, torch.Tensor] = {}
-        for index, timestep in enumerate(timesteps):
-            velocity = predict(latent, timestep).float()
-            latent = euler_step(latent.float(), velocity, grid[index], grid[index + 1]).to(source_latent.dtype)
-            reached = float(grid[index + 1])
-            if reached in sampling_sigma_to_t:
-                kept[sampling_sigma_to_t[reached]] = latent
-        top = sampling[0]
-        return kept, top, kept[top]
-
-    def sigma_of(self, timestep: Timestep) -> float:
-        return self._sigma_of[float(timestep)]
-
-    def start_latent(self, source_latent: torch.Tensor, noisiest: torch.Tensor,
-                     noisiest_timestep: Timestep, first_timestep: Timestep) -> torch.Tensor:
-        """ε = (x_σT − (1 − σ_T)·z₀)/σ_T, then x = (1 − σ_0)·z₀ + σ_0·ε; with σ_T = σ_0 = 1
-        this is the inverted noise itself."""
-        noise = implied_noise(noisiest, source_latent, self.sigma_of(noisiest_timestep))
-        return add_noise(source_latent, noise, self.sigma_of(first_timestep))
-
-    def step(self, model_output: torch.Tensor, steps: int, index: int,
-             latent: torch.Tensor) -> torch.Tensor:
-        """x ← x + (σ_{i+1} − σ_i)·v in float32. (WanPipeline's step returns the velocity's
-        dtype, so in bf16 its latent turns bf16 after the first step; here it stays float32.
-        In float32 the two are the same, bit for bit.)"""
-        sigmas = self.sigmas(steps)
-        return euler_step(latent.float(), model_output.float(), sigmas[index], sigmas[index + 1])
-
-    def restart(self, latent: torch.Tensor, steps: int, index: int,
-                generator: torch.Generator) -> torch.Tensor:
-        """The exact forward transition from σ_{i+1} back up to σ_i, fresh noise n."""
-        sigmas = self.sigmas(steps)
-        fresh = torch.randn(latent.shape, generator=generator).to(latent.device)
-        return restart_renoise(latent, float(sigmas[index + 1]), float(sigmas[index]), fresh)
-
-    def add_noise(self, clean: torch.Tensor, noise: torch.Tensor, timestep: Timestep) -> torch.Tensor:
-        return add_noise(clean, noise, self.sigma_of(timestep))
+WAN_21_T2V_1_3B_FACTS = wan_facts(30, ti2v=False)  # the published 1.3B's 30 blocks
 
 
 class Wan(Backbone):
@@ -243,7 +143,6 @@ class Wan(Backbone):
     # ---------------------------------------------------------------- memory plan
 
     text_encoder_in_host_memory = True  # _text_encoder_on_device: on the GPU only to embed
-    checkpoint_modules = ("backend.backbones.wan",)
 
     def meta_copy(self) -> Wan:
         return Wan(meta_network(self.transformer), meta_network(self.vae),
@@ -251,14 +150,16 @@ class Wan(Backbone):
                    self.expand_timesteps, self.model_id, torch.device("cpu"), self.dtype)
 
     @classmethod
-    def meta_shell(cls, model: str, parts: Callable[[torch.dtype], dict], device: torch.device,
-                   dtype: str | None) -> Wan:
-        """The Wan `model` (a name) on the meta device, in the dtypes it would run in on
-        `device` (the VAE in float32), the CPU as its own device: the memory plan's
-        shell of a model not loaded. `parts(dtype)` builds its networks (build_tiny_wan,
-        or build_wan_random of its architecture on meta)."""
+    def meta_shell(cls, model: str, device: torch.device, dtype: str | None) -> Wan:
+        """The Wan `model` (WAN_TINY, or a name of WAN_ARCHITECTURES: that architecture's
+        networks) on the meta device, in the dtypes it would run in on `device` (the VAE
+        in float32), the CPU as its own device: the memory plan's shell of a model not
+        loaded."""
+        from backend.backbones.wan_tiny import build_tiny_wan, build_wan_random
+
         torch_dtype = choose_dtype(dtype, device, torch.bfloat16)
-        built = parts(torch_dtype)
+        built = (build_tiny_wan() if model == WAN_TINY
+                 else build_wan_random(WAN_ARCHITECTURES[model], "meta", torch_dtype))
         for name, module_dtype in (("transformer", torch_dtype), ("vae", torch.float32),
                                    ("text_encoder", torch_dtype)):
             torch.nn.Module.to(built[name], "meta", module_dtype).eval().requires_grad_(False)
@@ -415,38 +316,12 @@ class Wan(Backbone):
         return checkpointed_blocks(self.transformer.blocks[: self.guidance_block], enabled)
 
 
-@contextlib.contextmanager
-def checkpointed_blocks(blocks: Any, enabled: bool) -> Iterator[None]:
-    """Gradient checkpointing for the blocks a truncated pass runs before the tapped one:
-    each recomputes its activations during backward instead of keeping them. The tapped
-    block is left alone (its hooks hold the tap and stop the pass)."""
-    if not enabled:
-        yield
-        return
-    blocks = list(blocks)
-    own = [block.__dict__.get("forward") for block in blocks]  # a hook's (sequential offload)
-    for block in blocks:
-        original = block.forward
-
-        def run(*args, _original=original, **kwargs):
-            return checkpoint(_original, *args, use_reentrant=False, **kwargs)
-        block.forward = run
-    try:
-        yield
-    finally:
-        for block, forward in zip(blocks, own, strict=True):
-            if forward is None:
-                del block.forward  # back to the class's method
-            else:
-                block.forward = forward  # back to accelerate's hook
-
-
-def load_wan(model: str, device: torch.device, dtype: torch.dtype, flag: str = "--model") -> Wan:
+def load_wan(model: str, device: torch.device, dtype: str | None, flag: str = "--model") -> Wan:
     """Load a Wan model: "wan-tiny" (random, tiny), "wan-random" (Wan 2.1 1.3B's
     architecture, random weights) or a diffusers folder / hub id whose model_index.json
-    names WanPipeline. Missing weights end in one sentence naming `hf download`."""
-    from backend.backbones.zeroscope import missing_weights, model_location
-
+    names WanPipeline, in `dtype` (None: bf16 on CUDA, fp32 on a CPU). Missing weights
+    end in one sentence naming `hf download`."""
+    dtype = choose_dtype(dtype, device, torch.bfloat16)
     if model == WAN_TINY:
         from backend.backbones.wan_tiny import build_tiny_wan
 
@@ -456,7 +331,7 @@ def load_wan(model: str, device: torch.device, dtype: torch.dtype, flag: str = "
     elif model == WAN_RANDOM:
         from backend.backbones.wan_tiny import build_wan_random
 
-        parts = build_wan_random("Wan2.1-T2V-1.3B", device, dtype)
+        parts = build_wan_random(WAN_ARCHITECTURES[WAN_RANDOM], device, dtype)
         shift, expand = DEFAULT_FLOW_SHIFT, bool(parts["expand_timesteps"])
     else:
         location = model_location(model, flag)

@@ -23,15 +23,19 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from backend.backbones.base import Backbone, BackboneFacts, Timestep, choose_dtype, meta_network
-from backend.backbones.ddim import DDIMSchedule
-from backend.backbones.zeroscope_taps import (
-    TAP_NAMES,
+from backend.backbones.base import (
+    Backbone,
+    BackboneFacts,
+    Timestep,
     checkpointed_blocks,
-    full_pass_smm,
-    truncated_smm,
+    choose_dtype,
+    meta_network,
+    missing_weights,
+    model_location,
 )
-from backend.errors import ModelNotFoundError
+from backend.backbones.ddim import DDIMSchedule
+from backend.backbones.zeroscope_taps import TAP_NAMES, full_pass_smm, truncated_smm
+from backend.errors import BadSettingsError
 
 TINY = "tiny"
 ZEROSCOPE = "cerspense/zeroscope_v2_576w"
@@ -69,6 +73,11 @@ ZEROSCOPE_FACTS = BackboneFacts(
         "cfg_scale": 10.0, "guided_fraction": 0.4, "guidance_iterations": 10,
         "lr_start": 0.007, "lr_end": 0.004,
     },
+)
+NO_UPSCALER = (
+    "This engine was started without an upscaler, so upscale 'xl' cannot run; set upscale "
+    f"to 'none', or fetch ZeroScope XL (`hf download {ZEROSCOPE_XL}`) and load it with "
+    "--upscale-model."
 )
 ZEROSCOPE_XL_FACTS = BackboneFacts(
     name="zeroscope", native_size=(1024, 576), window_frames=24, frame_rate=8.0, side_multiple=8,
@@ -116,7 +125,6 @@ class ZeroScope(Backbone):
 
     # ---------------------------------------------------------------- memory plan
 
-    checkpoint_modules = ("backend.backbones.zeroscope_taps",)
 
     def meta_copy(self) -> ZeroScope:
         import copy
@@ -127,14 +135,15 @@ class ZeroScope(Backbone):
                          self.dtype, self.facts)
 
     @classmethod
-    def meta_shell(cls, model: str, parts: Callable[[], tuple], device: torch.device,
-                   dtype: str | None) -> ZeroScope:
-        """The ZeroScope `model` (a name) on the meta device, in the dtype it would run in
-        on `device`, the CPU as its own device: the memory plan's shell of a model not
-        loaded. `parts()` builds (unet, vae, text_encoder, tokenizer, scheduler)
-        (build_tiny_components, or build_zeroscope_random_components on meta)."""
+    def meta_shell(cls, model: str, device: torch.device, dtype: str | None) -> ZeroScope:
+        """The ZeroScope `model` (TINY, or an architecture of the registry's: the
+        published one's networks) on the meta device, in the dtype it would run in on
+        `device`, the CPU as its own device: the memory plan's shell of a model not
+        loaded."""
         torch_dtype = choose_dtype(dtype, device)
-        unet, vae, text_encoder, tokenizer, scheduler = parts()
+        unet, vae, text_encoder, tokenizer, scheduler = (
+            build_tiny_components() if model == TINY
+            else build_zeroscope_random_components(torch.device("meta")))
         for module in (unet, vae, text_encoder):
             # nn.Module.to: diffusers' own .to warns about dtype casts that are moot here.
             torch.nn.Module.to(module, "meta", torch_dtype).eval().requires_grad_(False)
@@ -189,15 +198,28 @@ class ZeroScope(Backbone):
                                      spatial)
             return full_pass_smm(self.unet, self.model_input(latent), timestep, embedding, spatial)
 
+    def check_upscaler(self, upscaler: Backbone | None) -> None:
+        """ZeroScope's upscaler is ZeroScope XL (`load_zeroscope_xl`); an engine started
+        without one says where to get it."""
+        if upscaler is None:
+            raise BadSettingsError(NO_UPSCALER)
+        super().check_upscaler(upscaler)
+
     def checkpointing(self, enabled: bool) -> AbstractContextManager:
-        return checkpointed_blocks(self.unet, enabled)
+        """UNet3DConditionModel has no checkpointing of its own: each down block, the mid
+        block and up_blocks[0] recompute their activations during backward; up_blocks[1]
+        itself is left alone (its hooks hold the taps)."""
+        return checkpointed_blocks([*self.unet.down_blocks, self.unet.mid_block,
+                                    self.unet.up_blocks[0]], enabled)
 
 
-def load_zeroscope(model: str, device: torch.device, dtype: torch.dtype, flag: str = "--model",
+def load_zeroscope(model: str, device: torch.device, dtype: str | None, flag: str = "--model",
                    facts: BackboneFacts = ZEROSCOPE_FACTS) -> ZeroScope:
     """Load `model`: a hub id, a local diffusers folder, "tiny", or "zeroscope-random"
-    (ZeroScope's architecture with random weights, for timing). `flag` is the
-    command-line flag that named it, for the missing-weights sentence."""
+    (ZeroScope's architecture with random weights, for timing), in `dtype` (None: fp16
+    on CUDA, fp32 on a CPU). `flag` is the command-line flag that named it, for the
+    missing-weights sentence."""
+    dtype = choose_dtype(dtype, device)
     if model == TINY:
         parts = build_tiny_components()
     elif model == ZEROSCOPE_RANDOM:
@@ -210,6 +232,13 @@ def load_zeroscope(model: str, device: torch.device, dtype: torch.dtype, flag: s
             module.to(dtype=dtype)
         module.to(device).eval().requires_grad_(False)
     return ZeroScope(unet, vae, text_encoder, tokenizer, scheduler, model, device, dtype, facts)
+
+
+def load_zeroscope_xl(model: str, device: torch.device, dtype: str | None,
+                      flag: str = "--upscale-model") -> ZeroScope:
+    """The upscaler (settings.upscale "xl"): ZeroScope XL, or a folder or "tiny" standing
+    in for it, with XL's facts."""
+    return load_zeroscope(model, device, dtype, flag, ZEROSCOPE_XL_FACTS)
 
 
 def _from_pretrained(model: str, torch_dtype: torch.dtype, flag: str) -> tuple:
@@ -225,27 +254,6 @@ def _from_pretrained(model: str, torch_dtype: torch.dtype, flag: str) -> tuple:
     except (OSError, ValueError) as error:
         raise missing_weights(model, flag) from error
     return unet, vae, text_encoder, tokenizer, scheduler
-
-
-def model_location(model: str, flag: str) -> str:
-    """A local folder's path, or the hub id as given; a path that is not a folder is
-    one sentence."""
-    source = Path(model)
-    if model.startswith((".", "/", "~")) and not source.expanduser().is_dir():
-        raise ModelNotFoundError(f"There is no model folder at {model}; check the {flag} path.")
-    return str(source.expanduser()) if source.expanduser().is_dir() else model
-
-
-def missing_weights(model: str, flag: str) -> ModelNotFoundError:
-    """The one sentence for weights that are neither here nor downloadable. The main
-    model is also Blender's Model preference (the extension starts `serve --model`)."""
-    where = (f"{flag} on the command line or the Model setting of the Blender extension's "
-             "preferences" if flag == "--model" else flag)
-    return ModelNotFoundError(
-        f"The weights of {model!r} are not on this machine and could not be downloaded; "
-        f"on a machine with internet run `hf download {model}` (or copy the folder here "
-        f"and give its path as {where})."
-    )
 
 
 # --------------------------------------------------------------------------- tiny model

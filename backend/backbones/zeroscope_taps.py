@@ -19,9 +19,8 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
-from backend.method.guidance import smm
+from backend.backbones.base import smm
 
 TAP_NAMES = ("upsampler", "resnet_conv2", "temporal_conv")
 
@@ -94,31 +93,3 @@ def full_pass_smm(
         unet(latents, timestep, encoder_hidden_states=text_embeddings)
     features = [captured[n].reshape(batch, frames, *captured[n].shape[1:]).float() for n in TAP_NAMES]
     return features if spatial else [smm(feature) for feature in features]
-
-
-@contextlib.contextmanager
-def checkpointed_blocks(unet: torch.nn.Module, enabled: bool) -> Iterator[None]:
-    """Gradient checkpointing for the blocks a truncated pass runs before up_blocks[1].
-
-    UNet3DConditionModel has no checkpointing of its own. Each down block, the mid
-    block and up_blocks[0] recompute their activations during backward instead of
-    keeping them. up_blocks[1] itself is left alone: its hooks hold the taps.
-    """
-    if not enabled:
-        yield
-        return
-    blocks = [*unet.down_blocks, unet.mid_block, unet.up_blocks[0]]
-    own = [block.__dict__.get("forward") for block in blocks]  # a hook's (sequential offload)
-    originals = [block.forward for block in blocks]
-    for block, original in zip(blocks, originals, strict=True):
-        def run(*args, _original=original, **kwargs):
-            return checkpoint(_original, *args, use_reentrant=False, **kwargs)
-        block.forward = run
-    try:
-        yield
-    finally:
-        for block, forward in zip(blocks, own, strict=True):
-            if forward is None:
-                del block.forward  # back to the class's method
-            else:
-                block.forward = forward  # back to accelerate's hook

@@ -78,7 +78,7 @@ class EngineActor:
 
             torch.set_num_threads(spec.torch_threads)
         try:
-            from backend.method.engine import load_engine
+            from backend.edit import load_engine
 
             self.engine = load_engine(spec.model, device=spec.device, dtype=spec.dtype,
                                       cache_dir=spec.cache_for(name),

@@ -9,7 +9,7 @@ The gateway plans GPU memory as one box does (`--memory auto`), for the smallest
 among its workers: each worker reports its device's memory (`identity()["memory"]`,
 CUDA's free memory or the `--assume-gpu-memory-gb` figure), any worker may take any
 job (FIFO), so a job planned for the smallest fits every one. The plan runs here, on
-the gateway's CPU, on the workers' model by name (backend/memory/planner.py PLANNABLE)
+the gateway's CPU, on the workers' model by name (backend/backbones/registry.py plannable_models)
 for their device and dtype; no weights are needed. The hello reports that smallest
 GPU, a submit or plan request is planned off the socket loop (backend/server/planning.py),
 a job that cannot fit is refused before it is queued, and the savers chosen travel
@@ -99,14 +99,15 @@ def gateway_memory(spec: ActorSpec, identities: list[dict[str, Any]],
     one the plan can build by name (logged: its jobs run without planned savers)."""
     if gpu() is None:
         return None  # CPU workers: nothing to fit, and no torch needed here
+    from backend.backbones.registry import plannable_models
     from backend.edit import engine_phases
-    from backend.memory.planner import PLANNABLE, MemoryPlanner
+    from backend.memory.planner import MemoryPlanner
     from backend.server.planning import ServerMemory
 
-    if spec.model not in PLANNABLE:
+    if spec.model not in plannable_models():
         log.warning("The gateway plans GPU memory by model name and knows %s, not %r; its "
                     "jobs run without --memory auto's savers, so give --model as one of those "
-                    "names to plan them.", ", ".join(PLANNABLE), spec.model)
+                    "names to plan them.", ", ".join(plannable_models()), spec.model)
         return None
     device = identities[0].get("engine", {}).get("device") or "cuda"
     return ServerMemory(MemoryPlanner(gpu, engine_phases), spec.model, device, spec.dtype)

@@ -50,8 +50,8 @@ in every phase they are resident; the savers move them:
 A plan for CUDA runs on fake CPU tensors with CUDA's autocast rules (CudaAutocast) in
 place of the backbone's torch.autocast("cuda"), and the allocator's 512-byte blocks.
 
-While it plans, Tensor.numpy and the `checkpoint` name of the modules the backbone
-names (Backbone.checkpoint_modules) are swapped for the planner's (_no_numpy,
+While it plans, Tensor.numpy and the `checkpoint` name of backend/backbones/base.py
+(which every backbone's `checkpointed_blocks` calls) are swapped for the planner's (_no_numpy,
 _recompute_as_on_cuda); the swaps act only in the planning thread (PyTorch's modes are
 per thread too), so a server can plan a job on its main thread while its job thread
 runs a real edit. The backbone is the plan's own: a meta copy of a loaded one
@@ -61,7 +61,6 @@ runs a real edit. The backbone is the plan's own: a meta copy of a loaded one
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import logging
 import threading
@@ -73,16 +72,9 @@ from typing import Any
 import numpy as np
 import torch
 
+import backend.backbones.base as backbones_base
 from backend.backbones.base import Backbone
-from backend.backbones.loading import WAN_RANDOM, WAN_TINY
-from backend.backbones.zeroscope import (
-    TINY,
-    ZEROSCOPE,
-    ZEROSCOPE_RANDOM,
-    ZeroScope,
-    build_tiny_components,
-    build_zeroscope_random_components,
-)
+from backend.backbones.registry import backbone_to_plan, plannable_models
 from backend.errors import ModelNotFoundError
 from backend.memory.counter import (
     CUDA_BLOCK_BYTES,
@@ -103,38 +95,6 @@ log = logging.getLogger("understudy.memory")
 
 PHASES = ("weights", "embed", "encode", "invert", "features", "guide", "cfg", "decode")
 SAVERS = MEMORY_SAVERS  # shared/settings.py: the names, cheapest first
-WAN_ARCHITECTURES = {WAN_RANDOM: "Wan2.1-T2V-1.3B", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": "Wan2.1-T2V-1.3B",
-                     "Wan-AI/Wan2.1-T2V-14B-Diffusers": "Wan2.1-T2V-14B",
-                     "Wan-AI/Wan2.2-TI2V-5B-Diffusers": "Wan2.2-TI2V-5B"}
-ZEROSCOPE_ARCHITECTURES = (ZEROSCOPE_RANDOM, ZEROSCOPE)
-
-
-def _zeroscope_shell(model: str, device: torch.device, dtype: str | None) -> Backbone:
-    def parts() -> tuple:
-        if model == TINY:
-            return build_tiny_components()
-        return build_zeroscope_random_components(torch.device("meta"))
-    return ZeroScope.meta_shell(model, parts, device, dtype)
-
-
-def _wan_shell(model: str, device: torch.device, dtype: str | None) -> Backbone:
-    from backend.backbones.wan import Wan
-    from backend.backbones.wan_tiny import build_tiny_wan, build_wan_random
-
-    def parts(torch_dtype: torch.dtype) -> dict:
-        if model == WAN_TINY:
-            return build_tiny_wan()
-        return build_wan_random(WAN_ARCHITECTURES[model], "meta", torch_dtype)
-    return Wan.meta_shell(model, parts, device, dtype)
-
-
-# Each model the plan knows by name, and the function that builds its backbone on the meta
-# device (the backbone's own meta_shell, given the parts of that name).
-SHELLS: dict[str, Callable[[str, torch.device, str | None], Backbone]] = {
-    **dict.fromkeys((TINY, *ZEROSCOPE_ARCHITECTURES), _zeroscope_shell),
-    **dict.fromkeys((WAN_TINY, *WAN_ARCHITECTURES), _wan_shell),
-}
-PLANNABLE = tuple(SHELLS)
 # Settings that change no memory figure: left out of the plan cache's key.
 NOT_PLANNED = ("prompt", "source_prompt", "negative_prompt", "prompt_prefix", "seed", "lr_start",
                "lr_end", "cfg_scale", "loss", "init", "restart", "memory", "output_frames",
@@ -180,7 +140,7 @@ def plan_edit(phases_of: PhasesOf, model: str | Backbone, frames: int | None = N
     """The memory plan of editing `frames` frames (default: the model's window) at `size` =
     (width, height) (default: the model's; or, given a clip's `source_size`, the size its
     framing gives the model) with `model` on `device` (present or not) in `dtype`
-    (default: the backbone's for that device). `model` is a name (PLANNABLE) or a loaded
+    (default: the backbone's for that device). `model` is a name (plannable_models()) or a loaded
     backbone, whose architecture is planned in its own dtype (`dtype` is not read).
     `regions`: the edit's region count (masks of the clip's `source_size`, else `size`).
     A CPU plan adds the memory no tensor holds (backend/memory/cpu_terms.py) unless
@@ -203,7 +163,7 @@ def plan_edit(phases_of: PhasesOf, model: str | Backbone, frames: int | None = N
     cpu_terms = host_terms and not gpu
     with fake_world(CUDA_BLOCK_BYTES if gpu else 1) as (_fake, tracker), _no_numpy(), \
             CpuConvolutionScratch(tracker) if cpu_terms else contextlib.nullcontext(), \
-            _recompute_as_on_cuda(shell.checkpoint_modules, shell.dtype if gpu else None), \
+            _recompute_as_on_cuda(shell.dtype if gpu else None), \
             warnings.catch_warnings():
         # The planned clip is a read-only broadcast view; torch warns on wrapping it.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -232,13 +192,14 @@ def plan_edit(phases_of: PhasesOf, model: str | Backbone, frames: int | None = N
 
 
 def shell_backbone(model: str, device: torch.device, dtype: str | None) -> Backbone:
-    """The backbone of `model` (a name, SHELLS) built on the meta device in the dtype it
-    would run in on `device`."""
-    if model not in SHELLS:
+    """The backbone of `model` (a name its registry entry plans, BackboneEntry.shell)
+    built on the meta device in the dtype it would run in on `device`."""
+    entry = backbone_to_plan(model)
+    if entry is None:
         raise ModelNotFoundError(
-            f"The memory plan knows the architectures of {', '.join(PLANNABLE)}, not {model!r}; "
-            f"plan the one with the same architecture.")
-    return SHELLS[model](model, device, dtype)
+            f"The memory plan knows the architectures of {', '.join(plannable_models())}, not "
+            f"{model!r}; plan the one with the same architecture.")
+    return entry.shell(model, device, dtype)
 
 
 def _unchecked(settings: TransferSettings, **changes: Any) -> TransferSettings:
@@ -316,17 +277,14 @@ def _planners_checkpoint(original: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @contextlib.contextmanager
-def _recompute_as_on_cuda(modules: tuple[str, ...], dtype: torch.dtype | None) -> Iterator[None]:
+def _recompute_as_on_cuda(dtype: torch.dtype | None) -> Iterator[None]:
     """Gradient checkpointing recomputes during backward, outside the backbone's
     precision(): checkpoint restores torch.autocast there by itself, CudaAutocast it must
-    be given (context_fn) in the backbone's checkpoint calls, the `checkpoint` of each
-    of `modules` (Backbone.checkpoint_modules; this thread's only)."""
+    be given (context_fn) in the backbones' checkpoint calls: the `checkpoint` that
+    backend/backbones/base.py's `checkpointed_blocks` calls (this thread's only)."""
     _PLANNING.autocast_dtype = dtype
     try:
-        with contextlib.ExitStack() as swaps:
-            for name in modules:
-                swaps.enter_context(_swapped(importlib.import_module(name), "checkpoint",
-                                             _planners_checkpoint))
+        with _swapped(backbones_base, "checkpoint", _planners_checkpoint):
             yield
     finally:
         _PLANNING.autocast_dtype = None
@@ -672,7 +630,7 @@ class MemoryPlanner:
              frame_size: tuple[int, int] | None, device: str | None = None,
              dtype: str | None = None, regions: int = 0) -> MemoryPlan:
         """The plan of editing `frames` frames of a clip of frame_size (width, height) with
-        a loaded backbone, or with a model not loaded yet (a PLANNABLE name, on `device`
+        a loaded backbone, or with a model not loaded yet (a name of plannable_models(), on `device`
         in `dtype`): the same plan either way, so the command line's check before
         loading is the engine's cache hit after.
 

@@ -1,6 +1,6 @@
 """The motion-transfer engine: one loaded model, many edits.
 
-    engine = load_engine("tiny", device="cpu", cache_dir=Path("cache"))
+    engine = load_engine("tiny", device="cpu", cache_dir=Path("cache"))   # backend/edit.py
     result = engine.transfer(clip_frames, TransferSettings(prompt="a train"),
                              progress=print_progress, cancelled=lambda: False)
     result.frames      # (N, H, W, 3) uint8 at the result size, one per input frame
@@ -19,7 +19,8 @@ One edit, as Understudy runs it (docs/method.md):
                    SMM loss (target prompt, model truncated after its feature taps); then
                    a CFG step; then restart: re-noise back to t and step again
     4. decode      VAE decode (in slices)
-    5. upscale     with settings.upscale "xl": a second engine (ZeroScope XL) re-noises the
+    5. upscale     with settings.upscale "xl": a second engine, of a second model of the
+                   same backbone (its upscaler, Backbone.check_upscaler), re-noises the
                    resized result part of the way and denoises it (video-to-video); then
                    retime if asked
 
@@ -57,9 +58,8 @@ import numpy as np
 import torch
 
 from backend.backbones.base import Backbone, Timestep
-from backend.backbones.loading import load_backbone
-from backend.backbones.zeroscope import ZEROSCOPE_XL, ZEROSCOPE_XL_FACTS
 from backend.errors import BadClipError, BadSettingsError, OutOfMemoryError
+from backend.masks import MaskTally, check_region_masks_shape, region_name
 from backend.memory.savers import (
     MemoryDecision,
     offloads_applied,
@@ -69,7 +69,6 @@ from backend.memory.savers import (
 from backend.method.framing import Framing, choose_framing, frames_for_model
 from backend.method.guidance import lowfreq_init, pairwise_smm_loss
 from backend.method.inversion import DEFAULT_CACHE_MAX_BYTES, InversionCache, SourceState, cache_key
-from backend.method.region_checks import MaskTally, check_region_masks_shape, region_name
 from backend.method.regions import (
     EditRegions,
     blend_latents,
@@ -98,11 +97,6 @@ OUT_OF_MEMORY = (
     "--vae-slice or a smaller --width/--height, --upscale none, or stop other programs "
     "using the GPU."
 )
-NO_UPSCALER = (
-    "This engine was started without an upscaler, so upscale 'xl' cannot run; set upscale "
-    f"to 'none', or fetch ZeroScope XL (`hf download {ZEROSCOPE_XL}`) and load it with "
-    "--upscale-model."
-)
 
 
 @dataclass
@@ -124,8 +118,8 @@ class Engine:
 
     `model_passes` counts model work per (phase, kind) in batch elements of one window,
     kind being "full", "truncated" or "truncated_backward"; the benchmark turns it into
-    forward-equivalents. `upscaler`, when loaded, is a second Engine (ZeroScope XL) that
-    runs the upscaling stage; it counts its own passes.
+    forward-equivalents. `upscaler`, when loaded, is a second Engine (the backbone's
+    upscaling model) that runs the upscaling stage; it counts its own passes.
     """
 
     def __init__(self, backbone: Backbone, cache_dir: Path | None = None,
@@ -324,12 +318,8 @@ class Engine:
             raise BadSettingsError(f"Width and height must be multiples of {side} for this model.")
         if min(settings.width, settings.height) // b.latent_cell < settings.lowfreq_factor:
             raise BadSettingsError("The frame is too small for the low-frequency factor; lower it.")
-        if settings.upscale != "none" and self.upscaler is None:
-            raise BadSettingsError(NO_UPSCALER)
-        if settings.upscale != "none" and self.upscaler.backbone.facts.name != b.facts.name:
-            raise BadSettingsError(
-                f"The upscaler ({self.upscaler.backbone.facts.name}) runs only after its own "
-                f"backbone, not after {b.facts.name}; set upscale to 'none'.")
+        if settings.upscale != "none":
+            b.check_upscaler(None if self.upscaler is None else self.upscaler.backbone)
         if settings.guidance_block is not None and "guidance_block" not in b.facts.defaults:
             raise BadSettingsError(
                 f"The {b.facts.name} backbone's feature taps are fixed; leave --guidance-block unset.")
@@ -692,15 +682,16 @@ class Engine:
         self, frames: np.ndarray, size: tuple[int, int], settings: TransferSettings, seed: int,
         report: Reporter,
     ) -> np.ndarray:
-        """The upscaling stage, run by the upscaler's engine: ZeroScope XL's documented
-        workflow, video-to-video from the first stage's frames (SDEdit).
+        """The upscaling stage, run by the upscaler's engine: video-to-video from the first
+        stage's frames (SDEdit; ZeroScope XL's documented workflow).
 
         (F, h, w, 3) uint8 → (F, H, W, 3) at size = (W, H):
             5a. resize the frames to W×H (bicubic) and encode them: z₀
-            5b. of the `steps` DDIM timesteps keep the last k = ⌊steps·upscale_strength⌋,
-                re-noise z₀ to the first of them, t₀: x = √ᾱ_t₀·z₀ + √(1 − ᾱ_t₀)·ε
-                (ε from a CPU generator seeded with the edit's seed)
-            5c. k CFG DDIM steps with the same prompt, negative prompt and CFG scale,
+            5b. of the `steps` sampler timesteps keep the last k = ⌊steps·upscale_strength⌋,
+                re-noise z₀ to the first of them, t₀, by the schedule's forward process
+                (DDIM: x = √ᾱ_t₀·z₀ + √(1 − ᾱ_t₀)·ε; ε from a CPU generator seeded with
+                the edit's seed)
+            5c. k CFG sampler steps with the same prompt, negative prompt and CFG scale,
                 blended over temporal windows placed as the first stage's; no guidance,
                 no restart
             5d. decode
@@ -760,18 +751,3 @@ def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
         timings[name] = time.perf_counter() - started
 
 
-def load_engine(
-    model: str, device: str | None = None, dtype: str | None = None, cache_dir: Path | None = None,
-    cache_max_bytes: int | None = None, upscale_model: str | None = None,
-) -> Engine:
-    """Load a model ("tiny", "wan-tiny", a hub id, or a local diffusers folder; its
-    backbone from its model_index.json, backend/backbones/loading.py) once; the inversion
-    cache keeps at most `cache_max_bytes` (default DEFAULT_CACHE_MAX_BYTES).
-
-    upscale_model (ZEROSCOPE_XL, a local folder, "tiny"; None: no upscaler) is loaded
-    first, so missing upscaler weights end in one sentence before anything else loads."""
-    upscaler = None
-    if upscale_model is not None:
-        upscaler = Engine(load_backbone(upscale_model, device, dtype, flag="--upscale-model",
-                                        facts=ZEROSCOPE_XL_FACTS))
-    return Engine(load_backbone(model, device, dtype), cache_dir, cache_max_bytes, upscaler)

@@ -5,7 +5,8 @@ Shapes: F frames, D feature channels, H×W spatial; latents are (B, C, F, H, W).
 Notation (the paper's symbols; docs/method.md has the whole method):
 
     features (F, D, H, W)      a tap's activations, frames × channels × space
-    φ = smm(features) (F, D)   spatial marginal mean, φ (source) and φ̃ (target)
+    φ = smm(features) (F, D)   spatial marginal mean, φ (source) and φ̃ (target); the
+                               backbones' taps compute it (backend/backbones/base.py)
     Δ_ij                       φ_j − φ_i, the frame-to-frame difference
     latent, noise              x, ε: (B, C, F, H, W) latents
     LF(x)                      lowpass(x, factor)
@@ -15,14 +16,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as functional
-
-
-def smm(features: torch.Tensor) -> torch.Tensor:
-    """Spatial marginal mean: φ[f, d] = 1/(H·W) · Σ_{y,x} features[f, d, y, x].
-
-    (F, D, H, W) → (F, D).
-    """
-    return features.mean(dim=(-2, -1))
 
 
 def pairwise_smm_loss(source: torch.Tensor, target: torch.Tensor, kind: str = "cosine") -> torch.Tensor:

@@ -4,7 +4,7 @@ A region is one per-frame mask of the clip (white = subject), given as a video, 
 of numbered PNGs, or one PNG for every frame (`--mask`, repeatable: one region each).
 An edit's masks travel as `RegionMasks` (backend/results.py): (R, N, H, W) grey levels
 (uint8 0…255, or float in [0, 1]) at the clip's resolution. A pixel belongs to the region
-where its value is at least ½ of white (`binary`, region_checks.inside), so compression
+where its value is at least ½ of white (`binary`, backend/masks.py inside), so compression
 noise in a black mask is no region; the soft edge is ours (`feather`). Only the
 region's pixels matter, so an edit reads each frame's masks once, as bools, one frame
 at a time (`prepare_regions`), and keeps m exactly in whole counts (`Plate`).
@@ -28,7 +28,7 @@ Pieces, each a small pure function:
     blend_latents z = m_lat·z_gen + (1 − m_lat)·z_src(t)
     composite     out = m·gen + (1 − m)·source                      (source resolution)
 
-The checks (backend/method/region_checks.py, no torch) are the one place a mask is
+The checks (backend/masks.py, no torch) are the one place a mask is
 refused; the command line, the server and the engine all call them, so each failure is
 the same one sentence.
 """
@@ -43,18 +43,13 @@ import numpy as np
 import torch
 import torch.nn.functional as functional
 
+from backend.masks import REGION_THRESHOLD
 from backend.memory.counter import values_unknown
 from backend.method.guidance import pairwise_smm_loss
-from backend.method.region_checks import (  # noqa: F401  (the checks, re-exported)
-    REGION_THRESHOLD,
-    check_masks,
-    check_region_masks,
-    read_masks,
-)
 from shared.settings import MOTIONS
 
 # --------------------------------------------------------------------------- reading and checks:
-# backend/method/region_checks.py (no torch there: the server's front imports them).
+# backend/masks.py (no torch there: the server's front imports them).
 
 # --------------------------------------------------------------------------- grow, feather, resample
 

@@ -212,9 +212,8 @@ def serve(config: ServerConfig, model: str, device: str | None = None, dtype: st
                     "submit jobs and read results.", config.bind)
     JobStore(config.state_dir)  # a state folder that cannot be written: say so before loading
     if config.cluster is None:
-        from backend.edit import engine_phases
+        from backend.edit import engine_phases, load_engine
         from backend.memory.planner import MemoryPlanner, gpu_description
-        from backend.method.engine import load_engine
 
         engine, cluster, where = load_engine(model, device=device, dtype=dtype,
                                              cache_dir=cache_dir,

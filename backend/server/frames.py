@@ -62,13 +62,13 @@ def check_png_frames(frames: list[bytes], max_side: int) -> tuple[int, int]:
 
 def check_mask_frames(masks: list[list[bytes]], frame_count: int, size: tuple[int, int]
                       ) -> None:
-    """Check each region's mask frames as the engine will (backend/method/region_checks.py:
+    """Check each region's mask frames as the engine will (backend/masks.py:
     one frame per clip frame, the clip's size, neither black nor white everywhere);
     ProtocolError (bad_mask) with its one sentence otherwise. Each frame's size is read
     from its header before it is decoded, and frames are decoded one at a time as uint8
     grey, so a long 1080p region costs one frame of memory, not the whole clip's."""
     from backend.errors import BadMaskError
-    from backend.method.region_checks import MaskTally, check_mask_shape  # no torch
+    from backend.masks import MaskTally, check_mask_shape  # no torch
 
     width, height = size
     for number, region in enumerate(masks, start=1):

@@ -44,10 +44,10 @@ GATE_RAISE = "raise"  # a gate file saying this makes the held plan fail as a bu
 class ServerMemory:
     """What a server plans its jobs against: the planner (its GPU and its cache) and
     the model planned, a loaded backbone (one box) or, on a gateway, the workers'
-    model by name (backend/memory/planner.py PLANNABLE) with their device and dtype."""
+    model by name (backend/backbones/registry.py plannable_models) with their device and dtype."""
 
     planner: MemoryPlanner
-    model: Any  # a Backbone, or a PLANNABLE name
+    model: Any  # a Backbone, or a name of plannable_models()
     device: str | None = None
     dtype: str | None = None
 

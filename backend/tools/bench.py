@@ -16,7 +16,8 @@ the 24-frame clip), and each peak memory against the 24-frame clip's.
 
 `bench --upscale` runs one edit with the upscaling stage (a second model of the same
 architecture, random weights: the cost does not depend on them) at twice the first
-stage's size on the tiny model, 1024×576 on ZeroScope's, and sets the stage's time,
+stage's size on a tiny model, at the upscaler's native size on the backbone's
+(ZeroScope XL's 1024×576), and sets the stage's time,
 UNet passes (in first-stage forward-equivalents: each pass weighted by the measured
 time of a full pass at its size over one at the first stage's) and peak memory
 against the first stage's.
@@ -24,10 +25,12 @@ Forward-equivalents (FE): a full model pass over one batch element is 1; a pass 
 stops after the feature taps (ZeroScope: up_blocks[1]; Wan: the guidance block) counts
 its measured share of a full pass (timed here); a backward pass counts twice its forward.
 
-Architectures (`--arch`): "tiny" (ZeroScope's component types, tiny), "zeroscope"
-(ZeroScope v2; `--random-weights` for its architecture with random weights),
-"wan-tiny", "wan" (Wan 2.1 T2V-1.3B; `--random-weights`), and "wan-random" (= wan
-with random weights). Wan runs at its own sizes and window (832×480, 81 frames).
+Architectures (`--arch`, backend/backbones/registry.py): a backbone's name ("zeroscope":
+ZeroScope v2, "wan": Wan 2.1 T2V-1.3B; `--random-weights` for the architecture with
+random weights), its tiny model ("tiny", "wan-tiny") or its random-weight model
+("zeroscope-random", "wan-random": the name with --random-weights). A backbone runs at
+its own sizes and window (ZeroScope 24×576×320, Wan 81×832×480), a tiny model at a
+small clip.
 """
 
 from __future__ import annotations
@@ -44,9 +47,8 @@ import numpy as np
 import torch
 
 from backend.backbones.base import Backbone
-from backend.backbones.loading import WAN_RANDOM, WAN_TINY, load_backbone
-from backend.backbones.wan import WAN_21_T2V_1_3B
-from backend.backbones.zeroscope import TINY, ZEROSCOPE, ZEROSCOPE_RANDOM
+from backend.backbones.loading import load_backbone
+from backend.backbones.registry import BackboneEntry, backbones
 from backend.errors import BadSettingsError
 from backend.method.engine import Engine, Procedure
 from shared.settings import TransferSettings
@@ -81,12 +83,32 @@ class Run:
         return max(values) if field == "peak_memory_gb" else sum(values)
 
 
+def arches() -> list[str]:
+    """Every --arch: each registered backbone's name, tiny model and random-weight model."""
+    return [name for entry in backbones() for name in (entry.tiny, entry.name, entry.random)]
+
+
+def backbone_of_arch(arch: str) -> BackboneEntry:
+    """The registered backbone an --arch names; BadSettingsError (one sentence) for none."""
+    for entry in backbones():
+        if arch in (entry.tiny, entry.name, entry.random):
+            return entry
+    raise BadSettingsError(f"--arch {arch!r} names no backbone; use one of {', '.join(arches())}.")
+
+
+def is_tiny(arch: str) -> bool:
+    """Whether an --arch is a backbone's tiny model (a small clip, few steps)."""
+    return arch == backbone_of_arch(arch).tiny
+
+
 def build_backbone(arch: str, random_weights: bool, device: str | None, dtype: str | None) -> Backbone:
-    """The model an --arch names: tiny, ZeroScope (or its architecture with random
-    weights), tiny Wan, Wan 2.1 1.3B (or its architecture with random weights)."""
-    model = {"tiny": TINY, "wan-tiny": WAN_TINY, "wan-random": WAN_RANDOM,
-             "zeroscope": ZEROSCOPE_RANDOM if random_weights else ZEROSCOPE,
-             "wan": WAN_RANDOM if random_weights else WAN_21_T2V_1_3B}[arch]
+    """The model an --arch names: a tiny model, a backbone's published model (or its
+    architecture with random weights), or the random-weight model."""
+    entry = backbone_of_arch(arch)
+    if arch == entry.name:
+        model = entry.random if random_weights else entry.published
+    else:
+        model = arch
     return load_backbone(model, device, dtype)
 
 
@@ -125,8 +147,10 @@ def full_pass_seconds(engine: Engine, frames: int, size: tuple[int, int], repeat
 def default_sizes(arch: str) -> tuple[int, int, int]:
     """(frames, width, height) a bench edits by default: small for the tiny models, the
     native clip for the real architectures (ZeroScope 24×576×320, Wan 81×832×480)."""
-    return {"tiny": (8, 128, 64), "wan-tiny": (9, 128, 64), "zeroscope": (24, 576, 320)}.get(
-        arch, (81, 832, 480))
+    entry = backbone_of_arch(arch)
+    if arch == entry.tiny:
+        return entry.tiny_clip
+    return (entry.facts.window_frames, *entry.facts.native_size)
 
 
 def _timed(device: torch.device, run, repeats: int) -> float:
@@ -254,7 +278,7 @@ def run_scaling(
     """One first edit per clip length (shortest first); the JSON report of the scaling."""
     backbone = build_backbone(arch, random_weights, device, dtype)
     size = default_sizes(arch)[1:]
-    steps = TINY_SCALING_STEPS if arch in ("tiny", "wan-tiny") else {}
+    steps = TINY_SCALING_STEPS if is_tiny(arch) else {}
     settings = TransferSettings(prompt="a red train", source_prompt="a car", seed=0,
                                 width=width or size[0], height=height or size[1],
                                 gradient_checkpointing=gradient_checkpointing, **steps)
@@ -296,13 +320,21 @@ def run_upscale(
 ) -> dict:
     """One edit with the upscaling stage; the JSON report of what the stage costs.
 
-    Both stages at their native sizes (framing stretch): tiny 128×64 → 256×128,
-    ZeroScope 576×320 → 1024×576 (XL's architecture is 576w's, so the random model
+    Both stages at their native sizes (framing stretch): a tiny model's clip and twice
+    it (tiny 128×64 → 256×128), or the backbone's native clip and its upscaler's size
+    (ZeroScope 576×320 → 1024×576: XL's architecture is 576w's, so the random model
     stands in for XL too). `steps` overrides step settings (the defaults otherwise)."""
+    entry = backbone_of_arch(arch)
+    default_frames, width, height = default_sizes(arch)
+    if is_tiny(arch):
+        sizes = ((width, height), (2 * width, 2 * height))
+    elif entry.upscaling is not None:
+        sizes = ((width, height), entry.upscaling.facts.native_size)
+    else:
+        raise BadSettingsError(f"The {entry.name} backbone has no upscaling stage to bench.")
+    frames = frames or default_frames
     backbone = build_backbone(arch, random_weights, device, dtype)
     upscaler = Engine(build_backbone(arch, random_weights, device, dtype))
-    frames = frames or (8 if arch == "tiny" else 24)
-    sizes = ((128, 64), (256, 128)) if arch == "tiny" else ((576, 320), (1024, 576))
     settings = TransferSettings(prompt="a red train", source_prompt="a car", seed=0, num_frames=frames,
                                 width=sizes[0][0], height=sizes[0][1], framing="stretch", upscale="xl",
                                 upscale_width=sizes[1][0], upscale_height=sizes[1][1], **(steps or {}))
@@ -406,7 +438,7 @@ def format_report(report: dict) -> str:
         f"(target ≤ {TARGET_RE_EDIT_RATIO})")
     lines.append(f"wall time vs reference: first edit {ratios['first_edit_seconds']:.3f}×, "
                  f"re-edit {ratios['re_edit_seconds']:.3f}×")
-    if report["arch"] in ("zeroscope", "wan", "wan-random") and report["device"] != "cpu":
+    if not is_tiny(report["arch"]) and report["device"] != "cpu":
         first = runs["first edit"]
         lines.append(f"GPU targets: first edit {first['total_seconds']:.0f} s (target < "
                      f"{TARGET_GPU_SECONDS} s), peak {first['peak_memory_gb_max']:.1f} GB "

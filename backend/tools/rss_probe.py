@@ -141,7 +141,8 @@ def _measure_one(edit: Edit) -> int:
     import numpy as np
     import torch
 
-    from backend.method.engine import Procedure, load_engine
+    from backend.edit import load_engine
+    from backend.method.engine import Procedure
 
     torch.set_num_threads(1)
     engine = load_engine(edit.model, device="cpu")
@@ -164,7 +165,8 @@ def _measure_in_children(edits: list[Edit]) -> None:
     """Import once, then one forked child per edit; each prints a JSON line."""
     import ctypes
 
-    import backend.method.engine  # noqa: F401  (the imports every child shares)
+    import backend.backbones.registry  # noqa: F401  (the imports every child shares)
+    import backend.method.engine  # noqa: F401
 
     # No transparent huge pages (inherited by the children): where the kernel's setting
     # is "always", a large tensor's mapping would be resident in 2 MiB steps.

@@ -22,7 +22,7 @@ REGION_KINDS = (
 )
 
 # A mask pixel is the subject where its grey level is at least half way to white: the
-# engine's rule (backend/method/regions.py REGION_THRESHOLD), checked before sending.
+# engine's rule (backend/masks.py REGION_THRESHOLD), checked before sending.
 SUBJECT_GREY = 128
 
 
