@@ -1,10 +1,12 @@
-"""The import graph keeps its rules (tests/import_graph.py states them): the checker on
-tiny package trees written for each test."""
+"""The import graph keeps its rules (tests/import_graph.py states them): first the checker
+itself on tiny package trees written for each test, then the project's own tree."""
 
 from __future__ import annotations
 
 from itertools import pairwise
 from pathlib import Path
+
+import pytest
 
 from tests.import_graph import (
     Layer,
@@ -110,3 +112,11 @@ def test_a_module_in_no_layer_is_reported(tmp_path):
     graph = toy_graph(tmp_path, {**CLEAN_TOY, "toy/stray.py": ""})
     assert toy_problems(graph) == ["toy.stray is in no layer: place it in tests/import_graph.py's LAYERS"]
 
+
+def test_the_project_has_no_import_circle_and_no_forbidden_import():
+    graph = build_graph()
+    assert len(graph.modules) > 50  # the real tree, found from this file
+    found = circles(graph) + forbidden_imports(graph)
+    if found:
+        pytest.fail("\n".join(["Import circles and forbidden imports (the rules: tests/import_graph.py):",
+                               *found]), pytrace=False)
