@@ -74,7 +74,7 @@ XL = (1024, 576)
     # stretch: both stages at their native sizes, whatever the frame
     ("stretch", (1080, 1920), (0, 0, 1080, 1920), (576, 320), (1024, 576)),
 ])
-def test_plan_framing_hand_computed(mode, source, box, model, upscale):
+def test_choose_framing_hand_computed(mode, source, box, model, upscale):
     framing = choose_framing(mode, source, ZEROSCOPE, CELL, XL)
     assert (framing.box, framing.model_size, framing.upscale_size) == (Box(*box), model, upscale)
     assert framing.result_size == upscale
