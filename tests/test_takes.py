@@ -122,3 +122,52 @@ def test_progress_names_the_takes(engine):
     assert {"encode", "invert", "sample takes 1-2", "sample take 3", "decode take 1",
             "decode take 3"} <= set(phases)
     assert "sample" not in phases
+
+
+def test_transfer_takes_writes_a_video_and_frames_per_take_one_sidecar_and_a_contact_sheet(
+        tmp_path, clip_path):
+    import json
+
+    import imageio.v3 as iio
+    from PIL import Image
+
+    from backend.cli import main, settings_flags
+    from shared.sidecar import Sidecar
+
+    out = tmp_path / "out.mp4"
+    frames_dir = tmp_path / "frames"
+    assert main(["transfer", str(clip_path), "--model", "tiny", "--device", "cpu",
+                 "--cache-dir", str(tmp_path / "cache"), *settings_flags(SMALL_SETTINGS),
+                 "--seed", "4", "--takes", "2", "--prompt", "a red car", "--prompt", "a cat",
+                 "-o", str(out), "--frames-dir", str(frames_dir)]) == 0
+    assert not out.exists()
+    for take in (1, 2, 3, 4):
+        assert iio.imread(tmp_path / f"out-take{take}.mp4").shape[0] == 4
+        assert len(list((frames_dir / f"take{take}").glob("*.png"))) == 4
+    assert not (tmp_path / "out-take1.json").exists()  # one sidecar for every take
+    sidecar = Sidecar.from_dict(json.loads((tmp_path / "out.json").read_text()))
+    assert [(t["take"], t["prompt"], t["seed"], t["video"], t["frames_dir"])
+            for t in sidecar.takes] == [
+        (1, "a red car", 4, "out-take1.mp4", "frames/take1"),
+        (2, "a red car", 5, "out-take2.mp4", "frames/take2"),
+        (3, "a cat", 4, "out-take3.mp4", "frames/take3"),
+        (4, "a cat", 5, "out-take4.mp4", "frames/take4")]
+    assert sidecar.seed == 4 and sidecar.settings["prompt"] == "a red car"
+    sheet = Image.open(tmp_path / "out-contact.png")
+    height, width = iio.imread(tmp_path / "out-take1.mp4").shape[1:3]
+    scale = -(-192 // width)  # small frames are enlarged so their labels can be read
+    assert sheet.size == (2 * scale * width, 2 * (scale * height + 14))  # seeds × prompts
+
+
+def test_one_take_writes_exactly_what_it_always_did(tmp_path, clip_path):
+    import json
+
+    from backend.cli import main, settings_flags
+
+    out = tmp_path / "out.mp4"
+    assert main(["transfer", str(clip_path), "--model", "tiny", "--device", "cpu",
+                 "--cache-dir", str(tmp_path / "cache"), *settings_flags(SMALL_SETTINGS),
+                 "--prompt", "a red car", "-o", str(out)]) == 0
+    assert sorted(path.name for path in tmp_path.iterdir() if path.is_file()) == [
+        "clip.mp4", "out.json", "out.mp4"]
+    assert json.loads((tmp_path / "out.json").read_text())["takes"] is None
