@@ -379,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--memory", action="store_true",
                        help="GPU memory instead (CUDA only): the memory plan of one edit against "
                             "torch.cuda.max_memory_allocated in each phase")
+    bench.add_argument("--takes", type=int, default=None, metavar="K",
+                       help="K takes batched against K single edits instead (FE and seconds)")
     bench.add_argument("-o", "--output", help="write the JSON report here")
     bench.set_defaults(func=command_bench)
 
