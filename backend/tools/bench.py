@@ -50,6 +50,7 @@ from backend.backbones.base import Backbone
 from backend.backbones.loading import load_backbone
 from backend.backbones.registry import BackboneEntry, backbones
 from backend.errors import BadSettingsError
+from backend.method.cost import PHASE_OF_TIMING, forward_equivalents
 from backend.method.engine import Engine, Procedure
 from shared.settings import TransferSettings
 
@@ -65,10 +66,6 @@ SCALING_LENGTHS = (24, 48, 96, 240)
 # Fewer steps than the defaults keep the tiny model's 240-frame edit to about a minute on a
 # CPU; every step costs the same per window, so the ratios do not depend on the count.
 TINY_SCALING_STEPS = {"steps": 10, "inversion_steps": 10, "guidance_iterations": 3}
-PHASE_OF_PASS = {"invert": "invert", "features": "invert", "guide": "sample", "sample": "sample"}
-# Engine timing names → bench phases.
-PHASE_OF_TIMING = {"encode_invert": "invert", "sample": "sample", "decode": "decode",
-                   "upscale": "upscale"}
 
 
 @dataclass
@@ -162,16 +159,6 @@ def _timed(device: torch.device, run, repeats: int) -> float:
         run()
     _sync(device)
     return (time.perf_counter() - started) / repeats
-
-
-def forward_equivalents(passes: dict[tuple[str, str], int], truncated_share: float) -> dict[str, float]:
-    """Per bench phase: full·1 + truncated·share + truncated backward·2·share + full backward·2."""
-    weight = {"full": 1.0, "truncated": truncated_share, "truncated_backward": 2 * truncated_share,
-              "full_backward": 2.0}
-    out = {"invert": 0.0, "sample": 0.0, "decode": 0.0}
-    for (phase, kind), count in passes.items():
-        out[PHASE_OF_PASS[phase]] += weight[kind] * count
-    return out
 
 
 def reference_inversion_steps(engine: Engine, settings: TransferSettings) -> int:
