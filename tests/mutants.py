@@ -287,7 +287,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "the sidecar records the requested guided count, not the one used",
         "backend/method/engine.py",
-        "            guided_steps=settings.guided_step_count(),",
+        "            guided_steps=sampling_plan(settings).guided_steps,",
         "            guided_steps=settings.guided_steps,",
         ("tests/test_engine.py::test_result_shape_sidecar_and_seed",
          "tests/test_blender_e2e.py::test_trimmed_movie_strip_round_trip"),
@@ -318,14 +318,14 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "no step is guided",
         "backend/method/engine.py",
-        "if index < guided_steps:",
-        "if False:",
+        "                if guided:\n",
+        "                if False:\n",
         ("tests/test_engine.py::test_guided_steps_change_the_result_and_denoising_gets_the_guided_latent",),
     ),
     Mutant(
         "the restart step is skipped",
         "backend/method/engine.py",
-        "restarts = settings.restart and not is_last",
+        "restarts = plan.restart and not is_last",
         "restarts = False",
         ("tests/test_engine.py::test_restart_costs_two_more_unet_passes_per_step_and_changes_the_result",),
     ),

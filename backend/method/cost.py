@@ -8,6 +8,8 @@ of a full pass; a backward pass counts twice its forward:
 
     FE = full + s·truncated + 2s·truncated_backward + 2·full_backward
 
+The forward-equivalents are the first stage's: the upscaling stage's passes run at another
+size (`bench --upscale` weighs them); its wall seconds are in the cost's seconds.
 A step-cached pass (a preview's unguided steps, Backbone.step_cache) is counted as a
 full one: the count is an upper bound where the cache skips work.
 """
