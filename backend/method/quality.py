@@ -101,3 +101,16 @@ def sampling_plan(settings: TransferSettings) -> SamplingPlan:
     return SamplingPlan(settings.steps, indices, tuple(final_rates[index] for index in guided),
                         min(PREVIEW.guidance_iterations, settings.guidance_iterations),
                         restart=PREVIEW.restart and settings.restart, step_cache=PREVIEW.step_cache)
+
+
+def planned_passes(plan: SamplingPlan, windows: int) -> dict[tuple[str, str], int]:
+    """The model passes the sampling loop runs for `plan` over `windows` windows, as the
+    engine counts them (Engine.model_passes, cached source features): per step 2 CFG
+    passes per window, again after a restart (every step but the last), and per guided
+    step and Adam iteration one truncated forward and backward per window."""
+    restarts = len(plan.indices) - 1 if plan.restart else 0
+    guided = plan.guided_steps * plan.guidance_iterations * windows
+    passes = {("sample", "full"): 2 * (len(plan.indices) + restarts) * windows}
+    if guided:
+        passes |= {("guide", "truncated"): guided, ("guide", "truncated_backward"): guided}
+    return passes
