@@ -300,6 +300,22 @@ MUTANTS: tuple[Mutant, ...] = (
         # Only the end-to-end test: the whole summary of a real job must catch it.
         ("tests/test_blender_e2e.py::test_trimmed_movie_strip_round_trip",),
     ),
+    # --- preview and final (issue 27)
+    Mutant(
+        "the cache hook stays on during a guided step",
+        "backend/method/engine.py",
+        "step_cache(plan.step_cache and not guided and len(windows) == 1)",
+        "step_cache(plan.step_cache and len(windows) == 1)",
+        ("tests/test_quality.py::test_the_step_cache_is_on_only_around_unguided_steps_never_during_guidance",),
+    ),
+    Mutant(
+        "the final re-inverts the clip",
+        "backend/method/engine.py",
+        '"inversion_steps": settings.inversion_steps, "steps": settings.steps,',
+        '"inversion_steps": settings.inversion_steps, "steps": settings.steps,'
+        ' "quality": settings.quality,',
+        ("tests/test_quality.py::test_a_preview_then_the_final_invert_once_and_count_what_the_plan_says",),
+    ),
     # --- the engine loop (backend/method/engine.py) and its pure helpers
     Mutant(
         "guidance climbs the loss instead of descending it",
