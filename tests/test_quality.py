@@ -190,3 +190,24 @@ def test_transfer_from_take_renders_the_preview_at_final_quality_from_its_invers
     assert final_record["inversion_from_cache"] is True
     assert final_record["cost"]["forward_equivalents"]["invert"] == 0
     assert (tmp_path / "final.mp4").exists()
+
+
+def test_a_preview_job_through_the_server_and_then_its_final_invert_once(tmp_path):
+    from shared.client import Client
+    from tests.server_support import ServerProcess, clip_pngs
+    from tests.server_support import settings as job_settings
+
+    steps = {"steps": 10, "inversion_steps": 10, "guided_steps": 2, "guidance_iterations": 1}
+    process = ServerProcess(tmp_path / "state").start()
+    try:
+        with Client(process.address, timeout_s=30.0) as client:
+            client.submit("preview", job_settings(seed=5, quality="preview", **steps), clip_pngs(6))
+            preview = client.wait("preview", timeout_s=300).sidecar
+            client.submit("final", job_settings(seed=5, **steps), clip_pngs(6))
+            final = client.wait("final", timeout_s=300).sidecar
+    finally:
+        process.stop()
+    assert preview["settings"]["quality"] == "preview" and preview["steps"] == 2
+    assert preview["inversion_from_cache"] is False and preview["cost"]["forward_equivalents"]["total"] > 0
+    assert final["settings"]["quality"] == "final" and final["steps"] == 10
+    assert final["inversion_from_cache"] is True
