@@ -287,7 +287,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "the sidecar records the requested guided count, not the one used",
         "backend/method/engine.py",
-        "            guided_steps=sampling_plan(settings).guided_steps,",
+        "            guided_steps=plan.guided_steps,",
         "            guided_steps=settings.guided_steps,",
         ("tests/test_engine.py::test_result_shape_sidecar_and_seed",
          "tests/test_blender_e2e.py::test_trimmed_movie_strip_round_trip"),
@@ -295,8 +295,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "the panel's summary shows the requested guided count, not the one used",
         "blender_addon/rules/messages.py",
-        '             f"{record.steps} steps, {record.guided_steps} guided",',
-        '             f"{record.steps} steps, {record.settings.get(\'guided_steps\')} guided",',
+        '             f"{record.steps} steps{preview}, {record.guided_steps} guided",',
+        '             f"{record.steps} steps{preview}, {record.settings.get(\'guided_steps\')} guided",',
         # Only the end-to-end test: the whole summary of a real job must catch it.
         ("tests/test_blender_e2e.py::test_trimmed_movie_strip_round_trip",),
     ),

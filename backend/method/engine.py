@@ -180,6 +180,7 @@ class Engine:
         procedure = procedure or Procedure()
         report = Reporter(progress, cancelled)
         settings = self.resolve(settings)
+        requested_upscale = settings.upscale  # the sidecar keeps the request (--from-take)
         if settings.quality == "preview" and not PREVIEW.upscale:
             settings = dataclasses.replace(settings, upscale="none")
         self.check_settings(settings, len(clip_frames))
@@ -232,8 +233,10 @@ class Engine:
         out = retime_frames(out, settings.output_frames or len(out))
         sidecar = self._sidecar(settings, seed, framing, indices, windows, from_cache, timings,
                                 regions)
-        sidecar = dataclasses.replace(sidecar, cost=edit_cost(
-            self.model_passes - passes_before, self.backbone.truncated_pass_share, timings))
+        sidecar = dataclasses.replace(
+            sidecar, settings={**sidecar.settings, "upscale": requested_upscale},
+            cost=edit_cost(self.model_passes - passes_before, self.backbone.truncated_pass_share,
+                           timings))
         if savers:
             sidecar = dataclasses.replace(sidecar, memory=savers.to_dict())
         return TransferResult(out, sidecar,
@@ -288,12 +291,13 @@ class Engine:
         """The record of how this edit was made (shared/sidecar.py): the counts it used,
         not only the request (an automatic guided count is None in `settings`; the
         settings the model decides are recorded with the values it gave them)."""
+        plan = sampling_plan(settings)
         return Sidecar(
             settings=settings.to_dict(),
             seed=seed,
             model=self.backbone.model_id,
-            steps=len(sampling_plan(settings).indices),
-            guided_steps=sampling_plan(settings).guided_steps,
+            steps=len(plan.indices),
+            guided_steps=plan.guided_steps,
             device=str(self.backbone.device),
             dtype=str(self.backbone.dtype).removeprefix("torch."),
             input_frame_indices=indices.tolist(),
