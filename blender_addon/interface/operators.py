@@ -192,6 +192,11 @@ class UNDERSTUDY_OT_collect(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
+        # In background mode Collect is a script's wait for every job to end, and every
+        # job may have ended already (Cancel ends a job still queued at once): nothing
+        # to do there is no error. In the interface the button is greyed instead.
+        if not addon.BATCHED:
+            return True
         if jobs.any_job(lambda job: job.active or job.status == Status.UNPLACED):
             return True
         cls.poll_message_set("There are no results to collect: no job is running or waiting to "
