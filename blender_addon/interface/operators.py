@@ -18,6 +18,7 @@ from ..job_flow import jobs, rendering
 from ..job_flow.batches import TICK_BUDGET_S
 from ..rules.channels import NoRoomUnderGrade, make_room
 from ..rules.errors import UserError
+from ..rules.messages import cancel_report
 from ..rules.states import Status
 from ..vse import compat, strip_io
 
@@ -177,7 +178,7 @@ class UNDERSTUDY_OT_cancel(bpy.types.Operator):
     def execute(self, context):
         scene, job = chosen_job(context, self.job_id)
         jobs.cancel(scene, job)
-        self.report({"INFO"}, f"Cancelled {job.job_id}.")
+        self.report({"INFO"}, cancel_report(job.job_id, job.status))
         return {"FINISHED"}
 
 
