@@ -145,7 +145,7 @@ def scenario_install(args: dict) -> dict:
     install(args["zip"])
     import importlib
 
-    link = importlib.import_module(f"{ADDON}.backend.link")
+    link = importlib.import_module(f"{ADDON}.connection.link")
     prefs = bpy.context.preferences.addons[ADDON].preferences
     result = {
         "operators": [hasattr(bpy.ops.understudy, name)
@@ -717,7 +717,7 @@ def scenario_local(args: dict) -> dict:
     configure(args)
     prefs = configure_local(args)
     jobs = importlib.import_module(f"{ADDON}.job_flow.jobs")
-    local_backend = importlib.import_module(f"{ADDON}.backend.local")
+    local_backend = importlib.import_module(f"{ADDON}.connection.local")
     backend = local_backend.BACKEND
     scene = bpy.context.scene
     small_settings(scene, args.get("settings"))
@@ -751,7 +751,7 @@ def scenario_local_interface(args: dict) -> dict:
     addon = importlib.import_module(f"{ADDON}.addon")
     jobs = importlib.import_module(f"{ADDON}.job_flow.jobs")
     following = importlib.import_module(f"{ADDON}.job_flow.following")
-    local_backend = importlib.import_module(f"{ADDON}.backend.local")
+    local_backend = importlib.import_module(f"{ADDON}.connection.local")
     addon.BATCHED = True  # the interface's path: timers, never blocking
     configure(args)
     configure_local(args)
