@@ -473,6 +473,13 @@ MUTANTS: tuple[Mutant, ...] = (
         "                grown = False",
         ("tests/test_blender_rules.py::test_make_room_also_moves_what_a_moved_strip_would_land_on",),
     ),
+    Mutant(
+        "a script's Collect Results fails when Cancel has already ended a job still queued",
+        "blender_addon/interface/operators.py",
+        "        if not addon.BATCHED:\n            return True\n        if jobs.any_job(",
+        "        if jobs.any_job(",
+        ("tests/test_blender_e2e.py::test_cancel_a_job_still_queued",),
+    ),
     # --- regions (issue 20, backend/method/regions.py, backend/method/engine.py)
     Mutant(
         "the feather blurs the grown region outward, past its edge",

@@ -355,6 +355,19 @@ def test_lost_server_message_names_collect_results():
     assert text.count(".") == 0 or text.endswith(".")
 
 
+@pytest.mark.parametrize(("status", "words"), [
+    (Status.CANCELLED, "Cancelled j1."),  # queued on the server (or rendering here): at once
+    (Status.RUNNING, "Cancelling j1: the server stops it at its next step."),
+    (Status.SUBMITTED, "Cancelling j1"),
+    (Status.FAILED, "already failed on the server"),  # ended before the cancel arrived
+    (Status.DONE, "already finished on the server; its result is collected"),
+    (Status.PLACING, "already finished on the server"),
+    (Status.UNPLACED, "already finished on the server"),
+])
+def test_cancel_report_says_where_the_job_stands(status, words):
+    assert words in messages.cancel_report("j1", status)
+
+
 SIDECAR_V1 = {
     "version": 1, "settings": {"prompt": "a fox", "steps": 3, "guided_steps": None}, "seed": 5,
     "model": "tiny", "steps": 3, "guided_steps": 2, "device": "cpu", "dtype": "float32",

@@ -24,6 +24,20 @@ def progress_text(status: str, phase: str, percent: float) -> str:
     return str(status)
 
 
+def cancel_report(job_id: str, status: str) -> str:
+    """What Cancel says, by the job's status once the server has answered: a job still
+    queued there (or rendering here) is cancelled at once, a running one stops at its next
+    step, and one that ended before the cancel reached the server ended as it did (a
+    finished job's result is collected, as Collect Results would)."""
+    if status == Status.CANCELLED:
+        return f"Cancelled {job_id}."
+    if status in ACTIVE:
+        return f"Cancelling {job_id}: the server stops it at its next step."
+    if status == Status.FAILED:
+        return f"{job_id} had already failed on the server; there was nothing to cancel."
+    return f"{job_id} had already finished on the server; its result is collected instead."
+
+
 def lost_server_message(error: str) -> str:
     """After the server stopped answering: the error, and what brings the result in."""
     return (f"{error.rstrip('.')}; the job may still finish there, so {COLLECT_HINT} once the "
