@@ -382,6 +382,17 @@ def test_sidecar_summary_says_the_steps_the_edit_used_not_the_request():
         "model tiny, seed 5, 3 steps, 2 guided, inversion from cache, 1.5 s on the server")
 
 
+def test_sidecar_summary_shows_a_previews_cost():
+    cost = {"forward_equivalents": {"invert": 0.0, "sample": 43.8, "decode": 0.0, "total": 43.8},
+            "seconds": {"invert": 0.1, "sample": 1.2, "decode": 0.2, "total": 1.5},
+            "truncated_pass_share": 0.66}
+    preview = {**SIDECAR_V1, "settings": {**SIDECAR_V1["settings"], "quality": "preview"},
+               "cost": cost}
+    assert messages.sidecar_summary(preview) == (
+        "model tiny, seed 5, 3 steps (preview), 2 guided, inversion from cache, cost 44 FE, "
+        "1.5 s on the server")
+
+
 def test_sidecar_summary_reads_an_older_sidecar_without_a_version():
     older = {key: value for key, value in SIDECAR_V1.items()
              if key not in ("version", "steps", "framing", "upscaler", "worker")}

@@ -46,7 +46,9 @@ def lost_server_message(error: str) -> str:
 
 def sidecar_summary(sidecar: dict) -> str:
     """One line about how a result was made, from the server's sidecar, for the panel:
-    the steps and guided steps the edit used (never the request's automatic None), or
+    the steps and guided steps the edit used (never the request's automatic None), a
+    preview said as one, what it cost in forward-equivalents (full model passes) when
+    the sidecar records it, and its seconds; or
     the one sentence saying why the sidecar cannot be read; "" before there is one."""
     if not sidecar:
         return ""
@@ -54,9 +56,13 @@ def sidecar_summary(sidecar: dict) -> str:
         record = SIDECAR.Sidecar.from_dict(sidecar)
     except SIDECAR.SidecarError as error:
         return str(error)
+    preview = " (preview)" if record.settings.get("quality") == "preview" else ""
     parts = [f"model {record.model}", f"seed {record.seed}",
-             f"{record.steps} steps, {record.guided_steps} guided",
+             f"{record.steps} steps{preview}, {record.guided_steps} guided",
              "inversion from cache" if record.inversion_from_cache else "inversion computed"]
+    cost = (record.cost or {}).get("forward_equivalents", {})
+    if isinstance(cost.get("total"), int | float):  # a sidecar with its cost (issue 27)
+        parts.append(f"cost {cost['total']:.0f} FE")
     total = sum(value for value in record.timings_s.values() if isinstance(value, int | float))
     parts.append(f"{total:.1f} s on the server")
     return ", ".join(parts)
