@@ -144,7 +144,8 @@ def edit_takes(clip_path: Path, settings: dict[str, Any], prompts: Sequence[str]
 
     Writes take k's video as out-take{k}.mp4 and, with frames_dir, its PNGs in
     frames_dir/take{k}; one sidecar, out.json, the first take's record with `takes`
-    listing every take (shared/sidecar.py); and the contact sheet out-contact.png, the
+    listing every take's own (shared/sidecar.py; `transfer --from-take out.json --take k`
+    renders take k again); and the contact sheet out-contact.png, the
     middle frame of each take labelled with its number, seed and prompt, one row per
     prompt."""
     import dataclasses
@@ -196,12 +197,12 @@ def edit_takes(clip_path: Path, settings: dict[str, Any], prompts: Sequence[str]
         take_frames = None if frames_dir is None else Path(frames_dir) / f"take{number}"
         _write_outputs(frames, None, video, fps, take_frames)
         outcomes.append(EditOutcome(video, sidecar_path(output), len(frames), result.sidecar))
-        entries.append({
-            "take": number, "prompt": take.prompt, "seed": take.seed,
+        entries.append({  # the take's own sidecar, with where its files are
+            "take": number, "prompt": take.prompt,
             "video": os.path.relpath(video, output.parent),
             "frames_dir": None if take_frames is None else os.path.relpath(take_frames,
                                                                            output.parent),
-            "timings_s": result.sidecar.timings_s})
+            **result.sidecar.to_dict()})
         middles.append(frames[len(frames) // 2])
     sidecar = dataclasses.replace(results[0].sidecar, takes=entries)
     sidecar_path(output).write_text(json.dumps(sidecar.to_dict(), indent=2))

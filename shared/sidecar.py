@@ -62,11 +62,16 @@ class Sidecar:
     # `--memory auto`'s choice: {"savers": [...], "predicted_peak_bytes", "budget_bytes"};
     # None: nothing planned (memory "off", or no GPU to fit)
     memory: dict[str, Any] | None = None
+    # What the edit cost (backend/method/cost.py edit_cost): {"forward_equivalents":
+    # {"invert", "sample", "decode", "total"} in full-model-pass units (FE, the first
+    # stage's), "seconds": {phase: wall seconds, …, "total"}, "truncated_pass_share": the
+    # share a truncated pass was weighed by}; None: older
+    cost: dict[str, Any] | None = None
     # An edit of several takes (`transfer --takes K`, repeated `--prompt`): one entry per
-    # take, in order, {"take": k (from 1), "prompt", "seed", "video", "frames_dir",
-    # "timings_s"}, the paths relative to the sidecar's folder ("frames_dir" None when no
-    # frames were asked for). The fields above are the first take's; the others differ
-    # from it in their prompt and seed only. None: one take.
+    # take, in order: that take's own sidecar (these fields, its `cost` its share of the
+    # run) with "take": k (from 1), "prompt", "video" and "frames_dir", the paths relative
+    # to the sidecar's folder ("frames_dir" None when no frames were asked for). The
+    # fields above are the first take's. None: one take.
     takes: list[dict[str, Any]] | None = None
     version: int = SIDECAR_VERSION
 
@@ -116,7 +121,8 @@ _JSON_TYPES: dict[str, type | tuple[type, ...]] = {
     "settings": dict, "seed": int, "model": str, "steps": int, "guided_steps": int,
     "device": str, "dtype": str, "input_frame_indices": list, "windows": list,
     "inversion_from_cache": bool, "timings_s": dict, "framing": dict, "upscaler": dict,
-    "backbone": str, "regions": dict, "worker": dict, "memory": dict, "takes": list,
+    "backbone": str, "regions": dict, "worker": dict, "memory": dict, "cost": dict,
+    "takes": list,
 }
 
 

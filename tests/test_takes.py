@@ -153,6 +153,11 @@ def test_transfer_takes_writes_a_video_and_frames_per_take_one_sidecar_and_a_con
         (3, "a cat", 4, "out-take3.mp4", "frames/take3"),
         (4, "a cat", 5, "out-take4.mp4", "frames/take4")]
     assert sidecar.seed == 4 and sidecar.settings["prompt"] == "a red car"
+    # Each entry is its take's own sidecar: what --from-take reads.
+    assert [Sidecar.from_dict(t).settings["prompt"] for t in sidecar.takes] == [
+        "a red car", "a red car", "a cat", "a cat"]
+    shares = [t["cost"]["forward_equivalents"]["total"] for t in sidecar.takes]
+    assert sidecar.cost["forward_equivalents"]["total"] == shares[0]
     sheet = Image.open(tmp_path / "out-contact.png")
     height, width = iio.imread(tmp_path / "out-take1.mp4").shape[1:3]
     scale = -(-192 // width)  # small frames are enlarged so their labels can be read

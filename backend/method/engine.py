@@ -49,7 +49,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,9 +66,11 @@ from backend.memory.savers import (
     out_of_memory_sentence,
     with_savers,
 )
+from backend.method.cost import edit_cost
 from backend.method.framing import Framing, choose_framing, frames_for_model
 from backend.method.guidance import lowfreq_init, pairwise_smm_loss
 from backend.method.inversion import DEFAULT_CACHE_MAX_BYTES, InversionCache, SourceState, cache_key
+from backend.method.quality import PREVIEW, sampling_plan
 from backend.method.regions import (
     EditRegions,
     blend_latents,
@@ -224,8 +226,12 @@ class Engine:
         procedure = procedure or Procedure()
         report = Reporter(progress, cancelled)
         settings = self.resolve(settings)
+        requested_upscale = settings.upscale  # the sidecar keeps the request (--from-take)
+        if settings.quality == "preview" and not PREVIEW.upscale:
+            settings = dataclasses.replace(settings, upscale="none")
         self.check_settings(settings, len(clip_frames))
         self.backbone.use_settings(settings)
+        passes_before = Counter(self.model_passes)
         indices = sample_indices(len(clip_frames), frames_to_edit(settings, len(clip_frames)),
                                  settings.start)
         chosen = np.asarray(clip_frames[indices])
@@ -244,15 +250,18 @@ class Engine:
         groups = [list(range(first, min(first + batch_size, len(takes))))
                   for first in range(0, len(takes), batch_size)]
         shared: dict[str, float] = {}
-        timings: list[dict[str, float]] = []  # per take
+        timings: list[dict[str, float]] = []  # per take: its share of the run's seconds
+        passes: list[Counter] = []  # per take: its share of the run's model passes
         decoded: list[np.ndarray] = []  # per take, (F, h, w, 3) uint8
         try:
             with offloads_applied(self.backbone, savers.savers if savers else ()):
                 with _timed(shared, "encode_invert"):
                     source, from_cache = self._source_state(frames, windows, settings, procedure,
                                                             report)
+                shared_passes = self.model_passes - passes_before
                 for group in groups:
-                    group_timings = dict(shared)
+                    group_timings: dict[str, float] = {}
+                    group_before = Counter(self.model_passes)
                     with _timed(group_timings, "sample"):
                         latents = self._sample(source, windows, settings,
                                                [takes[k] for k in group], procedure,
@@ -262,7 +271,17 @@ class Engine:
                             decoded.append(self.decode(
                                 latent, settings.vae_slice,
                                 _TakeReporter(report, [k], len(takes)))[: len(indices)])
-                    timings += [dict(group_timings) for _ in group]
+                    # Each take's cost is its share: the shared phases' over every take,
+                    # its batch's over the batch (one take: the edit's whole cost).
+                    timings += [{**{name: value / len(takes) for name, value in shared.items()},
+                                 **{name: value / len(group)
+                                    for name, value in group_timings.items()}} for _ in group]
+                    group_passes = self.model_passes - group_before
+                    passes += [Counter({key: count / len(takes)
+                                        for key, count in shared_passes.items()})
+                               + Counter({key: count / len(group)
+                                          for key, count in group_passes.items()})
+                               for _ in group]
             keeps_plate = regions is not None and regions.keeps_plate()
             results = []
             for k, take in enumerate(takes):
@@ -271,7 +290,8 @@ class Engine:
                     seed=None if settings.seed is None else take.seed)
                 results.append(self._finish(
                     decoded[k], take_settings, take.seed, framing, indices, windows, from_cache,
-                    timings[k], regions, chosen if keeps_plate else None, frame_size, savers,
+                    timings[k], passes[k], requested_upscale, regions,
+                    chosen if keeps_plate else None, frame_size, savers,
                     _TakeReporter(report, [k], len(takes)), last=k == len(takes) - 1))
                 decoded[k] = None  # type: ignore[call-overload]  # held once: in its result
         except torch.cuda.OutOfMemoryError as error:
@@ -283,12 +303,14 @@ class Engine:
 
     def _finish(self, out: np.ndarray, settings: TransferSettings, seed: int, framing: Framing,
                 indices: np.ndarray, windows: list[Window], from_cache: bool,
-                timings: dict[str, float], regions: EditRegions | None,
+                timings: dict[str, float], passes: Counter, requested_upscale: str,
+                regions: EditRegions | None,
                 chosen: np.ndarray | None, frame_size: tuple[int, int],
                 savers: MemoryDecision | None, report: Reporter, last: bool) -> TransferResult:
         """One take's decoded frames → its result: upscaled, composited through its
         regions (over the engine's copy of the source frames, in place only for the
-        last take: the others still need them), retimed, with its sidecar."""
+        last take: the others still need them), retimed, with its sidecar (its cost:
+        `passes` and `timings`, its share of the run, plus its own upscale and composite)."""
         if framing.upscale_size is not None:
             with _timed(timings, "upscale"):
                 out = self.upscaler.video_to_video(out, framing.upscale_size, settings, seed,
@@ -305,6 +327,9 @@ class Engine:
         out = retime_frames(out, settings.output_frames or len(out))
         sidecar = self._sidecar(settings, seed, framing, indices, windows, from_cache, timings,
                                 regions)
+        sidecar = dataclasses.replace(
+            sidecar, settings={**sidecar.settings, "upscale": requested_upscale},
+            cost=edit_cost(passes, self.backbone.truncated_pass_share, timings))
         if savers:
             sidecar = dataclasses.replace(sidecar, memory=savers.to_dict())
         return TransferResult(out, sidecar,
@@ -359,12 +384,13 @@ class Engine:
         """The record of how this edit was made (shared/sidecar.py): the counts it used,
         not only the request (an automatic guided count is None in `settings`; the
         settings the model decides are recorded with the values it gave them)."""
+        plan = sampling_plan(settings)
         return Sidecar(
             settings=settings.to_dict(),
             seed=seed,
             model=self.backbone.model_id,
-            steps=settings.steps,
-            guided_steps=settings.guided_step_count(),
+            steps=len(plan.indices),
+            guided_steps=plan.guided_steps,
             device=str(self.backbone.device),
             dtype=str(self.backbone.dtype).removeprefix("torch."),
             input_frame_indices=indices.tolist(),
@@ -563,7 +589,8 @@ class Engine:
         b = self.backbone
         schedule = b.schedule
         steps = settings.steps
-        timesteps = schedule.timesteps(steps)
+        grid = schedule.timesteps(steps)  # the final's grid; the plan walks all or a subset
+        plan = sampling_plan(settings)
         generators = [torch.Generator("cpu").manual_seed(take.seed) for take in takes]
 
         # One prompt at a time, as the single edit embeds it: (B, L, E), row b take b's.
@@ -571,8 +598,6 @@ class Engine:
         negative = self.embed([settings.negative_prompt]).expand(len(takes), -1, -1)
         source_embedding = None if procedure.cache_source_features and regions is None else \
             self.embed([settings.full_prompt(settings.source_prompt)])
-        learning_rates = settings.guidance_learning_rates()
-        guided_steps = len(learning_rates)
 
         # 3a. The initial latent: low frequencies of z₀ re-noised to t₀, high ones fresh
         # (Eq. 4); or, with init "noise", the fresh noise alone. Drawn first from each
@@ -583,50 +608,74 @@ class Engine:
             latent = fresh_noise
         else:
             start = schedule.start_latent(source.source_latent.float(), source.noisiest.float(),
-                                          source.noisiest_timestep, timesteps[0])
+                                          source.noisiest_timestep, grid[plan.indices[0]])
             latent = lowfreq_init(start, fresh_noise, settings.lowfreq_factor)
-        latent = self.keep_plate(latent, source, timesteps[0], regions)
+        latent = self.keep_plate(latent, source, grid[plan.indices[0]], regions)
 
-        total = len(timesteps) * len(windows)
+        total = len(plan.indices) * len(windows)
         report("sample", 0, total)
-        for index, timestep in enumerate(timesteps):
-            is_last = index == len(timesteps) - 1
-            restarts = settings.restart and not is_last
+        with self.step_cache_switch() as step_cache:
+            for position, (index, span) in enumerate(zip(plan.indices, plan.spans, strict=True)):
+                guided = position < plan.guided_steps
+                # The step cache only on a step without guidance (a preview's later
+                # steps), one window at a time being one cache context.
+                step_cache(plan.step_cache and not guided and len(windows) == 1)
+                is_last = position == len(plan.indices) - 1
+                restarts = plan.restart and not is_last
+                timestep = grid[index]
 
-            # Progress counts windows: the step's last model sweep reports each one.
-            def step_done(k: int, index: int = index) -> None:
-                report("sample", index * len(windows) + k + 1, total)
+                # Progress counts windows: the step's last model sweep reports each one.
+                def step_done(k: int, position: int = position) -> None:
+                    report("sample", position * len(windows) + k + 1, total)
 
-            # 3b. Guidance: Adam on x_t towards the source's SMM-difference pattern.
-            if index < guided_steps:
-                if regions is not None:
-                    with torch.no_grad():
-                        source_features = [self.source_features(source, timestep, source_embedding,
-                                                                window, report, regions)
-                                           for window in windows]
-                elif procedure.cache_source_features:
-                    source_features = source.features[timestep]
-                else:
-                    with torch.no_grad():
-                        source_features = [self.source_features(source, timestep, source_embedding,
-                                                                window, report) for window in windows]
-                latent = self.guide(latent, timestep, target, source_features, windows,
-                                    learning_rates[index], settings, report, regions, procedure)
-            # 3c. One CFG step, t → t_next (then, with a kept plate, the blend at t_next).
-            next_timestep = None if is_last else timesteps[index + 1]
-            latent = self.denoise(latent, steps, index, target, negative, settings.cfg_scale,
-                                  windows, report, None if restarts else step_done)
-            latent = self.keep_plate(latent, source, next_timestep, regions)
-            # 3d. Restart: re-noise t_next → t (the schedule's forward process), each take
-            # with its own generator's noise; then step again.
-            if restarts:
-                latent = torch.cat([schedule.restart(row, steps, index, generator)
-                                    for row, generator in zip(latent.split(1), generators,
-                                                              strict=True)])
+                # 3b. Guidance: Adam on x_t towards the source's SMM-difference pattern.
+                if guided:
+                    if regions is not None:
+                        with torch.no_grad():
+                            source_features = [self.source_features(
+                                source, timestep, source_embedding, window, report, regions)
+                                for window in windows]
+                    elif procedure.cache_source_features:
+                        source_features = source.features[timestep]
+                    else:
+                        with torch.no_grad():
+                            source_features = [self.source_features(
+                                source, timestep, source_embedding, window, report)
+                                for window in windows]
+                    latent = self.guide(latent, timestep, target, source_features, windows,
+                                        plan.learning_rates[position], settings, report, regions,
+                                        procedure, plan.guidance_iterations)
+                # 3c. One CFG step, t → t_next (then, with a kept plate, the blend at t_next).
+                next_timestep = None if is_last else grid[index + span]
                 latent = self.denoise(latent, steps, index, target, negative, settings.cfg_scale,
-                                      windows, report, step_done)
+                                      windows, report, None if restarts else step_done, span)
                 latent = self.keep_plate(latent, source, next_timestep, regions)
+                # 3d. Restart: re-noise t_next → t (the schedule's forward process), each
+                # take with its own generator's noise; then step again.
+                if restarts:
+                    latent = torch.cat([schedule.restart(row, steps, index, generator)
+                                        for row, generator in zip(latent.split(1), generators,
+                                                                  strict=True)])
+                    latent = self.denoise(latent, steps, index, target, negative, settings.cfg_scale,
+                                          windows, report, step_done)
+                    latent = self.keep_plate(latent, source, next_timestep, regions)
         return latent
+
+    @contextmanager
+    def step_cache_switch(self) -> Iterator[Callable[[bool], None]]:
+        """switch(on): the backbone's step cache (Backbone.step_cache) turned on or off
+        for what follows; kept on across consecutive unguided steps (the cache compares
+        a step with the one before), off before anything else, and off at the end."""
+        stack = ExitStack()
+
+        def switch(on: bool) -> None:
+            if on and not self.backbone.step_cache_on():
+                stack.enter_context(self.backbone.step_cache(True))
+            elif not on:
+                stack.close()
+
+        with stack:
+            yield switch
 
     @staticmethod
     def keep_plate(latent: torch.Tensor, source: SourceState, timestep: Timestep | None,
@@ -644,7 +693,7 @@ class Engine:
         self, latent: torch.Tensor, timestep: int, target: torch.Tensor,
         source_features: SourceFeatures, windows: list[Window], learning_rate: float,
         settings: TransferSettings, report: Reporter, regions: EditRegions | None = None,
-        procedure: Procedure | None = None,
+        procedure: Procedure | None = None, iterations: int | None = None,
     ) -> torch.Tensor:
         """Adam on a copy of x_t so its SMM-difference pattern matches the source's:
         x_t (B, C, F', h, w) → the guided x_t, float32, same shape; B takes with target
@@ -654,15 +703,17 @@ class Engine:
         window at a time (memory holds one window's activations), then takes one Adam
         step on the whole latent. On CUDA in half precision the latent stays float32,
         the model runs under autocast and the loss is scaled before backward (a fresh
-        GradScaler per guided step), as the reference does.
+        GradScaler per guided step), as the reference does. `iterations`: Adam
+        iterations (default settings.guidance_iterations; a preview's plan runs fewer).
         """
         procedure = procedure or Procedure()
+        iterations = settings.guidance_iterations if iterations is None else iterations
         x = latent.detach().float().clone().requires_grad_(True)
         optimizer = torch.optim.Adam([x], lr=learning_rate)
         scaler = torch.amp.GradScaler(self.backbone.device.type, enabled=self._scales_loss())
         kind = "truncated" if procedure.truncate_guidance else "full"
         with self.backbone.checkpointing(settings.gradient_checkpointing), torch.enable_grad():
-            for _ in range(settings.guidance_iterations):
+            for _ in range(iterations):
                 optimizer.zero_grad(set_to_none=True)
                 for window, window_source in zip(windows, source_features, strict=True):
                     report.check()
@@ -716,10 +767,11 @@ class Engine:
     def denoise(
         self, latent: torch.Tensor, steps: int, index: int, target: torch.Tensor,
         negative: torch.Tensor, cfg_scale: float, windows: list[Window], report: Reporter,
-        after_window: Callable[[int], None] | None = None,
+        after_window: Callable[[int], None] | None = None, span: int = 1,
     ) -> torch.Tensor:
-        """One sampler step from timestep `index` of `steps` with classifier-free guidance,
-        o = o_neg + s·(o_text − o_neg) (o: ε or velocity), blended over the windows."""
+        """One sampler step from timestep `index` of `steps` (to `span` steps on) with
+        classifier-free guidance, o = o_neg + s·(o_text − o_neg) (o: ε or velocity),
+        blended over the windows."""
         timestep = self.backbone.schedule.timesteps(steps)[index]
 
         def cfg_output(piece: torch.Tensor, _window: int) -> torch.Tensor:
@@ -729,7 +781,7 @@ class Engine:
             return out_negative + cfg_scale * (out_text - out_negative)
 
         output = blend_windowed(cfg_output, latent, windows, after_window=after_window)
-        return self.backbone.schedule.step(output, steps, index, latent)
+        return self.backbone.schedule.step(output, steps, index, latent, span)
 
     # ------------------------------------------------------------------ model calls
 
