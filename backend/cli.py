@@ -23,14 +23,18 @@ from shared.sidecar import Sidecar
 # --------------------------------------------------------------------------- transfer
 
 
-def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+def add_settings_flags(parser: argparse.ArgumentParser, repeatable: tuple[str, ...] = ()) -> None:
     """One flag per TransferSettings field that has one; names, defaults and help come
-    from shared/settings.py."""
+    from shared/settings.py. The fields in `repeatable` may be given several times (a
+    list, None when not given)."""
     for name, spec in SPECS.items():
         if spec.flag is None:
             continue
         default = DEFAULTS[name]
-        if spec.kind == "bool":
+        if name in repeatable:
+            parser.add_argument(spec.flag, dest=name, action="append", default=None,
+                                help=f"{spec.help}; repeat it for takes of each prompt")
+        elif spec.kind == "bool":
             action = "store_false" if default else "store_true"
             parser.add_argument(spec.flag, dest=name, action=action, help=spec.help)
         else:
@@ -125,11 +129,14 @@ def command_transfer(args: argparse.Namespace) -> int:
              Local(args.model, args.device, args.dtype, Path(args.cache_dir),
                    cache_max_bytes(args.cache_max_gb), args.upscale_model,
                    gpu_gigabytes(args.assume_gpu_memory_gb)))
-    values = settings_values(args)
+    values = {**settings_values(args), "prompt": (args.prompt or [""])[0]}
     if args.from_take:
         values = take_values(Path(args.from_take), args.take, values)
     elif args.take is not None:
         raise UnderstudyError("--take only makes sense with --from-take SIDECAR.")
+    prompts = args.prompt or [values["prompt"]]
+    if args.takes != 1 or len(prompts) > 1:
+        return transfer_takes(args, where, values, prompts)
     progress = ProgressBar()
     try:
         outcome = edit_clip(Path(args.clip), values, Path(args.output), where,
@@ -141,6 +148,31 @@ def command_transfer(args: argparse.Namespace) -> int:
         progress.close()
     print(f"Wrote {outcome.output} ({outcome.frame_count} frames) and {outcome.sidecar_path}; "
           f"seed {outcome.sidecar.seed}.")
+    return 0
+
+
+def transfer_takes(args: argparse.Namespace, where, values: dict, prompts: list[str]) -> int:
+    """`transfer --takes K` and/or `--prompt` repeated: every prompt with K seeds, from one
+    inversion (backend/edit.py edit_takes)."""
+    from backend.edit import Remote, edit_takes
+
+    if isinstance(where, Remote):
+        raise UnderstudyError("Takes run on this machine for now; drop --server, or ask for "
+                              "one take with one --prompt.")
+    progress = ProgressBar()
+    try:
+        outcome = edit_takes(Path(args.clip), values, prompts, args.takes, Path(args.output),
+                             where, mask_paths=[Path(mask) for mask in args.mask or ()],
+                             match_length=args.match_length,
+                             frames_dir=Path(args.frames_dir) if args.frames_dir else None,
+                             progress=progress)
+    finally:
+        progress.close()
+    for take in outcome.takes:
+        print(f"Wrote {take.output} ({take.frame_count} frames): seed {take.sidecar.seed}, "
+              f"{take.sidecar.settings['prompt']!r}.")
+    print(f"Wrote {outcome.sidecar_path} (every take) and the contact sheet "
+          f"{outcome.contact_sheet}.")
     return 0
 
 
@@ -293,8 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     transfer = commands.add_parser("transfer", help="edit one clip")
     transfer.add_argument("clip", help="video file (mp4, mov, mkv, webm, gif) or folder of frames")
-    transfer.add_argument("-o", "--output", required=True, help="output .mp4 (sidecar .json beside it)")
-    transfer.add_argument("--frames-dir", help="also write numbered PNGs here")
+    transfer.add_argument("-o", "--output", required=True,
+                          help="output .mp4 (sidecar .json beside it); with several takes "
+                               "OUT-take1.mp4, …")
+    transfer.add_argument("--frames-dir", help="also write numbered PNGs here (with several "
+                                               "takes, one take{k} folder per take)")
     transfer.add_argument("--mask", action="append", metavar="PATH",
                           help="a region to edit (white = subject): a video, a folder of "
                                "numbered PNGs, or one PNG for every frame, at the clip's size; "
@@ -324,7 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
                                "reusing the clip's cached inversion; flags given override them")
     transfer.add_argument("--take", type=int, default=None, metavar="N",
                           help="with --from-take and a sidecar of several takes: which (1-based)")
-    add_settings_flags(transfer)
+    transfer.add_argument("--takes", type=int, default=1, metavar="K",
+                          help="K takes of each prompt, seeds --seed … --seed + K − 1, from one "
+                               "inversion: out-take1.mp4, …, one sidecar listing them and "
+                               "out-contact.png (default: %(default)s)")
+    add_settings_flags(transfer, repeatable=("prompt",))
     transfer.set_defaults(func=command_transfer)
 
     tiny = commands.add_parser("tiny-model", help="write a small random model in diffusers layout")
@@ -382,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "settings, on each backbone's tiny model (or --preview-arch)")
     bench.add_argument("--preview-arch", action="append", metavar="ARCH",
                        help="with --preview: the model(s) to bench instead (repeatable)")
+    bench.add_argument("--takes", type=int, default=None, metavar="K",
+                       help="K takes batched against K single edits instead (FE and seconds)")
     bench.add_argument("-o", "--output", help="write the JSON report here")
     bench.set_defaults(func=command_bench)
 

@@ -6,8 +6,9 @@ demo both run; and loading an engine, for them, the server and the Ray actors.
     outcome.sidecar.seed, outcome.frame_count   # shared/sidecar.py's record
     engine = load_engine("tiny", device="cpu")  # one loaded model, many edits
 
-Writes out.mp4, the JSON sidecar out.json beside it and, when asked, numbered PNGs.
-Every failure is an UnderstudyError with one sentence.
+Writes out.mp4, the JSON sidecar out.json beside it and, when asked, numbered PNGs;
+`edit_takes` several takes of one clip (out-take1.mp4, …, one out.json listing them, the
+contact sheet out-contact.png). Every failure is an UnderstudyError with one sentence.
 """
 
 from __future__ import annotations
@@ -112,6 +113,105 @@ def edit_clip(clip_path: Path, settings: dict[str, Any], output: Path, where: Lo
     return EditOutcome(output, sidecar_path(output), len(frames), sidecar)
 
 
+@dataclass
+class TakesOutcome:
+    """The files an edit of several takes wrote: each take's, the one sidecar that lists
+    them all, and the contact sheet."""
+
+    takes: list[EditOutcome]
+    sidecar_path: Path
+    contact_sheet: Path
+
+
+def take_output(output: Path, take: int) -> Path:
+    """out.mp4 → out-take2.mp4 for take 2 (takes count from 1)."""
+    return output.with_name(f"{output.stem}-take{take}{output.suffix}")
+
+
+def contact_sheet_path(output: Path) -> Path:
+    """out.mp4 → out-contact.png"""
+    return output.with_name(f"{output.stem}-contact.png")
+
+
+def edit_takes(clip_path: Path, settings: dict[str, Any], prompts: Sequence[str], count: int,
+               output: Path, where: Local, *, mask_paths: Sequence[Path] = (),
+               match_length: bool = False, frames_dir: Path | None = None,
+               progress: ProgressCallback | None = None) -> TakesOutcome:
+    """Several takes of one clip on this machine (`transfer --takes K`, `--prompt` repeated):
+    every prompt with each of the seeds seed … seed + count − 1 (backend/results.py
+    takes_of), from one inversion, as many at once as the memory plan fits
+    (MemoryPlanner.largest_batch; all of them with no GPU to fit).
+
+    Writes take k's video as out-take{k}.mp4 and, with frames_dir, its PNGs in
+    frames_dir/take{k}; one sidecar, out.json, the first take's record with `takes`
+    listing every take's own (shared/sidecar.py; `transfer --from-take out.json --take k`
+    renders take k again); and the contact sheet out-contact.png, the
+    middle frame of each take labelled with its number, seed and prompt, one row per
+    prompt."""
+    import dataclasses
+    import os
+    import random
+
+    from PIL import Image
+
+    from backend.backbones.loading import default_upscaler
+    from backend.results import takes_of
+    from backend.video import contact_sheet, read_clip
+
+    output = Path(output)
+    if output.suffix.lower() != ".mp4":
+        raise UnderstudyError(f"The output {output} must end in .mp4.")
+    if count < 1:
+        raise UnderstudyError(f"--takes is {count}; ask for at least one take.")
+    clip = read_clip(clip_path)
+    parsed = TransferSettings.from_dict(
+        {**settings, "prompt": prompts[0],
+         "output_frames": len(clip.frames) if match_length else None})
+    for prompt in prompts[1:]:  # each prompt refused in its own sentence, before any work
+        TransferSettings.from_dict({**parsed.to_dict(), "prompt": prompt})
+    seed = parsed.seed if parsed.seed is not None else random.SystemRandom().randrange(2**31)
+    parsed = dataclasses.replace(parsed, seed=seed)
+    takes = takes_of(list(prompts), seed, count)
+    masks = read_region_masks(mask_paths, clip.frames) if mask_paths else None
+    upscaler = None if parsed.upscale == "none" else (
+        where.upscale_model or default_upscaler(where.model))
+    regions = 0 if masks is None else len(masks)
+    planner = _memory_checked(where, parsed, clip.frames, regions)
+    engine = load_engine(where.model, device=where.device, dtype=where.dtype,
+                         cache_dir=Path(where.cache_dir), cache_max_bytes=where.cache_max_bytes,
+                         upscale_model=upscaler)
+    frame_size = (clip.frames.shape[2], clip.frames.shape[1])
+    engine.check_settings(parsed, len(clip.frames), frame_size)
+    batch = planner.largest_batch(engine.backbone, parsed, len(clip.frames), frame_size,
+                                  len(takes), regions=regions)
+    savers = planner.decide(engine.backbone, parsed, len(clip.frames), frame_size,
+                            regions=regions, batch=batch)
+    results = engine.transfer_takes(clip.frames, parsed, takes, progress=progress, masks=masks,
+                                    savers=savers, batch_size=batch)
+
+    outcomes, entries, middles = [], [], []
+    for number, (take, result) in enumerate(zip(takes, results, strict=True), start=1):
+        frames = _frames_for_files(clip.frames, result.frames, result.sidecar)
+        fps = clip.fps * len(frames) / len(clip.frames)
+        video = take_output(output, number)
+        take_frames = None if frames_dir is None else Path(frames_dir) / f"take{number}"
+        _write_outputs(frames, None, video, fps, take_frames)
+        outcomes.append(EditOutcome(video, sidecar_path(output), len(frames), result.sidecar))
+        entries.append({  # the take's own sidecar, with where its files are
+            "take": number, "prompt": take.prompt,
+            "video": os.path.relpath(video, output.parent),
+            "frames_dir": None if take_frames is None else os.path.relpath(take_frames,
+                                                                           output.parent),
+            **result.sidecar.to_dict()})
+        middles.append(frames[len(frames) // 2])
+    sidecar = dataclasses.replace(results[0].sidecar, takes=entries)
+    sidecar_path(output).write_text(json.dumps(sidecar.to_dict(), indent=2))
+    labels = [f"take {entry['take']} · seed {entry['seed']} · {entry['prompt']}" for entry in entries]
+    sheet = contact_sheet_path(output)
+    Image.fromarray(contact_sheet(middles, labels, columns=count)).save(sheet)
+    return TakesOutcome(outcomes, sidecar_path(output), sheet)
+
+
 def load_engine(
     model: str, device: str | None = None, dtype: str | None = None, cache_dir: Path | None = None,
     cache_max_bytes: int | None = None, upscale_model: str | None = None,
@@ -206,14 +306,17 @@ def _frames_for_files(clip_frames, frames, sidecar: Sidecar):
     return paste_into_box(background, frames, Box(*framing["crop_box"]))
 
 
-def _write_outputs(frames, sidecar: Sidecar, output: Path, fps: float,
+def _write_outputs(frames, sidecar: Sidecar | None, output: Path, fps: float,
                    frames_dir: Path | None) -> None:
+    """The video, the PNGs when asked, and the sidecar beside the video (None: none, a
+    take's, whose record is the takes' one sidecar)."""
     from backend.video import write_frames_dir, write_video
 
     write_video(frames, output, fps=fps)
     if frames_dir is not None:
         write_frames_dir(frames, frames_dir)
-    sidecar_path(output).write_text(json.dumps(sidecar.to_dict(), indent=2))
+    if sidecar is not None:
+        sidecar_path(output).write_text(json.dumps(sidecar.to_dict(), indent=2))
 
 
 def _on_server(remote: Remote, clip_frames, settings: TransferSettings,

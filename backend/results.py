@@ -25,7 +25,9 @@ edit (engine, server, Ray actor, command line). Phases in order: "encode", "inve
 "features", "sample", "decode", then "upscale" with an upscaler ("encode", "invert" and
 "features" are skipped when the inversion is cached), and the server adds "save".
 "invert", "features" and "sample" count windows within steps: total = steps × windows;
-"upscale" counts its encode, its steps × windows and its decode slices."""
+"upscale" counts its encode, its steps × windows and its decode slices. An edit of several
+takes (Engine.transfer_takes) names them after the phases it runs per take: "sample take
+2", "decode takes 1-4"; the shared phases keep their names."""
 
 RegionMasks = np.ndarray
 """The masks of one edit: (R, N, H, W) grey levels, uint8 0…255 (the smallest exact form:
@@ -35,6 +37,22 @@ subject. backend/masks.py reads and checks them (`read_mask_levels`,
 `check_region_masks`); `Engine.transfer(..., masks=)` takes them (None: no region), or
 anything with their `shape`, len() and `masks[:, [frame]]` (the server's PngMasks): it
 reads only the frames it edits, one at a time."""
+
+@dataclass(frozen=True)
+class Take:
+    """One take of an edit: the prompt and the seed it samples with
+    (`Engine.transfer_takes`); the rest of the settings are the edit's."""
+
+    prompt: str
+    seed: int
+
+
+def takes_of(prompts: list[str], seed: int, count: int) -> list[Take]:
+    """`--takes count` with `--prompt` given once per prompt: every prompt with each of
+    the seeds seed, seed + 1, …, seed + count − 1, prompt by prompt (take k of a prompt
+    uses seed + k − 1, so its first take is the edit with `--seed`)."""
+    return [Take(prompt, seed + k) for prompt in prompts for k in range(count)]
+
 
 CancelCheck = Callable[[], bool]
 """Returns True when the caller wants the edit stopped; checked between windows."""

@@ -223,6 +223,28 @@ def write_frames_dir(frames: np.ndarray, folder: str | Path) -> list[Path]:
     return paths
 
 
+def contact_sheet(frames: list[np.ndarray], labels: list[str], columns: int,
+                  least_width: int = 192) -> np.ndarray:
+    """One labelled frame per take on a grid: frames (H, W, 3) uint8 of one size, each under
+    a strip with its label (PIL's default font, cut at the frame's edge), `columns` to a
+    row, left to right then top to bottom. Frames narrower than `least_width` are
+    enlarged by a whole factor (nearest neighbour) so a label can be read. Returns
+    (rows·(h + strip), columns·w, 3) uint8, black where no take is."""
+    from PIL import ImageDraw
+
+    scale = max(1, -(-least_width // frames[0].shape[1]))
+    height, width = frames[0].shape[0] * scale, frames[0].shape[1] * scale
+    strip = 14
+    rows = -(-len(frames) // columns)
+    sheet = Image.new("RGB", (columns * width, rows * (height + strip)))
+    for index, (frame, label) in enumerate(zip(frames, labels, strict=True)):
+        cell = Image.new("RGB", (width, height + strip))
+        cell.paste(Image.fromarray(frame).resize((width, height), Image.NEAREST), (0, strip))
+        ImageDraw.Draw(cell).text((2, 1), label, fill=(255, 255, 255))
+        sheet.paste(cell, ((index % columns) * width, (index // columns) * (height + strip)))
+    return np.asarray(sheet)
+
+
 def encode_png(frame: np.ndarray) -> bytes:
     """One (H, W, 3) uint8 frame → PNG bytes (fast, lossless compression)."""
     import io

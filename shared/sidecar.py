@@ -67,6 +67,12 @@ class Sidecar:
     # stage's), "seconds": {phase: wall seconds, …, "total"}, "truncated_pass_share": the
     # share a truncated pass was weighed by}; None: older
     cost: dict[str, Any] | None = None
+    # An edit of several takes (`transfer --takes K`, repeated `--prompt`): one entry per
+    # take, in order: that take's own sidecar (these fields, its `cost` its share of the
+    # run) with "take": k (from 1), "prompt", "video" and "frames_dir", the paths relative
+    # to the sidecar's folder ("frames_dir" None when no frames were asked for). The
+    # fields above are the first take's. None: one take.
+    takes: list[dict[str, Any]] | None = None
     version: int = SIDECAR_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,6 +122,7 @@ _JSON_TYPES: dict[str, type | tuple[type, ...]] = {
     "device": str, "dtype": str, "input_frame_indices": list, "windows": list,
     "inversion_from_cache": bool, "timings_s": dict, "framing": dict, "upscaler": dict,
     "backbone": str, "regions": dict, "worker": dict, "memory": dict, "cost": dict,
+    "takes": list,
 }
 
 

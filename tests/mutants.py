@@ -346,6 +346,13 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/test_engine.py::test_restart_costs_two_more_unet_passes_per_step_and_changes_the_result",),
     ),
     Mutant(
+        "every take gets the first take's noise",
+        "backend/method/engine.py",
+        'generators = [torch.Generator("cpu").manual_seed(take.seed) for take in takes]',
+        'generators = [torch.Generator("cpu").manual_seed(takes[0].seed) for take in takes]',
+        ("tests/test_takes.py::test_two_prompts_by_two_seeds_give_four_takes_each_its_single_edit",),
+    ),
+    Mutant(
         "an unseeded edit always uses seed 0",
         "backend/method/engine.py",
         "random.SystemRandom().randrange(2**31)",

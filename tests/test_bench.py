@@ -90,3 +90,21 @@ def test_bench_runs_wans_architecture_and_its_reference_inverts_on_a_multiple_of
     assert runs["re-edit"]["forward_equivalents"]["invert"] == 0
     assert report["settings"]["guidance_block"] == 1 and report["settings"]["cfg_scale"] == 5.0
     assert 0 < report["ratios_to_reference"]["first_edit_forward_equivalents"] < 1
+
+
+def test_bench_takes_sets_k_batched_takes_against_k_single_edits(tmp_path):
+    out = tmp_path / "takes.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "backend", "bench", "--arch", "tiny", "--takes", "2",
+         "--frames", "2", "--width", "64", "--height", "64", "-o", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "2 takes batched" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["takes"] == 2
+    # The same work, counted per batch element: one inversion either way (cached after).
+    assert report["batched"]["forward_equivalents"]["invert"] == \
+        report["single"]["forward_equivalents"]["invert"]
+    assert report["batched_to_single"]["forward_equivalents"] == pytest.approx(1.0)
+    assert report["batched_to_single"]["seconds"] > 0

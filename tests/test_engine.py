@@ -17,6 +17,7 @@ from backend.backbones.zeroscope_taps import (
 from backend.edit import load_engine
 from backend.errors import BadClipError, BadSettingsError, JobCancelled, OutOfMemoryError
 from backend.method.engine import Engine, Procedure
+from backend.results import Take
 from shared.settings import TransferSettings
 from shared.sidecar import Sidecar
 from tests.conftest import SMALL_SETTINGS, moving_square_frames
@@ -105,10 +106,11 @@ def test_inversion_then_unguided_sampling_reconstructs_the_source(engine):
     source, _ = engine._source_state(frames, one, small(**plain), Procedure(use_cache=False), _no_report())
     z0 = source.source_latent
 
-    reconstructed = engine._sample(source, one, small(**plain, lowfreq_factor=1), 0, Procedure(),
+    take = [Take("a yellow square", 0)]
+    reconstructed = engine._sample(source, one, small(**plain, lowfreq_factor=1), take, Procedure(),
                                    _no_report())
     # lowfreq_factor=8 on an 8×8 latent keeps only the mean: almost all fresh noise.
-    from_noise = engine._sample(source, one, small(**plain, lowfreq_factor=8), 0, Procedure(),
+    from_noise = engine._sample(source, one, small(**plain, lowfreq_factor=8), take, Procedure(),
                                 _no_report())
     reconstruction_error = (reconstructed - z0).abs().mean()
     noise_error = (from_noise - z0).abs().mean()

@@ -349,3 +349,36 @@ def test_memory_command_plans_regions(capsys: pytest.CaptureFixture[str]) -> Non
     plan = json.loads(capsys.readouterr().out)
     assert plan["regions"] == 2 and "regions" in plan["phases"]
     assert plan["host_bytes"]["plate"] == 8 * 64 * 96  # the model's size: no clip given
+
+
+def test_a_batch_of_takes_plans_more_for_guidance_and_cfg_only() -> None:
+    """B takes sample together: their latent (B, …) grows guide and cfg; the inversion,
+    the features and each take's decode are the single edit's, with the takes' target
+    embeddings kept alive through them."""
+    settings = TransferSettings(**SHORT, width=96, height=64)
+    one = plan_edit(engine_phases, "tiny", 8, (96, 64), "cuda", settings=settings)
+    three = plan_edit(engine_phases, "tiny", 8, (96, 64), "cuda", settings=settings, batch=3)
+    assert three.batch == 3 and three.to_dict()["batch"] == 3
+    assert three.phases["weights"] == one.phases["weights"]
+    growth = {phase: three.phases[phase] - one.phases[phase] for phase in one.phases}
+    shared = max(growth[phase] for phase in ("encode", "invert", "decode"))  # what stays alive
+    assert growth["guide"] > shared and growth["cfg"] > shared
+    assert three.peak_bytes > one.peak_bytes
+
+
+def test_the_plan_picks_the_largest_batch_of_takes_under_an_assumed_gpu() -> None:
+    """--assume-gpu-memory-gb decides the batch on a machine without a GPU: the largest B
+    whose plan fits with the savers --memory auto may turn on; all of them without a GPU."""
+    from backend.memory.planner import MemoryPlanner, gpu_description
+
+    settings = TransferSettings(**SHORT, width=96, height=64, memory="auto")
+    lowest = [plan_edit(engine_phases, "tiny", 8, (96, 64), "cuda", settings=settings,
+                        batch=batch).savers[-1]["peak_bytes"] for batch in (1, 2, 3)]
+    assert lowest[0] < lowest[1] < lowest[2]
+    budget_gb = (lowest[1] + lowest[2]) / 2 / 1e9  # two takes fit, three do not
+    planner = MemoryPlanner(lambda: gpu_description("cuda", budget_gb), engine_phases)
+    assert planner.largest_batch("tiny", settings, 8, (96, 64), takes=5, device="cuda") == 2
+    decision = planner.decide("tiny", settings, 8, (96, 64), device="cuda", batch=2)
+    assert decision.predicted_peak_bytes <= decision.budget_bytes
+    no_gpu = MemoryPlanner(lambda: None, engine_phases)
+    assert no_gpu.largest_batch("tiny", settings, 8, (96, 64), takes=5, device="cuda") == 5

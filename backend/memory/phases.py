@@ -7,7 +7,9 @@ imports it, it is handed a `PhasesOf`, a function that makes the phases of a bac
 (backend/edit.py `engine_phases`, for every caller that plans).
 
 Shapes, as the engine documents them: a latent z is (1, C, F', h, w) (F' latent
-frames), an embedding (1, L, E), a window a (start, end) pair of latent frames.
+frames), an embedding (1, L, E), a window a (start, end) pair of latent frames; `guide`
+and `denoise` also take a batch of B takes, latent (B, C, F', h, w) and target and
+negative (B, L, E) (Engine.transfer_takes).
 """
 
 from __future__ import annotations

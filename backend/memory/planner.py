@@ -23,6 +23,10 @@ on it, once per phase, while LiveBytes counts what is alive:
     cfg        EditPhases.denoise: one sampling step with both prompts, first window
     decode     the backbone's first decode slice (the largest)
 
+With a batch of B takes (`batch=B`, Engine.transfer_takes), the B target embeddings stay
+alive and guide and cfg run on a (B, C, F', h, w) latent; `MemoryPlanner.largest_batch`
+finds the largest B that fits a GPU's budget, and the takes run in batches of it.
+
 With regions (`regions=K`, `_measure_regions`), EditPhases.edit_regions runs too:
 
     regions    prepare_regions over the edit's frames, one frame of K masks at a time at
@@ -75,7 +79,7 @@ import torch
 import backend.backbones.base as backbones_base
 from backend.backbones.base import Backbone
 from backend.backbones.registry import backbone_to_plan, plannable_models
-from backend.errors import ModelNotFoundError
+from backend.errors import ModelNotFoundError, TooBigForGpuError
 from backend.memory.counter import (
     CUDA_BLOCK_BYTES,
     CudaAutocast,
@@ -117,6 +121,7 @@ class MemoryPlan:
     modules: dict[str, int]
     savers: list[dict[str, Any]] = field(default_factory=list)
     regions: int = 0
+    batch: int = 1  # takes sampled together (Engine.transfer_takes)
     # Region work held in host memory when the device is a GPU (`_measure_regions`).
     host_bytes: dict[str, int] = field(default_factory=dict)
 
@@ -128,7 +133,8 @@ class MemoryPlan:
         return {"peak_bytes": self.peak_bytes, "phases": dict(self.phases), "savers": list(self.savers),
                 "modules": dict(self.modules), "model": self.model, "device": self.device,
                 "dtype": self.dtype, "frames": self.frames, "size": list(self.size),
-                "windows": self.windows, "regions": self.regions, "host_bytes": dict(self.host_bytes)}
+                "windows": self.windows, "regions": self.regions, "batch": self.batch,
+                "host_bytes": dict(self.host_bytes)}
 
 
 def plan_edit(phases_of: PhasesOf, model: str | Backbone, frames: int | None = None,
@@ -136,7 +142,7 @@ def plan_edit(phases_of: PhasesOf, model: str | Backbone, frames: int | None = N
               device: str = "cuda", dtype: str | None = None,
               settings: TransferSettings | None = None,
               source_size: tuple[int, int] | None = None, regions: int = 0,
-              host_terms: bool = True) -> MemoryPlan:
+              host_terms: bool = True, batch: int = 1) -> MemoryPlan:
     """The memory plan of editing `frames` frames (default: the model's window) at `size` =
     (width, height) (default: the model's; or, given a clip's `source_size`, the size its
     framing gives the model) with `model` on `device` (present or not) in `dtype`
@@ -145,6 +151,9 @@ def plan_edit(phases_of: PhasesOf, model: str | Backbone, frames: int | None = N
     `regions`: the edit's region count (masks of the clip's `source_size`, else `size`).
     A CPU plan adds the memory no tensor holds (backend/memory/cpu_terms.py) unless
     `host_terms` is False: tensors only, to set against a counter of tensors.
+    `batch`: how many takes sample together (Engine.transfer_takes): their target
+    embeddings are kept, and guide and cfg run on a (batch, C, F', h, w) latent; the
+    inversion, the features and each take's decode are the single edit's.
 
     phases_of(backbone): the edit's phases on a backbone (backend/memory/phases.py; the
     engine's, backend/edit.py engine_phases), run on the plan's own fake backbone."""
@@ -175,7 +184,7 @@ def plan_edit(phases_of: PhasesOf, model: str | Backbone, frames: int | None = N
         resolved = _unchecked(engine.resolve(settings), width=size[0], height=size[1])
         to_plan = None if not regions else _RegionsToPlan(regions, source_size or size, box, gpu)
         measured, kept = _measure_phases(engine, resolved, frames, size, tracker,
-                                         sum(modules.values()), to_plan)
+                                         sum(modules.values()), to_plan, batch)
         saving = _unchecked(resolved, gradient_checkpointing=True, vae_slice=1)
         with_savers = _measure_guide_decode(engine, saving, kept, tracker, ("encode", "guide", "decode"),
                                             engine.windows_for(shell.model_frames(frames), resolved))
@@ -184,7 +193,7 @@ def plan_edit(phases_of: PhasesOf, model: str | Backbone, frames: int | None = N
     windows = len(engine.windows_for(shell.model_frames(frames), resolved))
     plan = _plan(model, torch_device, shell, frames, size, windows, measured, with_savers,
                  modules, resolved)
-    plan.regions, plan.host_bytes = regions, kept.host_bytes
+    plan.regions, plan.host_bytes, plan.batch = regions, kept.host_bytes, batch
     return plan
 
 
@@ -310,7 +319,7 @@ class _Kept:
     """What the engine keeps alive between phases (so later phases count it)."""
 
     clip: np.ndarray
-    embeddings: list[torch.Tensor]
+    embeddings: list[torch.Tensor]  # source, target (one row per take), negative
     source_latent: torch.Tensor
     state: Any = None
     guided: list = field(default_factory=list)
@@ -321,7 +330,8 @@ class _Kept:
 
 def _measure_phases(engine: EditPhases, settings: TransferSettings, frames: int, size: tuple[int, int],
                     tracker: LiveBytes, weights: int,
-                    to_plan: _RegionsToPlan | None = None) -> tuple[dict[str, int], _Kept]:
+                    to_plan: _RegionsToPlan | None = None,
+                    batch: int = 1) -> tuple[dict[str, int], _Kept]:
     """Peak live bytes of each phase, run through the engine's calls in its order."""
     b = engine.backbone
     b.use_settings(settings)
@@ -339,7 +349,13 @@ def _measure_phases(engine: EditPhases, settings: TransferSettings, frames: int,
     peaks.update(region_peaks)
     prompts = [settings.full_prompt(settings.source_prompt), settings.full_prompt(settings.prompt),
                settings.negative_prompt]
-    embeddings = phase("embed", lambda: [engine.embed([p]) for p in prompts])
+
+    def embed() -> list[torch.Tensor]:
+        """The source, the takes' targets (one prompt at a time, as the engine), the negative."""
+        source, target, negative = (engine.embed([p]) for p in prompts)
+        return [source, torch.cat([target] * batch) if batch > 1 else target, negative]
+
+    embeddings = phase("embed", embed)
     source_embedding = embeddings[0]
     clip = np.broadcast_to(np.zeros((), np.uint8), (b.model_frames(frames), size[1], size[0], 3))
     source_latent = phase("encode", lambda: engine.encode(clip, settings.vae_slice))
@@ -389,20 +405,23 @@ def _measure_guide_decode(engine: EditPhases, settings: TransferSettings, kept: 
     b = engine.backbone
     report = Reporter(None, None)
     target, negative = kept.embeddings[1], kept.embeddings[2]
+    batch = target.shape[0]  # the takes sampled together
+    negative = negative.expand(batch, -1, -1)
+    batched = (batch, *kept.source_latent.shape[1:])
     first = windows[:1]
     peaks: dict[str, int] = {}
     if "encode" in names:
         peaks["encode"], _ = measure(lambda: engine.encode(kept.clip, settings.vae_slice), tracker)
     if "guide" in names and kept.guided:
         timestep = kept.guided[0]
-        latent = torch.empty_like(kept.source_latent, dtype=torch.float32)
+        latent = kept.source_latent.new_empty(batched, dtype=torch.float32)
         one_iteration = _unchecked(settings, guidance_iterations=1)
         source = kept.region_features[:1] if kept.regions else kept.state.features[timestep][:1]
         peaks["guide"], _ = measure(lambda: engine.guide(
             latent, timestep, target, source, first, 0.001, one_iteration, report, kept.regions),
             tracker)
     if "cfg" in names:
-        latent = torch.empty_like(kept.source_latent, dtype=torch.float32)
+        latent = kept.source_latent.new_empty(batched, dtype=torch.float32)
         start, end = first[0]
         piece = latent.narrow(2, start, end - start)
         peaks["cfg"], _ = measure(lambda: engine.denoise(
@@ -579,8 +598,6 @@ def choose_savers(plan: MemoryPlan, budget_bytes: int,
     ones do not, naming what would make it fit.
 
     Savers are cumulative: saver k is only taken with savers 1…k−1 (those allowed)."""
-    from backend.errors import TooBigForGpuError
-
     if plan.peak_bytes <= budget_bytes:
         return SaverChoice((), plan.peak_bytes)
     taken: list[str] = []
@@ -628,7 +645,7 @@ class MemoryPlanner:
 
     def plan(self, model: Backbone | str, settings: TransferSettings, frames: int,
              frame_size: tuple[int, int] | None, device: str | None = None,
-             dtype: str | None = None, regions: int = 0) -> MemoryPlan:
+             dtype: str | None = None, regions: int = 0, batch: int = 1) -> MemoryPlan:
         """The plan of editing `frames` frames of a clip of frame_size (width, height) with
         a loaded backbone, or with a model not loaded yet (a name of plannable_models(), on `device`
         in `dtype`): the same plan either way, so the command line's check before
@@ -636,7 +653,8 @@ class MemoryPlanner:
 
         Planned for planned_frames(frames) frames (a bound from above: memory grows with
         the frames) at the size the framing gives the model, so clips of many lengths and
-        sizes share a few plans. `regions`: how many regions (masks) the edit has."""
+        sizes share a few plans. `regions`: how many regions (masks) the edit has;
+        `batch`: how many takes sample together."""
         shell = model if isinstance(model, Backbone) else shell_backbone(
             model, torch.device(device or "cuda"), dtype)
         device = device or self.device or str(shell.device)
@@ -646,11 +664,12 @@ class MemoryPlanner:
         frames = planned_frames(frames, settings.window_frames, settings.window_overlap)
         relevant = {name: value for name, value in settings.to_dict().items() if name not in NOT_PLANNED}
         key = json.dumps([shell.model_id, str(shell.dtype), device, frames, size, relevant,
-                          regions, frame_size if regions else None], sort_keys=True)
+                          regions, frame_size if regions else None, batch], sort_keys=True)
         with self._lock:
             if key not in self._plans:
                 self._plans[key] = plan_edit(self.phases_of, shell, frames, size, device, None, settings,
-                                             frame_size if regions else None, regions=regions)
+                                             frame_size if regions else None, regions=regions,
+                                             batch=batch)
             return self._plans[key]
 
     def warm(self, backbone: Backbone) -> None:
@@ -667,17 +686,50 @@ class MemoryPlanner:
 
     def decide(self, model: Backbone | str, settings: TransferSettings, clip_length: int,
                frame_size: tuple[int, int] | None, device: str | None = None,
-               dtype: str | None = None, regions: int = 0) -> MemoryDecision | None:
+               dtype: str | None = None, regions: int = 0, batch: int = 1,
+               ) -> MemoryDecision | None:
         """The savers an edit of a clip of `clip_length` frames of frame_size with
-        `regions` regions needs on this GPU; None with `memory` "off" or no GPU.
-        TooBigForGpuError (one sentence) when even every saver leaves it too big."""
+        `regions` regions, `batch` takes sampled together, needs on this GPU; None with
+        `memory` "off" or no GPU. TooBigForGpuError (one sentence) when even every saver
+        leaves it too big."""
         gpu = self.gpu() if settings.memory == "auto" else None
         if gpu is None:
             return None
         frames = frames_to_edit(settings, clip_length)
-        plan = self.plan(model, settings, frames, frame_size, device, dtype, regions)
+        plan = self.plan(model, settings, frames, frame_size, device, dtype, regions, batch)
         choice = choose_savers(plan, gpu["budget_bytes"], MEMORY_SAVERS)
         return MemoryDecision(choice.savers, choice.peak_bytes, gpu["budget_bytes"])
+
+    def largest_batch(self, model: Backbone | str, settings: TransferSettings, clip_length: int,
+                      frame_size: tuple[int, int] | None, takes: int, device: str | None = None,
+                      dtype: str | None = None, regions: int = 0) -> int:
+        """How many of `takes` takes sample together on this GPU: the largest batch B ≤ takes
+        whose plan fits its budget with the savers `--memory auto` may turn on
+        (choose_savers), found by bisection (memory grows with B; log₂(takes) plans).
+        All of them with `memory` "off" or no GPU to fit (a CPU without
+        --assume-gpu-memory-gb); 1 when even one take needs every saver, so the single
+        edit's own TooBigForGpuError is the one raised, by `decide`."""
+        gpu = self.gpu() if settings.memory == "auto" else None
+        if gpu is None or takes <= 1:
+            return max(1, takes)
+        frames = frames_to_edit(settings, clip_length)
+
+        def fits(batch: int) -> bool:
+            plan = self.plan(model, settings, frames, frame_size, device, dtype, regions, batch)
+            try:
+                choose_savers(plan, gpu["budget_bytes"], MEMORY_SAVERS)
+            except TooBigForGpuError:
+                return False
+            return True
+
+        low, high = 1, takes  # fits(low) is assumed (or the single edit refuses); find the top
+        while low < high:
+            middle = (low + high + 1) // 2
+            if fits(middle):
+                low = middle
+            else:
+                high = middle - 1
+        return low
 
 
 def planned_frames(frames: int, window: int, overlap: int) -> int:

@@ -88,6 +88,7 @@ from backend.results import (
     ProgressCallback,
     RegionMasks,
     Reporter,
+    Take,
     TransferResult,
 )
 from backend.video import frames_to_edit, resize_frames, retime_frames, sample_indices
@@ -176,6 +177,51 @@ class Engine:
         and recorded in the sidecar's `memory`; None turns none on. The engine never plans.
         Raises BadClipError (BadMaskError), BadSettingsError, OutOfMemoryError, JobCancelled.
         """
+        seed = settings.seed if settings.seed is not None else random.SystemRandom().randrange(2**31)
+        take = Take(settings.prompt, seed)
+        return self.transfer_takes(clip_frames, settings, [take], progress, cancelled, procedure,
+                                   masks, savers)[0]
+
+    def transfer_takes(
+        self,
+        clip_frames: np.ndarray,
+        settings: TransferSettings,
+        takes: list[Take],
+        progress: ProgressCallback | None = None,
+        cancelled: CancelCheck | None = None,
+        procedure: Procedure | None = None,
+        masks: RegionMasks | None = None,
+        savers: MemoryDecision | None = None,
+        batch_size: int | None = None,
+    ) -> list[TransferResult]:
+        """Several takes of one clip (backend/results.py Take: a prompt and a seed), from one
+        inversion and one set of source features: one TransferResult per take, in order,
+        each equal to `transfer` with settings.prompt = take.prompt and settings.seed =
+        take.seed (to float precision: the model's batched arithmetic may round apart
+        from its single one; on a CPU the tests find them within 1e-5 of the latent's
+        scale, tests/test_takes.py).
+
+        Takes run together as one batch of up to `batch_size` (None: all of them;
+        the memory plan's `largest_batch` decides it for a GPU), the next batch after:
+        the latent is (B, C, F', h, w), take b's noise is drawn from its own generator
+        Generator("cpu").manual_seed(seed_b) in the single edit's order (the initial
+        noise, then each restart's), its prompt's embedding is row b of the target
+        (B, L, E). Guidance minimises the sum of the takes' losses,
+
+            L(x) = Σ_b L_b(x_b),   so   ∂L/∂x_b = ∂L_b/∂x_b,
+
+        since take b's loss reads only its own latent (the model mixes nothing across
+        the batch); Adam's update is elementwise (m, v, the step, per element), so each
+        take follows the very path its single edit's Adam takes. (On CUDA in half
+        precision the loss scaler is shared: a step one take overflows is skipped for
+        the whole batch, where its single edit would skip it alone.)
+
+        Progress names the takes: the shared phases ("encode", "invert", "features")
+        once, the others as "sample take 2" or "sample takes 1-4" when there is more
+        than one take. The sidecars are each take's own; one inversion serves all.
+        """
+        if not takes:
+            raise BadSettingsError("Ask for at least one take.")
         # 0. Check everything, choose the frames and frame them, before any model work.
         procedure = procedure or Procedure()
         report = Reporter(progress, cancelled)
@@ -186,7 +232,6 @@ class Engine:
         self.check_settings(settings, len(clip_frames))
         self.backbone.use_settings(settings)
         passes_before = Counter(self.model_passes)
-        seed = settings.seed if settings.seed is not None else random.SystemRandom().randrange(2**31)
         indices = sample_indices(len(clip_frames), frames_to_edit(settings, len(clip_frames)),
                                  settings.start)
         chosen = np.asarray(clip_frames[indices])
@@ -201,42 +246,90 @@ class Engine:
         regions = self._regions_for(masks, indices, settings, framing, len(frames))
         if regions is None or not regions.keeps_plate():
             del chosen  # the composite needs the source frames; nothing else does
-        timings: dict[str, float] = {}
+        batch_size = max(1, batch_size or len(takes))
+        groups = [list(range(first, min(first + batch_size, len(takes))))
+                  for first in range(0, len(takes), batch_size)]
+        shared: dict[str, float] = {}
+        timings: list[dict[str, float]] = []  # per take: its share of the run's seconds
+        passes: list[Counter] = []  # per take: its share of the run's model passes
+        decoded: list[np.ndarray] = []  # per take, (F, h, w, 3) uint8
         try:
             with offloads_applied(self.backbone, savers.savers if savers else ()):
-                with _timed(timings, "encode_invert"):
+                with _timed(shared, "encode_invert"):
                     source, from_cache = self._source_state(frames, windows, settings, procedure,
                                                             report)
-                with _timed(timings, "sample"):
-                    latent = self._sample(source, windows, settings, seed, procedure, report,
-                                          regions)
-                with _timed(timings, "decode"):
-                    out = self.decode(latent, settings.vae_slice, report)[: len(indices)]
-            if framing.upscale_size is not None:
-                with _timed(timings, "upscale"):
-                    out = self.upscaler.video_to_video(out, framing.upscale_size, settings, seed,
-                                                       report)
-            alpha = None
-            if regions is not None and regions.keeps_plate():
-                with _timed(timings, "composite"):
-                    # Over the engine's own copy of the frames (one that owns its data: not
-                    # a view of the caller's clip), which nothing reads after.
-                    out = composite_into_frames(chosen, out, regions.plate, _box(framing),
-                                                in_place=chosen.flags.owndata
-                                                and chosen.flags.writeable)
-                    alpha = plate_alpha_frames(regions.plate, _box(framing), frame_size)
+                shared_passes = self.model_passes - passes_before
+                for group in groups:
+                    group_timings: dict[str, float] = {}
+                    group_before = Counter(self.model_passes)
+                    with _timed(group_timings, "sample"):
+                        latents = self._sample(source, windows, settings,
+                                               [takes[k] for k in group], procedure,
+                                               _TakeReporter(report, group, len(takes)), regions)
+                    with _timed(group_timings, "decode"):
+                        for k, latent in zip(group, latents.split(1), strict=True):
+                            decoded.append(self.decode(
+                                latent, settings.vae_slice,
+                                _TakeReporter(report, [k], len(takes)))[: len(indices)])
+                    # Each take's cost is its share: the shared phases' over every take,
+                    # its batch's over the batch (one take: the edit's whole cost).
+                    timings += [{**{name: value / len(takes) for name, value in shared.items()},
+                                 **{name: value / len(group)
+                                    for name, value in group_timings.items()}} for _ in group]
+                    group_passes = self.model_passes - group_before
+                    passes += [Counter({key: count / len(takes)
+                                        for key, count in shared_passes.items()})
+                               + Counter({key: count / len(group)
+                                          for key, count in group_passes.items()})
+                               for _ in group]
+            keeps_plate = regions is not None and regions.keeps_plate()
+            results = []
+            for k, take in enumerate(takes):
+                take_settings = dataclasses.replace(  # a request without a seed records none
+                    settings, prompt=take.prompt,
+                    seed=None if settings.seed is None else take.seed)
+                results.append(self._finish(
+                    decoded[k], take_settings, take.seed, framing, indices, windows, from_cache,
+                    timings[k], passes[k], requested_upscale, regions,
+                    chosen if keeps_plate else None, frame_size, savers,
+                    _TakeReporter(report, [k], len(takes)), last=k == len(takes) - 1))
+                decoded[k] = None  # type: ignore[call-overload]  # held once: in its result
         except torch.cuda.OutOfMemoryError as error:
             raise OutOfMemoryError(out_of_memory_sentence(savers, OUT_OF_MEMORY)) from error
         finally:
             if self.backbone.device.type == "cuda":
                 torch.cuda.empty_cache()
+        return results
+
+    def _finish(self, out: np.ndarray, settings: TransferSettings, seed: int, framing: Framing,
+                indices: np.ndarray, windows: list[Window], from_cache: bool,
+                timings: dict[str, float], passes: Counter, requested_upscale: str,
+                regions: EditRegions | None,
+                chosen: np.ndarray | None, frame_size: tuple[int, int],
+                savers: MemoryDecision | None, report: Reporter, last: bool) -> TransferResult:
+        """One take's decoded frames → its result: upscaled, composited through its
+        regions (over the engine's copy of the source frames, in place only for the
+        last take: the others still need them), retimed, with its sidecar (its cost:
+        `passes` and `timings`, its share of the run, plus its own upscale and composite)."""
+        if framing.upscale_size is not None:
+            with _timed(timings, "upscale"):
+                out = self.upscaler.video_to_video(out, framing.upscale_size, settings, seed,
+                                                   report)
+        alpha = None
+        if chosen is not None and regions is not None:
+            with _timed(timings, "composite"):
+                # Over the engine's own copy of the frames (one that owns its data: not
+                # a view of the caller's clip), which nothing reads after.
+                out = composite_into_frames(chosen, out, regions.plate, _box(framing),
+                                            in_place=last and chosen.flags.owndata
+                                            and chosen.flags.writeable)
+                alpha = plate_alpha_frames(regions.plate, _box(framing), frame_size)
         out = retime_frames(out, settings.output_frames or len(out))
         sidecar = self._sidecar(settings, seed, framing, indices, windows, from_cache, timings,
                                 regions)
         sidecar = dataclasses.replace(
             sidecar, settings={**sidecar.settings, "upscale": requested_upscale},
-            cost=edit_cost(self.model_passes - passes_before, self.backbone.truncated_pass_share,
-                           timings))
+            cost=edit_cost(passes, self.backbone.truncated_pass_share, timings))
         if savers:
             sidecar = dataclasses.replace(sidecar, memory=savers.to_dict())
         return TransferResult(out, sidecar,
@@ -479,10 +572,13 @@ class Engine:
     # ------------------------------------------------------------------ step 3
 
     def _sample(
-        self, source: SourceState, windows: list[Window], settings: TransferSettings, seed: int,
-        procedure: Procedure, report: Reporter, regions: EditRegions | None = None,
+        self, source: SourceState, windows: list[Window], settings: TransferSettings,
+        takes: list[Take], procedure: Procedure, report: Reporter,
+        regions: EditRegions | None = None,
     ) -> torch.Tensor:
-        """The guided, restarted sampling loop; returns the final latent z₀.
+        """The guided, restarted sampling loop of a batch of takes; returns their final
+        latents z₀, (B, C, F', h, w), row b take b's (transfer_takes says why each row
+        equals its single edit).
 
         With regions, guidance reads each region's masked SMM (the source's computed here
         from the cached inverted latents, which do not depend on the region), and where
@@ -495,17 +591,19 @@ class Engine:
         steps = settings.steps
         grid = schedule.timesteps(steps)  # the final's grid; the plan walks all or a subset
         plan = sampling_plan(settings)
-        generator = torch.Generator("cpu").manual_seed(seed)
+        generators = [torch.Generator("cpu").manual_seed(take.seed) for take in takes]
 
-        target = self.embed([settings.full_prompt(settings.prompt)])
-        negative = self.embed([settings.negative_prompt])
+        # One prompt at a time, as the single edit embeds it: (B, L, E), row b take b's.
+        target = torch.cat([self.embed([settings.full_prompt(take.prompt)]) for take in takes])
+        negative = self.embed([settings.negative_prompt]).expand(len(takes), -1, -1)
         source_embedding = None if procedure.cache_source_features and regions is None else \
             self.embed([settings.full_prompt(settings.source_prompt)])
 
         # 3a. The initial latent: low frequencies of z₀ re-noised to t₀, high ones fresh
-        # (Eq. 4); or, with init "noise", the fresh noise alone. Drawn first from the
-        # seed's generator, as torch.randn(shape, generator=Generator("cpu").manual_seed(seed)).
-        fresh_noise = torch.randn(source.source_latent.shape, generator=generator).to(b.device)
+        # (Eq. 4); or, with init "noise", the fresh noise alone. Drawn first from each
+        # take's generator, as torch.randn(shape, generator=Generator("cpu").manual_seed(seed)).
+        fresh_noise = torch.cat([torch.randn(source.source_latent.shape, generator=generator)
+                                 for generator in generators]).to(b.device)
         if settings.init == "noise":
             latent = fresh_noise
         else:
@@ -552,10 +650,12 @@ class Engine:
                 latent = self.denoise(latent, steps, index, target, negative, settings.cfg_scale,
                                       windows, report, None if restarts else step_done, span)
                 latent = self.keep_plate(latent, source, next_timestep, regions)
-                # 3d. Restart: re-noise t_next → t (the schedule's forward process), then
-                # step again.
+                # 3d. Restart: re-noise t_next → t (the schedule's forward process), each
+                # take with its own generator's noise; then step again.
                 if restarts:
-                    latent = schedule.restart(latent, steps, index, generator)
+                    latent = torch.cat([schedule.restart(row, steps, index, generator)
+                                        for row, generator in zip(latent.split(1), generators,
+                                                                  strict=True)])
                     latent = self.denoise(latent, steps, index, target, negative, settings.cfg_scale,
                                           windows, report, step_done)
                     latent = self.keep_plate(latent, source, next_timestep, regions)
@@ -596,7 +696,8 @@ class Engine:
         procedure: Procedure | None = None, iterations: int | None = None,
     ) -> torch.Tensor:
         """Adam on a copy of x_t so its SMM-difference pattern matches the source's:
-        x_t (1, C, F', h, w) → the guided x_t, float32, same shape.
+        x_t (B, C, F', h, w) → the guided x_t, float32, same shape; B takes with target
+        (B, L, E) each minimise their own loss (their sum's gradient in row b is take b's).
 
         Each iteration sums the windows' losses, L = Σ_k L_k, backpropagating one
         window at a time (memory holds one window's activations), then takes one Adam
@@ -619,8 +720,8 @@ class Engine:
                     loss = self._window_loss(window_slice(x, window), timestep, target, window_source,
                                              settings.loss, procedure, regions, window)
                     scaler.scale(loss).backward()
-                    self.model_passes["guide", kind] += 1
-                    self.model_passes["guide", f"{kind}_backward"] += 1
+                    self.model_passes["guide", kind] += x.shape[0]
+                    self.model_passes["guide", f"{kind}_backward"] += x.shape[0]
                 scaler.step(optimizer)
                 scaler.update()
         return x.detach()
@@ -645,19 +746,22 @@ class Engine:
     ) -> torch.Tensor:
         """One window's loss: the pairwise SMM loss summed over the backbone's taps (the
         model truncated after them, or, for the reference procedure, run whole); with
-        regions, summed over the regions too, each read from its own cells only."""
+        regions, summed over the regions too, each read from its own cells only. With a
+        batch of takes x (B, C, F_k, h, w), target (B, L, E): summed over the takes,
+        Σ_b L(x_b), each read from its own row."""
         if regions is not None:
             taps = self.backbone.taps(x, timestep, target, truncated=procedure.truncate_guidance,
                                       spatial=True)
             total = x.new_zeros(())
             for tap_source, tap in zip(source, taps, strict=True):
                 weights = _window_weights(regions, window, tap.shape[-2:])
-                total = total + regions_loss(tap_source, masked_smm(tap[0], weights),
-                                             present_frames(weights), loss_kind)
+                for row in tap:  # each take's own loss, summed
+                    total = total + regions_loss(tap_source, masked_smm(row, weights),
+                                                 present_frames(weights), loss_kind)
             return total
         taps = self.backbone.taps(x, timestep, target, truncated=procedure.truncate_guidance)
-        return sum(pairwise_smm_loss(tap_source, tap[0], loss_kind)
-                   for tap_source, tap in zip(source, taps, strict=True))
+        return sum(pairwise_smm_loss(tap_source, row, loss_kind)
+                   for tap_source, tap in zip(source, taps, strict=True) for row in tap)
 
     @torch.no_grad()
     def denoise(
@@ -778,6 +882,20 @@ def _window_weights(regions: EditRegions, window: Window, size: tuple[int, int])
 def _region_smms(features: torch.Tensor, regions: EditRegions, window: Window) -> torch.Tensor:
     """Each guiding region's masked SMM of one window's features (F_k, D, h, w): (R, F_k, D)."""
     return masked_smm(features, _window_weights(regions, window, features.shape[-2:]))
+
+
+class _TakeReporter(Reporter):
+    """The edit's reporter, its phases naming the takes they run when there are several
+    ("sample take 2", "decode takes 1-4"); with one take, the phases as they were."""
+
+    def __init__(self, report: Reporter, group: list[int], take_count: int) -> None:
+        super().__init__(report.progress, report.cancelled)
+        first, last = group[0] + 1, group[-1] + 1
+        self.suffix = "" if take_count == 1 else (
+            f" take {first}" if first == last else f" takes {first}-{last}")
+
+    def __call__(self, phase: str, step: int, total: int) -> None:
+        super().__call__(phase + self.suffix, step, total)
 
 
 @contextmanager

@@ -21,6 +21,13 @@ stage's size on a tiny model, at the upscaler's native size on the backbone's
 UNet passes (in first-stage forward-equivalents: each pass weighted by the measured
 time of a full pass at its size over one at the first stage's) and peak memory
 against the first stage's.
+`bench --takes K` makes K takes of one clip (seeds 0 … K − 1) twice, each time from an
+empty inversion cache: batched (Engine.transfer_takes, one batch of K on the device) and
+as K single edits one after another (the first inverts, the others read the cache), and
+sets the batch's FE and wall seconds against the singles'. The FE are the same work
+counted per batch element; what batching saves is wall time, where the device has room
+for the batch.
+
 `bench --preview` edits one clip four times per backbone (each backbone's tiny model by
 default, `--preview-arch` to choose), all at the models' default settings: a preview
 first edit (empty cache), a preview re-edit (another prompt and seed), a final re-edit
@@ -468,6 +475,70 @@ def format_scaling(report: dict) -> str:
     return "\n".join(lines)
 
 
+def run_takes(
+    arch: str = "tiny", random_weights: bool = False, takes: int = 4, frames: int | None = None,
+    width: int | None = None, height: int | None = None, device: str | None = None,
+    dtype: str | None = None,
+) -> dict:
+    """K takes batched against K single edits of the same clip and settings (module
+    docstring); the JSON report."""
+    from backend.results import takes_of
+
+    backbone = build_backbone(arch, random_weights, device, dtype)
+    defaults = default_sizes(arch)
+    frames = frames or defaults[0]
+    settings = TransferSettings(prompt="a red train", source_prompt="a car", seed=0,
+                                num_frames=frames, width=width or defaults[1],
+                                height=height or defaults[2])
+    clip = np.random.default_rng(0).integers(0, 255, (frames, settings.height, settings.width, 3),
+                                             dtype=np.uint8)
+    chosen = takes_of([settings.prompt], 0, takes)
+    share = measure_truncated_share(Engine(backbone), settings)  # one weighting for both
+    arms: dict[str, dict] = {}
+    for name in ("batched", "single"):
+        with TemporaryDirectory() as cache:
+            engine = Engine(backbone, Path(cache))
+            _sync(backbone.device)
+            started = time.perf_counter()
+            if name == "batched":
+                engine.transfer_takes(clip, settings, chosen)
+            else:
+                for take in chosen:
+                    engine.transfer(clip, TransferSettings(**{**settings.to_dict(),
+                                                              "seed": take.seed}))
+            _sync(backbone.device)
+            seconds = time.perf_counter() - started
+            fe = forward_equivalents(engine.model_passes, share)
+            arms[name] = {"seconds": seconds, "forward_equivalents": fe,
+                          "total_forward_equivalents": sum(fe.values())}
+    return {
+        "arch": arch, "model": backbone.model_id, "backbone": backbone.facts.name,
+        "device": _device_name(backbone.device), "dtype": str(backbone.dtype).removeprefix("torch."),
+        "frames": frames, "width": settings.width, "height": settings.height, "takes": takes,
+        "settings": engine.resolve(settings).to_dict(),
+        "batched": arms["batched"], "single": arms["single"],
+        "batched_to_single": {
+            "seconds": arms["batched"]["seconds"] / arms["single"]["seconds"],
+            "forward_equivalents": arms["batched"]["total_forward_equivalents"]
+            / arms["single"]["total_forward_equivalents"]},
+    }
+
+
+def format_takes(report: dict) -> str:
+    """A plain-text summary of the takes report."""
+    batched, single, ratio = report["batched"], report["single"], report["batched_to_single"]
+    return "\n".join([
+        f"bench --takes {report['takes']}: {report['model']} on {report['device']} "
+        f"({report['dtype']}), {report['frames']} frames at {report['width']}x{report['height']}",
+        f"  {report['takes']} takes batched: {batched['seconds']:.1f} s, "
+        f"{batched['total_forward_equivalents']:.0f} FE",
+        f"  {report['takes']} single edits:  {single['seconds']:.1f} s, "
+        f"{single['total_forward_equivalents']:.0f} FE",
+        f"  batched / single: {ratio['seconds']:.2f}x the seconds, "
+        f"{ratio['forward_equivalents']:.2f}x the FE",
+    ])
+
+
 def format_report(report: dict) -> str:
     """A plain-text table of the report."""
     runs = report["runs"]
@@ -518,7 +589,11 @@ def main_bench(args) -> int:
         from backend.tools.bench_memory import main_memory_bench
 
         return main_memory_bench(args, build_backbone, default_sizes)
-    if args.preview:
+    if args.takes:
+        report = run_takes(args.arch, args.random_weights, args.takes, args.frames, args.width,
+                           args.height, args.device, args.dtype)
+        print(format_takes(report))
+    elif args.preview:
         arches_chosen = args.preview_arch or [entry.tiny for entry in backbones()]
         report = [run_preview(arch, args.random_weights, args.device, args.dtype)
                   for arch in arches_chosen]
