@@ -287,7 +287,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "the sidecar records the requested guided count, not the one used",
         "backend/method/engine.py",
-        "            guided_steps=plan.guided_steps,",
+        "            guided_steps=route.guided_steps,",
         "            guided_steps=settings.guided_steps,",
         ("tests/test_engine.py::test_result_shape_sidecar_and_seed",
          "tests/test_blender_e2e.py::test_trimmed_movie_strip_round_trip"),
@@ -304,8 +304,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "the cache hook stays on during a guided step",
         "backend/method/engine.py",
-        "step_cache(plan.step_cache and not guided and len(windows) == 1)",
-        "step_cache(plan.step_cache and len(windows) == 1)",
+        "step_cache(route.step_cache and not guided and len(windows) == 1)",
+        "step_cache(route.step_cache and len(windows) == 1)",
         ("tests/test_quality.py::test_the_step_cache_is_on_only_around_unguided_steps_never_during_guidance",),
     ),
     Mutant(
@@ -341,7 +341,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "the restart step is skipped",
         "backend/method/engine.py",
-        "restarts = plan.restart and not is_last",
+        "restarts = route.restart and not is_last",
         "restarts = False",
         ("tests/test_engine.py::test_restart_costs_two_more_unet_passes_per_step_and_changes_the_result",),
     ),

@@ -17,7 +17,7 @@ from backend.cli import take_values
 from backend.edit import load_engine
 from backend.errors import UnderstudyError
 from backend.method.cost import forward_equivalents
-from backend.method.quality import PREVIEW, planned_passes, sampling_plan
+from backend.method.quality import PREVIEW, route_passes, sampling_route
 from shared.settings import DEFAULTS, TransferSettings
 from shared.sidecar import Sidecar
 from tests.conftest import moving_square_frames
@@ -31,8 +31,8 @@ def test_a_preview_is_a_strided_subset_of_the_finals_grid_guiding_inside_its_gui
     settings = TransferSettings(prompt="a train", **{**SETTINGS, "steps": 50, "guided_steps": 20,
                                                      "guidance_iterations": 10, "lr_start": 0.1,
                                                      "lr_end": 0.05})
-    final = sampling_plan(settings)
-    preview = sampling_plan(TransferSettings(**{**settings.to_dict(), "quality": "preview"}))
+    final = sampling_route(settings)
+    preview = sampling_route(TransferSettings(**{**settings.to_dict(), "quality": "preview"}))
     assert final.indices == tuple(range(50)) and final.restart and not final.step_cache
     assert preview.indices == tuple(range(0, 50, PREVIEW.stride)) and set(preview.indices) < set(final.indices)
     assert preview.spans == (5,) * 10
@@ -46,8 +46,8 @@ def test_a_preview_is_a_strided_subset_of_the_finals_grid_guiding_inside_its_gui
 def test_a_preview_re_edit_costs_at_most_an_eighth_of_the_finals_at_the_default_settings(entry, share):
     settings = TransferSettings(prompt="a train").resolved(entry.facts.defaults)
     preview = TransferSettings(**{**settings.to_dict(), "quality": "preview"})
-    final_fe = sum(forward_equivalents(planned_passes(sampling_plan(settings), 1), share).values())
-    preview_fe = sum(forward_equivalents(planned_passes(sampling_plan(preview), 1), share).values())
+    final_fe = sum(forward_equivalents(route_passes(sampling_route(settings), 1), share).values())
+    preview_fe = sum(forward_equivalents(route_passes(sampling_route(preview), 1), share).values())
     assert preview_fe <= final_fe / 8
 
 
@@ -69,9 +69,9 @@ def test_a_preview_then_the_final_invert_once_and_count_what_the_plan_says(model
     assert re_preview.inversion_from_cache is True
     resolved = engine.resolve(TransferSettings(prompt="x", **SETTINGS))
     for sidecar, passes, quality in ((final, final_passes, "final"), (re_preview, re_passes, "preview")):
-        plan = sampling_plan(TransferSettings(**{**resolved.to_dict(), "quality": quality}))
-        assert dict(passes) == planned_passes(plan, len(sidecar.windows))
-        assert sidecar.steps == len(plan.indices) and sidecar.guided_steps == plan.guided_steps
+        route = sampling_route(TransferSettings(**{**resolved.to_dict(), "quality": quality}))
+        assert dict(passes) == route_passes(route, len(sidecar.windows))
+        assert sidecar.steps == len(route.indices) and sidecar.guided_steps == route.guided_steps
         assert sidecar.settings["quality"] == quality
     assert (preview.steps, preview.guided_steps, final.steps) == (3, 1, 15)
     # The sidecar's cost: FE per phase and in total, seconds per phase and in total.

@@ -70,7 +70,7 @@ from backend.method.cost import edit_cost
 from backend.method.framing import Framing, choose_framing, frames_for_model
 from backend.method.guidance import lowfreq_init, pairwise_smm_loss
 from backend.method.inversion import DEFAULT_CACHE_MAX_BYTES, InversionCache, SourceState, cache_key
-from backend.method.quality import PREVIEW, sampling_plan
+from backend.method.quality import PREVIEW, sampling_route
 from backend.method.regions import (
     EditRegions,
     blend_latents,
@@ -384,13 +384,13 @@ class Engine:
         """The record of how this edit was made (shared/sidecar.py): the counts it used,
         not only the request (an automatic guided count is None in `settings`; the
         settings the model decides are recorded with the values it gave them)."""
-        plan = sampling_plan(settings)
+        route = sampling_route(settings)
         return Sidecar(
             settings=settings.to_dict(),
             seed=seed,
             model=self.backbone.model_id,
-            steps=len(plan.indices),
-            guided_steps=plan.guided_steps,
+            steps=len(route.indices),
+            guided_steps=route.guided_steps,
             device=str(self.backbone.device),
             dtype=str(self.backbone.dtype).removeprefix("torch."),
             input_frame_indices=indices.tolist(),
@@ -589,8 +589,8 @@ class Engine:
         b = self.backbone
         schedule = b.schedule
         steps = settings.steps
-        grid = schedule.timesteps(steps)  # the final's grid; the plan walks all or a subset
-        plan = sampling_plan(settings)
+        grid = schedule.timesteps(steps)  # the final's grid; the route walks all or a subset
+        route = sampling_route(settings)
         generators = [torch.Generator("cpu").manual_seed(take.seed) for take in takes]
 
         # One prompt at a time, as the single edit embeds it: (B, L, E), row b take b's.
@@ -608,20 +608,20 @@ class Engine:
             latent = fresh_noise
         else:
             start = schedule.start_latent(source.source_latent.float(), source.noisiest.float(),
-                                          source.noisiest_timestep, grid[plan.indices[0]])
+                                          source.noisiest_timestep, grid[route.indices[0]])
             latent = lowfreq_init(start, fresh_noise, settings.lowfreq_factor)
-        latent = self.keep_plate(latent, source, grid[plan.indices[0]], regions)
+        latent = self.keep_plate(latent, source, grid[route.indices[0]], regions)
 
-        total = len(plan.indices) * len(windows)
+        total = len(route.indices) * len(windows)
         report("sample", 0, total)
         with self.step_cache_switch() as step_cache:
-            for position, (index, span) in enumerate(zip(plan.indices, plan.spans, strict=True)):
-                guided = position < plan.guided_steps
+            for position, (index, span) in enumerate(zip(route.indices, route.spans, strict=True)):
+                guided = position < route.guided_steps
                 # The step cache only on a step without guidance (a preview's later
                 # steps), one window at a time being one cache context.
-                step_cache(plan.step_cache and not guided and len(windows) == 1)
-                is_last = position == len(plan.indices) - 1
-                restarts = plan.restart and not is_last
+                step_cache(route.step_cache and not guided and len(windows) == 1)
+                is_last = position == len(route.indices) - 1
+                restarts = route.restart and not is_last
                 timestep = grid[index]
 
                 # Progress counts windows: the step's last model sweep reports each one.
@@ -643,8 +643,8 @@ class Engine:
                                 source, timestep, source_embedding, window, report)
                                 for window in windows]
                     latent = self.guide(latent, timestep, target, source_features, windows,
-                                        plan.learning_rates[position], settings, report, regions,
-                                        procedure, plan.guidance_iterations)
+                                        route.learning_rates[position], settings, report, regions,
+                                        procedure, route.guidance_iterations)
                 # 3c. One CFG step, t → t_next (then, with a kept plate, the blend at t_next).
                 next_timestep = None if is_last else grid[index + span]
                 latent = self.denoise(latent, steps, index, target, negative, settings.cfg_scale,
@@ -704,7 +704,7 @@ class Engine:
         step on the whole latent. On CUDA in half precision the latent stays float32,
         the model runs under autocast and the loss is scaled before backward (a fresh
         GradScaler per guided step), as the reference does. `iterations`: Adam
-        iterations (default settings.guidance_iterations; a preview's plan runs fewer).
+        iterations (default settings.guidance_iterations; a preview's route runs fewer).
         """
         procedure = procedure or Procedure()
         iterations = settings.guidance_iterations if iterations is None else iterations

@@ -11,7 +11,7 @@ clip, size, seed and initial latent, on a strided subset of the SAME grid
 so every timestep a preview visits, and every timestep it guides, is one the final's
 inversion keeps: a preview and then the final of the same clip read one cached
 inversion (backend/method/inversion.py; its key is the final's grid, whatever the
-quality). `SamplingPlan` is what the engine's sampling loop walks.
+quality). `SamplingRoute` is what the engine's sampling loop walks.
 
 Cost (forward-equivalents, FE; backend/method/cost.py), at the models' defaults (50
 steps, 10 Adam iterations, restart; ZeroScope guides 20 steps, Wan 10), with s the
@@ -63,7 +63,7 @@ PREVIEW = PreviewRecipe()
 
 
 @dataclass(frozen=True)
-class SamplingPlan:
+class SamplingRoute:
     """The steps one edit runs, on the grid of `steps` (the settings' steps, the final's).
 
     indices: the grid indices it visits, noisiest first; step k goes from grid index
@@ -89,28 +89,28 @@ class SamplingPlan:
         return tuple(end - start for start, end in zip(self.indices, ends, strict=True))
 
 
-def sampling_plan(settings: TransferSettings) -> SamplingPlan:
-    """The plan of resolved `settings` at their quality: the final's every step, or the
+def sampling_route(settings: TransferSettings) -> SamplingRoute:
+    """The route of resolved `settings` at their quality: the final's every step, or the
     preview's strided subset (PREVIEW) of the same grid."""
     final_rates = settings.guidance_learning_rates()
     if settings.quality == "final":
-        return SamplingPlan(settings.steps, tuple(range(settings.steps)), tuple(final_rates),
+        return SamplingRoute(settings.steps, tuple(range(settings.steps)), tuple(final_rates),
                             settings.guidance_iterations, settings.restart, step_cache=False)
     indices = tuple(range(0, settings.steps, PREVIEW.stride))
     guided = [index for index in indices if index < len(final_rates)]
-    return SamplingPlan(settings.steps, indices, tuple(final_rates[index] for index in guided),
+    return SamplingRoute(settings.steps, indices, tuple(final_rates[index] for index in guided),
                         min(PREVIEW.guidance_iterations, settings.guidance_iterations),
                         restart=PREVIEW.restart and settings.restart, step_cache=PREVIEW.step_cache)
 
 
-def planned_passes(plan: SamplingPlan, windows: int) -> dict[tuple[str, str], int]:
-    """The model passes the sampling loop runs for `plan` over `windows` windows, as the
+def route_passes(route: SamplingRoute, windows: int) -> dict[tuple[str, str], int]:
+    """The model passes the sampling loop runs for `route` over `windows` windows, as the
     engine counts them (Engine.model_passes, cached source features): per step 2 CFG
     passes per window, again after a restart (every step but the last), and per guided
     step and Adam iteration one truncated forward and backward per window."""
-    restarts = len(plan.indices) - 1 if plan.restart else 0
-    guided = plan.guided_steps * plan.guidance_iterations * windows
-    passes = {("sample", "full"): 2 * (len(plan.indices) + restarts) * windows}
+    restarts = len(route.indices) - 1 if route.restart else 0
+    guided = route.guided_steps * route.guidance_iterations * windows
+    passes = {("sample", "full"): 2 * (len(route.indices) + restarts) * windows}
     if guided:
         passes |= {("guide", "truncated"): guided, ("guide", "truncated_backward"): guided}
     return passes
