@@ -143,7 +143,7 @@ def test_result_shape_sidecar_and_seed(engine):
     assert isinstance(meta["seed"], int)
     assert meta["settings"]["prompt"] == "a red train"
     assert meta["input_frame_indices"] == [0, 2, 5, 7]
-    assert set(meta["timings_s"]) == {"encode_invert", "sample", "decode"}
+    assert set(meta["timings_s"]) == {"embed", "encode_invert", "sample", "decode"}
     assert meta["version"] == 1 and meta["settings"]["guided_steps"] is None
     assert (meta["steps"], meta["guided_steps"]) == (3, 2)  # 3 − ⌊3·0.6⌋ guided of 3
     assert Sidecar.from_dict(json.loads(json.dumps(meta))) == result.sidecar

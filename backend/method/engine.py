@@ -10,6 +10,10 @@ One edit, as Understudy runs it (docs/method.md):
 
     0. frame       the frames chosen, the box of them the model sees (framing: fit, crop,
                    stretch; backend/method/framing.py) resized to the model's size
+    0b. embed      the source, target and negative prompts, in one phase before the
+                   denoiser is used: from the embedding cache (backend/method/embeddings.py),
+                   or by the text encoder on the GPU alone or on the CPU
+                   (backend/memory/text_encoder.py); it never shares the GPU with the denoiser
     1. encode      frames → VAE latent z₀ of the whole clip (in slices of frames)
     2. invert      inversion of z₀ with the source prompt along the sampler's own ODE
                    (DDIM for ZeroScope, flow-matching Euler for Wan), and the source SMM
@@ -66,6 +70,8 @@ from backend.memory.savers import (
     out_of_memory_sentence,
     with_savers,
 )
+from backend.memory.text_encoder import text_encoder_placed
+from backend.method.embeddings import EmbeddingCache, PromptEmbeddings, embedding_key
 from backend.method.framing import Framing, choose_framing, frames_for_model
 from backend.method.guidance import lowfreq_init, pairwise_smm_loss
 from backend.method.inversion import DEFAULT_CACHE_MAX_BYTES, InversionCache, SourceState, cache_key
@@ -103,7 +109,7 @@ OUT_OF_MEMORY = (
 class Procedure:
     """How much work an edit may skip. Understudy's defaults; the reference's in `bench`."""
 
-    use_cache: bool = True  # reuse inversion + source features for the same clip
+    use_cache: bool = True  # reuse inversion + source features for the same clip, and embeddings
     truncate_guidance: bool = True  # stop the model after its feature taps while guiding
     cache_source_features: bool = True  # compute source features once, at inversion time
 
@@ -114,7 +120,7 @@ with regions, each region's masked SMM, (R, window frames, D)."""
 
 
 class Engine:
-    """A loaded backbone plus the on-disk inversion cache.
+    """A loaded backbone plus the on-disk inversion and embedding caches (one folder).
 
     `model_passes` counts model work per (phase, kind) in batch elements of one window,
     kind being "full", "truncated" or "truncated_backward"; the benchmark turns it into
@@ -126,6 +132,7 @@ class Engine:
                  cache_max_bytes: int | None = None, upscaler: Engine | None = None) -> None:
         self.backbone = backbone
         self.cache = InversionCache(cache_dir, cache_max_bytes or DEFAULT_CACHE_MAX_BYTES)
+        self.embedding_cache = EmbeddingCache(cache_dir)
         self.model_passes: Counter[tuple[str, str]] = Counter()
         self.upscaler = upscaler
 
@@ -197,13 +204,16 @@ class Engine:
             del chosen  # the composite needs the source frames; nothing else does
         timings: dict[str, float] = {}
         try:
+            with _timed(timings, "embed"):
+                embeddings = self.embed_prompts(
+                    settings, procedure, on_cpu="text_encoder_offload" in (savers.savers if savers else ()))
             with offloads_applied(self.backbone, savers.savers if savers else ()):
                 with _timed(timings, "encode_invert"):
                     source, from_cache = self._source_state(frames, windows, settings, procedure,
-                                                            report)
+                                                            report, embeddings.source)
                 with _timed(timings, "sample"):
                     latent = self._sample(source, windows, settings, seed, procedure, report,
-                                          regions)
+                                          embeddings, regions)
                 with _timed(timings, "decode"):
                     out = self.decode(latent, settings.vae_slice, report)[: len(indices)]
             if framing.upscale_size is not None:
@@ -367,14 +377,39 @@ class Engine:
             return frames
         return np.concatenate([frames, np.repeat(frames[-1:], wanted - len(frames), axis=0)])
 
+    # ------------------------------------------------------------------ step 0b
+
+    def embed_prompts(self, settings: TransferSettings, procedure: Procedure | None = None,
+                      on_cpu: bool = False) -> PromptEmbeddings:
+        """The edit's source, target and negative prompt embeddings, each (1, L, E), in
+        one phase before the denoiser is used: from the embedding cache (keyed by the
+        model, its dtype and the three prompts as applied), or embedded with the text
+        encoder on the GPU alone (`on_cpu`: on the CPU, the text_encoder_offload saver)
+        and cached. A hit never moves or runs the text encoder."""
+        procedure = procedure or Procedure()
+        settings = self.resolve(settings)
+        b = self.backbone
+        prompts = (settings.full_prompt(settings.source_prompt), settings.full_prompt(settings.prompt),
+                   settings.negative_prompt)
+        key = embedding_key(b.model_id, b.dtype, *prompts)
+        if procedure.use_cache:
+            cached = self.embedding_cache.load(key, b.device)
+            if cached is not None:
+                return cached
+        with text_encoder_placed(b, on_cpu):
+            embeddings = PromptEmbeddings(*(self.embed([prompt]) for prompt in prompts))
+        if procedure.use_cache:
+            self.embedding_cache.save(key, embeddings)
+        return embeddings
+
     # ------------------------------------------------------------------ steps 1–2
 
     def _source_state(
         self, frames: np.ndarray, windows: list[Window], settings: TransferSettings,
-        procedure: Procedure, report: Reporter,
+        procedure: Procedure, report: Reporter, source_embedding: torch.Tensor,
     ) -> tuple[SourceState, bool]:
-        """Inverted latents and source features of the whole clip: from the cache, or
-        computed and cached."""
+        """Inverted latents and source features of the whole clip (source_embedding: the
+        source prompt's, (1, L, E)): from the cache, or computed and cached."""
         settings = self.resolve(settings)
         self.backbone.use_settings(settings)
         b = self.backbone
@@ -392,7 +427,6 @@ class Engine:
         report("encode", 0, 1)
         source_latent = self.encode(frames, settings.vae_slice)
         report("encode", 1, 1)
-        source_embedding = self.embed([settings.full_prompt(settings.source_prompt)])
         state = self.invert(source_latent, source_embedding, windows, settings, report)
         if procedure.cache_source_features:
             with torch.no_grad():
@@ -469,9 +503,11 @@ class Engine:
 
     def _sample(
         self, source: SourceState, windows: list[Window], settings: TransferSettings, seed: int,
-        procedure: Procedure, report: Reporter, regions: EditRegions | None = None,
+        procedure: Procedure, report: Reporter, embeddings: PromptEmbeddings,
+        regions: EditRegions | None = None,
     ) -> torch.Tensor:
-        """The guided, restarted sampling loop; returns the final latent z₀.
+        """The guided, restarted sampling loop (the prompts' `embeddings` made before it);
+        returns the final latent z₀.
 
         With regions, guidance reads each region's masked SMM (the source's computed here
         from the cached inverted latents, which do not depend on the region), and where
@@ -485,10 +521,7 @@ class Engine:
         timesteps = schedule.timesteps(steps)
         generator = torch.Generator("cpu").manual_seed(seed)
 
-        target = self.embed([settings.full_prompt(settings.prompt)])
-        negative = self.embed([settings.negative_prompt])
-        source_embedding = None if procedure.cache_source_features and regions is None else \
-            self.embed([settings.full_prompt(settings.source_prompt)])
+        target, negative, source_embedding = embeddings.target, embeddings.negative, embeddings.source
         learning_rates = settings.guidance_learning_rates()
         guided_steps = len(learning_rates)
 
@@ -713,9 +746,9 @@ class Engine:
         generator = torch.Generator("cpu").manual_seed(seed)
         noise = torch.randn(latent.shape, generator=generator).to(b.device)
         latent = b.schedule.add_noise(latent, noise, timesteps[0])
-        # 5c.
-        target = self.embed([settings.full_prompt(settings.prompt)])
-        negative = self.embed([settings.negative_prompt])
+        # 5c. (the prompts embedded as the first stage's: Engine.embed_prompts)
+        embeddings = self.embed_prompts(settings)
+        target, negative = embeddings.target, embeddings.negative
         for index in range(len(timesteps)):
             def step_done(k: int, index: int = index) -> None:
                 report("upscale", 1 + index * len(windows) + k + 1, total)
