@@ -18,6 +18,7 @@ from backend.errors import UnderstudyError
 from backend.tools.metrics import DEFAULT_CLIP_MODEL
 from backend.tools.tracking import DEFAULT_GRID
 from shared.settings import DEFAULTS, SPECS, TransferSettings
+from shared.sidecar import Sidecar
 
 # --------------------------------------------------------------------------- transfer
 
@@ -52,6 +53,32 @@ def settings_values(args: argparse.Namespace) -> dict:
 
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(TransferSettings)
             if hasattr(args, f.name)}
+
+
+def take_values(sidecar_path: Path, take: int | None, given: dict) -> dict:
+    """The settings of the take a sidecar records (its prompt, seed and every setting),
+    with the flags given on this command line over them and this command's --quality
+    (default final): `transfer --from-take out.json` renders that take again, from the
+    cached inversion of the same clip. A sidecar listing several takes (`takes`) needs
+    --take N (1-based); a sidecar of one edit is its one take.
+
+    given: this command's settings flags; those left at their defaults are the take's."""
+    try:
+        data = json.loads(sidecar_path.read_text())
+    except (OSError, ValueError) as error:
+        raise UnderstudyError(f"Cannot read the take's sidecar {sidecar_path}: {error}.") from None
+    takes = data.get("takes") if isinstance(data, dict) else None
+    if isinstance(takes, list):
+        if take is None or not 1 <= take <= len(takes):
+            raise UnderstudyError(f"{sidecar_path} lists {len(takes)} takes; choose one with "
+                                  f"--take N (1 to {len(takes)}).")
+        data = takes[take - 1]
+    elif take not in (None, 1):
+        raise UnderstudyError(f"{sidecar_path} records one edit; leave out --take {take}.")
+    record = Sidecar.from_dict(data)
+    chosen = {name: value for name, value in given.items()
+              if name != "quality" and value != DEFAULTS[name]}
+    return {**record.settings, "seed": record.seed, **chosen, "quality": given["quality"]}
 
 
 class ProgressBar:
@@ -98,9 +125,14 @@ def command_transfer(args: argparse.Namespace) -> int:
              Local(args.model, args.device, args.dtype, Path(args.cache_dir),
                    cache_max_bytes(args.cache_max_gb), args.upscale_model,
                    gpu_gigabytes(args.assume_gpu_memory_gb)))
+    values = settings_values(args)
+    if args.from_take:
+        values = take_values(Path(args.from_take), args.take, values)
+    elif args.take is not None:
+        raise UnderstudyError("--take only makes sense with --from-take SIDECAR.")
     progress = ProgressBar()
     try:
-        outcome = edit_clip(Path(args.clip), settings_values(args), Path(args.output), where,
+        outcome = edit_clip(Path(args.clip), values, Path(args.output), where,
                             mask_paths=[Path(mask) for mask in args.mask or ()],
                             match_length=args.match_length,
                             frames_dir=Path(args.frames_dir) if args.frames_dir else None,
@@ -286,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
                           help="plan the edit (--memory auto) for a GPU with N GiB (2^30 bytes) "
                                "(default: the CUDA device's free memory; on a CPU nothing is "
                                "planned)")
+    transfer.add_argument("--from-take", metavar="SIDECAR",
+                          help="render the take this sidecar (a result's .json) records: its "
+                               "prompt, seed and settings, at --quality (default final), "
+                               "reusing the clip's cached inversion; flags given override them")
+    transfer.add_argument("--take", type=int, default=None, metavar="N",
+                          help="with --from-take and a sidecar of several takes: which (1-based)")
     add_settings_flags(transfer)
     transfer.set_defaults(func=command_transfer)
 
@@ -339,6 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--memory", action="store_true",
                        help="GPU memory instead (CUDA only): the memory plan of one edit against "
                             "torch.cuda.max_memory_allocated in each phase")
+    bench.add_argument("--preview", action="store_true",
+                       help="preview against final, first edit and re-edit, at the default "
+                            "settings, on each backbone's tiny model (or --preview-arch)")
+    bench.add_argument("--preview-arch", action="append", metavar="ARCH",
+                       help="with --preview: the model(s) to bench instead (repeatable)")
     bench.add_argument("-o", "--output", help="write the JSON report here")
     bench.set_defaults(func=command_bench)
 

@@ -29,6 +29,7 @@ INITS = ("lowfreq", "noise")
 UPSCALERS = ("none", "xl")
 MOTIONS = ("subject", "camera")
 MEMORY_MODES = ("auto", "off")
+QUALITIES = ("preview", "final")
 # The GPU-memory savers, cheapest first: the order `--memory auto` turns them on in, each
 # with every one before it. The plan (backend/memory/planner.py), the engine
 # (backend/memory/savers.py), the server's hello, the command line and the sidecar all
@@ -124,6 +125,14 @@ class TransferSettings:
     # Inversion.
     inversion_steps: int = _setting(50, Spec(
         "int", 1, 1000, flag="--inversion-steps", help="DDIM inversion steps (the reference uses 999)"))
+
+    # Quality: the final, or a preview (backend/method/quality.py's recipe: a strided
+    # subset of the final's timesteps, fewer guided steps and Adam iterations, no
+    # restart, step caching where the backbone has it; the same cached inversion).
+    quality: str = _setting("final", Spec(
+        "choice", choices=QUALITIES, flag="--quality",
+        help="final: the edit as set; preview: a cheap look at the same edit (about a tenth "
+             "of its model work, same clip, size, seed and inversion)"))
 
     # Sampling and guidance.
     steps: int = _setting(50, Spec("int", 1, 1000, flag="--steps", help="DDIM sampling steps"))

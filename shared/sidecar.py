@@ -62,6 +62,11 @@ class Sidecar:
     # `--memory auto`'s choice: {"savers": [...], "predicted_peak_bytes", "budget_bytes"};
     # None: nothing planned (memory "off", or no GPU to fit)
     memory: dict[str, Any] | None = None
+    # What the edit cost (backend/method/cost.py edit_cost): {"forward_equivalents":
+    # {"invert", "sample", "decode", "total"} in full-model-pass units (FE, the first
+    # stage's), "seconds": {phase: wall seconds, …, "total"}, "truncated_pass_share": the
+    # share a truncated pass was weighed by}; None: older
+    cost: dict[str, Any] | None = None
     version: int = SIDECAR_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -110,7 +115,7 @@ _JSON_TYPES: dict[str, type | tuple[type, ...]] = {
     "settings": dict, "seed": int, "model": str, "steps": int, "guided_steps": int,
     "device": str, "dtype": str, "input_frame_indices": list, "windows": list,
     "inversion_from_cache": bool, "timings_s": dict, "framing": dict, "upscaler": dict,
-    "backbone": str, "regions": dict, "worker": dict, "memory": dict,
+    "backbone": str, "regions": dict, "worker": dict, "memory": dict, "cost": dict,
 }
 
 

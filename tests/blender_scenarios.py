@@ -145,7 +145,7 @@ def scenario_install(args: dict) -> dict:
     install(args["zip"])
     import importlib
 
-    link = importlib.import_module(f"{ADDON}.backend.link")
+    link = importlib.import_module(f"{ADDON}.connection.link")
     prefs = bpy.context.preferences.addons[ADDON].preferences
     result = {
         "operators": [hasattr(bpy.ops.understudy, name)
@@ -217,7 +217,10 @@ def scenario_transfer(args: dict) -> dict:
     outcome = run_operator(bpy.ops.understudy.transfer, prompt=args.get("prompt", "a red fox"),
                            wait=args.get("wait", True))
     if args.get("cancel"):
+        if args.get("cancel_once_running"):
+            wait_for_progress(scene.understudy_jobs[-1])
         outcome["cancel"] = run_operator(bpy.ops.understudy.cancel)
+        outcome["cancelled_job"] = job_state(scene.understudy_jobs[-1])
         outcome["collect"] = run_operator(bpy.ops.understudy.collect)
     if args.get("kill_pid"):  # the server dies while the job runs
         import os
@@ -252,6 +255,19 @@ def scenario_transfer(args: dict) -> dict:
     if args.get("save_after"):
         bpy.ops.wm.save_as_mainfile(filepath=args["save_after"])
     return finish(scene, before, outcome, source=source_name, **extra)
+
+
+def wait_for_progress(job, timeout_s: float = 300.0) -> None:
+    """Block until the server reports progress on the job: a real event saying it runs.
+    The timeout only turns a hang into a failure."""
+    following = importlib.import_module(f"{ADDON}.job_flow.following")
+    client, _ = following.client_for_job(job)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(event.get("job_id") == job.job_id and event.get("type") == "progress"
+               for event in client.poll(0.5)):
+            return
+    raise AssertionError(f"no progress event for {job.job_id} within {timeout_s} s")
 
 
 def untouched(state: dict) -> dict:
@@ -701,7 +717,7 @@ def scenario_local(args: dict) -> dict:
     configure(args)
     prefs = configure_local(args)
     jobs = importlib.import_module(f"{ADDON}.job_flow.jobs")
-    local_backend = importlib.import_module(f"{ADDON}.backend.local")
+    local_backend = importlib.import_module(f"{ADDON}.connection.local")
     backend = local_backend.BACKEND
     scene = bpy.context.scene
     small_settings(scene, args.get("settings"))
@@ -735,7 +751,7 @@ def scenario_local_interface(args: dict) -> dict:
     addon = importlib.import_module(f"{ADDON}.addon")
     jobs = importlib.import_module(f"{ADDON}.job_flow.jobs")
     following = importlib.import_module(f"{ADDON}.job_flow.following")
-    local_backend = importlib.import_module(f"{ADDON}.backend.local")
+    local_backend = importlib.import_module(f"{ADDON}.connection.local")
     addon.BATCHED = True  # the interface's path: timers, never blocking
     configure(args)
     configure_local(args)

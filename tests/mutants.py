@@ -301,7 +301,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "the sidecar records the requested guided count, not the one used",
         "backend/method/engine.py",
-        "            guided_steps=settings.guided_step_count(),",
+        "            guided_steps=plan.guided_steps,",
         "            guided_steps=settings.guided_steps,",
         ("tests/test_engine.py::test_result_shape_sidecar_and_seed",
          "tests/test_blender_e2e.py::test_trimmed_movie_strip_round_trip"),
@@ -309,10 +309,26 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "the panel's summary shows the requested guided count, not the one used",
         "blender_addon/rules/messages.py",
-        '             f"{record.steps} steps, {record.guided_steps} guided",',
-        '             f"{record.steps} steps, {record.settings.get(\'guided_steps\')} guided",',
+        '             f"{record.steps} steps{preview}, {record.guided_steps} guided",',
+        '             f"{record.steps} steps{preview}, {record.settings.get(\'guided_steps\')} guided",',
         # Only the end-to-end test: the whole summary of a real job must catch it.
         ("tests/test_blender_e2e.py::test_trimmed_movie_strip_round_trip",),
+    ),
+    # --- preview and final (issue 27)
+    Mutant(
+        "the cache hook stays on during a guided step",
+        "backend/method/engine.py",
+        "step_cache(plan.step_cache and not guided and len(windows) == 1)",
+        "step_cache(plan.step_cache and len(windows) == 1)",
+        ("tests/test_quality.py::test_the_step_cache_is_on_only_around_unguided_steps_never_during_guidance",),
+    ),
+    Mutant(
+        "the final re-inverts the clip",
+        "backend/method/engine.py",
+        '"inversion_steps": settings.inversion_steps, "steps": settings.steps,',
+        '"inversion_steps": settings.inversion_steps, "steps": settings.steps,'
+        ' "quality": settings.quality,',
+        ("tests/test_quality.py::test_a_preview_then_the_final_invert_once_and_count_what_the_plan_says",),
     ),
     # --- the engine loop (backend/method/engine.py) and its pure helpers
     Mutant(
@@ -332,14 +348,14 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "no step is guided",
         "backend/method/engine.py",
-        "if index < guided_steps:",
-        "if False:",
+        "                if guided:\n",
+        "                if False:\n",
         ("tests/test_engine.py::test_guided_steps_change_the_result_and_denoising_gets_the_guided_latent",),
     ),
     Mutant(
         "the restart step is skipped",
         "backend/method/engine.py",
-        "restarts = settings.restart and not is_last",
+        "restarts = plan.restart and not is_last",
         "restarts = False",
         ("tests/test_engine.py::test_restart_costs_two_more_unet_passes_per_step_and_changes_the_result",),
     ),
@@ -470,6 +486,13 @@ MUTANTS: tuple[Mutant, ...] = (
         "                moving[other.name] = other\n                grown = True",
         "                grown = False",
         ("tests/test_blender_rules.py::test_make_room_also_moves_what_a_moved_strip_would_land_on",),
+    ),
+    Mutant(
+        "a script's Collect Results fails when Cancel has already ended a job still queued",
+        "blender_addon/interface/operators.py",
+        "        if not addon.BATCHED:\n            return True\n        if jobs.any_job(",
+        "        if jobs.any_job(",
+        ("tests/test_blender_e2e.py::test_cancel_a_job_still_queued",),
     ),
     # --- regions (issue 20, backend/method/regions.py, backend/method/engine.py)
     Mutant(

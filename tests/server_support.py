@@ -28,6 +28,9 @@ START_TIMEOUT_S = 300  # model load included, on a busy machine
 # The least work the engine accepts: the server tests check plumbing, not pictures.
 QUICK_SETTINGS = {"num_frames": 4, "width": 64, "height": 64, "steps": 1, "guided_steps": 0,
                   "guidance_iterations": 0, "inversion_steps": 1}
+# With a step delay (--test-step-delay) a job with these settings runs for minutes: it is
+# still running, and the jobs behind it still queued, when a test cancels it.
+LONG = {"steps": 1000, "inversion_steps": 1000, "guided_steps": 0}
 
 
 def settings(prompt: str = "a bear walking", **overrides) -> dict:

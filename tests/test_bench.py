@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from backend.tools.bench import forward_equivalents
+from backend.method.cost import forward_equivalents
 from tests.conftest import REPO_ROOT
 
 

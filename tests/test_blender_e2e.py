@@ -12,10 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from shared.client import Client
+from shared.client import Client, JobCancelledError
 from tests.blender_support import blender_lts_python, build_extension, make_clip, run_blender
 from tests.conftest import REPO_ROOT
-from tests.server_support import ServerProcess, unused_address
+from tests.server_support import (
+    LONG,
+    ServerProcess,
+    clip_pngs,
+    settings,
+    unused_address,
+    wait_for_event,
+)
 
 
 @pytest.fixture(scope="module")
@@ -259,11 +266,40 @@ def test_rejected_job_is_one_sentence_and_changes_nothing(extension_zip, clip, s
 
 
 def test_cancel_a_running_job(extension_zip, clip, slow_server, tmp_path):
+    # Cancel once the server reports progress: the job stops at its next step, and
+    # Collect Results waits for that.
     result = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": clip,
                           "address": slow_server.address, "wait": False, "cancel": True,
+                          "cancel_once_running": True,
                           "settings": {"steps": 30, "inversion_steps": 30}}, tmp_path)
     outcome = result["outcome"]
     assert outcome["ok"] and outcome["cancel"]["ok"] and outcome["collect"]["ok"], outcome
+    assert outcome["cancelled_job"]["status"] == "running"
+    assert outcome["cancelled_job"]["message"].startswith("Cancelling")
+    [job] = result["jobs"]
+    assert job["status"] == "cancelled"
+    assert result["new_strips"] == []
+    assert_source_unchanged(result)
+
+
+def test_cancel_a_job_still_queued(extension_zip, clip, slow_server, tmp_path):
+    # Another job runs first, so Cancel reaches this one while it waits: the server
+    # cancels it at once, and Collect Results, with nothing left to wait for, says so.
+    # (A loaded machine gave this order to the test above before it waited for progress.)
+    with Client(slow_server.address) as other:
+        other.submit("ahead-of-the-transfer", settings(**LONG), clip_pngs(6))
+        wait_for_event(other, "ahead-of-the-transfer", "progress")
+        try:
+            result = run_blender({"scenario": "transfer", "zip": extension_zip, "clip": clip,
+                                  "address": slow_server.address, "wait": False,
+                                  "cancel": True}, tmp_path)
+        finally:
+            other.cancel("ahead-of-the-transfer")
+            with pytest.raises(JobCancelledError):
+                other.wait("ahead-of-the-transfer", timeout_s=300)
+    outcome = result["outcome"]
+    assert outcome["ok"] and outcome["cancel"]["ok"] and outcome["collect"]["ok"], outcome
+    assert outcome["cancelled_job"]["status"] == "cancelled"
     [job] = result["jobs"]
     assert job["status"] == "cancelled"
     assert result["new_strips"] == []

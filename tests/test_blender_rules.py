@@ -355,6 +355,19 @@ def test_lost_server_message_names_collect_results():
     assert text.count(".") == 0 or text.endswith(".")
 
 
+@pytest.mark.parametrize(("status", "words"), [
+    (Status.CANCELLED, "Cancelled j1."),  # queued on the server (or rendering here): at once
+    (Status.RUNNING, "Cancelling j1: the server stops it at its next step."),
+    (Status.SUBMITTED, "Cancelling j1"),
+    (Status.FAILED, "already failed on the server"),  # ended before the cancel arrived
+    (Status.DONE, "already finished on the server; its result is collected"),
+    (Status.PLACING, "already finished on the server"),
+    (Status.UNPLACED, "already finished on the server"),
+])
+def test_cancel_report_says_where_the_job_stands(status, words):
+    assert words in messages.cancel_report("j1", status)
+
+
 SIDECAR_V1 = {
     "version": 1, "settings": {"prompt": "a fox", "steps": 3, "guided_steps": None}, "seed": 5,
     "model": "tiny", "steps": 3, "guided_steps": 2, "device": "cpu", "dtype": "float32",
@@ -367,6 +380,17 @@ def test_sidecar_summary_says_the_steps_the_edit_used_not_the_request():
     # The request left the guided count automatic (None); the engine used 2.
     assert messages.sidecar_summary(SIDECAR_V1) == (
         "model tiny, seed 5, 3 steps, 2 guided, inversion from cache, 1.5 s on the server")
+
+
+def test_sidecar_summary_shows_a_previews_cost():
+    cost = {"forward_equivalents": {"invert": 0.0, "sample": 43.8, "decode": 0.0, "total": 43.8},
+            "seconds": {"invert": 0.1, "sample": 1.2, "decode": 0.2, "total": 1.5},
+            "truncated_pass_share": 0.66}
+    preview = {**SIDECAR_V1, "settings": {**SIDECAR_V1["settings"], "quality": "preview"},
+               "cost": cost}
+    assert messages.sidecar_summary(preview) == (
+        "model tiny, seed 5, 3 steps (preview), 2 guided, inversion from cache, cost 44 FE, "
+        "1.5 s on the server")
 
 
 def test_sidecar_summary_reads_an_older_sidecar_without_a_version():

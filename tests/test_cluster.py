@@ -51,6 +51,7 @@ from shared.settings import MEMORY_SAVERS, TransferSettings
 from tests.conftest import REPO_ROOT
 from tests.delivery import SCENARIOS
 from tests.server_support import (
+    LONG,
     ServerProcess,
     clip_pngs,
     mask_pngs,
@@ -67,7 +68,6 @@ STEP_DELAY = "0.02"  # as in the server tests: a job with many steps can be caug
 # test, having seen it report progress, kills its worker.
 MEDIUM = {"steps": 24, "inversion_steps": 24, "guided_steps": 0}
 VICTIM = {"steps": 60, "inversion_steps": 60, "guided_steps": 0}
-LONG = {"steps": 1000, "inversion_steps": 1000, "guided_steps": 0}
 
 
 @pytest.fixture

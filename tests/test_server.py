@@ -39,6 +39,7 @@ from shared.client import (
 )
 from tests.conftest import REPO_ROOT
 from tests.server_support import (
+    LONG,
     ServerProcess,
     clip_pngs,
     mask_pngs,
@@ -50,8 +51,6 @@ from tests.server_support import (
     wait_until,
 )
 
-# With the step delay a job with these settings runs for minutes; tests cancel it long before.
-LONG = {"steps": 1000, "inversion_steps": 1000, "guided_steps": 0}
 WAIT_S = 300  # a hang guard for a busy machine, not a time limit
 OPTIONS = ("--max-message-mb", "1", "--max-frames", "8", "--max-side", "256", "--max-queue", "3",
            "--max-job-megapixels", "0.1", "--test-step-delay", "0.02")

@@ -114,8 +114,10 @@ class Schedule(ABC):
 
     @abstractmethod
     def step(self, model_output: torch.Tensor, steps: int, index: int,
-             latent: torch.Tensor) -> torch.Tensor:
-        """One sampler step from timesteps(steps)[index] to the next level."""
+             latent: torch.Tensor, span: int = 1) -> torch.Tensor:
+        """One sampler step from timesteps(steps)[index] to the next level; with
+        span k, to the level k steps on (the clean end past the last): a preview's
+        stride over the final's grid (backend/method/quality.py)."""
 
     @abstractmethod
     def restart(self, latent: torch.Tensor, steps: int, index: int,
@@ -138,6 +140,10 @@ class Backbone(ABC):
     dtype: torch.dtype
     tap_names: tuple[str, ...]
     """The feature taps, in the order `taps` returns them."""
+    truncated_pass_share: float = 1.0
+    """A truncated pass's cost as a share of a full pass, as docs/performance.md measured
+    it on the published architecture: what the sidecar's forward-equivalents weigh a
+    truncated pass by (backend/method/cost.py; `bench` measures its own)."""
 
     # ---------------------------------------------------------------- geometry
 
@@ -203,6 +209,19 @@ class Backbone(ABC):
     @abstractmethod
     def checkpointing(self, enabled: bool) -> AbstractContextManager:
         """Gradient checkpointing of what a truncated pass runs before the taps."""
+
+    def step_cache(self, enabled: bool) -> AbstractContextManager:
+        """Forward-only step caching (diffusers' cache hooks) on the denoiser while the
+        context is open, if `enabled` and the backbone has a hook that fits; removed on
+        exit. The engine opens it only around CFG steps without guidance (a preview's),
+        never around a guided step or a backward pass. Default: none fits (ZeroScope's
+        UNet3DConditionModel has no CacheMixin and no transformer-block list a hook
+        recognises), so a preview runs fewer steps alone."""
+        return nullcontext()
+
+    def step_cache_on(self) -> bool:
+        """Whether a step-cache hook is on the denoiser now."""
+        return False
 
     def use_settings(self, settings: Any) -> None:
         """The engine hands each edit's resolved settings here before any model call (for

@@ -63,11 +63,25 @@ class DDIMSchedule(Schedule):
                                          float(alphas[first_timestep]))
 
     def step(self, model_output: torch.Tensor, steps: int, index: int,
-             latent: torch.Tensor) -> torch.Tensor:
-        """DDIM (η = 0) from timesteps(steps)[index] to the next one, in float32."""
-        timestep = self.timesteps(steps)[index]
-        return self.sampler(steps).step(model_output.float(), timestep, latent.float(),
-                                        eta=0.0).prev_sample
+             latent: torch.Tensor, span: int = 1) -> torch.Tensor:
+        """DDIM (η = 0) from timesteps(steps)[index] to the next one (diffusers' step),
+        or `span` steps on, in float32:
+
+            x̂₀ = (x − √(1 − ᾱ_t)·ε) / √ᾱ_t,   x' = √ᾱ_t'·x̂₀ + √(1 − ᾱ_t')·ε
+
+        with ᾱ_t' the final ᾱ past the grid's last timestep."""
+        timesteps = self.timesteps(steps)
+        timestep = timesteps[index]
+        if span == 1:
+            return self.sampler(steps).step(model_output.float(), timestep, latent.float(),
+                                            eta=0.0).prev_sample
+        alphas = self.scheduler.alphas_cumprod
+        alpha = float(alphas[timestep])
+        alpha_next = (float(alphas[timesteps[index + span]]) if index + span < len(timesteps)
+                      else float(self.scheduler.final_alpha_cumprod))
+        eps = model_output.float()
+        clean = (latent.float() - (1 - alpha) ** 0.5 * eps) / alpha**0.5
+        return alpha_next**0.5 * clean + (1 - alpha_next) ** 0.5 * eps
 
     def restart(self, latent: torch.Tensor, steps: int, index: int,
                 generator: torch.Generator) -> torch.Tensor:

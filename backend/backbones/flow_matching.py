@@ -241,12 +241,14 @@ class FlowMatchingSchedule(Schedule):
         return add_noise(source_latent, noise, self.sigma_of(first_timestep))
 
     def step(self, model_output: torch.Tensor, steps: int, index: int,
-             latent: torch.Tensor) -> torch.Tensor:
+             latent: torch.Tensor, span: int = 1) -> torch.Tensor:
         """x ← x + (σ_{i+1} − σ_i)·v in float32. (WanPipeline's step returns the velocity's
         dtype, so in bf16 its latent turns bf16 after the first step; here it stays float32.
-        In float32 the two are the same, bit for bit.)"""
+        In float32 the two are the same, bit for bit.) With span k: to σ_{i+k}, one
+        Euler step over k of the grid's intervals (σ_N = 0 past the last)."""
         sigmas = self.sigmas(steps)
-        return euler_step(latent.float(), model_output.float(), sigmas[index], sigmas[index + 1])
+        return euler_step(latent.float(), model_output.float(), sigmas[index],
+                          sigmas[min(index + span, steps)])
 
     def restart(self, latent: torch.Tensor, steps: int, index: int,
                 generator: torch.Generator) -> torch.Tensor:

@@ -94,6 +94,7 @@ class ZeroScope(Backbone):
     """
 
     tap_names = TAP_NAMES
+    truncated_pass_share = 0.66  # docs/performance.md: ZeroScope v2, stopped after up_blocks[1]
 
     def __init__(self, unet: UNet3DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,
                  tokenizer: CLIPTokenizer, scheduler: DDIMScheduler, model_id: str,

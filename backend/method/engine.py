@@ -53,7 +53,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,10 +71,12 @@ from backend.memory.savers import (
     with_savers,
 )
 from backend.memory.text_encoder import text_encoder_placed
+from backend.method.cost import edit_cost
 from backend.method.embeddings import EmbeddingCache, PromptEmbeddings, embedding_key
 from backend.method.framing import Framing, choose_framing, frames_for_model
 from backend.method.guidance import lowfreq_init, pairwise_smm_loss
 from backend.method.inversion import DEFAULT_CACHE_MAX_BYTES, InversionCache, SourceState, cache_key
+from backend.method.quality import PREVIEW, sampling_plan
 from backend.method.regions import (
     EditRegions,
     blend_latents,
@@ -185,8 +187,12 @@ class Engine:
         procedure = procedure or Procedure()
         report = Reporter(progress, cancelled)
         settings = self.resolve(settings)
+        requested_upscale = settings.upscale  # the sidecar keeps the request (--from-take)
+        if settings.quality == "preview" and not PREVIEW.upscale:
+            settings = dataclasses.replace(settings, upscale="none")
         self.check_settings(settings, len(clip_frames))
         self.backbone.use_settings(settings)
+        passes_before = Counter(self.model_passes)
         seed = settings.seed if settings.seed is not None else random.SystemRandom().randrange(2**31)
         indices = sample_indices(len(clip_frames), frames_to_edit(settings, len(clip_frames)),
                                  settings.start)
@@ -237,6 +243,10 @@ class Engine:
         out = retime_frames(out, settings.output_frames or len(out))
         sidecar = self._sidecar(settings, seed, framing, indices, windows, from_cache, timings,
                                 regions)
+        sidecar = dataclasses.replace(
+            sidecar, settings={**sidecar.settings, "upscale": requested_upscale},
+            cost=edit_cost(self.model_passes - passes_before, self.backbone.truncated_pass_share,
+                           timings))
         if savers:
             sidecar = dataclasses.replace(sidecar, memory=savers.to_dict())
         return TransferResult(out, sidecar,
@@ -291,12 +301,13 @@ class Engine:
         """The record of how this edit was made (shared/sidecar.py): the counts it used,
         not only the request (an automatic guided count is None in `settings`; the
         settings the model decides are recorded with the values it gave them)."""
+        plan = sampling_plan(settings)
         return Sidecar(
             settings=settings.to_dict(),
             seed=seed,
             model=self.backbone.model_id,
-            steps=settings.steps,
-            guided_steps=settings.guided_step_count(),
+            steps=len(plan.indices),
+            guided_steps=plan.guided_steps,
             device=str(self.backbone.device),
             dtype=str(self.backbone.dtype).removeprefix("torch."),
             input_frame_indices=indices.tolist(),
@@ -518,12 +529,11 @@ class Engine:
         b = self.backbone
         schedule = b.schedule
         steps = settings.steps
-        timesteps = schedule.timesteps(steps)
+        grid = schedule.timesteps(steps)  # the final's grid; the plan walks all or a subset
+        plan = sampling_plan(settings)
         generator = torch.Generator("cpu").manual_seed(seed)
 
         target, negative, source_embedding = embeddings.target, embeddings.negative, embeddings.source
-        learning_rates = settings.guidance_learning_rates()
-        guided_steps = len(learning_rates)
 
         # 3a. The initial latent: low frequencies of z₀ re-noised to t₀, high ones fresh
         # (Eq. 4); or, with init "noise", the fresh noise alone. Drawn first from the
@@ -533,47 +543,72 @@ class Engine:
             latent = fresh_noise
         else:
             start = schedule.start_latent(source.source_latent.float(), source.noisiest.float(),
-                                          source.noisiest_timestep, timesteps[0])
+                                          source.noisiest_timestep, grid[plan.indices[0]])
             latent = lowfreq_init(start, fresh_noise, settings.lowfreq_factor)
-        latent = self.keep_plate(latent, source, timesteps[0], regions)
+        latent = self.keep_plate(latent, source, grid[plan.indices[0]], regions)
 
-        total = len(timesteps) * len(windows)
+        total = len(plan.indices) * len(windows)
         report("sample", 0, total)
-        for index, timestep in enumerate(timesteps):
-            is_last = index == len(timesteps) - 1
-            restarts = settings.restart and not is_last
+        with self.step_cache_switch() as step_cache:
+            for position, (index, span) in enumerate(zip(plan.indices, plan.spans, strict=True)):
+                guided = position < plan.guided_steps
+                # The step cache only on a step without guidance (a preview's later
+                # steps), one window at a time being one cache context.
+                step_cache(plan.step_cache and not guided and len(windows) == 1)
+                is_last = position == len(plan.indices) - 1
+                restarts = plan.restart and not is_last
+                timestep = grid[index]
 
-            # Progress counts windows: the step's last model sweep reports each one.
-            def step_done(k: int, index: int = index) -> None:
-                report("sample", index * len(windows) + k + 1, total)
+                # Progress counts windows: the step's last model sweep reports each one.
+                def step_done(k: int, position: int = position) -> None:
+                    report("sample", position * len(windows) + k + 1, total)
 
-            # 3b. Guidance: Adam on x_t towards the source's SMM-difference pattern.
-            if index < guided_steps:
-                if regions is not None:
-                    with torch.no_grad():
-                        source_features = [self.source_features(source, timestep, source_embedding,
-                                                                window, report, regions)
-                                           for window in windows]
-                elif procedure.cache_source_features:
-                    source_features = source.features[timestep]
-                else:
-                    with torch.no_grad():
-                        source_features = [self.source_features(source, timestep, source_embedding,
-                                                                window, report) for window in windows]
-                latent = self.guide(latent, timestep, target, source_features, windows,
-                                    learning_rates[index], settings, report, regions, procedure)
-            # 3c. One CFG step, t → t_next (then, with a kept plate, the blend at t_next).
-            next_timestep = None if is_last else timesteps[index + 1]
-            latent = self.denoise(latent, steps, index, target, negative, settings.cfg_scale,
-                                  windows, report, None if restarts else step_done)
-            latent = self.keep_plate(latent, source, next_timestep, regions)
-            # 3d. Restart: re-noise t_next → t (the schedule's forward process), then step again.
-            if restarts:
-                latent = schedule.restart(latent, steps, index, generator)
+                # 3b. Guidance: Adam on x_t towards the source's SMM-difference pattern.
+                if guided:
+                    if regions is not None:
+                        with torch.no_grad():
+                            source_features = [self.source_features(
+                                source, timestep, source_embedding, window, report, regions)
+                                for window in windows]
+                    elif procedure.cache_source_features:
+                        source_features = source.features[timestep]
+                    else:
+                        with torch.no_grad():
+                            source_features = [self.source_features(
+                                source, timestep, source_embedding, window, report)
+                                for window in windows]
+                    latent = self.guide(latent, timestep, target, source_features, windows,
+                                        plan.learning_rates[position], settings, report, regions,
+                                        procedure, plan.guidance_iterations)
+                # 3c. One CFG step, t → t_next (then, with a kept plate, the blend at t_next).
+                next_timestep = None if is_last else grid[index + span]
                 latent = self.denoise(latent, steps, index, target, negative, settings.cfg_scale,
-                                      windows, report, step_done)
+                                      windows, report, None if restarts else step_done, span)
                 latent = self.keep_plate(latent, source, next_timestep, regions)
+                # 3d. Restart: re-noise t_next → t (the schedule's forward process), then
+                # step again.
+                if restarts:
+                    latent = schedule.restart(latent, steps, index, generator)
+                    latent = self.denoise(latent, steps, index, target, negative, settings.cfg_scale,
+                                          windows, report, step_done)
+                    latent = self.keep_plate(latent, source, next_timestep, regions)
         return latent
+
+    @contextmanager
+    def step_cache_switch(self) -> Iterator[Callable[[bool], None]]:
+        """switch(on): the backbone's step cache (Backbone.step_cache) turned on or off
+        for what follows; kept on across consecutive unguided steps (the cache compares
+        a step with the one before), off before anything else, and off at the end."""
+        stack = ExitStack()
+
+        def switch(on: bool) -> None:
+            if on and not self.backbone.step_cache_on():
+                stack.enter_context(self.backbone.step_cache(True))
+            elif not on:
+                stack.close()
+
+        with stack:
+            yield switch
 
     @staticmethod
     def keep_plate(latent: torch.Tensor, source: SourceState, timestep: Timestep | None,
@@ -591,7 +626,7 @@ class Engine:
         self, latent: torch.Tensor, timestep: int, target: torch.Tensor,
         source_features: SourceFeatures, windows: list[Window], learning_rate: float,
         settings: TransferSettings, report: Reporter, regions: EditRegions | None = None,
-        procedure: Procedure | None = None,
+        procedure: Procedure | None = None, iterations: int | None = None,
     ) -> torch.Tensor:
         """Adam on a copy of x_t so its SMM-difference pattern matches the source's:
         x_t (1, C, F', h, w) → the guided x_t, float32, same shape.
@@ -600,15 +635,17 @@ class Engine:
         window at a time (memory holds one window's activations), then takes one Adam
         step on the whole latent. On CUDA in half precision the latent stays float32,
         the model runs under autocast and the loss is scaled before backward (a fresh
-        GradScaler per guided step), as the reference does.
+        GradScaler per guided step), as the reference does. `iterations`: Adam
+        iterations (default settings.guidance_iterations; a preview's plan runs fewer).
         """
         procedure = procedure or Procedure()
+        iterations = settings.guidance_iterations if iterations is None else iterations
         x = latent.detach().float().clone().requires_grad_(True)
         optimizer = torch.optim.Adam([x], lr=learning_rate)
         scaler = torch.amp.GradScaler(self.backbone.device.type, enabled=self._scales_loss())
         kind = "truncated" if procedure.truncate_guidance else "full"
         with self.backbone.checkpointing(settings.gradient_checkpointing), torch.enable_grad():
-            for _ in range(settings.guidance_iterations):
+            for _ in range(iterations):
                 optimizer.zero_grad(set_to_none=True)
                 for window, window_source in zip(windows, source_features, strict=True):
                     report.check()
@@ -659,10 +696,11 @@ class Engine:
     def denoise(
         self, latent: torch.Tensor, steps: int, index: int, target: torch.Tensor,
         negative: torch.Tensor, cfg_scale: float, windows: list[Window], report: Reporter,
-        after_window: Callable[[int], None] | None = None,
+        after_window: Callable[[int], None] | None = None, span: int = 1,
     ) -> torch.Tensor:
-        """One sampler step from timestep `index` of `steps` with classifier-free guidance,
-        o = o_neg + s·(o_text − o_neg) (o: ε or velocity), blended over the windows."""
+        """One sampler step from timestep `index` of `steps` (to `span` steps on) with
+        classifier-free guidance, o = o_neg + s·(o_text − o_neg) (o: ε or velocity),
+        blended over the windows."""
         timestep = self.backbone.schedule.timesteps(steps)[index]
 
         def cfg_output(piece: torch.Tensor, _window: int) -> torch.Tensor:
@@ -672,7 +710,7 @@ class Engine:
             return out_negative + cfg_scale * (out_text - out_negative)
 
         output = blend_windowed(cfg_output, latent, windows, after_window=after_window)
-        return self.backbone.schedule.step(output, steps, index, latent)
+        return self.backbone.schedule.step(output, steps, index, latent, span)
 
     # ------------------------------------------------------------------ model calls
 

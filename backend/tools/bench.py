@@ -21,7 +21,14 @@ stage's size on a tiny model, at the upscaler's native size on the backbone's
 UNet passes (in first-stage forward-equivalents: each pass weighted by the measured
 time of a full pass at its size over one at the first stage's) and peak memory
 against the first stage's.
-Forward-equivalents (FE): a full model pass over one batch element is 1; a pass that
+`bench --preview` edits one clip four times per backbone (each backbone's tiny model by
+default, `--preview-arch` to choose), all at the models' default settings: a preview
+first edit (empty cache), a preview re-edit (another prompt and seed), a final re-edit
+(the preview's cached inversion: a preview and then the final invert once) and a final
+first edit (empty cache); it reports each one's FE and wall seconds and the ratio
+preview / final of each (target: a preview re-edit at most 1/8 of a final re-edit's FE).
+
+Forward-equivalents (FE, backend/method/cost.py): a full model pass over one batch element is 1; a pass that
 stops after the feature taps (ZeroScope: up_blocks[1]; Wan: the guidance block) counts
 its measured share of a full pass (timed here); a backward pass counts twice its forward.
 
@@ -50,6 +57,7 @@ from backend.backbones.base import Backbone
 from backend.backbones.loading import load_backbone
 from backend.backbones.registry import BackboneEntry, backbones
 from backend.errors import BadSettingsError
+from backend.method.cost import PHASE_OF_TIMING, forward_equivalents
 from backend.method.engine import Engine, Procedure
 from shared.settings import TransferSettings
 
@@ -65,10 +73,6 @@ SCALING_LENGTHS = (24, 48, 96, 240)
 # Fewer steps than the defaults keep the tiny model's 240-frame edit to about a minute on a
 # CPU; every step costs the same per window, so the ratios do not depend on the count.
 TINY_SCALING_STEPS = {"steps": 10, "inversion_steps": 10, "guidance_iterations": 3}
-PHASE_OF_PASS = {"invert": "invert", "features": "invert", "guide": "sample", "sample": "sample"}
-# Engine timing names → bench phases.
-PHASE_OF_TIMING = {"embed": "invert", "encode_invert": "invert", "sample": "sample",
-                   "decode": "decode", "upscale": "upscale"}
 
 
 @dataclass
@@ -162,16 +166,6 @@ def _timed(device: torch.device, run, repeats: int) -> float:
         run()
     _sync(device)
     return (time.perf_counter() - started) / repeats
-
-
-def forward_equivalents(passes: dict[tuple[str, str], int], truncated_share: float) -> dict[str, float]:
-    """Per bench phase: full·1 + truncated·share + truncated backward·2·share + full backward·2."""
-    weight = {"full": 1.0, "truncated": truncated_share, "truncated_backward": 2 * truncated_share,
-              "full_backward": 2.0}
-    out = {"invert": 0.0, "sample": 0.0, "decode": 0.0}
-    for (phase, kind), count in passes.items():
-        out[PHASE_OF_PASS[phase]] += weight[kind] * count
-    return out
 
 
 def reference_inversion_steps(engine: Engine, settings: TransferSettings) -> int:
@@ -367,6 +361,67 @@ def run_upscale(
     }
 
 
+PREVIEW_TARGET_RATIO = 1 / 8  # preview re-edit FE / final re-edit FE (issue 27)
+
+
+def run_preview(arch: str = "tiny", random_weights: bool = False, device: str | None = None,
+                dtype: str | None = None) -> dict:
+    """Preview and final, first edit and re-edit, on one model at its default settings;
+    the JSON report with the ratios preview / final."""
+    backbone = build_backbone(arch, random_weights, device, dtype)
+    frames, width, height = default_sizes(arch)
+    base = {"prompt": "a red train", "source_prompt": "a car", "seed": 0, "num_frames": frames,
+            "width": width, "height": height}
+    clip = np.random.default_rng(0).integers(0, 255, (frames, height, width, 3), dtype=np.uint8)
+    runs: dict[str, Run] = {}
+    with TemporaryDirectory() as cache, TemporaryDirectory() as fresh_cache:
+        engine = Engine(backbone, Path(cache))
+        share = measure_truncated_share(engine, TransferSettings(**base))
+        engine.transfer(clip[:2], TransferSettings(**{**base, "num_frames": 2, "steps": 1,
+                                                       "inversion_steps": 1}))  # first-run costs
+        for name, quality, prompt, seed in (("preview first edit", "preview", "a red train", 0),
+                                            ("preview re-edit", "preview", "a brown horse", 1),
+                                            ("final re-edit", "final", "a blue boat", 2)):
+            settings = TransferSettings(**{**base, "prompt": prompt, "seed": seed, "quality": quality})
+            runs[name] = run_once(engine, name, clip, settings, Procedure(), share)
+        engine.cache = Engine(backbone, Path(fresh_cache)).cache  # empty again
+        runs["final first edit"] = run_once(engine, "final first edit", clip,
+                                            TransferSettings(**base), Procedure(), share)
+    totals = {name: {"forward_equivalents": run.total("forward_equivalents"),
+                     "seconds": run.total("seconds"),
+                     "phase_forward_equivalents": run.forward_equivalents,
+                     "phase_seconds": run.seconds} for name, run in runs.items()}
+    return {
+        "arch": arch, "model": backbone.model_id, "backbone": backbone.facts.name,
+        "device": _device_name(backbone.device), "dtype": str(backbone.dtype).removeprefix("torch."),
+        "frames": frames, "width": width, "height": height,
+        "truncated_pass_share": round(share, 3), "runs": totals,
+        "preview_over_final": {
+            kind: {unit: totals[f"preview {kind}"][unit] / totals[f"final {kind}"][unit]
+                   for unit in ("forward_equivalents", "seconds")}
+            for kind in ("first edit", "re-edit")},
+    }
+
+
+def format_preview(reports: list[dict]) -> str:
+    """A plain-text table of preview reports, one block per model."""
+    lines = []
+    for report in reports:
+        runs = report["runs"]
+        lines.append(f"bench --preview: {report['model']} ({report['backbone']}) on "
+                     f"{report['device']} ({report['dtype']}), {report['frames']} frames "
+                     f"{report['width']}×{report['height']}, truncated pass = "
+                     f"{report['truncated_pass_share']:.2f} of a full pass")
+        lines.append(f"{'':<20}{'FE':>9}{'s':>9}")
+        for name, run in runs.items():
+            lines.append(f"{name:<20}{run['forward_equivalents']:>9.1f}{run['seconds']:>9.1f}")
+        for kind, ratio in report["preview_over_final"].items():
+            lines.append(f"preview / final, {kind}: {ratio['forward_equivalents']:.3f}× FE, "
+                         f"{ratio['seconds']:.3f}× seconds"
+                         + (f" (target ≤ {PREVIEW_TARGET_RATIO:.3f}× FE)" if kind == "re-edit" else ""))
+    return "\n".join(lines)
+
+
 def format_upscale(report: dict) -> str:
     """A plain-text summary of the upscale report."""
     first, up = report["first_stage_size"], report["upscale_size"]
@@ -465,7 +520,12 @@ def main_bench(args) -> int:
         from backend.tools.bench_memory import main_memory_bench
 
         return main_memory_bench(args, build_backbone, default_sizes)
-    if args.upscale:
+    if args.preview:
+        arches_chosen = args.preview_arch or [entry.tiny for entry in backbones()]
+        report = [run_preview(arch, args.random_weights, args.device, args.dtype)
+                  for arch in arches_chosen]
+        print(format_preview(report))
+    elif args.upscale:
         report = run_upscale(args.arch, args.random_weights, args.frames, args.device, args.dtype)
         print(format_upscale(report))
     elif args.scaling:

@@ -18,6 +18,7 @@ from ..job_flow import jobs, rendering
 from ..job_flow.batches import TICK_BUDGET_S
 from ..rules.channels import NoRoomUnderGrade, make_room
 from ..rules.errors import UserError
+from ..rules.messages import cancel_report
 from ..rules.states import Status
 from ..vse import compat, strip_io
 
@@ -177,7 +178,7 @@ class UNDERSTUDY_OT_cancel(bpy.types.Operator):
     def execute(self, context):
         scene, job = chosen_job(context, self.job_id)
         jobs.cancel(scene, job)
-        self.report({"INFO"}, f"Cancelled {job.job_id}.")
+        self.report({"INFO"}, cancel_report(job.job_id, job.status))
         return {"FINISHED"}
 
 
@@ -192,6 +193,11 @@ class UNDERSTUDY_OT_collect(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
+        # In background mode Collect is a script's wait for every job to end, and every
+        # job may have ended already (Cancel ends a job still queued at once): nothing
+        # to do there is no error. In the interface the button is greyed instead.
+        if not addon.BATCHED:
+            return True
         if jobs.any_job(lambda job: job.active or job.status == Status.UNPLACED):
             return True
         cls.poll_message_set("There are no results to collect: no job is running or waiting to "

@@ -24,6 +24,20 @@ def progress_text(status: str, phase: str, percent: float) -> str:
     return str(status)
 
 
+def cancel_report(job_id: str, status: str) -> str:
+    """What Cancel says, by the job's status once the server has answered: a job still
+    queued there (or rendering here) is cancelled at once, a running one stops at its next
+    step, and one that ended before the cancel reached the server ended as it did (a
+    finished job's result is collected, as Collect Results would)."""
+    if status == Status.CANCELLED:
+        return f"Cancelled {job_id}."
+    if status in ACTIVE:
+        return f"Cancelling {job_id}: the server stops it at its next step."
+    if status == Status.FAILED:
+        return f"{job_id} had already failed on the server; there was nothing to cancel."
+    return f"{job_id} had already finished on the server; its result is collected instead."
+
+
 def lost_server_message(error: str) -> str:
     """After the server stopped answering: the error, and what brings the result in."""
     return (f"{error.rstrip('.')}; the job may still finish there, so {COLLECT_HINT} once the "
@@ -32,7 +46,9 @@ def lost_server_message(error: str) -> str:
 
 def sidecar_summary(sidecar: dict) -> str:
     """One line about how a result was made, from the server's sidecar, for the panel:
-    the steps and guided steps the edit used (never the request's automatic None), or
+    the steps and guided steps the edit used (never the request's automatic None), a
+    preview said as one, what it cost in forward-equivalents (full model passes) when
+    the sidecar records it, and its seconds; or
     the one sentence saying why the sidecar cannot be read; "" before there is one."""
     if not sidecar:
         return ""
@@ -40,9 +56,13 @@ def sidecar_summary(sidecar: dict) -> str:
         record = SIDECAR.Sidecar.from_dict(sidecar)
     except SIDECAR.SidecarError as error:
         return str(error)
+    preview = " (preview)" if record.settings.get("quality") == "preview" else ""
     parts = [f"model {record.model}", f"seed {record.seed}",
-             f"{record.steps} steps, {record.guided_steps} guided",
+             f"{record.steps} steps{preview}, {record.guided_steps} guided",
              "inversion from cache" if record.inversion_from_cache else "inversion computed"]
+    cost = (record.cost or {}).get("forward_equivalents", {})
+    if isinstance(cost.get("total"), int | float):  # a sidecar with its cost (issue 27)
+        parts.append(f"cost {cost['total']:.0f} FE")
     total = sum(value for value in record.timings_s.values() if isinstance(value, int | float))
     parts.append(f"{total:.1f} s on the server")
     return ", ".join(parts)
