@@ -102,14 +102,16 @@ def test_inversion_then_unguided_sampling_reconstructs_the_source(engine):
              "cfg_scale": 1.0, "source_prompt": "a yellow square", "prompt": "a yellow square"}
     frames = moving_square_frames(4, 64, 64)
     one = [(0, 4)]
-    source, _ = engine._source_state(frames, one, small(**plain), Procedure(use_cache=False), _no_report())
+    embeddings = engine.embed_prompts(small(**plain), Procedure(use_cache=False))
+    source, _ = engine._source_state(frames, one, small(**plain), Procedure(use_cache=False), _no_report(),
+                                     embeddings.source)
     z0 = source.source_latent
 
     reconstructed = engine._sample(source, one, small(**plain, lowfreq_factor=1), 0, Procedure(),
-                                   _no_report())
+                                   _no_report(), embeddings)
     # lowfreq_factor=8 on an 8×8 latent keeps only the mean: almost all fresh noise.
     from_noise = engine._sample(source, one, small(**plain, lowfreq_factor=8), 0, Procedure(),
-                                _no_report())
+                                _no_report(), embeddings)
     reconstruction_error = (reconstructed - z0).abs().mean()
     noise_error = (from_noise - z0).abs().mean()
     assert reconstruction_error < 0.2 * noise_error
