@@ -113,7 +113,7 @@ def cache_max_bytes(gigabytes: float | None) -> int | None:
     if gigabytes is None:
         return None
     if not gigabytes > 0:
-        raise UnderstudyError(f"--cache-max-gb is {gigabytes}; give a positive size in GB.")
+        raise UnderstudyError(f"--cache-max-gb is {gigabytes}; give a positive size in GiB.")
     return int(gigabytes * 2**30)
 
 
@@ -202,7 +202,7 @@ def command_serve(args: argparse.Namespace) -> int:
 def gpu_gigabytes(gigabytes: float | None) -> float | None:
     """--assume-gpu-memory-gb, checked: a positive size or None."""
     if gigabytes is not None and not gigabytes > 0:
-        raise UnderstudyError(f"--assume-gpu-memory-gb is {gigabytes}; give a positive size in GB.")
+        raise UnderstudyError(f"--assume-gpu-memory-gb is {gigabytes}; give a positive size in GiB.")
     return gigabytes
 
 
@@ -344,13 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
                           help="seconds to wait for the --server to answer (default: %(default)s)")
     add_model_flags(transfer)
     transfer.add_argument("--cache-max-gb", type=float, default=None,
-                          help="the inversion cache's size cap; the least recently used "
-                               "inversions are deleted beyond it (default: 20)")
+                          help="the inversion cache's size cap in GiB (2^30 bytes); the least "
+                               "recently used inversions are deleted beyond it (default: 20)")
     transfer.add_argument("--upscale-model", default=None,
                           help="the upscaler for --upscale xl: hub id, local diffusers folder or "
                                "'tiny' (default: cerspense/zeroscope_v2_XL)")
     transfer.add_argument("--assume-gpu-memory-gb", type=float, default=None, metavar="N",
-                          help="plan the edit (--memory auto) for a GPU with N GB (10^9 bytes) "
+                          help="plan the edit (--memory auto) for a GPU with N GiB (2^30 bytes) "
                                "(default: the CUDA device's free memory; on a CPU nothing is "
                                "planned)")
     transfer.add_argument("--from-take", metavar="SIDECAR",
@@ -439,7 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--insecure", action="store_true",
                        help="allow a non-loopback bind without keys (anyone can connect)")
     serve.add_argument("--max-message-mb", type=float,
-                       default=DEFAULT_LIMITS["max_message_bytes"] / 2**20)
+                       default=DEFAULT_LIMITS["max_message_bytes"] / 2**20,
+                       help="the largest message a client may send, in MiB (2^20 bytes) "
+                       "(default: %(default)s)")
     serve.add_argument("--max-frames", type=int, default=DEFAULT_LIMITS["max_frames"])
     serve.add_argument("--max-side", type=int, default=DEFAULT_LIMITS["max_side"])
     serve.add_argument("--max-job-megapixels", type=float,
@@ -452,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--keep-jobs", type=int, default=200,
                        help="keep at most this many finished jobs (default: %(default)s)")
     serve.add_argument("--assume-gpu-memory-gb", type=float, default=None, metavar="N",
-                       help="plan jobs (--memory auto) for a GPU with N GB (10^9 bytes) for "
+                       help="plan jobs (--memory auto) for a GPU with N GiB (2^30 bytes) for "
                        "this server (with --ray: for each worker), for sharing a GPU and for "
                        "tests (default: the CUDA device's free memory; on a CPU nothing is "
                        "planned)")
@@ -498,9 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--regions", type=int, default=0,
                         help="plan an edit with this many regions (--mask), at the clip's size "
                              "(default: %(default)s)")
-    memory.add_argument("--gpu-memory-gb", type=float, default=None,
-                        help="also choose the savers (cheapest first) that fit a GPU with this "
-                             "many GB free, or say why none do")
+    memory.add_argument("--gpu-memory-gb", type=float, default=None, metavar="N",
+                        help="also choose the savers (cheapest first) that fit a GPU with N GiB "
+                             "(2^30 bytes) free, or say why none do")
     memory.add_argument("--json", action="store_true", help="print the plan as JSON")
     memory.set_defaults(func=command_memory)
 
@@ -539,9 +541,9 @@ def command_memory(args: argparse.Namespace) -> int:
                      source_size, regions=args.regions)
     report = plan.to_dict()
     if args.gpu_memory_gb is not None:
-        from backend.memory.planner import choose_savers
+        from backend.memory.planner import choose_savers, gibibytes
 
-        choice = choose_savers(plan, int(args.gpu_memory_gb * 1e9))
+        choice = choose_savers(plan, gibibytes(args.gpu_memory_gb))
         report["chosen"] = {"savers": list(choice.savers), "peak_bytes": choice.peak_bytes}
     if args.json:
         print(json.dumps(report, indent=2))
@@ -549,7 +551,7 @@ def command_memory(args: argparse.Namespace) -> int:
         print(format_plan(plan))
         if "chosen" in report:
             chosen = report["chosen"]
-            print(f"  fits {args.gpu_memory_gb:g} GB with: {', '.join(chosen['savers']) or 'no saver'} "
+            print(f"  fits {args.gpu_memory_gb:g} GiB with: {', '.join(chosen['savers']) or 'no saver'} "
                   f"(predicted {chosen['peak_bytes'] / 2**30:.2f} GiB)")
     return 0
 

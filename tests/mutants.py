@@ -37,6 +37,20 @@ MUTANTS: tuple[Mutant, ...] = (
         ('tests/test_memory.py::test_memory_auto_takes_the_cheapest_savers_that_fit',),
     ),
     Mutant(
+        'the text encoder left on the GPU during sampling',
+        'backend/memory/text_encoder.py',
+        '        move(text_encoder, host)\n',
+        '',
+        ('tests/test_text_encoder.py::test_the_text_encoder_never_shares_the_gpu_with_the_denoiser',),
+    ),
+    Mutant(
+        'the embedding cache keyed without the negative prompt',
+        'backend/method/embeddings.py',
+        '"source": source, "target": target, "negative": negative}',
+        '"source": source, "target": target}',
+        ('tests/test_text_encoder.py::test_known_prompts_never_load_the_text_encoder',),
+    ),
+    Mutant(
         "a slow convolution's columns leave out the batch (the CPU plan's scratch term)",
         'backend/memory/cpu_terms.py',
         '        return input_shape[0] * input_shape[1] * kernel * math.prod(output_shape[2:]) * element_size',

@@ -971,8 +971,8 @@ GPU = {"name": "NVIDIA L4", "total_bytes": 24 * 2**30, "free_bytes": 23 * 2**30,
 
 def test_the_servers_gpu_in_one_line():
     assert server_hello.gpu_text({"gpu": GPU}) == "GPU NVIDIA L4, 24.0 GiB (23.0 GiB free)"
-    assert server_hello.gpu_text({"gpu": {**GPU, "name": "assumed 16 GB", "total_bytes": 16 * 10**9,
-                                  "assumed": True}}) == "GPU assumed 16 GB, 14.9 GiB"
+    assert server_hello.gpu_text({"gpu": {**GPU, "name": "assumed 16 GiB", "total_bytes": 16 * 2**30,
+                                  "assumed": True}}) == "GPU assumed 16 GiB, 16.0 GiB"
     assert server_hello.gpu_text({"gpu": None}) == server_hello.gpu_text({}) == ""
 
 

@@ -456,7 +456,7 @@ def test_a_gateway_plans_each_job_for_its_workers_gpus(tmp_path, connect_client)
     budget = peaks["vae_offload"] + 256  # the quick job fits with the first four savers
     assert budget < min(saver["peak_bytes"] for saver in tiny_plan(**BIG).savers)
     gateway = ServerProcess(tmp_path / "state", "--ray", "local:1", "--assume-gpu-memory-gb",
-                            repr(budget / 1e9)).start()
+                            repr(budget / 2**30)).start()
     try:
         client = connect_client(gateway.address)
         hello = client.hello()

@@ -103,15 +103,17 @@ def test_inversion_then_unguided_sampling_reconstructs_the_source(engine):
              "cfg_scale": 1.0, "source_prompt": "a yellow square", "prompt": "a yellow square"}
     frames = moving_square_frames(4, 64, 64)
     one = [(0, 4)]
-    source, _ = engine._source_state(frames, one, small(**plain), Procedure(use_cache=False), _no_report())
+    embeddings = engine.embed_prompts(small(**plain), procedure=Procedure(use_cache=False))
+    source, _ = engine._source_state(frames, one, small(**plain), Procedure(use_cache=False), _no_report(),
+                                     embeddings.source)
     z0 = source.source_latent
 
     take = [Take("a yellow square", 0)]
     reconstructed = engine._sample(source, one, small(**plain, lowfreq_factor=1), take, Procedure(),
-                                   _no_report())
+                                   _no_report(), embeddings)
     # lowfreq_factor=8 on an 8×8 latent keeps only the mean: almost all fresh noise.
     from_noise = engine._sample(source, one, small(**plain, lowfreq_factor=8), take, Procedure(),
-                                _no_report())
+                                _no_report(), embeddings)
     reconstruction_error = (reconstructed - z0).abs().mean()
     noise_error = (from_noise - z0).abs().mean()
     assert reconstruction_error < 0.2 * noise_error
@@ -145,7 +147,7 @@ def test_result_shape_sidecar_and_seed(engine):
     assert isinstance(meta["seed"], int)
     assert meta["settings"]["prompt"] == "a red train"
     assert meta["input_frame_indices"] == [0, 2, 5, 7]
-    assert set(meta["timings_s"]) == {"encode_invert", "sample", "decode"}
+    assert set(meta["timings_s"]) == {"embed", "encode_invert", "sample", "decode"}
     assert meta["version"] == 1 and meta["settings"]["guided_steps"] is None
     assert (meta["steps"], meta["guided_steps"]) == (3, 2)  # 3 − ⌊3·0.6⌋ guided of 3
     assert Sidecar.from_dict(json.loads(json.dumps(meta))) == result.sidecar

@@ -45,24 +45,27 @@ class Recorder:
 
 def test_the_offloads_keep_each_network_on_the_gpu_only_while_it_works(engine) -> None:  # noqa: ANN001
     """text_encoder_offload and vae_offload, acted out on the CPU with a recorder: while
-    the denoiser runs, the VAE and the text encoder are in host memory; each visits the
-    device for its own calls; afterwards all are home and the backbone is unpatched."""
+    the denoiser runs, the VAE and the text encoder are in host memory (the encoder
+    lives there on a GPU and, with text_encoder_offload, embeds there:
+    tests/test_text_encoder.py); the VAE visits the device for its own calls;
+    afterwards all are home and the backbone is unpatched."""
     backbone = engine.backbone
     recorder = Recorder(backbone)
+    recorder.where["text_encoder"] = "host"  # as the loaders leave it on CUDA
     seen_while_denoising: set[tuple[str, str]] = set()
     hook = backbone.unet.register_forward_pre_hook(lambda *_: seen_while_denoising.update(
         (name, recorder.where[name]) for name in ("vae", "text_encoder")))
     try:
         savers = MEMORY_SAVERS[:4]
         with offloads_applied(backbone, savers, host=HOST, move=recorder, active=True) as installed:
-            assert installed == ["text_encoder_offload", "vae_offload"]
+            assert installed == ["vae_offload"]
             engine.transfer(clip(), with_savers(TransferSettings(**QUICK), savers))
     finally:
         hook.remove()
     assert seen_while_denoising == {("vae", "host"), ("text_encoder", "host")}
-    assert recorder.moves[:2] == [("text_encoder", "host"), ("vae", "host")]
-    visits = recorder.moves[2:-3]
-    assert ("vae", "device") in visits and ("text_encoder", "device") in visits
+    assert recorder.moves[:1] == [("vae", "host")]
+    visits = recorder.moves[1:-3]
+    assert ("vae", "device") in visits and all(name == "vae" for name, _ in visits)
     assert all(visits[i + 1] == (name, "host") for i, (name, where) in enumerate(visits)
                if where == "device")  # every visit ends in host memory
     assert recorder.moves[-3:] == [("denoiser", "device"), ("vae", "device"), ("text_encoder", "device")]

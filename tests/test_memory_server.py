@@ -49,7 +49,7 @@ def budget(plans) -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, budget):
     process = ServerProcess(tmp_path_factory.mktemp("memory") / "state",
-                            "--assume-gpu-memory-gb", repr(budget / 1e9)).start()
+                            "--assume-gpu-memory-gb", repr(budget / 2**30)).start()
     yield process
     process.stop()
 
@@ -129,7 +129,7 @@ def test_assumed_gpu_memory_is_checked(capsys) -> None:  # noqa: ANN001
 
     assert main(["serve", "--assume-gpu-memory-gb", "0"]) == 1
     assert capsys.readouterr().err == ("error: --assume-gpu-memory-gb is 0.0; give a positive "
-                                       "size in GB.\n")
+                                       "size in GiB.\n")
 
 
 def release(gate: Path, word: str = "go") -> None:
@@ -175,7 +175,7 @@ def test_a_plan_holds_up_nobody_but_its_own_request(tmp_path, plans) -> None:  #
             wait_for_event(editor, "planned", "result_ready")
             assert editor.fetch("planned").sidecar["memory"] == {
                 "savers": [], "predicted_peak_bytes": plans["quick"].peak_bytes,
-                "budget_bytes": 1000 * 10**9}
+                "budget_bytes": 1000 * 2**30}
 
             asked = editor_thread.submit(editor.plan, settings(**BIG), 6, CLIP_SIZE)
             wait_until(lambda: plans_waiting(other, 1), "the plan request waiting")

@@ -181,7 +181,9 @@ class Backbone(ABC):
 
     @abstractmethod
     def embed(self, prompts: list[str]) -> torch.Tensor:
-        """Text embeddings (len(prompts), L, E), on the model's device and dtype."""
+        """Text embeddings (len(prompts), L, E), on the model's device and dtype. The
+        text encoder runs where it is (text_encoder_home; the engine's embed phase moves
+        it, backend/memory/text_encoder.py)."""
 
     @abstractmethod
     def predict(self, latent: torch.Tensor, timestep: Timestep, embedding: torch.Tensor) -> torch.Tensor:
@@ -270,12 +272,6 @@ class Backbone(ABC):
 
     # ---------------------------------------------------------------- memory plan
 
-    text_encoder_in_host_memory: bool = False
-    """True when, on a GPU, the text encoder lives in host memory and visits the GPU only
-    to embed (Wan): the memory plan counts its weights in the embed phase only and
-    offers no text_encoder_offload."""
-
-
     def meta_copy(self) -> Backbone:
         """This backbone's architecture rebuilt on the meta device (no weights) from its
         networks' configs, in their dtypes, with a schedule of its own and the CPU as its
@@ -294,6 +290,17 @@ def choose_device(device: str | None) -> torch.device:
             f"use --device cpu (slow) or run on a GPU machine."
         )
     return torch.device(device)
+
+
+def text_encoder_home(device: torch.device) -> torch.device:
+    """Where a loaded text encoder lives: host memory when the model runs on a GPU (it
+    visits the GPU only to embed, alone: backend/memory/text_encoder.py), else the device."""
+    return torch.device("cpu") if device.type == "cuda" else device
+
+
+def encoder_device(encoder: torch.nn.Module) -> torch.device:
+    """The device the text encoder's weights are on now (where its inputs go)."""
+    return next(encoder.parameters()).device
 
 
 def choose_dtype(dtype: str | None, device: torch.device, gpu_default: torch.dtype = torch.float16,

@@ -39,11 +39,13 @@ from backend.backbones.base import (
     Timestep,
     checkpointed_blocks,
     choose_dtype,
+    encoder_device,
     meta_network,
     missing_weights,
     model_location,
     smm,
     stop_after,
+    text_encoder_home,
 )
 from backend.backbones.flow_matching import FlowMatchingSchedule
 from backend.errors import BadSettingsError
@@ -71,7 +73,6 @@ DEFAULT_FLOW_SHIFT = 3.0  # the hub's 480p Wan 2.1 scheduler config
 # The guided block as a share of the depth: FastVMT guides blocks[14] of the 1.3B's 30
 # (DiTFlow: block 15 of CogVideoX-2B's 30, 20 of the 5B's 42), so block ⌊14·L/30⌋ of L.
 GUIDED_BLOCK_OF_30 = 14
-EMBEDDING_CACHE_PROMPTS = 16
 
 
 def wan_facts(layers: int, ti2v: bool) -> BackboneFacts:
@@ -118,7 +119,6 @@ class Wan(Backbone):
         self.dtype = dtype
         self.facts = wan_facts(len(transformer.blocks), expand_timesteps)
         self.guidance_block: int = self.facts.defaults["guidance_block"]  # per edit: use_settings
-        self._embeddings: dict[str, torch.Tensor] = {}
 
     # ---------------------------------------------------------------- geometry
 
@@ -147,8 +147,6 @@ class Wan(Backbone):
         return [self.transformer, self.vae, self.text_encoder]
 
     # ---------------------------------------------------------------- memory plan
-
-    text_encoder_in_host_memory = True  # _text_encoder_on_device: on the GPU only to embed
 
     def meta_copy(self) -> Wan:
         return Wan(meta_network(self.transformer), meta_network(self.vae),
@@ -221,16 +219,7 @@ class Wan(Backbone):
     def embed(self, prompts: list[str]) -> torch.Tensor:
         """UMT5 embeddings (len(prompts), 512, E) as WanPipeline makes them: cleaned,
         tokenised to 512, encoded with the mask, cut to each prompt's length, zero-padded
-        back to 512. The text encoder visits the GPU only while new prompts are embedded."""
-        missing = [prompt for prompt in dict.fromkeys(prompts) if prompt not in self._embeddings]
-        if missing:
-            for prompt, embedding in zip(missing, self._encode_prompts(missing), strict=True):
-                if len(self._embeddings) >= EMBEDDING_CACHE_PROMPTS:
-                    self._embeddings.pop(next(iter(self._embeddings)))
-                self._embeddings[prompt] = embedding
-        return torch.stack([self._embeddings[prompt] for prompt in prompts]).to(self.device, self.dtype)
-
-    def _encode_prompts(self, prompts: list[str]) -> list[torch.Tensor]:
+        back to 512. The encoder runs where it is (on the GPU alone, or on the CPU)."""
         from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
         cleaned = [prompt_clean(prompt) for prompt in prompts]
@@ -238,26 +227,13 @@ class Wan(Backbone):
                                 truncation=True, add_special_tokens=True, return_attention_mask=True,
                                 return_tensors="pt")
         lengths = inputs.attention_mask.gt(0).sum(dim=1).long()
-        with self._text_encoder_on_device():
-            hidden = self.text_encoder(inputs.input_ids.to(self.device),
-                                       inputs.attention_mask.to(self.device)).last_hidden_state
+        where = encoder_device(self.text_encoder)
+        hidden = self.text_encoder(inputs.input_ids.to(where),
+                                   inputs.attention_mask.to(where)).last_hidden_state
         hidden = hidden.to(self.dtype).cpu()
-        return [torch.cat([row[:length], row.new_zeros(MAX_SEQUENCE_LENGTH - length, row.size(1))])
+        rows = [torch.cat([row[:length], row.new_zeros(MAX_SEQUENCE_LENGTH - length, row.size(1))])
                 for row, length in zip(hidden, lengths, strict=True)]
-
-    @contextlib.contextmanager
-    def _text_encoder_on_device(self) -> Iterator[None]:
-        """On CUDA the text encoder (5.7 B parameters for every Wan) lives in host memory
-        and visits the GPU only to embed, so the transformer has the GPU to itself."""
-        if self.device.type != "cuda":
-            yield
-            return
-        self.text_encoder.to(self.device)
-        try:
-            yield
-        finally:
-            self.text_encoder.to("cpu")
-            torch.cuda.empty_cache()
+        return torch.stack(rows).to(self.device, self.dtype)
 
     # ---------------------------------------------------------------- transformer
 
@@ -378,7 +354,7 @@ def load_wan(model: str, device: torch.device, dtype: str | None, flag: str = "-
         module.eval().requires_grad_(False)
     transformer.to(device)
     vae.to(device)
-    text_encoder.to("cpu" if device.type == "cuda" else device)  # Wan._text_encoder_on_device
+    text_encoder.to(text_encoder_home(device))
     return Wan(transformer, vae, text_encoder, parts["tokenizer"], shift, expand, model, device, dtype)
 
 

@@ -29,9 +29,11 @@ from backend.backbones.base import (
     Timestep,
     checkpointed_blocks,
     choose_dtype,
+    encoder_device,
     meta_network,
     missing_weights,
     model_location,
+    text_encoder_home,
 )
 from backend.backbones.ddim import DDIMSchedule
 from backend.backbones.zeroscope_taps import TAP_NAMES, full_pass_smm, truncated_smm
@@ -156,8 +158,8 @@ class ZeroScope(Backbone):
         """CLIP text embeddings, (len(prompts), 77, E)."""
         length = min(self.tokenizer.model_max_length, self.text_encoder.config.max_position_embeddings)
         ids = self.tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
-                             return_tensors="pt").input_ids.to(self.device)
-        return self.text_encoder(ids)[0].to(self.dtype)
+                             return_tensors="pt").input_ids.to(encoder_device(self.text_encoder))
+        return self.text_encoder(ids)[0].to(self.device, self.dtype)
 
     @torch.no_grad()
     def encode(self, frames: np.ndarray, frames_per_slice: int) -> torch.Tensor:
@@ -228,10 +230,10 @@ def load_zeroscope(model: str, device: torch.device, dtype: str | None, flag: st
     else:
         parts = _from_pretrained(model, dtype, flag)
     unet, vae, text_encoder, tokenizer, scheduler = parts
-    for module in (unet, vae, text_encoder):
+    for module, home in ((unet, device), (vae, device), (text_encoder, text_encoder_home(device))):
         if module.dtype != dtype:  # from_pretrained already loaded in dtype
             module.to(dtype=dtype)
-        module.to(device).eval().requires_grad_(False)
+        module.to(home).eval().requires_grad_(False)
     return ZeroScope(unet, vae, text_encoder, tokenizer, scheduler, model, device, dtype, facts)
 
 

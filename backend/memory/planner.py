@@ -42,12 +42,16 @@ in `host_bytes`, not on the GPU; a CPU plan, where host and device are one, in t
 
 Everything the engine keeps between phases (embeddings, the source latent, the inverted
 latents of every sampling step, the source features) stays alive, so a long clip's
-growth beyond one window is counted. The text encoder's and the VAE's weights count
-in every phase they are resident; the savers move them:
+growth beyond one window is counted. Each network's weights count in every phase it is
+resident. On a GPU the text encoder never shares it with the denoiser
+(backend/memory/text_encoder.py): the embed phase is the encoder alone (its weights and
+its activations; the denoiser and the VAE are in host memory then), and no other phase
+counts it. The savers move the networks further:
 
     gradient_checkpointing   guide re-measured with the backbone's checkpointing on
     vae_slice_1              encode and decode re-measured one frame per slice
-    text_encoder_offload     the text encoder on the GPU only while embedding
+    text_encoder_offload     the text encoder embeds on the CPU: the embed phase is the
+                             denoiser's and the VAE's weights and the embeddings
     vae_offload              the VAE on the GPU only while encoding and decoding
     sequential_offload       (accelerate) one leaf module's weights on the GPU at a time
 
@@ -192,7 +196,7 @@ def plan_edit(phases_of: PhasesOf, model: str | Backbone, frames: int | None = N
         measured, with_savers = host_frames(shell.model_frames(frames), size, measured, with_savers)
     windows = len(engine.windows_for(shell.model_frames(frames), resolved))
     plan = _plan(model, torch_device, shell, frames, size, windows, measured, with_savers,
-                 modules, resolved)
+                 modules, kept.embedding_bytes)
     plan.regions, plan.host_bytes, plan.batch = regions, kept.host_bytes, batch
     return plan
 
@@ -222,12 +226,21 @@ def _unchecked(settings: TransferSettings, **changes: Any) -> TransferSettings:
 
 
 def _materialise(backbone: Backbone, tracker: LiveBytes) -> dict[str, int]:
-    """Give each network fake storage; returns its weight bytes by role."""
+    """Give each network fake storage; returns its weight bytes by role. A weight two
+    modules share (UMT5's token embedding, `shared` and `encoder.embed_tokens`) stays
+    one weight, as loaded: to_empty alone would give each module a copy."""
     roles = ("denoiser", "vae", "text_encoder")
     sizes = {}
     for role, module in zip(roles, backbone.modules(), strict=True):
         before = tracker.current
+        owners: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+        for owner in module.modules():
+            for name, parameter in owner.named_parameters(recurse=False):
+                owners.setdefault(id(parameter), []).append((owner, name))
         module.to_empty(device="cpu")
+        for (first, name), *others in owners.values():
+            for owner, other_name in others:
+                setattr(owner, other_name, getattr(first, name))
         tracker.track_module(module)
         sizes[role] = tracker.current - before
     return sizes
@@ -321,6 +334,7 @@ class _Kept:
     clip: np.ndarray
     embeddings: list[torch.Tensor]  # source, target (one row per take), negative
     source_latent: torch.Tensor
+    embedding_bytes: int = 0  # what the embeddings hold, all three
     state: Any = None
     guided: list = field(default_factory=list)
     regions: Any = None  # EditRegions (its latent-size masks; the plate on a CPU only)
@@ -355,11 +369,14 @@ def _measure_phases(engine: EditPhases, settings: TransferSettings, frames: int,
         source, target, negative = (engine.embed([p]) for p in prompts)
         return [source, torch.cat([target] * batch) if batch > 1 else target, negative]
 
+    before_embed = tracker.current
     embeddings = phase("embed", embed)
+    embedding_bytes = tracker.current - before_embed
     source_embedding = embeddings[0]
     clip = np.broadcast_to(np.zeros((), np.uint8), (b.model_frames(frames), size[1], size[0], 3))
     source_latent = phase("encode", lambda: engine.encode(clip, settings.vae_slice))
-    kept = _Kept(clip, embeddings, source_latent, regions=regions, host_bytes=host_bytes)
+    kept = _Kept(clip, embeddings, source_latent, embedding_bytes, regions=regions,
+                 host_bytes=host_bytes)
 
     steps = settings.steps
     sampling = b.schedule.timesteps(steps)
@@ -507,22 +524,35 @@ def _measure_regions(engine: EditPhases, settings: TransferSettings, frames: int
 
 def _plan(model: str, device: torch.device, backbone: Backbone, frames: int, size: tuple[int, int],
           windows: int, measured: dict[str, int], saving: dict[str, int], modules: dict[str, int],
-          settings: TransferSettings) -> MemoryPlan:
-    """Phase peaks with each module's weights counted only where it is resident."""
+          embedding_bytes: int) -> MemoryPlan:
+    """Phase peaks with each module's weights counted only where it is resident.
+
+    The embed phase runs before the offloads act (backend/method/engine.py transfer): on
+    a GPU it is the text encoder alone (measured less the denoiser's and the VAE's
+    weights), or with text_encoder_offload the denoiser's and the VAE's weights and the
+    three embeddings. A CPU plan, where nothing moves, counts the networks everywhere
+    but where a saver takes them out."""
     gpu = device.type == "cuda"
-    # A text encoder that lives in host memory on CUDA (Wan's) visits only to embed.
-    text_always_offloaded = gpu and backbone.text_encoder_in_host_memory
     largest_leaf = _largest_leaf_bytes(backbone)
+    others = modules["denoiser"] + modules["vae"]
+
+    def embed_phase(turned_on: set[str]) -> int:
+        if "text_encoder_offload" in turned_on:
+            return others + embedding_bytes
+        return measured["embed"] - others if gpu else measured["embed"]
 
     def phases_with(turned_on: set[str]) -> dict[str, int]:
         out: dict[str, int] = {}
         for name, peak in measured.items():
+            if name == "embed":
+                out[name] = embed_phase(turned_on)
+                continue
             if name == "guide" and "gradient_checkpointing" in turned_on and "guide" in saving:
                 peak = saving["guide"]
             if name in ("encode", "decode") and "vae_slice_1" in turned_on:
                 peak = saving[name]
             absent = 0
-            if name != "embed" and (text_always_offloaded or "text_encoder_offload" in turned_on):
+            if gpu or "text_encoder_offload" in turned_on:
                 absent += modules["text_encoder"]
             if name not in ("encode", "decode") and "vae_offload" in turned_on:
                 absent += modules["vae"]
@@ -539,8 +569,6 @@ def _plan(model: str, device: torch.device, backbone: Backbone, frames: int, siz
     savers = []
     turned_on: set[str] = set()
     for saver in SAVERS:
-        if saver == "text_encoder_offload" and text_always_offloaded:
-            continue
         turned_on.add(saver)
         peak = max(phases_with(turned_on).values())
         savers.append({"name": saver, "peak_bytes": peak})
@@ -745,13 +773,18 @@ def planned_frames(frames: int, window: int, overlap: int) -> int:
 
 
 
+def gibibytes(gib: float) -> int:
+    """A memory size as every flag gives it, in GiB (2^30 bytes), in bytes: 10 → 10737418240."""
+    return int(gib * 2**30)
+
+
 def gpu_description(device: str | None, assume_gb: float | None) -> dict[str, Any] | None:
     """The GPU as the hello reports it: {"name", "total_bytes", "free_bytes", "budget_bytes",
-    "assumed"}; with `assume_gb` (serve --assume-gpu-memory-gb) that many GB, whatever
-    the device; on CUDA the real device's; None on a CPU."""
+    "assumed"}; with `assume_gb` (serve --assume-gpu-memory-gb) that many GiB (2^30
+    bytes), whatever the device; on CUDA the real device's; None on a CPU."""
     if assume_gb is not None:
-        total = int(assume_gb * 10**9)
-        return {"name": f"assumed {assume_gb:g} GB", "total_bytes": total, "free_bytes": total,
+        total = gibibytes(assume_gb)
+        return {"name": f"assumed {assume_gb:g} GiB", "total_bytes": total, "free_bytes": total,
                 "budget_bytes": total, "assumed": True}
     if device is None or not device.startswith("cuda") or not torch.cuda.is_available():
         return None

@@ -11,15 +11,17 @@ every one before it, as the plan predicts them, backend/memory/planner.py):
 
     gradient_checkpointing   the setting: guidance recomputes activations in backward
     vae_slice_1              the setting vae_slice = 1: the VAE takes one frame at a time
-    text_encoder_offload     the text encoder lives in host memory, on the GPU only to embed
+    text_encoder_offload     the text encoder embeds on the CPU and never visits the GPU
+                             (backend/memory/text_encoder.py; read by the engine's embed phase)
     vae_offload              the VAE lives in host memory, on the GPU only to encode and
                              to decode each slice
-    sequential_offload       accelerate's cpu_offload: every network's weights in host
+    sequential_offload       accelerate's cpu_offload: the denoiser's and the VAE's weights in host
                              memory, each module's brought to the GPU for its own forward
 
 The first two are settings; the offloads move modules. On a CPU the device is the host,
-so the offloads are accepted and move nothing. A Wan model's text encoder already lives
-in host memory on CUDA (backend/backbones/wan.py), so its plan never offers that saver.
+so the offloads are accepted and move nothing. Without any saver the text encoder lives
+in host memory and visits the GPU alone, in the edit's embed phase, before the offloads
+here act (backend/memory/text_encoder.py): they move the denoiser and the VAE.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from shared.settings import MEMORY_SAVERS, TransferSettings
 
 SETTING_SAVERS = {"gradient_checkpointing": {"gradient_checkpointing": True},
                   "vae_slice_1": {"vae_slice": 1}}
-OFFLOAD_SAVERS = ("text_encoder_offload", "vae_offload", "sequential_offload")
+OFFLOAD_SAVERS = ("vae_offload", "sequential_offload")
 
 Move = Callable[[torch.nn.Module, torch.device], Any]
 
@@ -100,15 +102,10 @@ def offloads_applied(backbone: Backbone, savers: tuple[str, ...], *,
         if "sequential_offload" in wanted:
             from accelerate import cpu_offload
 
-            for module in (denoiser, vae, text_encoder):
+            for module in (denoiser, vae):  # the text encoder embedded before (the embed phase)
                 move(module, host)
                 cpu_offload(module, execution_device=device)
-            if hasattr(backbone, "_text_encoder_on_device"):  # Wan's own visits: now per module
-                patched["_text_encoder_on_device"] = contextlib.nullcontext
         else:
-            if "text_encoder_offload" in wanted:
-                move(text_encoder, host)
-                patched["embed"] = visiting(text_encoder, backbone.embed)
             if "vae_offload" in wanted:
                 move(vae, host)
                 original_decode_slices = backbone.decode_slices
@@ -127,7 +124,7 @@ def offloads_applied(backbone: Backbone, savers: tuple[str, ...], *,
         if "sequential_offload" in wanted:
             from accelerate.hooks import remove_hook_from_module
 
-            for network in (denoiser, vae, text_encoder):
+            for network in (denoiser, vae):
                 remove_hook_from_module(network, recurse=True)
                 for module in network.modules():  # accelerate leaves the class's forward bound
                     if module.__dict__.get("forward") == type(module).forward.__get__(module):

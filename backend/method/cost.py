@@ -21,9 +21,9 @@ from collections.abc import Mapping
 PHASE_OF_PASS = {"invert": "invert", "features": "invert", "guide": "sample", "sample": "sample"}
 """Engine pass phases → cost phases."""
 
-PHASE_OF_TIMING = {"encode_invert": "invert", "sample": "sample", "decode": "decode",
-                   "upscale": "upscale", "composite": "composite"}
-"""Engine timing names → cost phases."""
+PHASE_OF_TIMING = {"embed": "invert", "encode_invert": "invert", "sample": "sample",
+                   "decode": "decode", "upscale": "upscale", "composite": "composite"}
+"""Engine timing names → cost phases (the prompts' embed phase counts as the inversion's)."""
 
 
 def forward_equivalents(passes: Mapping[tuple[str, str], int],

@@ -10,6 +10,10 @@ One edit, as Understudy runs it (docs/method.md):
 
     0. frame       the frames chosen, the box of them the model sees (framing: fit, crop,
                    stretch; backend/method/framing.py) resized to the model's size
+    0b. embed      the source, target and negative prompts, in one phase before the
+                   denoiser is used: from the embedding cache (backend/method/embeddings.py),
+                   or by the text encoder on the GPU alone or on the CPU
+                   (backend/memory/text_encoder.py); it never shares the GPU with the denoiser
     1. encode      frames → VAE latent z₀ of the whole clip (in slices of frames)
     2. invert      inversion of z₀ with the source prompt along the sampler's own ODE
                    (DDIM for ZeroScope, flow-matching Euler for Wan), and the source SMM
@@ -66,7 +70,9 @@ from backend.memory.savers import (
     out_of_memory_sentence,
     with_savers,
 )
+from backend.memory.text_encoder import text_encoder_placed
 from backend.method.cost import edit_cost
+from backend.method.embeddings import EmbeddingCache, PromptEmbeddings, embedding_key
 from backend.method.framing import Framing, choose_framing, frames_for_model
 from backend.method.guidance import lowfreq_init, pairwise_smm_loss
 from backend.method.inversion import DEFAULT_CACHE_MAX_BYTES, InversionCache, SourceState, cache_key
@@ -106,7 +112,7 @@ OUT_OF_MEMORY = (
 class Procedure:
     """How much work an edit may skip. Understudy's defaults; the reference's in `bench`."""
 
-    use_cache: bool = True  # reuse inversion + source features for the same clip
+    use_cache: bool = True  # reuse inversion + source features for the same clip, and embeddings
     truncate_guidance: bool = True  # stop the model after its feature taps while guiding
     cache_source_features: bool = True  # compute source features once, at inversion time
 
@@ -117,7 +123,7 @@ with regions, each region's masked SMM, (R, window frames, D)."""
 
 
 class Engine:
-    """A loaded backbone plus the on-disk inversion cache.
+    """A loaded backbone plus the on-disk inversion and embedding caches (one folder).
 
     `model_passes` counts model work per (phase, kind) in batch elements of one window,
     kind being "full", "truncated" or "truncated_backward"; the benchmark turns it into
@@ -129,6 +135,7 @@ class Engine:
                  cache_max_bytes: int | None = None, upscaler: Engine | None = None) -> None:
         self.backbone = backbone
         self.cache = InversionCache(cache_dir, cache_max_bytes or DEFAULT_CACHE_MAX_BYTES)
+        self.embedding_cache = EmbeddingCache(cache_dir)
         self.model_passes: Counter[tuple[str, str]] = Counter()
         self.upscaler = upscaler
 
@@ -254,10 +261,14 @@ class Engine:
         passes: list[Counter] = []  # per take: its share of the run's model passes
         decoded: list[np.ndarray] = []  # per take, (F, h, w, 3) uint8
         try:
+            with _timed(shared, "embed"):
+                embeddings = self.embed_prompts(
+                    settings, takes, procedure,
+                    on_cpu="text_encoder_offload" in (savers.savers if savers else ()))
             with offloads_applied(self.backbone, savers.savers if savers else ()):
                 with _timed(shared, "encode_invert"):
                     source, from_cache = self._source_state(frames, windows, settings, procedure,
-                                                            report)
+                                                            report, embeddings.source)
                 shared_passes = self.model_passes - passes_before
                 for group in groups:
                     group_timings: dict[str, float] = {}
@@ -265,7 +276,8 @@ class Engine:
                     with _timed(group_timings, "sample"):
                         latents = self._sample(source, windows, settings,
                                                [takes[k] for k in group], procedure,
-                                               _TakeReporter(report, group, len(takes)), regions)
+                                               _TakeReporter(report, group, len(takes)),
+                                               embeddings.of_takes(group), regions)
                     with _timed(group_timings, "decode"):
                         for k, latent in zip(group, latents.split(1), strict=True):
                             decoded.append(self.decode(
@@ -471,14 +483,54 @@ class Engine:
             return frames
         return np.concatenate([frames, np.repeat(frames[-1:], wanted - len(frames), axis=0)])
 
+    # ------------------------------------------------------------------ step 0b
+
+    def embed_prompts(self, settings: TransferSettings, takes: list[Take] | None = None,
+                      procedure: Procedure | None = None, on_cpu: bool = False) -> PromptEmbeddings:
+        """The edit's prompt embeddings in one phase before the denoiser is used: the
+        source's and the negative's (1, L, E), and the target's (K, L, E), row k take k's
+        prompt (takes: None means the settings' prompt alone). Each (source, target,
+        negative) triple comes from the embedding cache (keyed by the model, its dtype and
+        the three prompts as applied), or is embedded with the text encoder placed on the
+        GPU alone (`on_cpu`: on the CPU, the text_encoder_offload saver), once for every
+        triple missing, and cached. A hit never moves or runs the text encoder."""
+        procedure = procedure or Procedure()
+        settings = self.resolve(settings)
+        b = self.backbone
+        source, negative = settings.full_prompt(settings.source_prompt), settings.negative_prompt
+        take_targets = [settings.full_prompt(take.prompt)
+                        for take in (takes or [Take(settings.prompt, settings.seed or 0)])]
+        targets = list(dict.fromkeys(take_targets))  # each distinct prompt once, in order
+        keys = {target: embedding_key(b.model_id, b.dtype, source, target, negative)
+                for target in targets}
+        found: dict[str, PromptEmbeddings] = {}
+        if procedure.use_cache:
+            for target in targets:
+                cached = self.embedding_cache.load(keys[target], b.device)
+                if cached is not None:
+                    found[target] = cached
+        missing = [target for target in targets if target not in found]
+        if missing:
+            with text_encoder_placed(b, on_cpu):
+                source_embedding, negative_embedding = self.embed([source]), self.embed([negative])
+                for target in missing:
+                    found[target] = PromptEmbeddings(source_embedding, self.embed([target]),
+                                                     negative_embedding)
+            if procedure.use_cache:
+                for target in missing:
+                    self.embedding_cache.save(keys[target], found[target])
+        first = found[targets[0]]
+        return PromptEmbeddings(first.source, torch.cat([found[target].target
+                                                         for target in take_targets]), first.negative)
+
     # ------------------------------------------------------------------ steps 1–2
 
     def _source_state(
         self, frames: np.ndarray, windows: list[Window], settings: TransferSettings,
-        procedure: Procedure, report: Reporter,
+        procedure: Procedure, report: Reporter, source_embedding: torch.Tensor,
     ) -> tuple[SourceState, bool]:
-        """Inverted latents and source features of the whole clip: from the cache, or
-        computed and cached."""
+        """Inverted latents and source features of the whole clip (source_embedding: the
+        source prompt's, (1, L, E)): from the cache, or computed and cached."""
         settings = self.resolve(settings)
         self.backbone.use_settings(settings)
         b = self.backbone
@@ -496,7 +548,6 @@ class Engine:
         report("encode", 0, 1)
         source_latent = self.encode(frames, settings.vae_slice)
         report("encode", 1, 1)
-        source_embedding = self.embed([settings.full_prompt(settings.source_prompt)])
         state = self.invert(source_latent, source_embedding, windows, settings, report)
         if procedure.cache_source_features:
             with torch.no_grad():
@@ -573,10 +624,11 @@ class Engine:
 
     def _sample(
         self, source: SourceState, windows: list[Window], settings: TransferSettings,
-        takes: list[Take], procedure: Procedure, report: Reporter,
+        takes: list[Take], procedure: Procedure, report: Reporter, embeddings: PromptEmbeddings,
         regions: EditRegions | None = None,
     ) -> torch.Tensor:
-        """The guided, restarted sampling loop of a batch of takes; returns their final
+        """The guided, restarted sampling loop of a batch of takes (the prompts'
+        `embeddings` made before it, one target row per take); returns their final
         latents z₀, (B, C, F', h, w), row b take b's (transfer_takes says why each row
         equals its single edit).
 
@@ -593,11 +645,9 @@ class Engine:
         route = sampling_route(settings)
         generators = [torch.Generator("cpu").manual_seed(take.seed) for take in takes]
 
-        # One prompt at a time, as the single edit embeds it: (B, L, E), row b take b's.
-        target = torch.cat([self.embed([settings.full_prompt(take.prompt)]) for take in takes])
-        negative = self.embed([settings.negative_prompt]).expand(len(takes), -1, -1)
-        source_embedding = None if procedure.cache_source_features and regions is None else \
-            self.embed([settings.full_prompt(settings.source_prompt)])
+        # Embedded before sampling (embed_prompts): (B, L, E) target rows, row b take b's.
+        target, source_embedding = embeddings.target, embeddings.source
+        negative = embeddings.negative.expand(len(takes), -1, -1)
 
         # 3a. The initial latent: low frequencies of z₀ re-noised to t₀, high ones fresh
         # (Eq. 4); or, with init "noise", the fresh noise alone. Drawn first from each
@@ -855,9 +905,9 @@ class Engine:
         generator = torch.Generator("cpu").manual_seed(seed)
         noise = torch.randn(latent.shape, generator=generator).to(b.device)
         latent = b.schedule.add_noise(latent, noise, timesteps[0])
-        # 5c.
-        target = self.embed([settings.full_prompt(settings.prompt)])
-        negative = self.embed([settings.negative_prompt])
+        # 5c. (the prompts embedded as the first stage's: Engine.embed_prompts)
+        embeddings = self.embed_prompts(settings)
+        target, negative = embeddings.target, embeddings.negative
         for index in range(len(timesteps)):
             def step_done(k: int, index: int = index) -> None:
                 report("upscale", 1 + index * len(windows) + k + 1, total)

@@ -126,25 +126,32 @@ class InversionCache:
         self.prune(keep=path)
 
     def prune(self, keep: Path | None = None) -> list[Path]:
-        """Delete least recently used cache files until the folder fits `max_bytes`."""
-        if self.folder is None:
-            return []
-        entries = []
-        for file in self.folder.glob(CACHE_GLOB):
-            try:
-                info = file.stat()
-            except FileNotFoundError:  # another process pruned it first
-                continue
-            entries.append((info.st_mtime, info.st_size, file))
-        entries.sort(key=lambda entry: entry[0])  # oldest first
-        total = sum(size for _, size, _ in entries)
-        removed = []
-        for _, size, file in entries:
-            if total <= self.max_bytes:
-                break
-            if file == keep:
-                continue
-            file.unlink(missing_ok=True)
-            total -= size
-            removed.append(file)
-        return removed
+        """Delete least recently used inversion files until they fit `max_bytes`."""
+        return prune_folder(self.folder, CACHE_GLOB, self.max_bytes, keep)
+
+
+def prune_folder(folder: Path | None, glob: str, max_bytes: int, keep: Path | None = None,
+                 ) -> list[Path]:
+    """Delete the least recently used of `folder`'s files matching `glob` (oldest
+    modification time first) until they fit `max_bytes`; never `keep`. Returns those deleted."""
+    if folder is None:
+        return []
+    entries = []
+    for file in folder.glob(glob):
+        try:
+            info = file.stat()
+        except FileNotFoundError:  # another process pruned it first
+            continue
+        entries.append((info.st_mtime, info.st_size, file))
+    entries.sort(key=lambda entry: entry[0])  # oldest first
+    total = sum(size for _, size, _ in entries)
+    removed = []
+    for _, size, file in entries:
+        if total <= max_bytes:
+            break
+        if file == keep:
+            continue
+        file.unlink(missing_ok=True)
+        total -= size
+        removed.append(file)
+    return removed

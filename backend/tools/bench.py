@@ -213,7 +213,9 @@ def run_once(
     result = engine.transfer(frames, settings, progress=on_progress, procedure=procedure)
     _sync(device)
     record_peak(current["phase"])
-    seconds = {PHASE_OF_TIMING[k]: v for k, v in result.sidecar.timings_s.items()}
+    seconds: dict[str, float] = {}
+    for timing, value in result.sidecar.timings_s.items():  # the embed phase counts as invert's
+        seconds[PHASE_OF_TIMING[timing]] = seconds.get(PHASE_OF_TIMING[timing], 0.0) + value
     return Run(name, seconds, forward_equivalents(engine.model_passes, truncated_share),
                {phase: peaks.get(phase, 0.0) for phase in seconds})
 

@@ -36,7 +36,7 @@ import torch
 from backend.edit import engine_phases
 from backend.errors import UnderstudyError
 from backend.memory.planner import PHASES, plan_edit
-from backend.method.engine import Engine
+from backend.method.engine import Engine, Procedure
 from shared.settings import TransferSettings
 
 NEEDS_CUDA = ("bench --memory measures GPU memory and needs a CUDA GPU, which this machine "
@@ -93,8 +93,8 @@ def measured_phase_peaks(engine: Engine, clip: np.ndarray, settings: TransferSet
 
     for phase, name in PLANNED_CALLS.items():
         setattr(engine, name, wrapped(phase, getattr(engine, name)))
-    try:
-        engine.transfer(clip, settings)
+    try:  # no cache: every phase runs (a cached inversion or embedding would skip one)
+        engine.transfer(clip, settings, procedure=Procedure(use_cache=False))
     finally:
         for name in PLANNED_CALLS.values():
             engine.__dict__.pop(name, None)

@@ -1,0 +1,63 @@
+"""Where the text encoder is while prompts are embedded: the embed phase of an edit.
+
+The text encoder never shares the GPU with the denoiser. On a GPU it lives in host
+memory (both backbones' loaders put it there), and an edit embeds all its prompts
+(source, target, negative) in one phase before the denoiser is used
+(backend/method/engine.py Engine.embed_prompts), in one of two places:
+
+    on the GPU, alone   the denoiser and the VAE step out to host memory, the encoder
+                        comes in, embeds, and goes back to host memory before they
+                        return (the default: the encoder's maths at GPU speed, for the
+                        price of moving the denoiser and the VAE out and back)
+    on the CPU          the text_encoder_offload saver: the encoder embeds where it
+                        lives and never visits the GPU; the denoiser and the VAE stay
+                        (for an encoder that does not fit the GPU even alone, as Wan's
+                        10.6 GiB UMT5 on a 10 GiB budget)
+
+Either way nothing moves when the prompts' embeddings are in the embedding cache
+(backend/method/embeddings.py): the phase is not entered. The memory plan counts the
+embed phase as exactly this (backend/memory/planner.py `_plan`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from backend.backbones.base import Backbone
+
+Move = Callable[[torch.nn.Module, torch.device], Any]
+
+
+@contextlib.contextmanager
+def text_encoder_placed(backbone: Backbone, on_cpu: bool, *, host: torch.device | None = None,
+                        move: Move | None = None, active: bool | None = None) -> Iterator[None]:
+    """While the block runs (the prompts' embedding), the text encoder is on the GPU
+    with neither the denoiser nor the VAE there, or (`on_cpu`) in host memory with
+    nothing moved; after it, the encoder is in host memory and the others are back.
+
+    It acts when the model runs on another device than the host (`active`, default:
+    the backbone's device is not the host's); on a CPU nothing moves. `move(module,
+    device)` moves a network (default module.to; tests pass a recorder)."""
+    host = host or torch.device("cpu")
+    move = move or (lambda module, device: module.to(device))
+    active = backbone.device.type != host.type if active is None else active
+    if not active or on_cpu:
+        yield
+        return
+    device = backbone.device
+    denoiser, vae, text_encoder = backbone.modules()
+    move(denoiser, host)
+    move(vae, host)
+    move(text_encoder, device)
+    try:
+        yield
+    finally:
+        move(text_encoder, host)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        move(denoiser, device)
+        move(vae, device)
