@@ -126,9 +126,11 @@ def test_trimmed_movie_strip_round_trip(extension_zip, clip, server, tmp_path, b
     assert sidecar["settings"]["guided_steps"] is None  # the request: automatic
     assert (sidecar["steps"], sidecar["guided_steps"]) == (3, 2)  # what the edit used
     seconds = sum(sidecar["timings_s"].values())
+    cost = sidecar["cost"]["forward_equivalents"]["total"]
+    assert cost > 0
     assert result["jobs"][0]["summary"] == (
         f"model tiny, seed {sidecar['seed']}, 3 steps, 2 guided, inversion computed, "
-        f"{seconds:.1f} s on the server")
+        f"cost {cost:.0f} FE, {seconds:.1f} s on the server")
     assert not (blend.parent / "understudy" / job_id / "source").exists()  # frames sent: gone
     assert_source_unchanged(result)
 
@@ -342,7 +344,7 @@ def test_test_connection_reports_model_device_protocol(extension_zip, server, tm
 def test_check_memory_shows_the_predicted_peak_against_the_servers_gpu(extension_zip, clip,
                                                                       tmp_path):
     """The panel's GPU line: the strip as it would be sent, planned by a server told its
-    GPU has 1 GB (a tiny model's edit fits with no saver). While the server is still
+    GPU has 1 GiB (a tiny model's edit fits with no saver). While the server is still
     making the plan, the button does not freeze Blender waiting: it says to press again."""
     gate = tmp_path / "plan-gate"
     gpu_server = ServerProcess(tmp_path / "gpu-server", "--assume-gpu-memory-gb", "1",
@@ -356,7 +358,7 @@ def test_check_memory_shows_the_predicted_peak_against_the_servers_gpu(extension
     assert ("The server is still working out the GPU memory of this size" in
             result["pending"]["error"]), result
     assert result["outcome"]["ok"], result
-    assert re.fullmatch(r"Predicted peak \d+\.\d MiB of 953\.7 MiB GPU memory\.", result["report"])
+    assert re.fullmatch(r"Predicted peak \d+\.\d MiB of 1\.0 GiB GPU memory\.", result["report"])
 
 
 def test_curve_keys_right_and_wrong(extension_zip, tmp_path):

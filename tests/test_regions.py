@@ -273,9 +273,10 @@ def test_outside_the_region_the_sampled_latent_is_the_source_latent_exactly(engi
     seen = {}
     sample = engine._sample
 
-    def watched(source, windows, settings, seed, procedure, report, regions=None):
+    def watched(source, windows, settings, takes, procedure, report, embeddings, regions=None):
         seen.update(source=source, regions=regions)
-        seen["latent"] = sample(source, windows, settings, seed, procedure, report, regions)
+        seen["latent"] = sample(source, windows, settings, takes, procedure, report, embeddings,
+                                regions)
         return seen["latent"]
 
     monkeypatch.setattr(engine, "_sample", watched)
