@@ -94,15 +94,8 @@ def edit_clip(clip_path: Path, settings: dict[str, Any], output: Path, where: Lo
     if isinstance(where, Remote):
         frames, sidecar = _on_server(where, clip.frames, parsed, progress, say, masks)
     else:
-        from backend.backbones.loading import default_upscaler
-
-        upscaler = None if parsed.upscale == "none" else (
-            where.upscale_model or default_upscaler(where.model))
         regions = 0 if masks is None else len(masks)
-        planner = _memory_checked(where, parsed, clip.frames, regions)
-        engine = load_engine(where.model, device=where.device, dtype=where.dtype,
-                             cache_dir=Path(where.cache_dir), cache_max_bytes=where.cache_max_bytes,
-                             upscale_model=upscaler)
+        engine, planner = _engine_for(where, parsed, clip.frames, regions)
         savers = _savers_decided(planner, engine, parsed, clip.frames, regions)
         result = engine.transfer(clip.frames, parsed, progress=progress, masks=masks,
                                  savers=savers)
@@ -154,7 +147,6 @@ def edit_takes(clip_path: Path, settings: dict[str, Any], prompts: Sequence[str]
 
     from PIL import Image
 
-    from backend.backbones.loading import default_upscaler
     from backend.results import takes_of
     from backend.video import contact_sheet, read_clip
 
@@ -173,13 +165,8 @@ def edit_takes(clip_path: Path, settings: dict[str, Any], prompts: Sequence[str]
     parsed = dataclasses.replace(parsed, seed=seed)
     takes = takes_of(list(prompts), seed, count)
     masks = read_region_masks(mask_paths, clip.frames) if mask_paths else None
-    upscaler = None if parsed.upscale == "none" else (
-        where.upscale_model or default_upscaler(where.model))
     regions = 0 if masks is None else len(masks)
-    planner = _memory_checked(where, parsed, clip.frames, regions)
-    engine = load_engine(where.model, device=where.device, dtype=where.dtype,
-                         cache_dir=Path(where.cache_dir), cache_max_bytes=where.cache_max_bytes,
-                         upscale_model=upscaler)
+    engine, planner = _engine_for(where, parsed, clip.frames, regions)
     frame_size = (clip.frames.shape[2], clip.frames.shape[1])
     engine.check_settings(parsed, len(clip.frames), frame_size)
     batch = planner.largest_batch(engine.backbone, parsed, len(clip.frames), frame_size,
@@ -210,6 +197,22 @@ def edit_takes(clip_path: Path, settings: dict[str, Any], prompts: Sequence[str]
     sheet = contact_sheet_path(output)
     Image.fromarray(contact_sheet(middles, labels, columns=count)).save(sheet)
     return TakesOutcome(outcomes, sidecar_path(output), sheet)
+
+
+def _engine_for(where: Local, settings: TransferSettings, clip_frames,
+                regions: int) -> tuple[Engine, MemoryPlanner]:
+    """The engine a local edit runs on (with the backbone's upscaler when the settings
+    ask for one), loaded after the plan by name has refused what cannot fit; and the
+    planner that decides its savers."""
+    from backend.backbones.loading import default_upscaler
+
+    upscaler = None if settings.upscale == "none" else (
+        where.upscale_model or default_upscaler(where.model))
+    planner = _memory_checked(where, settings, clip_frames, regions)
+    engine = load_engine(where.model, device=where.device, dtype=where.dtype,
+                         cache_dir=Path(where.cache_dir), cache_max_bytes=where.cache_max_bytes,
+                         upscale_model=upscaler)
+    return engine, planner
 
 
 def load_engine(
