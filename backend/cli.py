@@ -17,7 +17,7 @@ from backend.edit import DEFAULT_CACHE, DEFAULT_MODEL
 from backend.errors import UnderstudyError
 from backend.tools.metrics import DEFAULT_CLIP_MODEL
 from backend.tools.tracking import DEFAULT_GRID
-from shared.settings import DEFAULTS, SPECS, TransferSettings
+from shared.settings import DEFAULTS, REFERENCE_FLAG, SPECS, TransferSettings
 from shared.sidecar import Sidecar
 
 # --------------------------------------------------------------------------- transfer
@@ -141,6 +141,7 @@ def command_transfer(args: argparse.Namespace) -> int:
     try:
         outcome = edit_clip(Path(args.clip), values, Path(args.output), where,
                             mask_paths=[Path(mask) for mask in args.mask or ()],
+                            reference_paths=[Path(image) for image in args.reference or ()],
                             match_length=args.match_length,
                             frames_dir=Path(args.frames_dir) if args.frames_dir else None,
                             progress=progress)
@@ -163,6 +164,7 @@ def transfer_takes(args: argparse.Namespace, where, values: dict, prompts: list[
     try:
         outcome = edit_takes(Path(args.clip), values, prompts, args.takes, Path(args.output),
                              where, mask_paths=[Path(mask) for mask in args.mask or ()],
+                             reference_paths=[Path(image) for image in args.reference or ()],
                              match_length=args.match_length,
                              frames_dir=Path(args.frames_dir) if args.frames_dir else None,
                              progress=progress)
@@ -334,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="a region to edit (white = subject): a video, a folder of "
                                "numbered PNGs, or one PNG for every frame, at the clip's size; "
                                "outside it the plate is kept. Repeat for several regions")
+    transfer.add_argument(REFERENCE_FLAG, action="append", metavar="IMAGE",
+                          help="a picture of the new subject's look (PNG or JPEG), for a "
+                               "backbone that takes references (Wan VACE, a --model such as "
+                               "Wan-AI/Wan2.1-VACE-1.3B-diffusers); repeat for several")
     transfer.add_argument("--match-length", action="store_true",
                           help="retime the result to the clip's frame count by holding frames")
     transfer.add_argument("--server", help="run on a backend server, e.g. tcp://127.0.0.1:5555")

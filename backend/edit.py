@@ -79,9 +79,11 @@ def edit_clip(clip_path: Path, settings: dict[str, Any], output: Path, where: Lo
               frames_dir: Path | None = None,
               progress: ProgressCallback | None = None,
               say: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+              reference_paths: Sequence[Path] = (),
               ) -> EditOutcome:
-    """Read the clip (and its region masks, one region per path), run the edit where
-    asked, write the outputs. The masks are read and checked before any model work."""
+    """Read the clip (its region masks, one region per path, and its reference images),
+    run the edit where asked, write the outputs. The masks and references are read and
+    checked before any model work."""
     from backend.video import read_clip
 
     output = Path(output)
@@ -91,14 +93,15 @@ def edit_clip(clip_path: Path, settings: dict[str, Any], output: Path, where: Lo
     parsed = TransferSettings.from_dict(
         {**settings, "output_frames": len(clip.frames) if match_length else None})
     masks = read_region_masks(mask_paths, clip.frames) if mask_paths else None
+    references = read_references(reference_paths)
     if isinstance(where, Remote):
-        frames, sidecar = _on_server(where, clip.frames, parsed, progress, say, masks)
+        frames, sidecar = _on_server(where, clip.frames, parsed, progress, say, masks, references)
     else:
         regions = 0 if masks is None else len(masks)
-        engine, planner = _engine_for(where, parsed, clip.frames, regions)
+        engine, planner = _engine_for(where, parsed, clip.frames, regions, len(references))
         savers = _savers_decided(planner, engine, parsed, clip.frames, regions)
         result = engine.transfer(clip.frames, parsed, progress=progress, masks=masks,
-                                 savers=savers)
+                                 savers=savers, references=references)
         frames, sidecar = result.frames, result.sidecar
     frames = _frames_for_files(clip.frames, frames, sidecar)
     fps = clip.fps * len(frames) / len(clip.frames)  # the clip's duration, whatever the count
@@ -129,7 +132,8 @@ def contact_sheet_path(output: Path) -> Path:
 def edit_takes(clip_path: Path, settings: dict[str, Any], prompts: Sequence[str], count: int,
                output: Path, where: Local, *, mask_paths: Sequence[Path] = (),
                match_length: bool = False, frames_dir: Path | None = None,
-               progress: ProgressCallback | None = None) -> TakesOutcome:
+               progress: ProgressCallback | None = None,
+               reference_paths: Sequence[Path] = ()) -> TakesOutcome:
     """Several takes of one clip on this machine (`transfer --takes K`, `--prompt` repeated):
     every prompt with each of the seeds seed … seed + count − 1 (backend/results.py
     takes_of), from one inversion, as many at once as the memory plan fits
@@ -165,8 +169,9 @@ def edit_takes(clip_path: Path, settings: dict[str, Any], prompts: Sequence[str]
     parsed = dataclasses.replace(parsed, seed=seed)
     takes = takes_of(list(prompts), seed, count)
     masks = read_region_masks(mask_paths, clip.frames) if mask_paths else None
+    references = read_references(reference_paths)
     regions = 0 if masks is None else len(masks)
-    engine, planner = _engine_for(where, parsed, clip.frames, regions)
+    engine, planner = _engine_for(where, parsed, clip.frames, regions, len(references))
     frame_size = (clip.frames.shape[2], clip.frames.shape[1])
     engine.check_settings(parsed, len(clip.frames), frame_size)
     batch = planner.largest_batch(engine.backbone, parsed, len(clip.frames), frame_size,
@@ -174,7 +179,7 @@ def edit_takes(clip_path: Path, settings: dict[str, Any], prompts: Sequence[str]
     savers = planner.decide(engine.backbone, parsed, len(clip.frames), frame_size,
                             regions=regions, batch=batch)
     results = engine.transfer_takes(clip.frames, parsed, takes, progress=progress, masks=masks,
-                                    savers=savers, batch_size=batch)
+                                    savers=savers, batch_size=batch, references=references)
 
     outcomes, entries, middles = [], [], []
     for number, (take, result) in enumerate(zip(takes, results, strict=True), start=1):
@@ -200,11 +205,19 @@ def edit_takes(clip_path: Path, settings: dict[str, Any], prompts: Sequence[str]
 
 
 def _engine_for(where: Local, settings: TransferSettings, clip_frames,
-                regions: int) -> tuple[Engine, MemoryPlanner]:
+                regions: int, references: int = 0) -> tuple[Engine, MemoryPlanner]:
     """The engine a local edit runs on (with the backbone's upscaler when the settings
     ask for one), loaded after the plan by name has refused what cannot fit; and the
-    planner that decides its savers."""
-    from backend.backbones.loading import default_upscaler
+    planner that decides its savers. References to a backbone that takes none (or too
+    many) are refused first, by the model's name, before anything loads."""
+    from backend.backbones.loading import backbone_entry, default_upscaler
+    from backend.errors import BadReferenceError
+    from backend.references import count_problem
+
+    if references:
+        facts = backbone_entry(where.model).facts
+        if problem := count_problem(references, facts.max_references, facts.name):
+            raise BadReferenceError(problem)
 
     upscaler = None if settings.upscale == "none" else (
         where.upscale_model or default_upscaler(where.model))
@@ -233,6 +246,14 @@ def load_engine(
     if upscale_model is not None:
         upscaler = Engine(load_upscaler(upscale_model, device, dtype))
     return Engine(load_backbone(model, device, dtype), cache_dir, cache_max_bytes, upscaler)
+
+
+def read_references(paths: Sequence[Path]) -> list:
+    """Each reference image (backend/references.py read_reference), (H, W, 3) uint8,
+    in order; BadReferenceError with one sentence for any unusable one."""
+    from backend.references import read_reference
+
+    return [read_reference(path) for path in paths]
 
 
 def read_region_masks(paths: Sequence[Path], clip_frames) -> RegionMasks:
@@ -324,12 +345,14 @@ def _write_outputs(frames, sidecar: Sidecar | None, output: Path, fps: float,
 
 def _on_server(remote: Remote, clip_frames, settings: TransferSettings,
                progress: ProgressCallback | None, say: Callable[[str], None],
-               masks: RegionMasks | None = None):
+               masks: RegionMasks | None = None, references: Sequence = ()):
     """Run one edit through a job server; returns (frames, sidecar) like a local run.
 
     The whole clip goes over as PNGs (the server samples and resizes, as the engine
     does locally), and each region's masks as grey PNGs (their levels, as read; the
-    server reads them back on the same side of ½). The job id is
+    server reads them back on the same side of ½), and the reference images as PNGs
+    (refused here, before the clip is sent, when the server announces it takes fewer:
+    shared/client.py). The job id is
     printed first, so a result outlives this process: `--job-id ID` asks for that job
     instead of submitting a new one. Ctrl-C cancels.
     """
@@ -358,7 +381,8 @@ def _on_server(remote: Remote, clip_frames, settings: TransferSettings,
                 [encode_png(as_levels(mask)) for mask in region]
                 for region in masks]
             client.submit(job_id, settings.to_dict(),
-                          [encode_png(frame) for frame in clip_frames], masks=regions)
+                          [encode_png(frame) for frame in clip_frames], masks=regions,
+                          references=[encode_png(image) for image in references])
             say(f"Job {job_id}: submitted; if this command stops, fetch the result with "
                 f"--server {remote.address} --job-id {job_id}.")
         try:

@@ -32,6 +32,7 @@ class ErrorCode(StrEnum):
     BAD_FRAMES = "bad_frames"
     BAD_CLIP = "bad_clip"
     BAD_MASK = "bad_mask"  # a region's mask frames: wrong count or size, unreadable, empty, all white
+    BAD_REFERENCE = "bad_reference"  # a reference image: unreadable, too small or large, too many, or a backbone without any
     TOO_MANY_FRAMES = "too_many_frames"
     TOO_LARGE = "too_large"
     QUEUE_FULL = "queue_full"
