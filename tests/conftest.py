@@ -84,3 +84,11 @@ def tiny_wan_dir(tmp_path_factory) -> Path:
     from backend.backbones.wan_tiny import save_tiny_wan
 
     return save_tiny_wan(tmp_path_factory.mktemp("tiny-wan"))
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_vace_dir(tmp_path_factory) -> Path:
+    """The tiny random Wan VACE saved in diffusers layout (a WanVACEPipeline folder)."""
+    from backend.backbones.wan_tiny import save_tiny_wan
+
+    return save_tiny_wan(tmp_path_factory.mktemp("tiny-wan-vace"), vace=True)
