@@ -193,3 +193,49 @@ def test_unreadable_tiny_and_huge_reference_files_are_refused_in_one_sentence(tm
         read_reference(tmp_path / "wide.png")
     Image.fromarray(picture(1)).save(tmp_path / "good.jpg")
     assert read_reference(tmp_path / "good.jpg").shape == (48, 40, 3)
+
+
+# ---------------------------------------------------------------- the memory plan
+
+
+def test_the_memory_plan_counts_the_references_latent_frames(monkeypatch):
+    """The plan holds as many references as the backbone takes (its bound for any edit):
+    with none taken, guidance and the CFG step would hold less."""
+    import backend.backbones.wan_vace as wan_vace
+    from backend.edit import engine_phases
+    from backend.memory.planner import plan_edit
+
+    settings = TransferSettings(prompt="a plan", source_prompt="a plan", steps=2, guided_steps=1,
+                                inversion_steps=2)
+
+    def plan():
+        return plan_edit(engine_phases, "wan-vace-tiny", FRAMES, (SIDE, SIDE), "cpu",
+                         settings=settings, host_terms=False).phases
+
+    with_references = plan()
+    monkeypatch.setattr(wan_vace, "MAX_REFERENCES", 0)
+    without = plan()
+    for phase in ("guide", "cfg"):
+        assert with_references[phase] > without[phase], phase
+    assert with_references["invert"] == without["invert"]  # inversion runs unconditioned
+
+
+def test_a_conditioned_truncated_pass_reads_the_full_passs_tap_and_its_gradient(engine):
+    """The truncated pass runs only the context blocks that reach the tapped block; its
+    tap equals the full pass's, with the references' frames before the clip's."""
+    b = engine.backbone
+    b.use_settings(plain(engine, guidance_block=1))  # after block 1: one context block of two
+    clip = moving_square_frames(FRAMES, SIDE, SIDE)
+    conditioning = b.conditioning(clip, None, [picture(1)], 1.0)
+    latent = torch.randn((1, 16, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    text = b.embed(["a plan"])
+    with b.conditioned(conditioning):
+        full = b.taps(latent, 500.0, text, truncated=False)[0]
+        x = latent.clone().requires_grad_(True)
+        truncated = b.taps(x, 500.0, text, truncated=True)[0]
+        truncated.sum().backward()
+    assert truncated.shape == (1, 4, 24) and torch.allclose(truncated, full, atol=1e-6)
+    assert x.grad.abs().sum() > 0
+    assert len(b.transformer.vace_blocks) == 2  # every context block is back
+    unconditioned = b.taps(latent[:, :, 1:], 500.0, text, truncated=True)[0]
+    assert not torch.allclose(unconditioned, full[:, 1:], atol=1e-4)

@@ -178,6 +178,27 @@ class WanVace(Wan):
         return {"control_hidden_states": context.expand(batch, -1, -1, -1, -1),
                 "control_hidden_states_scale": self._conditioning.tensors["scale"]}
 
+    def taps(self, latent: torch.Tensor, timestep: Any, embedding: torch.Tensor,
+             truncated: bool, block: int | None = None, spatial: bool = False) -> list[torch.Tensor]:
+        """Wan's tap of blocks[k]; a truncated pass runs only the context blocks whose
+        hints reach blocks 0 … k (all of them run before the first block, each feeding
+        the next, so the first m of them, m the number of vace_layers ≤ k)."""
+        if not truncated:
+            return super().taps(latent, timestep, embedding, truncated, block, spatial)
+        index = self.guidance_block if block is None else block
+        with self._context_blocks_up_to(index):
+            return super().taps(latent, timestep, embedding, truncated, block, spatial)
+
+    @contextlib.contextmanager
+    def _context_blocks_up_to(self, block: int) -> Iterator[None]:
+        every = self.transformer.vace_blocks
+        used = sum(1 for layer in self.transformer.config.vace_layers if layer <= block)
+        self.transformer.vace_blocks = torch.nn.ModuleList(list(every)[:used])
+        try:
+            yield
+        finally:
+            self.transformer.vace_blocks = every
+
     def checkpointing(self, enabled: bool) -> AbstractContextManager:
         """The blocks before the tapped one, and the context blocks (which all run first)."""
         return checkpointed_blocks([*self.transformer.vace_blocks,
