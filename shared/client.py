@@ -286,16 +286,28 @@ class Client:
             self.hello()
         return "max_regions" in (self.server_info.get("limits") or {})
 
+    @property
+    def max_references(self) -> int:
+        """How many reference images the server's model takes (its welcome's
+        `max_references`; 0 for one that takes none, or a server older than them)."""
+        if self.server_info is None:
+            self.hello()
+        return int(self.server_info.get("max_references") or 0)
+
     def submit(self, job_id: str, settings: dict[str, Any], frames: list[bytes],
-               masks: list[list[bytes]] | None = None) -> dict[str, Any]:
+               masks: list[list[bytes]] | None = None,
+               references: list[bytes] | None = None) -> dict[str, Any]:
         """Send a job (PNG-encoded frames, in order). Returns the accepted header
         (state, queue_position, duplicate); raises JobRejected or another ClientError.
 
         `masks`: the edit's regions, each a list of greyscale PNGs (white = subject), one
         per frame; the server edits inside them and keeps the rest of the picture.
+        `references`: PNGs of the new subject's look, for a server whose model takes
+        them (`max_references`); refused here, before anything is sent, otherwise.
         Safe to repeat: the same job id with the same request is never run twice.
         """
         masks = [list(region) for region in masks or []]
+        references = list(references or [])
         try:
             protocol.check_job_id(job_id)
             if not isinstance(settings, dict):
@@ -309,14 +321,23 @@ class Client:
                 raise ProtocolError(f"The server at {self.address} does not take "
                                     "regions (it is older than this client); update it, or "
                                     "edit the whole frame without a mask.", "bad_mask")
+            if not all(isinstance(image, bytes | bytearray | memoryview) for image in references):
+                raise ProtocolError("Reference images must be PNG-encoded bytes.",
+                                    "bad_reference")
+            if len(references) > self.max_references:
+                raise ProtocolError(protocol.references_refused(len(references),
+                                                                self.max_references),
+                                    "bad_reference")
             protocol.check_submit_limits(settings, list(frames), protocol.MAX_HEADER_BYTES,
-                                         self.limits, masks)
+                                         self.limits, masks, references)
         except ProtocolError as error:
             raise JobRejected(error.message, error.code) from None
-        payload = [*frames, *(frame for region in masks for frame in region)]
+        payload = [*frames, *(frame for region in masks for frame in region), *references]
         header = {"type": RequestType.SUBMIT, "job_id": job_id, "settings": settings}
         if masks:  # an older server reads no regions, and a job without them is as before
             header["regions"] = len(masks)
+        if references:  # likewise references, after the clip's and the masks' frames
+            header["references"] = len(references)
         extra_s = protocol.payload_size(payload) / SEND_RATE_BYTES_PER_S
         try:
             timeout_s = self.timeout_s + extra_s

@@ -38,7 +38,10 @@ def vace_pipeline_latent(folder: Path | str, prompt: str, negative_prompt: str, 
     def callback(_pipe, index, _timestep, values):
         return {"latents": after_step(index, values["latents"])}
 
-    as_video = (lambda tensor: tensor.permute(0, 3, 1, 2)[None])  # (1, N, C, H, W)
+    def as_video(tensor: torch.Tensor) -> torch.Tensor:
+        """(N, H, W, C) → (1, N, C, H, W), the pipeline's 5-D video tensor."""
+        return tensor.permute(0, 3, 1, 2)[None]
+
     output = pipe(
         prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=steps,
         guidance_scale=guidance, width=width, height=height, num_frames=frames,

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from backend.errors import JobCancelled, UnderstudyError
-from backend.server.frames import PngClip, PngMasks
+from backend.server.frames import PngClip, PngMasks, PngReferences
 from shared.errors import ErrorCode
 from shared.protocol import failure_reply
 
@@ -127,10 +127,11 @@ class EngineActor:
     # ----------------------------------------------------------------- the job
 
     def run(self, job_id: str, settings: dict[str, Any], inputs: list[bytes],
-            masks: list[list[bytes]] | None = None, memory: dict[str, Any] | None = None
-            ) -> Iterator[dict[str, Any]]:
+            masks: list[list[bytes]] | None = None, memory: dict[str, Any] | None = None,
+            references: list[bytes] | None = None) -> Iterator[dict[str, Any]]:
         """Run one job (`masks`: each region's mask PNGs, None for none; `memory`: the
-        gateway's `--memory auto` decision, MemoryDecision.to_dict(), None for none),
+        gateway's `--memory auto` decision, MemoryDecision.to_dict(), None for none;
+        `references`: its reference images' PNGs, None for none),
         yielding its events (see the module docstring)."""
         yield {"event": "started", "worker": self.identity()}
         if self.engine is None:
@@ -140,7 +141,8 @@ class EngineActor:
         # The engine reports through callbacks; a generator cannot yield from inside
         # them, so the edit runs on its own thread and this one relays its events.
         thread = threading.Thread(target=self._edit,
-                                  args=(job_id, settings, inputs, masks, memory, events),
+                                  args=(job_id, settings, inputs, masks, memory, references,
+                                        events),
                                   name=f"edit-{job_id}", daemon=True)
         thread.start()
         while True:
@@ -154,7 +156,7 @@ class EngineActor:
 
     def _edit(self, job_id: str, settings: dict[str, Any], inputs: list[bytes],
               masks: list[list[bytes]] | None, memory: dict[str, Any] | None,
-              events: queue.Queue) -> None:
+              references: list[bytes] | None, events: queue.Queue) -> None:
         def progress(phase: str, step: int, total: int) -> None:
             events.put({"event": "progress", "phase": phase, "step": step, "total": total})
             if self.spec.step_delay_s:
@@ -168,7 +170,10 @@ class EngineActor:
         from shared.settings import TransferSettings
 
         try:
-            with_masks = {"masks": PngMasks(masks, "the job's regions")} if masks else {}
+            with_masks: dict[str, Any] = (
+                {"masks": PngMasks(masks, "the job's regions")} if masks else {})
+            if references:  # a backbone that takes none never sees the argument
+                with_masks["references"] = PngReferences(references, "the job")
             # The gateway decided the job's savers; the worker plans nothing.
             savers = None if memory is None else MemoryDecision.from_dict(memory)
             result = self.engine.transfer(PngClip(inputs, "the job's clip"),

@@ -69,16 +69,17 @@ class ActorRunner:
 
     def run(self, job_id: str, settings: dict[str, Any], inputs: list[bytes],
             progress: ProgressCallback, cancelled: CancelCheck,
-            masks: list[list[bytes]] | None = None, memory: dict[str, Any] | None = None
-            ) -> TransferResult:
+            masks: list[list[bytes]] | None = None, memory: dict[str, Any] | None = None,
+            references: list[bytes] | None = None) -> TransferResult:
         """Run one job on the actor (`masks`: each region's mask PNGs, None for none;
-        `memory`: the savers decided for it, MemoryDecision.to_dict(), None for none);
+        `memory`: the savers decided for it, MemoryDecision.to_dict(), None for none;
+        `references`: its reference images' PNGs, None for none);
         see the module docstring for what it raises."""
         import ray
         from ray.exceptions import ActorUnavailableError, RayError
 
         events = self.actor.run.options(num_returns="streaming").remote(job_id, settings, inputs,
-                                                                        masks, memory)
+                                                                        masks, memory, references)
         started = False
         cancel_sent_at: float | None = None
         killed = False

@@ -18,7 +18,12 @@ from typing import TYPE_CHECKING, Any
 from backend.errors import UnderstudyError
 from backend.server.book import JobBook
 from backend.server.engine_api import TransferEngine
-from backend.server.frames import check_mask_frames, check_pixel_budget, check_png_frames
+from backend.server.frames import (
+    check_mask_frames,
+    check_pixel_budget,
+    check_png_frames,
+    check_reference_images,
+)
 from backend.server.planning import PlanDesk, PlanWork, ServerMemory, log_planning_bug
 from backend.server.store import Job, StoreUnavailable
 from backend.server.transport import Incoming, client_name, printable
@@ -146,7 +151,12 @@ class Requests:
                 "engine": described, "limits": self.limits, "heartbeat_s": self.heartbeat_s,
                 "queue_length": self.book.queue_length(), "secure": self.secure(),
                 "degraded": problem, "dropped_messages": self.dropped(),
-                "plans_waiting": self.desk.waiting(), **self._gpu()}
+                "plans_waiting": self.desk.waiting(), "max_references": self._max_references(),
+                **self._gpu()}
+
+    def _max_references(self) -> int:
+        """The reference images a job may carry: the backbone's (0: it takes none)."""
+        return int((self.engine.describe().get("backbone") or {}).get("max_references") or 0)
 
     def _gpu(self) -> dict[str, Any]:
         """The hello's GPU fields: `gpu` (name, total_bytes, free_bytes, budget_bytes,
@@ -243,11 +253,13 @@ class Requests:
         try:
             settings = protocol.require(header, "settings", dict)
             regions = protocol.check_regions(header.get("regions"))
-            clip, masks = protocol.split_payload(payload, regions)
+            count = protocol.check_references(header.get("references"), self._max_references())
+            inputs, references = protocol.split_references(payload, count)
+            clip, masks = protocol.split_payload(inputs, regions)
             header_bytes = len(protocol.json_text(header))
             protocol.check_submit_limits(self._with_model_size(settings), clip, header_bytes,
-                                         self.limits, masks)
-            digest = protocol.request_digest(settings, payload, regions)
+                                         self.limits, masks, references)
+            digest = protocol.request_digest(settings, payload, regions, count)
             repeated = self.book.existing(job_id, client, owner, digest)
             if repeated is not None:
                 return {"type": ReplyType.ACCEPTED, **repeated}
@@ -262,14 +274,14 @@ class Requests:
             frames_used = len(clip) if parsed.num_frames is None else min(parsed.num_frames,
                                                                           len(clip))
             check_pixel_budget(frames_used, size, self.limits["max_job_pixels"],
-                               regions * len(clip))
+                               regions * len(clip), check_reference_images(references))
             check_mask_frames(masks, len(clip), size)
             self.engine.check_settings(parsed, len(clip), size)
             job = Job(job_id=job_id, seq=-1, client=client, owner=owner, digest=digest,
                       submitted_at=time.time(), frames_in=len(clip))
 
             def queue_job(_decision: Any = None) -> dict[str, Any]:
-                return self._queue(job, settings, clip, masks, regions)
+                return self._queue(job, settings, clip, masks, regions, references)
 
             if not self._planned(parsed):
                 return queue_job()
@@ -285,14 +297,15 @@ class Requests:
             return _rejected(job_id, error.code, error.message)
 
     def _queue(self, job: Job, settings: dict[str, Any], clip: list[bytes],
-               masks: list[list[bytes]], regions: int) -> dict[str, Any]:
+               masks: list[list[bytes]], regions: int,
+               references: list[bytes] | None = None) -> dict[str, Any]:
         """Store and queue a checked job (its plan, if any, says it fits): the reply."""
         try:
             # The same request may have been accepted while this one waited for its plan.
             repeated = self.book.existing(job.job_id, job.client, job.owner, job.digest)
             if repeated is not None:
                 return {"type": ReplyType.ACCEPTED, **repeated}
-            accepted = self.book.add(job, settings, clip, masks)
+            accepted = self.book.add(job, settings, clip, masks, references)
         except UnderstudyError as error:  # the store unavailable
             return _rejected(job.job_id, error.code, str(error))
         except ProtocolError as error:  # queue full, the id taken meanwhile
