@@ -539,6 +539,28 @@ MUTANTS: tuple[Mutant, ...] = (
         "        pass",
         ("tests/test_regions.py::test_a_mask_black_in_every_frame_used_is_refused_before_any_model_work",),
     ),
+    # --- reference images through Wan VACE (issue 28)
+    Mutant(
+        "the reference dropped on the way to the model",
+        "backend/method/engine.py",
+        "conditioning = self.conditioning_for(frames, regions, references, settings)",
+        "conditioning = self.conditioning_for(frames, regions, [], settings)",
+        ("tests/test_wan_vace.py::test_a_plain_vace_edit_with_a_reference_equals_diffusers_vace_pipeline",),
+    ),
+    Mutant(
+        "VACE's mask inverted: the plate regenerated, the region kept",
+        "backend/backbones/wan_vace.py",
+        "            mask = generate.to(device, torch.float32)[None, None]",
+        "            mask = 1 - generate.to(device, torch.float32)[None, None]",
+        ("tests/test_wan_vace.py::test_a_vace_edit_in_a_region_equals_diffusers_with_the_plate_kept_each_step",),
+    ),
+    Mutant(
+        "the reference strength (VACE's conditioning scale) ignored",
+        "backend/backbones/wan_vace.py",
+        "torch.full((self._context_layers,), float(strength),",
+        "torch.full((self._context_layers,), 1.0,",
+        ("tests/test_wan_vace.py::test_the_reference_and_its_strength_steer_the_result_and_the_same_reproduces_it",),
+    ),
     # --- regions (issue 20): the server's mask checks, the extension's layer over the source
     Mutant(
         "a region white over every frame is queued: no plate would be kept",
