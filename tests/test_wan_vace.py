@@ -5,6 +5,8 @@ exact, and bad references are refused in one sentence before any model work."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -239,3 +241,28 @@ def test_a_conditioned_truncated_pass_reads_the_full_passs_tap_and_its_gradient(
     assert len(b.transformer.vace_blocks) == 2  # every context block is back
     unconditioned = b.taps(latent[:, :, 1:], 500.0, text, truncated=True)[0]
     assert not torch.allclose(unconditioned, full[:, 1:], atol=1e-4)
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_transfer_takes_a_reference_and_refuses_one_to_a_backbone_without_them(tmp_path):
+    """`transfer --reference` end to end on the tiny VACE; on the tiny ZeroScope the
+    reference is refused in one sentence before anything loads."""
+    from backend.video import write_video
+    from tests.test_cli import assert_one_sentence_error, backend
+
+    clip = tmp_path / "clip.mp4"
+    write_video(moving_square_frames(FRAMES, SIDE, SIDE), clip, fps=12)
+    Image.fromarray(picture(1)).save(tmp_path / "look.png")
+    common = [str(clip), "--prompt", PROMPT, "--reference", str(tmp_path / "look.png"),
+              "--frames", str(FRAMES), "--width", str(SIDE), "--height", str(SIDE),
+              "--steps", "2", "--inversion-steps", "2", "--guided-steps", "1", "--iterations", "1",
+              "--reference-strength", "0.7", "--cache-dir", str(tmp_path / "cache")]
+    done = backend("transfer", *common, "--model", "wan-vace-tiny", "-o", str(tmp_path / "out.mp4"))
+    assert done.returncode == 0, done.stderr
+    sidecar = json.loads((tmp_path / "out.json").read_text())
+    assert sidecar["backbone"] == "wan-vace" and sidecar["settings"]["reference_strength"] == 0.7
+    refused = backend("transfer", *common, "--model", "tiny", "-o", str(tmp_path / "no.mp4"))
+    assert_one_sentence_error(refused, "The zeroscope backbone takes no reference image")
+    assert not (tmp_path / "no.mp4").exists()

@@ -261,10 +261,6 @@ class Engine:
         settings = with_savers(settings, savers.savers) if savers else settings
         frames = self._padded(frames_for_model(chosen, framing))
         windows = self.windows_for(len(frames), settings)
-        if b.conditions_whole_clip and len(windows) > 1:
-            raise BadSettingsError(
-                f"The {b.facts.name} backbone edits at most {settings.window_frames} frames at "
-                f"once; give fewer --frames (or a shorter --start range).")
         regions = self._regions_for(masks, indices, settings, framing, len(frames))
         if regions is None or not regions.keeps_plate():
             del chosen  # the composite needs the source frames; nothing else does
@@ -478,6 +474,11 @@ class Engine:
                 f"--window-overlap or raise --window-frames.")
         b.schedule.check_grids(settings.steps, settings.inversion_steps)
         sample_indices(clip_length, frames_to_edit(settings, clip_length), settings.start)
+        edited = b.model_frames(frames_to_edit(settings, clip_length))
+        if b.conditions_whole_clip and len(self.windows_for(edited, settings)) > 1:
+            raise BadSettingsError(
+                f"The {b.facts.name} backbone edits at most {settings.window_frames} frames at "
+                f"once; give fewer --frames (or a shorter --start range).")
         if frame_size is not None:
             self.framing_for(settings, frame_size)
 
