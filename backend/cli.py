@@ -400,12 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=command_evaluate)
     bench = commands.add_parser("bench", help="cost of an edit against the reference procedure")
     bench.add_argument("--arch", default="tiny",
-                       help="a backbone (zeroscope, wan), its tiny model (tiny, wan-tiny) or its "
-                            "random-weight model (zeroscope-random, wan-random: the backbone "
+                       help="a backbone (zeroscope, wan, wan-vace), its tiny model (tiny, "
+                            "wan-tiny, wan-vace-tiny) or its random-weight model "
+                            "(zeroscope-random, wan-random, wan-vace-random: the backbone "
                             "with --random-weights); backend/backbones/registry.py lists them "
                             "(default: %(default)s)")
     bench.add_argument("--random-weights", action="store_true",
-                       help="zeroscope, wan: full architecture with random weights (no download)")
+                       help="zeroscope, wan, wan-vace: full architecture with random weights "
+                            "(no download)")
     bench.add_argument("--frames", type=int, default=None, help="default: 8 tiny, 24 zeroscope")
     bench.add_argument("--width", type=int, default=None, help="default: 128 tiny, 576 zeroscope")
     bench.add_argument("--height", type=int, default=None, help="default: 64 tiny, 320 zeroscope")

@@ -40,9 +40,10 @@ stops after the feature taps (ZeroScope: up_blocks[1]; Wan: the guidance block) 
 its measured share of a full pass (timed here); a backward pass counts twice its forward.
 
 Architectures (`--arch`, backend/backbones/registry.py): a backbone's name ("zeroscope":
-ZeroScope v2, "wan": Wan 2.1 T2V-1.3B; `--random-weights` for the architecture with
-random weights), its tiny model ("tiny", "wan-tiny") or its random-weight model
-("zeroscope-random", "wan-random": the name with --random-weights). A backbone runs at
+ZeroScope v2, "wan": Wan 2.1 T2V-1.3B, "wan-vace": Wan 2.1 VACE-1.3B; `--random-weights`
+for the architecture with random weights), its tiny model ("tiny", "wan-tiny",
+"wan-vace-tiny") or its random-weight model ("zeroscope-random", "wan-random",
+"wan-vace-random": the name with --random-weights). Edits carry no reference image. A backbone runs at
 its own sizes and window (ZeroScope 24×576×320, Wan 81×832×480), a tiny model at a
 small clip.
 """
