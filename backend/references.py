@@ -51,6 +51,16 @@ def count_problem(count: int, max_references: int, backbone: str) -> str | None:
     return None
 
 
+def fingerprint(image: np.ndarray) -> dict[str, int | str]:
+    """What a result's sidecar records of a reference: its size and the SHA-256 of its
+    RGB pixels (row-major uint8), so the same picture is known again in any file format."""
+    import hashlib
+
+    image = np.ascontiguousarray(image)
+    return {"width": int(image.shape[1]), "height": int(image.shape[0]),
+            "sha256": hashlib.sha256(image.tobytes()).hexdigest()}
+
+
 def check_reference(image: np.ndarray, what: str) -> np.ndarray:
     """`image` as a reference: (H, W, 3) uint8 within the sides allowed, else
     BadReferenceError with one sentence."""

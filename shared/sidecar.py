@@ -58,6 +58,9 @@ class Sidecar:
     # {"count", "grow", "feather", "motion", "composited"} when the edit had regions or
     # camera motion (backend/method/regions.py); None: the whole frame, as before
     regions: dict[str, Any] | None = None
+    # The reference images the edit was conditioned on (Wan VACE), in order: each one's
+    # {"width", "height", "sha256"} (of its RGB pixels, backend/references.py); None: none
+    references: list[dict[str, Any]] | None = None
     worker: dict[str, Any] | None = None  # where a Ray worker ran the job (backend/cluster)
     # `--memory auto`'s choice: {"savers": [...], "predicted_peak_bytes", "budget_bytes"};
     # None: nothing planned (memory "off", or no GPU to fit)
@@ -122,7 +125,7 @@ _JSON_TYPES: dict[str, type | tuple[type, ...]] = {
     "device": str, "dtype": str, "input_frame_indices": list, "windows": list,
     "inversion_from_cache": bool, "timings_s": dict, "framing": dict, "upscaler": dict,
     "backbone": str, "regions": dict, "worker": dict, "memory": dict, "cost": dict,
-    "takes": list,
+    "takes": list, "references": list,
 }
 
 

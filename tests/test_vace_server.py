@@ -55,6 +55,7 @@ def test_a_job_with_references_is_stored_and_they_reach_the_model(vace_server):
         first = client.wait("look-1", timeout_s=WAIT_S)
         second = client.wait("look-2", timeout_s=WAIT_S)
     assert first.sidecar["backbone"] == "wan-vace" and first.sidecar["regions"]["composited"]
+    assert [entry["width"] for entry in first.sidecar["references"]] == [40]
     assert first.frames != second.frames  # the reference changed the look
 
 

@@ -5,6 +5,7 @@ exact, and bad references are refused in one sentence before any model work."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -263,6 +264,9 @@ def test_transfer_takes_a_reference_and_refuses_one_to_a_backbone_without_them(t
     assert done.returncode == 0, done.stderr
     sidecar = json.loads((tmp_path / "out.json").read_text())
     assert sidecar["backbone"] == "wan-vace" and sidecar["settings"]["reference_strength"] == 0.7
+    look = np.asarray(Image.open(tmp_path / "look.png").convert("RGB"))
+    assert sidecar["references"] == [{"width": 40, "height": 48,
+                                      "sha256": hashlib.sha256(look.tobytes()).hexdigest()}]
     refused = backend("transfer", *common, "--model", "tiny", "-o", str(tmp_path / "no.mp4"))
     assert_one_sentence_error(refused, "The zeroscope backbone takes no reference image")
     assert not (tmp_path / "no.mp4").exists()

@@ -90,7 +90,7 @@ from backend.method.regions import (
     weights_at,
 )
 from backend.method.windows import Window, blend_windowed, place_windows, window_slice
-from backend.references import check_references
+from backend.references import check_references, fingerprint
 from backend.results import (
     CancelCheck,
     ProgressCallback,
@@ -316,7 +316,8 @@ class Engine:
                     decoded[k], take_settings, take.seed, framing, indices, windows, from_cache,
                     timings[k], passes[k], requested_upscale, regions,
                     chosen if keeps_plate else None, frame_size, savers,
-                    _TakeReporter(report, [k], len(takes)), last=k == len(takes) - 1))
+                    _TakeReporter(report, [k], len(takes)), last=k == len(takes) - 1,
+                    references=[fingerprint(image) for image in references] or None))
                 decoded[k] = None  # type: ignore[call-overload]  # held once: in its result
         except torch.cuda.OutOfMemoryError as error:
             raise OutOfMemoryError(out_of_memory_sentence(savers, OUT_OF_MEMORY)) from error
@@ -330,7 +331,8 @@ class Engine:
                 timings: dict[str, float], passes: Counter, requested_upscale: str,
                 regions: EditRegions | None,
                 chosen: np.ndarray | None, frame_size: tuple[int, int],
-                savers: MemoryDecision | None, report: Reporter, last: bool) -> TransferResult:
+                savers: MemoryDecision | None, report: Reporter, last: bool,
+                references: list[dict[str, Any]] | None = None) -> TransferResult:
         """One take's decoded frames → its result: upscaled, composited through its
         regions (over the engine's copy of the source frames, in place only for the
         last take: the others still need them), retimed, with its sidecar (its cost:
@@ -353,7 +355,8 @@ class Engine:
                                 regions)
         sidecar = dataclasses.replace(
             sidecar, settings={**sidecar.settings, "upscale": requested_upscale},
-            cost=edit_cost(passes, self.backbone.truncated_pass_share, timings))
+            cost=edit_cost(passes, self.backbone.truncated_pass_share, timings),
+            references=references)
         if savers:
             sidecar = dataclasses.replace(sidecar, memory=savers.to_dict())
         return TransferResult(out, sidecar,
