@@ -62,6 +62,13 @@ def client_for(config: ServerConfig):
     return _clients[config]
 
 
+def last_hello(config: ServerConfig) -> dict | None:
+    """The server's hello as its client last received it (None: never asked yet); no
+    network, so the panel may read it while it draws."""
+    client = _clients.get(config)
+    return getattr(client, "server_info", None) if client is not None else None
+
+
 def forget(config: ServerConfig) -> None:
     """Close and drop a client (after an error, so the next call reconnects)."""
     client = _clients.pop(config, None)

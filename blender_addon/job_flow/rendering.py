@@ -28,6 +28,7 @@ from .. import addon
 from ..connection import link
 from ..rules.channels import Span, result_channel
 from ..rules.errors import UserError, os_reason
+from ..rules.look import check_look
 from ..rules.memory_plan import memory_line
 from ..rules.names import REGION_SUBFOLDER, SOURCE_SUBFOLDER, new_job_id, result_folder
 from ..rules.panel_settings import transfer_settings
@@ -71,6 +72,7 @@ class RenderSession:
     region_renderer: batches.BatchRenderer | None = None  # rendered before the strip
     region_frames: list[MatteFrame] = field(default_factory=list)
     size: tuple[int, int] = (0, 0)  # the frames' (width, height)
+    look: bytes | None = None  # the panel's Look as a PNG, sent as the job's reference
 
     @property
     def source_folder(self) -> str:
@@ -175,11 +177,13 @@ def new_session(context, prompt: str = "", tick_budget_s: float | None = None) -
         raise
     frames = frames_to_render(span, server_frame_limit(hello), repr(strip.name))
     check_server_limits(hello, settings, size, region)
+    look = strip_io.look_png(scene, scene.understudy)
+    check_look(hello, look is not None)
     return RenderSession(job_id, scene.name, strip.name, span,
                          batches.BatchRenderer(frames, tick_budget_s), folder, stored, place,
                          int(prefs.max_render_size), settings, config, region=region,
                          region_renderer=batches.BatchRenderer(frames, tick_budget_s)
-                         if region else None, size=size)
+                         if region else None, size=size, look=look)
 
 
 def region_of(scene, strip, span: Span) -> Region | None:
@@ -251,6 +255,8 @@ def advance(session: RenderSession, scene) -> bool:
         masks = [[Path(session.region_folder, strip_io.REGION_FILE.format(index + 1)).read_bytes()
                   for index in range(renderer.total)]]
     client = link.client_for(session.config)
-    link.guarded(lambda: client.submit(session.job_id, session.settings, frames, masks=masks))
+    references = [session.look] if session.look is not None else None
+    link.guarded(lambda: client.submit(session.job_id, session.settings, frames, masks=masks,
+                                       references=references))
     strip_io.remove_folder(session.region_folder)  # the server keeps them with the job
     return False
