@@ -554,6 +554,21 @@ MUTANTS: tuple[Mutant, ...] = (
         "    out[..., :3] = composite[..., :3]",
         ("tests/test_blender_rules.py::test_the_layer_over_the_source_gives_the_servers_composite",),
     ),
+    # --- takes on the wire (issue 27): what a cancel keeps, what a restart makes again
+    Mutant(
+        "a cancel mid-takes drops the takes already made",
+        "backend/server/book.py",
+        "            elif take not in job.takes_done:\n",
+        "            elif take not in job.takes_done or job.state == JobState.CANCELLED:\n",
+        ("tests/test_server_takes.py::test_a_cancel_after_the_first_take_keeps_it_and_stops_the_rest",),
+    ),
+    Mutant(
+        "a restart makes the finished takes again",
+        "backend/server/job_thread.py",
+        "        done = self.book.takes_done(job.job_id)\n",
+        "        done: list[int] = []\n",
+        ("tests/test_server_takes.py::test_a_server_killed_mid_takes_keeps_the_finished_take_and_makes_only_the_rest",),
+    ),
     Mutant(
         "a peer accepts any protocol version",
         "shared/protocol.py",
