@@ -425,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --preview: the model(s) to bench instead (repeatable)")
     bench.add_argument("--takes", type=int, default=None, metavar="K",
                        help="K takes batched against K single edits instead (FE and seconds)")
+    bench.add_argument("--steps", type=int, default=None, metavar="N",
+                       help="with --takes: N sampling and N inversion steps in every edit "
+                            "(default: the settings' own)")
     bench.add_argument("-o", "--output", help="write the JSON report here")
     bench.set_defaults(func=command_bench)
 
