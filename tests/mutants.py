@@ -286,15 +286,15 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         'a remote transfer never prints its job id',
         'backend/edit.py',
-        '            say(f"Job {job_id}: submitted;',
-        '            (lambda _: None)(f"Job {job_id}: submitted;',
+        '    say(f"Job {job_id}: submitted;',
+        '    (lambda _: None)(f"Job {job_id}: submitted;',
         ('tests/test_server.py::test_remote_transfer_writes_the_same_files_as_a_local_run',),
     ),
     Mutant(
         '--job-id does not re-attach to a job',
         'backend/edit.py',
-        '            known = remote.job_id is not None and client.status(job_id)',
-        '            known = False',
+        '        known = remote.job_id is not None and client.status(job_id)',
+        '        known = False',
         ('tests/test_server.py::test_a_remote_transfer_re_attaches_to_its_job_by_id',),
     ),
     # --- the sidecar: what the engine used, as the engine, the CLI and the panel report it
