@@ -385,10 +385,13 @@ class FakeLayout:
         assert hasattr(bpy.types, list_type) and prop in data.bl_rna.properties
         self.log["lists"].append(prop)
 
+    def template_icon(self, icon_value=0, **_):
+        assert isinstance(icon_value, int) and icon_value > 0, icon_value
+
     def row(self, **_):
         return self
 
-    column = box = row
+    column = box = grid_flow = row
 
 
 class Drawable:
@@ -616,8 +619,14 @@ def scenario_takes(args: dict) -> dict:
     result["contact_sheet"] = [list(contact_sheet.preview(strip).image_size)
                                for _, strip in sorted(stack.take_strips(holder).items())]
 
-    # Next, then Previous: the visible take changes and nothing else.
+    # The panel with the stack active: its takes, the buttons, the contact sheet.
     scene.sequence_editor.active_strip = holder
+    log = {"props": [], "operators": [], "labels": [], "progress": [], "lists": []}
+    panel = bpy.types.UNDERSTUDY_PT_panel
+    panel.draw(Drawable(panel, None, FakeLayout(log)), bpy.context)
+    result["panel"] = log
+
+    # Next, then Previous: the visible take changes and nothing else.
     switching = {"before": all_strip_states(scene)}
     switching["next"] = run_operator(bpy.ops.understudy.next_take)
     switching["after_next"] = all_strip_states(scene)
