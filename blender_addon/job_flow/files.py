@@ -59,8 +59,9 @@ def on_save_pre(filepath, *_args) -> None:
             if session is not None:
                 session.folder = new
             for strip in compat.all_strips(scene.sequence_editor) if scene.sequence_editor else ():
-                inside = moved_folder(bpy.path.abspath(strip.directory), old, stored)
-                if strip.type == "IMAGE" and inside is not None:  # the result, or a take's
+                inside = (moved_folder(bpy.path.abspath(strip.directory), old, stored)
+                          if strip.type == "IMAGE" else None)
+                if inside is not None:  # the result, or a take's
                     strip.directory = inside
             job.frames_dir = stored
             if job.message.startswith("The file is unsaved"):
@@ -88,8 +89,9 @@ def on_save_post(_filepath, *_args) -> None:
             continue
         absolute = new + os.sep
         for strip in compat.all_strips(scene.sequence_editor) if scene.sequence_editor else ():
-            inside = moved_folder(strip.directory, stored.rstrip("/"), absolute)
-            if strip.type == "IMAGE" and inside is not None:
+            inside = (moved_folder(strip.directory, stored.rstrip("/"), absolute)
+                      if strip.type == "IMAGE" else None)
+            if inside is not None:
                 strip.directory = inside
         job.frames_dir = absolute
     _moved.clear()
