@@ -121,3 +121,15 @@ def test_takes_go_only_to_a_server_that_makes_them():
     with pytest.raises(UserError, match=r"^Takes is 9 and the server makes at most 8 takes per "
                                         r"job; set Takes to 8 or fewer\.$"):
         server_hello.check_takes(newer, 9)
+
+
+def test_progress_says_which_take_is_being_made():
+    from blender_addon.rules import job_updates, messages
+
+    update, _ = job_updates.job_update({"type": "progress", "job_id": "j", "phase": "guide",
+                                        "step": 1, "total": 4, "take": 2, "takes": 3})
+    assert update["phase"] == "guide, take 2 of 3"
+    assert messages.progress_text(update["status"], update["phase"], update["percent"]) == \
+        "guide, take 2 of 3 25%"
+    one, _ = job_updates.job_update({"type": "progress", "phase": "guide", "take": 1, "takes": 1})
+    assert one["phase"] == "guide"  # a one-take job: as before
