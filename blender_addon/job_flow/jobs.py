@@ -8,6 +8,10 @@ records, the renders in progress, the results being placed) and makes every chan
 a record's status. In the interface it runs two timers: the work timer, which renders
 (or places) a batch per tick, and the polling timer, which follows the server; in
 background mode (`blender -b`, the bpy module), where timers never fire, it blocks.
+
+A job of several takes places each take as soon as the server says it is ready (its
+take_ready, or `takes_done` in a status reply) into one take stack (vse/stack.py); a
+Render Final job's result replaces its preview take in place, as one undo step.
 """
 
 from __future__ import annotations
