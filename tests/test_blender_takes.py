@@ -12,7 +12,7 @@ from shared.protocol import EventType, JobState
 
 
 @pytest.mark.parametrize(("event", "placed", "expected"), [
-    ({"type": "take_ready", "job_id": "j", "take": 2, "takes": 3}, set(), [2]),
+    ({"type": EventType.TAKE_READY, "job_id": "j", "take": 2, "takes": 3}, set(), [2]),
     ({"type": "take_ready", "job_id": "j", "take": 2, "takes": 3}, {2}, []),  # placed already
     ({"type": "take_ready", "job_id": "j", "take": 4, "takes": 3}, set(), []),  # not a take
     ({"type": "take_ready", "job_id": "j", "take": True}, set(), []),  # JSON true is no number
@@ -25,10 +25,6 @@ from shared.protocol import EventType, JobState
 ])
 def test_takes_to_fetch_names_the_ready_takes_not_yet_placed(event, placed, expected):
     assert takes.takes_to_fetch(event, 3, placed) == expected
-
-
-def test_the_take_ready_event_is_the_protocols_word():
-    assert takes.TAKE_READY == "take_ready"
 
 
 @pytest.mark.parametrize(("stack", "shown"), [

@@ -32,10 +32,7 @@ from ..rules.panel_settings import (
     setting_from_panel,
 )
 from ..rules.regions import REGION_KINDS, REGION_NONE
-from ..rules.states import ACTIVE, Status
-
-# The Takes field's own bound; the server's max_takes (checked before rendering) is the real one.
-MAX_TAKES_FIELD = 64
+from ..rules.states import ACTIVE, PROTOCOL, Status
 
 
 def _check_project(self, _context) -> None:
@@ -232,7 +229,7 @@ class UnderstudySettings(bpy.types.PropertyGroup):
     motion: EnumProperty(name="Motion", **choice_property("motion"))
     # Takes: one result per seed (seed, seed + 1, ...) from one inversion; the server says
     # how many it makes per job (its max_takes), checked before anything is rendered.
-    takes: IntProperty(name="Takes", default=1, min=1, max=MAX_TAKES_FIELD,
+    takes: IntProperty(name="Takes", default=1, min=1, max=PROTOCOL.MAX_TAKES,
                        description="How many takes Preview and Transfer make, each with the "
                                    "next seed; they land as one stack, the first shown")
 

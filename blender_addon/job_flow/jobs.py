@@ -30,7 +30,7 @@ from ..rules.job_updates import job_update
 from ..rules.messages import lost_server_message, progress_text
 from ..rules.names import result_folder
 from ..rules.states import COLLECT_HINT, PROTOCOL, Phase, Status
-from ..rules.takes import TAKE_READY, takes_to_fetch
+from ..rules.takes import takes_to_fetch
 from ..vse import compat, strip_io
 from . import batches, collecting, following, rendering
 from .rendering import RenderSession, TransferRequest
@@ -295,7 +295,7 @@ def wait_and_collect(scene, job, timeout_s: float | None = None) -> None:
                   flush=True)
 
     def on_event(event: dict) -> None:
-        if job.takes > 1 and event.get("type") == TAKE_READY:  # place it now
+        if job.takes > 1 and event.get("type") == EventType.TAKE_READY:  # place it now
             collect_takes(scene, job, client, event, ready=False)
         else:
             progress(event)

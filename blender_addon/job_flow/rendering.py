@@ -160,12 +160,20 @@ def plan_memory(context) -> str:
     regions = 0 if region_of(scene, strip, span) is None else 1  # its masks count too
     settings = transfer_settings(values, span.length)
     size = strip_io.render_size(scene, strip_io.placement_of(scene, strip), int(prefs.max_render_size))
+    takes = int(scene.understudy.takes)  # the batch of takes the engine would run
     config = prefs.server_config()
     pending = link.client_api().PlanPending
     try:
         client = link.client_for(config)
+        hello = link.known_hello(config) or link.guarded(client.hello)
+    except UserError:
+        link.forget(config)
+        raise
+    check_takes(hello, takes)  # an older server would plan one take
+    try:
         reply = link.guarded(lambda: client.plan(settings, span.length, size,
-                                                 wait_s=PLAN_WAIT_IN_PANEL_S, regions=regions))
+                                                 wait_s=PLAN_WAIT_IN_PANEL_S, regions=regions,
+                                                 takes=takes))
     except UserError as error:
         if isinstance(error.__cause__, pending):
             raise UserError(PLAN_PENDING) from None  # the connection is fine: keep it

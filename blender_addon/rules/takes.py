@@ -14,7 +14,6 @@ from .states import PROTOCOL
 
 JobState, EventType = PROTOCOL.JobState, PROTOCOL.EventType
 FINAL, PREVIEW = "final", "preview"  # shared/settings.py QUALITIES
-TAKE_READY = getattr(EventType, "TAKE_READY", "take_ready")  # FIXME(wire27): EventType's own
 
 
 def _take_number(value: object, total: int) -> int | None:
@@ -30,7 +29,7 @@ def takes_to_fetch(event: dict, total: int, placed: Collection[int]) -> list[int
     finished takes); every take once the job is done. Takes already placed, and numbers
     outside 1..total, are left out."""
     kind = event.get("type") if "type" in event else event.get("state")
-    if kind == TAKE_READY:
+    if kind == EventType.TAKE_READY:
         wanted: Sequence[object] = [event.get("take")]
     elif kind in (EventType.RESULT_READY, JobState.DONE):
         wanted = range(1, total + 1)
