@@ -35,6 +35,8 @@ def job_update(event: dict) -> tuple[dict, bool]:
         message = str(event.get("message") or error.get("message")
                       or "The server could not finish the job.")
         return {"status": Status.FAILED, "message": message}, False
+    if kind == EventType.TAKE_READY:  # one take of several is made: the job still runs
+        return {"status": Status.RUNNING}, False  # (rules/takes.py says what to fetch)
     if kind in (EventType.CANCELLED, JobState.CANCELLED):
         return {"status": Status.CANCELLED, "message": "Cancelled."}, False
     if kind in (EventType.PROGRESS, JobState.RUNNING, JobState.QUEUED):
