@@ -510,6 +510,13 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/test_blender_takes.py::test_next_and_previous_step_round_the_stack",),
     ),
     Mutant(
+        "Render Final's replacement is no undo step of its own (one undo drops the stack)",
+        "blender_addon/job_flow/jobs.py",
+        '    addon.push_undo(f"Understudy: take {take} as a preview")\n',
+        "",
+        ("tests/test_blender_e2e.py::test_takes_land_as_one_stack_switch_and_render_final_in_place[5.0]",),
+    ),
+    Mutant(
         "a take already in the stack is fetched and placed again",
         "blender_addon/rules/takes.py",
         "if number is not None and number not in placed)",
