@@ -62,11 +62,12 @@ def client_for(config: ServerConfig):
     return _clients[config]
 
 
-def last_hello(config: ServerConfig) -> dict | None:
-    """The server's hello as its client last received it (None: never asked yet); no
-    network, so the panel may read it while it draws."""
+def known_hello(config: ServerConfig) -> dict | None:
+    """The server's last hello to this configuration's client, without asking (the panel
+    draws from it); None before one was heard."""
     client = _clients.get(config)
-    return getattr(client, "server_info", None) if client is not None else None
+    info = getattr(client, "server_info", None)
+    return info if isinstance(info, dict) else None
 
 
 def forget(config: ServerConfig) -> None:
