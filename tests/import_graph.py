@@ -55,7 +55,8 @@ class Layer:
 
 LAYERS: tuple[Layer, ...] = (  # bottom first
     Layer("shared", ("shared.*",)),
-    Layer("base", ("backend", "backend.errors", "backend.video", "backend.results", "backend.masks")),
+    Layer("base", ("backend", "backend.errors", "backend.video", "backend.results", "backend.masks",
+                   "backend.gang")),
     Layer("backbones", ("backend.backbones.*",)),
     Layer("memory", ("backend.memory.*",)),
     Layer("method", ("backend.method.*",)),

@@ -539,6 +539,14 @@ MUTANTS: tuple[Mutant, ...] = (
         "        pass",
         ("tests/test_regions.py::test_a_mask_black_in_every_frame_used_is_refused_before_any_model_work",),
     ),
+    # --- a gang of GPUs (issue 29): one edit across several processes
+    Mutant(
+        "a gang's ranks step Adam on their own tokens' share of the gradient (no all-reduce)",
+        "backend/edit.py",
+        "        engine.gradient_reducer = gang.reduce_gradient\n",
+        "        pass\n",
+        ("tests/test_gang.py::test_a_two_rank_gang_edits_exactly_as_one_process",),
+    ),
     # --- regions (issue 20): the server's mask checks, the extension's layer over the source
     Mutant(
         "a region white over every frame is queued: no plate would be kept",
