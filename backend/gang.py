@@ -23,11 +23,13 @@ import datetime
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from backend.errors import UnderstudyError
 from shared.errors import ErrorCode
+
+if TYPE_CHECKING:  # the gateway reads this module's names without loading torch
+    import torch
 
 # Long enough for the slowest collective of a real edit (a 14B model's gather on a busy
 # node), short enough that a stopped rank fails the job instead of holding the gang.

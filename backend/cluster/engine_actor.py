@@ -66,7 +66,9 @@ class ActorSpec:
 class EngineActor:
     """Holds one engine for its life; `ray.remote` is applied by the pool."""
 
-    def __init__(self, name: str, spec: ActorSpec) -> None:
+    def __init__(self, name: str, spec: ActorSpec, load: bool = True) -> None:
+        """`load` False: the model is loaded later (a gang's rank loads it once it has
+        joined its gang, backend/cluster/gang.py)."""
         self.name = name
         self.spec = spec
         self._cancel_lock = threading.Lock()
@@ -77,17 +79,25 @@ class EngineActor:
             import torch
 
             torch.set_num_threads(spec.torch_threads)
+        if load:
+            self._load_engine()
+
+    def _load_engine(self, gang: Any = None) -> None:
+        """Load the spec's engine (on a gang: split over it, backend/edit.py load_engine);
+        a failure is kept for identity() to report."""
         try:
             from backend.edit import load_engine
 
-            self.engine = load_engine(spec.model, device=spec.device, dtype=spec.dtype,
-                                      cache_dir=spec.cache_for(name),
-                                      upscale_model=spec.upscale_model)
+            self.engine = load_engine(self.spec.model, device=self.spec.device,
+                                      dtype=self.spec.dtype,
+                                      cache_dir=self.spec.cache_for(self.name),
+                                      upscale_model=self.spec.upscale_model, gang=gang)
         except Exception as error:  # a constructor that raises would leave Ray a dead actor
             # Reported by identity(): the pool says it.
             code, message = failure_reply(error, "Loading the model failed", "the worker's Ray log")
             if code == ErrorCode.INTERNAL:
-                log.error("Worker %s could not load the model:\n%s", name, traceback.format_exc())
+                log.error("Worker %s could not load the model:\n%s", self.name,
+                          traceback.format_exc())
             self._load_error = {"code": code, "message": message}
 
     # ----------------------------------------------------------------- side calls
@@ -171,14 +181,9 @@ class EngineActor:
             with_masks = {"masks": PngMasks(masks, "the job's regions")} if masks else {}
             # The gateway decided the job's savers; the worker plans nothing.
             savers = None if memory is None else MemoryDecision.from_dict(memory)
-            result = self.engine.transfer(PngClip(inputs, "the job's clip"),
-                                          TransferSettings.from_dict(settings),
-                                          progress=progress, cancelled=cancelled,
-                                          savers=savers, **with_masks)
-            sidecar = replace(result.sidecar, worker=self._sidecar_worker())
-            # Raw frames, not PNGs: the gateway encodes them once, as it does for a local job.
-            events.put({"event": "done", "frames": result.frames, "alpha": result.alpha,
-                        "sidecar": sidecar.to_dict()})
+            events.put(self._transfer(PngClip(inputs, "the job's clip"),
+                                      TransferSettings.from_dict(settings), progress, cancelled,
+                                      savers, with_masks))
         except JobCancelled:
             events.put({"event": "cancelled"})
         except Exception as error:  # a bad clip, or an engine bug: fails this job, not the actor
@@ -187,6 +192,16 @@ class EngineActor:
             if code == ErrorCode.INTERNAL:
                 log.error("Job %s failed on %s:\n%s", job_id, self.name, traceback.format_exc())
             events.put({"event": "failed", "code": code, "message": message})
+
+    def _transfer(self, clip: PngClip, settings: Any, progress: Any, cancelled: Any,
+                  savers: Any, with_masks: dict[str, Any]) -> dict[str, Any]:
+        """The edit itself, and its "done" event."""
+        result = self.engine.transfer(clip, settings, progress=progress, cancelled=cancelled,
+                                      savers=savers, **with_masks)
+        sidecar = replace(result.sidecar, worker=self._sidecar_worker())
+        # Raw frames, not PNGs: the gateway encodes them once, as it does for a local job.
+        return {"event": "done", "frames": result.frames, "alpha": result.alpha,
+                "sidecar": sidecar.to_dict()}
 
     def _sidecar_worker(self) -> dict[str, Any]:
         """The sidecar's record of where the job ran: host, GPU, actor."""
