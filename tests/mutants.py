@@ -547,6 +547,21 @@ MUTANTS: tuple[Mutant, ...] = (
         "        pass\n",
         ("tests/test_gang.py::test_a_two_rank_gang_edits_exactly_as_one_process",),
     ),
+    Mutant(
+        "a gang's ranks seeded differently",
+        "backend/cluster/gang.py",
+        "                       job_id, settings, inputs, masks, memory)",
+        '                       job_id, {**settings, "seed": settings["seed"] + rank}, inputs, masks,\n'
+        "                       memory)",
+        ("tests/test_gang.py::test_a_gang_job_through_transfer_server_equals_the_single_process_edit",),
+    ),
+    Mutant(
+        "rank 1 of a gang writes the result",
+        "backend/gang.py",
+        "        return self.rank == 0\n",
+        "        return self.rank == 1\n",
+        ("tests/test_gang.py::test_a_gang_job_through_transfer_server_equals_the_single_process_edit",),
+    ),
     # --- regions (issue 20): the server's mask checks, the extension's layer over the source
     Mutant(
         "a region white over every frame is queued: no plate would be kept",

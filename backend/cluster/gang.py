@@ -252,7 +252,7 @@ class GangRunner:
                 cancel_sent_at = now
             if cancel_sent_at is not None and now - cancel_sent_at > self.cancel_grace_s:
                 break
-            if ended_at is not None and now - ended_at > PEERS_GRACE_S:
+            if ended_at is not None and now - ended_at > min(PEERS_GRACE_S, self.timeout_s):
                 break
             ready, _ = ray.wait(list(streams.values()), num_returns=1, timeout=CANCEL_POLL_S)
             for rank in [rank for rank, stream in streams.items() if stream in ready]:
