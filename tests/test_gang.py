@@ -91,7 +91,8 @@ def gang_gateway(tmp_path_factory):
     """`serve --ray local:2 --gang 2 --model wan-tiny`: one gang of two ranks."""
     process = ServerProcess(tmp_path_factory.mktemp("gang-gateway") / "state", "--ray", "local:2",
                             "--gang", "2", "--gang-timeout", GANG_TIMEOUT_S, "--model",
-                            "wan-tiny", "--test-step-delay", STEP_DELAY).start()
+                            "wan-tiny", "--test-step-delay", STEP_DELAY,
+                            "--assume-gpu-memory-gb", "64").start()
     yield process
     process.stop()
 
@@ -116,6 +117,8 @@ def test_a_gang_job_through_transfer_server_equals_the_single_process_edit(
 
     hello = client.hello()
     assert (hello["engine"]["gang"], hello["engine"]["workers"]) == (2, 1)
+    planned = client.plan(settings(**VICTIM), 5, (64, 64))
+    assert planned["fits"] and planned["gang"] == {"size": 2, "peak": "per rank, at most"}
     clip = tmp_path / "clip.mp4"
     write_video(moving_square_frames(5, 64, 64), clip, fps=12)
     flags = ["--prompt", GANG_SETTINGS["prompt"], "--source-prompt",

@@ -91,7 +91,8 @@ def start_actors(options: ClusterOptions, spec: ActorSpec, token_dir: Path) -> C
         log.info("Worker %s ready on %s (pid %d%s).", identity["actor"], identity["host"],
                  identity["pid"], f", GPU {identity['gpu']['name']}" if identity["gpu"] else "")
     memory = gateway_memory(spec, identities,
-                            lambda: smallest_gpu([runner.identity for runner in pool.runners]))
+                            lambda: smallest_gpu([runner.identity for runner in pool.runners]),
+                            options.gang)
     engines = pool.engines() if isinstance(pool, GangPool) else actor_engines(pool)
     return ClusterActors(connection, pool, engines, memory)
 
@@ -107,10 +108,11 @@ def smallest_gpu(identities: list[dict[str, Any] | None]) -> dict[str, Any] | No
 
 
 def gateway_memory(spec: ActorSpec, identities: list[dict[str, Any]],
-                   gpu: Callable[[], dict[str, Any] | None]) -> ServerMemory | None:
+                   gpu: Callable[[], dict[str, Any] | None], gang: int = 1) -> ServerMemory | None:
     """The gateway's planner: for the workers' model by name, on their device in their
-    dtype, fitting `gpu()`; None when no worker reports a GPU, or when the model is not
-    one the plan can build by name (logged: its jobs run without planned savers)."""
+    dtype, fitting `gpu()` (one rank's GPU on a gang: ServerMemory.gang); None when no
+    worker reports a GPU, or when the model is not one the plan can build by name
+    (logged: its jobs run without planned savers)."""
     if gpu() is None:
         return None  # CPU workers: nothing to fit, and no torch needed here
     from backend.backbones.registry import plannable_models
@@ -124,4 +126,4 @@ def gateway_memory(spec: ActorSpec, identities: list[dict[str, Any]],
                     "names to plan them.", ", ".join(plannable_models()), spec.model)
         return None
     device = identities[0].get("engine", {}).get("device") or "cuda"
-    return ServerMemory(MemoryPlanner(gpu, engine_phases), spec.model, device, spec.dtype)
+    return ServerMemory(MemoryPlanner(gpu, engine_phases), spec.model, device, spec.dtype, gang)
