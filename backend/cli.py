@@ -428,6 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --preview: the model(s) to bench instead (repeatable)")
     bench.add_argument("--takes", type=int, default=None, metavar="K",
                        help="K takes batched against K single edits instead (FE and seconds)")
+    bench.add_argument("--gang", type=int, default=None, metavar="N",
+                       help="one edit on one process against the same edit on a gang of N "
+                            "processes (GPUs 0 … N − 1, or the CPU): wall seconds, FE per rank, "
+                            "and how far their frames are apart")
     bench.add_argument("-o", "--output", help="write the JSON report here")
     bench.set_defaults(func=command_bench)
 

@@ -177,3 +177,15 @@ def test_a_rank_killed_mid_job_reruns_the_job_once_on_a_rebuilt_gang(gang_gatewa
     assert len(result.frames) == 5 and result.sidecar["gang"]["size"] == 2
     assert not set(ranks) & set(result.sidecar["gang"]["pids"])
     assert gang_gateway.log().count("Gang gang0 lost rank") == 1
+
+
+def test_zeroscope_on_a_gang_is_not_split_and_sums_no_gradient():
+    """ZeroScope's UNet3D has no context parallel plan: its gang's jobs run on rank 0
+    alone (backend/cluster/gang.py), as one process would run them."""
+    from backend.edit import load_engine
+    from backend.gang import GangMember
+    from backend.method.engine import Engine
+
+    engine = load_engine("tiny", device="cpu", gang=GangMember(rank=0, size=2, timeout_s=5.0))
+    assert engine.backbone.gang_size() == 1
+    assert engine.gradient_reducer is Engine(engine.backbone).gradient_reducer

@@ -591,7 +591,13 @@ def main_bench(args) -> int:
         from backend.tools.bench_memory import main_memory_bench
 
         return main_memory_bench(args, build_backbone, default_sizes)
-    if args.takes:
+    if args.gang:
+        from backend.tools.bench_gang import format_gang, run_gang_bench
+
+        report = run_gang_bench(args.arch, args.gang, args.random_weights, args.frames,
+                                args.width, args.height, args.device, args.dtype)
+        print(format_gang(report))
+    elif args.takes:
         report = run_takes(args.arch, args.random_weights, args.takes, args.frames, args.width,
                            args.height, args.device, args.dtype)
         print(format_takes(report))
