@@ -33,14 +33,9 @@ from backend.method.cost import forward_equivalents
 from shared.settings import TransferSettings
 
 
-def gang_bench_settings(arch: str, frames: int | None, width: int | None,
-                        height: int | None) -> TransferSettings:
-    from backend.tools.bench import default_sizes
-
-    defaults = default_sizes(arch)
+def gang_bench_settings(frames: int, width: int, height: int) -> TransferSettings:
     return TransferSettings(prompt="a red train", source_prompt="a car", seed=0,
-                            num_frames=frames or defaults[0], width=width or defaults[1],
-                            height=height or defaults[2])
+                            num_frames=frames, width=width, height=height)
 
 
 def bench_clip(settings: TransferSettings) -> np.ndarray:
@@ -87,17 +82,13 @@ def _rank(rank: int, size: int, port: int, model: str, device: str | None, dtype
         leave_gang()
 
 
-def run_gang_bench(arch: str, size: int, random_weights: bool = False, frames: int | None = None,
-                   width: int | None = None, height: int | None = None,
+def run_gang_bench(model: str, size: int, frames: int, width: int, height: int,
                    device: str | None = None, dtype: str | None = None) -> dict:
-    """The single edit, then the gang's; the JSON report."""
+    """The single edit of `model` (a name `load_engine` takes: bench.py's main_bench
+    resolves --arch and the default clip), then the gang's; the JSON report."""
     import torch.multiprocessing as mp
 
-    from backend.tools.bench import backbone_of_arch
-
-    entry = backbone_of_arch(arch)  # the model an --arch names, as bench.build_backbone reads it
-    model = (entry.random if random_weights else entry.published) if arch == entry.name else arch
-    settings = gang_bench_settings(arch, frames, width, height)
+    settings = gang_bench_settings(frames, width, height)
     with TemporaryDirectory() as cache:
         alone = edit_once(model, device, dtype, settings, Path(cache))
     with TemporaryDirectory() as folder:
