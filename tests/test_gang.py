@@ -36,7 +36,7 @@ from tests.server_support import (
     subprocess_env,
     wait_for_event,
 )
-from tests.test_cluster import WAIT_S, command_line, descendants
+from tests.test_cluster import WAIT_S, command_line, descendants, serve
 
 # The ranks compute the same sums in another order (a token's rows in another batch);
 # on a CPU the tests find them equal to the last bit, the bound allows for rounding.
@@ -189,3 +189,15 @@ def test_zeroscope_on_a_gang_is_not_split_and_sums_no_gradient():
     engine = load_engine("tiny", device="cpu", gang=GangMember(rank=0, size=2, timeout_s=5.0))
     assert engine.backbone.gang_size() == 1
     assert engine.gradient_reducer is Engine(engine.backbone).gradient_reducer
+
+
+def test_gang_flags_a_user_can_get_wrong_are_one_sentence(tmp_path):
+    alone = serve("--gang", "2", "--state-dir", str(tmp_path / "state"))
+    assert alone.returncode == 1
+    assert alone.stderr.strip().splitlines() == [
+        "error: --gang only makes sense with --ray; add --ray auto (or local:N)."]
+    zero = serve("--ray", "local:2", "--gang", "0", "--state-dir", str(tmp_path / "state"))
+    assert zero.returncode == 1
+    assert zero.stderr.strip().splitlines() == [
+        "error: --gang is 0 and --gang-timeout 300.0; give --gang 1 or more GPUs and a "
+        "positive --gang-timeout."]
