@@ -105,13 +105,6 @@ def leave_gang() -> None:
         dist.destroy_process_group()
 
 
-def in_gang() -> bool:
-    """Whether this process is in a gang of more than one."""
-    import torch.distributed as dist
-
-    return dist.is_initialized() and dist.get_world_size() > 1
-
-
 def all_reduce_sum(tensor: torch.Tensor, timeout_s: float) -> None:
     """dist.all_reduce(SUM) in place, a stalled peer turned into GangStalled."""
     import torch.distributed as dist
