@@ -286,15 +286,15 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         'a remote transfer never prints its job id',
         'backend/edit.py',
-        '            say(f"Job {job_id}: submitted;',
-        '            (lambda _: None)(f"Job {job_id}: submitted;',
+        '    say(f"Job {job_id}: submitted;',
+        '    (lambda _: None)(f"Job {job_id}: submitted;',
         ('tests/test_server.py::test_remote_transfer_writes_the_same_files_as_a_local_run',),
     ),
     Mutant(
         '--job-id does not re-attach to a job',
         'backend/edit.py',
-        '            known = remote.job_id is not None and client.status(job_id)',
-        '            known = False',
+        '        known = remote.job_id is not None and client.status(job_id)',
+        '        known = False',
         ('tests/test_server.py::test_a_remote_transfer_re_attaches_to_its_job_by_id',),
     ),
     # --- the sidecar: what the engine used, as the engine, the CLI and the panel report it
@@ -550,9 +550,9 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "a gang's ranks seeded differently",
         "backend/cluster/gang.py",
-        "                       job_id, settings, inputs, masks, memory)",
+        "                       job_id, settings, inputs, masks, memory, takes, batch_size)",
         '                       job_id, {**settings, "seed": settings["seed"] + rank}, inputs, masks,\n'
-        "                       memory)",
+        "                       memory, takes, batch_size)",
         ("tests/test_gang.py::test_a_gang_job_through_transfer_server_equals_the_single_process_edit",),
     ),
     Mutant(
@@ -576,6 +576,21 @@ MUTANTS: tuple[Mutant, ...] = (
         "    out[..., :3] = np.clip(np.rint(layer), 0, 255).astype(np.uint8)",
         "    out[..., :3] = composite[..., :3]",
         ("tests/test_blender_rules.py::test_the_layer_over_the_source_gives_the_servers_composite",),
+    ),
+    # --- takes on the wire (issue 27): what a cancel keeps, what a restart makes again
+    Mutant(
+        "a cancel mid-takes drops the takes already made",
+        "backend/server/book.py",
+        "            elif take not in job.takes_done:\n",
+        "            elif take not in job.takes_done or job.state == JobState.CANCELLED:\n",
+        ("tests/test_server_takes.py::test_a_cancel_after_the_first_take_keeps_it_and_stops_the_rest",),
+    ),
+    Mutant(
+        "a restart makes the finished takes again",
+        "backend/server/job_thread.py",
+        "        done = self.book.takes_done(job.job_id)\n",
+        "        done: list[int] = []\n",
+        ("tests/test_server_takes.py::test_a_server_killed_mid_takes_keeps_the_finished_take_and_makes_only_the_rest",),
     ),
     Mutant(
         "a peer accepts any protocol version",

@@ -45,7 +45,7 @@ from backend.cluster.pool import START_TIMEOUT_S
 from backend.cluster.runner import CANCEL_POLL_S, ActorLost
 from backend.errors import JobCancelled, UnderstudyError
 from backend.gang import DEFAULT_COLLECTIVE_TIMEOUT_S, GangAddress, GangMember, stalls_named
-from backend.results import CancelCheck, ProgressCallback, TransferResult
+from backend.results import CancelCheck, ProgressCallback, Take, TakeCallback, TransferResult
 from shared.errors import ErrorCode
 from shared.settings import TransferSettings
 from shared.sidecar import Sidecar
@@ -94,22 +94,48 @@ class GangActor(EngineActor):
     def identity(self) -> dict[str, Any]:
         return {**super().identity(), "rank": self.rank, "gang": self.size}
 
+    def _split(self) -> bool:
+        return self.engine.backbone.gang_size() > 1
+
+    def _idle(self) -> bool:
+        """A backbone that cannot split runs on the writing rank alone."""
+        return not self._split() and not self.member.writes_result
+
     def _transfer(self, clip: Any, settings: Any, progress: Any, cancelled: Any, savers: Any,
                   with_masks: dict[str, Any]) -> dict[str, Any]:
-        """The edit on this rank: the whole gang's share (split), or, for a backbone that
-        cannot split, rank 0's alone; only the rank that writes the result returns it."""
-        member = self.member
-        split = self.engine.backbone.gang_size() > 1
-        if not split and not member.writes_result:
-            return {"event": "done", "frames": None, "sidecar": None}
+        """The edit on this rank (its share of the split model, or, for a backbone that
+        cannot split, rank 0's alone); only the writing rank ships the result."""
+        if self._idle():
+            return _NOTHING
         with stalls_named(self.timeout_s):
-            done = super()._transfer(clip, settings, progress if member.rank == 0 else _quiet,
-                                     cancelled, savers, with_masks)
+            return super()._transfer(clip, settings, self._progress(progress), cancelled,
+                                     savers, with_masks)
+
+    def _transfer_takes(self, clip: Any, settings: Any, takes: list[Any], progress: Any,
+                        cancelled: Any, savers: Any, batch_size: int | None, on_take: Any,
+                        with_masks: dict[str, Any]) -> None:
+        if self._idle():
+            return
+        with stalls_named(self.timeout_s):
+            super()._transfer_takes(clip, settings, takes, self._progress(progress), cancelled,
+                                    savers, batch_size, on_take, with_masks)
+
+    def _progress(self, progress: Any) -> Any:
+        return progress if self.member.rank == 0 else _quiet
+
+    def _shipped(self, result: Any) -> dict[str, Any]:
+        """The writing rank's result, its sidecar recording the gang; nothing elsewhere."""
+        member = self.member
         if not member.writes_result:
-            return {"event": "done", "frames": None, "sidecar": None}
-        done["sidecar"] = {**done["sidecar"],
-                           "gang": {"size": member.size, "rank": member.rank, "split": split}}
-        return done
+            return _NOTHING
+        shipped = super()._shipped(result)
+        shipped["sidecar"] = {**shipped["sidecar"], "gang": {
+            "size": member.size, "rank": member.rank, "split": self._split()}}
+        return shipped
+
+
+# What a rank that does not write the result ships.
+_NOTHING: dict[str, Any] = {"frames": None, "alpha": None, "sidecar": None}
 
 
 def _default_device() -> str:
@@ -226,9 +252,11 @@ class GangRunner:
 
     def run(self, job_id: str, settings: dict[str, Any], inputs: list[bytes],
             progress: ProgressCallback, cancelled: CancelCheck,
-            masks: list[list[bytes]] | None = None, memory: dict[str, Any] | None = None
-            ) -> TransferResult:
-        """Run one job on every rank; the writing rank's result. Raises what a single
+            masks: list[list[bytes]] | None = None, memory: dict[str, Any] | None = None,
+            takes: list[dict[str, Any]] | None = None, batch_size: int | None = None,
+            on_take: TakeCallback | None = None) -> list[TransferResult]:
+        """Run one job on every rank; the writing rank's results (one per take; one for a
+        job of one), each take handed to `on_take` as it arrives. Raises what a single
         worker's run raises (backend/cluster/runner.py), GangStalled's sentence for a
         collective that timed out; after any fault the gang is marked for rebuilding."""
         import ray
@@ -237,8 +265,9 @@ class GangRunner:
         if settings.get("seed") is None:  # one seed for every rank, drawn once
             settings = {**settings, "seed": random.SystemRandom().randrange(2**31)}
         streams = {rank: actor.run.options(num_returns="streaming").remote(
-                       job_id, settings, inputs, masks, memory)
+                       job_id, settings, inputs, masks, memory, takes, batch_size)
                    for rank, actor in enumerate(self.actors)}
+        finished: list[TransferResult] = []  # the takes the writing rank has shipped
         ends: dict[int, dict[str, Any]] = {}
         lost: list[str] = []
         started = False
@@ -265,6 +294,16 @@ class GangRunner:
                     del streams[rank]
                     ended_at = ended_at or time.monotonic()
                     continue
+                if event is not None and event["event"] == "take":
+                    if event["frames"] is not None:  # the writing rank's
+                        finished.append(self._result(event))
+                        if on_take is not None:
+                            try:
+                                on_take(event["index"], finished[-1])
+                            except BaseException:  # not stored: the gang stops the job too
+                                self.broken = True
+                                raise
+                    continue
                 if event is None or event["event"] not in ("started", "progress"):
                     ends[rank] = event or {"event": "failed", "code": ErrorCode.WORKER_LOST,
                                            "message": f"Rank {rank} ended without a result."}
@@ -276,10 +315,11 @@ class GangRunner:
                 elif rank == 0:
                     progress(event["phase"], event["step"], event["total"])
         return self._outcome(job_id, ends, lost, started, cancel_sent_at is not None,
-                             complete=not streams)
+                             complete=not streams, takes=None if takes is None else finished)
 
     def _outcome(self, job_id: str, ends: dict[int, dict[str, Any]], lost: list[str],
-                 started: bool, cancel_sent: bool, complete: bool) -> TransferResult:
+                 started: bool, cancel_sent: bool, complete: bool,
+                 takes: list[TransferResult] | None) -> list[TransferResult]:
         """What the ranks' ends make of the job (see `run`)."""
         kinds = {end["event"] for end in ends.values()}
         stalled = any(end.get("code") == ErrorCode.GANG_STALLED for end in ends.values())
@@ -304,14 +344,19 @@ class GangRunner:
 
             raise UnderstudyError(stalled_sentence(self.timeout_s, TimeoutError()),
                                   ErrorCode.GANG_STALLED)
+        if takes is not None:
+            return takes
         written = [end for end in ends.values() if end.get("frames") is not None]
         if len(written) != 1:
             raise UnderstudyError(f"Gang {self.name} returned {len(written)} results for one "
                                   "job; see the gateway log.", ErrorCode.INTERNAL)
-        done = written[0]
-        sidecar = Sidecar.from_dict(done["sidecar"])
-        return TransferResult(done["frames"], replace(sidecar, gang={
-            **(sidecar.gang or {}), "pids": self.rank_pids()}), done.get("alpha"))
+        return [self._result(written[0])]
+
+    def _result(self, event: dict[str, Any]) -> TransferResult:
+        """A rank's "done" or "take" event as a result, its sidecar naming every rank."""
+        sidecar = Sidecar.from_dict(event["sidecar"])
+        return TransferResult(event["frames"], replace(sidecar, gang={
+            **(sidecar.gang or {}), "pids": self.rank_pids()}), event.get("alpha"))
 
 
 def _bundle(actor_options: dict[str, Any]) -> dict[str, float]:
@@ -367,6 +412,15 @@ class GangEngine:
     def transfer(self, clip_frames: Any, settings: TransferSettings,
                  progress: ProgressCallback | None = None, cancelled: CancelCheck | None = None,
                  masks: Any | None = None, savers: Any = None) -> TransferResult:
+        return self.transfer_takes(clip_frames, settings, None, progress, cancelled, masks,
+                                   savers)[0]
+
+    def transfer_takes(self, clip_frames: Any, settings: TransferSettings,
+                       takes: list[Take] | None, progress: ProgressCallback | None = None,
+                       cancelled: CancelCheck | None = None, masks: Any | None = None,
+                       savers: Any = None, batch_size: int | None = None,
+                       on_take: TakeCallback | None = None) -> list[TransferResult]:
+        """The job on every rank of the gang (`takes` None: a job of one take)."""
         import uuid
 
         from backend.cluster.engine_handles import png_frames
@@ -375,7 +429,10 @@ class GangEngine:
                                png_frames(clip_frames), progress or _quiet,
                                cancelled or (lambda: False),
                                masks.png_bytes() if masks is not None else None,
-                               savers.to_dict() if savers is not None else None)
+                               savers.to_dict() if savers is not None else None,
+                               None if takes is None else [
+                                   {"prompt": take.prompt, "seed": take.seed} for take in takes],
+                               batch_size, on_take)
 
 
 class GangPool:
