@@ -143,6 +143,17 @@ def test_a_gang_job_through_transfer_server_equals_the_single_process_edit(
     assert np.abs(gang_frames.astype(int) - alone.frames).max() <= 1  # one 8-bit level
 
 
+def test_a_job_of_several_takes_runs_on_the_whole_gang_and_rank_0_ships_each_take(client):
+    takes = {**GANG_SETTINGS, "guided_steps": 1}
+    client.submit("gang-takes", takes, clip_pngs(5, 64, 64), takes=2)
+    client.wait("gang-takes", timeout_s=WAIT_S)
+    fetched = [client.fetch("gang-takes", take=take) for take in (1, 2)]
+    assert [take.sidecar["seed"] for take in fetched] == [7, 8]
+    assert all(take.sidecar["gang"]["split"] and take.sidecar["gang"]["rank"] == 0
+               for take in fetched)
+    assert client.status("gang-takes")["takes_done"] == [1, 2]
+
+
 def test_a_stopped_rank_fails_the_job_within_the_gang_timeout_in_one_sentence(
         gang_gateway, client):
     client.submit("stalled", settings(seed=1, **VICTIM), clip_pngs(5, 64, 64))
