@@ -67,6 +67,17 @@ class GangMember:
         """Rank 0 alone writes the result and the sidecar; the others' copies are equal."""
         return self.rank == 0
 
+    def any_rank(self, flag: bool) -> bool:
+        """Whether `flag` holds on any rank (an all-reduce of one number over gloo): every
+        rank calls it at the same point of the same edit, and all get the same answer."""
+        import torch
+        import torch.distributed as dist
+
+        value = torch.tensor([int(flag)])
+        with stalls_named(self.timeout_s):
+            dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
     def reduce_gradient(self, gradient: torch.Tensor) -> None:
         """Sum the ranks' shares of the latent's gradient in place (each rank's backward
         reached only its own tokens' share)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 
@@ -24,7 +25,7 @@ import torch
 from PIL import Image
 
 from backend.errors import BadSettingsError
-from shared.client import Client
+from shared.client import Client, JobCancelledError
 from shared.errors import ErrorCode, UnderstudyError
 from shared.settings import TransferSettings
 from tests.conftest import REPO_ROOT, moving_square_frames
@@ -152,6 +153,32 @@ def test_a_job_of_several_takes_runs_on_the_whole_gang_and_rank_0_ships_each_tak
     assert all(take.sidecar["gang"]["split"] and take.sidecar["gang"]["rank"] == 0
                for take in fetched)
     assert client.status("gang-takes")["takes_done"] == [1, 2]
+
+
+def test_a_rank_without_the_cached_inversion_makes_every_rank_invert(gang_gateway, client):
+    job = {**GANG_SETTINGS, "steps": 3, "inversion_steps": 3, "guided_steps": 1}
+    client.submit("cached-first", job, clip_pngs(5, 64, 64))
+    client.wait("cached-first", timeout_s=WAIT_S)
+    client.submit("cached-again", {**job, "seed": 8}, clip_pngs(5, 64, 64))
+    assert client.wait("cached-again", timeout_s=WAIT_S).sidecar["inversion_from_cache"]
+    rank_1_cache = gang_gateway.state_dir.parent / "cache" / "workers" / "gang0-rank1"
+    assert any(rank_1_cache.iterdir())
+    shutil.rmtree(rank_1_cache)  # rank 0 still holds the inversion; rank 1 no longer
+    client.submit("cached-on-one", {**job, "seed": 9}, clip_pngs(5, 64, 64))
+    result = client.wait("cached-on-one", timeout_s=WAIT_S)
+    assert result.sidecar["inversion_from_cache"] is False  # both inverted, together
+
+
+def test_cancel_a_job_running_on_a_gang(client):
+    client.submit("gang-cancel", settings(seed=4, **VICTIM), clip_pngs(5, 64, 64))
+    wait_for_event(client, "gang-cancel", "progress", timeout_s=WAIT_S)
+    assert client.cancel("gang-cancel")["cancel_requested"] is True
+    with pytest.raises(JobCancelledError):
+        client.wait("gang-cancel", timeout_s=WAIT_S)
+    assert client.status("gang-cancel")["state"] == "cancelled"
+    # The gang (kept, or rebuilt when its ranks stopped apart) takes the next job.
+    client.submit("after-cancel", settings(seed=5, **VICTIM), clip_pngs(5, 64, 64))
+    assert len(client.wait("after-cancel", timeout_s=WAIT_S).frames) == 5
 
 
 def test_a_stopped_rank_fails_the_job_within_the_gang_timeout_in_one_sentence(

@@ -25,8 +25,9 @@ Faults, as for a single worker (backend/cluster/runner.py) and then some:
 - a collective that never completes (a rank stopped, a link down): the other ranks'
   collective fails within `--gang-timeout`, the job fails in one sentence
   (GangStalled), and the gang is rebuilt;
-- a cancel: sent to every rank; unless every rank stops cleanly at the same step, the
-  gang is rebuilt (a rank that stopped alone would leave the others in a collective).
+- a cancel: sent to every rank; the ranks agree on it at each of the engine's checks
+  (an all-reduce of the flag), so they stop at the same step and the gang stays whole;
+  should they still end apart, the gang is rebuilt.
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ class GangActor(EngineActor):
             self._load_error = {"code": error.code, "message": str(error)}
             return self.identity()
         self._load_engine(self.member)
+        if self.engine is not None and self._split():
+            self.engine.cache = AgreedCache(self.engine.cache, self.member)
         return self.identity()
 
     def identity(self) -> dict[str, Any]:
@@ -108,8 +111,8 @@ class GangActor(EngineActor):
         if self._idle():
             return _NOTHING
         with stalls_named(self.timeout_s):
-            return super()._transfer(clip, settings, self._progress(progress), cancelled,
-                                     savers, with_masks)
+            return super()._transfer(clip, settings, self._progress(progress),
+                                     self._agreed(cancelled), savers, with_masks)
 
     def _transfer_takes(self, clip: Any, settings: Any, takes: list[Any], progress: Any,
                         cancelled: Any, savers: Any, batch_size: int | None, on_take: Any,
@@ -117,11 +120,21 @@ class GangActor(EngineActor):
         if self._idle():
             return
         with stalls_named(self.timeout_s):
-            super()._transfer_takes(clip, settings, takes, self._progress(progress), cancelled,
-                                    savers, batch_size, on_take, with_masks)
+            super()._transfer_takes(clip, settings, takes, self._progress(progress),
+                                    self._agreed(cancelled), savers, batch_size, on_take,
+                                    with_masks)
 
     def _progress(self, progress: Any) -> Any:
         return progress if self.member.rank == 0 else _quiet
+
+    def _agreed(self, cancelled: Any) -> Any:
+        """The cancel check, agreed by every rank of a split edit: a cancel reaching one
+        rank first stops them all at the same step (a rank stopping alone would leave
+        the others waiting in a collective). The engine checks at the same points of
+        the same edit on every rank. An edit on one rank alone checks its own flag."""
+        if not self._split():
+            return cancelled
+        return lambda: self.member.any_rank(cancelled())
 
     def _shipped(self, result: Any) -> dict[str, Any]:
         """The writing rank's result, its sidecar recording the gang; nothing elsewhere."""
@@ -132,6 +145,23 @@ class GangActor(EngineActor):
         shipped["sidecar"] = {**shipped["sidecar"], "gang": {
             "size": member.size, "rank": member.rank, "split": self._split()}}
         return shipped
+
+
+class AgreedCache:
+    """A gang rank's inversion cache (each rank has its own folder): a hit only when
+    every rank hits. A rank that inverted while another read its cache would wait in
+    the inversion's collectives for a peer that never comes."""
+
+    def __init__(self, cache: Any, member: GangMember) -> None:
+        self.cache = cache
+        self.member = member
+
+    def load(self, key: str, device: Any) -> Any:
+        state = self.cache.load(key, device)
+        return None if self.member.any_rank(state is None) else state
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.cache, name)
 
 
 # What a rank that does not write the result ships.
