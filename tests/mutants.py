@@ -556,6 +556,13 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/test_gang.py::test_a_gang_job_through_transfer_server_equals_the_single_process_edit",),
     ),
     Mutant(
+        "a gang's ranks each trust their own inversion cache (one inverts, one waits)",
+        "backend/cluster/gang.py",
+        "            self.engine.cache = AgreedCache(self.engine.cache, self.member)\n",
+        "            pass\n",
+        ("tests/test_gang.py::test_a_rank_without_the_cached_inversion_makes_every_rank_invert",),
+    ),
+    Mutant(
         "rank 1 of a gang writes the result",
         "backend/gang.py",
         "        return self.rank == 0\n",
