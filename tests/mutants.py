@@ -501,6 +501,28 @@ MUTANTS: tuple[Mutant, ...] = (
         "        if jobs.any_job(",
         ("tests/test_blender_e2e.py::test_cancel_a_job_still_queued",),
     ),
+    # --- takes in Blender (issue 27, blender_addon/rules/takes.py)
+    Mutant(
+        "Next Take stops at the last take instead of going round",
+        "blender_addon/rules/takes.py",
+        "    return order[(order.index(visible) + step) % len(order)]",
+        "    return order[min(max(order.index(visible) + step, 0), len(order) - 1)]",
+        ("tests/test_blender_takes.py::test_next_and_previous_step_round_the_stack",),
+    ),
+    Mutant(
+        "Render Final's replacement is no undo step of its own (one undo drops the stack)",
+        "blender_addon/job_flow/jobs.py",
+        '    addon.push_undo(f"Understudy: take {take} as a preview")\n',
+        "",
+        ("tests/test_blender_e2e.py::test_takes_land_as_one_stack_switch_and_render_final_in_place[5.0]",),
+    ),
+    Mutant(
+        "a take already in the stack is fetched and placed again",
+        "blender_addon/rules/takes.py",
+        "if number is not None and number not in placed)",
+        "if number is not None)",
+        ("tests/test_blender_takes.py::test_takes_to_fetch_names_the_ready_takes_not_yet_placed",),
+    ),
     # --- regions (issue 20, backend/method/regions.py, backend/method/engine.py)
     Mutant(
         "the feather blurs the grown region outward, past its edge",
