@@ -15,6 +15,7 @@ from pathlib import Path
 
 from backend.edit import DEFAULT_CACHE, DEFAULT_MODEL
 from backend.errors import UnderstudyError
+from backend.gang import DEFAULT_COLLECTIVE_TIMEOUT_S
 from backend.tools.metrics import DEFAULT_CLIP_MODEL
 from backend.tools.tracking import DEFAULT_GRID
 from shared.settings import DEFAULTS, REFERENCE_FLAG, SPECS, TransferSettings
@@ -213,16 +214,20 @@ def gpu_gigabytes(gigabytes: float | None) -> float | None:
 def cluster_options(args: argparse.Namespace):
     """`--ray` and its companions as ClusterOptions; None without --ray."""
     if args.ray is None:
-        if args.shared_cache:
-            raise UnderstudyError("--shared-cache only makes sense with --ray; add --ray auto "
-                                  "(or local:N).")
+        if args.shared_cache or args.gang != 1:
+            raise UnderstudyError(f"{'--shared-cache' if args.shared_cache else '--gang'} only "
+                                  "makes sense with --ray; add --ray auto (or local:N).")
         return None
     from backend.cluster.connect import parse_ray_target
     from backend.cluster.gateway import ClusterOptions
 
     parse_ray_target(args.ray)  # a mistyped address is told before anything starts
+    if args.gang < 1 or not args.gang_timeout > 0:
+        raise UnderstudyError(f"--gang is {args.gang} and --gang-timeout {args.gang_timeout}; "
+                              "give --gang 1 or more GPUs and a positive --gang-timeout.")
     return ClusterOptions(args.ray, shared_cache=args.shared_cache,
-                          cancel_grace_s=args.cancel_grace)
+                          cancel_grace_s=args.cancel_grace, gang=args.gang,
+                          gang_timeout_s=args.gang_timeout)
 
 
 def command_keys(args: argparse.Namespace) -> int:
@@ -433,6 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --preview: the model(s) to bench instead (repeatable)")
     bench.add_argument("--takes", type=int, default=None, metavar="K",
                        help="K takes batched against K single edits instead (FE and seconds)")
+    bench.add_argument("--gang", type=int, default=None, metavar="N",
+                       help="one edit on one process against the same edit on a gang of N "
+                            "processes (GPUs 0 … N − 1, or the CPU): wall seconds, FE per rank, "
+                            "and how far their frames are apart")
     bench.add_argument("--steps", type=int, default=None, metavar="N",
                        help="with --takes: N sampling and N inversion steps in every edit "
                             "(default: the settings' own)")
@@ -492,6 +501,16 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--cancel-grace", type=float, default=30.0, metavar="S",
                          help="with --ray: kill and restart a worker that has not stopped a "
                          "cancelled job S seconds after the cancel (default: %(default)s)")
+    cluster.add_argument("--gang", type=int, default=1, metavar="N",
+                         help="with --ray: run each job on N GPUs of one node together (a "
+                         "gang; Wan's attention split over them, ZeroScope on one of them), "
+                         "the node's GPUs grouped in gangs of N (default: %(default)s, one job "
+                         "per GPU)")
+    cluster.add_argument("--gang-timeout", type=float, default=DEFAULT_COLLECTIVE_TIMEOUT_S,
+                         metavar="S",
+                         help="with --gang: a collective between the GPUs of a gang that has not "
+                         "completed in S seconds fails its job and the gang is rebuilt "
+                         "(default: %(default)s)")
     add_model_flags(serve)
     serve.add_argument("--upscale-model", default=None,
                        help="load an upscaler for upscale 'xl' jobs: hub id "

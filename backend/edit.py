@@ -28,6 +28,7 @@ from shared.sidecar import Sidecar
 
 if TYPE_CHECKING:  # torch and the models load only when an engine is
     from backend.backbones.base import Backbone
+    from backend.gang import GangMember
     from backend.memory.phases import EditPhases
     from backend.memory.planner import MemoryPlanner
     from backend.memory.savers import MemoryDecision
@@ -278,6 +279,7 @@ def _engine_for(where: Local, settings: TransferSettings, clip_frames,
 def load_engine(
     model: str, device: str | None = None, dtype: str | None = None, cache_dir: Path | None = None,
     cache_max_bytes: int | None = None, upscale_model: str | None = None,
+    gang: GangMember | None = None,
 ) -> Engine:
     """Load a model ("tiny", "wan-tiny", a hub id, or a local diffusers folder; its
     backbone from its model_index.json, backend/backbones/loading.py) once; the inversion
@@ -285,14 +287,23 @@ def load_engine(
 
     upscale_model (for upscale "xl": its backbone's upscaler, such as ZeroScope XL, a
     local folder or "tiny"; None: no upscaler) is loaded first, so missing upscaler
-    weights end in one sentence before anything else loads."""
+    weights end in one sentence before anything else loads.
+
+    gang (backend/gang.py, this process's place in a process group it has joined): the
+    backbone splits its denoiser over the gang's ranks when it can (Wan: Ulysses) and the
+    engine sums the latent's gradient over them before each Adam step; a backbone that
+    cannot split (ZeroScope) loads as for one process, and its gang runs its jobs on
+    one rank (`engine.backbone.gang_size()` says which happened)."""
     from backend.backbones.loading import load_backbone, load_upscaler
     from backend.method.engine import Engine
 
     upscaler = None
     if upscale_model is not None:
         upscaler = Engine(load_upscaler(upscale_model, device, dtype))
-    return Engine(load_backbone(model, device, dtype), cache_dir, cache_max_bytes, upscaler)
+    engine = Engine(load_backbone(model, device, dtype), cache_dir, cache_max_bytes, upscaler)
+    if gang is not None and gang.size > 1 and engine.backbone.split_over_gang(gang.size):
+        engine.gradient_reducer = gang.reduce_gradient
+    return engine
 
 
 def read_references(paths: Sequence[Path]) -> list:

@@ -52,6 +52,7 @@ class ErrorCode(StrEnum):
     OUT_OF_MEMORY = "out_of_memory"
     CANCELLED = "cancelled"
     WORKER_LOST = "worker_lost"
+    GANG_STALLED = "gang_stalled"  # a collective of a gang of GPUs did not complete in its timeout
     BAD_SIDECAR = "bad_sidecar"  # a result's record that this side cannot read
     # Raised where they happen and never sent: a bad server or cluster setup (at start),
     # and what a client finds on its own side of the connection.

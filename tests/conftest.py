@@ -15,7 +15,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Modules whose tests share one local Ray instance run in one test process when the
 # suite runs in parallel (build.py test): two Ray heads at once would compete for the CPU
 # their start-up timeouts assume.
-ONE_PROCESS_GROUPS = {"test_cluster.py": "ray"}
+ONE_PROCESS_GROUPS = {"test_cluster.py": "ray", "test_gang.py": "ray"}
 
 
 def pytest_collection_modifyitems(items) -> None:

@@ -57,7 +57,7 @@ class Layer:
 LAYERS: tuple[Layer, ...] = (  # bottom first
     Layer("shared", ("shared.*",)),
     Layer("base", ("backend", "backend.errors", "backend.video", "backend.results", "backend.masks",
-                   "backend.references")),
+                   "backend.references", "backend.gang")),
     Layer("backbones", ("backend.backbones.*",)),
     Layer("memory", ("backend.memory.*",)),
     Layer("method", ("backend.method.*",)),

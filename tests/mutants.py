@@ -583,6 +583,36 @@ MUTANTS: tuple[Mutant, ...] = (
         "torch.full((self._context_layers,), 1.0,",
         ("tests/test_wan_vace.py::test_the_reference_and_its_strength_steer_the_result_and_the_same_reproduces_it",),
     ),
+    # --- a gang of GPUs (issue 29): one edit across several processes
+    Mutant(
+        "a gang's ranks step Adam on their own tokens' share of the gradient (no all-reduce)",
+        "backend/edit.py",
+        "        engine.gradient_reducer = gang.reduce_gradient\n",
+        "        pass\n",
+        ("tests/test_gang.py::test_a_two_rank_gang_edits_exactly_as_one_process",),
+    ),
+    Mutant(
+        "a gang's ranks seeded differently",
+        "backend/cluster/gang.py",
+        "                       job_id, settings, inputs, masks, memory, takes, batch_size, references)",
+        '                       job_id, {**settings, "seed": settings["seed"] + rank}, inputs, masks,\n'
+        "                       memory, takes, batch_size, references)",
+        ("tests/test_gang.py::test_a_gang_job_through_transfer_server_equals_the_single_process_edit",),
+    ),
+    Mutant(
+        "a gang's ranks each trust their own inversion cache (one inverts, one waits)",
+        "backend/cluster/gang.py",
+        "            self.engine.cache = AgreedCache(self.engine.cache, self.member)\n",
+        "            pass\n",
+        ("tests/test_gang.py::test_a_rank_without_the_cached_inversion_makes_every_rank_invert",),
+    ),
+    Mutant(
+        "rank 1 of a gang writes the result",
+        "backend/gang.py",
+        "        return self.rank == 0\n",
+        "        return self.rank == 1\n",
+        ("tests/test_gang.py::test_a_gang_job_through_transfer_server_equals_the_single_process_edit",),
+    ),
     # --- regions (issue 20): the server's mask checks, the extension's layer over the source
     Mutant(
         "a region white over every frame is queued: no plate would be kept",

@@ -244,6 +244,17 @@ class Backbone(ABC):
         """Whether a step-cache hook is on the denoiser now."""
         return False
 
+    def split_over_gang(self, size: int) -> bool:
+        """Split the denoiser's work over the `size` ranks of the process group this
+        process is in (backend/gang.py), every rank still returning whole outputs and
+        taps; False when the backbone cannot, and its gang's jobs run on one rank.
+        Default: cannot (ZeroScope's UNet3D has no context parallel plan)."""
+        return False
+
+    def gang_size(self) -> int:
+        """How many ranks the denoiser's work is split over now (1: this process alone)."""
+        return 1
+
     def use_settings(self, settings: Any) -> None:
         """The engine hands each edit's resolved settings here before any model call (for
         what a backbone reads from them, such as Wan's guided block)."""

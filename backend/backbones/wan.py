@@ -261,6 +261,12 @@ class Wan(Backbone):
         """The flow velocity v = ε − x₀ predicted for the latent."""
         if embedding.shape[0] != latent.shape[0]:
             embedding = embedding.expand(latent.shape[0], -1, -1)
+        if (size := self.gang_size()) > 1:
+            from backend.backbones.context_parallel import check_tokens
+
+            _, patch_h, patch_w = self.transformer.config.patch_size
+            check_tokens(latent.shape[2] * (latent.shape[3] // patch_h) * (latent.shape[4] // patch_w),
+                         size)
         with self.precision():
             return self.transformer(hidden_states=self.model_input(latent),
                                     timestep=self._timestep_input(latent, timestep),
@@ -290,7 +296,9 @@ class Wan(Backbone):
         pass runs the first block, and reuses the last pass's residual of the other
         blocks when the first block's residual changed by less than
         STEP_CACHE_THRESHOLD (relative mean absolute difference); removed on exit."""
-        if not enabled:
+        if not enabled or self.gang_size() > 1:
+            # On a gang each rank would compare only its own tokens' residual, and ranks
+            # deciding apart would wait on each other's collectives: no cache there.
             yield
             return
         from diffusers.hooks import FirstBlockCacheConfig
@@ -303,6 +311,19 @@ class Wan(Backbone):
 
     def step_cache_on(self) -> bool:
         return getattr(self.transformer, "_cache_config", None) is not None
+
+    def split_over_gang(self, size: int) -> bool:
+        """Ulysses context parallelism over the gang (backend/backbones/context_parallel.py)."""
+        from backend.backbones.context_parallel import enable_ulysses
+
+        enable_ulysses(self.transformer, size, self.device)
+        return True
+
+    def gang_size(self) -> int:
+        """How many ranks the transformer's tokens are split over (1: one process)."""
+        from backend.backbones.context_parallel import parallel_size
+
+        return parallel_size(self.transformer)
 
     def tapped_block(self, block: int) -> torch.nn.Module:
         return self.transformer.blocks[block]
@@ -328,7 +349,12 @@ class Wan(Backbone):
             handle.remove()
         batch, _, frames, height, width = latent.shape
         _, patch_h, patch_w = self.transformer.config.patch_size
-        tokens = captured["out"].reshape(batch, frames, height // patch_h, width // patch_w, -1)
+        out = captured["out"]
+        if self.gang_size() > 1:  # this rank's chunk of the tokens: every rank's, in order
+            from backend.backbones.context_parallel import gather_tokens
+
+            out = gather_tokens(out, self.transformer)
+        tokens = out.reshape(batch, frames, height // patch_h, width // patch_w, -1)
         features = tokens.permute(0, 1, 4, 2, 3).float()
         return [features if spatial else smm(features)]
 

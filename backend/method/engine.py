@@ -141,6 +141,9 @@ class Engine:
         self.embedding_cache = EmbeddingCache(cache_dir)
         self.model_passes: Counter[tuple[str, str]] = Counter()
         self.upscaler = upscaler
+        # Sums the latent's gradient over a gang's ranks in place before each Adam step
+        # (backend/gang.py GangMember.reduce_gradient); one process: nothing to sum.
+        self.gradient_reducer: Callable[[torch.Tensor], None] = _own_gradient
 
     def describe(self) -> dict[str, Any]:
         """What the server reports in its hello: model id, device, dtype, the backbone
@@ -818,7 +821,9 @@ class Engine:
 
         Each iteration sums the windows' losses, L = Σ_k L_k, backpropagating one
         window at a time (memory holds one window's activations), then takes one Adam
-        step on the whole latent. On CUDA in half precision the latent stays float32,
+        step on the whole latent; on a gang of ranks that each backpropagated only their
+        own tokens' share, `gradient_reducer` first sums the shares (every rank then
+        takes the same step). On CUDA in half precision the latent stays float32,
         the model runs under autocast and the loss is scaled before backward (a fresh
         GradScaler per guided step), as the reference does. `iterations`: Adam
         iterations (default settings.guidance_iterations; a preview's route runs fewer).
@@ -846,6 +851,7 @@ class Engine:
                     scaler.scale(loss).backward()
                     self.model_passes["guide", kind] += x.shape[0]
                     self.model_passes["guide", f"{kind}_backward"] += x.shape[0]
+                self.gradient_reducer(x.grad)
                 scaler.step(optimizer)
                 scaler.update()
         return torch.cat([leading, x.detach()], dim=2) if lead else x.detach()
@@ -1012,6 +1018,10 @@ class Engine:
         # 5d.
         return self.decode(latent, settings.vae_slice, report, "upscale",
                             1 + len(timesteps) * len(windows), total)
+
+
+def _own_gradient(gradient: torch.Tensor) -> None:
+    """One process holds the whole gradient already."""
 
 
 def _box(framing: Framing) -> tuple[int, int, int, int]:

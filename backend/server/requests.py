@@ -240,6 +240,8 @@ class Requests:
         plan = self.memory.plan(settings, frames_to_edit(settings, frame_count), size, regions,
                                 batch)
         reply["peak_bytes"] = plan.peak_bytes
+        if self.memory.gang > 1:  # ServerMemory.gang says why one GPU's peak bounds a rank's
+            reply["gang"] = {"size": self.memory.gang, "peak": "per rank, at most"}
         try:
             decision = self.memory.decide(settings, frame_count, size, regions, batch)  # cached above
             reply.update(savers=list(decision.savers),

@@ -594,7 +594,17 @@ def main_bench(args) -> int:
         from backend.tools.bench_memory import main_memory_bench
 
         return main_memory_bench(args, build_backbone, default_sizes)
-    if args.takes:
+    if args.gang:
+        from backend.tools.bench_gang import format_gang, run_gang_bench
+
+        entry = backbone_of_arch(args.arch)  # the model an --arch names, as build_backbone reads it
+        model = ((entry.random if args.random_weights else entry.published)
+                 if args.arch == entry.name else args.arch)
+        frames, width, height = default_sizes(args.arch)
+        report = run_gang_bench(model, args.gang, args.frames or frames, args.width or width,
+                                args.height or height, args.device, args.dtype)
+        print(format_gang(report))
+    elif args.takes:
         report = run_takes(args.arch, args.random_weights, args.takes, args.frames, args.width,
                            args.height, args.device, args.dtype, args.steps)
         print(format_takes(report))
