@@ -197,6 +197,27 @@ def test_a_plan_holds_up_nobody_but_its_own_request(tmp_path, plans) -> None:  #
             release(gate)
             assert asked.result(timeout=300)["peak_bytes"] == plans["big"].peak_bytes
 
+            # An editor who asks again and again while a plan is made (Check GPU Memory
+            # pressed repeatedly) holds one place, however long the plan takes: each plan
+            # request replaces the same client's one that waits, not yet begun.
+            with Client(process.address, timeout_s=3.0, heartbeat_s=0.1) as presser:
+                for _ in range(protocol.DEFAULT_LIMITS["max_queue"] + 2):
+                    with pytest.raises(PlanPending):
+                        presser.plan(settings(**BIG), 5, CLIP_SIZE, wait_s=0.5)
+                wait_until(lambda: plans_waiting(other, 2), "one plan held, the newest waiting")
+            asked = editor_thread.submit(editor.plan, settings(**BIG), 5, CLIP_SIZE)
+
+            def answered_with_the_gate_open() -> bool:
+                if not gate.exists():
+                    release(gate)
+                return asked.done()
+
+            wait_until(answered_with_the_gate_open, "the editor's plan request answered",
+                       timeout_s=600)
+            assert asked.result()["peak_bytes"] > plans["quick"].peak_bytes
+            assert plans_waiting(other, 0)
+            gate.unlink(missing_ok=True)  # a release nobody took: the next plan waits again
+
             # A plan that fails (a bug) answers its request in one sentence; nothing is
             # stored and the server goes on.
             failing = editor_thread.submit(editor.submit, "unlucky", settings(seed=5), clip_pngs())

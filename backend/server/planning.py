@@ -95,6 +95,9 @@ class PlanWork:
     make: Callable[[], Any]
     finish: Callable[[Any], dict[str, Any]]
     refuse: Callable[[str, str], dict[str, Any]]
+    # A `plan` request asks a question: the same client's next plan request answers it
+    # again, so a newer one replaces this one while it still waits (a submit never is).
+    replaceable: bool = False
     outcome: Any = None
     failure: BaseException | None = None
 
@@ -111,6 +114,11 @@ class PlanDesk:
         self._made: deque[PlanWork] = deque()
         self._lock = threading.Lock()
         self._waiting = 0  # queued or being planned
+        # Each client's replaceable request that waits, not yet begun: a client that asks
+        # again (Check GPU Memory pressed while the first plan is made) replaces it, so one
+        # client's repeated question holds one place, not the whole desk.
+        self._replaceable: dict[bytes, PlanWork] = {}
+        self._replaced: set[int] = set()  # id() of works replaced, skipped when dequeued
 
     def waiting(self) -> int:
         """Requests waiting for their plan now (the hello's `plans_waiting`)."""
@@ -118,13 +126,31 @@ class PlanDesk:
             return self._waiting
 
     def put(self, work: PlanWork) -> bool:
-        """Queue a plan; False when `capacity` requests already wait."""
+        """Queue a plan; False when `capacity` requests already wait. A replaceable request
+        takes the place of the same client's replaceable one not yet begun (that one gets
+        no reply: its client has moved on to this one)."""
         with self._lock:
+            earlier = self._replaceable.pop(work.routing_id, None) if work.replaceable else None
+            if earlier is not None:
+                self._replaced.add(id(earlier))
+                self._waiting -= 1
             if self._waiting >= self.capacity:
                 return False
             self._waiting += 1
+            if work.replaceable:
+                self._replaceable[work.routing_id] = work
         self._todo.put(work)
         return True
+
+    def _begin(self, work: PlanWork) -> bool:
+        """Whether the planning thread makes this plan: False for one replaced meanwhile."""
+        with self._lock:
+            if id(work) in self._replaced:
+                self._replaced.discard(id(work))
+                return False
+            if self._replaceable.get(work.routing_id) is work:
+                del self._replaceable[work.routing_id]
+            return True
 
     def made(self) -> list[PlanWork]:
         """The plans made since the last call, oldest first (main thread)."""
@@ -140,6 +166,8 @@ class PlanDesk:
             try:
                 work = self._todo.get(timeout=0.5)
             except queue.Empty:
+                continue
+            if not self._begin(work):
                 continue
             try:
                 self._hold(stopping)

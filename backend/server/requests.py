@@ -181,9 +181,11 @@ class Requests:
 
     def _defer(self, message: Incoming, req: int | None, make: Callable[[], Any],
                finish: Callable[[Any], dict[str, Any]],
-               refuse: Callable[[str, str], dict[str, Any]]) -> None:
-        """Hand a request's plan to the planning thread; queue_full when too many wait."""
-        if not self.desk.put(PlanWork(message.routing_id, req, make, finish, refuse)):
+               refuse: Callable[[str, str], dict[str, Any]], replaceable: bool = False) -> None:
+        """Hand a request's plan to the planning thread; queue_full when too many wait.
+        `replaceable`: a plan request, which the same client's next one replaces."""
+        if not self.desk.put(PlanWork(message.routing_id, req, make, finish, refuse,
+                                      replaceable)):
             raise ProtocolError(
                 f"The server is already planning {self.desk.capacity} jobs; send this again "
                 "when one of them is answered.", ErrorCode.QUEUE_FULL)
@@ -222,7 +224,8 @@ class Requests:
         self._defer(message, req, lambda: self._plan_reply(parsed, frame_count, size, regions,
                                                            takes),
                     finish=lambda reply: reply,
-                    refuse=lambda code, sentence: protocol.error_header(code, sentence))
+                    refuse=lambda code, sentence: protocol.error_header(code, sentence),
+                    replaceable=True)
         return None
 
     def _plan_reply(self, settings: TransferSettings, frame_count: int,
