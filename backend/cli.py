@@ -443,8 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "processes (GPUs 0 … N − 1, or the CPU): wall seconds, FE per rank, "
                             "and how far their frames are apart")
     bench.add_argument("--steps", type=int, default=None, metavar="N",
-                       help="with --takes: N sampling and N inversion steps in every edit "
-                            "(default: the settings' own)")
+                       help="N sampling steps in every edit (the three edits, or with --takes "
+                            "also N inversion steps; default: the settings' own)")
     bench.add_argument("-o", "--output", help="write the JSON report here")
     bench.set_defaults(func=command_bench)
 

@@ -32,7 +32,7 @@ def test_bench_command_reports_three_runs(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, "-m", "backend", "bench", "--arch", "tiny", "--frames", "2",
-         "--width", "64", "--height", "64", "-o", str(out)],
+         "--width", "64", "--height", "64", "--steps", "10", "-o", str(out)],
         cwd=REPO_ROOT, capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stderr

@@ -224,17 +224,19 @@ def run_once(
 def run_bench(
     arch: str = "tiny", random_weights: bool = False, frames: int | None = None,
     width: int | None = None, height: int | None = None, device: str | None = None,
-    dtype: str | None = None, gradient_checkpointing: bool = False,
+    dtype: str | None = None, gradient_checkpointing: bool = False, steps: int | None = None,
 ) -> dict:
-    """Run the three edits and return the JSON report."""
+    """Run the three edits, each with `steps` sampling steps (None: the settings' default;
+    the inversions keep theirs), and return the JSON report."""
     backbone = build_backbone(arch, random_weights, device, dtype)
     # The tiny models' default is small enough to finish in well under a minute on a CPU.
     defaults = default_sizes(arch)
     frames = frames or defaults[0]
+    few = {} if steps is None else {"steps": steps}
     settings = TransferSettings(prompt="a red train", source_prompt="a car", seed=0,
                                 num_frames=frames, width=width or defaults[1],
                                 height=height or defaults[2],
-                                gradient_checkpointing=gradient_checkpointing)
+                                gradient_checkpointing=gradient_checkpointing, **few)
     clip = np.random.default_rng(0).integers(0, 255, (frames, settings.height, settings.width, 3),
                                              dtype=np.uint8)
     with TemporaryDirectory() as cache:
@@ -623,7 +625,7 @@ def main_bench(args) -> int:
         print(format_scaling(report))
     else:
         report = run_bench(args.arch, args.random_weights, args.frames, args.width, args.height,
-                           args.device, args.dtype, args.gradient_checkpointing)
+                           args.device, args.dtype, args.gradient_checkpointing, args.steps)
         print(format_report(report))
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2))
