@@ -209,11 +209,27 @@ class ZeroScope(Backbone):
         super().check_upscaler(upscaler)
 
     def checkpointing(self, enabled: bool) -> AbstractContextManager:
-        """UNet3DConditionModel has no checkpointing of its own: each down block, the mid
-        block and up_blocks[0] recompute their activations during backward; up_blocks[1]
-        itself is left alone (its hooks hold the taps)."""
-        return checkpointed_blocks([*self.unet.down_blocks, self.unet.mid_block,
-                                    self.unet.up_blocks[0]], enabled)
+        """UNet3DConditionModel has no checkpointing of its own. Each part of the pass
+        before the tapped block recomputes its activations during backward, one part at
+        a time: transformer_in (the temporal transformer at full resolution, whose
+        activations would otherwise live through the whole backward) and each resnet,
+        temporal convolution, attention, temporal attention and resampler of the down
+        blocks, the mid block and up_blocks[0]. Whole blocks would recompute a full
+        block at once in backward (down_blocks[0]'s, at full resolution, is about 6 GiB
+        at 576x320, 24 frames); parts keep one part's. up_blocks[1] itself is left alone
+        (its hooks hold the taps)."""
+        return checkpointed_blocks(checkpointed_parts(self.unet), enabled)
+
+
+def checkpointed_parts(unet: torch.nn.Module) -> list[torch.nn.Module]:
+    """What ZeroScope's checkpointing recomputes, each on its own (ZeroScope.checkpointing):
+    transformer_in, then the parts of every block before up_blocks[1], in pass order."""
+    parts: list[torch.nn.Module] = [unet.transformer_in]
+    for block in [*unet.down_blocks, unet.mid_block, unet.up_blocks[0]]:
+        for name in ("resnets", "temp_convs", "attentions", "temp_attentions", "downsamplers",
+                     "upsamplers"):
+            parts.extend(getattr(block, name, None) or ())
+    return parts
 
 
 def load_zeroscope(model: str, device: torch.device, dtype: str | None, flag: str = "--model",
