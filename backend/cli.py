@@ -548,7 +548,7 @@ def command_memory(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(format_plan(plan))
+        print(format_plan(plan, tuple(report["chosen"]["savers"]) if "chosen" in report else None))
         if "chosen" in report:
             chosen = report["chosen"]
             print(f"  fits {args.gpu_memory_gb:g} GiB with: {', '.join(chosen['savers']) or 'no saver'} "

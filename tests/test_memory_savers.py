@@ -11,7 +11,7 @@ import torch
 from backend.edit import engine_phases, load_engine
 from backend.errors import TooBigForGpuError
 from backend.memory.planner import MemoryPlanner
-from backend.memory.savers import offloads_applied, with_savers
+from backend.memory.savers import savers_applied, with_savers
 from shared.settings import MEMORY_SAVERS, TransferSettings
 
 QUICK = dict(prompt="a cat", source_prompt="a dog", num_frames=4, width=64, height=64, steps=1,
@@ -57,7 +57,7 @@ def test_the_offloads_keep_each_network_on_the_gpu_only_while_it_works(engine) -
         (name, recorder.where[name]) for name in ("vae", "text_encoder")))
     try:
         savers = MEMORY_SAVERS[:4]
-        with offloads_applied(backbone, savers, host=HOST, move=recorder, active=True) as installed:
+        with savers_applied(backbone, savers, host=HOST, move=recorder, active=True) as installed:
             assert installed == ["vae_offload"]
             engine.transfer(clip(), with_savers(TransferSettings(**QUICK), savers))
     finally:
@@ -81,7 +81,7 @@ def test_sequential_offload_hooks_every_network_and_changes_no_pixel(engine) -> 
     hook = backbone.unet.register_forward_pre_hook(
         lambda module, _args: hooked.append(hasattr(module.conv_in, "_hf_hook")))
     try:
-        with offloads_applied(backbone, ("sequential_offload",), host=HOST, move=Recorder(backbone),
+        with savers_applied(backbone, ("sequential_offload",), host=HOST, move=Recorder(backbone),
                               active=True) as installed:
             assert installed == ["sequential_offload"]
             offloaded = engine.transfer(clip(), TransferSettings(**QUICK)).frames
@@ -95,11 +95,11 @@ def test_sequential_offload_hooks_every_network_and_changes_no_pixel(engine) -> 
 
 def test_on_a_cpu_the_offloads_are_accepted_and_move_nothing(engine) -> None:  # noqa: ANN001
     recorder = Recorder(engine.backbone)
-    with offloads_applied(engine.backbone, MEMORY_SAVERS, move=recorder) as installed:
+    with savers_applied(engine.backbone, MEMORY_SAVERS, move=recorder) as installed:
         assert installed == []
     assert recorder.moves == []
     with pytest.raises(ValueError, match="Unknown memory saver 'vae_slice_2'"):
-        with offloads_applied(engine.backbone, ("vae_slice_2",)):
+        with savers_applied(engine.backbone, ("vae_slice_2",)):
             pass
 
 
@@ -184,7 +184,7 @@ def test_sequential_offload_survives_gradient_checkpointing_on_wan() -> None:
     watch = block.register_forward_pre_hook(
         lambda module, _args: hooked.append("forward" in module.__dict__))
     try:
-        with offloads_applied(wan.backbone, ("gradient_checkpointing", "sequential_offload"),
+        with savers_applied(wan.backbone, ("gradient_checkpointing", "sequential_offload"),
                               host=HOST, move=Recorder(wan.backbone), active=True):
             offloaded = wan.transfer(frames, settings).frames
     finally:

@@ -14,7 +14,8 @@ layout so tests exercise the real `from_pretrained` path.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -207,6 +208,23 @@ class ZeroScope(Backbone):
         if upscaler is None:
             raise BadSettingsError(NO_UPSCALER)
         super().check_upscaler(upscaler)
+
+    @contextlib.contextmanager
+    def vae_tiling(self) -> Iterator[None]:
+        """AutoencoderKL's own tiling, frame by frame: tiles of vae_tile_pixels whose
+        latents are blended over vae_tile_overlap pixels' worth of cells."""
+        vae = self.vae
+        before = (vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size,
+                  vae.tile_overlap_factor)
+        vae.use_tiling = True
+        vae.tile_sample_min_size = self.vae_tile_pixels
+        vae.tile_latent_min_size = self.vae_tile_pixels // self.latent_cell
+        vae.tile_overlap_factor = self.vae_tile_overlap / self.vae_tile_pixels
+        try:
+            yield
+        finally:
+            (vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size,
+             vae.tile_overlap_factor) = before
 
     def checkpointing(self, enabled: bool) -> AbstractContextManager:
         """UNet3DConditionModel has no checkpointing of its own. Each part of the pass

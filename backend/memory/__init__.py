@@ -13,7 +13,7 @@
                    engine is handed in by whoever plans, never imported
     savers.py      the savers as applied: the decision handed to an edit
                    (`MemoryDecision`), the setting savers (`with_savers`), the offloads
-                   (`offloads_applied`) and the out-of-memory sentence
+                   (`savers_applied`) and the out-of-memory sentence
 
 Which way it imports: from backend.backbones, backend.errors, backend.results,
 backend.video and shared/ only, never from backend.method, directly or lazily. The

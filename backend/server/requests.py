@@ -210,6 +210,7 @@ class Requests:
         """The `plan` reply of a planned job (planning thread): the plan without savers,
         and what `--memory auto` turns on, from the same cache a submit's decision uses."""
         from backend.errors import TooBigForGpuError
+        from backend.memory.planner import lowest_combination
         from backend.video import frames_to_edit
 
         reply: dict[str, Any] = {"type": ReplyType.PLAN, **self._gpu(), "fits": True,
@@ -221,9 +222,9 @@ class Requests:
             reply.update(savers=list(decision.savers),
                          predicted_peak_bytes=decision.predicted_peak_bytes)
         except TooBigForGpuError as refusal:
-            reply.update(fits=False, message=str(refusal), savers=[s["name"] for s in plan.savers],
-                         predicted_peak_bytes=min([plan.peak_bytes,
-                                                   *(s["peak_bytes"] for s in plan.savers)]))
+            lowest = lowest_combination(plan)  # the lowest it reaches, and with which savers
+            reply.update(fits=False, message=str(refusal), savers=list(lowest["savers"]),
+                         predicted_peak_bytes=lowest["peak_bytes"])
         return reply
 
     def _with_model_size(self, settings: dict[str, Any]) -> dict[str, Any]:
