@@ -510,21 +510,83 @@ def _measure_tiled(engine: EditPhases, settings: TransferSettings, kept: _Kept, 
     frames = kept.clip.shape[0]  # the model's frames
     slice_frames = max(settings.vae_slice, 2)
     lengths = sorted({min(frames, b.model_frames(slice_frames * k)) for k in range(1, TILED_SHORT_CLIPS + 1)})
+    added = _tiled_decodes(b, settings, kept, tracker, lengths)
+    grown = added[-1]
+    if len(lengths) > 1 and lengths[-1] != frames:
+        slope = max(0.0, (added[1] - added[0]) / (lengths[1] - lengths[0]))
+        grown = added[0] + int(np.ceil(slope * (frames - lengths[0])))
+    return bases["decode"] + grown
+
+
+def _tiled_decodes(b: Backbone, settings: TransferSettings, kept: _Kept, tracker: LiveBytes,
+                   lengths: list[int]) -> list[int]:
+    """What the first decode slice adds, tiled, for a latent of each of `lengths` frames."""
     added: list[int] = []
     for length in lengths:
         # the short clip's latent, float32 as the edit hands it to decode
         latent = kept.source_latent.new_empty((*kept.source_latent.shape[:2], b.latent_frames(length),
                                                *kept.source_latent.shape[3:]), dtype=torch.float32)
         before = tracker.current
-        with torch.no_grad():
+        with torch.no_grad(), _tiles_replayed(b.modules()[1], tracker):  # afresh at each length
             peak, _ = measure(lambda latent=latent: b.decode_slices(latent, settings.vae_slice)[0](), tracker)
         added.append(peak - before)
         del latent
-    grown = added[-1]
-    if len(lengths) > 1 and lengths[-1] != frames:
-        slope = max(0.0, (added[1] - added[0]) / (lengths[1] - lengths[0]))
-        grown = added[0] + int(np.ceil(slope * (frames - lengths[0])))
-    return bases["decode"] + grown
+    return added
+
+
+@contextlib.contextmanager
+def _tiles_replayed(vae: torch.nn.Module, tracker: LiveBytes) -> Iterator[None]:
+    """While the block runs (one decode), a tile like one decoded before is not run again
+    on the fake tensors: each call of the VAE's decoder, keyed by its input's shape and
+    its place in its tile (Wan decodes a tile one latent frame at a time, clear_cache()
+    starting each tile), runs once; a later call with the same key gives an empty
+    output of the shape it gave, and the peak it reached above its tile's start is
+    counted again above this tile's start, and what it left in the tile's cache (Wan's
+    causal convolutions keep their last frames) is held by a stand-in of as many bytes
+    until the tile ends. Wan at 832x480 has 15 tiles a frame in 4 shapes (the last
+    column and row are cut short), so 4 run. The memory is the same: what a tile holds
+    depends on its shapes only, and the outputs kept are (fake) tensors of their shapes."""
+    decoder = vae.decoder
+    tile: dict[str, Any] = {"start": tracker.current, "calls": 0, "held": []}
+    seen: dict[tuple, tuple[int, int, tuple[int, ...], torch.dtype]] = {}
+    cached = hasattr(vae, "clear_cache")  # calls share a tile until the next clear_cache
+    run_decoder = decoder.forward
+
+    def starting_a_tile() -> None:
+        tile["held"].clear()  # the cache stand-ins of the tile before
+        tile["start"], tile["calls"] = tracker.current, 0
+
+    def clear_cache() -> None:
+        type(vae).clear_cache(vae)
+        starting_a_tile()
+
+    def forward(latent: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not cached:
+            starting_a_tile()
+        key = (tuple(latent.shape), tile["calls"])
+        tile["calls"] += 1
+        if key in seen:
+            above, kept, shape, dtype = seen[key]
+            tracker.peak = max(tracker.peak, tile["start"] + above)
+            if kept > 0:  # what the call left in the tile's cache, held as long
+                tile["held"].append(torch.empty(kept, dtype=torch.uint8))
+            return latent.new_empty(shape, dtype=dtype)
+        outer, before = tracker.peak, tracker.current
+        tracker.reset_peak()
+        out = run_decoder(latent, *args, **kwargs)
+        kept = tracker.current - before - rounded(out.untyped_storage().nbytes(), tracker.block)
+        seen[key] = (tracker.peak - tile["start"], kept, tuple(out.shape), out.dtype)
+        tracker.peak = max(outer, tracker.peak)
+        return out
+
+    decoder.forward = forward
+    if cached:
+        vae.clear_cache = clear_cache
+    try:
+        yield
+    finally:
+        del decoder.forward
+        vae.__dict__.pop("clear_cache", None)
 
 
 # --------------------------------------------------------------------------- regions
@@ -708,13 +770,16 @@ def _plan(model: str, device: torch.device, backbone: Backbone, frames: int, siz
         return out
 
     phases = phases_with(frozenset())
-    savers = [{"name": saver, "peak_bytes": max(phases_with(frozenset({saver})).values()),
+    alone = {saver: phases_with(frozenset({saver})) for saver in SAVERS}
+    savers = [{"name": saver, "peak_bytes": max(alone[saver].values()), "phases": alone[saver],
                **saver_cost(saver, counts)} for saver in SAVERS]
     combinations = []
     for count in range(1, len(SAVERS) + 1):
         for chosen in itertools.combinations(SAVERS, count):
             on = frozenset(chosen)
-            combinations.append({"savers": list(chosen), "peak_bytes": max(phases_with(on).values()),
+            peaks = phases_with(on)
+            highest = max(peaks, key=peaks.__getitem__)
+            combinations.append({"savers": list(chosen), "peak_bytes": peaks[highest], "peak_phase": highest,
                                  "costs": {saver: saver_cost(saver, counts, on) for saver in chosen}})
     combinations.sort(key=cost_key)
     return MemoryPlan(model=model, device=str(device), dtype=str(backbone.dtype).removeprefix("torch."),
