@@ -712,15 +712,22 @@ def saver_cost(saver: str, counts: _Counts, on: frozenset[str] = frozenset()) ->
             "cpu_embedding": saver == "text_encoder_offload"}
 
 
+STREAMING = ("sequential_offload",)
+"""The savers whose bytes move at every model pass (the speed cost users complain of)."""
+
+
 def cost_key(combination: dict[str, Any]) -> tuple:
-    """How dear a combination of savers is, compared in this order: whether it changes
-    the output (blended tiles), the bytes the offloads move, the recomputed FE, whether
-    the prompts are embedded on the CPU, and then the count of savers."""
-    costs = combination["costs"].values()
-    return (any(cost["output"] != "identical" for cost in costs),
-            sum(cost["bytes_moved"] for cost in costs),
-            sum(cost["recomputed_fe"] for cost in costs),
-            any(cost["cpu_embedding"] for cost in costs), len(combination["savers"]))
+    """How dear a combination of savers is, compared in this order: the bytes streamed at
+    every model pass (sequential offload: slowest), the recomputed FE, whether the output
+    changes (blended tiles), the bytes moved once a VAE call (the VAE offload: a
+    fraction of a second an edit), whether the prompts are embedded on the CPU, and
+    then the count of savers."""
+    costs = combination["costs"]
+    return (sum(cost["bytes_moved"] for saver, cost in costs.items() if saver in STREAMING),
+            sum(cost["recomputed_fe"] for cost in costs.values()),
+            any(cost["output"] != "identical" for cost in costs.values()),
+            sum(cost["bytes_moved"] for saver, cost in costs.items() if saver not in STREAMING),
+            any(cost["cpu_embedding"] for cost in costs.values()), len(combination["savers"]))
 
 
 def _plan(model: str, device: torch.device, backbone: Backbone, frames: int, size: tuple[int, int],
