@@ -153,24 +153,25 @@ def command_transfer(args: argparse.Namespace) -> int:
 
 def transfer_takes(args: argparse.Namespace, where, values: dict, prompts: list[str]) -> int:
     """`transfer --takes K` and/or `--prompt` repeated: every prompt with K seeds, from one
-    inversion (backend/edit.py edit_takes)."""
-    from backend.edit import Remote, edit_takes
+    inversion, here or on --server (backend/edit.py edit_takes); each take is said as it
+    is written."""
+    from backend.edit import edit_takes
 
-    if isinstance(where, Remote):
-        raise UnderstudyError("Takes run on this machine for now; drop --server, or ask for "
-                              "one take with one --prompt.")
     progress = ProgressBar()
+
+    def written(take) -> None:  # each take as it is made, here or on the server
+        progress.close()
+        print(f"Wrote {take.output} ({take.frame_count} frames): seed {take.sidecar.seed}, "
+              f"{take.sidecar.settings['prompt']!r}.", flush=True)
+
     try:
         outcome = edit_takes(Path(args.clip), values, prompts, args.takes, Path(args.output),
                              where, mask_paths=[Path(mask) for mask in args.mask or ()],
                              match_length=args.match_length,
                              frames_dir=Path(args.frames_dir) if args.frames_dir else None,
-                             progress=progress)
+                             progress=progress, on_take=written)
     finally:
         progress.close()
-    for take in outcome.takes:
-        print(f"Wrote {take.output} ({take.frame_count} frames): seed {take.sidecar.seed}, "
-              f"{take.sidecar.settings['prompt']!r}.")
     print(f"Wrote {outcome.sidecar_path} (every take) and the contact sheet "
           f"{outcome.contact_sheet}.")
     return 0
@@ -192,6 +193,7 @@ def command_serve(args: argparse.Namespace) -> int:
                           insecure=args.insecure, limits=limits, keep_hours=args.keep_hours,
                           keep_jobs=args.keep_jobs, test_step_delay_s=args.test_step_delay,
                           test_plan_gate=Path(args.test_plan_gate) if args.test_plan_gate else None,
+                          test_take_gate=Path(args.test_take_gate) if args.test_take_gate else None,
                           cluster=cluster_options(args),
                           assume_gpu_memory_gb=gpu_gigabytes(args.assume_gpu_memory_gb))
     serve(config, args.model, device=args.device, dtype=args.dtype,
@@ -423,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --preview: the model(s) to bench instead (repeatable)")
     bench.add_argument("--takes", type=int, default=None, metavar="K",
                        help="K takes batched against K single edits instead (FE and seconds)")
+    bench.add_argument("--steps", type=int, default=None, metavar="N",
+                       help="with --takes: N sampling and N inversion steps in every edit "
+                            "(default: the settings' own)")
     bench.add_argument("-o", "--output", help="write the JSON report here")
     bench.set_defaults(func=command_bench)
 
@@ -464,6 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--test-plan-gate", default=None, metavar="FILE",
                        help="testing only: hold each memory plan until FILE exists, then "
                        "delete it and plan (a FILE saying `raise` makes the plan fail)")
+    serve.add_argument("--test-take-gate", default=None, metavar="FILE",
+                       help="testing only: after each take of a job of several takes is "
+                       "stored and announced, hold the job until FILE exists, then delete it "
+                       "and go on")
     cluster = serve.add_argument_group("many GPUs (README: Many GPUs; needs the cluster extra)")
     cluster.add_argument("--ray", metavar="ADDRESS",
                          help="run jobs on Ray workers, one per GPU: `auto` (the cluster "

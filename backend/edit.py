@@ -127,28 +127,29 @@ def contact_sheet_path(output: Path) -> Path:
 
 
 def edit_takes(clip_path: Path, settings: dict[str, Any], prompts: Sequence[str], count: int,
-               output: Path, where: Local, *, mask_paths: Sequence[Path] = (),
+               output: Path, where: Local | Remote, *, mask_paths: Sequence[Path] = (),
                match_length: bool = False, frames_dir: Path | None = None,
-               progress: ProgressCallback | None = None) -> TakesOutcome:
-    """Several takes of one clip on this machine (`transfer --takes K`, `--prompt` repeated):
-    every prompt with each of the seeds seed … seed + count − 1 (backend/results.py
-    takes_of), from one inversion, as many at once as the memory plan fits
-    (MemoryPlanner.largest_batch; all of them with no GPU to fit).
+               progress: ProgressCallback | None = None,
+               on_take: Callable[[EditOutcome], None] | None = None,
+               say: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+               ) -> TakesOutcome:
+    """Several takes of one clip (`transfer --takes K`, `--prompt` repeated): every prompt
+    with each of the seeds seed … seed + count − 1 (backend/results.py takes_of), from one
+    inversion, as many at once as the memory plan fits (MemoryPlanner.largest_batch; all
+    of them with no GPU to fit); on this machine, or on a job server, which makes them
+    the same way and sends each as it is made (docs/protocol.md §4, Takes).
 
     Writes take k's video as out-take{k}.mp4 and, with frames_dir, its PNGs in
-    frames_dir/take{k}; one sidecar, out.json, the first take's record with `takes`
-    listing every take's own (shared/sidecar.py; `transfer --from-take out.json --take k`
-    renders take k again); and the contact sheet out-contact.png, the
-    middle frame of each take labelled with its number, seed and prompt, one row per
-    prompt."""
+    frames_dir/take{k}, as soon as the take is made (`on_take(outcome)` then); one
+    sidecar, out.json, the first take's record with `takes` listing every take's own
+    (shared/sidecar.py; `transfer --from-take out.json --take k` renders take k again);
+    and the contact sheet out-contact.png, the middle frame of each take labelled with
+    its number, seed and prompt, one row per prompt."""
     import dataclasses
-    import os
     import random
 
-    from PIL import Image
-
     from backend.results import takes_of
-    from backend.video import contact_sheet, read_clip
+    from backend.video import read_clip
 
     output = Path(output)
     if output.suffix.lower() != ".mp4":
@@ -165,6 +166,11 @@ def edit_takes(clip_path: Path, settings: dict[str, Any], prompts: Sequence[str]
     parsed = dataclasses.replace(parsed, seed=seed)
     takes = takes_of(list(prompts), seed, count)
     masks = read_region_masks(mask_paths, clip.frames) if mask_paths else None
+    writer = _TakesWriter(clip, output, frames_dir, [take.prompt for take in takes], on_take)
+    if isinstance(where, Remote):
+        _takes_on_server(where, clip.frames, parsed, list(prompts), count, progress, say,
+                         masks, writer)
+        return writer.finish(count)
     regions = 0 if masks is None else len(masks)
     engine, planner = _engine_for(where, parsed, clip.frames, regions)
     frame_size = (clip.frames.shape[2], clip.frames.shape[1])
@@ -173,30 +179,69 @@ def edit_takes(clip_path: Path, settings: dict[str, Any], prompts: Sequence[str]
                                   len(takes), regions=regions)
     savers = planner.decide(engine.backbone, parsed, len(clip.frames), frame_size,
                             regions=regions, batch=batch)
-    results = engine.transfer_takes(clip.frames, parsed, takes, progress=progress, masks=masks,
-                                    savers=savers, batch_size=batch)
+    engine.transfer_takes(clip.frames, parsed, takes, progress=progress, masks=masks,
+                          savers=savers, batch_size=batch,
+                          on_take=lambda index, result: writer.add(index + 1, result.frames,
+                                                                   result.sidecar))
+    return writer.finish(count)
 
-    outcomes, entries, middles = [], [], []
-    for number, (take, result) in enumerate(zip(takes, results, strict=True), start=1):
-        frames = _frames_for_files(clip.frames, result.frames, result.sidecar)
-        fps = clip.fps * len(frames) / len(clip.frames)
-        video = take_output(output, number)
-        take_frames = None if frames_dir is None else Path(frames_dir) / f"take{number}"
+
+class _TakesWriter:
+    """The files of an edit of several takes, wherever the takes are made: each take's
+    video (and frames) as it arrives, then the one sidecar and the contact sheet."""
+
+    def __init__(self, clip, output: Path, frames_dir: Path | None, prompts: list[str],
+                 on_take: Callable[[EditOutcome], None] | None) -> None:
+        self.clip = clip  # backend.video's Clip: frames and fps
+        self.output = output
+        self.frames_dir = frames_dir
+        self.prompts = prompts  # each take's, in order
+        self.on_take = on_take
+        self.written: dict[int, tuple[EditOutcome, dict[str, Any], Any]] = {}
+
+    def add(self, number: int, frames, sidecar: Sidecar) -> None:
+        """Write take `number` (from 1): its video, its frames when asked."""
+        import os
+
+        frames = _frames_for_files(self.clip.frames, frames, sidecar)
+        fps = self.clip.fps * len(frames) / len(self.clip.frames)
+        video = take_output(self.output, number)
+        take_frames = None if self.frames_dir is None else Path(self.frames_dir) / f"take{number}"
         _write_outputs(frames, None, video, fps, take_frames)
-        outcomes.append(EditOutcome(video, sidecar_path(output), len(frames), result.sidecar))
-        entries.append({  # the take's own sidecar, with where its files are
-            "take": number, "prompt": take.prompt,
-            "video": os.path.relpath(video, output.parent),
-            "frames_dir": None if take_frames is None else os.path.relpath(take_frames,
-                                                                           output.parent),
-            **result.sidecar.to_dict()})
-        middles.append(frames[len(frames) // 2])
-    sidecar = dataclasses.replace(results[0].sidecar, takes=entries)
-    sidecar_path(output).write_text(json.dumps(sidecar.to_dict(), indent=2))
-    labels = [f"take {entry['take']} · seed {entry['seed']} · {entry['prompt']}" for entry in entries]
-    sheet = contact_sheet_path(output)
-    Image.fromarray(contact_sheet(middles, labels, columns=count)).save(sheet)
-    return TakesOutcome(outcomes, sidecar_path(output), sheet)
+        outcome = EditOutcome(video, sidecar_path(self.output), len(frames), sidecar)
+        entry = {  # the take's own sidecar, with where its files are
+            "take": number, "prompt": self.prompts[number - 1],
+            "video": os.path.relpath(video, self.output.parent),
+            "frames_dir": None if take_frames is None else os.path.relpath(
+                take_frames, self.output.parent),
+            **sidecar.to_dict()}
+        self.written[number] = (outcome, entry, frames[len(frames) // 2])
+        if self.on_take is not None:
+            self.on_take(outcome)
+
+    def finish(self, columns: int) -> TakesOutcome:
+        """The one sidecar listing every take (the first take's record) and the contact
+        sheet, one row of `columns` takes per prompt."""
+        import dataclasses
+
+        from PIL import Image
+
+        from backend.video import contact_sheet
+
+        numbers = sorted(self.written)
+        if numbers != list(range(1, len(self.prompts) + 1)):
+            raise UnderstudyError(f"Only takes {numbers} of {len(self.prompts)} were made; "
+                                  "run the edit again.")
+        outcomes = [self.written[number][0] for number in numbers]
+        entries = [self.written[number][1] for number in numbers]
+        sidecar = dataclasses.replace(outcomes[0].sidecar, takes=entries)
+        sidecar_path(self.output).write_text(json.dumps(sidecar.to_dict(), indent=2))
+        labels = [f"take {entry['take']} · seed {entry['seed']} · {entry['prompt']}"
+                  for entry in entries]
+        sheet = contact_sheet_path(self.output)
+        Image.fromarray(contact_sheet([self.written[number][2] for number in numbers], labels,
+                                      columns=columns)).save(sheet)
+        return TakesOutcome(outcomes, sidecar_path(self.output), sheet)
 
 
 def _engine_for(where: Local, settings: TransferSettings, clip_frames,
@@ -333,37 +378,14 @@ def _on_server(remote: Remote, clip_frames, settings: TransferSettings,
     printed first, so a result outlives this process: `--job-id ID` asks for that job
     instead of submitting a new one. Ctrl-C cancels.
     """
-    from backend.masks import as_levels
-    from backend.video import decode_pngs, encode_png
-    from shared.client import Client, ClientError, UnknownJob, load_client_keys
+    from backend.video import decode_pngs
+    from shared.client import ClientError
 
+    client, job_id = _connected(remote, say)
     try:
-        client = Client(remote.address, timeout_s=remote.timeout_s,
-                        **(load_client_keys(remote.keys) if remote.keys else {}))
-    except ClientError as error:
-        raise UnderstudyError(str(error)) from None
-    job_id = remote.job_id or f"cli-{uuid.uuid4().hex[:16]}"
-    try:
-        info = client.hello()
-        say(f"Server {remote.address}: model {info.get('model')} on {info.get('device')}, "
-            f"{info.get('queue_length')} jobs ahead.")
+        _submitted(client, job_id, remote, clip_frames, settings, masks, say)
         try:
-            known = remote.job_id is not None and client.status(job_id)
-        except UnknownJob:
-            known = False
-        if known:
-            say(f"Job {job_id}: re-attached ({known['state']}).")
-        else:
-            regions = None if masks is None else [
-                [encode_png(as_levels(mask)) for mask in region]
-                for region in masks]
-            client.submit(job_id, settings.to_dict(),
-                          [encode_png(frame) for frame in clip_frames], masks=regions)
-            say(f"Job {job_id}: submitted; if this command stops, fetch the result with "
-                f"--server {remote.address} --job-id {job_id}.")
-        try:
-            result = client.wait(job_id, on_event=None if progress is None else (
-                lambda event: progress(event["phase"], event["step"], event["total"])))
+            result = client.wait(job_id, on_event=_progress_of(progress))
         except KeyboardInterrupt:
             client.cancel(job_id)
             raise
@@ -373,3 +395,105 @@ def _on_server(remote: Remote, clip_frames, settings: TransferSettings,
         raise UnderstudyError(str(error)) from None
     finally:
         client.close()
+
+
+def _takes_on_server(remote: Remote, clip_frames, settings: TransferSettings,
+                     prompts: list[str], count: int, progress: ProgressCallback | None,
+                     say: Callable[[str], None], masks: RegionMasks | None,
+                     writer: _TakesWriter) -> None:
+    """Make the takes on a job server: one job of every prompt with `count` seeds; each
+    take is fetched and written as its take_ready event comes, and any the events
+    missed (a reconnect, a re-attached job) once the job is done."""
+    from backend.video import decode_pngs
+    from shared.client import ClientError
+    from shared.protocol import EventType
+
+    client, job_id = _connected(remote, say)
+
+    def fetched(number: int) -> None:
+        if number in writer.written:
+            return
+        take = client.fetch(job_id, take=number)
+        writer.add(number, decode_pngs(take.frames, f"take {number} of job {job_id}"),
+                   Sidecar.from_dict(take.sidecar))
+
+    report = _progress_of(progress)
+
+    def on_event(event: dict[str, Any]) -> None:
+        if event["type"] == EventType.TAKE_READY:
+            fetched(event["take"])
+        elif report is not None:
+            report(event)
+
+    try:
+        _submitted(client, job_id, remote, clip_frames, settings, masks, say,
+                   takes=count, prompts=prompts if len(prompts) > 1 else None)
+        try:
+            client.wait(job_id, on_event=on_event)
+        except KeyboardInterrupt:
+            client.cancel(job_id)
+            raise
+        for number in range(1, len(writer.prompts) + 1):
+            fetched(number)
+    except ClientError as error:
+        raise UnderstudyError(str(error)) from None
+    finally:
+        client.close()
+
+
+def _connected(remote: Remote, say: Callable[[str], None]):
+    """A client of the job server, greeted (its model and queue said), and the job id
+    this command uses: --job-id's, or a new one."""
+    from shared.client import Client, ClientError, load_client_keys
+
+    try:
+        client = Client(remote.address, timeout_s=remote.timeout_s,
+                        **(load_client_keys(remote.keys) if remote.keys else {}))
+    except ClientError as error:
+        raise UnderstudyError(str(error)) from None
+    try:
+        info = client.hello()
+    except ClientError as error:
+        client.close()
+        raise UnderstudyError(str(error)) from None
+    say(f"Server {remote.address}: model {info.get('model')} on {info.get('device')}, "
+        f"{info.get('queue_length')} jobs ahead.")
+    return client, remote.job_id or f"cli-{uuid.uuid4().hex[:16]}"
+
+
+def _submitted(client, job_id: str, remote: Remote, clip_frames, settings: TransferSettings,
+               masks: RegionMasks | None, say: Callable[[str], None], takes: int = 1,
+               prompts: list[str] | None = None) -> None:
+    """Submit the job, unless --job-id names one the server has (then re-attach to it).
+    The job id is said first, so a result outlives this process."""
+    from backend.masks import as_levels
+    from backend.video import encode_png
+    from shared.client import UnknownJob
+
+    try:
+        known = remote.job_id is not None and client.status(job_id)
+    except UnknownJob:
+        known = False
+    if known:
+        say(f"Job {job_id}: re-attached ({known['state']}).")
+        return
+    regions = None if masks is None else [
+        [encode_png(as_levels(mask)) for mask in region] for region in masks]
+    client.submit(job_id, settings.to_dict(), [encode_png(frame) for frame in clip_frames],
+                  masks=regions, takes=takes, prompts=prompts)
+    say(f"Job {job_id}: submitted; if this command stops, fetch the result with "
+        f"--server {remote.address} --job-id {job_id}.")
+
+
+def _progress_of(progress: ProgressCallback | None):
+    """The client's on_event for the edit's progress callback (None: none)."""
+    if progress is None:
+        return None
+
+    from shared.protocol import EventType
+
+    def on_event(event: dict[str, Any]) -> None:
+        if event["type"] == EventType.PROGRESS:
+            progress(event["phase"], event["step"], event["total"])
+
+    return on_event

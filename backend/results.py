@@ -54,6 +54,23 @@ def takes_of(prompts: list[str], seed: int, count: int) -> list[Take]:
     return [Take(prompt, seed + k) for prompt in prompts for k in range(count)]
 
 
+def take_phase(phase: str, numbers: list[int]) -> tuple[str, list[int]]:
+    """A progress phase of an edit of several takes, as Engine.transfer_takes names it
+    ("sample take 2", "decode takes 1-4": positions in the takes it was handed, from 1),
+    → (the phase named with the job's own take `numbers` instead, the takes it makes),
+    for a run of only some of a job's takes (the server's re-run of the takes not done).
+    A shared phase ("invert") → (itself, [])."""
+    base, _, named = phase.partition(" take")
+    if not named:
+        return phase, []
+    first, _, last = named.removeprefix("s").strip().partition("-")
+    made = [numbers[index - 1] for index in range(int(first), int(last or first) + 1)]
+    contiguous = made == list(range(made[0], made[-1] + 1))
+    label = (f" take {made[0]}" if len(made) == 1 else f" takes {made[0]}-{made[-1]}"
+             if contiguous else " takes " + ",".join(map(str, made)))
+    return base + label, made
+
+
 CancelCheck = Callable[[], bool]
 """Returns True when the caller wants the edit stopped; checked between windows."""
 
@@ -75,6 +92,11 @@ class Reporter:
     def check(self) -> None:
         if self.cancelled is not None and self.cancelled():
             raise JobCancelled("The edit was cancelled.")
+
+
+TakeCallback = Callable[[int, "TransferResult"], None]
+"""on_take(index, result): a take of an edit of several takes is finished (index into
+the takes the edit was handed, from 0); Engine.transfer_takes calls it as each is."""
 
 
 @dataclass

@@ -30,3 +30,12 @@ def redraw_sequencers() -> None:
         for area in window.screen.areas:
             if area.type == "SEQUENCE_EDITOR":
                 area.tag_redraw()
+
+
+def push_undo(message: str) -> None:
+    """Make what changed so far one undo step (work a timer finished has none of its own:
+    only operators a user runs push steps)."""
+    try:
+        bpy.ops.ed.undo_push(message=message)
+    except RuntimeError:  # no undo here (a file loading): the change stays, without a step
+        pass

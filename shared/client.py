@@ -4,8 +4,11 @@
     client.hello()                                  # version, model, device, limits
     client.submit("job-1", {"prompt": "a bear"}, png_frames)
     client.submit("job-2", {"prompt": "a bear"}, png_frames, masks=[subject_pngs])  # a region
+    client.submit("job-3", {"prompt": "a bear", "seed": 4}, png_frames, takes=2,
+                  prompts=["a bear", "a wolf"])   # four takes, each fetched as it is ready
     result = client.wait("job-1", on_event=print)   # or poll() from a UI timer
     result.frames, result.sidecar                   # PNG bytes, JSON metadata
+    client.fetch("job-3", take=2)                   # take 2's frames and its own sidecar
     client.close()
 
 Every failure is a ClientError (an UnderstudyError, shared/errors.py) whose str() is
@@ -166,16 +169,19 @@ def _load_certificate(path: str | os.PathLike, what: str) -> tuple[bytes, bytes 
 
 @dataclass
 class JobResult:
-    """A finished job: the result frames as PNG bytes and the JSON sidecar."""
+    """A finished job (or one take of it): the result frames as PNG bytes and the JSON
+    sidecar. `take`: the take fetched (None: the job's result)."""
 
     job_id: str
     frames: list[bytes] = field(default_factory=list)
     sidecar: dict[str, Any] = field(default_factory=dict)
+    take: int | None = None
 
 
 EventCallback = Callable[[dict[str, Any]], None]
 """on_event(header): one `progress` event as the server sent it (job_id, phase, step,
-total, attempt). Layers that run an edit report progress as progress(phase, step,
+total, attempt; take and takes while a take of several is made), or a `take_ready`
+(job_id, take, takes, frame_count, sidecar). Layers that run an edit report progress as progress(phase, step,
 total) instead (backend/results.py); backend/edit.py turns one into the other."""
 
 SLICE_S = 0.05  # how often waits look at the auth monitor
@@ -286,16 +292,29 @@ class Client:
             self.hello()
         return "max_regions" in (self.server_info.get("limits") or {})
 
+    @property
+    def makes_takes(self) -> bool:
+        """Whether the server makes several takes of a job (its welcome names
+        max_takes); an older one would ignore `takes` and `prompts` and make one."""
+        if self.server_info is None:
+            self.hello()
+        return "max_takes" in (self.server_info.get("limits") or {})
+
     def submit(self, job_id: str, settings: dict[str, Any], frames: list[bytes],
-               masks: list[list[bytes]] | None = None) -> dict[str, Any]:
+               masks: list[list[bytes]] | None = None, takes: int = 1,
+               prompts: list[str] | None = None) -> dict[str, Any]:
         """Send a job (PNG-encoded frames, in order). Returns the accepted header
         (state, queue_position, duplicate); raises JobRejected or another ClientError.
 
         `masks`: the edit's regions, each a list of greyscale PNGs (white = subject), one
         per frame; the server edits inside them and keeps the rest of the picture.
+        `takes`, `prompts`: `takes` seeds (settings' seed, seed + 1, …) of each prompt
+        (None: the settings' prompt), from one inversion; each take's take_ready event
+        says when fetch(job_id, take=k) has it (docs/protocol.md §4, Takes).
         Safe to repeat: the same job id with the same request is never run twice.
         """
         masks = [list(region) for region in masks or []]
+        asked = protocol.TakesRequest(takes, None if prompts is None else tuple(prompts))
         try:
             protocol.check_job_id(job_id)
             if not isinstance(settings, dict):
@@ -309,12 +328,18 @@ class Client:
                 raise ProtocolError(f"The server at {self.address} does not take "
                                     "regions (it is older than this client); update it, or "
                                     "edit the whole frame without a mask.", "bad_mask")
+            if asked.asked and not self.makes_takes:
+                raise ProtocolError(f"The server at {self.address} makes one take a job (it "
+                                    "is older than this client); update it, or ask for one "
+                                    "take of one prompt.", ErrorCode.BAD_REQUEST)
+            protocol.check_takes(asked.fields(), self.limits)
             protocol.check_submit_limits(settings, list(frames), protocol.MAX_HEADER_BYTES,
                                          self.limits, masks)
         except ProtocolError as error:
             raise JobRejected(error.message, error.code) from None
         payload = [*frames, *(frame for region in masks for frame in region)]
-        header = {"type": RequestType.SUBMIT, "job_id": job_id, "settings": settings}
+        header = {"type": RequestType.SUBMIT, "job_id": job_id, "settings": settings,
+                  **asked.fields()}  # one take of the settings' prompt: no field, as before
         if masks:  # an older server reads no regions, and a job without them is as before
             header["regions"] = len(masks)
         extra_s = protocol.payload_size(payload) / SEND_RATE_BYTES_PER_S
@@ -327,13 +352,14 @@ class Client:
         return reply
 
     def plan(self, settings: dict[str, Any], frame_count: int, frame_size: tuple[int, int],
-             wait_s: float | None = None, regions: int = 0) -> dict[str, Any]:
+             wait_s: float | None = None, regions: int = 0, takes: int = 1) -> dict[str, Any]:
         """The server's memory plan of a job not sent (docs/protocol.md §4, `plan`): its
         GPU (`gpu`, null without one), whether the job fits (`fits`), the savers
         `--memory auto` would turn on, the predicted peak with them, and the refusal
         sentence (`message`) when it cannot fit.
 
-        `regions`: how many regions (masks) the job would have.
+        `regions`: how many regions (masks) the job would have; `takes`: how many takes
+        in all (the reply's `batch` says how many of them sample together).
         `wait_s`: how long to wait in all for a plan the server is still making while it
         answers (then PlanPending); by default the client's timeout plus PLAN_WAIT_S. An
         interface that must not freeze gives a few seconds and asks again later."""
@@ -343,6 +369,8 @@ class Client:
                   "frame_size": list(frame_size)}
         if regions:  # the masks the job would carry (an older server reads none)
             header["regions"] = regions
+        if takes != 1:
+            header["takes"] = takes
         reply, _ = self._request(header, plan_wait_s=wait_s)
         return reply
 
@@ -385,19 +413,24 @@ class Client:
         reply, _ = self._request({"type": RequestType.CANCEL, "job_id": job_id})
         return reply["job"]
 
-    def fetch(self, job_id: str) -> JobResult:
-        """A finished job's result; JobNotReady / JobFailed / JobCancelledError otherwise."""
+    def fetch(self, job_id: str, take: int | None = None) -> JobResult:
+        """A finished job's result; JobNotReady / JobFailed / JobCancelledError otherwise.
+        `take` (from 1): that take's frames and its own sidecar, as soon as it is made
+        (its take_ready event), also while the job runs or after it was cancelled; a job
+        of several takes' result (no `take`) is take 1 with the sidecar listing them all."""
         extra_s = 60.0  # results can be large; the server sends them straight away
-        reply, payload = self._request({"type": RequestType.FETCH, "job_id": job_id},
-                                       timeout_s=self.timeout_s + extra_s)
+        header: dict[str, Any] = {"type": RequestType.FETCH, "job_id": job_id}
+        if take is not None:
+            header["take"] = take
+        reply, payload = self._request(header, timeout_s=self.timeout_s + extra_s)
         return JobResult(job_id=job_id, frames=[bytes(f) for f in payload],
-                         sidecar=reply.get("sidecar") or {})
+                         sidecar=reply.get("sidecar") or {}, take=take)
 
     def wait(self, job_id: str, on_event: EventCallback | None = None,
              timeout_s: float | None = None) -> JobResult:
         """Block until the job finishes and return its result.
 
-        on_event(event) is called with each progress event. Also asks for the job's
+        on_event(event) is called with each progress and take_ready event. Also asks for the job's
         status every few heartbeats, so a missed event (reconnect, server restart)
         cannot hang it. Raises JobFailed, JobCancelledError, WaitTimeout, or
         ServerUnavailable once the server has been silent for the client's timeout.
@@ -416,7 +449,8 @@ class Client:
             for event in events:
                 if event.get("job_id") != job_id:
                     continue
-                if event["type"] == EventType.PROGRESS and on_event is not None:
+                if (event["type"] in (EventType.PROGRESS, EventType.TAKE_READY)
+                        and on_event is not None):
                     on_event(event)
                 elif event["type"] == EventType.RESULT_READY:
                     return self.fetch(job_id)

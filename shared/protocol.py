@@ -16,6 +16,7 @@ import json
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -54,6 +55,11 @@ DEFAULT_LIMITS: dict[str, int] = {
 # sends regions only to a server whose welcome names `max_regions`.
 MAX_REGIONS = 8
 DEFAULT_LIMITS["max_regions"] = MAX_REGIONS
+# Takes one job may make (docs/protocol.md §4, "Takes"): every prompt of the submit's
+# `prompts` with `takes` seeds each, from one inversion. A server announces it in its
+# limits; a client asks for more than one take only of a server whose welcome names it.
+MAX_TAKES = 8
+DEFAULT_LIMITS["max_takes"] = MAX_TAKES
 
 
 class RequestType(StrEnum):
@@ -86,6 +92,7 @@ class EventType(StrEnum):
 
     PROGRESS = "progress"
     RESULT_READY = "result_ready"
+    TAKE_READY = "take_ready"  # one take of a several-take job is on disk (§5)
     ERROR = "error"
     CANCELLED = "cancelled"
 
@@ -279,14 +286,18 @@ def is_png(frame: bytes) -> bool:
     return bytes(frame[:8]) == PNG_SIGNATURE
 
 
-def request_digest(settings: dict[str, Any], frames: list[bytes], regions: int = 0) -> str:
-    """SHA-256 over canonical settings JSON, the region count and every payload frame
-    (clip, then masks): same request, same digest. Without regions it is the digest
-    jobs stored before regions existed have, so they still match their duplicates."""
+def request_digest(settings: dict[str, Any], frames: list[bytes], regions: int = 0,
+                   takes: TakesRequest | None = None) -> str:
+    """SHA-256 over canonical settings JSON, the region count, the takes asked for and
+    every payload frame (clip, then masks): same request, same digest. Without regions
+    and takes it is the digest jobs stored before either existed have, so they still
+    match their duplicates."""
     digest = hashlib.sha256()
     digest.update(json_text(settings, sort_keys=True, separators=(",", ":")).encode("utf-8"))
     if regions:  # 12 clip frames and 6 + 6 mask frames are different requests
         digest.update(f"regions:{regions}".encode("ascii"))
+    if takes is not None and takes.asked:  # two takes of a clip are not its one edit
+        digest.update(json_text(["takes", takes.seeds, takes.prompts]).encode("utf-8"))
     for frame in frames:
         digest.update(len(frame).to_bytes(8, "big"))
         digest.update(frame)
@@ -330,6 +341,65 @@ def check_regions(value: Any) -> int:
             f"The request's 'regions' is {value!r}; send a whole number "
             f"from 0 to {MAX_REGIONS} (how many regions the job has).", ErrorCode.BAD_REQUEST)
     return value
+
+
+@dataclass(frozen=True)
+class TakesRequest:
+    """The takes a submit or plan request asks for (docs/protocol.md §4, Takes): `seeds`
+    takes of each prompt in `prompts` (None: the settings' prompt alone). Take k (from 1)
+    is prompt (k − 1) // seeds with seed settings.seed + (k − 1) % seeds."""
+
+    seeds: int = 1
+    prompts: tuple[str, ...] | None = None
+
+    @property
+    def count(self) -> int:
+        """The job's takes in all."""
+        return self.seeds * (1 if self.prompts is None else len(self.prompts))
+
+    @property
+    def asked(self) -> bool:
+        """Whether the request names takes at all (a request without them is as before)."""
+        return self.seeds != 1 or self.prompts is not None
+
+    def fields(self) -> dict[str, Any]:
+        """The header fields that ask for these takes ({} for one take of the settings'
+        prompt: an older server reads no takes, and such a job is as before)."""
+        fields: dict[str, Any] = {}
+        if self.seeds != 1:
+            fields["takes"] = self.seeds
+        if self.prompts is not None:
+            fields["prompts"] = list(self.prompts)
+        return fields
+
+
+def check_takes(header: dict[str, Any], limits: dict[str, int]) -> TakesRequest:
+    """A submit's or plan request's `takes` and `prompts` (absent: one take of the
+    settings' prompt), or ProtocolError: bad_request for a wrong type, bad_settings for a
+    prompt too long or more takes in all than `max_takes`."""
+    most = limits.get("max_takes", MAX_TAKES)
+    seeds, prompts = header.get("takes"), header.get("prompts")
+    if seeds is None:
+        seeds = 1
+    if type(seeds) is not int or not 1 <= seeds <= most:
+        raise ProtocolError(f"The request's 'takes' is {seeds!r}; send a whole number from 1 "
+                            f"to {most} (seeds of each prompt).", ErrorCode.BAD_REQUEST)
+    if prompts is not None:
+        if (not isinstance(prompts, list) or not 1 <= len(prompts) <= most
+                or not all(isinstance(prompt, str) for prompt in prompts)):
+            raise ProtocolError(f"The request's 'prompts' must be a list of 1 to {most} "
+                                "prompt strings.", ErrorCode.BAD_REQUEST)
+        for prompt in prompts:
+            if problem := text_length_problem("prompt", prompt, limits["max_prompt_chars"]):
+                raise ProtocolError(problem, ErrorCode.BAD_SETTINGS)
+        prompts = tuple(prompts)
+    request = TakesRequest(seeds, prompts)
+    if request.count > most:
+        raise ProtocolError(
+            f"The job asks for {request.count} takes ({len(prompts or ())} prompts × {seeds} "
+            f"seeds); the server makes at most {most} in one job, so ask for fewer.",
+            ErrorCode.BAD_SETTINGS)
+    return request
 
 
 def split_payload(payload: list[bytes], regions: int) -> tuple[list[bytes], list[list[bytes]]]:

@@ -385,10 +385,13 @@ class FakeLayout:
         assert hasattr(bpy.types, list_type) and prop in data.bl_rna.properties
         self.log["lists"].append(prop)
 
+    def template_icon(self, icon_value=0, **_):
+        assert isinstance(icon_value, int) and icon_value > 0, icon_value
+
     def row(self, **_):
         return self
 
-    column = box = row
+    column = box = grid_flow = row
 
 
 class Drawable:
@@ -540,6 +543,118 @@ def scenario_region_interface(args: dict) -> dict:
         if working is None:
             time.sleep(following.POLL_INTERVAL_S)
     return finish(scene, before, {"ok": True}, ticks=ticks)
+
+
+def run_timers(jobs, following, timeout_s: float = 180.0) -> None:
+    """Tick the work and polling timers as Blender would until both stop (timers never
+    fire in background mode). The timeout only turns a hang into a failure."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        working = jobs.work_tick()  # first: the render it ends starts the following
+        polling = jobs.poll_once()
+        if polling is None and working is None:
+            return
+        if working is None:
+            time.sleep(following.POLL_INTERVAL_S)
+    raise AssertionError(f"the jobs did not end within {timeout_s} s")
+
+
+def all_strip_states(scene) -> dict:
+    """Every strip, those inside meta strips too, by name."""
+    editor = scene.sequence_editor
+    every = editor.strips_all if hasattr(editor, "strips_all") else editor.sequences_all
+    return {strip.name: strip_state(strip) for strip in every}
+
+
+def stack_state(stack_module, holder) -> dict:
+    """A take stack: the meta strip, and its take strips by take number."""
+    return {"stack": strip_state(holder),
+            "takes": {str(number): strip_state(strip)
+                      for number, strip in sorted(stack_module.take_strips(holder).items())},
+            "shown": stack_module.shown_take(holder)}
+
+
+def scenario_takes(args: dict) -> dict:
+    """Preview with Takes 3 through the interface's path (timers ticked as Blender would):
+    each take lands in one stack as soon as its take_ready is applied; Next and Previous
+    switch the visible take; Render Final on the visible take replaces it in place; one
+    undo shows the preview again."""
+    install(args["zip"])
+    addon = importlib.import_module(f"{ADDON}.addon")
+    jobs = importlib.import_module(f"{ADDON}.job_flow.jobs")
+    following = importlib.import_module(f"{ADDON}.job_flow.following")
+    stack = importlib.import_module(f"{ADDON}.vse.stack")
+    contact_sheet = importlib.import_module(f"{ADDON}.interface.contact_sheet")
+    addon.BATCHED = True  # the interface's path: work in timer ticks
+    configure(args)
+    scene = bpy.context.scene
+    small_settings(scene, {"takes": args["takes"]})
+    source = movie_strip(scene, args["clip"])
+    source.blend_alpha = 0.75  # the stack blends like the source; its takes do not again
+    before = scene_state(scene)
+    landed = []  # per server message applied: its kind, take, and the takes in the stack then
+    apply_reply = jobs.apply_reply
+
+    def recording_apply(scene_, job_, client, reply):
+        try:
+            apply_reply(scene_, job_, client, reply)
+        finally:
+            holder = stack.find_stack(scene_, job_.job_id)
+            landed.append([str(reply.get("type", reply.get("state"))), reply.get("take"),
+                           sorted(stack.take_strips(holder)) if holder is not None else []])
+
+    jobs.apply_reply = recording_apply
+    outcome = run_operator(bpy.ops.understudy.transfer, prompt="a red fox", quality="preview")
+    run_timers(jobs, following)
+    jobs.apply_reply = apply_reply
+    preview_job = scene.understudy_jobs[0]
+    preview_id = preview_job.job_id  # the record itself is gone once undo reloads the file
+    holder = stack.find_stack(scene, preview_id)
+    result = finish(scene, before, outcome, landed=landed)
+    if holder is None:  # nothing landed: the rest has nothing to act on
+        return result
+    result["stack"] = stack_state(stack, holder)
+    result["take_records"] = [[record.number, record.seed, record.quality, record.prompt]
+                              for record in preview_job.take_records]
+    result["contact_sheet"] = [list(contact_sheet.preview(strip).image_size)
+                               for _, strip in sorted(stack.take_strips(holder).items())]
+
+    # The panel with the stack active: its takes, the buttons, the contact sheet.
+    scene.sequence_editor.active_strip = holder
+    log = {"props": [], "operators": [], "labels": [], "progress": [], "lists": []}
+    panel = bpy.types.UNDERSTUDY_PT_panel
+    panel.draw(Drawable(panel, None, FakeLayout(log)), bpy.context)
+    result["panel"] = log
+
+    # Next, then Previous: the visible take changes and nothing else.
+    switching = {"before": all_strip_states(scene)}
+    switching["next"] = run_operator(bpy.ops.understudy.next_take)
+    switching["after_next"] = all_strip_states(scene)
+    switching["shown_after_next"] = stack.shown_take(holder)
+    switching["previous"] = run_operator(bpy.ops.understudy.previous_take)
+    switching["after_previous"] = all_strip_states(scene)
+    switching["shown_after_previous"] = stack.shown_take(holder)
+    result["switching"] = switching
+
+    # Render Final on the visible take (the last one: Previous from the first goes round).
+    run_operator(bpy.ops.understudy.previous_take)
+    shown = stack.shown_take(holder)
+    preview_state = stack_state(stack, holder)
+    final = {"shown": shown, "outcome": run_operator(bpy.ops.understudy.render_final)}
+    run_timers(jobs, following)
+    scene = bpy.context.scene
+    holder = stack.find_stack(scene, preview_id)
+    final["job"] = job_state(scene.understudy_jobs[-1])
+    final["preview"] = preview_state
+    final["after"] = stack_state(stack, holder)
+    record = jobs.take_record(scene.understudy_jobs[0], shown)
+    final["record"] = None if record is None else [record.quality, record.final_job]
+    bpy.ops.ed.undo()
+    scene = bpy.context.scene
+    final["undone"] = stack_state(stack, stack.find_stack(scene, preview_id))
+    final["undone_jobs"] = [job_state(job) for job in scene.understudy_jobs]
+    result["final"] = final
+    return result
 
 
 def scenario_area(args: dict) -> dict:

@@ -300,15 +300,15 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         'a remote transfer never prints its job id',
         'backend/edit.py',
-        '            say(f"Job {job_id}: submitted;',
-        '            (lambda _: None)(f"Job {job_id}: submitted;',
+        '    say(f"Job {job_id}: submitted;',
+        '    (lambda _: None)(f"Job {job_id}: submitted;',
         ('tests/test_server.py::test_remote_transfer_writes_the_same_files_as_a_local_run',),
     ),
     Mutant(
         '--job-id does not re-attach to a job',
         'backend/edit.py',
-        '            known = remote.job_id is not None and client.status(job_id)',
-        '            known = False',
+        '        known = remote.job_id is not None and client.status(job_id)',
+        '        known = False',
         ('tests/test_server.py::test_a_remote_transfer_re_attaches_to_its_job_by_id',),
     ),
     # --- the sidecar: what the engine used, as the engine, the CLI and the panel report it
@@ -515,6 +515,28 @@ MUTANTS: tuple[Mutant, ...] = (
         "        if jobs.any_job(",
         ("tests/test_blender_e2e.py::test_cancel_a_job_still_queued",),
     ),
+    # --- takes in Blender (issue 27, blender_addon/rules/takes.py)
+    Mutant(
+        "Next Take stops at the last take instead of going round",
+        "blender_addon/rules/takes.py",
+        "    return order[(order.index(visible) + step) % len(order)]",
+        "    return order[min(max(order.index(visible) + step, 0), len(order) - 1)]",
+        ("tests/test_blender_takes.py::test_next_and_previous_step_round_the_stack",),
+    ),
+    Mutant(
+        "Render Final's replacement is no undo step of its own (one undo drops the stack)",
+        "blender_addon/job_flow/jobs.py",
+        '    addon.push_undo(f"Understudy: take {take} as a preview")\n',
+        "",
+        ("tests/test_blender_e2e.py::test_takes_land_as_one_stack_switch_and_render_final_in_place[5.0]",),
+    ),
+    Mutant(
+        "a take already in the stack is fetched and placed again",
+        "blender_addon/rules/takes.py",
+        "if number is not None and number not in placed)",
+        "if number is not None)",
+        ("tests/test_blender_takes.py::test_takes_to_fetch_names_the_ready_takes_not_yet_placed",),
+    ),
     # --- regions (issue 20, backend/method/regions.py, backend/method/engine.py)
     Mutant(
         "the feather blurs the grown region outward, past its edge",
@@ -567,6 +589,21 @@ MUTANTS: tuple[Mutant, ...] = (
         "    out[..., :3] = np.clip(np.rint(layer), 0, 255).astype(np.uint8)",
         "    out[..., :3] = composite[..., :3]",
         ("tests/test_blender_rules.py::test_the_layer_over_the_source_gives_the_servers_composite",),
+    ),
+    # --- takes on the wire (issue 27): what a cancel keeps, what a restart makes again
+    Mutant(
+        "a cancel mid-takes drops the takes already made",
+        "backend/server/book.py",
+        "            elif take not in job.takes_done:\n",
+        "            elif take not in job.takes_done or job.state == JobState.CANCELLED:\n",
+        ("tests/test_server_takes.py::test_a_cancel_after_the_first_take_keeps_it_and_stops_the_rest",),
+    ),
+    Mutant(
+        "a restart makes the finished takes again",
+        "backend/server/job_thread.py",
+        "        done = self.book.takes_done(job.job_id)\n",
+        "        done: list[int] = []\n",
+        ("tests/test_server_takes.py::test_a_server_killed_mid_takes_keeps_the_finished_take_and_makes_only_the_rest",),
     ),
     Mutant(
         "a peer accepts any protocol version",

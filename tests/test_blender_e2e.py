@@ -720,3 +720,92 @@ def test_in_the_interface_the_region_renders_in_batches_before_the_strip(extensi
     new = assert_result_strip(result, "source", channel=3)
     assert new["blend_type"] == "ALPHA_OVER"
     assert_source_unchanged(result)
+
+
+def test_takes_land_as_one_stack_switch_and_render_final_in_place(extension_zip, clip, server,
+                                                                  tmp_path, blender):
+    """Preview with Takes 3 (the interface's path): three takes land as one stack, each as
+    its take_ready arrives, the first shown; Next and Previous change the shown take and
+    nothing else; Render Final on the shown take replaces it in place, and one undo shows
+    the preview again. One Blender run covers all three (start-up is the slow part)."""
+    from PIL import Image
+
+    python, version = blender
+    result = run_blender({"scenario": "takes", "zip": extension_zip, "clip": clip,
+                          "address": server.address, "takes": 3}, tmp_path, python=python)
+    assert result["blender_version"][:2] == version
+    assert result["outcome"]["ok"], result["outcome"]
+    # Each take is in the stack once its take_ready is applied, before the job ends.
+    ready = [entry for entry in result["landed"] if entry[0] == "take_ready"]
+    assert [[take, placed] for _, take, placed in ready] == [[1, [1]], [2, [1, 2]],
+                                                           [3, [1, 2, 3]]]
+    # One new strip at the top level: the stack, above the source, over its frames,
+    # blending as the source does.
+    source = next(s for s in result["before"]["strips"] if s["name"] == "source")
+    [holder] = result["new_strips"]
+    assert holder == result["stack"]["stack"]
+    assert holder["type"] == "META" and holder["name"] == "a red fox · 3 takes"
+    assert holder["channel"] == source["channel"] + 1
+    assert (holder["frame_final_start"], holder["frame_final_duration"]) == (
+        source["frame_final_start"], source["frame_final_duration"])
+    assert (holder["blend_type"], holder["blend_alpha"]) == (source["blend_type"], 0.75)
+    [job] = result["jobs"]
+    seed = int(job["seed"])
+    takes = result["stack"]["takes"]
+    assert sorted(takes) == ["1", "2", "3"] and result["stack"]["shown"] == 1
+    first_frame = Path(takes["1"]["directory"], takes["1"]["elements"][0])
+    width, height = Image.open(first_frame).size
+    scale = source["transform"][0]  # the movie's fit on the canvas, as the source shows it
+    for number, take in takes.items():
+        k = int(number)
+        assert take["name"] == f"a red fox · seed {seed + k - 1} · preview"
+        assert take["channel"] == k and take["mute"] == (k != 1)
+        assert (take["frame_final_start"], take["frame_final_duration"]) == (
+            source["frame_final_start"], source["frame_final_duration"])
+        assert take["directory"] == f"{job['frames_path']}take{k}/"
+        # Placed as a single result strip is (placement.result_look), the blending the stack's.
+        assert take["transform"] == [round(scale * 160 / width, 4),
+                                     round(scale * 128 / height, 4), 0.0, 0.0, 0.0]
+        assert (take["blend_type"], take["blend_alpha"]) == ("ALPHA_OVER", 1.0)
+    assert result["take_records"] == [[k, str(seed + k - 1), "preview", "a red fox"]
+                                      for k in (1, 2, 3)]
+    assert result["contact_sheet"] == [[width, height]] * 3  # one frame per take, in the panel
+    panel = result["panel"]
+    assert "a red fox · 3 takes: take 1 of 3" in panel["labels"] and "takes" in panel["props"]
+    assert panel["operators"].count("understudy.show_take") == 3  # a click shows that take
+    assert {"understudy.previous_take", "understudy.next_take", "understudy.render_final",
+            "understudy.transfer"} <= set(panel["operators"])
+    assert_source_unchanged(result)
+
+    # Next, then Previous: only the mute of the two takes concerned changes.
+    switching = result["switching"]
+    assert switching["next"]["ok"] and switching["previous"]["ok"]
+    assert switching["shown_after_next"] == 2 and switching["shown_after_previous"] == 1
+    before, after = switching["before"], switching["after_next"]
+    changed = {name for name in before if before[name] != after[name]}
+    assert changed == {takes["1"]["name"], takes["2"]["name"]}
+    for name in changed:
+        assert {**after[name], "mute": before[name]["mute"]} == before[name]
+        assert after[name]["mute"] != before[name]["mute"]
+    assert switching["after_previous"] == before
+
+    # Render Final on the shown take (Previous from the first goes round to the third).
+    final = result["final"]
+    assert final["shown"] == 3 and final["outcome"]["ok"], final["outcome"]
+    final_job = final["job"]
+    assert final_job["status"] == "done"
+    sidecar = json.loads(final_job["sidecar"])
+    assert sidecar["settings"]["quality"] == "final" and sidecar["seed"] == seed + 2
+    assert sidecar["settings"]["prompt"] == "a red fox"
+    preview, replaced = final["preview"], final["after"]
+    assert replaced["stack"] == preview["stack"] and replaced["shown"] == 3
+    assert replaced["takes"]["1"] == preview["takes"]["1"]
+    assert replaced["takes"]["2"] == preview["takes"]["2"]
+    third = replaced["takes"]["3"]
+    assert third["directory"] == final_job["frames_path"]  # the final's frames, in place
+    assert third["name"] == f"a red fox · seed {seed + 2}"
+    assert {**third, "directory": preview["takes"]["3"]["directory"],
+            "name": preview["takes"]["3"]["name"]} == preview["takes"]["3"]
+    assert final["record"] == ["final", final_job["job_id"]]
+    # One undo: the preview take again, the rest as it was.
+    assert final["undone"] == preview

@@ -59,7 +59,7 @@ def test_panel_and_preferences_draw(dist, tmp_path):
     log = run_blender({"scenario": "draw", "zip": str(dist / "understudy-0.1.0-linux_x64.zip")},
                       tmp_path)
     assert {"prompt", "source_prompt", "use_random_seed", "seed", "steps", "guided_steps",
-            "guidance_iterations", "negative_prompt", "framing"} <= set(log["props"])
+            "guidance_iterations", "negative_prompt", "framing", "takes"} <= set(log["props"])
     # No frame count to set: the panel says every visible frame of the strip is sent.
     assert "num_frames" not in log["props"]
     assert "Sends every visible frame of the active strip" in log["labels"]

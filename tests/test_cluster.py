@@ -149,8 +149,8 @@ class TestActorPool:
             identity = wan.wait_ready()[0]
             assert identity["engine"]["backbone"]["name"] == "wan"
             assert wan.describe()["backbone"]["window_frames"] == 81
-            outcome = wan.runners[0].run("wan-on-ray", settings(num_frames=5, seed=2), clip_pngs(6),
-                                         lambda *step: None, lambda: False)
+            [outcome] = wan.runners[0].run("wan-on-ray", settings(num_frames=5, seed=2),
+                                           clip_pngs(6), lambda *step: None, lambda: False)
             assert outcome.frames.shape[0] == 5 and outcome.sidecar.backbone == "wan"
         finally:
             wan.close()
@@ -353,6 +353,26 @@ def test_a_job_with_a_region_keeps_the_plate_on_a_worker(gateway, connect_client
         pixels = np.asarray(Image.open(io.BytesIO(frame)))
         assert (pixels[..., :3][outside] == plate[outside]).all()
         assert (pixels[..., 3][outside] == 0).all() and pixels[..., 3].max() == 255
+
+
+def test_a_job_of_several_takes_runs_whole_on_one_worker_and_its_takes_pass_through(
+        gateway, connect_client):
+    """Issue 27: the takes go to one worker (one inversion there); each take's
+    take_ready event and its fetch pass through the gateway as on one box."""
+    client = connect_client(gateway.address)
+    client.submit("takes-ray", settings(seed=3), clip_pngs(6), takes=2)
+    ready = [wait_for_event(client, "takes-ray", "take_ready", take=take) for take in (1, 2)]
+    assert [(event["takes"], event["frame_count"]) for event in ready] == [(2, 4), (2, 4)]
+    result = client.wait("takes-ray", timeout_s=WAIT_S)
+    fetched = [client.fetch("takes-ray", take=take) for take in (1, 2)]
+    assert [take.sidecar["seed"] for take in fetched] == [3, 4]
+    workers = {(take.sidecar["worker"]["actor"], take.sidecar["worker"]["pid"])
+               for take in fetched}
+    assert len(workers) == 1  # one worker made both, from the one inversion it holds
+    assert fetched[0].sidecar["inversion_from_cache"] == fetched[1].sidecar["inversion_from_cache"]
+    assert result.frames == fetched[0].frames  # the job's result is take 1
+    assert [take["seed"] for take in result.sidecar["takes"]] == [3, 4]
+    assert client.status("takes-ray")["takes_done"] == [1, 2]
 
 
 def test_cancel_a_job_running_on_a_worker(gateway, connect_client):

@@ -75,6 +75,20 @@ def test_the_server_picks_the_cheapest_savers_and_the_sidecar_records_them(serve
                       "budget_bytes": budget}
 
 
+def test_a_plan_of_several_takes_covers_the_batch_they_sample_in(server, budget) -> None:  # noqa: ANN001
+    """Issue 27: the takes sample in the largest batch the GPU fits, and the plan is that
+    batch's (the one a submit of those takes is planned and run with)."""
+    planner = MemoryPlanner(lambda: {"budget_bytes": budget}, engine_phases)
+    parsed = TransferSettings.from_dict(settings())
+    batch = planner.largest_batch("tiny", parsed, 6, CLIP_SIZE, 3, "cpu")
+    with Client(server.address, timeout_s=120.0) as client:
+        planned = client.plan(settings(), 6, CLIP_SIZE, takes=3)
+        one = client.plan(settings(), 6, CLIP_SIZE)
+    assert (planned["batch"], one["batch"]) == (batch, 1)
+    assert planned["peak_bytes"] == planner.plan("tiny", parsed, parsed.num_frames, CLIP_SIZE,
+                                                 "cpu", batch=batch).peak_bytes
+
+
 def test_the_server_refuses_what_cannot_fit_before_queueing(server, plans) -> None:  # noqa: ANN001
     with Client(server.address, timeout_s=120.0) as client:
         planned = client.plan(settings(**BIG), 6, CLIP_SIZE)

@@ -166,7 +166,8 @@ def test_the_enums_are_the_wire_strings():
         '{"state": "done", "type": "submit", "code": "unknown_job"}')
     assert {t.value for t in RequestType} == {"hello", "submit", "status", "cancel", "fetch",
                                               "heartbeat", "plan"}
-    assert {t.value for t in EventType} == {"progress", "result_ready", "error", "cancelled"}
+    assert {t.value for t in EventType} == {"progress", "result_ready", "take_ready", "error",
+                                            "cancelled"}
     assert ReplyType.ERROR == EventType.ERROR == "error"
 
 

@@ -164,24 +164,20 @@ def test_from_take_reads_the_takes_prompt_seed_and_settings_at_this_commands_qua
 
 
 def test_transfer_from_take_renders_the_preview_at_final_quality_from_its_inversion(
-        tmp_path, clip_path, python):
-    import subprocess
+        tmp_path, clip_path):
+    from backend.cli import main, settings_flags
 
-    from backend.cli import settings_flags
-    from tests.conftest import REPO_ROOT
-
-    common = [str(clip_path), "--model", "tiny", "--cache-dir", str(tmp_path / "cache"),
+    common = [str(clip_path), "--model", "tiny", "--device", "cpu",
+              "--cache-dir", str(tmp_path / "cache"),
               *settings_flags({key: value for key, value in SETTINGS.items() if key != "seed"})]
 
-    def transfer(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([python, "-m", "backend", "transfer", *common, *args], cwd=REPO_ROOT,
-                              capture_output=True, text=True)
+    def transfer(*args: str) -> int:  # the command line, in this process (torch loaded)
+        return main(["transfer", *common, *args])
 
-    first = transfer("--prompt", "a red car", "--seed", "4", "--quality", "preview",
-                     "-o", str(tmp_path / "preview.mp4"))
-    assert first.returncode == 0, first.stderr
-    final = transfer("--from-take", str(tmp_path / "preview.json"), "-o", str(tmp_path / "final.mp4"))
-    assert final.returncode == 0, final.stderr
+    assert transfer("--prompt", "a red car", "--seed", "4", "--quality", "preview",
+                    "-o", str(tmp_path / "preview.mp4")) == 0
+    assert transfer("--from-take", str(tmp_path / "preview.json"),
+                    "-o", str(tmp_path / "final.mp4")) == 0
     preview_record = json.loads((tmp_path / "preview.json").read_text())
     final_record = json.loads((tmp_path / "final.json").read_text())
     assert preview_record["settings"]["quality"] == "preview" and preview_record["steps"] == 3

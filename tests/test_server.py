@@ -681,6 +681,56 @@ def test_remote_transfer_writes_the_same_files_as_a_local_run(server, tmp_path, 
     assert (outputs["remote"][0]["regions"] is not None) == region
 
 
+def test_remote_takes_write_the_same_files_as_local_takes_and_a_take_renders_again(
+        server, tmp_path):
+    """Issue 27: `transfer --takes` with --server writes what the local takes write, each
+    take said as it arrives; `--from-take` through the server renders that take again."""
+    from backend.video import write_frames_dir
+
+    write_frames_dir(decode_pngs(clip_pngs(8)), tmp_path / "clip")
+    quick = ["--frames", "4", "--width", "64", "--height", "64", "--steps", "1",
+             "--guided-steps", "0", "--iterations", "0", "--inversion-steps", "1"]
+
+    def transfer(*arguments: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, "-m", "backend", "transfer", str(tmp_path / "clip"),
+                               *quick, *arguments], cwd=REPO_ROOT, env=subprocess_env(),
+                              capture_output=True, text=True, timeout=WAIT_S)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    def frames_of(folder: Path) -> np.ndarray:
+        return decode_pngs([path.read_bytes() for path in sorted(folder.iterdir())])
+
+    outputs = {}
+    for name, where in (("local", ["--model", "tiny", "--device", "cpu",
+                                   "--cache-dir", str(tmp_path / "cache")]),
+                        ("remote", ["--server", server.address])):
+        said = transfer("--prompt", "a train", "--prompt", "a cat", "--takes", "2", "--seed", "11",
+                        "-o", str(tmp_path / name / "out.mp4"),
+                        "--frames-dir", str(tmp_path / name / "frames"), *where).stdout
+        assert [line.split("/")[-1].split(" ")[0] for line in said.splitlines()[:4]] == [
+            f"out-take{take}.mp4" for take in (1, 2, 3, 4)]
+        sidecar = json.loads((tmp_path / name / "out.json").read_text())
+        for record in (sidecar, *sidecar["takes"]):  # the machine's and the cache's
+            for field in ("timings_s", "inversion_from_cache", "cost"):
+                record.pop(field)
+        outputs[name] = sidecar
+        assert (tmp_path / name / "out-contact.png").stat().st_size > 0
+    assert outputs["local"] == outputs["remote"]
+    for take in (1, 2, 3, 4):
+        local, remote = (frames_of(tmp_path / name / "frames" / f"take{take}")
+                         for name in ("local", "remote"))
+        assert np.abs(local.astype(int) - remote.astype(int)).max() <= 1  # a batch's rounding
+    transfer("--from-take", str(tmp_path / "remote" / "out.json"), "--take", "3",
+             "--server", server.address, "-o", str(tmp_path / "again.mp4"),
+             "--frames-dir", str(tmp_path / "again"))
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert (again["settings"]["prompt"], again["seed"], again["takes"]) == ("a cat", 11, None)
+    difference = frames_of(tmp_path / "again").astype(int) - frames_of(
+        tmp_path / "remote" / "frames" / "take3").astype(int)
+    assert np.abs(difference).max() <= 1
+
+
 def test_remote_transfer_without_a_server_is_one_line(tmp_path):
     from backend.video import write_frames_dir
 

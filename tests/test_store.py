@@ -404,3 +404,22 @@ def test_a_job_input_is_decoded_only_where_the_settings_pick(tmp_path):
 
     assert clip[sample_indices(len(clip), 4)].shape == (4, 32, 48, 3)
     assert isinstance(clip[np.array([0, 2])], np.ndarray)
+
+
+def test_finished_takes_are_proved_at_start_up_and_a_changed_one_is_made_again(tmp_path):
+    """Issue 27: takes on disk are checked like results; a rebuilt job keeps the takes
+    its files prove."""
+    store = JobStore(tmp_path)
+    job = make_job("takes", 0, JobState.RUNNING, takes=3)
+    store.create(job, {"prompt": "p", "seed": 1}, [b"a"], takes={"seeds": 3, "prompts": None})
+    for take in (1, 2):
+        store.write_take("takes", take, [b"frame-%d" % take], {"take": take, "seed": take})
+    job.takes_done = [1, 2]
+    store.write_status(job)
+    (store.folder("takes") / "takes" / "2" / "00000.png").write_bytes(b"changed")
+    [loaded] = JobStore(tmp_path).load_all()
+    assert (loaded.takes, loaded.takes_done) == (3, [1])  # take 2 is made again
+    assert JobStore(tmp_path).read_take("takes", 1) == ({"take": 1, "seed": 1}, [b"frame-1"])
+    (store.folder("takes") / "status.json").write_text("{")  # damaged: rebuilt from files
+    [rebuilt] = JobStore(tmp_path).load_all()
+    assert (rebuilt.state, rebuilt.takes_done) == (JobState.QUEUED, [1])

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from backend.errors import JobCancelled, UnderstudyError
+from backend.results import Take, TransferResult
 from backend.server.frames import PngClip, PngMasks
 from shared.errors import ErrorCode
 from shared.protocol import failure_reply
@@ -127,11 +128,14 @@ class EngineActor:
     # ----------------------------------------------------------------- the job
 
     def run(self, job_id: str, settings: dict[str, Any], inputs: list[bytes],
-            masks: list[list[bytes]] | None = None, memory: dict[str, Any] | None = None
+            masks: list[list[bytes]] | None = None, memory: dict[str, Any] | None = None,
+            takes: list[dict[str, Any]] | None = None, batch_size: int | None = None
             ) -> Iterator[dict[str, Any]]:
         """Run one job (`masks`: each region's mask PNGs, None for none; `memory`: the
-        gateway's `--memory auto` decision, MemoryDecision.to_dict(), None for none),
-        yielding its events (see the module docstring)."""
+        gateway's `--memory auto` decision, MemoryDecision.to_dict(), None for none;
+        `takes`: a job of several takes, each {"prompt", "seed"}, made here from one
+        inversion, `batch_size` at once, each yielded as a "take" event as it is
+        finished), yielding its events (see the module docstring)."""
         yield {"event": "started", "worker": self.identity()}
         if self.engine is None:
             yield {"event": "failed", **self._load_error}
@@ -140,13 +144,14 @@ class EngineActor:
         # The engine reports through callbacks; a generator cannot yield from inside
         # them, so the edit runs on its own thread and this one relays its events.
         thread = threading.Thread(target=self._edit,
-                                  args=(job_id, settings, inputs, masks, memory, events),
+                                  args=(job_id, settings, inputs, masks, memory, events, takes,
+                                        batch_size),
                                   name=f"edit-{job_id}", daemon=True)
         thread.start()
         while True:
             event = events.get()
             yield event
-            if event["event"] != "progress":
+            if event["event"] not in ("progress", "take"):
                 break
         thread.join()
         with self._cancel_lock:
@@ -154,7 +159,8 @@ class EngineActor:
 
     def _edit(self, job_id: str, settings: dict[str, Any], inputs: list[bytes],
               masks: list[list[bytes]] | None, memory: dict[str, Any] | None,
-              events: queue.Queue) -> None:
+              events: queue.Queue, takes: list[dict[str, Any]] | None = None,
+              batch_size: int | None = None) -> None:
         def progress(phase: str, step: int, total: int) -> None:
             events.put({"event": "progress", "phase": phase, "step": step, "total": total})
             if self.spec.step_delay_s:
@@ -171,14 +177,20 @@ class EngineActor:
             with_masks = {"masks": PngMasks(masks, "the job's regions")} if masks else {}
             # The gateway decided the job's savers; the worker plans nothing.
             savers = None if memory is None else MemoryDecision.from_dict(memory)
-            result = self.engine.transfer(PngClip(inputs, "the job's clip"),
-                                          TransferSettings.from_dict(settings),
-                                          progress=progress, cancelled=cancelled,
+            clip, parsed = PngClip(inputs, "the job's clip"), TransferSettings.from_dict(settings)
+            if takes is not None:  # the whole job here: one inversion for every take
+                def on_take(index: int, result: TransferResult) -> None:
+                    events.put({"event": "take", "index": index, **self._shipped(result)})
+
+                self.engine.transfer_takes(
+                    clip, parsed, [Take(take["prompt"], take["seed"]) for take in takes],
+                    progress=progress, cancelled=cancelled, savers=savers,
+                    batch_size=batch_size, on_take=on_take, **with_masks)
+                events.put({"event": "done"})
+                return
+            result = self.engine.transfer(clip, parsed, progress=progress, cancelled=cancelled,
                                           savers=savers, **with_masks)
-            sidecar = replace(result.sidecar, worker=self._sidecar_worker())
-            # Raw frames, not PNGs: the gateway encodes them once, as it does for a local job.
-            events.put({"event": "done", "frames": result.frames, "alpha": result.alpha,
-                        "sidecar": sidecar.to_dict()})
+            events.put({"event": "done", **self._shipped(result)})
         except JobCancelled:
             events.put({"event": "cancelled"})
         except Exception as error:  # a bad clip, or an engine bug: fails this job, not the actor
@@ -187,6 +199,12 @@ class EngineActor:
             if code == ErrorCode.INTERNAL:
                 log.error("Job %s failed on %s:\n%s", job_id, self.name, traceback.format_exc())
             events.put({"event": "failed", "code": code, "message": message})
+
+    def _shipped(self, result: TransferResult) -> dict[str, Any]:
+        """A result as an event carries it: raw frames, not PNGs (the gateway encodes
+        them once, as it does for a local job), its sidecar naming this worker."""
+        sidecar = replace(result.sidecar, worker=self._sidecar_worker())
+        return {"frames": result.frames, "alpha": result.alpha, "sidecar": sidecar.to_dict()}
 
     def _sidecar_worker(self) -> dict[str, Any]:
         """The sidecar's record of where the job ran: host, GPU, actor."""

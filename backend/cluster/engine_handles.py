@@ -1,4 +1,5 @@
-"""One worker actor in the shape of the server's engine: describe, check_settings, transfer.
+"""One worker actor in the shape of the server's engine: describe, check_settings, transfer,
+transfer_takes.
 
 The gateway's job threads (backend/server/job_thread.py) call `transfer` exactly as they
 call a local Engine, one thread per actor; the job runs on the actor and the call
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from backend.cluster.pool import ActorPool
 from backend.cluster.runner import ActorRunner
-from backend.results import CancelCheck, ProgressCallback, TransferResult
+from backend.results import CancelCheck, ProgressCallback, Take, TakeCallback, TransferResult
 from shared.settings import TransferSettings
 
 if TYPE_CHECKING:
@@ -74,7 +75,23 @@ class ActorEngine:
         return self.runner.run(run_id, settings.to_dict(), frames,
                                progress or _ignore_progress, cancelled or _never_cancelled,
                                masks.png_bytes() if masks is not None else None,
-                               savers.to_dict() if savers is not None else None)
+                               savers.to_dict() if savers is not None else None)[0]
+
+    def transfer_takes(self, clip_frames: Any, settings: TransferSettings, takes: list[Take],
+                       progress: ProgressCallback | None = None,
+                       cancelled: CancelCheck | None = None, masks: Any | None = None,
+                       savers: MemoryDecision | None = None, batch_size: int | None = None,
+                       on_take: TakeCallback | None = None) -> list[TransferResult]:
+        """A job of several takes, whole on the actor (one inversion there); each take
+        comes back as the actor finishes it, and `on_take` is told then."""
+        run_id = f"run-{uuid.uuid4().hex}"
+        return self.runner.run(run_id, settings.to_dict(), png_frames(clip_frames),
+                               progress or _ignore_progress, cancelled or _never_cancelled,
+                               masks.png_bytes() if masks is not None else None,
+                               savers.to_dict() if savers is not None else None,
+                               takes=[{"prompt": take.prompt, "seed": take.seed}
+                                      for take in takes],
+                               batch_size=batch_size, on_take=on_take)
 
 
 def actor_engines(pool: ActorPool) -> list[ActorEngine]:

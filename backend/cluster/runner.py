@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from backend.errors import JobCancelled, UnderstudyError
-from backend.results import CancelCheck, ProgressCallback, TransferResult
+from backend.results import CancelCheck, ProgressCallback, TakeCallback, TransferResult
 from backend.server.engine_api import EngineLost
 from shared.sidecar import Sidecar
 
@@ -69,16 +69,20 @@ class ActorRunner:
 
     def run(self, job_id: str, settings: dict[str, Any], inputs: list[bytes],
             progress: ProgressCallback, cancelled: CancelCheck,
-            masks: list[list[bytes]] | None = None, memory: dict[str, Any] | None = None
-            ) -> TransferResult:
+            masks: list[list[bytes]] | None = None, memory: dict[str, Any] | None = None,
+            takes: list[dict[str, Any]] | None = None, batch_size: int | None = None,
+            on_take: TakeCallback | None = None) -> list[TransferResult]:
         """Run one job on the actor (`masks`: each region's mask PNGs, None for none;
-        `memory`: the savers decided for it, MemoryDecision.to_dict(), None for none);
-        see the module docstring for what it raises."""
+        `memory`: the savers decided for it, MemoryDecision.to_dict(), None for none;
+        `takes`: a job of several takes, each {"prompt", "seed"}, `batch_size` at once,
+        each handed to `on_take(index, result)` as the actor finishes it); its results,
+        one per take (one for a job of one). See the module docstring for what it raises."""
         import ray
         from ray.exceptions import ActorUnavailableError, RayError
 
-        events = self.actor.run.options(num_returns="streaming").remote(job_id, settings, inputs,
-                                                                        masks, memory)
+        events = self.actor.run.options(num_returns="streaming").remote(
+            job_id, settings, inputs, masks, memory, takes, batch_size)
+        finished: list[TransferResult] = []
         started = False
         cancel_sent_at: float | None = None
         killed = False
@@ -116,10 +120,23 @@ class ActorRunner:
                 self.identity = event["worker"]
             elif kind == "progress":
                 progress(event["phase"], event["step"], event["total"])
+            elif kind == "take":  # one take of several, finished on the actor
+                finished.append(_result_of(event))
+                if on_take is not None:
+                    try:
+                        on_take(event["index"], finished[-1])
+                    except BaseException:  # not stored: the worker stops the job too
+                        self.actor.cancel.remote(job_id)
+                        raise
             elif kind == "done":
-                return TransferResult(event["frames"], Sidecar.from_dict(event["sidecar"]),
-                                      event.get("alpha"))
+                return finished if takes is not None else [_result_of(event)]
             elif kind == "cancelled":
                 raise JobCancelled("The edit was cancelled.")
             elif kind == "failed":
                 raise UnderstudyError(event["message"], event["code"])
+
+
+def _result_of(event: dict[str, Any]) -> TransferResult:
+    """A "done" or "take" event's frames and sidecar as the result of a local edit."""
+    return TransferResult(event["frames"], Sidecar.from_dict(event["sidecar"]),
+                          event.get("alpha"))

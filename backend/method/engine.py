@@ -95,6 +95,7 @@ from backend.results import (
     RegionMasks,
     Reporter,
     Take,
+    TakeCallback,
     TransferResult,
 )
 from backend.video import frames_to_edit, resize_frames, retime_frames, sample_indices
@@ -200,6 +201,7 @@ class Engine:
         masks: RegionMasks | None = None,
         savers: MemoryDecision | None = None,
         batch_size: int | None = None,
+        on_take: TakeCallback | None = None,
     ) -> list[TransferResult]:
         """Several takes of one clip (backend/results.py Take: a prompt and a seed), from one
         inversion and one set of source features: one TransferResult per take, in order,
@@ -226,6 +228,11 @@ class Engine:
         Progress names the takes: the shared phases ("encode", "invert", "features")
         once, the others as "sample take 2" or "sample takes 1-4" when there is more
         than one take. The sidecars are each take's own; one inversion serves all.
+
+        Each take is finished as soon as its batch is decoded, and `on_take(index,
+        result)` is told at once (index into `takes`), so a caller can store or show it
+        while the next batch samples (the server's take_ready); cancellation is checked
+        before each take is finished, so a cancel stops the takes not yet handed out.
         """
         if not takes:
             raise BadSettingsError("Ask for at least one take.")
@@ -260,6 +267,8 @@ class Engine:
         timings: list[dict[str, float]] = []  # per take: its share of the run's seconds
         passes: list[Counter] = []  # per take: its share of the run's model passes
         decoded: list[np.ndarray] = []  # per take, (F, h, w, 3) uint8
+        results: list[TransferResult] = []
+        keeps_plate = regions is not None and regions.keeps_plate()
         try:
             with _timed(shared, "embed"):
                 embeddings = self.embed_prompts(
@@ -294,18 +303,20 @@ class Engine:
                                + Counter({key: count / len(group)
                                           for key, count in group_passes.items()})
                                for _ in group]
-            keeps_plate = regions is not None and regions.keeps_plate()
-            results = []
-            for k, take in enumerate(takes):
-                take_settings = dataclasses.replace(  # a request without a seed records none
-                    settings, prompt=take.prompt,
-                    seed=None if settings.seed is None else take.seed)
-                results.append(self._finish(
-                    decoded[k], take_settings, take.seed, framing, indices, windows, from_cache,
-                    timings[k], passes[k], requested_upscale, regions,
-                    chosen if keeps_plate else None, frame_size, savers,
-                    _TakeReporter(report, [k], len(takes)), last=k == len(takes) - 1))
-                decoded[k] = None  # type: ignore[call-overload]  # held once: in its result
+                    for k in group:  # finished now, told now: the next batch is still to come
+                        report.check()
+                        take = takes[k]
+                        take_settings = dataclasses.replace(  # a request without a seed records none
+                            settings, prompt=take.prompt,
+                            seed=None if settings.seed is None else take.seed)
+                        results.append(self._finish(
+                            decoded[k], take_settings, take.seed, framing, indices, windows,
+                            from_cache, timings[k], passes[k], requested_upscale, regions,
+                            chosen if keeps_plate else None, frame_size, savers,
+                            _TakeReporter(report, [k], len(takes)), last=k == len(takes) - 1))
+                        decoded[k] = None  # type: ignore[call-overload]  # held once: in its result
+                        if on_take is not None:
+                            on_take(k, results[k])
         except torch.cuda.OutOfMemoryError as error:
             raise OutOfMemoryError(out_of_memory_sentence(savers, OUT_OF_MEMORY)) from error
         finally:

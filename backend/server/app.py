@@ -57,6 +57,7 @@ class ServerConfig:
     heartbeat_s: float = protocol.HEARTBEAT_INTERVAL_S
     test_step_delay_s: float = 0.0  # testing only: sleep per progress step (see cli help)
     test_plan_gate: Path | None = None  # testing only: each memory plan waits for this file
+    test_take_gate: Path | None = None  # testing only: a job waits for it after each take
     cluster: ClusterOptions | None = None  # `--ray`: jobs run on Ray workers
     assume_gpu_memory_gb: float | None = None  # `--memory auto` fits jobs into this (tests, sharing)
 
@@ -77,11 +78,12 @@ class Server:
                             Retention(config.keep_hours, config.keep_jobs))
         if pool_engines:  # the Ray actors apply the step delay themselves
             self.job_threads = [JobThread(self.book, self.store, pooled, ready=pooled.wait_ready,
-                                          memory=memory)
+                                          memory=memory, take_gate=config.test_take_gate)
                                 for pooled in pool_engines]
         else:
             self.job_threads = [JobThread(self.book, self.store, engine,
-                                          config.test_step_delay_s, memory=memory)]
+                                          config.test_step_delay_s, memory=memory,
+                                          take_gate=config.test_take_gate)]
         self.context = zmq.Context.instance()
         self.transport = Transport(self.context, config.bind, config.keys_dir, config.insecure,
                                    config.limits)

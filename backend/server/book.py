@@ -116,7 +116,8 @@ class JobBook:
             return self._accepted(ledger, job, duplicate=True)
 
     def add(self, job: Job, settings: dict[str, Any], frames: list[bytes],
-            masks: list[list[bytes]] | None = None) -> dict[str, Any]:
+            masks: list[list[bytes]] | None = None,
+            takes: dict[str, Any] | None = None) -> dict[str, Any]:
         """Store a new job (its clip, and each region's mask frames) and queue it;
         returns the accepted reply fields.
 
@@ -133,7 +134,7 @@ class JobBook:
             self._writable(ledger)
             job.seq = ledger.next_seq
             try:
-                self.store.create(job, settings, frames, masks)
+                self.store.create(job, settings, frames, masks, takes)
             except StoreUnavailable as error:
                 ledger.store_problem = str(error)
                 raise
@@ -190,6 +191,41 @@ class JobBook:
                                     f"on the server ({damage}); submit the job again with a "
                                     "new id.", ErrorCode.DAMAGED) from None
 
+    def take_result(self, job_id: str, take: int, owner: str | None
+                    ) -> tuple[dict[str, Any], list[bytes]]:
+        """(sidecar, frames) of one take, as soon as it is on disk: while the job runs,
+        and after it ended (cancelled: the takes made before the cancel). Take 1 of a
+        one-take job is its result."""
+        with self._locked() as ledger:
+            job = self._find(ledger, job_id, owner)
+            if not 1 <= take <= job.takes:
+                raise ProtocolError(f"Job {job_id} makes {job.takes} take"
+                                    f"{'s' if job.takes > 1 else ''}; ask for a take from 1 to "
+                                    f"{job.takes}.", ErrorCode.BAD_REQUEST)
+            if job.takes == 1:
+                pass  # its result, below
+            elif take not in job.takes_done:
+                if job.state == JobState.FAILED:
+                    error = job.error or {}
+                    raise ProtocolError(error.get("message", f"Job {job_id} failed."),
+                                        ErrorCode.JOB_FAILED)
+                if job.state == JobState.CANCELLED:
+                    raise ProtocolError(f"Job {job_id} was cancelled before take {take} was "
+                                        f"made (takes made: {_listed(job.takes_done)}); fetch "
+                                        "one of those.", ErrorCode.JOB_CANCELLED)
+                raise ProtocolError(f"Take {take} of job {job_id} is not made yet; fetch it "
+                                    "after its take_ready event.", ErrorCode.NOT_READY)
+            else:
+                try:
+                    return self.store.read_take(job_id, take)
+                except DamagedResult as damage:
+                    log.error("Fetch of job %s take %d: it is damaged (%s).", job_id, take,
+                              damage)
+                    raise ProtocolError(f"Take {take} of job {job_id} is damaged on the server "
+                                        f"({damage}); submit the job again with a new id.",
+                                        ErrorCode.DAMAGED) from None
+        return self.result(job_id, owner)
+
     def client_of(self, job_id: str) -> tuple[str, str | None] | None:
         """(routing id, owner key) that a job's events go to; None for a pruned job."""
         with self._locked() as ledger:
@@ -232,6 +268,19 @@ class JobBook:
         with self._locked() as ledger:
             job = ledger.jobs[job_id]
             job.phase, job.step, job.total = phase, step, total
+
+    def takes_done(self, job_id: str) -> list[int]:
+        """The takes of a job already on disk (sorted), which a run does not make again."""
+        with self._locked() as ledger:
+            return list(ledger.jobs[job_id].takes_done)
+
+    def take_done(self, job_id: str, take: int) -> None:
+        """Record a take whose files are on disk (status.json first): from now on it is
+        fetchable, survives a restart, and is not made again. StoreUnavailable when the
+        status cannot be written (the take is then made again on the next run)."""
+        with self._locked() as ledger:
+            job = ledger.jobs[job_id]
+            self._record(ledger, job, takes_done=sorted({*job.takes_done, take}))
 
     def cancel_wanted(self, job_id: str) -> bool:
         with self._locked() as ledger:
@@ -388,6 +437,9 @@ class JobBook:
             info["error"] = job.error
         if job.frame_count is not None:
             info["frame_count"] = job.frame_count
+        info["takes"] = job.takes
+        info["takes_done"] = (list(job.takes_done) if job.takes > 1
+                              else [1] if job.state == JobState.DONE else [])
         return info
 
     def _accepted(self, ledger: _Ledger, job: Job, duplicate: bool) -> dict[str, Any]:
@@ -405,3 +457,8 @@ class JobBook:
                 self.store.delete(job.job_id)
                 del ledger.jobs[job.job_id]
                 log.info("Pruned finished job %s.", job.job_id)
+
+
+def _listed(takes: list[int]) -> str:
+    """[1, 2] → "1, 2"; [] → "none" (for a sentence)."""
+    return ", ".join(map(str, takes)) or "none"

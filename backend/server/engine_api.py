@@ -1,4 +1,4 @@
-"""What the server needs of an engine: the three calls it makes, typed.
+"""What the server needs of an engine: the calls it makes, typed.
 
 `backend.method.engine.Engine` is one; tests and the Ray actors' handles (backend/cluster) are others.
 An engine in another process can also lose that process mid-job: it raises EngineLost.
@@ -10,7 +10,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Protocol
 
 from backend.errors import UnderstudyError
-from backend.results import CancelCheck, ProgressCallback, TransferResult
+from backend.results import CancelCheck, ProgressCallback, Take, TakeCallback, TransferResult
 from shared.errors import ErrorCode
 from shared.settings import TransferSettings
 
@@ -49,6 +49,15 @@ class TransferEngine(Protocol):
         the edit's regions, None for none; len() is the clip's and [index array] gives
         (R, n, H, W) float32 in [0, 1] at the clip's resolution (see PngMasks).
         `savers`: the memory savers decided for this job (`--memory auto`), None for none."""
+
+    def transfer_takes(self, clip_frames: Any, settings: TransferSettings, takes: list[Take],
+                       progress: ProgressCallback | None = None,
+                       cancelled: CancelCheck | None = None, masks: Any | None = None,
+                       savers: MemoryDecision | None = None, batch_size: int | None = None,
+                       on_take: TakeCallback | None = None) -> list[TransferResult]:
+        """Several takes of a clip from one inversion (Engine.transfer_takes), `batch_size`
+        at once (None: all); `on_take(index, result)` as each take is finished, before the
+        next batch runs."""
 
 
 class PooledEngine(TransferEngine, Protocol):

@@ -15,13 +15,15 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from backend.errors import JobCancelled
-from backend.results import TransferResult
+from backend.results import CancelCheck, ProgressCallback, TransferResult, take_phase
 from backend.server.book import WORKER_LOST_TWICE, JobBook
 from backend.server.engine_api import EngineLost, TransferEngine
 from backend.server.frames import PngClip, PngMasks
+from backend.server.planning import pass_gate
 from backend.server.store import Job, JobStore, StoreUnavailable
 from shared.errors import ErrorCode
 from shared.protocol import EventType, JobState, error_header, failure_reply
@@ -45,11 +47,12 @@ class JobThread:
     def __init__(self, book: JobBook, store: JobStore, engine: TransferEngine,
                  step_delay_s: float = 0.0,
                  ready: Callable[[threading.Event], bool] | None = None,
-                 memory: ServerMemory | None = None) -> None:
+                 memory: ServerMemory | None = None, take_gate: Path | None = None) -> None:
         self.book = book
         self.store = store
         self.engine = engine
         self.step_delay_s = step_delay_s  # testing only: catch a job mid-run
+        self.take_gate = take_gate  # testing only: hold a job after each take it announces
         # A remote engine that is restarting takes no job, so another job thread gets it.
         self.ready = ready or (lambda stopping: True)
         self.memory = memory  # `--memory auto`: what each job's savers are decided with
@@ -80,10 +83,17 @@ class JobThread:
         from backend.video import encode_png
         from shared.settings import TransferSettings
 
+        making: list[int] = []  # a job of several takes: the takes this run makes
+
         def progress(phase: str, step: int, total: int) -> None:
-            self.book.report_progress(job.job_id, phase, step, total)
-            notify({"type": EventType.PROGRESS, "job_id": job.job_id, "phase": phase,
-                    "step": step, "total": total, "attempt": job.attempts})
+            event = {"type": EventType.PROGRESS, "job_id": job.job_id, "phase": phase,
+                     "step": step, "total": total, "attempt": job.attempts}
+            if job.takes > 1:  # named with the job's own take numbers, and the take in hand
+                event["phase"], takes = take_phase(phase, making)
+                if takes:
+                    event.update(take=takes[0], takes=job.takes)
+            self.book.report_progress(job.job_id, event["phase"], step, total)
+            notify(event)
             if self.step_delay_s:
                 time.sleep(self.step_delay_s)
 
@@ -97,13 +107,18 @@ class JobThread:
             regions = self.store.mask_paths(job.job_id, len(request.get("masks", [])))
             # Only a job with regions passes masks, so an engine without them runs as before.
             with_masks = {"masks": PngMasks(regions, f"job {job.job_id}")} if regions else {}
-            # Likewise savers: decided here, before the edit (the submit's plan, cached).
-            savers = self._savers(settings, clip, len(regions))
-            with_savers = {"savers": savers} if savers is not None else {}
-            result = self.engine.transfer(clip, settings, progress=progress, cancelled=cancelled,
-                                          **with_masks, **with_savers)
-            images = [encode_png(frame) for frame in result_pixels(result)]
-            sidecar = result.sidecar.to_dict()
+            if job.takes > 1:
+                images, sidecar = self._run_takes(job, request, settings, clip, with_masks,
+                                                  len(regions), making, progress, cancelled,
+                                                  stopping, notify)
+            else:
+                # Likewise savers: decided here, before the edit (the submit's plan, cached).
+                savers = self._savers(settings, clip, len(regions))
+                with_savers = {"savers": savers} if savers is not None else {}
+                result = self.engine.transfer(clip, settings, progress=progress,
+                                              cancelled=cancelled, **with_masks, **with_savers)
+                images = [encode_png(frame) for frame in result_pixels(result)]
+                sidecar = result.sidecar.to_dict()
             self.store.write_result(job.job_id, images, sidecar)
             progress("save", len(images), len(images))
         except StoreUnavailable as problem:
@@ -132,6 +147,54 @@ class JobThread:
                      {"type": EventType.RESULT_READY, "job_id": job.job_id,
                       "frame_count": len(images), "sidecar": sidecar}, notify)
 
+    def _run_takes(self, job: Job, request: dict[str, Any], settings: TransferSettings,
+                   clip: PngClip, with_masks: dict[str, Any], regions: int, making: list[int],
+                   progress: ProgressCallback, cancelled: CancelCheck,
+                   stopping: threading.Event, notify: Notify) -> tuple[list[bytes], dict]:
+        """Make a job's takes not on disk yet (all of them, or after a restart the rest,
+        with the same seeds) from one inversion, in batches its memory plan fits; store
+        each and announce it (take_ready) as it is finished. Returns the job's result:
+        take 1's frames and the sidecar listing every take (docs/protocol.md §4)."""
+        from backend.results import takes_of
+        from backend.video import encode_png
+
+        asked = request["takes"]
+        every = takes_of(list(asked.get("prompts") or [settings.prompt]), settings.seed,
+                         asked["seeds"])
+        done = self.book.takes_done(job.job_id)
+        making[:] = [number for number in range(1, len(every) + 1) if number not in done]
+
+        def on_take(index: int, result: TransferResult) -> None:
+            number = making[index]
+            images = [encode_png(frame) for frame in result_pixels(result)]
+            sidecar = take_record(number, every[number - 1].prompt, result.sidecar.to_dict())
+            self.store.write_take(job.job_id, number, images, sidecar)
+            self.book.take_done(job.job_id, number)  # on disk first, then told
+            notify({"type": EventType.TAKE_READY, "job_id": job.job_id, "take": number,
+                    "takes": job.takes, "frame_count": len(images), "sidecar": sidecar})
+            if self.take_gate is not None:
+                pass_gate(self.take_gate, stopping)
+
+        if making:
+            batch, savers = self._takes_plan(settings, clip, regions, len(making))
+            with_savers = {"savers": savers} if savers is not None else {}
+            self.engine.transfer_takes(clip, settings, [every[n - 1] for n in making],
+                                       progress=progress, cancelled=cancelled,
+                                       batch_size=batch, on_take=on_take, **with_masks,
+                                       **with_savers)
+        stored = [self.store.read_take(job.job_id, number) for number in range(1, job.takes + 1)]
+        first, frames = stored[0]
+        record = {name: value for name, value in first.items() if name not in TAKE_FIELDS}
+        return frames, {**record, "takes": [sidecar for sidecar, _ in stored]}
+
+    def _takes_plan(self, settings: TransferSettings, clip: PngClip, regions: int,
+                    takes: int) -> tuple[int | None, MemoryDecision | None]:
+        """The batch `takes` takes run in and the savers it needs (None, None: no plan,
+        every take in one batch)."""
+        if self.memory is None or not len(clip):
+            return None, None
+        return self.memory.decide_takes(settings, len(clip), clip.frame_size(), takes, regions)
+
     def _savers(self, settings: TransferSettings, clip: PngClip,
                 regions: int) -> MemoryDecision | None:
         """The savers `--memory auto` turns on for a job (None: none), from the plan its
@@ -153,6 +216,15 @@ class JobThread:
         else:
             log.error("Job %s ended (%s) but the store could not record it; it runs again "
                       "once the store is writable.", job.job_id, state)
+
+
+TAKE_FIELDS = ("take", "prompt")  # what a take's record adds to its sidecar
+
+
+def take_record(number: int, prompt: str, sidecar: dict[str, Any]) -> dict[str, Any]:
+    """A take's own sidecar as the server stores and sends it: `take` (from 1) and
+    `prompt` first, then the take's sidecar (shared/sidecar.py)."""
+    return {"take": number, "prompt": prompt, **sidecar}
 
 
 def result_pixels(result: TransferResult) -> Any:

@@ -55,14 +55,29 @@ class ServerMemory:
         return self.planner.gpu()
 
     def decide(self, settings: TransferSettings, clip_length: int,
-               size: tuple[int, int] | None, regions: int = 0) -> MemoryDecision | None:
+               size: tuple[int, int] | None, regions: int = 0,
+               batch: int = 1) -> MemoryDecision | None:
         return self.planner.decide(self.model, settings, clip_length, size, self.device,
-                                   self.dtype, regions)
+                                   self.dtype, regions, batch)
+
+    def largest_batch(self, settings: TransferSettings, clip_length: int,
+                      size: tuple[int, int] | None, takes: int, regions: int = 0) -> int:
+        """How many of a job's `takes` sample together (MemoryPlanner.largest_batch)."""
+        return self.planner.largest_batch(self.model, settings, clip_length, size, takes,
+                                          self.device, self.dtype, regions)
+
+    def decide_takes(self, settings: TransferSettings, clip_length: int,
+                     size: tuple[int, int] | None, takes: int, regions: int = 0
+                     ) -> tuple[int, MemoryDecision | None]:
+        """The batch a job of `takes` takes runs in and the savers that batch needs: the
+        plan covers the batch (TooBigForGpuError when even one take cannot fit)."""
+        batch = self.largest_batch(settings, clip_length, size, takes, regions)
+        return batch, self.decide(settings, clip_length, size, regions, batch)
 
     def plan(self, settings: TransferSettings, frames: int,
-             size: tuple[int, int] | None, regions: int = 0) -> MemoryPlan:
+             size: tuple[int, int] | None, regions: int = 0, batch: int = 1) -> MemoryPlan:
         return self.planner.plan(self.model, settings, frames, size, self.device, self.dtype,
-                                 regions)
+                                 regions, batch)
 
 
 @dataclass
@@ -136,13 +151,23 @@ class PlanDesk:
         file saying `raise` makes this plan fail as a planning bug would."""
         if self.gate is None:
             return
-        while not self.gate.exists():
-            if stopping.wait(GATE_POLL_S):
-                raise RuntimeError("The server stopped while a plan was held.")
-        said = self.gate.read_text().strip()
-        self.gate.unlink()
+        said = pass_gate(self.gate, stopping)
+        if said is None:
+            raise RuntimeError("The server stopped while a plan was held.")
         if said == GATE_RAISE:
             raise RuntimeError("This plan failed because --test-plan-gate said so.")
+
+
+def pass_gate(gate: Path, stopping: threading.Event) -> str | None:
+    """Testing only (serve --test-plan-gate, --test-take-gate): wait until the file
+    `gate` exists, then take it (delete it) and return what it says; None when the
+    server stops first. A test lets one held step through by writing the file."""
+    while not gate.exists():
+        if stopping.wait(GATE_POLL_S):
+            return None
+    said = gate.read_text().strip()
+    gate.unlink()
+    return said
 
 
 def log_planning_bug(failure: BaseException) -> None:

@@ -129,9 +129,17 @@ class Requests:
             return Answer({}, deferred=True) if reply is None else Answer(reply)
         if kind == RequestType.FETCH:
             job_id = protocol.check_job_id(header.get("job_id"))
-            sidecar, frames = self.book.result(job_id, owner)
-            return Answer({"type": ReplyType.RESULT, "job_id": job_id, "sidecar": sidecar,
-                           "frame_count": len(frames)}, frames)
+            take = header.get("take")
+            if take is None:
+                sidecar, frames = self.book.result(job_id, owner)
+                return Answer({"type": ReplyType.RESULT, "job_id": job_id, "sidecar": sidecar,
+                               "frame_count": len(frames)}, frames)
+            if type(take) is not int or take < 1:
+                raise ProtocolError(f"The fetch's 'take' is {take!r}; send a take number from "
+                                    "1, or none for the job's result.", ErrorCode.BAD_REQUEST)
+            sidecar, frames = self.book.take_result(job_id, take, owner)
+            return Answer({"type": ReplyType.RESULT, "job_id": job_id, "take": take,
+                           "sidecar": sidecar, "frame_count": len(frames)}, frames)
         raise ProtocolError(f"Unknown message type {kind!r}; this server understands "
                             f"{', '.join(sorted(protocol.REQUEST_TYPES))}.",
                             ErrorCode.UNKNOWN_TYPE)
@@ -189,6 +197,7 @@ class Requests:
                 ErrorCode.BAD_REQUEST)
         size = (frame_size[0], frame_size[1])
         regions = protocol.check_regions(header.get("regions"))  # masks the job would carry
+        takes = protocol.check_takes(header, self.limits).count  # sampled as the plan allows
         try:
             parsed = TransferSettings.from_dict({"frame_limit": self.limits["max_frames"], **settings})
             self.engine.check_settings(parsed, frame_count, size)
@@ -199,26 +208,31 @@ class Requests:
             raise ProtocolError(str(error), error.code) from None
         if not self._planned(parsed):
             return {"type": ReplyType.PLAN, **self._gpu(), "fits": True, "savers": [],
-                    "predicted_peak_bytes": None, "message": None}
-        self._defer(message, req, lambda: self._plan_reply(parsed, frame_count, size, regions),
+                    "predicted_peak_bytes": None, "message": None, "batch": takes}
+        self._defer(message, req, lambda: self._plan_reply(parsed, frame_count, size, regions,
+                                                           takes),
                     finish=lambda reply: reply,
                     refuse=lambda code, sentence: protocol.error_header(code, sentence))
         return None
 
     def _plan_reply(self, settings: TransferSettings, frame_count: int,
-                    size: tuple[int, int], regions: int) -> dict[str, Any]:
+                    size: tuple[int, int], regions: int, takes: int = 1) -> dict[str, Any]:
         """The `plan` reply of a planned job (planning thread): the plan without savers,
-        and what `--memory auto` turns on, from the same cache a submit's decision uses."""
+        and what `--memory auto` turns on, from the same cache a submit's decision uses;
+        for several takes, of the batch they sample in (`batch`)."""
         from backend.errors import TooBigForGpuError
         from backend.memory.planner import lowest_combination
         from backend.video import frames_to_edit
 
+        batch = self.memory.largest_batch(settings, frame_count, size, takes, regions)
         reply: dict[str, Any] = {"type": ReplyType.PLAN, **self._gpu(), "fits": True,
-                                 "savers": [], "predicted_peak_bytes": None, "message": None}
-        plan = self.memory.plan(settings, frames_to_edit(settings, frame_count), size, regions)
+                                 "savers": [], "predicted_peak_bytes": None, "message": None,
+                                 "batch": batch}
+        plan = self.memory.plan(settings, frames_to_edit(settings, frame_count), size, regions,
+                                batch)
         reply["peak_bytes"] = plan.peak_bytes
         try:
-            decision = self.memory.decide(settings, frame_count, size, regions)  # cached above
+            decision = self.memory.decide(settings, frame_count, size, regions, batch)  # cached above
             reply.update(savers=list(decision.savers),
                          predicted_peak_bytes=decision.predicted_peak_bytes)
         except TooBigForGpuError as refusal:
@@ -244,18 +258,22 @@ class Requests:
         try:
             settings = protocol.require(header, "settings", dict)
             regions = protocol.check_regions(header.get("regions"))
+            takes = protocol.check_takes(header, self.limits)
             clip, masks = protocol.split_payload(payload, regions)
             header_bytes = len(protocol.json_text(header))
             protocol.check_submit_limits(self._with_model_size(settings), clip, header_bytes,
                                          self.limits, masks)
-            digest = protocol.request_digest(settings, payload, regions)
+            digest = protocol.request_digest(settings, payload, regions, takes)
             repeated = self.book.existing(job_id, client, owner, digest)
             if repeated is not None:
                 return {"type": ReplyType.ACCEPTED, **repeated}
             # Unless the client says otherwise, a job may edit every frame this server takes.
             settings = {"frame_limit": self.limits["max_frames"], **settings}
+            settings, stored_takes = takes_settings(settings, takes)
             try:
                 parsed = TransferSettings.from_dict(settings)
+                for prompt in takes.prompts or ():  # each prompt refused in its own sentence
+                    TransferSettings.from_dict({**settings, "prompt": prompt})
             except TypeError as error:  # from_dict passes values to the dataclass
                 raise ProtocolError(f"The settings are not valid ({error}).",
                                     ErrorCode.BAD_SETTINGS) from None
@@ -267,16 +285,18 @@ class Requests:
             check_mask_frames(masks, len(clip), size)
             self.engine.check_settings(parsed, len(clip), size)
             job = Job(job_id=job_id, seq=-1, client=client, owner=owner, digest=digest,
-                      submitted_at=time.time(), frames_in=len(clip))
+                      submitted_at=time.time(), frames_in=len(clip),
+                      takes=1 if stored_takes is None else takes.count)
 
             def queue_job(_decision: Any = None) -> dict[str, Any]:
-                return self._queue(job, settings, clip, masks, regions)
+                return self._queue(job, settings, clip, masks, regions, stored_takes)
 
             if not self._planned(parsed):
                 return queue_job()
-            # too_big_for_gpu (the plan's sentence) or queued, once the plan is made
-            self._defer(message, req, lambda: self.memory.decide(parsed, len(clip), size,
-                                                                 regions),
+            # too_big_for_gpu (the plan's sentence) or queued, once the plan is made; the
+            # plan of several takes covers the batch they sample in
+            self._defer(message, req, lambda: self.memory.decide_takes(
+                parsed, len(clip), size, job.takes, regions),
                         finish=queue_job,
                         refuse=lambda code, sentence: _rejected(job_id, code, sentence))
             return None
@@ -286,22 +306,39 @@ class Requests:
             return _rejected(job_id, error.code, error.message)
 
     def _queue(self, job: Job, settings: dict[str, Any], clip: list[bytes],
-               masks: list[list[bytes]], regions: int) -> dict[str, Any]:
+               masks: list[list[bytes]], regions: int,
+               takes: dict[str, Any] | None = None) -> dict[str, Any]:
         """Store and queue a checked job (its plan, if any, says it fits): the reply."""
         try:
             # The same request may have been accepted while this one waited for its plan.
             repeated = self.book.existing(job.job_id, job.client, job.owner, job.digest)
             if repeated is not None:
                 return {"type": ReplyType.ACCEPTED, **repeated}
-            accepted = self.book.add(job, settings, clip, masks)
+            accepted = self.book.add(job, settings, clip, masks, takes)
         except UnderstudyError as error:  # the store unavailable
             return _rejected(job.job_id, error.code, str(error))
         except ProtocolError as error:  # queue full, the id taken meanwhile
             return _rejected(job.job_id, error.code, error.message)
-        log.info("Accepted job %s from %s (%d frames, %d regions, queue position %s).",
+        log.info("Accepted job %s from %s (%d frames, %d regions, %d takes, queue position %s).",
                  job.job_id, printable(job.client.encode("latin-1")), len(clip), regions,
-                 accepted["queue_position"])
+                 job.takes, accepted["queue_position"])
         return {"type": ReplyType.ACCEPTED, **accepted}
 
 def _rejected(job_id: str, code: str, message: str) -> dict[str, Any]:
     return {"type": ReplyType.REJECTED, "job_id": job_id, "code": code, "message": message}
+
+
+def takes_settings(settings: dict[str, Any], takes: protocol.TakesRequest
+                   ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The settings a job of these takes stores, and its request.json `takes` record
+    (None: a one-take job, stored as ever). One take of one prompt is that prompt's
+    edit. Several takes get their seed now when the request has none, so a re-run after
+    a restart makes the same takes (take k's seed is seed + (k − 1) % seeds)."""
+    import random
+
+    if takes.count == 1:
+        return ({**settings, "prompt": takes.prompts[0]} if takes.prompts else settings), None
+    if settings.get("seed") is None:
+        settings = {**settings, "seed": random.SystemRandom().randrange(2**31)}
+    return settings, {"seeds": takes.seeds,
+                      "prompts": None if takes.prompts is None else list(takes.prompts)}

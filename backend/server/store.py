@@ -9,6 +9,10 @@
                             status.json       state, attempts, times, error, cancel flag
                             result/00000.png … result/frames.json (each frame's SHA-256),
                             result/sidecar.json (written last: the result is complete)
+                            takes/<k>/00000.png … take k's frames, frames.json, sidecar.json
+                                              (last), for a job of several takes, each as
+                                              soon as it is made; result/ is then take 1's
+                                              frames with the sidecar listing every take
     STATE_DIR/quarantine/<job_id>-<time>/     damaged jobs, moved aside at start-up
 
 Write order is the store's promise (docs/protocol.md §8): every file goes to a
@@ -31,7 +35,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +47,7 @@ log = logging.getLogger("understudy.server")
 
 PROBE_NAME = ".write-probe"
 MASK_FOLDER = "mask"  # mask/<region>/00000.png …
+TAKES_FOLDER = "takes"  # takes/<take>/00000.png …, the take numbered from 1
 
 
 class StoreUnavailable(UnderstudyError):
@@ -85,21 +90,26 @@ class Job:
     cancel_requested: bool = False
     error: dict[str, str] | None = None
     frame_count: int | None = None
+    takes_done: list[int] = field(default_factory=list)  # takes on disk, verified at start-up
+    takes: int = 1  # the takes the job makes in all (request.json's `takes`)
     # live only
     phase: str | None = None
     step: int | None = None
     total: int | None = None
 
     PERSISTENT = ("state", "attempts", "started_at", "finished_at", "cancel_requested",
-                  "error", "frame_count", "client")
+                  "error", "frame_count", "client", "takes_done")
+    OPTIONAL = {"takes_done": list}  # absent from status.json written before takes: default
 
     def status_record(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.PERSISTENT}
 
     def request_record(self, settings: dict[str, Any], inputs: list[str],
-                       masks: list[list[str]] | None = None) -> dict[str, Any]:
+                       masks: list[list[str]] | None = None,
+                       takes: dict[str, Any] | None = None) -> dict[str, Any]:
         """request.json; `inputs`: each input frame's SHA-256, to prove them intact;
         `masks`: each region's mask frames' SHA-256 (only when the job has regions);
+        `takes`: {"seeds", "prompts"} (only when the job asks for takes);
         `client`: the submitting client id, for a rebuilt job's events."""
         record = {"job_id": self.job_id, "seq": self.seq, "owner": self.owner,
                   "client": self.client,
@@ -107,6 +117,8 @@ class Job:
                   "frames_in": self.frames_in, "settings": settings, "inputs": inputs}
         if masks:
             record["masks"] = masks
+        if takes:
+            record["takes"] = takes
         return record
 
 
@@ -191,7 +203,8 @@ class JobStore:
         os.remove(self.root / PROBE_NAME)
 
     def create(self, job: Job, settings: dict[str, Any], frames: list[bytes],
-               masks: list[list[bytes]] | None = None) -> None:
+               masks: list[list[bytes]] | None = None,
+               takes: dict[str, Any] | None = None) -> None:
         """Store inputs (clip, then each region's masks), request, then status (queued):
         after this the job is accepted.
 
@@ -213,7 +226,7 @@ class JobStore:
                 fsync_dir(region_folder)
             atomic_write(folder / "request.json", json_bytes(job.request_record(
                 settings, frame_digests(frames),
-                [frame_digests(mask_frames) for mask_frames in masks or []])))
+                [frame_digests(mask_frames) for mask_frames in masks or []], takes)))
             self._write_status(job)
             fsync_dir(self.root)
         except OSError as error:
@@ -232,16 +245,30 @@ class JobStore:
         fsync_dir(folder)
 
     def write_result(self, job_id: str, frames: list[bytes], sidecar: dict[str, Any]) -> None:
-        result = self.folder(job_id) / "result"
+        self._write_frames(self.folder(job_id) / "result", frames, sidecar)
+
+    def write_take(self, job_id: str, take: int, frames: list[bytes],
+                   sidecar: dict[str, Any]) -> None:
+        """Take `take` (from 1) of a job of several takes, as a result is written (its
+        sidecar last); the job's status records it done only after this returns."""
+        takes = self.folder(job_id) / TAKES_FOLDER
         try:
-            if result.exists():
-                shutil.rmtree(result)
-            result.mkdir()
+            takes.mkdir(exist_ok=True)
+        except OSError as error:
+            raise _unwritable(self.state_dir, error) from None
+        self._write_frames(takes / str(take), frames, sidecar)
+
+    def _write_frames(self, folder: Path, frames: list[bytes], sidecar: dict[str, Any]) -> None:
+        try:
+            if folder.exists():
+                shutil.rmtree(folder)
+            folder.mkdir()
             for index, frame in enumerate(frames):
-                atomic_write(result / f"{index:05d}.png", frame)
-            atomic_write(result / "frames.json", json_bytes({"sha256": frame_digests(frames)}))
-            atomic_write(result / "sidecar.json", json_bytes(sidecar))
-            fsync_dir(result)
+                atomic_write(folder / f"{index:05d}.png", frame)
+            atomic_write(folder / "frames.json", json_bytes({"sha256": frame_digests(frames)}))
+            atomic_write(folder / "sidecar.json", json_bytes(sidecar))
+            fsync_dir(folder)
+            fsync_dir(folder.parent)
         except OSError as error:
             raise _unwritable(self.state_dir, error) from None
 
@@ -266,6 +293,29 @@ class JobStore:
         """(sidecar, frames) of a finished job; DamagedResult when a file is missing,
         unreadable or not what was written: never a shorter result."""
         return _verified_result(self.folder(job_id) / "result", frame_count)
+
+    def read_take(self, job_id: str, take: int) -> tuple[dict[str, Any], list[bytes]]:
+        """(sidecar, frames) of one stored take, verified like a result."""
+        return _verified_result(self.folder(job_id) / TAKES_FOLDER / str(take), None,
+                                f"{TAKES_FOLDER}/{take}")
+
+    def _verified_takes(self, folder: Path, listed: list[int] | None) -> list[int]:
+        """The takes of a job folder whose files verify (sorted): those status.json
+        lists, or, for a job rebuilt from its files (`listed` None), every take folder
+        there. A take that does not verify is left out (logged), so it is made again."""
+        takes = folder / TAKES_FOLDER
+        if listed is None:
+            listed = [int(path.name) for path in takes.iterdir()
+                      if path.name.isdigit()] if takes.is_dir() else []
+        intact = []
+        for take in sorted(set(listed)):
+            try:
+                _verified_result(takes / str(take), None, f"{TAKES_FOLDER}/{take}")
+                intact.append(take)
+            except DamagedResult as damage:
+                log.warning("Job %s: take %d is damaged (%s); it is made again.",
+                            folder.name, take, damage)
+        return intact
 
     def load_all(self) -> list[Job]:
         """Every accepted job, in submission order.
@@ -296,7 +346,8 @@ class JobStore:
             job = Job(job_id=check_job_id(request["job_id"]), seq=int(request["seq"]),
                       client=str(request.get("client", "")), owner=request["owner"],
                       digest=str(request["digest"]), submitted_at=float(request["submitted_at"]),
-                      frames_in=int(request.get("frames_in", 0)))
+                      frames_in=int(request.get("frames_in", 0)),
+                      takes=takes_count(request))
         except ProtocolError as error:
             raise DamagedJob(f"its job id is not valid ({error.message})") from None
         except (OSError, ValueError, KeyError, TypeError) as error:
@@ -307,11 +358,18 @@ class JobStore:
             status = read_json_object(folder / "status.json")
             job.client = str(status["client"])
             for name in Job.PERSISTENT:
+                if name in Job.OPTIONAL and name not in status:
+                    continue
                 setattr(job, name, status[name])
             job.state = JobState(job.state)
+            if not isinstance(job.takes_done, list):
+                raise TypeError("takes_done is not a list")
+            if job.takes_done:  # each one proved again: a damaged take is made again
+                job.takes_done = self._verified_takes(folder, job.takes_done)
         except (OSError, ValueError, KeyError, TypeError) as damage:  # status.json only
             job = Job(job_id=job.job_id, seq=job.seq, client=job.client, owner=job.owner,
-                      digest=job.digest, submitted_at=job.submitted_at, frames_in=job.frames_in)
+                      digest=job.digest, submitted_at=job.submitted_at, frames_in=job.frames_in,
+                      takes=job.takes)
             self._rebuild(folder, job, request, f"{type(damage).__name__}: {damage}")
         return job
 
@@ -330,6 +388,8 @@ class JobStore:
                 raise DamagedJob(f"status.json is damaged ({damage}), there is no intact "
                                  f"result, and {problem}") from None
             job.state = JobState.QUEUED
+        if job.takes > 1:  # the takes its files prove are kept; the others are made (again)
+            job.takes_done = self._verified_takes(folder, None)
         try:
             self._write_status(job)
         except OSError as error:  # memory has it; the job's next change writes it again
@@ -398,9 +458,17 @@ def _files_problem(paths: list[Path], recorded: list, what: str) -> str | None:
     return None
 
 
-def _verified_result(result: Path, frame_count: int | None) -> tuple[dict[str, Any], list[bytes]]:
-    """(sidecar, frames) of a result folder whose every frame matches frames.json (and,
-    given, the frame count the status recorded); DamagedResult saying what does not."""
+def takes_count(request: dict[str, Any]) -> int:
+    """The takes a stored request makes in all (1 for a request without `takes`)."""
+    takes = request.get("takes") or {}
+    return int(takes.get("seeds", 1)) * max(1, len(takes.get("prompts") or [None]))
+
+
+def _verified_result(result: Path, frame_count: int | None, label: str = "result"
+                     ) -> tuple[dict[str, Any], list[bytes]]:
+    """(sidecar, frames) of a result folder (or a take's, named `label`) whose every
+    frame matches frames.json (and, given, the frame count the status recorded);
+    DamagedResult saying what does not."""
     try:
         sidecar = read_json_object(result / "sidecar.json")
     except (OSError, ValueError):
@@ -415,7 +483,7 @@ def _verified_result(result: Path, frame_count: int | None) -> tuple[dict[str, A
         raise DamagedResult(f"frames.json lists {len(digests)} frames, not {frame_count}")
     frames = []
     for index, digest in enumerate(digests):
-        name = f"result/{index:05d}.png"
+        name = f"{label}/{index:05d}.png"
         try:
             frame = (result / f"{index:05d}.png").read_bytes()
         except OSError:

@@ -480,18 +480,20 @@ def format_scaling(report: dict) -> str:
 def run_takes(
     arch: str = "tiny", random_weights: bool = False, takes: int = 4, frames: int | None = None,
     width: int | None = None, height: int | None = None, device: str | None = None,
-    dtype: str | None = None,
+    dtype: str | None = None, steps: int | None = None,
 ) -> dict:
     """K takes batched against K single edits of the same clip and settings (module
-    docstring); the JSON report."""
+    docstring), each with `steps` sampling and inversion steps (None: the settings'
+    default); the JSON report."""
     from backend.results import takes_of
 
     backbone = build_backbone(arch, random_weights, device, dtype)
     defaults = default_sizes(arch)
     frames = frames or defaults[0]
+    few = {} if steps is None else {"steps": steps, "inversion_steps": steps}
     settings = TransferSettings(prompt="a red train", source_prompt="a car", seed=0,
                                 num_frames=frames, width=width or defaults[1],
-                                height=height or defaults[2])
+                                height=height or defaults[2], **few)
     clip = np.random.default_rng(0).integers(0, 255, (frames, settings.height, settings.width, 3),
                                              dtype=np.uint8)
     chosen = takes_of([settings.prompt], 0, takes)
@@ -593,7 +595,7 @@ def main_bench(args) -> int:
         return main_memory_bench(args, build_backbone, default_sizes)
     if args.takes:
         report = run_takes(args.arch, args.random_weights, args.takes, args.frames, args.width,
-                           args.height, args.device, args.dtype)
+                           args.height, args.device, args.dtype, args.steps)
         print(format_takes(report))
     elif args.preview:
         arches_chosen = args.preview_arch or [entry.tiny for entry in backbones()]

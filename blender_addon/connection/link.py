@@ -62,6 +62,14 @@ def client_for(config: ServerConfig):
     return _clients[config]
 
 
+def known_hello(config: ServerConfig) -> dict | None:
+    """The server's last hello to this configuration's client, without asking (the panel
+    draws from it); None before one was heard."""
+    client = _clients.get(config)
+    info = getattr(client, "server_info", None)
+    return info if isinstance(info, dict) else None
+
+
 def forget(config: ServerConfig) -> None:
     """Close and drop a client (after an error, so the next call reconnects)."""
     client = _clients.pop(config, None)

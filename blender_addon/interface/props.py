@@ -32,7 +32,7 @@ from ..rules.panel_settings import (
     setting_from_panel,
 )
 from ..rules.regions import REGION_KINDS, REGION_NONE
-from ..rules.states import ACTIVE, Status
+from ..rules.states import ACTIVE, PROTOCOL, Status
 
 
 def _check_project(self, _context) -> None:
@@ -227,6 +227,11 @@ class UnderstudySettings(bpy.types.PropertyGroup):
     region_feather: IntProperty(name="Feather (px)", **int_property_range("region_feather"),
                                 description=SETTINGS.spec_of("region_feather").help)
     motion: EnumProperty(name="Motion", **choice_property("motion"))
+    # Takes: one result per seed (seed, seed + 1, ...) from one inversion; the server says
+    # how many it makes per job (its max_takes), checked before anything is rendered.
+    takes: IntProperty(name="Takes", default=1, min=1, max=PROTOCOL.MAX_TAKES,
+                       description="How many takes Preview and Transfer make, each with the "
+                                   "next seed; they land as one stack, the first shown")
 
     def values(self, prompt: str = "") -> dict:
         """The settings to send, as plain values (prompt from the operator if given)."""
@@ -239,6 +244,20 @@ class UnderstudySettings(bpy.types.PropertyGroup):
                for name in PANEL_INT_SETTINGS},
             **{name: str(getattr(self, name)) for name in PANEL_CHOICE_SETTINGS},
         }
+
+
+class UnderstudyTake(bpy.types.PropertyGroup):
+    """One take of a job that made several (or the one of a preview), once it is placed."""
+
+    number: IntProperty(name="Take", default=1, min=1)
+    prompt: StringProperty(name="Prompt")
+    seed: StringProperty(name="Seed", default="")
+    quality: StringProperty(name="Quality", default="final",
+                            description="preview, or final once Render Final replaced it")
+    sidecar: StringProperty(name="Sidecar", default="",
+                            description="The server's record of how the take was made (JSON)")
+    final_job: StringProperty(name="Final job", default="",
+                              description="The Render Final job whose frames replaced it")
 
 
 class UnderstudyJob(bpy.types.PropertyGroup):
@@ -263,6 +282,14 @@ class UnderstudyJob(bpy.types.PropertyGroup):
                               description="How the source sat in the edit (placement.py, JSON)")
     sidecar: StringProperty(name="Sidecar", default="",
                             description="The server's record of how the result was made (JSON)")
+    quality: StringProperty(name="Quality", default="final", description="preview or final")
+    takes: IntProperty(name="Takes", default=1, min=1,
+                       description="How many takes the job makes (more than one: a stack)")
+    take_records: CollectionProperty(type=UnderstudyTake, name="Placed takes")
+    final_of_job: StringProperty(
+        name="Final of", default="",
+        description="Render Final: the job whose take this job's result replaces")
+    final_of_take: IntProperty(name="Final of take", default=0)
 
     @property
     def active(self) -> bool:
@@ -301,7 +328,7 @@ class UnderstudyJob(bpy.types.PropertyGroup):
         return Span(self.channel, self.frame_start, self.frame_start + self.length)
 
 
-CLASSES = (UnderstudyPreferences, UnderstudySettings, UnderstudyJob)
+CLASSES = (UnderstudyPreferences, UnderstudySettings, UnderstudyTake, UnderstudyJob)
 
 
 def register() -> None:

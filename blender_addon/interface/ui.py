@@ -3,11 +3,15 @@
 import bpy
 
 from .. import addon
+from ..connection import link
 from ..connection import local as local_backend
 from ..job_flow import jobs
 from ..rules.messages import progress_text
 from ..rules.regions import REGION_MASK, REGION_NONE, REGION_STRIP
-from ..vse import compat
+from ..rules.server_hello import server_max_takes
+from ..rules.takes import FINAL, PREVIEW
+from ..vse import compat, stack
+from . import contact_sheet
 
 
 class UNDERSTUDY_UL_jobs(bpy.types.UIList):
@@ -76,14 +80,51 @@ class UNDERSTUDY_PT_panel(bpy.types.Panel):
         row.label(text=settings.memory_report or "GPU memory: not checked yet", icon="MEMORY")
         row.operator("understudy.check_memory", text="", icon="FILE_REFRESH")
 
-        layout.operator("understudy.transfer", icon="PLAY")
+        self.draw_takes_count(layout, context, settings)
+        row = layout.row(align=True)  # a cheap look first, or the edit as set
+        row.operator("understudy.transfer", text="Preview", icon="HIDE_OFF").quality = PREVIEW
+        row.operator("understudy.transfer", icon="PLAY").quality = FINAL
         strip = compat.active_strip(scene)
         if settings.room_strip and strip is not None and strip.name == settings.room_strip:
             box = layout.box()
             box.label(text="No channel for the result under the grade", icon="ERROR")
             box.operator("understudy.make_room", icon="TRIA_UP")
+        holder = stack.stack_of(scene, strip) if scene.sequence_editor is not None else None
+        if holder is not None:
+            self.draw_stack(layout, scene, holder)
         self.draw_backend(layout, context)
         self.draw_jobs(layout, scene)
+
+    def draw_takes_count(self, layout, context, settings) -> None:
+        """The Takes field, unless the server this panel talks to said it makes one take
+        per job (then one sentence instead)."""
+        hello = link.known_hello(addon.preferences(context).server_config())
+        if hello is not None and server_max_takes(hello) is None:
+            layout.label(text="One take per job: the server is older than this extension",
+                         icon="INFO")
+            return
+        layout.prop(settings, "takes")
+
+    def draw_stack(self, layout, scene, holder) -> None:
+        """The active take stack: which take shows, Previous / Next, Render Final, and the
+        contact sheet (each take's middle frame and name; a click shows that take)."""
+        takes = stack.take_strips(holder)
+        shown = stack.shown_take(holder)
+        box = layout.box()
+        box.label(text=f"{holder.name}: take {shown or '-'} of {len(takes)}", icon="IMAGE")
+        row = box.row(align=True)
+        row.operator("understudy.previous_take", text="", icon="TRIA_LEFT")
+        row.operator("understudy.next_take", text="", icon="TRIA_RIGHT")
+        row.operator("understudy.render_final", icon="RENDER_STILL")
+        grid = box.grid_flow(columns=min(len(takes), 4), even_columns=True, align=True)
+        for number, strip in sorted(takes.items()):
+            cell = grid.column(align=True)
+            icon = contact_sheet.icon(strip)
+            if icon:
+                cell.template_icon(icon_value=icon, scale=4.0)
+            button = cell.operator("understudy.show_take", text=strip.name,
+                                   depress=number == shown)
+            button.take = number
 
     def draw_region(self, layout, scene, settings) -> None:
         """Keep the plate: the region (a Mask or a matte strip), its name, grow, feather
@@ -144,4 +185,13 @@ class UNDERSTUDY_PT_panel(bpy.types.Panel):
 
 CLASSES = (UNDERSTUDY_UL_jobs, UNDERSTUDY_PT_panel)
 
-register, unregister = bpy.utils.register_classes_factory(CLASSES)
+_register_classes, _unregister_classes = bpy.utils.register_classes_factory(CLASSES)
+
+
+def register() -> None:
+    _register_classes()
+
+
+def unregister() -> None:
+    _unregister_classes()
+    contact_sheet.clear()

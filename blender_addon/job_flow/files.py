@@ -13,7 +13,7 @@ import shutil
 import bpy
 
 from ..rules.errors import os_reason
-from ..rules.names import result_folder
+from ..rules.names import moved_folder, result_folder
 from ..rules.states import NO_RESULT
 from ..vse import compat
 from . import jobs
@@ -45,8 +45,8 @@ def on_save_pre(filepath, *_args) -> None:
         return
     for scene in bpy.data.scenes:
         for job in getattr(scene, "understudy_jobs", ()):
-            if not _in_temp_folder(job) or job.status in NO_RESULT:
-                continue  # failed and cancelled jobs left no frames
+            if not _in_temp_folder(job) or (job.status in NO_RESULT and not job.take_records):
+                continue  # failed and cancelled jobs left no frames (but the takes they made)
             old = bpy.path.abspath(job.frames_dir).rstrip("/\\")
             new, stored, _ = result_folder(filepath, job.job_id, "")
             try:
@@ -59,8 +59,10 @@ def on_save_pre(filepath, *_args) -> None:
             if session is not None:
                 session.folder = new
             for strip in compat.all_strips(scene.sequence_editor) if scene.sequence_editor else ():
-                if strip.type == "IMAGE" and bpy.path.abspath(strip.directory).rstrip("/\\") == old:
-                    strip.directory = stored
+                inside = (moved_folder(bpy.path.abspath(strip.directory), old, stored)
+                          if strip.type == "IMAGE" else None)
+                if inside is not None:  # the result, or a take's
+                    strip.directory = inside
             job.frames_dir = stored
             if job.message.startswith("The file is unsaved"):
                 job.message = ""
@@ -87,8 +89,10 @@ def on_save_post(_filepath, *_args) -> None:
             continue
         absolute = new + os.sep
         for strip in compat.all_strips(scene.sequence_editor) if scene.sequence_editor else ():
-            if strip.type == "IMAGE" and strip.directory == stored:
-                strip.directory = absolute
+            inside = (moved_folder(strip.directory, stored.rstrip("/"), absolute)
+                      if strip.type == "IMAGE" else None)
+            if inside is not None:
+                strip.directory = inside
         job.frames_dir = absolute
     _moved.clear()
 

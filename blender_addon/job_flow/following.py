@@ -44,9 +44,12 @@ def wait(client, job_id: str, on_event: Callable[[dict], None], timeout_s: float
                                             timeout_s=timeout_s or None))
 
 
-def fetch(client, job_id: str):
-    """The finished job's result (its frames and sidecar)."""
-    return link.guarded(lambda: client.fetch(job_id))
+def fetch(client, job_id: str, take: int | None = None):
+    """The finished job's result (its frames and sidecar), or take k's of a job of
+    several takes (as soon as that take is done)."""
+    if take is None:
+        return link.guarded(lambda: client.fetch(job_id))
+    return link.guarded(lambda: client.fetch(job_id, take=take))
 
 
 def cancel(client, job_id: str) -> dict:

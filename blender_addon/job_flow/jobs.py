@@ -8,6 +8,10 @@ records, the renders in progress, the results being placed) and makes every chan
 a record's status. In the interface it runs two timers: the work timer, which renders
 (or places) a batch per tick, and the polling timer, which follows the server; in
 background mode (`blender -b`, the bpy module), where timers never fire, it blocks.
+
+A job of several takes places each take as soon as the server says it is ready (its
+take_ready, or `takes_done` in a status reply) into one take stack (vse/stack.py); a
+Render Final job's result replaces its preview take in place, as one undo step.
 """
 
 from __future__ import annotations
@@ -25,10 +29,13 @@ from ..rules.errors import UserError
 from ..rules.job_updates import job_update
 from ..rules.messages import lost_server_message, progress_text
 from ..rules.names import result_folder
-from ..rules.states import COLLECT_HINT, Phase, Status
+from ..rules.states import COLLECT_HINT, PROTOCOL, Phase, Status
+from ..rules.takes import takes_to_fetch
 from ..vse import compat, strip_io
 from . import batches, collecting, following, rendering
-from .rendering import RenderSession
+from .rendering import RenderSession, TransferRequest
+
+EventType = PROTOCOL.EventType
 
 WORK_INTERVAL_S = 0.01  # between render (or placing) ticks: Blender handles events in between
 
@@ -113,13 +120,17 @@ def file_loaded() -> None:
 # --------------------------------------------------------------------------- rendering
 
 
-def start_render(context, prompt: str = "", tick_budget_s: float | None = None) -> RenderSession:
-    """Check everything, record the job (rendering) and return its render session.
+def start_render(context, request: TransferRequest | str = "",
+                 tick_budget_s: float | None = None) -> RenderSession:
+    """Check everything, record the job (rendering) and return its render session
+    (`request` a TransferRequest, or the prompt of a plain transfer).
 
     Raises UserError, with nothing in the scene changed, when the strip, the
     settings, the result's place, the result folder or the server is unusable.
     """
-    session = rendering.new_session(context, prompt, tick_budget_s)
+    if isinstance(request, str):
+        request = TransferRequest(prompt=request)
+    session = rendering.new_session(context, request, tick_budget_s)
     scene = compat.sequencer_scene(context)
     session.previous_index = scene.understudy_job_index
     job = scene.understudy_jobs.add()
@@ -129,6 +140,9 @@ def start_render(context, prompt: str = "", tick_budget_s: float | None = None) 
     job.source_name, job.channel = session.strip_name, session.span.channel
     job.frame_start, job.length = session.span.start, session.span.length
     job.frames_dir, job.placement = session.stored_folder, session.place.to_json()
+    job.quality, job.takes = session.settings["quality"], request.takes
+    if request.final_of is not None:
+        job.final_of_job, job.final_of_take = request.final_of.job_id, request.final_of.take
     scene.understudy_job_index = len(scene.understudy_jobs) - 1
     _renders[session.job_id] = session
     return session
@@ -242,10 +256,13 @@ def apply_update(job, update: dict) -> None:
 
 
 def apply_reply(scene, job, client, reply: dict) -> None:
-    """Apply an event or a status reply to the job record; collect the result when ready."""
+    """Apply an event or a status reply to the job record; collect the result when ready
+    (a job of several takes: each take as soon as it is ready)."""
     update, ready = job_update(reply)
     apply_update(job, update)
-    if ready:
+    if job.takes > 1:
+        collect_takes(scene, job, client, reply, ready)
+    elif ready:
         fetch_and_collect(scene, job, client)
 
 
@@ -277,8 +294,14 @@ def wait_and_collect(scene, job, timeout_s: float | None = None) -> None:
             print(f"Understudy {job.job_id}: {progress_text(job.status, job.phase, job.percent)}",
                   flush=True)
 
+    def on_event(event: dict) -> None:
+        if job.takes > 1 and event.get("type") == EventType.TAKE_READY:  # place it now
+            collect_takes(scene, job, client, event, ready=False)
+        else:
+            progress(event)
+
     try:
-        result = following.wait(client, job.job_id, progress, timeout_s)
+        result = following.wait(client, job.job_id, on_event, timeout_s)
     except UserError as error:
         reachable = resync(scene, job, client)
         if job.active:
@@ -291,6 +314,9 @@ def wait_and_collect(scene, job, timeout_s: float | None = None) -> None:
                 raise UserError(job.message) from error
             job.message = str(error)
         raise
+    if job.takes > 1:  # the result is take 1; any take not placed yet is fetched now
+        collect_takes(scene, job, client, {"type": EventType.RESULT_READY}, True, first=result)
+        return
     collect(scene, job, result)
 
 
@@ -448,14 +474,23 @@ def prepare_frames(job, indices) -> None:
 
 
 def add_result(scene, job) -> None:
-    """Add the result strip (collecting.add_result_strip) and record the job done."""
+    """Add the result strip (collecting.add_result_strip), or for Render Final put it in
+    place of its take (add_final), and record the job done."""
+    if job.final_of_job:
+        add_final(scene, job)
+        return
     try:
         strip = collecting.add_result_strip(scene, job)
     except collecting.NotPlaced as error:
         record_unplaced(job, str(error))
         raise
+    record_done(scene, job, strip.name)
+
+
+def record_done(scene, job, result_strip: str) -> None:
+    """The job's result is in the timeline: done, and where its frames are."""
     job.status, job.phase, job.percent = Status.DONE, Phase.NONE, 100.0
-    job.result_strip = strip.name
+    job.result_strip = result_strip
     folder = bpy.path.abspath(job.frames_dir)
     job.message = (f"The file is unsaved, so the frames are in the temporary folder {folder}; "
                    f"saving the file moves them beside it." if not bpy.data.filepath else "")
@@ -467,8 +502,103 @@ def fetch_and_collect(scene, job, client) -> None:
     collect(scene, job, following.fetch(client, job.job_id))
 
 
+# --------------------------------------------------------------------------- takes
+
+
+def take_record(job, take: int):
+    """The placed take k of a job (its record), or None."""
+    return next((record for record in job.take_records if record.number == take), None)
+
+
+def collect_takes(scene, job, client, reply: dict, ready: bool, first=None) -> None:
+    """Fetch and place the takes a server event or status reply says are ready
+    (rules/takes.py takes_to_fetch), each into the job's stack as it comes; once the job
+    is done (`ready`), every take left, and the job is recorded done. `first`: take 1's
+    result when it is already here.
+
+    A take that cannot be placed while the job runs is said on the record and tried
+    again when the job is done; then the job is recorded unplaced (Collect Results)."""
+    placed = {record.number for record in job.take_records}
+    for take in takes_to_fetch(reply, job.takes, placed):
+        result = first if take == 1 and first is not None else \
+            following.fetch(client, job.job_id, take)
+        try:
+            place_take(scene, job, take, result)
+        except UserError as error:
+            if ready:
+                record_unplaced(job, str(error))
+                raise
+            job.message = str(error)
+    if ready:
+        collecting.remove_sent_frames(job)
+        record_done(scene, job, job.result_strip)
+
+
+def place_take(scene, job, take: int, result) -> None:
+    """Save take k's frames and sidecar in its folder, prepare them and add its strip to
+    the job's stack (at once: a take is one batch); the take's record last, so a take
+    that fails is fetched again."""
+    if not result.frames:
+        raise collecting.NotPlaced(f"Take {take} of {job.job_id} came without frames; "
+                                   f"{COLLECT_HINT} to fetch it again.")
+    sidecar = result.sidecar if isinstance(result.sidecar, dict) else {}
+    seed = "" if sidecar.get("seed") is None else str(sidecar["seed"])
+    prompt = take_prompt(sidecar, job.prompt)
+    if not job.sidecar:  # the first take placed: the job's summary, framing and region
+        job.sidecar, job.seed = json.dumps(sidecar), seed
+    collecting.save_result(job, result.frames, sidecar, take)
+    collecting.prepare_frames(job, range(job.length), take)
+    holder, _ = collecting.add_take_strip(scene, job, take, prompt, seed)
+    record = job.take_records.add()
+    record.number, record.prompt, record.seed = take, prompt, seed
+    record.quality, record.sidecar = job.quality, json.dumps(sidecar)
+    job.result_strip = holder.name
+
+
+def take_prompt(sidecar: dict, default: str) -> str:
+    """A take's prompt, as its sidecar records it (jobs of several prompts)."""
+    if isinstance(sidecar.get("prompt"), str):
+        return sidecar["prompt"]
+    settings = sidecar.get("settings")
+    if isinstance(settings, dict) and isinstance(settings.get("prompt"), str):
+        return settings["prompt"]
+    return default
+
+
+def add_final(scene, job) -> None:
+    """Render Final's result: its frames replace the preview take's in place, as one undo
+    step (one undo shows the preview again). The job is recorded done before the step
+    begins, so undoing it does not make the result arrive again."""
+    _, target = find_job(job.final_of_job)
+    if target is None:
+        record_unplaced(job, f"The preview job {job.final_of_job} is no longer in this file, so "
+                             f"its take cannot be replaced; undo its removal, then "
+                             f"{COLLECT_HINT}.")
+        raise UserError(job.message)
+    take = job.final_of_take
+    record_done(scene, job, job.result_strip)
+    addon.push_undo(f"Understudy: take {take} as a preview")
+    try:
+        strip = collecting.replace_with_final(scene, job, target, take)
+    except collecting.NotPlaced as error:
+        record_unplaced(job, str(error))
+        raise
+    job.result_strip = strip.name
+    record = take_record(target, take)
+    if record is not None:
+        record.quality, record.sidecar, record.final_job = job.quality, job.sidecar, job.job_id
+    else:  # a one-take preview: the job is its take
+        target.quality, target.sidecar = job.quality, job.sidecar
+    target.result_strip = strip.name if target.takes == 1 else target.result_strip
+    addon.push_undo(f"Understudy: final of take {take}")
+
+
 def collect_again(scene, job) -> None:
     """Collect Results for a job whose result is not placed: place it, fetching if needed."""
+    if job.takes > 1:  # the takes not placed yet are fetched again
+        client, _ = following.client_for_job(job)
+        collect_takes(scene, job, client, {"type": EventType.RESULT_READY}, True)
+        return
     if collecting.frames_on_disk(job):
         place(scene, job)
         return

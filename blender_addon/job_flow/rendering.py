@@ -39,7 +39,13 @@ from ..rules.regions import (
     check_region,
     check_region_frames,
 )
-from ..rules.server_hello import check_server_limits, frames_to_render, server_frame_limit
+from ..rules.server_hello import (
+    check_server_limits,
+    check_takes,
+    frames_to_render,
+    server_frame_limit,
+)
+from ..rules.takes import FINAL
 from ..vse import compat, placement, strip_io
 from . import batches
 
@@ -49,6 +55,30 @@ from . import batches
 PLAN_WAIT_IN_PANEL_S = 4.0
 PLAN_PENDING = ("The server is still working out the GPU memory of this size (its first plan "
                 "of a size can take a minute); press Check GPU Memory again in a moment.")
+
+
+@dataclass(frozen=True)
+class FinalOf:
+    """Render Final: the take whose preview this job's result replaces, and what renders
+    it (the source strip as the preview job recorded it, the take's own settings)."""
+
+    job_id: str
+    take: int
+    source_name: str
+    span: Span
+    values: dict  # rules/takes.py final_values: the take's settings at quality final
+    had_region: bool  # the preview was edited in a region
+
+
+@dataclass(frozen=True)
+class TransferRequest:
+    """What a transfer asks for beyond the panel's settings: the prompt (empty: the
+    panel's), its quality, how many takes, and for Render Final the take it replaces."""
+
+    prompt: str = ""
+    quality: str = FINAL
+    takes: int = 1
+    final_of: FinalOf | None = None
 
 
 @dataclass
@@ -71,6 +101,7 @@ class RenderSession:
     region_renderer: batches.BatchRenderer | None = None  # rendered before the strip
     region_frames: list[MatteFrame] = field(default_factory=list)
     size: tuple[int, int] = (0, 0)  # the frames' (width, height)
+    request: TransferRequest = field(default_factory=TransferRequest)
 
     @property
     def source_folder(self) -> str:
@@ -129,12 +160,20 @@ def plan_memory(context) -> str:
     regions = 0 if region_of(scene, strip, span) is None else 1  # its masks count too
     settings = transfer_settings(values, span.length)
     size = strip_io.render_size(scene, strip_io.placement_of(scene, strip), int(prefs.max_render_size))
+    takes = int(scene.understudy.takes)  # the batch of takes the engine would run
     config = prefs.server_config()
     pending = link.client_api().PlanPending
     try:
         client = link.client_for(config)
+        hello = link.known_hello(config) or link.guarded(client.hello)
+    except UserError:
+        link.forget(config)
+        raise
+    check_takes(hello, takes)  # an older server would plan one take
+    try:
         reply = link.guarded(lambda: client.plan(settings, span.length, size,
-                                                 wait_s=PLAN_WAIT_IN_PANEL_S, regions=regions))
+                                                 wait_s=PLAN_WAIT_IN_PANEL_S, regions=regions,
+                                                 takes=takes))
     except UserError as error:
         if isinstance(error.__cause__, pending):
             raise UserError(PLAN_PENDING) from None  # the connection is fine: keep it
@@ -144,7 +183,8 @@ def plan_memory(context) -> str:
     return scene.understudy.memory_report
 
 
-def new_session(context, prompt: str = "", tick_budget_s: float | None = None) -> RenderSession:
+def new_session(context, request: TransferRequest, tick_budget_s: float | None = None
+                ) -> RenderSession:
     """Check everything and return the render session of a new job (jobs.start_render
     records it).
 
@@ -152,15 +192,24 @@ def new_session(context, prompt: str = "", tick_budget_s: float | None = None) -
     settings, the result's place, the result folder or the server is unusable.
     """
     scene = compat.sequencer_scene(context)
-    strip = strip_io.source_strip(scene)
+    final_of = request.final_of
+    if final_of is None:
+        strip = strip_io.source_strip(scene)
+        values = {**scene.understudy.values(request.prompt), "quality": request.quality}
+    else:  # the preview's source, as it was: the final must be of the same frames
+        strip = named_source(scene, final_of.source_name, final_of.span)
+        values = dict(final_of.values)
     prefs = addon.preferences(context)
-    values = scene.understudy.values(prompt)
     if prefs.local:  # this computer's memory settings go with every job
         values.update(prefs.memory_settings())
     span = strip_io.strip_span(strip)
     settings = transfer_settings(values, span.length)  # a bad prompt fails before any network
     region = region_of(scene, strip, span)
-    result_channel(span, strip.name, strip_io.neighbours(scene))
+    if final_of is None:  # a final replaces its take in place: it needs no new channel
+        result_channel(span, strip.name, strip_io.neighbours(scene))
+    elif final_of.had_region and region is None:
+        raise UserError(f"Take {final_of.take} was made inside a region; pick that region in "
+                        f"the panel again, then Render Final.")
     place = strip_io.placement_of(scene, strip)
     size = strip_io.render_size(scene, place, int(prefs.max_render_size))
     job_id = new_job_id()
@@ -175,11 +224,23 @@ def new_session(context, prompt: str = "", tick_budget_s: float | None = None) -
         raise
     frames = frames_to_render(span, server_frame_limit(hello), repr(strip.name))
     check_server_limits(hello, settings, size, region)
+    check_takes(hello, request.takes)
     return RenderSession(job_id, scene.name, strip.name, span,
                          batches.BatchRenderer(frames, tick_budget_s), folder, stored, place,
                          int(prefs.max_render_size), settings, config, region=region,
                          region_renderer=batches.BatchRenderer(frames, tick_budget_s)
-                         if region else None, size=size)
+                         if region else None, size=size, request=request)
+
+
+def named_source(scene, name: str, span: Span):
+    """The strip a preview was made from, unmoved since (Render Final renders it again)."""
+    strip = next((other for other in compat.top_strips(scene.sequence_editor)
+                  if other.name == name), None) if scene.sequence_editor else None
+    if strip is None or strip_io.strip_span(strip) != span:
+        raise UserError(f"{name!r}, the strip the preview was made from, was moved, trimmed or "
+                        f"deleted since; put it back, or select it and click Transfer Motion.")
+    strip_io.check_source_strip(scene, strip)
+    return strip
 
 
 def region_of(scene, strip, span: Span) -> Region | None:
@@ -251,6 +312,8 @@ def advance(session: RenderSession, scene) -> bool:
         masks = [[Path(session.region_folder, strip_io.REGION_FILE.format(index + 1)).read_bytes()
                   for index in range(renderer.total)]]
     client = link.client_for(session.config)
-    link.guarded(lambda: client.submit(session.job_id, session.settings, frames, masks=masks))
+    takes = {"takes": session.request.takes} if session.request.takes > 1 else {}
+    link.guarded(lambda: client.submit(session.job_id, session.settings, frames, masks=masks,
+                                       **takes))
     strip_io.remove_folder(session.region_folder)  # the server keeps them with the job
     return False

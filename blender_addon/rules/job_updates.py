@@ -35,15 +35,27 @@ def job_update(event: dict) -> tuple[dict, bool]:
         message = str(event.get("message") or error.get("message")
                       or "The server could not finish the job.")
         return {"status": Status.FAILED, "message": message}, False
+    if kind == EventType.TAKE_READY:  # one take of several is made: the job still runs
+        return {"status": Status.RUNNING}, False  # (rules/takes.py says what to fetch)
     if kind in (EventType.CANCELLED, JobState.CANCELLED):
         return {"status": Status.CANCELLED, "message": "Cancelled."}, False
     if kind in (EventType.PROGRESS, JobState.RUNNING, JobState.QUEUED):
         waiting = kind == JobState.QUEUED or event.get("phase") == JobState.QUEUED
         update: dict = {"status": Status.SUBMITTED if waiting else Status.RUNNING}
         if event.get("phase"):
-            update["phase"] = str(event["phase"])
+            update["phase"] = str(event["phase"]) + take_text(event)
         percent = percent_from_event(event)
         if percent is not None:
             update["percent"] = max(0.0, min(100.0, percent))
         return update, False
     return {}, False
+
+
+def take_text(event: dict) -> str:
+    """", take 2 of 3" while a take of several is being made (progress events carry
+    `take` and `takes` then); "" otherwise."""
+    take, takes = event.get("take"), event.get("takes")
+    if all(isinstance(value, int) and not isinstance(value, bool) for value in (take, takes)) \
+            and takes > 1:
+        return f", take {take} of {takes}"
+    return ""

@@ -15,17 +15,41 @@ MAX_NAME_BYTES = 63  # Blender's ID and strip names hold 63 bytes of UTF-8
 RESULT_FOLDER = "understudy"  # //understudy/<job>/ beside the .blend
 FRAME_PATTERN = "frame_{:05d}.png"
 SOURCE_SUBFOLDER = "source"  # <result folder>/source/: the frames sent, until collected
+TAKE_SUBFOLDER = "take{}"  # <result folder>/take<k>/: take k's frames and sidecar (K > 1)
 REGION_SUBFOLDER = "region"  # <result folder>/region/: the region's masks, until sent
+# Custom properties on result strips: which job a strip (a take stack, or a one-take
+# result) came from, and which take an image strip shows; they survive renames and undo.
+JOB_PROPERTY = "understudy_job"
+TAKE_PROPERTY = "understudy_take"
 
 
-def strip_name(prompt: str) -> str:
-    """A strip name saying what the result shows, within Blender's 63-byte limit."""
+def strip_name(prompt: str, suffix: str = "") -> str:
+    """A strip name saying what the result shows, within Blender's 63-byte limit: the
+    prompt (cut with "…" where it is too long) and then `suffix`, which is never cut."""
     name = " ".join(prompt.split()) or "Understudy result"
+    room = MAX_NAME_BYTES - len(suffix.encode("utf-8"))
     encoded = name.encode("utf-8")
-    if len(encoded) <= MAX_NAME_BYTES:
-        return name
-    cut = encoded[: MAX_NAME_BYTES - len("…".encode())].decode("utf-8", errors="ignore")
-    return cut.rstrip() + "…"
+    if len(encoded) > room:
+        cut = encoded[: room - len("…".encode())].decode("utf-8", errors="ignore")
+        name = cut.rstrip() + "…"
+    return name + suffix
+
+
+def take_strip_name(prompt: str, seed: object, quality: str) -> str:
+    """A take's strip: its prompt and seed, and "preview" while it is one
+    ("a red fox · seed 7 · preview"; its final drops the last part)."""
+    return strip_name(prompt, f" · seed {seed}" + (" · preview" if quality == "preview" else ""))
+
+
+def stack_name(prompt: str, count: int) -> str:
+    """The meta strip holding a job's takes ("a red fox · 3 takes")."""
+    return strip_name(prompt, f" · {count} takes")
+
+
+def take_folder(folder: str, take: int) -> str:
+    """Where take k of a job of several takes keeps its frames: <result folder>/take<k>/
+    (string-joined, so a folder Blender stores relative, `//understudy/<job>/`, stays so)."""
+    return f"{folder.rstrip('/')}/{TAKE_SUBFOLDER.format(take)}/"
 
 
 def new_job_id(now: float | None = None) -> str:
@@ -54,3 +78,14 @@ def result_folder(blend_path: str, job_id: str, temp_dir: str) -> tuple[str, str
 def frame_file_names(count: int) -> list[str]:
     """File names of a result's frames, in order."""
     return [FRAME_PATTERN.format(i + 1) for i in range(count)]
+
+
+def moved_folder(directory: str, old: str, new: str) -> str | None:
+    """A strip's folder once `old` moved to `new`: `new` for `old` itself, new/take2/ for
+    old/take2/ (a take's); None for a folder outside `old`."""
+    directory = directory.rstrip("/\\")
+    if directory == old:
+        return new
+    if directory.startswith(old + "/") or directory.startswith(old + "\\"):
+        return new.rstrip("/\\") + "/" + directory[len(old) + 1:] + "/"
+    return None

@@ -97,3 +97,25 @@ def check_server_limits(hello: dict, settings: dict, render_size: tuple[int, int
     if isinstance(max_queue, int) and isinstance(queued, int) and queued >= max_queue:
         raise UserError(f"The server already has {queued} jobs queued or running, its limit; "
                         f"transfer again when one has finished.")
+
+
+def server_max_takes(hello: dict) -> int | None:
+    """The most takes one job may have, as the server announces it (`max_takes`); None
+    from a server that makes one take per job."""
+    value = _limits(hello).get("max_takes")
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    return None
+
+
+def check_takes(hello: dict, takes: int) -> None:
+    """Refuse, before rendering, more takes than the server makes per job."""
+    if takes <= 1:
+        return
+    most = server_max_takes(hello)
+    if most is None:
+        raise UserError("The server makes one take per job (it is older than this extension); "
+                        "set Takes to 1, or update the server.")
+    if takes > most:
+        raise UserError(f"Takes is {takes} and the server makes at most {most} takes per job; "
+                        f"set Takes to {most} or fewer.")

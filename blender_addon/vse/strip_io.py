@@ -98,13 +98,18 @@ def source_strip(scene):
     strip = compat.active_strip(scene) if scene is not None else None
     if strip is None:
         check_source(None, "", None, False)
+    check_source_strip(scene, strip)
+    return strip
+
+
+def check_source_strip(scene, strip) -> None:
+    """Raise UserError unless this strip can be transferred."""
     top_names = {other.name for other in compat.top_strips(scene.sequence_editor)}
     if strip.name not in top_names:
         raise UserError(f"The active strip {strip.name!r} is inside a meta strip; leave the "
                              f"meta strip (Tab) and select the meta strip itself.")
     check_source(strip.type, strip.name, strip_span(strip), strip_is_hidden(scene, strip),
                       missing_media(strip))
-    return strip
 
 
 def media_size(strip) -> tuple[int, int]:
@@ -353,12 +358,19 @@ def remove_folder(folder: str) -> None:
 
 
 def add_result_strip(scene, name: str, folder: str, stored_folder: str, files: list[str],
-                     channel: int, frame_start: int, look: dict):
-    """The result as an image strip on `channel` from `frame_start`, placed by `look`."""
-    strip = compat.new_image_strip(scene.sequence_editor, name, folder, files, channel,
-                                   frame_start)
+                     channel: int, frame_start: int, look: dict, strips=None):
+    """The result as an image strip on `channel` from `frame_start`, placed by `look`;
+    in `strips` (a meta strip's, compat.meta_strips) or else at the top level."""
+    collection = strips if strips is not None else compat.top_strips(scene.sequence_editor)
+    strip = compat.new_image_strip(collection, name, folder, files, channel, frame_start)
     if stored_folder != strip.directory:
         strip.directory = stored_folder
+    apply_look(strip, look)
+    return strip
+
+
+def apply_look(strip, look: dict) -> None:
+    """Give a result strip its transform, crop, flips and blending (placement.result_look)."""
     transform, crop = strip.transform, strip.crop
     for key in ("scale_x", "scale_y", "offset_x", "offset_y", "rotation"):
         setattr(transform, key, look[key])
@@ -368,4 +380,3 @@ def add_result_strip(scene, name: str, folder: str, stored_folder: str, files: l
     crop.min_x, crop.max_x, crop.min_y, crop.max_y = look["crop"]
     strip.use_flip_x, strip.use_flip_y = look["flip_x"], look["flip_y"]
     strip.blend_type, strip.blend_alpha = look["blend_type"], look["blend_alpha"]
-    return strip
