@@ -115,7 +115,7 @@ from shared.settings import MEMORY_SAVERS, TransferSettings
 log = logging.getLogger("understudy.memory")
 
 PHASES = ("weights", "embed", "encode", "invert", "features", "guide", "cfg", "decode")
-SAVERS = MEMORY_SAVERS  # shared/settings.py: the names, cheapest first
+SAVERS = MEMORY_SAVERS  # shared/settings.py: the names (their costs: saver_cost)
 # Settings that change no memory figure: left out of the plan cache's key.
 NOT_PLANNED = ("prompt", "source_prompt", "negative_prompt", "prompt_prefix", "seed", "lr_start",
                "lr_end", "cfg_scale", "loss", "init", "restart", "memory", "output_frames",

@@ -183,8 +183,9 @@ def _offloads(backbone: Backbone, wanted: list[str], host: torch.device, move: M
 
 @dataclass(frozen=True)
 class MemoryDecision:
-    """What `--memory auto` chose for one edit: the savers (cheapest first), the peak
-    the plan predicts with them, and the GPU memory it was fitted into."""
+    """What `--memory auto` chose for one edit: the savers (the cheapest combination that
+    fits, in MEMORY_SAVERS' order), the peak the plan predicts with them, and the GPU
+    memory it was fitted into."""
 
     savers: tuple[str, ...]
     predicted_peak_bytes: int
