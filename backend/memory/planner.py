@@ -207,6 +207,9 @@ def plan_edit(phases_of: PhasesOf, model: str | Backbone, frames: int | None = N
         all_windows = engine.windows_for(shell.model_frames(frames), resolved)
         with_savers = _measure_guide_decode(engine, saving, kept, tracker, ("encode", "guide", "decode"),
                                             all_windows, bases)
+        # how many decode slices (VAE calls) each slicing makes: the VAE offload's visits
+        slices = {frames_per_slice: len(shell.decode_slices(kept.source_latent, frames_per_slice))
+                  for frames_per_slice in (resolved.vae_slice, 1)}
         with shell.vae_tiling():  # the decode only: the saver leaves the encode whole
             tiled = {"encode": measured["encode"],
                      "decode": _measure_tiled(engine, resolved, kept, tracker, bases)}
@@ -219,8 +222,8 @@ def plan_edit(phases_of: PhasesOf, model: str | Backbone, frames: int | None = N
     vae_figures = {(False, False): measured, (True, False): with_savers, (False, True): tiled,
                    (True, True): both}  # by (vae_slice_1, vae_tiling)
     plan = _plan(model, torch_device, shell, frames, size, len(all_windows), measured, with_savers,
-                 vae_figures, modules, kept.embedding_bytes, _counts(shell, resolved, frames,
-                                                                     len(all_windows), modules))
+                 vae_figures, modules, kept.embedding_bytes,
+                 _counts(shell, resolved, frames, len(all_windows), modules, slices))
     plan.regions, plan.host_bytes, plan.batch = regions, kept.host_bytes, batch
     return plan
 
@@ -662,7 +665,8 @@ class _Counts:
 
     model_frames: int
     windows: int
-    vae_slice: int
+    decode_slices: int  # the VAE's decode calls at the edit's vae_slice
+    decode_slices_one: int  # and at one frame a slice (Wan's causal VAE: one call either way)
     guided_iterations: int  # guided steps × guidance iterations, per window
     model_passes: int  # denoiser passes per window: inversion, features, guidance, sampling
     steps: int  # sampling steps
@@ -671,9 +675,9 @@ class _Counts:
 
 
 def _counts(backbone: Backbone, settings: TransferSettings, frames: int, windows: int,
-            modules: dict[str, int]) -> _Counts:
+            modules: dict[str, int], slices: dict[int, int]) -> _Counts:
     guided = settings.guided_step_count()
-    return _Counts(backbone.model_frames(frames), windows, settings.vae_slice,
+    return _Counts(backbone.model_frames(frames), windows, slices[settings.vae_slice], slices[1],
                    guided * settings.guidance_iterations,
                    settings.inversion_steps + guided * (1 + settings.guidance_iterations)
                    + 2 * settings.steps, settings.steps, modules["vae"], modules["denoiser"])
@@ -697,8 +701,7 @@ def saver_cost(saver: str, counts: _Counts, on: frozenset[str] = frozenset()) ->
                           per new prompt; none for a prompt in the embedding cache)
     """
     fe, moved, output = 0.0, 0, "identical"
-    per_slice = 1 if "vae_slice_1" in on else counts.vae_slice
-    vae_calls = 1 + -(-counts.model_frames // per_slice)  # the encode and each decode slice
+    vae_calls = 1 + (counts.decode_slices_one if "vae_slice_1" in on else counts.decode_slices)  # encode, decodes
     if saver == "gradient_checkpointing":
         fe = float(counts.windows * counts.guided_iterations)
     elif saver == "vae_offload":
