@@ -63,7 +63,7 @@ counts it. The savers move the networks further:
 Each figure is measured once, each re-measure as what its phase adds to what was alive
 when the phase first ran; a combination of savers is then arithmetic on those figures
 (`_plan`: each phase takes the figure its savers give it, less the networks they take
-off the GPU), so pricing all 2^6 combinations costs no more planning than one. Each
+off the GPU), so pricing all 63 combinations costs nothing beyond the figures. Each
 saver's cost is counted (`saver_cost`: recomputed FE, bytes moved, what it does to the
 output) and `--memory auto` takes the cheapest combination that fits (`choose_savers`).
 
@@ -149,7 +149,8 @@ class MemoryPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return {"peak_bytes": self.peak_bytes, "phases": dict(self.phases), "savers": list(self.savers),
-                "combinations": list(self.combinations), "modules": dict(self.modules), "model": self.model, "device": self.device,
+                "combinations": list(self.combinations), "modules": dict(self.modules),
+                "model": self.model, "device": self.device,
                 "dtype": self.dtype, "frames": self.frames, "size": list(self.size),
                 "windows": self.windows, "regions": self.regions, "batch": self.batch,
                 "host_bytes": dict(self.host_bytes)}
