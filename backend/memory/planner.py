@@ -524,24 +524,29 @@ def _measure_tiled(engine: EditPhases, settings: TransferSettings, kept: _Kept, 
 
 def _tiled_decodes(b: Backbone, settings: TransferSettings, kept: _Kept, tracker: LiveBytes,
                    lengths: list[int]) -> list[int]:
-    """What the first decode slice adds, tiled, for a latent of each of `lengths` frames."""
-    added: list[int] = []
-    for length in lengths:
+    """What the first decode slice adds, tiled, for a latent of each of `lengths` frames.
+    The longest goes first: a tile's first calls are the same calls in a shorter latent,
+    so the shorter ones replay them all (`_tiles_replayed`, sharing what it has seen)."""
+    added: dict[int, int] = {}
+    seen: dict[tuple, tuple[int, int, tuple[int, ...], torch.dtype]] = {}
+    for length in sorted(lengths, reverse=True):
         # the short clip's latent, float32 as the edit hands it to decode
         latent = kept.source_latent.new_empty((*kept.source_latent.shape[:2], b.latent_frames(length),
                                                *kept.source_latent.shape[3:]), dtype=torch.float32)
         before = tracker.current
-        with torch.no_grad(), _tiles_replayed(b.modules()[1], tracker):  # afresh at each length
+        with torch.no_grad(), _tiles_replayed(b.modules()[1], tracker, seen):
             peak, _ = measure(lambda latent=latent: b.decode_slices(latent, settings.vae_slice)[0](), tracker)
-        added.append(peak - before)
+        added[length] = peak - before
         del latent
-    return added
+    return [added[length] for length in lengths]
 
 
 @contextlib.contextmanager
-def _tiles_replayed(vae: torch.nn.Module, tracker: LiveBytes) -> Iterator[None]:
-    """While the block runs (one decode), a tile like one decoded before is not run again
-    on the fake tensors: each call of the VAE's decoder, keyed by its input's shape and
+def _tiles_replayed(vae: torch.nn.Module, tracker: LiveBytes,
+                    seen: dict[tuple, tuple[int, int, tuple[int, ...], torch.dtype]]) -> Iterator[None]:
+    """While the block runs, a tile like one decoded before (in `seen`: this decode's, or
+    a longer latent's, whose tiles' first calls are this one's) is not run again on the
+    fake tensors: each call of the VAE's decoder, keyed by its input's shape and
     its place in its tile (Wan decodes a tile one latent frame at a time, clear_cache()
     starting each tile), runs once; a later call with the same key gives an empty
     output of the shape it gave, and the peak it reached above its tile's start is
@@ -552,7 +557,6 @@ def _tiles_replayed(vae: torch.nn.Module, tracker: LiveBytes) -> Iterator[None]:
     depends on its shapes only, and the outputs kept are (fake) tensors of their shapes."""
     decoder = vae.decoder
     tile: dict[str, Any] = {"start": tracker.current, "calls": 0, "held": []}
-    seen: dict[tuple, tuple[int, int, tuple[int, ...], torch.dtype]] = {}
     cached = hasattr(vae, "clear_cache")  # calls share a tile until the next clear_cache
     run_decoder = decoder.forward
 
