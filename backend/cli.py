@@ -15,9 +15,10 @@ from pathlib import Path
 
 from backend.edit import DEFAULT_CACHE, DEFAULT_MODEL
 from backend.errors import UnderstudyError
+from backend.gang import DEFAULT_COLLECTIVE_TIMEOUT_S
 from backend.tools.metrics import DEFAULT_CLIP_MODEL
 from backend.tools.tracking import DEFAULT_GRID
-from shared.settings import DEFAULTS, SPECS, TransferSettings
+from shared.settings import DEFAULTS, REFERENCE_FLAG, SPECS, TransferSettings
 from shared.sidecar import Sidecar
 
 # --------------------------------------------------------------------------- transfer
@@ -141,6 +142,7 @@ def command_transfer(args: argparse.Namespace) -> int:
     try:
         outcome = edit_clip(Path(args.clip), values, Path(args.output), where,
                             mask_paths=[Path(mask) for mask in args.mask or ()],
+                            reference_paths=[Path(image) for image in args.reference or ()],
                             match_length=args.match_length,
                             frames_dir=Path(args.frames_dir) if args.frames_dir else None,
                             progress=progress)
@@ -167,6 +169,7 @@ def transfer_takes(args: argparse.Namespace, where, values: dict, prompts: list[
     try:
         outcome = edit_takes(Path(args.clip), values, prompts, args.takes, Path(args.output),
                              where, mask_paths=[Path(mask) for mask in args.mask or ()],
+                             reference_paths=[Path(image) for image in args.reference or ()],
                              match_length=args.match_length,
                              frames_dir=Path(args.frames_dir) if args.frames_dir else None,
                              progress=progress, on_take=written)
@@ -211,16 +214,20 @@ def gpu_gigabytes(gigabytes: float | None) -> float | None:
 def cluster_options(args: argparse.Namespace):
     """`--ray` and its companions as ClusterOptions; None without --ray."""
     if args.ray is None:
-        if args.shared_cache:
-            raise UnderstudyError("--shared-cache only makes sense with --ray; add --ray auto "
-                                  "(or local:N).")
+        if args.shared_cache or args.gang != 1:
+            raise UnderstudyError(f"{'--shared-cache' if args.shared_cache else '--gang'} only "
+                                  "makes sense with --ray; add --ray auto (or local:N).")
         return None
     from backend.cluster.connect import parse_ray_target
     from backend.cluster.gateway import ClusterOptions
 
     parse_ray_target(args.ray)  # a mistyped address is told before anything starts
+    if args.gang < 1 or not args.gang_timeout > 0:
+        raise UnderstudyError(f"--gang is {args.gang} and --gang-timeout {args.gang_timeout}; "
+                              "give --gang 1 or more GPUs and a positive --gang-timeout.")
     return ClusterOptions(args.ray, shared_cache=args.shared_cache,
-                          cancel_grace_s=args.cancel_grace)
+                          cancel_grace_s=args.cancel_grace, gang=args.gang,
+                          gang_timeout_s=args.gang_timeout)
 
 
 def command_keys(args: argparse.Namespace) -> int:
@@ -336,6 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="a region to edit (white = subject): a video, a folder of "
                                "numbered PNGs, or one PNG for every frame, at the clip's size; "
                                "outside it the plate is kept. Repeat for several regions")
+    transfer.add_argument(REFERENCE_FLAG, action="append", metavar="IMAGE",
+                          help="a picture of the new subject's look (PNG or JPEG), for a "
+                               "backbone that takes references (Wan VACE, a --model such as "
+                               "Wan-AI/Wan2.1-VACE-1.3B-diffusers); repeat for several")
     transfer.add_argument("--match-length", action="store_true",
                           help="retime the result to the clip's frame count by holding frames")
     transfer.add_argument("--server", help="run on a backend server, e.g. tcp://127.0.0.1:5555")
@@ -396,12 +407,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=command_evaluate)
     bench = commands.add_parser("bench", help="cost of an edit against the reference procedure")
     bench.add_argument("--arch", default="tiny",
-                       help="a backbone (zeroscope, wan), its tiny model (tiny, wan-tiny) or its "
-                            "random-weight model (zeroscope-random, wan-random: the backbone "
+                       help="a backbone (zeroscope, wan, wan-vace), its tiny model (tiny, "
+                            "wan-tiny, wan-vace-tiny) or its random-weight model "
+                            "(zeroscope-random, wan-random, wan-vace-random: the backbone "
                             "with --random-weights); backend/backbones/registry.py lists them "
                             "(default: %(default)s)")
     bench.add_argument("--random-weights", action="store_true",
-                       help="zeroscope, wan: full architecture with random weights (no download)")
+                       help="zeroscope, wan, wan-vace: full architecture with random weights "
+                            "(no download)")
     bench.add_argument("--frames", type=int, default=None, help="default: 8 tiny, 24 zeroscope")
     bench.add_argument("--width", type=int, default=None, help="default: 128 tiny, 576 zeroscope")
     bench.add_argument("--height", type=int, default=None, help="default: 64 tiny, 320 zeroscope")
@@ -425,6 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --preview: the model(s) to bench instead (repeatable)")
     bench.add_argument("--takes", type=int, default=None, metavar="K",
                        help="K takes batched against K single edits instead (FE and seconds)")
+    bench.add_argument("--gang", type=int, default=None, metavar="N",
+                       help="one edit on one process against the same edit on a gang of N "
+                            "processes (GPUs 0 … N − 1, or the CPU): wall seconds, FE per rank, "
+                            "and how far their frames are apart")
     bench.add_argument("--steps", type=int, default=None, metavar="N",
                        help="with --takes: N sampling and N inversion steps in every edit "
                             "(default: the settings' own)")
@@ -484,6 +501,16 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--cancel-grace", type=float, default=30.0, metavar="S",
                          help="with --ray: kill and restart a worker that has not stopped a "
                          "cancelled job S seconds after the cancel (default: %(default)s)")
+    cluster.add_argument("--gang", type=int, default=1, metavar="N",
+                         help="with --ray: run each job on N GPUs of one node together (a "
+                         "gang; Wan's attention split over them, ZeroScope on one of them), "
+                         "the node's GPUs grouped in gangs of N (default: %(default)s, one job "
+                         "per GPU)")
+    cluster.add_argument("--gang-timeout", type=float, default=DEFAULT_COLLECTIVE_TIMEOUT_S,
+                         metavar="S",
+                         help="with --gang: a collective between the GPUs of a gang that has not "
+                         "completed in S seconds fails its job and the gang is rebuilt "
+                         "(default: %(default)s)")
     add_model_flags(serve)
     serve.add_argument("--upscale-model", default=None,
                        help="load an upscaler for upscale 'xl' jobs: hub id "

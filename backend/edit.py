@@ -28,6 +28,7 @@ from shared.sidecar import Sidecar
 
 if TYPE_CHECKING:  # torch and the models load only when an engine is
     from backend.backbones.base import Backbone
+    from backend.gang import GangMember
     from backend.memory.phases import EditPhases
     from backend.memory.planner import MemoryPlanner
     from backend.memory.savers import MemoryDecision
@@ -79,9 +80,11 @@ def edit_clip(clip_path: Path, settings: dict[str, Any], output: Path, where: Lo
               frames_dir: Path | None = None,
               progress: ProgressCallback | None = None,
               say: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+              reference_paths: Sequence[Path] = (),
               ) -> EditOutcome:
-    """Read the clip (and its region masks, one region per path), run the edit where
-    asked, write the outputs. The masks are read and checked before any model work."""
+    """Read the clip (its region masks, one region per path, and its reference images),
+    run the edit where asked, write the outputs. The masks and references are read and
+    checked before any model work."""
     from backend.video import read_clip
 
     output = Path(output)
@@ -91,14 +94,15 @@ def edit_clip(clip_path: Path, settings: dict[str, Any], output: Path, where: Lo
     parsed = TransferSettings.from_dict(
         {**settings, "output_frames": len(clip.frames) if match_length else None})
     masks = read_region_masks(mask_paths, clip.frames) if mask_paths else None
+    references = read_references(reference_paths)
     if isinstance(where, Remote):
-        frames, sidecar = _on_server(where, clip.frames, parsed, progress, say, masks)
+        frames, sidecar = _on_server(where, clip.frames, parsed, progress, say, masks, references)
     else:
         regions = 0 if masks is None else len(masks)
-        engine, planner = _engine_for(where, parsed, clip.frames, regions)
+        engine, planner = _engine_for(where, parsed, clip.frames, regions, len(references))
         savers = _savers_decided(planner, engine, parsed, clip.frames, regions)
         result = engine.transfer(clip.frames, parsed, progress=progress, masks=masks,
-                                 savers=savers)
+                                 savers=savers, references=references)
         frames, sidecar = result.frames, result.sidecar
     frames = _frames_for_files(clip.frames, frames, sidecar)
     fps = clip.fps * len(frames) / len(clip.frames)  # the clip's duration, whatever the count
@@ -132,12 +136,14 @@ def edit_takes(clip_path: Path, settings: dict[str, Any], prompts: Sequence[str]
                progress: ProgressCallback | None = None,
                on_take: Callable[[EditOutcome], None] | None = None,
                say: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+               reference_paths: Sequence[Path] = (),
                ) -> TakesOutcome:
     """Several takes of one clip (`transfer --takes K`, `--prompt` repeated): every prompt
     with each of the seeds seed … seed + count − 1 (backend/results.py takes_of), from one
     inversion, as many at once as the memory plan fits (MemoryPlanner.largest_batch; all
     of them with no GPU to fit); on this machine, or on a job server, which makes them
-    the same way and sends each as it is made (docs/protocol.md §4, Takes).
+    the same way and sends each as it is made (docs/protocol.md §4, Takes). Every take
+    has the same reference images (`reference_paths`), if any.
 
     Writes take k's video as out-take{k}.mp4 and, with frames_dir, its PNGs in
     frames_dir/take{k}, as soon as the take is made (`on_take(outcome)` then); one
@@ -166,13 +172,14 @@ def edit_takes(clip_path: Path, settings: dict[str, Any], prompts: Sequence[str]
     parsed = dataclasses.replace(parsed, seed=seed)
     takes = takes_of(list(prompts), seed, count)
     masks = read_region_masks(mask_paths, clip.frames) if mask_paths else None
+    references = read_references(reference_paths)
     writer = _TakesWriter(clip, output, frames_dir, [take.prompt for take in takes], on_take)
     if isinstance(where, Remote):
         _takes_on_server(where, clip.frames, parsed, list(prompts), count, progress, say,
-                         masks, writer)
+                         masks, writer, references)
         return writer.finish(count)
     regions = 0 if masks is None else len(masks)
-    engine, planner = _engine_for(where, parsed, clip.frames, regions)
+    engine, planner = _engine_for(where, parsed, clip.frames, regions, len(references))
     frame_size = (clip.frames.shape[2], clip.frames.shape[1])
     engine.check_settings(parsed, len(clip.frames), frame_size)
     batch = planner.largest_batch(engine.backbone, parsed, len(clip.frames), frame_size,
@@ -182,7 +189,8 @@ def edit_takes(clip_path: Path, settings: dict[str, Any], prompts: Sequence[str]
     engine.transfer_takes(clip.frames, parsed, takes, progress=progress, masks=masks,
                           savers=savers, batch_size=batch,
                           on_take=lambda index, result: writer.add(index + 1, result.frames,
-                                                                   result.sidecar))
+                                                                   result.sidecar),
+                          references=references)
     return writer.finish(count)
 
 
@@ -245,11 +253,19 @@ class _TakesWriter:
 
 
 def _engine_for(where: Local, settings: TransferSettings, clip_frames,
-                regions: int) -> tuple[Engine, MemoryPlanner]:
+                regions: int, references: int = 0) -> tuple[Engine, MemoryPlanner]:
     """The engine a local edit runs on (with the backbone's upscaler when the settings
     ask for one), loaded after the plan by name has refused what cannot fit; and the
-    planner that decides its savers."""
-    from backend.backbones.loading import default_upscaler
+    planner that decides its savers. References to a backbone that takes none (or too
+    many) are refused first, by the model's name, before anything loads."""
+    from backend.backbones.loading import backbone_entry, default_upscaler
+    from backend.errors import BadReferenceError
+    from backend.references import count_problem
+
+    if references:
+        facts = backbone_entry(where.model).facts
+        if problem := count_problem(references, facts.max_references, facts.name):
+            raise BadReferenceError(problem)
 
     upscaler = None if settings.upscale == "none" else (
         where.upscale_model or default_upscaler(where.model))
@@ -263,6 +279,7 @@ def _engine_for(where: Local, settings: TransferSettings, clip_frames,
 def load_engine(
     model: str, device: str | None = None, dtype: str | None = None, cache_dir: Path | None = None,
     cache_max_bytes: int | None = None, upscale_model: str | None = None,
+    gang: GangMember | None = None,
 ) -> Engine:
     """Load a model ("tiny", "wan-tiny", a hub id, or a local diffusers folder; its
     backbone from its model_index.json, backend/backbones/loading.py) once; the inversion
@@ -270,14 +287,31 @@ def load_engine(
 
     upscale_model (for upscale "xl": its backbone's upscaler, such as ZeroScope XL, a
     local folder or "tiny"; None: no upscaler) is loaded first, so missing upscaler
-    weights end in one sentence before anything else loads."""
+    weights end in one sentence before anything else loads.
+
+    gang (backend/gang.py, this process's place in a process group it has joined): the
+    backbone splits its denoiser over the gang's ranks when it can (Wan: Ulysses) and the
+    engine sums the latent's gradient over them before each Adam step; a backbone that
+    cannot split (ZeroScope) loads as for one process, and its gang runs its jobs on
+    one rank (`engine.backbone.gang_size()` says which happened)."""
     from backend.backbones.loading import load_backbone, load_upscaler
     from backend.method.engine import Engine
 
     upscaler = None
     if upscale_model is not None:
         upscaler = Engine(load_upscaler(upscale_model, device, dtype))
-    return Engine(load_backbone(model, device, dtype), cache_dir, cache_max_bytes, upscaler)
+    engine = Engine(load_backbone(model, device, dtype), cache_dir, cache_max_bytes, upscaler)
+    if gang is not None and gang.size > 1 and engine.backbone.split_over_gang(gang.size):
+        engine.gradient_reducer = gang.reduce_gradient
+    return engine
+
+
+def read_references(paths: Sequence[Path]) -> list:
+    """Each reference image (backend/references.py read_reference), (H, W, 3) uint8,
+    in order; BadReferenceError with one sentence for any unusable one."""
+    from backend.references import read_reference
+
+    return [read_reference(path) for path in paths]
 
 
 def read_region_masks(paths: Sequence[Path], clip_frames) -> RegionMasks:
@@ -369,12 +403,14 @@ def _write_outputs(frames, sidecar: Sidecar | None, output: Path, fps: float,
 
 def _on_server(remote: Remote, clip_frames, settings: TransferSettings,
                progress: ProgressCallback | None, say: Callable[[str], None],
-               masks: RegionMasks | None = None):
+               masks: RegionMasks | None = None, references: Sequence = ()):
     """Run one edit through a job server; returns (frames, sidecar) like a local run.
 
     The whole clip goes over as PNGs (the server samples and resizes, as the engine
     does locally), and each region's masks as grey PNGs (their levels, as read; the
-    server reads them back on the same side of ½). The job id is
+    server reads them back on the same side of ½), and the reference images as PNGs
+    (refused here, before the clip is sent, when the server announces it takes fewer:
+    shared/client.py). The job id is
     printed first, so a result outlives this process: `--job-id ID` asks for that job
     instead of submitting a new one. Ctrl-C cancels.
     """
@@ -383,7 +419,8 @@ def _on_server(remote: Remote, clip_frames, settings: TransferSettings,
 
     client, job_id = _connected(remote, say)
     try:
-        _submitted(client, job_id, remote, clip_frames, settings, masks, say)
+        _submitted(client, job_id, remote, clip_frames, settings, masks, say,
+                   references=references)
         try:
             result = client.wait(job_id, on_event=_progress_of(progress))
         except KeyboardInterrupt:
@@ -400,7 +437,7 @@ def _on_server(remote: Remote, clip_frames, settings: TransferSettings,
 def _takes_on_server(remote: Remote, clip_frames, settings: TransferSettings,
                      prompts: list[str], count: int, progress: ProgressCallback | None,
                      say: Callable[[str], None], masks: RegionMasks | None,
-                     writer: _TakesWriter) -> None:
+                     writer: _TakesWriter, references: Sequence = ()) -> None:
     """Make the takes on a job server: one job of every prompt with `count` seeds; each
     take is fetched and written as its take_ready event comes, and any the events
     missed (a reconnect, a re-attached job) once the job is done."""
@@ -427,7 +464,8 @@ def _takes_on_server(remote: Remote, clip_frames, settings: TransferSettings,
 
     try:
         _submitted(client, job_id, remote, clip_frames, settings, masks, say,
-                   takes=count, prompts=prompts if len(prompts) > 1 else None)
+                   takes=count, prompts=prompts if len(prompts) > 1 else None,
+                   references=references)
         try:
             client.wait(job_id, on_event=on_event)
         except KeyboardInterrupt:
@@ -463,7 +501,7 @@ def _connected(remote: Remote, say: Callable[[str], None]):
 
 def _submitted(client, job_id: str, remote: Remote, clip_frames, settings: TransferSettings,
                masks: RegionMasks | None, say: Callable[[str], None], takes: int = 1,
-               prompts: list[str] | None = None) -> None:
+               prompts: list[str] | None = None, references: Sequence = ()) -> None:
     """Submit the job, unless --job-id names one the server has (then re-attach to it).
     The job id is said first, so a result outlives this process."""
     from backend.masks import as_levels
@@ -480,7 +518,8 @@ def _submitted(client, job_id: str, remote: Remote, clip_frames, settings: Trans
     regions = None if masks is None else [
         [encode_png(as_levels(mask)) for mask in region] for region in masks]
     client.submit(job_id, settings.to_dict(), [encode_png(frame) for frame in clip_frames],
-                  masks=regions, takes=takes, prompts=prompts)
+                  masks=regions, takes=takes, prompts=prompts,
+                  references=[encode_png(image) for image in references])
     say(f"Job {job_id}: submitted; if this command stops, fetch the result with "
         f"--server {remote.address} --job-id {job_id}.")
 

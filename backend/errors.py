@@ -9,7 +9,7 @@ shared/errors.py, which the Blender extension can import.
 
 from shared.errors import BadSettingsError, ErrorCode, UnderstudyError
 
-__all__ = ["BadClipError", "BadMaskError", "BadSettingsError", "JobCancelled", "ModelNotFoundError",
+__all__ = ["BadClipError", "BadMaskError", "BadReferenceError", "BadSettingsError", "JobCancelled", "ModelNotFoundError",
            "OutOfMemoryError", "TooBigForGpuError", "UnderstudyError"]
 
 
@@ -24,6 +24,13 @@ class BadMaskError(BadClipError):
     size, black everywhere, white everywhere); backend/method/regions.py checks."""
 
     code = ErrorCode.BAD_MASK  # the code a server's refusal of the same mask carries
+
+
+class BadReferenceError(UnderstudyError):
+    """A reference image cannot be used (unreadable, too small or too large, more than
+    the backbone takes, or a backbone that takes none); backend/references.py checks."""
+
+    code = ErrorCode.BAD_REFERENCE
 
 
 class ModelNotFoundError(UnderstudyError):

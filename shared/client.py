@@ -293,6 +293,14 @@ class Client:
         return "max_regions" in (self.server_info.get("limits") or {})
 
     @property
+    def max_references(self) -> int:
+        """How many reference images the server's model takes (its welcome's
+        `max_references`; 0 for one that takes none, or a server older than them)."""
+        if self.server_info is None:
+            self.hello()
+        return int(self.server_info.get("max_references") or 0)
+
+    @property
     def makes_takes(self) -> bool:
         """Whether the server makes several takes of a job (its welcome names
         max_takes); an older one would ignore `takes` and `prompts` and make one."""
@@ -302,7 +310,8 @@ class Client:
 
     def submit(self, job_id: str, settings: dict[str, Any], frames: list[bytes],
                masks: list[list[bytes]] | None = None, takes: int = 1,
-               prompts: list[str] | None = None) -> dict[str, Any]:
+               prompts: list[str] | None = None,
+               references: list[bytes] | None = None) -> dict[str, Any]:
         """Send a job (PNG-encoded frames, in order). Returns the accepted header
         (state, queue_position, duplicate); raises JobRejected or another ClientError.
 
@@ -311,10 +320,13 @@ class Client:
         `takes`, `prompts`: `takes` seeds (settings' seed, seed + 1, …) of each prompt
         (None: the settings' prompt), from one inversion; each take's take_ready event
         says when fetch(job_id, take=k) has it (docs/protocol.md §4, Takes).
+        `references`: PNGs of the new subject's look, for a server whose model takes
+        them (`max_references`); refused here, before anything is sent, otherwise.
         Safe to repeat: the same job id with the same request is never run twice.
         """
         masks = [list(region) for region in masks or []]
         asked = protocol.TakesRequest(takes, None if prompts is None else tuple(prompts))
+        references = list(references or [])
         try:
             protocol.check_job_id(job_id)
             if not isinstance(settings, dict):
@@ -333,15 +345,24 @@ class Client:
                                     "is older than this client); update it, or ask for one "
                                     "take of one prompt.", ErrorCode.BAD_REQUEST)
             protocol.check_takes(asked.fields(), self.limits)
+            if not all(isinstance(image, bytes | bytearray | memoryview) for image in references):
+                raise ProtocolError("Reference images must be PNG-encoded bytes.",
+                                    "bad_reference")
+            if len(references) > self.max_references:
+                raise ProtocolError(protocol.references_refused(len(references),
+                                                                self.max_references),
+                                    "bad_reference")
             protocol.check_submit_limits(settings, list(frames), protocol.MAX_HEADER_BYTES,
-                                         self.limits, masks)
+                                         self.limits, masks, references)
         except ProtocolError as error:
             raise JobRejected(error.message, error.code) from None
-        payload = [*frames, *(frame for region in masks for frame in region)]
+        payload = [*frames, *(frame for region in masks for frame in region), *references]
         header = {"type": RequestType.SUBMIT, "job_id": job_id, "settings": settings,
                   **asked.fields()}  # one take of the settings' prompt: no field, as before
         if masks:  # an older server reads no regions, and a job without them is as before
             header["regions"] = len(masks)
+        if references:  # likewise references, after the clip's and the masks' frames
+            header["references"] = len(references)
         extra_s = protocol.payload_size(payload) / SEND_RATE_BYTES_PER_S
         try:
             timeout_s = self.timeout_s + extra_s

@@ -32,6 +32,7 @@ class ErrorCode(StrEnum):
     BAD_FRAMES = "bad_frames"
     BAD_CLIP = "bad_clip"
     BAD_MASK = "bad_mask"  # a region's mask frames: wrong count or size, unreadable, empty, all white
+    BAD_REFERENCE = "bad_reference"  # a reference image: unreadable, too small or large, too many, or a backbone without any
     TOO_MANY_FRAMES = "too_many_frames"
     TOO_LARGE = "too_large"
     QUEUE_FULL = "queue_full"
@@ -51,6 +52,7 @@ class ErrorCode(StrEnum):
     OUT_OF_MEMORY = "out_of_memory"
     CANCELLED = "cancelled"
     WORKER_LOST = "worker_lost"
+    GANG_STALLED = "gang_stalled"  # a collective of a gang of GPUs did not complete in its timeout
     BAD_SIDECAR = "bad_sidecar"  # a result's record that this side cannot read
     # Raised where they happen and never sent: a bad server or cluster setup (at start),
     # and what a client finds on its own side of the connection.

@@ -60,6 +60,11 @@ DEFAULT_LIMITS["max_regions"] = MAX_REGIONS
 # limits; a client asks for more than one take only of a server whose welcome names it.
 MAX_TAKES = 8
 DEFAULT_LIMITS["max_takes"] = MAX_TAKES
+# Reference images one job may carry (docs/protocol.md §4, "References"): PNGs after the
+# clip's and the masks' frames, counted by the submit's `references`. How many a server
+# takes is its backbone's (the welcome's `max_references`, 0 when it takes none: a client
+# sends none then); this is only the most any header may name.
+MAX_WIRE_REFERENCES = 8
 
 
 class RequestType(StrEnum):
@@ -287,17 +292,19 @@ def is_png(frame: bytes) -> bool:
 
 
 def request_digest(settings: dict[str, Any], frames: list[bytes], regions: int = 0,
-                   takes: TakesRequest | None = None) -> str:
-    """SHA-256 over canonical settings JSON, the region count, the takes asked for and
-    every payload frame (clip, then masks): same request, same digest. Without regions
-    and takes it is the digest jobs stored before either existed have, so they still
-    match their duplicates."""
+                   takes: TakesRequest | None = None, references: int = 0) -> str:
+    """SHA-256 over canonical settings JSON, the region count, the takes asked for, the
+    reference count and every payload frame (clip, then masks, then references): same
+    request, same digest. Without regions, takes and references it is the digest jobs
+    stored before any of them existed have, so they still match their duplicates."""
     digest = hashlib.sha256()
     digest.update(json_text(settings, sort_keys=True, separators=(",", ":")).encode("utf-8"))
     if regions:  # 12 clip frames and 6 + 6 mask frames are different requests
         digest.update(f"regions:{regions}".encode("ascii"))
     if takes is not None and takes.asked:  # two takes of a clip are not its one edit
         digest.update(json_text(["takes", takes.seeds, takes.prompts]).encode("utf-8"))
+    if references:  # a clip frame and a reference are different requests
+        digest.update(f"references:{references}".encode("ascii"))
     for frame in frames:
         digest.update(len(frame).to_bytes(8, "big"))
         digest.update(frame)
@@ -310,9 +317,10 @@ def payload_size(frames: list[bytes]) -> int:
 
 
 def max_payload_frames(limits: dict[str, int]) -> int:
-    """The most payload frames a message may have: a clip of max_frames frames and one
-    mask frame per clip frame for each of MAX_REGIONS regions."""
-    return limits["max_frames"] * (1 + MAX_REGIONS)
+    """The most payload frames a message may have: a clip of max_frames frames, one
+    mask frame per clip frame for each of MAX_REGIONS regions, and MAX_WIRE_REFERENCES
+    reference images."""
+    return limits["max_frames"] * (1 + MAX_REGIONS) + MAX_WIRE_REFERENCES
 
 
 def check_message_limits(frame_count: int, total_bytes: int, limits: dict[str, int],
@@ -341,6 +349,44 @@ def check_regions(value: Any) -> int:
             f"The request's 'regions' is {value!r}; send a whole number "
             f"from 0 to {MAX_REGIONS} (how many regions the job has).", ErrorCode.BAD_REQUEST)
     return value
+
+
+def check_references(value: Any, max_references: int) -> int:
+    """A submit's `references` field (absent: 0) for a server that takes `max_references`
+    (its welcome's), or ProtocolError: bad_request for a value that is no count,
+    bad_reference for more than the server takes."""
+    if value is None:
+        return 0
+    if type(value) is not int or not 0 <= value <= MAX_WIRE_REFERENCES:
+        raise ProtocolError(
+            f"The request's 'references' is {value!r}; send a whole number from 0 to "
+            f"{MAX_WIRE_REFERENCES} (how many reference images the job has).",
+            ErrorCode.BAD_REQUEST)
+    if value > max_references:
+        raise ProtocolError(references_refused(value, max_references), ErrorCode.BAD_REFERENCE)
+    return value
+
+
+def references_refused(count: int, max_references: int) -> str:
+    """The sentence for `count` reference images to a server that takes `max_references`
+    (its welcome's): the client, the extension and the server say the same."""
+    if not max_references:
+        return ("The server's model takes no reference image; remove the reference, or run "
+                "the server with a Wan VACE model (such as Wan-AI/Wan2.1-VACE-1.3B-diffusers).")
+    return (f"The job has {count} reference images; the server's model takes at most "
+            f"{max_references}.")
+
+
+def split_references(payload: list[bytes], references: int) -> tuple[list[bytes], list[bytes]]:
+    """A submit's payload → (the clip's and masks' frames, the reference images): the
+    references are its last `references` frames; too few frames is ProtocolError."""
+    if not references:
+        return list(payload), []
+    if len(payload) <= references:
+        raise ProtocolError(
+            f"The job has {len(payload)} frames but names {references} reference images; "
+            "send the clip's frames, then the masks', then the references.", ErrorCode.BAD_FRAMES)
+    return list(payload[:-references]), list(payload[-references:])
 
 
 @dataclass(frozen=True)
@@ -403,7 +449,8 @@ def check_takes(header: dict[str, Any], limits: dict[str, int]) -> TakesRequest:
 
 
 def split_payload(payload: list[bytes], regions: int) -> tuple[list[bytes], list[list[bytes]]]:
-    """A submit's payload → (clip frames, each region's mask frames).
+    """A submit's payload (without its references, `split_references`) → (clip frames,
+    each region's mask frames).
 
     The payload is the clip's F frames, then F mask frames for each region in turn, so
     it holds F × (1 + regions) frames; another count is ProtocolError (bad_mask).
@@ -422,16 +469,20 @@ def split_payload(payload: list[bytes], regions: int) -> tuple[list[bytes], list
 
 
 def check_submit_limits(settings: dict[str, Any], frames: list[bytes], header_bytes: int,
-                        limits: dict[str, int], masks: Sequence[list[bytes]] = ()) -> None:
+                        limits: dict[str, int], masks: Sequence[list[bytes]] = (),
+                        references: Sequence[bytes] = ()) -> None:
     """Refuse a submit over the server's limits, before anything is stored or sent.
 
     Shared by the client (to fail early with a clear sentence) and the server (to
     enforce). `masks`: each region's mask frames, one per clip frame; they count in
-    the message size, and a region of another length is "bad_mask". Also bounds the
-    reply: the result's frame count and its raw pixels.
+    the message size, and a region of another length is "bad_mask". `references`: the
+    reference images' PNGs; they count in the message size (their count is checked
+    against the server's backbone by `check_references`). Also bounds the reply: the
+    result's frame count and its raw pixels.
     """
     mask_bytes = sum(payload_size(region) for region in masks)
-    check_message_limits(len(frames), header_bytes + payload_size(frames) + mask_bytes, limits)
+    check_message_limits(len(frames), header_bytes + payload_size(frames) + mask_bytes
+                         + payload_size(list(references)), limits)
     if not frames:
         raise ProtocolError("The job has no frames; send the clip as PNG frames.",
                             ErrorCode.BAD_FRAMES)

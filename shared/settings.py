@@ -30,6 +30,14 @@ UPSCALERS = ("none", "xl")
 MOTIONS = ("subject", "camera")
 MEMORY_MODES = ("auto", "off")
 QUALITIES = ("preview", "final")
+# Reference images (`transfer --reference`, a submit's `references`): the new subject's
+# look from a picture, for a backbone that takes them (Wan VACE; its hello's
+# max_references). Each side of a reference must lie in this range of pixels: below
+# it there is no look to read, above it the decode alone is a problem (the model sees it
+# fitted into its own frame size, whatever its size).
+REFERENCE_FLAG = "--reference"
+MIN_REFERENCE_SIDE = 16
+MAX_REFERENCE_SIDE = 4096
 # The GPU-memory savers. `--memory auto` takes the cheapest combination of them that fits
 # (backend/memory/planner.py counts each one's cost: recomputed FE, bytes moved, a blended
 # output); this order is only how they are listed. The plan, the engine
@@ -196,6 +204,13 @@ class TransferSettings:
         help="subject: each region's own motion guides it and the plate outside is kept; "
              "camera: the motion outside every region (the whole frame without one) guides "
              "a whole new frame"))
+
+    # Reference images: the images are an input of the edit (`--reference`), not a
+    # setting; this says how strongly they (and the backbone's other conditioning) steer.
+    reference_strength: float = _setting(1.0, Spec(
+        "float", 0, 2, flag="--reference-strength",
+        help="how strongly the reference images steer the look (Wan VACE's conditioning "
+             "scale: 0 ignores them, 1 as trained)"))
 
     # Memory.
     gradient_checkpointing: bool = _setting(False, Spec(

@@ -58,7 +58,14 @@ class Sidecar:
     # {"count", "grow", "feather", "motion", "composited"} when the edit had regions or
     # camera motion (backend/method/regions.py); None: the whole frame, as before
     regions: dict[str, Any] | None = None
+    # The reference images the edit was conditioned on (Wan VACE), in order: each one's
+    # {"width", "height", "sha256"} (of its RGB pixels, backend/references.py); None: none
+    references: list[dict[str, Any]] | None = None
     worker: dict[str, Any] | None = None  # where a Ray worker ran the job (backend/cluster)
+    # A job run by a gang of GPUs (`serve --ray … --gang N`, backend/cluster/gang.py):
+    # {"size": N, "rank": the rank that wrote the result (0), "split": whether the model's
+    # work was split over the ranks (Wan) or ran on that rank alone (ZeroScope)}; None: one GPU
+    gang: dict[str, Any] | None = None
     # `--memory auto`'s choice: {"savers": [...], "predicted_peak_bytes", "budget_bytes"};
     # None: nothing planned (memory "off", or no GPU to fit)
     memory: dict[str, Any] | None = None
@@ -121,8 +128,8 @@ _JSON_TYPES: dict[str, type | tuple[type, ...]] = {
     "settings": dict, "seed": int, "model": str, "steps": int, "guided_steps": int,
     "device": str, "dtype": str, "input_frame_indices": list, "windows": list,
     "inversion_from_cache": bool, "timings_s": dict, "framing": dict, "upscaler": dict,
-    "backbone": str, "regions": dict, "worker": dict, "memory": dict, "cost": dict,
-    "takes": list,
+    "backbone": str, "regions": dict, "worker": dict, "gang": dict, "memory": dict, "cost": dict,
+    "takes": list, "references": list,
 }
 
 

@@ -381,6 +381,13 @@ class FakeLayout:
         assert name in data.bl_rna.properties and search_name in search_data.bl_rna.properties
         self.log["props"].append(name)
 
+    def template_ID_preview(self, data, name, open="", **_):
+        assert name in data.bl_rna.properties, name
+        if open:
+            group, operator = open.split(".")
+            assert hasattr(getattr(bpy.ops, group), operator), open
+        self.log["props"].append(name)
+
     def template_list(self, list_type, _id, data, prop, active_data, active_prop, **_):
         assert hasattr(bpy.types, list_type) and prop in data.bl_rna.properties
         self.log["lists"].append(prop)
@@ -505,6 +512,26 @@ def scenario_region(args: dict) -> dict:
         runs.append(finish(scene, before, outcome, before_png=before_png, after_png=after_png,
                            frame_index=frame - source.frame_final_start))
     return {"runs": runs, "source": source.name}
+
+
+def scenario_look(args: dict) -> dict:
+    """The new subject's look from an image strip at the current frame: a movie strip to
+    edit, and above it a muted image strip showing the picture, picked as the Look."""
+    install(args["zip"])
+    configure(args)
+    scene = bpy.context.scene
+    small_settings(scene)
+    source = movie_strip(scene, args["clip"])
+    picture = strips(scene).new_image("look picture", args["look"], source.channel + 3, 1)
+    picture.frame_final_duration = 40
+    picture.mute = True  # a Look is not part of the edit's picture
+    scene.frame_current = 10
+    scene.understudy.look_kind, scene.understudy.look_strip = "STRIP", picture.name
+    scene.understudy.reference_strength = 0.8
+    scene.sequence_editor.active_strip = source
+    before = scene_state(scene)
+    outcome = run_operator(bpy.ops.understudy.transfer, prompt="a red fox")
+    return finish(scene, before, outcome, source=source.name)
 
 
 def scenario_region_interface(args: dict) -> dict:
@@ -706,6 +733,8 @@ def scenario_draw(args: dict) -> dict:
                     "composited": True}})
     scene.understudy_job_index = 2
     scene.understudy.region_kind, scene.understudy.region_strip = "STRIP", "dog matte"
+    scene.understudy.look_kind = "IMAGE"
+    scene.understudy.look_image = bpy.data.images.new("mascot sheet", 32, 32)
     log = {"props": [], "operators": [], "labels": [], "progress": [], "lists": []}
     layout = FakeLayout(log)
     panel = bpy.types.UNDERSTUDY_PT_panel

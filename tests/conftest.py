@@ -15,7 +15,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Modules whose tests share one local Ray instance run in one test process when the
 # suite runs in parallel (build.py test): two Ray heads at once would compete for the CPU
 # their start-up timeouts assume.
-ONE_PROCESS_GROUPS = {"test_cluster.py": "ray"}
+ONE_PROCESS_GROUPS = {"test_cluster.py": "ray", "test_gang.py": "ray"}
 
 
 def pytest_collection_modifyitems(items) -> None:
@@ -84,3 +84,11 @@ def tiny_wan_dir(tmp_path_factory) -> Path:
     from backend.backbones.wan_tiny import save_tiny_wan
 
     return save_tiny_wan(tmp_path_factory.mktemp("tiny-wan"))
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_vace_dir(tmp_path_factory) -> Path:
+    """The tiny random Wan VACE saved in diffusers layout (a WanVACEPipeline folder)."""
+    from backend.backbones.wan_tiny import save_tiny_wan
+
+    return save_tiny_wan(tmp_path_factory.mktemp("tiny-wan-vace"), vace=True)

@@ -7,7 +7,8 @@ The rules (docs link here; tests/test_import_graph.py holds the project to them)
    from its own layer or from the layers below it, never from a layer above:
 
    1. shared            protocol, settings, errors, sidecar, client
-   2. base              backend.errors, backend.video, backend.results, backend.masks (and the bare
+   2. base              backend.errors, backend.video, backend.results, backend.masks,
+                        backend.references (and the bare
                         `backend` package)
    3. backbones         backend.backbones.*: the model seam, the registry, loading
    4. memory            backend.memory.*: planner, savers, CPU terms, the counter
@@ -55,7 +56,8 @@ class Layer:
 
 LAYERS: tuple[Layer, ...] = (  # bottom first
     Layer("shared", ("shared.*",)),
-    Layer("base", ("backend", "backend.errors", "backend.video", "backend.results", "backend.masks")),
+    Layer("base", ("backend", "backend.errors", "backend.video", "backend.results", "backend.masks",
+                   "backend.references", "backend.gang")),
     Layer("backbones", ("backend.backbones.*",)),
     Layer("memory", ("backend.memory.*",)),
     Layer("method", ("backend.method.*",)),

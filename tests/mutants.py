@@ -575,6 +575,58 @@ MUTANTS: tuple[Mutant, ...] = (
         "        pass",
         ("tests/test_regions.py::test_a_mask_black_in_every_frame_used_is_refused_before_any_model_work",),
     ),
+    # --- reference images through Wan VACE (issue 28)
+    Mutant(
+        "the reference dropped on the way to the model",
+        "backend/method/engine.py",
+        "conditioning = self.conditioning_for(frames, regions, references, settings)",
+        "conditioning = self.conditioning_for(frames, regions, [], settings)",
+        ("tests/test_wan_vace.py::test_a_plain_vace_edit_with_a_reference_equals_diffusers_vace_pipeline",),
+    ),
+    Mutant(
+        "VACE's mask inverted: the plate regenerated, the region kept",
+        "backend/backbones/wan_vace.py",
+        "            mask = generate.to(device, torch.float32)[None, None]",
+        "            mask = 1 - generate.to(device, torch.float32)[None, None]",
+        ("tests/test_wan_vace.py::test_a_vace_edit_in_a_region_equals_diffusers_with_the_plate_kept_each_step",),
+    ),
+    Mutant(
+        "the reference strength (VACE's conditioning scale) ignored",
+        "backend/backbones/wan_vace.py",
+        "torch.full((self._context_layers,), float(strength),",
+        "torch.full((self._context_layers,), 1.0,",
+        ("tests/test_wan_vace.py::test_the_reference_and_its_strength_steer_the_result_and_the_same_reproduces_it",),
+    ),
+    # --- a gang of GPUs (issue 29): one edit across several processes
+    Mutant(
+        "a gang's ranks step Adam on their own tokens' share of the gradient (no all-reduce)",
+        "backend/edit.py",
+        "        engine.gradient_reducer = gang.reduce_gradient\n",
+        "        pass\n",
+        ("tests/test_gang.py::test_a_two_rank_gang_edits_exactly_as_one_process",),
+    ),
+    Mutant(
+        "a gang's ranks seeded differently",
+        "backend/cluster/gang.py",
+        "                       job_id, settings, inputs, masks, memory, takes, batch_size, references)",
+        '                       job_id, {**settings, "seed": settings["seed"] + rank}, inputs, masks,\n'
+        "                       memory, takes, batch_size, references)",
+        ("tests/test_gang.py::test_a_gang_job_through_transfer_server_equals_the_single_process_edit",),
+    ),
+    Mutant(
+        "a gang's ranks each trust their own inversion cache (one inverts, one waits)",
+        "backend/cluster/gang.py",
+        "            self.engine.cache = AgreedCache(self.engine.cache, self.member)\n",
+        "            pass\n",
+        ("tests/test_gang.py::test_a_rank_without_the_cached_inversion_makes_every_rank_invert",),
+    ),
+    Mutant(
+        "rank 1 of a gang writes the result",
+        "backend/gang.py",
+        "        return self.rank == 0\n",
+        "        return self.rank == 1\n",
+        ("tests/test_gang.py::test_a_gang_job_through_transfer_server_equals_the_single_process_edit",),
+    ),
     # --- regions (issue 20): the server's mask checks, the extension's layer over the source
     Mutant(
         "a region white over every frame is queued: no plate would be kept",

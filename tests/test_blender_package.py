@@ -82,5 +82,8 @@ def test_panel_and_preferences_draw(dist, tmp_path):
     assert {"region_kind", "region_strip", "region_grow", "region_feather",
             "motion"} <= set(log["props"])
     assert "Changes only inside the matte 'dog matte'" in log["labels"]
+    # The Look: its kind, the image (with its thumbnail), its strength, named in one line.
+    assert {"look_kind", "look_image", "reference_strength"} <= set(log["props"])
+    assert "The look from the image 'mascot sheet'" in log["labels"]
     assert ("1 region(s), grown 16 px, feathered 8 px: the plate is kept outside"
             in log["labels"])

@@ -989,3 +989,36 @@ def test_the_memory_line_sets_the_predicted_peak_against_the_servers_gpu():
         "Not planned (memory 'off'); the server's GPU has 23.0 GiB.")
     assert memory_plan.memory_line({"type": "plan", "gpu": None, "fits": True}) == (
         "The server has no GPU to plan for (it runs on a CPU).")
+
+
+# --------------------------------------------------------------------------- the Look (issue 28)
+
+
+def test_a_look_goes_only_to_a_server_whose_model_takes_references():
+    from blender_addon.rules.look import (
+        LOOK_FILE,
+        LOOK_NONE,
+        check_look,
+        check_look_size,
+        look_refusal,
+        look_text,
+        server_takes,
+    )
+
+    assert server_takes({"max_references": 3}) == 3
+    assert server_takes({}) == server_takes({"max_references": True}) == server_takes(None) == 0
+    for hello in ({"max_references": 0}, {}):  # none, or an older server that does not say
+        with pytest.raises(UserError, match="The server's model takes no reference image") as caught:
+            check_look(hello, True)
+        assert str(caught.value).count(". ") == 0 and str(caught.value).endswith(".")
+    check_look({}, False)  # no Look: any server
+    check_look({"max_references": 3}, True)
+    assert look_refusal({"max_references": 1}, True) is None
+    check_look_size(16, 4096, "'x'")
+    with pytest.raises(UserError, match="8x40 pixels, too small"):
+        check_look_size(8, 40, "'x'")
+    with pytest.raises(UserError, match="at most 4096 pixels"):
+        check_look_size(4097, 40, "'x'")
+    assert look_text(LOOK_NONE, "") == "The prompt alone gives the look"
+    assert look_text(LOOK_FILE, "") == "Pick the picture of the new subject's look"
+    assert look_text(LOOK_FILE, "a.png") == "The look from the file 'a.png'"

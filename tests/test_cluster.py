@@ -375,6 +375,28 @@ def test_a_job_of_several_takes_runs_whole_on_one_worker_and_its_takes_pass_thro
     assert client.status("takes-ray")["takes_done"] == [1, 2]
 
 
+def test_a_job_with_a_reference_runs_on_a_wan_vace_worker(tmp_path, connect_client):
+    """Issue 28: the gateway announces its workers' max_references (Wan VACE's 3), and the
+    reference images travel to the worker with the clip; the sidecar records them."""
+    import numpy as np
+
+    from backend.video import encode_png
+
+    vace = ServerProcess(tmp_path / "state", "--model", "wan-vace-tiny", "--ray", "local:1").start()
+    try:
+        client = connect_client(vace.address)
+        assert client.hello()["max_references"] == 3
+        look = encode_png(np.full((40, 48, 3), (250, 220, 30), np.uint8))
+        client.submit("look-ray", settings(), clip_pngs(5), references=[look])
+        result = client.wait("look-ray", timeout_s=WAIT_S)
+        assert result.sidecar["worker"]["actor"] == "worker-0"
+        assert result.sidecar["backbone"] == "wan-vace"
+        assert [(entry["width"], entry["height"]) for entry in result.sidecar["references"]] \
+            == [(48, 40)]
+    finally:
+        vace.stop()
+
+
 def test_cancel_a_job_running_on_a_worker(gateway, connect_client):
     client = connect_client(gateway.address)
     client.submit("cancel-me", settings(**LONG), clip_pngs(6))

@@ -259,6 +259,27 @@ def test_a_job_with_regions_keeps_its_masks_and_is_rebuilt_only_when_they_verify
         assert caught.value.code == "damaged"
 
 
+def test_a_job_with_references_keeps_them_and_is_rebuilt_only_when_they_verify(tmp_path):
+    store = JobStore(tmp_path)
+    for seq, job_id in enumerate(["referenced", "lost-reference", "changed-reference"]):
+        store.create(make_job(job_id, seq), {"prompt": "p"}, [b"a", b"b"], references=[b"r0", b"r1"])
+    assert [path.read_bytes() for path in store.reference_paths("referenced")] == [b"r0", b"r1"]
+    assert len(store.read_request("referenced")["references"]) == 2
+    assert store.reference_paths("unknown") == []
+    (store.folder("lost-reference") / "references" / "00001.png").unlink()
+    (store.folder("changed-reference") / "references" / "00000.png").write_bytes(b"x")
+    for job_id in ["referenced", "lost-reference", "changed-reference"]:
+        status = store.folder(job_id) / "status.json"
+        status.write_text(status.read_text()[:15])
+    book = JobBook(JobStore(tmp_path), max_queue=16, retention=Retention())
+    book.recover()
+    assert book.view("referenced", None)["state"] == "queued"  # its references verify
+    for job_id in ["lost-reference", "changed-reference"]:
+        with pytest.raises(ProtocolError) as caught:
+            book.view(job_id, None)
+        assert caught.value.code == "damaged"
+
+
 @pytest.mark.parametrize("damage", ["missing", "changed", "unlisted"])
 def test_a_result_with_a_missing_or_changed_frame_is_an_error_never_a_shorter_result(
         tmp_path, damage):

@@ -139,8 +139,11 @@ def test_full_configs_are_the_published_architectures():
     assert wan_full_configs("Wan2.1-T2V-1.3B")["transformer"]["num_layers"] == 30
 
 
+# VACE: the T2V transformer plus its context blocks (15 of the 1.3B's width, 8 of the 14B's).
 @pytest.mark.parametrize("model, billions", [("Wan2.1-T2V-1.3B", (1.3, 1.5)), ("Wan2.1-T2V-14B", (13.5, 15.0)),
-                                             ("Wan2.2-TI2V-5B", (4.8, 5.2))])
+                                             ("Wan2.2-TI2V-5B", (4.8, 5.2)),
+                                             ("Wan2.1-VACE-1.3B", (2.1, 2.2)),
+                                             ("Wan2.1-VACE-14B", (17.2, 17.4))])
 def test_full_configs_build_to_their_parameter_counts_on_the_meta_device(model, billions):
     """Shapes only (nothing is allocated): the transformer's size is its name's."""
     components = build_wan_random(model, device="meta", text_encoder=model == "Wan2.1-T2V-1.3B")
@@ -152,4 +155,5 @@ def test_full_configs_build_to_their_parameter_counts_on_the_meta_device(model, 
     assert next(components["transformer"].parameters()).dtype == torch.bfloat16
     assert next(components["vae"].parameters()).dtype == torch.float32
     assert torch.get_default_dtype() == torch.float32
-    assert list(WAN_FULL_MODELS) == ["Wan2.1-T2V-1.3B", "Wan2.1-T2V-14B", "Wan2.2-TI2V-5B"]
+    assert list(WAN_FULL_MODELS) == ["Wan2.1-T2V-1.3B", "Wan2.1-T2V-14B", "Wan2.2-TI2V-5B",
+                                     "Wan2.1-VACE-1.3B", "Wan2.1-VACE-14B"]

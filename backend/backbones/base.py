@@ -57,6 +57,7 @@ class BackboneFacts:
     frame_rate      frames per second of its training clips
     side_multiple   every side a multiple of this many pixels
     defaults        the settings this model decides (TransferSettings fields left None)
+    max_references  reference images an edit may give (backend/references.py); 0: none
     """
 
     name: str
@@ -65,6 +66,7 @@ class BackboneFacts:
     frame_rate: float
     side_multiple: int
     defaults: dict[str, Any] = field(default_factory=dict)
+    max_references: int = 0
 
     @property
     def pixel_budget(self) -> int:
@@ -75,7 +77,23 @@ class BackboneFacts:
         return {"name": self.name, "native_size": list(self.native_size),
                 "pixel_budget": self.pixel_budget, "window_frames": self.window_frames,
                 "frame_rate": self.frame_rate, "side_multiple": self.side_multiple,
-                "defaults": dict(self.defaults)}
+                "defaults": dict(self.defaults), "max_references": self.max_references}
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What one edit conditions the model on beyond its prompts, as the backbone built it
+    (`Backbone.conditioning`; Wan VACE: the reference images and where to generate).
+
+    leading_frames  latent frames every conditioned pass has before the clip's (VACE:
+                    one per reference image). The engine samples them along with the
+                    clip from the same seeded noise, and never inverts, guides, keeps
+                    or decodes them.
+    tensors         what the backbone's conditioned passes read (its own names)
+    """
+
+    leading_frames: int
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Schedule(ABC):
@@ -144,6 +162,9 @@ class Backbone(ABC):
     """A truncated pass's cost as a share of a full pass, as docs/performance.md measured
     it on the published architecture: what the sidecar's forward-equivalents weigh a
     truncated pass by (backend/method/cost.py; `bench` measures its own)."""
+    conditions_whole_clip: bool = False
+    """Its conditioning (`conditioning`) covers the clip's latent frames at once, so a
+    conditioned edit fits one temporal window (Wan VACE)."""
 
     # ---------------------------------------------------------------- geometry
 
@@ -223,6 +244,17 @@ class Backbone(ABC):
         """Whether a step-cache hook is on the denoiser now."""
         return False
 
+    def split_over_gang(self, size: int) -> bool:
+        """Split the denoiser's work over the `size` ranks of the process group this
+        process is in (backend/gang.py), every rank still returning whole outputs and
+        taps; False when the backbone cannot, and its gang's jobs run on one rank.
+        Default: cannot (ZeroScope's UNet3D has no context parallel plan)."""
+        return False
+
+    def gang_size(self) -> int:
+        """How many ranks the denoiser's work is split over now (1: this process alone)."""
+        return 1
+
     def use_settings(self, settings: Any) -> None:
         """The engine hands each edit's resolved settings here before any model call (for
         what a backbone reads from them, such as Wan's guided block)."""
@@ -232,6 +264,21 @@ class Backbone(ABC):
         """BadSettingsError with one sentence for (resolved) settings this model cannot
         run, beyond what the engine checks for every backbone."""
         return None
+
+    def conditioning(self, frames: np.ndarray, generate: torch.Tensor | None,
+                     references: list[np.ndarray], strength: float) -> Conditioning | None:
+        """One edit's conditioning beyond its prompts, built before sampling: `frames`
+        (N, H, W, 3) uint8 the clip as the model gets it, `generate` (N, H, W) bool where
+        the model makes new pixels (the grown region; None: the whole frame),
+        `references` checked reference images (facts.max_references), `strength` the
+        setting reference_strength. None: this backbone has none (the default)."""
+        return None
+
+    def conditioned(self, conditioning: Conditioning | None) -> AbstractContextManager:
+        """While open, `predict` and `taps` run conditioned on `conditioning` (their
+        latents then start with its leading frames); outside, unconditioned (inversion
+        and the source's features). Default: nothing to condition."""
+        return nullcontext()
 
     def check_upscaler(self, upscaler: Backbone | None) -> None:
         """BadSettingsError with one sentence unless `upscaler` (None: the engine has

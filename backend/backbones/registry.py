@@ -29,6 +29,17 @@ from backend.backbones.wan import (
     load_wan,
 )
 from backend.backbones.wan_tiny import build_tiny_wan, build_wan_random
+from backend.backbones.wan_vace import (
+    WAN_VACE_1_3B,
+    WAN_VACE_1_3B_FACTS,
+    WAN_VACE_ARCHITECTURES,
+    WAN_VACE_RANDOM,
+    WAN_VACE_TINY,
+    WanVace,
+    build_tiny_wan_vace,
+    build_wan_vace_random,
+    load_wan_vace,
+)
 from backend.backbones.zeroscope import (
     TINY,
     ZEROSCOPE,
@@ -180,3 +191,9 @@ register(BackboneEntry(
     facts=WAN_21_T2V_1_3B_FACTS, tiny=WAN_TINY, build_tiny=build_tiny_wan, tiny_clip=(9, 128, 64),
     random=WAN_RANDOM, build_random=build_wan_random, published=WAN_21_T2V_1_3B,
     architectures=WAN_ARCHITECTURES, shell=Wan.meta_shell))
+register(BackboneEntry(
+    name="wan-vace", title="Wan VACE", backbone=WanVace, pipelines=("WanVACEPipeline",),
+    load=load_wan_vace, facts=WAN_VACE_1_3B_FACTS, tiny=WAN_VACE_TINY,
+    build_tiny=build_tiny_wan_vace, tiny_clip=(9, 128, 64), random=WAN_VACE_RANDOM,
+    build_random=build_wan_vace_random,
+    published=WAN_VACE_1_3B, architectures=WAN_VACE_ARCHITECTURES, shell=WanVace.meta_shell))

@@ -104,6 +104,9 @@ class Wan(Backbone):
 
     tap_names = ("block",)
     truncated_pass_share = 0.5  # docs/performance.md: Wan 2.1 1.3B, guidance block 20 of 30
+    # Its model names, and how they are built (Wan VACE overrides these).
+    tiny, random, architectures = WAN_TINY, WAN_RANDOM, WAN_ARCHITECTURES
+    transformer_class = "WanTransformer3DModel"
 
     def __init__(self, transformer: Any, vae: Any, text_encoder: Any, tokenizer: Any, shift: float,
                  expand_timesteps: bool, model_id: str, device: torch.device, dtype: torch.dtype,
@@ -149,7 +152,7 @@ class Wan(Backbone):
     # ---------------------------------------------------------------- memory plan
 
     def meta_copy(self) -> Wan:
-        return Wan(meta_network(self.transformer), meta_network(self.vae),
+        return type(self)(meta_network(self.transformer), meta_network(self.vae),
                    meta_network(self.text_encoder), self.tokenizer, self.schedule.shift,
                    self.expand_timesteps, self.model_id, torch.device("cpu"), self.dtype)
 
@@ -159,11 +162,8 @@ class Wan(Backbone):
         networks) on the meta device, in the dtypes it would run in on `device` (the VAE
         in float32), the CPU as its own device: the memory plan's shell of a model not
         loaded."""
-        from backend.backbones.wan_tiny import build_tiny_wan, build_wan_random
-
         torch_dtype = choose_dtype(dtype, device, torch.bfloat16)
-        built = (build_tiny_wan() if model == WAN_TINY
-                 else build_wan_random(WAN_ARCHITECTURES[model], "meta", torch_dtype))
+        built = cls.built(model, "meta", torch_dtype)
         for name, module_dtype in (("transformer", torch_dtype), ("vae", torch.float32),
                                    ("text_encoder", torch_dtype)):
             torch.nn.Module.to(built[name], "meta", module_dtype).eval().requires_grad_(False)
@@ -171,6 +171,17 @@ class Wan(Backbone):
         return cls(built["transformer"], built["vae"], built["text_encoder"], built["tokenizer"],
                    shift, bool(built.get("expand_timesteps", False)), model, torch.device("cpu"),
                    torch_dtype)
+
+    @classmethod
+    def built(cls, model: str, device: str | torch.device, dtype: torch.dtype) -> dict:
+        """The components of the tiny model (`cls.tiny`, float32 on the CPU) or of an
+        architecture with random weights (a name of `cls.architectures`, on `device` in
+        `dtype`), keyed as WanPipeline's arguments."""
+        from backend.backbones.wan_tiny import build_tiny_wan, build_wan_random
+
+        if model == cls.tiny:
+            return build_tiny_wan()
+        return build_wan_random(cls.architectures[model], device, dtype)
 
     def check_settings(self, settings: Any) -> None:
         blocks = len(self.transformer.blocks)
@@ -250,10 +261,21 @@ class Wan(Backbone):
         """The flow velocity v = ε − x₀ predicted for the latent."""
         if embedding.shape[0] != latent.shape[0]:
             embedding = embedding.expand(latent.shape[0], -1, -1)
+        if (size := self.gang_size()) > 1:
+            from backend.backbones.context_parallel import check_tokens
+
+            _, patch_h, patch_w = self.transformer.config.patch_size
+            check_tokens(latent.shape[2] * (latent.shape[3] // patch_h) * (latent.shape[4] // patch_w),
+                         size)
         with self.precision():
             return self.transformer(hidden_states=self.model_input(latent),
                                     timestep=self._timestep_input(latent, timestep),
-                                    encoder_hidden_states=embedding, return_dict=False)[0]
+                                    encoder_hidden_states=embedding, return_dict=False,
+                                    **self._transformer_inputs(latent))[0]
+
+    def _transformer_inputs(self, latent: torch.Tensor) -> dict[str, Any]:
+        """What else the transformer is given for `latent` (Wan: nothing; Wan VACE: its context)."""
+        return {}
 
     def predict_pair(self, latent: torch.Tensor, timestep: Timestep, negative: torch.Tensor,
                      target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,7 +296,9 @@ class Wan(Backbone):
         pass runs the first block, and reuses the last pass's residual of the other
         blocks when the first block's residual changed by less than
         STEP_CACHE_THRESHOLD (relative mean absolute difference); removed on exit."""
-        if not enabled:
+        if not enabled or self.gang_size() > 1:
+            # On a gang each rank would compare only its own tokens' residual, and ranks
+            # deciding apart would wait on each other's collectives: no cache there.
             yield
             return
         from diffusers.hooks import FirstBlockCacheConfig
@@ -287,6 +311,19 @@ class Wan(Backbone):
 
     def step_cache_on(self) -> bool:
         return getattr(self.transformer, "_cache_config", None) is not None
+
+    def split_over_gang(self, size: int) -> bool:
+        """Ulysses context parallelism over the gang (backend/backbones/context_parallel.py)."""
+        from backend.backbones.context_parallel import enable_ulysses
+
+        enable_ulysses(self.transformer, size, self.device)
+        return True
+
+    def gang_size(self) -> int:
+        """How many ranks the transformer's tokens are split over (1: one process)."""
+        from backend.backbones.context_parallel import parallel_size
+
+        return parallel_size(self.transformer)
 
     def tapped_block(self, block: int) -> torch.nn.Module:
         return self.transformer.blocks[block]
@@ -312,7 +349,12 @@ class Wan(Backbone):
             handle.remove()
         batch, _, frames, height, width = latent.shape
         _, patch_h, patch_w = self.transformer.config.patch_size
-        tokens = captured["out"].reshape(batch, frames, height // patch_h, width // patch_w, -1)
+        out = captured["out"]
+        if self.gang_size() > 1:  # this rank's chunk of the tokens: every rank's, in order
+            from backend.backbones.context_parallel import gather_tokens
+
+            out = gather_tokens(out, self.transformer)
+        tokens = out.reshape(batch, frames, height // patch_h, width // patch_w, -1)
         features = tokens.permute(0, 1, 4, 2, 3).float()
         return [features if spatial else smm(features)]
 
@@ -345,22 +387,24 @@ def load_wan(model: str, device: torch.device, dtype: str | None, flag: str = "-
     architecture, random weights) or a diffusers folder / hub id whose model_index.json
     names WanPipeline, in `dtype` (None: bf16 on CUDA, fp32 on a CPU). Missing weights
     end in one sentence naming `hf download`."""
+    return load_wan_family(Wan, model, device, dtype, flag)
+
+
+def load_wan_family(backbone: type[Wan], model: str, device: torch.device, dtype: str | None,
+                    flag: str) -> Wan:
+    """Load `model` as `backbone` (Wan or a subclass): its tiny or random-weight name
+    (`backbone.tiny`, `backbone.random`) built, anything else from a diffusers folder or
+    hub id with the backbone's own transformer class."""
     dtype = choose_dtype(dtype, device, torch.bfloat16)
-    if model == WAN_TINY:
-        from backend.backbones.wan_tiny import build_tiny_wan
-
-        parts = build_tiny_wan()
-        shift = float(parts["scheduler"].config.get("flow_shift", DEFAULT_FLOW_SHIFT))
+    if model in (backbone.tiny, backbone.random):
+        parts = backbone.built(model, device, dtype)
+        shift = (float(parts["scheduler"].config.get("flow_shift", DEFAULT_FLOW_SHIFT))
+                 if model == backbone.tiny else DEFAULT_FLOW_SHIFT)
         expand = bool(parts.get("expand_timesteps", False))
-    elif model == WAN_RANDOM:
-        from backend.backbones.wan_tiny import build_wan_random
-
-        parts = build_wan_random(WAN_ARCHITECTURES[WAN_RANDOM], device, dtype)
-        shift, expand = DEFAULT_FLOW_SHIFT, bool(parts["expand_timesteps"])
     else:
         location = model_location(model, flag)
         try:
-            parts, shift, expand = _from_pretrained(location, dtype)
+            parts, shift, expand = _from_pretrained(location, dtype, backbone.transformer_class)
         except (OSError, ValueError) as error:
             raise missing_weights(model, flag) from error
     transformer, vae, text_encoder = parts["transformer"], parts["vae"], parts["text_encoder"]
@@ -371,25 +415,24 @@ def load_wan(model: str, device: torch.device, dtype: str | None, flag: str = "-
     transformer.to(device)
     vae.to(device)
     text_encoder.to(text_encoder_home(device))
-    return Wan(transformer, vae, text_encoder, parts["tokenizer"], shift, expand, model, device, dtype)
+    return backbone(transformer, vae, text_encoder, parts["tokenizer"], shift, expand, model,
+                    device, dtype)
 
 
-def _from_pretrained(location: str, dtype: torch.dtype) -> tuple[dict, float, bool]:
-    """The components from a diffusers folder or hub id (cached or downloaded)."""
-    from diffusers import (
-        AutoencoderKLWan,
-        FlowMatchEulerDiscreteScheduler,
-        WanPipeline,
-        WanTransformer3DModel,
-    )
+def _from_pretrained(location: str, dtype: torch.dtype,
+                     transformer_class: str) -> tuple[dict, float, bool]:
+    """The components from a diffusers folder or hub id (cached or downloaded), the
+    transformer as diffusers' `transformer_class`."""
+    import diffusers
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
     from transformers import AutoTokenizer, UMT5EncoderModel
 
     index = WanPipeline.load_config(location)
     scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(location, subfolder="scheduler")
     shift = float(scheduler_config.get("flow_shift") or scheduler_config.get("shift") or DEFAULT_FLOW_SHIFT)
     parts = {
-        "transformer": WanTransformer3DModel.from_pretrained(location, subfolder="transformer",
-                                                             torch_dtype=dtype),
+        "transformer": getattr(diffusers, transformer_class).from_pretrained(
+            location, subfolder="transformer", torch_dtype=dtype),
         "vae": AutoencoderKLWan.from_pretrained(location, subfolder="vae", torch_dtype=torch.float32),
         "text_encoder": UMT5EncoderModel.from_pretrained(location, subfolder="text_encoder",
                                                          torch_dtype=dtype),

@@ -27,7 +27,13 @@ import torch
 # What the hub's Wan repos ship as scheduler/ (diffusers' conversion script): UniPC in flow
 # mode. The Wan backbone samples with its own Euler steps and reads only `flow_shift` here.
 HUB_SCHEDULER_CLASS = "UniPCMultistepScheduler"
-HUB_FLOW_SHIFT = {"Wan2.1-T2V-1.3B": 3.0, "Wan2.1-T2V-14B": 3.0, "Wan2.2-TI2V-5B": 5.0}
+HUB_FLOW_SHIFT = {"Wan2.1-T2V-1.3B": 3.0, "Wan2.1-T2V-14B": 3.0, "Wan2.2-TI2V-5B": 5.0,
+                  "Wan2.1-VACE-1.3B": 3.0, "Wan2.1-VACE-14B": 3.0}
+# The tiny VACE's context blocks: after blocks 0 and 2 of its 4 (VACE puts one on every
+# other block of the 1.3B, as here); its context has VACE's 96 channels (16 inactive + 16
+# reactive latent channels + 64 for the mask's 8×8 pixels per latent cell).
+TINY_VACE_LAYERS = [0, 2]
+VACE_IN_CHANNELS = 96
 
 TINY_TEXT_WIDTH = 24
 TINY_VARIANTS = ("t2v", "ti2v")
@@ -62,29 +68,40 @@ def build_byte_t5_tokenizer(model_max_length: int = 512):
     )
 
 
-def build_tiny_wan(seed: int = 0, variant: str = "t2v") -> dict:
-    """The components of a tiny random WanPipeline, keyed as WanPipeline's arguments.
+def build_tiny_wan(seed: int = 0, variant: str = "t2v", vace: bool = False) -> dict:
+    """The components of a tiny random WanPipeline, keyed as WanPipeline's arguments
+    (vace: WanVACEPipeline's, its transformer a WanVACETransformer3DModel with context
+    blocks at TINY_VACE_LAYERS; the t2v variant only).
 
     Transformer: 4 blocks × 2 heads × 12 (inner width 24), patch (1, 2, 2); VAE base_dim 8,
     one ResNet per level, Wan's temporal down-sampling [False, True, True]; UMT5 encoder
     d_model 24, 2 layers; the byte T5 tokenizer; UniPC(flow_shift 3) as the hub ships.
     Deterministic for its seed; the global torch RNG is left as it was.
     """
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from diffusers import (
+        AutoencoderKLWan,
+        UniPCMultistepScheduler,
+        WanTransformer3DModel,
+        WanVACETransformer3DModel,
+    )
     from transformers import UMT5Config, UMT5EncoderModel
 
-    if variant not in TINY_VARIANTS:
-        raise ValueError(f"unknown tiny Wan variant {variant!r}; use one of {', '.join(TINY_VARIANTS)}")
+    if variant not in TINY_VARIANTS or (vace and variant != "t2v"):
+        raise ValueError(f"unknown tiny Wan variant {variant!r}; use one of {', '.join(TINY_VARIANTS)}"
+                         f" (VACE: t2v)")
     tokenizer = build_byte_t5_tokenizer()
     wan22 = variant == "ti2v"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer = WanTransformer3DModel(
+        shape = dict(
             patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
             in_channels=48 if wan22 else 16, out_channels=48 if wan22 else 16,
             text_dim=TINY_TEXT_WIDTH, freq_dim=32, ffn_dim=32, num_layers=4,
             cross_attn_norm=True, qk_norm="rms_norm_across_heads",
         )
+        transformer = (WanVACETransformer3DModel(**shape, vace_layers=TINY_VACE_LAYERS,
+                                                 vace_in_channels=VACE_IN_CHANNELS)
+                       if vace else WanTransformer3DModel(**shape))
         if wan22:
             # Wan 2.2's VAE: 48 latent channels, 2×2 pixel patch before the encoder
             # (3 → 12 channels), spatial factor 16; neutral normalisation statistics.
@@ -115,18 +132,25 @@ def build_tiny_wan(seed: int = 0, variant: str = "t2v") -> dict:
     }
 
 
-def save_tiny_wan(folder: Path, seed: int = 0, variant: str = "t2v") -> Path:
-    """Write a tiny random WanPipeline to `folder` in diffusers layout; returns the folder.
+def save_tiny_wan(folder: Path, seed: int = 0, variant: str = "t2v", vace: bool = False) -> Path:
+    """Write a tiny random WanPipeline (vace: WanVACEPipeline) to `folder` in diffusers
+    layout; returns the folder.
 
     model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/ (safetensors),
-    as WanPipeline.save_pretrained writes them: WanPipeline.from_pretrained(folder) and each
-    component's own from_pretrained(folder, subfolder=…) load it offline.
+    as the pipeline's save_pretrained writes them: WanPipeline.from_pretrained(folder) (or
+    WanVACEPipeline's) and each component's own from_pretrained(folder, subfolder=…) load
+    it offline.
     """
-    from diffusers import WanPipeline
+    from diffusers import WanPipeline, WanVACEPipeline
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    WanPipeline(**build_tiny_wan(seed, variant)).save_pretrained(folder)
+    parts = build_tiny_wan(seed, variant, vace)
+    if vace:
+        parts.pop("expand_timesteps")  # WanVACEPipeline has no such argument
+        WanVACEPipeline(**parts).save_pretrained(folder)
+    else:
+        WanPipeline(**parts).save_pretrained(folder)
     return folder
 
 
@@ -155,13 +179,18 @@ _WAN22_VAE = {
 }
 
 
-def _transformer(heads: int, ffn: int, layers: int, channels: int) -> dict:
-    return {
+def _transformer(heads: int, ffn: int, layers: int, channels: int,
+                 vace_layers: list[int] | None = None) -> dict:
+    """A WanTransformer3DModel's config; with vace_layers, a WanVACETransformer3DModel's."""
+    config = {
         "patch_size": [1, 2, 2], "num_attention_heads": heads, "attention_head_dim": 128,
         "in_channels": channels, "out_channels": channels, "text_dim": 4096, "freq_dim": 256,
         "ffn_dim": ffn, "num_layers": layers, "cross_attn_norm": True,
         "qk_norm": "rms_norm_across_heads", "eps": 1e-6, "rope_max_seq_len": 1024,
     }
+    if vace_layers is not None:
+        config.update(vace_layers=vace_layers, vace_in_channels=VACE_IN_CHANNELS)
+    return config
 
 
 _FULL_CONFIGS = {
@@ -171,6 +200,13 @@ _FULL_CONFIGS = {
                        "expand_timesteps": False},
     "Wan2.2-TI2V-5B": {"transformer": _transformer(24, 14336, 30, 48), "vae": _WAN22_VAE,
                        "expand_timesteps": True},
+    # Wan2.1-VACE-1.3B-diffusers and -14B-diffusers: the T2V architectures plus context
+    # blocks on every other block (1.3B) or every fifth (14B), as diffusers' conversion
+    # script (scripts/convert_wan_to_diffusers.py, "Wan-VACE-1.3B" / "Wan-VACE-14B") writes them.
+    "Wan2.1-VACE-1.3B": {"transformer": _transformer(12, 8960, 30, 16, list(range(0, 30, 2))),
+                         "vae": _WAN21_VAE, "expand_timesteps": False},
+    "Wan2.1-VACE-14B": {"transformer": _transformer(40, 13824, 40, 16, list(range(0, 40, 5))),
+                        "vae": _WAN21_VAE, "expand_timesteps": False},
 }
 WAN_FULL_MODELS = tuple(_FULL_CONFIGS)
 
@@ -203,17 +239,24 @@ def build_wan_random(model: str = "Wan2.1-T2V-1.3B", device: str | torch.device 
     stays float32 as Wan runs it. `device="meta"` builds shapes only (counting parameters).
     Returns the components keyed as WanPipeline's arguments (tokenizer: the byte T5 one).
     """
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from diffusers import (
+        AutoencoderKLWan,
+        UniPCMultistepScheduler,
+        WanTransformer3DModel,
+        WanVACETransformer3DModel,
+    )
     from transformers import UMT5Config, UMT5EncoderModel
 
     configs = wan_full_configs(model)
+    network = (WanVACETransformer3DModel if "vace_layers" in configs["transformer"]
+               else WanTransformer3DModel)
     previous_dtype = torch.get_default_dtype()
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         vae = AutoencoderKLWan(**configs["vae"])
         torch.set_default_dtype(dtype)
         try:
-            transformer = WanTransformer3DModel(**configs["transformer"])
+            transformer = network(**configs["transformer"])
             encoder = UMT5EncoderModel(UMT5Config(**configs["text_encoder"])) if text_encoder else None
         finally:
             torch.set_default_dtype(previous_dtype)

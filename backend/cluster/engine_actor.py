@@ -36,7 +36,7 @@ from typing import Any
 
 from backend.errors import JobCancelled, UnderstudyError
 from backend.results import Take, TransferResult
-from backend.server.frames import PngClip, PngMasks
+from backend.server.frames import PngClip, PngMasks, PngReferences
 from shared.errors import ErrorCode
 from shared.protocol import failure_reply
 
@@ -67,7 +67,9 @@ class ActorSpec:
 class EngineActor:
     """Holds one engine for its life; `ray.remote` is applied by the pool."""
 
-    def __init__(self, name: str, spec: ActorSpec) -> None:
+    def __init__(self, name: str, spec: ActorSpec, load: bool = True) -> None:
+        """`load` False: the model is loaded later (a gang's rank loads it once it has
+        joined its gang, backend/cluster/gang.py)."""
         self.name = name
         self.spec = spec
         self._cancel_lock = threading.Lock()
@@ -78,17 +80,25 @@ class EngineActor:
             import torch
 
             torch.set_num_threads(spec.torch_threads)
+        if load:
+            self._load_engine()
+
+    def _load_engine(self, gang: Any = None) -> None:
+        """Load the spec's engine (on a gang: split over it, backend/edit.py load_engine);
+        a failure is kept for identity() to report."""
         try:
             from backend.edit import load_engine
 
-            self.engine = load_engine(spec.model, device=spec.device, dtype=spec.dtype,
-                                      cache_dir=spec.cache_for(name),
-                                      upscale_model=spec.upscale_model)
+            self.engine = load_engine(self.spec.model, device=self.spec.device,
+                                      dtype=self.spec.dtype,
+                                      cache_dir=self.spec.cache_for(self.name),
+                                      upscale_model=self.spec.upscale_model, gang=gang)
         except Exception as error:  # a constructor that raises would leave Ray a dead actor
             # Reported by identity(): the pool says it.
             code, message = failure_reply(error, "Loading the model failed", "the worker's Ray log")
             if code == ErrorCode.INTERNAL:
-                log.error("Worker %s could not load the model:\n%s", name, traceback.format_exc())
+                log.error("Worker %s could not load the model:\n%s", self.name,
+                          traceback.format_exc())
             self._load_error = {"code": code, "message": message}
 
     # ----------------------------------------------------------------- side calls
@@ -129,13 +139,14 @@ class EngineActor:
 
     def run(self, job_id: str, settings: dict[str, Any], inputs: list[bytes],
             masks: list[list[bytes]] | None = None, memory: dict[str, Any] | None = None,
-            takes: list[dict[str, Any]] | None = None, batch_size: int | None = None
-            ) -> Iterator[dict[str, Any]]:
+            takes: list[dict[str, Any]] | None = None, batch_size: int | None = None,
+            references: list[bytes] | None = None) -> Iterator[dict[str, Any]]:
         """Run one job (`masks`: each region's mask PNGs, None for none; `memory`: the
         gateway's `--memory auto` decision, MemoryDecision.to_dict(), None for none;
         `takes`: a job of several takes, each {"prompt", "seed"}, made here from one
         inversion, `batch_size` at once, each yielded as a "take" event as it is
-        finished), yielding its events (see the module docstring)."""
+        finished; `references`: its reference images' PNGs, None for none), yielding its
+        events (see the module docstring)."""
         yield {"event": "started", "worker": self.identity()}
         if self.engine is None:
             yield {"event": "failed", **self._load_error}
@@ -145,7 +156,7 @@ class EngineActor:
         # them, so the edit runs on its own thread and this one relays its events.
         thread = threading.Thread(target=self._edit,
                                   args=(job_id, settings, inputs, masks, memory, events, takes,
-                                        batch_size),
+                                        batch_size, references),
                                   name=f"edit-{job_id}", daemon=True)
         thread.start()
         while True:
@@ -160,7 +171,7 @@ class EngineActor:
     def _edit(self, job_id: str, settings: dict[str, Any], inputs: list[bytes],
               masks: list[list[bytes]] | None, memory: dict[str, Any] | None,
               events: queue.Queue, takes: list[dict[str, Any]] | None = None,
-              batch_size: int | None = None) -> None:
+              batch_size: int | None = None, references: list[bytes] | None = None) -> None:
         def progress(phase: str, step: int, total: int) -> None:
             events.put({"event": "progress", "phase": phase, "step": step, "total": total})
             if self.spec.step_delay_s:
@@ -174,7 +185,10 @@ class EngineActor:
         from shared.settings import TransferSettings
 
         try:
-            with_masks = {"masks": PngMasks(masks, "the job's regions")} if masks else {}
+            with_masks: dict[str, Any] = (
+                {"masks": PngMasks(masks, "the job's regions")} if masks else {})
+            if references:  # a backbone that takes none never sees the argument
+                with_masks["references"] = PngReferences(references, "the job")
             # The gateway decided the job's savers; the worker plans nothing.
             savers = None if memory is None else MemoryDecision.from_dict(memory)
             clip, parsed = PngClip(inputs, "the job's clip"), TransferSettings.from_dict(settings)
@@ -182,15 +196,13 @@ class EngineActor:
                 def on_take(index: int, result: TransferResult) -> None:
                     events.put({"event": "take", "index": index, **self._shipped(result)})
 
-                self.engine.transfer_takes(
-                    clip, parsed, [Take(take["prompt"], take["seed"]) for take in takes],
-                    progress=progress, cancelled=cancelled, savers=savers,
-                    batch_size=batch_size, on_take=on_take, **with_masks)
+                self._transfer_takes(clip, parsed, [Take(take["prompt"], take["seed"])
+                                                    for take in takes],
+                                     progress, cancelled, savers, batch_size, on_take, with_masks)
                 events.put({"event": "done"})
                 return
-            result = self.engine.transfer(clip, parsed, progress=progress, cancelled=cancelled,
-                                          savers=savers, **with_masks)
-            events.put({"event": "done", **self._shipped(result)})
+            events.put({"event": "done", **self._transfer(clip, parsed, progress, cancelled,
+                                                           savers, with_masks)})
         except JobCancelled:
             events.put({"event": "cancelled"})
         except Exception as error:  # a bad clip, or an engine bug: fails this job, not the actor
@@ -199,6 +211,21 @@ class EngineActor:
             if code == ErrorCode.INTERNAL:
                 log.error("Job %s failed on %s:\n%s", job_id, self.name, traceback.format_exc())
             events.put({"event": "failed", "code": code, "message": message})
+
+    def _transfer(self, clip: PngClip, settings: Any, progress: Any, cancelled: Any,
+                  savers: Any, with_masks: dict[str, Any]) -> dict[str, Any]:
+        """The edit itself (one take), shipped."""
+        return self._shipped(self.engine.transfer(clip, settings, progress=progress,
+                                                  cancelled=cancelled, savers=savers,
+                                                  **with_masks))
+
+    def _transfer_takes(self, clip: PngClip, settings: Any, takes: list[Take], progress: Any,
+                        cancelled: Any, savers: Any, batch_size: int | None, on_take: Any,
+                        with_masks: dict[str, Any]) -> None:
+        """A job of several takes, each handed to `on_take` as it is finished."""
+        self.engine.transfer_takes(clip, settings, takes, progress=progress,
+                                   cancelled=cancelled, savers=savers, batch_size=batch_size,
+                                   on_take=on_take, **with_masks)
 
     def _shipped(self, result: TransferResult) -> dict[str, Any]:
         """A result as an event carries it: raw frames, not PNGs (the gateway encodes

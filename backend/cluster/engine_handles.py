@@ -65,23 +65,27 @@ class ActorEngine:
     def transfer(self, clip_frames: Any, settings: TransferSettings,
                  progress: ProgressCallback | None = None,
                  cancelled: CancelCheck | None = None, masks: Any | None = None,
-                 savers: MemoryDecision | None = None) -> TransferResult:
+                 savers: MemoryDecision | None = None,
+                 references: Any | None = None) -> TransferResult:
         """Run the edit on the actor; raises what a local edit raises, or ActorLost.
-        `masks` (a PngMasks) travel as their PNG bytes, like the clip; `savers` (decided
-        by the gateway's job thread, backend/server/job_thread.py) as their record."""
+        `masks` (a PngMasks) and `references` (a PngReferences) travel as their PNG
+        bytes, like the clip; `savers` (decided by the gateway's job thread,
+        backend/server/job_thread.py) as their record."""
         frames = png_frames(clip_frames)
         # The id only pairs a cancel with this run on the actor.
         run_id = f"run-{uuid.uuid4().hex}"
         return self.runner.run(run_id, settings.to_dict(), frames,
                                progress or _ignore_progress, cancelled or _never_cancelled,
                                masks.png_bytes() if masks is not None else None,
-                               savers.to_dict() if savers is not None else None)[0]
+                               savers.to_dict() if savers is not None else None,
+                               references=references.png_bytes() if references else None)[0]
 
     def transfer_takes(self, clip_frames: Any, settings: TransferSettings, takes: list[Take],
                        progress: ProgressCallback | None = None,
                        cancelled: CancelCheck | None = None, masks: Any | None = None,
                        savers: MemoryDecision | None = None, batch_size: int | None = None,
-                       on_take: TakeCallback | None = None) -> list[TransferResult]:
+                       on_take: TakeCallback | None = None,
+                       references: Any | None = None) -> list[TransferResult]:
         """A job of several takes, whole on the actor (one inversion there); each take
         comes back as the actor finishes it, and `on_take` is told then."""
         run_id = f"run-{uuid.uuid4().hex}"
@@ -91,7 +95,8 @@ class ActorEngine:
                                savers.to_dict() if savers is not None else None,
                                takes=[{"prompt": take.prompt, "seed": take.seed}
                                       for take in takes],
-                               batch_size=batch_size, on_take=on_take)
+                               batch_size=batch_size, on_take=on_take,
+                               references=references.png_bytes() if references else None)
 
 
 def actor_engines(pool: ActorPool) -> list[ActorEngine]:

@@ -27,7 +27,9 @@ from typing import TYPE_CHECKING, Any
 from backend.cluster.connect import RayConnection, connect, parse_ray_target
 from backend.cluster.engine_actor import ActorSpec
 from backend.cluster.engine_handles import ActorEngine, actor_engines
+from backend.cluster.gang import GangEngine, GangPool
 from backend.cluster.pool import DEFAULT_CANCEL_GRACE_S, ActorPool
+from backend.gang import DEFAULT_COLLECTIVE_TIMEOUT_S
 
 if TYPE_CHECKING:
     from backend.server.planning import ServerMemory
@@ -42,6 +44,8 @@ class ClusterOptions:
     address: str  # --ray
     shared_cache: bool = False  # --shared-cache
     cancel_grace_s: float = DEFAULT_CANCEL_GRACE_S  # --cancel-grace
+    gang: int = 1  # --gang: GPUs per job (backend/cluster/gang.py); 1: one job per GPU
+    gang_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S  # --gang-timeout
 
 
 @dataclass
@@ -49,14 +53,19 @@ class ClusterActors:
     """A running pool: one engine per actor for the gateway's job threads."""
 
     connection: RayConnection
-    pool: ActorPool
-    engines: list[ActorEngine]
+    pool: ActorPool | GangPool
+    engines: list[ActorEngine] | list[GangEngine]
     memory: ServerMemory | None = None  # what `--memory auto` plans against; None: nothing
 
     def summary(self) -> str:
-        """For the start-up line: "2 workers on Ray local:2 (2 worker slots on CPU)"."""
-        return (f"{len(self.engines)} worker{'s' if len(self.engines) != 1 else ''} on Ray "
-                f"{self.connection.target.label} ({self.connection.placement.description})")
+        """For the start-up line: "2 workers on Ray local:2 (2 worker slots on CPU)", or
+        "1 gang of 2 on Ray local:2 (…)"."""
+        count = len(self.engines)
+        gang = getattr(self.pool, "size", 1)
+        what = (f"{count} gang{'s' if count != 1 else ''} of {gang}" if gang > 1
+                else f"{count} worker{'s' if count != 1 else ''}")
+        return (f"{what} on Ray {self.connection.target.label} "
+                f"({self.connection.placement.description})")
 
     def close(self) -> None:
         self.pool.close()
@@ -69,7 +78,11 @@ def start_actors(options: ClusterOptions, spec: ActorSpec, token_dir: Path) -> C
     spec = replace(spec, shared_cache=options.shared_cache)
     connection = connect(target, token_dir)
     try:
-        pool = ActorPool(connection, spec, options.cancel_grace_s)
+        if options.gang > 1:
+            pool = GangPool(connection, spec, options.gang, options.gang_timeout_s,
+                            options.cancel_grace_s)
+        else:
+            pool = ActorPool(connection, spec, options.cancel_grace_s)
         identities = pool.wait_ready()
     except BaseException:
         connection.close()
@@ -78,8 +91,10 @@ def start_actors(options: ClusterOptions, spec: ActorSpec, token_dir: Path) -> C
         log.info("Worker %s ready on %s (pid %d%s).", identity["actor"], identity["host"],
                  identity["pid"], f", GPU {identity['gpu']['name']}" if identity["gpu"] else "")
     memory = gateway_memory(spec, identities,
-                            lambda: smallest_gpu([runner.identity for runner in pool.runners]))
-    return ClusterActors(connection, pool, actor_engines(pool), memory)
+                            lambda: smallest_gpu([runner.identity for runner in pool.runners]),
+                            options.gang)
+    engines = pool.engines() if isinstance(pool, GangPool) else actor_engines(pool)
+    return ClusterActors(connection, pool, engines, memory)
 
 
 def smallest_gpu(identities: list[dict[str, Any] | None]) -> dict[str, Any] | None:
@@ -93,10 +108,11 @@ def smallest_gpu(identities: list[dict[str, Any] | None]) -> dict[str, Any] | No
 
 
 def gateway_memory(spec: ActorSpec, identities: list[dict[str, Any]],
-                   gpu: Callable[[], dict[str, Any] | None]) -> ServerMemory | None:
+                   gpu: Callable[[], dict[str, Any] | None], gang: int = 1) -> ServerMemory | None:
     """The gateway's planner: for the workers' model by name, on their device in their
-    dtype, fitting `gpu()`; None when no worker reports a GPU, or when the model is not
-    one the plan can build by name (logged: its jobs run without planned savers)."""
+    dtype, fitting `gpu()` (one rank's GPU on a gang: ServerMemory.gang); None when no
+    worker reports a GPU, or when the model is not one the plan can build by name
+    (logged: its jobs run without planned savers)."""
     if gpu() is None:
         return None  # CPU workers: nothing to fit, and no torch needed here
     from backend.backbones.registry import plannable_models
@@ -110,4 +126,4 @@ def gateway_memory(spec: ActorSpec, identities: list[dict[str, Any]],
                     "names to plan them.", ", ".join(plannable_models()), spec.model)
         return None
     device = identities[0].get("engine", {}).get("device") or "cuda"
-    return ServerMemory(MemoryPlanner(gpu, engine_phases), spec.model, device, spec.dtype)
+    return ServerMemory(MemoryPlanner(gpu, engine_phases), spec.model, device, spec.dtype, gang)

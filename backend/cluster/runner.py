@@ -71,17 +71,19 @@ class ActorRunner:
             progress: ProgressCallback, cancelled: CancelCheck,
             masks: list[list[bytes]] | None = None, memory: dict[str, Any] | None = None,
             takes: list[dict[str, Any]] | None = None, batch_size: int | None = None,
-            on_take: TakeCallback | None = None) -> list[TransferResult]:
+            on_take: TakeCallback | None = None,
+            references: list[bytes] | None = None) -> list[TransferResult]:
         """Run one job on the actor (`masks`: each region's mask PNGs, None for none;
         `memory`: the savers decided for it, MemoryDecision.to_dict(), None for none;
         `takes`: a job of several takes, each {"prompt", "seed"}, `batch_size` at once,
-        each handed to `on_take(index, result)` as the actor finishes it); its results,
-        one per take (one for a job of one). See the module docstring for what it raises."""
+        each handed to `on_take(index, result)` as the actor finishes it; `references`:
+        its reference images' PNGs, None for none); its results, one per take (one for a
+        job of one). See the module docstring for what it raises."""
         import ray
         from ray.exceptions import ActorUnavailableError, RayError
 
         events = self.actor.run.options(num_returns="streaming").remote(
-            job_id, settings, inputs, masks, memory, takes, batch_size)
+            job_id, settings, inputs, masks, memory, takes, batch_size, references)
         finished: list[TransferResult] = []
         started = False
         cancel_sent_at: float | None = None

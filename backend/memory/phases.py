@@ -72,13 +72,15 @@ class EditPhases(Protocol):
     def guide(self, latent: torch.Tensor, timestep: Timestep, target: torch.Tensor,
               source_features: list[list[torch.Tensor]], windows: list[Window],
               learning_rate: float, settings: TransferSettings, report: Reporter,
-              regions: Any = None) -> torch.Tensor:
-        """One guided step's Adam iterations on x_t: the guided x_t, float32."""
+              regions: Any = None, *, conditioning: Any = None) -> torch.Tensor:
+        """One guided step's Adam iterations on x_t: the guided x_t, float32. With the
+        backbone's `conditioning`, x_t starts with its leading frames (left as they are)."""
 
     def denoise(self, latent: torch.Tensor, steps: int, index: int, target: torch.Tensor,
                 negative: torch.Tensor, cfg_scale: float, windows: list[Window],
-                report: Reporter) -> torch.Tensor:
-        """One classifier-free-guided sampler step from timestep `index` of `steps`."""
+                report: Reporter, *, conditioning: Any = None) -> torch.Tensor:
+        """One classifier-free-guided sampler step from timestep `index` of `steps`; with
+        the backbone's `conditioning`, of the whole latent, its leading frames first."""
 
     def keep_plate(self, latent: torch.Tensor, source: Any, timestep: Timestep | None,
                    regions: Any) -> torch.Tensor:

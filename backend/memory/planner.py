@@ -368,6 +368,7 @@ class _Kept:
     regions: Any = None  # EditRegions (its latent-size masks; the plate on a CPU only)
     region_features: list = field(default_factory=list)  # per window, per tap: (K, F_k, D)
     host_bytes: dict[str, int] = field(default_factory=dict)
+    conditioning: Any = None  # the backbone's Conditioning (Wan VACE's context), or None
 
 
 def _measure_phases(engine: EditPhases, settings: TransferSettings, frames: int, size: tuple[int, int],
@@ -440,6 +441,14 @@ def _measure_phases(engine: EditPhases, settings: TransferSettings, frames: int,
                 kept.region_features = [[t.clone() for t in one] for _ in windows]
 
     phase("features", features)
+    # The backbone's conditioning (Wan VACE: its context, built with VAE encodes, the
+    # encode phase's kind of work), after the inversion and with as many references as
+    # it takes (the plan is the bound for any edit); held from here on, as the engine
+    # holds it.
+    references = [np.zeros((size[1], size[0], 3), np.uint8)] * b.facts.max_references
+    condition_peak, kept.conditioning = measure(lambda: b.conditioning(
+        clip, None, references, settings.reference_strength), tracker)
+    peaks["encode"] = max(peaks["encode"], condition_peak)
     peaks.update(_measure_guide_decode(engine, settings, kept, tracker, ("guide", "cfg", "decode"),
                                        windows, bases))
     return peaks, kept, bases
@@ -458,6 +467,10 @@ def _measure_guide_decode(engine: EditPhases, settings: TransferSettings, kept: 
     batch = target.shape[0]  # the takes sampled together
     negative = negative.expand(batch, -1, -1)
     batched = (batch, *kept.source_latent.shape[1:])
+    conditioning = kept.conditioning
+    lead = 0 if conditioning is None else conditioning.leading_frames
+    if lead:  # the references' latent frames come before the clip's in every pass
+        batched = (*batched[:2], batched[2] + lead, *batched[3:])
     first = windows[:1]
     peaks: dict[str, int] = {}
 
@@ -475,17 +488,18 @@ def _measure_guide_decode(engine: EditPhases, settings: TransferSettings, kept: 
         one_iteration = _unchecked(settings, guidance_iterations=1)
         source = kept.region_features[:1] if kept.regions else kept.state.features[timestep][:1]
         on_base("guide", lambda: engine.guide(
-            latent, timestep, target, source, first, 0.001, one_iteration, report, kept.regions))
+            latent, timestep, target, source, first, 0.001, one_iteration, report, kept.regions,
+            conditioning=conditioning))
     if "cfg" in names:
         latent = kept.source_latent.new_empty(batched, dtype=torch.float32)
         start, end = first[0]
-        piece = latent.narrow(2, start, end - start)
+        piece = latent if conditioning is not None else latent.narrow(2, start, end - start)
         on_base("cfg", lambda: engine.denoise(
             piece, settings.steps, 0, target, negative, settings.cfg_scale, [(0, end - start)],
-            report))
+            report, conditioning=conditioning))
         if kept.regions is not None:  # then the whole latent's blend with the source's
-            blend, _ = measure(lambda: engine.keep_plate(latent, kept.state, None, kept.regions),
-                               tracker)
+            blend, _ = measure(lambda: engine.keep_plate(latent[:, :, lead:], kept.state, None,
+                                                         kept.regions), tracker)
             peaks["cfg"] = max(peaks["cfg"], blend)
     if "decode" in names:
         latent = torch.empty_like(kept.source_latent, dtype=torch.float32)

@@ -61,7 +61,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from backend.backbones.base import Backbone, Timestep
+from backend.backbones.base import Backbone, Conditioning, Timestep
 from backend.errors import BadClipError, BadSettingsError, OutOfMemoryError
 from backend.masks import MaskTally, check_region_masks_shape, region_name
 from backend.memory.savers import (
@@ -81,6 +81,7 @@ from backend.method.regions import (
     EditRegions,
     blend_latents,
     composite_into_frames,
+    generation_mask,
     masked_smm,
     plate_alpha_frames,
     prepare_regions,
@@ -89,6 +90,7 @@ from backend.method.regions import (
     weights_at,
 )
 from backend.method.windows import Window, blend_windowed, place_windows, window_slice
+from backend.references import check_references, fingerprint
 from backend.results import (
     CancelCheck,
     ProgressCallback,
@@ -139,6 +141,9 @@ class Engine:
         self.embedding_cache = EmbeddingCache(cache_dir)
         self.model_passes: Counter[tuple[str, str]] = Counter()
         self.upscaler = upscaler
+        # Sums the latent's gradient over a gang's ranks in place before each Adam step
+        # (backend/gang.py GangMember.reduce_gradient); one process: nothing to sum.
+        self.gradient_reducer: Callable[[torch.Tensor], None] = _own_gradient
 
     def describe(self) -> dict[str, Any]:
         """What the server reports in its hello: model id, device, dtype, the backbone
@@ -165,6 +170,7 @@ class Engine:
         procedure: Procedure | None = None,
         masks: RegionMasks | None = None,
         savers: MemoryDecision | None = None,
+        references: list[np.ndarray] | None = None,
     ) -> TransferResult:
         """Edit a clip.
 
@@ -183,12 +189,17 @@ class Engine:
         savers: the memory savers decided for this edit before it (`--memory auto`, by
         whoever plans it: backend/memory/planner.py MemoryPlanner.decide), turned on here
         and recorded in the sidecar's `memory`; None turns none on. The engine never plans.
-        Raises BadClipError (BadMaskError), BadSettingsError, OutOfMemoryError, JobCancelled.
+
+        references: reference images, (H, W, 3) uint8 each, for a backbone that takes
+        them (facts.max_references; Wan VACE): the new subject's look, conditioned on
+        with the strength settings.reference_strength (docs/method.md, "Reference images").
+        Raises BadClipError (BadMaskError), BadReferenceError, BadSettingsError,
+        OutOfMemoryError, JobCancelled.
         """
         seed = settings.seed if settings.seed is not None else random.SystemRandom().randrange(2**31)
         take = Take(settings.prompt, seed)
         return self.transfer_takes(clip_frames, settings, [take], progress, cancelled, procedure,
-                                   masks, savers)[0]
+                                   masks, savers, references=references)[0]
 
     def transfer_takes(
         self,
@@ -202,6 +213,7 @@ class Engine:
         savers: MemoryDecision | None = None,
         batch_size: int | None = None,
         on_take: TakeCallback | None = None,
+        references: list[np.ndarray] | None = None,
     ) -> list[TransferResult]:
         """Several takes of one clip (backend/results.py Take: a prompt and a seed), from one
         inversion and one set of source features: one TransferResult per take, in order,
@@ -244,6 +256,8 @@ class Engine:
         if settings.quality == "preview" and not PREVIEW.upscale:
             settings = dataclasses.replace(settings, upscale="none")
         self.check_settings(settings, len(clip_frames))
+        b = self.backbone
+        references = check_references(references or [], b.facts.max_references, b.facts.name)
         self.backbone.use_settings(settings)
         passes_before = Counter(self.model_passes)
         indices = sample_indices(len(clip_frames), frames_to_edit(settings, len(clip_frames)),
@@ -278,6 +292,7 @@ class Engine:
                 with _timed(shared, "encode_invert"):
                     source, from_cache = self._source_state(frames, windows, settings, procedure,
                                                             report, embeddings.source)
+                    conditioning = self.conditioning_for(frames, regions, references, settings)
                 shared_passes = self.model_passes - passes_before
                 for group in groups:
                     group_timings: dict[str, float] = {}
@@ -286,7 +301,7 @@ class Engine:
                         latents = self._sample(source, windows, settings,
                                                [takes[k] for k in group], procedure,
                                                _TakeReporter(report, group, len(takes)),
-                                               embeddings.of_takes(group), regions)
+                                               embeddings.of_takes(group), regions, conditioning)
                     with _timed(group_timings, "decode"):
                         for k, latent in zip(group, latents.split(1), strict=True):
                             decoded.append(self.decode(
@@ -313,7 +328,8 @@ class Engine:
                             decoded[k], take_settings, take.seed, framing, indices, windows,
                             from_cache, timings[k], passes[k], requested_upscale, regions,
                             chosen if keeps_plate else None, frame_size, savers,
-                            _TakeReporter(report, [k], len(takes)), last=k == len(takes) - 1))
+                            _TakeReporter(report, [k], len(takes)), last=k == len(takes) - 1,
+                            references=[fingerprint(image) for image in references] or None))
                         decoded[k] = None  # type: ignore[call-overload]  # held once: in its result
                         if on_take is not None:
                             on_take(k, results[k])
@@ -329,7 +345,8 @@ class Engine:
                 timings: dict[str, float], passes: Counter, requested_upscale: str,
                 regions: EditRegions | None,
                 chosen: np.ndarray | None, frame_size: tuple[int, int],
-                savers: MemoryDecision | None, report: Reporter, last: bool) -> TransferResult:
+                savers: MemoryDecision | None, report: Reporter, last: bool,
+                references: list[dict[str, Any]] | None = None) -> TransferResult:
         """One take's decoded frames → its result: upscaled, composited through its
         regions (over the engine's copy of the source frames, in place only for the
         last take: the others still need them), retimed, with its sidecar (its cost:
@@ -352,11 +369,26 @@ class Engine:
                                 regions)
         sidecar = dataclasses.replace(
             sidecar, settings={**sidecar.settings, "upscale": requested_upscale},
-            cost=edit_cost(passes, self.backbone.truncated_pass_share, timings))
+            cost=edit_cost(passes, self.backbone.truncated_pass_share, timings),
+            references=references)
         if savers:
             sidecar = dataclasses.replace(sidecar, memory=savers.to_dict())
         return TransferResult(out, sidecar,
                               None if alpha is None else retime_frames(alpha, len(out)))
+
+    def conditioning_for(self, frames: np.ndarray, regions: EditRegions | None,
+                         references: list[np.ndarray],
+                         settings: TransferSettings) -> Conditioning | None:
+        """The backbone's conditioning of this edit beyond its prompts (None: it has
+        none): the frames as the model gets them, where it generates (the plate's grown
+        region at the model's size, backend/method/regions.py generation_mask; None,
+        the whole frame, without a kept plate), the reference images and their strength."""
+        generate = None
+        if regions is not None and regions.keeps_plate():
+            generate = generation_mask(regions.plate, (frames.shape[2], frames.shape[1]),
+                                       len(frames))
+        return self.backbone.conditioning(frames, generate, references,
+                                          settings.reference_strength)
 
     def _regions_for(self, masks: RegionMasks | None, indices: np.ndarray,
                      settings: TransferSettings, framing: Framing,
@@ -459,6 +491,11 @@ class Engine:
                 f"--window-overlap or raise --window-frames.")
         b.schedule.check_grids(settings.steps, settings.inversion_steps)
         sample_indices(clip_length, frames_to_edit(settings, clip_length), settings.start)
+        edited = b.model_frames(frames_to_edit(settings, clip_length))
+        if b.conditions_whole_clip and len(self.windows_for(edited, settings)) > 1:
+            raise BadSettingsError(
+                f"The {b.facts.name} backbone edits at most {settings.window_frames} frames at "
+                f"once; give fewer --frames (or a shorter --start range).")
         if frame_size is not None:
             self.framing_for(settings, frame_size)
 
@@ -636,7 +673,7 @@ class Engine:
     def _sample(
         self, source: SourceState, windows: list[Window], settings: TransferSettings,
         takes: list[Take], procedure: Procedure, report: Reporter, embeddings: PromptEmbeddings,
-        regions: EditRegions | None = None,
+        regions: EditRegions | None = None, conditioning: Conditioning | None = None,
     ) -> torch.Tensor:
         """The guided, restarted sampling loop of a batch of takes (the prompts'
         `embeddings` made before it, one target row per take); returns their final
@@ -646,7 +683,13 @@ class Engine:
         With regions, guidance reads each region's masked SMM (the source's computed here
         from the cached inverted latents, which do not depend on the region), and where
         the plate is kept every latent the sampler reaches at a timestep is blended with
-        the source's inverted latent there: z = m_lat·z + (1 − m_lat)·z_src(t)."""
+        the source's inverted latent there: z = m_lat·z + (1 − m_lat)·z_src(t).
+
+        With a `conditioning` (the backbone's: Wan VACE's references), every guided and
+        sampling pass runs conditioned, on a latent whose first `leading_frames` frames
+        (the references' slots) come before the clip's: drawn with the clip's noise from
+        each take's generator (one draw of the whole shape, as WanVACEPipeline draws it),
+        stepped and restarted with it, never guided, kept or returned."""
         settings = self.resolve(settings)
         self.backbone.use_settings(settings)
         b = self.backbone
@@ -663,8 +706,12 @@ class Engine:
         # 3a. The initial latent: low frequencies of z₀ re-noised to t₀, high ones fresh
         # (Eq. 4); or, with init "noise", the fresh noise alone. Drawn first from each
         # take's generator, as torch.randn(shape, generator=Generator("cpu").manual_seed(seed)).
-        fresh_noise = torch.cat([torch.randn(source.source_latent.shape, generator=generator)
+        lead = 0 if conditioning is None else conditioning.leading_frames
+        shape = list(source.source_latent.shape)
+        shape[2] += lead
+        fresh_noise = torch.cat([torch.randn(shape, generator=generator)
                                  for generator in generators]).to(b.device)
+        leading, fresh_noise = fresh_noise[:, :, :lead], fresh_noise[:, :, lead:]
         if settings.init == "noise":
             latent = fresh_noise
         else:
@@ -672,6 +719,16 @@ class Engine:
                                           source.noisiest_timestep, grid[route.indices[0]])
             latent = lowfreq_init(start, fresh_noise, settings.lowfreq_factor)
         latent = self.keep_plate(latent, source, grid[route.indices[0]], regions)
+        if lead:
+            latent = torch.cat([leading, latent], dim=2)
+
+        def kept(latent: torch.Tensor, timestep: Timestep | None) -> torch.Tensor:
+            """The plate kept on the clip's frames (the leading frames as they are)."""
+            if not lead:
+                return self.keep_plate(latent, source, timestep, regions)
+            return torch.cat([latent[:, :, :lead],
+                              self.keep_plate(latent[:, :, lead:], source, timestep, regions)],
+                             dim=2)
 
         total = len(route.indices) * len(windows)
         report("sample", 0, total)
@@ -705,12 +762,13 @@ class Engine:
                                 for window in windows]
                     latent = self.guide(latent, timestep, target, source_features, windows,
                                         route.learning_rates[position], settings, report, regions,
-                                        procedure, route.guidance_iterations)
+                                        procedure, route.guidance_iterations, conditioning)
                 # 3c. One CFG step, t → t_next (then, with a kept plate, the blend at t_next).
                 next_timestep = None if is_last else grid[index + span]
                 latent = self.denoise(latent, steps, index, target, negative, settings.cfg_scale,
-                                      windows, report, None if restarts else step_done, span)
-                latent = self.keep_plate(latent, source, next_timestep, regions)
+                                      windows, report, None if restarts else step_done, span,
+                                      conditioning)
+                latent = kept(latent, next_timestep)
                 # 3d. Restart: re-noise t_next → t (the schedule's forward process), each
                 # take with its own generator's noise; then step again.
                 if restarts:
@@ -718,9 +776,9 @@ class Engine:
                                         for row, generator in zip(latent.split(1), generators,
                                                                   strict=True)])
                     latent = self.denoise(latent, steps, index, target, negative, settings.cfg_scale,
-                                          windows, report, step_done)
-                    latent = self.keep_plate(latent, source, next_timestep, regions)
-        return latent
+                                          windows, report, step_done, conditioning=conditioning)
+                    latent = kept(latent, next_timestep)
+        return latent[:, :, lead:]
 
     @contextmanager
     def step_cache_switch(self) -> Iterator[Callable[[bool], None]]:
@@ -755,6 +813,7 @@ class Engine:
         source_features: SourceFeatures, windows: list[Window], learning_rate: float,
         settings: TransferSettings, report: Reporter, regions: EditRegions | None = None,
         procedure: Procedure | None = None, iterations: int | None = None,
+        conditioning: Conditioning | None = None,
     ) -> torch.Tensor:
         """Adam on a copy of x_t so its SMM-difference pattern matches the source's:
         x_t (B, C, F', h, w) → the guided x_t, float32, same shape; B takes with target
@@ -762,30 +821,40 @@ class Engine:
 
         Each iteration sums the windows' losses, L = Σ_k L_k, backpropagating one
         window at a time (memory holds one window's activations), then takes one Adam
-        step on the whole latent. On CUDA in half precision the latent stays float32,
+        step on the whole latent; on a gang of ranks that each backpropagated only their
+        own tokens' share, `gradient_reducer` first sums the shares (every rank then
+        takes the same step). On CUDA in half precision the latent stays float32,
         the model runs under autocast and the loss is scaled before backward (a fresh
         GradScaler per guided step), as the reference does. `iterations`: Adam
         iterations (default settings.guidance_iterations; a preview's route runs fewer).
+
+        conditioning: the model runs conditioned (Backbone.conditioned), and `latent`
+        starts with its leading frames, which every pass reads and Adam leaves as they
+        are (only the clip's frames are guided); returned with them.
         """
         procedure = procedure or Procedure()
         iterations = settings.guidance_iterations if iterations is None else iterations
+        lead = 0 if conditioning is None else conditioning.leading_frames
+        leading, latent = latent[:, :, :lead].detach().float(), latent[:, :, lead:]
         x = latent.detach().float().clone().requires_grad_(True)
         optimizer = torch.optim.Adam([x], lr=learning_rate)
         scaler = torch.amp.GradScaler(self.backbone.device.type, enabled=self._scales_loss())
         kind = "truncated" if procedure.truncate_guidance else "full"
-        with self.backbone.checkpointing(settings.gradient_checkpointing), torch.enable_grad():
+        with (self.backbone.checkpointing(settings.gradient_checkpointing), torch.enable_grad(),
+              self.backbone.conditioned(conditioning)):
             for _ in range(iterations):
                 optimizer.zero_grad(set_to_none=True)
                 for window, window_source in zip(windows, source_features, strict=True):
                     report.check()
                     loss = self._window_loss(window_slice(x, window), timestep, target, window_source,
-                                             settings.loss, procedure, regions, window)
+                                             settings.loss, procedure, regions, window, leading)
                     scaler.scale(loss).backward()
                     self.model_passes["guide", kind] += x.shape[0]
                     self.model_passes["guide", f"{kind}_backward"] += x.shape[0]
+                self.gradient_reducer(x.grad)
                 scaler.step(optimizer)
                 scaler.update()
-        return x.detach()
+        return torch.cat([leading, x.detach()], dim=2) if lead else x.detach()
 
     def guidance_loss(
         self, latent: torch.Tensor, timestep: int, target: torch.Tensor,
@@ -803,16 +872,16 @@ class Engine:
     def _window_loss(
         self, x: torch.Tensor, timestep: int, target: torch.Tensor, source: list[torch.Tensor],
         loss_kind: str, procedure: Procedure, regions: EditRegions | None = None,
-        window: Window | None = None,
+        window: Window | None = None, leading: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One window's loss: the pairwise SMM loss summed over the backbone's taps (the
         model truncated after them, or, for the reference procedure, run whole); with
         regions, summed over the regions too, each read from its own cells only. With a
         batch of takes x (B, C, F_k, h, w), target (B, L, E): summed over the takes,
-        Σ_b L(x_b), each read from its own row."""
+        Σ_b L(x_b), each read from its own row. `leading`: the conditioning's leading
+        frames, put before x for the pass, their features dropped."""
         if regions is not None:
-            taps = self.backbone.taps(x, timestep, target, truncated=procedure.truncate_guidance,
-                                      spatial=True)
+            taps = self._led_taps(x, timestep, target, procedure, True, leading)
             total = x.new_zeros(())
             for tap_source, tap in zip(source, taps, strict=True):
                 weights = _window_weights(regions, window, tap.shape[-2:])
@@ -820,20 +889,40 @@ class Engine:
                     total = total + regions_loss(tap_source, masked_smm(row, weights),
                                                  present_frames(weights), loss_kind)
             return total
-        taps = self.backbone.taps(x, timestep, target, truncated=procedure.truncate_guidance)
+        taps = self._led_taps(x, timestep, target, procedure, False, leading)
         return sum(pairwise_smm_loss(tap_source, row, loss_kind)
                    for tap_source, tap in zip(source, taps, strict=True) for row in tap)
+
+    def _led_taps(self, x: torch.Tensor, timestep: Timestep, target: torch.Tensor,
+                  procedure: Procedure, spatial: bool,
+                  leading: torch.Tensor | None) -> list[torch.Tensor]:
+        """The backbone's taps of x, preceded by the `leading` frames when there are any
+        (dropped from the taps again: frames are their dimension 1)."""
+        if leading is None or not leading.shape[2]:
+            return self.backbone.taps(x, timestep, target, truncated=procedure.truncate_guidance,
+                                      spatial=spatial)
+        lead = leading.shape[2]
+        taps = self.backbone.taps(torch.cat([leading.to(x.dtype), x], dim=2), timestep, target,
+                                  truncated=procedure.truncate_guidance, spatial=spatial)
+        return [tap[:, lead:] for tap in taps]
 
     @torch.no_grad()
     def denoise(
         self, latent: torch.Tensor, steps: int, index: int, target: torch.Tensor,
         negative: torch.Tensor, cfg_scale: float, windows: list[Window], report: Reporter,
         after_window: Callable[[int], None] | None = None, span: int = 1,
+        conditioning: Conditioning | None = None,
     ) -> torch.Tensor:
         """One sampler step from timestep `index` of `steps` (to `span` steps on) with
         classifier-free guidance, o = o_neg + s·(o_text − o_neg) (o: ε or velocity),
-        blended over the windows."""
+        blended over the windows.
+
+        conditioning: the passes run conditioned, on the whole latent at once, its
+        leading frames and the clip's (one window: Backbone.conditions_whole_clip), and
+        all of it is stepped."""
         timestep = self.backbone.schedule.timesteps(steps)[index]
+        if conditioning is not None:
+            windows = [(0, latent.shape[2])]
 
         def cfg_output(piece: torch.Tensor, _window: int) -> torch.Tensor:
             report.check()
@@ -841,7 +930,8 @@ class Engine:
             out_negative, out_text = self.backbone.predict_pair(piece, timestep, negative, target)
             return out_negative + cfg_scale * (out_text - out_negative)
 
-        output = blend_windowed(cfg_output, latent, windows, after_window=after_window)
+        with self.backbone.conditioned(conditioning):
+            output = blend_windowed(cfg_output, latent, windows, after_window=after_window)
         return self.backbone.schedule.step(output, steps, index, latent, span)
 
     # ------------------------------------------------------------------ model calls
@@ -928,6 +1018,10 @@ class Engine:
         # 5d.
         return self.decode(latent, settings.vae_slice, report, "upscale",
                             1 + len(timesteps) * len(windows), total)
+
+
+def _own_gradient(gradient: torch.Tensor) -> None:
+    """One process holds the whole gradient already."""
 
 
 def _box(framing: Framing) -> tuple[int, int, int, int]:

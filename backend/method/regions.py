@@ -372,6 +372,19 @@ def prepare_regions(frames: Iterable[np.ndarray | torch.Tensor], frame_count: in
     return EditRegions(count, motion, plate, latent_of(plate_cells, 0), guidance)
 
 
+def generation_mask(plate: Plate, model_size: tuple[int, int], model_frames: int) -> torch.Tensor:
+    """Where the model makes new pixels, at its size: (model_frames, H, W) bool, true
+    wherever the plate m (at its box's size) is above 0 in the model pixel's area
+    (the grown region, as the feather leaves it; outside it the composite keeps the
+    source exactly), the last frame repeated up to the model's frames (as the clip is
+    padded). model_size = (W, H). What Wan VACE's mask is (backend/backbones/wan_vace.py)."""
+    width, height = model_size
+    frames = [functional.interpolate(plate.frame(index)[None, None].float(), size=(height, width),
+                                     mode="area")[0, 0] > 0
+              for index in range(len(plate.counts))]
+    return pad_frames(torch.stack(frames), model_frames)
+
+
 def composite_into_frames(source: np.ndarray, result: np.ndarray, plate: Plate,
                           box: tuple[int, int, int, int], in_place: bool = False) -> np.ndarray:
     """The source frames (F, H, W, 3) with the result (F, h, w, 3, covering `box`) resized

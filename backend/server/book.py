@@ -117,8 +117,10 @@ class JobBook:
 
     def add(self, job: Job, settings: dict[str, Any], frames: list[bytes],
             masks: list[list[bytes]] | None = None,
-            takes: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Store a new job (its clip, and each region's mask frames) and queue it;
+            takes: dict[str, Any] | None = None,
+            references: list[bytes] | None = None) -> dict[str, Any]:
+        """Store a new job (its clip, each region's mask frames, its reference images)
+        and queue it;
         returns the accepted reply fields.
 
         Raises ProtocolError queue_full / job_exists, or StoreUnavailable (nothing kept).
@@ -134,7 +136,7 @@ class JobBook:
             self._writable(ledger)
             job.seq = ledger.next_seq
             try:
-                self.store.create(job, settings, frames, masks, takes)
+                self.store.create(job, settings, frames, masks, takes, references)
             except StoreUnavailable as error:
                 ledger.store_problem = str(error)
                 raise

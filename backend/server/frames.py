@@ -5,12 +5,15 @@ trusts the wire size: submit reads headers only and checks the job's pixel budge
 ((frames used + mask frames) × width × height ≤ max_job_pixels), and the engine
 decodes only the frames the settings choose. A region's mask frames (white = subject)
 are decoded at submit, one region at a time, to refuse an empty or all-white region
-before the job is queued; they are read again as the engine asks (PngMasks).
+before the job is queued; they are read again as the engine asks (PngMasks). Reference
+images (a few per job) are decoded at submit to refuse an unreadable or wrongly sized
+one, and again as the engine reads them (PngReferences); their pixels count in the budget.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -108,13 +111,73 @@ def decode_mask(frame: bytes, what: str, size: tuple[int, int] | None = None) ->
             "send masks as greyscale PNGs.", ErrorCode.BAD_MASK) from None
 
 
+def check_reference_images(references: list[bytes]) -> int:
+    """Check each reference image is a readable PNG with sides in the range allowed
+    (backend/references.py); ProtocolError (bad_reference) with one sentence, else the
+    pixels they decode to. Each is decoded once here (a job has a few)."""
+    pixels = 0
+    for index, data in enumerate(references):
+        decode_reference(data, f"reference image {index + 1}")
+        width, height = png_size(data)
+        pixels += width * height
+    return pixels
+
+
+def decode_reference(data: bytes, what: str) -> np.ndarray:
+    """One reference PNG → (H, W, 3) uint8 RGB, its size checked from the header before
+    the pixels are decoded; ProtocolError (bad_reference) with one sentence."""
+    from PIL import Image
+
+    from backend.references import side_problem
+
+    try:
+        if not is_png(data):
+            raise ValueError("not a PNG")
+        with Image.open(io.BytesIO(data)) as image:
+            if problem := side_problem(*image.size, what):
+                raise ProtocolError(problem, ErrorCode.BAD_REFERENCE)
+            return np.asarray(image.convert("RGB"))
+    except ProtocolError:
+        raise
+    except Exception as error:  # Pillow raises many types for broken images
+        raise ProtocolError(
+            f"The {what} is not a readable PNG ({type(error).__name__}); send reference "
+            "images as PNGs.", ErrorCode.BAD_REFERENCE) from None
+
+
+class PngReferences(Sequence):
+    """A job's reference images as PNGs (bytes, or the paths of files holding them),
+    decoded when read: item i is (H, W, 3) uint8, what Engine.transfer's `references`
+    takes. `png_bytes` hands them on undecoded (to a Ray worker)."""
+
+    def __init__(self, images: list[Path] | list[bytes], source: str) -> None:
+        self.images = list(images)
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return decode_reference(self._bytes(index), f"reference image {index + 1} of {self.source}")
+
+    def png_bytes(self) -> list[bytes]:
+        return [self._bytes(index) for index in range(len(self))]
+
+    def _bytes(self, index: int) -> bytes:
+        image = self.images[index]
+        return image if isinstance(image, bytes | bytearray) else Path(image).read_bytes()
+
+
 def check_pixel_budget(frames_used: int, size: tuple[int, int], max_job_pixels: int,
-                       mask_frames: int = 0) -> None:
-    """Refuse a job whose used frames and mask frames (every region's, all of which are
-    read) would decode to more than max_job_pixels."""
-    pixels = (frames_used + mask_frames) * size[0] * size[1]
+                       mask_frames: int = 0, reference_pixels: int = 0) -> None:
+    """Refuse a job whose used frames, mask frames (every region's, all of which are
+    read) and reference images would decode to more than max_job_pixels."""
+    pixels = (frames_used + mask_frames) * size[0] * size[1] + reference_pixels
     if pixels > max_job_pixels:
         masks = f" and {mask_frames} mask frames" if mask_frames else ""
+        masks += " and its reference images" if reference_pixels else ""
         raise ProtocolError(
             f"The job would decode {frames_used} frames{masks} of "
             f"{size[0]}×{size[1]} ({pixels / 1e6:.0f} megapixels); the server decodes at most "

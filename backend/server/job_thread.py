@@ -22,7 +22,7 @@ from backend.errors import JobCancelled
 from backend.results import CancelCheck, ProgressCallback, TransferResult, take_phase
 from backend.server.book import WORKER_LOST_TWICE, JobBook
 from backend.server.engine_api import EngineLost, TransferEngine
-from backend.server.frames import PngClip, PngMasks
+from backend.server.frames import PngClip, PngMasks, PngReferences
 from backend.server.planning import pass_gate
 from backend.server.store import Job, JobStore, StoreUnavailable
 from shared.errors import ErrorCode
@@ -107,6 +107,10 @@ class JobThread:
             regions = self.store.mask_paths(job.job_id, len(request.get("masks", [])))
             # Only a job with regions passes masks, so an engine without them runs as before.
             with_masks = {"masks": PngMasks(regions, f"job {job.job_id}")} if regions else {}
+            # Likewise references (a backbone that takes none never sees the argument).
+            references = self.store.reference_paths(job.job_id)
+            if references:
+                with_masks["references"] = PngReferences(references, f"job {job.job_id}")
             if job.takes > 1:
                 images, sidecar = self._run_takes(job, request, settings, clip, with_masks,
                                                   len(regions), making, progress, cancelled,

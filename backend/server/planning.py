@@ -50,6 +50,10 @@ class ServerMemory:
     model: Any  # a Backbone, or a name of plannable_models()
     device: str | None = None
     dtype: str | None = None
+    # GPUs per job (`serve --ray … --gang N`). Each rank holds every weight and the whole
+    # latent; only the transformer's activations (guide, cfg) divide by about N. The plan
+    # is one GPU's peak: an upper bound of each rank's, so what fits one GPU fits a rank.
+    gang: int = 1
 
     def gpu(self) -> dict[str, Any] | None:
         return self.planner.gpu()

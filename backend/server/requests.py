@@ -18,7 +18,12 @@ from typing import TYPE_CHECKING, Any
 from backend.errors import UnderstudyError
 from backend.server.book import JobBook
 from backend.server.engine_api import TransferEngine
-from backend.server.frames import check_mask_frames, check_pixel_budget, check_png_frames
+from backend.server.frames import (
+    check_mask_frames,
+    check_pixel_budget,
+    check_png_frames,
+    check_reference_images,
+)
 from backend.server.planning import PlanDesk, PlanWork, ServerMemory, log_planning_bug
 from backend.server.store import Job, StoreUnavailable
 from backend.server.transport import Incoming, client_name, printable
@@ -154,7 +159,12 @@ class Requests:
                 "engine": described, "limits": self.limits, "heartbeat_s": self.heartbeat_s,
                 "queue_length": self.book.queue_length(), "secure": self.secure(),
                 "degraded": problem, "dropped_messages": self.dropped(),
-                "plans_waiting": self.desk.waiting(), **self._gpu()}
+                "plans_waiting": self.desk.waiting(), "max_references": self._max_references(),
+                **self._gpu()}
+
+    def _max_references(self) -> int:
+        """The reference images a job may carry: the backbone's (0: it takes none)."""
+        return int((self.engine.describe().get("backbone") or {}).get("max_references") or 0)
 
     def _gpu(self) -> dict[str, Any]:
         """The hello's GPU fields: `gpu` (name, total_bytes, free_bytes, budget_bytes,
@@ -231,6 +241,8 @@ class Requests:
         plan = self.memory.plan(settings, frames_to_edit(settings, frame_count), size, regions,
                                 batch)
         reply["peak_bytes"] = plan.peak_bytes
+        if self.memory.gang > 1:  # ServerMemory.gang says why one GPU's peak bounds a rank's
+            reply["gang"] = {"size": self.memory.gang, "peak": "per rank, at most"}
         try:
             decision = self.memory.decide(settings, frame_count, size, regions, batch)  # cached above
             reply.update(savers=list(decision.savers),
@@ -259,11 +271,13 @@ class Requests:
             settings = protocol.require(header, "settings", dict)
             regions = protocol.check_regions(header.get("regions"))
             takes = protocol.check_takes(header, self.limits)
-            clip, masks = protocol.split_payload(payload, regions)
+            count = protocol.check_references(header.get("references"), self._max_references())
+            inputs, references = protocol.split_references(payload, count)
+            clip, masks = protocol.split_payload(inputs, regions)
             header_bytes = len(protocol.json_text(header))
             protocol.check_submit_limits(self._with_model_size(settings), clip, header_bytes,
-                                         self.limits, masks)
-            digest = protocol.request_digest(settings, payload, regions, takes)
+                                         self.limits, masks, references)
+            digest = protocol.request_digest(settings, payload, regions, takes, count)
             repeated = self.book.existing(job_id, client, owner, digest)
             if repeated is not None:
                 return {"type": ReplyType.ACCEPTED, **repeated}
@@ -281,7 +295,7 @@ class Requests:
             frames_used = len(clip) if parsed.num_frames is None else min(parsed.num_frames,
                                                                           len(clip))
             check_pixel_budget(frames_used, size, self.limits["max_job_pixels"],
-                               regions * len(clip))
+                               regions * len(clip), check_reference_images(references))
             check_mask_frames(masks, len(clip), size)
             self.engine.check_settings(parsed, len(clip), size)
             job = Job(job_id=job_id, seq=-1, client=client, owner=owner, digest=digest,
@@ -289,7 +303,8 @@ class Requests:
                       takes=1 if stored_takes is None else takes.count)
 
             def queue_job(_decision: Any = None) -> dict[str, Any]:
-                return self._queue(job, settings, clip, masks, regions, stored_takes)
+                return self._queue(job, settings, clip, masks, regions, stored_takes,
+                                   references)
 
             if not self._planned(parsed):
                 return queue_job()
@@ -307,14 +322,15 @@ class Requests:
 
     def _queue(self, job: Job, settings: dict[str, Any], clip: list[bytes],
                masks: list[list[bytes]], regions: int,
-               takes: dict[str, Any] | None = None) -> dict[str, Any]:
+               takes: dict[str, Any] | None = None,
+               references: list[bytes] | None = None) -> dict[str, Any]:
         """Store and queue a checked job (its plan, if any, says it fits): the reply."""
         try:
             # The same request may have been accepted while this one waited for its plan.
             repeated = self.book.existing(job.job_id, job.client, job.owner, job.digest)
             if repeated is not None:
                 return {"type": ReplyType.ACCEPTED, **repeated}
-            accepted = self.book.add(job, settings, clip, masks, takes)
+            accepted = self.book.add(job, settings, clip, masks, takes, references)
         except UnderstudyError as error:  # the store unavailable
             return _rejected(job.job_id, error.code, str(error))
         except ProtocolError as error:  # queue full, the id taken meanwhile

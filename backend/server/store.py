@@ -47,6 +47,7 @@ log = logging.getLogger("understudy.server")
 
 PROBE_NAME = ".write-probe"
 MASK_FOLDER = "mask"  # mask/<region>/00000.png …
+REFERENCE_FOLDER = "references"  # a job's reference images, 00000.png …
 TAKES_FOLDER = "takes"  # takes/<take>/00000.png …, the take numbered from 1
 
 
@@ -106,10 +107,12 @@ class Job:
 
     def request_record(self, settings: dict[str, Any], inputs: list[str],
                        masks: list[list[str]] | None = None,
-                       takes: dict[str, Any] | None = None) -> dict[str, Any]:
+                       takes: dict[str, Any] | None = None,
+                       references: list[str] | None = None) -> dict[str, Any]:
         """request.json; `inputs`: each input frame's SHA-256, to prove them intact;
         `masks`: each region's mask frames' SHA-256 (only when the job has regions);
         `takes`: {"seeds", "prompts"} (only when the job asks for takes);
+        `references`: each reference image's SHA-256 (only when the job has any);
         `client`: the submitting client id, for a rebuilt job's events."""
         record = {"job_id": self.job_id, "seq": self.seq, "owner": self.owner,
                   "client": self.client,
@@ -119,6 +122,8 @@ class Job:
             record["masks"] = masks
         if takes:
             record["takes"] = takes
+        if references:
+            record["references"] = references
         return record
 
 
@@ -204,9 +209,10 @@ class JobStore:
 
     def create(self, job: Job, settings: dict[str, Any], frames: list[bytes],
                masks: list[list[bytes]] | None = None,
-               takes: dict[str, Any] | None = None) -> None:
-        """Store inputs (clip, then each region's masks), request, then status (queued):
-        after this the job is accepted.
+               takes: dict[str, Any] | None = None,
+               references: list[bytes] | None = None) -> None:
+        """Store inputs (clip, then each region's masks, then the reference images),
+        request, then status (queued): after this the job is accepted.
 
         On failure nothing of the job is left behind and StoreUnavailable is raised.
         """
@@ -224,9 +230,15 @@ class JobStore:
                 for index, frame in enumerate(mask_frames):
                     atomic_write(region_folder / f"{index:05d}.png", frame)
                 fsync_dir(region_folder)
+            if references:
+                (folder / REFERENCE_FOLDER).mkdir()
+                for index, image in enumerate(references):
+                    atomic_write(folder / REFERENCE_FOLDER / f"{index:05d}.png", image)
+                fsync_dir(folder / REFERENCE_FOLDER)
             atomic_write(folder / "request.json", json_bytes(job.request_record(
                 settings, frame_digests(frames),
-                [frame_digests(mask_frames) for mask_frames in masks or []], takes)))
+                [frame_digests(mask_frames) for mask_frames in masks or []], takes,
+                frame_digests(references or []))))
             self._write_status(job)
             fsync_dir(self.root)
         except OSError as error:
@@ -287,6 +299,10 @@ class JobStore:
         """Each region's stored mask frames, in order ([] for a job without regions)."""
         return [sorted((self.folder(job_id) / MASK_FOLDER / str(region)).glob("*.png"))
                 for region in range(regions)]
+
+    def reference_paths(self, job_id: str) -> list[Path]:
+        """The stored reference images, in order ([] for a job without any)."""
+        return sorted((self.folder(job_id) / REFERENCE_FOLDER).glob("*.png"))
 
     def read_result(self, job_id: str, frame_count: int | None
                     ) -> tuple[dict[str, Any], list[bytes]]:
@@ -425,8 +441,8 @@ def _owner_of(folder: Path) -> str | None:
 
 
 def _inputs_problem(folder: Path, request: dict[str, Any]) -> str | None:
-    """None when every input frame (and every region's mask frame) is there and has
-    the SHA-256 request.json recorded, else what is wrong (for the log)."""
+    """None when every input frame (and every region's mask frame and reference image)
+    is there and has the SHA-256 request.json recorded, else what is wrong (for the log)."""
     recorded = request.get("inputs")
     if not isinstance(recorded, list) or not recorded:
         return "request.json records no input digests to check the inputs against"
@@ -441,6 +457,12 @@ def _inputs_problem(folder: Path, request: dict[str, Any]) -> str | None:
             return f"request.json records region {region}'s mask digests wrongly"
         problem = _files_problem(sorted((folder / MASK_FOLDER / str(region)).glob("*.png")),
                                  digests, f"region {region} mask")
+    references = request.get("references", [])
+    if problem is None and not isinstance(references, list):
+        return "request.json records its reference images' digests wrongly"
+    if problem is None and references:
+        problem = _files_problem(sorted((folder / REFERENCE_FOLDER).glob("*.png")), references,
+                                 "reference")
     return problem
 
 

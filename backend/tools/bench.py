@@ -40,9 +40,10 @@ stops after the feature taps (ZeroScope: up_blocks[1]; Wan: the guidance block) 
 its measured share of a full pass (timed here); a backward pass counts twice its forward.
 
 Architectures (`--arch`, backend/backbones/registry.py): a backbone's name ("zeroscope":
-ZeroScope v2, "wan": Wan 2.1 T2V-1.3B; `--random-weights` for the architecture with
-random weights), its tiny model ("tiny", "wan-tiny") or its random-weight model
-("zeroscope-random", "wan-random": the name with --random-weights). A backbone runs at
+ZeroScope v2, "wan": Wan 2.1 T2V-1.3B, "wan-vace": Wan 2.1 VACE-1.3B; `--random-weights`
+for the architecture with random weights), its tiny model ("tiny", "wan-tiny",
+"wan-vace-tiny") or its random-weight model ("zeroscope-random", "wan-random",
+"wan-vace-random": the name with --random-weights). Edits carry no reference image. A backbone runs at
 its own sizes and window (ZeroScope 24×576×320, Wan 81×832×480), a tiny model at a
 small clip.
 """
@@ -593,7 +594,17 @@ def main_bench(args) -> int:
         from backend.tools.bench_memory import main_memory_bench
 
         return main_memory_bench(args, build_backbone, default_sizes)
-    if args.takes:
+    if args.gang:
+        from backend.tools.bench_gang import format_gang, run_gang_bench
+
+        entry = backbone_of_arch(args.arch)  # the model an --arch names, as build_backbone reads it
+        model = ((entry.random if args.random_weights else entry.published)
+                 if args.arch == entry.name else args.arch)
+        frames, width, height = default_sizes(args.arch)
+        report = run_gang_bench(model, args.gang, args.frames or frames, args.width or width,
+                                args.height or height, args.device, args.dtype)
+        print(format_gang(report))
+    elif args.takes:
         report = run_takes(args.arch, args.random_weights, args.takes, args.frames, args.width,
                            args.height, args.device, args.dtype, args.steps)
         print(format_takes(report))

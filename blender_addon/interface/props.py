@@ -22,6 +22,7 @@ from ..connection import local as local_backend
 from ..job_flow import jobs
 from ..rules.channels import Span
 from ..rules.frames import DEFAULT_MAX_RENDER_SIZE
+from ..rules.look import LOOK_KINDS, LOOK_NONE
 from ..rules.messages import region_summary, sidecar_summary
 from ..rules.panel_settings import (
     PANEL_CHOICE_SETTINGS,
@@ -227,6 +228,23 @@ class UnderstudySettings(bpy.types.PropertyGroup):
     region_feather: IntProperty(name="Feather (px)", **int_property_range("region_feather"),
                                 description=SETTINGS.spec_of("region_feather").help)
     motion: EnumProperty(name="Motion", **choice_property("motion"))
+    # The new subject's look from a picture: one reference image, sent with the job to a
+    # server whose model takes references (Wan VACE).
+    look_kind: EnumProperty(name="Look", items=LOOK_KINDS, default=LOOK_NONE,
+                            description="A picture of the new subject's look (a server with "
+                                        "Wan VACE takes it)")
+    look_image: PointerProperty(name="Image", type=bpy.types.Image,
+                                description="The Image that shows the new subject's look")
+    look_strip: StringProperty(name="Image strip", default="",
+                               description="The image strip whose picture at the current "
+                                           "frame shows the new subject's look")
+    look_file: StringProperty(name="File", default="", subtype="FILE_PATH",
+                              description="A picture file (PNG, JPEG) of the new subject's look")
+    reference_strength: FloatProperty(
+        name="Look strength", default=SETTINGS.DEFAULTS["reference_strength"],
+        min=SETTINGS.spec_of("reference_strength").low,
+        max=SETTINGS.spec_of("reference_strength").high,
+        description=SETTINGS.spec_of("reference_strength").help)
     # Takes: one result per seed (seed, seed + 1, ...) from one inversion; the server says
     # how many it makes per job (its max_takes), checked before anything is rendered.
     takes: IntProperty(name="Takes", default=1, min=1, max=PROTOCOL.MAX_TAKES,
@@ -243,6 +261,9 @@ class UnderstudySettings(bpy.types.PropertyGroup):
             **{name: setting_from_panel(name, int(getattr(self, name)))
                for name in PANEL_INT_SETTINGS},
             **{name: str(getattr(self, name)) for name in PANEL_CHOICE_SETTINGS},
+            # Only with a Look: a server older than references knows no such setting.
+            **({"reference_strength": float(self.reference_strength)}
+               if self.look_kind != LOOK_NONE else {}),
         }
 
 

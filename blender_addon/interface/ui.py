@@ -6,6 +6,7 @@ from .. import addon
 from ..connection import link
 from ..connection import local as local_backend
 from ..job_flow import jobs
+from ..rules.look import LOOK_FILE, LOOK_IMAGE, LOOK_NONE, LOOK_STRIP, look_refusal, look_text
 from ..rules.messages import progress_text
 from ..rules.regions import REGION_MASK, REGION_NONE, REGION_STRIP
 from ..rules.server_hello import server_max_takes
@@ -68,6 +69,7 @@ class UNDERSTUDY_PT_panel(bpy.types.Panel):
             layout.label(text=f"Last seed: {settings.last_seed}")
         layout.prop(settings, "framing")
         self.draw_region(layout, scene, settings)
+        self.draw_look(layout, context, scene, settings)
 
         layout.prop(settings, "show_advanced", icon="PREFERENCES")
         if settings.show_advanced:
@@ -141,6 +143,31 @@ class UNDERSTUDY_PT_panel(bpy.types.Panel):
         row.prop(settings, "region_grow")
         row.prop(settings, "region_feather")
         box.prop(settings, "motion")
+
+    def draw_look(self, layout, context, scene, settings) -> None:
+        """The new subject's look: an Image (with its thumbnail), an image strip at the
+        current frame, or a file; the one sentence when the server (as it last said
+        hello) takes no reference."""
+        box = layout.box()
+        box.prop(settings, "look_kind")
+        name = ""
+        if settings.look_kind == LOOK_IMAGE:
+            box.template_ID_preview(settings, "look_image", open="image.open", rows=2, cols=4)
+            name = settings.look_image.name if settings.look_image is not None else ""
+        elif settings.look_kind == LOOK_STRIP and scene.sequence_editor is not None:
+            box.prop_search(settings, "look_strip", scene.sequence_editor,
+                            "strips" if hasattr(scene.sequence_editor, "strips") else "sequences")
+            name = settings.look_strip
+        elif settings.look_kind == LOOK_FILE:
+            box.prop(settings, "look_file")
+            name = settings.look_file
+        box.label(text=look_text(settings.look_kind, name), icon="IMAGE_DATA")
+        if settings.look_kind != LOOK_NONE:
+            box.prop(settings, "reference_strength")
+            hello = link.known_hello(addon.preferences(context).server_config())
+            refusal = None if hello is None else look_refusal(hello, True)
+            if refusal is not None:
+                box.label(text=refusal, icon="ERROR")
 
     def draw_backend(self, layout, context) -> None:
         """The backend on this computer: starting, ready, busy, stopped or exited (with the

@@ -28,6 +28,7 @@ from .. import addon
 from ..connection import link
 from ..rules.channels import Span, result_channel
 from ..rules.errors import UserError, os_reason
+from ..rules.look import check_look
 from ..rules.memory_plan import memory_line
 from ..rules.names import REGION_SUBFOLDER, SOURCE_SUBFOLDER, new_job_id, result_folder
 from ..rules.panel_settings import transfer_settings
@@ -102,6 +103,7 @@ class RenderSession:
     region_frames: list[MatteFrame] = field(default_factory=list)
     size: tuple[int, int] = (0, 0)  # the frames' (width, height)
     request: TransferRequest = field(default_factory=TransferRequest)
+    look: bytes | None = None  # the panel's Look as a PNG, sent as the job's reference
 
     @property
     def source_folder(self) -> str:
@@ -225,11 +227,13 @@ def new_session(context, request: TransferRequest, tick_budget_s: float | None =
     frames = frames_to_render(span, server_frame_limit(hello), repr(strip.name))
     check_server_limits(hello, settings, size, region)
     check_takes(hello, request.takes)
+    look = strip_io.look_png(scene, scene.understudy)
+    check_look(hello, look is not None)
     return RenderSession(job_id, scene.name, strip.name, span,
                          batches.BatchRenderer(frames, tick_budget_s), folder, stored, place,
                          int(prefs.max_render_size), settings, config, region=region,
                          region_renderer=batches.BatchRenderer(frames, tick_budget_s)
-                         if region else None, size=size, request=request)
+                         if region else None, size=size, request=request, look=look)
 
 
 def named_source(scene, name: str, span: Span):
@@ -312,8 +316,10 @@ def advance(session: RenderSession, scene) -> bool:
         masks = [[Path(session.region_folder, strip_io.REGION_FILE.format(index + 1)).read_bytes()
                   for index in range(renderer.total)]]
     client = link.client_for(session.config)
-    takes = {"takes": session.request.takes} if session.request.takes > 1 else {}
+    extra = {"takes": session.request.takes} if session.request.takes > 1 else {}
+    if session.look is not None:  # the Look goes as the job's one reference image
+        extra["references"] = [session.look]
     link.guarded(lambda: client.submit(session.job_id, session.settings, frames, masks=masks,
-                                       **takes))
+                                       **extra))
     strip_io.remove_folder(session.region_folder)  # the server keeps them with the job
     return False

@@ -17,6 +17,7 @@ from pathlib import Path
 from ..rules.channels import Neighbour, Span, check_source, free_channel
 from ..rules.errors import UserError
 from ..rules.frames import render_percentage, rendered_size, retime_indices
+from ..rules.look import LOOK_FILE, LOOK_IMAGE, LOOK_NONE, LOOK_STRIP, check_look_size
 from ..rules.names import frame_file_names
 from ..rules.regions import REGION_MASK, MatteFrame, Region
 from . import compat, placement, pngio
@@ -344,6 +345,58 @@ def finish_result_frame(result_path: str, source_path: str,
         return False
     Path(result_path).write_bytes(pngio.encode_rgba(pixels))
     return True
+
+
+def look_png(scene, settings) -> bytes | None:
+    """The panel's Look as one PNG (None: no Look): the Image data-block's pixels, the
+    image strip's picture at the current frame, or the file's. UserError with one
+    sentence when it is not set, cannot be read, or is too small or too large."""
+    import bpy
+
+    kind = settings.look_kind
+    if kind == LOOK_NONE:
+        return None
+    if kind == LOOK_IMAGE:
+        if settings.look_image is None:
+            raise UserError("Pick the Image of the new subject's look, or set Look to None.")
+        return _image_png(settings.look_image, repr(settings.look_image.name))
+    if kind == LOOK_STRIP:
+        editor = scene.sequence_editor
+        strip = compat.all_strips(editor).get(settings.look_strip) if editor else None
+        if strip is None or strip.type != "IMAGE":
+            raise UserError(f"The Look's image strip {settings.look_strip!r} is not an image "
+                            f"strip of this scene; pick one, or set Look to None.")
+        element = strip.strip_elem_from_frame(scene.frame_current)
+        if element is None:
+            raise UserError(f"The image strip {strip.name!r} shows nothing at frame "
+                            f"{scene.frame_current}; move to a frame it shows.")
+        path = os.path.join(bpy.path.abspath(strip.directory), element.filename)
+    else:
+        assert kind == LOOK_FILE
+        path = bpy.path.abspath(settings.look_file)
+    if not os.path.isfile(path):
+        raise UserError(f"The Look's picture {path} is not there; pick the file again.")
+    try:
+        image = bpy.data.images.load(path, check_existing=False)
+    except RuntimeError as error:
+        raise UserError(f"Blender cannot read the Look's picture {path} ({error}); give a PNG "
+                        f"or JPEG.") from error
+    try:
+        return _image_png(image, os.path.basename(path))
+    finally:
+        bpy.data.images.remove(image)
+
+
+def _image_png(image, name: str) -> bytes:
+    """An Image's pixels (its stored values, top row first) as an RGBA PNG."""
+    import numpy as np
+
+    width, height = image.size
+    check_look_size(width, height, name)
+    pixels = np.empty(width * height * 4, np.float32)
+    image.pixels.foreach_get(pixels)
+    rgba = np.flipud(pixels.reshape(height, width, 4))  # Blender's first row is the bottom
+    return pngio.encode_rgba(np.clip(np.rint(rgba * 255), 0, 255).astype(np.uint8))
 
 
 def png_file_size(path: str) -> tuple[int, int]:
