@@ -537,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="plan an edit with this many regions (--mask), at the clip's size "
                              "(default: %(default)s)")
     memory.add_argument("--gpu-memory-gb", type=float, default=None, metavar="N",
-                        help="also choose the savers (cheapest first) that fit a GPU with N GiB "
+                        help="also choose the cheapest combination of savers that fits a GPU with N GiB "
                              "(2^30 bytes) free, or say why none do")
     memory.add_argument("--json", action="store_true", help="print the plan as JSON")
     memory.set_defaults(func=command_memory)
@@ -584,7 +584,7 @@ def command_memory(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(format_plan(plan))
+        print(format_plan(plan, tuple(report["chosen"]["savers"]) if "chosen" in report else None))
         if "chosen" in report:
             chosen = report["chosen"]
             print(f"  fits {args.gpu_memory_gb:g} GiB with: {', '.join(chosen['savers']) or 'no saver'} "

@@ -30,10 +30,6 @@ UPSCALERS = ("none", "xl")
 MOTIONS = ("subject", "camera")
 MEMORY_MODES = ("auto", "off")
 QUALITIES = ("preview", "final")
-# The GPU-memory savers, cheapest first: the order `--memory auto` turns them on in, each
-# with every one before it. The plan (backend/memory/planner.py), the engine
-# (backend/memory/savers.py), the server's hello, the command line and the sidecar all
-# name them from here.
 # Reference images (`transfer --reference`, a submit's `references`): the new subject's
 # look from a picture, for a backbone that takes them (Wan VACE; its hello's
 # max_references). Each side of a reference must lie in this range of pixels: below
@@ -42,8 +38,13 @@ QUALITIES = ("preview", "final")
 REFERENCE_FLAG = "--reference"
 MIN_REFERENCE_SIDE = 16
 MAX_REFERENCE_SIDE = 4096
-MEMORY_SAVERS = ("gradient_checkpointing", "vae_slice_1", "text_encoder_offload", "vae_offload",
-                 "sequential_offload")
+# The GPU-memory savers. `--memory auto` takes the cheapest combination of them that fits
+# (backend/memory/planner.py counts each one's cost: recomputed FE, bytes moved, a blended
+# output); this order is only how they are listed. The plan, the engine
+# (backend/memory/savers.py), the server's hello, the command line and the sidecar all
+# name them from here.
+MEMORY_SAVERS = ("gradient_checkpointing", "vae_slice_1", "vae_tiling", "text_encoder_offload",
+                 "vae_offload", "sequential_offload")
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         '--memory auto takes the dearest savers first',
         'backend/memory/planner.py',
-        '    for saver in plan.savers:\n        if saver["name"] not in allowed:',
-        '    for saver in reversed(plan.savers):\n        if saver["name"] not in allowed:',
+        '    for combination in usable:\n        if combination["peak_bytes"] <= budget_bytes:',
+        '    for combination in reversed(usable):\n        if combination["peak_bytes"] <= budget_bytes:',
         ('tests/test_memory.py::test_memory_auto_takes_the_cheapest_savers_that_fit',),
     ),
     Mutant(
@@ -84,6 +84,20 @@ MUTANTS: tuple[Mutant, ...] = (
         '            if "vae_offload" in wanted:\n                move(vae, host)',
         '            if "vae_offload" in wanted:\n                pass',
         ('tests/test_memory_savers.py::test_the_offloads_keep_each_network_on_the_gpu_only_while_it_works',),
+    ),
+    Mutant(
+        'tiles that skip their overlap',
+        'backend/backbones/wan.py',
+        '        stride = self.vae_tile_pixels - self.vae_tile_overlap',
+        '        stride = self.vae_tile_pixels',
+        ('tests/test_memory_savers.py::test_vae_tiling_matches_whole_frames_within_its_blend',),
+    ),
+    Mutant(
+        "ZeroScope's checkpointing leaves transformer_in's activations alive through the backward",
+        'backend/backbones/zeroscope.py',
+        '    parts: list[torch.nn.Module] = [unet.transformer_in]',
+        '    parts: list[torch.nn.Module] = []',
+        ('tests/test_memory_savers.py::test_zeroscope_checkpointing_recomputes_each_part_once_in_backward',),
     ),
     # --- the job server's promises (backend/server/, shared/protocol.py, shared/client.py)
     Mutant(

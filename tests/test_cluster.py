@@ -492,11 +492,12 @@ def test_a_gateway_plans_each_job_for_its_workers_gpus(tmp_path, connect_client)
     """`--memory auto` behind `--ray`: the worker reports the GPU it was told it has, the
     gateway plans for it, refuses before queueing what cannot fit, and the savers it
     chose reach the worker and the sidecar (as on one box, tests/test_memory_server.py)."""
+    from backend.memory.planner import choose_savers
     from tests.test_memory_server import BIG, CLIP_SIZE, tiny_plan
 
-    peaks = {saver["name"]: saver["peak_bytes"] for saver in tiny_plan().savers}
-    budget = peaks["vae_offload"] + 256  # the quick job fits with the first four savers
-    assert budget < min(saver["peak_bytes"] for saver in tiny_plan(**BIG).savers)
+    budget = min(c["peak_bytes"] for c in tiny_plan().combinations) + 256  # the quick job fits
+    assert budget < min(c["peak_bytes"] for c in tiny_plan(**BIG).combinations)
+    chosen = choose_savers(tiny_plan(), budget)
     gateway = ServerProcess(tmp_path / "state", "--ray", "local:1", "--assume-gpu-memory-gb",
                             repr(budget / 2**30)).start()
     try:
@@ -505,8 +506,8 @@ def test_a_gateway_plans_each_job_for_its_workers_gpus(tmp_path, connect_client)
         assert (hello["gpu"]["budget_bytes"], hello["gpu"]["assumed"]) == (budget, True)
         assert hello["memory_savers"] == list(MEMORY_SAVERS)
         planned = client.plan(settings(), 6, CLIP_SIZE)
-        assert (planned["fits"], planned["savers"]) == (True, list(MEMORY_SAVERS[:4]))
-        assert planned["predicted_peak_bytes"] == peaks["vae_offload"]
+        assert (planned["fits"], planned["savers"]) == (True, list(chosen.savers))
+        assert planned["predicted_peak_bytes"] == chosen.peak_bytes
         with pytest.raises(JobRejected) as refused:
             client.submit("too-big-for-every-worker", settings(**BIG), clip_pngs())
         assert refused.value.code == "too_big_for_gpu"
@@ -516,8 +517,8 @@ def test_a_gateway_plans_each_job_for_its_workers_gpus(tmp_path, connect_client)
         client.submit("fits-the-workers", settings(), clip_pngs())
         result = client.wait("fits-the-workers", timeout_s=WAIT_S)
         assert result.sidecar["worker"]["actor"] == "worker-0"
-        assert result.sidecar["memory"] == {"savers": list(MEMORY_SAVERS[:4]),
-                                            "predicted_peak_bytes": peaks["vae_offload"],
+        assert result.sidecar["memory"] == {"savers": list(chosen.savers),
+                                            "predicted_peak_bytes": chosen.peak_bytes,
                                             "budget_bytes": budget}
     finally:
         gateway.stop()

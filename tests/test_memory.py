@@ -19,7 +19,7 @@ from backend.memory.counter import (
     rounded,
 )
 from backend.memory.planner import plan_edit
-from shared.settings import TransferSettings
+from shared.settings import MEMORY_SAVERS, TransferSettings
 
 TINY_UNET = dict(
     sample_size=8, block_out_channels=(16, 16, 32, 32),
@@ -156,9 +156,67 @@ def test_plan_predicts_the_peak_of_a_real_edit(model: str, frames: int, checkpoi
     real = tracked_peak_of_real_edit(model, frames, size, settings)
     assert abs(plan.peak_bytes - real) <= 0.03 * real
     assert plan.phases["weights"] == sum(plan.modules.values())
-    assert [saver["name"] for saver in plan.savers][:2] == ["gradient_checkpointing", "vae_slice_1"]
-    peaks = [saver["peak_bytes"] for saver in plan.savers]
-    assert peaks == sorted(peaks, reverse=True)  # each saver keeps or lowers the peak
+    assert [saver["name"] for saver in plan.savers] == list(MEMORY_SAVERS)
+    assert all(saver["peak_bytes"] <= plan.peak_bytes for saver in plan.savers)  # none raises it
+    assert all(c["peak_bytes"] <= plan.peak_bytes and c["peak_phase"] in plan.phases
+               for c in plan.combinations)
+    assert len(plan.combinations) == 2 ** len(MEMORY_SAVERS) - 1
+
+
+def tracked_decode_and_peak(model: str, frames: int, size: tuple[int, int], settings: TransferSettings,
+                            savers: tuple[str, ...], monkeypatch: pytest.MonkeyPatch) -> tuple[int, int]:
+    """LiveBytes over a whole real edit with `savers` (as --memory auto hands them to the
+    engine): (the peak while the first decode slice runs, the edit's peak)."""
+    from backend.memory.savers import MemoryDecision
+
+    engine = load_engine(model, device="cpu")
+    tracker = LiveBytes()
+    decode_peak: list[int] = []
+    original = type(engine.backbone).decode_slices
+
+    def watched(self, latent, frames_per_slice):  # noqa: ANN001, ANN202
+        def first(one):  # noqa: ANN001, ANN202
+            def run():  # noqa: ANN202
+                edit_peak = tracker.peak
+                tracker.reset_peak()
+                try:
+                    return one()
+                finally:
+                    decode_peak.append(tracker.peak)
+                    tracker.peak = max(edit_peak, tracker.peak)
+            return run
+        return [first(one) for one in original(self, latent, frames_per_slice)]
+
+    monkeypatch.setattr(type(engine.backbone), "decode_slices", watched)
+    with tracker:
+        for module in engine.backbone.modules():
+            tracker.track_module(module)
+        engine.transfer(np.zeros((frames, size[1], size[0], 3), np.uint8), settings,
+                        savers=MemoryDecision(savers, 0, 0))
+    return decode_peak[0], tracker.peak
+
+
+@pytest.mark.parametrize("model, frames", [("wan-tiny", 9), ("tiny", 8)])
+def test_plan_predicts_a_tiled_decode_and_the_peak_with_the_new_savers(
+        model: str, frames: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """vae_tiling with 64-pixel tiles overlapping by 16 at 192×128 (every frame in 3×2
+    tiles), and the finer checkpointing: the plan's tiled decode (two short latents,
+    extended in a straight line to the clip's length) against the counter over the real
+    edit's first decode slice, and the plan's peak with both savers against the real
+    edit's, each within 3 %."""
+    backbone_class = type(load_engine(model, device="cpu").backbone)
+    monkeypatch.setattr(backbone_class, "vae_tile_pixels", 64)
+    monkeypatch.setattr(backbone_class, "vae_tile_overlap", 16)
+    size = (192, 128)
+    settings = TransferSettings(**SHORT, width=size[0], height=size[1], gradient_checkpointing=True)
+    plan = plan_edit(engine_phases, model, frames, size, "cpu", settings=settings, host_terms=False)
+    tiled = next(saver for saver in plan.savers if saver["name"] == "vae_tiling")
+    both = next(c for c in plan.combinations if c["savers"] == ["gradient_checkpointing", "vae_tiling"])
+    decode, peak = tracked_decode_and_peak(model, frames, size, settings,
+                                           ("gradient_checkpointing", "vae_tiling"), monkeypatch)
+    assert tiled["phases"]["decode"] < plan.phases["decode"]  # tiles hold less than whole frames
+    assert abs(tiled["phases"]["decode"] - decode) <= 0.03 * decode
+    assert abs(both["peak_bytes"] - peak) <= 0.03 * peak
 
 
 def test_cuda_plan_on_a_machine_without_one() -> None:
@@ -196,26 +254,47 @@ def test_memory_command_prints_the_plan(capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_memory_auto_takes_the_cheapest_savers_that_fit() -> None:
-    """Peak 20, checkpointing → 12, VAE slice 1 → 11, offloads (predicted only) → 9."""
+    """Hand-built figures: peak 20 GiB; checkpointing (200 recomputed FE) → 12, the VAE
+    offload (0.5 GiB moved per edit) → 18, both → 11, tiling (blended tiles) with
+    checkpointing → 10.5, sequential offload (400 GiB streamed) → 9. The cheapest
+    combination that fits is taken, wherever it stands in the list of savers: bytes moved
+    once a call beat blended tiles, which beat recomputed FE, which beat streaming the
+    weights at every pass."""
     from backend.errors import TooBigForGpuError
-    from backend.memory.planner import MemoryPlan, SaverChoice, choose_savers
+    from backend.memory.planner import MemoryPlan, SaverChoice, choose_savers, cost_key
 
     gib = 2**30
+    free = {"recomputed_fe": 0.0, "bytes_moved": 0, "bytes_per_step": 0, "output": "identical",
+            "cpu_embedding": False}
+    costs = {"gradient_checkpointing": {**free, "recomputed_fe": 200.0},
+             "vae_offload": {**free, "bytes_moved": gib // 2},
+             "vae_tiling": {**free, "output": "tiles blended"},
+             "sequential_offload": {**free, "bytes_moved": 400 * gib}}
+
+    def combination(peak: float, *savers: str) -> dict:
+        return {"savers": list(savers), "peak_bytes": int(peak * gib), "costs": {s: costs[s] for s in savers}}
+
+    combinations = sorted([combination(9, "sequential_offload"), combination(12, "gradient_checkpointing"),
+                           combination(18, "vae_offload"), combination(19, "vae_tiling"),
+                           combination(11, "gradient_checkpointing", "vae_offload"),
+                           combination(10.5, "gradient_checkpointing", "vae_tiling")], key=cost_key)
+    assert [c["savers"][-1] for c in combinations] == [
+        "vae_offload", "vae_tiling", "gradient_checkpointing", "vae_offload", "vae_tiling",
+        "sequential_offload"]
     plan = MemoryPlan(model="m", device="cuda", dtype="float16", frames=24, size=(576, 320), windows=1,
                       phases={"weights": 3 * gib, "guide": 20 * gib}, modules={},
-                      savers=[{"name": "gradient_checkpointing", "peak_bytes": 12 * gib},
-                              {"name": "vae_slice_1", "peak_bytes": 11 * gib},
-                              {"name": "vae_offload", "peak_bytes": 9 * gib}])
+                      combinations=combinations)
     assert choose_savers(plan, 24 * gib) == SaverChoice((), 20 * gib)
+    assert choose_savers(plan, 18 * gib) == SaverChoice(("vae_offload",), 18 * gib)
     assert choose_savers(plan, 12 * gib) == SaverChoice(("gradient_checkpointing",), 12 * gib)
-    assert choose_savers(plan, 11 * gib) == SaverChoice(("gradient_checkpointing", "vae_slice_1"),
-                                                        11 * gib)
-    assert choose_savers(plan, 9 * gib).savers[-1] == "vae_offload"  # every saver is applied now
+    assert choose_savers(plan, 11 * gib) == SaverChoice(("gradient_checkpointing", "vae_offload"), 11 * gib)
+    assert choose_savers(plan, int(10.5 * gib)).savers == ("gradient_checkpointing", "vae_tiling")
+    assert choose_savers(plan, 10 * gib) == SaverChoice(("sequential_offload",), 9 * gib)
     with pytest.raises(TooBigForGpuError) as refused:
-        choose_savers(plan, 10 * gib, allowed=("gradient_checkpointing", "vae_slice_1"))
+        choose_savers(plan, 10 * gib, allowed=("gradient_checkpointing", "vae_offload"))
     assert str(refused.value) == (
         "This edit needs about 11.0 GiB of GPU memory even with gradient_checkpointing, "
-        "vae_slice_1 on, and 10.0 GiB are free; edit fewer frames per window (--window-frames), "
+        "vae_offload on, and 10.0 GiB are free; edit fewer frames per window (--window-frames), "
         "a smaller --width/--height, or use a GPU with more memory.")
     assert refused.value.code == "too_big_for_gpu"
 
@@ -372,8 +451,9 @@ def test_the_plan_picks_the_largest_batch_of_takes_under_an_assumed_gpu() -> Non
     from backend.memory.planner import MemoryPlanner, gpu_description
 
     settings = TransferSettings(**SHORT, width=96, height=64, memory="auto")
-    lowest = [plan_edit(engine_phases, "tiny", 8, (96, 64), "cuda", settings=settings,
-                        batch=batch).savers[-1]["peak_bytes"] for batch in (1, 2, 3)]
+    lowest = [min(c["peak_bytes"] for c in plan_edit(engine_phases, "tiny", 8, (96, 64), "cuda",
+                                                     settings=settings, batch=batch).combinations)
+              for batch in (1, 2, 3)]
     assert lowest[0] < lowest[1] < lowest[2]
     budget_gb = (lowest[1] + lowest[2]) / 2 / 1e9  # two takes fit, three do not
     planner = MemoryPlanner(lambda: gpu_description("cuda", budget_gb), engine_phases)

@@ -1,5 +1,5 @@
 """`--memory auto` on a real server told its GPU has N GB (`serve --assume-gpu-memory-gb`):
-it picks the savers cheapest first, refuses in one sentence before queueing what
+it picks the cheapest combination of savers that fits, refuses in one sentence before queueing what
 cannot fit, answers `plan`, reports its GPU in the hello and records the choice in the
 sidecar; a plan is made off the socket loop, so nobody else waits for it; the command
 line refuses before loading the model."""
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from backend.edit import engine_phases
-from backend.memory.planner import MemoryPlanner
+from backend.memory.planner import MemoryPlanner, choose_savers
 from backend.server.requests import PLANNING_BUG
 from shared import protocol
 from shared.client import Client, JobRejected, PlanPending, ServerUnavailable, UnknownJob
@@ -38,11 +38,10 @@ def plans():
 
 @pytest.fixture(scope="module")
 def budget(plans) -> int:
-    """Room for the quick job with the first four savers, not with three."""
-    peaks = {saver["name"]: saver["peak_bytes"] for saver in plans["quick"].savers}
-    budget = peaks["vae_offload"] + 256
-    assert budget < peaks["text_encoder_offload"]
-    assert min(peaks.values()) < budget < min(s["peak_bytes"] for s in plans["big"].savers)
+    """Room for the quick job with its lowest combination of savers, not for the big one."""
+    budget = min(c["peak_bytes"] for c in plans["quick"].combinations) + 256
+    assert budget < plans["quick"].peak_bytes
+    assert budget < min(c["peak_bytes"] for c in plans["big"].combinations)
     return budget
 
 
@@ -54,8 +53,8 @@ def server(tmp_path_factory, budget):
     process.stop()
 
 
-def test_the_server_picks_savers_in_order_and_the_sidecar_records_them(server, plans, budget) -> None:  # noqa: ANN001
-    peaks = {saver["name"]: saver["peak_bytes"] for saver in plans["quick"].savers}
+def test_the_server_picks_the_cheapest_savers_and_the_sidecar_records_them(server, plans, budget) -> None:  # noqa: ANN001
+    chosen = choose_savers(plans["quick"], budget)
     with Client(server.address, timeout_s=120.0) as client:
         hello = client.hello()
         assert hello["gpu"]["assumed"] is True
@@ -63,8 +62,8 @@ def test_the_server_picks_savers_in_order_and_the_sidecar_records_them(server, p
         assert hello["memory_savers"] == list(MEMORY_SAVERS)
         planned = client.plan(settings(), 6, CLIP_SIZE)
         assert planned["fits"] is True and planned["message"] is None
-        assert planned["savers"] == list(MEMORY_SAVERS[:4])
-        assert planned["predicted_peak_bytes"] == peaks["vae_offload"]
+        assert planned["savers"] == list(chosen.savers)
+        assert planned["predicted_peak_bytes"] == chosen.peak_bytes
         assert planned["peak_bytes"] == plans["quick"].peak_bytes
         with_region = client.plan(settings(), 6, CLIP_SIZE, regions=1)  # its masks count
         assert with_region["peak_bytes"] == tiny_plan(regions=1).peak_bytes
@@ -72,7 +71,7 @@ def test_the_server_picks_savers_in_order_and_the_sidecar_records_them(server, p
         client.submit("fits", settings(), clip_pngs())
         wait_for_event(client, "fits", "result_ready")
         memory = client.fetch("fits").sidecar["memory"]
-    assert memory == {"savers": list(MEMORY_SAVERS[:4]), "predicted_peak_bytes": peaks["vae_offload"],
+    assert memory == {"savers": list(chosen.savers), "predicted_peak_bytes": chosen.peak_bytes,
                       "budget_bytes": budget}
 
 
@@ -94,7 +93,7 @@ def test_the_server_refuses_what_cannot_fit_before_queueing(server, plans) -> No
     with Client(server.address, timeout_s=120.0) as client:
         planned = client.plan(settings(**BIG), 6, CLIP_SIZE)
         assert planned["fits"] is False
-        assert planned["predicted_peak_bytes"] == plans["big"].savers[-1]["peak_bytes"]
+        assert planned["predicted_peak_bytes"] == min(c["peak_bytes"] for c in plans["big"].combinations)
         with pytest.raises(JobRejected) as refused:
             client.submit("too-big", settings(**BIG), clip_pngs())
         assert refused.value.code == "too_big_for_gpu"
@@ -301,3 +300,33 @@ def test_the_client_waits_for_a_plan_while_the_server_answers_and_no_longer() ->
         assert not isinstance(caught.value, PlanPending)
     finally:
         silent.close()
+
+
+GIB_10 = 10 * 2**30
+FULL_SIZE = [("zeroscope-random", 24, (576, 320)), ("wan-random", 81, (832, 480))]
+
+
+@pytest.mark.parametrize("model, frames, size", FULL_SIZE)
+def test_a_server_told_10_gib_plans_both_full_size_backbones_without_sequential_offload(
+        model: str, frames: int, size: tuple[int, int]) -> None:
+    """The plan a server makes before it queues a job, told its GPU has 10 GiB (`serve
+    --assume-gpu-memory-gb 10`), for each backbone at its full size: ServerMemory by the
+    workers' model name, as a Ray gateway plans (backend/cluster/gateway.py), so no
+    weights load and no full-size edit runs on the CPU. ZeroScope's 24 frames at 576x320
+    and Wan's 81 at 832x480 fit with savers that stream nothing at every model pass (no
+    sequential offload), and the plan's figure is within the 10 GiB. (One plan each:
+    about 30 s and 60 s on a 2-core CPU.)"""
+    from backend.cluster.engine_actor import ActorSpec
+    from backend.cluster.gateway import gateway_memory
+    from backend.memory.planner import gpu_description
+    from backend.video import frames_to_edit
+
+    memory = gateway_memory(ActorSpec(model), [{"engine": {"device": "cuda"}}],
+                            lambda: gpu_description(None, 10))
+    settings = TransferSettings(prompt="a plan", source_prompt="a plan")
+    decision = memory.decide(settings, frames, size)
+    assert decision.budget_bytes == GIB_10
+    assert decision.predicted_peak_bytes <= GIB_10
+    assert decision.savers and "sequential_offload" not in decision.savers
+    plan = memory.plan(settings, frames_to_edit(settings, frames), size)  # the same plan, cached
+    assert plan.frames == frames and plan.size == size and plan.peak_bytes > GIB_10

@@ -293,6 +293,17 @@ class Backbone(ABC):
                 f"The upscaler ({upscaler.facts.name}) runs only after its own backbone, not "
                 f"after {self.facts.name}; set upscale to 'none'.")
 
+    vae_tile_pixels: int = 256
+    """The side of a VAE tile in pixels (the vae_tiling saver); tiles overlap by
+    vae_tile_overlap pixels, over which neighbouring tiles are blended."""
+    vae_tile_overlap: int = 64
+
+    def vae_tiling(self) -> AbstractContextManager:
+        """While the block runs, the VAE encodes and decodes in overlapping spatial tiles
+        of vae_tile_pixels (the vae_tiling saver); after it, whole frames again. A
+        backbone whose VAE cannot tile keeps it whole (the plan then shows no saving)."""
+        return nullcontext()
+
     @abstractmethod
     def modules(self) -> list[torch.nn.Module]:
         """The model's three networks, in this order: [denoiser, vae, text_encoder]. The

@@ -362,6 +362,22 @@ class Wan(Backbone):
         """The engine hands each edit's resolved settings here: the guided block."""
         self.guidance_block = settings.guidance_block
 
+    @contextlib.contextmanager
+    def vae_tiling(self) -> Iterator[None]:
+        """AutoencoderKLWan's own tiling: tiles of vae_tile_pixels at a stride of
+        vae_tile_pixels − vae_tile_overlap, blended over the overlap."""
+        vae = self.vae
+        names = ("use_tiling", "tile_sample_min_height", "tile_sample_min_width",
+                 "tile_sample_stride_height", "tile_sample_stride_width")
+        before = {name: getattr(vae, name) for name in names}
+        stride = self.vae_tile_pixels - self.vae_tile_overlap
+        vae.enable_tiling(self.vae_tile_pixels, self.vae_tile_pixels, stride, stride)
+        try:
+            yield
+        finally:
+            for name, value in before.items():
+                setattr(vae, name, value)
+
     def checkpointing(self, enabled: bool) -> AbstractContextManager:
         return checkpointed_blocks(self.transformer.blocks[: self.guidance_block], enabled)
 

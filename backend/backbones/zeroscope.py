@@ -14,7 +14,8 @@ layout so tests exercise the real `from_pretrained` path.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -208,12 +209,45 @@ class ZeroScope(Backbone):
             raise BadSettingsError(NO_UPSCALER)
         super().check_upscaler(upscaler)
 
+    @contextlib.contextmanager
+    def vae_tiling(self) -> Iterator[None]:
+        """AutoencoderKL's own tiling, frame by frame: tiles of vae_tile_pixels whose
+        latents are blended over vae_tile_overlap pixels' worth of cells."""
+        vae = self.vae
+        before = (vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size,
+                  vae.tile_overlap_factor)
+        vae.use_tiling = True
+        vae.tile_sample_min_size = self.vae_tile_pixels
+        vae.tile_latent_min_size = self.vae_tile_pixels // self.latent_cell
+        vae.tile_overlap_factor = self.vae_tile_overlap / self.vae_tile_pixels
+        try:
+            yield
+        finally:
+            (vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size,
+             vae.tile_overlap_factor) = before
+
     def checkpointing(self, enabled: bool) -> AbstractContextManager:
-        """UNet3DConditionModel has no checkpointing of its own: each down block, the mid
-        block and up_blocks[0] recompute their activations during backward; up_blocks[1]
-        itself is left alone (its hooks hold the taps)."""
-        return checkpointed_blocks([*self.unet.down_blocks, self.unet.mid_block,
-                                    self.unet.up_blocks[0]], enabled)
+        """UNet3DConditionModel has no checkpointing of its own. Each part of the pass
+        before the tapped block recomputes its activations during backward, one part at
+        a time: transformer_in (the temporal transformer at full resolution, whose
+        activations would otherwise live through the whole backward) and each resnet,
+        temporal convolution, attention, temporal attention and resampler of the down
+        blocks, the mid block and up_blocks[0]. Whole blocks would recompute a full
+        block at once in backward (down_blocks[0]'s, at full resolution, is about 6 GiB
+        at 576x320, 24 frames); parts keep one part's. up_blocks[1] itself is left alone
+        (its hooks hold the taps)."""
+        return checkpointed_blocks(checkpointed_parts(self.unet), enabled)
+
+
+def checkpointed_parts(unet: torch.nn.Module) -> list[torch.nn.Module]:
+    """What ZeroScope's checkpointing recomputes, each on its own (ZeroScope.checkpointing):
+    transformer_in, then the parts of every block before up_blocks[1], in pass order."""
+    parts: list[torch.nn.Module] = [unet.transformer_in]
+    for block in [*unet.down_blocks, unet.mid_block, unet.up_blocks[0]]:
+        for name in ("resnets", "temp_convs", "attentions", "temp_attentions", "downsamplers",
+                     "upsamplers"):
+            parts.extend(getattr(block, name, None) or ())
+    return parts
 
 
 def load_zeroscope(model: str, device: torch.device, dtype: str | None, flag: str = "--model",

@@ -6,14 +6,15 @@
     cpu_terms.py   what a CPU plan adds to the tensors: convolution column buffers and
                    the clip's host frames
     planner.py     the memory plan: an edit's phases run on a fake backbone while the
-                   counter counts (`plan_edit`), the savers `--memory auto` chooses
+                   counter counts (`plan_edit`), every combination of savers priced from
+                   per-phase figures measured once, the cheapest that fits
                    (`choose_savers`) and the planner that caches plans and decides them
                    for a GPU (`MemoryPlanner`)
     phases.py      the phase calls the planner runs (`EditPhases`, a Protocol): the
                    engine is handed in by whoever plans, never imported
     savers.py      the savers as applied: the decision handed to an edit
-                   (`MemoryDecision`), the setting savers (`with_savers`), the offloads
-                   (`offloads_applied`) and the out-of-memory sentence
+                   (`MemoryDecision`), the setting savers (`with_savers`), VAE tiling and
+                   the offloads (`savers_applied`) and the out-of-memory sentence
 
 Which way it imports: from backend.backbones, backend.errors, backend.results,
 backend.video and shared/ only, never from backend.method, directly or lazily. The

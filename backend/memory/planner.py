@@ -4,7 +4,8 @@
                      device="cuda")   # engine_phases: backend/edit.py, the Engine's phases
     plan.peak_bytes          # the highest phase
     plan.phases              # {"weights": …, "embed": …, "encode": …, "invert": …, …}
-    plan.savers              # what each saver, turned on cheapest first, brings the peak to
+    plan.savers              # each saver alone: the peak it reaches and its cost
+    plan.combinations        # every combination of savers: its peak and cost, cheapest first
 
 The backbone is built on the meta device (no weights) and given fake storage
 (backend/memory/counter.py); then the edit's own calls (the engine's public phases,
@@ -50,10 +51,21 @@ counts it. The savers move the networks further:
 
     gradient_checkpointing   guide re-measured with the backbone's checkpointing on
     vae_slice_1              encode and decode re-measured one frame per slice
+    vae_tiling               decode re-measured with the VAE's tiling, on two short
+                             latents, extended in a straight line to the edit's length
+                             (`_measure_tiled`); with vae_slice_1 too, the smaller of the
+                             two savers' figures (a bound: each only shrinks the VAE's pass)
     text_encoder_offload     the text encoder embeds on the CPU: the embed phase is the
                              denoiser's and the VAE's weights and the embeddings
     vae_offload              the VAE on the GPU only while encoding and decoding
     sequential_offload       (accelerate) one leaf module's weights on the GPU at a time
+
+Each figure is measured once, each re-measure as what its phase adds to what was alive
+when the phase first ran; a combination of savers is then arithmetic on those figures
+(`_plan`: each phase takes the figure its savers give it, less the networks they take
+off the GPU), so pricing all 63 combinations costs nothing beyond the figures. Each
+saver's cost is counted (`saver_cost`: recomputed FE, bytes moved, what it does to the
+output) and `--memory auto` takes the cheapest combination that fits (`choose_savers`).
 
 A plan for CUDA runs on fake CPU tensors with CUDA's autocast rules (CudaAutocast) in
 place of the backbone's torch.autocast("cuda"), and the allocator's 512-byte blocks.
@@ -69,6 +81,7 @@ runs a real edit. The backbone is the plan's own: a meta copy of a loaded one
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import threading
@@ -102,7 +115,7 @@ from shared.settings import MEMORY_SAVERS, TransferSettings
 log = logging.getLogger("understudy.memory")
 
 PHASES = ("weights", "embed", "encode", "invert", "features", "guide", "cfg", "decode")
-SAVERS = MEMORY_SAVERS  # shared/settings.py: the names, cheapest first
+SAVERS = MEMORY_SAVERS  # shared/settings.py: the names (their costs: saver_cost)
 # Settings that change no memory figure: left out of the plan cache's key.
 NOT_PLANNED = ("prompt", "source_prompt", "negative_prompt", "prompt_prefix", "seed", "lr_start",
                "lr_end", "cfg_scale", "loss", "init", "restart", "memory", "output_frames",
@@ -112,8 +125,8 @@ NOT_PLANNED = ("prompt", "source_prompt", "negative_prompt", "prompt_prefix", "s
 @dataclass
 class MemoryPlan:
     """Predicted peak bytes per phase (each includes the weights resident then), the
-    weights per module, and the savers, each with the peak it reaches when it and all
-    the cheaper savers before it are on."""
+    weights per module, each saver with the peak it reaches alone and its cost, and
+    every combination of savers with its peak and cost, cheapest first (cost_key)."""
 
     model: str
     device: str
@@ -124,6 +137,7 @@ class MemoryPlan:
     phases: dict[str, int]
     modules: dict[str, int]
     savers: list[dict[str, Any]] = field(default_factory=list)
+    combinations: list[dict[str, Any]] = field(default_factory=list)
     regions: int = 0
     batch: int = 1  # takes sampled together (Engine.transfer_takes)
     # Region work held in host memory when the device is a GPU (`_measure_regions`).
@@ -135,7 +149,8 @@ class MemoryPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return {"peak_bytes": self.peak_bytes, "phases": dict(self.phases), "savers": list(self.savers),
-                "modules": dict(self.modules), "model": self.model, "device": self.device,
+                "combinations": list(self.combinations), "modules": dict(self.modules),
+                "model": self.model, "device": self.device,
                 "dtype": self.dtype, "frames": self.frames, "size": list(self.size),
                 "windows": self.windows, "regions": self.regions, "batch": self.batch,
                 "host_bytes": dict(self.host_bytes)}
@@ -187,16 +202,29 @@ def plan_edit(phases_of: PhasesOf, model: str | Backbone, frames: int | None = N
         # under fit): set as the engine's framing sets it, without checking it again.
         resolved = _unchecked(engine.resolve(settings), width=size[0], height=size[1])
         to_plan = None if not regions else _RegionsToPlan(regions, source_size or size, box, gpu)
-        measured, kept = _measure_phases(engine, resolved, frames, size, tracker,
-                                         sum(modules.values()), to_plan, batch)
+        measured, kept, bases = _measure_phases(engine, resolved, frames, size, tracker,
+                                                sum(modules.values()), to_plan, batch)
         saving = _unchecked(resolved, gradient_checkpointing=True, vae_slice=1)
+        all_windows = engine.windows_for(shell.model_frames(frames), resolved)
         with_savers = _measure_guide_decode(engine, saving, kept, tracker, ("encode", "guide", "decode"),
-                                            engine.windows_for(shell.model_frames(frames), resolved))
+                                            all_windows, bases)
+        # how many decode slices (VAE calls) each slicing makes: the VAE offload's visits
+        slices = {frames_per_slice: len(shell.decode_slices(kept.source_latent, frames_per_slice))
+                  for frames_per_slice in (resolved.vae_slice, 1)}
+        with shell.vae_tiling():  # the decode only: the saver leaves the encode whole
+            tiled = {"encode": measured["encode"],
+                     "decode": _measure_tiled(engine, resolved, kept, tracker, bases)}
     if cpu_terms:
-        measured, with_savers = host_frames(shell.model_frames(frames), size, measured, with_savers)
-    windows = len(engine.windows_for(shell.model_frames(frames), resolved))
-    plan = _plan(model, torch_device, shell, frames, size, windows, measured, with_savers,
-                 modules, kept.embedding_bytes)
+        measured, with_savers, tiled = host_frames(shell.model_frames(frames), size, measured,
+                                                   with_savers, tiled)
+    # Tiles of one frame a slice hold no more than either saver alone (each only shrinks
+    # the VAE's pass): the smaller of the two, a bound, saves a third tiled measure.
+    both = {"encode": with_savers["encode"], "decode": min(tiled["decode"], with_savers["decode"])}
+    vae_figures = {(False, False): measured, (True, False): with_savers, (False, True): tiled,
+                   (True, True): both}  # by (vae_slice_1, vae_tiling)
+    plan = _plan(model, torch_device, shell, frames, size, len(all_windows), measured, with_savers,
+                 vae_figures, modules, kept.embedding_bytes,
+                 _counts(shell, resolved, frames, len(all_windows), modules, slices))
     plan.regions, plan.host_bytes, plan.batch = regions, kept.host_bytes, batch
     return plan
 
@@ -346,16 +374,19 @@ class _Kept:
 def _measure_phases(engine: EditPhases, settings: TransferSettings, frames: int, size: tuple[int, int],
                     tracker: LiveBytes, weights: int,
                     to_plan: _RegionsToPlan | None = None,
-                    batch: int = 1) -> tuple[dict[str, int], _Kept]:
-    """Peak live bytes of each phase, run through the engine's calls in its order."""
+                    batch: int = 1) -> tuple[dict[str, int], _Kept, dict[str, int]]:
+    """Peak live bytes of each phase, run through the engine's calls in its order, and
+    the bytes alive as each phase began (its base: a saver's re-measure adds to it)."""
     b = engine.backbone
     b.use_settings(settings)
     report = Reporter(None, None)
     windows = engine.windows_for(b.model_frames(frames), settings)
     first = windows[:1]
     peaks: dict[str, int] = {"weights": weights}
+    bases: dict[str, int] = {}
 
     def phase(name: str, run: Any) -> Any:
+        bases[name] = tracker.current
         peak, result = measure(run, tracker)
         peaks[name] = peak
         return result
@@ -419,15 +450,17 @@ def _measure_phases(engine: EditPhases, settings: TransferSettings, frames: int,
         clip, None, references, settings.reference_strength), tracker)
     peaks["encode"] = max(peaks["encode"], condition_peak)
     peaks.update(_measure_guide_decode(engine, settings, kept, tracker, ("guide", "cfg", "decode"),
-                                       windows))
-    return peaks, kept
+                                       windows, bases))
+    return peaks, kept, bases
 
 
 def _measure_guide_decode(engine: EditPhases, settings: TransferSettings, kept: _Kept, tracker: LiveBytes,
-                          names: tuple[str, ...], windows: list) -> dict[str, int]:
+                          names: tuple[str, ...], windows: list,
+                          bases: dict[str, int]) -> dict[str, int]:
     """guide (EditPhases.guide, one Adam iteration, first window), cfg (EditPhases.denoise of
     the first window's frames), decode (the first, largest decode slice); encode too
-    when named (the savers' re-measure)."""
+    when named (the savers' re-measure). Each is what the phase adds to the bytes alive
+    when it starts, on the phase's base (`bases`, recorded where it is first measured)."""
     b = engine.backbone
     report = Reporter(None, None)
     target, negative = kept.embeddings[1], kept.embeddings[2]
@@ -440,23 +473,30 @@ def _measure_guide_decode(engine: EditPhases, settings: TransferSettings, kept: 
         batched = (*batched[:2], batched[2] + lead, *batched[3:])
     first = windows[:1]
     peaks: dict[str, int] = {}
+
+    def on_base(name: str, run: Callable[[], Any]) -> None:
+        before = tracker.current
+        bases.setdefault(name, before)
+        peak, _ = measure(run, tracker)
+        peaks[name] = peak - before + bases[name]
+
     if "encode" in names:
-        peaks["encode"], _ = measure(lambda: engine.encode(kept.clip, settings.vae_slice), tracker)
+        on_base("encode", lambda: engine.encode(kept.clip, settings.vae_slice))
     if "guide" in names and kept.guided:
         timestep = kept.guided[0]
         latent = kept.source_latent.new_empty(batched, dtype=torch.float32)
         one_iteration = _unchecked(settings, guidance_iterations=1)
         source = kept.region_features[:1] if kept.regions else kept.state.features[timestep][:1]
-        peaks["guide"], _ = measure(lambda: engine.guide(
+        on_base("guide", lambda: engine.guide(
             latent, timestep, target, source, first, 0.001, one_iteration, report, kept.regions,
-            conditioning=conditioning), tracker)
+            conditioning=conditioning))
     if "cfg" in names:
         latent = kept.source_latent.new_empty(batched, dtype=torch.float32)
         start, end = first[0]
         piece = latent if conditioning is not None else latent.narrow(2, start, end - start)
-        peaks["cfg"], _ = measure(lambda: engine.denoise(
+        on_base("cfg", lambda: engine.denoise(
             piece, settings.steps, 0, target, negative, settings.cfg_scale, [(0, end - start)],
-            report, conditioning=conditioning), tracker)
+            report, conditioning=conditioning))
         if kept.regions is not None:  # then the whole latent's blend with the source's
             blend, _ = measure(lambda: engine.keep_plate(latent[:, :, lead:], kept.state, None,
                                                          kept.regions), tracker)
@@ -464,9 +504,111 @@ def _measure_guide_decode(engine: EditPhases, settings: TransferSettings, kept: 
     if "decode" in names:
         latent = torch.empty_like(kept.source_latent, dtype=torch.float32)
         with torch.no_grad():
-            peaks["decode"], _ = measure(
-                lambda: b.decode_slices(latent, settings.vae_slice)[0](), tracker)
+            on_base("decode", lambda: b.decode_slices(latent, settings.vae_slice)[0]())
     return peaks
+
+
+TILED_SHORT_CLIPS = 2
+"""How many VAE slices the longer of `_measure_tiled`'s two short clips holds."""
+
+
+def _measure_tiled(engine: EditPhases, settings: TransferSettings, kept: _Kept, tracker: LiveBytes,
+                   bases: dict[str, int]) -> int:
+    """The decode with the VAE tiled (run inside Backbone.vae_tiling, as the vae_tiling
+    saver runs each decode slice), on the decode's base.
+
+    A tiled pass runs the VAE once per tile (15 tiles a frame for Wan at 832x480), so
+    the edit's whole latent is not decoded tiled: two short ones are, of one and two
+    VAE slices' frames (the causal Wan VAE: 5 and 9 frames, one and two latent frames
+    after its first), and what the decode adds is extended in a straight line to the
+    clip's F frames. It grows by whole frames decoded (each tile's, then the blended
+    frames), at the slope the two measure; what one tile's pass holds is the same at
+    any length (ZeroScope decodes one slice, so its slope is nil)."""
+    b = engine.backbone
+    frames = kept.clip.shape[0]  # the model's frames
+    slice_frames = max(settings.vae_slice, 2)
+    lengths = sorted({min(frames, b.model_frames(slice_frames * k)) for k in range(1, TILED_SHORT_CLIPS + 1)})
+    added = _tiled_decodes(b, settings, kept, tracker, lengths)
+    grown = added[-1]
+    if len(lengths) > 1 and lengths[-1] != frames:
+        slope = max(0.0, (added[1] - added[0]) / (lengths[1] - lengths[0]))
+        grown = added[0] + int(np.ceil(slope * (frames - lengths[0])))
+    return bases["decode"] + grown
+
+
+def _tiled_decodes(b: Backbone, settings: TransferSettings, kept: _Kept, tracker: LiveBytes,
+                   lengths: list[int]) -> list[int]:
+    """What the first decode slice adds, tiled, for a latent of each of `lengths` frames.
+    The longest goes first: a tile's first calls are the same calls in a shorter latent,
+    so the shorter ones replay them all (`_tiles_replayed`, sharing what it has seen)."""
+    added: dict[int, int] = {}
+    seen: dict[tuple, tuple[int, int, tuple[int, ...], torch.dtype]] = {}
+    for length in sorted(lengths, reverse=True):
+        # the short clip's latent, float32 as the edit hands it to decode
+        latent = kept.source_latent.new_empty((*kept.source_latent.shape[:2], b.latent_frames(length),
+                                               *kept.source_latent.shape[3:]), dtype=torch.float32)
+        before = tracker.current
+        with torch.no_grad(), _tiles_replayed(b.modules()[1], tracker, seen):
+            peak, _ = measure(lambda latent=latent: b.decode_slices(latent, settings.vae_slice)[0](), tracker)
+        added[length] = peak - before
+        del latent
+    return [added[length] for length in lengths]
+
+
+@contextlib.contextmanager
+def _tiles_replayed(vae: torch.nn.Module, tracker: LiveBytes,
+                    seen: dict[tuple, tuple[int, int, tuple[int, ...], torch.dtype]]) -> Iterator[None]:
+    """While the block runs, a tile like one decoded before (in `seen`: this decode's, or
+    a longer latent's, whose tiles' first calls are this one's) is not run again on the
+    fake tensors: each call of the VAE's decoder, keyed by its input's shape and
+    its place in its tile (Wan decodes a tile one latent frame at a time, clear_cache()
+    starting each tile), runs once; a later call with the same key gives an empty
+    output of the shape it gave, and the peak it reached above its tile's start is
+    counted again above this tile's start, and what it left in the tile's cache (Wan's
+    causal convolutions keep their last frames) is held by a stand-in of as many bytes
+    until the tile ends. Wan at 832x480 has 15 tiles a frame in 4 shapes (the last
+    column and row are cut short), so 4 run. The memory is the same: what a tile holds
+    depends on its shapes only, and the outputs kept are (fake) tensors of their shapes."""
+    decoder = vae.decoder
+    tile: dict[str, Any] = {"start": tracker.current, "calls": 0, "held": []}
+    cached = hasattr(vae, "clear_cache")  # calls share a tile until the next clear_cache
+    run_decoder = decoder.forward
+
+    def starting_a_tile() -> None:
+        tile["held"].clear()  # the cache stand-ins of the tile before
+        tile["start"], tile["calls"] = tracker.current, 0
+
+    def clear_cache() -> None:
+        type(vae).clear_cache(vae)
+        starting_a_tile()
+
+    def forward(latent: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not cached:
+            starting_a_tile()
+        key = (tuple(latent.shape), tile["calls"])
+        tile["calls"] += 1
+        if key in seen:
+            above, kept, shape, dtype = seen[key]
+            tracker.peak = max(tracker.peak, tile["start"] + above)
+            if kept > 0:  # what the call left in the tile's cache, held as long
+                tile["held"].append(torch.empty(kept, dtype=torch.uint8))
+            return latent.new_empty(shape, dtype=dtype)
+        outer, before = tracker.peak, tracker.current
+        tracker.reset_peak()
+        out = run_decoder(latent, *args, **kwargs)
+        kept = tracker.current - before - rounded(out.untyped_storage().nbytes(), tracker.block)
+        seen[key] = (tracker.peak - tile["start"], kept, tuple(out.shape), out.dtype)
+        tracker.peak = max(outer, tracker.peak)
+        return out
+
+    decoder.forward = forward
+    if cached:
+        vae.clear_cache = clear_cache
+    try:
+        yield
+    finally:
+        del decoder.forward
+        vae.__dict__.pop("clear_cache", None)
 
 
 # --------------------------------------------------------------------------- regions
@@ -535,26 +677,104 @@ def _measure_regions(engine: EditPhases, settings: TransferSettings, frames: int
 # --------------------------------------------------------------------------- the plan
 
 
-def _plan(model: str, device: torch.device, backbone: Backbone, frames: int, size: tuple[int, int],
-          windows: int, measured: dict[str, int], saving: dict[str, int], modules: dict[str, int],
-          embedding_bytes: int) -> MemoryPlan:
-    """Phase peaks with each module's weights counted only where it is resident.
+@dataclass(frozen=True)
+class _Counts:
+    """What the savers' costs are counted from: an edit's model passes and the bytes
+    each saver moves (in the plan's dtype)."""
 
-    The embed phase runs before the offloads act (backend/method/engine.py transfer): on
-    a GPU it is the text encoder alone (measured less the denoiser's and the VAE's
-    weights), or with text_encoder_offload the denoiser's and the VAE's weights and the
-    three embeddings. A CPU plan, where nothing moves, counts the networks everywhere
-    but where a saver takes them out."""
+    model_frames: int
+    windows: int
+    decode_slices: int  # the VAE's decode calls at the edit's vae_slice
+    decode_slices_one: int  # and at one frame a slice (Wan's causal VAE: one call either way)
+    guided_iterations: int  # guided steps × guidance iterations, per window
+    model_passes: int  # denoiser passes per window: inversion, features, guidance, sampling
+    steps: int  # sampling steps
+    vae_bytes: int
+    denoiser_bytes: int
+
+
+def _counts(backbone: Backbone, settings: TransferSettings, frames: int, windows: int,
+            modules: dict[str, int], slices: dict[int, int]) -> _Counts:
+    guided = settings.guided_step_count()
+    return _Counts(backbone.model_frames(frames), windows, slices[settings.vae_slice], slices[1],
+                   guided * settings.guidance_iterations,
+                   settings.inversion_steps + guided * (1 + settings.guidance_iterations)
+                   + 2 * settings.steps, settings.steps, modules["vae"], modules["denoiser"])
+
+
+def saver_cost(saver: str, counts: _Counts, on: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """What one saver costs an edit, counted (docs/memory.md); `on`: the savers it is taken with.
+
+        recomputed_fe     denoiser function evaluations run again: gradient checkpointing
+                          recomputes the part of the truncated pass before the taps once
+                          per guidance iteration and window, counted as a whole FE (a bound)
+        bytes_moved       host ↔ GPU bytes per edit: sequential offload brings the denoiser's
+                          weights at every model pass (CFG counts two) and the VAE's at
+                          every VAE call; the VAE offload brings the VAE to the GPU and back
+                          for the encode and each decode slice (one frame a slice with
+                          vae_slice_1)
+        bytes_per_step    bytes_moved over the sampling steps: the offload's speed cost
+        output            "identical", or "tiles blended" (vae_tiling: the VAE's tiles are
+                          blended over their overlap, a small change, docs/memory.md)
+        cpu_embedding     the prompts are embedded on the CPU (text_encoder_offload: seconds
+                          per new prompt; none for a prompt in the embedding cache)
+    """
+    fe, moved, output = 0.0, 0, "identical"
+    vae_calls = 1 + (counts.decode_slices_one if "vae_slice_1" in on else counts.decode_slices)  # encode, decodes
+    if saver == "gradient_checkpointing":
+        fe = float(counts.windows * counts.guided_iterations)
+    elif saver == "vae_offload":
+        moved = 2 * counts.vae_bytes * vae_calls
+    elif saver == "sequential_offload":
+        moved = counts.denoiser_bytes * counts.model_passes * counts.windows + counts.vae_bytes * vae_calls
+    elif saver == "vae_tiling":
+        output = "tiles blended"
+    return {"recomputed_fe": fe, "bytes_moved": moved,
+            "bytes_per_step": moved // max(1, counts.steps), "output": output,
+            "cpu_embedding": saver == "text_encoder_offload"}
+
+
+STREAMING = ("sequential_offload",)
+"""The savers whose bytes move at every model pass (the speed cost users complain of)."""
+
+
+def cost_key(combination: dict[str, Any]) -> tuple:
+    """How dear a combination of savers is, compared in this order: the bytes streamed at
+    every model pass (sequential offload: slowest), the recomputed FE, whether the output
+    changes (blended tiles), the bytes moved once a VAE call (the VAE offload: a
+    fraction of a second an edit), whether the prompts are embedded on the CPU, and
+    then the count of savers."""
+    costs = combination["costs"]
+    return (sum(cost["bytes_moved"] for saver, cost in costs.items() if saver in STREAMING),
+            sum(cost["recomputed_fe"] for cost in costs.values()),
+            any(cost["output"] != "identical" for cost in costs.values()),
+            sum(cost["bytes_moved"] for saver, cost in costs.items() if saver not in STREAMING),
+            any(cost["cpu_embedding"] for cost in costs.values()), len(combination["savers"]))
+
+
+def _plan(model: str, device: torch.device, backbone: Backbone, frames: int, size: tuple[int, int],
+          windows: int, measured: dict[str, int], saving: dict[str, int],
+          vae_figures: dict[tuple[bool, bool], dict[str, int]], modules: dict[str, int],
+          embedding_bytes: int, counts: _Counts) -> MemoryPlan:
+    """Phase peaks with each module's weights counted only where it is resident, each
+    saver alone with its cost, and every combination of savers, cheapest first.
+
+    saving: guide re-measured with checkpointing; vae_figures: encode and decode by
+    (vae_slice_1, vae_tiling). The embed phase runs before the offloads act
+    (backend/method/engine.py transfer): on a GPU it is the text encoder alone (measured
+    less the denoiser's and the VAE's weights), or with text_encoder_offload the
+    denoiser's and the VAE's weights and the three embeddings. A CPU plan, where nothing
+    moves, counts the networks everywhere but where a saver takes them out."""
     gpu = device.type == "cuda"
     largest_leaf = _largest_leaf_bytes(backbone)
     others = modules["denoiser"] + modules["vae"]
 
-    def embed_phase(turned_on: set[str]) -> int:
+    def embed_phase(turned_on: frozenset[str]) -> int:
         if "text_encoder_offload" in turned_on:
             return others + embedding_bytes
         return measured["embed"] - others if gpu else measured["embed"]
 
-    def phases_with(turned_on: set[str]) -> dict[str, int]:
+    def phases_with(turned_on: frozenset[str]) -> dict[str, int]:
         out: dict[str, int] = {}
         for name, peak in measured.items():
             if name == "embed":
@@ -562,8 +782,8 @@ def _plan(model: str, device: torch.device, backbone: Backbone, frames: int, siz
                 continue
             if name == "guide" and "gradient_checkpointing" in turned_on and "guide" in saving:
                 peak = saving["guide"]
-            if name in ("encode", "decode") and "vae_slice_1" in turned_on:
-                peak = saving[name]
+            if name in ("encode", "decode"):
+                peak = vae_figures["vae_slice_1" in turned_on, "vae_tiling" in turned_on][name]
             absent = 0
             if gpu or "text_encoder_offload" in turned_on:
                 absent += modules["text_encoder"]
@@ -578,16 +798,22 @@ def _plan(model: str, device: torch.device, backbone: Backbone, frames: int, siz
             out[name] = peak
         return out
 
-    phases = phases_with(set())
-    savers = []
-    turned_on: set[str] = set()
-    for saver in SAVERS:
-        turned_on.add(saver)
-        peak = max(phases_with(turned_on).values())
-        savers.append({"name": saver, "peak_bytes": peak})
+    phases = phases_with(frozenset())
+    alone = {saver: phases_with(frozenset({saver})) for saver in SAVERS}
+    savers = [{"name": saver, "peak_bytes": max(alone[saver].values()), "phases": alone[saver],
+               **saver_cost(saver, counts)} for saver in SAVERS]
+    combinations = []
+    for count in range(1, len(SAVERS) + 1):
+        for chosen in itertools.combinations(SAVERS, count):
+            on = frozenset(chosen)
+            peaks = phases_with(on)
+            highest = max(peaks, key=peaks.__getitem__)
+            combinations.append({"savers": list(chosen), "peak_bytes": peaks[highest], "peak_phase": highest,
+                                 "costs": {saver: saver_cost(saver, counts, on) for saver in chosen}})
+    combinations.sort(key=cost_key)
     return MemoryPlan(model=model, device=str(device), dtype=str(backbone.dtype).removeprefix("torch."),
                       frames=frames, size=size, windows=windows, phases=phases, modules=modules,
-                      savers=savers)
+                      savers=savers, combinations=combinations)
 
 
 def _largest_leaf_bytes(backbone: Backbone) -> int:
@@ -600,8 +826,33 @@ def _largest_leaf_bytes(backbone: Backbone) -> int:
     return largest
 
 
-def format_plan(plan: MemoryPlan) -> str:
-    """The plan as a table: each phase's peak, then each saver's (cumulative) peak."""
+def worth_taking(plan: MemoryPlan) -> list[dict[str, Any]]:
+    """The combinations a budget can pick: cheapest first, each kept only when it brings
+    the peak below every cheaper one's (and below no saver's)."""
+    kept, lowest = [], plan.peak_bytes
+    for combination in plan.combinations:
+        if combination["peak_bytes"] < lowest:
+            kept.append(combination)
+            lowest = combination["peak_bytes"]
+    return kept
+
+
+def _cost_words(costs: list[dict[str, Any]]) -> str:
+    """A combination's (or a saver's) cost in words: recomputed FE, bytes moved per edit and
+    per sampling step, the output, the CPU embedding."""
+    fe = sum(cost["recomputed_fe"] for cost in costs)
+    moved = sum(cost["bytes_moved"] for cost in costs)
+    words = [f"{fe:g} FE recomputed" if fe else "no FE",
+             f"{readable(moved)} moved ({readable(sum(c['bytes_per_step'] for c in costs))} a step)"
+             if moved else "nothing moved"]
+    words += sorted({cost["output"] for cost in costs} - {"identical"})
+    words += ["prompts embedded on the CPU"] if any(cost["cpu_embedding"] for cost in costs) else []
+    return ", ".join(words)
+
+
+def format_plan(plan: MemoryPlan, chosen: tuple[str, ...] | None = None) -> str:
+    """The plan as a table: each phase's peak; each saver alone, its peak and its cost;
+    the combinations worth taking, cheapest first (the chosen one marked *)."""
     unit, scale = ("GiB", 2**30) if plan.peak_bytes >= 2**30 else ("MiB", 2**20)
     lines = [f"Memory plan: {plan.model}, {plan.frames} frames at {plan.size[0]}x{plan.size[1]}, "
              f"{plan.windows} window(s), " + (f"{plan.regions} region(s), " if plan.regions else "")
@@ -609,8 +860,14 @@ def format_plan(plan: MemoryPlan) -> str:
              f"  {'phase':<28}{'peak':>9}"]
     lines += [f"  {name:<28}{peak / scale:>9.2f}" for name, peak in plan.phases.items()]
     lines.append(f"  {'peak':<28}{plan.peak_bytes / scale:>9.2f}")
-    lines.append("  with savers, cheapest first")
-    lines += [f"  + {saver['name']:<26}{saver['peak_bytes'] / scale:>9.2f}" for saver in plan.savers]
+    lines.append(f"  {'each saver alone':<28}{'peak':>9}   cost")
+    lines += [f"  + {saver['name']:<26}{saver['peak_bytes'] / scale:>9.2f}   {_cost_words([saver])}"
+              for saver in plan.savers]
+    lines.append("  combinations worth taking, cheapest first")
+    for combination in worth_taking(plan):
+        mark = "*" if chosen is not None and tuple(combination["savers"]) == tuple(chosen) else " "
+        lines.append(f"  {mark} {', '.join(combination['savers']):<53}{combination['peak_bytes'] / scale:>7.2f}"
+                     f"   {_cost_words(list(combination['costs'].values()))}")
     if plan.host_bytes and plan.device.startswith("cuda"):
         lines.append(f"  host memory of the {plan.regions} region(s), not on the GPU")
         lines += [f"  {name:<28}{nbytes / scale:>9.2f}" for name, nbytes in plan.host_bytes.items()]
@@ -625,8 +882,8 @@ APPLIED_SAVERS = SAVERS
 
 @dataclass(frozen=True)
 class SaverChoice:
-    """What `--memory auto` turns on for a plan and a GPU: the savers (cheapest first) and
-    the peak predicted with them."""
+    """What `--memory auto` turns on for a plan and a GPU: the savers and the peak
+    predicted with them."""
 
     savers: tuple[str, ...]
     peak_bytes: int
@@ -634,27 +891,32 @@ class SaverChoice:
 
 def choose_savers(plan: MemoryPlan, budget_bytes: int,
                   allowed: tuple[str, ...] = APPLIED_SAVERS) -> SaverChoice:
-    """The fewest savers, cheapest first (SAVERS' order), that bring the plan's peak
-    within `budget_bytes`; TooBigForGpuError with one sentence when even all the allowed
-    ones do not, naming what would make it fit.
-
-    Savers are cumulative: saver k is only taken with savers 1…k−1 (those allowed)."""
+    """The cheapest combination of `allowed` savers (cost_key: the plan's combinations
+    are in that order) that brings the plan's peak within `budget_bytes`; none when the
+    plan fits as it is. TooBigForGpuError with one sentence when none does, naming the
+    lowest it reaches."""
     if plan.peak_bytes <= budget_bytes:
         return SaverChoice((), plan.peak_bytes)
-    taken: list[str] = []
-    lowest = plan.peak_bytes
-    for saver in plan.savers:
-        if saver["name"] not in allowed:
-            continue
-        taken.append(saver["name"])
-        lowest = saver["peak_bytes"]
-        if lowest <= budget_bytes:
-            return SaverChoice(tuple(taken), lowest)
+    usable = [c for c in plan.combinations if set(c["savers"]) <= set(allowed)]
+    for combination in usable:
+        if combination["peak_bytes"] <= budget_bytes:
+            return SaverChoice(tuple(combination["savers"]), combination["peak_bytes"])
+    lowest = lowest_combination(plan, allowed)
     raise TooBigForGpuError(
-        f"This edit needs about {readable(lowest)} of GPU memory even with "
-        f"{', '.join(taken) or 'every saver'} on, and {readable(budget_bytes)} are free; "
+        f"This edit needs about {readable(lowest['peak_bytes'])} of GPU memory even with "
+        f"{', '.join(lowest['savers']) or 'every saver'} on, and {readable(budget_bytes)} are free; "
         f"edit fewer frames per window (--window-frames), a smaller --width/--height, "
         f"or use a GPU with more memory.")
+
+
+def lowest_combination(plan: MemoryPlan, allowed: tuple[str, ...] = APPLIED_SAVERS) -> dict[str, Any]:
+    """The combination of `allowed` savers with the lowest peak (the cheapest of equals):
+    {"savers", "peak_bytes"}; no saver when none lowers the plan's peak."""
+    usable = [c for c in plan.combinations if set(c["savers"]) <= set(allowed)]
+    lowest = min(usable, key=lambda c: c["peak_bytes"], default=None)
+    if lowest is None or lowest["peak_bytes"] >= plan.peak_bytes:
+        return {"savers": [], "peak_bytes": plan.peak_bytes}
+    return lowest
 
 
 # --------------------------------------------------------------------------- the planner

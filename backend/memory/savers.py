@@ -3,14 +3,19 @@
     decision = planner.decide(...)          # by whoever plans (backend/memory/planner.py)
     result = engine.transfer(clip, settings, savers=decision)   # which, inside, does
         settings = with_savers(settings, decision.savers)
-        with offloads_applied(backbone, decision.savers):
+        with savers_applied(backbone, decision.savers):
             ...the edit...
 
-The savers, cheapest first (shared/settings.py MEMORY_SAVERS; each is taken only with
-every one before it, as the plan predicts them, backend/memory/planner.py):
+The savers (shared/settings.py MEMORY_SAVERS). `--memory auto` takes the cheapest
+combination of them that fits, by their counted costs (backend/memory/planner.py
+saver_cost, docs/memory.md):
 
-    gradient_checkpointing   the setting: guidance recomputes activations in backward
+    gradient_checkpointing   the setting: guidance recomputes activations in backward,
+                             one part of the pass before the taps at a time
     vae_slice_1              the setting vae_slice = 1: the VAE takes one frame at a time
+    vae_tiling               the VAE decodes in overlapping spatial tiles, blended over
+                             the overlap (Backbone.vae_tiling: diffusers' own tiling of
+                             the backbone's VAE); the encode stays whole
     text_encoder_offload     the text encoder embeds on the CPU and never visits the GPU
                              (backend/memory/text_encoder.py; read by the engine's embed phase)
     vae_offload              the VAE lives in host memory, on the GPU only to encode and
@@ -18,10 +23,11 @@ every one before it, as the plan predicts them, backend/memory/planner.py):
     sequential_offload       accelerate's cpu_offload: the denoiser's and the VAE's weights in host
                              memory, each module's brought to the GPU for its own forward
 
-The first two are settings; the offloads move modules. On a CPU the device is the host,
-so the offloads are accepted and move nothing. Without any saver the text encoder lives
-in host memory and visits the GPU alone, in the edit's embed phase, before the offloads
-here act (backend/memory/text_encoder.py): they move the denoiser and the VAE.
+The first two are settings; vae_tiling is a switch of the VAE that acts on any device;
+the offloads move modules. On a CPU the device is the host, so the offloads are
+accepted and move nothing. Without any saver the text encoder lives in host memory
+and visits the GPU alone, in the edit's embed phase, before the offloads here act
+(backend/memory/text_encoder.py): they move the denoiser and the VAE.
 """
 
 from __future__ import annotations
@@ -63,23 +69,60 @@ def _device_of(module: torch.nn.Module) -> torch.device:
 
 
 @contextlib.contextmanager
-def offloads_applied(backbone: Backbone, savers: tuple[str, ...], *,
-                     host: torch.device | None = None, move: Move | None = None,
-                     active: bool | None = None) -> Iterator[list[str]]:
-    """While the block runs, the offload savers among `savers` act on `backbone`'s
-    networks; after it every network is back where it was and every hook is gone.
+def savers_applied(backbone: Backbone, savers: tuple[str, ...], *,
+                   host: torch.device | None = None, move: Move | None = None,
+                   active: bool | None = None) -> Iterator[list[str]]:
+    """While the block runs, the savers among `savers` that act on the networks act on
+    `backbone`'s (vae_tiling and the offloads); after it every network is back where it
+    was, whole frames again, and every hook is gone.
 
-    Yields the offloads installed. They act when the model runs on another device than
-    the host (`active`, default: the backbone's device is not the host's); on a CPU they
-    are accepted and install nothing. `move(module, device)` moves a network (default
-    module.to; tests pass a recorder)."""
+    Yields the ones installed. vae_tiling acts on any device; the offloads when the
+    model runs on another device than the host (`active`, default: the backbone's device
+    is not the host's); on a CPU they are accepted and install nothing.
+    `move(module, device)` moves a network (default module.to; tests pass a recorder)."""
     check_saver_names(savers)
     host = host or torch.device("cpu")
     move = move or (lambda module, device: module.to(device))
     active = backbone.device.type != host.type if active is None else active
-    wanted = [saver for saver in OFFLOAD_SAVERS if saver in savers]
-    if not active or not wanted:
-        yield []
+    wanted = [saver for saver in OFFLOAD_SAVERS if saver in savers] if active else []
+    tiling = "vae_tiling" in savers
+    with _offloads(backbone, wanted, host, move), \
+            _decoded_in_tiles(backbone) if tiling else contextlib.nullcontext():
+        yield (["vae_tiling"] if tiling else []) + wanted
+
+
+@contextlib.contextmanager
+def _decoded_in_tiles(backbone: Backbone) -> Iterator[None]:
+    """Each decode slice runs in the VAE's tiles (Backbone.vae_tiling) while the block
+    runs; the encode stays whole (the decode is the VAE's peak: docs/memory.md). Wraps
+    whatever decode_slices is now (the VAE offload's, or the backbone's own)."""
+    own = backbone.__dict__.get("decode_slices")  # the VAE offload's, or none
+    inner = backbone.decode_slices
+
+    def in_tiles(call: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            with backbone.vae_tiling():
+                return call()
+        return run
+
+    def decode_slices(latent: torch.Tensor, frames_per_slice: int) -> list:
+        return [in_tiles(one) for one in inner(latent, frames_per_slice)]
+
+    backbone.decode_slices = decode_slices  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        if own is None:
+            backbone.__dict__.pop("decode_slices", None)
+        else:
+            backbone.decode_slices = own  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def _offloads(backbone: Backbone, wanted: list[str], host: torch.device, move: Move) -> Iterator[None]:
+    """The offloads in `wanted` on the backbone's networks while the block runs."""
+    if not wanted:
+        yield
         return
     device = backbone.device
     denoiser, vae, text_encoder = backbone.modules()
@@ -117,7 +160,7 @@ def offloads_applied(backbone: Backbone, savers: tuple[str, ...], *,
                 patched["decode_slices"] = decode_slices
         for name, value in patched.items():
             setattr(backbone, name, value)
-        yield wanted
+        yield
     finally:
         for name in patched:
             backbone.__dict__.pop(name, None)
@@ -140,8 +183,9 @@ def offloads_applied(backbone: Backbone, savers: tuple[str, ...], *,
 
 @dataclass(frozen=True)
 class MemoryDecision:
-    """What `--memory auto` chose for one edit: the savers (cheapest first), the peak
-    the plan predicts with them, and the GPU memory it was fitted into."""
+    """What `--memory auto` chose for one edit: the savers (the cheapest combination that
+    fits, in MEMORY_SAVERS' order), the peak the plan predicts with them, and the GPU
+    memory it was fitted into."""
 
     savers: tuple[str, ...]
     predicted_peak_bytes: int

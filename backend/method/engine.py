@@ -66,8 +66,8 @@ from backend.errors import BadClipError, BadSettingsError, OutOfMemoryError
 from backend.masks import MaskTally, check_region_masks_shape, region_name
 from backend.memory.savers import (
     MemoryDecision,
-    offloads_applied,
     out_of_memory_sentence,
+    savers_applied,
     with_savers,
 )
 from backend.memory.text_encoder import text_encoder_placed
@@ -288,7 +288,7 @@ class Engine:
                 embeddings = self.embed_prompts(
                     settings, takes, procedure,
                     on_cpu="text_encoder_offload" in (savers.savers if savers else ()))
-            with offloads_applied(self.backbone, savers.savers if savers else ()):
+            with savers_applied(self.backbone, savers.savers if savers else ()):
                 with _timed(shared, "encode_invert"):
                     source, from_cache = self._source_state(frames, windows, settings, procedure,
                                                             report, embeddings.source)

@@ -234,6 +234,7 @@ class Requests:
         and what `--memory auto` turns on, from the same cache a submit's decision uses;
         for several takes, of the batch they sample in (`batch`)."""
         from backend.errors import TooBigForGpuError
+        from backend.memory.planner import lowest_combination
         from backend.video import frames_to_edit
 
         batch = self.memory.largest_batch(settings, frame_count, size, takes, regions)
@@ -250,9 +251,9 @@ class Requests:
             reply.update(savers=list(decision.savers),
                          predicted_peak_bytes=decision.predicted_peak_bytes)
         except TooBigForGpuError as refusal:
-            reply.update(fits=False, message=str(refusal), savers=[s["name"] for s in plan.savers],
-                         predicted_peak_bytes=min([plan.peak_bytes,
-                                                   *(s["peak_bytes"] for s in plan.savers)]))
+            lowest = lowest_combination(plan)  # the lowest it reaches, and with which savers
+            reply.update(fits=False, message=str(refusal), savers=list(lowest["savers"]),
+                         predicted_peak_bytes=lowest["peak_bytes"])
         return reply
 
     def _with_model_size(self, settings: dict[str, Any]) -> dict[str, Any]:
