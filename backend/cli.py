@@ -489,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--test-take-gate", default=None, metavar="FILE",
                        help="testing only: after each take of a job of several takes is "
                        "stored and announced, hold the job until FILE exists, then delete it "
-                       "and go on")
+                       "and go on; a run going on from takes made before a restart is held so before "
+                       "its first take too")
     cluster = serve.add_argument_group("many GPUs (README: Many GPUs; needs the cluster extra)")
     cluster.add_argument("--ray", metavar="ADDRESS",
                          help="run jobs on Ray workers, one per GPU: `auto` (the cluster "

@@ -168,14 +168,17 @@ def test_a_server_killed_mid_takes_keeps_the_finished_take_and_makes_only_the_re
             before = {path.name: (path.read_bytes(), path.stat().st_mtime_ns)
                       for path in take_folder.iterdir()}
             server.kill()  # held after take 1: takes 2 and 3 are not made
-            server.start()
+            server.start()  # the re-run is held again after take 1, before making take 2
+            # the new server sends events only to a client it has heard from: the hello
+            # answered, take 2's take_ready cannot be made before the client is known
             assert client.hello()["model"] == "tiny"
             for number in (2, 3):  # the re-run makes only these, and announces them
+                let_go(server)
                 # the next take announced, whichever it is: a re-run that made take 1
                 # again fails here at once, not after a wait for take 2 that never comes
                 event = wait_for_event(client, "killed-takes", "take_ready")
                 assert (event["take"], event["sidecar"]["seed"]) == (number, SEED + number - 1)
-                let_go(server)
+            let_go(server)  # held after take 3
             result = client.wait("killed-takes", timeout_s=WAIT_S)
             job = client.status("killed-takes")
             assert (job["attempts"], job["takes_done"]) == (2, [1, 2, 3])

@@ -179,6 +179,11 @@ class JobThread:
             if self.take_gate is not None:
                 pass_gate(self.take_gate, stopping)
 
+        if done and making and self.take_gate is not None:
+            # A run going on from takes made before a restart starts where the last one
+            # was held, after the take it announced: the test reconnects its client first,
+            # since an event for a client the new server has not heard from is not sent.
+            pass_gate(self.take_gate, stopping)
         if making:
             batch, savers = self._takes_plan(settings, clip, regions, len(making))
             with_savers = {"savers": savers} if savers is not None else {}
