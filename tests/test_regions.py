@@ -273,10 +273,11 @@ def test_outside_the_region_the_sampled_latent_is_the_source_latent_exactly(engi
     seen = {}
     sample = engine._sample
 
-    def watched(source, windows, settings, takes, procedure, report, embeddings, regions=None):
+    def watched(source, windows, settings, takes, procedure, report, embeddings, regions=None,
+                conditioning=None):
         seen.update(source=source, regions=regions)
         seen["latent"] = sample(source, windows, settings, takes, procedure, report, embeddings,
-                                regions)
+                                regions, conditioning)
         return seen["latent"]
 
     monkeypatch.setattr(engine, "_sample", watched)

@@ -569,7 +569,10 @@ def _tiles_replayed(vae: torch.nn.Module, tracker: LiveBytes,
     until the tile ends. Wan at 832x480 has 15 tiles a frame in 4 shapes (the last
     column and row are cut short), so 4 run. The memory is the same: what a tile holds
     depends on its shapes only, and the outputs kept are (fake) tensors of their shapes."""
-    decoder = vae.decoder
+    decoder = getattr(vae, "decoder", None)
+    if decoder is None:  # a VAE of another make (a backbone from outside): run every tile
+        yield
+        return
     tile: dict[str, Any] = {"start": tracker.current, "calls": 0, "held": []}
     cached = hasattr(vae, "clear_cache")  # calls share a tile until the next clear_cache
     run_decoder = decoder.forward
