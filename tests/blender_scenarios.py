@@ -631,9 +631,16 @@ def scenario_takes(args: dict) -> dict:
                            sorted(stack.take_strips(holder)) if holder is not None else []])
 
     jobs.apply_reply = recording_apply
+    # Events only. A status reply (asked every STATUS_EVERY_S, the path for missed events)
+    # can say "done" while take 3's take_ready, come in during that request, still waits
+    # in the client's queue (or was lost: a status request timed out on a loaded machine
+    # and the client reconnected); the reply places take 3 and ends the job, and that
+    # take_ready is never applied. This client submitted the job, so every event reaches it (which takes a
+    # status reply places: test_blender_takes.py).
+    status_every_s, following.STATUS_EVERY_S = following.STATUS_EVERY_S, float("inf")
     outcome = run_operator(bpy.ops.understudy.transfer, prompt="a red fox", quality="preview")
     run_timers(jobs, following)
-    jobs.apply_reply = apply_reply
+    jobs.apply_reply, following.STATUS_EVERY_S = apply_reply, status_every_s
     preview_job = scene.understudy_jobs[0]
     preview_id = preview_job.job_id  # the record itself is gone once undo reloads the file
     holder = stack.find_stack(scene, preview_id)
