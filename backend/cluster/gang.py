@@ -43,7 +43,7 @@ from typing import Any
 from backend.cluster.connect import ClusterConfigError, RayConnection
 from backend.cluster.engine_actor import ActorSpec, EngineActor
 from backend.cluster.pool import START_TIMEOUT_S
-from backend.cluster.runner import CANCEL_POLL_S, ActorLost
+from backend.cluster.runner import CANCEL_POLL_S, ActorLost, check_on_actor
 from backend.errors import JobCancelled, UnderstudyError
 from backend.gang import DEFAULT_COLLECTIVE_TIMEOUT_S, GangAddress, GangMember, stalls_named
 from backend.results import CancelCheck, ProgressCallback, Take, TakeCallback, TransferResult
@@ -273,12 +273,8 @@ class GangRunner:
 
     def check_settings(self, settings: dict[str, Any], clip_length: int,
                        frame_size: tuple[int, int] | None, timeout_s: float) -> None:
-        import ray
-
-        refused = ray.get(self.actors[0].check_settings.remote(settings, clip_length, frame_size),
-                          timeout=timeout_s)
-        if refused is not None:
-            raise UnderstudyError(refused["message"], refused["code"])
+        """The engine's submit-time check, on rank 0 (every rank loads the same engine)."""
+        check_on_actor(self.actors[0], settings, clip_length, frame_size, timeout_s)
 
     def run(self, job_id: str, settings: dict[str, Any], inputs: list[bytes],
             progress: ProgressCallback, cancelled: CancelCheck,

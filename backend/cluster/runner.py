@@ -58,14 +58,8 @@ class ActorRunner:
 
     def check_settings(self, settings: dict[str, Any], clip_length: int,
                        frame_size: tuple[int, int] | None, timeout_s: float) -> None:
-        """The engine's submit-time check, run on this actor; raises UnderstudyError with
-        the code the actor's engine raised."""
-        import ray
-
-        refused = ray.get(self.actor.check_settings.remote(settings, clip_length, frame_size),
-                          timeout=timeout_s)
-        if refused is not None:
-            raise UnderstudyError(refused["message"], refused["code"])
+        """The engine's submit-time check, run on this actor (check_on_actor)."""
+        check_on_actor(self.actor, settings, clip_length, frame_size, timeout_s)
 
     def run(self, job_id: str, settings: dict[str, Any], inputs: list[bytes],
             progress: ProgressCallback, cancelled: CancelCheck,
@@ -142,3 +136,15 @@ def _result_of(event: dict[str, Any]) -> TransferResult:
     """A "done" or "take" event's frames and sidecar as the result of a local edit."""
     return TransferResult(event["frames"], Sidecar.from_dict(event["sidecar"]),
                           event.get("alpha"))
+
+
+def check_on_actor(actor: Any, settings: dict[str, Any], clip_length: int,
+                   frame_size: tuple[int, int] | None, timeout_s: float) -> None:
+    """The engine's submit-time check, run on `actor` (an EngineActor handle); raises
+    UnderstudyError with the code the actor's engine raised."""
+    import ray
+
+    refused = ray.get(actor.check_settings.remote(settings, clip_length, frame_size),
+                      timeout=timeout_s)
+    if refused is not None:
+        raise UnderstudyError(refused["message"], refused["code"])
