@@ -643,11 +643,13 @@ class Engine:
 
         inverted, noisiest_timestep, noisiest = b.schedule.invert(
             inversion_output, source_latent, settings.steps, settings.inversion_steps)
+        # Contiguous, as a cache load gives them back: the model computes a strided latent
+        # to different low bits, and a re-edit from the cache must equal the first edit.
         return SourceState(
-            source_latent=source_latent,
-            inverted=inverted,
+            source_latent=source_latent.contiguous(),
+            inverted={timestep: latent.contiguous() for timestep, latent in inverted.items()},
             noisiest_timestep=noisiest_timestep,
-            noisiest=noisiest,
+            noisiest=noisiest.contiguous(),
             features={},
         )
 
