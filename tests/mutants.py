@@ -93,6 +93,13 @@ MUTANTS: tuple[Mutant, ...] = (
         ('tests/test_memory_savers.py::test_vae_tiling_matches_whole_frames_within_its_blend',),
     ),
     Mutant(
+        "ZeroScope's tiles that skip their overlap",
+        'backend/backbones/zeroscope.py',
+        '        vae.tile_overlap_factor = self.vae_tile_overlap / self.vae_tile_pixels',
+        '        vae.tile_overlap_factor = 0.0',
+        ('tests/test_memory_savers.py::test_zeroscope_vae_tiling_is_each_tiles_own_decode_blended_over_the_overlap',),
+    ),
+    Mutant(
         "ZeroScope's checkpointing leaves transformer_in's activations alive through the backward",
         'backend/backbones/zeroscope.py',
         '    parts: list[torch.nn.Module] = [unet.transformer_in]',

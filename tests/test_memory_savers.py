@@ -5,6 +5,8 @@ decided before the edit, turned on and recorded by the engine."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -221,6 +223,64 @@ def test_vae_tiling_matches_whole_frames_within_its_blend() -> None:
     assert "decode_slices" not in vars(backbone)
     difference = np.abs(whole.astype(int) - tiled.astype(int))
     assert 0 < difference.mean() <= TILE_TOLERANCE, difference.mean()
+
+
+def tile_weights(pixels: int, cells: int, tile: int, overlap: int, cell: int) -> list[list[tuple[int, int, float]]]:
+    """For each output pixel along one axis of a tiled decode: (tile, pixel within the
+    tile, weight) of every tile it comes from. Tiles of `tile` pixels start every
+    tile − overlap pixels; across the first `overlap` pixels of each tile after the
+    first, its weight rises linearly from 0 as the tile before's falls from 1."""
+    stride = tile - overlap
+    starts = range(0, cells, stride // cell)
+    weights: list[list[tuple[int, int, float]]] = []
+    for pixel in range(pixels):
+        index = min(pixel // stride, len(starts) - 1)
+        inside = pixel - index * stride
+        if index > 0 and inside < overlap:
+            ramp = inside / overlap
+            weights.append([(index - 1, inside + stride, 1 - ramp), (index, inside, ramp)])
+        else:
+            weights.append([(index, inside, 1.0)])
+    return weights
+
+
+ZEROSCOPE_TILE_TOLERANCE = 1e-5  # the VAE's float32 output: the blend's rounding only
+
+
+def test_zeroscope_vae_tiling_is_each_tiles_own_decode_blended_over_the_overlap() -> None:
+    """vae_tiling on the tiny ZeroScope's VAE with 32-pixel tiles overlapping by 8 on
+    64×48 frames (4×2 tiles): every pixel is its tile's own decode (the tile's latent
+    decoded alone, untiled), and across each overlap the linear blend of the two tiles
+    (but where a row overlap meets a column overlap), within ZEROSCOPE_TILE_TOLERANCE (docs/memory.md: a tile's decode is not the whole
+    frame's there, its GroupNorm and attention see only the tile, so a random VAE is far
+    from the whole frames; what tiling promises is this blend). Tiles that skip their
+    overlap do not blend (the named mutant). Afterwards the VAE decodes whole frames again."""
+    backbone = load_engine("tiny", device="cpu").backbone
+    backbone.vae_tile_pixels, backbone.vae_tile_overlap = 32, 8
+    vae, cell = backbone.vae, backbone.latent_cell
+    latent = torch.randn(2, 4, 6, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        whole = vae.decode(latent).sample
+        with backbone.vae_tiling():
+            tiled = vae.decode(latent).sample
+        assert torch.equal(vae.decode(latent).sample, whole)  # whole frames again after
+        tile_cells, stride_cells = 32 // cell, (32 - 8) // cell
+        tiles = [[vae.decode(latent[:, :, top:top + tile_cells, left:left + tile_cells]).sample
+                  for left in range(0, 8, stride_cells)] for top in range(0, 6, stride_cells)]
+    rows, columns = tile_weights(48, 6, 32, 8, cell), tile_weights(64, 8, 32, 8, cell)
+    expected = torch.zeros_like(tiled, dtype=torch.float64)
+    for y, row in enumerate(rows):
+        for x, column in enumerate(columns):
+            for (i, ty, wy), (j, tx, wx) in itertools.product(row, column):
+                expected[:, :, y, x] += wy * wx * tiles[i][j][:, :, ty, tx].double()
+    assert any(len(weights) == 2 for weights in columns) and any(len(weights) == 2 for weights in rows)
+    # where an overlap of rows meets one of columns the library blends the tile above
+    # as already blended with its left one: those corners are left out
+    corners = torch.tensor([[len(row) == 2 and len(column) == 2 for column in columns] for row in rows])
+    assert 0 < corners.sum() < corners.numel() / 10
+    difference = (tiled.double() - expected).abs()[:, :, ~corners]
+    assert difference.max() <= ZEROSCOPE_TILE_TOLERANCE, difference.max()
+    assert not torch.allclose(tiled, whole)  # the frames were tiled
 
 
 def test_zeroscope_checkpointing_recomputes_each_part_once_in_backward(engine) -> None:  # noqa: ANN001
