@@ -144,6 +144,7 @@ SHORT = dict(prompt="a cat", source_prompt="a dog", steps=2, inversion_steps=2,
     ("tiny", 40, False),  # two windows of ZeroScope's 24
     ("tiny", 12, True),
     ("wan-tiny", 9, False),
+    ("wan-tiny", 9, True),  # the finer checkpointing on the other backbone
 ])
 def test_plan_predicts_the_peak_of_a_real_edit(model: str, frames: int, checkpointing: bool) -> None:
     """The plan (tensors only), on fake tensors, against the same counter over a whole
