@@ -18,6 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 ONE_PROCESS_GROUPS = {"test_cluster.py": "ray", "test_gang.py": "ray"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the group into the node id
 def pytest_collection_modifyitems(items) -> None:
     for item in items:
         group = ONE_PROCESS_GROUPS.get(item.path.name)
