@@ -240,9 +240,15 @@ class GangRunner:
                 **options,
             ).remote(f"{self.name}-rank{rank}", self.spec, rank, self.size, self.timeout_s)
             for rank in range(self.size)]
-        host, port = ray.get(self.actors[0].rendezvous.remote(), timeout=timeout_s)
-        joins = [actor.join.remote(host, port) for actor in self.actors]
-        self.identities = ray.get(joins, timeout=timeout_s)
+        rendezvous = self._awaited([self.actors[0].rendezvous.remote()], stopping, deadline)
+        if rendezvous is None:
+            return False
+        host, port = rendezvous[0]
+        joins = self._awaited([actor.join.remote(host, port) for actor in self.actors],
+                              stopping, deadline)
+        if joins is None:
+            return False
+        self.identities = joins
         for identity in self.identities:
             if "load_error" in identity:
                 raise ClusterConfigError(
@@ -251,6 +257,23 @@ class GangRunner:
         self.identity = self.identities[0]
         self.broken = False
         return True
+
+    def _awaited(self, refs: list[Any], stopping: Callable[[], bool],
+                 deadline: float) -> list[Any] | None:
+        """ray.get(refs), looking at `stopping` while the ranks join and load the model (a
+        server told to stop during a rebuild stops now, not when the ranks have loaded);
+        None when `stopping` came first, GetTimeoutError past `deadline`."""
+        import ray
+        from ray.exceptions import GetTimeoutError
+
+        pending = list(refs)
+        while pending:
+            if stopping():
+                return None
+            if time.monotonic() > deadline:
+                raise GetTimeoutError(f"Gang {self.name}'s ranks did not start in time.")
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=CANCEL_POLL_S)
+        return ray.get(refs)
 
     def kill(self) -> None:
         import ray
