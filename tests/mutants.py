@@ -625,7 +625,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "backend/gang.py",
         "        return self.rank == 0\n",
         "        return self.rank == 1\n",
-        ("tests/test_gang.py::test_a_gang_job_through_transfer_server_equals_the_single_process_edit",),
+        ("tests/test_gang.py::test_a_job_of_several_takes_runs_on_the_whole_gang_and_rank_0_ships_each_take",),
     ),
     # --- regions (issue 20): the server's mask checks, the extension's layer over the source
     Mutant(
