@@ -495,9 +495,10 @@ def test_a_gateway_plans_each_job_for_its_workers_gpus(tmp_path, connect_client)
     from backend.memory.planner import choose_savers
     from tests.test_memory_server import BIG, CLIP_SIZE, tiny_plan
 
-    budget = min(c["peak_bytes"] for c in tiny_plan().combinations) + 256  # the quick job fits
+    quick = tiny_plan()
+    budget = min(c["peak_bytes"] for c in quick.combinations) + 256  # the quick job fits
     assert budget < min(c["peak_bytes"] for c in tiny_plan(**BIG).combinations)
-    chosen = choose_savers(tiny_plan(), budget)
+    chosen = choose_savers(quick, budget)
     gateway = ServerProcess(tmp_path / "state", "--ray", "local:1", "--assume-gpu-memory-gb",
                             repr(budget / 2**30)).start()
     try:
