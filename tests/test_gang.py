@@ -78,8 +78,8 @@ def test_ulysses_refuses_a_gang_that_does_not_divide_the_heads():
 
 # --------------------------------------------------------------------------- a gang on Ray
 
-# A stopped rank fails its job this long after its peers' collective began (and the
-# gateway waits as long again for the stopped rank's end before rebuilding the gang).
+# A stopped rank fails its job this long after its peers' collective began (the gateway
+# fails the job then: peers that waited the whole timeout were alive, none died).
 GANG_TIMEOUT_S = "8"
 STEP_DELAY = "0.02"
 # Long enough for a kill or a stop to land mid-job, after its first progress report.
