@@ -68,6 +68,8 @@ STEP_DELAY = "0.02"  # as in the server tests: a job with many steps can be caug
 # test, having seen it report progress, kills its worker.
 MEDIUM = {"steps": 24, "inversion_steps": 24, "guided_steps": 0}
 VICTIM = {"steps": 60, "inversion_steps": 60, "guided_steps": 0}
+# A job that only has to run through (queued behind the victims, say).
+QUICK = {"steps": 3, "inversion_steps": 3, "guided_steps": 0}
 
 
 @pytest.fixture
@@ -458,7 +460,7 @@ def test_the_gateway_killed_with_jobs_in_flight_finishes_every_job_exactly_once(
             job_ids = [f"in-flight-{index}" for index in range(4)]
             for index, job_id in enumerate(job_ids):
                 client.submit(job_id, settings(job_id, seed=index,
-                                               **(VICTIM if index < 2 else MEDIUM)),
+                                               **(VICTIM if index < 2 else QUICK)),
                               clip_pngs(6, shade=30 * index))
             wait_until(lambda: len(running_jobs(client, job_ids)) == 2, "two jobs running")
             running = running_jobs(client, job_ids)
