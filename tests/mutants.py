@@ -72,11 +72,25 @@ MUTANTS: tuple[Mutant, ...] = (
         ('tests/test_memory_server.py::test_a_plan_holds_up_nobody_but_its_own_request',),
     ),
     Mutant(
-        "Wan's gradient checkpointing drops sequential offload's hook after guidance",
+        "Wan's gradient checkpointing drops group offload's hook after guidance",
         'backend/backbones/base.py',
-        '                block.forward = forward  # back to accelerate\'s hook',
+        '                block.forward = forward  # back to group offload\'s hook',
         '                del block.forward',
-        ('tests/test_memory_savers.py::test_sequential_offload_survives_gradient_checkpointing_on_wan',),
+        ('tests/test_memory_savers.py::test_group_offload_hooks_survive_gradient_checkpointing_on_wan',),
+    ),
+    Mutant(
+        "the embedding cache keyed without the text encoder's float8 storage",
+        'backend/method/embeddings.py',
+        '"dtype": str(dtype), "fp8": fp8,',
+        '"dtype": str(dtype),',
+        ('tests/test_text_encoder.py::test_text_encoder_fp8_embeds_in_float8_and_keeps_its_own_cache_entries',),
+    ),
+    Mutant(
+        "the denoiser keeps its float8 weights after an edit with denoiser_fp8",
+        'backend/memory/savers.py',
+        '            if originals is not None:\n                _restore(denoiser, originals)',
+        '            if originals is not None:\n                pass',
+        ('tests/test_memory_savers.py::test_fp8_casting_backpropagates_and_moves_the_frames_by_its_rounding',),
     ),
     Mutant(
         'the VAE offload leaves the VAE on the GPU while sampling',
