@@ -58,12 +58,22 @@ counts it. The savers move the networks further:
     text_encoder_offload     the text encoder embeds on the CPU: the embed phase is the
                              denoiser's and the VAE's weights and the embeddings
     vae_offload              the VAE on the GPU only while encoding and decoding
-    sequential_offload       (accelerate) one leaf module's weights on the GPU at a time
+    text_encoder_fp8         the encoder's cast layers at 1 byte a parameter while it
+                             embeds on the GPU, and its largest cast layer in the model's
+                             dtype (savers.cast_bytes)
+    denoiser_fp8             the same for the denoiser, and in guide the model-dtype
+                             weights autograd keeps: two blocks' with checkpointing, all
+                             of them without (a bound)
+    group_offload            the denoiser on the GPU only while it runs, then only its
+                             weights outside the blocks and two blocks (one computing,
+                             the next arriving; savers.group_bytes); in guide all of them
+                             again (autograd keeps what it used, a bound). Never with
+                             gradient_checkpointing (EXCLUSIVE)
 
 Each figure is measured once, each re-measure as what its phase adds to what was alive
 when the phase first ran; a combination of savers is then arithmetic on those figures
 (`_plan`: each phase takes the figure its savers give it, less the networks they take
-off the GPU), so pricing all 63 combinations costs nothing beyond the figures. Each
+off the GPU), so pricing all 191 combinations costs nothing beyond the figures. Each
 saver's cost is counted (`saver_cost`: recomputed FE, bytes moved, what it does to the
 output) and `--memory auto` takes the cheapest combination that fits (`choose_savers`).
 
@@ -107,7 +117,7 @@ from backend.memory.counter import (
 )
 from backend.memory.cpu_terms import CpuConvolutionScratch, host_frames
 from backend.memory.phases import EditPhases, PhasesOf
-from backend.memory.savers import MemoryDecision, readable
+from backend.memory.savers import MemoryDecision, cast_bytes, group_bytes, readable
 from backend.results import Reporter
 from backend.video import frames_to_edit
 from shared.settings import MEMORY_SAVERS, TransferSettings
@@ -694,15 +704,25 @@ class _Counts:
     steps: int  # sampling steps
     vae_bytes: int
     denoiser_bytes: int
+    text_encoder_bytes: int
+    denoiser_fp8_bytes: int  # cast layers at 1 byte a parameter (savers.cast_bytes)
+    denoiser_largest_cast: int  # the largest cast layer in the model's dtype
+    text_encoder_fp8_bytes: int
+    text_encoder_largest_cast: int
+    denoiser_stays: int  # group offload's: outside every block (savers.group_bytes)
+    denoiser_largest_block: int
 
 
 def _counts(backbone: Backbone, settings: TransferSettings, frames: int, windows: int,
             modules: dict[str, int], slices: dict[int, int]) -> _Counts:
     guided = settings.guided_step_count()
+    denoiser, _vae, text_encoder = backbone.modules()
     return _Counts(backbone.model_frames(frames), windows, slices[settings.vae_slice], slices[1],
                    guided * settings.guidance_iterations,
                    settings.inversion_steps + guided * (1 + settings.guidance_iterations)
-                   + 2 * settings.steps, settings.steps, modules["vae"], modules["denoiser"])
+                   + 2 * settings.steps, settings.steps, modules["vae"], modules["denoiser"],
+                   modules["text_encoder"], *cast_bytes(denoiser), *cast_bytes(text_encoder),
+                   *group_bytes(denoiser))
 
 
 def saver_cost(saver: str, counts: _Counts, on: frozenset[str] = frozenset()) -> dict[str, Any]:
@@ -711,14 +731,16 @@ def saver_cost(saver: str, counts: _Counts, on: frozenset[str] = frozenset()) ->
         recomputed_fe     denoiser function evaluations run again: gradient checkpointing
                           recomputes the part of the truncated pass before the taps once
                           per guidance iteration and window, counted as a whole FE (a bound)
-        bytes_moved       host ↔ GPU bytes per edit: sequential offload brings the denoiser's
-                          weights at every model pass (CFG counts two) and the VAE's at
-                          every VAE call; the VAE offload brings the VAE to the GPU and back
-                          for the encode and each decode slice (one frame a slice with
-                          vae_slice_1)
+        bytes_moved       host ↔ GPU bytes per edit: group offload brings the denoiser's
+                          weights (in float8 with denoiser_fp8) at every model pass (CFG
+                          counts two; on a CUDA stream, overlapping the compute); the VAE
+                          offload brings the VAE to the GPU and back for the encode and
+                          each decode slice (one frame a slice with vae_slice_1)
         bytes_per_step    bytes_moved over the sampling steps: the offload's speed cost
-        output            "identical", or "tiles blended" (vae_tiling: the VAE's tiles are
-                          blended over their overlap, a small change, docs/memory.md)
+        output            "identical", "tiles blended" (vae_tiling: the VAE's tiles are
+                          blended over their overlap, a small change) or "fp8 weights"
+                          (text_encoder_fp8, denoiser_fp8: the network computes with
+                          float8-rounded weights, docs/memory.md)
         cpu_embedding     the prompts are embedded on the CPU (text_encoder_offload: seconds
                           per new prompt; none for a prompt in the embedding cache)
     """
@@ -728,27 +750,37 @@ def saver_cost(saver: str, counts: _Counts, on: frozenset[str] = frozenset()) ->
         fe = float(counts.windows * counts.guided_iterations)
     elif saver == "vae_offload":
         moved = 2 * counts.vae_bytes * vae_calls
-    elif saver == "sequential_offload":
-        moved = counts.denoiser_bytes * counts.model_passes * counts.windows + counts.vae_bytes * vae_calls
+    elif saver == "group_offload":
+        stored = counts.denoiser_fp8_bytes if "denoiser_fp8" in on else counts.denoiser_bytes
+        moved = stored * counts.model_passes * counts.windows
     elif saver == "vae_tiling":
         output = "tiles blended"
+    elif saver in ("text_encoder_fp8", "denoiser_fp8"):
+        output = "fp8 weights"
     return {"recomputed_fe": fe, "bytes_moved": moved,
             "bytes_per_step": moved // max(1, counts.steps), "output": output,
             "cpu_embedding": saver == "text_encoder_offload"}
 
 
-STREAMING = ("sequential_offload",)
+STREAMING = ("group_offload",)
 """The savers whose bytes move at every model pass (the speed cost users complain of)."""
+
+EXCLUSIVE = (frozenset({"group_offload", "gradient_checkpointing"}),)
+"""Savers never taken together: a checkpointed block's recompute runs under checkpoint's
+own saved-tensor hooks, so group offloading's swap of the block's weights after it
+would reach what backward reads (backend/memory/savers.py, docs/memory.md)."""
 
 
 def cost_key(combination: dict[str, Any]) -> tuple:
-    """How dear a combination of savers is, compared in this order: the bytes streamed at
-    every model pass (sequential offload: slowest), the recomputed FE, whether the output
+    """How dear a combination of savers is, compared in this order: how many networks
+    compute with fp8-rounded weights (the largest change to the output), the bytes
+    streamed at every model pass (group offload), the recomputed FE, whether the output
     changes (blended tiles), the bytes moved once a VAE call (the VAE offload: a
     fraction of a second an edit), whether the prompts are embedded on the CPU, and
     then the count of savers."""
     costs = combination["costs"]
-    return (sum(cost["bytes_moved"] for saver, cost in costs.items() if saver in STREAMING),
+    return (sum(cost["output"] == "fp8 weights" for cost in costs.values()),
+            sum(cost["bytes_moved"] for saver, cost in costs.items() if saver in STREAMING),
             sum(cost["recomputed_fe"] for cost in costs.values()),
             any(cost["output"] != "identical" for cost in costs.values()),
             sum(cost["bytes_moved"] for saver, cost in costs.items() if saver not in STREAMING),
@@ -769,13 +801,35 @@ def _plan(model: str, device: torch.device, backbone: Backbone, frames: int, siz
     denoiser's and the VAE's weights and the three embeddings. A CPU plan, where nothing
     moves, counts the networks everywhere but where a saver takes them out."""
     gpu = device.type == "cuda"
-    largest_leaf = _largest_leaf_bytes(backbone)
     others = modules["denoiser"] + modules["vae"]
+    runs_denoiser = ("invert", "features", "guide", "cfg")
 
     def embed_phase(turned_on: frozenset[str]) -> int:
         if "text_encoder_offload" in turned_on:
             return others + embedding_bytes
-        return measured["embed"] - others if gpu else measured["embed"]
+        cast = 0  # text_encoder_fp8: the cast layers in float8, the largest one in the model's dtype
+        if "text_encoder_fp8" in turned_on:
+            cast = counts.text_encoder_fp8_bytes + counts.text_encoder_largest_cast - counts.text_encoder_bytes
+        return (measured["embed"] - others if gpu else measured["embed"]) + cast
+
+    def denoiser_resident(phase: str, turned_on: frozenset[str]) -> int:
+        """The denoiser's weights on the GPU during `phase` with the savers `turned_on`."""
+        fp8 = "denoiser_fp8" in turned_on
+        full = counts.denoiser_bytes
+        stored = counts.denoiser_fp8_bytes if fp8 else full
+        if "group_offload" in turned_on:
+            if phase not in runs_denoiser:
+                return 0
+            # the block computing and the next one arriving on the stream; in guide also
+            # the weights autograd keeps for backward (bounded by all of them)
+            resident = int(stored / full * (counts.denoiser_stays + 2 * counts.denoiser_largest_block))
+            return resident + (full if phase == "guide" else 0)
+        if not fp8:
+            return full
+        if phase == "guide":  # the cast layers' model-dtype weights autograd keeps
+            return stored + (2 * counts.denoiser_largest_block
+                             if "gradient_checkpointing" in turned_on else full)
+        return stored + (counts.denoiser_largest_cast if phase in runs_denoiser else 0)
 
     def phases_with(turned_on: frozenset[str]) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -792,13 +846,10 @@ def _plan(model: str, device: torch.device, backbone: Backbone, frames: int, siz
                 absent += modules["text_encoder"]
             if name not in ("encode", "decode") and "vae_offload" in turned_on:
                 absent += modules["vae"]
+            absent += modules["denoiser"] - denoiser_resident(name, turned_on)
             if name == "weights":
                 peak = sum(modules.values())
-            peak -= absent
-            if "sequential_offload" in turned_on:
-                resident = sum(modules.values()) - absent
-                peak = peak - resident + largest_leaf
-            out[name] = peak
+            out[name] = peak - absent
         return out
 
     phases = phases_with(frozenset())
@@ -809,6 +860,8 @@ def _plan(model: str, device: torch.device, backbone: Backbone, frames: int, siz
     for count in range(1, len(SAVERS) + 1):
         for chosen in itertools.combinations(SAVERS, count):
             on = frozenset(chosen)
+            if any(pair <= on for pair in EXCLUSIVE):
+                continue
             peaks = phases_with(on)
             highest = max(peaks, key=peaks.__getitem__)
             combinations.append({"savers": list(chosen), "peak_bytes": peaks[highest], "peak_phase": highest,
@@ -817,16 +870,6 @@ def _plan(model: str, device: torch.device, backbone: Backbone, frames: int, siz
     return MemoryPlan(model=model, device=str(device), dtype=str(backbone.dtype).removeprefix("torch."),
                       frames=frames, size=size, windows=windows, phases=phases, modules=modules,
                       savers=savers, combinations=combinations)
-
-
-def _largest_leaf_bytes(backbone: Backbone) -> int:
-    """The most weight bytes any one leaf module holds (sequential offload's resident set)."""
-    largest = 0
-    for network in backbone.modules():
-        for module in network.modules():
-            own = sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
-            largest = max(largest, own)
-    return largest
 
 
 def worth_taking(plan: MemoryPlan) -> list[dict[str, Any]]:

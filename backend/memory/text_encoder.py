@@ -14,6 +14,11 @@ memory (both backbones' loaders put it there), and an edit embeds all its prompt
                         (for an encoder that does not fit the GPU even alone, as Wan's
                         10.6 GiB UMT5 on a 10 GiB budget)
 
+With the text_encoder_fp8 saver, the encoder that goes to the GPU is stored in float8
+while it is there (diffusers' layerwise casting, backend/memory/savers.py cast_while):
+cast in host memory before the move, so half the bytes cross the bus, and its own
+weights back after. On the CPU it embeds as it is (the saver saves no GPU memory there).
+
 Either way nothing moves when the prompts' embeddings are in the embedding cache
 (backend/method/embeddings.py): the phase is not entered. The memory plan counts the
 embed phase as exactly this (backend/memory/planner.py `_plan`).
@@ -28,16 +33,19 @@ from typing import Any
 import torch
 
 from backend.backbones.base import Backbone
+from backend.memory.savers import cast_while
 
 Move = Callable[[torch.nn.Module, torch.device], Any]
 
 
 @contextlib.contextmanager
-def text_encoder_placed(backbone: Backbone, on_cpu: bool, *, host: torch.device | None = None,
-                        move: Move | None = None, active: bool | None = None) -> Iterator[None]:
+def text_encoder_placed(backbone: Backbone, on_cpu: bool, *, fp8: bool = False,
+                        host: torch.device | None = None, move: Move | None = None,
+                        active: bool | None = None) -> Iterator[None]:
     """While the block runs (the prompts' embedding), the text encoder is on the GPU
     with neither the denoiser nor the VAE there, or (`on_cpu`) in host memory with
     nothing moved; after it, the encoder is in host memory and the others are back.
+    `fp8`: on the GPU, the encoder stored in float8 (the text_encoder_fp8 saver).
 
     It acts when the model runs on another device than the host (`active`, default:
     the backbone's device is not the host's); on a CPU nothing moves. `move(module,
@@ -52,11 +60,12 @@ def text_encoder_placed(backbone: Backbone, on_cpu: bool, *, host: torch.device 
     denoiser, vae, text_encoder = backbone.modules()
     move(denoiser, host)
     move(vae, host)
-    move(text_encoder, device)
-    try:
-        yield
-    finally:
-        move(text_encoder, host)
+    with cast_while(text_encoder, backbone.dtype, fp8):
+        move(text_encoder, device)
+        try:
+            yield
+        finally:
+            move(text_encoder, host)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         move(denoiser, device)

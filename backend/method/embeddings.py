@@ -48,10 +48,14 @@ class PromptEmbeddings:
         return PromptEmbeddings(self.source, self.target[rows], self.negative)
 
 
-def embedding_key(model_id: str, dtype: torch.dtype, source: str, target: str, negative: str) -> str:
-    """Hash of the model (tokenizer and encoder), its dtype and the three prompts as applied."""
+def embedding_key(model_id: str, dtype: torch.dtype, source: str, target: str, negative: str,
+                  fp8: bool = False) -> str:
+    """Hash of the model (tokenizer and encoder), its dtype and the three prompts as applied;
+    `fp8`: embedded by an encoder stored in float8 (the text_encoder_fp8 saver), keyed apart."""
     parts = {"format": EMBEDDING_FORMAT, "model": model_id, "dtype": str(dtype),
              "source": source, "target": target, "negative": negative}
+    if fp8:  # only then, so the keys of full-precision embeddings stay what they were
+        parts["storage"] = "float8_e4m3fn"
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
