@@ -34,7 +34,7 @@ the others act on modules when the model runs on another device than the host; o
 CPU they are accepted and do nothing (tests turn them on with `active=True`). Without
 any saver the text encoder lives in host memory and visits the GPU alone, in the
 edit's embed phase, before the savers here act (backend/memory/text_encoder.py; it
-applies text_encoder_fp8 itself, `cast_to_fp8`): they act on the denoiser and the VAE.
+applies text_encoder_fp8 itself, `cast_while`): they act on the denoiser and the VAE.
 
 Under backward. Both diffusers hooks swap a layer's weights under its Parameter
 (`param.data = …` for offloading, module.to(dtype) for casting) once the layer's
@@ -168,40 +168,37 @@ def _offloads(backbone: Backbone, wanted: list[str], host: torch.device, move: M
                     torch.cuda.empty_cache()
         return run
 
-    overwriting = torch.__future__.get_overwrite_module_params_on_conversion()
     saving: contextlib.AbstractContextManager = contextlib.nullcontext()
-    cast = "denoiser_fp8" in wanted
     try:
-        torch.__future__.set_overwrite_module_params_on_conversion(True)
-        originals = cast_to_fp8(denoiser, backbone.dtype) if cast else {}
-        if "group_offload" in wanted:
-            from diffusers.hooks import apply_group_offloading
+        with cast_while(denoiser, backbone.dtype, "denoiser_fp8" in wanted):
+            try:
+                if "group_offload" in wanted:
+                    from diffusers.hooks import apply_group_offloading
 
-            move(denoiser, host)
-            apply_group_offloading(denoiser, onload_device=device, offload_device=torch.device("cpu"),
-                                   offload_type="block_level", num_blocks_per_group=1,
-                                   use_stream=device.type == "cuda")
-            saving = torch.autograd.graph.saved_tensors_hooks(_saved_as_used, _as_saved)
-        if "vae_offload" in wanted:
-            move(vae, host)
-            original_decode_slices = backbone.decode_slices
+                    move(denoiser, host)
+                    apply_group_offloading(denoiser, onload_device=device,
+                                           offload_device=torch.device("cpu"),
+                                           offload_type="block_level", num_blocks_per_group=1,
+                                           use_stream=device.type == "cuda")
+                    saving = torch.autograd.graph.saved_tensors_hooks(_saved_as_used, _as_saved)
+                if "vae_offload" in wanted:
+                    move(vae, host)
+                    original_decode_slices = backbone.decode_slices
 
-            def decode_slices(latent: torch.Tensor, frames_per_slice: int) -> list:
-                return [visiting(vae, one) for one in original_decode_slices(latent, frames_per_slice)]
+                    def decode_slices(latent: torch.Tensor, frames_per_slice: int) -> list:
+                        return [visiting(vae, one) for one in original_decode_slices(latent, frames_per_slice)]
 
-            patched["encode"] = visiting(vae, backbone.encode)
-            patched["decode_slices"] = decode_slices
-        for name, value in patched.items():
-            setattr(backbone, name, value)
-        with saving:
-            yield
+                    patched["encode"] = visiting(vae, backbone.encode)
+                    patched["decode_slices"] = decode_slices
+                for name, value in patched.items():
+                    setattr(backbone, name, value)
+                with saving:
+                    yield
+            finally:
+                for name in patched:
+                    backbone.__dict__.pop(name, None)
+                remove_diffusers_hooks(denoiser)  # group offloading's (and casting's, restored next)
     finally:
-        for name in patched:
-            backbone.__dict__.pop(name, None)
-        remove_diffusers_hooks(denoiser)
-        if cast:
-            restore(denoiser, originals)
-        torch.__future__.set_overwrite_module_params_on_conversion(overwriting)
         for module in (denoiser, vae, text_encoder):
             move(module, homes[id(module)])
         if device.type == "cuda":
@@ -228,7 +225,7 @@ def cast_skips(network: torch.nn.Module) -> tuple[str, ...]:
     return CAST_SKIPS + tuple(getattr(network, "_skip_layerwise_casting_patterns", None) or ())
 
 
-def _is_cast(name: str, module: torch.nn.Module, skips: tuple[str, ...]) -> bool:
+def is_cast(name: str, module: torch.nn.Module, skips: tuple[str, ...]) -> bool:
     """Whether layerwise casting stores this layer in float8 (diffusers' own test)."""
     from diffusers.hooks._common import _GO_LC_SUPPORTED_PYTORCH_LAYERS
 
@@ -245,7 +242,7 @@ def cast_bytes(network: torch.nn.Module) -> tuple[int, int]:
     for name, module in network.named_modules():
         own = list(module.parameters(recurse=False))
         full = sum(p.numel() * p.element_size() for p in own)
-        if _is_cast(name, module, skips):
+        if is_cast(name, module, skips):
             stored += sum(p.numel() for p in own)
             largest = max(largest, full)
         else:
@@ -268,21 +265,24 @@ def group_bytes(network: torch.nn.Module) -> tuple[int, int]:
 def cast_to_fp8(network: torch.nn.Module, compute: torch.dtype) -> dict[str, torch.Tensor]:
     """diffusers' layerwise casting on `network` (storage float8_e4m3fn, compute
     `compute`); returns its weights as they were, in host memory (references on a CPU),
-    for `restore`. The conversions make new Parameters, so the originals are untouched."""
+    for `restore`. Run under `_overwriting_parameters` (cast_while): the conversions
+    make new Parameters, so the originals are untouched."""
     from diffusers.hooks import apply_layerwise_casting
 
     in_host: dict[int, torch.Tensor] = {}  # one copy of a tied weight, under each name
     weights = {name: in_host.setdefault(id(tensor), tensor.detach().to("cpu"))
                for name, tensor in [*network.named_parameters(remove_duplicate=False),
                                     *network.named_buffers(remove_duplicate=False)]}
-    with _overwriting_parameters():
-        apply_layerwise_casting(network, storage_dtype=FP8, compute_dtype=compute,
-                                skip_modules_pattern=cast_skips(network))
+    apply_layerwise_casting(network, storage_dtype=FP8, compute_dtype=compute,
+                            skip_modules_pattern=cast_skips(network))
     return weights
 
 
 @contextlib.contextmanager
 def _overwriting_parameters() -> Iterator[None]:
+    """Module conversions (module.to) make new Parameters while the block runs, so the
+    model-dtype weight a cast layer computed with stays what autograd saved for backward
+    after the layer goes back to float8."""
     before = torch.__future__.get_overwrite_module_params_on_conversion()
     torch.__future__.set_overwrite_module_params_on_conversion(True)
     try:
@@ -294,7 +294,7 @@ def _overwriting_parameters() -> Iterator[None]:
 @contextlib.contextmanager
 def cast_while(network: torch.nn.Module, compute: torch.dtype, active: bool) -> Iterator[None]:
     """`network` stored in float8 while the block runs (when `active`), its own weights
-    back after; conversions make new Parameters meanwhile (the module docstring)."""
+    back after; conversions make new Parameters meanwhile (`_overwriting_parameters`)."""
     if not active:
         yield
         return
