@@ -138,4 +138,5 @@ def test_the_embedding_key_names_everything_the_embeddings_depend_on() -> None:
                 embedding_key("tiny", torch.float16, "a dog", "a cat", "blurry"),
                 embedding_key("tiny", torch.float32, "a cat", "a cat", "blurry"),
                 embedding_key("tiny", torch.float32, "a dog", "a dog", "blurry"),
-                embedding_key("tiny", torch.float32, "a dog", "a cat", "")}) == 6
+                embedding_key("tiny", torch.float32, "a dog", "a cat", ""),
+                embedding_key("tiny", torch.float32, "a dog", "a cat", "blurry", fp8=True)}) == 7
