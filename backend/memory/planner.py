@@ -766,9 +766,13 @@ STREAMING = ("group_offload",)
 """The savers whose bytes move at every model pass (the speed cost users complain of)."""
 
 EXCLUSIVE = (frozenset({"group_offload", "gradient_checkpointing"}),)
-"""Savers never taken together: a checkpointed block's recompute runs under checkpoint's
-own saved-tensor hooks, so group offloading's swap of the block's weights after it
-would reach what backward reads (backend/memory/savers.py, docs/memory.md)."""
+"""Savers never taken together. Checkpointing recomputes in backward, outside group
+offloading's schedule: ZeroScope's parts (resnets, attentions) sit inside a block, so
+their recompute runs no group hook and would read the block's weights after they went
+back to host memory; a recomputed Wan block runs its hook, but checkpoint keeps a frozen
+weight as the Parameter itself (not `_saved_as_used`'s alias) and stops the recompute
+early, before the hook offloads: the group stays on the GPU, out of step with the
+prefetch order (backend/memory/savers.py, docs/memory.md)."""
 
 
 def cost_key(combination: dict[str, Any]) -> tuple:

@@ -43,10 +43,10 @@ would then backpropagate through host (or float8) weights. So while the savers a
 module conversions make new Parameters (torch.__future__'s
 overwrite_module_params_on_conversion: a cast layer's compute-dtype weights stay with
 autograd until backward) and, under group offload, autograd saves a Parameter as a
-detached alias of the storage it had in forward (`_saved_as_used`). A checkpointed
-block's recompute runs under checkpoint's own saved-tensor hooks, not
-`_saved_as_used`, so group offload's swap after the recompute would reach its saved
-weights: the plan never combines group_offload with gradient_checkpointing
+detached alias of the storage it had in forward (`_saved_as_used`). Checkpointing's
+recompute in backward runs outside group offloading's schedule (a ZeroScope part
+inside a block runs no group hook; checkpoint keeps frozen weights as the Parameters
+themselves), so the plan never combines group_offload with gradient_checkpointing
 (planner.EXCLUSIVE, docs/memory.md).
 """
 
