@@ -40,11 +40,11 @@ MIN_REFERENCE_SIDE = 16
 MAX_REFERENCE_SIDE = 4096
 # The GPU-memory savers. `--memory auto` takes the cheapest combination of them that fits
 # (backend/memory/planner.py counts each one's cost: recomputed FE, bytes moved, a blended
-# or fp8-rounded output); this order is only how they are listed. The plan, the engine
+# output); this order is only how they are listed. The plan, the engine
 # (backend/memory/savers.py), the server's hello, the command line and the sidecar all
 # name them from here.
 MEMORY_SAVERS = ("gradient_checkpointing", "vae_slice_1", "vae_tiling", "text_encoder_offload",
-                 "vae_offload", "text_encoder_fp8", "denoiser_fp8", "group_offload")
+                 "text_encoder_fp8", "vae_offload", "denoiser_fp8", "group_offload")
 
 
 @dataclass(frozen=True)
@@ -218,9 +218,8 @@ class TransferSettings:
     vae_slice: int = _setting(4, Spec("int", 1, 256, flag="--vae-slice", help="frames per VAE slice"))
     memory: str = _setting("auto", Spec(
         "choice", choices=MEMORY_MODES, flag="--memory",
-        help="auto: plan the edit's GPU memory first, turn on the cheapest combination of "
-             "savers that fits (checkpointing, VAE slicing/tiling/offload, prompts on the CPU, "
-             "fp8 weights, group offload) and refuse an edit that cannot fit; off: run as set"))
+        help="auto: plan the edit's GPU memory first, turn on the savers it needs (cheapest "
+             "first) and refuse an edit that cannot fit; off: run as set"))
 
     def __post_init__(self) -> None:
         self.validate()

@@ -61,6 +61,11 @@ from tests.server_support import (
     wait_until,
 )
 
+# Every test of the modules that share one local Ray instance runs in one test process
+# when the suite runs in parallel (build.py test): two Ray heads at once would compete
+# for the CPU their start-up timeouts assume.
+pytestmark = pytest.mark.xdist_group("ray")
+
 WAIT_S = 300  # a hang guard for a busy machine, not a time limit
 STEP_DELAY = "0.02"  # as in the server tests: a job with many steps can be caught mid-run
 # About seventy progress steps (1.5 s at the step delay): long enough to overlap another

@@ -39,6 +39,11 @@ from tests.server_support import (
 )
 from tests.test_cluster import WAIT_S, command_line, descendants, serve
 
+# Every test of the modules that share one local Ray instance runs in one test process
+# when the suite runs in parallel (build.py test): two Ray heads at once would compete
+# for the CPU their start-up timeouts assume.
+pytestmark = pytest.mark.xdist_group("ray")
+
 # The ranks compute the same sums in another order (a token's rows in another batch);
 # on a CPU the tests find them equal to the last bit, the bound allows for rounding.
 FLOAT_PRECISION = 1e-5

@@ -1,22 +1,23 @@
 """The memory savers applied to a real (tiny) engine: where the networks are while each
-phase runs, diffusers' hooks (group offloading, layerwise casting) under the guided
-backward, ZeroScope's checkpointing part by part under the guided
+phase runs, accelerate's hooks, ZeroScope's checkpointing part by part under the guided
 backward, VAE tiling against whole frames, the settings savers, and `--memory auto`:
 decided before the edit, turned on and recorded by the engine."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
 
+import backend.method.engine as engine_module
 from backend.edit import engine_phases, load_engine
 from backend.errors import TooBigForGpuError
 from backend.memory.planner import MemoryPlanner, choose_savers
-from backend.memory.savers import cast_skips, is_cast, savers_applied, with_savers
+from backend.memory.savers import MemoryDecision, cast_skips, is_cast, savers_applied, with_savers
 from backend.memory.text_encoder import text_encoder_placed
 from shared.settings import MEMORY_SAVERS, TransferSettings
 
@@ -78,6 +79,13 @@ def test_the_offloads_keep_each_network_on_the_gpu_only_while_it_works(engine) -
     assert not {"embed", "encode", "decode_slices"} & set(vars(backbone))
 
 
+def placed_by(monkeypatch: pytest.MonkeyPatch, recorder: Recorder) -> None:
+    """The engine's embed phase moves networks with the recorder and applies its savers,
+    as on a GPU (backend/memory/text_encoder.py)."""
+    monkeypatch.setattr(engine_module, "text_encoder_placed", functools.partial(
+        text_encoder_placed, host=HOST, move=recorder, active=True))
+
+
 def has_diffusers_hook(module: torch.nn.Module, name: str) -> bool:
     registry = module.__dict__.get("_diffusers_hook")
     return registry is not None and name in registry.hooks
@@ -85,7 +93,7 @@ def has_diffusers_hook(module: torch.nn.Module, name: str) -> bool:
 
 def test_group_offload_hooks_the_denoisers_blocks_and_changes_no_pixel(engine) -> None:  # noqa: ANN001
     """diffusers' block-level group offloading on the denoiser while the edit runs,
-    guided backward included (onto the CPU itself here: streams are CUDA's, for the
+    guided backward included (onto the CPU itself here: the streams are CUDA's, for the
     first GPU run, docs/memory.md): the same frames as without it, no hook left after."""
     backbone = engine.backbone
     plain = engine.transfer(clip(), TransferSettings(**QUICK)).frames
@@ -105,44 +113,52 @@ def test_group_offload_hooks_the_denoisers_blocks_and_changes_no_pixel(engine) -
     np.testing.assert_array_equal(plain, offloaded)
 
 
-FP8_TOLERANCE = 8  # of 255: the largest pixel change fp8 weights make on the tiny models (measured 4)
+FP8_TOLERANCE = 8  # of 255: the largest pixel change fp8 weights make on the tiny models
 
 
-@pytest.mark.parametrize("model, checkpointing", [("tiny", False), ("tiny", True), ("wan-tiny", True)])
-def test_fp8_casting_backpropagates_and_moves_the_frames_by_its_rounding(engine, model: str,  # noqa: ANN001
-                                                                        checkpointing: bool) -> None:
-    """diffusers' layerwise casting of the text encoder (while it embeds: text_encoder_placed)
-    and of the denoiser (savers_applied), float8 storage and the model's dtype to compute,
-    while an edit runs, through the guided backward with and without checkpointing: the
-    frames move by fp8's rounding only (within FP8_TOLERANCE levels, docs/memory.md),
-    and afterwards the networks have their own weights back, bit for bit."""
-    engine = engine if model == "tiny" else load_engine(model, device="cpu")
-    b = engine.backbone
+@pytest.mark.parametrize("model, checkpointing", [("tiny", False), ("wan-tiny", True)])
+def test_fp8_casting_backpropagates_and_moves_the_frames_by_its_rounding(
+        model: str, checkpointing: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """diffusers' layerwise casting of the denoiser and the text encoder (float8 storage,
+    the model's dtype to compute) while an edit runs, through the guided backward with
+    and without checkpointing: the guidance gradient reaches the latent (Adam moves it),
+    the frames move by fp8's rounding only (within FP8_TOLERANCE levels,
+    docs/memory.md), and afterwards the networks have their own weights back, bit for bit."""
+    engine = load_engine(model, device="cpu")
     frames_count = 4 if model == "tiny" else 5
     settings = TransferSettings(**{**QUICK, "num_frames": frames_count,
                                    "gradient_checkpointing": checkpointing})
     frames = np.random.default_rng(1).integers(0, 255, (frames_count, 48, 64, 3), dtype=np.uint8)
-    before = {name: tensor.clone() for network in b.modules()
+    before = {name: tensor.clone() for network in engine.backbone.modules()
               for name, tensor in network.state_dict().items()}
     plain = engine.transfer(frames, settings).frames
-    recorder = Recorder(b)
-    cast_dtypes: list[set[torch.dtype]] = []  # the encoder's stored dtypes while it embeds
-    watch = b.modules()[2].register_forward_pre_hook(
-        lambda module, _args: cast_dtypes.append({p.dtype for p in module.parameters()}))
+    gradients: list[torch.Tensor] = []
+    original_guide = engine.guide
+
+    def guide(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        latent = original_guide(*args, **kwargs)
+        gradients.append(latent - args[0])  # what the guided step's Adam made of the gradient
+        return latent
+
+    engine.guide = guide
+    savers = ("text_encoder_fp8", "denoiser_fp8")
+    placed_by(monkeypatch, Recorder(engine.backbone))  # the embed phase acts as on a GPU
     try:
-        with text_encoder_placed(b, False, fp8=True, host=HOST, move=recorder, active=True), \
-                savers_applied(b, ("denoiser_fp8",), host=HOST, move=recorder, active=True) as installed:
-            assert installed == ["denoiser_fp8"]
-            assert torch.float8_e4m3fn in {p.dtype for p in b.modules()[0].parameters()}
-            cast = engine.transfer(frames, settings).frames
+        with savers_applied(engine.backbone, savers, host=HOST, move=Recorder(engine.backbone),
+                            active=True) as installed:
+            assert installed == ["denoiser_fp8"]  # the text encoder's acts in the embed phase
+            denoiser = engine.backbone.modules()[0]
+            assert torch.float8_e4m3fn in {p.dtype for p in denoiser.parameters()}
+            cast = engine.transfer(frames, with_savers(settings, savers),
+                                   savers=MemoryDecision(savers, 0, 0)).frames
     finally:
-        watch.remove()
-    assert cast_dtypes and all(torch.float8_e4m3fn in dtypes for dtypes in cast_dtypes)
+        del engine.guide
+    assert gradients and all(torch.isfinite(g).all() and g.abs().max() > 0 for g in gradients)
     difference = np.abs(plain.astype(int) - cast.astype(int))
-    assert 0 < difference.max() <= FP8_TOLERANCE, difference.max()
-    after = {name: tensor for network in b.modules() for name, tensor in network.state_dict().items()}
+    assert 0 < difference.max() <= FP8_TOLERANCE
+    after = {name: tensor for network in engine.backbone.modules()
+             for name, tensor in network.state_dict().items()}
     assert all(torch.equal(before[name], after[name]) for name in before)
-    assert not any("_diffusers_hook" in vars(module) for network in b.modules() for module in network.modules())
     assert not torch.__future__.get_overwrite_module_params_on_conversion()
     np.testing.assert_array_equal(plain, engine.transfer(frames, settings).frames)
 
@@ -271,19 +287,20 @@ def test_an_out_of_memory_error_names_the_plans_figure(engine) -> None:  # noqa:
 
 def test_group_offload_hooks_survive_gradient_checkpointing_on_wan() -> None:
     """Checkpointing wraps the guided blocks' forward and unwraps it after guidance; under
-    group offloading that forward is diffusers' hook, which must come back: the CFG
-    steps after guidance run hooked, and the frames are those of the same edit without
-    offload. (On the CPU, where offloading moves nothing; on a GPU the plan does not
-    combine the two, backend/memory/savers.py.)"""
+    group offload that forward is diffusers' hook, which must come back: the CFG steps
+    after guidance run hooked, and the frames are those of the same edit without offload.
+    (The plan never takes the two together until a GPU run checks the stream's order in
+    a recompute: planner.py EXCLUSIVE; the hooks must survive either way.)"""
     wan = load_engine("wan-tiny", device="cpu")
     settings = with_savers(TransferSettings(**{**QUICK, "num_frames": 5, "guidance_block": 2}),
                            ("gradient_checkpointing",))  # blocks 0 and 1 checkpointed
     frames = np.random.default_rng(1).integers(0, 255, (5, 48, 64, 3), dtype=np.uint8)
     plain = wan.transfer(frames, settings).frames
     block = wan.backbone.transformer.blocks[0]
-    hooked: list[bool] = []  # per call of the first block: does diffusers' hook run it?
+    hooked: list[bool] = []  # per call of the first block: does the offload's hook run it?
     watch = block.register_forward_pre_hook(
-        lambda module, _args: hooked.append("forward" in module.__dict__))
+        lambda module, _args: hooked.append(has_diffusers_hook(module, "group_offloading")
+                                            and "forward" in module.__dict__))
     try:
         with savers_applied(wan.backbone, ("gradient_checkpointing", "group_offload"),
                             host=HOST, move=Recorder(wan.backbone), active=True):

@@ -413,7 +413,7 @@ def checkpointed_blocks(blocks: Iterable[torch.nn.Module], enabled: bool) -> Ite
             if forward is None:
                 del block.forward  # back to the class's method
             else:
-                block.forward = forward  # back to the offload's hook
+                block.forward = forward  # back to group offload's hook
 
 
 def model_location(model: str, flag: str) -> str:

@@ -59,21 +59,19 @@ counts it. The savers move the networks further:
                              denoiser's and the VAE's weights and the embeddings
     vae_offload              the VAE on the GPU only while encoding and decoding
     text_encoder_fp8         the encoder's cast layers at 1 byte a parameter while it
-                             embeds on the GPU, and its largest cast layer in the model's
-                             dtype (savers.cast_bytes)
-    denoiser_fp8             the same for the denoiser, and in guide the model-dtype
+                             embeds, and its largest cast layer in the compute dtype
+    denoiser_fp8             the same for the denoiser; in guide also the compute-dtype
                              weights autograd keeps: two blocks' with checkpointing, all
                              of them without (a bound)
-    group_offload            the denoiser on the GPU only while it runs, then only its
-                             weights outside the blocks and two blocks (one computing,
-                             the next arriving; savers.group_bytes); in guide all of them
-                             again (autograd keeps what it used, a bound). Never with
-                             gradient_checkpointing (EXCLUSIVE)
+    group_offload            the denoiser on the GPU only while it runs, and then only its
+                             weights outside the blocks and two blocks (one computing, the
+                             next arriving); in guide all of them (autograd keeps what it
+                             used for backward, a bound)
 
 Each figure is measured once, each re-measure as what its phase adds to what was alive
 when the phase first ran; a combination of savers is then arithmetic on those figures
 (`_plan`: each phase takes the figure its savers give it, less the networks they take
-off the GPU), so pricing all 191 combinations costs nothing beyond the figures. Each
+off the GPU), so pricing all 63 combinations costs nothing beyond the figures. Each
 saver's cost is counted (`saver_cost`: recomputed FE, bytes moved, what it does to the
 output) and `--memory auto` takes the cheapest combination that fits (`choose_savers`).
 
@@ -692,8 +690,8 @@ def _measure_regions(engine: EditPhases, settings: TransferSettings, frames: int
 
 @dataclass(frozen=True)
 class _Counts:
-    """What the savers' costs are counted from: an edit's model passes and the bytes
-    each saver moves (in the plan's dtype)."""
+    """What the savers' costs and residencies are counted from: an edit's model passes and
+    the bytes each saver moves or keeps (in the plan's dtype)."""
 
     model_frames: int
     windows: int
@@ -704,9 +702,9 @@ class _Counts:
     steps: int  # sampling steps
     vae_bytes: int
     denoiser_bytes: int
-    text_encoder_bytes: int
     denoiser_fp8_bytes: int  # cast layers at 1 byte a parameter (savers.cast_bytes)
-    denoiser_largest_cast: int  # the largest cast layer in the model's dtype
+    denoiser_largest_cast: int  # the largest cast layer in the compute dtype
+    text_encoder_bytes: int
     text_encoder_fp8_bytes: int
     text_encoder_largest_cast: int
     denoiser_stays: int  # group offload's: outside every block (savers.group_bytes)
@@ -715,13 +713,13 @@ class _Counts:
 
 def _counts(backbone: Backbone, settings: TransferSettings, frames: int, windows: int,
             modules: dict[str, int], slices: dict[int, int]) -> _Counts:
-    guided = settings.guided_step_count()
     denoiser, _vae, text_encoder = backbone.modules()
+    guided = settings.guided_step_count()
     return _Counts(backbone.model_frames(frames), windows, slices[settings.vae_slice], slices[1],
                    guided * settings.guidance_iterations,
                    settings.inversion_steps + guided * (1 + settings.guidance_iterations)
                    + 2 * settings.steps, settings.steps, modules["vae"], modules["denoiser"],
-                   modules["text_encoder"], *cast_bytes(denoiser), *cast_bytes(text_encoder),
+                   *cast_bytes(denoiser), modules["text_encoder"], *cast_bytes(text_encoder),
                    *group_bytes(denoiser))
 
 
@@ -732,15 +730,14 @@ def saver_cost(saver: str, counts: _Counts, on: frozenset[str] = frozenset()) ->
                           recomputes the part of the truncated pass before the taps once
                           per guidance iteration and window, counted as a whole FE (a bound)
         bytes_moved       host ↔ GPU bytes per edit: group offload brings the denoiser's
-                          weights (in float8 with denoiser_fp8) at every model pass (CFG
-                          counts two; on a CUDA stream, overlapping the compute); the VAE
-                          offload brings the VAE to the GPU and back for the encode and
-                          each decode slice (one frame a slice with vae_slice_1)
+                          weights at every model pass (CFG counts two; in float8 with
+                          denoiser_fp8); the VAE offload brings the VAE to the GPU and back
+                          for the encode and each decode slice (one frame a slice with
+                          vae_slice_1)
         bytes_per_step    bytes_moved over the sampling steps: the offload's speed cost
         output            "identical", "tiles blended" (vae_tiling: the VAE's tiles are
-                          blended over their overlap, a small change) or "fp8 weights"
-                          (text_encoder_fp8, denoiser_fp8: the network computes with
-                          float8-rounded weights, docs/memory.md)
+                          blended over their overlap, a small change) or "fp8 weights" (the
+                          fp8 savers: the output moves by float8's rounding; docs/memory.md)
         cpu_embedding     the prompts are embedded on the CPU (text_encoder_offload: seconds
                           per new prompt; none for a prompt in the embedding cache)
     """
@@ -751,11 +748,11 @@ def saver_cost(saver: str, counts: _Counts, on: frozenset[str] = frozenset()) ->
     elif saver == "vae_offload":
         moved = 2 * counts.vae_bytes * vae_calls
     elif saver == "group_offload":
-        stored = counts.denoiser_fp8_bytes if "denoiser_fp8" in on else counts.denoiser_bytes
-        moved = stored * counts.model_passes * counts.windows
+        weights = counts.denoiser_fp8_bytes if "denoiser_fp8" in on else counts.denoiser_bytes
+        moved = weights * counts.model_passes * counts.windows
     elif saver == "vae_tiling":
         output = "tiles blended"
-    elif saver in ("text_encoder_fp8", "denoiser_fp8"):
+    elif saver in FP8_SAVERS:
         output = "fp8 weights"
     return {"recomputed_fe": fe, "bytes_moved": moved,
             "bytes_per_step": moved // max(1, counts.steps), "output": output,
@@ -763,27 +760,27 @@ def saver_cost(saver: str, counts: _Counts, on: frozenset[str] = frozenset()) ->
 
 
 STREAMING = ("group_offload",)
-"""The savers whose bytes move at every model pass (the speed cost users complain of)."""
-
+"""The savers whose bytes move at every model pass (the speed cost of offloading)."""
+FP8_SAVERS = ("text_encoder_fp8", "denoiser_fp8")
+"""The savers that move the output by more than a blend: float8 weights."""
 EXCLUSIVE = (frozenset({"group_offload", "gradient_checkpointing"}),)
-"""Savers never taken together. Checkpointing recomputes in backward, outside group
+"""Savers the plan never combines. Checkpointing recomputes in backward, outside group
 offloading's schedule: ZeroScope's parts (resnets, attentions) sit inside a block, so
 their recompute runs no group hook and would read the block's weights after they went
 back to host memory; a recomputed Wan block runs its hook, but checkpoint keeps a frozen
-weight as the Parameter itself (not `_saved_as_used`'s alias) and stops the recompute
-early, before the hook offloads: the group stays on the GPU, out of step with the
-prefetch order (backend/memory/savers.py, docs/memory.md)."""
+weight as the Parameter itself (not savers.py's `_saved_as_used` alias) and stops the
+recompute early, before the hook offloads: the group stays on the GPU, out of step with
+the prefetch order (docs/memory.md)."""
 
 
 def cost_key(combination: dict[str, Any]) -> tuple:
-    """How dear a combination of savers is, compared in this order: how many networks
-    compute with fp8-rounded weights (the largest change to the output), the bytes
-    streamed at every model pass (group offload), the recomputed FE, whether the output
-    changes (blended tiles), the bytes moved once a VAE call (the VAE offload: a
-    fraction of a second an edit), whether the prompts are embedded on the CPU, and
-    then the count of savers."""
+    """How dear a combination of savers is, compared in this order: how many store weights
+    in float8 (the output moves most), the bytes streamed at every model pass (group
+    offload), the recomputed FE, whether the output changes (blended tiles), the bytes
+    moved once a VAE call (the VAE offload: a fraction of a second an edit), whether the
+    prompts are embedded on the CPU, and then the count of savers."""
     costs = combination["costs"]
-    return (sum(cost["output"] == "fp8 weights" for cost in costs.values()),
+    return (sum(saver in FP8_SAVERS for saver in costs),
             sum(cost["bytes_moved"] for saver, cost in costs.items() if saver in STREAMING),
             sum(cost["recomputed_fe"] for cost in costs.values()),
             any(cost["output"] != "identical" for cost in costs.values()),
@@ -811,26 +808,28 @@ def _plan(model: str, device: torch.device, backbone: Backbone, frames: int, siz
     def embed_phase(turned_on: frozenset[str]) -> int:
         if "text_encoder_offload" in turned_on:
             return others + embedding_bytes
-        cast = 0  # text_encoder_fp8: the cast layers in float8, the largest one in the model's dtype
-        if "text_encoder_fp8" in turned_on:
-            cast = counts.text_encoder_fp8_bytes + counts.text_encoder_largest_cast - counts.text_encoder_bytes
-        return (measured["embed"] - others if gpu else measured["embed"]) + cast
+        if not gpu:
+            return measured["embed"]
+        alone = measured["embed"] - others
+        if "text_encoder_fp8" in turned_on:  # stored in float8, one layer in the compute dtype
+            alone += (counts.text_encoder_fp8_bytes + counts.text_encoder_largest_cast
+                      - counts.text_encoder_bytes)
+        return alone
 
     def denoiser_resident(phase: str, turned_on: frozenset[str]) -> int:
-        """The denoiser's weights on the GPU during `phase` with the savers `turned_on`."""
-        fp8 = "denoiser_fp8" in turned_on
+        """The denoiser's weight bytes on the GPU during `phase` with the savers on."""
         full = counts.denoiser_bytes
-        stored = counts.denoiser_fp8_bytes if fp8 else full
+        stored = counts.denoiser_fp8_bytes if "denoiser_fp8" in turned_on else full
         if "group_offload" in turned_on:
             if phase not in runs_denoiser:
                 return 0
-            # the block computing and the next one arriving on the stream; in guide also
-            # the weights autograd keeps for backward (bounded by all of them)
-            resident = int(stored / full * (counts.denoiser_stays + 2 * counts.denoiser_largest_block))
-            return resident + (full if phase == "guide" else 0)
-        if not fp8:
+            if phase == "guide":  # autograd keeps every weight it used for backward (a bound)
+                return full
+            # the block computing and the next one arriving on the stream
+            return int(stored / full * (counts.denoiser_stays + 2 * counts.denoiser_largest_block))
+        if "denoiser_fp8" not in turned_on:
             return full
-        if phase == "guide":  # the cast layers' model-dtype weights autograd keeps
+        if phase == "guide":  # the cast layers' compute-dtype weights autograd keeps
             return stored + (2 * counts.denoiser_largest_block
                              if "gradient_checkpointing" in turned_on else full)
         return stored + (counts.denoiser_largest_cast if phase in runs_denoiser else 0)
@@ -850,10 +849,9 @@ def _plan(model: str, device: torch.device, backbone: Backbone, frames: int, siz
                 absent += modules["text_encoder"]
             if name not in ("encode", "decode") and "vae_offload" in turned_on:
                 absent += modules["vae"]
-            absent += modules["denoiser"] - denoiser_resident(name, turned_on)
             if name == "weights":
                 peak = sum(modules.values())
-            out[name] = peak - absent
+            out[name] = peak - absent - modules["denoiser"] + denoiser_resident(name, turned_on)
         return out
 
     phases = phases_with(frozenset())

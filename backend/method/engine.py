@@ -542,10 +542,9 @@ class Engine:
         prompt (takes: None means the settings' prompt alone). Each (source, target,
         negative) triple comes from the embedding cache (keyed by the model, its dtype and
         the three prompts as applied), or is embedded with the text encoder placed on the
-        GPU alone (`on_cpu`: on the CPU, the text_encoder_offload saver), once for every
-        triple missing, and cached. A hit never moves or runs the text encoder. `fp8`:
-        the text_encoder_fp8 saver (on a GPU the encoder is stored in float8 while it
-        embeds; its embeddings are cached apart from full-precision ones)."""
+        GPU alone (`on_cpu`: on the CPU, the text_encoder_offload saver; `fp8`: its layers
+        stored in float8, the text_encoder_fp8 saver), once for every triple missing, and
+        cached. A hit never moves or runs the text encoder."""
         procedure = procedure or Procedure()
         settings = self.resolve(settings)
         b = self.backbone
@@ -553,8 +552,7 @@ class Engine:
         take_targets = [settings.full_prompt(take.prompt)
                         for take in (takes or [Take(settings.prompt, settings.seed or 0)])]
         targets = list(dict.fromkeys(take_targets))  # each distinct prompt once, in order
-        cast = fp8 and not on_cpu and b.device.type != "cpu"  # text_encoder_placed casts only then
-        keys = {target: embedding_key(b.model_id, b.dtype, source, target, negative, fp8=cast)
+        keys = {target: embedding_key(b.model_id, b.dtype, source, target, negative, fp8)
                 for target in targets}
         found: dict[str, PromptEmbeddings] = {}
         if procedure.use_cache:
