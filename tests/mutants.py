@@ -86,6 +86,13 @@ MUTANTS: tuple[Mutant, ...] = (
         ('tests/test_text_encoder.py::test_text_encoder_fp8_embeds_in_float8_and_keeps_its_own_cache_entries',),
     ),
     Mutant(
+        "fp8 casting's model-dtype weights swapped back to float8 from under backward",
+        'backend/memory/savers.py',
+        '    torch.__future__.set_overwrite_module_params_on_conversion(True)\n    try:',
+        '    torch.__future__.set_overwrite_module_params_on_conversion(before)\n    try:',
+        ('tests/test_memory_savers.py::test_the_guidance_gradient_flows_through_the_savers',),
+    ),
+    Mutant(
         "the denoiser keeps its float8 weights after an edit with denoiser_fp8",
         'backend/memory/savers.py',
         '            if originals is not None:\n                _restore(denoiser, originals)',

@@ -235,6 +235,30 @@ def test_cuda_plan_on_a_machine_without_one() -> None:
     assert checkpointed["peak_bytes"] <= cuda.peak_bytes
 
 
+def test_the_plan_prices_group_offload_and_fp8_casting() -> None:
+    """On a CUDA plan of the tiny model: group offload takes the denoiser off the GPU
+    where it does not run (decode) and keeps part of it where it does (cfg), and moves
+    its weights at every model pass (a whole number of denoisers); fp8 casting keeps the
+    cast layers at a byte a parameter (the denoiser's in cfg and decode, the text
+    encoder's while it embeds) and is priced as changing the output; with both, float8
+    weights cross the bus."""
+    settings = TransferSettings(**SHORT, width=96, height=64)
+    plan = plan_edit(engine_phases, "tiny", 8, (96, 64), "cuda", settings=settings)
+    alone = {saver["name"]: saver for saver in plan.savers}
+    denoiser = plan.modules["denoiser"]
+    group = alone["group_offload"]
+    assert group["phases"]["decode"] == plan.phases["decode"] - denoiser
+    assert plan.phases["cfg"] - denoiser < group["phases"]["cfg"] < plan.phases["cfg"]
+    assert group["bytes_moved"] > 0 and group["bytes_moved"] % denoiser == 0
+    assert group["output"] == "identical"
+    fp8 = alone["denoiser_fp8"]
+    assert fp8["phases"]["decode"] < plan.phases["decode"] and fp8["phases"]["cfg"] < plan.phases["cfg"]
+    assert (fp8["output"], fp8["bytes_moved"]) == ("fp8 weights", 0)
+    assert alone["text_encoder_fp8"]["phases"]["embed"] < plan.phases["embed"]
+    both = next(c for c in plan.combinations if c["savers"] == ["denoiser_fp8", "group_offload"])
+    assert both["costs"]["group_offload"]["bytes_moved"] < group["bytes_moved"]
+
+
 def test_memory_command_prints_the_plan(capsys: pytest.CaptureFixture[str]) -> None:
     from backend.cli import main
 

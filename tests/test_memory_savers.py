@@ -5,7 +5,9 @@ decided before the edit, turned on and recorded by the engine."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ import backend.method.engine as engine_module
 from backend.edit import engine_phases, load_engine
 from backend.errors import TooBigForGpuError
 from backend.memory.planner import MemoryPlanner, choose_savers
-from backend.memory.savers import MemoryDecision, savers_applied, with_savers
+from backend.memory.savers import MemoryDecision, cast_skips, is_cast, savers_applied, with_savers
 from backend.memory.text_encoder import text_encoder_placed
 from shared.settings import MEMORY_SAVERS, TransferSettings
 
@@ -159,6 +161,55 @@ def test_fp8_casting_backpropagates_and_moves_the_frames_by_its_rounding(
     assert all(torch.equal(before[name], after[name]) for name in before)
     assert not torch.__future__.get_overwrite_module_params_on_conversion()
     np.testing.assert_array_equal(plain, engine.transfer(frames, settings).frames)
+
+
+@contextlib.contextmanager
+def weights_rounded_to_fp8(network: torch.nn.Module) -> Iterator[None]:
+    """The layers layerwise casting stores in float8 (savers.cast_bytes' test) given their
+    weights rounded through float8 in place, by hand, while the block runs: what fp8
+    casting should compute with."""
+    skips = cast_skips(network)
+    own = {}
+    for name, module in network.named_modules():
+        if is_cast(name, module, skips):
+            own.update({id(p): (p, p.data) for p in module.parameters(recurse=False)})
+    for parameter, data in own.values():
+        parameter.data = data.to(torch.float8_e4m3fn).to(data.dtype)
+    try:
+        yield
+    finally:
+        for parameter, data in own.values():
+            parameter.data = data
+
+
+@pytest.mark.parametrize("savers", [("group_offload",), ("denoiser_fp8",),
+                                    ("denoiser_fp8", "gradient_checkpointing"),
+                                    ("denoiser_fp8", "group_offload")])
+def test_the_guidance_gradient_flows_through_the_savers(engine, savers: tuple[str, ...]) -> None:  # noqa: ANN001
+    """The guidance loss backpropagates through the denoiser to the latent (the tapped,
+    truncated pass) with each saver acting: the latent's gradient is finite and nonzero,
+    and bit for bit the gradient of the same pass without the saver (under fp8 casting:
+    of the pass whose cast layers hold the same weights rounded through float8 by hand,
+    so backward read the rounded weights, not host copies or float8 storage)."""
+    b = engine.backbone
+    latent = torch.randn(1, b.latent_channels, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+    text, t = b.embed(["a dog"]), b.schedule.timesteps(10)[1]
+    checkpointing = "gradient_checkpointing" in savers
+
+    def gradient(savers: tuple[str, ...]) -> torch.Tensor:
+        x = latent.clone().requires_grad_(True)
+        with savers_applied(b, savers, host=HOST, move=Recorder(b), active=True), \
+                b.checkpointing(checkpointing), torch.enable_grad():
+            sum(tap.float().pow(2).sum() for tap in b.taps(x, t, text, truncated=True)).backward()
+        return x.grad
+
+    saved = gradient(savers)
+    with weights_rounded_to_fp8(b.unet) if "denoiser_fp8" in savers else contextlib.nullcontext():
+        expected = gradient(())
+    assert torch.isfinite(saved).all() and saved.abs().sum() > 0
+    torch.testing.assert_close(saved, expected, rtol=0, atol=0)
+    if "denoiser_fp8" in savers:
+        assert not torch.equal(saved, gradient(()))  # the rounding moved it
 
 
 def test_on_a_cpu_the_offloads_are_accepted_and_move_nothing(engine) -> None:  # noqa: ANN001

@@ -764,8 +764,13 @@ STREAMING = ("group_offload",)
 FP8_SAVERS = ("text_encoder_fp8", "denoiser_fp8")
 """The savers that move the output by more than a blend: float8 weights."""
 EXCLUSIVE = (frozenset({"group_offload", "gradient_checkpointing"}),)
-"""Savers the plan never combines: group offload's onload inside a checkpointed block's
-recompute is unchecked until a GPU run (backend/memory/savers.py, docs/memory.md)."""
+"""Savers the plan never combines. Checkpointing recomputes in backward, outside group
+offloading's schedule: ZeroScope's parts (resnets, attentions) sit inside a block, so
+their recompute runs no group hook and would read the block's weights after they went
+back to host memory; a recomputed Wan block runs its hook, but checkpoint keeps a frozen
+weight as the Parameter itself (not savers.py's `_saved_as_used` alias) and stops the
+recompute early, before the hook offloads: the group stays on the GPU, out of step with
+the prefetch order (docs/memory.md)."""
 
 
 def cost_key(combination: dict[str, Any]) -> tuple:

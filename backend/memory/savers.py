@@ -42,10 +42,11 @@ the backward: the guided step would backpropagate through host (or float8) weigh
 while the savers act, module conversions make new Parameters (torch.__future__'s
 overwrite_module_params_on_conversion: a cast layer's compute-dtype weights stay with
 autograd until backward), and under group offload autograd saves a Parameter as a
-detached alias of the storage it had in forward (`_saved_as_used`). Whether group
-offload's onload inside a checkpointed block's recompute keeps to its stream's order only
-a GPU run can show, so the plan never combines group_offload with
-gradient_checkpointing (planner.py EXCLUSIVE; docs/memory.md).
+detached alias of the storage it had in forward (`_saved_as_used`). Checkpointing's
+recompute in backward runs outside group offloading's schedule (a ZeroScope part inside
+a block runs no group hook; checkpoint keeps frozen weights as the Parameters
+themselves and stops the recompute before the hook offloads), so the plan never
+combines group_offload with gradient_checkpointing (planner.py EXCLUSIVE; docs/memory.md).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def _device_of(module: torch.nn.Module) -> torch.device:
 # --------------------------------------------------------------------------- what they keep resident
 
 
-def _is_cast(name: str, module: torch.nn.Module, skips: tuple[str, ...]) -> bool:
+def is_cast(name: str, module: torch.nn.Module, skips: tuple[str, ...]) -> bool:
     """Whether layerwise casting stores this layer in float8 (diffusers' own test)."""
     import re
 
@@ -113,7 +114,7 @@ def cast_bytes(network: torch.nn.Module) -> tuple[int, int]:
     for name, module in network.named_modules():
         own = list(module.parameters(recurse=False))
         full = sum(p.numel() * p.element_size() for p in own)
-        if _is_cast(name, module, skips):
+        if is_cast(name, module, skips):
             stored += sum(p.numel() for p in own)
             largest = max(largest, full)
         else:
