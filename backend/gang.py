@@ -42,6 +42,12 @@ class GangStalled(UnderstudyError):
 
     code = ErrorCode.GANG_STALLED
 
+    def __init__(self, message: str, timed_out: bool = False) -> None:
+        super().__init__(message)
+        # The collective ran out its whole timeout (a peer alive but silent: stopped, or a
+        # link down), as opposed to failing at once on a peer that died.
+        self.timed_out = timed_out
+
 
 @dataclass(frozen=True)
 class GangAddress:
@@ -135,7 +141,8 @@ def stalls_named(timeout_s: float) -> Iterator[None]:
     except RuntimeError as error:
         if not is_collective_failure(error):
             raise
-        raise GangStalled(stalled_sentence(timeout_s, error)) from error
+        raise GangStalled(stalled_sentence(timeout_s, error),
+                          timed_out="Timed out" in str(error)) from error
 
 
 def is_collective_failure(error: BaseException) -> bool:

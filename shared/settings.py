@@ -44,7 +44,7 @@ MAX_REFERENCE_SIDE = 4096
 # (backend/memory/savers.py), the server's hello, the command line and the sidecar all
 # name them from here.
 MEMORY_SAVERS = ("gradient_checkpointing", "vae_slice_1", "vae_tiling", "text_encoder_offload",
-                 "vae_offload", "sequential_offload")
+                 "text_encoder_fp8", "vae_offload", "denoiser_fp8", "group_offload")
 
 
 @dataclass(frozen=True)

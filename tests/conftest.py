@@ -12,19 +12,6 @@ import backend  # noqa: F401  (sets OMP_WAIT_POLICY before any test imports torc
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-# Modules whose tests share one local Ray instance run in one test process when the
-# suite runs in parallel (build.py test): two Ray heads at once would compete for the CPU
-# their start-up timeouts assume.
-ONE_PROCESS_GROUPS = {"test_cluster.py": "ray", "test_gang.py": "ray"}
-
-
-def pytest_collection_modifyitems(items) -> None:
-    for item in items:
-        group = ONE_PROCESS_GROUPS.get(item.path.name)
-        if group:
-            item.add_marker(pytest.mark.xdist_group(group))
-
-
 @pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT

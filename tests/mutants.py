@@ -72,11 +72,32 @@ MUTANTS: tuple[Mutant, ...] = (
         ('tests/test_memory_server.py::test_a_plan_holds_up_nobody_but_its_own_request',),
     ),
     Mutant(
-        "Wan's gradient checkpointing drops sequential offload's hook after guidance",
+        "Wan's gradient checkpointing drops group offload's hook after guidance",
         'backend/backbones/base.py',
-        '                block.forward = forward  # back to accelerate\'s hook',
+        '                block.forward = forward  # back to group offload\'s hook',
         '                del block.forward',
-        ('tests/test_memory_savers.py::test_sequential_offload_survives_gradient_checkpointing_on_wan',),
+        ('tests/test_memory_savers.py::test_group_offload_hooks_survive_gradient_checkpointing_on_wan',),
+    ),
+    Mutant(
+        "the embedding cache keyed without the text encoder's float8 storage",
+        'backend/method/embeddings.py',
+        '"dtype": str(dtype), "fp8": fp8,',
+        '"dtype": str(dtype),',
+        ('tests/test_text_encoder.py::test_text_encoder_fp8_embeds_in_float8_and_keeps_its_own_cache_entries',),
+    ),
+    Mutant(
+        "fp8 casting's model-dtype weights swapped back to float8 from under backward",
+        'backend/memory/savers.py',
+        '    torch.__future__.set_overwrite_module_params_on_conversion(True)\n    try:',
+        '    torch.__future__.set_overwrite_module_params_on_conversion(before)\n    try:',
+        ('tests/test_memory_savers.py::test_the_guidance_gradient_flows_through_the_savers',),
+    ),
+    Mutant(
+        "the denoiser keeps its float8 weights after an edit with denoiser_fp8",
+        'backend/memory/savers.py',
+        '            if originals is not None:\n                _restore(denoiser, originals)',
+        '            if originals is not None:\n                pass',
+        ('tests/test_memory_savers.py::test_fp8_casting_backpropagates_and_moves_the_frames_by_its_rounding',),
     ),
     Mutant(
         'the VAE offload leaves the VAE on the GPU while sampling',
@@ -632,7 +653,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "backend/gang.py",
         "        return self.rank == 0\n",
         "        return self.rank == 1\n",
-        ("tests/test_gang.py::test_a_gang_job_through_transfer_server_equals_the_single_process_edit",),
+        ("tests/test_gang.py::test_a_job_of_several_takes_runs_on_the_whole_gang_and_rank_0_ships_each_take",),
     ),
     # --- regions (issue 20): the server's mask checks, the extension's layer over the source
     Mutant(

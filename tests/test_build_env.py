@@ -151,3 +151,18 @@ def test_unknown_command_fails_with_a_message():
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "Unknown command 'frobnicate'" in result.stderr
+
+
+def test_the_suites_xdist_groups_keep_their_tests_in_one_process(tmp_path):
+    """build.py test's `--dist loadgroup` keeps an xdist_group in one test process (the
+    Ray tests rely on it: one Ray head at a time). pytest 9.2 with pytest-xdist 3.8 broke
+    this silently (the group marks were ignored); the pin in pyproject.toml holds it."""
+    (tmp_path / "test_grouped.py").write_text(
+        "import pytest\npytestmark = pytest.mark.xdist_group('one')\n"
+        + "".join(f"def test_{k}():\n    pass\n" for k in range(6)))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v",
+                          *build.SUITE_PARALLEL_ARGS[:4], "test_grouped.py"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:]
+    passed = [line.split()[0] for line in run.stdout.splitlines() if " PASSED " in line]
+    assert len(passed) == 6 and len(set(passed)) == 1, run.stdout[-2000:]  # one "[gwN]"

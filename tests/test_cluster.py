@@ -61,6 +61,11 @@ from tests.server_support import (
     wait_until,
 )
 
+# Every test of the modules that share one local Ray instance runs in one test process
+# when the suite runs in parallel (build.py test): two Ray heads at once would compete
+# for the CPU their start-up timeouts assume.
+pytestmark = pytest.mark.xdist_group("ray")
+
 WAIT_S = 300  # a hang guard for a busy machine, not a time limit
 STEP_DELAY = "0.02"  # as in the server tests: a job with many steps can be caught mid-run
 # About seventy progress steps (1.5 s at the step delay): long enough to overlap another
@@ -68,6 +73,8 @@ STEP_DELAY = "0.02"  # as in the server tests: a job with many steps can be caug
 # test, having seen it report progress, kills its worker.
 MEDIUM = {"steps": 24, "inversion_steps": 24, "guided_steps": 0}
 VICTIM = {"steps": 60, "inversion_steps": 60, "guided_steps": 0}
+# A job that only has to run through (queued behind the victims, say).
+QUICK = {"steps": 3, "inversion_steps": 3, "guided_steps": 0}
 
 
 @pytest.fixture
@@ -458,7 +465,7 @@ def test_the_gateway_killed_with_jobs_in_flight_finishes_every_job_exactly_once(
             job_ids = [f"in-flight-{index}" for index in range(4)]
             for index, job_id in enumerate(job_ids):
                 client.submit(job_id, settings(job_id, seed=index,
-                                               **(VICTIM if index < 2 else MEDIUM)),
+                                               **(VICTIM if index < 2 else QUICK)),
                               clip_pngs(6, shade=30 * index))
             wait_until(lambda: len(running_jobs(client, job_ids)) == 2, "two jobs running")
             running = running_jobs(client, job_ids)
@@ -495,9 +502,10 @@ def test_a_gateway_plans_each_job_for_its_workers_gpus(tmp_path, connect_client)
     from backend.memory.planner import choose_savers
     from tests.test_memory_server import BIG, CLIP_SIZE, tiny_plan
 
-    budget = min(c["peak_bytes"] for c in tiny_plan().combinations) + 256  # the quick job fits
+    quick = tiny_plan()
+    budget = min(c["peak_bytes"] for c in quick.combinations) + 256  # the quick job fits
     assert budget < min(c["peak_bytes"] for c in tiny_plan(**BIG).combinations)
-    chosen = choose_savers(tiny_plan(), budget)
+    chosen = choose_savers(quick, budget)
     gateway = ServerProcess(tmp_path / "state", "--ray", "local:1", "--assume-gpu-memory-gb",
                             repr(budget / 2**30)).start()
     try:

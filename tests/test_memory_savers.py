@@ -5,16 +5,21 @@ decided before the edit, turned on and recorded by the engine."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
 
+import backend.method.engine as engine_module
 from backend.edit import engine_phases, load_engine
 from backend.errors import TooBigForGpuError
 from backend.memory.planner import MemoryPlanner, choose_savers
-from backend.memory.savers import savers_applied, with_savers
+from backend.memory.savers import MemoryDecision, cast_skips, is_cast, savers_applied, with_savers
+from backend.memory.text_encoder import text_encoder_placed
 from shared.settings import MEMORY_SAVERS, TransferSettings
 
 QUICK = dict(prompt="a cat", source_prompt="a dog", num_frames=4, width=64, height=64, steps=1,
@@ -75,25 +80,137 @@ def test_the_offloads_keep_each_network_on_the_gpu_only_while_it_works(engine) -
     assert not {"embed", "encode", "decode_slices"} & set(vars(backbone))
 
 
-def test_sequential_offload_hooks_every_network_and_changes_no_pixel(engine) -> None:  # noqa: ANN001
-    """accelerate's cpu_offload on each network while the edit runs (the same frames as
-    without it), and no hook left after."""
+def placed_by(monkeypatch: pytest.MonkeyPatch, recorder: Recorder) -> None:
+    """The engine's embed phase moves networks with the recorder and applies its savers,
+    as on a GPU (backend/memory/text_encoder.py)."""
+    monkeypatch.setattr(engine_module, "text_encoder_placed", functools.partial(
+        text_encoder_placed, host=HOST, move=recorder, active=True))
+
+
+def has_diffusers_hook(module: torch.nn.Module, name: str) -> bool:
+    registry = module.__dict__.get("_diffusers_hook")
+    return registry is not None and name in registry.hooks
+
+
+def test_group_offload_hooks_the_denoisers_blocks_and_changes_no_pixel(engine) -> None:  # noqa: ANN001
+    """diffusers' block-level group offloading on the denoiser while the edit runs,
+    guided backward included (onto the CPU itself here: the streams are CUDA's, for the
+    first GPU run, docs/memory.md): the same frames as without it, no hook left after."""
     backbone = engine.backbone
     plain = engine.transfer(clip(), TransferSettings(**QUICK)).frames
     hooked: list[bool] = []
     hook = backbone.unet.register_forward_pre_hook(
-        lambda module, _args: hooked.append(hasattr(module.conv_in, "_hf_hook")))
+        lambda module, _args: hooked.append(has_diffusers_hook(module.down_blocks[0], "group_offloading")))
     try:
-        with savers_applied(backbone, ("sequential_offload",), host=HOST, move=Recorder(backbone),
-                              active=True) as installed:
-            assert installed == ["sequential_offload"]
+        with savers_applied(backbone, ("group_offload",), host=HOST, move=Recorder(backbone),
+                            active=True) as installed:
+            assert installed == ["group_offload"]
             offloaded = engine.transfer(clip(), TransferSettings(**QUICK)).frames
     finally:
         hook.remove()
     assert hooked and all(hooked)
-    assert not any(hasattr(module, "_hf_hook") for network in backbone.modules()
-                   for module in network.modules())
+    assert not any("_diffusers_hook" in vars(module) or "forward" in vars(module)
+                   for network in backbone.modules() for module in network.modules())
     np.testing.assert_array_equal(plain, offloaded)
+
+
+FP8_TOLERANCE = 8  # of 255: the largest pixel change fp8 weights make on the tiny models
+
+
+@pytest.mark.parametrize("model, checkpointing", [("tiny", False), ("wan-tiny", True)])
+def test_fp8_casting_backpropagates_and_moves_the_frames_by_its_rounding(
+        model: str, checkpointing: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """diffusers' layerwise casting of the denoiser and the text encoder (float8 storage,
+    the model's dtype to compute) while an edit runs, through the guided backward with
+    and without checkpointing: the guidance gradient reaches the latent (Adam moves it),
+    the frames move by fp8's rounding only (within FP8_TOLERANCE levels,
+    docs/memory.md), and afterwards the networks have their own weights back, bit for bit."""
+    engine = load_engine(model, device="cpu")
+    frames_count = 4 if model == "tiny" else 5
+    settings = TransferSettings(**{**QUICK, "num_frames": frames_count,
+                                   "gradient_checkpointing": checkpointing})
+    frames = np.random.default_rng(1).integers(0, 255, (frames_count, 48, 64, 3), dtype=np.uint8)
+    before = {name: tensor.clone() for network in engine.backbone.modules()
+              for name, tensor in network.state_dict().items()}
+    plain = engine.transfer(frames, settings).frames
+    gradients: list[torch.Tensor] = []
+    original_guide = engine.guide
+
+    def guide(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        latent = original_guide(*args, **kwargs)
+        gradients.append(latent - args[0])  # what the guided step's Adam made of the gradient
+        return latent
+
+    engine.guide = guide
+    savers = ("text_encoder_fp8", "denoiser_fp8")
+    placed_by(monkeypatch, Recorder(engine.backbone))  # the embed phase acts as on a GPU
+    try:
+        with savers_applied(engine.backbone, savers, host=HOST, move=Recorder(engine.backbone),
+                            active=True) as installed:
+            assert installed == ["denoiser_fp8"]  # the text encoder's acts in the embed phase
+            denoiser = engine.backbone.modules()[0]
+            assert torch.float8_e4m3fn in {p.dtype for p in denoiser.parameters()}
+            cast = engine.transfer(frames, with_savers(settings, savers),
+                                   savers=MemoryDecision(savers, 0, 0)).frames
+    finally:
+        del engine.guide
+    assert gradients and all(torch.isfinite(g).all() and g.abs().max() > 0 for g in gradients)
+    difference = np.abs(plain.astype(int) - cast.astype(int))
+    assert 0 < difference.max() <= FP8_TOLERANCE
+    after = {name: tensor for network in engine.backbone.modules()
+             for name, tensor in network.state_dict().items()}
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert not torch.__future__.get_overwrite_module_params_on_conversion()
+    np.testing.assert_array_equal(plain, engine.transfer(frames, settings).frames)
+
+
+@contextlib.contextmanager
+def weights_rounded_to_fp8(network: torch.nn.Module) -> Iterator[None]:
+    """The layers layerwise casting stores in float8 (savers.cast_bytes' test) given their
+    weights rounded through float8 in place, by hand, while the block runs: what fp8
+    casting should compute with."""
+    skips = cast_skips(network)
+    own = {}
+    for name, module in network.named_modules():
+        if is_cast(name, module, skips):
+            own.update({id(p): (p, p.data) for p in module.parameters(recurse=False)})
+    for parameter, data in own.values():
+        parameter.data = data.to(torch.float8_e4m3fn).to(data.dtype)
+    try:
+        yield
+    finally:
+        for parameter, data in own.values():
+            parameter.data = data
+
+
+@pytest.mark.parametrize("savers", [("group_offload",), ("denoiser_fp8",),
+                                    ("denoiser_fp8", "gradient_checkpointing"),
+                                    ("denoiser_fp8", "group_offload")])
+def test_the_guidance_gradient_flows_through_the_savers(engine, savers: tuple[str, ...]) -> None:  # noqa: ANN001
+    """The guidance loss backpropagates through the denoiser to the latent (the tapped,
+    truncated pass) with each saver acting: the latent's gradient is finite and nonzero,
+    and bit for bit the gradient of the same pass without the saver (under fp8 casting:
+    of the pass whose cast layers hold the same weights rounded through float8 by hand,
+    so backward read the rounded weights, not host copies or float8 storage)."""
+    b = engine.backbone
+    latent = torch.randn(1, b.latent_channels, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+    text, t = b.embed(["a dog"]), b.schedule.timesteps(10)[1]
+    checkpointing = "gradient_checkpointing" in savers
+
+    def gradient(savers: tuple[str, ...]) -> torch.Tensor:
+        x = latent.clone().requires_grad_(True)
+        with savers_applied(b, savers, host=HOST, move=Recorder(b), active=True), \
+                b.checkpointing(checkpointing), torch.enable_grad():
+            sum(tap.float().pow(2).sum() for tap in b.taps(x, t, text, truncated=True)).backward()
+        return x.grad
+
+    saved = gradient(savers)
+    with weights_rounded_to_fp8(b.unet) if "denoiser_fp8" in savers else contextlib.nullcontext():
+        expected = gradient(())
+    assert torch.isfinite(saved).all() and saved.abs().sum() > 0
+    torch.testing.assert_close(saved, expected, rtol=0, atol=0)
+    if "denoiser_fp8" in savers:
+        assert not torch.equal(saved, gradient(()))  # the rounding moved it
 
 
 def test_on_a_cpu_the_offloads_are_accepted_and_move_nothing(engine) -> None:  # noqa: ANN001
@@ -136,8 +253,7 @@ def test_memory_auto_records_its_choice_and_refuses_what_cannot_fit(engine) -> N
     assert result.sidecar.settings["gradient_checkpointing"] is ("gradient_checkpointing" in cheapest.savers)
     budget["budget_bytes"] = 1000
     passes = sum(engine.model_passes.values())
-    with pytest.raises(TooBigForGpuError, match=r"^This edit needs about .* with .*sequential_offload on, "
-                       r"and 1000.0 B|^This edit needs about .* with .* on, and "):
+    with pytest.raises(TooBigForGpuError, match=r"^This edit needs about .* with .* on, and "):
         edited(settings)
     assert sum(engine.model_passes.values()) == passes  # refused before any model work
     off = edited(TransferSettings(**QUICK, memory="off"))
@@ -170,23 +286,25 @@ def test_an_out_of_memory_error_names_the_plans_figure(engine) -> None:  # noqa:
     assert message.endswith(").") and message.count(". ") == 0
 
 
-def test_sequential_offload_survives_gradient_checkpointing_on_wan() -> None:
+def test_group_offload_hooks_survive_gradient_checkpointing_on_wan() -> None:
     """Checkpointing wraps the guided blocks' forward and unwraps it after guidance; under
-    sequential offload that forward is accelerate's hook, which must come back (a Wan
-    block holds a weight of its own, so it is hooked): the CFG steps after guidance
-    run hooked, and the frames are those of the same edit without offload."""
+    group offload that forward is diffusers' hook, which must come back: the CFG steps
+    after guidance run hooked, and the frames are those of the same edit without offload.
+    (The plan never takes the two together until a GPU run checks the stream's order in
+    a recompute: planner.py EXCLUSIVE; the hooks must survive either way.)"""
     wan = load_engine("wan-tiny", device="cpu")
     settings = with_savers(TransferSettings(**{**QUICK, "num_frames": 5, "guidance_block": 2}),
                            ("gradient_checkpointing",))  # blocks 0 and 1 checkpointed
     frames = np.random.default_rng(1).integers(0, 255, (5, 48, 64, 3), dtype=np.uint8)
     plain = wan.transfer(frames, settings).frames
     block = wan.backbone.transformer.blocks[0]
-    hooked: list[bool] = []  # per call of the first block: does accelerate's hook run it?
+    hooked: list[bool] = []  # per call of the first block: does the offload's hook run it?
     watch = block.register_forward_pre_hook(
-        lambda module, _args: hooked.append("forward" in module.__dict__))
+        lambda module, _args: hooked.append(has_diffusers_hook(module, "group_offloading")
+                                            and "forward" in module.__dict__))
     try:
-        with savers_applied(wan.backbone, ("gradient_checkpointing", "sequential_offload"),
-                              host=HOST, move=Recorder(wan.backbone), active=True):
+        with savers_applied(wan.backbone, ("gradient_checkpointing", "group_offload"),
+                            host=HOST, move=Recorder(wan.backbone), active=True):
             offloaded = wan.transfer(frames, settings).frames
     finally:
         watch.remove()

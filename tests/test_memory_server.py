@@ -307,14 +307,15 @@ FULL_SIZE = [("zeroscope-random", 24, (576, 320)), ("wan-random", 81, (832, 480)
 
 
 @pytest.mark.parametrize("model, frames, size", FULL_SIZE)
-def test_a_server_told_10_gib_plans_both_full_size_backbones_without_sequential_offload(
+def test_a_server_told_10_gib_plans_both_full_size_backbones_without_offloading_the_denoiser(
         model: str, frames: int, size: tuple[int, int]) -> None:
     """The plan a server makes before it queues a job, told its GPU has 10 GiB (`serve
     --assume-gpu-memory-gb 10`), for each backbone at its full size: ServerMemory by the
     workers' model name, as a Ray gateway plans (backend/cluster/gateway.py), so no
     weights load and no full-size edit runs on the CPU. ZeroScope's 24 frames at 576x320
     and Wan's 81 at 832x480 fit with savers that stream nothing at every model pass (no
-    sequential offload), and the plan's figure is within the 10 GiB. (One plan each:
+    group offload, and no leaf-by-leaf offload exists any more), and the plan's figure is
+    within the 10 GiB. (One plan each:
     about 30 s and 60 s on a 2-core CPU.)"""
     from backend.cluster.engine_actor import ActorSpec
     from backend.cluster.gateway import gateway_memory
@@ -327,6 +328,6 @@ def test_a_server_told_10_gib_plans_both_full_size_backbones_without_sequential_
     decision = memory.decide(settings, frames, size)
     assert decision.budget_bytes == GIB_10
     assert decision.predicted_peak_bytes <= GIB_10
-    assert decision.savers and "sequential_offload" not in decision.savers
+    assert decision.savers and "group_offload" not in decision.savers
     plan = memory.plan(settings, frames_to_edit(settings, frames), size)  # the same plan, cached
     assert plan.frames == frames and plan.size == size and plan.peak_bytes > GIB_10

@@ -7,31 +7,21 @@ runs on the "device"): the recorder says where each network would be at every ca
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import pytest
 import torch
 
-import backend.method.engine as engine_module
 from backend.edit import load_engine
 from backend.memory.savers import MemoryDecision
-from backend.memory.text_encoder import text_encoder_placed
 from backend.method.embeddings import embedding_key
 from backend.results import Take
 from shared.settings import TransferSettings
-from tests.test_memory_savers import HOST, QUICK, Recorder, clip
+from tests.test_memory_savers import QUICK, Recorder, clip, placed_by
 
 
 @pytest.fixture(scope="module")
 def engine():
     return load_engine("tiny", device="cpu")
-
-
-def placed_by(monkeypatch, recorder: Recorder) -> None:  # noqa: ANN001
-    """The engine's embed phase moves networks with the recorder, as on a GPU."""
-    monkeypatch.setattr(engine_module, "text_encoder_placed", functools.partial(
-        text_encoder_placed, host=HOST, move=recorder, active=True))
 
 
 class Watch:
@@ -138,4 +128,35 @@ def test_the_embedding_key_names_everything_the_embeddings_depend_on() -> None:
                 embedding_key("tiny", torch.float16, "a dog", "a cat", "blurry"),
                 embedding_key("tiny", torch.float32, "a cat", "a cat", "blurry"),
                 embedding_key("tiny", torch.float32, "a dog", "a dog", "blurry"),
-                embedding_key("tiny", torch.float32, "a dog", "a cat", "")}) == 6
+                embedding_key("tiny", torch.float32, "a dog", "a cat", ""),
+                embedding_key("tiny", torch.float32, "a dog", "a cat", "blurry", fp8=True)}) == 7
+
+
+def test_text_encoder_fp8_embeds_in_float8_and_keeps_its_own_cache_entries(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """text_encoder_fp8 (acted out as on a GPU): the encoder runs with float8 layers, the
+    embeddings move by float8's rounding only, the encoder has its own weights after, a
+    float8 embedding is cached under its own key (a plain edit never reads it, nor it a
+    plain one), and a known prompt then runs no encoder at all."""
+    engine = load_engine("tiny", device="cpu", cache_dir=tmp_path)
+    placed_by(monkeypatch, Recorder(engine.backbone))
+    encoder = engine.backbone.text_encoder
+    before = {name: tensor.clone() for name, tensor in encoder.state_dict().items()}
+    stored: list[set[torch.dtype]] = []  # per encoder call: its parameters' dtypes
+    hook = encoder.register_forward_pre_hook(
+        lambda module, _args: stored.append({p.dtype for p in module.parameters()}))
+    try:
+        plain = engine.embed_prompts(TransferSettings(**QUICK))
+        cast = engine.embed_prompts(TransferSettings(**QUICK), fp8=True)
+        calls = len(stored)
+        again = engine.embed_prompts(TransferSettings(**QUICK), fp8=True)
+    finally:
+        hook.remove()
+    assert torch.float8_e4m3fn not in stored[0] and torch.float8_e4m3fn in stored[-1]
+    assert len(stored) == calls  # the float8 embedding came from the cache
+    assert torch.equal(again.target, cast.target)
+    change = (cast.target - plain.target).abs().max() / plain.target.abs().max()
+    assert 0 < change < FP8_EMBEDDING_CHANGE, change
+    assert all(torch.equal(before[name], tensor) for name, tensor in encoder.state_dict().items())
+
+
+FP8_EMBEDDING_CHANGE = 0.25  # of the largest embedding value (measured 0.11 on the tiny CLIP; docs/memory.md)

@@ -399,7 +399,7 @@ def checkpointed_blocks(blocks: Iterable[torch.nn.Module], enabled: bool) -> Ite
         yield
         return
     blocks = list(blocks)
-    own = [block.__dict__.get("forward") for block in blocks]  # a hook's (sequential offload)
+    own = [block.__dict__.get("forward") for block in blocks]  # a hook's (group offload)
     for block in blocks:
         original = block.forward
 
@@ -413,7 +413,7 @@ def checkpointed_blocks(blocks: Iterable[torch.nn.Module], enabled: bool) -> Ite
             if forward is None:
                 del block.forward  # back to the class's method
             else:
-                block.forward = forward  # back to accelerate's hook
+                block.forward = forward  # back to group offload's hook
 
 
 def model_location(model: str, flag: str) -> str:

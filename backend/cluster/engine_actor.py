@@ -206,11 +206,15 @@ class EngineActor:
         except JobCancelled:
             events.put({"event": "cancelled"})
         except Exception as error:  # a bad clip, or an engine bug: fails this job, not the actor
-            code, message = failure_reply(error, f"Worker {self.name} failed on this job",
-                                          "its Ray worker log")
-            if code == ErrorCode.INTERNAL:
-                log.error("Job %s failed on %s:\n%s", job_id, self.name, traceback.format_exc())
-            events.put({"event": "failed", "code": code, "message": message})
+            events.put(self._failed(job_id, error))
+
+    def _failed(self, job_id: str, error: Exception) -> dict[str, Any]:
+        """The "failed" event of a job that raised `error` (code and sentence)."""
+        code, message = failure_reply(error, f"Worker {self.name} failed on this job",
+                                      "its Ray worker log")
+        if code == ErrorCode.INTERNAL:
+            log.error("Job %s failed on %s:\n%s", job_id, self.name, traceback.format_exc())
+        return {"event": "failed", "code": code, "message": message}
 
     def _transfer(self, clip: PngClip, settings: Any, progress: Any, cancelled: Any,
                   savers: Any, with_masks: dict[str, Any]) -> dict[str, Any]:

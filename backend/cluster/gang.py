@@ -45,7 +45,13 @@ from backend.cluster.engine_actor import ActorSpec, EngineActor
 from backend.cluster.pool import START_TIMEOUT_S
 from backend.cluster.runner import CANCEL_POLL_S, ActorLost, check_on_actor
 from backend.errors import JobCancelled, UnderstudyError
-from backend.gang import DEFAULT_COLLECTIVE_TIMEOUT_S, GangAddress, GangMember, stalls_named
+from backend.gang import (
+    DEFAULT_COLLECTIVE_TIMEOUT_S,
+    GangAddress,
+    GangMember,
+    GangStalled,
+    stalls_named,
+)
 from backend.results import CancelCheck, ProgressCallback, Take, TakeCallback, TransferResult
 from shared.errors import ErrorCode
 from shared.settings import TransferSettings
@@ -55,7 +61,8 @@ log = logging.getLogger("understudy.cluster")
 
 # After one rank's job ends in failure, how long the others have to report theirs (or to
 # be found dead: a rank killed mid-collective makes its peers fail at once, and Ray tells
-# of the death a moment later; a death means "re-run", a failure alone "fail").
+# of the death a moment later; a death means "re-run", a failure alone "fail"). None
+# after a collective that ran out its whole timeout: its peers were alive all along.
 PEERS_GRACE_S = 10.0
 
 
@@ -135,6 +142,14 @@ class GangActor(EngineActor):
         if not self._split():
             return cancelled
         return lambda: self.member.any_rank(cancelled())
+
+    def _failed(self, job_id: str, error: Exception) -> dict[str, Any]:
+        """A collective that ran out its timeout says so: its peers were alive throughout,
+        so the gateway need not wait to hear of a death (see GangRunner.run)."""
+        event = super()._failed(job_id, error)
+        if isinstance(error, GangStalled) and error.timed_out:
+            event["timed_out"] = True
+        return event
 
     def _shipped(self, result: Any) -> dict[str, Any]:
         """The writing rank's result, its sidecar recording the gang; nothing elsewhere."""
@@ -240,9 +255,15 @@ class GangRunner:
                 **options,
             ).remote(f"{self.name}-rank{rank}", self.spec, rank, self.size, self.timeout_s)
             for rank in range(self.size)]
-        host, port = ray.get(self.actors[0].rendezvous.remote(), timeout=timeout_s)
-        joins = [actor.join.remote(host, port) for actor in self.actors]
-        self.identities = ray.get(joins, timeout=timeout_s)
+        rendezvous = self._awaited([self.actors[0].rendezvous.remote()], stopping, deadline)
+        if rendezvous is None:
+            return False
+        host, port = rendezvous[0]
+        joins = self._awaited([actor.join.remote(host, port) for actor in self.actors],
+                              stopping, deadline)
+        if joins is None:
+            return False
+        self.identities = joins
         for identity in self.identities:
             if "load_error" in identity:
                 raise ClusterConfigError(
@@ -251,6 +272,23 @@ class GangRunner:
         self.identity = self.identities[0]
         self.broken = False
         return True
+
+    def _awaited(self, refs: list[Any], stopping: Callable[[], bool],
+                 deadline: float) -> list[Any] | None:
+        """ray.get(refs), looking at `stopping` while the ranks join and load the model (a
+        server told to stop during a rebuild stops now, not when the ranks have loaded);
+        None when `stopping` came first, GetTimeoutError past `deadline`."""
+        import ray
+        from ray.exceptions import GetTimeoutError
+
+        pending = list(refs)
+        while pending:
+            if stopping():
+                return None
+            if time.monotonic() > deadline:
+                raise GetTimeoutError(f"Gang {self.name}'s ranks did not start in time.")
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=CANCEL_POLL_S)
+        return ray.get(refs)
 
     def kill(self) -> None:
         import ray
@@ -300,6 +338,7 @@ class GangRunner:
         lost: list[str] = []
         started = False
         ended_at: float | None = None  # when the first rank ended badly
+        grace = min(PEERS_GRACE_S, self.timeout_s)  # then, how long the others have
         cancel_sent_at: float | None = None
         while streams:
             now = time.monotonic()
@@ -309,7 +348,7 @@ class GangRunner:
                 cancel_sent_at = now
             if cancel_sent_at is not None and now - cancel_sent_at > self.cancel_grace_s:
                 break
-            if ended_at is not None and now - ended_at > min(PEERS_GRACE_S, self.timeout_s):
+            if ended_at is not None and now - ended_at > grace:
                 break
             ready, _ = ray.wait(list(streams.values()), num_returns=1, timeout=CANCEL_POLL_S)
             for rank in [rank for rank, stream in streams.items() if stream in ready]:
@@ -338,6 +377,10 @@ class GangRunner:
                     del streams[rank]
                     if ends[rank]["event"] != "done":
                         ended_at = ended_at or time.monotonic()
+                    if ends[rank].get("timed_out"):
+                        # Its peers were alive and silent for a whole --gang-timeout: a
+                        # rank that died would have been heard of by now, none will be.
+                        grace = 0.0
                 elif event["event"] == "started":
                     started = True
                 elif rank == 0:

@@ -58,7 +58,15 @@ counts it. The savers move the networks further:
     text_encoder_offload     the text encoder embeds on the CPU: the embed phase is the
                              denoiser's and the VAE's weights and the embeddings
     vae_offload              the VAE on the GPU only while encoding and decoding
-    sequential_offload       (accelerate) one leaf module's weights on the GPU at a time
+    text_encoder_fp8         the encoder's cast layers at 1 byte a parameter while it
+                             embeds, and its largest cast layer in the compute dtype
+    denoiser_fp8             the same for the denoiser; in guide also the compute-dtype
+                             weights autograd keeps: two blocks' with checkpointing, all
+                             of them without (a bound)
+    group_offload            the denoiser on the GPU only while it runs, and then only its
+                             weights outside the blocks and two blocks (one computing, the
+                             next arriving); in guide all of them (autograd keeps what it
+                             used for backward, a bound)
 
 Each figure is measured once, each re-measure as what its phase adds to what was alive
 when the phase first ran; a combination of savers is then arithmetic on those figures
@@ -107,7 +115,7 @@ from backend.memory.counter import (
 )
 from backend.memory.cpu_terms import CpuConvolutionScratch, host_frames
 from backend.memory.phases import EditPhases, PhasesOf
-from backend.memory.savers import MemoryDecision, readable
+from backend.memory.savers import MemoryDecision, cast_bytes, group_bytes, readable
 from backend.results import Reporter
 from backend.video import frames_to_edit
 from shared.settings import MEMORY_SAVERS, TransferSettings
@@ -682,8 +690,8 @@ def _measure_regions(engine: EditPhases, settings: TransferSettings, frames: int
 
 @dataclass(frozen=True)
 class _Counts:
-    """What the savers' costs are counted from: an edit's model passes and the bytes
-    each saver moves (in the plan's dtype)."""
+    """What the savers' costs and residencies are counted from: an edit's model passes and
+    the bytes each saver moves or keeps (in the plan's dtype)."""
 
     model_frames: int
     windows: int
@@ -694,15 +702,25 @@ class _Counts:
     steps: int  # sampling steps
     vae_bytes: int
     denoiser_bytes: int
+    denoiser_fp8_bytes: int  # cast layers at 1 byte a parameter (savers.cast_bytes)
+    denoiser_largest_cast: int  # the largest cast layer in the compute dtype
+    text_encoder_bytes: int
+    text_encoder_fp8_bytes: int
+    text_encoder_largest_cast: int
+    denoiser_stays: int  # group offload's: outside every block (savers.group_bytes)
+    denoiser_largest_block: int
 
 
 def _counts(backbone: Backbone, settings: TransferSettings, frames: int, windows: int,
             modules: dict[str, int], slices: dict[int, int]) -> _Counts:
+    denoiser, _vae, text_encoder = backbone.modules()
     guided = settings.guided_step_count()
     return _Counts(backbone.model_frames(frames), windows, slices[settings.vae_slice], slices[1],
                    guided * settings.guidance_iterations,
                    settings.inversion_steps + guided * (1 + settings.guidance_iterations)
-                   + 2 * settings.steps, settings.steps, modules["vae"], modules["denoiser"])
+                   + 2 * settings.steps, settings.steps, modules["vae"], modules["denoiser"],
+                   *cast_bytes(denoiser), modules["text_encoder"], *cast_bytes(text_encoder),
+                   *group_bytes(denoiser))
 
 
 def saver_cost(saver: str, counts: _Counts, on: frozenset[str] = frozenset()) -> dict[str, Any]:
@@ -711,14 +729,15 @@ def saver_cost(saver: str, counts: _Counts, on: frozenset[str] = frozenset()) ->
         recomputed_fe     denoiser function evaluations run again: gradient checkpointing
                           recomputes the part of the truncated pass before the taps once
                           per guidance iteration and window, counted as a whole FE (a bound)
-        bytes_moved       host ↔ GPU bytes per edit: sequential offload brings the denoiser's
-                          weights at every model pass (CFG counts two) and the VAE's at
-                          every VAE call; the VAE offload brings the VAE to the GPU and back
+        bytes_moved       host ↔ GPU bytes per edit: group offload brings the denoiser's
+                          weights at every model pass (CFG counts two; in float8 with
+                          denoiser_fp8); the VAE offload brings the VAE to the GPU and back
                           for the encode and each decode slice (one frame a slice with
                           vae_slice_1)
         bytes_per_step    bytes_moved over the sampling steps: the offload's speed cost
-        output            "identical", or "tiles blended" (vae_tiling: the VAE's tiles are
-                          blended over their overlap, a small change, docs/memory.md)
+        output            "identical", "tiles blended" (vae_tiling: the VAE's tiles are
+                          blended over their overlap, a small change) or "fp8 weights" (the
+                          fp8 savers: the output moves by float8's rounding; docs/memory.md)
         cpu_embedding     the prompts are embedded on the CPU (text_encoder_offload: seconds
                           per new prompt; none for a prompt in the embedding cache)
     """
@@ -728,27 +747,41 @@ def saver_cost(saver: str, counts: _Counts, on: frozenset[str] = frozenset()) ->
         fe = float(counts.windows * counts.guided_iterations)
     elif saver == "vae_offload":
         moved = 2 * counts.vae_bytes * vae_calls
-    elif saver == "sequential_offload":
-        moved = counts.denoiser_bytes * counts.model_passes * counts.windows + counts.vae_bytes * vae_calls
+    elif saver == "group_offload":
+        weights = counts.denoiser_fp8_bytes if "denoiser_fp8" in on else counts.denoiser_bytes
+        moved = weights * counts.model_passes * counts.windows
     elif saver == "vae_tiling":
         output = "tiles blended"
+    elif saver in FP8_SAVERS:
+        output = "fp8 weights"
     return {"recomputed_fe": fe, "bytes_moved": moved,
             "bytes_per_step": moved // max(1, counts.steps), "output": output,
             "cpu_embedding": saver == "text_encoder_offload"}
 
 
-STREAMING = ("sequential_offload",)
-"""The savers whose bytes move at every model pass (the speed cost users complain of)."""
+STREAMING = ("group_offload",)
+"""The savers whose bytes move at every model pass (the speed cost of offloading)."""
+FP8_SAVERS = ("text_encoder_fp8", "denoiser_fp8")
+"""The savers that move the output by more than a blend: float8 weights."""
+EXCLUSIVE = (frozenset({"group_offload", "gradient_checkpointing"}),)
+"""Savers the plan never combines. Checkpointing recomputes in backward, outside group
+offloading's schedule: ZeroScope's parts (resnets, attentions) sit inside a block, so
+their recompute runs no group hook and would read the block's weights after they went
+back to host memory; a recomputed Wan block runs its hook, but checkpoint keeps a frozen
+weight as the Parameter itself (not savers.py's `_saved_as_used` alias) and stops the
+recompute early, before the hook offloads: the group stays on the GPU, out of step with
+the prefetch order (docs/memory.md)."""
 
 
 def cost_key(combination: dict[str, Any]) -> tuple:
-    """How dear a combination of savers is, compared in this order: the bytes streamed at
-    every model pass (sequential offload: slowest), the recomputed FE, whether the output
-    changes (blended tiles), the bytes moved once a VAE call (the VAE offload: a
-    fraction of a second an edit), whether the prompts are embedded on the CPU, and
-    then the count of savers."""
+    """How dear a combination of savers is, compared in this order: how many store weights
+    in float8 (the output moves most), the bytes streamed at every model pass (group
+    offload), the recomputed FE, whether the output changes (blended tiles), the bytes
+    moved once a VAE call (the VAE offload: a fraction of a second an edit), whether the
+    prompts are embedded on the CPU, and then the count of savers."""
     costs = combination["costs"]
-    return (sum(cost["bytes_moved"] for saver, cost in costs.items() if saver in STREAMING),
+    return (sum(saver in FP8_SAVERS for saver in costs),
+            sum(cost["bytes_moved"] for saver, cost in costs.items() if saver in STREAMING),
             sum(cost["recomputed_fe"] for cost in costs.values()),
             any(cost["output"] != "identical" for cost in costs.values()),
             sum(cost["bytes_moved"] for saver, cost in costs.items() if saver not in STREAMING),
@@ -769,13 +802,37 @@ def _plan(model: str, device: torch.device, backbone: Backbone, frames: int, siz
     denoiser's and the VAE's weights and the three embeddings. A CPU plan, where nothing
     moves, counts the networks everywhere but where a saver takes them out."""
     gpu = device.type == "cuda"
-    largest_leaf = _largest_leaf_bytes(backbone)
     others = modules["denoiser"] + modules["vae"]
+    runs_denoiser = ("invert", "features", "guide", "cfg")
 
     def embed_phase(turned_on: frozenset[str]) -> int:
         if "text_encoder_offload" in turned_on:
             return others + embedding_bytes
-        return measured["embed"] - others if gpu else measured["embed"]
+        if not gpu:
+            return measured["embed"]
+        alone = measured["embed"] - others
+        if "text_encoder_fp8" in turned_on:  # stored in float8, one layer in the compute dtype
+            alone += (counts.text_encoder_fp8_bytes + counts.text_encoder_largest_cast
+                      - counts.text_encoder_bytes)
+        return alone
+
+    def denoiser_resident(phase: str, turned_on: frozenset[str]) -> int:
+        """The denoiser's weight bytes on the GPU during `phase` with the savers on."""
+        full = counts.denoiser_bytes
+        stored = counts.denoiser_fp8_bytes if "denoiser_fp8" in turned_on else full
+        if "group_offload" in turned_on:
+            if phase not in runs_denoiser:
+                return 0
+            if phase == "guide":  # autograd keeps every weight it used for backward (a bound)
+                return full
+            # the block computing and the next one arriving on the stream
+            return int(stored / full * (counts.denoiser_stays + 2 * counts.denoiser_largest_block))
+        if "denoiser_fp8" not in turned_on:
+            return full
+        if phase == "guide":  # the cast layers' compute-dtype weights autograd keeps
+            return stored + (2 * counts.denoiser_largest_block
+                             if "gradient_checkpointing" in turned_on else full)
+        return stored + (counts.denoiser_largest_cast if phase in runs_denoiser else 0)
 
     def phases_with(turned_on: frozenset[str]) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -794,11 +851,7 @@ def _plan(model: str, device: torch.device, backbone: Backbone, frames: int, siz
                 absent += modules["vae"]
             if name == "weights":
                 peak = sum(modules.values())
-            peak -= absent
-            if "sequential_offload" in turned_on:
-                resident = sum(modules.values()) - absent
-                peak = peak - resident + largest_leaf
-            out[name] = peak
+            out[name] = peak - absent - modules["denoiser"] + denoiser_resident(name, turned_on)
         return out
 
     phases = phases_with(frozenset())
@@ -809,6 +862,8 @@ def _plan(model: str, device: torch.device, backbone: Backbone, frames: int, siz
     for count in range(1, len(SAVERS) + 1):
         for chosen in itertools.combinations(SAVERS, count):
             on = frozenset(chosen)
+            if any(pair <= on for pair in EXCLUSIVE):
+                continue
             peaks = phases_with(on)
             highest = max(peaks, key=peaks.__getitem__)
             combinations.append({"savers": list(chosen), "peak_bytes": peaks[highest], "peak_phase": highest,
@@ -817,16 +872,6 @@ def _plan(model: str, device: torch.device, backbone: Backbone, frames: int, siz
     return MemoryPlan(model=model, device=str(device), dtype=str(backbone.dtype).removeprefix("torch."),
                       frames=frames, size=size, windows=windows, phases=phases, modules=modules,
                       savers=savers, combinations=combinations)
-
-
-def _largest_leaf_bytes(backbone: Backbone) -> int:
-    """The most weight bytes any one leaf module holds (sequential offload's resident set)."""
-    largest = 0
-    for network in backbone.modules():
-        for module in network.modules():
-            own = sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
-            largest = max(largest, own)
-    return largest
 
 
 def worth_taking(plan: MemoryPlan) -> list[dict[str, Any]]:

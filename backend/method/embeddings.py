@@ -9,8 +9,9 @@ new take or a retry with known prompts never loads or moves the text encoder (fo
 that is 10.6 GiB of UMT5 weights and its trip to the GPU).
 
 The key is a hash of the model id (which names the tokenizer and the text encoder),
-the model's dtype and the three prompts as applied: a different negative prompt is a
-different key. The folder's embedding files have their own size cap
+the model's dtype, whether the encoder's weights were stored in float8 (the
+text_encoder_fp8 saver moves the embeddings by its rounding) and the three prompts as
+applied: a different negative prompt is a different key. The folder's embedding files have their own size cap
 (DEFAULT_EMBEDDING_CACHE_MAX_BYTES, 1 GiB: about 80 Wan edits' prompts at 12 MiB, or
 2,000 ZeroScope ones), pruned least recently used first as the inversions are.
 """
@@ -48,9 +49,11 @@ class PromptEmbeddings:
         return PromptEmbeddings(self.source, self.target[rows], self.negative)
 
 
-def embedding_key(model_id: str, dtype: torch.dtype, source: str, target: str, negative: str) -> str:
-    """Hash of the model (tokenizer and encoder), its dtype and the three prompts as applied."""
-    parts = {"format": EMBEDDING_FORMAT, "model": model_id, "dtype": str(dtype),
+def embedding_key(model_id: str, dtype: torch.dtype, source: str, target: str, negative: str,
+                  fp8: bool = False) -> str:
+    """Hash of the model (tokenizer and encoder), its dtype, the encoder's float8 storage
+    (text_encoder_fp8) and the three prompts as applied."""
+    parts = {"format": EMBEDDING_FORMAT, "model": model_id, "dtype": str(dtype), "fp8": fp8,
              "source": source, "target": target, "negative": negative}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 

@@ -287,7 +287,8 @@ class Engine:
             with _timed(shared, "embed"):
                 embeddings = self.embed_prompts(
                     settings, takes, procedure,
-                    on_cpu="text_encoder_offload" in (savers.savers if savers else ()))
+                    on_cpu="text_encoder_offload" in (savers.savers if savers else ()),
+                    fp8="text_encoder_fp8" in (savers.savers if savers else ()))
             with savers_applied(self.backbone, savers.savers if savers else ()):
                 with _timed(shared, "encode_invert"):
                     source, from_cache = self._source_state(frames, windows, settings, procedure,
@@ -534,14 +535,16 @@ class Engine:
     # ------------------------------------------------------------------ step 0b
 
     def embed_prompts(self, settings: TransferSettings, takes: list[Take] | None = None,
-                      procedure: Procedure | None = None, on_cpu: bool = False) -> PromptEmbeddings:
+                      procedure: Procedure | None = None, on_cpu: bool = False,
+                      fp8: bool = False) -> PromptEmbeddings:
         """The edit's prompt embeddings in one phase before the denoiser is used: the
         source's and the negative's (1, L, E), and the target's (K, L, E), row k take k's
         prompt (takes: None means the settings' prompt alone). Each (source, target,
         negative) triple comes from the embedding cache (keyed by the model, its dtype and
         the three prompts as applied), or is embedded with the text encoder placed on the
-        GPU alone (`on_cpu`: on the CPU, the text_encoder_offload saver), once for every
-        triple missing, and cached. A hit never moves or runs the text encoder."""
+        GPU alone (`on_cpu`: on the CPU, the text_encoder_offload saver; `fp8`: its layers
+        stored in float8, the text_encoder_fp8 saver), once for every triple missing, and
+        cached. A hit never moves or runs the text encoder."""
         procedure = procedure or Procedure()
         settings = self.resolve(settings)
         b = self.backbone
@@ -549,7 +552,7 @@ class Engine:
         take_targets = [settings.full_prompt(take.prompt)
                         for take in (takes or [Take(settings.prompt, settings.seed or 0)])]
         targets = list(dict.fromkeys(take_targets))  # each distinct prompt once, in order
-        keys = {target: embedding_key(b.model_id, b.dtype, source, target, negative)
+        keys = {target: embedding_key(b.model_id, b.dtype, source, target, negative, fp8)
                 for target in targets}
         found: dict[str, PromptEmbeddings] = {}
         if procedure.use_cache:
@@ -559,7 +562,7 @@ class Engine:
                     found[target] = cached
         missing = [target for target in targets if target not in found]
         if missing:
-            with text_encoder_placed(b, on_cpu):
+            with text_encoder_placed(b, on_cpu, fp8=fp8):
                 source_embedding, negative_embedding = self.embed([source]), self.embed([negative])
                 for target in missing:
                     found[target] = PromptEmbeddings(source_embedding, self.embed([target]),
