@@ -30,6 +30,13 @@ class Mutant:
 MUTANTS: tuple[Mutant, ...] = (
     # --- GPU memory (backend/memory/planner.py, backend/memory/savers.py, the server's submit)
     Mutant(
+        'the inverted latents of every timestep kept on the GPU',
+        'backend/method/engine.py',
+        '            store=b.to_host)',
+        '            store=None)',
+        ('tests/test_memory.py::test_a_cuda_plan_keeps_the_inverted_latents_in_host_memory',),
+    ),
+    Mutant(
         '--memory auto takes the dearest savers first',
         'backend/memory/planner.py',
         '    for combination in usable:\n        if combination["peak_bytes"] <= budget_bytes:',

@@ -93,6 +93,23 @@ def test_live_bytes_by_hand() -> None:
     assert rounded(1, 512) == 512 and rounded(512, 512) == 512 and rounded(513, 512) == 1024
 
 
+def test_untracked_storage_leaves_the_count_with_its_views() -> None:
+    """untrack takes a storage's bytes out at once; a later view of it, or its death,
+    changes nothing more."""
+    tracker = LiveBytes()
+    with tracker:
+        kept = torch.zeros(1000)
+        host = torch.zeros(500)
+        assert tracker.untrack(host) == 2000
+        assert tracker.current == 4000
+        view = host[:10] + 0  # a new 40-byte tensor counts; the view of host does not
+        assert tracker.current == 4040
+        del host, view
+        assert tracker.current == 4000
+    del kept
+    assert tracker.current == 0
+
+
 def test_cuda_autocast_keeps_matmuls_half_and_norms_float() -> None:
     weight = torch.randn(8, 8, dtype=torch.float16)
     with CudaAutocast(torch.float16):
@@ -448,7 +465,24 @@ def test_a_cuda_plan_keeps_the_plate_in_host_memory() -> None:
     assert region.phases["regions"] - region.phases["weights"] < region.host_bytes["plate"]
     assert region.phases["guide"] >= plain.phases["guide"]
     assert region.phases["cfg"] >= plain.phases["cfg"]
-    assert plain.host_bytes == {} and plain.regions == 0
+    assert set(plain.host_bytes) == {"inverted"} and plain.regions == 0
+
+
+def test_a_cuda_plan_keeps_the_inverted_latents_in_host_memory() -> None:
+    """On a GPU the inverted latent of each sampling timestep is host memory, moved there
+    as the inversion reaches it: three times the steps keep three times the host bytes
+    and not one more byte on the GPU in any phase the inversion reaches."""
+    def plan(steps: int):  # noqa: ANN202
+        settings = TransferSettings(**{**SHORT, "steps": steps, "inversion_steps": steps},
+                                    width=96, height=64)
+        return plan_edit(engine_phases, "tiny", 8, (96, 64), "cuda", settings=settings)
+
+    few, more = plan(2), plan(6)
+    latent = 4 * 8 * (64 // 8) * (96 // 8) * 2  # (1, 4, 8, 8, 12) in fp16
+    assert few.host_bytes == {"inverted": 2 * latent}
+    assert more.host_bytes == {"inverted": 6 * latent}
+    for phase in ("invert", "features", "guide", "cfg", "decode"):
+        assert more.phases[phase] == few.phases[phase], phase
 
 
 def test_memory_command_plans_regions(capsys: pytest.CaptureFixture[str]) -> None:

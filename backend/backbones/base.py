@@ -44,6 +44,10 @@ flow-matching σ·1000 (a float32 value). Both are dict keys in the inversion st
 Predict = Callable[[torch.Tensor, Timestep], torch.Tensor]
 """predict(latent, timestep) → the model output for that latent (one prompt)."""
 
+Store = Callable[[torch.Tensor], torch.Tensor]
+"""store(tensor) → the tensor where it is kept until it is read (Backbone.to_host)."""
+
+
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -118,11 +122,14 @@ class Schedule(ABC):
 
     @abstractmethod
     def invert(self, predict: Predict, source_latent: torch.Tensor, steps: int,
-               inversion_steps: int) -> tuple[dict[Timestep, torch.Tensor], Timestep, torch.Tensor]:
+               inversion_steps: int, store: Store | None = None,
+               ) -> tuple[dict[Timestep, torch.Tensor], Timestep, torch.Tensor]:
         """Walk the clean latent z₀ up the deterministic ODE of the sampler.
 
         Returns (the inverted latent at each sampling timestep of `steps` steps, the
-        noisiest timestep reached, the latent there)."""
+        noisiest timestep reached, the latent there), each kept latent as `store` gave it
+        back when the walk reached it (None: as it is; the engine's: a copy in host memory on a GPU), so
+        the kept latents never pile up where the walk runs."""
 
     @abstractmethod
     def start_latent(self, source_latent: torch.Tensor, noisiest: torch.Tensor,
@@ -327,6 +334,16 @@ class Backbone(ABC):
     def scales_loss(self) -> bool:
         """fp16 gradients can underflow; the reference scales the loss on CUDA."""
         return self.device.type == "cuda" and self.dtype == torch.float16
+
+    def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A tensor the edit keeps for long but reads seldom (the inverted latent of each
+        sampling timestep), in host memory when the model runs on a GPU, so a long clip's
+        keep does not grow the GPU's peak; on a CPU the tensor itself. Readers move what
+        they read (one timestep, one window) to the device. The memory plan replaces it
+        with one that counts the bytes as host memory (backend/memory/planner.py)."""
+        if self.device.type == "cpu":
+            return tensor
+        return tensor.to("cpu")
 
     # ---------------------------------------------------------------- memory plan
 

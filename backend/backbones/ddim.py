@@ -13,7 +13,7 @@ from collections.abc import Callable, Collection, Sequence
 import torch
 from diffusers import DDIMScheduler
 
-from backend.backbones.base import Predict, Schedule, Timestep
+from backend.backbones.base import Predict, Schedule, Store, Timestep
 from backend.errors import BadSettingsError
 
 
@@ -48,12 +48,13 @@ class DDIMSchedule(Schedule):
         return sorted(self.timesteps(inversion_steps))
 
     def invert(self, predict: Predict, source_latent: torch.Tensor, steps: int,
-               inversion_steps: int) -> tuple[dict[Timestep, torch.Tensor], Timestep, torch.Tensor]:
+               inversion_steps: int, store: Store | None = None,
+               ) -> tuple[dict[Timestep, torch.Tensor], Timestep, torch.Tensor]:
         sampling = self.timesteps(steps)
         inversion = self.inversion_timesteps(steps, inversion_steps)
         inverted = ddim_invert(predict, source_latent, inversion, self.scheduler.alphas_cumprod,
                                float(self.scheduler.final_alpha_cumprod),
-                               keep={*sampling, inversion[-1]})
+                               keep={*sampling, inversion[-1]}, store=store)
         return {t: inverted[t] for t in sampling}, inversion[-1], inverted[inversion[-1]]
 
     def start_latent(self, source_latent: torch.Tensor, noisiest: torch.Tensor,
@@ -103,6 +104,7 @@ def ddim_invert(
     final_alpha_cumprod: float,
     on_step: Callable[[int, int], None] | None = None,
     keep: Collection[int] | None = None,
+    store: Store | None = None,
 ) -> dict[int, torch.Tensor]:
     """Deterministic DDIM inversion, as in the reference (and Plug-and-Play before it).
 
@@ -111,9 +113,10 @@ def ddim_invert(
         ε   = step_eps(x, t_i)
         x̂₀  = (x − √(1 − ᾱ_prev)·ε) / √ᾱ_prev
         x   ← √ᾱ_{t_i}·x̂₀ + √(1 − ᾱ_{t_i})·ε
-    Returns {t_i: x after step i} for every t_i in `keep` (default: all), on the
-    input's device and dtype; keeping only what is read bounds memory for long clips
-    and fine grids.
+    Returns {t_i: x after step i} for every t_i in `keep` (default: all), in the
+    input's dtype, each as `store` gave it back when it was reached (default: on the
+    input's device); keeping only what is read bounds memory for long clips and fine
+    grids, and a store in host memory keeps them off the GPU.
     """
     latent = source_latent
     alpha_prev = final_alpha_cumprod
@@ -124,7 +127,7 @@ def ddim_invert(
         x0 = (latent.float() - (1 - alpha_prev) ** 0.5 * eps) / alpha_prev**0.5
         latent = (alpha**0.5 * x0 + (1 - alpha) ** 0.5 * eps).to(source_latent.dtype)
         if keep is None or timestep in keep:
-            out[timestep] = latent
+            out[timestep] = latent if store is None else store(latent)
         alpha_prev = alpha
         if on_step is not None:
             on_step(index + 1, len(timesteps))

@@ -34,7 +34,7 @@ import math
 import numpy as np
 import torch
 
-from backend.backbones.base import Predict, Schedule, Timestep
+from backend.backbones.base import Predict, Schedule, Store, Timestep
 from backend.errors import BadSettingsError
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -214,7 +214,8 @@ class FlowMatchingSchedule(Schedule):
         return timesteps
 
     def invert(self, predict: Predict, source_latent: torch.Tensor, steps: int,
-               inversion_steps: int) -> tuple[dict[Timestep, torch.Tensor], Timestep, torch.Tensor]:
+               inversion_steps: int, store: Store | None = None,
+               ) -> tuple[dict[Timestep, torch.Tensor], Timestep, torch.Tensor]:
         grid = self.inversion_grid(steps, inversion_steps)
         timesteps = self.inversion_timesteps(steps, inversion_steps)
         sampling = self.timesteps(steps)
@@ -226,7 +227,7 @@ class FlowMatchingSchedule(Schedule):
             latent = euler_step(latent.float(), velocity, grid[index], grid[index + 1]).to(source_latent.dtype)
             reached = float(grid[index + 1])
             if reached in sampling_sigma_to_t:
-                kept[sampling_sigma_to_t[reached]] = latent
+                kept[sampling_sigma_to_t[reached]] = latent if store is None else store(latent)
         top = sampling[0]
         return kept, top, kept[top]
 

@@ -45,8 +45,8 @@ class LiveBytes(TorchDispatchMode):
     """Counts the bytes of live tensor storages and records their peak.
 
     A storage is counted once, from the first operation that returns a tensor on it
-    (or from `track`), until Python frees it (a weak reference's callback). `peak`
-    is the highest `current` seen since the last `reset_peak`.
+    (or from `track`), until Python frees it (a weak reference's callback) or `untrack`
+    takes it out. `peak` is the highest `current` seen since the last `reset_peak`.
     """
 
     def __init__(self, block: int = 1) -> None:
@@ -67,6 +67,18 @@ class LiveBytes(TorchDispatchMode):
         self._seen[storage] = weakref.ref(storage, lambda _ref, n=nbytes: self._free(n))
         self.current += nbytes
         self.peak = max(self.peak, self.current)
+
+    def untrack(self, tensor: torch.Tensor) -> int:
+        """Stop counting `tensor`'s storage, now and on every later view of it: it lives
+        elsewhere (host memory, in a CUDA plan). Returns the bytes it had counted."""
+        storage = tensor.untyped_storage()
+        counted = self._seen.get(storage)
+        nbytes = rounded(storage.nbytes(), self.block) if counted is not None else 0
+        self.current -= nbytes
+        # Marked, not dropped, so a view's operation does not count it again; the old
+        # weak reference goes with the mark, its callback unsent.
+        self._seen[storage] = None
+        return nbytes
 
     def track_module(self, module: torch.nn.Module) -> None:
         """Count a module's parameters and buffers."""

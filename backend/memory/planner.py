@@ -43,7 +43,9 @@ in `host_bytes`, not on the GPU; a CPU plan, where host and device are one, in t
 
 Everything the engine keeps between phases (embeddings, the source latent, the inverted
 latents of every sampling step, the source features) stays alive, so a long clip's
-growth beyond one window is counted. Each network's weights count in every phase it is
+growth beyond one window is counted. On a GPU the inverted latents are kept in host
+memory (Backbone.to_host, each as the inversion reaches it): a CUDA plan counts them
+in `host_bytes["inverted"]`, not in the phases. Each network's weights count in every phase it is
 resident. On a GPU the text encoder never shares it with the denoiser
 (backend/memory/text_encoder.py): the embed phase is the encoder alone (its weights and
 its activations; the denoiser and the VAE are in host memory then), and no other phase
@@ -148,7 +150,8 @@ class MemoryPlan:
     combinations: list[dict[str, Any]] = field(default_factory=list)
     regions: int = 0
     batch: int = 1  # takes sampled together (Engine.transfer_takes)
-    # Region work held in host memory when the device is a GPU (`_measure_regions`).
+    # What a GPU edit holds in host memory: region work (`_measure_regions`), the
+    # inverted latents (`_host_memory_counted`).
     host_bytes: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -204,8 +207,10 @@ def plan_edit(phases_of: PhasesOf, model: str | Backbone, frames: int | None = N
         # The planned clip is a read-only broadcast view; torch warns on wrapping it.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         modules = _materialise(shell, tracker)
+        host: dict[str, int] = {}  # what the engine keeps in host memory (Backbone.to_host)
         if gpu:
             _as_on_cuda(shell)
+            _host_memory_counted(shell, tracker, host)
         # The framed size can be under the settings' least side (a wide clip 64 px high
         # under fit): set as the engine's framing sets it, without checking it again.
         resolved = _unchecked(engine.resolve(settings), width=size[0], height=size[1])
@@ -233,7 +238,7 @@ def plan_edit(phases_of: PhasesOf, model: str | Backbone, frames: int | None = N
     plan = _plan(model, torch_device, shell, frames, size, len(all_windows), measured, with_savers,
                  vae_figures, modules, kept.embedding_bytes,
                  _counts(shell, resolved, frames, len(all_windows), modules, slices))
-    plan.regions, plan.host_bytes, plan.batch = regions, kept.host_bytes, batch
+    plan.regions, plan.host_bytes, plan.batch = regions, {**kept.host_bytes, **host}, batch
     return plan
 
 
@@ -288,6 +293,20 @@ def _as_on_cuda(backbone: Backbone) -> None:
     backbone.precision = lambda: CudaAutocast(backbone.dtype)  # type: ignore[method-assign]
     backbone.model_input = lambda latent: latent  # type: ignore[method-assign]
     backbone.scales_loss = lambda: False  # type: ignore[method-assign]
+
+
+def _host_memory_counted(backbone: Backbone, tracker: LiveBytes, host: dict[str, int]) -> None:
+    """What the engine puts in host memory (Backbone.to_host: each inverted latent, as
+    the inversion reaches it) leaves the GPU's count for `host["inverted"]`: a fresh
+    tensor of the same shape stands for the host copy (the GPU one lives on while the
+    engine holds it, as on a GPU), uncounted from the start."""
+    def to_host(tensor: torch.Tensor) -> torch.Tensor:
+        copy = torch.empty_like(tensor, memory_format=torch.contiguous_format)
+        tracker.untrack(copy)
+        host["inverted"] = host.get("inverted", 0) + copy.untyped_storage().nbytes()
+        return copy
+
+    backbone.to_host = to_host  # type: ignore[method-assign]
 
 
 _PLANNING = threading.local()  # .autocast_dtype, .numpy: what this thread's plan swaps in
@@ -917,7 +936,7 @@ def format_plan(plan: MemoryPlan, chosen: tuple[str, ...] | None = None) -> str:
         lines.append(f"  {mark} {', '.join(combination['savers']):<53}{combination['peak_bytes'] / scale:>7.2f}"
                      f"   {_cost_words(list(combination['costs'].values()))}")
     if plan.host_bytes and plan.device.startswith("cuda"):
-        lines.append(f"  host memory of the {plan.regions} region(s), not on the GPU")
+        lines.append("  host memory, not on the GPU")
         lines += [f"  {name:<28}{nbytes / scale:>9.2f}" for name, nbytes in plan.host_bytes.items()]
     return "\n".join(lines)
 

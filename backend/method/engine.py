@@ -621,7 +621,7 @@ class Engine:
         """Invert z₀ (1, C, F', h, w) along the schedule's own ODE with the source prompt's
         embedding (1, L, E), each model call per window of `windows` and blended; returns
         the SourceState (the inverted latents at the sampling timesteps, the noisiest
-        one) with no features yet. Reports ("invert", windows done, timesteps × windows).
+        one, in host memory on a GPU: Backbone.to_host) with no features yet. Reports ("invert", windows done, timesteps × windows).
 
         window_output(piece, timestep): the model output of one window's latent piece
         (default: the model's, counted in model_passes; the memory plan passes one that
@@ -644,8 +644,11 @@ class Engine:
             return blend_windowed(lambda piece, _window: window_output(piece, timestep), latent,
                                   windows, after_window=window_done)
 
+        # Each kept latent goes to host memory as the walk reaches it (on a GPU; on a CPU
+        # it stays): a long clip's keep of every sampling timestep never piles up there.
         inverted, noisiest_timestep, noisiest = b.schedule.invert(
-            inversion_output, source_latent, settings.steps, settings.inversion_steps)
+            inversion_output, source_latent, settings.steps, settings.inversion_steps,
+            store=b.to_host)
         # Contiguous, as a cache load gives them back: the model computes a strided latent
         # to different low bits, and a re-edit from the cache must equal the first edit.
         return SourceState(
@@ -666,12 +669,17 @@ class Engine:
         report.check()
         self.model_passes["features", "truncated"] += 1
         if regions is not None:
-            taps = self.backbone.taps(window_slice(state.inverted[timestep], window), timestep,
+            taps = self.backbone.taps(self._inverted_window(state, timestep, window), timestep,
                                       source_embedding, truncated=True, spatial=True)
             return [_region_smms(tap[0], regions, window) for tap in taps]
-        taps = self.backbone.taps(window_slice(state.inverted[timestep], window), timestep,
+        taps = self.backbone.taps(self._inverted_window(state, timestep, window), timestep,
                                   source_embedding, truncated=True)
         return [tap[0] for tap in taps]
+
+    def _inverted_window(self, state: SourceState, timestep: Timestep, window: Window) -> torch.Tensor:
+        """One window's slice of the inverted latent at `timestep`, on the model's device
+        (the whole clip's stays in host memory on a GPU)."""
+        return window_slice(state.inverted[timestep], window).to(self.backbone.device)
 
     # ------------------------------------------------------------------ step 3
 
@@ -720,7 +728,8 @@ class Engine:
         if settings.init == "noise":
             latent = fresh_noise
         else:
-            start = schedule.start_latent(source.source_latent.float(), source.noisiest.float(),
+            noisiest = source.noisiest.to(source.source_latent.device)  # from host memory on a GPU
+            start = schedule.start_latent(source.source_latent.float(), noisiest.float(),
                                           source.noisiest_timestep, grid[route.indices[0]])
             latent = lowfreq_init(start, fresh_noise, settings.lowfreq_factor)
         latent = self.keep_plate(latent, source, grid[route.indices[0]], regions)

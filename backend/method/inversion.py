@@ -29,7 +29,9 @@ CACHE_GLOB = "inversion-*.safetensors"
 @dataclass
 class SourceState:
     source_latent: torch.Tensor  # z₀, (1, C, F, h, w)
-    inverted: dict[float, torch.Tensor]  # sampling timestep → inverted x_t, (1, C, F, h, w)
+    # sampling timestep → inverted x_t, (1, C, F, h, w); these and the noisiest in host
+    # memory when the model runs on a GPU (Backbone.to_host), read a window at a time
+    inverted: dict[float, torch.Tensor]
     noisiest_timestep: float
     noisiest: torch.Tensor  # x_T at the last inversion timestep
     # guided timestep → per window → per tap: the source SMM, (window frames, D)
@@ -75,9 +77,11 @@ class InversionCache:
         if path is None or not path.exists():
             return None
         try:
-            tensors = load_file(str(path), device=str(device))
+            # The inverted latents (and the noisiest) stay in host memory, where the
+            # engine keeps them on a GPU (Backbone.to_host); the rest goes to `device`.
+            tensors = load_file(str(path), device="cpu")
             noisiest_timestep = tensors.pop("noisiest_timestep").item()
-            state = SourceState(tensors.pop("source_latent"), {}, noisiest_timestep,
+            state = SourceState(tensors.pop("source_latent").to(device), {}, noisiest_timestep,
                                 tensors.pop("noisiest"), {})
             features: dict[float, dict[int, dict[int, torch.Tensor]]] = {}
             for name, tensor in tensors.items():
@@ -86,7 +90,8 @@ class InversionCache:
                     state.inverted[_timestep_of(timestep)] = tensor
                 else:
                     window, tap = (int(part) for part in rest)
-                    features.setdefault(_timestep_of(timestep), {}).setdefault(window, {})[tap] = tensor
+                    features.setdefault(_timestep_of(timestep), {}).setdefault(window, {})[tap] = (
+                        tensor.to(device))
             state.features = {t: [[taps[i] for i in sorted(taps)] for _, taps in sorted(windows.items())]
                               for t, windows in features.items()}
             os.utime(path)  # most recently used
