@@ -213,6 +213,13 @@ MUTANTS: tuple[Mutant, ...] = (
         ('tests/test_transport.py::test_a_lagging_client_gets_every_reply_and_final_event_and_the_newest_progress',),
     ),
     Mutant(
+        'a client is dropped while its waiting replies are within the bound',
+        'backend/server/transport.py',
+        '        if outbox.reply_count > SEND_QUEUE_PER_CLIENT or (',
+        '        if outbox.reply_count >= SEND_QUEUE_PER_CLIENT or (',
+        ('tests/test_transport.py::test_a_client_that_stops_reading_for_good_is_dropped',),
+    ),
+    Mutant(
         'a result with a missing frame is fetched short (issue 17)',
         'backend/server/store.py',
         '            raise DamagedResult(f"frame {index + 1} of {len(digests)}, {name}, is missing or "\n                                "unreadable") from None',
