@@ -27,7 +27,6 @@ from PIL import Image
 from backend.errors import BadSettingsError
 from shared.client import Client, JobCancelledError
 from shared.errors import ErrorCode, UnderstudyError
-from shared.settings import TransferSettings
 from tests.conftest import REPO_ROOT, moving_square_frames
 from tests.gang_support import GANG_SETTINGS, gang_edit, single_edit
 from tests.server_support import (
@@ -50,9 +49,14 @@ FLOAT_PRECISION = 1e-5
 
 
 @pytest.fixture(scope="module")
-def single_and_gang(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("gang-edit")
-    return single_edit(folder / "single"), gang_edit(folder / "gang")
+def single(tmp_path_factory):
+    """The tiny Wan's edit of GANG_SETTINGS in this process, alone (tests/gang_support.py)."""
+    return single_edit(tmp_path_factory.mktemp("single-edit"))
+
+
+@pytest.fixture(scope="module")
+def single_and_gang(single, tmp_path_factory):
+    return single, gang_edit(tmp_path_factory.mktemp("gang-edit"))
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -87,9 +91,14 @@ def test_ulysses_refuses_a_gang_that_does_not_divide_the_heads():
 # fails the job then: peers that waited the whole timeout were alive, none died).
 GANG_TIMEOUT_S = "8"
 STEP_DELAY = "0.02"
-# Long enough for a kill or a stop to land mid-job, after its first progress report.
-VICTIM = {"steps": 40, "inversion_steps": 40, "guided_steps": 0, "num_frames": 5,
-          "width": 64, "height": 64}
+# The gateway plans a job only where the test is about the plan: each plan of the tiny
+# Wan costs seconds of CPU (the first test's plan request, and the job of
+# `transfer --server` that finds that plan made). Others run unplanned, as on a CPU.
+UNPLANNED = {"memory": "off"}
+# Long enough for a kill or a stop to land mid-job, after its first progress report (the
+# encode's first): some thirty progress steps at the step delay, each a gang's Wan step.
+VICTIM = {"steps": 12, "inversion_steps": 12, "guided_steps": 0, "num_frames": 5,
+          "width": 64, "height": 64, **UNPLANNED}
 # A job that only has to run through: the gang takes jobs again after a fault.
 AFTER = {**VICTIM, "steps": 3, "inversion_steps": 3}
 
@@ -119,16 +128,17 @@ def gang_ranks(gateway: ServerProcess) -> list[int]:
 
 
 def test_a_gang_job_through_transfer_server_equals_the_single_process_edit(
-        gang_gateway, client, tmp_path, python):
-    from backend.edit import load_engine
-    from backend.video import read_clip, write_video
-
+        gang_gateway, client, single, tmp_path, python):
     hello = client.hello()
     assert (hello["engine"]["gang"], hello["engine"]["workers"]) == (2, 1)
-    planned = client.plan(settings(**VICTIM), 5, (64, 64))
+    # The plan of the job below (made once: the job finds it made).
+    planned = client.plan(GANG_SETTINGS, 5, (64, 64))
     assert planned["fits"] and planned["gang"] == {"size": 2, "peak": "per rank, at most"}
-    clip = tmp_path / "clip.mp4"
-    write_video(moving_square_frames(5, 64, 64), clip, fps=12)
+    # The frames the single-process edit edited, as a folder of PNGs (lossless).
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    for index, frame in enumerate(moving_square_frames(5, 64, 64)):
+        Image.fromarray(frame).save(clip / f"{index:04d}.png")
     flags = ["--prompt", GANG_SETTINGS["prompt"], "--source-prompt",
              GANG_SETTINGS["source_prompt"], "--frames", "5", "--width", "64", "--height", "64",
              "--steps", "2", "--inversion-steps", "2", "--guided-steps", "2", "--iterations",
@@ -145,14 +155,13 @@ def test_a_gang_job_through_transfer_server_equals_the_single_process_edit(
     assert sidecar["worker"]["actor"] == "gang0-rank0"
     gang_frames = np.stack([np.asarray(Image.open(path))
                             for path in sorted((tmp_path / "frames").glob("*.png"))])
-    alone = load_engine("wan-tiny", device="cpu", cache_dir=tmp_path / "cache").transfer(
-        read_clip(clip).frames, TransferSettings.from_dict(GANG_SETTINGS))
-    assert gang_frames.shape == alone.frames.shape
-    assert np.abs(gang_frames.astype(int) - alone.frames).max() <= 1  # one 8-bit level
+    alone = single["frames"].numpy()
+    assert gang_frames.shape == alone.shape
+    assert np.abs(gang_frames.astype(int) - alone).max() <= 1  # one 8-bit level
 
 
 def test_a_job_of_several_takes_runs_on_the_whole_gang_and_rank_0_ships_each_take(client):
-    takes = {**GANG_SETTINGS, "guided_steps": 1}
+    takes = {**GANG_SETTINGS, "guided_steps": 1, **UNPLANNED}
     client.submit("gang-takes", takes, clip_pngs(5, 64, 64), takes=2)
     client.wait("gang-takes", timeout_s=WAIT_S)
     fetched = [client.fetch("gang-takes", take=take) for take in (1, 2)]
@@ -163,7 +172,7 @@ def test_a_job_of_several_takes_runs_on_the_whole_gang_and_rank_0_ships_each_tak
 
 
 def test_a_rank_without_the_cached_inversion_makes_every_rank_invert(gang_gateway, client):
-    job = {**GANG_SETTINGS, "steps": 3, "inversion_steps": 3, "guided_steps": 1}
+    job = {**GANG_SETTINGS, "steps": 3, "inversion_steps": 3, "guided_steps": 1, **UNPLANNED}
     client.submit("cached-first", job, clip_pngs(5, 64, 64))
     client.wait("cached-first", timeout_s=WAIT_S)
     client.submit("cached-again", {**job, "seed": 8}, clip_pngs(5, 64, 64))
