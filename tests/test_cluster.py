@@ -504,7 +504,6 @@ def test_a_gateway_plans_each_job_for_its_workers_gpus(tmp_path, connect_client)
 
     quick = tiny_plan()
     budget = min(c["peak_bytes"] for c in quick.combinations) + 256  # the quick job fits
-    assert budget < min(c["peak_bytes"] for c in tiny_plan(**BIG).combinations)
     chosen = choose_savers(quick, budget)
     gateway = ServerProcess(tmp_path / "state", "--ray", "local:1", "--assume-gpu-memory-gb",
                             repr(budget / 2**30)).start()
@@ -516,6 +515,9 @@ def test_a_gateway_plans_each_job_for_its_workers_gpus(tmp_path, connect_client)
         planned = client.plan(settings(), 6, CLIP_SIZE)
         assert (planned["fits"], planned["savers"]) == (True, list(chosen.savers))
         assert planned["predicted_peak_bytes"] == chosen.peak_bytes
+        # BIG cannot fit with any savers (the gateway's plan, which its submit finds made).
+        big = client.plan(settings(**BIG), 6, CLIP_SIZE)
+        assert big["fits"] is False and big["predicted_peak_bytes"] > budget
         with pytest.raises(JobRejected) as refused:
             client.submit("too-big-for-every-worker", settings(**BIG), clip_pngs())
         assert refused.value.code == "too_big_for_gpu"
