@@ -197,6 +197,7 @@ def command_serve(args: argparse.Namespace) -> int:
                           keep_jobs=args.keep_jobs, test_step_delay_s=args.test_step_delay,
                           test_plan_gate=Path(args.test_plan_gate) if args.test_plan_gate else None,
                           test_take_gate=Path(args.test_take_gate) if args.test_take_gate else None,
+                          test_no_plan_warm_up=args.test_no_plan_warm_up,
                           cluster=cluster_options(args),
                           assume_gpu_memory_gb=gpu_gigabytes(args.assume_gpu_memory_gb))
     serve(config, args.model, device=args.device, dtype=args.dtype,
@@ -491,6 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "stored and announced, hold the job until FILE exists, then delete it "
                        "and go on; a run going on from takes made before a restart is held so before "
                        "its first take too")
+    serve.add_argument("--test-no-plan-warm-up", action="store_true",
+                       help="testing only: do not plan the model's own clip at start (a "
+                       "server with a GPU to fit plans it ahead of the first job; a test's "
+                       "jobs are small clips, and that plan costs seconds of CPU)")
     cluster = serve.add_argument_group("many GPUs (README: Many GPUs; needs the cluster extra)")
     cluster.add_argument("--ray", metavar="ADDRESS",
                          help="run jobs on Ray workers, one per GPU: `auto` (the cluster "

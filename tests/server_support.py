@@ -31,6 +31,10 @@ QUICK_SETTINGS = {"num_frames": 4, "width": 64, "height": 64, "steps": 1, "guide
 # With a step delay (--test-step-delay) a job with these settings runs for minutes: it is
 # still running, and the jobs behind it still queued, when a test cancels it.
 LONG = {"steps": 1000, "inversion_steps": 1000, "guided_steps": 0}
+# A server told it has a GPU plans the model's own clip at start (the tiny model's: 24
+# frames at 576x320, some 12 s of CPU) ahead of a first job no test sends; tests that
+# plan their own small clips skip it.
+NO_WARM_UP = ("--test-no-plan-warm-up",)
 
 
 def settings(prompt: str = "a bear walking", **overrides) -> dict:

@@ -17,6 +17,7 @@ from tests.blender_support import blender_lts_python, build_extension, make_clip
 from tests.conftest import REPO_ROOT
 from tests.server_support import (
     LONG,
+    NO_WARM_UP,
     ServerProcess,
     clip_pngs,
     settings,
@@ -348,7 +349,7 @@ def test_check_memory_shows_the_predicted_peak_against_the_servers_gpu(extension
     making the plan, the button does not freeze Blender waiting: it says to press again."""
     gate = tmp_path / "plan-gate"
     gpu_server = ServerProcess(tmp_path / "gpu-server", "--assume-gpu-memory-gb", "1",
-                               "--test-plan-gate", str(gate)).start()
+                               "--test-plan-gate", str(gate), *NO_WARM_UP).start()
     try:
         result = run_blender({"scenario": "check_memory", "zip": extension_zip, "clip": clip,
                               "address": gpu_server.address, "gate": str(gate)}, tmp_path)

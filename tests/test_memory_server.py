@@ -18,7 +18,14 @@ from backend.server.requests import PLANNING_BUG
 from shared import protocol
 from shared.client import Client, JobRejected, PlanPending, ServerUnavailable, UnknownJob
 from shared.settings import MEMORY_SAVERS, TransferSettings
-from tests.server_support import ServerProcess, clip_pngs, settings, wait_for_event, wait_until
+from tests.server_support import (
+    NO_WARM_UP,
+    ServerProcess,
+    clip_pngs,
+    settings,
+    wait_for_event,
+    wait_until,
+)
 
 CLIP_SIZE = (48, 32)  # clip_pngs' frames
 BIG = {"width": 256, "height": 256}  # 16× the pixels of QUICK_SETTINGS' 64×64
@@ -48,7 +55,8 @@ def budget(plans) -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, budget):
     process = ServerProcess(tmp_path_factory.mktemp("memory") / "state",
-                            "--assume-gpu-memory-gb", repr(budget / 2**30)).start()
+                            "--assume-gpu-memory-gb", repr(budget / 2**30),
+                            *NO_WARM_UP).start()
     yield process
     process.stop()
 
@@ -160,7 +168,7 @@ def plans_waiting(client: Client, count: int) -> bool:
 def test_a_plan_holds_up_nobody_but_its_own_request(tmp_path, plans) -> None:  # noqa: ANN001
     gate = tmp_path / "plan-gate"
     process = ServerProcess(tmp_path / "state", "--assume-gpu-memory-gb", "1000",
-                            "--test-plan-gate", str(gate)).start()
+                            "--test-plan-gate", str(gate), *NO_WARM_UP).start()
     try:
         with Client(process.address, timeout_s=20.0) as other, \
                 Client(process.address, timeout_s=3.0) as editor, \

@@ -58,6 +58,7 @@ class ServerConfig:
     test_step_delay_s: float = 0.0  # testing only: sleep per progress step (see cli help)
     test_plan_gate: Path | None = None  # testing only: each memory plan waits for this file
     test_take_gate: Path | None = None  # testing only: a job waits for it after each take
+    test_no_plan_warm_up: bool = False  # testing only: no plan of the model's own clip at start
     cluster: ClusterOptions | None = None  # `--ray`: jobs run on Ray workers
     assume_gpu_memory_gb: float | None = None  # `--memory auto` fits jobs into this (tests, sharing)
 
@@ -223,8 +224,9 @@ def serve(config: ServerConfig, model: str, device: str | None = None, dtype: st
         engine_device, assumed = str(engine.backbone.device), config.assume_gpu_memory_gb
         planner = MemoryPlanner(lambda: gpu_description(engine_device, assumed), engine_phases)
         memory = ServerMemory(planner, engine.backbone)
-        threading.Thread(target=planner.warm, args=(engine.backbone,), daemon=True,
-                         name="understudy-plan-warm-up").start()
+        if not config.test_no_plan_warm_up:
+            threading.Thread(target=planner.warm, args=(engine.backbone,), daemon=True,
+                             name="understudy-plan-warm-up").start()
     else:  # the models load on the Ray workers; this process needs neither torch nor a GPU
         from backend.cluster.engine_actor import ActorSpec
         from backend.cluster.gateway import start_actors
