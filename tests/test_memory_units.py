@@ -8,7 +8,7 @@ import json
 from backend.cli import build_parser, main
 from backend.memory.planner import gpu_description
 
-TINY = ["memory", "--model", "tiny", "--frames", "8", "--size", "96x64", "--device", "cpu"]
+TINY = ["memory", "--model", "tiny", "--frames", "2", "--size", "64x64", "--device", "cpu"]
 
 
 def test_gpu_memory_gb_counts_gib(capsys) -> None:  # noqa: ANN001
