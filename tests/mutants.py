@@ -645,7 +645,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "backend/edit.py",
         "        engine.gradient_reducer = gang.reduce_gradient\n",
         "        pass\n",
-        ("tests/test_gang.py::test_a_two_rank_gang_edits_exactly_as_one_process",),
+        ("tests/test_gang_maths.py::test_a_two_rank_gang_edits_exactly_as_one_process",),
     ),
     Mutant(
         "a gang's ranks seeded differently",

@@ -1,14 +1,11 @@
-"""One edit across several processes: a gang (backend/gang.py) running the Wan edit under
-Ulysses context parallelism (backend/backbones/context_parallel.py).
+"""One edit across several processes, on Ray: a gang (backend/cluster/gang.py) running the
+Wan edit under Ulysses context parallelism (the maths without Ray, a gang of plain
+processes over gloo: tests/test_gang_maths.py).
 
-The maths first, in plain torch.distributed over gloo on loopback with two spawned
-processes (no Ray): the 2-rank edit of the tiny Wan equals the single-process edit, the
-guidance gradient at each Adam step and the final latent.
-
-Then a gang on Ray: one gateway, `serve --ray local:2 --gang 2 --model wan-tiny`, shared
-by its tests: a job through `python -m backend transfer --server` equal to the
-single-process edit, a rank stopped mid-job (the collective times out: the job fails in
-one sentence), a rank killed mid-job (the job runs once more on a rebuilt gang).
+One gateway, `serve --ray local:2 --gang 2 --model wan-tiny`, shared by its tests: a job
+through `python -m backend transfer --server` equal to the single-process edit, a rank
+stopped mid-job (the collective times out: the job fails in one sentence), a rank killed
+mid-job (the job runs once more on a rebuilt gang).
 """
 
 from __future__ import annotations
@@ -21,14 +18,12 @@ import subprocess
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from backend.errors import BadSettingsError
 from shared.client import Client, JobCancelledError
 from shared.errors import ErrorCode, UnderstudyError
 from tests.conftest import REPO_ROOT, moving_square_frames
-from tests.gang_support import GANG_SETTINGS, gang_edit, single_edit
+from tests.gang_support import GANG_SETTINGS, single_edit
 from tests.server_support import (
     ServerProcess,
     clip_pngs,
@@ -42,50 +37,6 @@ from tests.test_cluster import WAIT_S, command_line, descendants, serve
 # when the suite runs in parallel (build.py test): two Ray heads at once would compete
 # for the CPU their start-up timeouts assume.
 pytestmark = pytest.mark.xdist_group("ray")
-
-# The ranks compute the same sums in another order (a token's rows in another batch);
-# on a CPU the tests find them equal to the last bit, the bound allows for rounding.
-FLOAT_PRECISION = 1e-5
-
-
-@pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    """The tiny Wan's edit of GANG_SETTINGS in this process, alone (tests/gang_support.py)."""
-    return single_edit(tmp_path_factory.mktemp("single-edit"))
-
-
-@pytest.fixture(scope="module")
-def single_and_gang(single, tmp_path_factory):
-    return single, gang_edit(tmp_path_factory.mktemp("gang-edit"))
-
-
-def close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return bool((a - b).abs().max() <= FLOAT_PRECISION * max(1.0, a.abs().max().item()))
-
-
-def test_a_two_rank_gang_edits_exactly_as_one_process(single_and_gang):
-    single, ranks = single_and_gang
-    assert single["gang"] == 1 and [rank["gang"] for rank in ranks] == [2, 2]
-    steps = len(single["gradients"])
-    assert steps == 2  # two guided steps of one Adam iteration each
-    for rank in ranks:
-        assert len(rank["gradients"]) == steps
-        for alone, together in zip(single["gradients"], rank["gradients"], strict=True):
-            assert alone.abs().max() > 0 and close(alone, together)
-        assert close(single["latent"], rank["latent"])
-    assert torch.equal(ranks[0]["frames"], ranks[1]["frames"])
-
-
-def test_ulysses_refuses_a_gang_that_does_not_divide_the_heads():
-    from backend.backbones.context_parallel import enable_ulysses
-    from backend.backbones.wan_tiny import build_tiny_wan
-
-    transformer = build_tiny_wan()["transformer"]  # 2 heads
-    with pytest.raises(BadSettingsError, match="2 attention heads, which a gang of 3 cannot split"):
-        enable_ulysses(transformer, 3, torch.device("cpu"))
-
-
-# --------------------------------------------------------------------------- a gang on Ray
 
 # A stopped rank fails its job this long after its peers' collective began (the gateway
 # fails the job then: peers that waited the whole timeout were alive, none died).
@@ -112,6 +63,12 @@ def gang_gateway(tmp_path_factory):
                             "--assume-gpu-memory-gb", "64").start()
     yield process
     process.stop()
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The tiny Wan's edit of GANG_SETTINGS in this process, alone (tests/gang_support.py)."""
+    return single_edit(tmp_path_factory.mktemp("single-edit"))
 
 
 @pytest.fixture
@@ -231,18 +188,6 @@ def test_a_rank_killed_mid_job_reruns_the_job_once_on_a_rebuilt_gang(gang_gatewa
     assert len(result.frames) == 5 and result.sidecar["gang"]["size"] == 2
     assert not set(ranks) & set(result.sidecar["gang"]["pids"])
     assert gang_gateway.log().count("Gang gang0 lost rank") == 1
-
-
-def test_zeroscope_on_a_gang_is_not_split_and_sums_no_gradient():
-    """ZeroScope's UNet3D has no context parallel plan: its gang's jobs run on rank 0
-    alone (backend/cluster/gang.py), as one process would run them."""
-    from backend.edit import load_engine
-    from backend.gang import GangMember
-    from backend.method.engine import Engine
-
-    engine = load_engine("tiny", device="cpu", gang=GangMember(rank=0, size=2, timeout_s=5.0))
-    assert engine.backbone.gang_size() == 1
-    assert engine.gradient_reducer is Engine(engine.backbone).gradient_reducer
 
 
 def test_gang_flags_a_user_can_get_wrong_are_one_sentence(tmp_path):
