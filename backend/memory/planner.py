@@ -195,6 +195,7 @@ def plan_edit(phases_of: PhasesOf, model: str | Backbone, frames: int | None = N
     engine = phases_of(shell)
     resolved = engine.resolve(settings)
     frames = frames or resolved.window_frames
+    engine.check_window_count(shell.model_frames(frames), resolved)
     if size is None:
         size = (engine.framing_for(resolved, source_size).model_size if source_size
                 else (resolved.width, resolved.height))
