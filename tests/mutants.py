@@ -220,6 +220,27 @@ MUTANTS: tuple[Mutant, ...] = (
         ('tests/test_transport.py::test_a_client_that_stops_reading_for_good_is_dropped',),
     ),
     Mutant(
+        "Wan's streamed decode gathers the clip's frames on the device",
+        'backend/backbones/wan_vae.py',
+        '            out = host_buffer((frames, *piece.shape[1:]), torch.uint8)\n        out[written',
+        '            out = piece.new_empty((frames, *piece.shape[1:]))\n        out[written',
+        ('tests/test_memory.py::test_a_cuda_plan_keeps_wans_clip_pixels_in_host_memory',),
+    ),
+    Mutant(
+        "Wan's encode moves the whole clip's pixels to the device",
+        'backend/backbones/wan.py',
+        '        if streamable(self.vae):\n            moments = encode_streamed(',
+        '        if False:\n            moments = encode_streamed(',
+        ('tests/test_memory.py::test_a_cuda_plan_keeps_wans_clip_pixels_in_host_memory',),
+    ),
+    Mutant(
+        "Wan's tiled decode keeps the tiles unblended",
+        'backend/backbones/wan_vae.py',
+        '                tile = vae.blend_h(row[c - 1], tile, blend_w)',
+        '                pass',
+        ('tests/test_wan_vae.py::test_the_streamed_decode_is_the_vaes_own_bit_for_bit',),
+    ),
+    Mutant(
         'a result with a missing frame is fetched short (issue 17)',
         'backend/server/store.py',
         '            raise DamagedResult(f"frame {index + 1} of {len(digests)}, {name}, is missing or "\n                                "unreadable") from None',
@@ -461,8 +482,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "Wan decodes normalised latents without undoing the normalisation",
         "backend/backbones/wan.py",
-        "self.vae.decode(z / inverse_std + mean, return_dict=False)",
-        "self.vae.decode(z, return_dict=False)",
+        "            z = z / inverse_std + mean\n",
+        "            z = z\n",
         ("tests/test_backbones.py::test_a_plain_wan_edit_equals_diffusers_wan_pipeline[t2v]",),
     ),
     Mutant(

@@ -485,6 +485,24 @@ def test_a_cuda_plan_keeps_the_inverted_latents_in_host_memory() -> None:
         assert more.phases[phase] == few.phases[phase], phase
 
 
+def test_a_cuda_plan_keeps_wans_clip_pixels_in_host_memory() -> None:
+    """On a GPU Wan's VAE takes the clip's pixels from host memory and gives the decoded
+    frames back there a call at a time (backend/backbones/wan_vae.py): 33 frames
+    against 9 (at 64×64; both past the causal cache's warm-up, the third call) add their
+    frames' bytes to host memory exactly, and to the encode and decode phases less than
+    those bytes (what grows there is latent-sized)."""
+    def plan(frames: int):  # noqa: ANN202
+        settings = TransferSettings(**SHORT, width=64, height=64)
+        return plan_edit(engine_phases, "wan-tiny", frames, (64, 64), "cuda", settings=settings)
+
+    short, long = plan(9), plan(33)
+    frame_bytes = 64 * 64 * 3  # uint8
+    assert (short.host_bytes["decode"], long.host_bytes["decode"]) == (9 * frame_bytes, 33 * frame_bytes)
+    more = 24 * frame_bytes
+    assert long.phases["decode"] - short.phases["decode"] < more
+    assert long.phases["encode"] - short.phases["encode"] < more
+
+
 def test_memory_command_plans_regions(capsys: pytest.CaptureFixture[str]) -> None:
     from backend.cli import main
 

@@ -221,6 +221,10 @@ def test_the_memory_plan_counts_the_references_latent_frames(monkeypatch):
     for phase in ("guide", "cfg"):
         assert with_references[phase] > without[phase], phase
     assert with_references["invert"] == without["invert"]  # inversion runs unconditioned
+    # VACE is conditioned on the whole clip, so it edits one window: a plan of more is
+    # refused in the engine's sentence, before any work.
+    with pytest.raises(BadSettingsError, match="edits at most 81 frames at once; give fewer --frames"):
+        plan_edit(engine_phases, "wan-vace-tiny", 85, (SIDE, SIDE), "cpu", settings=settings)
 
 
 def test_a_conditioned_truncated_pass_reads_the_full_passs_tap_and_its_gradient(engine):

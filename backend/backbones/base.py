@@ -345,6 +345,13 @@ class Backbone(ABC):
             return tensor
         return tensor.to("cpu")
 
+    def host_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An empty tensor in host memory that a long clip's pixels are gathered in, a
+        call's worth at a time (Wan's streamed VAE: backend/backbones/wan_vae.py), so they
+        never pile up on the GPU. The memory plan replaces it with one it counts as host
+        memory."""
+        return torch.empty(shape, dtype=dtype)
+
     # ---------------------------------------------------------------- memory plan
 
     def meta_copy(self) -> Backbone:

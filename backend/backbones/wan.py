@@ -48,6 +48,13 @@ from backend.backbones.base import (
     text_encoder_home,
 )
 from backend.backbones.flow_matching import FlowMatchingSchedule
+from backend.backbones.wan_vae import (
+    decode_to_host,
+    encode_streamed,
+    streamable,
+    to_frames,
+    to_pixels,
+)
 from backend.errors import BadSettingsError
 
 WAN_21_T2V_1_3B = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
@@ -202,25 +209,33 @@ class Wan(Backbone):
     @torch.no_grad()
     def encode(self, frames: np.ndarray, frames_per_slice: int) -> torch.Tensor:
         """(N, H, W, 3) uint8, N = 4k + 1 → z₀ (1, 16, k + 1, H/8, W/8) in float32: the
-        posterior's mean, normalised, z = (μ − mean)/std. The causal VAE takes the clip whole (it runs its
-        own frame chunks), so `frames_per_slice` does not apply."""
-        pixels = torch.from_numpy(frames).permute(3, 0, 1, 2).unsqueeze(0).float() / 127.5 - 1
-        vae_dtype = next(self.vae.parameters()).dtype
-        latent = self.vae.encode(pixels.to(self.device, vae_dtype)).latent_dist.mean
+        posterior's mean, normalised, z = (μ − mean)/std. The causal VAE runs its own
+        calls (the first frame, then fours), so `frames_per_slice` does not apply; the
+        clip's pixels go to the device one call's frames at a time (wan_vae.py)."""
+        if streamable(self.vae):
+            moments = encode_streamed(self.vae, frames, self.temporal_factor, self.device)
+        else:
+            vae_dtype = next(self.vae.parameters()).dtype
+            moments = self.vae.encode(to_pixels(frames).to(self.device, vae_dtype)).latent_dist.parameters
+        latent = moments.chunk(2, dim=1)[0]  # the posterior's mean μ (its log-variance: the rest)
         mean, inverse_std = self._latent_stats(latent)
         return ((latent - mean) * inverse_std).float()  # the flow is integrated in float32
 
     def decode_slices(self, latent: torch.Tensor,
                       frames_per_slice: int) -> list[Callable[[], np.ndarray]]:
-        """One slice: the causal VAE decodes the clip whole, z·std + mean → frames."""
+        """One slice: the causal VAE decodes the clip in one loop, z·std + mean → frames,
+        each call's frames to host memory as they come (wan_vae.py; tiled when the VAE's
+        tiling is on)."""
         @torch.no_grad()
         def decode() -> np.ndarray:
             vae_dtype = next(self.vae.parameters()).dtype
             z = latent.to(vae_dtype)
             mean, inverse_std = self._latent_stats(z)
-            video = self.vae.decode(z / inverse_std + mean, return_dict=False)[0]  # (1, 3, N, H, W)
-            video = video[0].float().clamp(-1, 1).permute(1, 2, 3, 0)
-            return ((video + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+            z = z / inverse_std + mean
+            frames = (z.shape[2] - 1) * self.temporal_factor + 1
+            if not streamable(self.vae):
+                return to_frames(self.vae.decode(z, return_dict=False)[0]).cpu().numpy()
+            return decode_to_host(self.vae, z, frames, self.host_buffer).numpy()
 
         return [decode]
 

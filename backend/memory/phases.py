@@ -47,6 +47,9 @@ class EditPhases(Protocol):
     def windows_for(self, frames: int, settings: TransferSettings) -> list[Window]:
         """The temporal windows of `frames` pixel frames, in latent frames."""
 
+    def check_window_count(self, frames: int, settings: TransferSettings) -> None:
+        """Refuse in one sentence more windows of `frames` than the backbone edits."""
+
     def embed(self, prompts: list[str]) -> torch.Tensor:
         """prompts → (len(prompts), L, E)."""
 

@@ -45,8 +45,9 @@ Everything the engine keeps between phases (embeddings, the source latent, the i
 latents of every sampling step, the source features) stays alive, so a long clip's
 growth beyond one window is counted. On a GPU the inverted latents are kept in host
 memory (Backbone.to_host, each as the inversion reaches it): a CUDA plan counts them
-in `host_bytes["inverted"]`, not in the phases. Each network's weights count in every phase it is
-resident. On a GPU the text encoder never shares it with the denoiser
+in `host_bytes["inverted"]`, not in the phases; so are the pixels Wan's VAE gathers
+there as it decodes (Backbone.host_buffer), in `host_bytes["decode"]`. Each network's
+weights count in every phase it is resident. On a GPU the text encoder never shares it with the denoiser
 (backend/memory/text_encoder.py): the embed phase is the encoder alone (its weights and
 its activations; the denoiser and the VAE are in host memory then), and no other phase
 counts it. The savers move the networks further:
@@ -151,7 +152,7 @@ class MemoryPlan:
     regions: int = 0
     batch: int = 1  # takes sampled together (Engine.transfer_takes)
     # What a GPU edit holds in host memory: region work (`_measure_regions`), the
-    # inverted latents (`_host_memory_counted`).
+    # inverted latents and the decode's pixels (`_host_memory_counted`).
     host_bytes: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -194,6 +195,7 @@ def plan_edit(phases_of: PhasesOf, model: str | Backbone, frames: int | None = N
     engine = phases_of(shell)
     resolved = engine.resolve(settings)
     frames = frames or resolved.window_frames
+    engine.check_window_count(shell.model_frames(frames), resolved)
     if size is None:
         size = (engine.framing_for(resolved, source_size).model_size if source_size
                 else (resolved.width, resolved.height))
@@ -217,6 +219,9 @@ def plan_edit(phases_of: PhasesOf, model: str | Backbone, frames: int | None = N
         to_plan = None if not regions else _RegionsToPlan(regions, source_size or size, box, gpu)
         measured, kept, bases = _measure_phases(engine, resolved, frames, size, tracker,
                                                 sum(modules.values()), to_plan, batch)
+        # The savers' re-measures below decode again (tiled: short clips): the host
+        # memory reported is the edit's own, at the clip's length, as it stands now.
+        host_of_edit = dict(host)
         saving = _unchecked(resolved, gradient_checkpointing=True, vae_slice=1)
         all_windows = engine.windows_for(shell.model_frames(frames), resolved)
         with_savers = _measure_guide_decode(engine, saving, kept, tracker, ("encode", "guide", "decode"),
@@ -238,7 +243,7 @@ def plan_edit(phases_of: PhasesOf, model: str | Backbone, frames: int | None = N
     plan = _plan(model, torch_device, shell, frames, size, len(all_windows), measured, with_savers,
                  vae_figures, modules, kept.embedding_bytes,
                  _counts(shell, resolved, frames, len(all_windows), modules, slices))
-    plan.regions, plan.host_bytes, plan.batch = regions, {**kept.host_bytes, **host}, batch
+    plan.regions, plan.host_bytes, plan.batch = regions, {**kept.host_bytes, **host_of_edit}, batch
     return plan
 
 
@@ -296,17 +301,29 @@ def _as_on_cuda(backbone: Backbone) -> None:
 
 
 def _host_memory_counted(backbone: Backbone, tracker: LiveBytes, host: dict[str, int]) -> None:
-    """What the engine puts in host memory (Backbone.to_host: each inverted latent, as
-    the inversion reaches it) leaves the GPU's count for `host["inverted"]`: a fresh
-    tensor of the same shape stands for the host copy (the GPU one lives on while the
-    engine holds it, as on a GPU), uncounted from the start."""
+    """What the engine puts in host memory leaves the GPU's count for `host`:
+    `host["inverted"]`, each inverted latent (Backbone.to_host, as the inversion reaches
+    it: a fresh tensor of the same shape stands for the host copy; the GPU one lives on
+    while the engine holds it, as on a GPU), and `host["decode"]`, the most the buffers a
+    decode gathers its pixels in (Backbone.host_buffer) hold at once. Both uncounted on
+    the GPU from the start."""
     def to_host(tensor: torch.Tensor) -> torch.Tensor:
         copy = torch.empty_like(tensor, memory_format=torch.contiguous_format)
         tracker.untrack(copy)
         host["inverted"] = host.get("inverted", 0) + copy.untyped_storage().nbytes()
         return copy
 
+    buffers = LiveBytes()  # the host buffers alive (counted until freed), and their peak
+
+    def host_buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        buffer = torch.empty(shape, dtype=dtype)
+        tracker.untrack(buffer)
+        buffers.track(buffer)
+        host["decode"] = buffers.peak
+        return buffer
+
     backbone.to_host = to_host  # type: ignore[method-assign]
+    backbone.host_buffer = host_buffer  # type: ignore[method-assign]
 
 
 _PLANNING = threading.local()  # .autocast_dtype, .numpy: what this thread's plan swaps in
@@ -535,8 +552,8 @@ def _measure_guide_decode(engine: EditPhases, settings: TransferSettings, kept: 
     return peaks
 
 
-TILED_SHORT_CLIPS = 2
-"""How many VAE slices the longer of `_measure_tiled`'s two short clips holds."""
+TILED_SHORT_CLIPS = (2, 3)
+"""How many VAE slices each of `_measure_tiled`'s two short clips holds."""
 
 
 def _measure_tiled(engine: EditPhases, settings: TransferSettings, kept: _Kept, tracker: LiveBytes,
@@ -545,16 +562,18 @@ def _measure_tiled(engine: EditPhases, settings: TransferSettings, kept: _Kept, 
     saver runs each decode slice), on the decode's base.
 
     A tiled pass runs the VAE once per tile (15 tiles a frame for Wan at 832x480), so
-    the edit's whole latent is not decoded tiled: two short ones are, of one and two
-    VAE slices' frames (the causal Wan VAE: 5 and 9 frames, one and two latent frames
-    after its first), and what the decode adds is extended in a straight line to the
-    clip's F frames. It grows by whole frames decoded (each tile's, then the blended
-    frames), at the slope the two measure; what one tile's pass holds is the same at
-    any length (ZeroScope decodes one slice, so its slope is nil)."""
+    the edit's whole latent is not decoded tiled: two short ones are, of two and three
+    VAE slices' frames (the causal Wan VAE: 9 and 13 frames, three and four latent
+    frames), and what the decode adds is extended in a straight line to the clip's F
+    frames. Wan's decode gathers its pixels in host memory (backend/backbones/wan_vae.py)
+    and its causal cache is full from the third decoder call of a tile on, so both
+    clips hold the largest call and little grows but the host-side blend's small
+    temporaries; the slope the two measure bounds it. What one tile's pass holds is the
+    same at any length (ZeroScope decodes one slice, so its slope is nil)."""
     b = engine.backbone
     frames = kept.clip.shape[0]  # the model's frames
     slice_frames = max(settings.vae_slice, 2)
-    lengths = sorted({min(frames, b.model_frames(slice_frames * k)) for k in range(1, TILED_SHORT_CLIPS + 1)})
+    lengths = sorted({min(frames, b.model_frames(slice_frames * k)) for k in TILED_SHORT_CLIPS})
     added = _tiled_decodes(b, settings, kept, tracker, lengths)
     grown = added[-1]
     if len(lengths) > 1 and lengths[-1] != frames:

@@ -493,12 +493,18 @@ class Engine:
         b.schedule.check_grids(settings.steps, settings.inversion_steps)
         sample_indices(clip_length, frames_to_edit(settings, clip_length), settings.start)
         edited = b.model_frames(frames_to_edit(settings, clip_length))
-        if b.conditions_whole_clip and len(self.windows_for(edited, settings)) > 1:
+        self.check_window_count(edited, settings)
+        if frame_size is not None:
+            self.framing_for(settings, frame_size)
+
+    def check_window_count(self, frames: int, settings: TransferSettings) -> None:
+        """A backbone conditioned on the whole clip (Wan VACE) edits one window: more
+        `frames` (the model's) are refused with one sentence (BadSettingsError)."""
+        b = self.backbone
+        if b.conditions_whole_clip and len(self.windows_for(frames, settings)) > 1:
             raise BadSettingsError(
                 f"The {b.facts.name} backbone edits at most {settings.window_frames} frames at "
                 f"once; give fewer --frames (or a shorter --start range).")
-        if frame_size is not None:
-            self.framing_for(settings, frame_size)
 
     def framing_for(self, settings: TransferSettings, frame_size: tuple[int, int]) -> Framing:
         """Where and at which sizes frames of frame_size (width, height) are edited
