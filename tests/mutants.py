@@ -220,10 +220,10 @@ MUTANTS: tuple[Mutant, ...] = (
         ('tests/test_transport.py::test_a_client_that_stops_reading_for_good_is_dropped',),
     ),
     Mutant(
-        "Wan's streamed decode gathers the clip's frames on the device",
+        "Wan's streamed decode gathers the clip's pixels on the device",
         'backend/backbones/wan_vae.py',
-        '            out = host_buffer((frames, *piece.shape[1:]), torch.uint8)\n        out[written',
-        '            out = piece.new_empty((frames, *piece.shape[1:]))\n        out[written',
+        '            out = host_buffer(tuple(shape), piece.dtype)',
+        '            out = piece.new_empty(tuple(shape))',
         ('tests/test_memory.py::test_a_cuda_plan_keeps_wans_clip_pixels_in_host_memory',),
     ),
     Mutant(

@@ -28,7 +28,7 @@ They lean on diffusers' private loop (the names in `streamable`); a VAE without 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -98,14 +98,33 @@ def encode_streamed(vae: torch.nn.Module, frames: np.ndarray, temporal_factor: i
     return moments
 
 
-def _decode_calls(vae: torch.nn.Module, latent: torch.Tensor) -> Iterator[torch.Tensor]:
-    """Each decoder call's output, in order, for `latent` (1, C, T, h, w) after
-    post_quant_conv; the cache is the VAE's, cleared before the first call."""
+def _decode_calls(vae: torch.nn.Module, latent_frames: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """Each decoder call's output, in order, one call a latent frame (1, C, 1, h, w),
+    after post_quant_conv; the cache is the VAE's, cleared before the first call."""
     vae.clear_cache()
-    for index in range(latent.shape[2]):
+    for index, latent_frame in enumerate(latent_frames):
         vae._conv_idx = [0]
-        yield vae.decoder(latent[:, :, index:index + 1], feat_cache=vae._feat_map,
-                          feat_idx=vae._conv_idx, first_chunk=index == 0)
+        yield vae.decoder(latent_frame, feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                          first_chunk=index == 0)
+
+
+def _gathered(pieces: Iterable[torch.Tensor], frames: int, dim: int, host_buffer: HostBuffer,
+              convert: Callable[[torch.Tensor], torch.Tensor] = lambda piece: piece) -> torch.Tensor:
+    """The pieces, each some frames along `dim`, each converted and copied in order into
+    one host buffer of `frames` along it as it comes (the piece then goes, before the
+    next is made)."""
+    out: torch.Tensor | None = None
+    written = 0
+    for piece in pieces:
+        piece = convert(piece)
+        if out is None:
+            shape = list(piece.shape)
+            shape[dim] = frames
+            out = host_buffer(tuple(shape), piece.dtype)
+        out.narrow(dim, written, piece.shape[dim]).copy_(piece)
+        written += piece.shape[dim]
+        del piece
+    return out
 
 
 def _unpatched(vae: torch.nn.Module, video: torch.Tensor) -> torch.Tensor:
@@ -133,15 +152,9 @@ def decode_streamed(vae: torch.nn.Module, z: torch.Tensor, frames: int,
     """z (1, C, T, h, w) in the VAE's dtype (unnormalised: z·std + mean), frames = the
     frames T latent frames decode to → (frames, H, W, 3) uint8 in host memory:
     `to_frames(vae.decode(z).sample)`, each call's frames moved out as they come."""
-    out: torch.Tensor | None = None
-    written = 0
-    for piece in _decode_calls(vae, vae.post_quant_conv(z)):
-        piece = to_frames(_unpatched(vae, piece))
-        if out is None:
-            out = host_buffer((frames, *piece.shape[1:]), torch.uint8)
-        out[written:written + len(piece)].copy_(piece)
-        written += len(piece)
-        del piece
+    latent = vae.post_quant_conv(z)
+    calls = _decode_calls(vae, (latent[:, :, index:index + 1] for index in range(latent.shape[2])))
+    out = _gathered(calls, frames, 0, host_buffer, lambda piece: to_frames(_unpatched(vae, piece)))
     vae.clear_cache()
     return out
 
@@ -187,29 +200,13 @@ def decode_tiled(vae: torch.nn.Module, z: torch.Tensor, frames: int,
             cut = tile[:, :, :, :min(out_stride_h, sample_h - y), :min(out_stride_w, sample_w - x)]
             blended[:, :, :, y:y + cut.shape[3], x:x + cut.shape[4]].copy_(cut)
     del rows
-    out: torch.Tensor | None = None
-    for start in range(0, frames, 4):  # a few frames at a time: no whole-clip temporary
-        piece = to_frames(_unpatched(vae, blended[:, :, start:start + 4]))
-        if out is None:
-            out = host_buffer((frames, *piece.shape[1:]), torch.uint8)
-        out[start:start + len(piece)].copy_(piece)
-    return out
+    chunks = (blended[:, :, start:start + 4] for start in range(0, frames, 4))  # no whole-clip temporary
+    return _gathered(chunks, frames, 0, host_buffer, lambda chunk: to_frames(_unpatched(vae, chunk)))
 
 
 def _tile_to_host(vae: torch.nn.Module, tile: torch.Tensor, frames: int,
                   host_buffer: HostBuffer) -> torch.Tensor:
     """One tile (1, C, T, h', w') decoded through every frame with its own cache, as
     tiled_decode decodes it (post_quant_conv a frame at a time), into host memory."""
-    out: torch.Tensor | None = None
-    written = 0
-    vae.clear_cache()
-    for index in range(tile.shape[2]):
-        vae._conv_idx = [0]
-        piece = vae.decoder(vae.post_quant_conv(tile[:, :, index:index + 1]), feat_cache=vae._feat_map,
-                            feat_idx=vae._conv_idx, first_chunk=index == 0)
-        if out is None:
-            out = host_buffer((1, piece.shape[1], frames, *piece.shape[3:]), piece.dtype)
-        out[:, :, written:written + piece.shape[2]].copy_(piece)
-        written += piece.shape[2]
-        del piece
-    return out
+    latent_frames = (vae.post_quant_conv(tile[:, :, index:index + 1]) for index in range(tile.shape[2]))
+    return _gathered(_decode_calls(vae, latent_frames), frames, 2, host_buffer)
